@@ -1,0 +1,367 @@
+//! The hub: every channel of this node, in a sharded map. The shard lock is held only to
+//! find or create a channel; work on a channel happens under that channel's own lock, so
+//! publishes to different channels never wait on each other.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tern_protocol::{Message, PresenceMessage};
+
+use crate::channel::{AttachOptions, AttachSnapshot, Channel, ChannelStatus};
+use crate::cursor::OriginId;
+use crate::event::Subscriber;
+use crate::limits::CoreLimits;
+use crate::presence::PresenceError;
+
+const SHARD_COUNT: usize = 64;
+
+/// A channel's identity: app and channel name (without any `[...]` qualifier).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelKey {
+    pub app: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl ChannelKey {
+    pub fn new(app: &str, name: &str) -> Self {
+        ChannelKey {
+            app: app.into(),
+            name: name.into(),
+        }
+    }
+}
+
+/// Who is publishing: the connection (absent for REST) and the frame id that message and
+/// presence ids derive from (`connectionId:msgSerial` for realtime publishes).
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    pub connection_id: Option<Arc<str>>,
+    pub frame_id: String,
+}
+
+/// What a publish produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// One serial per message, in order.
+    pub serials: Vec<String>,
+    /// The channel's cursor right after this publish.
+    pub channel_serial: String,
+}
+
+/// Why the core refused an operation. The edge maps each to an Ably error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    /// The node already holds `channels_max` channels (Ably 90000).
+    #[error("channel limit reached ({0} channels)")]
+    TooManyChannels(usize),
+    /// A presence change was refused.
+    #[error(transparent)]
+    Presence(#[from] PresenceError),
+}
+
+/// A dropped connection whose presence members leave once its grace period ends.
+struct Dropped {
+    app: Arc<str>,
+    channels: Vec<Arc<str>>,
+    deadline_ms: i64,
+}
+
+type Shard = Mutex<HashMap<ChannelKey, Arc<Mutex<Channel>>>>;
+
+/// Dropped connections by id, and the same ids ordered by deadline.
+#[derive(Default)]
+struct DroppedSet {
+    by_id: HashMap<Arc<str>, Dropped>,
+    by_deadline: BTreeMap<(i64, Arc<str>), ()>,
+}
+
+/// Every channel of this node.
+pub struct Hub {
+    origin: OriginId,
+    limits: CoreLimits,
+    hasher: RandomState,
+    shards: Box<[Shard]>,
+    channel_count: AtomicUsize,
+    dropped: Mutex<DroppedSet>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a channel lock must not take every later caller down with it.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Hub {
+    pub fn new(origin: OriginId, limits: CoreLimits) -> Self {
+        let shards = (0..SHARD_COUNT)
+            .map(|_| Mutex::new(HashMap::new()))
+            .collect();
+        Hub {
+            origin,
+            limits,
+            hasher: RandomState::new(),
+            shards,
+            channel_count: AtomicUsize::new(0),
+            dropped: Mutex::new(DroppedSet::default()),
+        }
+    }
+
+    pub fn origin(&self) -> OriginId {
+        self.origin
+    }
+
+    pub fn limits(&self) -> &CoreLimits {
+        &self.limits
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.channel_count.load(Ordering::Relaxed)
+    }
+
+    fn shard(&self, key: &ChannelKey) -> &Shard {
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARD_COUNT]
+    }
+
+    fn find(&self, key: &ChannelKey) -> Option<Arc<Mutex<Channel>>> {
+        lock(self.shard(key)).get(key).cloned()
+    }
+
+    /// Runs `f` on the channel under its lock, creating the channel if needed. A channel
+    /// retired by [`Hub::sweep`] between lookup and lock is looked up again.
+    fn with_channel<R>(
+        &self,
+        key: &ChannelKey,
+        now_ms: i64,
+        f: impl FnOnce(&mut Channel) -> R,
+    ) -> Result<R, CoreError> {
+        loop {
+            let channel = self.find_or_create(key, now_ms)?;
+            let mut guard = lock(&channel);
+            if !guard.retired {
+                return Ok(f(&mut guard));
+            }
+        }
+    }
+
+    /// Runs `f` on an existing channel under its lock.
+    fn with_existing<R>(&self, key: &ChannelKey, f: impl FnOnce(&mut Channel) -> R) -> Option<R> {
+        let channel = self.find(key)?;
+        let mut guard = lock(&channel);
+        (!guard.retired).then(|| f(&mut guard))
+    }
+
+    fn find_or_create(
+        &self,
+        key: &ChannelKey,
+        now_ms: i64,
+    ) -> Result<Arc<Mutex<Channel>>, CoreError> {
+        let mut shard = lock(self.shard(key));
+        if let Some(channel) = shard.get(key) {
+            return Ok(channel.clone());
+        }
+        if self.channel_count.load(Ordering::Relaxed) >= self.limits.channels_max {
+            return Err(CoreError::TooManyChannels(self.limits.channels_max));
+        }
+        self.channel_count.fetch_add(1, Ordering::Relaxed);
+        let channel = Arc::new(Mutex::new(Channel::new(key.name.clone(), now_ms)));
+        shard.insert(key.clone(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Attaches a connection. `reply` runs under the channel lock with the snapshot the
+    /// ATTACHED reply and presence SYNC need; whatever it queues for the connection
+    /// precedes every event published after this attach.
+    pub fn attach(
+        &self,
+        key: &ChannelKey,
+        connection_id: Arc<str>,
+        options: AttachOptions,
+        sink: Arc<dyn Subscriber>,
+        reply: impl FnOnce(&AttachSnapshot),
+        now_ms: i64,
+    ) -> Result<(), CoreError> {
+        self.with_channel(key, now_ms, |c| {
+            c.attach(connection_id, options, sink, reply, now_ms)
+        })
+    }
+
+    /// Stops deliveries to a connection on one channel. Returns whether it was attached.
+    pub fn detach(&self, key: &ChannelKey, connection_id: &str, now_ms: i64) -> bool {
+        self.with_existing(key, |c| c.detach(connection_id, now_ms))
+            .unwrap_or(false)
+    }
+
+    /// Publishes messages on a channel and fans them out.
+    pub fn publish(
+        &self,
+        key: &ChannelKey,
+        publisher: &Publisher,
+        messages: Vec<Message>,
+        now_ms: i64,
+    ) -> Result<PublishOutcome, CoreError> {
+        let (serials, channel_serial) = self.with_channel(key, now_ms, |c| {
+            c.publish(self.origin, publisher, messages, now_ms)
+        })?;
+        Ok(PublishOutcome {
+            serials,
+            channel_serial,
+        })
+    }
+
+    /// Applies presence changes, each with id, clientId, connectionId and timestamp set.
+    pub fn presence(
+        &self,
+        key: &ChannelKey,
+        publisher: &Publisher,
+        changes: Vec<PresenceMessage>,
+        now_ms: i64,
+    ) -> Result<(), CoreError> {
+        let members_max = self.limits.presence_members_max;
+        self.with_channel(key, now_ms, |c| {
+            c.presence(self.origin, publisher, changes, members_max, now_ms)
+        })??;
+        Ok(())
+    }
+
+    /// Current presence members of a channel.
+    pub fn members(&self, key: &ChannelKey) -> Vec<PresenceMessage> {
+        self.with_existing(key, |c| c.members()).unwrap_or_default()
+    }
+
+    /// Occupancy of a channel, or `None` if this node does not hold it.
+    pub fn status(&self, key: &ChannelKey) -> Option<ChannelStatus> {
+        self.with_existing(key, |c| c.status())
+    }
+
+    fn leave(&self, key: &ChannelKey, connection_id: &str, now_ms: i64) {
+        self.with_existing(key, |c| {
+            c.leave_connection(self.origin, connection_id, now_ms)
+        });
+    }
+
+    /// A connection closed cleanly (CLOSE): detach it everywhere and its members leave now.
+    pub fn connection_closed(
+        &self,
+        app: &str,
+        connection_id: &str,
+        channels: &[Arc<str>],
+        now_ms: i64,
+    ) {
+        self.forget_dropped(connection_id);
+        for name in channels {
+            let key = ChannelKey {
+                app: app.into(),
+                name: name.clone(),
+            };
+            self.detach(&key, connection_id, now_ms);
+            self.leave(&key, connection_id, now_ms);
+        }
+    }
+
+    /// A connection's transport went away without CLOSE: deliveries stop now, and its
+    /// presence members leave after `presence_leave_grace_ms` unless it comes back first.
+    pub fn connection_dropped(
+        &self,
+        app: &str,
+        connection_id: &str,
+        channels: Vec<Arc<str>>,
+        now_ms: i64,
+    ) {
+        for name in &channels {
+            let key = ChannelKey {
+                app: app.into(),
+                name: name.clone(),
+            };
+            self.detach(&key, connection_id, now_ms);
+        }
+        let deadline_ms = now_ms + self.limits.presence_leave_grace_ms;
+        let evicted = {
+            let mut dropped = lock(&self.dropped);
+            let DroppedSet { by_id, by_deadline } = &mut *dropped;
+            let id: Arc<str> = connection_id.into();
+            by_id.insert(
+                id.clone(),
+                Dropped {
+                    app: app.into(),
+                    channels,
+                    deadline_ms,
+                },
+            );
+            by_deadline.insert((deadline_ms, id), ());
+            // Bound: past the limit, the oldest dropped connection leaves early.
+            if by_id.len() > self.limits.dropped_connections_max {
+                by_deadline
+                    .pop_first()
+                    .and_then(|((_, id), ())| by_id.remove(&id).map(|d| (id, d)))
+            } else {
+                None
+            }
+        };
+        if let Some((id, gone)) = evicted {
+            self.leave_all(&id, &gone, now_ms);
+        }
+    }
+
+    /// A dropped connection came back (resume) before its grace period ended.
+    pub fn forget_dropped(&self, connection_id: &str) -> bool {
+        let mut dropped = lock(&self.dropped);
+        let DroppedSet { by_id, by_deadline } = &mut *dropped;
+        match by_id.remove(connection_id) {
+            Some(gone) => {
+                by_deadline.remove(&(gone.deadline_ms, connection_id.into()));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn leave_all(&self, connection_id: &str, gone: &Dropped, now_ms: i64) {
+        for name in &gone.channels {
+            let key = ChannelKey {
+                app: gone.app.clone(),
+                name: name.clone(),
+            };
+            self.leave(&key, connection_id, now_ms);
+        }
+    }
+
+    /// Periodic housekeeping: members of connections dropped past their grace period
+    /// leave; channels empty for longer than `channel_idle_retain_ms` are dropped.
+    /// Call about once a second.
+    pub fn sweep(&self, now_ms: i64) {
+        loop {
+            let due = {
+                let mut dropped = lock(&self.dropped);
+                let DroppedSet { by_id, by_deadline } = &mut *dropped;
+                match by_deadline.first_key_value() {
+                    Some(((deadline, _), ())) if *deadline <= now_ms => {
+                        let ((_, id), ()) = by_deadline.pop_first().expect("checked non-empty");
+                        by_id.remove(&id).map(|gone| (id, gone))
+                    }
+                    _ => break,
+                }
+            };
+            if let Some((id, gone)) = due {
+                self.leave_all(&id, &gone, now_ms);
+            }
+        }
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            let before = shard.len();
+            shard.retain(|_, channel| {
+                let mut channel = lock(channel);
+                let idle = channel.is_empty()
+                    && channel
+                        .empty_since_ms
+                        .is_some_and(|since| now_ms - since >= self.limits.channel_idle_retain_ms);
+                channel.retired = idle;
+                !idle
+            });
+            self.channel_count
+                .fetch_sub(before - shard.len(), Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! Tern core: channels, fan-out decisions, presence, cursors and dropped-connection
+//! bookkeeping. This crate does no I/O and reads no clock: callers pass `now_ms`, and
+//! randomness (origin ids) comes from the caller too, so the whole core can run under a
+//! deterministic simulation.
+//!
+//! # Layout
+//! - [`cursor`]: [`OriginId`] and [`Cursor`], the per-channel vector `origin → sequence`
+//!   that is encoded as the Ably `channelSerial`.
+//! - [`event`]: [`ChannelEvent`], one published frame, encoded at most once per wire format
+//!   and shared by every subscriber.
+//! - [`presence`]: [`PresenceSet`], the members of one channel and how changes merge.
+//! - [`channel`]: one channel's state: subscribers, presence, cursor.
+//! - [`hub`]: [`Hub`], the sharded map of channels that the edge talks to.
+//! - [`limits`]: [`CoreLimits`], the bounds the core enforces.
+//!
+//! The core depends on `tern-protocol` only for the payload types (`Message`,
+//! `PresenceMessage`) and the frame it pre-builds for fan-out; it never parses bytes.
+
+pub mod channel;
+pub mod cursor;
+pub mod event;
+pub mod hub;
+pub mod limits;
+pub mod presence;
+
+pub use channel::{AttachOptions, AttachSnapshot, ChannelStatus};
+pub use cursor::{Cursor, OriginId};
+pub use event::{ChannelEvent, Subscriber};
+pub use hub::{ChannelKey, CoreError, Hub, PublishOutcome, Publisher};
+pub use limits::CoreLimits;
+pub use presence::PresenceSet;

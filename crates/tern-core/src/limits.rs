@@ -1,0 +1,29 @@
+//! Bounds the core enforces. Every map that client input can grow has one here.
+
+/// Limits for the channel hub. Capacities come from config (`tern-server`), never inline.
+#[derive(Clone, Debug)]
+pub struct CoreLimits {
+    /// Channels that may exist at once per node; attach/publish beyond it fails (90000).
+    pub channels_max: usize,
+    /// Presence members per channel; an enter beyond it is refused (91003).
+    pub presence_members_max: usize,
+    /// How long a dropped connection's presence members stay before they leave everywhere.
+    pub presence_leave_grace_ms: i64,
+    /// How long an empty channel (no subscribers, no members) is kept before it is dropped.
+    /// At least `connectionStateTtl`, so a cursor a client may still resume from stays valid.
+    pub channel_idle_retain_ms: i64,
+    /// Dropped connections remembered at once (awaiting presence expiry).
+    pub dropped_connections_max: usize,
+}
+
+impl Default for CoreLimits {
+    fn default() -> Self {
+        CoreLimits {
+            channels_max: 100_000,
+            presence_members_max: 20_000,
+            presence_leave_grace_ms: 15_000,
+            channel_idle_retain_ms: 120_000,
+            dropped_connections_max: 100_000,
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! Hub behaviour through its public API, with recording subscribers and virtual time.
+
+use std::sync::{Arc, Mutex};
+
+use proptest::prelude::*;
+use tern_core::{
+    AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Hub, OriginId, Publisher, Subscriber,
+};
+use tern_protocol::{flags, presence_action, Data, Format, Message, PresenceMessage};
+
+/// A subscriber that records what it is given and can be told to refuse (full queue).
+#[derive(Default)]
+struct Recorder {
+    events: Mutex<Vec<Arc<ChannelEvent>>>,
+    capacity: Option<usize>,
+}
+
+impl Subscriber for Recorder {
+    fn deliver(&self, event: &Arc<ChannelEvent>) -> bool {
+        let mut events = self.events.lock().unwrap();
+        if self.capacity.is_some_and(|c| events.len() >= c) {
+            return false;
+        }
+        events.push(event.clone());
+        true
+    }
+}
+
+impl Recorder {
+    fn names(&self) -> Vec<String> {
+        let events = self.events.lock().unwrap();
+        events
+            .iter()
+            .filter(|e| e.is_message())
+            .flat_map(|e| e.frame.messages.clone().unwrap_or_default())
+            .map(|m| m.name.unwrap_or_default())
+            .collect()
+    }
+}
+
+const ALL: u64 = flags::PUBLISH | flags::SUBSCRIBE | flags::PRESENCE | flags::PRESENCE_SUBSCRIBE;
+
+fn hub() -> Hub {
+    Hub::new(OriginId(7), CoreLimits::default())
+}
+
+fn attach(hub: &Hub, key: &ChannelKey, conn: &str, echo: bool) -> Arc<Recorder> {
+    let rec = Arc::new(Recorder::default());
+    hub.attach(
+        key,
+        conn.into(),
+        AttachOptions { modes: ALL, echo },
+        rec.clone(),
+        |_| {},
+        0,
+    )
+    .unwrap();
+    rec
+}
+
+fn publisher(conn: &str, serial: u64) -> Publisher {
+    Publisher {
+        connection_id: Some(conn.into()),
+        frame_id: format!("{conn}:{serial}"),
+    }
+}
+
+fn msg(name: &str) -> Message {
+    Message {
+        name: Some(name.into()),
+        data: Some(Data::String("d".into())),
+        ..Default::default()
+    }
+}
+
+/// Every attached subscriber gets each publish once, in order, with ids, serials and a
+/// cursor that advances; the publisher's own copy is skipped only when echo is off.
+#[test]
+fn fan_out_in_order_with_echo_rules() {
+    let hub = hub();
+    let key = ChannelKey::new("app", "room");
+    let a = attach(&hub, &key, "A", false);
+    let b = attach(&hub, &key, "B", true);
+    let mut last_serial = String::new();
+    for i in 0..5 {
+        let out = hub
+            .publish(
+                &key,
+                &publisher("A", i),
+                vec![msg(&format!("m{i}"))],
+                100 + i as i64,
+            )
+            .unwrap();
+        assert_eq!(out.serials.len(), 1);
+        assert_ne!(out.channel_serial, last_serial);
+        last_serial = out.channel_serial;
+    }
+    assert!(
+        a.names().is_empty(),
+        "echo=false publisher must not get its own messages"
+    );
+    assert_eq!(b.names(), vec!["m0", "m1", "m2", "m3", "m4"]);
+    let events = b.events.lock().unwrap();
+    let first = &events[0].frame;
+    assert_eq!(first.id.as_deref(), Some("A:0"));
+    assert_eq!(first.connection_id.as_deref(), Some("A"));
+    let m = &first.messages.as_ref().unwrap()[0];
+    assert_eq!(m.id.as_deref(), Some("A:0:0"));
+    assert_eq!(m.timestamp, Some(100));
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+}
+
+/// The encoded frame is produced once per format and shared (same allocation).
+#[test]
+fn frames_are_encoded_once_per_format() {
+    let hub = hub();
+    let key = ChannelKey::new("app", "room");
+    let b = attach(&hub, &key, "B", true);
+    hub.publish(&key, &publisher("A", 0), vec![msg("x")], 1)
+        .unwrap();
+    let event = b.events.lock().unwrap()[0].clone();
+    let one = event.encoded(Format::Json);
+    let two = event.encoded(Format::Json);
+    assert_eq!(one.as_ptr(), two.as_ptr());
+    assert!(std::str::from_utf8(&one)
+        .unwrap()
+        .contains("\"channelSerial\""));
+}
+
+/// A subscriber whose queue is full is dropped from the channel; the others keep
+/// receiving everything.
+#[test]
+fn slow_subscriber_is_dropped_without_affecting_others() {
+    let hub = hub();
+    let key = ChannelKey::new("app", "room");
+    let slow = Arc::new(Recorder {
+        capacity: Some(2),
+        ..Default::default()
+    });
+    hub.attach(
+        &key,
+        "S".into(),
+        AttachOptions {
+            modes: ALL,
+            echo: true,
+        },
+        slow.clone(),
+        |_| {},
+        0,
+    )
+    .unwrap();
+    let fast = attach(&hub, &key, "F", true);
+    for i in 0..10 {
+        hub.publish(&key, &publisher("P", i), vec![msg(&i.to_string())], 1)
+            .unwrap();
+    }
+    assert_eq!(slow.names().len(), 2);
+    assert_eq!(fast.names().len(), 10);
+    assert_eq!(hub.status(&key).unwrap().subscribers, 1);
+}
+
+fn enter(conn: &str, client: &str, serial: u64) -> PresenceMessage {
+    PresenceMessage {
+        id: Some(format!("{conn}:{serial}:0")),
+        action: presence_action::ENTER,
+        client_id: Some(client.into()),
+        connection_id: Some(conn.into()),
+        timestamp: Some(1),
+        ..Default::default()
+    }
+}
+
+/// The attach snapshot carries current members; a dropped connection's members leave
+/// only after the grace period, a closed connection's at once.
+#[test]
+fn presence_snapshot_grace_and_close() {
+    let hub = hub();
+    let key = ChannelKey::new("app", "room");
+    hub.presence(&key, &publisher("A", 0), vec![enter("A", "alice", 0)], 10)
+        .unwrap();
+    hub.presence(&key, &publisher("B", 0), vec![enter("B", "bob", 0)], 10)
+        .unwrap();
+    let mut seen = 0;
+    let watcher = Arc::new(Recorder::default());
+    hub.attach(
+        &key,
+        "W".into(),
+        AttachOptions {
+            modes: ALL,
+            echo: true,
+        },
+        watcher.clone(),
+        |snap| seen = snap.members.len(),
+        10,
+    )
+    .unwrap();
+    assert_eq!(seen, 2);
+
+    hub.connection_dropped("app", "A", vec![key.name.clone()], 1_000);
+    hub.sweep(1_000 + 14_999);
+    assert_eq!(hub.members(&key).len(), 2, "still inside the grace period");
+    hub.sweep(1_000 + 15_000);
+    assert_eq!(hub.members(&key).len(), 1);
+
+    hub.connection_closed("app", "B", std::slice::from_ref(&key.name), 20_000);
+    assert!(hub.members(&key).is_empty());
+    let leaves: Vec<_> = watcher
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|e| e.frame.presence.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        leaves
+            .iter()
+            .filter(|p| p.action == presence_action::LEAVE)
+            .count(),
+        2
+    );
+}
+
+/// A resumed connection (forget_dropped) keeps its members past the grace period.
+#[test]
+fn resumed_connection_keeps_members() {
+    let hub = hub();
+    let key = ChannelKey::new("app", "room");
+    hub.presence(&key, &publisher("A", 0), vec![enter("A", "alice", 0)], 10)
+        .unwrap();
+    hub.connection_dropped("app", "A", vec![key.name.clone()], 100);
+    assert!(hub.forget_dropped("A"));
+    hub.sweep(100_000);
+    assert_eq!(hub.members(&key).len(), 1);
+}
+
+/// Empty channels are dropped after the retention period and the channel limit holds.
+#[test]
+fn idle_channels_are_swept_and_limit_holds() {
+    let limits = CoreLimits {
+        channels_max: 2,
+        channel_idle_retain_ms: 50,
+        ..Default::default()
+    };
+    let hub = Hub::new(OriginId(1), limits);
+    hub.publish(
+        &ChannelKey::new("a", "1"),
+        &publisher("P", 0),
+        vec![msg("x")],
+        0,
+    )
+    .unwrap();
+    hub.publish(
+        &ChannelKey::new("a", "2"),
+        &publisher("P", 1),
+        vec![msg("x")],
+        0,
+    )
+    .unwrap();
+    assert!(hub
+        .publish(
+            &ChannelKey::new("a", "3"),
+            &publisher("P", 2),
+            vec![msg("x")],
+            0
+        )
+        .is_err());
+    hub.sweep(49);
+    assert_eq!(hub.channel_count(), 2);
+    hub.sweep(50);
+    assert_eq!(hub.channel_count(), 0);
+    assert!(hub
+        .publish(
+            &ChannelKey::new("a", "3"),
+            &publisher("P", 3),
+            vec![msg("x")],
+            60
+        )
+        .is_ok());
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Attach(usize),
+    Detach(usize),
+    Publish(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0..4usize).prop_map(Op::Attach),
+        (0..4usize).prop_map(Op::Detach),
+        (0..4usize).prop_map(Op::Publish),
+    ]
+}
+
+proptest! {
+    /// For any interleaving of attach, detach and publish, each subscriber receives
+    /// exactly the publishes made while it was attached, in publish order, once.
+    #[test]
+    fn subscribers_get_exactly_what_was_published_while_attached(ops in proptest::collection::vec(op(), 1..80)) {
+        let hub = hub();
+        let key = ChannelKey::new("app", "c");
+        let mut recorders: Vec<Option<Arc<Recorder>>> = vec![None; 4];
+        let mut expected: Vec<Vec<String>> = vec![Vec::new(); 4];
+        let mut received: Vec<Vec<String>> = vec![Vec::new(); 4];
+        for (n, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Attach(i) => {
+                    if recorders[i].is_none() {
+                        recorders[i] = Some(attach(&hub, &key, &format!("c{i}"), true));
+                    }
+                }
+                Op::Detach(i) => {
+                    if let Some(rec) = recorders[i].take() {
+                        hub.detach(&key, &format!("c{i}"), 0);
+                        received[i].extend(rec.names());
+                    }
+                }
+                Op::Publish(p) => {
+                    let name = format!("m{n}");
+                    hub.publish(&key, &publisher(&format!("p{p}"), n as u64), vec![msg(&name)], n as i64).unwrap();
+                    for i in 0..4 {
+                        if recorders[i].is_some() {
+                            expected[i].push(name.clone());
+                        }
+                    }
+                }
+            }
+        }
+        for i in 0..4 {
+            if let Some(rec) = recorders[i].take() {
+                received[i].extend(rec.names());
+            }
+            prop_assert_eq!(&received[i], &expected[i]);
+        }
+    }
+}

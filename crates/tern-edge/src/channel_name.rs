@@ -1,0 +1,71 @@
+//! Channel names as clients send them: `name`, or `[?rewind=1&delta=vcdiff]name` with
+//! channel params in a qualifier. The hub keys channels by the bare name; frames sent
+//! back to a client use the name exactly as that client attached it.
+
+use std::collections::BTreeMap;
+
+/// Longest channel name accepted, qualifier included.
+pub(crate) const CHANNEL_NAME_MAX: usize = 2_048;
+
+/// A parsed channel name.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ChannelName<'a> {
+    /// The name without qualifier: what the hub and capabilities see.
+    pub base: &'a str,
+    /// Params from a `[?a=b&c=d]` qualifier.
+    pub params: BTreeMap<String, String>,
+}
+
+/// Parses a channel name. `Err` carries the reason for a 40000/40010 reply.
+pub(crate) fn parse(name: &str) -> Result<ChannelName<'_>, &'static str> {
+    if name.is_empty() {
+        return Err("channel name is empty");
+    }
+    if name.len() > CHANNEL_NAME_MAX {
+        return Err("channel name is too long");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("channel name contains control characters");
+    }
+    let Some(rest) = name.strip_prefix('[') else {
+        return Ok(ChannelName {
+            base: name,
+            params: BTreeMap::new(),
+        });
+    };
+    let (qualifier, base) = rest
+        .split_once(']')
+        .ok_or("unterminated channel qualifier")?;
+    let query = qualifier
+        .strip_prefix('?')
+        .ok_or("unsupported channel qualifier (only [?params] is supported)")?;
+    if base.is_empty() {
+        return Err("channel name is empty");
+    }
+    let mut params = BTreeMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        params.insert(k.to_string(), v.to_string());
+    }
+    Ok(ChannelName { base, params })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain names pass through; qualifiers yield params and the bare name; malformed
+    /// names are refused with a reason.
+    #[test]
+    fn parses_qualifiers() {
+        assert_eq!(parse("room").unwrap().base, "room");
+        let q = parse("[?rewind=1&delta=vcdiff]chat:room").unwrap();
+        assert_eq!(q.base, "chat:room");
+        assert_eq!(q.params.get("rewind").map(String::as_str), Some("1"));
+        assert!(parse("").is_err());
+        assert!(parse("[?rewind=1").is_err());
+        assert!(parse("[meta]x").is_err());
+        assert!(parse("[?a=1]").is_err());
+        assert!(parse("a\u{0}b").is_err());
+    }
+}

@@ -1,0 +1,54 @@
+//! The edge's own typed config. Only `tern-server` reads files and env; it fills this in.
+
+use tern_auth::TokenPolicy;
+
+/// Limits and timings for client connections and REST.
+#[derive(Clone, Debug)]
+pub struct EdgeConfig {
+    /// Sent as `connectionDetails.serverId`.
+    pub server_id: String,
+    /// Largest message (name + data + clientId + extras) a client may publish (40009).
+    pub max_message_size: usize,
+    /// Largest WebSocket message or REST body accepted at all.
+    pub max_frame_size: usize,
+    /// Frames queued for one connection before it counts as too slow (80020).
+    pub outbound_queue_max: usize,
+    /// MESSAGE/PRESENCE frames a connection may send per second before NACK 42910.
+    pub inbound_frames_per_second: u32,
+    /// Channels one connection may have attached at once (90000 beyond).
+    pub channels_per_connection_max: usize,
+    /// Presence members per SYNC frame.
+    pub sync_page_size: usize,
+    /// The server sends something at least this often (`connectionDetails.maxIdleInterval`).
+    pub max_idle_interval_ms: u64,
+    /// How long connection state outlives its transport (`connectionStateTtl`).
+    pub connection_state_ttl_ms: u64,
+    /// Concurrent WebSocket connections accepted by this node.
+    pub connections_max: usize,
+    /// Token lifetimes and the token-request timestamp window.
+    pub token_policy: TokenPolicy,
+    /// Token-request nonces remembered for replay detection.
+    pub nonce_cache_max: usize,
+    /// Send an AUTH request this long before a token expires, so the client renews in band.
+    pub token_renew_notice_ms: i64,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        EdgeConfig {
+            server_id: "tern-1".into(),
+            max_message_size: 65_536,
+            max_frame_size: 524_288,
+            outbound_queue_max: 4_096,
+            inbound_frames_per_second: 1_000,
+            channels_per_connection_max: 1_000,
+            sync_page_size: 100,
+            max_idle_interval_ms: 15_000,
+            connection_state_ttl_ms: 120_000,
+            connections_max: 19_000,
+            token_policy: TokenPolicy::default(),
+            nonce_cache_max: 100_000,
+            token_renew_notice_ms: 30_000,
+        }
+    }
+}

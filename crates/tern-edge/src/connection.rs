@@ -1,0 +1,281 @@
+//! One realtime connection: the WebSocket upgrade, the writer task that drains the
+//! connection's bounded queue in batches, and the plumbing the session uses to reach it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use tern_core::{ChannelEvent, Subscriber};
+use tern_protocol::{action, code, ErrorInfo, Format, ProtocolMessage};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+
+use crate::response::error_response;
+use crate::session::Session;
+use crate::state::EdgeState;
+
+/// Most queued frames written before one flush (one syscall batch).
+const WRITE_BATCH_MAX: usize = 256;
+/// Queue slots kept free before a client frame is handled (its replies go there).
+const REPLY_HEADROOM: usize = 4;
+/// How long a terminal frame (CLOSED, DISCONNECTED, ERROR) may take to reach the client.
+const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a connection's writer sends, in queue order.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// A channel event shared with every subscriber (already encoded per format).
+    Event(Arc<ChannelEvent>),
+    /// A channel event for an attachment made under a qualified name (`[?…]name`):
+    /// re-encoded with that name, since the client matches frames by name.
+    AliasedEvent(Arc<ChannelEvent>, Arc<str>),
+    /// A frame for this connection only (ACK, ATTACHED, SYNC …).
+    Frame(Box<ProtocolMessage>),
+}
+
+/// The session's handle on its writer.
+#[derive(Clone)]
+pub(crate) struct Outlet {
+    queue: mpsc::Sender<Outbound>,
+    /// Set once: the frame to send before closing (or `None`: just close).
+    end: Arc<watch::Sender<Option<Option<ProtocolMessage>>>>,
+    /// Woken when the queue overflows: the session then disconnects the client.
+    pub(crate) overflow: Arc<Notify>,
+}
+
+impl Outlet {
+    /// Queues without waiting. A full queue means the client reads too slowly: the
+    /// connection is told to disconnect, and the item is refused.
+    pub(crate) fn push(&self, item: Outbound) -> bool {
+        match self.queue.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("tern_outbound_overflows_total").increment(1);
+                self.overflow.notify_one();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Waits until the queue has room for a few replies, so a client that sends faster
+    /// than it reads is slowed down (its frames stay unread) instead of overflowing its
+    /// own queue with ACKs. `false` if room did not appear within `wait`.
+    pub(crate) async fn headroom(&self, wait: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(wait, self.queue.reserve_many(REPLY_HEADROOM)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    pub(crate) fn send(&self, frame: ProtocolMessage) -> bool {
+        self.push(Outbound::Frame(Box::new(frame)))
+    }
+
+    /// Ends the connection: queued frames are dropped, `last` (if any) is written, and
+    /// the socket is closed.
+    pub(crate) fn finish(&self, last: Option<ProtocolMessage>) {
+        self.end.send_if_modified(|end| {
+            if end.is_none() {
+                *end = Some(last);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// Subscriber for one attachment: pushes channel events into the connection's queue.
+pub(crate) struct AttachmentSink {
+    pub(crate) outlet: Outlet,
+    pub(crate) alias: Option<Arc<str>>,
+}
+
+impl Subscriber for AttachmentSink {
+    fn deliver(&self, event: &Arc<ChannelEvent>) -> bool {
+        let item = match &self.alias {
+            None => Outbound::Event(event.clone()),
+            Some(alias) => Outbound::AliasedEvent(event.clone(), alias.clone()),
+        };
+        self.outlet.push(item)
+    }
+}
+
+/// `GET /`: upgrades to a realtime connection (or describes the service to a browser).
+pub(crate) async fn upgrade(
+    State(state): State<Arc<EdgeState>>,
+    Query(query): Query<HashMap<String, String>>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let Ok(ws) = ws else {
+        return axum::Json(serde_json::json!({
+            "service": "tern",
+            "serverId": state.config.server_id,
+            "realtime": "connect with a WebSocket to this URL",
+        }))
+        .into_response();
+    };
+    let Ok(permit) = state.connection_permits.clone().try_acquire_owned() else {
+        return error_response(ErrorInfo::new(
+            code::RATE_LIMIT,
+            "connection limit reached on this node",
+        ));
+    };
+    let frame_max = state.config.max_frame_size;
+    ws.max_message_size(frame_max)
+        .max_frame_size(frame_max)
+        .on_upgrade(move |socket| async move {
+            metrics::gauge!("tern_connections").increment(1.0);
+            run(state, query, socket).await;
+            metrics::gauge!("tern_connections").decrement(1.0);
+            drop(permit);
+        })
+}
+
+async fn run(state: Arc<EdgeState>, query: HashMap<String, String>, socket: WebSocket) {
+    let format = Format::from_param(query.get("format").map(String::as_str));
+    let heartbeats = query.get("heartbeats").is_none_or(|v| v != "false");
+    let (sink, stream) = socket.split();
+    let (queue, rx) = mpsc::channel(state.config.outbound_queue_max);
+    let (end, end_rx) = watch::channel(None);
+    let outlet = Outlet {
+        queue,
+        end: Arc::new(end),
+        overflow: Arc::new(Notify::new()),
+    };
+    let idle = Duration::from_millis(state.config.max_idle_interval_ms);
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        end_rx,
+        format.unwrap_or(Format::Json),
+        heartbeats,
+        idle,
+    ));
+    match format {
+        None => outlet.finish(Some(error_frame(ErrorInfo::new(
+            code::BAD_REQUEST,
+            "unsupported format: use json or msgpack",
+        )))),
+        Some(format) => match Session::open(state, &query, format, outlet.clone()) {
+            Ok(session) => session.run(stream).await,
+            Err(err) => outlet.finish(Some(error_frame(err))),
+        },
+    }
+    drop(outlet);
+    let _ = writer.await;
+}
+
+/// A connection-level ERROR frame (the client goes FAILED).
+pub(crate) fn error_frame(error: ErrorInfo) -> ProtocolMessage {
+    ProtocolMessage {
+        action: action::ERROR,
+        error: Some(error),
+        ..Default::default()
+    }
+}
+
+fn ws_message(format: Format, bytes: Bytes) -> WsMessage {
+    match format {
+        // serde_json output is UTF-8, so this never falls back; binary keeps bad input safe.
+        Format::Json => match Utf8Bytes::try_from(bytes) {
+            Ok(text) => WsMessage::Text(text),
+            Err(err) => WsMessage::Binary(Bytes::from(err.to_string())),
+        },
+        Format::Msgpack => WsMessage::Binary(bytes),
+    }
+}
+
+fn encode(format: Format, item: Outbound) -> WsMessage {
+    let bytes = match item {
+        Outbound::Event(event) => event.encoded(format),
+        Outbound::AliasedEvent(event, alias) => {
+            let mut frame = event.frame.clone();
+            frame.channel = Some(alias.to_string());
+            tern_protocol::encode(format, &frame)
+        }
+        Outbound::Frame(frame) => tern_protocol::encode(format, &frame),
+    };
+    ws_message(format, bytes)
+}
+
+/// The writer: drains the queue in batches (one flush per batch), keeps the connection
+/// alive when idle, and writes the terminal frame.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, WsMessage>,
+    mut queue: mpsc::Receiver<Outbound>,
+    mut end: watch::Receiver<Option<Option<ProtocolMessage>>>,
+    format: Format,
+    heartbeats: bool,
+    idle: Duration,
+) {
+    let mut deadline = Instant::now() + idle;
+    loop {
+        tokio::select! {
+            biased;
+            // The session ended the connection (or went away). Cancel-safe.
+            _ = end.changed() => break,
+            // Queued frames: write all that are ready, then flush once. Cancel-safe:
+            // nothing is taken from the queue unless this arm runs.
+            item = queue.recv() => {
+                let Some(item) = item else { break };
+                if write_batch(&mut sink, &mut queue, format, item).await.is_err() {
+                    return;
+                }
+                deadline = Instant::now() + idle;
+            }
+            // Nothing sent for `idle`: a protocol HEARTBEAT (clients that asked for
+            // them, and Python which asks for nothing) or a WebSocket ping.
+            _ = tokio::time::sleep_until(deadline) => {
+                let beat = if heartbeats {
+                    ws_message(format, tern_protocol::encode(format, &ProtocolMessage { action: action::HEARTBEAT, ..Default::default() }))
+                } else {
+                    WsMessage::Ping(Bytes::new())
+                };
+                if sink.send(beat).await.is_err() {
+                    return;
+                }
+                deadline = Instant::now() + idle;
+            }
+        }
+    }
+    let last = end.borrow().clone().flatten();
+    let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, async {
+        if let Some(frame) = last {
+            let _ = sink
+                .send(ws_message(format, tern_protocol::encode(format, &frame)))
+                .await;
+        }
+        let _ = sink.close().await;
+    })
+    .await;
+}
+
+async fn write_batch(
+    sink: &mut SplitSink<WebSocket, WsMessage>,
+    queue: &mut mpsc::Receiver<Outbound>,
+    format: Format,
+    first: Outbound,
+) -> Result<(), axum::Error> {
+    sink.feed(encode(format, first)).await?;
+    let mut written = 1u64;
+    while written < WRITE_BATCH_MAX as u64 {
+        match queue.try_recv() {
+            Ok(item) => {
+                sink.feed(encode(format, item)).await?;
+                written += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    metrics::counter!("tern_frames_sent_total").increment(written);
+    sink.flush().await
+}

@@ -1,0 +1,156 @@
+//! From what a client presents (query params, headers) to an [`AuthContext`], and the
+//! clientId and capability rules applied to each operation.
+
+use axum::http::HeaderMap;
+use base64::Engine;
+use tern_auth::{AuthContext, AuthError, Capability, ClientIdentity, KeyRing, Operation};
+use tern_protocol::{code, flags, ErrorInfo};
+
+/// Ably error for an authentication failure.
+pub(crate) fn auth_error(err: AuthError) -> ErrorInfo {
+    ErrorInfo::with_status(err.code(), err.status_code(), err.to_string())
+}
+
+/// Authenticates a key (`appId.keyId:secret`) or a token; a key wins if both are given.
+pub(crate) fn authenticate(
+    keys: &KeyRing,
+    key: Option<&str>,
+    token: Option<&str>,
+    now_ms: i64,
+) -> Result<AuthContext, ErrorInfo> {
+    match (key, token) {
+        (Some(key), _) => keys.authenticate_key(key).map_err(auth_error),
+        (None, Some(token)) => keys.authenticate_token(token, now_ms).map_err(auth_error),
+        (None, None) => Err(ErrorInfo::new(
+            code::INVALID_CREDENTIALS,
+            "no credentials: supply key or access_token",
+        )),
+    }
+}
+
+/// The identity a connection (or REST request) acts as, given what its credential allows
+/// and the clientId it asked for. `*` and an empty request mean "none asked for".
+pub(crate) fn resolve_identity(
+    ctx: &AuthContext,
+    requested: Option<&str>,
+) -> Result<ClientIdentity, ErrorInfo> {
+    let requested = requested.filter(|c| !c.is_empty() && *c != "*");
+    match (&ctx.client_id, requested) {
+        (identity, None) => Ok(identity.clone()),
+        (ClientIdentity::Wildcard, Some(id)) => Ok(ClientIdentity::Id(id.to_string())),
+        (ClientIdentity::Id(own), Some(id)) if own == id => Ok(ClientIdentity::Id(own.clone())),
+        (_, Some(id)) => Err(ErrorInfo::new(
+            code::INCOMPATIBLE_CREDENTIALS,
+            format!("clientId '{id}' is incompatible with the credentials"),
+        )),
+    }
+}
+
+/// The clientId a published message carries, or an error if the identity forbids it.
+pub(crate) fn message_client_id(
+    identity: &ClientIdentity,
+    given: Option<&str>,
+) -> Result<Option<String>, ErrorInfo> {
+    match (identity, given) {
+        (ClientIdentity::Id(own), None) => Ok(Some(own.clone())),
+        (ClientIdentity::Id(own), Some(id)) if own == id => Ok(Some(own.clone())),
+        (ClientIdentity::Wildcard, Some(id)) => Ok(Some(id.to_string())),
+        (_, None) => Ok(None),
+        (_, Some(id)) => Err(ErrorInfo::new(
+            code::INVALID_CLIENT_ID,
+            format!("mismatched clientId '{id}' for this connection"),
+        )),
+    }
+}
+
+/// The clientId a presence change is for: presence always needs one (91000).
+pub(crate) fn presence_client_id(
+    identity: &ClientIdentity,
+    given: Option<&str>,
+) -> Result<String, ErrorInfo> {
+    message_client_id(identity, given)?
+        .ok_or_else(|| ErrorInfo::new(code::PRESENCE_NO_CLIENT_ID, "presence requires a clientId"))
+}
+
+/// The clientId sent in `connectionDetails`: a key without a clientId has none; a token
+/// issued for any clientId reports the wildcard.
+pub(crate) fn details_client_id(ctx: &AuthContext, identity: &ClientIdentity) -> Option<String> {
+    match identity {
+        ClientIdentity::Id(id) => Some(id.clone()),
+        ClientIdentity::Wildcard if ctx.via_token => Some("*".into()),
+        _ => None,
+    }
+}
+
+/// Ably channel modes the capability grants on `channel` (ably.md §8).
+pub(crate) fn granted_modes(capability: &Capability, channel: &str) -> u64 {
+    let ops = capability.ops_for(channel);
+    let mut modes = 0;
+    if ops.contains(Operation::Publish) {
+        modes |= flags::PUBLISH;
+    }
+    if ops.contains(Operation::Subscribe) {
+        modes |= flags::SUBSCRIBE | flags::PRESENCE_SUBSCRIBE;
+    }
+    if ops.contains(Operation::Presence) {
+        modes |= flags::PRESENCE;
+    }
+    modes
+}
+
+/// Refusal for an operation the capability does not allow.
+pub(crate) fn denied(op: &str, channel: &str) -> ErrorInfo {
+    ErrorInfo::new(
+        code::CAPABILITY_DENIED,
+        format!("action '{op}' is not permitted on channel '{channel}'"),
+    )
+}
+
+/// REST credentials: `Authorization: Basic base64(key)` or `Bearer base64(token)` (the
+/// SDKs base64 the token; a raw token is accepted too), or `key` / `access_token` query
+/// params. The `X-Ably-ClientId` header (base64) selects a clientId.
+pub(crate) fn rest_auth(
+    keys: &KeyRing,
+    headers: &HeaderMap,
+    query: &std::collections::HashMap<String, String>,
+    now_ms: i64,
+) -> Result<(AuthContext, ClientIdentity), ErrorInfo> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let decode = |s: &str| {
+        b64.decode(s.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+    };
+    let header = headers.get("authorization").and_then(|v| v.to_str().ok());
+    let ctx = match header.and_then(|h| h.split_once(' ')) {
+        Some((scheme, value)) if scheme.eq_ignore_ascii_case("basic") => {
+            let key = decode(value).ok_or_else(|| {
+                ErrorInfo::new(code::INVALID_CREDENTIALS, "malformed Basic authorization")
+            })?;
+            authenticate(keys, Some(&key), None, now_ms)?
+        }
+        Some((scheme, value)) if scheme.eq_ignore_ascii_case("bearer") => {
+            let token = decode(value)
+                .filter(|t| keys.authenticate_token(t, now_ms).is_ok())
+                .unwrap_or_else(|| value.trim().to_string());
+            authenticate(keys, None, Some(&token), now_ms)?
+        }
+        _ => {
+            let token = query
+                .get("access_token")
+                .or_else(|| query.get("accessToken"));
+            authenticate(
+                keys,
+                query.get("key").map(String::as_str),
+                token.map(String::as_str),
+                now_ms,
+            )?
+        }
+    };
+    let requested = headers
+        .get("x-ably-clientid")
+        .and_then(|v| v.to_str().ok())
+        .and_then(decode);
+    let identity = resolve_identity(&ctx, requested.as_deref())?;
+    Ok((ctx, identity))
+}

@@ -1,0 +1,61 @@
+//! Tern edge: the client-facing server. One axum router serves the Ably realtime
+//! protocol over WebSocket at `/` and the Ably REST API beside it, on one port. Each
+//! WebSocket connection is one task (plus its writer); it converts protocol frames into
+//! calls on the core [`tern_core::Hub`] and core events back into frames.
+//!
+//! # Layout
+//! - [`config`]: [`EdgeConfig`], the limits and timings the edge enforces.
+//! - `state`: [`EdgeState`], what every handler shares (hub, keys, nonce cache, limits).
+//! - `connection`: the realtime connection task (reader loop, writer, heartbeats,
+//!   token expiry, slow-subscriber disconnect).
+//! - `session`: what one connection does with each inbound frame.
+//! - `rest`: REST handlers (`/time`, publish, presence, channel status, token requests).
+//! - `credentials`: turning query params and headers into an [`tern_auth::AuthContext`].
+//! - `channel_name`: `[?param=value]name` qualifiers.
+//! - `response`: Ably-shaped HTTP error responses, response formats, CORS.
+//!
+//! Architecture invariant: the edge talks to other nodes only through the core; it never
+//! holds channel state of its own beyond what one connection has attached.
+
+mod channel_name;
+pub mod config;
+mod connection;
+mod credentials;
+mod response;
+mod rest;
+mod session;
+mod state;
+
+pub use config::EdgeConfig;
+pub use state::EdgeState;
+
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::Router;
+
+/// Milliseconds since the Unix epoch: the one clock read of the edge.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The router for one node: WebSocket at `/`, REST beside it.
+pub fn router(state: Arc<EdgeState>) -> Router {
+    let body_limit = state.config.max_frame_size;
+    Router::new()
+        .route("/", get(connection::upgrade))
+        .route("/time", get(rest::time))
+        .route("/health", get(rest::health))
+        .route("/metrics", get(rest::metrics))
+        .route("/keys/{key_name}/requestToken", post(rest::request_token))
+        .route("/channels/{channel}", get(rest::channel_status))
+        .route("/channels/{channel}/messages", post(rest::publish))
+        .route("/channels/{channel}/presence", get(rest::presence))
+        .fallback(rest::not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(response::cors))
+        .with_state(state)
+}

@@ -1,0 +1,146 @@
+//! HTTP responses in the shapes the Ably SDKs parse: error bodies with their exact
+//! headers, msgpack or JSON bodies by `Accept`, and CORS for browsers.
+
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tern_protocol::{ErrorInfo, Format};
+
+/// An Ably error as an HTTP response: status ≥ 300, `X-Ably-ErrorCode`,
+/// `X-Ably-ErrorMessage`, and `{"error":{…}}` with `Content-Type: application/json`
+/// exactly (ably-js parses the body only for that exact string).
+pub(crate) fn error_response(err: ErrorInfo) -> Response {
+    let status = StatusCode::from_u16(err.status_code)
+        .ok()
+        .filter(|s| s.as_u16() >= 300)
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let message: String = err
+        .message
+        .chars()
+        .map(|c| {
+            if c.is_ascii() && !c.is_ascii_control() {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect();
+    let body = serde_json::json!({ "error": err }).to_string();
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert("x-ably-errorcode", HeaderValue::from(err.code));
+    if let Ok(value) = HeaderValue::from_str(&message) {
+        headers.insert("x-ably-errormessage", value);
+    }
+    response
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error_response(self.0)
+    }
+}
+
+/// Handler error type: any Ably error.
+pub(crate) struct ApiError(pub ErrorInfo);
+
+impl From<ErrorInfo> for ApiError {
+    fn from(err: ErrorInfo) -> Self {
+        ApiError(err)
+    }
+}
+
+/// The format a REST client wants back: msgpack if it says so in `Accept` (or
+/// `format=msgpack`), JSON otherwise.
+pub(crate) fn response_format(headers: &HeaderMap, format_param: Option<&str>) -> Format {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if format_param == Some("msgpack") || accept.contains("application/x-msgpack") {
+        Format::Msgpack
+    } else {
+        Format::Json
+    }
+}
+
+/// The format of a request body, by `Content-Type` (JSON when absent or unknown).
+pub(crate) fn request_format(headers: &HeaderMap) -> Format {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Format::from_content_type)
+        .unwrap_or(Format::Json)
+}
+
+/// A body in the client's format with the matching content type.
+pub(crate) fn body<T: Serialize>(status: StatusCode, format: Format, value: &T) -> Response {
+    let bytes = tern_protocol::encode_value(format, value);
+    let mut response = (status, bytes).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    response
+}
+
+const ALLOW_HEADERS: &str =
+    "authorization, content-type, accept, x-ably-version, ably-agent, x-ably-clientid, x-ably-lib";
+const EXPOSE_HEADERS: &str = "link, x-ably-errorcode, x-ably-errormessage, x-ably-serverid";
+
+/// CORS for browser SDKs: answers preflights and decorates every response.
+pub(crate) async fn cors(request: Request, next: Next) -> Response {
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let preflight = request.method() == Method::OPTIONS;
+    let requested_headers = request
+        .headers()
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned();
+    let mut response = if preflight {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    match origin {
+        Some(origin) => {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+            headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+        }
+        None => {
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
+        }
+    }
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static(EXPOSE_HEADERS),
+    );
+    if preflight {
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            requested_headers.unwrap_or(HeaderValue::from_static(ALLOW_HEADERS)),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("86400"),
+        );
+    }
+    response
+}

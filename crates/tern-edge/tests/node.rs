@@ -1,0 +1,447 @@
+//! Whole-node tests over real sockets on loopback: a real edge router, raw WebSocket
+//! clients speaking the Ably protocol, and bad input of every kind. Waits are on
+//! conditions with timeouts, never on sleeps.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tern_auth::{ApiKey, Capability, KeyRing};
+use tern_core::{CoreLimits, Hub, OriginId};
+use tern_edge::{EdgeConfig, EdgeState};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+struct Node {
+    port: u16,
+    keys: KeyRing,
+    _shutdown: watch::Sender<bool>,
+}
+
+fn keys() -> KeyRing {
+    let key = |id: &str, secret: &str, cap: &str| ApiKey {
+        app_id: "app".into(),
+        key_id: id.into(),
+        secret: secret.into(),
+        capability: Capability::parse(cap).unwrap(),
+    };
+    KeyRing::new(vec![
+        key("root", "rootsecret", r#"{"*":["*"]}"#),
+        key("sub", "subsecret", r#"{"open:*":["subscribe"]}"#),
+    ])
+}
+
+async fn start(config: EdgeConfig) -> Node {
+    let hub = Arc::new(Hub::new(OriginId(1), CoreLimits::default()));
+    let (shutdown, rx) = watch::channel(false);
+    let state = Arc::new(EdgeState::new(config, hub, keys(), None, rx));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, tern_edge::router(state)).await });
+    Node {
+        port,
+        keys: keys(),
+        _shutdown: shutdown,
+    }
+}
+
+async fn connect(node: &Node, query: &str) -> Ws {
+    let url = format!("ws://127.0.0.1:{}/?format=json&{query}", node.port);
+    tokio_tungstenite::connect_async(url).await.unwrap().0
+}
+
+async fn send(ws: &mut Ws, frame: Value) {
+    ws.send(WsMessage::text(frame.to_string())).await.unwrap();
+}
+
+/// Next protocol frame, skipping heartbeats.
+async fn next(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("timed out")
+            .expect("closed")
+            .unwrap();
+        if let WsMessage::Text(text) = msg {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            if v["action"] != 0 || v.get("id").is_some() {
+                return v;
+            }
+        }
+    }
+}
+
+/// Next frame with the given action.
+async fn expect_action(ws: &mut Ws, action: u64) -> Value {
+    loop {
+        let v = next(ws).await;
+        if v["action"] == action {
+            return v;
+        }
+    }
+}
+
+/// True once the server has closed the socket.
+async fn closed(ws: &mut Ws) -> bool {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Err(_) => return false,
+            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(WsMessage::Close(_)))) => return true,
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+async fn connected(node: &Node, query: &str) -> (Ws, Value) {
+    let mut ws = connect(node, query).await;
+    let hello = expect_action(&mut ws, 4).await;
+    (ws, hello)
+}
+
+async fn attach(ws: &mut Ws, channel: &str) -> Value {
+    send(ws, json!({"action": 10, "channel": channel})).await;
+    expect_action(ws, 11).await
+}
+
+/// CONNECTED carries every connectionDetails field ably-js reads, and an id without ':'.
+#[tokio::test]
+async fn connected_has_full_details() {
+    let node = start(EdgeConfig::default()).await;
+    let (_ws, hello) = connected(&node, "key=app.root:rootsecret&clientId=bob").await;
+    let id = hello["connectionId"].as_str().unwrap();
+    assert!(!id.contains(':'));
+    let d = &hello["connectionDetails"];
+    assert!(d["connectionKey"].is_string());
+    assert_eq!(d["clientId"], "bob");
+    assert_eq!(d["maxMessageSize"], 65536);
+    assert_eq!(d["maxIdleInterval"], 15000);
+    assert_eq!(d["connectionStateTtl"], 120000);
+    assert!(d["serverId"].is_string());
+}
+
+/// ATTACHED grants the capability's modes; publish is ACKed with serials and fanned
+/// out with id, connectionId, timestamp and channelSerial; HEARTBEAT ids are echoed.
+#[tokio::test]
+async fn attach_publish_ack_fanout_heartbeat() {
+    let node = start(EdgeConfig::default()).await;
+    let (mut a, hello) = connected(&node, "key=app.root:rootsecret").await;
+    let (mut b, _) = connected(&node, "key=app.root:rootsecret").await;
+    let attached = attach(&mut b, "room").await;
+    assert_eq!(attached["flags"], 983040);
+    assert!(attached["channelSerial"].is_string());
+    send(&mut a, json!({"action": 15, "channel": "room", "msgSerial": 0, "messages": [{"name": "n", "data": "d"}]})).await;
+    let ack = expect_action(&mut a, 1).await;
+    assert_eq!(ack["msgSerial"], 0);
+    assert_eq!(ack["res"][0]["serials"].as_array().unwrap().len(), 1);
+    let msg = expect_action(&mut b, 15).await;
+    assert_eq!(msg["connectionId"], hello["connectionId"]);
+    assert!(msg["timestamp"].is_i64());
+    assert!(msg["channelSerial"].is_string());
+    assert_eq!(msg["messages"][0]["data"], "d");
+    send(&mut b, json!({"action": 0, "id": "ping-1"})).await;
+    assert_eq!(expect_action(&mut b, 0).await["id"], "ping-1");
+}
+
+/// Malformed JSON gets ERROR 40000 and a closed connection; another connection on the
+/// same node is unaffected.
+#[tokio::test]
+async fn malformed_json_fails_only_that_connection() {
+    let node = start(EdgeConfig::default()).await;
+    let (mut good, _) = connected(&node, "key=app.root:rootsecret").await;
+    let (mut bad, _) = connected(&node, "key=app.root:rootsecret").await;
+    bad.send(WsMessage::text("{not json")).await.unwrap();
+    let err = expect_action(&mut bad, 9).await;
+    assert_eq!(err["error"]["code"], 40000);
+    assert!(err["error"]["message"].is_string());
+    assert!(closed(&mut bad).await);
+    send(&mut good, json!({"action": 0, "id": "still-here"})).await;
+    assert_eq!(expect_action(&mut good, 0).await["id"], "still-here");
+}
+
+/// Arbitrary binary garbage and an unknown action each get a protocol ERROR, no panic.
+#[tokio::test]
+async fn garbage_and_unknown_actions_get_errors() {
+    let node = start(EdgeConfig::default()).await;
+    let (mut ws, _) = connected(&node, "key=app.root:rootsecret").await;
+    send(&mut ws, json!({"action": 99})).await;
+    assert_eq!(expect_action(&mut ws, 9).await["error"]["code"], 80013);
+    let mut ws = connect(&node, "key=app.root:rootsecret&format=msgpack").await;
+    let _connected = ws.next().await;
+    ws.send(WsMessage::binary(vec![0xc1, 0xff, 0x00, 0x13]))
+        .await
+        .unwrap();
+    assert!(closed(&mut ws).await);
+}
+
+/// Oversized publish → NACK 40009; publish without capability → NACK 40160; attach
+/// outside the capability → channel ERROR 40160.
+#[tokio::test]
+async fn size_and_capability_refusals() {
+    let node = start(EdgeConfig::default()).await;
+    let (mut ws, _) = connected(&node, "key=app.root:rootsecret").await;
+    let big = "x".repeat(70_000);
+    send(
+        &mut ws,
+        json!({"action": 15, "channel": "c", "msgSerial": 0, "messages": [{"data": big}]}),
+    )
+    .await;
+    let nack = expect_action(&mut ws, 2).await;
+    assert_eq!(
+        (nack["msgSerial"].clone(), nack["error"]["code"].clone()),
+        (json!(0), json!(40009))
+    );
+
+    let (mut sub, _) = connected(&node, "key=app.sub:subsecret").await;
+    assert_eq!(attach(&mut sub, "open:x").await["flags"], 262144 | 524288);
+    send(
+        &mut sub,
+        json!({"action": 15, "channel": "open:x", "msgSerial": 0, "messages": [{"data": "d"}]}),
+    )
+    .await;
+    assert_eq!(expect_action(&mut sub, 2).await["error"]["code"], 40160);
+    send(&mut sub, json!({"action": 10, "channel": "closed"})).await;
+    let err = expect_action(&mut sub, 9).await;
+    assert_eq!(
+        (err["channel"].clone(), err["error"]["code"].clone()),
+        (json!("closed"), json!(40160))
+    );
+    assert_eq!(err["error"]["statusCode"], 401);
+}
+
+/// Presence without a clientId → 91000; with someone else's clientId → 40012; a
+/// message with someone else's clientId → 40012.
+#[tokio::test]
+async fn client_id_rules() {
+    let node = start(EdgeConfig::default()).await;
+    let (mut anon, _) = connected(&node, "key=app.root:rootsecret").await;
+    send(
+        &mut anon,
+        json!({"action": 14, "channel": "p", "msgSerial": 0, "presence": [{"action": 2}]}),
+    )
+    .await;
+    assert_eq!(expect_action(&mut anon, 2).await["error"]["code"], 91000);
+    let (mut bob, _) = connected(&node, "key=app.root:rootsecret&clientId=bob").await;
+    send(&mut bob, json!({"action": 14, "channel": "p", "msgSerial": 0, "presence": [{"action": 2, "clientId": "eve"}]})).await;
+    assert_eq!(expect_action(&mut bob, 2).await["error"]["code"], 40012);
+    send(&mut bob, json!({"action": 15, "channel": "p", "msgSerial": 1, "messages": [{"clientId": "eve", "data": "x"}]})).await;
+    assert_eq!(expect_action(&mut bob, 2).await["error"]["code"], 40012);
+}
+
+/// Bad credentials get a connection ERROR with the right code: wrong secret 40101,
+/// garbage token in the 4014x range, expired token 40142.
+#[tokio::test]
+async fn bad_credentials() {
+    let node = start(EdgeConfig::default()).await;
+    let mut ws = connect(&node, "key=app.root:wrong").await;
+    assert_eq!(expect_action(&mut ws, 9).await["error"]["code"], 40101);
+    let mut ws = connect(&node, "access_token=garbage").await;
+    let code = expect_action(&mut ws, 9).await["error"]["code"]
+        .as_u64()
+        .unwrap();
+    assert!((40140..40150).contains(&code), "{code}");
+    let key = node.keys.get("app.root").unwrap().clone();
+    let now = tern_edge::now_ms();
+    let expired = node
+        .keys
+        .issue_token(&key, None, &Capability::all(), 1_000, now - 10_000);
+    let mut ws = connect(&node, &format!("access_token={}", expired.token)).await;
+    assert_eq!(expect_action(&mut ws, 9).await["error"]["code"], 40142);
+}
+
+/// A token connection is asked to renew (AUTH) before expiry, renews in band and keeps
+/// its connectionId; left alone, it is disconnected with 40142 at expiry.
+#[tokio::test]
+async fn token_renewal_and_expiry() {
+    let config = EdgeConfig {
+        token_renew_notice_ms: 600,
+        ..EdgeConfig::default()
+    };
+    let node = start(config).await;
+    let key = node.keys.get("app.root").unwrap().clone();
+    let now = tern_edge::now_ms();
+    let token = node
+        .keys
+        .issue_token(&key, Some("bob"), &Capability::all(), 1_500, now);
+    let (mut ws, hello) = connected(&node, &format!("access_token={}", token.token)).await;
+    expect_action(&mut ws, 17).await;
+    let fresh = node.keys.issue_token(
+        &key,
+        Some("bob"),
+        &Capability::all(),
+        60_000,
+        tern_edge::now_ms(),
+    );
+    send(
+        &mut ws,
+        json!({"action": 17, "auth": {"accessToken": fresh.token}}),
+    )
+    .await;
+    let again = expect_action(&mut ws, 4).await;
+    assert_eq!(again["connectionId"], hello["connectionId"]);
+
+    let short = node
+        .keys
+        .issue_token(&key, None, &Capability::all(), 1_200, tern_edge::now_ms());
+    let (mut ws, _) = connected(&node, &format!("access_token={}", short.token)).await;
+    expect_action(&mut ws, 17).await;
+    let gone = expect_action(&mut ws, 6).await;
+    assert_eq!(gone["error"]["code"], 40142);
+    assert!(closed(&mut ws).await);
+}
+
+/// A flood of publishes past the inbound rate is NACKed with 42910 and the connection
+/// keeps working.
+#[tokio::test]
+async fn inbound_flood_is_rate_limited() {
+    let config = EdgeConfig {
+        inbound_frames_per_second: 50,
+        ..EdgeConfig::default()
+    };
+    let node = start(config).await;
+    let (mut ws, _) = connected(&node, "key=app.root:rootsecret").await;
+    for serial in 0..200 {
+        send(
+            &mut ws,
+            json!({"action": 15, "channel": "f", "msgSerial": serial, "messages": [{"data": "x"}]}),
+        )
+        .await;
+    }
+    let (mut acks, mut limited) = (0, 0);
+    while acks + limited < 200 {
+        let v = next(&mut ws).await;
+        match v["action"].as_u64() {
+            Some(1) => acks += 1,
+            Some(2) => {
+                assert_eq!(v["error"]["code"], 42910);
+                limited += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(limited > 0 && acks >= 50, "acks {acks} limited {limited}");
+    send(&mut ws, json!({"action": 0, "id": "alive"})).await;
+    assert_eq!(expect_action(&mut ws, 0).await["id"], "alive");
+}
+
+/// A subscriber that stops reading is disconnected once its bounded queue is full,
+/// while a reading subscriber on the same channel receives every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_subscriber_is_disconnected_others_unaffected() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let config = EdgeConfig {
+        outbound_queue_max: 64,
+        inbound_frames_per_second: 100_000,
+        ..EdgeConfig::default()
+    };
+    let node = start(config).await;
+    let (mut publisher, _) = connected(&node, "key=app.root:rootsecret").await;
+    let (mut slow, _) = connected(&node, "key=app.root:rootsecret").await;
+    let (mut fast, _) = connected(&node, "key=app.root:rootsecret").await;
+    attach(&mut slow, "busy").await;
+    attach(&mut fast, "busy").await;
+    let payload = "y".repeat(32_000);
+    let total = 600;
+    let received = Arc::new(AtomicUsize::new(0));
+    let counter = received.clone();
+    let reader = tokio::spawn(async move {
+        while counter.load(Ordering::SeqCst) < total {
+            expect_action(&mut fast, 15).await;
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    for serial in 0..total {
+        send(&mut publisher, json!({"action": 15, "channel": "busy", "msgSerial": serial, "messages": [{"data": payload}]})).await;
+        assert_eq!(expect_action(&mut publisher, 1).await["msgSerial"], serial);
+        // Pace the publisher to the reading subscriber, so only the stalled one lags.
+        while received.load(Ordering::SeqCst) + 16 < serial {
+            tokio::task::yield_now().await;
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(received.load(Ordering::SeqCst), total);
+    // The stalled subscriber's stream ends with DISCONNECTED 80020 and a close.
+    let mut saw_disconnect = false;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(WAIT, slow.next()).await {
+        if let WsMessage::Text(text) = msg {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            if v["action"] == 6 {
+                assert_eq!(v["error"]["code"], 80020);
+                saw_disconnect = true;
+            }
+        }
+    }
+    assert!(saw_disconnect);
+}
+
+/// REST errors carry the exact content type, X-Ably headers and error body.
+#[tokio::test]
+async fn rest_error_shape_and_time() {
+    let node = start(EdgeConfig::default()).await;
+    let base = format!("http://127.0.0.1:{}", node.port);
+    let (status, headers, body) =
+        http(&format!("{base}/channels/x/messages"), "POST", None, "{}").await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        headers.get("content-type").map(String::as_str),
+        Some("application/json")
+    );
+    assert_eq!(
+        headers.get("x-ably-errorcode").map(String::as_str),
+        Some("40101")
+    );
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], 40101);
+    assert_eq!(v["error"]["statusCode"], 401);
+    let (status, _, body) = http(&format!("{base}/time"), "GET", None, "").await;
+    assert_eq!(status, 200);
+    assert!(serde_json::from_str::<Vec<i64>>(&body).unwrap()[0] > 1_600_000_000_000);
+}
+
+/// Minimal HTTP/1.1 client over a raw socket (keeps the dev-dependency list short).
+async fn http(
+    url: &str,
+    method: &str,
+    auth: Option<&str>,
+    body: &str,
+) -> (u16, std::collections::HashMap<String, String>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut stream = TcpStream::connect(host).await.unwrap();
+    let auth = auth
+        .map(|a| format!("authorization: {a}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{method} /{path} HTTP/1.1\r\nhost: {host}\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}

@@ -1,0 +1,325 @@
+//! Tern's configuration: one TOML file (`tern serve --config FILE`) or the embedded dev
+//! config (`tern dev`), overridden by CLI flags and `TERN_*` env vars, then validated.
+//! Every setting is documented in `config.example.toml` at the repository root.
+
+use serde::Deserialize;
+use tern_auth::{ApiKey, Capability, KeyRing, TokenPolicy};
+use tern_core::CoreLimits;
+use tern_edge::EdgeConfig;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub connection: ConnectionSection,
+    #[serde(default)]
+    pub auth: AuthSection,
+    #[serde(default)]
+    pub apps: Vec<AppConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    pub host: String,
+    pub port: u16,
+    /// `connectionDetails.serverId`; defaults to `tern-<host>-<port>`.
+    pub server_id: Option<String>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            host: default_host(),
+            port: 8080,
+            server_id: None,
+        }
+    }
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub max_message_size: usize,
+    pub max_frame_size: usize,
+    pub outbound_queue_max: usize,
+    pub inbound_frames_per_second: u32,
+    pub channels_per_connection_max: usize,
+    pub sync_page_size: usize,
+    pub connections_max: usize,
+    pub channels_max: usize,
+    pub presence_members_max: usize,
+    pub nonce_cache_max: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let edge = EdgeConfig::default();
+        let core = CoreLimits::default();
+        LimitsSection {
+            max_message_size: edge.max_message_size,
+            max_frame_size: edge.max_frame_size,
+            outbound_queue_max: edge.outbound_queue_max,
+            inbound_frames_per_second: edge.inbound_frames_per_second,
+            channels_per_connection_max: edge.channels_per_connection_max,
+            sync_page_size: edge.sync_page_size,
+            connections_max: edge.connections_max,
+            channels_max: core.channels_max,
+            presence_members_max: core.presence_members_max,
+            nonce_cache_max: edge.nonce_cache_max,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionSection {
+    pub max_idle_interval_ms: u64,
+    pub connection_state_ttl_ms: u64,
+    pub presence_leave_grace_ms: i64,
+    pub token_renew_notice_ms: i64,
+}
+
+impl Default for ConnectionSection {
+    fn default() -> Self {
+        let edge = EdgeConfig::default();
+        ConnectionSection {
+            max_idle_interval_ms: edge.max_idle_interval_ms,
+            connection_state_ttl_ms: edge.connection_state_ttl_ms,
+            presence_leave_grace_ms: CoreLimits::default().presence_leave_grace_ms,
+            token_renew_notice_ms: edge.token_renew_notice_ms,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    pub token_ttl_default_ms: i64,
+    pub token_ttl_max_ms: i64,
+    pub token_request_window_ms: i64,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        let policy = TokenPolicy::default();
+        AuthSection {
+            token_ttl_default_ms: policy.ttl_default_ms,
+            token_ttl_max_ms: policy.ttl_max_ms,
+            token_request_window_ms: policy.request_window_ms,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub id: String,
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub id: String,
+    pub secret: String,
+    #[serde(default = "default_capability")]
+    pub capability: String,
+}
+
+fn default_capability() -> String {
+    r#"{"*":["*"]}"#.into()
+}
+
+/// The config `tern dev` runs with: one app, one full-capability development key.
+pub const DEV_CONFIG: &str = r#"
+[server]
+host = "127.0.0.1"
+port = 8080
+server_id = "tern-dev"
+
+[[apps]]
+id = "dev"
+
+[[apps.keys]]
+id = "root"
+secret = "dev-secret-change-me"
+capability = '{"*":["*"]}'
+"#;
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl Config {
+    /// Parses TOML; errors name the key and line.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: names, capabilities, and limits that must agree.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.apps.is_empty(),
+            "config needs at least one [[apps]] entry"
+        );
+        let mut names = std::collections::HashSet::new();
+        for app in &self.apps {
+            anyhow::ensure!(
+                valid_name(&app.id),
+                "apps.id '{}' must be [A-Za-z0-9_-]+",
+                app.id
+            );
+            for key in &app.keys {
+                anyhow::ensure!(
+                    valid_name(&key.id),
+                    "apps.keys.id '{}' must be [A-Za-z0-9_-]+",
+                    key.id
+                );
+                anyhow::ensure!(
+                    !key.secret.is_empty(),
+                    "apps.keys.secret of key '{}' is empty",
+                    key.id
+                );
+                Capability::parse(&key.capability).map_err(|e| {
+                    anyhow::anyhow!("apps.keys.capability of key '{}.{}': {e}", app.id, key.id)
+                })?;
+                anyhow::ensure!(
+                    names.insert(format!("{}.{}", app.id, key.id)),
+                    "duplicate key {}.{}",
+                    app.id,
+                    key.id
+                );
+            }
+        }
+        let l = &self.limits;
+        anyhow::ensure!(
+            l.max_message_size > 0,
+            "limits.max_message_size must be > 0"
+        );
+        anyhow::ensure!(
+            l.max_frame_size >= l.max_message_size,
+            "limits.max_frame_size must be >= limits.max_message_size"
+        );
+        anyhow::ensure!(
+            l.outbound_queue_max > 0,
+            "limits.outbound_queue_max must be > 0"
+        );
+        anyhow::ensure!(l.sync_page_size > 0, "limits.sync_page_size must be > 0");
+        anyhow::ensure!(l.connections_max > 0, "limits.connections_max must be > 0");
+        anyhow::ensure!(
+            self.connection.max_idle_interval_ms >= 1_000,
+            "connection.max_idle_interval_ms must be >= 1000"
+        );
+        anyhow::ensure!(
+            self.auth.token_ttl_max_ms >= self.auth.token_ttl_default_ms,
+            "auth.token_ttl_max_ms must be >= token_ttl_default_ms"
+        );
+        Ok(())
+    }
+
+    pub fn key_ring(&self) -> KeyRing {
+        let keys = self
+            .apps
+            .iter()
+            .flat_map(|app| {
+                app.keys.iter().map(move |key| ApiKey {
+                    app_id: app.id.clone(),
+                    key_id: key.id.clone(),
+                    secret: key.secret.clone(),
+                    capability: Capability::parse(&key.capability)
+                        .unwrap_or_else(|_| Capability::all()),
+                })
+            })
+            .collect();
+        KeyRing::new(keys)
+    }
+
+    pub fn server_id(&self) -> String {
+        self.server
+            .server_id
+            .clone()
+            .unwrap_or_else(|| format!("tern-{}-{}", self.server.host, self.server.port))
+    }
+
+    pub fn edge_config(&self) -> EdgeConfig {
+        let l = &self.limits;
+        EdgeConfig {
+            server_id: self.server_id(),
+            max_message_size: l.max_message_size,
+            max_frame_size: l.max_frame_size,
+            outbound_queue_max: l.outbound_queue_max,
+            inbound_frames_per_second: l.inbound_frames_per_second,
+            channels_per_connection_max: l.channels_per_connection_max,
+            sync_page_size: l.sync_page_size,
+            max_idle_interval_ms: self.connection.max_idle_interval_ms,
+            connection_state_ttl_ms: self.connection.connection_state_ttl_ms,
+            connections_max: l.connections_max,
+            token_policy: TokenPolicy {
+                ttl_default_ms: self.auth.token_ttl_default_ms,
+                ttl_max_ms: self.auth.token_ttl_max_ms,
+                request_window_ms: self.auth.token_request_window_ms,
+            },
+            nonce_cache_max: l.nonce_cache_max,
+            token_renew_notice_ms: self.connection.token_renew_notice_ms,
+        }
+    }
+
+    pub fn core_limits(&self) -> CoreLimits {
+        CoreLimits {
+            channels_max: self.limits.channels_max,
+            presence_members_max: self.limits.presence_members_max,
+            presence_leave_grace_ms: self.connection.presence_leave_grace_ms,
+            channel_idle_retain_ms: self.connection.connection_state_ttl_ms as i64,
+            ..CoreLimits::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented example config parses and validates.
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../../config.example.toml");
+        let config = Config::parse(text).unwrap();
+        assert!(config.key_ring().keys().count() >= 1);
+    }
+
+    /// The embedded dev config parses and validates.
+    #[test]
+    fn dev_config_parses() {
+        let config = Config::parse(DEV_CONFIG).unwrap();
+        assert!(config.key_ring().get("dev.root").is_some());
+    }
+
+    /// Unknown keys are refused with the key's name; bad capabilities name the key.
+    #[test]
+    fn bad_configs_are_refused_with_reasons() {
+        let err = Config::parse("[server]\nprot = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prot"), "{err}");
+        let err = Config::parse(
+            "[[apps]]\nid='a'\n[[apps.keys]]\nid='k'\nsecret='s'\ncapability='nope'\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("a.k"), "{err}");
+    }
+}
