@@ -9,15 +9,22 @@ use tern_protocol::{action, flags, Message, PresenceMessage, ProtocolMessage};
 
 use crate::cursor::{Cursor, OriginId};
 use crate::event::{ChannelEvent, Subscriber};
+use crate::hub::Journal;
+use crate::log::{ChannelLog, Rewind};
 use crate::presence::{PresenceError, PresenceSet};
 
 /// How a connection attaches.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct AttachOptions {
     /// Granted Ably mode bits (`flags::SUBSCRIBE`, `flags::PRESENCE_SUBSCRIBE`, …).
     pub modes: u64,
     /// Whether the connection receives its own messages (`echo` query param).
     pub echo: bool,
+    /// Continue from this cursor (a resumed connection re-attaching with its
+    /// channelSerial): replay everything after it, or report continuity lost.
+    pub resume_from: Option<Cursor>,
+    /// Replay recent messages on a fresh attach (`rewind` param).
+    pub rewind: Option<Rewind>,
 }
 
 /// What the attaching connection needs to build its ATTACHED reply and presence SYNC.
@@ -26,8 +33,15 @@ pub struct AttachOptions {
 #[derive(Debug)]
 pub struct AttachSnapshot {
     pub channel_serial: String,
-    /// Current members (empty unless the attachment has PRESENCE_SUBSCRIBE).
+    /// Current members (empty unless the attachment has PRESENCE_SUBSCRIBE, and empty
+    /// when resumed: the client keeps its own presence set and gets the backlog).
     pub members: Vec<PresenceMessage>,
+    /// Events to send right after ATTACHED (and SYNC), before anything live, oldest first.
+    pub backlog: Vec<Arc<ChannelEvent>>,
+    /// Continuity from `resume_from` is preserved (the ATTACHED carries RESUMED).
+    pub resumed: bool,
+    /// `resume_from` was given but the events after it are no longer all held.
+    pub continuity_lost: bool,
 }
 
 /// Occupancy of a channel (REST `GET /channels/{name}`).
@@ -51,6 +65,9 @@ pub(crate) struct Channel {
     attachments: HashMap<Arc<str>, Attachment>,
     presence: PresenceSet,
     cursor: Cursor,
+    log: ChannelLog,
+    /// Client-supplied message ids seen recently → the serial they were given.
+    ids: IdWindow,
     /// Next origin sequence this node assigns on this channel.
     next_seq: u64,
     /// When the channel last became empty (no attachments, no members).
@@ -67,6 +84,8 @@ impl Channel {
             attachments: HashMap::new(),
             presence: PresenceSet::default(),
             cursor: Cursor::new(),
+            log: ChannelLog::default(),
+            ids: IdWindow::default(),
             next_seq: 1,
             empty_since_ms: Some(now_ms),
             retired: false,
@@ -93,7 +112,17 @@ impl Channel {
         reply: impl FnOnce(&AttachSnapshot),
         now_ms: i64,
     ) {
-        let members = if options.modes & flags::PRESENCE_SUBSCRIBE != 0 {
+        let (backlog, resumed, continuity_lost) = match (&options.resume_from, &options.rewind) {
+            (Some(from), _) => match self.log.since(from, &self.cursor) {
+                Some(events) => (events, true, false),
+                None => (Vec::new(), false, true),
+            },
+            (None, Some(rewind)) => (self.log.rewind(rewind), false, false),
+            (None, None) => (Vec::new(), false, false),
+        };
+        let wants = |event: &ChannelEvent| options_want(&options, &connection_id, event);
+        let backlog = backlog.into_iter().filter(|e| wants(e)).collect();
+        let members = if options.modes & flags::PRESENCE_SUBSCRIBE != 0 && !resumed {
             self.presence.members()
         } else {
             Vec::new()
@@ -101,6 +130,9 @@ impl Channel {
         reply(&AttachSnapshot {
             channel_serial: self.cursor.encode(),
             members,
+            backlog,
+            resumed,
+            continuity_lost,
         });
         self.attachments
             .insert(connection_id, Attachment { sink, options });
@@ -137,17 +169,38 @@ impl Channel {
         ChannelEvent::new(origin, seq, publisher.connection_id.clone(), frame)
     }
 
-    /// Applies a publish and fans it out. Returns the per-message serials.
+    /// Applies a publish and fans it out. Messages whose client-supplied id was seen
+    /// within the idempotency window are not published again; they get their original
+    /// serial back. Returns the per-message serials and the event (if anything was new).
     pub(crate) fn publish(
         &mut self,
-        origin: OriginId,
+        ctx: &ApplyContext<'_>,
         publisher: &crate::hub::Publisher,
-        mut messages: Vec<Message>,
-        now_ms: i64,
-    ) -> (Vec<String>, String) {
-        let mut serials = Vec::with_capacity(messages.len());
-        let event = self.next_event(origin, publisher, now_ms, |frame, serial_base| {
-            for (index, msg) in messages.iter_mut().enumerate() {
+        messages: Vec<Message>,
+    ) -> (Vec<Option<String>>, Option<Arc<ChannelEvent>>) {
+        self.ids
+            .expire(ctx.now_ms, ctx.limits.idempotency_window_ms);
+        let mut serials: Vec<Option<String>> = Vec::with_capacity(messages.len());
+        let mut fresh = Vec::with_capacity(messages.len());
+        let mut fresh_slots = Vec::with_capacity(messages.len());
+        for message in messages {
+            match message.id.as_deref().and_then(|id| self.ids.get(id)) {
+                Some(serial) => serials.push(Some(serial.to_string())),
+                None => {
+                    fresh_slots.push(serials.len());
+                    serials.push(None);
+                    fresh.push(message);
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return (serials, None);
+        }
+        let now_ms = ctx.now_ms;
+        let supplied: Vec<bool> = fresh.iter().map(|m| m.id.is_some()).collect();
+        let mut assigned = Vec::with_capacity(fresh.len());
+        let event = self.next_event(ctx.origin, publisher, now_ms, |frame, serial_base| {
+            for (index, msg) in fresh.iter_mut().enumerate() {
                 let serial = format!("{serial_base}:{index}");
                 if msg.id.is_none() {
                     msg.id = Some(format!("{}:{index}", publisher.frame_id));
@@ -161,81 +214,94 @@ impl Channel {
                 msg.action.get_or_insert(0);
                 msg.connection_key = None;
                 msg.serial = Some(serial.clone());
-                serials.push(serial);
+                assigned.push(serial);
             }
             frame.action = action::MESSAGE;
-            frame.messages = Some(messages);
+            frame.messages = Some(fresh);
         });
-        let channel_serial = event.frame.channel_serial.clone().unwrap_or_default();
-        self.fan_out(Arc::new(event), now_ms);
-        (serials, channel_serial)
+        let event = Arc::new(event);
+        let ids = event
+            .frame
+            .messages
+            .iter()
+            .flatten()
+            .map(|m| m.id.clone().unwrap_or_default());
+        for (((slot, serial), id), supplied) in
+            fresh_slots.into_iter().zip(assigned).zip(ids).zip(supplied)
+        {
+            if supplied {
+                self.ids
+                    .insert(id, serial.clone(), now_ms, ctx.limits.idempotency_ids_max);
+            }
+            serials[slot] = Some(serial);
+        }
+        self.apply(ctx, event.clone());
+        (serials, Some(event))
     }
 
     /// Applies presence changes (fully populated) and broadcasts those that changed
     /// something. All-or-nothing on the member bound.
     pub(crate) fn presence(
         &mut self,
-        origin: OriginId,
+        ctx: &ApplyContext<'_>,
         publisher: &crate::hub::Publisher,
         changes: Vec<PresenceMessage>,
-        members_max: usize,
-        now_ms: i64,
     ) -> Result<(), PresenceError> {
         let mut broadcasts = Vec::new();
         for change in changes {
-            if let Some(b) = self.presence.apply(change, members_max)? {
+            if let Some(b) = self
+                .presence
+                .apply(change, ctx.limits.presence_members_max)?
+            {
                 broadcasts.push(b);
             }
         }
-        self.broadcast_presence(origin, publisher, broadcasts, now_ms);
+        self.broadcast_presence(ctx, publisher, broadcasts);
         Ok(())
     }
 
     /// Removes the members of a connection that has gone, broadcasting their LEAVEs.
-    pub(crate) fn leave_connection(&mut self, origin: OriginId, connection_id: &str, now_ms: i64) {
-        let leaves = self.presence.remove_connection(connection_id, now_ms);
+    pub(crate) fn leave_connection(&mut self, ctx: &ApplyContext<'_>, connection_id: &str) {
+        let leaves = self.presence.remove_connection(connection_id, ctx.now_ms);
         let publisher = crate::hub::Publisher {
             connection_id: None,
-            frame_id: format!("leave-{connection_id}:{now_ms}"),
+            frame_id: format!("leave-{connection_id}:{}", ctx.now_ms),
         };
-        self.broadcast_presence(origin, &publisher, leaves, now_ms);
+        self.broadcast_presence(ctx, &publisher, leaves);
     }
 
     fn broadcast_presence(
         &mut self,
-        origin: OriginId,
+        ctx: &ApplyContext<'_>,
         publisher: &crate::hub::Publisher,
         broadcasts: Vec<PresenceMessage>,
-        now_ms: i64,
     ) {
         if broadcasts.is_empty() {
-            self.touch(now_ms);
+            self.touch(ctx.now_ms);
             return;
         }
-        let event = self.next_event(origin, publisher, now_ms, |frame, _| {
+        let event = self.next_event(ctx.origin, publisher, ctx.now_ms, |frame, _| {
             frame.action = action::PRESENCE;
             frame.presence = Some(broadcasts);
         });
-        self.fan_out(Arc::new(event), now_ms);
+        self.apply(ctx, Arc::new(event));
+    }
+
+    /// Logs, journals and fans out a new event, in that order, under the channel lock.
+    fn apply(&mut self, ctx: &ApplyContext<'_>, event: Arc<ChannelEvent>) {
+        self.log.push(event.clone(), &ctx.limits.log, ctx.now_ms);
+        if let Some(journal) = ctx.journal {
+            journal.record(ctx.key, &event);
+        }
+        self.fan_out(event, ctx.now_ms);
     }
 
     /// Offers `event` to every attachment that wants it. Attachments whose queue is full
     /// are removed here; their connection disconnects itself and may resume later.
     fn fan_out(&mut self, event: Arc<ChannelEvent>, now_ms: i64) {
-        let wanted = if event.is_message() {
-            flags::SUBSCRIBE
-        } else {
-            flags::PRESENCE_SUBSCRIBE
-        };
         let mut too_slow: Vec<Arc<str>> = Vec::new();
         for (connection_id, attachment) in &self.attachments {
-            if attachment.options.modes & wanted == 0 {
-                continue;
-            }
-            if event.is_message()
-                && !attachment.options.echo
-                && event.publisher.as_deref() == Some(connection_id.as_ref())
-            {
+            if !options_want(&attachment.options, connection_id, &event) {
                 continue;
             }
             if !attachment.sink.deliver(&event) {
@@ -246,6 +312,10 @@ impl Channel {
             self.attachments.remove(&connection_id);
         }
         self.touch(now_ms);
+    }
+
+    pub(crate) fn log_len(&self) -> usize {
+        self.log.len()
     }
 
     pub(crate) fn members(&self) -> Vec<PresenceMessage> {
@@ -266,6 +336,64 @@ impl Channel {
             presence_connections: self.presence.connection_count(),
             presence_members: self.presence.len(),
             presence_subscribers: count(flags::PRESENCE_SUBSCRIBE),
+        }
+    }
+}
+
+/// Whether an attachment with `options` receives `event`: MESSAGE needs SUBSCRIBE (and
+/// is skipped for its own publisher when echo is off); PRESENCE needs PRESENCE_SUBSCRIBE.
+fn options_want(options: &AttachOptions, connection_id: &str, event: &ChannelEvent) -> bool {
+    if event.is_message() {
+        options.modes & flags::SUBSCRIBE != 0
+            && (options.echo || event.publisher.as_deref() != Some(connection_id))
+    } else {
+        options.modes & flags::PRESENCE_SUBSCRIBE != 0
+    }
+}
+
+/// What applying an event needs from the hub.
+pub(crate) struct ApplyContext<'a> {
+    pub(crate) key: &'a crate::hub::ChannelKey,
+    pub(crate) origin: OriginId,
+    pub(crate) limits: &'a crate::limits::CoreLimits,
+    pub(crate) journal: Option<&'a dyn Journal>,
+    pub(crate) now_ms: i64,
+}
+
+/// Client-supplied message ids seen within the idempotency window.
+#[derive(Debug, Default)]
+struct IdWindow {
+    serials: HashMap<String, String>,
+    order: std::collections::VecDeque<(i64, String)>,
+}
+
+impl IdWindow {
+    fn get(&self, id: &str) -> Option<&str> {
+        self.serials.get(id).map(String::as_str)
+    }
+
+    fn insert(&mut self, id: String, serial: String, now_ms: i64, ids_max: usize) {
+        if self.serials.insert(id.clone(), serial).is_none() {
+            self.order.push_back((now_ms, id));
+        }
+        while self.order.len() > ids_max {
+            self.pop_oldest();
+        }
+    }
+
+    fn expire(&mut self, now_ms: i64, window_ms: i64) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(at, _)| now_ms - at > window_ms)
+        {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((_, id)) = self.order.pop_front() {
+            self.serials.remove(&id);
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use tern_protocol::{Format, ProtocolMessage};
+use tern_protocol::{Data, Format, Message, PresenceMessage, ProtocolMessage};
 
 use crate::cursor::OriginId;
 
@@ -21,8 +21,13 @@ pub struct ChannelEvent {
     /// The frame every subscriber receives (action, channel, id, connectionId, timestamp,
     /// channelSerial, messages or presence).
     pub frame: ProtocolMessage,
+    /// Approximate payload bytes, for the log's byte bound.
+    pub size_bytes: usize,
     encoded: [OnceLock<Bytes>; Format::COUNT],
 }
+
+/// Fixed per-event overhead counted against the log's byte bound.
+const EVENT_OVERHEAD_BYTES: usize = 256;
 
 impl ChannelEvent {
     pub fn new(
@@ -31,13 +36,45 @@ impl ChannelEvent {
         publisher: Option<Arc<str>>,
         frame: ProtocolMessage,
     ) -> Self {
+        let size_bytes = EVENT_OVERHEAD_BYTES
+            + frame
+                .messages
+                .iter()
+                .flatten()
+                .map(message_bytes)
+                .sum::<usize>()
+            + frame
+                .presence
+                .iter()
+                .flatten()
+                .map(presence_bytes)
+                .sum::<usize>();
         ChannelEvent {
             origin,
             seq,
             publisher,
             frame,
+            size_bytes,
             encoded: Default::default(),
         }
+    }
+
+    pub fn timestamp_ms(&self) -> i64 {
+        self.frame.timestamp.unwrap_or(0)
+    }
+
+    pub fn message_count(&self) -> usize {
+        self.frame.messages.as_ref().map_or(0, Vec::len)
+    }
+
+    /// A copy holding only the last `count` messages (for a rewind that ends mid-frame).
+    pub fn last_messages(&self, count: usize) -> ChannelEvent {
+        let mut frame = self.frame.clone();
+        if let Some(messages) = &mut frame.messages {
+            let skip = messages.len().saturating_sub(count);
+            messages.drain(..skip);
+        }
+        ChannelEvent::new(self.origin, self.seq, self.publisher.clone(), frame)
     }
 
     /// The frame's bytes in `format`, encoded on the first call and shared afterwards.
@@ -51,6 +88,30 @@ impl ChannelEvent {
     pub fn is_message(&self) -> bool {
         self.frame.action == tern_protocol::action::MESSAGE
     }
+}
+
+fn data_bytes(data: Option<&Data>) -> usize {
+    match data {
+        None => 0,
+        Some(Data::String(s)) => s.len(),
+        Some(Data::Binary(b)) => b.len(),
+        Some(Data::Json(v)) => v.to_string().len(),
+    }
+}
+
+/// Bytes a message counts against `maxMessageSize`: name, clientId, data and extras.
+pub fn message_bytes(m: &Message) -> usize {
+    m.name.as_ref().map_or(0, String::len)
+        + m.client_id.as_ref().map_or(0, String::len)
+        + data_bytes(m.data.as_ref())
+        + m.extras.as_ref().map_or(0, |e| e.to_string().len())
+}
+
+/// Bytes a presence message counts against `maxMessageSize`: clientId, data and extras.
+pub fn presence_bytes(p: &PresenceMessage) -> usize {
+    p.client_id.as_ref().map_or(0, String::len)
+        + data_bytes(p.data.as_ref())
+        + p.extras.as_ref().map_or(0, |e| e.to_string().len())
 }
 
 /// Where a channel delivers events for one attachment. Implemented by the edge over a

@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tern_protocol::{Message, PresenceMessage};
 
+use crate::channel::ApplyContext;
 use crate::channel::{AttachOptions, AttachSnapshot, Channel, ChannelStatus};
 use crate::cursor::OriginId;
-use crate::event::Subscriber;
+use crate::event::{ChannelEvent, Subscriber};
 use crate::limits::CoreLimits;
 use crate::presence::PresenceError;
 
@@ -42,12 +43,18 @@ pub struct Publisher {
 }
 
 /// What a publish produced.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct PublishOutcome {
-    /// One serial per message, in order.
-    pub serials: Vec<String>,
-    /// The channel's cursor right after this publish.
-    pub channel_serial: String,
+    /// One serial per message, in order (a duplicate gets its original serial).
+    pub serials: Vec<Option<String>>,
+    /// The event fanned out, or `None` when every message was a duplicate.
+    pub event: Option<Arc<ChannelEvent>>,
+}
+
+/// Receives every event applied to any channel, in each channel's sequence order, under
+/// the channel lock (so keep it short: queue, don't write). The history store hangs here.
+pub trait Journal: Send + Sync {
+    fn record(&self, key: &ChannelKey, event: &Arc<ChannelEvent>);
 }
 
 /// Why the core refused an operation. The edge maps each to an Ably error code.
@@ -81,6 +88,7 @@ struct DroppedSet {
 pub struct Hub {
     origin: OriginId,
     limits: CoreLimits,
+    journal: Option<Arc<dyn Journal>>,
     hasher: RandomState,
     shards: Box<[Shard]>,
     channel_count: AtomicUsize,
@@ -96,12 +104,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Hub {
     pub fn new(origin: OriginId, limits: CoreLimits) -> Self {
+        Hub::with_journal(origin, limits, None)
+    }
+
+    /// A hub whose every applied event is also handed to `journal` (the history store).
+    pub fn with_journal(
+        origin: OriginId,
+        limits: CoreLimits,
+        journal: Option<Arc<dyn Journal>>,
+    ) -> Self {
         let shards = (0..SHARD_COUNT)
             .map(|_| Mutex::new(HashMap::new()))
             .collect();
         Hub {
             origin,
             limits,
+            journal,
             hasher: RandomState::new(),
             shards,
             channel_count: AtomicUsize::new(0),
@@ -127,6 +145,16 @@ impl Hub {
 
     fn find(&self, key: &ChannelKey) -> Option<Arc<Mutex<Channel>>> {
         lock(self.shard(key)).get(key).cloned()
+    }
+
+    fn context<'a>(&'a self, key: &'a ChannelKey, now_ms: i64) -> ApplyContext<'a> {
+        ApplyContext {
+            key,
+            origin: self.origin,
+            limits: &self.limits,
+            journal: self.journal.as_deref(),
+            now_ms,
+        }
     }
 
     /// Runs `f` on the channel under its lock, creating the channel if needed. A channel
@@ -202,13 +230,10 @@ impl Hub {
         messages: Vec<Message>,
         now_ms: i64,
     ) -> Result<PublishOutcome, CoreError> {
-        let (serials, channel_serial) = self.with_channel(key, now_ms, |c| {
-            c.publish(self.origin, publisher, messages, now_ms)
-        })?;
-        Ok(PublishOutcome {
-            serials,
-            channel_serial,
-        })
+        let ctx = self.context(key, now_ms);
+        let (serials, event) =
+            self.with_channel(key, now_ms, |c| c.publish(&ctx, publisher, messages))?;
+        Ok(PublishOutcome { serials, event })
     }
 
     /// Applies presence changes, each with id, clientId, connectionId and timestamp set.
@@ -219,10 +244,8 @@ impl Hub {
         changes: Vec<PresenceMessage>,
         now_ms: i64,
     ) -> Result<(), CoreError> {
-        let members_max = self.limits.presence_members_max;
-        self.with_channel(key, now_ms, |c| {
-            c.presence(self.origin, publisher, changes, members_max, now_ms)
-        })??;
+        let ctx = self.context(key, now_ms);
+        self.with_channel(key, now_ms, |c| c.presence(&ctx, publisher, changes))??;
         Ok(())
     }
 
@@ -231,15 +254,19 @@ impl Hub {
         self.with_existing(key, |c| c.members()).unwrap_or_default()
     }
 
+    /// Events held in a channel's in-memory log (0 if the channel is not held).
+    pub fn log_len(&self, key: &ChannelKey) -> usize {
+        self.with_existing(key, |c| c.log_len()).unwrap_or(0)
+    }
+
     /// Occupancy of a channel, or `None` if this node does not hold it.
     pub fn status(&self, key: &ChannelKey) -> Option<ChannelStatus> {
         self.with_existing(key, |c| c.status())
     }
 
     fn leave(&self, key: &ChannelKey, connection_id: &str, now_ms: i64) {
-        self.with_existing(key, |c| {
-            c.leave_connection(self.origin, connection_id, now_ms)
-        });
+        let ctx = self.context(key, now_ms);
+        self.with_existing(key, |c| c.leave_connection(&ctx, connection_id));
     }
 
     /// A connection closed cleanly (CLOSE): detach it everywhere and its members leave now.

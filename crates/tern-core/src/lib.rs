@@ -9,6 +9,9 @@
 //! - [`event`]: [`ChannelEvent`], one published frame, encoded at most once per wire format
 //!   and shared by every subscriber.
 //! - [`presence`]: [`PresenceSet`], the members of one channel and how changes merge.
+//! - [`log`]: each channel's bounded recent log: resume, rewind, continuity checks.
+//! - [`registry`]: [`ConnectionRegistry`], connection state parked between a transport
+//!   drop and a resume, for at most `connectionStateTtl`.
 //! - [`channel`]: one channel's state: subscribers, presence, cursor.
 //! - [`hub`]: [`Hub`], the sharded map of channels that the edge talks to.
 //! - [`limits`]: [`CoreLimits`], the bounds the core enforces.
@@ -21,11 +24,15 @@ pub mod cursor;
 pub mod event;
 pub mod hub;
 pub mod limits;
+pub mod log;
 pub mod presence;
+pub mod registry;
 
 pub use channel::{AttachOptions, AttachSnapshot, ChannelStatus};
 pub use cursor::{Cursor, OriginId};
 pub use event::{ChannelEvent, Subscriber};
-pub use hub::{ChannelKey, CoreError, Hub, PublishOutcome, Publisher};
+pub use hub::{ChannelKey, CoreError, Hub, Journal, PublishOutcome, Publisher};
 pub use limits::CoreLimits;
+pub use log::{LogLimits, Rewind};
 pub use presence::PresenceSet;
+pub use registry::{ConnectionRegistry, ResumeError};

@@ -1,5 +1,7 @@
 //! Bounds the core enforces. Every map that client input can grow has one here.
 
+use crate::log::LogLimits;
+
 /// Limits for the channel hub. Capacities come from config (`tern-server`), never inline.
 #[derive(Clone, Debug)]
 pub struct CoreLimits {
@@ -14,6 +16,12 @@ pub struct CoreLimits {
     pub channel_idle_retain_ms: i64,
     /// Dropped connections remembered at once (awaiting presence expiry).
     pub dropped_connections_max: usize,
+    /// Each channel's in-memory log (resume, rewind, untilAttach continuity).
+    pub log: LogLimits,
+    /// How long a client-supplied message id is remembered for de-duplication.
+    pub idempotency_window_ms: i64,
+    /// Client-supplied ids remembered per channel.
+    pub idempotency_ids_max: usize,
 }
 
 impl Default for CoreLimits {
@@ -24,6 +32,13 @@ impl Default for CoreLimits {
             presence_leave_grace_ms: 15_000,
             channel_idle_retain_ms: 120_000,
             dropped_connections_max: 100_000,
+            log: LogLimits {
+                events_max: 2_000,
+                bytes_max: 8 << 20,
+                age_max_ms: 120_000,
+            },
+            idempotency_window_ms: 120_000,
+            idempotency_ids_max: 10_000,
         }
     }
 }

@@ -49,7 +49,12 @@ fn attach(hub: &Hub, key: &ChannelKey, conn: &str, echo: bool) -> Arc<Recorder> 
     hub.attach(
         key,
         conn.into(),
-        AttachOptions { modes: ALL, echo },
+        AttachOptions {
+            modes: ALL,
+            echo,
+            resume_from: None,
+            rewind: None,
+        },
         rec.clone(),
         |_| {},
         0,
@@ -92,8 +97,9 @@ fn fan_out_in_order_with_echo_rules() {
             )
             .unwrap();
         assert_eq!(out.serials.len(), 1);
-        assert_ne!(out.channel_serial, last_serial);
-        last_serial = out.channel_serial;
+        let serial = out.event.unwrap().frame.channel_serial.clone().unwrap();
+        assert_ne!(serial, last_serial);
+        last_serial = serial;
     }
     assert!(
         a.names().is_empty(),
@@ -146,6 +152,8 @@ fn slow_subscriber_is_dropped_without_affecting_others() {
         AttachOptions {
             modes: ALL,
             echo: true,
+            resume_from: None,
+            rewind: None,
         },
         slow.clone(),
         |_| {},
@@ -191,6 +199,8 @@ fn presence_snapshot_grace_and_close() {
         AttachOptions {
             modes: ALL,
             echo: true,
+            resume_from: None,
+            rewind: None,
         },
         watcher.clone(),
         |snap| seen = snap.members.len(),

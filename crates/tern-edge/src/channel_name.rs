@@ -50,9 +50,47 @@ pub(crate) fn parse(name: &str) -> Result<ChannelName<'_>, &'static str> {
     Ok(ChannelName { base, params })
 }
 
+/// Most messages a count rewind may ask for.
+pub(crate) const REWIND_COUNT_MAX: usize = 100;
+
+/// Parses the `rewind` channel param: a message count (`"10"`) or a duration
+/// (`"500ms"`, `"10s"`, `"2m"`, `"1h"`) back from `now_ms`.
+pub(crate) fn parse_rewind(value: &str, now_ms: i64) -> Result<tern_core::Rewind, &'static str> {
+    const INVALID: &str = "invalid rewind: use a count (\"10\") or a duration (\"30s\", \"2m\")";
+    if let Ok(count) = value.parse::<usize>() {
+        return Ok(tern_core::Rewind::Count(count.min(REWIND_COUNT_MAX)));
+    }
+    let split = value.find(|c: char| !c.is_ascii_digit()).ok_or(INVALID)?;
+    let (number, unit) = value.split_at(split);
+    let number: i64 = number.parse().map_err(|_| INVALID)?;
+    let unit_ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(INVALID),
+    };
+    let back_ms = number.checked_mul(unit_ms).ok_or(INVALID)?;
+    Ok(tern_core::Rewind::Since(now_ms.saturating_sub(back_ms)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rewind params parse as counts (capped) and durations; anything else is refused.
+    #[test]
+    fn parses_rewind() {
+        use tern_core::Rewind;
+        assert_eq!(parse_rewind("5", 1_000), Ok(Rewind::Count(5)));
+        assert_eq!(parse_rewind("5000", 0), Ok(Rewind::Count(REWIND_COUNT_MAX)));
+        assert_eq!(parse_rewind("10s", 60_000), Ok(Rewind::Since(50_000)));
+        assert_eq!(parse_rewind("2m", 200_000), Ok(Rewind::Since(80_000)));
+        assert_eq!(parse_rewind("500ms", 1_000), Ok(Rewind::Since(500)));
+        for bad in ["", "x", "10d", "s", "-1", "99999999999999999999h"] {
+            assert!(parse_rewind(bad, 0).is_err(), "{bad}");
+        }
+    }
 
     /// Plain names pass through; qualifiers yield params and the bare name; malformed
     /// names are refused with a reason.

@@ -31,6 +31,10 @@ pub struct EdgeConfig {
     pub nonce_cache_max: usize,
     /// Send an AUTH request this long before a token expires, so the client renews in band.
     pub token_renew_notice_ms: i64,
+    /// Dropped connections kept for resume at once (the oldest goes first beyond it).
+    pub parked_connections_max: usize,
+    /// Replies remembered per connection for re-sent msgSerials.
+    pub reply_window_max: usize,
 }
 
 impl Default for EdgeConfig {
@@ -49,6 +53,8 @@ impl Default for EdgeConfig {
             token_policy: TokenPolicy::default(),
             nonce_cache_max: 100_000,
             token_renew_notice_ms: 30_000,
+            parked_connections_max: 100_000,
+            reply_window_max: 1_000,
         }
     }
 }

@@ -165,7 +165,7 @@ async fn run(state: Arc<EdgeState>, query: HashMap<String, String>, socket: WebS
             code::BAD_REQUEST,
             "unsupported format: use json or msgpack",
         )))),
-        Some(format) => match Session::open(state, &query, format, outlet.clone()) {
+        Some(format) => match Session::open(state, &query, format, outlet.clone()).await {
             Ok(session) => session.run(stream).await,
             Err(err) => outlet.finish(Some(error_frame(err))),
         },

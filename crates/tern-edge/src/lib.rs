@@ -11,7 +11,8 @@
 //! - `session`: what one connection does with each inbound frame.
 //! - `rest`: REST handlers (`/time`, publish, presence, channel status, token requests).
 //! - `credentials`: turning query params and headers into an [`tern_auth::AuthContext`].
-//! - `channel_name`: `[?param=value]name` qualifiers.
+//! - `channel_name`: `[?param=value]name` qualifiers and the `rewind` param.
+//! - `resume`: what of a connection survives its transport (reply window, presence).
 //! - `response`: Ably-shaped HTTP error responses, response formats, CORS.
 //!
 //! Architecture invariant: the edge talks to other nodes only through the core; it never
@@ -23,6 +24,7 @@ mod connection;
 mod credentials;
 mod response;
 mod rest;
+mod resume;
 mod session;
 mod state;
 

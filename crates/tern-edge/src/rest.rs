@@ -115,7 +115,7 @@ fn channel_key(app: &str, channel: &str) -> Result<ChannelKey, ErrorInfo> {
 struct PublishResponse {
     channel: String,
     message_id: String,
-    serials: Vec<String>,
+    serials: Vec<Option<String>>,
 }
 
 /// `POST /channels/{channel}/messages`: one Message or an array.
@@ -134,7 +134,7 @@ pub(crate) async fn publish(
     }
     let mut messages = tern_protocol::decode_messages(request_format(&headers), &bytes)
         .map_err(|e| e.to_error_info())?;
-    let size: usize = messages.iter().map(crate::session::message_bytes).sum();
+    let size: usize = messages.iter().map(tern_core::event::message_bytes).sum();
     if size > state.config.max_message_size {
         return Err(
             ErrorInfo::new(code::MESSAGE_TOO_LARGE, "maximum message length exceeded").into(),

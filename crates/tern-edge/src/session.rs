@@ -1,8 +1,9 @@
 //! What one realtime connection does with each inbound frame. The session owns the
-//! connection's identity, its attachments and its rate window; it talks to the hub and
-//! queues replies through its [`Outlet`].
+//! connection's identity, its attachments, its reply window and its rate window; it
+//! talks to the hub and queues replies through its [`Outlet`]. When its transport drops,
+//! what must survive is parked in the registry for a resume.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::pending;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,27 +14,31 @@ use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 use rand::distr::{Alphanumeric, SampleString};
 use tern_auth::{AuthContext, ClientIdentity, Operation};
-use tern_core::{AttachOptions, ChannelKey, CoreError, Publisher};
+use tern_core::event::{message_bytes, presence_bytes};
+use tern_core::{AttachOptions, ChannelKey, CoreError, Cursor, Publisher, ResumeError};
 use tern_protocol::{
-    action, code, flags, presence_action, ConnectionDetails, Data, ErrorInfo, Format, Message,
+    action, code, flags, presence_action, ConnectionDetails, ErrorInfo, Format, Message,
     PresenceMessage, ProtocolMessage, PublishResult,
 };
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::channel_name;
-use crate::connection::{error_frame, AttachmentSink, Outlet};
+use crate::connection::{error_frame, AttachmentSink, Outbound, Outlet};
 use crate::credentials::{
     authenticate, denied, details_client_id, granted_modes, message_client_id, presence_client_id,
     resolve_identity,
 };
 use crate::now_ms;
+use crate::resume::{ParkedSession, Reply, ReplyWindow, Seen};
 use crate::state::EdgeState;
 
-/// How a session ended, which decides what happens to its presence members.
+/// How a session ended, which decides what happens to its state.
 enum Ending {
-    /// CLOSE, or a fatal protocol error: members leave now.
+    /// CLOSE, or a fatal protocol error: state is discarded, members leave now.
     Closed,
-    /// The transport went away: members stay for the grace period (resume may follow).
+    /// The transport went away: state is parked for a resume, members stay for the
+    /// grace period.
     Dropped,
 }
 
@@ -43,26 +48,11 @@ struct RateWindow {
     count: u32,
 }
 
-pub(crate) struct Session {
-    state: Arc<EdgeState>,
-    id: Arc<str>,
-    key: String,
-    auth: AuthContext,
-    identity: ClientIdentity,
-    echo: bool,
-    format: Format,
-    outlet: Outlet,
-    /// Attached channels: bare name → the name as the client attached it.
-    attachments: HashMap<Arc<str>, Arc<str>>,
-    presence_channels: HashSet<Arc<str>>,
-    rate: RateWindow,
-    renew_requested: bool,
-    sync_counter: u64,
-}
-
 /// How long a client that does not read may hold up its own replies before it is
 /// disconnected as too slow.
 const SLOW_CLIENT_WAIT: Duration = Duration::from_secs(5);
+/// How long a resume waits for the connection's previous transport to let go.
+const SUPERSEDE_WAIT: Duration = Duration::from_secs(2);
 
 fn too_slow() -> ErrorInfo {
     ErrorInfo::new(
@@ -75,37 +65,35 @@ fn random_id(len: usize) -> String {
     Alphanumeric.sample_string(&mut rand::rng(), len)
 }
 
-/// Bytes a message counts against `maxMessageSize`: name, clientId, data and extras.
-pub(crate) fn message_bytes(m: &Message) -> usize {
-    message_size(
-        m.name.as_deref(),
-        m.client_id.as_deref(),
-        m.data.as_ref(),
-        m.extras.as_ref(),
-    )
-}
-
-fn message_size(
-    name: Option<&str>,
-    client_id: Option<&str>,
-    data: Option<&Data>,
-    extras: Option<&serde_json::Value>,
-) -> usize {
-    let data_len = match data {
-        None => 0,
-        Some(Data::String(s)) => s.len(),
-        Some(Data::Binary(b)) => b.len(),
-        Some(Data::Json(v)) => v.to_string().len(),
-    };
-    name.map_or(0, str::len)
-        + client_id.map_or(0, str::len)
-        + data_len
-        + extras.map_or(0, |e| e.to_string().len())
+pub(crate) struct Session {
+    state: Arc<EdgeState>,
+    id: Arc<str>,
+    key: String,
+    /// Registry generation of this transport's claim on the connection.
+    generation: u64,
+    /// Woken when a resume on another transport takes this connection over.
+    superseded: Arc<Notify>,
+    auth: AuthContext,
+    identity: ClientIdentity,
+    echo: bool,
+    format: Format,
+    outlet: Outlet,
+    /// Attached channels: bare name → the name as the client attached it.
+    attachments: HashMap<Arc<str>, Arc<str>>,
+    presence_channels: HashSet<Arc<str>>,
+    replies: ReplyWindow,
+    /// A resume or recover was asked for and failed: channel serials from before are
+    /// not honoured (channels re-attach without RESUMED).
+    continuity_lost: bool,
+    rate: RateWindow,
+    renew_requested: bool,
+    sync_counter: u64,
 }
 
 impl Session {
-    /// Authenticates the connect request and sends CONNECTED. `Err` is the ERROR to send.
-    pub(crate) fn open(
+    /// Authenticates the connect request, resumes or recovers the connection if asked,
+    /// and sends CONNECTED. `Err` is the ERROR to send.
+    pub(crate) async fn open(
         state: Arc<EdgeState>,
         query: &HashMap<String, String>,
         format: Format,
@@ -116,10 +104,32 @@ impl Session {
         let token = get("access_token").or_else(|| get("accessToken"));
         let auth = authenticate(&state.keys, get("key"), token, now)?;
         let identity = resolve_identity(&auth, get("clientId"))?;
-        let id: Arc<str> = random_id(12).into();
+        let requested = get("resume").or_else(|| get("recover"));
+        let (id, parked, error) = match requested {
+            None => (random_id(12).into(), None, None),
+            Some(key) => match take_parked(&state, key, &auth, &identity).await {
+                Ok((id, parked)) => (id, Some(parked), None),
+                Err(error) => (random_id(12).into(), None, Some(error)),
+            },
+        };
+        let superseded = Arc::new(Notify::new());
+        let secret = random_id(20);
+        let generation =
+            state
+                .registry()
+                .register(Arc::clone(&id), secret.clone(), superseded.clone());
+        let (replies, presence_channels) = match parked {
+            Some(parked) => {
+                state.hub.forget_dropped(&id);
+                (parked.replies, parked.presence_channels)
+            }
+            None => (ReplyWindow::default(), HashSet::new()),
+        };
         let session = Session {
-            key: format!("{}!{}", id, random_id(20)),
+            key: format!("{id}!{secret}"),
             id,
+            generation,
+            superseded,
             echo: get("echo") != Some("false"),
             state,
             auth,
@@ -127,7 +137,9 @@ impl Session {
             format,
             outlet,
             attachments: HashMap::new(),
-            presence_channels: HashSet::new(),
+            presence_channels,
+            replies,
+            continuity_lost: error.is_some(),
             rate: RateWindow {
                 started_ms: now,
                 count: 0,
@@ -135,16 +147,8 @@ impl Session {
             renew_requested: false,
             sync_counter: 0,
         };
-        // Connection state does not yet survive its transport, so a resume or recover
-        // request gets a fresh connection and says so (the SDK then re-attaches).
-        let error = (get("resume").is_some() || get("recover").is_some()).then(|| {
-            ErrorInfo::new(
-                code::UNABLE_TO_RECOVER,
-                "Unable to recover connection: connection state not found",
-            )
-        });
         session.outlet.send(session.connected_frame(error));
-        tracing::debug!(conn_id = %session.id, format = ?format, "connected");
+        tracing::debug!(conn_id = %session.id, format = ?format, resumed = requested.is_some() && !session.continuity_lost, "connected");
         Ok(session)
     }
 
@@ -182,10 +186,12 @@ impl Session {
         Some(Instant::now() + Duration::from_millis((at - now).max(0) as u64))
     }
 
-    /// The reader loop. Returns when the connection ends, after telling the hub.
+    /// The reader loop. Returns when the connection ends, after telling the hub and
+    /// parking or discarding the connection's state.
     pub(crate) async fn run(mut self, mut stream: SplitStream<WebSocket>) {
         let mut shutdown = self.state.shutdown.clone();
         let overflow = self.outlet.overflow.clone();
+        let superseded = self.superseded.clone();
         let ending = loop {
             let deadline = self.token_deadline(now_ms());
             tokio::select! {
@@ -210,6 +216,13 @@ impl Session {
                     self.outlet.finish(Some(self.disconnected(too_slow())));
                     break Ending::Dropped;
                 }
+                // The client resumed this connection on a new transport.
+                _ = superseded.notified() => {
+                    self.outlet.finish(Some(self.disconnected(ErrorInfo::new(
+                        code::CONNECTION_SUPERSEDED, "connection resumed on another transport",
+                    ))));
+                    break Ending::Dropped;
+                }
                 // Token renewal notice, then expiry.
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => pending().await } } => {
                     if !self.renew_requested {
@@ -230,6 +243,10 @@ impl Session {
             }
         };
         self.outlet.finish(None);
+        self.end(ending);
+    }
+
+    fn end(self, ending: Ending) {
         let channels: Vec<Arc<str>> = self
             .attachments
             .keys()
@@ -239,15 +256,36 @@ impl Session {
             .into_iter()
             .collect();
         let hub = &self.state.hub;
+        let now = now_ms();
         match ending {
             Ending::Closed => {
-                hub.connection_closed(&self.auth.app_id, &self.id, &channels, now_ms())
+                hub.connection_closed(&self.auth.app_id, &self.id, &channels, now);
+                self.state.registry().remove(&self.id, self.generation);
             }
             Ending::Dropped => {
-                hub.connection_dropped(&self.auth.app_id, &self.id, channels, now_ms())
+                // Order matters: the hub lets go of the connection id before a resume
+                // can take the parked state and attach under the same id.
+                hub.connection_dropped(&self.auth.app_id, &self.id, channels, now);
+                let parked = ParkedSession {
+                    app_id: self.auth.app_id.clone(),
+                    client_id: self.identity_id(),
+                    replies: self.replies,
+                    presence_channels: self.presence_channels,
+                };
+                let deadline = now + self.state.config.connection_state_ttl_ms as i64;
+                self.state
+                    .registry()
+                    .park(&self.id, self.generation, parked, deadline);
             }
         }
         tracing::debug!(conn_id = %self.id, "connection ended");
+    }
+
+    fn identity_id(&self) -> Option<String> {
+        match &self.identity {
+            ClientIdentity::Id(id) => Some(id.clone()),
+            _ => None,
+        }
     }
 
     fn disconnected(&self, error: ErrorInfo) -> ProtocolMessage {
@@ -280,12 +318,8 @@ impl Session {
             }
             action::ATTACH => self.attach(frame),
             action::DETACH => self.detach(frame),
-            action::MESSAGE => {
-                self.rate_limited(&frame).or_else(|| self.publish(frame));
-                None
-            }
-            action::PRESENCE => {
-                self.rate_limited(&frame).or_else(|| self.presence(frame));
+            action::MESSAGE | action::PRESENCE => {
+                self.publish_or_present(frame);
                 None
             }
             action::CLOSE => {
@@ -299,12 +333,12 @@ impl Session {
             action::AUTH => self.reauthorize(frame),
             action::SYNC | action::ACTIVATE => None,
             action::OBJECT | action::OBJECT_SYNC | action::ANNOTATION => {
-                self.nack(
+                self.send_reply(
                     frame.msg_serial,
-                    ErrorInfo::new(
+                    Reply::Nack(ErrorInfo::new(
                         code::BAD_REQUEST,
                         "LiveObjects and annotations are not supported",
-                    ),
+                    )),
                 );
                 None
             }
@@ -315,8 +349,8 @@ impl Session {
         }
     }
 
-    /// NACKs the frame with 42910 when the connection is over its inbound rate.
-    fn rate_limited(&mut self, frame: &ProtocolMessage) -> Option<()> {
+    /// True (and the window advanced) when the connection is over its inbound rate.
+    fn over_rate(&mut self) -> bool {
         let now = now_ms();
         if now - self.rate.started_ms >= 1_000 {
             self.rate = RateWindow {
@@ -325,41 +359,70 @@ impl Session {
             };
         }
         self.rate.count += 1;
-        if self.rate.count <= self.state.config.inbound_frames_per_second {
-            return None;
+        self.rate.count > self.state.config.inbound_frames_per_second
+    }
+
+    /// MESSAGE and PRESENCE: de-duplicate by msgSerial, rate-limit, apply, reply.
+    fn publish_or_present(&mut self, frame: ProtocolMessage) {
+        let msg_serial = frame.msg_serial;
+        if let Some(serial) = msg_serial {
+            match self.replies.check(serial) {
+                Seen::New => {}
+                Seen::Again(reply) => return self.send_reply(msg_serial, reply),
+                Seen::Forgotten => return self.send_reply(msg_serial, Reply::Ack(Vec::new())),
+            }
         }
-        self.nack(
-            frame.msg_serial,
-            ErrorInfo::new(code::RATE_LIMIT, "inbound message rate exceeded"),
-        );
-        Some(())
-    }
-
-    fn ack(&self, msg_serial: Option<i64>, serials: Vec<String>) {
-        let Some(msg_serial) = msg_serial else { return };
-        self.outlet.send(ProtocolMessage {
-            action: action::ACK,
-            msg_serial: Some(msg_serial),
-            count: Some(1),
-            res: Some(vec![PublishResult {
-                serials: serials.into_iter().map(Some).collect(),
-            }]),
-            ..Default::default()
-        });
-    }
-
-    fn nack(&self, msg_serial: Option<i64>, error: ErrorInfo) {
-        metrics::counter!("tern_nacks_total").increment(1);
-        match msg_serial {
-            Some(msg_serial) => self.outlet.send(ProtocolMessage {
-                action: action::NACK,
-                msg_serial: Some(msg_serial),
-                count: Some(1),
-                error: Some(error),
-                ..Default::default()
-            }),
-            None => self.outlet.send(error_frame(error)),
+        let reply = if self.over_rate() {
+            Reply::Nack(ErrorInfo::new(
+                code::RATE_LIMIT,
+                "inbound message rate exceeded",
+            ))
+        } else {
+            let result = if frame.action == action::MESSAGE {
+                self.publish(frame)
+            } else {
+                self.presence(frame).map(|()| Vec::new())
+            };
+            match result {
+                Ok(serials) => Reply::Ack(serials),
+                Err(err) => Reply::Nack(err),
+            }
         };
+        if let Some(serial) = msg_serial {
+            self.replies
+                .record(serial, reply.clone(), self.state.config.reply_window_max);
+        }
+        self.send_reply(msg_serial, reply);
+    }
+
+    /// Queues an ACK/NACK once everything applied before it is durable, so replies stay
+    /// in msgSerial order and an ACK means "stored".
+    fn send_reply(&self, msg_serial: Option<i64>, reply: Reply) {
+        let frame = match (msg_serial, reply) {
+            (None, Reply::Ack(_)) => return,
+            (None, Reply::Nack(error)) => error_frame(error),
+            (Some(serial), Reply::Ack(serials)) => ProtocolMessage {
+                action: action::ACK,
+                msg_serial: Some(serial),
+                count: Some(1),
+                res: Some(vec![PublishResult { serials }]),
+                ..Default::default()
+            },
+            (Some(serial), Reply::Nack(error)) => {
+                metrics::counter!("tern_nacks_total").increment(1);
+                ProtocolMessage {
+                    action: action::NACK,
+                    msg_serial: Some(serial),
+                    count: Some(1),
+                    error: Some(error),
+                    ..Default::default()
+                }
+            }
+        };
+        let outlet = self.outlet.clone();
+        self.state.after_durable(Box::new(move || {
+            outlet.send(frame);
+        }));
     }
 
     fn channel_error(&self, channel: String, error: ErrorInfo) -> Option<Ending> {
@@ -404,62 +467,93 @@ impl Session {
                 ),
             );
         }
+        let mut params = parsed.params;
+        params.extend(frame.params.unwrap_or_default());
+        // A channelSerial means "continue from here"; it wins over rewind. After a failed
+        // connection resume it is not honoured: continuity is already lost.
+        let resume_from = frame
+            .channel_serial
+            .as_deref()
+            .filter(|_| !self.continuity_lost)
+            .map(Cursor::decode);
+        let rewind = match params.get("rewind") {
+            Some(value) if resume_from.is_none() => {
+                match channel_name::parse_rewind(value, now_ms()) {
+                    Ok(rewind) => Some(rewind),
+                    Err(reason) => {
+                        return self.channel_error(
+                            name,
+                            ErrorInfo::new(code::INVALID_PARAMETER_VALUE, reason),
+                        )
+                    }
+                }
+            }
+            _ => None,
+        };
+        let echoed: BTreeMap<String, String> =
+            params.into_iter().filter(|(k, _)| k == "rewind").collect();
+        let unreadable_serial = matches!(resume_from, Some(None));
+        let options = AttachOptions {
+            modes,
+            echo: self.echo,
+            resume_from: resume_from.flatten(),
+            rewind,
+        };
         let alias: Option<Arc<str>> = (name != *base).then(|| name.as_str().into());
         let sink = Arc::new(AttachmentSink {
             outlet: self.outlet.clone(),
-            alias,
+            alias: alias.clone(),
         });
         let key = ChannelKey {
             app: self.auth.app_id.as_str().into(),
             name: base.clone(),
-        };
-        let options = AttachOptions {
-            modes,
-            echo: self.echo,
         };
         self.sync_counter += 1;
         let sync_id = format!("{}-{}", self.id, self.sync_counter);
         let page_size = self.state.config.sync_page_size.max(1);
         let outlet = self.outlet.clone();
         let reply_name = name.clone();
-        let result = self.state.hub.attach(
-            &key,
-            self.id.clone(),
-            options,
-            sink,
-            |snapshot| {
-                let mut reply_flags = modes;
-                if !snapshot.members.is_empty() {
-                    reply_flags |= flags::HAS_PRESENCE;
-                }
-                if was_attached {
-                    reply_flags |= flags::RESUMED;
-                }
+        let result = self.state.hub.attach(&key, self.id.clone(), options, sink, |snapshot| {
+            let mut reply_flags = modes;
+            if !snapshot.members.is_empty() {
+                reply_flags |= flags::HAS_PRESENCE;
+            }
+            if snapshot.resumed {
+                reply_flags |= flags::RESUMED;
+            }
+            if !snapshot.backlog.is_empty() {
+                reply_flags |= flags::HAS_BACKLOG;
+            }
+            let error = (snapshot.continuity_lost || unreadable_serial).then(|| {
+                ErrorInfo::new(code::MESSAGES_EXPIRED, "continuity lost: messages since the given channelSerial are no longer retained")
+            });
+            outlet.send(ProtocolMessage {
+                action: action::ATTACHED,
+                channel: Some(reply_name.clone()),
+                flags: Some(reply_flags),
+                channel_serial: Some(snapshot.channel_serial.clone()),
+                params: (!echoed.is_empty()).then_some(echoed),
+                error,
+                ..Default::default()
+            });
+            let pages: Vec<&[PresenceMessage]> = snapshot.members.chunks(page_size).collect();
+            for (index, page) in pages.iter().enumerate() {
+                let cursor = if index + 1 == pages.len() { String::new() } else { (index + 1).to_string() };
                 outlet.send(ProtocolMessage {
-                    action: action::ATTACHED,
+                    action: action::SYNC,
                     channel: Some(reply_name.clone()),
-                    flags: Some(reply_flags),
-                    channel_serial: Some(snapshot.channel_serial.clone()),
+                    channel_serial: Some(format!("{sync_id}:{cursor}")),
+                    presence: Some(page.to_vec()),
                     ..Default::default()
                 });
-                let pages: Vec<&[PresenceMessage]> = snapshot.members.chunks(page_size).collect();
-                for (index, page) in pages.iter().enumerate() {
-                    let cursor = if index + 1 == pages.len() {
-                        String::new()
-                    } else {
-                        (index + 1).to_string()
-                    };
-                    outlet.send(ProtocolMessage {
-                        action: action::SYNC,
-                        channel: Some(reply_name.clone()),
-                        channel_serial: Some(format!("{sync_id}:{cursor}")),
-                        presence: Some(page.to_vec()),
-                        ..Default::default()
-                    });
-                }
-            },
-            now_ms(),
-        );
+            }
+            for event in &snapshot.backlog {
+                outlet.push(match &alias {
+                    None => Outbound::Event(event.clone()),
+                    Some(alias) => Outbound::AliasedEvent(event.clone(), alias.clone()),
+                });
+            }
+        }, now_ms());
         match result {
             Ok(()) => {
                 self.attachments.insert(base, name.into());
@@ -506,16 +600,7 @@ impl Session {
         Ok(parsed.base.into())
     }
 
-    fn publish(&mut self, frame: ProtocolMessage) -> Option<()> {
-        let msg_serial = frame.msg_serial;
-        match self.try_publish(frame) {
-            Ok(serials) => self.ack(msg_serial, serials),
-            Err(err) => self.nack(msg_serial, err),
-        }
-        None
-    }
-
-    fn try_publish(&mut self, frame: ProtocolMessage) -> Result<Vec<String>, ErrorInfo> {
+    fn publish(&mut self, frame: ProtocolMessage) -> Result<Vec<Option<String>>, ErrorInfo> {
         let base = self.channel_for(&frame, Operation::Publish, "publish")?;
         let mut messages: Vec<Message> = frame.messages.unwrap_or_default();
         let size: usize = messages.iter().map(message_bytes).sum();
@@ -551,16 +636,7 @@ impl Session {
         Ok(outcome.serials)
     }
 
-    fn presence(&mut self, frame: ProtocolMessage) -> Option<()> {
-        let msg_serial = frame.msg_serial;
-        match self.try_presence(frame) {
-            Ok(()) => self.ack(msg_serial, Vec::new()),
-            Err(err) => self.nack(msg_serial, err),
-        }
-        None
-    }
-
-    fn try_presence(&mut self, frame: ProtocolMessage) -> Result<(), ErrorInfo> {
+    fn presence(&mut self, frame: ProtocolMessage) -> Result<(), ErrorInfo> {
         let base = self.channel_for(&frame, Operation::Presence, "presence")?;
         let now = now_ms();
         let msg_serial = frame.msg_serial.unwrap_or(0);
@@ -576,12 +652,7 @@ impl Session {
                     format!("invalid presence action {}", change.action),
                 ));
             }
-            size += message_size(
-                None,
-                change.client_id.as_deref(),
-                change.data.as_ref(),
-                change.extras.as_ref(),
-            );
+            size += presence_bytes(&change);
             change.client_id = Some(presence_client_id(
                 &self.identity,
                 change.client_id.as_deref(),
@@ -629,11 +700,8 @@ impl Session {
             Ok(auth) => auth,
             Err(err) => return self.fail(err),
         };
-        let requested = match &self.identity {
-            ClientIdentity::Id(id) => Some(id.as_str()),
-            _ => None,
-        };
-        let identity = match resolve_identity(&auth, requested) {
+        let requested = self.identity_id();
+        let identity = match resolve_identity(&auth, requested.as_deref()) {
             Ok(identity) if auth.app_id == self.auth.app_id && identity == self.identity => {
                 identity
             }
@@ -649,6 +717,49 @@ impl Session {
         self.renew_requested = false;
         self.outlet.send(self.connected_frame(None));
         None
+    }
+}
+
+/// Takes the parked state of the connection named by a resume/recover key, superseding
+/// a transport that still holds it. `Err` is the error the new CONNECTED carries.
+async fn take_parked(
+    state: &EdgeState,
+    key: &str,
+    auth: &AuthContext,
+    identity: &ClientIdentity,
+) -> Result<(Arc<str>, ParkedSession), ErrorInfo> {
+    let unable = |why: &str| {
+        ErrorInfo::new(
+            code::UNABLE_TO_RECOVER,
+            format!("Unable to recover connection: {why}"),
+        )
+    };
+    let give_up = Instant::now() + SUPERSEDE_WAIT;
+    loop {
+        let result = state.registry().resume(key, now_ms());
+        match result {
+            Ok((id, parked)) => {
+                let client_id = match identity {
+                    ClientIdentity::Id(id) => Some(id.clone()),
+                    _ => None,
+                };
+                if parked.app_id != auth.app_id
+                    || (parked.client_id.is_some() && parked.client_id != client_id)
+                {
+                    return Err(unable("credentials do not match the connection"));
+                }
+                return Ok((id, parked));
+            }
+            Err(ResumeError::Live(superseded)) if Instant::now() < give_up => {
+                superseded.notify_one();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(ResumeError::Live(_)) => {
+                return Err(unable("connection is still active elsewhere"))
+            }
+            Err(ResumeError::Expired) => return Err(unable("connection state expired")),
+            Err(ResumeError::Unknown) => return Err(unable("connection not found")),
+        }
     }
 }
 

@@ -3,10 +3,14 @@
 use std::sync::{Arc, Mutex};
 
 use tern_auth::{KeyRing, NonceCache};
-use tern_core::Hub;
-use tokio::sync::{watch, Semaphore};
+use tern_core::{ConnectionRegistry, Hub};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::EdgeConfig;
+use crate::resume::ParkedSession;
+
+/// Live connections (with the handle that supersedes them) and parked ones.
+pub(crate) type Registry = ConnectionRegistry<ParkedSession, Arc<Notify>>;
 
 /// Renders the Prometheus text exposition for `/metrics`.
 pub type MetricsRender = Box<dyn Fn() -> String + Send + Sync>;
@@ -23,6 +27,7 @@ pub struct EdgeState {
     pub(crate) metrics_render: Option<MetricsRender>,
     /// Flips to `true` when the node shuts down; connections then disconnect their clients.
     pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) registry: Mutex<Registry>,
 }
 
 impl EdgeState {
@@ -36,6 +41,7 @@ impl EdgeState {
         let retain_ms = config.token_policy.request_window_ms * 2;
         EdgeState {
             nonces: Mutex::new(NonceCache::new(config.nonce_cache_max, retain_ms)),
+            registry: Mutex::new(Registry::new(config.parked_connections_max)),
             connection_permits: Arc::new(Semaphore::new(config.connections_max)),
             config,
             hub,
@@ -43,6 +49,24 @@ impl EdgeState {
             metrics_render,
             shutdown,
         }
+    }
+
+    pub(crate) fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Periodic housekeeping (about once a second): presence of dropped connections,
+    /// idle channels, expired parked connections.
+    pub fn sweep(&self, now_ms: i64) {
+        self.hub.sweep(now_ms);
+        self.registry().sweep(now_ms);
+    }
+
+    /// Runs `then` once everything applied so far is durable (committed to the history
+    /// store, when there is one), in call order. Replies to publishes go through here so
+    /// an ACK means "stored" and ACKs/NACKs keep msgSerial order.
+    pub(crate) fn after_durable(&self, then: Box<dyn FnOnce() + Send>) {
+        then();
     }
 
     /// Open WebSocket connections right now.

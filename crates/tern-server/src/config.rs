@@ -58,6 +58,12 @@ pub struct LimitsSection {
     pub channels_max: usize,
     pub presence_members_max: usize,
     pub nonce_cache_max: usize,
+    pub parked_connections_max: usize,
+    pub reply_window_max: usize,
+    pub channel_log_events_max: usize,
+    pub channel_log_bytes_max: usize,
+    pub idempotency_window_ms: i64,
+    pub idempotency_ids_max: usize,
 }
 
 impl Default for LimitsSection {
@@ -75,6 +81,12 @@ impl Default for LimitsSection {
             channels_max: core.channels_max,
             presence_members_max: core.presence_members_max,
             nonce_cache_max: edge.nonce_cache_max,
+            parked_connections_max: edge.parked_connections_max,
+            reply_window_max: edge.reply_window_max,
+            channel_log_events_max: core.log.events_max,
+            channel_log_bytes_max: core.log.bytes_max,
+            idempotency_window_ms: core.idempotency_window_ms,
+            idempotency_ids_max: core.idempotency_ids_max,
         }
     }
 }
@@ -275,6 +287,8 @@ impl Config {
             },
             nonce_cache_max: l.nonce_cache_max,
             token_renew_notice_ms: self.connection.token_renew_notice_ms,
+            parked_connections_max: l.parked_connections_max,
+            reply_window_max: l.reply_window_max,
         }
     }
 
@@ -284,6 +298,13 @@ impl Config {
             presence_members_max: self.limits.presence_members_max,
             presence_leave_grace_ms: self.connection.presence_leave_grace_ms,
             channel_idle_retain_ms: self.connection.connection_state_ttl_ms as i64,
+            log: tern_core::LogLimits {
+                events_max: self.limits.channel_log_events_max,
+                bytes_max: self.limits.channel_log_bytes_max,
+                age_max_ms: self.connection.connection_state_ttl_ms as i64,
+            },
+            idempotency_window_ms: self.limits.idempotency_window_ms,
+            idempotency_ids_max: self.limits.idempotency_ids_max,
             ..CoreLimits::default()
         }
     }

@@ -114,17 +114,18 @@ async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     }
     tracing::info!(%addr, origin = %origin, server_id = %config.server_id(), "tern started");
 
-    // Housekeeping: presence expiry of dropped connections, idle channel removal.
-    let sweeper_hub = hub.clone();
+    // Housekeeping: presence expiry of dropped connections, idle channel removal,
+    // expired parked connections.
+    let sweeper_state = state.clone();
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            sweeper_hub.sweep(tern_edge::now_ms());
+            sweeper_state.sweep(tern_edge::now_ms());
         }
     });
 
-    let app = tern_edge::router(state);
+    let app = tern_edge::router(state.clone());
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown_signal().await;
         tracing::info!("shutting down: disconnecting clients");

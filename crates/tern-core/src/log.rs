@@ -1,0 +1,113 @@
+//! A channel's recent log: the last events applied to it, bounded by count, bytes and
+//! age, indexed by origin sequence. Resume, rewind and continuity checks are served from
+//! here, in memory.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use crate::cursor::{Cursor, OriginId};
+use crate::event::ChannelEvent;
+
+/// Bounds of one channel's log.
+#[derive(Clone, Copy, Debug)]
+pub struct LogLimits {
+    pub events_max: usize,
+    pub bytes_max: usize,
+    /// Events older than this are dropped even when the log has room (nobody can resume
+    /// from further back than `connectionStateTtl`).
+    pub age_max_ms: i64,
+}
+
+/// What to replay on attach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rewind {
+    /// The last N messages.
+    Count(usize),
+    /// Messages published at or after this time (ms since epoch).
+    Since(i64),
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct ChannelLog {
+    events: VecDeque<Arc<ChannelEvent>>,
+    bytes: usize,
+    /// Highest sequence evicted per origin: a cursor below it cannot be continued.
+    evicted_through: BTreeMap<OriginId, u64>,
+}
+
+impl ChannelLog {
+    pub(crate) fn push(&mut self, event: Arc<ChannelEvent>, limits: &LogLimits, now_ms: i64) {
+        self.bytes += event.size_bytes;
+        self.events.push_back(event);
+        while let Some(front) = self.events.front() {
+            let too_many = self.events.len() > limits.events_max;
+            let too_big = self.bytes > limits.bytes_max;
+            let too_old = now_ms - front.timestamp_ms() > limits.age_max_ms;
+            if !(too_many || too_big || too_old) {
+                break;
+            }
+            let front = self.events.pop_front().expect("front exists");
+            self.bytes -= front.size_bytes;
+            let through = self.evicted_through.entry(front.origin).or_insert(0);
+            *through = (*through).max(front.seq);
+        }
+    }
+
+    /// Events after `from`, in log order, if the log still holds all of them and `from`
+    /// is consistent with `current`; `None` when continuity cannot be proven.
+    pub(crate) fn since(&self, from: &Cursor, current: &Cursor) -> Option<Vec<Arc<ChannelEvent>>> {
+        if !current.covers(from) {
+            // The client claims events this channel never had (a cursor from a lost
+            // channel state, or a forged one).
+            return None;
+        }
+        for (origin, seq) in current.origins() {
+            let seen = from.get(origin);
+            if seen < seq && seen < self.evicted_through.get(&origin).copied().unwrap_or(0) {
+                return None;
+            }
+        }
+        Some(
+            self.events
+                .iter()
+                .filter(|e| e.seq > from.get(e.origin))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// MESSAGE events for a rewind, oldest first. A count rewind counts messages, so the
+    /// oldest returned event may be cut down to its last messages.
+    pub(crate) fn rewind(&self, rewind: &Rewind) -> Vec<Arc<ChannelEvent>> {
+        let messages = self.events.iter().filter(|e| e.is_message());
+        match *rewind {
+            Rewind::Since(since_ms) => messages
+                .filter(|e| e.timestamp_ms() >= since_ms)
+                .cloned()
+                .collect(),
+            Rewind::Count(count) => {
+                let mut picked = Vec::new();
+                let mut remaining = count;
+                for event in messages.rev() {
+                    if remaining == 0 {
+                        break;
+                    }
+                    let n = event.message_count();
+                    if n <= remaining {
+                        picked.push(event.clone());
+                        remaining -= n;
+                    } else {
+                        picked.push(Arc::new(event.last_messages(remaining)));
+                        remaining = 0;
+                    }
+                }
+                picked.reverse();
+                picked
+            }
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.events.len()
+    }
+}
