@@ -10,6 +10,7 @@
 //!   token expiry, slow-subscriber disconnect).
 //! - `session`: what one connection does with each inbound frame.
 //! - `rest`: REST handlers (`/time`, publish, presence, channel status, token requests).
+//! - [`history`]: the journal into the history store and the REST history endpoints.
 //! - `credentials`: turning query params and headers into an [`tern_auth::AuthContext`].
 //! - `channel_name`: `[?param=value]name` qualifiers and the `rewind` param.
 //! - `resume`: what of a connection survives its transport (reply window, presence).
@@ -22,6 +23,7 @@ mod channel_name;
 pub mod config;
 mod connection;
 mod credentials;
+pub mod history;
 mod response;
 mod rest;
 mod resume;
@@ -54,8 +56,15 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/metrics", get(rest::metrics))
         .route("/keys/{key_name}/requestToken", post(rest::request_token))
         .route("/channels/{channel}", get(rest::channel_status))
-        .route("/channels/{channel}/messages", post(rest::publish))
+        .route(
+            "/channels/{channel}/messages",
+            post(rest::publish).get(history::messages),
+        )
         .route("/channels/{channel}/presence", get(rest::presence))
+        .route(
+            "/channels/{channel}/presence/history",
+            get(history::presence_history),
+        )
         .fallback(rest::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(response::cors))

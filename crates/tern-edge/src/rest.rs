@@ -162,6 +162,7 @@ pub(crate) async fn publish(
         .publish(&key, &publisher, messages, now)
         .map_err(|e| ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, e.to_string()))?;
     metrics::counter!("tern_messages_published_total").increment(count);
+    state.durable().await;
     let response = PublishResponse {
         channel: key.name.to_string(),
         message_id,

@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use tern_auth::{KeyRing, NonceCache};
 use tern_core::{ConnectionRegistry, Hub};
+use tern_store::HistoryStore;
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::EdgeConfig;
@@ -28,6 +29,8 @@ pub struct EdgeState {
     /// Flips to `true` when the node shuts down; connections then disconnect their clients.
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) registry: Mutex<Registry>,
+    /// Message and presence history; `None` runs without history (tests of the edge alone).
+    pub(crate) store: Option<Arc<dyn HistoryStore>>,
 }
 
 impl EdgeState {
@@ -48,7 +51,15 @@ impl EdgeState {
             keys,
             metrics_render,
             shutdown,
+            store: None,
         }
+    }
+
+    /// Serves history from `store` and makes ACKs wait for it (the hub's journal must
+    /// write into the same store).
+    pub fn with_store(mut self, store: Arc<dyn HistoryStore>) -> Self {
+        self.store = Some(store);
+        self
     }
 
     pub(crate) fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -66,7 +77,36 @@ impl EdgeState {
     /// store, when there is one), in call order. Replies to publishes go through here so
     /// an ACK means "stored" and ACKs/NACKs keep msgSerial order.
     pub(crate) fn after_durable(&self, then: Box<dyn FnOnce() + Send>) {
-        then();
+        let Some(store) = &self.store else {
+            return then();
+        };
+        // The store calls `then` after everything queued before it is committed. If it
+        // refuses (queue full), `then` was not consumed; there is nothing to wait for
+        // that a refused append could have queued, so answer now.
+        let then = Arc::new(Mutex::new(Some(then)));
+        let queued = then.clone();
+        let result = store.append(
+            Vec::new(),
+            Box::new(move |_| {
+                if let Some(then) = queued.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    then();
+                }
+            }),
+        );
+        if result.is_err() {
+            if let Some(then) = then.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                then();
+            }
+        }
+    }
+
+    /// Waits until everything applied so far is durable.
+    pub(crate) async fn durable(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.after_durable(Box::new(move || {
+            let _ = tx.send(());
+        }));
+        let _ = rx.await;
     }
 
     /// Open WebSocket connections right now.

@@ -19,7 +19,60 @@ pub struct Config {
     #[serde(default)]
     pub auth: AuthSection,
     #[serde(default)]
+    pub history: HistorySection,
+    #[serde(default)]
     pub apps: Vec<AppConfig>,
+}
+
+#[derive(Debug, Deserialize, PartialEq, Eq, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryMode {
+    /// Persistent: an embedded redb file that survives restarts.
+    Redb,
+    /// In memory only: history is lost on restart.
+    Memory,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistorySection {
+    pub mode: HistoryMode,
+    pub path: std::path::PathBuf,
+    pub batch_max: usize,
+    pub queue_max: usize,
+    pub scan_max: usize,
+    pub retention: Vec<RetentionSection>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSection {
+    /// Channel-name prefix ("" = every channel); the longest matching prefix wins.
+    pub prefix: String,
+    pub max_count: u64,
+    pub max_age_ms: i64,
+}
+
+impl Default for HistorySection {
+    fn default() -> Self {
+        let store = tern_store::StoreConfig::default();
+        HistorySection {
+            mode: HistoryMode::Redb,
+            path: "tern-data/history.redb".into(),
+            batch_max: store.batch_max,
+            queue_max: store.queue_max,
+            scan_max: store.scan_max,
+            retention: store
+                .retention
+                .iter()
+                .map(|r| RetentionSection {
+                    prefix: r.prefix.clone(),
+                    max_count: r.max_count,
+                    max_age_ms: r.max_age_ms,
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +212,10 @@ host = "127.0.0.1"
 port = 8080
 server_id = "tern-dev"
 
+[history]
+mode = "redb"
+path = "tern-data/dev/history.redb"
+
 [[apps]]
 id = "dev"
 
@@ -289,6 +346,25 @@ impl Config {
             token_renew_notice_ms: self.connection.token_renew_notice_ms,
             parked_connections_max: l.parked_connections_max,
             reply_window_max: l.reply_window_max,
+        }
+    }
+
+    pub fn store_config(&self) -> tern_store::StoreConfig {
+        let h = &self.history;
+        tern_store::StoreConfig {
+            path: (h.mode == HistoryMode::Redb).then(|| h.path.clone()),
+            retention: h
+                .retention
+                .iter()
+                .map(|r| tern_store::RetentionRule {
+                    prefix: r.prefix.clone(),
+                    max_count: r.max_count,
+                    max_age_ms: r.max_age_ms,
+                })
+                .collect(),
+            batch_max: h.batch_max,
+            queue_max: h.queue_max,
+            scan_max: h.scan_max,
         }
     }
 

@@ -94,15 +94,26 @@ async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
 
     let origin = OriginId(rand::random());
-    let hub = Arc::new(Hub::new(origin, config.core_limits()));
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let state = Arc::new(EdgeState::new(
-        config.edge_config(),
-        hub.clone(),
-        config.key_ring(),
-        Some(Box::new(move || metrics_handle.render())),
-        shutdown_rx,
+    let store = tern_store::open(&config.store_config()).context("opening the history store")?;
+    let journal = Arc::new(tern_edge::history::StoreJournal {
+        store: store.clone(),
+    });
+    let hub = Arc::new(Hub::with_journal(
+        origin,
+        config.core_limits(),
+        Some(journal),
     ));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state = Arc::new(
+        EdgeState::new(
+            config.edge_config(),
+            hub.clone(),
+            config.key_ring(),
+            Some(Box::new(move || metrics_handle.render())),
+            shutdown_rx,
+        )
+        .with_store(store.clone()),
+    );
 
     let listener = tokio::net::TcpListener::bind((config.server.host.as_str(), config.server.port))
         .await
@@ -115,13 +126,20 @@ async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
     tracing::info!(%addr, origin = %origin, server_id = %config.server_id(), "tern started");
 
     // Housekeeping: presence expiry of dropped connections, idle channel removal,
-    // expired parked connections.
+    // expired parked connections; history retention once a minute.
     let sweeper_state = state.clone();
+    let trim_store = store.clone();
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks: u64 = 0;
         loop {
             tick.tick().await;
             sweeper_state.sweep(tern_edge::now_ms());
+            ticks += 1;
+            if ticks.is_multiple_of(60) {
+                let store = trim_store.clone();
+                let _ = tokio::task::spawn_blocking(move || store.trim(tern_edge::now_ms())).await;
+            }
         }
     });
 
@@ -141,6 +159,7 @@ async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         } => Ok(()),
     };
     sweeper.abort();
+    let _ = tokio::task::spawn_blocking(move || store.flush()).await;
     result
 }
 

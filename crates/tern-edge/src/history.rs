@@ -1,0 +1,306 @@
+//! History: the journal that hands every applied event to the store, and the REST
+//! history endpoints that read it back with Link-header pagination.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use bytes::Bytes;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::Serialize;
+use tern_auth::Operation;
+use tern_core::{ChannelEvent, ChannelKey, Cursor, Journal};
+use tern_protocol::{code, ErrorInfo, Format, Message, PresenceMessage};
+use tern_store::{
+    ChannelRef, Direction, EventKind, HistoryQuery, HistoryStore, Position, StoredItem,
+};
+
+use crate::credentials::{denied, rest_auth};
+use crate::now_ms;
+use crate::response::{body, response_format, ApiError};
+use crate::state::EdgeState;
+
+/// Hands every applied event to the store's writer queue (called under the channel
+/// lock, in sequence order; it only queues).
+pub struct StoreJournal {
+    pub store: Arc<dyn HistoryStore>,
+}
+
+fn payload<T: Serialize>(value: &T) -> Bytes {
+    tern_protocol::encode_value(Format::Msgpack, value)
+}
+
+impl Journal for StoreJournal {
+    fn record(&self, key: &ChannelKey, event: &Arc<ChannelEvent>) {
+        let (kind, items): (EventKind, Vec<Bytes>) =
+            match (&event.frame.messages, &event.frame.presence) {
+                (Some(messages), _) => (EventKind::Message, messages.iter().map(payload).collect()),
+                (None, Some(presence)) => {
+                    (EventKind::Presence, presence.iter().map(payload).collect())
+                }
+                (None, None) => return,
+            };
+        let channel = ChannelRef {
+            app: key.app.clone(),
+            channel: key.name.clone(),
+            kind,
+        };
+        let items = items
+            .into_iter()
+            .enumerate()
+            .map(|(index, payload)| {
+                (
+                    channel.clone(),
+                    StoredItem {
+                        timestamp_ms: event.timestamp_ms(),
+                        origin: event.origin.0,
+                        seq: event.seq,
+                        index: index as u32,
+                        payload,
+                    },
+                )
+            })
+            .collect();
+        if let Err(err) = self.store.append(items, Box::new(|_| {})) {
+            metrics::counter!("tern_history_dropped_total").increment(1);
+            tracing::warn!(channel = %key.name, error = %err, "history append refused");
+        }
+    }
+}
+
+type Params = Query<HashMap<String, String>>;
+
+/// Query-string escaping: everything but RFC 3986 unreserved characters (so no commas,
+/// which would break Link header parsing).
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// Query params of a history request, validated.
+struct HistoryParams {
+    start_ms: Option<i64>,
+    end_ms: Option<i64>,
+    limit: usize,
+    direction: Direction,
+    after: Option<Position>,
+    until: Option<BTreeMap<u64, u64>>,
+}
+
+fn invalid(name: &str) -> ErrorInfo {
+    ErrorInfo::new(
+        code::INVALID_PARAMETER_VALUE,
+        format!("invalid value for '{name}'"),
+    )
+}
+
+fn parse_params(q: &HashMap<String, String>) -> Result<HistoryParams, ErrorInfo> {
+    let int = |name: &str| -> Result<Option<i64>, ErrorInfo> {
+        q.get(name)
+            .filter(|v| !v.is_empty())
+            .map(|v| v.parse().map_err(|_| invalid(name)))
+            .transpose()
+    };
+    let limit = int("limit")?.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ErrorInfo::new(
+            code::INVALID_PARAMETER_VALUE,
+            "limit must be between 1 and 1000",
+        ));
+    }
+    let direction = match q.get("direction").map(String::as_str) {
+        None | Some("backwards") => Direction::Backwards,
+        Some("forwards") => Direction::Forwards,
+        Some(_) => return Err(invalid("direction")),
+    };
+    let after = q
+        .get("page")
+        .map(|p| Position::decode(p).ok_or_else(|| invalid("page")))
+        .transpose()?;
+    let until = q
+        .get("from_serial")
+        .or_else(|| q.get("fromSerial"))
+        .map(|s| Cursor::decode(s).ok_or_else(|| invalid("from_serial")))
+        .transpose()?
+        .map(|cursor| {
+            cursor
+                .origins()
+                .map(|(origin, seq)| (origin.0, seq))
+                .collect()
+        });
+    Ok(HistoryParams {
+        start_ms: int("start")?,
+        end_ms: int("end")?,
+        limit: limit as usize,
+        direction,
+        after,
+        until,
+    })
+}
+
+/// `Link` header: first, current and (if more) next, as `./<segment>?<query>` so both
+/// ably-js (keeps the query, re-requests its own path) and ably-python (resolves it
+/// relative to the request URL) follow it.
+fn link_header(segment: &str, q: &HashMap<String, String>, next: Option<Position>) -> String {
+    let query = |extra: Option<String>| {
+        let mut pairs: Vec<(String, String)> = q
+            .iter()
+            .filter(|(k, _)| k.as_str() != "page" && k.as_str() != "envelope")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        pairs.sort();
+        if let Some(page) = extra {
+            pairs.push(("page".into(), page));
+        }
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{}={}",
+                    utf8_percent_encode(k, QUERY_VALUE),
+                    utf8_percent_encode(v, QUERY_VALUE)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    };
+    let mut links = vec![
+        format!("<./{segment}?{}>; rel=\"first\"", query(None)),
+        format!(
+            "<./{segment}?{}>; rel=\"current\"",
+            query(q.get("page").cloned())
+        ),
+    ];
+    if let Some(next) = next {
+        links.push(format!(
+            "<./{segment}?{}>; rel=\"next\"",
+            query(Some(next.encode()))
+        ));
+    }
+    links.join(", ")
+}
+
+fn page_response<T: Serialize>(
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    segment: &str,
+    items: Vec<T>,
+    next: Option<Position>,
+) -> Response {
+    let link = link_header(segment, q, next);
+    if q.contains_key("envelope") {
+        let envelope = serde_json::json!({ "statusCode": 200, "headers": { "link": link }, "response": items });
+        return body(StatusCode::OK, Format::Json, &envelope);
+    }
+    let mut response = body(
+        StatusCode::OK,
+        response_format(headers, q.get("format").map(String::as_str)),
+        &items,
+    );
+    if let Ok(value) = HeaderValue::from_str(&link) {
+        response.headers_mut().insert(header::LINK, value);
+    }
+    response
+}
+
+async fn read(
+    state: &EdgeState,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    channel: &str,
+    kind: EventKind,
+) -> Result<(Vec<Bytes>, Option<Position>), ErrorInfo> {
+    let (auth, _) = rest_auth(&state.keys, headers, q, now_ms())?;
+    let parsed =
+        crate::channel_name::parse(channel).map_err(|r| ErrorInfo::new(code::BAD_REQUEST, r))?;
+    if !auth.capability.allows(parsed.base, Operation::History) {
+        return Err(denied("history", parsed.base));
+    }
+    let store = state
+        .store
+        .clone()
+        .ok_or_else(|| ErrorInfo::new(code::NOT_FOUND, "history is not enabled on this node"))?;
+    let params = parse_params(q)?;
+    let query = HistoryQuery {
+        channel: ChannelRef {
+            app: auth.app_id.as_str().into(),
+            channel: parsed.base.into(),
+            kind,
+        },
+        start_ms: params.start_ms,
+        end_ms: params.end_ms,
+        limit: params.limit,
+        direction: params.direction,
+        after: params.after,
+        until: params.until,
+    };
+    // redb reads are blocking file I/O: keep them off the async workers.
+    let page = tokio::task::spawn_blocking(move || store.query(&query))
+        .await
+        .map_err(|_| ErrorInfo::new(code::INTERNAL, "history query failed"))?
+        .map_err(|e| ErrorInfo::new(code::INTERNAL, format!("history query failed: {e}")))?;
+    Ok((
+        page.items.into_iter().map(|i| i.payload).collect(),
+        page.next,
+    ))
+}
+
+fn decode_all<T: serde::de::DeserializeOwned>(payloads: Vec<Bytes>) -> Vec<T> {
+    payloads
+        .iter()
+        .filter_map(|p| rmp_serde::from_slice(p).ok())
+        .collect()
+}
+
+/// `GET /channels/{channel}/messages`: message history.
+pub(crate) async fn messages(
+    State(state): State<Arc<EdgeState>>,
+    Path(channel): Path<String>,
+    headers: HeaderMap,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    let (payloads, next) = read(&state, &headers, &q, &channel, EventKind::Message).await?;
+    let items: Vec<Message> = decode_all(payloads);
+    Ok(page_response(&headers, &q, "messages", items, next))
+}
+
+/// `GET /channels/{channel}/presence/history`: presence history.
+pub(crate) async fn presence_history(
+    State(state): State<Arc<EdgeState>>,
+    Path(channel): Path<String>,
+    headers: HeaderMap,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    let (payloads, next) = read(&state, &headers, &q, &channel, EventKind::Presence).await?;
+    let items: Vec<PresenceMessage> = decode_all(payloads);
+    Ok(page_response(&headers, &q, "history", items, next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Link entries match ably-js's pattern `<./word?query>; rel="word"` and carry the
+    /// page position only in `next`.
+    #[test]
+    fn link_header_shape() {
+        let mut q = HashMap::new();
+        q.insert("limit".to_string(), "2".to_string());
+        q.insert("from_serial".to_string(), "v1.a-3".to_string());
+        let next = Position {
+            timestamp_ms: 5,
+            origin: 10,
+            seq: 3,
+            index: 0,
+        };
+        let link = link_header("messages", &q, Some(next));
+        let parts: Vec<&str> = link.split(", ").collect();
+        assert_eq!(parts.len(), 3);
+        assert!(parts[0].starts_with("<./messages?from_serial=v1.a-3&limit=2>; rel=\"first\""));
+        assert!(parts[2].contains("page=") && parts[2].ends_with("rel=\"next\""));
+        assert!(!link_header("messages", &q, None).contains("next"));
+    }
+}

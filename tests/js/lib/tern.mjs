@@ -1,0 +1,123 @@
+// Spawns a tern binary for a test file and gives SDK options pointing at it.
+import { spawn } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = dirname(fileURLToPath(import.meta.url));
+export const repo = resolve(here, '..', '..', '..');
+export const ternBin = process.env.TERN_BIN || join(repo, 'target', 'debug', 'tern');
+
+export const ROOT_KEY = 'test.root:rootsecret';
+export const LIMITED_KEY = 'test.limited:limitedsecret';
+
+/// The test config: `extra` is appended TOML (sections not already present).
+export function testConfig({ limits = '', connection = '', history = '' } = {}) {
+  return `
+[server]
+host = "127.0.0.1"
+port = 0
+
+[limits]
+sync_page_size = 10
+${limits}
+
+[connection]
+${connection}
+
+[history]
+${history || 'mode = "memory"'}
+
+[[apps]]
+id = "test"
+
+[[apps.keys]]
+id = "root"
+secret = "rootsecret"
+capability = '{"*":["*"]}'
+
+[[apps.keys]]
+id = "limited"
+secret = "limitedsecret"
+capability = '{"allowed:*":["publish","subscribe","presence","history"],"readonly:*":["subscribe"]}'
+`;
+}
+
+/// Starts tern with `config` (TOML text); resolves once it prints its listening line.
+export async function startTern(config = testConfig(), { dir } = {}) {
+  dir = dir || mkdtempSync(join(tmpdir(), 'tern-test-'));
+  const path = join(dir, 'tern.toml');
+  writeFileSync(path, config);
+  const child = spawn(ternBin, ['serve', '--config', path, '--port', '0'], {
+    cwd: dir,
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, TERN_LOG: process.env.TERN_LOG || 'warn' },
+  });
+  let stderr = '';
+  child.stderr.on('data', (d) => { stderr += d; });
+  const port = await new Promise((resolvePort, reject) => {
+    let out = '';
+    const timer = setTimeout(() => reject(new Error(`tern did not start in 20s: ${stderr}`)), 20000);
+    child.stdout.on('data', (d) => {
+      out += d;
+      const m = out.match(/listening on http:\/\/127\.0\.0\.1:(\d+)/);
+      if (m) { clearTimeout(timer); resolvePort(Number(m[1])); }
+    });
+    child.on('exit', (code) => { clearTimeout(timer); reject(new Error(`tern exited ${code}: ${stderr}`)); });
+  });
+  child.removeAllListeners('exit');
+  return {
+    port,
+    dir,
+    child,
+    /// SIGTERM, then SIGKILL after 3 s; only this child's PID.
+    async stop(signal = 'SIGTERM') {
+      if (child.exitCode !== null) return;
+      const exited = new Promise((r) => child.once('exit', r));
+      child.kill(signal);
+      const timer = setTimeout(() => child.kill('SIGKILL'), 3000);
+      await exited;
+      clearTimeout(timer);
+    },
+  };
+}
+
+/// ably-js options for a server on `port`. JSON unless `binary: true`.
+export function options(port, extra = {}) {
+  const { binary, ...rest } = extra;
+  const opts = {
+    key: ROOT_KEY,
+    endpoint: '127.0.0.1',
+    port,
+    tls: false,
+    disableConnectivityCheck: true,
+    fallbackHosts: [],
+    logLevel: 0,
+    ...rest,
+  };
+  if (!binary) opts.useBinaryProtocol = false;
+  return opts;
+}
+
+/// Resolves when `predicate()` is true (polled), rejects after `ms`.
+export async function waitUntil(predicate, ms = 10000, what = 'condition') {
+  const start = Date.now();
+  while (!predicate()) {
+    if (Date.now() - start > ms) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/// Resolves with the first event `name` on `emitter` (ably EventEmitter), or rejects.
+export function once(emitter, name, ms = 10000) {
+  return new Promise((resolvePromise, reject) => {
+    const timer = setTimeout(() => reject(new Error(`timed out waiting for ${name}`)), ms);
+    emitter.once(name, (arg) => { clearTimeout(timer); resolvePromise(arg); });
+  });
+}
+
+export async function connected(client) {
+  if (client.connection.state !== 'connected') await once(client.connection, 'connected');
+  return client;
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Real-SDK interop suites against a built tern (TERN_BIN, default target/debug/tern):
+# ably-js via node:test (tests/js) and ably-python via pytest (tests/python).
+# Installs the pinned npm and PyPI packages itself.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(dirname "$here")"
+export TERN_BIN="${TERN_BIN:-$repo/target/debug/tern}"
+
+echo "-- ably-js"
+cd "$here/js"
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+node --test --test-concurrency=1 test/
+
+echo "-- ably-python"
+venv="${INTEROP_VENV:-$repo/target/interop-venv}"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/python/requirements.txt"
+cd "$here/python"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider .
