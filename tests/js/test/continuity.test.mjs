@@ -62,6 +62,20 @@ for (const binary of [false, true]) {
   });
 }
 
+test('presence history lists enter, update and leave', async () => {
+  // Proves GET /channels/{ch}/presence/history.
+  const client = await connected(realtime({ clientId: 'historian' }));
+  const channel = client.channels.get('presence-history');
+  await channel.presence.enter('a');
+  await channel.presence.update('b');
+  await channel.presence.leave();
+  const rest = new Ably.Rest(options(tern.port));
+  const page = await rest.channels.get('presence-history').presence.history({ direction: 'forwards' });
+  assert.deepEqual(page.items.map((m) => [m.action, m.clientId, m.data]), [
+    ['enter', 'historian', 'a'], ['update', 'historian', 'b'], ['leave', 'historian', undefined],
+  ]);
+});
+
 test('rewind by count and by time replays before live traffic, once, in order', async () => {
   // Proves the rewind param and the [?rewind=N] qualifier with HAS_BACKLOG.
   const rest = new Ably.Rest(options(tern.port));

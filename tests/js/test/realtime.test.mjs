@@ -3,6 +3,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import Ably from 'ably';
 import WebSocket from 'ws';
+import { createHmac } from 'node:crypto';
 import { LIMITED_KEY, ROOT_KEY, connected, once, options, startTern, waitUntil } from '../lib/tern.mjs';
 
 let tern;
@@ -45,6 +46,19 @@ test('connects with a token from authCallback + createTokenRequest and uses it',
   const message = await got;
   assert.equal(message.data, 'via-token');
   assert.equal(message.clientId, 'tok-user');
+});
+
+test('connects with an HS256 JWT carrying x-ably-capability and x-ably-clientId', async () => {
+  // Proves JWT auth: signed with the key secret, kid = key name, claims honoured.
+  const b64 = (v) => Buffer.from(JSON.stringify(v)).toString('base64url');
+  const now = Math.floor(Date.now() / 1000);
+  const head = b64({ alg: 'HS256', typ: 'JWT', kid: 'test.root' });
+  const body = b64({ iat: now, exp: now + 600, 'x-ably-capability': '{"jwt:*":["*"]}', 'x-ably-clientId': 'jwt-user' });
+  const signature = createHmac('sha256', 'rootsecret').update(`${head}.${body}`).digest('base64url');
+  const client = await connected(realtime({ key: undefined, token: `${head}.${body}.${signature}` }));
+  assert.equal(client.auth.clientId, 'jwt-user');
+  await client.channels.get('jwt:room').attach();
+  await assert.rejects(client.channels.get('other').attach(), (err) => err.code === 40160);
 });
 
 test('two clients pub/sub: 20 messages in order with name, data, ids and timestamps', async () => {
