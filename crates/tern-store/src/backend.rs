@@ -91,22 +91,15 @@ impl Backend for RedbBackend {
         let txn = self.db.begin_read().map_err(StoreError::db)?;
         let items = txn.open_table(ITEMS).map_err(StoreError::db)?;
         let range = items.range::<&[u8]>(low..=high).map_err(StoreError::db)?;
-        let mut step = |entry: RangeEntry<'_>| {
-            entry
-                .map(|(k, v)| visit(k.value(), v.value()))
-                .map_err(StoreError::db)
-        };
-        if reverse {
-            for entry in range.rev() {
-                if !step(entry)? {
-                    break;
-                }
-            }
+        let entries: Box<dyn Iterator<Item = RangeEntry<'_>>> = if reverse {
+            Box::new(range.rev())
         } else {
-            for entry in range {
-                if !step(entry)? {
-                    break;
-                }
+            Box::new(range)
+        };
+        for entry in entries {
+            let (key, value) = entry.map_err(StoreError::db)?;
+            if !visit(key.value(), value.value()) {
+                break;
             }
         }
         Ok(())
@@ -170,17 +163,14 @@ impl Backend for MemoryBackend {
             std::ops::Bound::Included(low),
             std::ops::Bound::Included(high),
         ));
-        if reverse {
-            for (k, v) in range.rev() {
-                if !visit(k, v) {
-                    break;
-                }
-            }
+        let entries: Box<dyn Iterator<Item = (&Vec<u8>, &Bytes)>> = if reverse {
+            Box::new(range.rev())
         } else {
-            for (k, v) in range {
-                if !visit(k, v) {
-                    break;
-                }
+            Box::new(range)
+        };
+        for (key, value) in entries {
+            if !visit(key, value) {
+                break;
             }
         }
         Ok(())

@@ -1,5 +1,7 @@
 // Spawns a tern binary for a test file and gives SDK options pointing at it.
 import { spawn } from 'node:child_process';
+import { after, before } from 'node:test';
+import Ably from 'ably';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -120,4 +122,26 @@ export function once(emitter, name, ms = 10000) {
 export async function connected(client) {
   if (client.connection.state !== 'connected') await once(client.connection, 'connected');
   return client;
+}
+
+/// One tern per test file: starts it before the tests, closes every client made with
+/// `realtime()` and stops the server after them.
+export function ternSuite(config = testConfig()) {
+  const clients = [];
+  const suite = {
+    tern: null,
+    get port() { return suite.tern.port; },
+    /// A realtime client for this suite's server (or `port`, e.g. a proxy's).
+    realtime(extra, port = suite.port) {
+      const client = new Ably.Realtime(options(port, extra));
+      clients.push(client);
+      return client;
+    },
+  };
+  before(async () => { suite.tern = await startTern(config); });
+  after(async () => {
+    for (const client of clients) client.close();
+    await suite.tern.stop();
+  });
+  return suite;
 }

@@ -1,33 +1,20 @@
 // ably-js continuity against tern: history paging, untilAttach, rewind, resume through a
 // dropped transport, resume after the state TTL, recover, idempotent REST publish.
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import Ably from 'ably';
-import { connected, once, options, startTern, testConfig, waitUntil } from '../lib/tern.mjs';
+import { connected, once, options, ternSuite, testConfig, waitUntil } from '../lib/tern.mjs';
 import { startProxy } from '../lib/proxy.mjs';
 
-let tern;
-const clients = [];
-function realtime(extra, port = tern.port) {
-  const client = new Ably.Realtime(options(port, extra));
-  clients.push(client);
-  return client;
-}
-
-before(async () => {
-  tern = await startTern(testConfig({ connection: 'connection_state_ttl_ms = 3000\npresence_leave_grace_ms = 3000' }));
-});
-after(async () => {
-  for (const c of clients) c.close();
-  await tern.stop();
-});
+const suite = ternSuite(testConfig({ connection: 'connection_state_ttl_ms = 3000\npresence_leave_grace_ms = 3000' }));
+const realtime = (extra, port) => suite.realtime(extra, port);
 
 for (const binary of [false, true]) {
   const label = binary ? 'msgpack' : 'json';
 
   test(`[${label}] history pages backwards and forwards through every message once`, async () => {
     // Proves GET /channels/{ch}/messages with limit, direction and Link paging.
-    const rest = new Ably.Rest(options(tern.port, { binary }));
+    const rest = new Ably.Rest(options(suite.port, { binary }));
     const channel = rest.channels.get(`history-${label}`);
     const sent = [];
     for (let i = 0; i < 7; i++) {
@@ -50,7 +37,7 @@ for (const binary of [false, true]) {
   test(`[${label}] history({untilAttach}) ends at the point of attachment`, async () => {
     // Proves from_serial: the attachSerial maps to a history position.
     const client = await connected(realtime({ binary }));
-    const publisher = new Ably.Rest(options(tern.port, { binary }));
+    const publisher = new Ably.Rest(options(suite.port, { binary }));
     const name = `until-${label}`;
     await publisher.channels.get(name).publish('n', 'before-1');
     await publisher.channels.get(name).publish('n', 'before-2');
@@ -69,7 +56,7 @@ test('presence history lists enter, update and leave', async () => {
   await channel.presence.enter('a');
   await channel.presence.update('b');
   await channel.presence.leave();
-  const rest = new Ably.Rest(options(tern.port));
+  const rest = new Ably.Rest(options(suite.port));
   const page = await rest.channels.get('presence-history').presence.history({ direction: 'forwards' });
   assert.deepEqual(page.items.map((m) => [m.action, m.clientId, m.data]), [
     ['enter', 'historian', 'a'], ['update', 'historian', 'b'], ['leave', 'historian', undefined],
@@ -78,7 +65,7 @@ test('presence history lists enter, update and leave', async () => {
 
 test('rewind by count and by time replays before live traffic, once, in order', async () => {
   // Proves the rewind param and the [?rewind=N] qualifier with HAS_BACKLOG.
-  const rest = new Ably.Rest(options(tern.port));
+  const rest = new Ably.Rest(options(suite.port));
   for (let i = 0; i < 5; i++) await rest.channels.get('rewind').publish('n', `r${i}`);
   const client = await connected(realtime());
   const byCount = client.channels.get('rewind', { params: { rewind: '3' } });
@@ -98,7 +85,7 @@ test('rewind by count and by time replays before live traffic, once, in order', 
 
 test('a transport dropped mid-stream resumes: every message exactly once, resumed true', async () => {
   // Proves resume=<connectionKey> + re-ATTACH with channelSerial → RESUMED + backlog.
-  const proxy = await startProxy(tern.port);
+  const proxy = await startProxy(suite.port);
   try {
     const subscriber = await connected(realtime({ disconnectedRetryTimeout: 200 }, proxy.port));
     const publisher = await connected(realtime());
@@ -127,7 +114,7 @@ test('a transport dropped mid-stream resumes: every message exactly once, resume
 
 test('resuming after the connection state TTL gets a new connection and resumed false', async () => {
   // Proves expired state → 80008 and re-attach without RESUMED (TTL is 3 s here).
-  const proxy = await startProxy(tern.port);
+  const proxy = await startProxy(suite.port);
   try {
     const subscriber = await connected(realtime({ disconnectedRetryTimeout: 500, suspendedRetryTimeout: 500 }, proxy.port));
     const channel = subscriber.channels.get('expire');
@@ -161,7 +148,7 @@ test('recover with createRecoveryKey() in a new client continues the connection 
   first.connection.connectionManager.disconnectAllTransports();
   await once(first.connection, 'disconnected');
   first.close();
-  const rest = new Ably.Rest(options(tern.port));
+  const rest = new Ably.Rest(options(suite.port));
   await rest.channels.get('recover').publish('n', 'missed-1');
   await rest.channels.get('recover').publish('n', 'missed-2');
   const second = await connected(realtime({ recover: recoveryKey }));
@@ -178,7 +165,7 @@ test('idempotent REST publishing: a retried publish is delivered once with the s
   const client = await connected(realtime());
   const got = [];
   await client.channels.get('idem').subscribe((m) => got.push(m.data));
-  const rest = new Ably.Rest(options(tern.port, { idempotentRestPublishing: true }));
+  const rest = new Ably.Rest(options(suite.port, { idempotentRestPublishing: true }));
   const message = { id: 'abcdefghijkl:0', name: 'n', data: 'once' };
   await rest.channels.get('idem').publish([message]);
   await rest.channels.get('idem').publish([message]);

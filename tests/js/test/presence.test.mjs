@@ -1,22 +1,10 @@
 // ably-js presence against tern: enter/update/leave, multi-page SYNC, leave on close.
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import Ably from 'ably';
-import { connected, options, startTern, waitUntil } from '../lib/tern.mjs';
+import { connected, ternSuite, waitUntil } from '../lib/tern.mjs';
 
-let tern;
-const clients = [];
-function realtime(extra) {
-  const client = new Ably.Realtime(options(tern.port, extra));
-  clients.push(client);
-  return client;
-}
-
-before(async () => { tern = await startTern(); });
-after(async () => {
-  for (const c of clients) c.close();
-  await tern.stop();
-});
+const suite = ternSuite();
+const realtime = (extra, port) => suite.realtime(extra, port);
 
 test('enter, update and leave are seen by another client and by presence.get()', async () => {
   // Proves PRESENCE broadcast with ids ably-js accepts, and the member set.

@@ -1,24 +1,13 @@
 // ably-js 2.x against tern: connect, pub/sub, echo, capabilities, limits, detach, close.
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import Ably from 'ably';
 import WebSocket from 'ws';
 import { createHmac } from 'node:crypto';
-import { LIMITED_KEY, ROOT_KEY, connected, once, options, startTern, waitUntil } from '../lib/tern.mjs';
+import { LIMITED_KEY, ROOT_KEY, connected, once, options, ternSuite, waitUntil } from '../lib/tern.mjs';
 
-let tern;
-const clients = [];
-function realtime(extra) {
-  const client = new Ably.Realtime(options(tern.port, extra));
-  clients.push(client);
-  return client;
-}
-
-before(async () => { tern = await startTern(); });
-after(async () => {
-  for (const c of clients) c.close();
-  await tern.stop();
-});
+const suite = ternSuite();
+const realtime = (extra, port) => suite.realtime(extra, port);
 
 test('connects with a key: connection id without ":" and a connection key', async () => {
   // Proves basic key auth and the CONNECTED details ably-js requires.
@@ -30,7 +19,7 @@ test('connects with a key: connection id without ":" and a connection key', asyn
 
 test('connects with a token from authCallback + createTokenRequest and uses it', async () => {
   // Proves POST /keys/{keyName}/requestToken and token auth on the WebSocket.
-  const rest = new Ably.Rest(options(tern.port));
+  const rest = new Ably.Rest(options(suite.port));
   const client = realtime({
     key: undefined,
     authCallback: (_params, callback) => {
@@ -122,7 +111,7 @@ test('an oversized publish is refused with 40009, client-side and by the server'
   const client = await connected(realtime());
   await assert.rejects(client.channels.get('big').publish('x', 'a'.repeat(70000)), (err) => err.code === 40009);
 
-  const ws = new WebSocket(`ws://127.0.0.1:${tern.port}/?key=${encodeURIComponent(ROOT_KEY)}&format=json&v=6`);
+  const ws = new WebSocket(`ws://127.0.0.1:${suite.port}/?key=${encodeURIComponent(ROOT_KEY)}&format=json&v=6`);
   const frames = [];
   ws.on('message', (d) => frames.push(JSON.parse(d.toString())));
   await waitUntil(() => frames.some((f) => f.action === 4), 10000, 'CONNECTED');
