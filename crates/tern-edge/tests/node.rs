@@ -39,9 +39,17 @@ fn keys() -> KeyRing {
 }
 
 async fn start(config: EdgeConfig) -> Node {
-    let hub = Arc::new(Hub::new(OriginId(1), CoreLimits::default()));
+    let store = tern_store::open(&tern_store::StoreConfig::default()).unwrap();
+    let journal = Arc::new(tern_edge::history::StoreJournal {
+        store: store.clone(),
+    });
+    let hub = Arc::new(Hub::with_journal(
+        OriginId(1),
+        CoreLimits::default(),
+        Some(journal),
+    ));
     let (shutdown, rx) = watch::channel(false);
-    let state = Arc::new(EdgeState::new(config, hub, keys(), None, rx));
+    let state = Arc::new(EdgeState::new(config, hub, keys(), None, rx).with_store(store));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, tern_edge::router(state)).await });
@@ -574,4 +582,52 @@ async fn rewind_on_attach() {
         (err["channel"].clone(), err["error"]["code"].clone()),
         (json!("v"), json!(40003))
     );
+}
+
+/// Browsers' `envelope=json` history: status, the Link header inside the body, and the
+/// page of messages; following `next` yields the rest.
+#[tokio::test]
+async fn history_envelope_for_browsers() {
+    let node = start(EdgeConfig::default()).await;
+    let (mut ws, _) = connected(&node, "key=app.root:rootsecret").await;
+    for n in 0..3 {
+        send(&mut ws, json!({"action": 15, "channel": "h", "msgSerial": n, "messages": [{"data": format!("m{n}")}]})).await;
+        expect_action(&mut ws, 1).await;
+    }
+    let base = format!("http://127.0.0.1:{}/channels/h/messages", node.port);
+    let (status, headers, body) = http(
+        &format!("{base}?envelope=json&limit=2&key=app.root:rootsecret"),
+        "GET",
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers.get("content-type").map(String::as_str),
+        Some("application/json")
+    );
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["statusCode"], 200);
+    let data: Vec<&str> = v["response"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(data, vec!["m2", "m1"]);
+    let link = v["headers"]["link"].as_str().unwrap();
+    let next = link
+        .split(", ")
+        .find(|l| l.ends_with("rel=\"next\""))
+        .unwrap();
+    let query = next
+        .trim_start_matches("<./messages?")
+        .split('>')
+        .next()
+        .unwrap();
+    let (_, _, body) = http(&format!("{base}?{query}&envelope=json"), "GET", None, "").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["response"][0]["data"], "m0");
+    assert!(!v["headers"]["link"].as_str().unwrap().contains("next"));
 }
