@@ -2,7 +2,7 @@
 //! A channel is owned by exactly one `Mutex` in the [`crate::Hub`]; everything here runs
 //! under that lock, which is what orders fan-out.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use tern_protocol::{action, flags, Message, PresenceMessage, ProtocolMessage};
@@ -68,6 +68,9 @@ pub(crate) struct Channel {
     log: ChannelLog,
     /// Client-supplied message ids seen recently → the serial they were given.
     ids: IdWindow,
+    /// Remote events that arrived ahead of a gap, by (origin, seq); bounded by
+    /// `CoreLimits::pending_max`.
+    pending: BTreeMap<(OriginId, u64), RemoteEvent>,
     /// Next origin sequence this node assigns on this channel.
     next_seq: u64,
     /// When the channel last became empty (no attachments, no members).
@@ -86,6 +89,7 @@ impl Channel {
             cursor: Cursor::new(),
             log: ChannelLog::default(),
             ids: IdWindow::default(),
+            pending: BTreeMap::new(),
             next_seq: 1,
             empty_since_ms: Some(now_ms),
             retired: false,
@@ -314,6 +318,95 @@ impl Channel {
         self.touch(now_ms);
     }
 
+    /// Applies an event from another origin in that origin's sequence order: a
+    /// duplicate is dropped, an event ahead of a gap waits (bounded) and the gap is
+    /// reported for repair, and an in-order event is applied with every waiting event it
+    /// unblocks.
+    pub(crate) fn apply_remote(
+        &mut self,
+        ctx: &ApplyContext<'_>,
+        event: RemoteEvent,
+    ) -> RemoteOutcome {
+        let origin = event.origin;
+        let have = self.cursor.get(origin);
+        if event.seq <= have {
+            return RemoteOutcome::Duplicate;
+        }
+        if event.seq > have + 1 {
+            let missing = (have + 1, event.seq - 1);
+            if self.pending.len() < ctx.limits.pending_max {
+                self.pending.insert((origin, event.seq), event);
+            }
+            return RemoteOutcome::Gap { origin, missing };
+        }
+        self.apply_remote_one(ctx, event);
+        let mut applied = 1;
+        while let Some(next) = self.pending.remove(&(origin, self.cursor.get(origin) + 1)) {
+            self.apply_remote_one(ctx, next);
+            applied += 1;
+        }
+        let upto = self.cursor.get(origin);
+        self.pending
+            .retain(|(o, seq), _| *o != origin || *seq > upto);
+        RemoteOutcome::Applied(applied)
+    }
+
+    fn apply_remote_one(&mut self, ctx: &ApplyContext<'_>, remote: RemoteEvent) {
+        self.cursor.advance(remote.origin, remote.seq);
+        let mut frame = remote.frame;
+        frame.channel = Some(self.name.to_string());
+        frame.channel_serial = Some(self.cursor.encode());
+        if let Some(messages) = frame.messages.take() {
+            self.ids
+                .expire(ctx.now_ms, ctx.limits.idempotency_window_ms);
+            let mut fresh = Vec::with_capacity(messages.len());
+            for message in messages {
+                let id = message.id.clone().unwrap_or_default();
+                if !id.is_empty() && self.ids.get(&id).is_some() {
+                    continue;
+                }
+                if !id.is_empty() {
+                    let serial = message.serial.clone().unwrap_or_default();
+                    self.ids
+                        .insert(id, serial, ctx.now_ms, ctx.limits.idempotency_ids_max);
+                }
+                fresh.push(message);
+            }
+            if fresh.is_empty() {
+                return;
+            }
+            frame.messages = Some(fresh);
+        } else if let Some(changes) = frame.presence.take() {
+            let mut broadcasts = Vec::new();
+            for change in changes {
+                // The origin accepted this change; a bound here would make regions diverge.
+                if let Ok(Some(b)) = self.presence.apply(change, usize::MAX) {
+                    broadcasts.push(b);
+                }
+            }
+            if broadcasts.is_empty() {
+                return;
+            }
+            frame.presence = Some(broadcasts);
+        }
+        let event = ChannelEvent::new(remote.origin, remote.seq, remote.publisher, frame);
+        self.apply(ctx, Arc::new(event));
+    }
+
+    /// Events of `origin` with sequence in `from..=to` still in the log, for repairing
+    /// another node's gap.
+    pub(crate) fn events_of(&self, origin: OriginId, from: u64, to: u64) -> Vec<Arc<ChannelEvent>> {
+        self.log.events_of(origin, from, to)
+    }
+
+    pub(crate) fn cursor(&self) -> &Cursor {
+        &self.cursor
+    }
+
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     pub(crate) fn log_len(&self) -> usize {
         self.log.len()
     }
@@ -396,4 +489,41 @@ impl IdWindow {
             self.serials.remove(&id);
         }
     }
+}
+
+/// An event from another origin, as a link delivers it.
+#[derive(Clone, Debug)]
+pub struct RemoteEvent {
+    pub origin: OriginId,
+    pub seq: u64,
+    /// The publishing connection (for echo suppression of clients that resumed here).
+    pub publisher: Option<Arc<str>>,
+    /// The frame as the origin built it (channelSerial is recomputed here).
+    pub frame: ProtocolMessage,
+}
+
+impl RemoteEvent {
+    /// What a node sends to peers for an event it applied.
+    pub fn from_event(event: &ChannelEvent) -> RemoteEvent {
+        RemoteEvent {
+            origin: event.origin,
+            seq: event.seq,
+            publisher: event.publisher.clone(),
+            frame: event.frame.clone(),
+        }
+    }
+}
+
+/// What applying a remote event did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RemoteOutcome {
+    /// Applied this many events (the one given plus any it unblocked).
+    Applied(usize),
+    /// Already applied here.
+    Duplicate,
+    /// Ahead of a gap: these sequences of `origin` are missing; ask a peer for them.
+    Gap {
+        origin: OriginId,
+        missing: (u64, u64),
+    },
 }

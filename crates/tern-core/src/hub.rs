@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tern_protocol::{Message, PresenceMessage};
 
-use crate::channel::ApplyContext;
+use crate::channel::{ApplyContext, RemoteEvent, RemoteOutcome};
 use crate::channel::{AttachOptions, AttachSnapshot, Channel, ChannelStatus};
 use crate::cursor::OriginId;
 use crate::event::{ChannelEvent, Subscriber};
@@ -252,6 +252,40 @@ impl Hub {
     /// Current presence members of a channel.
     pub fn members(&self, key: &ChannelKey) -> Vec<PresenceMessage> {
         self.with_existing(key, |c| c.members()).unwrap_or_default()
+    }
+
+    /// Applies an event from another origin (see `Channel::apply_remote`).
+    pub fn apply_remote(
+        &self,
+        key: &ChannelKey,
+        event: RemoteEvent,
+        now_ms: i64,
+    ) -> Result<RemoteOutcome, CoreError> {
+        let ctx = self.context(key, now_ms);
+        self.with_channel(key, now_ms, |c| c.apply_remote(&ctx, event))
+    }
+
+    /// Logged events of `origin` in `from..=to` on a channel, to repair a peer's gap.
+    pub fn events_of(
+        &self,
+        key: &ChannelKey,
+        origin: OriginId,
+        from: u64,
+        to: u64,
+    ) -> Vec<Arc<ChannelEvent>> {
+        self.with_existing(key, |c| c.events_of(origin, from, to))
+            .unwrap_or_default()
+    }
+
+    /// A channel's cursor on this node (empty if not held).
+    pub fn cursor(&self, key: &ChannelKey) -> crate::Cursor {
+        self.with_existing(key, |c| c.cursor().clone())
+            .unwrap_or_default()
+    }
+
+    /// Remote events waiting behind a gap on a channel.
+    pub fn pending_len(&self, key: &ChannelKey) -> usize {
+        self.with_existing(key, |c| c.pending_len()).unwrap_or(0)
     }
 
     /// Events held in a channel's in-memory log (0 if the channel is not held).

@@ -28,7 +28,7 @@ pub mod log;
 pub mod presence;
 pub mod registry;
 
-pub use channel::{AttachOptions, AttachSnapshot, ChannelStatus};
+pub use channel::{AttachOptions, AttachSnapshot, ChannelStatus, RemoteEvent, RemoteOutcome};
 pub use cursor::{Cursor, OriginId};
 pub use event::{ChannelEvent, Subscriber};
 pub use hub::{ChannelKey, CoreError, Hub, Journal, PublishOutcome, Publisher};

@@ -22,6 +22,8 @@ pub struct CoreLimits {
     pub idempotency_window_ms: i64,
     /// Client-supplied ids remembered per channel.
     pub idempotency_ids_max: usize,
+    /// Remote events held per channel while waiting for a gap to be repaired.
+    pub pending_max: usize,
 }
 
 impl Default for CoreLimits {
@@ -39,6 +41,7 @@ impl Default for CoreLimits {
             },
             idempotency_window_ms: 120_000,
             idempotency_ids_max: 10_000,
+            pending_max: 10_000,
         }
     }
 }

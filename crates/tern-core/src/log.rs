@@ -107,6 +107,15 @@ impl ChannelLog {
         }
     }
 
+    /// Events of `origin` with sequence in `from..=to`, in order.
+    pub(crate) fn events_of(&self, origin: OriginId, from: u64, to: u64) -> Vec<Arc<ChannelEvent>> {
+        self.events
+            .iter()
+            .filter(|e| e.origin == origin && (from..=to).contains(&e.seq))
+            .cloned()
+            .collect()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.events.len()
     }

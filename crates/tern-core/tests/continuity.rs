@@ -278,3 +278,48 @@ proptest! {
         }
     }
 }
+
+/// Remote events apply in origin order: a duplicate is dropped, an early event waits
+/// behind its gap (reported for repair), and filling the gap applies both; the
+/// receiving node's cursor then resumes a subscriber exactly like a local one.
+#[test]
+fn remote_events_apply_in_origin_order() {
+    use tern_core::{RemoteEvent, RemoteOutcome};
+    let origin_hub = Hub::new(OriginId(1), CoreLimits::default());
+    let replica = Hub::new(OriginId(2), CoreLimits::default());
+    let key = ChannelKey::new("app", "c");
+    let client = Arc::new(Client::default());
+    attach(&replica, &key, "s", &client, false, None);
+    let events: Vec<RemoteEvent> = (0..3)
+        .map(|i| {
+            let out = origin_hub
+                .publish(&key, &publisher(i), vec![msg(&format!("m{i}"))], 1)
+                .unwrap();
+            RemoteEvent::from_event(&out.event.unwrap())
+        })
+        .collect();
+    assert_eq!(
+        replica.apply_remote(&key, events[0].clone(), 2).unwrap(),
+        RemoteOutcome::Applied(1)
+    );
+    assert_eq!(
+        replica.apply_remote(&key, events[0].clone(), 2).unwrap(),
+        RemoteOutcome::Duplicate
+    );
+    assert_eq!(
+        replica.apply_remote(&key, events[2].clone(), 2).unwrap(),
+        RemoteOutcome::Gap {
+            origin: OriginId(1),
+            missing: (2, 2)
+        }
+    );
+    assert_eq!(replica.pending_len(&key), 1);
+    assert_eq!(
+        replica.apply_remote(&key, events[1].clone(), 2).unwrap(),
+        RemoteOutcome::Applied(2)
+    );
+    assert_eq!(replica.pending_len(&key), 0);
+    assert_eq!(*client.received.lock().unwrap(), vec!["m0", "m1", "m2"]);
+    assert_eq!(replica.cursor(&key), origin_hub.cursor(&key));
+    assert_eq!(replica.events_of(&key, OriginId(1), 2, 3).len(), 2);
+}
