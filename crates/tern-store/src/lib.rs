@@ -1,92 +1,137 @@
-//! Tern store: message and presence history behind a small trait. Payloads are opaque
-//! bytes (the edge stores msgpack); the store knows channels, positions and time, not
-//! the wire format or connections.
+//! Tern store: message and presence history behind a small trait, [`HistoryStore`].
+//! Payloads are opaque bytes (the edge stores msgpack); the store knows apps, channels,
+//! positions and time, not connections or the Ably wire format. History lives in a
+//! redb file, or in memory when no path is configured; both run the same writer, so
+//! ordering and callback semantics are identical.
 //!
 //! # Layout
-//! - [`item`]: [`ChannelRef`], [`StoredItem`], [`Position`] and the key encoding that
-//!   makes a range scan return one channel's items in position order.
-//! - [`query`]: [`HistoryQuery`], [`HistoryPage`], [`Direction`].
-//! - `backend`: the two key-value backends, redb (a file) and memory (a `BTreeMap`).
-//! - `writer`: the one writer thread: bounded queue, group commit, ordered callbacks.
-//! - [`retention`]: [`RetentionRule`] and which rule applies to a channel.
-//! - [`error`]: [`StoreError`], why an operation failed.
+//! - [`item`] — [`ChannelRef`], [`StoredItem`], [`Position`] (and its URL-safe text form),
+//!   and the key layout that makes a range scan read one channel in position order.
+//! - [`query`] — [`HistoryQuery`], [`HistoryPage`], [`Direction`], and the pager that
+//!   turns a bounded scan into one page.
+//! - [`retention`] — [`RetentionRule`], which rule applies to a channel, which rows go.
+//! - `writer` — the one writer thread: bounded queue, group commit, callbacks in order.
+//! - `store` — the [`HistoryStore`] implementation over either engine.
+//! - `backend` — the trait both engines implement: `redb_store` (a file) and
+//!   `memory_store` (a `BTreeMap` per channel behind a mutex).
+//! - [`error`] — [`StoreError`].
 //!
-//! Architecture invariant: appends complete in the order they were queued; an append's
-//! callback fires only after it and everything before it is committed (for redb, with
-//! `Durability::Immediate`: on disk).
+//! Architecture invariant: appends commit in the order they were queued; an append's
+//! callback fires only after it and everything queued before it committed (for redb,
+//! with `Durability::Immediate`: on disk, so an ACKed message survives `kill -9`).
+//!
+//! Architecture invariant: every buffer is bounded: the append queue by `queue_max`,
+//! a commit by `batch_max` rows (one append is never split), a query by `scan_max` rows
+//! and 1000 items, a trim commit and a trim's channel list by `batch_max`.
 
 mod backend;
 pub mod error;
 pub mod item;
+mod memory_store;
 pub mod query;
+mod redb_store;
 pub mod retention;
+mod store;
 mod writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use error::StoreError;
-pub use item::{ChannelRef, EventKind, Position, StoredItem};
-pub use query::{Direction, HistoryPage, HistoryQuery};
+pub use item::{ChannelRef, EventKind, Position, StoredItem, NAME_BYTES_MAX};
+pub use query::{Direction, HistoryPage, HistoryQuery, LIMIT_MAX, LIMIT_MIN};
 pub use retention::RetentionRule;
 
 /// Called once when an append is durable (or failed). Runs on the writer thread: keep
-/// it short and never block.
+/// it short and never block (calling [`HistoryStore::flush`] from it returns at once).
 pub type AppendDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
-/// History persistence.
+/// History persistence. Implementations are shared as `Arc<dyn HistoryStore>`.
 pub trait HistoryStore: Send + Sync {
-    /// Queues items for a group commit; `done` fires after they (and everything queued
-    /// before) are committed, in append order. `items` may be empty: a barrier. A full
-    /// queue returns `Err(Overloaded)` at once and `done` is not called.
+    /// Queues items for a group commit; `done` fires after they are committed, in
+    /// append order across all calls (appends are FIFO and so are callbacks). `items`
+    /// may be empty: `done` still fires in order, after everything queued before it
+    /// (the edge uses this to keep ACK/NACK order). An item at a position already
+    /// stored replaces it. If the writer queue is full this returns
+    /// `Err(StoreError::Overloaded)` at once and `done` is not called; likewise for
+    /// `NameTooLong` and `Closed`.
     fn append(
         &self,
         items: Vec<(ChannelRef, StoredItem)>,
         done: AppendDone,
     ) -> Result<(), StoreError>;
-    /// Reads one page, scanning at most `scan_max` rows.
+
+    /// Reads one page. Scans at most `scan_max` rows so a sparse `until` filter cannot
+    /// make a query unbounded; if the budget runs out, returns what was found with
+    /// `next` set to the last scanned position. Sees only committed appends and never
+    /// blocks the writer for long. Blocking: call it off any async runtime.
     fn query(&self, query: &HistoryQuery) -> Result<HistoryPage, StoreError>;
-    /// Applies retention with the wall clock passed in. Returns items deleted.
+
+    /// Applies retention (call periodically with the wall clock passed in): per
+    /// channel, deletes the oldest items beyond `max_count` and every item older than
+    /// `now_ms - max_age_ms`. Returns items deleted. Blocking, in `batch_max`-row
+    /// commits.
     fn trim(&self, now_ms: i64) -> Result<u64, StoreError>;
-    /// Blocks until everything appended so far is committed.
+
+    /// Blocks until everything appended so far is committed (used at shutdown and in
+    /// tests).
     fn flush(&self);
 }
 
-/// Where and how history is kept.
+/// Where and how history is kept. Zero capacities are raised to 1.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
-    /// redb file; `None` keeps history in memory only.
+    /// redb file (parent directories are created); `None` = memory mode.
     pub path: Option<PathBuf>,
+    /// Per channel-name prefix; default one rule, prefix "", 10,000 items, 24 h.
     pub retention: Vec<RetentionRule>,
-    /// Items per commit.
+    /// Items per commit, default 4096. Bigger batches mean fewer fsyncs; one append is
+    /// never split. Also the rows per trim commit.
     pub batch_max: usize,
-    /// Pending append calls before `append` refuses.
+    /// Pending append calls before `append` refuses with `Overloaded`, default 65,536.
     pub queue_max: usize,
-    /// Rows one query may scan.
+    /// Rows one query may scan, default 20,000.
     pub scan_max: usize,
+}
+
+impl StoreConfig {
+    pub fn default_retention() -> Vec<RetentionRule> {
+        vec![RetentionRule {
+            prefix: String::new(),
+            max_count: 10_000,
+            max_age_ms: 24 * 60 * 60 * 1000,
+        }]
+    }
+    pub const fn default_batch_max() -> usize {
+        4096
+    }
+    pub const fn default_queue_max() -> usize {
+        65_536
+    }
+    pub const fn default_scan_max() -> usize {
+        20_000
+    }
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             path: None,
-            retention: vec![RetentionRule {
-                prefix: String::new(),
-                max_count: 10_000,
-                max_age_ms: 86_400_000,
-            }],
-            batch_max: 4_096,
-            queue_max: 65_536,
-            scan_max: 20_000,
+            retention: StoreConfig::default_retention(),
+            batch_max: StoreConfig::default_batch_max(),
+            queue_max: StoreConfig::default_queue_max(),
+            scan_max: StoreConfig::default_scan_max(),
         }
     }
 }
 
-/// Opens the store the config describes (creating the file and its directories).
+/// Opens the store the config describes: the redb file at `path` (created with its
+/// parent directories if missing) or, without a path, memory. Starts the writer thread,
+/// which stops after draining its queue when the last `Arc` is dropped.
 pub fn open(config: &StoreConfig) -> Result<Arc<dyn HistoryStore>, StoreError> {
     let backend: Arc<dyn backend::Backend> = match &config.path {
-        Some(path) => Arc::new(backend::RedbBackend::open(path)?),
-        None => Arc::new(backend::MemoryBackend::default()),
+        Some(path) => Arc::new(redb_store::RedbStore::open(path)?),
+        None => Arc::new(memory_store::MemoryStore::default()),
     };
-    Ok(Arc::new(writer::Store::start(backend, config.clone())))
+    Ok(Arc::new(store::Store::start(backend, config)?))
 }

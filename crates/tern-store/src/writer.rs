@@ -1,102 +1,146 @@
-//! The store: one writer thread owning all appends (bounded queue, group commit,
-//! callbacks in append order), queries and retention on the caller's thread.
+//! The one writer thread: a bounded queue of appends, group commit, callbacks in
+//! append order.
+//!
+//! Architecture invariant: appends commit in the order they were queued, and an
+//! append's callback fires only after it and everything queued before it committed.
+//! One thread and one FIFO queue give this without any further bookkeeping.
 
-use std::collections::BTreeSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
+use std::thread::{JoinHandle, ThreadId};
 
-use bytes::Bytes;
-
-use crate::backend::{Backend, Batch};
+use crate::backend::{Backend, Row};
 use crate::error::StoreError;
-use crate::item::{ChannelRef, Position, StoredItem, POSITION_BYTES};
-use crate::query::{Direction, HistoryPage, HistoryQuery};
-use crate::retention::rule_for;
-use crate::{AppendDone, HistoryStore, StoreConfig};
+use crate::AppendDone;
 
+/// The writer's queue holds these.
 enum Request {
-    Append(Vec<(ChannelRef, StoredItem)>, AppendDone),
-    Flush(mpsc::Sender<()>),
+    Append {
+        rows: Vec<Row>,
+        done: AppendDone,
+    },
+    /// Answered once everything queued before it is committed.
+    Flush(SyncSender<()>),
 }
 
-pub(crate) struct Store {
+impl Request {
+    fn rows(&self) -> usize {
+        match self {
+            Request::Append { rows, .. } => rows.len(),
+            Request::Flush(_) => 0,
+        }
+    }
+}
+
+/// What to tell when a batch is committed.
+enum Waiter {
+    Done(AppendDone),
+    Flush(SyncSender<()>),
+}
+
+/// Owns the writer thread. Dropping it closes the queue, lets the thread drain and
+/// commit what is queued, and joins it.
+pub(crate) struct Writer {
+    /// `history_append` queue, `queue_max` requests deep. `None` only during drop.
+    queue: Option<SyncSender<Request>>,
+    thread: Option<JoinHandle<()>>,
+    thread_id: ThreadId,
+}
+
+/// Starts the writer thread over `backend`.
+pub(crate) fn spawn_writer(
     backend: Arc<dyn Backend>,
-    config: StoreConfig,
-    queue: Mutex<Option<SyncSender<Request>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    queue_max: usize,
+    batch_max: usize,
+) -> Result<Writer, StoreError> {
+    let (queue, requests) = mpsc::sync_channel(queue_max.max(1));
+    let batch_max = batch_max.max(1);
+    let thread = std::thread::Builder::new()
+        .name("tern-history-writer".into())
+        .spawn(move || write_loop(backend.as_ref(), &requests, batch_max))
+        .map_err(|err| StoreError::Io(format!("starting the history writer: {err}")))?;
+    Ok(Writer {
+        queue: Some(queue),
+        thread_id: thread.thread().id(),
+        thread: Some(thread),
+    })
 }
 
-impl Store {
-    pub(crate) fn start(backend: Arc<dyn Backend>, config: StoreConfig) -> Store {
-        let (tx, rx) = mpsc::sync_channel(config.queue_max.max(1));
-        let writer_backend = backend.clone();
-        let batch_max = config.batch_max.max(1);
-        let writer = std::thread::Builder::new()
-            .name("tern-history-writer".into())
-            .spawn(move || write_loop(writer_backend.as_ref(), rx, batch_max))
-            .expect("spawning the history writer thread");
-        Store {
-            backend,
-            config,
-            queue: Mutex::new(Some(tx)),
-            writer: Mutex::new(Some(writer)),
+impl Writer {
+    /// Queues an append without blocking; a full queue is `Overloaded` and `done` is
+    /// dropped uncalled.
+    pub(crate) fn append(&self, rows: Vec<Row>, done: AppendDone) -> Result<(), StoreError> {
+        let queue = self.queue.as_ref().ok_or(StoreError::Closed)?;
+        match queue.try_send(Request::Append { rows, done }) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(StoreError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
         }
     }
 
-    fn sender(&self) -> Option<SyncSender<Request>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        // Closing the queue lets the writer drain what is queued and exit.
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(writer) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = writer.join();
+    /// Blocks until everything queued so far is committed. From the writer thread (a
+    /// callback), it returns at once: waiting there would wait for itself.
+    pub(crate) fn flush(&self) {
+        if std::thread::current().id() == self.thread_id {
+            return;
         }
-    }
-}
-
-fn write_loop(backend: &dyn Backend, rx: Receiver<Request>, batch_max: usize) {
-    while let Ok(first) = rx.recv() {
-        let mut requests = vec![first];
-        let mut items = 0;
-        while items < batch_max {
-            match rx.try_recv() {
-                Ok(request) => {
-                    if let Request::Append(batch, _) = &request {
-                        items += batch.len();
-                    }
-                    requests.push(request);
-                }
-                Err(_) => break,
-            }
-        }
-        let mut batch = Batch {
-            puts: Vec::new(),
-            channels: BTreeSet::new(),
+        let Some(queue) = self.queue.as_ref() else {
+            return;
         };
-        for request in &requests {
-            if let Request::Append(appends, _) = request {
-                for (channel, item) in appends {
-                    batch.channels.insert(channel.prefix());
-                    batch
-                        .puts
-                        .push((channel.key(item.position()), item.payload.clone()));
-                }
+        let (tx, rx) = mpsc::sync_channel(1);
+        // Blocks while the queue is full: a flush is a wait, not a publish to shed.
+        if queue.send(Request::Flush(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the queue ends the loop once it has committed everything queued.
+        self.queue.take();
+        // A callback may drop the last handle on the writer thread itself; joining
+        // there would deadlock, and the thread finishes on its own anyway.
+        if std::thread::current().id() != self.thread_id {
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
             }
         }
-        let result = if batch.puts.is_empty() {
+    }
+}
+
+fn write_loop(backend: &dyn Backend, requests: &Receiver<Request>, batch_max: usize) {
+    // Reused across batches; each holds at most batch_max requests (plus the rows of
+    // one oversized append).
+    let mut rows: Vec<Row> = Vec::new();
+    let mut waiters: Vec<Waiter> = Vec::new();
+    while let Ok(first) = requests.recv() {
+        let mut queued_rows = first.rows();
+        take(first, &mut rows, &mut waiters);
+        while queued_rows < batch_max && waiters.len() < batch_max {
+            let Ok(request) = requests.try_recv() else {
+                break;
+            };
+            queued_rows += request.rows();
+            take(request, &mut rows, &mut waiters);
+        }
+        let result = if rows.is_empty() {
             Ok(())
         } else {
-            backend.write(&batch)
+            backend.commit(&rows)
         };
-        for request in requests {
-            match request {
-                Request::Append(_, done) => done(result.clone()),
-                Request::Flush(ack) => {
+        rows.clear();
+        // One oversized append must not pin its memory for the life of the store.
+        rows.shrink_to(batch_max);
+        for waiter in waiters.drain(..) {
+            match waiter {
+                Waiter::Done(done) => {
+                    let result = result.clone();
+                    // A panicking callback must not stop persistence for everyone.
+                    let _ = catch_unwind(AssertUnwindSafe(move || done(result)));
+                }
+                Waiter::Flush(ack) => {
                     let _ = ack.send(());
                 }
             }
@@ -104,106 +148,15 @@ fn write_loop(backend: &dyn Backend, rx: Receiver<Request>, batch_max: usize) {
     }
 }
 
-impl HistoryStore for Store {
-    fn append(
-        &self,
-        items: Vec<(ChannelRef, StoredItem)>,
-        done: AppendDone,
-    ) -> Result<(), StoreError> {
-        let sender = self.sender().ok_or(StoreError::Closed)?;
-        match sender.try_send(Request::Append(items, done)) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(StoreError::Overloaded),
-            Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
+fn take(request: Request, rows: &mut Vec<Row>, waiters: &mut Vec<Waiter>) {
+    match request {
+        Request::Append {
+            rows: mut new_rows,
+            done,
+        } => {
+            rows.append(&mut new_rows);
+            waiters.push(Waiter::Done(done));
         }
-    }
-
-    fn query(&self, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
-        let limit = query.limit.clamp(1, 1000);
-        let Some((low, high)) = query.bounds() else {
-            return Ok(HistoryPage::default());
-        };
-        let (low, high) = (query.channel.key(low), query.channel.key(high));
-        let prefix_len = low.len() - POSITION_BYTES;
-        let mut page = HistoryPage::default();
-        let mut scanned = 0usize;
-        let mut last: Option<Position> = None;
-        let reverse = query.direction == Direction::Backwards;
-        self.backend.scan(&low, &high, reverse, &mut |key, value| {
-            let Some(position) = Position::from_bytes(&key[prefix_len..]) else {
-                return true;
-            };
-            if page.items.len() == limit {
-                // One more exists beyond the page.
-                page.next = last;
-                return false;
-            }
-            scanned += 1;
-            last = Some(position);
-            let item = StoredItem {
-                timestamp_ms: position.timestamp_ms,
-                origin: position.origin,
-                seq: position.seq,
-                index: position.index,
-                payload: Bytes::copy_from_slice(value),
-            };
-            if query.keeps(&item) {
-                page.items.push(item);
-            }
-            if scanned >= self.config.scan_max {
-                page.next = last;
-                return false;
-            }
-            true
-        })?;
-        Ok(page)
-    }
-
-    fn trim(&self, now_ms: i64) -> Result<u64, StoreError> {
-        let mut deleted = 0;
-        for prefix in self.backend.channels()? {
-            let Some(channel) = ChannelRef::from_prefix(&prefix) else {
-                continue;
-            };
-            let Some(rule) = rule_for(&self.config.retention, &channel.channel) else {
-                continue;
-            };
-            let mut keys: Vec<Vec<u8>> = Vec::new();
-            let cutoff = now_ms.saturating_sub(rule.max_age_ms);
-            self.backend.scan(
-                &channel.key(Position::MIN),
-                &channel.key(Position::MAX),
-                true,
-                &mut |key, _| {
-                    keys.push(key.to_vec());
-                    true
-                },
-            )?;
-            // `keys` is newest first: keep the first max_count that are young enough.
-            let prefix_len = prefix.len();
-            let doomed: Vec<Vec<u8>> = keys
-                .into_iter()
-                .enumerate()
-                .filter(|(n, key)| {
-                    let old = Position::from_bytes(&key[prefix_len..])
-                        .is_none_or(|p| p.timestamp_ms < cutoff);
-                    *n as u64 >= rule.max_count || old
-                })
-                .map(|(_, key)| key)
-                .collect();
-            deleted += doomed.len() as u64;
-            for chunk in doomed.chunks(10_000) {
-                self.backend.delete(chunk)?;
-            }
-        }
-        Ok(deleted)
-    }
-
-    fn flush(&self) {
-        let Some(sender) = self.sender() else { return };
-        let (tx, rx) = mpsc::channel();
-        if sender.send(Request::Flush(tx)).is_ok() {
-            let _ = rx.recv();
-        }
+        Request::Flush(ack) => waiters.push(Waiter::Flush(ack)),
     }
 }
