@@ -63,54 +63,58 @@ test('presence history lists enter, update and leave', async () => {
   ]);
 });
 
-test('rewind by count and by time replays before live traffic, once, in order', async () => {
-  // Proves the rewind param and the [?rewind=N] qualifier with HAS_BACKLOG.
-  const rest = new Ably.Rest(options(suite.port));
-  for (let i = 0; i < 5; i++) await rest.channels.get('rewind').publish('n', `r${i}`);
-  const client = await connected(realtime());
-  const byCount = client.channels.get('rewind', { params: { rewind: '3' } });
-  const got = [];
-  await byCount.subscribe((m) => got.push(m.data));
-  await rest.channels.get('rewind').publish('n', 'live');
-  await waitUntil(() => got.length === 4, 10000, 'rewind backlog + live');
-  assert.deepEqual(got, ['r2', 'r3', 'r4', 'live']);
+for (const binary of [false, true]) {
+  const label = binary ? 'msgpack' : 'json';
 
-  const other = await connected(realtime());
-  const byTime = other.channels.get('[?rewind=1m]rewind');
-  const timed = [];
-  await byTime.subscribe((m) => timed.push(m.data));
-  await waitUntil(() => timed.length === 6, 10000, 'rewind by time');
-  assert.deepEqual(timed, ['r0', 'r1', 'r2', 'r3', 'r4', 'live']);
-});
-
-test('a transport dropped mid-stream resumes: every message exactly once, resumed true', async () => {
-  // Proves resume=<connectionKey> + re-ATTACH with channelSerial → RESUMED + backlog.
-  const proxy = await startProxy(suite.port);
-  try {
-    const subscriber = await connected(realtime({ disconnectedRetryTimeout: 200 }, proxy.port));
-    const publisher = await connected(realtime());
-    const channel = subscriber.channels.get('resume');
+  test(`[${label}] rewind by count and by time replays before live traffic, once, in order`, async () => {
+    // Proves the rewind param and the [?rewind=N] qualifier with HAS_BACKLOG.
+    const rest = new Ably.Rest(options(suite.port, { binary }));
+    for (let i = 0; i < 5; i++) await rest.channels.get(`rewind-${label}`).publish('n', `r${i}`);
+    const client = await connected(realtime({ binary }));
+    const byCount = client.channels.get(`rewind-${label}`, { params: { rewind: '3' } });
     const got = [];
-    const changes = [];
-    channel.on((change) => changes.push(change));
-    await channel.subscribe((m) => got.push(m.data));
-    const idBefore = subscriber.connection.id;
-    const sent = [];
-    for (let i = 0; i < 60; i++) {
-      sent.push(`m${i}`);
-      await publisher.channels.get('resume').publish('n', `m${i}`);
-      if (i === 20) proxy.dropAll();
+    await byCount.subscribe((m) => got.push(m.data));
+    await rest.channels.get(`rewind-${label}`).publish('n', 'live');
+    await waitUntil(() => got.length === 4, 10000, 'rewind backlog + live');
+    assert.deepEqual(got, ['r2', 'r3', 'r4', 'live']);
+
+    const other = await connected(realtime({ binary }));
+    const byTime = other.channels.get(`[?rewind=1m]rewind-${label}`);
+    const timed = [];
+    await byTime.subscribe((m) => timed.push(m.data));
+    await waitUntil(() => timed.length === 6, 10000, 'rewind by time');
+    assert.deepEqual(timed, ['r0', 'r1', 'r2', 'r3', 'r4', 'live']);
+  });
+
+  test(`[${label}] a transport dropped mid-stream resumes: every message exactly once, resumed true`, async () => {
+    // Proves resume=<connectionKey> + re-ATTACH with channelSerial → RESUMED + backlog.
+    const proxy = await startProxy(suite.port);
+    try {
+      const subscriber = await connected(realtime({ binary, disconnectedRetryTimeout: 200 }, proxy.port));
+      const publisher = await connected(realtime({ binary }));
+      const channel = subscriber.channels.get(`resume-${label}`);
+      const got = [];
+      const changes = [];
+      channel.on((change) => changes.push(change));
+      await channel.subscribe((m) => got.push(m.data));
+      const idBefore = subscriber.connection.id;
+      const sent = [];
+      for (let i = 0; i < 60; i++) {
+        sent.push(`m${i}`);
+        await publisher.channels.get(`resume-${label}`).publish('n', `m${i}`);
+        if (i === 20) proxy.dropAll();
+      }
+      await waitUntil(() => got.length >= 60, 20000, 'all 60 messages');
+      await new Promise((r) => setTimeout(r, 200));
+      assert.deepEqual(got, sent);
+      assert.equal(subscriber.connection.id, idBefore);
+      const reattached = changes.filter((c) => c.current === 'attached').at(-1);
+      assert.equal(reattached.resumed, true);
+    } finally {
+      proxy.close();
     }
-    await waitUntil(() => got.length >= 60, 20000, 'all 60 messages');
-    await new Promise((r) => setTimeout(r, 200));
-    assert.deepEqual(got, sent);
-    assert.equal(subscriber.connection.id, idBefore);
-    const reattached = changes.filter((c) => c.current === 'attached').at(-1);
-    assert.equal(reattached.resumed, true);
-  } finally {
-    proxy.close();
-  }
-});
+  });
+}
 
 test('resuming after the connection state TTL gets a new connection and resumed false', async () => {
   // Proves expired state → 80008 and re-attach without RESUMED (TTL is 3 s here).
