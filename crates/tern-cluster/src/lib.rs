@@ -1,0 +1,29 @@
+//! Tern cluster: what carries channel traffic between nodes. This first part holds the
+//! inter-node wire format and the links: QUIC (quinn) with mutual TLS from a cluster CA.
+//! Membership (gossip) and routing are not built yet; nothing in the binary uses this
+//! crate yet.
+//!
+//! # Layout
+//! - [`wire`]: versioned frames (`FrameV1`), bincode behind a version byte, with a size
+//!   limit on decode. The one place that encodes and decodes peer bytes.
+//! - [`tls`]: the cluster CA and node identities (rcgen), rustls configs that require
+//!   and verify a peer certificate signed by the CA, on both sides.
+//! - [`link`]: QUIC endpoints and one ordered stream of frames per link direction.
+
+pub mod link;
+pub mod tls;
+pub mod wire;
+
+/// Why a cluster operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Certificate generation or TLS configuration failed.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// A QUIC endpoint, connection or stream failed.
+    #[error("link: {0}")]
+    Link(String),
+    /// Peer bytes were not a valid frame (wrong version, too large, undecodable).
+    #[error("wire: {0}")]
+    Wire(String),
+}
