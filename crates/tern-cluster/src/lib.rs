@@ -9,10 +9,21 @@
 //! - [`tls`]: the cluster CA and node identities (rcgen), rustls configs that require
 //!   and verify a peer certificate signed by the CA, on both sides.
 //! - [`link`]: QUIC endpoints and one ordered stream of frames per link direction.
+//! - [`replicator`]: full-mesh replication over links: local-origin events out, remote
+//!   events applied in origin order, gaps repaired from the reporting peer.
 
 pub mod link;
+pub mod replicator;
 pub mod tls;
 pub mod wire;
+
+/// Milliseconds since the Unix epoch (the cluster's one clock read).
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
 
 /// Why a cluster operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -61,16 +61,14 @@ impl LinkEndpoint {
             .ok_or_else(|| ClusterError::Link("endpoint closed".into()))?;
         let connection = incoming.await.map_err(link_err)?;
         let stream = connection.accept_uni().await.map_err(link_err)?;
-        Ok(LinkReceiver {
-            stream,
-            _connection: connection,
-        })
+        Ok(LinkReceiver { stream, connection })
     }
 }
 
 /// The sending half of a link.
 pub struct LinkSender {
     stream: SendStream,
+    /// Held so the connection lives as long as its stream.
     _connection: quinn::Connection,
 }
 
@@ -96,10 +94,15 @@ impl LinkSender {
 /// The receiving half of a link.
 pub struct LinkReceiver {
     stream: RecvStream,
-    _connection: quinn::Connection,
+    connection: quinn::Connection,
 }
 
 impl LinkReceiver {
+    /// The peer's endpoint address (its link listener: quinn uses one socket for both).
+    pub fn remote_address(&self) -> SocketAddr {
+        self.connection.remote_address()
+    }
+
     /// The next frame, or `None` when the peer finished the stream.
     pub async fn recv(&mut self) -> Result<Option<FrameV1>, ClusterError> {
         let mut len = [0u8; 4];
