@@ -1,7 +1,7 @@
-//! Tern cluster: what carries channel traffic between nodes. This first part holds the
-//! inter-node wire format and the links: QUIC (quinn) with mutual TLS from a cluster CA.
-//! Membership (gossip) and routing are not built yet; nothing in the binary uses this
-//! crate yet.
+//! Tern cluster: what carries channel traffic between nodes: the inter-node wire
+//! format, QUIC (quinn) links with mutual TLS from a cluster CA, and full-mesh
+//! replication over them. `tern dev` wires its in-process regions with it. Membership
+//! (gossip), interest routing and ack_replicas are not built yet.
 //!
 //! # Layout
 //! - [`wire`]: versioned frames (`FrameV1`), bincode behind a version byte, with a size

@@ -44,10 +44,22 @@ enum Command {
         host: Option<String>,
     },
     /// Run locally with a built-in development app and key.
+    /// Run locally with a built-in development app and key: three regions in one
+    /// process (client ports PORT, PORT+1, PORT+2), replicating over mutual-TLS QUIC.
     Dev {
+        /// The first region's client port (0 picks free ports for all).
         #[arg(long, env = "TERN_PORT")]
         port: Option<u16>,
+        /// How many regions to run (1 = a single node).
+        #[arg(long, default_value_t = 3)]
+        regions: usize,
     },
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,55 +85,98 @@ fn main() -> anyhow::Result<()> {
             }
             (parsed, false)
         }
-        Command::Dev { port } => {
-            let mut parsed = Config::parse(DEV_CONFIG)?;
-            if let Some(port) = port {
-                parsed.server.port = port;
+        Command::Dev { port, regions } => {
+            let names = ["us-east", "eu-west", "ap-south"];
+            anyhow::ensure!(
+                (1..=names.len()).contains(&regions),
+                "--regions must be 1 to {}",
+                names.len()
+            );
+            let mut nodes = Vec::new();
+            for (i, name) in names.iter().take(regions).enumerate() {
+                let mut parsed = Config::parse(DEV_CONFIG)?;
+                let base = port.unwrap_or(parsed.server.port);
+                parsed.server.port = if base == 0 { 0 } else { base + i as u16 };
+                parsed.server.server_id = Some(format!("tern-dev-{name}"));
+                parsed.history.path = format!("tern-data/dev/{name}/history.redb").into();
+                nodes.push((parsed, (regions > 1).then(|| name.to_string())));
             }
-            (parsed, true)
+            return runtime()?.block_on(serve(nodes, true));
         }
     };
     config.validate()?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(serve(config, dev))
+    runtime()?.block_on(serve(vec![(config, None)], dev))
 }
 
-async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-    let metrics_handle = recorder.handle();
-    metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+/// How a node joins replication (dev mode: the other in-process regions).
+struct ClusterWiring {
+    endpoint: Arc<tern_cluster::link::LinkEndpoint>,
+    peers: Vec<SocketAddr>,
+}
 
+/// One running node: its server task and its store (flushed at shutdown).
+struct RunningNode {
+    addr: SocketAddr,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    store: Arc<dyn tern_store::HistoryStore>,
+}
+
+/// Builds one node (store, hub, edge, housekeeping), binds its client port, prints it,
+/// and serves until `shutdown` flips.
+async fn start_node(
+    config: &Config,
+    region: Option<&str>,
+    cluster: Option<ClusterWiring>,
+    metrics_render: Arc<dyn Fn() -> String + Send + Sync>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<RunningNode> {
     let origin = OriginId(rand::random());
     let store = tern_store::open(&config.store_config()).context("opening the history store")?;
-    let journal = Arc::new(tern_edge::history::StoreJournal {
+    let store_journal: Arc<dyn tern_core::Journal> = Arc::new(tern_edge::history::StoreJournal {
         store: store.clone(),
     });
+    let (journal, replication) = match cluster {
+        Some(wiring) => {
+            let journal =
+                tern_cluster::replicator::ReplicationJournal::new(origin, Some(store_journal));
+            (
+                journal.clone() as Arc<dyn tern_core::Journal>,
+                Some((wiring, journal)),
+            )
+        }
+        None => (store_journal, None),
+    };
     let hub = Arc::new(Hub::with_journal(
         origin,
         config.core_limits(),
         Some(journal),
     ));
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    if let Some((wiring, journal)) = replication {
+        tern_cluster::replicator::spawn_replication(
+            wiring.endpoint,
+            hub.clone(),
+            journal,
+            wiring.peers,
+        );
+    }
+    let mut wait_for_shutdown = shutdown.clone();
     let state = Arc::new(
         EdgeState::new(
             config.edge_config(),
             hub.clone(),
             config.key_ring(),
-            Some(Box::new(move || metrics_handle.render())),
-            shutdown_rx,
+            Some(Box::new(move || metrics_render())),
+            shutdown,
         )
         .with_store(store.clone()),
     );
-
     let listener = tokio::net::TcpListener::bind((config.server.host.as_str(), config.server.port))
         .await
         .with_context(|| format!("binding {}:{}", config.server.host, config.server.port))?;
     let addr: SocketAddr = listener.local_addr()?;
     println!("tern listening on http://{addr}");
-    if dev {
-        print_dev_banner(&config, addr);
+    if let Some(region) = region {
+        println!("  region {region}: http://{addr}");
     }
     tracing::info!(%addr, origin = %origin, server_id = %config.server_id(), "tern started");
 
@@ -142,25 +197,90 @@ async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
             }
         }
     });
-
-    let app = tern_edge::router(state.clone());
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down: disconnecting clients");
-        let _ = shutdown_tx.send(true);
+    let app = tern_edge::router(state);
+    let server = tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = wait_for_shutdown.wait_for(|down| *down).await;
+            })
+            .await;
+        sweeper.abort();
+        result.map_err(anyhow::Error::from)
     });
+    Ok(RunningNode {
+        addr,
+        server,
+        store,
+    })
+}
+
+/// Runs one node (`serve`, or `dev` with `regions` = 1) or several in-process regions
+/// replicating over mutual-TLS QUIC (`dev`).
+async fn serve(nodes: Vec<(Config, Option<String>)>, dev: bool) -> anyhow::Result<()> {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let metrics_handle = recorder.handle();
+    metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+    let metrics_render: Arc<dyn Fn() -> String + Send + Sync> =
+        Arc::new(move || metrics_handle.render());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    // Several regions: a throwaway cluster CA, one QUIC endpoint per region, full mesh.
+    let mut wirings: Vec<Option<ClusterWiring>> = nodes.iter().map(|_| None).collect();
+    if nodes.len() > 1 {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = tern_cluster::tls::ClusterCa::generate()?;
+        let mut endpoints = Vec::new();
+        for (config, _) in &nodes {
+            let identity = ca.issue()?;
+            let bind: SocketAddr = format!("{}:0", config.server.host)
+                .parse()
+                .context("cluster bind address")?;
+            endpoints.push(Arc::new(tern_cluster::link::LinkEndpoint::bind(
+                bind, &identity,
+            )?));
+        }
+        let addrs: Vec<SocketAddr> = endpoints
+            .iter()
+            .map(|e| e.local_addr())
+            .collect::<Result<_, _>>()?;
+        for (i, endpoint) in endpoints.into_iter().enumerate() {
+            let peers = addrs
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, a)| *a)
+                .collect();
+            wirings[i] = Some(ClusterWiring { endpoint, peers });
+        }
+    }
+    let mut running = Vec::new();
+    for ((config, region), wiring) in nodes.iter().zip(wirings) {
+        let node = start_node(
+            config,
+            region.as_deref(),
+            wiring,
+            metrics_render.clone(),
+            shutdown_rx.clone(),
+        )
+        .await?;
+        running.push(node);
+    }
+    if dev {
+        if let (Some((config, _)), Some(node)) = (nodes.first(), running.first()) {
+            print_dev_banner(config, node.addr);
+        }
+    }
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: disconnecting clients");
+    let _ = shutdown_tx.send(true);
     // Clients get DISCONNECTED and close; don't wait on stragglers for long.
-    let result = tokio::select! {
-        result = server => result.map_err(anyhow::Error::from),
-        _ = async {
-            let mut signal = std::pin::pin!(shutdown_signal());
-            signal.as_mut().await;
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        } => Ok(()),
-    };
-    sweeper.abort();
-    let _ = tokio::task::spawn_blocking(move || store.flush()).await;
-    result
+    for node in running {
+        let _ = tokio::time::timeout(Duration::from_secs(5), node.server).await;
+        let store = node.store;
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+    }
+    Ok(())
 }
 
 fn print_dev_banner(config: &Config, addr: SocketAddr) {

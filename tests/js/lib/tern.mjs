@@ -47,30 +47,33 @@ capability = '{"allowed:*":["publish","subscribe","presence","history"],"readonl
 }
 
 /// Starts tern with `config` (TOML text); resolves once it prints its listening line.
-export async function startTern(config = testConfig(), { dir } = {}) {
+/// With `args`, runs those arguments instead of `serve --config …` (e.g. `dev`), and
+/// waits for `listening` such lines; `ports` lists them all.
+export async function startTern(config = testConfig(), { dir, args, listening = 1 } = {}) {
   dir = dir || mkdtempSync(join(tmpdir(), 'tern-test-'));
   const path = join(dir, 'tern.toml');
   writeFileSync(path, config);
-  const child = spawn(ternBin, ['serve', '--config', path, '--port', '0'], {
+  const child = spawn(ternBin, args || ['serve', '--config', path, '--port', '0'], {
     cwd: dir,
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, TERN_LOG: process.env.TERN_LOG || 'warn' },
   });
   let stderr = '';
   child.stderr.on('data', (d) => { stderr += d; });
-  const port = await new Promise((resolvePort, reject) => {
+  const ports = await new Promise((resolvePorts, reject) => {
     let out = '';
     const timer = setTimeout(() => reject(new Error(`tern did not start in 20s: ${stderr}`)), 20000);
     child.stdout.on('data', (d) => {
       out += d;
-      const m = out.match(/listening on http:\/\/127\.0\.0\.1:(\d+)/);
-      if (m) { clearTimeout(timer); resolvePort(Number(m[1])); }
+      const found = [...out.matchAll(/listening on http:\/\/127\.0\.0\.1:(\d+)/g)].map((m) => Number(m[1]));
+      if (found.length >= listening) { clearTimeout(timer); resolvePorts(found); }
     });
     child.on('exit', (code) => { clearTimeout(timer); reject(new Error(`tern exited ${code}: ${stderr}`)); });
   });
   child.removeAllListeners('exit');
   return {
-    port,
+    port: ports[0],
+    ports,
     dir,
     child,
     /// SIGTERM, then SIGKILL after 3 s; only this child's PID.
