@@ -105,13 +105,24 @@ impl Session {
         let auth = authenticate(&state.keys, get("key"), token, now)?;
         let identity = resolve_identity(&auth, get("clientId"))?;
         let requested = get("resume").or_else(|| get("recover"));
+        let new_id = || -> Arc<str> { format!("{}-{}", state.node_tag, random_id(12)).into() };
         let (id, parked, error) = match requested {
-            None => (random_id(12).into(), None, None),
+            None => (new_id(), None, None),
             Some(key) => match take_parked(&state, key, &auth, &identity).await {
                 Ok((id, parked)) => (id, Some(parked), None),
-                Err(error) => (random_id(12).into(), None, Some(error)),
+                Err(error) => (new_id(), None, Some(error)),
             },
         };
+        // A key issued by another node (its region failed, or DNS moved the client): the
+        // connection cannot continue here, but channel cursors mean the same on every
+        // node, so channels may still resume from their channelSerials. A key of this
+        // node that is unknown or expired means continuity is lost.
+        let foreign = requested
+            .and_then(tern_core::registry::split_key)
+            .is_some_and(|(id, _)| {
+                id.split_once('-')
+                    .is_none_or(|(tag, _)| tag != state.node_tag)
+            });
         let superseded = Arc::new(Notify::new());
         let secret = random_id(20);
         let generation =
@@ -139,7 +150,7 @@ impl Session {
             attachments: HashMap::new(),
             presence_channels,
             replies,
-            continuity_lost: error.is_some(),
+            continuity_lost: error.is_some() && !foreign,
             rate: RateWindow {
                 started_ms: now,
                 count: 0,

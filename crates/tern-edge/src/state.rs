@@ -29,6 +29,9 @@ pub struct EdgeState {
     /// Flips to `true` when the node shuts down; connections then disconnect their clients.
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) registry: Mutex<Registry>,
+    /// Prefix of this node's connection ids (random per boot), so a resume key can be
+    /// told apart as this node's or another's.
+    pub(crate) node_tag: String,
     /// Message and presence history; `None` runs without history (tests of the edge alone).
     pub(crate) store: Option<Arc<dyn HistoryStore>>,
 }
@@ -45,6 +48,10 @@ impl EdgeState {
         EdgeState {
             nonces: Mutex::new(NonceCache::new(config.nonce_cache_max, retain_ms)),
             registry: Mutex::new(Registry::new(config.parked_connections_max)),
+            node_tag: {
+                use rand::distr::{Alphanumeric, SampleString};
+                Alphanumeric.sample_string(&mut rand::rng(), 6)
+            },
             connection_permits: Arc::new(Semaphore::new(config.connections_max)),
             config,
             hub,

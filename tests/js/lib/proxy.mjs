@@ -3,10 +3,11 @@ import net from 'node:net';
 
 export function startProxy(targetPort) {
   const sockets = new Set();
+  let target = targetPort;
   let paused = false;
   const server = net.createServer((client) => {
     if (paused) { client.destroy(); return; }
-    const upstream = net.connect(targetPort, '127.0.0.1');
+    const upstream = net.connect(target, '127.0.0.1');
     sockets.add(client);
     sockets.add(upstream);
     client.pipe(upstream);
@@ -26,6 +27,8 @@ export function startProxy(targetPort) {
     port: server.address().port,
     /// Cuts every live connection through the proxy.
     dropAll() { for (const s of sockets) s.destroy(); sockets.clear(); },
+    /// New connections go to `port` from now on (what geo-DNS does when a region dies).
+    retarget(port) { target = port; },
     /// While paused, new connections are refused (closed at once).
     pause(value) { paused = value; },
     close() { for (const s of sockets) s.destroy(); server.close(); },

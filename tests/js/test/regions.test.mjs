@@ -5,6 +5,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import Ably from 'ably';
 import { connected, options, startTern, waitUntil } from '../lib/tern.mjs';
+import { startProxy } from '../lib/proxy.mjs';
 
 const DEV_KEY = 'dev.root:dev-secret-change-me';
 let tern;
@@ -56,5 +57,39 @@ test('presence entered in one region is visible in all; history is readable in a
     const rest = new Ably.Rest(options(port, { key: DEV_KEY }));
     const page = await rest.channels.get('lobby').history();
     assert.deepEqual(page.items.map((m) => m.data), ['stored']);
+  }
+});
+
+test('a client moved to another region mid-stream resumes its channel: every message once', async () => {
+  // Proves failover continuity: the connection is new in the other region, but the
+  // channelSerial (a cursor valid in every region) resumes the channel with RESUMED and
+  // exactly the messages it missed.
+  const [east, west] = tern.ports;
+  const proxy = await startProxy(east);
+  try {
+    const subscriber = await connected(client(proxy.port, { disconnectedRetryTimeout: 200 }));
+    const publisher = await connected(client(east));
+    const channel = subscriber.channels.get('failover');
+    const got = [];
+    const changes = [];
+    channel.on((change) => changes.push(change));
+    await channel.subscribe((m) => got.push(m.data));
+    const sent = [];
+    for (let i = 0; i < 40; i++) {
+      sent.push(`f${i}`);
+      await publisher.channels.get('failover').publish('n', `f${i}`);
+      if (i === 15) {
+        proxy.retarget(west);
+        proxy.dropAll();
+      }
+    }
+    await waitUntil(() => got.length >= 40, 20000, 'all 40 messages after failover');
+    await new Promise((r) => setTimeout(r, 200));
+    assert.deepEqual(got, sent);
+    const reattached = changes.filter((c) => c.current === 'attached').at(-1);
+    assert.equal(reattached.resumed, true);
+    assert.equal(subscriber.connection.errorReason?.code, 80008, 'the connection itself is new there');
+  } finally {
+    proxy.close();
   }
 });
