@@ -1,0 +1,125 @@
+//! `tern-bench`: a black-box load generator for Tern and the peers we compare it with.
+//!
+//! It talks the wire protocols itself (Ably realtime JSON over WebSocket for Tern, the
+//! NATS text protocol over WebSocket for nats-server) and depends on no Tern crate, so it
+//! measures what a client sees and nothing else.
+//!
+//! # Layout
+//!
+//! - `fanout`: open-loop publishers → channels → subscribers; delivery rate, loss and
+//!   publish→deliver latency from the *scheduled* send time (no coordinated omission).
+//! - `connect`: opens N idle connections at a fixed rate; connect latency and the
+//!   server's resident memory per connection.
+//! - `resume`: a subscriber misses M messages, resumes, and is timed until the last one.
+//! - `summary`: reads a run's JSON reports back and prints Markdown tables.
+//! - `socket`: WebSocket dialing with timeouts, and the loopback-only guard.
+//! - `wire`: Ably ProtocolMessage frames (JSON) as this client reads and writes them.
+//! - `nats`: the NATS text protocol reader (MSG / PING / PONG / -ERR).
+//! - `stamp`: payloads that carry their scheduled send time.
+//! - `latency`: HdrHistogram wrapper and its printable / JSON summary.
+//! - `process`: RSS and CPU time of the server (and of this process) from /proc.
+//!
+//! Every loop is bounded in count and in time; every target must be a loopback address.
+
+mod connect;
+mod fanout;
+mod latency;
+mod nats;
+mod process;
+mod resume;
+mod socket;
+mod stamp;
+mod summary;
+mod wire;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(name = "tern-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Write the results as JSON to this file (its directory is created).
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    /// Tokio worker threads for the load generator (default: one per core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Publishers → channels → subscribers: delivery rate, loss and latency.
+    Fanout(fanout::FanoutArgs),
+    /// Open many idle connections at a fixed rate; connect latency and server RSS.
+    Connect(connect::ConnectArgs),
+    /// A subscriber misses M messages and resumes: time until the last one arrives.
+    Resume(resume::ResumeArgs),
+    /// Print the JSON reports in a directory as Markdown tables.
+    Summary(summary::SummaryArgs),
+}
+
+/// The largest worker pool we allow: the point is to load the server, not the client.
+const THREADS_MAX: usize = 64;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(threads) = cli.threads {
+        anyhow::ensure!(
+            (1..=THREADS_MAX).contains(&threads),
+            "--threads must be in 1..={THREADS_MAX}"
+        );
+        runtime.worker_threads(threads);
+    }
+    runtime
+        .build()?
+        .block_on(run(cli.command, cli.json.as_deref()))
+}
+
+async fn run(command: Command, json: Option<&Path>) -> anyhow::Result<()> {
+    match command {
+        Command::Fanout(args) => {
+            let report = fanout::run(args).await?;
+            println!("{report}");
+            write_json(json, &report)
+        }
+        Command::Connect(args) => {
+            let report = connect::run(args).await?;
+            println!("{report}");
+            write_json(json, &report)
+        }
+        Command::Resume(args) => {
+            let report = resume::run(args).await?;
+            println!("{report}");
+            write_json(json, &report)
+        }
+        Command::Summary(args) => {
+            print!("{}", summary::run(&args)?);
+            Ok(())
+        }
+    }
+}
+
+fn write_json(path: Option<&Path>, report: &impl Serialize) -> anyhow::Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Seconds since the Unix epoch, for stamping reports.
+pub(crate) fn unix_time_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

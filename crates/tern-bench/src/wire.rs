@@ -1,0 +1,309 @@
+//! The Ably realtime protocol as this client speaks it: JSON ProtocolMessages over a
+//! WebSocket (`format=json`). Only the fields a benchmark needs are read; unknown fields
+//! are ignored, as a real SDK does.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::socket::{dial, Socket};
+
+/// ProtocolMessage actions used here (Ably TR2).
+pub(crate) mod action {
+    pub const HEARTBEAT: u8 = 0;
+    pub const ACK: u8 = 1;
+    pub const NACK: u8 = 2;
+    pub const CONNECTED: u8 = 4;
+    pub const DISCONNECTED: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const ERROR: u8 = 9;
+    pub const ATTACH: u8 = 10;
+    pub const ATTACHED: u8 = 11;
+    pub const DETACHED: u8 = 13;
+    pub const MESSAGE: u8 = 15;
+}
+
+/// ATTACHED flag: the server kept continuity for the channelSerial we sent.
+pub(crate) const FLAG_RESUMED: u64 = 4;
+/// ATTACHED flag: missed messages follow the ATTACHED.
+pub(crate) const FLAG_HAS_BACKLOG: u64 = 2;
+
+/// How long the server may take to answer CONNECT / ATTACH before we call it an error.
+pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A server→client ProtocolMessage, borrowing from the frame where it can.
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Inbound<'a> {
+    pub action: u8,
+    #[serde(default, borrow)]
+    pub channel: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub channel_serial: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub msg_serial: Option<u64>,
+    #[serde(default)]
+    pub count: Option<u64>,
+    #[serde(default)]
+    pub flags: Option<u64>,
+    #[serde(default, borrow)]
+    pub connection_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub connection_details: Option<ConnectionDetails>,
+    #[serde(default)]
+    pub error: Option<serde_json::Value>,
+    #[serde(default, borrow)]
+    pub messages: Vec<InboundMessage<'a>>,
+}
+
+/// One message inside a MESSAGE frame: only `data` matters to a benchmark.
+#[derive(Deserialize, Debug)]
+pub(crate) struct InboundMessage<'a> {
+    #[serde(default, borrow)]
+    pub data: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ConnectionDetails {
+    #[serde(default)]
+    pub connection_key: Option<String>,
+}
+
+impl<'a> Inbound<'a> {
+    pub(crate) fn parse(text: &'a str) -> anyhow::Result<Inbound<'a>> {
+        serde_json::from_str(text).context("server sent a frame that is not a ProtocolMessage")
+    }
+
+    /// A frame that ends the connection or the channel: the run should count it as an error.
+    pub(crate) fn is_failure(&self) -> bool {
+        matches!(
+            self.action,
+            action::DISCONNECTED | action::ERROR | action::DETACHED | action::NACK
+        )
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Attach<'a> {
+    action: u8,
+    channel: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel_serial: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Publish<'a> {
+    action: u8,
+    channel: &'a str,
+    msg_serial: u64,
+    messages: [PublishMessage<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct PublishMessage<'a> {
+    name: &'a str,
+    data: &'a str,
+}
+
+/// `{"action":10,"channel":c[,"channelSerial":s]}`
+pub(crate) fn attach_frame(channel: &str, channel_serial: Option<&str>) -> Message {
+    let attach = Attach {
+        action: action::ATTACH,
+        channel,
+        channel_serial,
+    };
+    Message::text(serde_json::to_string(&attach).expect("attach serializes"))
+}
+
+/// `{"action":15,"channel":c,"msgSerial":n,"messages":[{"name":"b","data":payload}]}`
+pub(crate) fn publish_frame(channel: &str, msg_serial: u64, data: &str) -> Message {
+    let publish = Publish {
+        action: action::MESSAGE,
+        channel,
+        msg_serial,
+        messages: [PublishMessage { name: "b", data }],
+    };
+    Message::text(serde_json::to_string(&publish).expect("publish serializes"))
+}
+
+/// `{"action":7}`: a clean close, so the server can drop the connection state at once.
+pub(crate) fn close_frame() -> Message {
+    Message::text(format!("{{\"action\":{}}}", action::CLOSE))
+}
+
+/// Percent-encodes a query value (everything but RFC 3986 unreserved characters).
+pub(crate) fn query_escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The connect URL an ably-js client on Node would use, plus `extra` query parameters
+/// (already escaped, each starting with `&`).
+pub(crate) fn connect_url(base: &str, key: &str, extra: &str) -> String {
+    let base = base.trim_end_matches('/');
+    format!(
+        "{base}/?key={}&format=json&heartbeats=false&v=6{extra}",
+        query_escape(key)
+    )
+}
+
+/// What CONNECTED told us.
+#[derive(Debug, Clone)]
+pub(crate) struct Connected {
+    pub connection_id: String,
+    pub connection_key: String,
+    /// Present when the server could not resume or recover (then the id is new).
+    pub error: Option<serde_json::Value>,
+}
+
+/// Dials and waits for CONNECTED; an ERROR or a closed socket first is an error.
+pub(crate) async fn open(
+    url: &str,
+    config: WebSocketConfig,
+) -> anyhow::Result<(Socket, Connected)> {
+    let mut socket = dial(url, config).await?;
+    let connected = next_frame(&mut socket, |frame| {
+        if frame.action == action::CONNECTED {
+            Some(Connected {
+                connection_id: frame.connection_id.as_deref().unwrap_or("").to_owned(),
+                connection_key: frame
+                    .connection_details
+                    .as_ref()
+                    .and_then(|d| d.connection_key.clone())
+                    .unwrap_or_default(),
+                error: frame.error.clone(),
+            })
+        } else {
+            None
+        }
+    })
+    .await
+    .context("waiting for CONNECTED")?;
+    Ok((socket, connected))
+}
+
+/// What ATTACHED told us.
+#[derive(Debug, Clone)]
+pub(crate) struct Attached {
+    pub flags: u64,
+    pub channel_serial: Option<String>,
+}
+
+/// Sends ATTACH and waits for this channel's ATTACHED.
+pub(crate) async fn attach(
+    socket: &mut Socket,
+    channel: &str,
+    channel_serial: Option<&str>,
+) -> anyhow::Result<Attached> {
+    socket.send(attach_frame(channel, channel_serial)).await?;
+    next_frame(socket, |frame| {
+        (frame.action == action::ATTACHED && frame.channel.as_deref() == Some(channel)).then(|| {
+            Attached {
+                flags: frame.flags.unwrap_or(0),
+                channel_serial: frame.channel_serial.as_deref().map(str::to_owned),
+            }
+        })
+    })
+    .await
+    .with_context(|| format!("attaching {channel}"))
+}
+
+/// Reads frames until `pick` accepts one, within [`REPLY_TIMEOUT`]. Heartbeats and other
+/// frames are skipped; a failure frame or a closed socket ends the wait with an error.
+pub(crate) async fn next_frame<T>(
+    socket: &mut Socket,
+    mut pick: impl FnMut(&Inbound<'_>) -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
+    loop {
+        let message = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .context("no reply in time")?
+            .context("socket closed")??;
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let frame = Inbound::parse(text.as_str())?;
+        if let Some(value) = pick(&frame) {
+            return Ok(value);
+        }
+        if frame.action != action::HEARTBEAT && frame.is_failure() {
+            anyhow::bail!("server sent {}", text.as_str());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames we send are exactly the JSON the protocol notes show.
+    #[test]
+    fn outbound_frames() {
+        let text = |m: Message| m.into_text().unwrap().as_str().to_owned();
+        assert_eq!(
+            text(attach_frame("c", None)),
+            r#"{"action":10,"channel":"c"}"#
+        );
+        assert_eq!(
+            text(attach_frame("c", Some("s\"1"))),
+            r#"{"action":10,"channel":"c","channelSerial":"s\"1"}"#
+        );
+        assert_eq!(
+            text(publish_frame("c", 7, "hi")),
+            r#"{"action":15,"channel":"c","msgSerial":7,"messages":[{"name":"b","data":"hi"}]}"#
+        );
+        assert_eq!(text(close_frame()), r#"{"action":7}"#);
+    }
+
+    /// Inbound frames parse with unknown fields present and known ones missing.
+    #[test]
+    fn inbound_frames() {
+        let f = Inbound::parse(
+            r#"{"action":15,"channel":"c","id":"x:1","channelSerial":"a:1","messages":[{"name":"b","data":"d1","serial":"s"},{"data":"d2"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(f.action, action::MESSAGE);
+        let data: Vec<_> = f.messages.iter().map(|m| m.data.as_deref()).collect();
+        assert_eq!(data, [Some("d1"), Some("d2")]);
+        let f = Inbound::parse(
+            r#"{"action":4,"connectionId":"k1","connectionDetails":{"connectionKey":"ck","maxIdleInterval":15000}}"#,
+        )
+        .unwrap();
+        assert_eq!(f.connection_id.as_deref(), Some("k1"));
+        assert_eq!(
+            f.connection_details.unwrap().connection_key.as_deref(),
+            Some("ck")
+        );
+        assert!(
+            Inbound::parse(r#"{"action":2,"msgSerial":0,"count":1,"error":{"code":1}}"#)
+                .unwrap()
+                .is_failure()
+        );
+        assert!(Inbound::parse("not json").is_err());
+    }
+
+    /// Keys with ':' and other reserved characters are escaped in the connect URL.
+    #[test]
+    fn url_escaping() {
+        assert_eq!(
+            connect_url("ws://127.0.0.1:1/", "app.key:s/+", "&echo=false"),
+            "ws://127.0.0.1:1/?key=app.key%3As%2F%2B&format=json&heartbeats=false&v=6&echo=false"
+        );
+    }
+}
