@@ -7,6 +7,7 @@
 
 mod config;
 
+use axum::serve::ListenerExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -199,6 +200,11 @@ async fn start_node(
     });
     let app = tern_edge::router(state);
     let server = tokio::spawn(async move {
+        // Without TCP_NODELAY, Nagle holds small frames behind the peer's delayed ACK:
+        // a 20-40 ms floor on delivery latency (docs/benchmarks.md).
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = wait_for_shutdown.wait_for(|down| *down).await;
