@@ -274,6 +274,27 @@ impl Channel {
         self.broadcast_presence(ctx, &publisher, leaves);
     }
 
+    /// Removes the members of every connection issued by a departed node (connection
+    /// ids `{prefix}...`), broadcasting their LEAVEs.
+    pub(crate) fn leave_connections_with_prefix(
+        &mut self,
+        ctx: &ApplyContext<'_>,
+        prefix: &str,
+    ) -> usize {
+        let leaves = self
+            .presence
+            .remove_where(|conn| conn.starts_with(prefix), ctx.now_ms);
+        let count = leaves.len();
+        if count > 0 {
+            let publisher = crate::hub::Publisher {
+                connection_id: None,
+                frame_id: format!("leave-{prefix}:{}", ctx.now_ms),
+            };
+            self.broadcast_presence(ctx, &publisher, leaves);
+        }
+        count
+    }
+
     fn broadcast_presence(
         &mut self,
         ctx: &ApplyContext<'_>,
@@ -340,7 +361,12 @@ impl Channel {
             return RemoteOutcome::Gap { origin, missing };
         }
         self.apply_remote_one(ctx, event);
-        let mut applied = 1;
+        RemoteOutcome::Applied(1 + self.drain_pending(ctx, origin))
+    }
+
+    /// Applies the events of `origin` waiting right behind its cursor.
+    fn drain_pending(&mut self, ctx: &ApplyContext<'_>, origin: OriginId) -> usize {
+        let mut applied = 0;
         while let Some(next) = self.pending.remove(&(origin, self.cursor.get(origin) + 1)) {
             self.apply_remote_one(ctx, next);
             applied += 1;
@@ -348,7 +374,23 @@ impl Channel {
         let upto = self.cursor.get(origin);
         self.pending
             .retain(|(o, seq), _| *o != origin || *seq > upto);
-        RemoteOutcome::Applied(applied)
+        applied
+    }
+
+    /// Gives up on `origin`'s events up to `upto` that no peer can supply any more
+    /// (trimmed from its log, or no-ops it never logged): the cursor moves past them and
+    /// the events waiting behind them apply. Returns how many applied.
+    pub(crate) fn skip_remote(
+        &mut self,
+        ctx: &ApplyContext<'_>,
+        origin: OriginId,
+        upto: u64,
+    ) -> usize {
+        if upto <= self.cursor.get(origin) {
+            return 0;
+        }
+        self.cursor.advance(origin, upto);
+        self.drain_pending(ctx, origin)
     }
 
     fn apply_remote_one(&mut self, ctx: &ApplyContext<'_>, remote: RemoteEvent) {

@@ -265,6 +265,34 @@ impl Hub {
         self.with_channel(key, now_ms, |c| c.apply_remote(&ctx, event))
     }
 
+    /// Moves a channel's cursor for `origin` past events no peer can supply (see
+    /// `Channel::skip_remote`); only for a channel this node holds.
+    pub fn skip_remote(&self, key: &ChannelKey, origin: OriginId, upto: u64, now_ms: i64) -> usize {
+        let ctx = self.context(key, now_ms);
+        self.with_existing(key, |c| c.skip_remote(&ctx, origin, upto))
+            .unwrap_or(0)
+    }
+
+    /// Every channel this node holds with its cursor, at most `max` of them (for
+    /// anti-entropy between nodes).
+    pub fn cursors(&self, max: usize) -> Vec<(ChannelKey, crate::Cursor)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let channels: Vec<(ChannelKey, Arc<Mutex<Channel>>)> = lock(shard)
+                .iter()
+                .map(|(k, c)| (k.clone(), c.clone()))
+                .collect();
+            for (key, channel) in channels {
+                if out.len() >= max {
+                    return out;
+                }
+                let cursor = lock(&channel).cursor().clone();
+                out.push((key, cursor));
+            }
+        }
+        out
+    }
+
     /// Logged events of `origin` in `from..=to` on a channel, to repair a peer's gap.
     pub fn events_of(
         &self,
@@ -301,6 +329,29 @@ impl Hub {
     fn leave(&self, key: &ChannelKey, connection_id: &str, now_ms: i64) {
         let ctx = self.context(key, now_ms);
         self.with_existing(key, |c| c.leave_connection(&ctx, connection_id));
+    }
+
+    /// A node departed the cluster: every presence member of a connection it issued
+    /// (connection ids starting with `prefix`) leaves, on every channel. Every surviving
+    /// node does this on its own; where another's LEAVE arrived first, its own is a no-op.
+    /// Returns how many members left here.
+    pub fn node_departed(&self, prefix: &str, now_ms: i64) -> usize {
+        if prefix.is_empty() {
+            return 0;
+        }
+        let keys: Vec<ChannelKey> = self
+            .shards
+            .iter()
+            .flat_map(|shard| lock(shard).keys().cloned().collect::<Vec<_>>())
+            .collect();
+        let mut count = 0;
+        for key in keys {
+            let ctx = self.context(&key, now_ms);
+            count += self
+                .with_existing(&key, |c| c.leave_connections_with_prefix(&ctx, prefix))
+                .unwrap_or(0);
+        }
+        count
     }
 
     /// A connection closed cleanly (CLOSE): detach it everywhere and its members leave now.

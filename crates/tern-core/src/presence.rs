@@ -85,17 +85,28 @@ impl PresenceSet {
     /// ids are synthesized (not prefixed by the connection id) and their timestamps are
     /// later than the member's last change, so every client applies them.
     pub fn remove_connection(&mut self, connection_id: &str, now_ms: i64) -> Vec<PresenceMessage> {
-        let keys: Vec<MemberKey> = self
+        self.remove_where(|conn| conn == connection_id, now_ms)
+    }
+
+    /// Removes every member whose connection id matches, returning their LEAVEs.
+    pub fn remove_where(
+        &mut self,
+        matches: impl Fn(&str) -> bool,
+        now_ms: i64,
+    ) -> Vec<PresenceMessage> {
+        let mut keys: Vec<MemberKey> = self
             .members
             .keys()
-            .filter(|(_, conn)| conn == connection_id)
+            .filter(|(_, conn)| matches(conn))
             .cloned()
             .collect();
+        keys.sort();
         keys.into_iter()
             .filter_map(|key| self.members.remove(&key))
             .enumerate()
             .map(|(index, member)| {
                 let timestamp = now_ms.max(member.timestamp.unwrap_or(0) + 1);
+                let connection_id = member.connection_id.clone().unwrap_or_default();
                 PresenceMessage {
                     id: Some(format!("leave-{connection_id}:{timestamp}:{index}")),
                     action: presence_action::LEAVE,

@@ -76,6 +76,30 @@ pub trait HistoryStore: Send + Sync {
     /// Blocks until everything appended so far is committed (used at shutdown and in
     /// tests).
     fn flush(&self);
+
+    /// Runs `then` once everything appended so far is committed, in call order with
+    /// other appends. If the writer refuses the barrier (queue full, closed), nothing a
+    /// refused append could have queued is pending, so `then` runs at once.
+    fn after_committed(&self, then: Box<dyn FnOnce() + Send>) {
+        let then = std::sync::Arc::new(std::sync::Mutex::new(Some(then)));
+        let queued = then.clone();
+        let take = |slot: &std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>| {
+            slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+        };
+        let result = self.append(
+            Vec::new(),
+            Box::new(move |_| {
+                if let Some(then) = take(&queued) {
+                    then();
+                }
+            }),
+        );
+        if result.is_err() {
+            if let Some(then) = take(&then) {
+                then();
+            }
+        }
+    }
 }
 
 /// Where and how history is kept. Zero capacities are raised to 1.
