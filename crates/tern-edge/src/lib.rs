@@ -31,7 +31,7 @@ mod session;
 mod state;
 
 pub use config::EdgeConfig;
-pub use state::EdgeState;
+pub use state::{ClusterView, EdgeState};
 
 use std::sync::Arc;
 
@@ -53,6 +53,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/", get(connection::upgrade))
         .route("/time", get(rest::time))
         .route("/health", get(rest::health))
+        .route("/regions", get(rest::regions))
         .route("/metrics", get(rest::metrics))
         .route("/keys/{key_name}/requestToken", post(rest::request_token))
         .route("/channels/{channel}", get(rest::channel_status))

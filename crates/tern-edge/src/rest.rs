@@ -23,6 +23,15 @@ use crate::state::EdgeState;
 
 type Params = Query<HashMap<String, String>>;
 
+/// `GET /regions`: the cluster's live nodes by region (one node: just itself).
+pub(crate) async fn regions(State(state): State<Arc<EdgeState>>) -> Response {
+    let body = match &state.cluster {
+        Some(cluster) => cluster.regions(),
+        None => serde_json::json!({ "regions": [] }),
+    };
+    axum::Json(body).into_response()
+}
+
 /// `GET /time`: `[ms since epoch]`, no auth.
 pub(crate) async fn time(headers: HeaderMap, Query(q): Params) -> Response {
     body(
@@ -162,7 +171,13 @@ pub(crate) async fn publish(
         .publish(&key, &publisher, messages, now)
         .map_err(|e| ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, e.to_string()))?;
     metrics::counter!("tern_messages_published_total").increment(count);
-    state.durable().await;
+    if !state.durable().await {
+        return Err(ErrorInfo::new(
+            code::TIMEOUT,
+            "published, but not confirmed stored on a replica in time",
+        )
+        .into());
+    }
     let response = PublishResponse {
         channel: key.name.to_string(),
         message_id,

@@ -431,8 +431,22 @@ impl Session {
             }
         };
         let outlet = self.outlet.clone();
-        self.state.after_durable(Box::new(move || {
-            outlet.send(frame);
+        self.state.after_durable(Box::new(move |replicated| {
+            if replicated || frame.action != action::ACK {
+                outlet.send(frame);
+                return;
+            }
+            metrics::counter!("tern_nacks_total").increment(1);
+            outlet.send(ProtocolMessage {
+                action: action::NACK,
+                msg_serial: frame.msg_serial,
+                count: Some(1),
+                error: Some(ErrorInfo::new(
+                    code::TIMEOUT,
+                    "published, but not confirmed stored on a replica in time",
+                )),
+                ..Default::default()
+            });
         }));
     }
 

@@ -34,6 +34,18 @@ pub struct EdgeState {
     pub(crate) node_tag: String,
     /// Message and presence history; `None` runs without history (tests of the edge alone).
     pub(crate) store: Option<Arc<dyn HistoryStore>>,
+    /// The cluster this node belongs to; `None` for a single node.
+    pub(crate) cluster: Option<Arc<dyn ClusterView>>,
+}
+
+/// What the edge needs from the cluster (implemented where the node is wired).
+pub trait ClusterView: Send + Sync {
+    /// Runs `then(true)` once everything published on this node so far is stored on the
+    /// configured number of replicas (`ack_replicas`), in call order; `then(false)` when
+    /// that timed out.
+    fn after_replicated(&self, then: Box<dyn FnOnce(bool) + Send>);
+    /// The live nodes by region, for `GET /regions`.
+    fn regions(&self) -> serde_json::Value;
 }
 
 impl EdgeState {
@@ -59,7 +71,21 @@ impl EdgeState {
             metrics_render,
             shutdown,
             store: None,
+            cluster: None,
         }
+    }
+
+    /// Makes this node a cluster member: ACKs also wait for replicas, `/regions` lists
+    /// the cluster.
+    pub fn with_cluster(mut self, cluster: Arc<dyn ClusterView>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Prefix of the connection ids this node issues (published to the cluster, which
+    /// removes a dead node's presence members by it).
+    pub fn node_tag(&self) -> &str {
+        &self.node_tag
     }
 
     /// Serves history from `store` and makes ACKs wait for it (the hub's journal must
@@ -80,40 +106,32 @@ impl EdgeState {
         self.registry().sweep(now_ms);
     }
 
-    /// Runs `then` once everything applied so far is durable (committed to the history
-    /// store, when there is one), in call order. Replies to publishes go through here so
-    /// an ACK means "stored" and ACKs/NACKs keep msgSerial order.
-    pub(crate) fn after_durable(&self, then: Box<dyn FnOnce() + Send>) {
-        let Some(store) = &self.store else {
-            return then();
-        };
-        // The store calls `then` after everything queued before it is committed. If it
-        // refuses (queue full), `then` was not consumed; there is nothing to wait for
-        // that a refused append could have queued, so answer now.
-        let then = Arc::new(Mutex::new(Some(then)));
-        let queued = then.clone();
-        let result = store.append(
-            Vec::new(),
-            Box::new(move |_| {
-                if let Some(then) = queued.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                    then();
-                }
-            }),
-        );
-        if result.is_err() {
-            if let Some(then) = then.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                then();
+    /// Runs `then(true)` once everything applied so far is durable: committed to the
+    /// history store (when there is one) and stored on `ack_replicas` peers (in a
+    /// cluster), in call order. `then(false)` when the replicas did not confirm in time.
+    /// Replies to publishes go through here so an ACK means "stored" and ACKs/NACKs keep
+    /// msgSerial order.
+    pub(crate) fn after_durable(&self, then: Box<dyn FnOnce(bool) + Send>) {
+        let then: Box<dyn FnOnce() + Send> = match &self.cluster {
+            Some(cluster) => {
+                let cluster = cluster.clone();
+                Box::new(move || cluster.after_replicated(then))
             }
+            None => Box::new(move || then(true)),
+        };
+        match &self.store {
+            Some(store) => store.after_committed(then),
+            None => then(),
         }
     }
 
-    /// Waits until everything applied so far is durable.
-    pub(crate) async fn durable(&self) {
+    /// Waits until everything applied so far is durable; false when replicas timed out.
+    pub(crate) async fn durable(&self) -> bool {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.after_durable(Box::new(move || {
-            let _ = tx.send(());
+        self.after_durable(Box::new(move |ok| {
+            let _ = tx.send(ok);
         }));
-        let _ = rx.await;
+        rx.await.unwrap_or(false)
     }
 
     /// Open WebSocket connections right now.
