@@ -1,20 +1,26 @@
-//! Tern cluster: what carries channel traffic between nodes: the inter-node wire
-//! format, QUIC (quinn) links with mutual TLS from a cluster CA, and full-mesh
-//! replication over them. `tern dev` wires its in-process regions with it. Membership
-//! (gossip), interest routing and ack_replicas are not built yet.
+//! Tern cluster: what carries channel traffic between nodes: membership by gossip, the
+//! inter-node wire format, QUIC (quinn) links with mutual TLS from a cluster CA, and
+//! replication over them with `ack_replicas`. Interest routing is not built yet (every
+//! peer receives every event).
 //!
 //! # Layout
+//! - [`cluster`]: one node's cluster side assembled (endpoint + replicator + membership).
+//! - [`membership`]: chitchat gossip over UDP: who is live, where to reach them.
+//! - [`topology`]: `regions/topology.toml`, the emulated WAN between local regions.
 //! - [`wire`]: versioned frames (`FrameV1`), bincode behind a version byte, with a size
 //!   limit on decode. The one place that encodes and decodes peer bytes.
 //! - [`tls`]: the cluster CA and node identities (rcgen), rustls configs that require
 //!   and verify a peer certificate signed by the CA, on both sides.
 //! - [`link`]: QUIC endpoints and one ordered stream of frames per link direction.
-//! - [`replicator`]: full-mesh replication over links: local-origin events out, remote
-//!   events applied in origin order, gaps repaired from the reporting peer.
+//! - [`replicator`]: replication over links: local-origin events out on reliable links
+//!   (acked, resent), remote events applied in origin order, gaps repaired, replica acks.
 
+pub mod cluster;
 pub mod link;
+pub mod membership;
 pub mod replicator;
 pub mod tls;
+pub mod topology;
 pub mod wire;
 
 /// Milliseconds since the Unix epoch (the cluster's one clock read).
@@ -34,6 +40,9 @@ pub enum ClusterError {
     /// A QUIC endpoint, connection or stream failed.
     #[error("link: {0}")]
     Link(String),
+    /// The gossip agent could not start.
+    #[error("gossip: {0}")]
+    Gossip(String),
     /// Peer bytes were not a valid frame (wrong version, too large, undecodable).
     #[error("wire: {0}")]
     Wire(String),

@@ -33,6 +33,11 @@ impl LinkEndpoint {
         Ok(LinkEndpoint { endpoint })
     }
 
+    /// Closes every link of this endpoint at once.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutdown");
+    }
+
     pub fn local_addr(&self) -> Result<SocketAddr, ClusterError> {
         self.endpoint.local_addr().map_err(link_err)
     }

@@ -1,53 +1,665 @@
-//! Full-mesh replication between a fixed set of peers: every local-origin event goes to
-//! every peer over its link; inbound events are applied in origin order by the core; a
-//! gap is repaired by asking the peer that reported it for the missing range. Interest
-//! routing, membership and ack_replicas are later steps.
+//! Replication between members: every local-origin event goes to every peer over its
+//! QUIC link; inbound events are applied in origin order by the core.
+//!
+//! Each outbound link is reliable on its own: events carry a link position (`link_seq`,
+//! 1, 2, ... per incarnation of the sender), the receiver answers `Stored{upto}` once
+//! every position up to `upto` is applied *and* committed to its history store, and the
+//! sender keeps unacknowledged events (bounded) and resends them after a reconnect or
+//! when acks stall (go-back-N). Channel-level gaps (an event ahead of a missing one) are
+//! also repaired from the origin's log, so a lost frame costs a resend, never a message.
+//!
+//! `Stored` acks drive `ack_replicas`: [`Replicator::after_replicated`] runs its callback
+//! once everything journaled before the call is stored on that many peers (fewer when
+//! fewer peers are live; a peer that joined later does not count for earlier events).
+//!
+//! Interest routing (sending a channel only to nodes that want it) is not built: every
+//! peer gets every event, which is one copy per region while regions run one node each.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use tern_core::{ChannelEvent, ChannelKey, Hub, Journal, OriginId, RemoteEvent, RemoteOutcome};
-use tokio::sync::mpsc;
+use tokio::sync::{watch, Notify};
 
-use crate::link::{LinkEndpoint, LinkReceiver};
-use crate::wire::{EventV1, FrameV1};
+use crate::link::{LinkEndpoint, LinkReceiver, LinkSender};
+use crate::topology::{Topology, WanLink};
+use crate::wire::{EventV1, FrameV1, HeadV1};
 
-/// Frames queued per peer before new ones are dropped (a drop becomes a gap, which the
-/// next event from that origin reveals and a repair fills).
-pub const PEER_QUEUE_MAX: usize = 65_536;
+/// Unacknowledged events kept per peer for resending. Past it the oldest is dropped and
+/// that peer stops counting as a replica for it (its channel gap is repaired from logs).
+pub const PEER_BUFFER_MAX: usize = 65_536;
+/// Control frames (acks, repair requests and answers) queued per peer.
+pub const CONTROL_QUEUE_MAX: usize = 65_536;
+/// A publish waiting for `ack_replicas` longer than this is refused (NACK), not ACKed.
+pub const REPLICA_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 const RECONNECT_DELAY: Duration = Duration::from_millis(200);
+/// How often each node sends its channel cursors to every peer (anti-entropy).
+const HEADS_EVERY: Duration = Duration::from_secs(1);
+/// Channels per anti-entropy round, and per `Heads` frame.
+const HEADS_CHANNELS_MAX: usize = 20_000;
+const HEADS_PER_FRAME: usize = 256;
+/// Resend unacknowledged events when no ack has advanced for this long (plus 2× the
+/// emulated delay).
+const RESEND_AFTER: Duration = Duration::from_millis(1_000);
 
-/// The hub's journal on a replicating node: forwards local-origin events to peers, then
-/// to the next journal (the history store).
-pub struct ReplicationJournal {
-    origin: OriginId,
-    peers: Mutex<HashMap<SocketAddr, mpsc::Sender<FrameV1>>>,
-    next: Option<Arc<dyn Journal>>,
+/// A publish's reply, run with `true` once replicated (or `false` on timeout).
+pub type ReplicaCallback = Box<dyn FnOnce(bool) + Send>;
+
+/// Runs its argument once everything journaled so far is durable locally.
+pub type Barrier = Arc<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
+
+/// A peer as membership describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSpec {
+    pub node_id: String,
+    pub incarnation: u64,
+    pub region: String,
+    pub quic: SocketAddr,
+    /// The peer's origin id (its events arrive on its own link).
+    pub origin: u64,
 }
 
-impl ReplicationJournal {
-    pub fn new(origin: OriginId, next: Option<Arc<dyn Journal>>) -> Arc<ReplicationJournal> {
-        Arc::new(ReplicationJournal {
+/// This node, for replication.
+#[derive(Clone, Debug)]
+pub struct ReplicatorConfig {
+    pub node_id: String,
+    pub incarnation: u64,
+    pub region: String,
+    /// Peers that must store an event before its publish is ACKed.
+    pub ack_replicas: usize,
+    /// Emulated WAN between regions (local multi-region runs only).
+    pub topology: Option<Topology>,
+}
+
+/// The hub's journal on a replicating node, and the replication engine behind it.
+pub struct Replicator {
+    config: ReplicatorConfig,
+    origin: OriginId,
+    next: Option<Arc<dyn Journal>>,
+    out: Mutex<Out>,
+    recv: Mutex<HashMap<String, RecvState>>,
+    running: OnceLock<Running>,
+}
+
+struct Running {
+    endpoint: Arc<LinkEndpoint>,
+    hub: Weak<Hub>,
+    barrier: Barrier,
+}
+
+#[derive(Default)]
+struct Out {
+    /// Last link position handed out.
+    seq: u64,
+    peers: HashMap<String, PeerOut>,
+    waiters: VecDeque<Waiter>,
+}
+
+struct PeerOut {
+    spec: PeerSpec,
+    shared: Arc<PeerShared>,
+    /// Events at or below this position were never (or no longer) held for this peer.
+    counts_after: u64,
+    acked: u64,
+    task: tokio::task::AbortHandle,
+}
+
+struct PeerShared {
+    queue: Mutex<PeerQueue>,
+    notify: Notify,
+    partitioned: AtomicBool,
+    wan: Option<WanLink>,
+}
+
+#[derive(Default)]
+struct PeerQueue {
+    /// Unacknowledged events, consecutive link positions.
+    events: VecDeque<(u64, FrameV1, Instant)>,
+    control: VecDeque<(FrameV1, Instant)>,
+    acked: u64,
+}
+
+struct Waiter {
+    target: u64,
+    since: Instant,
+    then: ReplicaCallback,
+}
+
+/// What this node has received from one sender.
+struct RecvState {
+    incarnation: u64,
+    /// Every link position up to here is applied.
+    contiguous: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Replicator {
+    pub fn new(
+        config: ReplicatorConfig,
+        origin: OriginId,
+        next: Option<Arc<dyn Journal>>,
+    ) -> Arc<Replicator> {
+        Arc::new(Replicator {
+            config,
             origin,
-            peers: Mutex::new(HashMap::new()),
             next,
+            out: Mutex::new(Out::default()),
+            recv: Mutex::new(HashMap::new()),
+            running: OnceLock::new(),
         })
     }
 
-    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, mpsc::Sender<FrameV1>>> {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+    /// Starts accepting peer links. `barrier` waits for the local history store.
+    pub fn start(self: &Arc<Self>, endpoint: Arc<LinkEndpoint>, hub: &Arc<Hub>, barrier: Barrier) {
+        let running = Running {
+            endpoint: endpoint.clone(),
+            hub: Arc::downgrade(hub),
+            barrier,
+        };
+        if self.running.set(running).is_err() {
+            return;
+        }
+        tokio::spawn(self.clone().accept_loop(endpoint));
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            let mut heads_at = Instant::now();
+            loop {
+                tick.tick().await;
+                let Some(me) = weak.upgrade() else { return };
+                me.expire_waiters();
+                if heads_at.elapsed() >= HEADS_EVERY {
+                    heads_at = Instant::now();
+                    me.send_heads();
+                }
+            }
+        });
     }
 
-    fn send_to(&self, peer: SocketAddr, frame: FrameV1) {
-        if let Some(queue) = self.peers().get(&peer) {
-            let _ = queue.try_send(frame);
+    /// Makes the peer set equal to `peers` (this node excluded): links open to new peers,
+    /// close to departed ones (and a departed peer no longer holds up ACKs).
+    pub fn set_peers(self: &Arc<Self>, peers: &[PeerSpec]) {
+        let Some(running) = self.running.get() else {
+            return;
+        };
+        let mut out = lock(&self.out);
+        out.peers.retain(|id, peer| {
+            let keep = peers.iter().any(|p| p == &peer.spec) && id != &self.config.node_id;
+            if !keep {
+                tracing::info!(peer = %id, "replication peer left");
+                peer.task.abort();
+            }
+            keep
+        });
+        let seq = out.seq;
+        for spec in peers {
+            if spec.node_id == self.config.node_id || out.peers.contains_key(&spec.node_id) {
+                continue;
+            }
+            tracing::info!(peer = %spec.node_id, region = %spec.region, quic = %spec.quic, "replication peer joined");
+            let wan = self
+                .config
+                .topology
+                .as_ref()
+                .and_then(|t| t.link(&self.config.region, &spec.region));
+            let shared = Arc::new(PeerShared {
+                queue: Mutex::new(PeerQueue {
+                    acked: seq,
+                    ..PeerQueue::default()
+                }),
+                notify: Notify::new(),
+                partitioned: AtomicBool::new(false),
+                wan,
+            });
+            let task = tokio::spawn(send_loop(
+                running.endpoint.clone(),
+                (
+                    self.config.node_id.clone(),
+                    self.config.incarnation,
+                    self.origin.0,
+                ),
+                spec.clone(),
+                shared.clone(),
+            ))
+            .abort_handle();
+            out.peers.insert(
+                spec.node_id.clone(),
+                PeerOut {
+                    spec: spec.clone(),
+                    shared,
+                    counts_after: seq,
+                    acked: seq,
+                    task,
+                },
+            );
+        }
+        let done = self.drain_waiters(&mut out, Instant::now());
+        drop(out);
+        run_all(done);
+    }
+
+    /// Test hook: cut (or restore) this node's links to `peer` in both directions, as a
+    /// network partition would. Frames wait in the resend buffer meanwhile.
+    pub fn set_partitioned(&self, peer: &str, partitioned: bool) {
+        if let Some(p) = lock(&self.out).peers.get(peer) {
+            p.shared.partitioned.store(partitioned, Ordering::SeqCst);
+            p.shared.notify.notify_one();
+        }
+    }
+
+    fn is_partitioned(&self, peer: &str) -> bool {
+        lock(&self.out)
+            .peers
+            .get(peer)
+            .is_some_and(|p| p.shared.partitioned.load(Ordering::SeqCst))
+    }
+
+    /// Runs `then(true)` once everything journaled so far is stored on `ack_replicas`
+    /// peers (or as many as are live), in call order; `then(false)` after
+    /// [`REPLICA_ACK_TIMEOUT`].
+    pub fn after_replicated(&self, then: Box<dyn FnOnce(bool) + Send>) {
+        let mut out = lock(&self.out);
+        let target = out.seq;
+        out.waiters.push_back(Waiter {
+            target,
+            since: Instant::now(),
+            then,
+        });
+        let done = self.drain_waiters(&mut out, Instant::now());
+        drop(out);
+        run_all(done);
+    }
+
+    /// Publishes waiting on replicas right now.
+    pub fn waiting(&self) -> usize {
+        lock(&self.out).waiters.len()
+    }
+
+    fn satisfied(&self, out: &Out, target: u64) -> bool {
+        if target == 0 || self.config.ack_replicas == 0 {
+            return true;
+        }
+        let eligible = out.peers.values().filter(|p| p.counts_after < target);
+        let (mut candidates, mut stored) = (0, 0);
+        for peer in eligible {
+            candidates += 1;
+            if peer.acked >= target {
+                stored += 1;
+            }
+        }
+        stored >= self.config.ack_replicas.min(candidates)
+    }
+
+    fn drain_waiters(&self, out: &mut Out, now: Instant) -> Vec<(ReplicaCallback, bool)> {
+        let mut done = Vec::new();
+        while let Some(front) = out.waiters.front() {
+            let ok = self.satisfied(out, front.target);
+            let expired = now.duration_since(front.since) >= REPLICA_ACK_TIMEOUT;
+            if !ok && !expired {
+                break;
+            }
+            if !ok {
+                metrics::counter!("tern_replica_ack_timeouts_total").increment(1);
+            }
+            let waiter = out.waiters.pop_front().expect("checked non-empty");
+            done.push((waiter.then, ok));
+        }
+        done
+    }
+
+    fn expire_waiters(&self) {
+        let mut out = lock(&self.out);
+        let done = self.drain_waiters(&mut out, Instant::now());
+        drop(out);
+        run_all(done);
+    }
+
+    fn on_stored(&self, peer: &str, upto: u64) {
+        let mut out = lock(&self.out);
+        let Some(p) = out.peers.get_mut(peer) else {
+            return;
+        };
+        if upto <= p.acked {
+            return;
+        }
+        p.acked = upto;
+        {
+            let mut q = lock(&p.shared.queue);
+            while q.events.front().is_some_and(|(seq, _, _)| *seq <= upto) {
+                q.events.pop_front();
+            }
+            q.acked = q.acked.max(upto);
+        }
+        p.shared.notify.notify_one();
+        let done = self.drain_waiters(&mut out, Instant::now());
+        drop(out);
+        run_all(done);
+    }
+
+    /// Queues a control frame to `peer` (acks, repairs); dropped if the peer is unknown
+    /// or its queue is full (both are retried by the protocol).
+    fn send_control(&self, peer: &str, frame: FrameV1) {
+        let out = lock(&self.out);
+        if let Some(p) = out.peers.get(peer) {
+            let mut q = lock(&p.shared.queue);
+            if q.control.len() < CONTROL_QUEUE_MAX {
+                q.control.push_back((frame, Instant::now()));
+            }
+            drop(q);
+            p.shared.notify.notify_one();
+        }
+    }
+
+    /// Sends every peer our channel cursors; each asks for what it lacks.
+    fn send_heads(&self) {
+        let Some(hub) = self.running.get().and_then(|r| r.hub.upgrade()) else {
+            return;
+        };
+        let peers: Vec<String> = lock(&self.out).peers.keys().cloned().collect();
+        if peers.is_empty() {
+            return;
+        }
+        let heads: Vec<HeadV1> = hub
+            .cursors(HEADS_CHANNELS_MAX)
+            .into_iter()
+            .map(|(key, cursor)| HeadV1 {
+                app: key.app.to_string(),
+                channel: key.name.to_string(),
+                origins: cursor.origins().map(|(o, seq)| (o.0, seq)).collect(),
+            })
+            .filter(|h| !h.origins.is_empty())
+            .collect();
+        for chunk in heads.chunks(HEADS_PER_FRAME) {
+            for peer in &peers {
+                self.send_control(
+                    peer,
+                    FrameV1::Heads {
+                        channels: chunk.to_vec(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Answers a repair request from our log; what the log no longer has (or never
+    /// logged) is answered with a `Skip` so the requester does not wait forever.
+    fn answer_repair(&self, hub: &Hub, peer: &str, request: FrameV1) {
+        let FrameV1::Repair {
+            app,
+            channel,
+            origin,
+            from,
+            to,
+        } = request
+        else {
+            return;
+        };
+        let key = ChannelKey::new(&app, &channel);
+        let have = hub.cursor(&key).get(OriginId(origin));
+        let to = to.min(have);
+        if to < from {
+            return;
+        }
+        let events = hub.events_of(&key, OriginId(origin), from, to);
+        let first = events.first().map_or(to + 1, |e| e.seq);
+        if first > from {
+            self.send_control(
+                peer,
+                FrameV1::Skip {
+                    app: app.clone(),
+                    channel: channel.clone(),
+                    origin,
+                    upto: first - 1,
+                },
+            );
+        }
+        for event in events {
+            let frame = EventV1::from_remote(&app, &channel, &RemoteEvent::from_event(&event));
+            self.send_control(peer, FrameV1::Event(frame));
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, endpoint: Arc<LinkEndpoint>) {
+        loop {
+            match endpoint.accept().await {
+                Ok(link) => {
+                    tokio::spawn(self.clone().receive_loop(link));
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "inbound link failed");
+                    if matches!(&err, crate::ClusterError::Link(m) if m == "endpoint closed") {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one peer's link: events in origin order, repair requests from our log,
+    /// acks of what we sent.
+    async fn receive_loop(self: Arc<Self>, mut link: LinkReceiver) {
+        let Some(running) = self.running.get() else {
+            return;
+        };
+        let mut sender: Option<(String, u64)> = None;
+        let mut sender_origin = 0;
+        // The sender's own sequence per channel in its previous `Heads` (stale-gap check).
+        let mut previous_heads: HashMap<ChannelKey, u64> = HashMap::new();
+        let mut acker: Option<(watch::Sender<u64>, tokio::task::AbortHandle)> = None;
+        while let Ok(Some(frame)) = link.recv().await {
+            let Some(hub) = running.hub.upgrade() else {
+                return;
+            };
+            if let Some((peer, _)) = &sender {
+                if self.is_partitioned(peer) {
+                    break;
+                }
+            }
+            match frame {
+                FrameV1::Hello {
+                    node_id,
+                    incarnation,
+                    origin,
+                    first,
+                } => {
+                    sender_origin = origin;
+                    let contiguous = {
+                        let mut recv = lock(&self.recv);
+                        let state = recv.entry(node_id.clone()).or_insert(RecvState {
+                            incarnation,
+                            contiguous: 0,
+                        });
+                        if state.incarnation != incarnation {
+                            *state = RecvState {
+                                incarnation,
+                                contiguous: 0,
+                            };
+                        }
+                        state.contiguous = state.contiguous.max(first.saturating_sub(1));
+                        state.contiguous
+                    };
+                    if let Some((_, task)) = acker.take() {
+                        task.abort();
+                    }
+                    let (tx, rx) = watch::channel(contiguous);
+                    let task =
+                        tokio::spawn(self.clone().ack_loop(node_id.clone(), incarnation, rx))
+                            .abort_handle();
+                    acker = Some((tx, task));
+                    sender = Some((node_id, incarnation));
+                }
+                FrameV1::Event(event) => {
+                    let Some((peer, incarnation)) = &sender else {
+                        continue;
+                    };
+                    let Ok(remote) = event.to_remote() else {
+                        continue;
+                    };
+                    let key = ChannelKey::new(&event.app, &event.channel);
+                    let outcome = hub.apply_remote(&key, remote, crate::now_ms());
+                    match outcome {
+                        Ok(RemoteOutcome::Gap {
+                            origin,
+                            missing: (from, to),
+                        }) => self.send_control(
+                            peer,
+                            FrameV1::Repair {
+                                app: event.app,
+                                channel: event.channel,
+                                origin: origin.0,
+                                from,
+                                to,
+                            },
+                        ),
+                        Ok(_) if event.link_seq > 0 => {
+                            self.advance_contiguous(peer, *incarnation, event.link_seq, &acker);
+                        }
+                        Ok(_) => {}
+                        Err(err) => {
+                            tracing::warn!(channel = %event.channel, error = %err, "remote event refused");
+                        }
+                    }
+                }
+                request @ FrameV1::Repair { .. } => {
+                    let Some((peer, _)) = &sender else {
+                        continue;
+                    };
+                    self.answer_repair(&hub, peer, request);
+                }
+                FrameV1::Heads { channels } => {
+                    let Some((peer, _)) = &sender else {
+                        continue;
+                    };
+                    let live_origins: Vec<u64> = lock(&self.out)
+                        .peers
+                        .values()
+                        .map(|p| p.spec.origin)
+                        .collect();
+                    for head in channels {
+                        let key = ChannelKey::new(&head.app, &head.channel);
+                        if hub.status(&key).is_none() {
+                            continue;
+                        }
+                        let mine = hub.cursor(&key);
+                        for (origin, seq) in head.origins {
+                            let have = mine.get(OriginId(origin));
+                            let upto = if origin == sender_origin {
+                                // The sender's own events come on this link, resent until
+                                // acked; what it already had a round ago and we still
+                                // lack was never sent to us (published before it knew us).
+                                let before = previous_heads.insert(key.clone(), seq);
+                                if previous_heads.len() > HEADS_CHANNELS_MAX {
+                                    previous_heads.clear();
+                                }
+                                before.unwrap_or(0).min(seq)
+                            } else if origin == self.origin.0 || live_origins.contains(&origin) {
+                                // Ours, or a live peer's: its own link brings them.
+                                0
+                            } else {
+                                // An origin that died before every node had its events.
+                                seq
+                            };
+                            if upto > have {
+                                self.send_control(
+                                    peer,
+                                    FrameV1::Repair {
+                                        app: head.app.clone(),
+                                        channel: head.channel.clone(),
+                                        origin,
+                                        from: have + 1,
+                                        to: upto,
+                                    },
+                                );
+                            }
+                        }
+                    }
+                }
+                FrameV1::Skip {
+                    app,
+                    channel,
+                    origin,
+                    upto,
+                } => {
+                    let key = ChannelKey::new(&app, &channel);
+                    let applied = hub.skip_remote(&key, OriginId(origin), upto, crate::now_ms());
+                    tracing::warn!(%channel, origin = format!("{origin:016x}"), upto, applied, "events no peer can supply were skipped");
+                }
+                FrameV1::Stored { incarnation, upto } => {
+                    if let Some((peer, _)) = &sender {
+                        if incarnation == self.config.incarnation {
+                            self.on_stored(peer, upto);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some((_, task)) = acker {
+            task.abort();
+        }
+    }
+
+    /// Link position `link_seq` from `peer` is applied: extend the acknowledgeable prefix.
+    fn advance_contiguous(
+        &self,
+        peer: &str,
+        incarnation: u64,
+        link_seq: u64,
+        acker: &Option<(watch::Sender<u64>, tokio::task::AbortHandle)>,
+    ) {
+        let mut recv = lock(&self.recv);
+        if let Some(state) = recv.get_mut(peer) {
+            if state.incarnation == incarnation && link_seq == state.contiguous + 1 {
+                state.contiguous = link_seq;
+                if let Some((tx, _)) = acker {
+                    let _ = tx.send(link_seq);
+                }
+            }
+        }
+    }
+
+    /// Acknowledges a sender's link positions once they are in our store.
+    async fn ack_loop(
+        self: Arc<Self>,
+        peer: String,
+        incarnation: u64,
+        mut rx: watch::Receiver<u64>,
+    ) {
+        let Some(running) = self.running.get() else {
+            return;
+        };
+        let mut sent = 0;
+        loop {
+            let upto = *rx.borrow_and_update();
+            if upto > sent {
+                let (tx, done) = tokio::sync::oneshot::channel();
+                (running.barrier)(Box::new(move || {
+                    let _ = tx.send(());
+                }));
+                let _ = done.await;
+                self.send_control(&peer, FrameV1::Stored { incarnation, upto });
+                sent = upto;
+                continue;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
         }
     }
 }
 
-impl Journal for ReplicationJournal {
+fn run_all(done: Vec<(ReplicaCallback, bool)>) {
+    for (then, ok) in done {
+        then(ok);
+    }
+}
+
+impl Journal for Replicator {
     fn record(&self, key: &ChannelKey, event: &Arc<ChannelEvent>) {
         if let Some(next) = &self.next {
             next.record(key, event);
@@ -55,120 +667,160 @@ impl Journal for ReplicationJournal {
         if event.origin != self.origin {
             return;
         }
-        let frame = FrameV1::Event(EventV1::from_remote(
-            &key.app,
-            &key.name,
-            &RemoteEvent::from_event(event),
-        ));
-        for queue in self.peers().values() {
-            if queue.try_send(frame.clone()).is_err() {
-                tracing::warn!(channel = %key.name, "peer queue full: event left for repair");
+        let mut out = lock(&self.out);
+        out.seq += 1;
+        let seq = out.seq;
+        let mut frame = EventV1::from_remote(&key.app, &key.name, &RemoteEvent::from_event(event));
+        frame.link_seq = seq;
+        let frame = FrameV1::Event(frame);
+        let now = Instant::now();
+        for peer in out.peers.values_mut() {
+            let mut q = lock(&peer.shared.queue);
+            q.events.push_back((seq, frame.clone(), now));
+            if q.events.len() > PEER_BUFFER_MAX {
+                if let Some((dropped, _, _)) = q.events.pop_front() {
+                    peer.counts_after = peer.counts_after.max(dropped);
+                    metrics::counter!("tern_replication_buffer_drops_total").increment(1);
+                }
             }
+            drop(q);
+            peer.shared.notify.notify_one();
         }
     }
 }
 
-/// Starts replication: a sender task per peer and the accept loop. `peers` are the
-/// peers' link addresses (their endpoints' bound addresses).
-pub fn spawn_replication(
-    endpoint: Arc<LinkEndpoint>,
-    hub: Arc<Hub>,
-    journal: Arc<ReplicationJournal>,
-    peers: Vec<SocketAddr>,
-) {
-    for peer in peers {
-        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-        journal.peers().insert(peer, tx);
-        tokio::spawn(send_loop(endpoint.clone(), peer, rx));
-    }
-    tokio::spawn(accept_loop(endpoint, hub, journal));
+enum Work {
+    Control(FrameV1, Instant),
+    Event(u64, FrameV1, Instant),
+    Resend,
+    Idle,
 }
 
-/// Keeps one link to `peer` open and writes its queue into it, reconnecting on failure.
+/// Keeps one link to `peer` open and writes its queue into it, reconnecting and
+/// resending whatever is unacknowledged.
 async fn send_loop(
     endpoint: Arc<LinkEndpoint>,
-    peer: SocketAddr,
-    mut queue: mpsc::Receiver<FrameV1>,
+    me: (String, u64, u64),
+    peer: PeerSpec,
+    shared: Arc<PeerShared>,
 ) {
-    let mut pending: Option<FrameV1> = None;
+    let delay = shared.wan.map_or(Duration::ZERO, |w| w.delay);
+    let loss = shared.wan.map_or(0.0, |w| w.loss);
+    let resend_after = RESEND_AFTER + delay * 2;
     loop {
-        let mut link = match endpoint.connect(peer).await {
+        if shared.partitioned.load(Ordering::SeqCst) {
+            tokio::time::sleep(RECONNECT_DELAY).await;
+            continue;
+        }
+        let mut link = match endpoint.connect(peer.quic).await {
             Ok(link) => link,
             Err(err) => {
-                tracing::debug!(%peer, error = %err, "link connect failed; retrying");
+                tracing::debug!(peer = %peer.node_id, error = %err, "link connect failed; retrying");
                 tokio::time::sleep(RECONNECT_DELAY).await;
                 continue;
             }
         };
+        let mut sent_upto = 0;
+        if hello(&mut link, &me, &shared, &mut sent_upto)
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(RECONNECT_DELAY).await;
+            continue;
+        }
+        let mut last_acked = lock(&shared.queue).acked;
+        let mut progress_at = Instant::now();
         loop {
-            let frame = match pending.take() {
-                Some(frame) => frame,
-                None => match queue.recv().await {
-                    Some(frame) => frame,
-                    None => return,
-                },
+            if shared.partitioned.load(Ordering::SeqCst) {
+                break;
+            }
+            let work = {
+                let mut q = lock(&shared.queue);
+                if q.acked != last_acked {
+                    last_acked = q.acked;
+                    progress_at = Instant::now();
+                }
+                sent_upto = sent_upto.max(q.acked);
+                if let Some((first, _, _)) = q.events.front() {
+                    // Dropped from the buffer before it was sent: skip (see `hello`).
+                    sent_upto = sent_upto.max(first - 1);
+                }
+                if let Some((frame, at)) = q.control.pop_front() {
+                    Work::Control(frame, at)
+                } else if let Some((seq, frame, at)) = q
+                    .events
+                    .front()
+                    .map(|(first, _, _)| *first)
+                    .and_then(|first| q.events.get((sent_upto + 1 - first) as usize))
+                    .cloned()
+                {
+                    Work::Event(seq, frame, at)
+                } else if sent_upto > q.acked && progress_at.elapsed() >= resend_after {
+                    Work::Resend
+                } else {
+                    Work::Idle
+                }
             };
-            if let Err(err) = link.send(&frame).await {
-                tracing::debug!(%peer, error = %err, "link send failed; reconnecting");
-                pending = Some(frame);
+            let result = match work {
+                Work::Control(frame, at) => {
+                    wait_until(at + delay).await;
+                    link.send(&frame).await
+                }
+                Work::Event(seq, frame, at) => {
+                    wait_until(at + delay).await;
+                    sent_upto = seq;
+                    if loss > 0.0 && rand::random::<f64>() < loss {
+                        Ok(())
+                    } else {
+                        link.send(&frame).await
+                    }
+                }
+                Work::Resend => {
+                    progress_at = Instant::now();
+                    sent_upto = 0;
+                    hello(&mut link, &me, &shared, &mut sent_upto).await
+                }
+                Work::Idle => {
+                    tokio::select! {
+                        _ = shared.notify.notified() => {}
+                        _ = tokio::time::sleep(resend_after / 2) => {}
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(peer = %peer.node_id, error = %err, "link send failed; reconnecting");
                 break;
             }
         }
     }
 }
 
-async fn accept_loop(endpoint: Arc<LinkEndpoint>, hub: Arc<Hub>, journal: Arc<ReplicationJournal>) {
-    loop {
-        match endpoint.accept().await {
-            Ok(link) => {
-                tokio::spawn(receive_loop(link, hub.clone(), journal.clone()));
-            }
-            Err(err) => tracing::debug!(error = %err, "inbound link failed"),
-        }
-    }
+/// Announces the sender and rewinds to the first unacknowledged event.
+async fn hello(
+    link: &mut LinkSender,
+    me: &(String, u64, u64),
+    shared: &PeerShared,
+    sent_upto: &mut u64,
+) -> Result<(), crate::ClusterError> {
+    let first = {
+        let q = lock(&shared.queue);
+        let first = q.events.front().map_or(q.acked + 1, |(seq, _, _)| *seq);
+        *sent_upto = q.acked.max(first - 1);
+        first
+    };
+    link.send(&FrameV1::Hello {
+        node_id: me.0.clone(),
+        incarnation: me.1,
+        origin: me.2,
+        first,
+    })
+    .await
 }
 
-/// Applies a peer's frames: events in origin order, repair requests from our log.
-async fn receive_loop(mut link: LinkReceiver, hub: Arc<Hub>, journal: Arc<ReplicationJournal>) {
-    let peer = link.remote_address();
-    while let Ok(Some(frame)) = link.recv().await {
-        match frame {
-            FrameV1::Event(event) => {
-                let Ok(remote) = event.to_remote() else {
-                    continue;
-                };
-                let key = ChannelKey::new(&event.app, &event.channel);
-                if let Ok(RemoteOutcome::Gap {
-                    origin,
-                    missing: (from, to),
-                }) = hub.apply_remote(&key, remote, crate::now_ms())
-                {
-                    journal.send_to(
-                        peer,
-                        FrameV1::Repair {
-                            app: event.app,
-                            channel: event.channel,
-                            origin: origin.0,
-                            from,
-                            to,
-                        },
-                    );
-                }
-            }
-            FrameV1::Repair {
-                app,
-                channel,
-                origin,
-                from,
-                to,
-            } => {
-                let key = ChannelKey::new(&app, &channel);
-                for event in hub.events_of(&key, OriginId(origin), from, to) {
-                    let frame =
-                        EventV1::from_remote(&app, &channel, &RemoteEvent::from_event(&event));
-                    journal.send_to(peer, FrameV1::Event(frame));
-                }
-            }
-        }
+async fn wait_until(at: Instant) {
+    let now = Instant::now();
+    if at > now {
+        tokio::time::sleep(at - now).await;
     }
 }

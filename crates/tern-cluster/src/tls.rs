@@ -1,6 +1,7 @@
 //! Cluster CA and node identities. Links are mutual TLS: each side presents a
 //! certificate signed by the cluster CA and requires the same of its peer. `tern dev`
-//! will make a throwaway CA; production passes files.
+//! makes a throwaway CA; `tern certs` writes a CA and node certificates as PEM files,
+//! which `tern serve` reads (`[cluster] ca_cert`, `cert`, `key`).
 
 use std::sync::Arc;
 
@@ -46,6 +47,11 @@ impl ClusterCa {
         })
     }
 
+    /// The CA certificate and its private key, PEM.
+    pub fn to_pem(&self) -> (String, String) {
+        (self.issuer.pem(), self.issuer.key().serialize_pem())
+    }
+
     /// A certificate for one node, signed by this CA.
     pub fn issue(&self) -> Result<NodeIdentity, ClusterError> {
         let params = CertificateParams::new(vec![NODE_NAME.to_string()]).map_err(tls_err)?;
@@ -64,6 +70,31 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 impl NodeIdentity {
+    /// The node certificate and key, PEM (the CA certificate is [`ClusterCa::to_pem`]).
+    pub fn to_pem(&self) -> (String, String) {
+        (
+            pem_block("CERTIFICATE", &self.cert),
+            pem_block("PRIVATE KEY", &self.key_der),
+        )
+    }
+
+    /// Loads a node identity from PEM: its certificate, its PKCS#8 key, the CA.
+    pub fn from_pem(
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        ca_pem: &[u8],
+    ) -> Result<NodeIdentity, ClusterError> {
+        use rustls::pki_types::pem::PemObject;
+        let cert = CertificateDer::from_pem_slice(cert_pem).map_err(tls_err)?;
+        let ca = CertificateDer::from_pem_slice(ca_pem).map_err(tls_err)?;
+        let key = PrivatePkcs8KeyDer::from_pem_slice(key_pem).map_err(tls_err)?;
+        Ok(NodeIdentity {
+            cert,
+            key_der: key.secret_pkcs8_der().to_vec(),
+            ca,
+        })
+    }
+
     fn roots(&self) -> Result<Arc<RootCertStore>, ClusterError> {
         let mut roots = RootCertStore::empty();
         roots.add(self.ca.clone()).map_err(tls_err)?;
@@ -101,4 +132,16 @@ impl NodeIdentity {
         config.alpn_protocols = vec![ALPN.to_vec()];
         Ok(config)
     }
+}
+
+fn pem_block(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in body.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }

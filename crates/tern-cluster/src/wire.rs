@@ -21,6 +21,9 @@ pub struct EventV1 {
     pub publisher: Option<String>,
     /// The origin's frame, msgpack-encoded (binary data stays binary).
     pub frame: Vec<u8>,
+    /// Position on the sender's outbound link (1, 2, ... per sender incarnation), which
+    /// the receiver acknowledges with [`FrameV1::Stored`]; 0 for repair answers.
+    pub link_seq: u64,
 }
 
 /// Everything one node says to another.
@@ -35,6 +38,43 @@ pub enum FrameV1 {
         from: u64,
         to: u64,
     },
+    /// First frame on every link: who is sending (so the receiver can answer on its own
+    /// link to us) and from which link position it resends.
+    Hello {
+        node_id: String,
+        incarnation: u64,
+        /// The sender's origin id (its own events come over this link, reliably).
+        origin: u64,
+        /// The lowest link position the sender still holds: anything below it that the
+        /// receiver lacks is gone from the link (and left to channel gap repair).
+        first: u64,
+    },
+    /// "Every event of yours up to link position `upto` is stored here" (ack_replicas).
+    Stored {
+        incarnation: u64,
+        upto: u64,
+    },
+    /// Anti-entropy: the sender's cursor on some of its channels. The receiver asks for
+    /// whatever it lacks (from any origin), so survivors converge after a node dies.
+    Heads {
+        channels: Vec<HeadV1>,
+    },
+    /// Answer to a repair: `origin`'s events up to `upto` on this channel cannot be
+    /// supplied by anyone (trimmed from the log or never logged): move past them.
+    Skip {
+        app: String,
+        channel: String,
+        origin: u64,
+        upto: u64,
+    },
+}
+
+/// One channel's cursor: `(origin, last sequence)` pairs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeadV1 {
+    pub app: String,
+    pub channel: String,
+    pub origins: Vec<(u64, u64)>,
 }
 
 fn config() -> impl bincode::config::Config {
@@ -75,6 +115,7 @@ impl EventV1 {
             seq: event.seq,
             publisher: event.publisher.as_deref().map(str::to_string),
             frame: tern_protocol::encode(Format::Msgpack, &event.frame).to_vec(),
+            link_seq: 0,
         }
     }
 

@@ -22,6 +22,57 @@ pub struct Config {
     pub history: HistorySection,
     #[serde(default)]
     pub apps: Vec<AppConfig>,
+    /// Absent: a single node. Present: this node joins a cluster.
+    pub cluster: Option<ClusterSection>,
+}
+
+/// `[cluster]`: membership, links and replication (see config.example.toml).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// This node's region, e.g. "eu-west".
+    pub region: String,
+    /// Unique per node; defaults to server.server_id.
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// UDP address of the QUIC link listener.
+    pub quic_listen: std::net::SocketAddr,
+    /// UDP address of the gossip listener (its own port).
+    pub gossip_listen: std::net::SocketAddr,
+    /// Gossip `host:port` of existing members; one is enough. Empty for the first node.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// What clients use to reach this node (for `GET /regions`); defaults to
+    /// `http://HOST:PORT` of [server].
+    #[serde(default)]
+    pub client_url: Option<String>,
+    /// Peers that must store a publish before it is ACKed (0 = ACK once stored here).
+    #[serde(default = "default_ack_replicas")]
+    pub ack_replicas: usize,
+    /// PEM files: the cluster CA certificate, this node's certificate and PKCS#8 key
+    /// (`tern certs` writes them).
+    pub ca_cert: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// Emulate the WAN between regions from this topology file (local test clusters
+    /// only; leave unset in production).
+    #[serde(default)]
+    pub emulate_topology: Option<std::path::PathBuf>,
+    #[serde(default = "default_gossip_interval_ms")]
+    pub gossip_interval_ms: u64,
+    /// Roughly how long a silent node takes to be declared dead.
+    #[serde(default = "default_failure_detection_ms")]
+    pub failure_detection_ms: u64,
+}
+
+fn default_ack_replicas() -> usize {
+    1
+}
+fn default_gossip_interval_ms() -> u64 {
+    200
+}
+fn default_failure_detection_ms() -> u64 {
+    1000
 }
 
 #[derive(Debug, Deserialize, PartialEq, Eq, Clone, Copy)]
@@ -315,6 +366,14 @@ impl Config {
             })
             .collect();
         KeyRing::new(keys)
+    }
+
+    /// Where clients reach this node, as published to the cluster.
+    pub fn client_url(&self) -> String {
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.client_url.clone())
+            .unwrap_or_else(|| format!("http://{}:{}", self.server.host, self.server.port))
     }
 
     pub fn server_id(&self) -> String {

@@ -5,6 +5,7 @@
 //! - `config`: TOML + CLI/env overrides + validation.
 //! - `main.rs`: CLI (`serve`, `dev`), wiring, shutdown.
 
+mod cluster;
 mod config;
 
 use axum::serve::ListenerExt;
@@ -55,6 +56,15 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         regions: usize,
     },
+    /// Write a new cluster CA and node certificates (PEM) for `[cluster]` configs.
+    Certs {
+        /// Directory to write `ca.pem`, `NODE.pem` and `NODE.key` into.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Node names, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+    },
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -86,6 +96,11 @@ fn main() -> anyhow::Result<()> {
             }
             (parsed, false)
         }
+        Command::Certs { out, nodes } => {
+            cluster::write_certs(&out, &nodes)?;
+            println!("wrote {} (ca.pem and a .pem/.key per node)", out.display());
+            return Ok(());
+        }
         Command::Dev { port, regions } => {
             let names = ["us-east", "eu-west", "ap-south"];
             anyhow::ensure!(
@@ -93,98 +108,184 @@ fn main() -> anyhow::Result<()> {
                 "--regions must be 1 to {}",
                 names.len()
             );
-            let mut nodes = Vec::new();
+            let mut configs = Vec::new();
             for (i, name) in names.iter().take(regions).enumerate() {
                 let mut parsed = Config::parse(DEV_CONFIG)?;
                 let base = port.unwrap_or(parsed.server.port);
                 parsed.server.port = if base == 0 { 0 } else { base + i as u16 };
                 parsed.server.server_id = Some(format!("tern-dev-{name}"));
                 parsed.history.path = format!("tern-data/dev/{name}/history.redb").into();
-                nodes.push((parsed, (regions > 1).then(|| name.to_string())));
+                configs.push((parsed, name.to_string()));
             }
+            let nodes = if regions > 1 {
+                dev_cluster(configs)?
+            } else {
+                configs
+                    .into_iter()
+                    .map(|(config, _)| NodePlan {
+                        config,
+                        cluster: None,
+                    })
+                    .collect()
+            };
             return runtime()?.block_on(serve(nodes, true));
         }
     };
     config.validate()?;
-    runtime()?.block_on(serve(vec![(config, None)], dev))
+    let cluster = match &config.cluster {
+        Some(section) => Some(cluster::from_section(
+            section,
+            config.server_id(),
+            config.client_url(),
+        )?),
+        None => None,
+    };
+    runtime()?.block_on(serve(vec![NodePlan { config, cluster }], dev))
 }
 
-/// How a node joins replication (dev mode: the other in-process regions).
-struct ClusterWiring {
-    endpoint: Arc<tern_cluster::link::LinkEndpoint>,
-    peers: Vec<SocketAddr>,
+/// One node to start, and how it joins a cluster (if it does).
+struct NodePlan {
+    config: Config,
+    cluster: Option<tern_cluster::cluster::ClusterConfig>,
 }
 
-/// One running node: its server task and its store (flushed at shutdown).
+/// `tern dev` regions: a throwaway CA, gossip seeded by the first region, the WAN of
+/// `regions/topology.toml` emulated on the links, one replica ack per publish.
+fn dev_cluster(configs: Vec<(Config, String)>) -> anyhow::Result<Vec<NodePlan>> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = tern_cluster::tls::ClusterCa::generate()?;
+    let topology = tern_cluster::topology::Topology::parse(cluster::DEV_TOPOLOGY)
+        .map_err(anyhow::Error::msg)?;
+    let mut plans = Vec::new();
+    let mut seed: Option<String> = None;
+    for (config, region) in configs {
+        let gossip = cluster::free_udp_port(&config.server.host)?;
+        let quic: SocketAddr = format!("{}:0", config.server.host)
+            .parse()
+            .context("cluster bind address")?;
+        let seeds = seed.iter().cloned().collect();
+        seed.get_or_insert_with(|| gossip.to_string());
+        plans.push(NodePlan {
+            cluster: Some(tern_cluster::cluster::ClusterConfig {
+                node_id: config.server_id(),
+                region,
+                client_url: String::new(),
+                quic_listen: quic,
+                gossip_listen: gossip,
+                seeds,
+                ack_replicas: 1,
+                topology: Some(topology.clone()),
+                identity: Arc::new(ca.issue()?),
+                gossip_interval: Duration::from_millis(200),
+                failure_detection: Duration::from_millis(1_000),
+            }),
+            config,
+        });
+    }
+    Ok(plans)
+}
+
+/// One running node: its server task, its store (flushed at shutdown) and its cluster
+/// membership (left at shutdown).
 struct RunningNode {
     addr: SocketAddr,
+    region: Option<String>,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
     store: Arc<dyn tern_store::HistoryStore>,
+    cluster: Option<Arc<cluster::EdgeCluster>>,
 }
 
-/// Builds one node (store, hub, edge, housekeeping), binds its client port, prints it,
-/// and serves until `shutdown` flips.
+/// Builds one node (store, hub, edge, cluster, housekeeping), binds its client port,
+/// prints it, and serves until `shutdown` flips.
 async fn start_node(
-    config: &Config,
-    region: Option<&str>,
-    cluster: Option<ClusterWiring>,
+    plan: NodePlan,
     metrics_render: Arc<dyn Fn() -> String + Send + Sync>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<RunningNode> {
+    let NodePlan { config, cluster } = plan;
     let origin = OriginId(rand::random());
+    // A restarted node is a new incarnation to its peers (and a new origin in cursors).
+    let incarnation = tern_edge::now_ms() as u64;
     let store = tern_store::open(&config.store_config()).context("opening the history store")?;
     let store_journal: Arc<dyn tern_core::Journal> = Arc::new(tern_edge::history::StoreJournal {
         store: store.clone(),
     });
-    let (journal, replication) = match cluster {
-        Some(wiring) => {
-            let journal =
-                tern_cluster::replicator::ReplicationJournal::new(origin, Some(store_journal));
-            (
-                journal.clone() as Arc<dyn tern_core::Journal>,
-                Some((wiring, journal)),
-            )
-        }
-        None => (store_journal, None),
+    let replicator = cluster.as_ref().map(|c| {
+        tern_cluster::cluster::ClusterNode::replicator(
+            c,
+            incarnation,
+            origin,
+            Some(store_journal.clone()),
+        )
+    });
+    let journal = match &replicator {
+        Some(r) => r.clone() as Arc<dyn tern_core::Journal>,
+        None => store_journal,
     };
     let hub = Arc::new(Hub::with_journal(
         origin,
         config.core_limits(),
         Some(journal),
     ));
-    if let Some((wiring, journal)) = replication {
-        tern_cluster::replicator::spawn_replication(
-            wiring.endpoint,
-            hub.clone(),
-            journal,
-            wiring.peers,
-        );
-    }
     let mut wait_for_shutdown = shutdown.clone();
-    let state = Arc::new(
-        EdgeState::new(
-            config.edge_config(),
-            hub.clone(),
-            config.key_ring(),
-            Some(Box::new(move || metrics_render())),
-            shutdown,
-        )
-        .with_store(store.clone()),
-    );
+    let mut state = EdgeState::new(
+        config.edge_config(),
+        hub.clone(),
+        config.key_ring(),
+        Some(Box::new(move || metrics_render())),
+        shutdown,
+    )
+    .with_store(store.clone());
+    let edge_cluster = replicator.map(|replicator| {
+        Arc::new(cluster::EdgeCluster {
+            replicator,
+            node: std::sync::OnceLock::new(),
+        })
+    });
+    if let Some(view) = &edge_cluster {
+        state = state.with_cluster(view.clone());
+    }
+    let state = Arc::new(state);
     let listener = tokio::net::TcpListener::bind((config.server.host.as_str(), config.server.port))
         .await
         .with_context(|| format!("binding {}:{}", config.server.host, config.server.port))?;
     let addr: SocketAddr = listener.local_addr()?;
-    println!("tern listening on http://{addr}");
-    if let Some(region) = region {
-        println!("  region {region}: http://{addr}");
+
+    let mut region_name = None;
+    if let (Some(mut cluster_config), Some(view)) = (cluster, &edge_cluster) {
+        if cluster_config.client_url.is_empty() {
+            cluster_config.client_url = format!("http://{addr}");
+        }
+        let region = cluster_config.region.clone();
+        let store_for_barrier = store.clone();
+        let barrier: tern_cluster::replicator::Barrier =
+            Arc::new(move |then| store_for_barrier.after_committed(then));
+        let departed_hub = hub.clone();
+        let node = tern_cluster::cluster::ClusterNode::start(
+            cluster_config,
+            incarnation,
+            view.replicator.clone(),
+            &hub,
+            barrier,
+            state.node_tag().to_string(),
+            Arc::new(move |gone| {
+                let left = departed_hub.node_departed(&format!("{}-", gone.tag), tern_edge::now_ms());
+                tracing::info!(node = %gone.node_id, presence_left = left, "removed a departed node's presence members");
+            }),
+        )
+        .await
+        .context("joining the cluster")?;
+        let _ = view.node.set(node);
+        region_name = Some(region);
     }
     tracing::info!(%addr, origin = %origin, server_id = %config.server_id(), "tern started");
 
     // Housekeeping: presence expiry of dropped connections, idle channel removal,
-    // expired parked connections; history retention once a minute.
+    // expired parked connections; load published to the cluster every 5 s; history
+    // retention once a minute.
     let sweeper_state = state.clone();
     let trim_store = store.clone();
+    let load_cluster = edge_cluster.clone();
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks: u64 = 0;
@@ -192,6 +293,11 @@ async fn start_node(
             tick.tick().await;
             sweeper_state.sweep(tern_edge::now_ms());
             ticks += 1;
+            if ticks.is_multiple_of(5) {
+                if let Some(node) = load_cluster.as_ref().and_then(|c| c.node.get()) {
+                    node.set_load(sweeper_state.connection_count() as u64).await;
+                }
+            }
             if ticks.is_multiple_of(60) {
                 let store = trim_store.clone();
                 let _ = tokio::task::spawn_blocking(move || store.trim(tern_edge::now_ms())).await;
@@ -215,65 +321,66 @@ async fn start_node(
     });
     Ok(RunningNode {
         addr,
+        region: region_name,
         server,
         store,
+        cluster: edge_cluster,
     })
 }
 
-/// Runs one node (`serve`, or `dev` with `regions` = 1) or several in-process regions
-/// replicating over mutual-TLS QUIC (`dev`).
-async fn serve(nodes: Vec<(Config, Option<String>)>, dev: bool) -> anyhow::Result<()> {
+/// Runs one node (`serve`, or `dev --regions 1`) or several in-process regions (`dev`).
+async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
     let metrics_handle = recorder.handle();
     metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
     let metrics_render: Arc<dyn Fn() -> String + Send + Sync> =
         Arc::new(move || metrics_handle.render());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-
-    // Several regions: a throwaway cluster CA, one QUIC endpoint per region, full mesh.
-    let mut wirings: Vec<Option<ClusterWiring>> = nodes.iter().map(|_| None).collect();
-    if nodes.len() > 1 {
+    if nodes.iter().any(|n| n.cluster.is_some()) {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let ca = tern_cluster::tls::ClusterCa::generate()?;
-        let mut endpoints = Vec::new();
-        for (config, _) in &nodes {
-            let identity = ca.issue()?;
-            let bind: SocketAddr = format!("{}:0", config.server.host)
-                .parse()
-                .context("cluster bind address")?;
-            endpoints.push(Arc::new(tern_cluster::link::LinkEndpoint::bind(
-                bind, &identity,
-            )?));
+    }
+    let banner = nodes.first().map(|n| n.config.key_ring());
+    let mut running = Vec::new();
+    // Members each node should see before it is announced: all of `tern dev`'s
+    // regions, or this node and one seed.
+    let expected: Vec<usize> = nodes
+        .iter()
+        .map(|n| match &n.cluster {
+            Some(_) if nodes.len() > 1 => nodes.len(),
+            Some(c) if !c.seeds.is_empty() => 2,
+            _ => 1,
+        })
+        .collect();
+    for plan in nodes {
+        running.push(start_node(plan, metrics_render.clone(), shutdown_rx.clone()).await?);
+    }
+    // Announce once the cluster has formed (bounded), so that what clients publish
+    // right away reaches every region's subscribers without waiting for repair.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for (node, expected) in running.iter().zip(expected) {
+        let Some(cluster) = node.cluster.as_ref().and_then(|c| c.node.get()) else {
+            continue;
+        };
+        while cluster.members().len() < expected && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let addrs: Vec<SocketAddr> = endpoints
-            .iter()
-            .map(|e| e.local_addr())
-            .collect::<Result<_, _>>()?;
-        for (i, endpoint) in endpoints.into_iter().enumerate() {
-            let peers = addrs
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, a)| *a)
-                .collect();
-            wirings[i] = Some(ClusterWiring { endpoint, peers });
+        if cluster.members().len() < expected {
+            tracing::warn!(
+                expected,
+                live = cluster.members().len(),
+                "cluster not fully formed yet; serving anyway"
+            );
         }
     }
-    let mut running = Vec::new();
-    for ((config, region), wiring) in nodes.iter().zip(wirings) {
-        let node = start_node(
-            config,
-            region.as_deref(),
-            wiring,
-            metrics_render.clone(),
-            shutdown_rx.clone(),
-        )
-        .await?;
-        running.push(node);
+    for node in &running {
+        println!("tern listening on http://{}", node.addr);
+        if let Some(region) = &node.region {
+            println!("  region {region}: http://{}", node.addr);
+        }
     }
     if dev {
-        if let (Some((config, _)), Some(node)) = (nodes.first(), running.first()) {
-            print_dev_banner(config, node.addr);
+        if let (Some(keys), Some(node)) = (banner, running.first()) {
+            print_dev_banner(&keys, node.addr);
         }
     }
 
@@ -285,12 +392,15 @@ async fn serve(nodes: Vec<(Config, Option<String>)>, dev: bool) -> anyhow::Resul
         let _ = tokio::time::timeout(Duration::from_secs(5), node.server).await;
         let store = node.store;
         let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        if let Some(node) = node.cluster.as_ref().and_then(|c| c.node.get()) {
+            node.shutdown().await;
+        }
     }
     Ok(())
 }
 
-fn print_dev_banner(config: &Config, addr: SocketAddr) {
-    let Some(key) = config.key_ring().keys().next().map(|k| k.to_key_string()) else {
+fn print_dev_banner(keys: &tern_auth::KeyRing, addr: SocketAddr) {
+    let Some(key) = keys.keys().next().map(|k| k.to_key_string()) else {
         return;
     };
     println!("  app: dev   API key (full capability): {key}");

@@ -1,0 +1,184 @@
+//! One node's cluster side, assembled: the QUIC endpoint, the replicator (the hub's
+//! journal) and membership by gossip, wired so that the live set drives the links and a
+//! departed node's presence members are removed.
+//!
+//! Order of construction (the hub needs the journal, the journal needs the hub later):
+//! [`ClusterNode::replicator`] → build the hub with it → [`ClusterNode::start`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern_core::{Hub, Journal, OriginId};
+
+use crate::link::LinkEndpoint;
+use crate::membership::{Member, Membership, MembershipConfig};
+use crate::replicator::{Barrier, PeerSpec, Replicator, ReplicatorConfig};
+use crate::tls::NodeIdentity;
+use crate::topology::Topology;
+use crate::ClusterError;
+
+/// Everything a node needs to join a cluster.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    pub node_id: String,
+    pub region: String,
+    /// Published for clients and `GET /regions`.
+    pub client_url: String,
+    pub quic_listen: SocketAddr,
+    pub gossip_listen: SocketAddr,
+    /// `host:port` gossip addresses of existing members (one is enough).
+    pub seeds: Vec<String>,
+    pub ack_replicas: usize,
+    pub topology: Option<Topology>,
+    pub identity: Arc<NodeIdentity>,
+    pub gossip_interval: Duration,
+    pub failure_detection: Duration,
+}
+
+/// Called with each member that left the live set (dead, or replaced by a restart).
+pub type OnDeparted = Arc<dyn Fn(&Member) + Send + Sync>;
+
+pub struct ClusterNode {
+    membership: tokio::sync::Mutex<Option<Membership>>,
+    live: tokio::sync::watch::Receiver<Vec<Member>>,
+    me: Member,
+    replicator: Arc<Replicator>,
+    endpoint: Arc<LinkEndpoint>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl ClusterNode {
+    /// The replicator to install as the hub's journal. `next` receives every event
+    /// first (the history store). `incarnation` must change on every start.
+    pub fn replicator(
+        config: &ClusterConfig,
+        incarnation: u64,
+        origin: OriginId,
+        next: Option<Arc<dyn Journal>>,
+    ) -> Arc<Replicator> {
+        Replicator::new(
+            ReplicatorConfig {
+                node_id: config.node_id.clone(),
+                incarnation,
+                region: config.region.clone(),
+                ack_replicas: config.ack_replicas,
+                topology: config.topology.clone(),
+            },
+            origin,
+            next,
+        )
+    }
+
+    /// Binds QUIC and gossip, starts replication and joins through the seeds.
+    /// `tag` is the prefix of this node's connection ids.
+    pub async fn start(
+        config: ClusterConfig,
+        incarnation: u64,
+        replicator: Arc<Replicator>,
+        hub: &Arc<Hub>,
+        barrier: Barrier,
+        tag: String,
+        on_departed: OnDeparted,
+    ) -> Result<ClusterNode, ClusterError> {
+        let endpoint = Arc::new(LinkEndpoint::bind(config.quic_listen, &config.identity)?);
+        let quic = endpoint.local_addr()?;
+        replicator.start(endpoint.clone(), hub, barrier);
+        let me = Member {
+            node_id: config.node_id.clone(),
+            incarnation,
+            region: config.region.clone(),
+            client_url: config.client_url.clone(),
+            quic,
+            gossip: config.gossip_listen,
+            tag,
+            origin: format!("{:016x}", hub.origin().0),
+            load: 0,
+        };
+        let mut membership_config =
+            MembershipConfig::new(me, config.gossip_listen, config.seeds.clone());
+        membership_config.gossip_interval = config.gossip_interval;
+        membership_config.failure_detection = config.failure_detection;
+        let membership = Membership::start(membership_config).await?;
+        let watcher = tokio::spawn(follow_members(
+            membership.watch(),
+            replicator.clone(),
+            config.node_id.clone(),
+            on_departed,
+        ));
+        Ok(ClusterNode {
+            live: membership.watch(),
+            me: membership.me().clone(),
+            membership: tokio::sync::Mutex::new(Some(membership)),
+            replicator,
+            endpoint,
+            watcher,
+        })
+    }
+
+    /// Live members, this node included.
+    pub fn members(&self) -> Vec<Member> {
+        self.live.borrow().clone()
+    }
+
+    pub fn me(&self) -> &Member {
+        &self.me
+    }
+
+    pub fn replication(&self) -> &Arc<Replicator> {
+        &self.replicator
+    }
+
+    pub async fn set_load(&self, load: u64) {
+        if let Some(membership) = self.membership.lock().await.as_ref() {
+            membership.set_load(load).await;
+        }
+    }
+
+    /// Leaves: stops gossip and closes the QUIC endpoint (peers see this node die).
+    pub async fn shutdown(&self) {
+        self.watcher.abort();
+        self.replicator.set_peers(&[]);
+        self.endpoint.close();
+        if let Some(membership) = self.membership.lock().await.take() {
+            membership.shutdown().await;
+        }
+    }
+}
+
+async fn follow_members(
+    mut live: tokio::sync::watch::Receiver<Vec<Member>>,
+    replicator: Arc<Replicator>,
+    me: String,
+    on_departed: OnDeparted,
+) {
+    let mut previous: Vec<Member> = Vec::new();
+    loop {
+        let current = live.borrow_and_update().clone();
+        let peers: Vec<PeerSpec> = current
+            .iter()
+            .filter(|m| m.node_id != me)
+            .map(|m| PeerSpec {
+                node_id: m.node_id.clone(),
+                incarnation: m.incarnation,
+                region: m.region.clone(),
+                quic: m.quic,
+                origin: u64::from_str_radix(&m.origin, 16).unwrap_or(0),
+            })
+            .collect();
+        replicator.set_peers(&peers);
+        for gone in previous.iter().filter(|old| {
+            old.node_id != me
+                && !current
+                    .iter()
+                    .any(|m| m.node_id == old.node_id && m.incarnation == old.incarnation)
+        }) {
+            tracing::info!(node = %gone.node_id, region = %gone.region, "member departed");
+            on_departed(gone);
+        }
+        previous = current;
+        if live.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! In-process clusters over real gossip (chitchat, UDP) and real mutual-TLS QUIC on
+//! loopback: joining through one seed, lossy links, partitions, a killed origin after
+//! replica acks, and a dead node's presence members. Each test counts messages.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tern_cluster::cluster::{ClusterConfig, ClusterNode};
+use tern_cluster::tls::ClusterCa;
+use tern_cluster::topology::Topology;
+use tern_core::{
+    AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Hub, OriginId, Publisher, Subscriber,
+};
+use tern_protocol::{flags, presence_action, Data, Message, PresenceMessage};
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(OriginId, u64, String)>>);
+
+impl Subscriber for Recorder {
+    fn deliver(&self, event: &Arc<ChannelEvent>) -> bool {
+        let mut got = self.0.lock().unwrap();
+        for m in event.frame.messages.iter().flatten() {
+            got.push((event.origin, event.seq, m.name.clone().unwrap_or_default()));
+        }
+        true
+    }
+}
+
+impl Recorder {
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, _, n)| n.clone())
+            .collect()
+    }
+}
+
+struct TestNode {
+    name: String,
+    hub: Arc<Hub>,
+    cluster: ClusterNode,
+    recorder: Arc<Recorder>,
+    gossip: SocketAddr,
+}
+
+fn room() -> ChannelKey {
+    ChannelKey::new("app", "room")
+}
+
+fn free_udp() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Starts a node of `region` joining through `seeds`; a subscriber records "room".
+async fn start(
+    ca: &ClusterCa,
+    name: &str,
+    region: &str,
+    seeds: &[&TestNode],
+    topology: Option<Topology>,
+    ack_replicas: usize,
+) -> TestNode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let gossip = free_udp();
+    let config = ClusterConfig {
+        node_id: name.into(),
+        region: region.into(),
+        client_url: format!("http://{name}"),
+        quic_listen: "127.0.0.1:0".parse().unwrap(),
+        gossip_listen: gossip,
+        seeds: seeds.iter().map(|n| n.gossip.to_string()).collect(),
+        ack_replicas,
+        topology,
+        identity: Arc::new(ca.issue().unwrap()),
+        gossip_interval: Duration::from_millis(100),
+        failure_detection: Duration::from_millis(500),
+    };
+    let origin = OriginId(rand_origin(name));
+    let incarnation = 1;
+    let replicator = ClusterNode::replicator(&config, incarnation, origin, None);
+    let hub = Arc::new(Hub::with_journal(
+        origin,
+        CoreLimits::default(),
+        Some(replicator.clone()),
+    ));
+    let recorder = Arc::new(Recorder::default());
+    hub.attach(
+        &room(),
+        format!("{name}-subscriber").into(),
+        AttachOptions {
+            modes: flags::SUBSCRIBE | flags::PRESENCE_SUBSCRIBE,
+            echo: true,
+            resume_from: None,
+            rewind: None,
+        },
+        recorder.clone(),
+        |_| {},
+        0,
+    )
+    .unwrap();
+    let departed_hub = hub.clone();
+    let cluster = ClusterNode::start(
+        config,
+        incarnation,
+        replicator,
+        &hub,
+        Arc::new(|then| then()),
+        name.into(),
+        Arc::new(move |gone| {
+            departed_hub.node_departed(&format!("{}-", gone.tag), now_ms());
+        }),
+    )
+    .await
+    .unwrap();
+    TestNode {
+        name: name.into(),
+        hub,
+        cluster,
+        recorder,
+        gossip,
+    }
+}
+
+fn rand_origin(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn publish(node: &TestNode, name: String) {
+    let publisher = Publisher {
+        connection_id: Some(format!("{}-publisher", node.name).into()),
+        frame_id: format!("{}:{name}", node.name),
+    };
+    let message = Message {
+        name: Some(name),
+        data: Some(Data::String("x".into())),
+        ..Default::default()
+    };
+    node.hub
+        .publish(&room(), &publisher, vec![message], now_ms())
+        .unwrap();
+}
+
+async fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_members(nodes: &[&TestNode], count: usize) {
+    wait_for("membership", 20, || {
+        nodes.iter().all(|n| n.cluster.members().len() == count)
+    })
+    .await;
+}
+
+/// Every node's subscriber has every message of every origin exactly once, each
+/// origin's in publish order.
+fn assert_exactly_once_in_order(nodes: &[&TestNode], published: &[(String, Vec<String>)]) {
+    for node in nodes {
+        let got = node.recorder.names();
+        let total: usize = published.iter().map(|(_, names)| names.len()).sum();
+        assert_eq!(
+            got.len(),
+            total,
+            "{}: every message exactly once",
+            node.name
+        );
+        for (origin, names) in published {
+            let from_origin: Vec<&String> = got
+                .iter()
+                .filter(|n| n.starts_with(&format!("{origin}/")))
+                .collect();
+            let expected: Vec<&String> = names.iter().collect();
+            assert_eq!(
+                from_origin, expected,
+                "{}: {origin}'s messages in order",
+                node.name
+            );
+        }
+    }
+}
+
+fn lossy_topology(delay_ms: u64, loss_percent: f64) -> Topology {
+    Topology::parse(&format!(
+        r#"regions = ["r1", "r2", "r3"]
+[[links]]
+a = "r1"
+b = "r2"
+delay_ms = {delay_ms}
+loss_percent = {loss_percent}
+[[links]]
+a = "r1"
+b = "r3"
+delay_ms = {delay_ms}
+loss_percent = {loss_percent}
+[[links]]
+a = "r2"
+b = "r3"
+delay_ms = {delay_ms}
+loss_percent = {loss_percent}
+"#
+    ))
+    .unwrap()
+}
+
+/// Three regions join through one seed each (C knows only B) over links that drop 10%
+/// of event frames; every message published on every node reaches every subscriber
+/// exactly once, in origin order, and cursors converge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_by_one_seed_and_replicate_over_lossy_links_exactly_once() {
+    let ca = ClusterCa::generate().unwrap();
+    let topology = lossy_topology(2, 10.0);
+    let a = start(&ca, "a", "r1", &[], Some(topology.clone()), 1).await;
+    let b = start(&ca, "b", "r2", &[&a], Some(topology.clone()), 1).await;
+    let c = start(&ca, "c", "r3", &[&b], Some(topology.clone()), 1).await;
+    let nodes = [&a, &b, &c];
+    wait_members(&nodes, 3).await;
+    let mut published = Vec::new();
+    for node in nodes {
+        published.push((node.name.clone(), Vec::new()));
+    }
+    for n in 0..200 {
+        for (i, node) in nodes.iter().enumerate() {
+            let name = format!("{}/{n}", node.name);
+            publish(node, name.clone());
+            published[i].1.push(name);
+        }
+    }
+    wait_for("all deliveries", 60, || {
+        nodes.iter().all(|n| n.recorder.len() >= 600)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_exactly_once_in_order(&nodes, &published);
+    let cursor = a.hub.cursor(&room());
+    assert!(nodes.iter().all(|n| n.hub.cursor(&room()) == cursor));
+}
+
+/// Region C is cut off from A and B while all three publish; after the partition heals,
+/// every subscriber has every message exactly once, in origin order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_region_converges_after_heal_with_no_loss_or_duplicate() {
+    let ca = ClusterCa::generate().unwrap();
+    let a = start(&ca, "a", "r1", &[], None, 0).await;
+    let b = start(&ca, "b", "r2", &[&a], None, 0).await;
+    let c = start(&ca, "c", "r3", &[&a], None, 0).await;
+    let nodes = [&a, &b, &c];
+    wait_members(&nodes, 3).await;
+    let mut published: Vec<(String, Vec<String>)> =
+        nodes.iter().map(|n| (n.name.clone(), Vec::new())).collect();
+    let mut round = |nodes: &[&TestNode; 3], from: usize, to: usize| {
+        for n in from..to {
+            for (i, node) in nodes.iter().enumerate() {
+                let name = format!("{}/{n}", node.name);
+                publish(node, name.clone());
+                published[i].1.push(name);
+            }
+        }
+    };
+    round(&nodes, 0, 50);
+    for (x, y) in [(&a, &c), (&b, &c)] {
+        x.cluster.replication().set_partitioned(&y.name, true);
+        y.cluster.replication().set_partitioned(&x.name, true);
+    }
+    round(&nodes, 50, 150);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(c.recorder.len() < 450, "the partition held");
+    for (x, y) in [(&a, &c), (&b, &c)] {
+        x.cluster.replication().set_partitioned(&y.name, false);
+        y.cluster.replication().set_partitioned(&x.name, false);
+    }
+    round(&nodes, 150, 200);
+    wait_for("convergence", 60, || {
+        nodes.iter().all(|n| n.recorder.len() >= 600)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_exactly_once_in_order(&nodes, &published);
+}
+
+/// With ack_replicas = 1, every publish acknowledged before the origin is killed is on
+/// both survivors afterwards: on B, which acked it, and on C, which was slower and
+/// gets what it lacks from B by anti-entropy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_publishes_survive_killing_the_origin() {
+    let ca = ClusterCa::generate().unwrap();
+    let topology = Topology::parse(
+        r#"regions = ["r1", "r2", "r3"]
+[[links]]
+a = "r1"
+b = "r2"
+delay_ms = 5
+[[links]]
+a = "r1"
+b = "r3"
+delay_ms = 300
+[[links]]
+a = "r2"
+b = "r3"
+delay_ms = 5
+"#,
+    )
+    .unwrap();
+    let a = start(&ca, "a", "r1", &[], Some(topology.clone()), 1).await;
+    let b = start(&ca, "b", "r2", &[&a], Some(topology.clone()), 1).await;
+    let c = start(&ca, "c", "r3", &[&a], Some(topology.clone()), 1).await;
+    wait_members(&[&a, &b, &c], 3).await;
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    for n in 0..100 {
+        let name = format!("a/{n}");
+        publish(&a, name.clone());
+        let acked = acked.clone();
+        a.cluster
+            .replication()
+            .after_replicated(Box::new(move |ok| {
+                if ok {
+                    acked.lock().unwrap().push(name);
+                }
+            }));
+    }
+    wait_for("acks", 20, || acked.lock().unwrap().len() == 100).await;
+    // Kill the origin right after the last ACK: frames still in its 300 ms delay queue
+    // towards C die with it.
+    assert!(c.recorder.len() < 100, "C is behind when A dies");
+    a.cluster.shutdown().await;
+    drop(a);
+    let acked = acked.lock().unwrap().clone();
+    for node in [&b, &c] {
+        wait_for("survivors to hold every acked message", 20, || {
+            node.recorder.len() >= acked.len()
+        })
+        .await;
+        assert_eq!(
+            node.recorder.names(),
+            acked,
+            "{}: all acked, once, in order",
+            node.name
+        );
+    }
+}
+
+/// A node dies: its presence members leave on every surviving node, by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_presence_members_leave_everywhere() {
+    let ca = ClusterCa::generate().unwrap();
+    let a = start(&ca, "a", "r1", &[], None, 0).await;
+    let b = start(&ca, "b", "r2", &[&a], None, 0).await;
+    let c = start(&ca, "c", "r3", &[&a], None, 0).await;
+    wait_members(&[&a, &b, &c], 3).await;
+    for (i, node) in [&a, &b].iter().enumerate() {
+        let publisher = Publisher {
+            connection_id: Some(format!("{}-conn", node.name).into()),
+            frame_id: format!("{}-conn:{i}", node.name),
+        };
+        let enter = PresenceMessage {
+            action: presence_action::ENTER,
+            client_id: Some(format!("user-{}", node.name)),
+            connection_id: Some(format!("{}-conn", node.name)),
+            data: Some(Data::String("here".into())),
+            ..Default::default()
+        };
+        node.hub
+            .presence(&room(), &publisher, vec![enter], now_ms())
+            .unwrap();
+    }
+    wait_for("presence everywhere", 10, || {
+        [&a, &b, &c]
+            .iter()
+            .all(|n| n.hub.members(&room()).len() == 2)
+    })
+    .await;
+    a.cluster.shutdown().await;
+    for node in [&b, &c] {
+        wait_for("the dead node's member to leave", 20, || {
+            let members = node.hub.members(&room());
+            members.len() == 1 && members[0].client_id.as_deref() == Some("user-b")
+        })
+        .await;
+    }
+}
+
+/// A node that joins a running cluster through one seed gets the live traffic and,
+/// for a channel it holds, what was published before it joined (from the origins'
+/// logs): every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joining_with_one_seed_gets_live_traffic_and_the_backlog() {
+    let ca = ClusterCa::generate().unwrap();
+    let a = start(&ca, "a", "r1", &[], None, 1).await;
+    let b = start(&ca, "b", "r2", &[&a], None, 1).await;
+    wait_members(&[&a, &b], 2).await;
+    let mut published: Vec<(String, Vec<String>)> =
+        [&a, &b].iter().map(|n| (n.name.clone(), Vec::new())).collect();
+    for n in 0..50 {
+        for (i, node) in [&a, &b].iter().enumerate() {
+            let name = format!("{}/{n}", node.name);
+            publish(node, name.clone());
+            published[i].1.push(name);
+        }
+    }
+    let d = start(&ca, "d", "r3", &[&b], None, 1).await;
+    wait_members(&[&a, &b, &d], 3).await;
+    for n in 50..100 {
+        for (i, node) in [&a, &b].iter().enumerate() {
+            let name = format!("{}/{n}", node.name);
+            publish(node, name.clone());
+            published[i].1.push(name);
+        }
+    }
+    wait_for("the joiner to catch up", 20, || d.recorder.len() >= 200).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_exactly_once_in_order(&[&a, &b, &d], &published);
+}

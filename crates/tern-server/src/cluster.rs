@@ -1,0 +1,146 @@
+//! Joining a node to its cluster: `[cluster]` config (or `tern dev`'s in-process regions)
+//! into a [`tern_cluster::cluster::ClusterConfig`], and the edge's view of the cluster.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use tern_cluster::cluster::{ClusterConfig, ClusterNode};
+use tern_cluster::replicator::Replicator;
+use tern_cluster::tls::{ClusterCa, NodeIdentity};
+use tern_cluster::topology::Topology;
+
+use crate::config::ClusterSection;
+
+/// The topology `tern dev` emulates (the repository's `regions/topology.toml`).
+pub const DEV_TOPOLOGY: &str = include_str!("../../../regions/topology.toml");
+
+/// A `[cluster]` section, with its PEM files and topology loaded.
+pub fn from_section(
+    section: &ClusterSection,
+    node_id: String,
+    client_url: String,
+) -> anyhow::Result<ClusterConfig> {
+    let read =
+        |path: &Path| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    let identity = NodeIdentity::from_pem(
+        &read(&section.cert)?,
+        &read(&section.key)?,
+        &read(&section.ca_cert)?,
+    )
+    .context("loading the cluster certificate")?;
+    let topology = match &section.emulate_topology {
+        Some(path) => {
+            let text = String::from_utf8(read(path)?).context("topology is not UTF-8")?;
+            Some(Topology::parse(&text).map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
+    Ok(ClusterConfig {
+        node_id: section.node_id.clone().unwrap_or(node_id),
+        region: section.region.clone(),
+        client_url,
+        quic_listen: section.quic_listen,
+        gossip_listen: section.gossip_listen,
+        seeds: section.seeds.clone(),
+        ack_replicas: section.ack_replicas,
+        topology,
+        identity: Arc::new(identity),
+        gossip_interval: Duration::from_millis(section.gossip_interval_ms.max(10)),
+        failure_detection: Duration::from_millis(section.failure_detection_ms.max(100)),
+    })
+}
+
+/// `tern certs`: a new cluster CA and one certificate per node, as PEM files in `dir`
+/// (`ca.pem`, `NODE.pem`, `NODE.key`). The CA key is not kept.
+pub fn write_certs(dir: &Path, nodes: &[String]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = ClusterCa::generate()?;
+    let (ca_pem, _) = ca.to_pem();
+    std::fs::write(dir.join("ca.pem"), ca_pem)?;
+    for node in nodes {
+        anyhow::ensure!(
+            !node.is_empty()
+                && node
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "node name {node:?} must be [A-Za-z0-9_-]+"
+        );
+        let (cert, key) = ca.issue()?.to_pem();
+        std::fs::write(dir.join(format!("{node}.pem")), cert)?;
+        write_private(&dir.join(format!("{node}.key")), &key)?;
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
+        file.write_all(text.as_bytes())?;
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::write(path, text)?;
+        Ok(())
+    }
+}
+
+/// A free UDP port on `host` (for `tern dev`'s gossip sockets, which must advertise a
+/// concrete port).
+pub fn free_udp_port(host: &str) -> anyhow::Result<SocketAddr> {
+    let socket = std::net::UdpSocket::bind((host, 0)).context("finding a free UDP port")?;
+    Ok(socket.local_addr()?)
+}
+
+/// What the edge sees of the cluster: replica acks and the live member list.
+pub struct EdgeCluster {
+    pub replicator: Arc<Replicator>,
+    pub node: OnceLock<ClusterNode>,
+}
+
+impl tern_edge::ClusterView for EdgeCluster {
+    fn after_replicated(&self, then: Box<dyn FnOnce(bool) + Send>) {
+        self.replicator.after_replicated(then);
+    }
+
+    fn regions(&self) -> serde_json::Value {
+        let Some(node) = self.node.get() else {
+            return serde_json::json!({ "regions": [] });
+        };
+        let members = node.members();
+        let mut regions: Vec<&str> = members.iter().map(|m| m.region.as_str()).collect();
+        regions.sort();
+        regions.dedup();
+        let regions: Vec<serde_json::Value> = regions
+            .into_iter()
+            .map(|region| {
+                let nodes: Vec<serde_json::Value> = members
+                    .iter()
+                    .filter(|m| m.region == region)
+                    .map(|m| {
+                        serde_json::json!({
+                            "nodeId": m.node_id,
+                            "endpoint": m.client_url,
+                            "load": m.load,
+                            "incarnation": m.incarnation,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({ "region": region, "nodes": nodes })
+            })
+            .collect();
+        serde_json::json!({ "self": node.me().region, "regions": regions })
+    }
+}
