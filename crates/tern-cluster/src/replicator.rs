@@ -543,9 +543,8 @@ impl Replicator {
                         .collect();
                     for head in channels {
                         let key = ChannelKey::new(&head.app, &head.channel);
-                        if hub.status(&key).is_none() {
-                            continue;
-                        }
+                        // Every node keeps every channel's history (no interest
+                        // routing yet), so channels not held here are backfilled too.
                         let mine = hub.cursor(&key);
                         for (origin, seq) in head.origins {
                             let have = mine.get(OriginId(origin));

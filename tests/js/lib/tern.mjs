@@ -65,7 +65,7 @@ export async function startTern(config = testConfig(), { dir, args, listening = 
     const timer = setTimeout(() => reject(new Error(`tern did not start in 20s: ${stderr}`)), 20000);
     child.stdout.on('data', (d) => {
       out += d;
-      const found = [...out.matchAll(/listening on http:\/\/127\.0\.0\.1:(\d+)/g)].map((m) => Number(m[1]));
+      const found = [...out.matchAll(/listening on http:\/\/127\.\d+\.\d+\.\d+:(\d+)/g)].map((m) => Number(m[1]));
       if (found.length >= listening) { clearTimeout(timer); resolvePorts(found); }
     });
     child.on('exit', (code) => { clearTimeout(timer); reject(new Error(`tern exited ${code}: ${stderr}`)); });
@@ -78,7 +78,7 @@ export async function startTern(config = testConfig(), { dir, args, listening = 
     child,
     /// SIGTERM, then SIGKILL after 3 s; only this child's PID.
     async stop(signal = 'SIGTERM') {
-      if (child.exitCode !== null) return;
+      if (child.exitCode !== null || child.signalCode !== null) return;
       const exited = new Promise((r) => child.once('exit', r));
       child.kill(signal);
       const timer = setTimeout(() => child.kill('SIGKILL'), 3000);

@@ -1,0 +1,89 @@
+// Three regions as separate `tern serve` processes, like scripts/run-regions: region i
+// on 127.0.0.(i+1), all on one client port (ably-js fallbackHosts reuse the primary's
+// port), gossip seeded by us-east, mutual-TLS QUIC with certificates from `tern certs`,
+// the WAN of regions/topology.toml emulated.
+import { execFileSync } from 'node:child_process';
+import { createSocket } from 'node:dgram';
+import { mkdtempSync, mkdirSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { repo, startTern, ternBin } from './tern.mjs';
+
+export const DEV_KEY = 'dev.root:dev-secret-change-me';
+export const REGIONS = [
+  { name: 'us-east', host: '127.0.0.1' },
+  { name: 'eu-west', host: '127.0.0.2' },
+  { name: 'ap-south', host: '127.0.0.3' },
+];
+
+async function freeTcpPort() {
+  const server = createServer();
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  const { port } = server.address();
+  await new Promise((r) => server.close(r));
+  return port;
+}
+
+async function freeUdpPort(host) {
+  const socket = createSocket('udp4');
+  await new Promise((r) => socket.bind(0, host, r));
+  const { port } = socket.address();
+  await new Promise((r) => socket.close(r));
+  return port;
+}
+
+function regionConfig({ name, host }, port, gossip, seed, dir) {
+  return `
+[server]
+host = "${host}"
+port = ${port}
+server_id = "${name}-1"
+
+[history]
+mode = "memory"
+
+[cluster]
+region = "${name}"
+quic_listen = "${host}:0"
+gossip_listen = "${host}:${gossip}"
+seeds = [${seed ? `"${seed}"` : ''}]
+ack_replicas = 1
+ca_cert = "${join(dir, 'ca.pem')}"
+cert = "${join(dir, `${name}.pem`)}"
+key = "${join(dir, `${name}.key`)}"
+emulate_topology = "${join(repo, 'regions', 'topology.toml')}"
+
+[[apps]]
+id = "dev"
+
+[[apps.keys]]
+id = "root"
+secret = "dev-secret-change-me"
+capability = '{"*":["*"]}'
+`;
+}
+
+/// Starts the three regions; resolves once each has joined the cluster. `nodes[i]`
+/// has `.stop(signal)` (only that PID) and `.child.pid`.
+export async function startRegions() {
+  const dir = mkdtempSync(join(tmpdir(), 'tern-regions-'));
+  execFileSync(ternBin, ['certs', '--out', dir, '--nodes', REGIONS.map((r) => r.name).join(',')]);
+  const port = await freeTcpPort();
+  const nodes = [];
+  let seed = null;
+  for (const region of REGIONS) {
+    const gossip = await freeUdpPort(region.host);
+    const nodeDir = join(dir, region.name);
+    mkdirSync(nodeDir);
+    const config = regionConfig(region, port, gossip, seed, dir);
+    const node = await startTern(config, { dir: nodeDir, args: ['serve', '--config', join(nodeDir, 'tern.toml')] });
+    nodes.push({ ...node, region });
+    seed = seed || `${region.host}:${gossip}`;
+  }
+  return {
+    port,
+    nodes,
+    async stop() { for (const n of nodes) await n.stop(); },
+  };
+}
