@@ -409,8 +409,10 @@ async fn a_node_joining_with_one_seed_gets_live_traffic_and_the_backlog() {
     let a = start(&ca, "a", "r1", &[], None, 1).await;
     let b = start(&ca, "b", "r2", &[&a], None, 1).await;
     wait_members(&[&a, &b], 2).await;
-    let mut published: Vec<(String, Vec<String>)> =
-        [&a, &b].iter().map(|n| (n.name.clone(), Vec::new())).collect();
+    let mut published: Vec<(String, Vec<String>)> = [&a, &b]
+        .iter()
+        .map(|n| (n.name.clone(), Vec::new()))
+        .collect();
     for n in 0..50 {
         for (i, node) in [&a, &b].iter().enumerate() {
             let name = format!("{}/{n}", node.name);
