@@ -78,14 +78,16 @@ pub struct LinkSender {
 }
 
 impl LinkSender {
-    pub async fn send(&mut self, frame: &FrameV1) -> Result<(), ClusterError> {
+    /// Writes one frame; returns the bytes it took on the stream.
+    pub async fn send(&mut self, frame: &FrameV1) -> Result<usize, ClusterError> {
         let bytes = wire::encode(frame);
         let len = u32::try_from(bytes.len()).map_err(link_err)?;
         self.stream
             .write_all(&len.to_be_bytes())
             .await
             .map_err(link_err)?;
-        self.stream.write_all(&bytes).await.map_err(link_err)
+        self.stream.write_all(&bytes).await.map_err(link_err)?;
+        Ok(4 + bytes.len())
     }
 
     /// Finishes the stream and waits until the peer has received everything.

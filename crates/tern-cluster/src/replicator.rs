@@ -706,6 +706,13 @@ async fn send_loop(
     let delay = shared.wan.map_or(Duration::ZERO, |w| w.delay);
     let loss = shared.wan.map_or(0.0, |w| w.loss);
     let resend_after = RESEND_AFTER + delay * 2;
+    // WAN cost per peer: event frames (one per replicated event) and control frames.
+    let event_bytes =
+        metrics::counter!("tern_replication_event_bytes_total", "peer" => peer.node_id.clone());
+    let events_sent =
+        metrics::counter!("tern_replication_events_sent_total", "peer" => peer.node_id.clone());
+    let control_bytes =
+        metrics::counter!("tern_replication_control_bytes_total", "peer" => peer.node_id.clone());
     loop {
         if shared.partitioned.load(Ordering::SeqCst) {
             tokio::time::sleep(RECONNECT_DELAY).await;
@@ -763,7 +770,9 @@ async fn send_loop(
             let result = match work {
                 Work::Control(frame, at) => {
                     wait_until(at + delay).await;
-                    link.send(&frame).await
+                    link.send(&frame)
+                        .await
+                        .map(|n| control_bytes.increment(n as u64))
                 }
                 Work::Event(seq, frame, at) => {
                     wait_until(at + delay).await;
@@ -771,12 +780,17 @@ async fn send_loop(
                     if loss > 0.0 && rand::random::<f64>() < loss {
                         Ok(())
                     } else {
-                        link.send(&frame).await
+                        link.send(&frame).await.map(|n| {
+                            event_bytes.increment(n as u64);
+                            events_sent.increment(1);
+                        })
                     }
                 }
                 Work::Resend => {
                     progress_at = Instant::now();
                     sent_upto = 0;
+                    metrics::counter!("tern_replication_resends_total", "peer" => peer.node_id.clone())
+                        .increment(1);
                     hello(&mut link, &me, &shared, &mut sent_upto).await
                 }
                 Work::Idle => {
@@ -815,6 +829,7 @@ async fn hello(
         first,
     })
     .await
+    .map(|_| ())
 }
 
 async fn wait_until(at: Instant) {
