@@ -166,11 +166,15 @@ pub(crate) async fn publish(
         connection_id: None,
         frame_id,
     };
+    let refused_before = state.refused_appends();
     let outcome = state
         .hub
         .publish(&key, &publisher, messages, now)
         .map_err(|e| ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, e.to_string()))?;
     metrics::counter!("tern_messages_published_total").increment(count);
+    if state.refused_appends() != refused_before {
+        return Err(ErrorInfo::new(code::INTERNAL, "history store overloaded: not stored").into());
+    }
     if !state.durable().await {
         return Err(ErrorInfo::new(
             code::TIMEOUT,

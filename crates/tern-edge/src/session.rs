@@ -389,12 +389,18 @@ impl Session {
                 "inbound message rate exceeded",
             ))
         } else {
+            let refused_before = self.state.refused_appends();
             let result = if frame.action == action::MESSAGE {
                 self.publish(frame)
             } else {
                 self.presence(frame).map(|()| Vec::new())
             };
             match result {
+                // The history store refused an append meanwhile (its queue was full):
+                // maybe this one, so it must not be ACKed as stored.
+                Ok(_) if self.state.refused_appends() != refused_before => Reply::Nack(
+                    ErrorInfo::new(code::INTERNAL, "history store overloaded: not stored"),
+                ),
                 Ok(serials) => Reply::Ack(serials),
                 Err(err) => Reply::Nack(err),
             }

@@ -125,6 +125,11 @@ impl EdgeState {
         }
     }
 
+    /// Appends the history store has refused so far (0 without a store).
+    pub(crate) fn refused_appends(&self) -> u64 {
+        self.store.as_ref().map_or(0, |s| s.refused_appends())
+    }
+
     /// Waits until everything applied so far is durable; false when replicas timed out.
     pub(crate) async fn durable(&self) -> bool {
         let (tx, rx) = tokio::sync::oneshot::channel();

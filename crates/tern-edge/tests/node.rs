@@ -39,7 +39,11 @@ fn keys() -> KeyRing {
 }
 
 async fn start(config: EdgeConfig) -> Node {
-    let store = tern_store::open(&tern_store::StoreConfig::default()).unwrap();
+    start_with_store(config, tern_store::StoreConfig::default()).await
+}
+
+async fn start_with_store(config: EdgeConfig, store: tern_store::StoreConfig) -> Node {
+    let store = tern_store::open(&store).unwrap();
     let journal = Arc::new(tern_edge::history::StoreJournal {
         store: store.clone(),
     });
@@ -630,4 +634,65 @@ async fn history_envelope_for_browsers() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["response"][0]["data"], "m0");
     assert!(!v["headers"]["link"].as_str().unwrap().contains("next"));
+}
+
+/// When the history store's queue overflows, a publish it may have refused is NACKed,
+/// never ACKed: every ACKed message is in history afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_the_store_refused_are_nacked_and_every_ack_is_in_history() {
+    let dir = std::env::temp_dir().join(format!("tern-edge-overload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = tern_store::StoreConfig {
+        path: Some(dir.join("history.redb")),
+        queue_max: 1,
+        ..Default::default()
+    };
+    let config = EdgeConfig {
+        inbound_frames_per_second: 100_000,
+        ..EdgeConfig::default()
+    };
+    let node = start_with_store(config, store).await;
+    let (mut ws, _) = connected(&node, "key=app.root:rootsecret").await;
+    let total = 400;
+    for serial in 0..total {
+        send(
+            &mut ws,
+            json!({"action": 15, "channel": "busy", "msgSerial": serial,
+            "messages": [{"name": "n", "data": format!("m{serial}")}]}),
+        )
+        .await;
+    }
+    let (mut acked, mut nacked) = (Vec::new(), 0);
+    while acked.len() + nacked < total {
+        let reply = next(&mut ws).await;
+        match reply["action"].as_u64() {
+            Some(1) => acked.push(format!("m{}", reply["msgSerial"])),
+            Some(2) => {
+                assert_eq!(reply["error"]["code"], 50000);
+                nacked += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(nacked > 0, "the store queue overflowed at least once");
+    let (status, _, body) = http(
+        &format!(
+            "http://127.0.0.1:{}/channels/busy/messages?limit=1000&key=app.root:rootsecret",
+            node.port
+        ),
+        "GET",
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let history: Vec<Value> = serde_json::from_str(&body).unwrap();
+    let stored: std::collections::HashSet<String> = history
+        .iter()
+        .map(|m| m["data"].as_str().unwrap().to_string())
+        .collect();
+    for data in &acked {
+        assert!(stored.contains(data), "ACKed {data} is in history");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -77,6 +77,12 @@ pub trait HistoryStore: Send + Sync {
     /// tests).
     fn flush(&self);
 
+    /// How many appends with items were refused since the store opened. A caller that
+    /// sees it change across its own appends must not report them as stored.
+    fn refused_appends(&self) -> u64 {
+        0
+    }
+
     /// Runs `then` once everything appended so far is committed, in call order with
     /// other appends. If the writer refuses the barrier (queue full, closed), nothing a
     /// refused append could have queued is pending, so `then` runs at once.

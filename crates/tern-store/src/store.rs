@@ -20,6 +20,8 @@ pub(crate) struct Store {
     batch_max: usize,
     /// Rows one query may scan.
     scan_max: usize,
+    /// Appends of items refused so far (see `HistoryStore::refused_appends`).
+    refused: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -34,6 +36,7 @@ impl Store {
             retention: config.retention.clone(),
             batch_max,
             scan_max: config.scan_max.max(1),
+            refused: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -79,7 +82,17 @@ impl HistoryStore for Store {
         items: Vec<(ChannelRef, StoredItem)>,
         done: AppendDone,
     ) -> Result<(), StoreError> {
-        self.writer.append(rows(items)?, done)
+        let has_items = !items.is_empty();
+        let result = rows(items).and_then(|rows| self.writer.append(rows, done));
+        if result.is_err() && has_items {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn refused_appends(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn query(&self, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
