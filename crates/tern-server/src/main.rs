@@ -102,10 +102,13 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Dev { port, regions } => {
-            let names = ["us-east", "eu-west", "ap-south"];
+            // The regions of regions/topology.toml (built in), in file order.
+            let names = tern_cluster::topology::Topology::parse(cluster::DEV_TOPOLOGY)
+                .map_err(anyhow::Error::msg)?
+                .regions;
             anyhow::ensure!(
                 (1..=names.len()).contains(&regions),
-                "--regions must be 1 to {}",
+                "--regions must be 1 to {} (the regions of regions/topology.toml)",
                 names.len()
             );
             let mut configs = Vec::new();
