@@ -478,6 +478,15 @@ impl Channel {
 /// Whether an attachment with `options` receives `event`: MESSAGE needs SUBSCRIBE (and
 /// is skipped for its own publisher when echo is off); PRESENCE needs PRESENCE_SUBSCRIBE.
 fn options_want(options: &AttachOptions, connection_id: &str, event: &ChannelEvent) -> bool {
+    // A connection that resumed here from another node may have seen an origin's events
+    // that have not reached this node yet: they must not reach it twice when they do.
+    if options
+        .resume_from
+        .as_ref()
+        .is_some_and(|seen| event.seq <= seen.get(event.origin))
+    {
+        return false;
+    }
     if event.is_message() {
         options.modes & flags::SUBSCRIBE != 0
             && (options.echo || event.publisher.as_deref() != Some(connection_id))

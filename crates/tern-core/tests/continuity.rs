@@ -323,3 +323,47 @@ fn remote_events_apply_in_origin_order() {
     assert_eq!(replica.cursor(&key), origin_hub.cursor(&key));
     assert_eq!(replica.events_of(&key, OriginId(1), 2, 3).len(), 2);
 }
+
+/// Failing over to a node that is behind: the client resumes there with a cursor ahead
+/// of that node for some origin. When those events reach the node, the client does not
+/// get them again; later ones it gets once, in order.
+#[test]
+fn resuming_on_a_node_that_is_behind_delivers_nothing_twice() {
+    use tern_core::RemoteEvent;
+    let origin_hub = Hub::new(OriginId(1), CoreLimits::default());
+    let ahead = Hub::new(OriginId(2), CoreLimits::default());
+    let behind = Hub::new(OriginId(3), CoreLimits::default());
+    let key = ChannelKey::new("app", "c");
+    let client = Arc::new(Client::default());
+    attach(&ahead, &key, "s", &client, false, None);
+    attach(
+        &behind,
+        &key,
+        "watcher",
+        &Arc::new(Client::default()),
+        false,
+        None,
+    );
+    let events: Vec<RemoteEvent> = (0..6)
+        .map(|i| {
+            let out = origin_hub
+                .publish(&key, &publisher(i), vec![msg(&format!("m{i}"))], 1)
+                .unwrap();
+            RemoteEvent::from_event(&out.event.unwrap())
+        })
+        .collect();
+    // `ahead` has m0..m3 (the client saw them), `behind` only m0..m1.
+    for event in &events[..4] {
+        ahead.apply_remote(&key, event.clone(), 2).unwrap();
+    }
+    for event in &events[..2] {
+        behind.apply_remote(&key, event.clone(), 2).unwrap();
+    }
+    // The client's node dies; it resumes on `behind` with its channelSerial.
+    attach(&behind, &key, "s2", &client, true, None);
+    for event in &events[2..] {
+        behind.apply_remote(&key, event.clone(), 3).unwrap();
+    }
+    let expected: Vec<String> = (0..6).map(|i| format!("m{i}")).collect();
+    assert_eq!(*client.received.lock().unwrap(), expected);
+}
