@@ -751,15 +751,27 @@ async fn send_loop(
                     // Dropped from the buffer before it was sent: skip (see `hello`).
                     sent_upto = sent_upto.max(first - 1);
                 }
-                if let Some((frame, at)) = q.control.pop_front() {
-                    Work::Control(frame, at)
-                } else if let Some((seq, frame, at)) = q
+                let next_event = q
                     .events
                     .front()
                     .map(|(first, _, _)| *first)
                     .and_then(|first| q.events.get((sent_upto + 1 - first) as usize))
-                    .cloned()
-                {
+                    .map(|(seq, _, at)| (*seq, *at));
+                let control_at = q.control.front().map(|(_, at)| *at);
+                // Whichever was queued first goes first: both wait the same emulated
+                // delay, so a control frame must not hold back events queued before it.
+                let control_first = match (control_at, next_event) {
+                    (Some(c), Some((_, e))) => c <= e,
+                    (Some(_), None) => true,
+                    _ => false,
+                };
+                if control_first {
+                    let (frame, at) = q.control.pop_front().expect("checked non-empty");
+                    Work::Control(frame, at)
+                } else if let Some((seq, at)) = next_event {
+                    let index =
+                        (seq - q.events.front().map_or(seq, |(first, _, _)| *first)) as usize;
+                    let frame = q.events[index].1.clone();
                     Work::Event(seq, frame, at)
                 } else if sent_upto > q.acked && progress_at.elapsed() >= resend_after {
                     Work::Resend
