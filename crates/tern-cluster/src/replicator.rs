@@ -109,6 +109,8 @@ struct PeerOut {
 
 struct PeerShared {
     queue: Mutex<PeerQueue>,
+    /// Events sent or waiting but not yet acknowledged by this peer (replication lag).
+    unacked: metrics::Gauge,
     notify: Notify,
     partitioned: AtomicBool,
     wan: Option<WanLink>,
@@ -209,6 +211,7 @@ impl Replicator {
                 .as_ref()
                 .and_then(|t| t.link(&self.config.region, &spec.region));
             let shared = Arc::new(PeerShared {
+                unacked: metrics::gauge!("tern_replication_unacked_events", "peer" => spec.node_id.clone()),
                 queue: Mutex::new(PeerQueue {
                     acked: seq,
                     ..PeerQueue::default()
@@ -335,6 +338,7 @@ impl Replicator {
                 q.events.pop_front();
             }
             q.acked = q.acked.max(upto);
+            p.shared.unacked.set(q.events.len() as f64);
         }
         p.shared.notify.notify_one();
         let done = self.drain_waiters(&mut out, Instant::now());
@@ -676,6 +680,7 @@ impl Journal for Replicator {
         for peer in out.peers.values_mut() {
             let mut q = lock(&peer.shared.queue);
             q.events.push_back((seq, frame.clone(), now));
+            peer.shared.unacked.set(q.events.len() as f64);
             if q.events.len() > PEER_BUFFER_MAX {
                 if let Some((dropped, _, _)) = q.events.pop_front() {
                     peer.counts_after = peer.counts_after.max(dropped);
