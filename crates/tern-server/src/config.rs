@@ -296,6 +296,28 @@ impl Config {
             !self.apps.is_empty(),
             "config needs at least one [[apps]] entry"
         );
+        if let Some(cluster) = &self.cluster {
+            anyhow::ensure!(
+                valid_name(&cluster.region),
+                "cluster.region '{}' must be [A-Za-z0-9_-]+",
+                cluster.region
+            );
+            if let Some(node_id) = &cluster.node_id {
+                anyhow::ensure!(
+                    valid_name(node_id),
+                    "cluster.node_id '{node_id}' must be [A-Za-z0-9_-]+"
+                );
+            }
+            anyhow::ensure!(
+                cluster.quic_listen != cluster.gossip_listen,
+                "cluster.quic_listen and cluster.gossip_listen must differ"
+            );
+            anyhow::ensure!(
+                cluster.ack_replicas <= 16,
+                "cluster.ack_replicas {} is more than 16",
+                cluster.ack_replicas
+            );
+        }
         let mut names = std::collections::HashSet::new();
         for app in &self.apps {
             anyhow::ensure!(
@@ -477,5 +499,31 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("a.k"), "{err}");
+    }
+
+    /// A `[cluster]` section parses with defaults; bad names and clashing ports are refused.
+    #[test]
+    fn cluster_section() {
+        let base = "[[apps]]\nid='a'\n[cluster]\nca_cert='ca.pem'\ncert='n.pem'\nkey='n.key'\n";
+        let ok = format!("{base}region='eu-west'\nquic_listen='127.0.0.1:7400'\ngossip_listen='127.0.0.1:7401'\nseeds=['10.0.0.1:7401']\n");
+        let config = Config::parse(&ok).unwrap();
+        let cluster = config.cluster.unwrap();
+        assert_eq!(cluster.ack_replicas, 1);
+        assert_eq!(cluster.seeds, vec!["10.0.0.1:7401".to_string()]);
+        let bad_region = ok.replace("eu-west", "eu west");
+        assert!(Config::parse(&bad_region)
+            .unwrap_err()
+            .to_string()
+            .contains("region"));
+        let clash = ok.replace("7401'\nseeds", "7400'\nseeds");
+        assert!(Config::parse(&clash)
+            .unwrap_err()
+            .to_string()
+            .contains("differ"));
+        let unknown = format!("{ok}gossip_port=1\n");
+        assert!(Config::parse(&unknown)
+            .unwrap_err()
+            .to_string()
+            .contains("gossip_port"));
     }
 }
