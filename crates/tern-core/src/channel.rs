@@ -419,13 +419,25 @@ impl Channel {
             }
             frame.messages = Some(fresh);
         } else if let Some(changes) = frame.presence.take() {
+            let departed = ctx
+                .departed
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             let mut broadcasts = Vec::new();
             for change in changes {
+                // A departed node's connection is gone for good, but its presence still
+                // arrives after the departure (in flight, waiting behind a gap, or
+                // repaired from a peer's log once its origin is known dead).
+                let conn = change.connection_id.as_deref().unwrap_or_default();
+                if departed.iter().any(|prefix| conn.starts_with(&**prefix)) {
+                    continue;
+                }
                 // The origin accepted this change; a bound here would make regions diverge.
                 if let Ok(Some(b)) = self.presence.apply(change, usize::MAX) {
                     broadcasts.push(b);
                 }
             }
+            drop(departed);
             if broadcasts.is_empty() {
                 return;
             }
@@ -501,6 +513,8 @@ pub(crate) struct ApplyContext<'a> {
     pub(crate) origin: OriginId,
     pub(crate) limits: &'a crate::limits::CoreLimits,
     pub(crate) journal: Option<&'a dyn Journal>,
+    /// Connection-id prefixes of departed nodes (see `Hub::node_departed`).
+    pub(crate) departed: &'a std::sync::Mutex<std::collections::VecDeque<Arc<str>>>,
     pub(crate) now_ms: i64,
 }
 

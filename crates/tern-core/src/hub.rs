@@ -2,7 +2,7 @@
 //! find or create a channel; work on a channel happens under that channel's own lock, so
 //! publishes to different channels never wait on each other.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,6 +17,9 @@ use crate::limits::CoreLimits;
 use crate::presence::PresenceError;
 
 const SHARD_COUNT: usize = 64;
+/// Connection-id prefixes of departed nodes remembered (see [`Hub::node_departed`]); past
+/// it the oldest is forgotten. One per node incarnation that left the cluster.
+const DEPARTED_PREFIXES_MAX: usize = 1_024;
 
 /// A channel's identity: app and channel name (without any `[...]` qualifier).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -93,6 +96,8 @@ pub struct Hub {
     shards: Box<[Shard]>,
     channel_count: AtomicUsize,
     dropped: Mutex<DroppedSet>,
+    /// Connection-id prefixes of departed nodes, oldest first.
+    departed: Mutex<VecDeque<Arc<str>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -124,6 +129,7 @@ impl Hub {
             shards,
             channel_count: AtomicUsize::new(0),
             dropped: Mutex::new(DroppedSet::default()),
+            departed: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -153,6 +159,7 @@ impl Hub {
             origin: self.origin,
             limits: &self.limits,
             journal: self.journal.as_deref(),
+            departed: &self.departed,
             now_ms,
         }
     }
@@ -334,10 +341,20 @@ impl Hub {
     /// A node departed the cluster: every presence member of a connection it issued
     /// (connection ids starting with `prefix`) leaves, on every channel. Every surviving
     /// node does this on its own; where another's LEAVE arrived first, its own is a no-op.
-    /// Returns how many members left here.
+    /// Presence of those connections that arrives later is ignored. Returns how many
+    /// members left here.
     pub fn node_departed(&self, prefix: &str, now_ms: i64) -> usize {
         if prefix.is_empty() {
             return 0;
+        }
+        {
+            let mut departed = lock(&self.departed);
+            if !departed.iter().any(|p| &**p == prefix) {
+                departed.push_back(prefix.into());
+                if departed.len() > DEPARTED_PREFIXES_MAX {
+                    departed.pop_front();
+                }
+            }
         }
         let keys: Vec<ChannelKey> = self
             .shards

@@ -6,7 +6,7 @@
 //! the member's own connection compare by `(msgSerial, index)`; anything else compares by
 //! timestamp.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use tern_protocol::{presence_action, PresenceMessage};
 
@@ -23,10 +23,20 @@ pub enum PresenceError {
 
 type MemberKey = (String, String);
 
+/// LEAVEs remembered per channel (see [`PresenceSet`]); past it the oldest is forgotten.
+const LEFT_MAX: usize = 1_024;
+
 /// Members of one channel.
 #[derive(Debug, Default)]
 pub struct PresenceSet {
     members: HashMap<MemberKey, PresenceMessage>,
+    /// The last LEAVE per member key (id, connectionId and timestamp only), so that a
+    /// change older than it that arrives after it does not bring the member back. That
+    /// happens across origins: a node catching up can get a survivor's LEAVE for a dead
+    /// node's member before the member's ENTER, repaired from another peer's log.
+    left: HashMap<MemberKey, PresenceMessage>,
+    /// Keys of `left`, oldest first (bounded by `LEFT_MAX`).
+    left_order: VecDeque<MemberKey>,
 }
 
 impl PresenceSet {
@@ -55,21 +65,27 @@ impl PresenceSet {
             if existing.id == msg.id && msg.action != presence_action::LEAVE {
                 return Ok(None);
             }
-            if !is_newer(&msg, existing) {
+        }
+        if let Some(previous) = existing.or_else(|| self.left.get(&key)) {
+            if !is_newer(&msg, previous) {
                 return Ok(None);
             }
         }
+        let existing = existing.is_some();
         match msg.action {
-            presence_action::LEAVE => Ok(self.members.remove(&key).map(|_| msg)),
+            presence_action::LEAVE => {
+                self.remember_leave(key.clone(), &msg);
+                Ok(self.members.remove(&key).map(|_| msg))
+            }
             presence_action::ENTER | presence_action::UPDATE | presence_action::PRESENT => {
-                if existing.is_none() && self.members.len() >= members_max {
+                if !existing && self.members.len() >= members_max {
                     return Err(PresenceError::TooManyMembers(members_max));
                 }
                 let mut broadcast = msg;
-                if existing.is_some() && broadcast.action == presence_action::ENTER {
+                if existing && broadcast.action == presence_action::ENTER {
                     broadcast.action = presence_action::UPDATE;
                 }
-                if existing.is_none() && broadcast.action != presence_action::ENTER {
+                if !existing && broadcast.action != presence_action::ENTER {
                     broadcast.action = presence_action::ENTER;
                 }
                 let mut stored = broadcast.clone();
@@ -101,20 +117,45 @@ impl PresenceSet {
             .cloned()
             .collect();
         keys.sort();
-        keys.into_iter()
-            .filter_map(|key| self.members.remove(&key))
-            .enumerate()
-            .map(|(index, member)| {
-                let timestamp = now_ms.max(member.timestamp.unwrap_or(0) + 1);
-                let connection_id = member.connection_id.clone().unwrap_or_default();
-                PresenceMessage {
-                    id: Some(format!("leave-{connection_id}:{timestamp}:{index}")),
-                    action: presence_action::LEAVE,
-                    timestamp: Some(timestamp),
-                    ..member
+        let mut leaves = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Some(member) = self.members.remove(&key) else {
+                continue;
+            };
+            let timestamp = now_ms.max(member.timestamp.unwrap_or(0) + 1);
+            let connection_id = member.connection_id.clone().unwrap_or_default();
+            let leave = PresenceMessage {
+                id: Some(format!(
+                    "leave-{connection_id}:{timestamp}:{}",
+                    leaves.len()
+                )),
+                action: presence_action::LEAVE,
+                timestamp: Some(timestamp),
+                ..member
+            };
+            self.remember_leave(key, &leave);
+            leaves.push(leave);
+        }
+        leaves
+    }
+
+    /// Keeps what ordering needs of a LEAVE, the oldest remembered one going past the bound.
+    fn remember_leave(&mut self, key: MemberKey, leave: &PresenceMessage) {
+        let kept = PresenceMessage {
+            id: leave.id.clone(),
+            action: presence_action::LEAVE,
+            connection_id: leave.connection_id.clone(),
+            timestamp: leave.timestamp,
+            ..Default::default()
+        };
+        if self.left.insert(key.clone(), kept).is_none() {
+            self.left_order.push_back(key);
+            if self.left_order.len() > LEFT_MAX {
+                if let Some(oldest) = self.left_order.pop_front() {
+                    self.left.remove(&oldest);
                 }
-            })
-            .collect()
+            }
+        }
     }
 
     /// Current members (action PRESENT), in no particular order.
@@ -219,5 +260,27 @@ mod tests {
             && l.timestamp == Some(11)
             && !l.id.as_deref().unwrap().starts_with("c1")));
         assert!(set.is_empty());
+    }
+
+    /// A LEAVE that arrives before the change it supersedes wins: a restarted node
+    /// catching up gets a survivor's LEAVE for a dead node's member (live, from the
+    /// survivor) before that member's older ENTER (repaired from a peer's log).
+    #[test]
+    fn a_leave_before_the_older_enter_wins() {
+        let mut set = PresenceSet::default();
+        let mut leave = change(3, "a", "dead-c1", "leave-dead-c1:10:0", 10);
+        leave.data = None;
+        assert_eq!(set.apply(leave, 10).unwrap(), None);
+        assert_eq!(
+            set.apply(change(2, "a", "dead-c1", "dead-c1:0:0", 5), 10)
+                .unwrap(),
+            None
+        );
+        assert!(set.is_empty());
+        // A newer change from the connection itself still enters.
+        set.apply(change(2, "a", "dead-c1", "dead-c1:1:0", 11), 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!(set.len(), 1);
     }
 }

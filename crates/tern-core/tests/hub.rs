@@ -4,7 +4,8 @@ use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 use tern_core::{
-    AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Hub, OriginId, Publisher, Subscriber,
+    AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Hub, OriginId, Publisher, RemoteEvent,
+    RemoteOutcome, Subscriber,
 };
 use tern_protocol::{flags, presence_action, Data, Format, Message, PresenceMessage};
 
@@ -244,6 +245,53 @@ fn resumed_connection_keeps_members() {
     assert!(hub.forget_dropped("A"));
     hub.sweep(100_000);
     assert_eq!(hub.members(&key).len(), 1);
+}
+
+/// Presence of a departed node's connection that arrives after `node_departed` (still in
+/// flight, waiting behind a gap, or repaired from a peer's log once the origin is known
+/// dead) must not bring the member back: that incarnation's connections are gone for
+/// good. The events still count as applied, so the origin's later events are not held up.
+#[test]
+fn a_departed_nodes_late_presence_does_not_come_back() {
+    let key = ChannelKey::new("app", "room");
+    let dead = Hub::new(OriginId(1), CoreLimits::default());
+    let recorder = attach(&dead, &key, "dead-watcher", true);
+    dead.publish(&key, &publisher("dead-conn", 0), vec![msg("before")], 1)
+        .unwrap();
+    for (serial, client) in [(1, "alice"), (2, "bob")] {
+        dead.presence(
+            &key,
+            &publisher("dead-conn", serial),
+            vec![enter("dead-conn", client, serial)],
+            2,
+        )
+        .unwrap();
+    }
+    dead.publish(&key, &publisher("dead-conn", 3), vec![msg("after")], 3)
+        .unwrap();
+    let events: Vec<RemoteEvent> = recorder
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| RemoteEvent::from_event(e))
+        .collect();
+    assert_eq!(events.len(), 4);
+
+    let survivor = hub();
+    let watcher = attach(&survivor, &key, "watcher", true);
+    // alice's ENTER waits behind the missing first event when the node departs.
+    assert!(matches!(
+        survivor.apply_remote(&key, events[1].clone(), 5).unwrap(),
+        RemoteOutcome::Gap { .. }
+    ));
+    assert_eq!(survivor.node_departed("dead-", 10), 0);
+    for event in [&events[0], &events[2], &events[3]] {
+        survivor.apply_remote(&key, event.clone(), 11).unwrap();
+    }
+    assert!(survivor.members(&key).is_empty());
+    assert_eq!(survivor.cursor(&key).get(OriginId(1)), 4);
+    assert_eq!(watcher.names(), ["before", "after"]);
 }
 
 /// Empty channels are dropped after the retention period and the channel limit holds.

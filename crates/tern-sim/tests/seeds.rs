@@ -1,74 +1,75 @@
 //! Seed sweep over the simulated cluster. A failure prints the command that replays it.
 
-use tern_sim::{Faults, Sim};
-
-#[derive(serde::Deserialize)]
-struct Topology {
-    regions: Vec<String>,
-    links: Vec<Link>,
-}
-
-#[derive(serde::Deserialize)]
-struct Link {
-    a: String,
-    b: String,
-    delay_ms: i64,
-}
+use tern_cluster::topology::Topology;
+use tern_sim::{Faults, Sim, Stats};
 
 /// One-way delays between the regions of `regions/topology.toml`.
 fn topology() -> Vec<Vec<i64>> {
-    let text = include_str!("../../../regions/topology.toml");
-    let topology: Topology = toml::from_str(text).expect("regions/topology.toml parses");
-    let index = |name: &str| {
-        topology
-            .regions
-            .iter()
-            .position(|r| r == name)
-            .expect("link names a region")
-    };
-    let n = topology.regions.len();
-    let mut delays = vec![vec![0; n]; n];
-    for link in &topology.links {
-        let (a, b) = (index(&link.a), index(&link.b));
-        delays[a][b] = link.delay_ms;
-        delays[b][a] = link.delay_ms;
-    }
-    delays
+    let topology = Topology::parse(include_str!("../../../regions/topology.toml"))
+        .expect("regions/topology.toml parses");
+    let regions = &topology.regions;
+    regions
+        .iter()
+        .map(|a| {
+            regions
+                .iter()
+                .map(|b| {
+                    topology
+                        .link(a, b)
+                        .map_or(0, |link| link.delay.as_millis() as i64)
+                })
+                .collect()
+        })
+        .collect()
 }
 
-/// One run: random publishes, deliveries, partitions and heals with faults on every
-/// link; invariants after every step; then heal, drain, anti-entropy, and convergence.
-fn run(seed: u64) -> Result<tern_sim::Stats, String> {
+fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// One run: random publishes, presence changes, deliveries, partitions, heals, crashes
+/// and restarts with faults on every link; invariants after every step; then heal,
+/// restart some of the crashed nodes, drain, anti-entropy, and convergence.
+fn run(seed: u64) -> Result<Stats, String> {
     let faults = Faults {
         drop: 10,
         duplicate: 10,
         jitter_ms: 60,
+        detect_ms: 2_000,
+        settle_ms: env("TERN_SIM_SETTLE_MS").unwrap_or(3_000),
     };
     let mut sim = Sim::new(seed, topology(), faults);
+    sim.trace = std::env::var("TERN_SIM_TRACE").is_ok_and(|v| v == "1");
     let fail = |sim: &Sim, err: String| {
+        let settle = std::env::var("TERN_SIM_SETTLE_MS")
+            .map(|v| format!("TERN_SIM_SETTLE_MS={v} "))
+            .unwrap_or_default();
         Err(format!(
-            "seed {seed}: {err}\n  replay: {}",
+            "seed {seed}: {err}\n  replay: {settle}{} (TERN_SIM_TRACE=1 prints every step)",
             sim.replay_command()
         ))
     };
+    let nodes = sim.node_count() as u64;
     for _ in 0..400 {
         let roll = sim.rng().below(100);
+        let at = sim.rng().below(nodes) as usize;
         match roll {
-            0..=29 => {
-                let nodes = sim.node_count() as u64;
-                let at = sim.rng().below(nodes) as usize;
-                sim.publish(at);
-            }
-            30..=89 => {
+            0..=21 => sim.publish(at),
+            22..=33 => sim.presence(at),
+            34..=87 => {
                 sim.deliver_next();
             }
-            90..=93 => {
-                let n = sim.node_count();
-                let a = sim.rng().below(n as u64) as usize;
-                let b = (a + 1 + sim.rng().below(n as u64 - 1) as usize) % n;
-                sim.partition(a, b);
+            88..=90 => {
+                let other = (at + 1 + sim.rng().below(nodes - 1) as usize) % nodes as usize;
+                sim.partition(at, other);
             }
-            94..=96 => sim.heal(),
+            91..=92 => sim.heal(),
+            93 => {
+                sim.crash(at);
+            }
+            94..=95 => {
+                sim.restart(at);
+            }
             _ => sim.anti_entropy(),
         }
         if let Err(err) = sim.check_step() {
@@ -76,6 +77,11 @@ fn run(seed: u64) -> Result<tern_sim::Stats, String> {
         }
     }
     sim.heal();
+    for at in 0..sim.node_count() {
+        if sim.rng().chance(50) {
+            sim.restart(at);
+        }
+    }
     // Anti-entropy rounds until quiet: each round's repairs can themselves be dropped.
     for _ in 0..50 {
         while sim.deliver_next() {
@@ -94,40 +100,53 @@ fn run(seed: u64) -> Result<tern_sim::Stats, String> {
     }
 }
 
-/// Many seeds (or the one in `TERN_SIM_SEED`): per-origin order, no duplicate, bounded
-/// pending after every step, and no loss once the network heals. The sweep also proves
-/// the faults happened: drops, duplicates, gaps and duplicate deliveries all occurred.
+/// Many seeds: the invariants of `tern-sim` after every step and once the network heals.
+/// The sweep also proves the faults happened: drops, duplicates, gaps, duplicate
+/// deliveries, crashes, restarts, items lost to a crash, presence changes, and presence
+/// members removed for departed nodes.
+///
+/// Environment: `TERN_SIM_SEED` runs one seed, `TERN_SIM_SEEDS` sets how many (500),
+/// `TERN_SIM_TRACE=1` prints every step, `TERN_SIM_SETTLE_MS` overrides the minimum time
+/// between crashes (3000; 0 shows the crash-cascade limit described in `tern-sim`).
 #[test]
 fn seed_sweep() {
-    let seeds: Vec<u64> = match std::env::var("TERN_SIM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
+    let seeds: Vec<u64> = match env("TERN_SIM_SEED") {
         Some(seed) => vec![seed],
-        None => (0..std::env::var("TERN_SIM_SEEDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(500))
-            .collect(),
+        None => (0..env("TERN_SIM_SEEDS").unwrap_or(500)).collect(),
     };
-    let mut total = tern_sim::Stats::default();
+    let started = std::time::Instant::now();
+    let mut total = Stats::default();
+    let mut failures = Vec::new();
     for seed in seeds.iter().copied() {
         match run(seed) {
-            Ok(stats) => {
-                total.dropped += stats.dropped;
-                total.duplicated += stats.duplicated;
-                total.gaps += stats.gaps;
-                total.duplicates_seen += stats.duplicates_seen;
-            }
-            Err(err) => panic!("{err}"),
+            Ok(stats) => total.add(&stats),
+            Err(err) => failures.push(err),
         }
     }
+    eprintln!(
+        "{} seeds in {:?}: {total:?}",
+        seeds.len(),
+        started.elapsed()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} seeds failed:\n{}",
+        failures.len(),
+        seeds.len(),
+        failures.join("\n")
+    );
     if seeds.len() > 1 {
         assert!(
             total.dropped > 0
                 && total.duplicated > 0
                 && total.gaps > 0
-                && total.duplicates_seen > 0,
+                && total.duplicates_seen > 0
+                && total.crashes > 0
+                && total.restarts > 0
+                && total.lost_to_crash > 0
+                && total.presence_changes > 0
+                && total.departed_leaves > 0
+                && total.skips > 0,
             "{total:?}"
         );
     }
