@@ -36,11 +36,13 @@ pub struct ClusterConfig {
     pub failure_detection: Duration,
 }
 
-/// Called with each member that left the live set (dead, or replaced by a restart).
-pub type OnDeparted = Arc<dyn Fn(&Member) + Send + Sync>;
+/// Called with the node id and connection-id tag of each node that departed: seen to
+/// leave the live set (dead, or replaced by a restart), or reported departed by a live
+/// member before this node knew it. Called once per tag.
+pub type OnDeparted = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 pub struct ClusterNode {
-    membership: tokio::sync::Mutex<Option<Membership>>,
+    membership: Arc<tokio::sync::Mutex<Option<Membership>>>,
     live: tokio::sync::watch::Receiver<Vec<Member>>,
     me: Member,
     replicator: Arc<Replicator>,
@@ -94,22 +96,27 @@ impl ClusterNode {
             tag,
             origin: format!("{:016x}", hub.origin().0),
             load: 0,
+            departed: Vec::new(),
         };
         let mut membership_config =
             MembershipConfig::new(me, config.gossip_listen, config.seeds.clone());
         membership_config.gossip_interval = config.gossip_interval;
         membership_config.failure_detection = config.failure_detection;
         let membership = Membership::start(membership_config).await?;
+        let live = membership.watch();
+        let me = membership.me().clone();
+        let membership = Arc::new(tokio::sync::Mutex::new(Some(membership)));
         let watcher = tokio::spawn(follow_members(
-            membership.watch(),
+            live.clone(),
             replicator.clone(),
-            config.node_id.clone(),
+            me.clone(),
             on_departed,
+            membership.clone(),
         ));
         Ok(ClusterNode {
-            live: membership.watch(),
-            me: membership.me().clone(),
-            membership: tokio::sync::Mutex::new(Some(membership)),
+            live,
+            me,
+            membership,
             replicator,
             endpoint,
             watcher,
@@ -149,15 +156,18 @@ impl ClusterNode {
 async fn follow_members(
     mut live: tokio::sync::watch::Receiver<Vec<Member>>,
     replicator: Arc<Replicator>,
-    me: String,
+    me: Member,
     on_departed: OnDeparted,
+    membership: Arc<tokio::sync::Mutex<Option<Membership>>>,
 ) {
     let mut previous: Vec<Member> = Vec::new();
+    // Tags already handled, oldest first (bounded), and what we publish.
+    let mut handled: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     loop {
         let current = live.borrow_and_update().clone();
         let peers: Vec<PeerSpec> = current
             .iter()
-            .filter(|m| m.node_id != me)
+            .filter(|m| m.node_id != me.node_id)
             .map(|m| PeerSpec {
                 node_id: m.node_id.clone(),
                 incarnation: m.incarnation,
@@ -167,14 +177,45 @@ async fn follow_members(
             })
             .collect();
         replicator.set_peers(&peers);
-        for gone in previous.iter().filter(|old| {
-            old.node_id != me
-                && !current
-                    .iter()
-                    .any(|m| m.node_id == old.node_id && m.incarnation == old.incarnation)
-        }) {
-            tracing::info!(node = %gone.node_id, region = %gone.region, "member departed");
-            on_departed(gone);
+        let live_tags: Vec<&str> = current.iter().map(|m| m.tag.as_str()).collect();
+        let mut departed: Vec<(String, String)> = previous
+            .iter()
+            .filter(|old| {
+                old.node_id != me.node_id
+                    && !current
+                        .iter()
+                        .any(|m| m.node_id == old.node_id && m.incarnation == old.incarnation)
+            })
+            .map(|gone| (gone.node_id.clone(), gone.tag.clone()))
+            .collect();
+        // Departures other members saw before we were here (or while we were cut off).
+        for member in &current {
+            for tag in &member.departed {
+                departed.push((format!("reported by {}", member.node_id), tag.clone()));
+            }
+        }
+        let mut changed = false;
+        for (node, tag) in departed {
+            if tag.is_empty()
+                || tag == me.tag
+                || live_tags.contains(&tag.as_str())
+                || handled.contains(&tag)
+            {
+                continue;
+            }
+            tracing::info!(%node, %tag, "member departed");
+            on_departed(&node, &tag);
+            handled.push_back(tag);
+            if handled.len() > crate::membership::DEPARTED_TAGS_MAX * 4 {
+                handled.pop_front();
+            }
+            changed = true;
+        }
+        if changed {
+            let tags: Vec<String> = handled.iter().cloned().collect();
+            if let Some(membership) = membership.lock().await.as_ref() {
+                membership.set_departed(&tags).await;
+            }
         }
         previous = current;
         if live.changed().await.is_err() {

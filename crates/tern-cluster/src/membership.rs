@@ -23,6 +23,10 @@ const KEY_QUIC: &str = "quic";
 const KEY_TAG: &str = "tag";
 const KEY_ORIGIN: &str = "origin";
 const KEY_LOAD: &str = "load";
+const KEY_DEPARTED: &str = "departed";
+/// Departed node tags each node publishes (newest last), so a node that joins later
+/// learns whose presence members must not come back.
+pub const DEPARTED_TAGS_MAX: usize = 64;
 
 /// What one node tells the cluster about itself.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -44,6 +48,8 @@ pub struct Member {
     pub origin: String,
     /// Open client connections (updated by [`Membership::set_load`]).
     pub load: u64,
+    /// Tags of nodes this member saw depart (at most [`DEPARTED_TAGS_MAX`]).
+    pub departed: Vec<String>,
 }
 
 /// How to join the cluster.
@@ -153,6 +159,16 @@ impl Membership {
             .await;
     }
 
+    /// Publishes the tags of nodes this node saw depart (the newest
+    /// [`DEPARTED_TAGS_MAX`]).
+    pub async fn set_departed(&self, tags: &[String]) {
+        let start = tags.len().saturating_sub(DEPARTED_TAGS_MAX);
+        let value = tags[start..].join(",");
+        self.handle
+            .with_chitchat(|c| c.self_node_state().set(KEY_DEPARTED, value.clone()))
+            .await;
+    }
+
     /// Stops gossiping. Peers will see this node go silent and declare it dead.
     pub async fn shutdown(self) {
         let _ = self.handle.shutdown().await;
@@ -205,11 +221,17 @@ fn member_of(id: &ChitchatId, state: &NodeState) -> Option<Member> {
         gossip: id.gossip_advertise_addr,
         tag: state.get(KEY_TAG).unwrap_or_default().to_string(),
         origin: state.get(KEY_ORIGIN).unwrap_or_default().to_string(),
-        // Load changes do not fire the live-nodes watcher: this is the value at the
-        // last membership change, good enough for region choice.
         load: state
             .get(KEY_LOAD)
             .and_then(|l| l.parse().ok())
             .unwrap_or(0),
+        departed: state
+            .get(KEY_DEPARTED)
+            .unwrap_or_default()
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .take(DEPARTED_TAGS_MAX)
+            .map(str::to_string)
+            .collect(),
     })
 }

@@ -48,6 +48,8 @@ struct TestNode {
     cluster: ClusterNode,
     recorder: Arc<Recorder>,
     gossip: SocketAddr,
+    /// Tags this node was told departed.
+    departed: Arc<Mutex<Vec<String>>>,
 }
 
 fn room() -> ChannelKey {
@@ -109,6 +111,8 @@ async fn start(
     )
     .unwrap();
     let departed_hub = hub.clone();
+    let departed = Arc::new(Mutex::new(Vec::new()));
+    let departed_log = departed.clone();
     let cluster = ClusterNode::start(
         config,
         incarnation,
@@ -116,8 +120,9 @@ async fn start(
         &hub,
         Arc::new(|then| then()),
         name.into(),
-        Arc::new(move |gone| {
-            departed_hub.node_departed(&format!("{}-", gone.tag), now_ms());
+        Arc::new(move |_node: &str, tag: &str| {
+            departed_log.lock().unwrap().push(tag.to_string());
+            departed_hub.node_departed(&format!("{tag}-"), now_ms());
         }),
     )
     .await
@@ -128,6 +133,7 @@ async fn start(
         cluster,
         recorder,
         gossip,
+        departed,
     }
 }
 
@@ -432,4 +438,26 @@ async fn a_node_joining_with_one_seed_gets_live_traffic_and_the_backlog() {
     wait_for("the joiner to catch up", 20, || d.recorder.len() >= 200).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_exactly_once_in_order(&[&a, &b, &d], &published);
+}
+
+/// A node that joins after another died learns from a live member's gossip that the
+/// dead node departed (so its presence members cannot come back there either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_learns_who_departed_before_it_came() {
+    let ca = ClusterCa::generate().unwrap();
+    let a = start(&ca, "a", "r1", &[], None, 0).await;
+    let b = start(&ca, "b", "r2", &[&a], None, 0).await;
+    wait_members(&[&a, &b], 2).await;
+    a.cluster.shutdown().await;
+    wait_for("b to see a depart", 20, || {
+        b.departed.lock().unwrap().contains(&"a".to_string())
+    })
+    .await;
+    let c = start(&ca, "c", "r3", &[&b], None, 0).await;
+    wait_members(&[&b, &c], 2).await;
+    wait_for("c to learn that a departed", 20, || {
+        c.departed.lock().unwrap().contains(&"a".to_string())
+    })
+    .await;
+    assert!(!c.departed.lock().unwrap().contains(&"b".to_string()));
 }

@@ -271,9 +271,9 @@ async fn start_node(
             &hub,
             barrier,
             state.node_tag().to_string(),
-            Arc::new(move |gone| {
-                let left = departed_hub.node_departed(&format!("{}-", gone.tag), tern_edge::now_ms());
-                tracing::info!(node = %gone.node_id, presence_left = left, "removed a departed node's presence members");
+            Arc::new(move |node: &str, tag: &str| {
+                let left = departed_hub.node_departed(&format!("{tag}-"), tern_edge::now_ms());
+                tracing::info!(%node, presence_left = left, "removed a departed node's presence members");
             }),
         )
         .await
