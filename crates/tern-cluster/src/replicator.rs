@@ -849,9 +849,20 @@ async fn hello(
     .map(|_| ())
 }
 
+/// Waits for an emulated frame's due time. tokio's timer has millisecond granularity
+/// and rounds up, which would add up to a millisecond to every emulated link; so it
+/// sleeps to within a millisecond and yields the rest away. Only emulated links
+/// (`emulate_topology`) ever wait here.
 async fn wait_until(at: Instant) {
     let now = Instant::now();
-    if at > now {
-        tokio::time::sleep(at - now).await;
+    if at <= now {
+        return;
+    }
+    let coarse = at - now;
+    if coarse > Duration::from_millis(1) {
+        tokio::time::sleep(coarse - Duration::from_millis(1)).await;
+    }
+    while Instant::now() < at {
+        tokio::task::yield_now().await;
     }
 }
