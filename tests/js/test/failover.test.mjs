@@ -1,7 +1,8 @@
 // Regions as separate processes; one is killed with SIGKILL. Proves what issue 4 asks
 // of region failover: clients with fallbackHosts resume on another region with no lost
 // and no duplicated message, the dead region's presence members leave everywhere, and
-// a publish ACKed just before the kill is not lost (ack_replicas = 1).
+// a publish ACKed just before the kill is not lost (ack_replicas = 1), and GET /regions
+// follows membership.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import Ably from 'ably';
@@ -23,6 +24,17 @@ test('kill -9 a region: its clients fail over with fallbackHosts and resume; its
   };
   try {
     const [east, west, south] = REGIONS.map((r) => r.host);
+    const regions = async (host) => {
+      const body = await (await fetch(`http://${host}:${cluster.port}/regions`)).json();
+      return body.regions.map((r) => [r.region, r.nodes.map((n) => n.endpoint)]);
+    };
+    // Membership is gossip: a node may announce itself before it has heard of everyone.
+    for (let i = 0; i < 100 && (await regions(south)).length < 3; i++) await sleep(50);
+    assert.deepEqual(await regions(south), [
+      ['ap-south', [`http://${south}:${cluster.port}`]],
+      ['eu-west', [`http://${west}:${cluster.port}`]],
+      ['us-east', [`http://${east}:${cluster.port}`]],
+    ], 'GET /regions lists every live region');
     const subscriber = await connected(client(east));
     const member = await connected(client(east, { clientId: 'doomed', fallbackHosts: [] }));
     const watcher = await connected(client(south));
@@ -60,6 +72,8 @@ test('kill -9 a region: its clients fail over with fallbackHosts and resume; its
     assert.notEqual(subscriber.connection.id, idBefore, 'now connected to another region');
     assert.equal(channel.state, 'attached');
     await waitUntil(() => presence.some(([a, c]) => a === 'leave' && c === 'doomed'), 15000, "the dead region's member to leave");
+    for (let i = 0; i < 100 && (await regions(west)).length > 2; i++) await sleep(50);
+    assert.deepEqual((await regions(west)).map(([r]) => r), ['ap-south', 'eu-west'], 'the dead region left /regions');
     console.log(`# failover: first message ${firstAfterKill} ms after SIGKILL`);
   } finally {
     for (const c of clients) c.close();
