@@ -13,7 +13,8 @@ use tokio::task::JoinSet;
 use crate::latency::{Latency, LatencySummary};
 use crate::nats;
 use crate::process::rss_bytes;
-use crate::socket::{ensure_loopback, idle_config, Socket, Target};
+use crate::pusher;
+use crate::socket::{ensure_loopback, idle_config, Protocol, Socket, Target};
 use crate::wire;
 
 /// The bench process may hold 20k files; leave room for everything else it opens.
@@ -31,7 +32,7 @@ pub(crate) struct ConnectArgs {
     /// WebSocket base URL, loopback only.
     #[arg(long)]
     pub url: String,
-    /// Ably API key (tern only).
+    /// Ably API key (tern), or Pusher app `id:key:secret` (sockudo).
     #[arg(long, default_value = "")]
     #[serde(skip)]
     pub key: String,
@@ -66,20 +67,25 @@ impl ConnectArgs {
             "--hold-secs at most {HOLD_SECS_MAX}"
         );
         anyhow::ensure!(
-            self.target == Target::Nats || !self.key.is_empty(),
-            "--key is required for --target tern"
+            !self.target.needs_key() || !self.key.is_empty(),
+            "--key is required for --target {}",
+            self.target
         );
         Ok(())
     }
 }
 
 async fn open_one(args: &ConnectArgs) -> anyhow::Result<Socket> {
-    match args.target {
-        Target::Tern => {
-            let url = wire::connect_url(&args.url, &args.key, "");
+    match args.target.protocol() {
+        Protocol::Ably(format) => {
+            let url = wire::connect_url(&args.url, &args.key, format, "");
             Ok(wire::open(&url, idle_config()).await?.0)
         }
-        Target::Nats => Ok(nats::open(&args.url, "", idle_config()).await?.0),
+        Protocol::Nats => Ok(nats::open(&args.url, "", idle_config()).await?.0),
+        Protocol::Pusher => {
+            let app = pusher::App::parse(&args.key)?;
+            pusher::open(&pusher::connect_url(&args.url, &app.key), idle_config()).await
+        }
     }
 }
 

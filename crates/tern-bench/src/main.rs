@@ -1,7 +1,8 @@
 //! `tern-bench`: a black-box load generator for Tern and the peers we compare it with.
 //!
-//! It talks the wire protocols itself (Ably realtime JSON over WebSocket for Tern, the
-//! NATS text protocol over WebSocket for nats-server) and depends on no Tern crate, so it
+//! It talks the wire protocols itself (the Ably realtime protocol over WebSocket, JSON or
+//! msgpack, for Tern; the NATS text protocol over WebSocket for nats-server; the Pusher
+//! protocol plus its HTTP events API for Sockudo) and depends on no Tern crate, so it
 //! measures what a client sees and nothing else.
 //!
 //! # Layout
@@ -13,8 +14,9 @@
 //! - `resume`: a subscriber misses M messages, resumes, and is timed until the last one.
 //! - `summary`: reads a run's JSON reports back and prints Markdown tables.
 //! - `socket`: WebSocket dialing with timeouts, and the loopback-only guard.
-//! - `wire`: Ably ProtocolMessage frames (JSON) as this client reads and writes them.
+//! - `wire`: Ably ProtocolMessage frames (JSON or msgpack) as this client reads and writes them.
 //! - `nats`: the NATS text protocol reader (MSG / PING / PONG / -ERR).
+//! - `pusher`: Pusher subscribe/events over WebSocket, signed HTTP publishes, response reader.
 //! - `stamp`: payloads that carry their scheduled send time.
 //! - `latency`: HdrHistogram wrapper and its printable / JSON summary.
 //! - `process`: RSS and CPU time of the server (and of this process) from /proc.
@@ -26,6 +28,7 @@ mod fanout;
 mod latency;
 mod nats;
 mod process;
+mod pusher;
 mod resume;
 mod socket;
 mod stamp;
