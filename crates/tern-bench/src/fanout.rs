@@ -21,9 +21,6 @@ use anyhow::Context;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_tungstenite::tungstenite::Message;
@@ -32,7 +29,7 @@ use crate::latency::{Latency, LatencySummary};
 use crate::nats;
 use crate::process;
 use crate::pusher;
-use crate::socket::{busy_config, ensure_loopback, Protocol, Socket, Target, DIAL_TIMEOUT};
+use crate::socket::{busy_config, ensure_loopback, Protocol, Socket, Target};
 use crate::stamp::{self, Clock, Phase};
 use crate::wire::{self, action, Format, Inbound};
 
@@ -258,7 +255,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     let subscribers = tokio::time::timeout(SETUP_TIMEOUT, open_subscribers(&args, &channels, &run))
         .await
         .context("subscribers did not connect and attach in time")??;
-    let publisher_sockets = tokio::time::timeout(SETUP_TIMEOUT, open_publishers(&args))
+    let publisher_sockets = tokio::time::timeout(SETUP_TIMEOUT, open_publishers(&args, run.clock))
         .await
         .context("publishers did not connect in time")??;
 
@@ -661,22 +658,66 @@ const PUSHER_EVENT: &str = "b";
 
 // ---- publishers ----
 
-/// A publisher's write side: a WebSocket, or a keep-alive HTTP connection (Pusher).
+/// A publisher's write side: a WebSocket, or HTTP requests (Pusher).
 enum PublishSink {
     Ws(SplitSink<Socket, Message>),
-    Http(tokio::io::BufWriter<OwnedWriteHalf>),
+    Http(HttpPublisher),
 }
 
-/// A publisher's read side: ACKs and PINGs over the WebSocket, or HTTP responses.
+/// A publisher's read side: ACKs and PINGs over the WebSocket, or HTTP outcomes.
 enum PublishStream {
     Ws(SplitStream<Socket>),
-    Http(OwnedReadHalf),
+    Http(mpsc::Receiver<HttpOutcome>),
 }
 
 /// One publish, encoded for its sink.
 enum Frame {
     Ws(Message),
-    Http(Vec<u8>),
+    /// A whole HTTP request, and when it was due.
+    Http(Vec<u8>, u64),
+}
+
+/// Sends each publish as its own HTTP request on its own TCP connection: Sockudo answers
+/// every API request with `Connection: close`, so keep-alive and pipelining are not
+/// possible. At most [`HTTP_IN_FLIGHT_MAX`] requests are in flight; past that the
+/// schedule waits, and the wait counts in the latency.
+struct HttpPublisher {
+    authority: Arc<str>,
+    in_flight: Arc<Semaphore>,
+    /// Outcomes for the reader (`http_outcomes` queue); bounded by the in-flight limit.
+    outcomes: mpsc::Sender<HttpOutcome>,
+    clock: Clock,
+}
+
+/// One HTTP publish: when it was due, when its response arrived, and what it said.
+struct HttpOutcome {
+    due_ns: u64,
+    done_ns: u64,
+    result: anyhow::Result<pusher::Response>,
+}
+
+/// HTTP publishes in flight per publisher (each is a TCP connection).
+const HTTP_IN_FLIGHT_MAX: usize = 256;
+
+impl HttpPublisher {
+    async fn send(&self, request: Vec<u8>, due_ns: u64) -> anyhow::Result<()> {
+        let permit = self.in_flight.clone().acquire_owned().await?;
+        let (authority, outcomes, clock) =
+            (self.authority.clone(), self.outcomes.clone(), self.clock);
+        tokio::spawn(async move {
+            let result = pusher::post(&authority, &request).await;
+            let done_ns = clock.now_ns();
+            let _ = outcomes
+                .send(HttpOutcome {
+                    due_ns,
+                    done_ns,
+                    result,
+                })
+                .await;
+            drop(permit);
+        });
+        Ok(())
+    }
 }
 
 impl PublishSink {
@@ -684,7 +725,9 @@ impl PublishSink {
     async fn feed(&mut self, frame: Frame) -> anyhow::Result<()> {
         match (self, frame) {
             (PublishSink::Ws(sink), Frame::Ws(message)) => Ok(sink.feed(message).await?),
-            (PublishSink::Http(writer), Frame::Http(bytes)) => Ok(writer.write_all(&bytes).await?),
+            (PublishSink::Http(http), Frame::Http(request, due_ns)) => {
+                http.send(request, due_ns).await
+            }
             _ => anyhow::bail!("a frame for the wrong kind of publisher"),
         }
     }
@@ -692,7 +735,7 @@ impl PublishSink {
     async fn flush(&mut self) -> anyhow::Result<()> {
         match self {
             PublishSink::Ws(sink) => Ok(sink.flush().await?),
-            PublishSink::Http(writer) => Ok(writer.flush().await?),
+            PublishSink::Http(_) => Ok(()),
         }
     }
 
@@ -705,7 +748,10 @@ impl PublishSink {
                     sink.close().await?;
                 }
                 (PublishSink::Ws(sink), _) => sink.close().await?,
-                (PublishSink::Http(writer), _) => writer.shutdown().await?,
+                (PublishSink::Http(http), _) => {
+                    // Wait for the requests still in flight.
+                    let _ = http.in_flight.acquire_many(HTTP_IN_FLIGHT_MAX as u32).await;
+                }
             }
             anyhow::Ok(())
         })
@@ -713,7 +759,10 @@ impl PublishSink {
     }
 }
 
-async fn open_publishers(args: &FanoutArgs) -> anyhow::Result<Vec<(PublishSink, PublishStream)>> {
+async fn open_publishers(
+    args: &FanoutArgs,
+    clock: Clock,
+) -> anyhow::Result<Vec<(PublishSink, PublishStream)>> {
     let mut publishers = Vec::with_capacity(args.publishers);
     for _ in 0..args.publishers {
         let socket = match args.target.protocol() {
@@ -724,19 +773,14 @@ async fn open_publishers(args: &FanoutArgs) -> anyhow::Result<Vec<(PublishSink, 
             }
             Protocol::Nats => nats::open(&args.url, "", busy_config()).await?.0,
             Protocol::Pusher => {
-                let tcp = tokio::time::timeout(
-                    DIAL_TIMEOUT,
-                    TcpStream::connect(http_authority(&args.url)),
-                )
-                .await
-                .context("HTTP connect timed out")?
-                .context("HTTP connect failed")?;
-                tcp.set_nodelay(true)?;
-                let (read, write) = tcp.into_split();
-                publishers.push((
-                    PublishSink::Http(tokio::io::BufWriter::with_capacity(64 * 1024, write)),
-                    PublishStream::Http(read),
-                ));
+                let (outcomes, outcomes_rx) = mpsc::channel(HTTP_IN_FLIGHT_MAX);
+                let http = HttpPublisher {
+                    authority: http_authority(&args.url).into(),
+                    in_flight: Arc::new(Semaphore::new(HTTP_IN_FLIGHT_MAX)),
+                    outcomes,
+                    clock,
+                };
+                publishers.push((PublishSink::Http(http), PublishStream::Http(outcomes_rx)));
                 continue;
             }
         };
@@ -805,7 +849,7 @@ fn spawn_publisher(
             let due_ns = schedule.due_ns(g);
             let payload = stamp::encode(due_ns, schedule.phase(g), payload_bytes);
             let channel = &channels[schedule.channel(g)];
-            if target.acknowledges() {
+            if matches!(target.protocol(), Protocol::Ably(_)) {
                 // Full queue: this publish's ACK latency goes unmeasured, nothing else.
                 let _ = ack_pending_tx.try_send((msg_serial, due_ns));
             }
@@ -814,13 +858,10 @@ fn spawn_publisher(
                     Frame::Ws(wire::publish_frame(format, channel, msg_serial, &payload))
                 }
                 (Protocol::Nats, _) => Frame::Ws(nats::publish(channel, &payload)),
-                (Protocol::Pusher, Some(app)) => Frame::Http(pusher::publish_request(
-                    app,
-                    &host,
-                    crate::unix_time_secs(),
-                    channel,
-                    &payload,
-                )),
+                (Protocol::Pusher, Some(app)) => Frame::Http(
+                    pusher::publish_request(app, &host, crate::unix_time_secs(), channel, &payload),
+                    due_ns,
+                ),
                 (Protocol::Pusher, None) => unreachable!("the app was parsed above"),
             }
         };
@@ -900,7 +941,7 @@ async fn read_publisher_socket(
         PublishStream::Ws(stream) => {
             read_publisher_ws(target, stream, &mut acks, control, run).await
         }
-        PublishStream::Http(stream) => read_publisher_http(stream, &mut acks, run).await,
+        PublishStream::Http(outcomes) => read_publisher_http(outcomes, &mut acks, run).await,
     }
     AckResult {
         latency: acks.latency,
@@ -946,47 +987,39 @@ async fn read_publisher_ws(
     }
 }
 
-/// Reads pipelined HTTP responses in order: the k-th answers publish k.
-async fn read_publisher_http(mut stream: OwnedReadHalf, acks: &mut AckTracker, mut run: Run) {
-    let mut reader = pusher::ResponseReader::default();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut answered = 0u64;
+/// Records each HTTP publish's outcome: a 200 is its ACK, anything else a NACK.
+async fn read_publisher_http(
+    mut outcomes: mpsc::Receiver<HttpOutcome>,
+    acks: &mut AckTracker,
+    mut run: Run,
+) {
     loop {
-        let read = tokio::select! {
+        let outcome = tokio::select! {
             // Stop: cancellation safe.
             _ = run.stop.changed() => break,
-            // Bytes: AsyncReadExt::read is cancellation safe.
-            read = stream.read(&mut buf) => read,
+            // An outcome: mpsc::Receiver::recv is cancellation safe.
+            outcome = outcomes.recv() => match outcome {
+                Some(outcome) => outcome,
+                None => break,
+            },
         };
-        let n = match read {
-            Ok(0) => {
-                run.counters
-                    .socket_error("publisher: server closed the HTTP connection");
-                break;
-            }
-            Ok(n) => n,
-            Err(e) => {
-                run.counters.socket_error(format!("publisher: {e}"));
-                break;
-            }
-        };
-        let now_ns = run.clock.now_ns();
-        let fed = reader.feed(&buf[..n], |response| {
-            if response.status == 200 {
+        match outcome.result {
+            Ok(response) if response.status == 200 => {
                 run.counters.acked.fetch_add(1, Ordering::Relaxed);
-                acks.ack(answered, 1, now_ns);
-            } else {
+                acks.latency
+                    .record_ns(outcome.done_ns.saturating_sub(outcome.due_ns));
+            }
+            Ok(response) => {
                 run.counters.nacked.fetch_add(1, Ordering::Relaxed);
                 run.counters.protocol_error(format!(
                     "events API answered {}: {:.200}",
                     response.status, response.body
                 ));
             }
-            answered += 1;
-        });
-        if let Err(e) = fed {
-            run.counters.protocol_error(format!("publisher: {e:#}"));
-            break;
+            Err(e) => {
+                run.counters.nacked.fetch_add(1, Ordering::Relaxed);
+                run.counters.socket_error(format!("events API: {e:#}"));
+            }
         }
     }
 }

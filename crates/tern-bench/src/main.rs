@@ -92,6 +92,7 @@ async fn run(command: Command, json: Option<&Path>) -> anyhow::Result<()> {
             println!("{report}");
             write_json(json, &report)
         }
+        Command::Connect(args) if args.worker => connect::run_worker(args).await,
         Command::Connect(args) => {
             let report = connect::run(args).await?;
             println!("{report}");

@@ -6,8 +6,8 @@
 //!
 //! Publishers: Pusher has no publish over the socket for servers, so they POST to the
 //! HTTP events API (`/apps/ID/events`), signed with HMAC-SHA256 of the method, path and
-//! sorted query (Pusher's "auth_signature"). Requests are pipelined on a keep-alive
-//! HTTP/1.1 connection and [`ResponseReader`] reads the answers in order.
+//! sorted query (Pusher's "auth_signature"). Sockudo closes the connection after every
+//! API response, so [`post`] makes one TCP connection per request.
 
 use std::borrow::Cow;
 
@@ -20,7 +20,9 @@ use sha2::Sha256;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::socket::{dial, Socket};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::socket::{dial, Socket, DIAL_TIMEOUT};
 use crate::wire::REPLY_TIMEOUT;
 
 /// The largest HTTP response head we accept before calling the stream garbage.
@@ -194,6 +196,33 @@ pub(crate) fn publish_request(
         body.len()
     )
     .into_bytes()
+}
+
+/// Sends one HTTP/1.1 request on a new TCP connection to `authority` (`host:port`) and
+/// reads one response, all within [`DIAL_TIMEOUT`].
+pub(crate) async fn post(authority: &str, request: &[u8]) -> anyhow::Result<Response> {
+    tokio::time::timeout(DIAL_TIMEOUT, async {
+        let mut tcp = tokio::net::TcpStream::connect(authority)
+            .await
+            .context("HTTP connect failed")?;
+        tcp.set_nodelay(true)?;
+        tcp.write_all(request).await?;
+        let mut reader = ResponseReader::default();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tcp.read(&mut buf).await?;
+            anyhow::ensure!(n > 0, "server closed the connection before answering");
+            let mut response = None;
+            reader.feed(&buf[..n], |r| {
+                response.get_or_insert(r);
+            })?;
+            if let Some(response) = response {
+                return Ok(response);
+            }
+        }
+    })
+    .await
+    .context("HTTP request timed out")?
 }
 
 /// One HTTP response: its status and body.
