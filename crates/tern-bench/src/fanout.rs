@@ -27,6 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::latency::{Latency, LatencySummary};
 use crate::nats;
+use crate::pacer;
 use crate::process;
 use crate::pusher;
 use crate::socket::{busy_config, ensure_loopback, Protocol, Socket, Target};
@@ -262,11 +263,23 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     // Everyone is attached: start the clock a little ahead so every publisher is waiting.
     let schedule = Schedule::new(&args, run.clock.now_ns() + 50_000_000);
     let cpu = tokio::spawn(sample_cpu(args.server_pid, schedule, run.clock));
+    let due = (0..schedule.total_msgs)
+        .map(move |g| (schedule.due_ns(g), (g % schedule.publishers) as usize));
+    let nudges = pacer::spawn(run.clock, args.publishers, due);
     let publishers = publisher_sockets
         .into_iter()
+        .zip(nudges)
         .enumerate()
-        .map(|(index, socket)| {
-            spawn_publisher(index as u64, socket, schedule, &args, &channels, &run)
+        .map(|(index, (socket, nudges))| {
+            spawn_publisher(
+                index as u64,
+                socket,
+                nudges,
+                schedule,
+                &args,
+                &channels,
+                &run,
+            )
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
@@ -818,6 +831,7 @@ struct AckResult {
 fn spawn_publisher(
     index: u64,
     (sink, stream): (PublishSink, PublishStream),
+    nudges: pacer::Nudges,
     schedule: Schedule,
     args: &FanoutArgs,
     channels: &Arc<Vec<String>>,
@@ -865,7 +879,8 @@ fn spawn_publisher(
                 (Protocol::Pusher, None) => unreachable!("the app was parsed above"),
             }
         };
-        let result = send_schedule(index, schedule, &run, &mut sink, make, control_rx).await;
+        let result =
+            send_schedule(index, schedule, &run, &mut sink, make, control_rx, nudges).await;
         (result, sink)
     });
     Ok(Publisher { sender, reader })
@@ -879,6 +894,7 @@ async fn send_schedule(
     sink: &mut PublishSink,
     mut make: impl FnMut(u64, u64) -> Frame,
     mut control: mpsc::Receiver<Message>,
+    mut nudges: pacer::Nudges,
 ) -> SendResult {
     let mut result = SendResult {
         sent_total: 0,
@@ -891,7 +907,7 @@ async fn send_schedule(
         let now_ns = run.clock.now_ns();
         let due_ns = schedule.due_ns(g);
         if due_ns > now_ns {
-            tokio::time::sleep_until(run.clock.instant_at(due_ns).into()).await;
+            nudges.wait_until(&run.clock, due_ns).await;
             continue;
         }
         result.lag_ns_max = result.lag_ns_max.max(now_ns - due_ns);

@@ -20,6 +20,46 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Context switches of every thread of a process so far, from
+/// /proc/PID/task/*/status (the process-level status counts only the main thread).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Switches {
+    /// The thread blocked (waited for I/O, a timer, a lock): each is a later wake-up.
+    pub voluntary: u64,
+    /// The thread was preempted.
+    pub involuntary: u64,
+    pub threads: u64,
+}
+
+pub(crate) fn switches(pid: u32) -> anyhow::Result<Switches> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = Switches::default();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let path = entry?.path().join("status");
+        // A thread may exit between listing and reading: skip it.
+        let Ok(status) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let (voluntary, involuntary) = parse_switches(&status)
+            .with_context(|| format!("no ctxt_switches in {}", path.display()))?;
+        total.voluntary += voluntary;
+        total.involuntary += involuntary;
+        total.threads += 1;
+    }
+    Ok(total)
+}
+
+fn parse_switches(status: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((
+        field("voluntary_ctxt_switches:")?,
+        field("nonvoluntary_ctxt_switches:")?,
+    ))
+}
+
 /// User plus system CPU seconds used so far, from /proc/PID/stat.
 pub(crate) fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
     let path = format!("/proc/{pid}/stat");
@@ -80,6 +120,16 @@ mod tests {
         assert_eq!(parse_cpu_ticks(stat), Some(300));
         assert_eq!(parse_cpu_ticks("garbage"), None);
         assert!(cpu_secs(std::process::id()).is_ok());
+    }
+
+    /// Context switches are summed over threads from their status files.
+    #[test]
+    fn context_switches() {
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(parse_switches(status), Some((120, 7)));
+        assert_eq!(parse_switches("Name:\tx\n"), None);
+        let own = switches(std::process::id()).unwrap();
+        assert!(own.threads >= 1);
     }
 
     /// Machine busy time excludes idle and iowait, and guest time is not counted twice.
