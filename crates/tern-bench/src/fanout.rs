@@ -32,6 +32,7 @@ use crate::process;
 use crate::pusher;
 use crate::socket::{busy_config, ensure_loopback, Protocol, Socket, Target};
 use crate::stamp::{self, Clock, Phase};
+use crate::summary::SUSTAINED_P99_US;
 use crate::wire::{self, action, Format, Inbound};
 
 /// Subscribers per bench process: each is a socket, and the process may hold 20k files.
@@ -331,6 +332,11 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         .map(|s| s.sent_measured_per_channel.iter().sum::<u64>())
         .sum();
     let counters = &run.counters;
+    let latency = latency.summary();
+    let lost_deliveries = expected.saturating_sub(received);
+    let errors = counters.protocol_errors.load(Ordering::Relaxed)
+        + counters.socket_errors.load(Ordering::Relaxed);
+    let sustained = lost_deliveries == 0 && errors == 0 && latency.p99_us < SUSTAINED_P99_US;
     let first_error = counters
         .first_error
         .lock()
@@ -347,10 +353,11 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         publish_rate_achieved: published_measured as f64 / args.duration_secs as f64,
         expected_deliveries: expected,
         received_deliveries: received,
-        lost_deliveries: expected.saturating_sub(received),
+        lost_deliveries,
         extra_deliveries: received.saturating_sub(expected),
         deliveries_per_sec: received as f64 / args.duration_secs as f64,
-        latency: latency.summary(),
+        latency,
+        sustained,
         ack_latency: args.target.acknowledges().then(|| ack_latency.summary()),
         acked: counters.acked.load(Ordering::Relaxed),
         nacked: counters.nacked.load(Ordering::Relaxed),
@@ -1155,6 +1162,8 @@ pub(crate) struct FanoutReport {
     deliveries_per_sec: f64,
     /// Publish (scheduled time) → delivery at a subscriber.
     latency: LatencySummary,
+    /// No loss, no error, and p99 under [`SUSTAINED_P99_US`]: the server kept up.
+    sustained: bool,
     /// Publish (scheduled time) → ACK at the publisher (tern) or HTTP response (sockudo).
     ack_latency: Option<LatencySummary>,
     acked: u64,
