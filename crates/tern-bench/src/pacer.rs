@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 
 use crate::stamp::Clock;
 
-/// Messages due closer together than this are not slept between: a sleep this short
-/// costs more than it saves.
+/// The pacer sleeps until this long before a message is due and spins the rest: a
+/// kernel sleep overshoots by tens of microseconds, and nudging early would send early.
 const SLEEP_NS_MIN: u64 = 20_000;
 
 /// Receives nudges from the pacer.
@@ -53,7 +53,11 @@ pub(crate) fn spawn(
             for (due_ns, owner) in due {
                 let now_ns = clock.now_ns();
                 if due_ns > now_ns + SLEEP_NS_MIN {
-                    std::thread::sleep(Duration::from_nanos(due_ns - now_ns));
+                    std::thread::sleep(Duration::from_nanos(due_ns - now_ns - SLEEP_NS_MIN));
+                }
+                // The last few microseconds: a sleep may overshoot them, so spin.
+                while clock.now_ns() < due_ns {
+                    std::hint::spin_loop();
                 }
                 let Some(sender) = senders.get(owner) else {
                     continue;

@@ -73,6 +73,18 @@ impl<'a> Inbound<'a> {
     }
 }
 
+/// The fast path for deliveries (see `wire::for_each_message_data`): the raw string data
+/// of an event named `event`, or None if the frame is anything else (then parse it).
+/// Sockudo writes `{"event":…,"channel":…,"data":"…"}`.
+pub(crate) fn event_data<'a>(frame: &'a [u8], event: &str) -> Option<&'a [u8]> {
+    let head = frame.strip_prefix(b"{\"event\":\"")?;
+    let rest = head.strip_prefix(event.as_bytes())?.strip_prefix(b"\"")?;
+    let at = memchr::memmem::find(rest, b"\"data\":\"")?;
+    let value = &rest[at + 8..];
+    let end = memchr::memchr(b'"', value)?;
+    Some(&value[..end])
+}
+
 #[derive(Serialize)]
 struct Subscribe<'a> {
     event: &'static str,
@@ -361,6 +373,13 @@ mod tests {
         assert_eq!(e.event, "b");
         assert!(matches!(e.data, Some(Cow::Borrowed("0001m"))));
         assert!(Inbound::parse(r#"{"event":"pusher:error","data":{"code":4001}}"#).is_err());
+        let frame = br#"{"event":"b","channel":"c","data":"0001m"}"#;
+        assert_eq!(event_data(frame, "b"), Some(&b"0001m"[..]));
+        assert_eq!(event_data(br#"{"event":"bb","data":"x"}"#, "b"), None);
+        assert_eq!(
+            event_data(br#"{"event":"pusher:ping","data":{}}"#, "b"),
+            None
+        );
         assert!(App::parse("a:b").is_err());
         assert_eq!(
             connect_url("ws://127.0.0.1:6001/", "k"),

@@ -271,6 +271,14 @@ fn ms(us: &Value) -> String {
     }
 }
 
+/// CPU microseconds per unit of work: cores used ÷ units per second.
+fn per_unit_us(cores: &Value, per_sec: &Value) -> String {
+    match (cores.as_f64(), per_sec.as_f64()) {
+        (Some(c), Some(n)) if n > 0.0 => format!("{:.1}", c * 1e6 / n),
+        _ => "-".to_owned(),
+    }
+}
+
 fn num(v: &Value, decimals: usize) -> String {
     v.as_f64()
         .map_or("-".to_owned(), |n| format!("{n:.decimals$}"))
@@ -278,8 +286,8 @@ fn num(v: &Value, decimals: usize) -> String {
 
 fn fanout_table(reports: &[&Value]) -> String {
     let mut t = String::from(
-        "| scenario | target | pubs → ch × subs | msg/s | deliveries/s | lost / expected | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | ack p50 / p99 ms | cores: server / bench / machine | errors |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | target | pubs → ch × subs | msg/s | deliveries/s | lost / expected | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | ack p50 / p99 ms | cores: server / bench / machine | server µs per delivery | errors |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in reports {
         let a = &r["args"];
@@ -293,7 +301,7 @@ fn fanout_table(reports: &[&Value]) -> String {
         let errors =
             r["protocol_errors"].as_u64().unwrap_or(0) + r["socket_errors"].as_u64().unwrap_or(0);
         t += &format!(
-            "| {} | {} | {} → {} × {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |\n",
+            "| {} | {} | {} → {} × {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} |\n",
             r["label"].as_str().unwrap_or(""),
             r["target"].as_str().unwrap_or(""),
             a["publishers"],
@@ -312,6 +320,7 @@ fn fanout_table(reports: &[&Value]) -> String {
             num(&r["server_cpu_cores"], 2),
             num(&r["bench_cpu_cores"], 2),
             num(&r["machine_cpu_cores"], 2),
+            per_unit_us(&r["server_cpu_cores"], &r["deliveries_per_sec"]),
             errors,
         );
     }
@@ -320,8 +329,8 @@ fn fanout_table(reports: &[&Value]) -> String {
 
 fn connect_table(reports: &[&Value]) -> String {
     let mut t = String::from(
-        "| scenario | target | connections × processes | offered/s | ok | errors | connected/s | limit | connect p50 / p99 / max ms | server cores in storm | server RSS before → held (MiB) | KiB per connection |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | target | connections × processes | offered/s | ok | errors | connected/s | limit | connect p50 / p99 / max ms | server cores in storm | server µs per connection | server RSS before → held (MiB) | KiB per connection |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mib = |v: &Value| {
         v.as_f64()
@@ -330,7 +339,7 @@ fn connect_table(reports: &[&Value]) -> String {
     for r in reports {
         let l = &r["latency"];
         t += &format!(
-            "| {} | {} | {} × {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} → {} | {} |\n",
+            "| {} | {} | {} × {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} → {} | {} |\n",
             r["label"].as_str().unwrap_or(""),
             r["target"].as_str().unwrap_or(""),
             r["args"]["connections"],
@@ -344,6 +353,7 @@ fn connect_table(reports: &[&Value]) -> String {
             ms(&l["p99_us"]),
             ms(&l["max_us"]),
             num(&r["server_cpu_cores_storm"], 2),
+            per_unit_us(&r["server_cpu_cores_storm"], &r["connected_per_sec"]),
             mib(&r["rss_before_bytes"]),
             mib(&r["rss_held_bytes"]),
             r["bytes_per_connection_held"]
@@ -529,7 +539,7 @@ mod tests {
         let row = table.lines().nth(2).unwrap();
         assert_eq!(
             row,
-            "| s1 | tern | 1 → 1 × 100 | 1000 | 100000 | 0 / 10 | 1.23 | 2.00 | 15 | 20 | 30 | - | 0.50 / 0.25 / 0.80 | 1 |"
+            "| s1 | tern | 1 → 1 × 100 | 1000 | 100000 | 0 / 10 | 1.23 | 2.00 | 15 | 20 | 30 | - | 0.50 / 0.25 / 0.80 | 5.0 | 1 |"
         );
     }
 }
