@@ -19,21 +19,29 @@ use crate::stamp::Clock;
 const SLEEP_NS_MIN: u64 = 20_000;
 
 /// Receives nudges from the pacer.
-pub(crate) struct Nudges(mpsc::Receiver<()>);
+pub(crate) struct Nudges {
+    rx: mpsc::Receiver<()>,
+    /// The pacer is gone: only the tokio timer is left.
+    closed: bool,
+}
 
 impl Nudges {
-    /// Waits until the pacer says a message of ours is due, or `due_ns` passes on the
-    /// tokio timer (a fallback, in case the pacer is gone or behind).
+    /// Waits until `due_ns`: woken by the pacer, or by the tokio timer a little after
+    /// `due_ns` as a fallback (the pacer is gone or starved of CPU). A stale nudge, left
+    /// from a message already sent, only makes it look at the clock again.
     pub(crate) async fn wait_until(&mut self, clock: &Clock, due_ns: u64) {
-        if clock.now_ns() >= due_ns {
-            return;
-        }
-        let fallback = clock.instant_at(due_ns) + Duration::from_millis(2);
-        tokio::select! {
-            // A nudge: cancellation safe.
-            _ = self.0.recv() => {}
-            // The fallback: cancellation safe.
-            _ = tokio::time::sleep_until(fallback.into()) => {}
+        while clock.now_ns() < due_ns {
+            let fallback = clock.instant_at(due_ns) + Duration::from_millis(2);
+            if self.closed {
+                tokio::time::sleep_until(clock.instant_at(due_ns).into()).await;
+                continue;
+            }
+            tokio::select! {
+                // A nudge: cancellation safe.
+                nudge = self.rx.recv() => self.closed = nudge.is_none(),
+                // The fallback: cancellation safe.
+                _ = tokio::time::sleep_until(fallback.into()) => return,
+            }
         }
     }
 }
@@ -70,7 +78,10 @@ pub(crate) fn spawn(
             }
         })
         .expect("spawning the pacer thread");
-    receivers.into_iter().map(Nudges).collect()
+    receivers
+        .into_iter()
+        .map(|rx| Nudges { rx, closed: false })
+        .collect()
 }
 
 #[cfg(test)]

@@ -301,7 +301,7 @@ fn rss_per_connection(path: &Path, connect: &[&Value]) -> anyhow::Result<()> {
     root.fill(&WHITE).map_err(draw_err)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Server RSS per idle connection (fresh process, RSS delta ÷ connections held)",
+            "Server RSS per idle connection (fresh process: RSS delta / connections held)",
             font(20),
         )
         .margin(15)

@@ -162,7 +162,8 @@ pub(crate) fn sustained(r: &Value) -> bool {
             .is_some_and(|p| p < SUSTAINED_P99_US)
 }
 
-/// Each (series, target)'s peak, in the order they first appear.
+/// Each (series, target)'s peak, in the order they first appear. Only series run at more
+/// than one rate (sweeps) have a peak.
 pub(crate) fn peaks(fanout: &[&Value]) -> Vec<Peak> {
     let mut keys: Vec<(String, String)> = Vec::new();
     for r in fanout {
@@ -171,6 +172,16 @@ pub(crate) fn peaks(fanout: &[&Value]) -> Vec<Peak> {
         else {
             continue;
         };
+        let mut rates: Vec<u64> = fanout
+            .iter()
+            .filter(|q| q["label"].as_str().and_then(self::series) == Some(series))
+            .filter_map(|q| q["args"]["rate"].as_u64())
+            .collect();
+        rates.sort_unstable();
+        rates.dedup();
+        if rates.len() < 2 {
+            continue; // not a sweep: no peak to find
+        }
         let key = (series.to_owned(), target.to_owned());
         if !keys.contains(&key) {
             keys.push(key);
@@ -483,7 +494,7 @@ mod tests {
             fanout("1x1000@1000", "tern", 1000, 990_000.0, 400_000, 0),
             fanout("1x1000@250", "nats", 250, 250_000.0, 800, 0),
             fanout("1x1000@500", "nats", 500, 499_000.0, 3_000, 7),
-            fanout("other", "tern", 1, 1.0, 1, 0),
+            fanout("other@1", "tern", 1, 1.0, 1, 0),
         ];
         let refs: Vec<&Value> = runs.iter().collect();
         let p = peaks(&refs);
