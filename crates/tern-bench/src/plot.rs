@@ -4,7 +4,8 @@
 //! subset, see `fonts/LICENSE`), so plots need no fontconfig and no system fonts.
 //!
 //! - `latency-vs-load-SERIES.png`: p50 and p99 publish→deliver latency against offered
-//!   deliveries/s, one line per system, for each `SERIES@RATE` fan-out sweep;
+//!   deliveries/s, one line per system, for each `SERIES@RATE` fan-out sweep (a series
+//!   run at one rate only is in the tables, not plotted);
 //! - `deliveries.png`: each system's peak sustained deliveries/s per sweep;
 //! - `rss-per-connection.png`: server RSS per idle connection against connections held.
 
@@ -48,9 +49,9 @@ pub(crate) fn run(args: &PlotArgs) -> anyhow::Result<Vec<PathBuf>> {
         .iter()
         .filter_map(|r| r["label"].as_str().and_then(summary::series))
         .collect();
-    series.dedup();
     series.sort_unstable();
     series.dedup();
+    series.retain(|name| summary::is_sweep(&fanout, name));
     for name in series {
         let path = out.join(format!("latency-vs-load-{name}.png"));
         latency_vs_load(&path, name, &fanout)?;

@@ -146,6 +146,18 @@ pub(crate) fn series(label: &str) -> Option<&str> {
     label.split_once('@').map(|(s, _)| s)
 }
 
+/// Whether `series` was run at more than one rate.
+pub(crate) fn is_sweep(fanout: &[&Value], series: &str) -> bool {
+    let mut rates: Vec<u64> = fanout
+        .iter()
+        .filter(|r| r["label"].as_str().and_then(self::series) == Some(series))
+        .filter_map(|r| r["args"]["rate"].as_u64())
+        .collect();
+    rates.sort_unstable();
+    rates.dedup();
+    rates.len() > 1
+}
+
 /// Offered deliveries per second: publish rate × subscribers per channel.
 pub(crate) fn offered(r: &Value) -> f64 {
     let a = &r["args"];
@@ -172,15 +184,8 @@ pub(crate) fn peaks(fanout: &[&Value]) -> Vec<Peak> {
         else {
             continue;
         };
-        let mut rates: Vec<u64> = fanout
-            .iter()
-            .filter(|q| q["label"].as_str().and_then(self::series) == Some(series))
-            .filter_map(|q| q["args"]["rate"].as_u64())
-            .collect();
-        rates.sort_unstable();
-        rates.dedup();
-        if rates.len() < 2 {
-            continue; // not a sweep: no peak to find
+        if !is_sweep(fanout, series) {
+            continue; // one rate: no peak to find
         }
         let key = (series.to_owned(), target.to_owned());
         if !keys.contains(&key) {
