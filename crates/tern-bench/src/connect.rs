@@ -359,6 +359,7 @@ pub(crate) async fn run(args: ConnectArgs) -> anyhow::Result<ConnectReport> {
     let rss_before = rss("before")?;
     let server_cpu_before = args.server_pid.and_then(|pid| process::cpu_secs(pid).ok());
     let machine_before = process::machine_busy_secs().ok();
+    let overflows_before = process::listen_overflows().ok();
 
     let start = std::time::Instant::now();
     let (outcome, held) = if args.processes == 1 {
@@ -369,6 +370,9 @@ pub(crate) async fn run(args: ConnectArgs) -> anyhow::Result<ConnectReport> {
     let all_up_secs = start.elapsed().as_secs_f64();
     let server_cpu_after = args.server_pid.and_then(|pid| process::cpu_secs(pid).ok());
     let machine_after = process::machine_busy_secs().ok();
+    let listen_overflows = overflows_before
+        .zip(process::listen_overflows().ok())
+        .map(|(a, b)| b.saturating_sub(a));
     let cores = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (b - a) / all_up_secs);
 
     tokio::time::sleep(SETTLE).await;
@@ -391,6 +395,7 @@ pub(crate) async fn run(args: ConnectArgs) -> anyhow::Result<ConnectReport> {
         &args,
         outcome.errors,
         outcome.first_error.as_deref(),
+        listen_overflows,
         connected_per_sec,
     );
     Ok(ConnectReport {
@@ -405,6 +410,7 @@ pub(crate) async fn run(args: ConnectArgs) -> anyhow::Result<ConnectReport> {
         storm_secs: all_up_secs,
         connected_per_sec,
         limit,
+        listen_overflows,
         server_cpu_cores_storm: cores(server_cpu_before, server_cpu_after),
         machine_cpu_cores_storm: cores(machine_before, machine_after),
         latency: latency.summary(),
@@ -419,8 +425,14 @@ pub(crate) async fn run(args: ConnectArgs) -> anyhow::Result<ConnectReport> {
 }
 
 /// What stopped the run from going faster, in words: errors first, then whether the
-/// offered rate was met.
-fn limit(args: &ConnectArgs, errors: u64, first_error: Option<&str>, achieved: f64) -> String {
+/// offered rate was met, and if not, whether SYNs were dropped or the CPU ran out.
+fn limit(
+    args: &ConnectArgs,
+    errors: u64,
+    first_error: Option<&str>,
+    listen_overflows: Option<u64>,
+    achieved: f64,
+) -> String {
     if errors > 0 {
         let e = first_error.unwrap_or("unknown");
         let what = if e.contains("Too many open files") || e.contains("os error 24") {
@@ -432,12 +444,22 @@ fn limit(args: &ConnectArgs, errors: u64, first_error: Option<&str>, achieved: f
         } else {
             "errors"
         };
-        return format!("{what}: {errors} failed, first: {e:.160}");
+        let dropped = match listen_overflows {
+            Some(n) if n > 0 => format!("; {n} SYNs dropped on a full listen queue"),
+            _ => String::new(),
+        };
+        return format!("{what}: {errors} failed{dropped}, first: {e:.160}");
     }
     // The schedule ends when the last offered connection is due; the last handshakes
     // finish a little after, so allow some slack before calling the run saturated.
     let offered = args.rate as f64;
-    if achieved < 0.8 * offered {
+    let overflows = listen_overflows.unwrap_or(0);
+    if achieved < 0.8 * offered && overflows > 0 {
+        format!(
+            "listen queue: {achieved:.0}/s of {offered:.0}/s offered; the kernel dropped {overflows} SYNs \
+             (full accept queue), each retried by its client 1 s later"
+        )
+    } else if achieved < 0.8 * offered {
         format!(
             "CPU: {achieved:.0}/s of {offered:.0}/s offered (server and {} load-generator process(es) share 2 cores)",
             args.processes
@@ -465,6 +487,8 @@ pub(crate) struct ConnectReport {
     connected_per_sec: f64,
     /// What stopped the run from going faster.
     limit: String,
+    /// SYNs dropped on a full listen queue during the storm (whole network namespace).
+    listen_overflows: Option<u64>,
     /// Server CPU seconds per second during the storm.
     server_cpu_cores_storm: Option<f64>,
     /// All processes on the machine during the storm.

@@ -60,6 +60,23 @@ fn parse_switches(status: &str) -> Option<(u64, u64)> {
     ))
 }
 
+/// SYNs the kernel dropped because a listen queue was full, so far, for this network
+/// namespace (TcpExt ListenOverflows in /proc/net/netstat). A dropped SYN costs its
+/// client a retransmit one second later.
+pub(crate) fn listen_overflows() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").context("reading /proc/net/netstat")?;
+    parse_netstat(&text, "TcpExt", "ListenOverflows").context("no TcpExt ListenOverflows")
+}
+
+fn parse_netstat(text: &str, group: &str, field: &str) -> Option<u64> {
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let at = names.split_whitespace().position(|n| n == field)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 /// User plus system CPU seconds used so far, from /proc/PID/stat.
 pub(crate) fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
     let path = format!("/proc/{pid}/stat");
@@ -120,6 +137,16 @@ mod tests {
         assert_eq!(parse_cpu_ticks(stat), Some(300));
         assert_eq!(parse_cpu_ticks("garbage"), None);
         assert!(cpu_secs(std::process::id()).is_ok());
+    }
+
+    /// Netstat counters are found by name in the header line of their group.
+    #[test]
+    fn netstat_counters() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 1 42 43\nIpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(parse_netstat(text, "TcpExt", "ListenOverflows"), Some(42));
+        assert_eq!(parse_netstat(text, "TcpExt", "Nope"), None);
+        assert_eq!(parse_netstat("", "TcpExt", "ListenOverflows"), None);
+        assert!(listen_overflows().is_ok());
     }
 
     /// Context switches are summed over threads from their status files.
