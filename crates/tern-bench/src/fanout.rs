@@ -27,10 +27,13 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::latency::{Latency, LatencySummary};
 use crate::nats;
+use crate::pacer;
 use crate::process;
-use crate::socket::{busy_config, ensure_loopback, Socket, Target};
+use crate::pusher;
+use crate::socket::{busy_config, ensure_loopback, Protocol, Socket, Target};
 use crate::stamp::{self, Clock, Phase};
-use crate::wire::{self, action, Inbound};
+use crate::summary::SUSTAINED_P99_US;
+use crate::wire::{self, action, Format, Inbound};
 
 /// Subscribers per bench process: each is a socket, and the process may hold 20k files.
 const SUBSCRIBERS_MAX: usize = 9000;
@@ -63,7 +66,7 @@ pub(crate) struct FanoutArgs {
     /// WebSocket base URL, loopback only (e.g. ws://127.0.0.1:8080).
     #[arg(long)]
     pub url: String,
-    /// Ably API key `app.key:secret` (tern only).
+    /// Ably API key `app.key:secret` (tern), or Pusher app `id:key:secret` (sockudo).
     #[arg(long, default_value = "")]
     #[serde(skip)]
     pub key: String,
@@ -131,9 +134,13 @@ impl FanoutArgs {
             stamp::STAMP_BYTES
         );
         anyhow::ensure!(
-            self.target == Target::Nats || !self.key.is_empty(),
-            "--key is required for --target tern"
+            !self.target.needs_key() || !self.key.is_empty(),
+            "--key is required for --target {}",
+            self.target
         );
+        if self.target.protocol() == Protocol::Pusher {
+            pusher::App::parse(&self.key)?;
+        }
         Ok(())
     }
 
@@ -141,9 +148,9 @@ impl FanoutArgs {
         // Unique per run, so a server's history and resume state from earlier runs can't leak in.
         let run = crate::unix_time_secs();
         (0..self.channels)
-            .map(|c| match self.target {
-                Target::Tern => format!("bench-{run}-{c}"),
-                Target::Nats => format!("bench.{run}.{c}"),
+            .map(|c| match self.target.protocol() {
+                Protocol::Nats => format!("bench.{run}.{c}"),
+                Protocol::Ably(_) | Protocol::Pusher => format!("bench-{run}-{c}"),
             })
             .collect()
     }
@@ -250,20 +257,32 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     let subscribers = tokio::time::timeout(SETUP_TIMEOUT, open_subscribers(&args, &channels, &run))
         .await
         .context("subscribers did not connect and attach in time")??;
-    let publisher_sockets = tokio::time::timeout(SETUP_TIMEOUT, open_publishers(&args))
+    let publisher_sockets = tokio::time::timeout(SETUP_TIMEOUT, open_publishers(&args, run.clock))
         .await
         .context("publishers did not connect in time")??;
 
     // Everyone is attached: start the clock a little ahead so every publisher is waiting.
     let schedule = Schedule::new(&args, run.clock.now_ns() + 50_000_000);
     let cpu = tokio::spawn(sample_cpu(args.server_pid, schedule, run.clock));
-    let publishers: Vec<_> = publisher_sockets
+    let due = (0..schedule.total_msgs)
+        .map(move |g| (schedule.due_ns(g), (g % schedule.publishers) as usize));
+    let nudges = pacer::spawn(run.clock, args.publishers, due);
+    let publishers = publisher_sockets
         .into_iter()
+        .zip(nudges)
         .enumerate()
-        .map(|(index, socket)| {
-            spawn_publisher(index as u64, socket, schedule, &args, &channels, &run)
+        .map(|(index, (socket, nudges))| {
+            spawn_publisher(
+                index as u64,
+                socket,
+                nudges,
+                schedule,
+                &args,
+                &channels,
+                &run,
+            )
         })
-        .collect();
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     let send_timeout =
         Duration::from_secs(args.warmup_secs + args.duration_secs + args.drain_secs + 10);
@@ -313,6 +332,11 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         .map(|s| s.sent_measured_per_channel.iter().sum::<u64>())
         .sum();
     let counters = &run.counters;
+    let latency = latency.summary();
+    let lost_deliveries = expected.saturating_sub(received);
+    let errors = counters.protocol_errors.load(Ordering::Relaxed)
+        + counters.socket_errors.load(Ordering::Relaxed);
+    let sustained = lost_deliveries == 0 && errors == 0 && latency.p99_us < SUSTAINED_P99_US;
     let first_error = counters
         .first_error
         .lock()
@@ -329,11 +353,12 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         publish_rate_achieved: published_measured as f64 / args.duration_secs as f64,
         expected_deliveries: expected,
         received_deliveries: received,
-        lost_deliveries: expected.saturating_sub(received),
+        lost_deliveries,
         extra_deliveries: received.saturating_sub(expected),
         deliveries_per_sec: received as f64 / args.duration_secs as f64,
-        latency: latency.summary(),
-        ack_latency: (args.target == Target::Tern).then(|| ack_latency.summary()),
+        latency,
+        sustained,
+        ack_latency: args.target.acknowledges().then(|| ack_latency.summary()),
         acked: counters.acked.load(Ordering::Relaxed),
         nacked: counters.nacked.load(Ordering::Relaxed),
         send_lag_max_ms: sends.iter().map(|s| s.lag_ns_max).max().unwrap_or(0) as f64 / 1e6,
@@ -359,7 +384,7 @@ async fn drain(args: &FanoutArgs, run: &Run, schedule: Schedule, expected: u64, 
         let delivered = counters.delivered_measured.load(Ordering::Relaxed);
         let answered =
             counters.acked.load(Ordering::Relaxed) + counters.nacked.load(Ordering::Relaxed);
-        let acks_done = args.target == Target::Nats || answered >= sent;
+        let acks_done = !args.target.acknowledges() || answered >= sent;
         if (delivered >= expected && acks_done) || std::time::Instant::now() >= deadline {
             return end.elapsed().as_millis() as u64;
         }
@@ -416,8 +441,9 @@ async fn join_all<T>(handles: Vec<JoinHandle<T>>, counters: &Counters) -> Vec<T>
 // ---- subscribers ----
 
 enum SubscriberSocket {
-    Tern(Socket),
+    Ably(Socket, Format),
     Nats(Socket, nats::Reader),
+    Pusher(Socket),
 }
 
 /// What one subscriber saw.
@@ -458,19 +484,35 @@ async fn open_subscriber(
     key: &str,
     channel: &str,
 ) -> anyhow::Result<SubscriberSocket> {
-    match target {
-        Target::Tern => {
+    match target.protocol() {
+        Protocol::Ably(format) => {
             let (mut socket, _) =
-                wire::open(&wire::connect_url(url, key, ""), busy_config()).await?;
-            wire::attach(&mut socket, channel, None).await?;
-            Ok(SubscriberSocket::Tern(socket))
+                wire::open(&wire::connect_url(url, key, format, ""), busy_config()).await?;
+            wire::attach(&mut socket, format, channel, None).await?;
+            Ok(SubscriberSocket::Ably(socket, format))
         }
-        Target::Nats => {
+        Protocol::Nats => {
             let (socket, reader) =
                 nats::open(url, &format!("SUB {channel} 1\r\n"), busy_config()).await?;
             Ok(SubscriberSocket::Nats(socket, reader))
         }
+        Protocol::Pusher => {
+            let app = pusher::App::parse(key)?;
+            let mut socket =
+                pusher::open(&pusher::connect_url(url, &app.key), busy_config()).await?;
+            pusher::subscribe(&mut socket, channel).await?;
+            Ok(SubscriberSocket::Pusher(socket))
+        }
     }
+}
+
+/// What a subscriber does with one frame.
+enum Next {
+    Continue,
+    /// Send this frame (a NATS PONG, a Pusher pong), then continue.
+    Reply(Message),
+    /// The connection is over.
+    Stop,
 }
 
 /// Receives until told to stop or the socket fails, then closes politely.
@@ -479,9 +521,10 @@ async fn subscribe(socket: SubscriberSocket, mut run: Run) -> SubscriberResult {
         latency: Latency::new(),
         measured: 0,
     };
-    let (mut socket, mut nats_reader) = match socket {
-        SubscriberSocket::Tern(socket) => (socket, None),
-        SubscriberSocket::Nats(socket, reader) => (socket, Some(reader)),
+    let (mut socket, mut nats_reader, ably_format) = match socket {
+        SubscriberSocket::Ably(socket, format) => (socket, None, Some(format)),
+        SubscriberSocket::Nats(socket, reader) => (socket, Some(reader), None),
+        SubscriberSocket::Pusher(socket) => (socket, None, None),
     };
     loop {
         tokio::select! {
@@ -489,27 +532,37 @@ async fn subscribe(socket: SubscriberSocket, mut run: Run) -> SubscriberResult {
             _ = run.stop.changed() => break,
             // A frame: StreamExt::next is cancellation safe (tungstenite keeps partial frames).
             message = socket.next() => {
-                let data = match message {
-                    Some(Ok(Message::Text(text))) => bytes::Bytes::from(text),
-                    Some(Ok(Message::Binary(data))) => data,
+                let (data, binary) = match message {
+                    Some(Ok(Message::Text(text))) => (bytes::Bytes::from(text), false),
+                    Some(Ok(Message::Binary(data))) => (data, true),
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => { run.counters.socket_error(format!("subscriber: {e}")); break; }
                     None => { run.counters.socket_error("subscriber: server closed the socket"); break; }
                 };
-                let keep_going = match nats_reader.as_mut() {
-                    None => on_tern_frame(&data, &run, &mut result),
-                    Some(reader) => on_nats_data(reader, &data, &mut socket, &run, &mut result).await,
+                let next = match (nats_reader.as_mut(), ably_format) {
+                    (Some(reader), _) => on_nats_data(reader, &data, &run, &mut result),
+                    (None, Some(_)) => on_ably_frame(&data, binary, &run, &mut result),
+                    (None, None) => on_pusher_frame(&data, &run, &mut result),
                 };
-                if !keep_going {
-                    break;
+                match next {
+                    Next::Continue => {}
+                    Next::Reply(frame) => {
+                        if socket.send(frame).await.is_err() {
+                            break;
+                        }
+                    }
+                    Next::Stop => break,
                 }
             }
         }
     }
-    if nats_reader.is_none() {
+    if let Some(format) = ably_format {
         // Tell the server we are done, so it does not keep our state for a resume.
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), socket.send(wire::close_frame())).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            socket.send(wire::close_frame(format)),
+        )
+        .await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
     result
@@ -532,16 +585,21 @@ fn record(payload: &[u8], run: &Run, result: &mut SubscriberResult) -> bool {
     }
 }
 
-/// Returns false when the connection is over.
-fn on_tern_frame(data: &[u8], run: &Run, result: &mut SubscriberResult) -> bool {
-    let frame = match std::str::from_utf8(data)
-        .map_err(anyhow::Error::from)
-        .and_then(Inbound::parse)
-    {
+fn on_ably_frame(data: &[u8], binary: bool, run: &Run, result: &mut SubscriberResult) -> Next {
+    let mut measured = 0;
+    if wire::for_each_message_data(data, binary, |payload| {
+        measured += u64::from(record(payload, run, result));
+    }) {
+        run.counters
+            .delivered_measured
+            .fetch_add(measured, Ordering::Relaxed);
+        return Next::Continue;
+    }
+    let frame = match Inbound::decode(data, binary) {
         Ok(frame) => frame,
         Err(e) => {
             run.counters.protocol_error(format!("subscriber: {e:#}"));
-            return true;
+            return Next::Continue;
         }
     };
     if frame.action == action::MESSAGE {
@@ -553,7 +611,7 @@ fn on_tern_frame(data: &[u8], run: &Run, result: &mut SubscriberResult) -> bool 
         run.counters
             .delivered_measured
             .fetch_add(measured, Ordering::Relaxed);
-        return true;
+        return Next::Continue;
     }
     if frame.is_failure() {
         run.counters.protocol_error(format!(
@@ -561,19 +619,19 @@ fn on_tern_frame(data: &[u8], run: &Run, result: &mut SubscriberResult) -> bool 
             frame.action,
             frame.error.unwrap_or_default()
         ));
-        return !matches!(frame.action, action::DISCONNECTED | action::ERROR);
+        if matches!(frame.action, action::DISCONNECTED | action::ERROR) {
+            return Next::Stop;
+        }
     }
-    true
+    Next::Continue
 }
 
-/// Returns false when the connection is over.
-async fn on_nats_data(
+fn on_nats_data(
     reader: &mut nats::Reader,
     data: &[u8],
-    socket: &mut Socket,
     run: &Run,
     result: &mut SubscriberResult,
-) -> bool {
+) -> Next {
     let mut pings = 0;
     let mut measured = 0;
     let fed = reader.feed(data, |op| match op {
@@ -587,40 +645,198 @@ async fn on_nats_data(
         .fetch_add(measured, Ordering::Relaxed);
     if let Err(e) = fed {
         run.counters.protocol_error(format!("subscriber: {e:#}"));
-        return false;
+        return Next::Stop;
     }
-    for _ in 0..pings {
-        if socket.send(nats::frame(nats::PONG)).await.is_err() {
-            return false;
-        }
+    if pings > 0 {
+        // One PONG answers every PING so far: the server only checks that we are alive.
+        return Next::Reply(nats::frame(nats::PONG));
     }
-    true
+    Next::Continue
 }
+
+fn on_pusher_frame(data: &[u8], run: &Run, result: &mut SubscriberResult) -> Next {
+    // The fast path, as for Ably: an event named b carries one stamp as its data.
+    if let Some(payload) = pusher::event_data(data, PUSHER_EVENT) {
+        let measured = u64::from(record(payload, run, result));
+        run.counters
+            .delivered_measured
+            .fetch_add(measured, Ordering::Relaxed);
+        return Next::Continue;
+    }
+    let text = String::from_utf8_lossy(data);
+    let event = match pusher::Inbound::parse(&text) {
+        Ok(event) => event,
+        Err(e) => {
+            run.counters.protocol_error(format!("subscriber: {e:#}"));
+            return Next::Continue;
+        }
+    };
+    match event.event.as_ref() {
+        PUSHER_EVENT => {
+            let payload = event.data.as_deref().unwrap_or("");
+            let measured = u64::from(record(payload.as_bytes(), run, result));
+            run.counters
+                .delivered_measured
+                .fetch_add(measured, Ordering::Relaxed);
+            Next::Continue
+        }
+        "pusher:ping" => Next::Reply(pusher::pong_frame()),
+        "pusher:error" => {
+            run.counters
+                .protocol_error(format!("subscriber: {text:.300}"));
+            Next::Continue
+        }
+        _ => Next::Continue,
+    }
+}
+
+/// The event name publishers use on Pusher (and the message name on Ably).
+const PUSHER_EVENT: &str = "b";
 
 // ---- publishers ----
 
-type Sink = SplitSink<Socket, Message>;
+/// A publisher's write side: a WebSocket, or HTTP requests (Pusher).
+enum PublishSink {
+    Ws(SplitSink<Socket, Message>),
+    Http(HttpPublisher),
+}
 
-async fn open_publishers(args: &FanoutArgs) -> anyhow::Result<Vec<Socket>> {
-    let mut sockets = Vec::with_capacity(args.publishers);
+/// A publisher's read side: ACKs and PINGs over the WebSocket, or HTTP outcomes.
+enum PublishStream {
+    Ws(SplitStream<Socket>),
+    Http(mpsc::Receiver<HttpOutcome>),
+}
+
+/// One publish, encoded for its sink.
+enum Frame {
+    Ws(Message),
+    /// A whole HTTP request, and when it was due.
+    Http(Vec<u8>, u64),
+}
+
+/// Sends each publish as its own HTTP request on its own TCP connection: Sockudo answers
+/// every API request with `Connection: close`, so keep-alive and pipelining are not
+/// possible. At most [`HTTP_IN_FLIGHT_MAX`] requests are in flight; past that the
+/// schedule waits, and the wait counts in the latency.
+struct HttpPublisher {
+    authority: Arc<str>,
+    in_flight: Arc<Semaphore>,
+    /// Outcomes for the reader (`http_outcomes` queue); bounded by the in-flight limit.
+    outcomes: mpsc::Sender<HttpOutcome>,
+    clock: Clock,
+}
+
+/// One HTTP publish: when it was due, when its response arrived, and what it said.
+struct HttpOutcome {
+    due_ns: u64,
+    done_ns: u64,
+    result: anyhow::Result<pusher::Response>,
+}
+
+/// HTTP publishes in flight per publisher (each is a TCP connection).
+const HTTP_IN_FLIGHT_MAX: usize = 256;
+
+impl HttpPublisher {
+    async fn send(&self, request: Vec<u8>, due_ns: u64) -> anyhow::Result<()> {
+        let permit = self.in_flight.clone().acquire_owned().await?;
+        let (authority, outcomes, clock) =
+            (self.authority.clone(), self.outcomes.clone(), self.clock);
+        tokio::spawn(async move {
+            let result = pusher::post(&authority, &request).await;
+            let done_ns = clock.now_ns();
+            let _ = outcomes
+                .send(HttpOutcome {
+                    due_ns,
+                    done_ns,
+                    result,
+                })
+                .await;
+            drop(permit);
+        });
+        Ok(())
+    }
+}
+
+impl PublishSink {
+    /// Queues a frame; it may be written at once when the buffer fills.
+    async fn feed(&mut self, frame: Frame) -> anyhow::Result<()> {
+        match (self, frame) {
+            (PublishSink::Ws(sink), Frame::Ws(message)) => Ok(sink.feed(message).await?),
+            (PublishSink::Http(http), Frame::Http(request, due_ns)) => {
+                http.send(request, due_ns).await
+            }
+            _ => anyhow::bail!("a frame for the wrong kind of publisher"),
+        }
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        match self {
+            PublishSink::Ws(sink) => Ok(sink.flush().await?),
+            PublishSink::Http(_) => Ok(()),
+        }
+    }
+
+    /// Closes politely: an Ably CLOSE first, then the WebSocket close or a TCP shutdown.
+    async fn close(mut self, target: Target) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            match (&mut self, target.protocol()) {
+                (PublishSink::Ws(sink), Protocol::Ably(format)) => {
+                    sink.send(wire::close_frame(format)).await?;
+                    sink.close().await?;
+                }
+                (PublishSink::Ws(sink), _) => sink.close().await?,
+                (PublishSink::Http(http), _) => {
+                    // Wait for the requests still in flight.
+                    let _ = http.in_flight.acquire_many(HTTP_IN_FLIGHT_MAX as u32).await;
+                }
+            }
+            anyhow::Ok(())
+        })
+        .await;
+    }
+}
+
+async fn open_publishers(
+    args: &FanoutArgs,
+    clock: Clock,
+) -> anyhow::Result<Vec<(PublishSink, PublishStream)>> {
+    let mut publishers = Vec::with_capacity(args.publishers);
     for _ in 0..args.publishers {
-        let socket = match args.target {
+        let socket = match args.target.protocol() {
             // echo=false: a publisher never wants its own messages back.
-            Target::Tern => {
-                let url = wire::connect_url(&args.url, &args.key, "&echo=false");
+            Protocol::Ably(format) => {
+                let url = wire::connect_url(&args.url, &args.key, format, "&echo=false");
                 wire::open(&url, busy_config()).await?.0
             }
-            Target::Nats => nats::open(&args.url, "", busy_config()).await?.0,
+            Protocol::Nats => nats::open(&args.url, "", busy_config()).await?.0,
+            Protocol::Pusher => {
+                let (outcomes, outcomes_rx) = mpsc::channel(HTTP_IN_FLIGHT_MAX);
+                let http = HttpPublisher {
+                    authority: http_authority(&args.url).into(),
+                    in_flight: Arc::new(Semaphore::new(HTTP_IN_FLIGHT_MAX)),
+                    outcomes,
+                    clock,
+                };
+                publishers.push((PublishSink::Http(http), PublishStream::Http(outcomes_rx)));
+                continue;
+            }
         };
-        sockets.push(socket);
+        let (sink, stream) = socket.split();
+        publishers.push((PublishSink::Ws(sink), PublishStream::Ws(stream)));
     }
-    Ok(sockets)
+    Ok(publishers)
+}
+
+/// `127.0.0.1:6001` from `ws://127.0.0.1:6001/...`: where the HTTP API listens too.
+fn http_authority(url: &str) -> &str {
+    let rest = url.strip_prefix("ws://").unwrap_or(url);
+    rest.split(['/', '?']).next().unwrap_or(rest)
 }
 
 struct Publisher {
     /// Runs the schedule; gives back the write half for a clean close.
-    sender: JoinHandle<(SendResult, Sink)>,
-    /// Reads ACKs (tern) or PINGs (nats) until the run stops.
+    sender: JoinHandle<(SendResult, PublishSink)>,
+    /// Reads ACKs (tern), HTTP responses (Pusher) or PINGs (nats) until the run stops.
     reader: JoinHandle<AckResult>,
 }
 
@@ -638,13 +854,13 @@ struct AckResult {
 
 fn spawn_publisher(
     index: u64,
-    socket: Socket,
+    (sink, stream): (PublishSink, PublishStream),
+    nudges: pacer::Nudges,
     schedule: Schedule,
     args: &FanoutArgs,
     channels: &Arc<Vec<String>>,
     run: &Run,
-) -> Publisher {
-    let (sink, stream) = socket.split();
+) -> anyhow::Result<Publisher> {
     let (ack_pending_tx, ack_pending_rx) = mpsc::channel::<(u64, u64)>(ACK_PENDING_MAX);
     let (control_tx, control_rx) = mpsc::channel::<Message>(CONTROL_QUEUE_MAX);
     let reader = tokio::spawn(read_publisher_socket(
@@ -654,6 +870,11 @@ fn spawn_publisher(
         control_tx,
         run.clone(),
     ));
+    let pusher_app = match args.target.protocol() {
+        Protocol::Pusher => Some(pusher::App::parse(&args.key)?),
+        _ => None,
+    };
+    let host = http_authority(&args.url).to_owned();
     let (target, payload_bytes, channels, run) = (
         args.target,
         args.payload_bytes,
@@ -666,19 +887,27 @@ fn spawn_publisher(
             let due_ns = schedule.due_ns(g);
             let payload = stamp::encode(due_ns, schedule.phase(g), payload_bytes);
             let channel = &channels[schedule.channel(g)];
-            match target {
-                Target::Tern => {
-                    // Full queue: this publish's ACK latency goes unmeasured, nothing else.
-                    let _ = ack_pending_tx.try_send((msg_serial, due_ns));
-                    wire::publish_frame(channel, msg_serial, &payload)
+            if matches!(target.protocol(), Protocol::Ably(_)) {
+                // Full queue: this publish's ACK latency goes unmeasured, nothing else.
+                let _ = ack_pending_tx.try_send((msg_serial, due_ns));
+            }
+            match (target.protocol(), &pusher_app) {
+                (Protocol::Ably(format), _) => {
+                    Frame::Ws(wire::publish_frame(format, channel, msg_serial, &payload))
                 }
-                Target::Nats => nats::publish(channel, &payload),
+                (Protocol::Nats, _) => Frame::Ws(nats::publish(channel, &payload)),
+                (Protocol::Pusher, Some(app)) => Frame::Http(
+                    pusher::publish_request(app, &host, crate::unix_time_secs(), channel, &payload),
+                    due_ns,
+                ),
+                (Protocol::Pusher, None) => unreachable!("the app was parsed above"),
             }
         };
-        let result = send_schedule(index, schedule, &run, &mut sink, make, control_rx).await;
+        let result =
+            send_schedule(index, schedule, &run, &mut sink, make, control_rx, nudges).await;
         (result, sink)
     });
-    Publisher { sender, reader }
+    Ok(Publisher { sender, reader })
 }
 
 /// Sends publisher `index`'s share of the schedule, on time or as soon as it can.
@@ -686,9 +915,10 @@ async fn send_schedule(
     index: u64,
     schedule: Schedule,
     run: &Run,
-    sink: &mut Sink,
-    mut make: impl FnMut(u64, u64) -> Message,
+    sink: &mut PublishSink,
+    mut make: impl FnMut(u64, u64) -> Frame,
     mut control: mpsc::Receiver<Message>,
+    mut nudges: pacer::Nudges,
 ) -> SendResult {
     let mut result = SendResult {
         sent_total: 0,
@@ -701,20 +931,20 @@ async fn send_schedule(
         let now_ns = run.clock.now_ns();
         let due_ns = schedule.due_ns(g);
         if due_ns > now_ns {
-            tokio::time::sleep_until(run.clock.instant_at(due_ns).into()).await;
+            nudges.wait_until(&run.clock, due_ns).await;
             continue;
         }
         result.lag_ns_max = result.lag_ns_max.max(now_ns - due_ns);
         while let Ok(frame) = control.try_recv() {
-            if let Err(e) = sink.feed(frame).await {
-                run.counters.socket_error(format!("publisher: {e}"));
+            if let Err(e) = sink.feed(Frame::Ws(frame)).await {
+                run.counters.socket_error(format!("publisher: {e:#}"));
                 return result;
             }
         }
         let mut batch = 0;
         while g < schedule.total_msgs && batch < SEND_BATCH_MAX && schedule.due_ns(g) <= now_ns {
             if let Err(e) = sink.feed(make(g, msg_serial)).await {
-                run.counters.socket_error(format!("publisher: {e}"));
+                run.counters.socket_error(format!("publisher: {e:#}"));
                 return result;
             }
             result.sent_total += 1;
@@ -726,27 +956,45 @@ async fn send_schedule(
             batch += 1;
         }
         if let Err(e) = sink.flush().await {
-            run.counters.socket_error(format!("publisher: {e}"));
+            run.counters.socket_error(format!("publisher: {e:#}"));
             return result;
         }
     }
     result
 }
 
-/// Reads a publisher's socket: ACK/NACK (tern, with latency from the scheduled time),
-/// PING (nats: the writer answers) and errors, until the run stops.
+/// Reads a publisher's socket: ACK/NACK (tern) or HTTP responses (Pusher), with latency
+/// from the scheduled time; PING (nats: the writer answers) and errors; until the run stops.
 async fn read_publisher_socket(
     target: Target,
-    mut stream: SplitStream<Socket>,
+    stream: PublishStream,
     ack_pending: mpsc::Receiver<(u64, u64)>,
     control: mpsc::Sender<Message>,
-    mut run: Run,
+    run: Run,
 ) -> AckResult {
     let mut acks = AckTracker {
         pending: ack_pending,
         oldest: None,
         latency: Latency::new(),
     };
+    match stream {
+        PublishStream::Ws(stream) => {
+            read_publisher_ws(target, stream, &mut acks, control, run).await
+        }
+        PublishStream::Http(outcomes) => read_publisher_http(outcomes, &mut acks, run).await,
+    }
+    AckResult {
+        latency: acks.latency,
+    }
+}
+
+async fn read_publisher_ws(
+    target: Target,
+    mut stream: SplitStream<Socket>,
+    acks: &mut AckTracker,
+    control: mpsc::Sender<Message>,
+    mut run: Run,
+) {
     let mut nats_reader = nats::Reader::default();
     loop {
         let message = tokio::select! {
@@ -755,9 +1003,9 @@ async fn read_publisher_socket(
             // A frame: cancellation safe.
             message = stream.next() => message,
         };
-        let data = match message {
-            Some(Ok(Message::Text(text))) => bytes::Bytes::from(text),
-            Some(Ok(Message::Binary(data))) => data,
+        let (data, binary) = match message {
+            Some(Ok(Message::Text(text))) => (bytes::Bytes::from(text), false),
+            Some(Ok(Message::Binary(data))) => (data, true),
             Some(Ok(_)) => continue,
             Some(Err(e)) => {
                 run.counters.socket_error(format!("publisher: {e}"));
@@ -769,16 +1017,50 @@ async fn read_publisher_socket(
                 break;
             }
         };
-        let keep_going = match target {
-            Target::Tern => on_publisher_tern_frame(&data, &mut acks, &run),
-            Target::Nats => on_publisher_nats_data(&data, &mut nats_reader, &control, &run),
+        let keep_going = match target.protocol() {
+            Protocol::Nats => on_publisher_nats_data(&data, &mut nats_reader, &control, &run),
+            _ => on_publisher_ably_frame(&data, binary, acks, &run),
         };
         if !keep_going {
             break;
         }
     }
-    AckResult {
-        latency: acks.latency,
+}
+
+/// Records each HTTP publish's outcome: a 200 is its ACK, anything else a NACK.
+async fn read_publisher_http(
+    mut outcomes: mpsc::Receiver<HttpOutcome>,
+    acks: &mut AckTracker,
+    mut run: Run,
+) {
+    loop {
+        let outcome = tokio::select! {
+            // Stop: cancellation safe.
+            _ = run.stop.changed() => break,
+            // An outcome: mpsc::Receiver::recv is cancellation safe.
+            outcome = outcomes.recv() => match outcome {
+                Some(outcome) => outcome,
+                None => break,
+            },
+        };
+        match outcome.result {
+            Ok(response) if response.status == 200 => {
+                run.counters.acked.fetch_add(1, Ordering::Relaxed);
+                acks.latency
+                    .record_ns(outcome.done_ns.saturating_sub(outcome.due_ns));
+            }
+            Ok(response) => {
+                run.counters.nacked.fetch_add(1, Ordering::Relaxed);
+                run.counters.protocol_error(format!(
+                    "events API answered {}: {:.200}",
+                    response.status, response.body
+                ));
+            }
+            Err(e) => {
+                run.counters.nacked.fetch_add(1, Ordering::Relaxed);
+                run.counters.socket_error(format!("events API: {e:#}"));
+            }
+        }
     }
 }
 
@@ -811,10 +1093,9 @@ impl AckTracker {
 }
 
 /// Returns false when the connection is over.
-fn on_publisher_tern_frame(data: &[u8], acks: &mut AckTracker, run: &Run) -> bool {
+fn on_publisher_ably_frame(data: &[u8], binary: bool, acks: &mut AckTracker, run: &Run) -> bool {
     let now_ns = run.clock.now_ns();
-    let text = String::from_utf8_lossy(data);
-    let frame = match Inbound::parse(&text) {
+    let frame = match Inbound::decode(data, binary) {
         Ok(frame) => frame,
         Err(e) => {
             run.counters.protocol_error(format!("publisher: {e:#}"));
@@ -835,7 +1116,11 @@ fn on_publisher_tern_frame(data: &[u8], acks: &mut AckTracker, run: &Run) -> boo
             true
         }
         _ if frame.is_failure() => {
-            run.counters.protocol_error(format!("publisher: {text}"));
+            run.counters.protocol_error(format!(
+                "publisher got action {} error {}",
+                frame.action,
+                frame.error.unwrap_or_default()
+            ));
             !matches!(frame.action, action::DISCONNECTED | action::ERROR)
         }
         _ => true,
@@ -866,15 +1151,9 @@ fn on_publisher_nats_data(
     true
 }
 
-async fn close_publishers(target: Target, sinks: Vec<Sink>) {
-    for mut sink in sinks {
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            if target == Target::Tern {
-                sink.send(wire::close_frame()).await?;
-            }
-            sink.close().await
-        })
-        .await;
+async fn close_publishers(target: Target, sinks: Vec<PublishSink>) {
+    for sink in sinks {
+        sink.close(target).await;
     }
 }
 
@@ -900,7 +1179,9 @@ pub(crate) struct FanoutReport {
     deliveries_per_sec: f64,
     /// Publish (scheduled time) → delivery at a subscriber.
     latency: LatencySummary,
-    /// Publish (scheduled time) → ACK at the publisher (tern only).
+    /// No loss, no error, and p99 under [`SUSTAINED_P99_US`]: the server kept up.
+    sustained: bool,
+    /// Publish (scheduled time) → ACK at the publisher (tern) or HTTP response (sockudo).
     ack_latency: Option<LatencySummary>,
     acked: u64,
     nacked: u64,

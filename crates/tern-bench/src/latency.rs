@@ -32,6 +32,17 @@ impl Latency {
             .expect("histograms share bounds");
     }
 
+    /// Every recorded value in microseconds (at the histogram's precision), for handing
+    /// a histogram to another process.
+    pub(crate) fn values_us(&self) -> Vec<u64> {
+        let mut values = Vec::with_capacity(self.histogram.len() as usize);
+        for v in self.histogram.iter_recorded() {
+            let us = self.histogram.highest_equivalent(v.value_iterated_to());
+            values.extend(std::iter::repeat_n(us, v.count_at_value() as usize));
+        }
+        values
+    }
+
     pub(crate) fn summary(&self) -> LatencySummary {
         let h = &self.histogram;
         let at = |q: f64| h.value_at_quantile(q);

@@ -1,7 +1,8 @@
 //! `tern-bench`: a black-box load generator for Tern and the peers we compare it with.
 //!
-//! It talks the wire protocols itself (Ably realtime JSON over WebSocket for Tern, the
-//! NATS text protocol over WebSocket for nats-server) and depends on no Tern crate, so it
+//! It talks the wire protocols itself (the Ably realtime protocol over WebSocket, JSON or
+//! msgpack, for Tern; the NATS text protocol over WebSocket for nats-server; the Pusher
+//! protocol plus its HTTP events API for Sockudo) and depends on no Tern crate, so it
 //! measures what a client sees and nothing else.
 //!
 //! # Layout
@@ -11,11 +12,17 @@
 //! - `connect`: opens N idle connections at a fixed rate; connect latency and the
 //!   server's resident memory per connection.
 //! - `resume`: a subscriber misses M messages, resumes, and is timed until the last one.
-//! - `summary`: reads a run's JSON reports back and prints Markdown tables.
+//! - `idle`: wake-ups, CPU time and RSS of idle server processes.
+//! - `regions`: publish→deliver latency between the regions of a multi-region Tern, and
+//!   the overhead above the emulated link delay.
+//! - `summary`: reads a run's JSON reports back and prints Markdown tables; `check`.
+//! - `plot`: PNG plots of a run (latency vs load, peak deliveries/s, RSS per connection).
 //! - `socket`: WebSocket dialing with timeouts, and the loopback-only guard.
-//! - `wire`: Ably ProtocolMessage frames (JSON) as this client reads and writes them.
+//! - `wire`: Ably ProtocolMessage frames (JSON or msgpack) as this client reads and writes them.
 //! - `nats`: the NATS text protocol reader (MSG / PING / PONG / -ERR).
+//! - `pusher`: Pusher subscribe/events over WebSocket, signed HTTP publishes, response reader.
 //! - `stamp`: payloads that carry their scheduled send time.
+//! - `pacer`: a thread that wakes publishers when messages are due, finer than tokio's 1 ms timer.
 //! - `latency`: HdrHistogram wrapper and its printable / JSON summary.
 //! - `process`: RSS and CPU time of the server (and of this process) from /proc.
 //!
@@ -23,9 +30,14 @@
 
 mod connect;
 mod fanout;
+mod idle;
 mod latency;
 mod nats;
+mod pacer;
+mod plot;
 mod process;
+mod pusher;
+mod regions;
 mod resume;
 mod socket;
 mod stamp;
@@ -59,8 +71,16 @@ enum Command {
     Connect(connect::ConnectArgs),
     /// A subscriber misses M messages and resumes: time until the last one arrives.
     Resume(resume::ResumeArgs),
+    /// CPU wake-ups, CPU time and RSS of idle server processes over a window.
+    Idle(idle::IdleArgs),
+    /// Cross-region publish→deliver latency on a multi-region Tern.
+    Regions(regions::RegionsArgs),
     /// Print the JSON reports in a directory as Markdown tables.
     Summary(summary::SummaryArgs),
+    /// Exit non-zero if a run's reports show a functional failure of Tern (loss, errors).
+    Check(summary::CheckArgs),
+    /// Draw PNG plots from the JSON reports in a directory.
+    Plot(plot::PlotArgs),
 }
 
 /// The largest worker pool we allow: the point is to load the server, not the client.
@@ -89,6 +109,7 @@ async fn run(command: Command, json: Option<&Path>) -> anyhow::Result<()> {
             println!("{report}");
             write_json(json, &report)
         }
+        Command::Connect(args) if args.worker => connect::run_worker(args).await,
         Command::Connect(args) => {
             let report = connect::run(args).await?;
             println!("{report}");
@@ -99,8 +120,41 @@ async fn run(command: Command, json: Option<&Path>) -> anyhow::Result<()> {
             println!("{report}");
             write_json(json, &report)
         }
+        Command::Idle(args) => {
+            let report = idle::run(args).await?;
+            println!("{report}");
+            write_json(json, &report)
+        }
+        Command::Regions(args) => {
+            let report = regions::run(args).await?;
+            println!("{report}");
+            write_json(json, &report)
+        }
         Command::Summary(args) => {
             print!("{}", summary::run(&args)?);
+            Ok(())
+        }
+        Command::Check(args) => {
+            let findings = summary::check(&args)?;
+            for warning in &findings.warnings {
+                println!("warning: {warning}");
+            }
+            for failure in &findings.failures {
+                println!("FAILED: {failure}");
+            }
+            anyhow::ensure!(
+                findings.failures.is_empty(),
+                "{} functional failure(s) in {}",
+                findings.failures.len(),
+                args.dir.display()
+            );
+            println!("check: no functional failure in {}", args.dir.display());
+            Ok(())
+        }
+        Command::Plot(args) => {
+            for path in plot::run(&args)? {
+                println!("wrote {}", path.display());
+            }
             Ok(())
         }
     }

@@ -20,6 +20,63 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Context switches of every thread of a process so far, from
+/// /proc/PID/task/*/status (the process-level status counts only the main thread).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Switches {
+    /// The thread blocked (waited for I/O, a timer, a lock): each is a later wake-up.
+    pub voluntary: u64,
+    /// The thread was preempted.
+    pub involuntary: u64,
+    pub threads: u64,
+}
+
+pub(crate) fn switches(pid: u32) -> anyhow::Result<Switches> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = Switches::default();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let path = entry?.path().join("status");
+        // A thread may exit between listing and reading: skip it.
+        let Ok(status) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let (voluntary, involuntary) = parse_switches(&status)
+            .with_context(|| format!("no ctxt_switches in {}", path.display()))?;
+        total.voluntary += voluntary;
+        total.involuntary += involuntary;
+        total.threads += 1;
+    }
+    Ok(total)
+}
+
+fn parse_switches(status: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((
+        field("voluntary_ctxt_switches:")?,
+        field("nonvoluntary_ctxt_switches:")?,
+    ))
+}
+
+/// SYNs the kernel dropped because a listen queue was full, so far, for this network
+/// namespace (TcpExt ListenOverflows in /proc/net/netstat). A dropped SYN costs its
+/// client a retransmit one second later.
+pub(crate) fn listen_overflows() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").context("reading /proc/net/netstat")?;
+    parse_netstat(&text, "TcpExt", "ListenOverflows").context("no TcpExt ListenOverflows")
+}
+
+fn parse_netstat(text: &str, group: &str, field: &str) -> Option<u64> {
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let at = names.split_whitespace().position(|n| n == field)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 /// User plus system CPU seconds used so far, from /proc/PID/stat.
 pub(crate) fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
     let path = format!("/proc/{pid}/stat");
@@ -80,6 +137,26 @@ mod tests {
         assert_eq!(parse_cpu_ticks(stat), Some(300));
         assert_eq!(parse_cpu_ticks("garbage"), None);
         assert!(cpu_secs(std::process::id()).is_ok());
+    }
+
+    /// Netstat counters are found by name in the header line of their group.
+    #[test]
+    fn netstat_counters() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 1 42 43\nIpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(parse_netstat(text, "TcpExt", "ListenOverflows"), Some(42));
+        assert_eq!(parse_netstat(text, "TcpExt", "Nope"), None);
+        assert_eq!(parse_netstat("", "TcpExt", "ListenOverflows"), None);
+        assert!(listen_overflows().is_ok());
+    }
+
+    /// Context switches are summed over threads from their status files.
+    #[test]
+    fn context_switches() {
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(parse_switches(status), Some((120, 7)));
+        assert_eq!(parse_switches("Name:\tx\n"), None);
+        let own = switches(std::process::id()).unwrap();
+        assert!(own.threads >= 1);
     }
 
     /// Machine busy time excludes idle and iowait, and guest time is not counted twice.

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::latency::{Latency, LatencySummary};
 use crate::socket::{busy_config, ensure_loopback, Socket};
-use crate::wire::{self, action, Inbound, FLAG_HAS_BACKLOG, FLAG_RESUMED};
+use crate::wire::{self, action, Format, Inbound, FLAG_HAS_BACKLOG, FLAG_RESUMED};
 
 const MISSED_MAX: u64 = 100_000;
 const RUNS_MAX: usize = 50;
@@ -137,7 +137,7 @@ pub(crate) async fn run(args: ResumeArgs) -> anyhow::Result<ResumeReport> {
 }
 
 async fn one_run(args: &ResumeArgs, channel: &str) -> anyhow::Result<ResumeRun> {
-    let url = wire::connect_url(&args.url, &args.key, "");
+    let url = wire::connect_url(&args.url, &args.key, Format::Json, "");
     let (mut subscriber, first) = wire::open(&url, busy_config())
         .await
         .context("subscriber connect")?;
@@ -145,7 +145,7 @@ async fn one_run(args: &ResumeArgs, channel: &str) -> anyhow::Result<ResumeRun> 
         !first.connection_key.is_empty(),
         "CONNECTED has no connectionDetails.connectionKey"
     );
-    let attached = wire::attach(&mut subscriber, channel, None).await?;
+    let attached = wire::attach(&mut subscriber, Format::Json, channel, None).await?;
     let serial = attached
         .channel_serial
         .context("ATTACHED has no channelSerial")?;
@@ -160,13 +160,14 @@ async fn one_run(args: &ResumeArgs, channel: &str) -> anyhow::Result<ResumeRun> 
     let resume_url = wire::connect_url(
         &args.url,
         &args.key,
+        Format::Json,
         &format!("&resume={}", wire::query_escape(&first.connection_key)),
     );
     let (mut subscriber, again) = wire::open(&resume_url, busy_config())
         .await
         .context("resume connect")?;
     let connected_at = began.elapsed();
-    let attached = wire::attach(&mut subscriber, channel, Some(&serial)).await?;
+    let attached = wire::attach(&mut subscriber, Format::Json, channel, Some(&serial)).await?;
     let attached_at = began.elapsed();
 
     let mut received = 0u64;
@@ -189,7 +190,7 @@ async fn one_run(args: &ResumeArgs, channel: &str) -> anyhow::Result<ResumeRun> 
     while let Ok(frame) = read_text(&mut subscriber, quiet_until).await {
         extra += count_messages(&frame, channel, u64::MAX, &mut true)?;
     }
-    let _ = subscriber.send(wire::close_frame()).await;
+    let _ = subscriber.send(wire::close_frame(Format::Json)).await;
 
     let resumed = attached.flags & FLAG_RESUMED != 0;
     let same_connection_id = again.connection_id == first.connection_id;
@@ -216,7 +217,7 @@ async fn one_run(args: &ResumeArgs, channel: &str) -> anyhow::Result<ResumeRun> 
 
 /// Publishes `missed` messages with up to `window` unacknowledged, and waits for every ACK.
 async fn publish_all(args: &ResumeArgs, channel: &str) -> anyhow::Result<()> {
-    let url = wire::connect_url(&args.url, &args.key, "&echo=false");
+    let url = wire::connect_url(&args.url, &args.key, Format::Json, "&echo=false");
     let (mut publisher, _) = wire::open(&url, busy_config()).await?;
     let mut sent = 0u64;
     let mut acked = 0u64;
@@ -225,7 +226,7 @@ async fn publish_all(args: &ResumeArgs, channel: &str) -> anyhow::Result<()> {
         while sent < args.missed && sent - acked < args.window {
             let data = payload(sent, args.payload_bytes);
             publisher
-                .feed(wire::publish_frame(channel, sent, &data))
+                .feed(wire::publish_frame(Format::Json, channel, sent, &data))
                 .await?;
             sent += 1;
         }
@@ -239,7 +240,7 @@ async fn publish_all(args: &ResumeArgs, channel: &str) -> anyhow::Result<()> {
             _ => {}
         }
     }
-    let _ = publisher.send(wire::close_frame()).await;
+    let _ = publisher.send(wire::close_frame(Format::Json)).await;
     Ok(())
 }
 

@@ -8,24 +8,61 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::wire::Format;
+
 /// A client WebSocket over plain TCP (no TLS: loopback only).
 pub(crate) type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Which server, and so which wire protocol, a command talks to.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub(crate) enum Target {
-    /// Ably realtime protocol, JSON format.
+    /// Ably realtime protocol, JSON format (text frames).
     Tern,
+    /// Ably realtime protocol, msgpack format (binary frames).
+    TernMsgpack,
     /// NATS text protocol over nats-server's WebSocket listener.
     Nats,
+    /// Pusher protocol (Sockudo): WebSocket subscribers, HTTP events API publishers.
+    Sockudo,
+}
+
+/// The wire protocol a [`Target`] speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Ably(Format),
+    Nats,
+    Pusher,
+}
+
+impl Target {
+    pub(crate) fn protocol(self) -> Protocol {
+        match self {
+            Target::Tern => Protocol::Ably(Format::Json),
+            Target::TernMsgpack => Protocol::Ably(Format::Msgpack),
+            Target::Nats => Protocol::Nats,
+            Target::Sockudo => Protocol::Pusher,
+        }
+    }
+
+    /// Whether `--key` is needed: an Ably key, or a Pusher app's `id:key:secret`.
+    pub(crate) fn needs_key(self) -> bool {
+        self.protocol() != Protocol::Nats
+    }
+
+    /// Whether the server answers every publish (Ably ACK, HTTP response); NATS does not.
+    pub(crate) fn acknowledges(self) -> bool {
+        self.protocol() != Protocol::Nats
+    }
 }
 
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Target::Tern => "tern",
+            Target::TernMsgpack => "tern-msgpack",
             Target::Nats => "nats",
+            Target::Sockudo => "sockudo",
         })
     }
 }
