@@ -131,11 +131,12 @@ pub(crate) async fn upgrade(
     };
     let frame_max = state.config.max_frame_size;
     // tungstenite allocates its read buffer up front (128 KiB by default): that was most
-    // of an idle connection's memory. 4 KiB reads plus a write buffer that only grows
-    // while a batch is being flushed keep an idle connection small.
+    // of an idle connection's memory. A 1 KiB read buffer (it grows for a large frame)
+    // plus a write buffer that only grows while a batch is flushed keep an idle
+    // connection at ~11 KiB (docs/benchmarks.md).
     ws.max_message_size(frame_max)
         .max_frame_size(frame_max)
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| async move {
             metrics::gauge!("tern_connections").increment(1.0);
