@@ -97,11 +97,7 @@ impl ConnectArgs {
             self.hold_secs <= HOLD_SECS_MAX,
             "--hold-secs at most {HOLD_SECS_MAX}"
         );
-        anyhow::ensure!(
-            !self.target.needs_key() || !self.key.is_empty(),
-            "--key is required for --target {}",
-            self.target
-        );
+        self.target.ensure_key(&self.key)?;
         Ok(())
     }
 

@@ -133,11 +133,7 @@ impl FanoutArgs {
             "--payload-bytes in {}..={PAYLOAD_BYTES_MAX}",
             stamp::STAMP_BYTES
         );
-        anyhow::ensure!(
-            !self.target.needs_key() || !self.key.is_empty(),
-            "--key is required for --target {}",
-            self.target
-        );
+        self.target.ensure_key(&self.key)?;
         if self.target.protocol() == Protocol::Pusher {
             pusher::App::parse(&self.key)?;
         }

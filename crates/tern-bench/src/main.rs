@@ -44,6 +44,7 @@ mod stamp;
 mod summary;
 mod wire;
 
+use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -104,32 +105,12 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(command: Command, json: Option<&Path>) -> anyhow::Result<()> {
     match command {
-        Command::Fanout(args) => {
-            let report = fanout::run(args).await?;
-            println!("{report}");
-            write_json(json, &report)
-        }
+        Command::Fanout(args) => print_and_write(json, &fanout::run(args).await?),
         Command::Connect(args) if args.worker => connect::run_worker(args).await,
-        Command::Connect(args) => {
-            let report = connect::run(args).await?;
-            println!("{report}");
-            write_json(json, &report)
-        }
-        Command::Resume(args) => {
-            let report = resume::run(args).await?;
-            println!("{report}");
-            write_json(json, &report)
-        }
-        Command::Idle(args) => {
-            let report = idle::run(args).await?;
-            println!("{report}");
-            write_json(json, &report)
-        }
-        Command::Regions(args) => {
-            let report = regions::run(args).await?;
-            println!("{report}");
-            write_json(json, &report)
-        }
+        Command::Connect(args) => print_and_write(json, &connect::run(args).await?),
+        Command::Resume(args) => print_and_write(json, &resume::run(args).await?),
+        Command::Idle(args) => print_and_write(json, &idle::run(args).await?),
+        Command::Regions(args) => print_and_write(json, &regions::run(args).await?),
         Command::Summary(args) => {
             print!("{}", summary::run(&args)?);
             Ok(())
@@ -158,6 +139,12 @@ async fn run(command: Command, json: Option<&Path>) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Prints a measurement's summary and writes its JSON report, if asked to.
+fn print_and_write(json: Option<&Path>, report: &(impl Serialize + Display)) -> anyhow::Result<()> {
+    println!("{report}");
+    write_json(json, report)
 }
 
 fn write_json(path: Option<&Path>, report: &impl Serialize) -> anyhow::Result<()> {

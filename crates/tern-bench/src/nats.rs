@@ -6,11 +6,11 @@
 
 use anyhow::Context;
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::socket::{dial, Socket};
+use crate::socket::{dial, next_message, Socket};
 use crate::wire::REPLY_TIMEOUT;
 
 /// The largest control line we accept before calling the stream garbage.
@@ -115,10 +115,7 @@ pub(crate) async fn open(
     socket.send(frame(hello)).await?;
     let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
     loop {
-        let message = tokio::time::timeout_at(deadline, socket.next())
-            .await
-            .context("no PONG in time")?
-            .context("socket closed")??;
+        let message = next_message(&mut socket, deadline, "no PONG in time").await?;
         let data = match message {
             Message::Binary(b) => b,
             Message::Text(t) => Bytes::from(t),

@@ -146,28 +146,55 @@ fn latency_vs_load(path: &Path, series: &str, fanout: &[&Value]) -> anyhow::Resu
             .axis_desc_style(font(15))
             .draw()
             .map_err(draw_err)?;
-        for target in targets_in(&runs) {
-            let mut points: Vec<(f64, f64)> = runs
-                .iter()
-                .filter(|r| r["target"].as_str() == Some(&target))
-                .filter_map(|r| {
-                    let us = r["latency"][key].as_f64()?;
-                    Some((summary::offered(r) / 1000.0, (us / 1000.0).max(0.05)))
-                })
-                .collect();
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            draw_line(&mut chart, &target, points)?;
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(font(14))
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(draw_err)?;
+        draw_lines(&mut chart, &runs, |r| {
+            let us = r["latency"][key].as_f64()?;
+            Some((summary::offered(r) / 1000.0, (us / 1000.0).max(0.05)))
+        })?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     }
     root.present().map_err(draw_err)?;
+    Ok(())
+}
+
+/// One line per system in `reports`, through the points `point` reads, left to right.
+fn draw_lines<X, Y>(
+    chart: &mut Chart<'_, X, Y>,
+    reports: &[&Value],
+    point: impl Fn(&Value) -> Option<(f64, f64)>,
+) -> anyhow::Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for target in targets_in(reports) {
+        let mut points: Vec<(f64, f64)> = reports
+            .iter()
+            .filter(|r| r["target"].as_str() == Some(&target))
+            .filter_map(|r| point(r))
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        draw_line(chart, &target, points)?;
+    }
+    Ok(())
+}
+
+/// The legend box, the same in every plot but for where it stands.
+fn draw_legend<X, Y>(
+    chart: &mut Chart<'_, X, Y>,
+    position: SeriesLabelPosition,
+) -> anyhow::Result<()>
+where
+    X: Ranged,
+    Y: Ranged,
+{
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(font(14))
+        .position(position)
+        .draw()
+        .map_err(draw_err)?;
     Ok(())
 }
 
@@ -268,14 +295,7 @@ fn deliveries(path: &Path, peaks: &[Peak]) -> anyhow::Result<()> {
             )
             .map_err(draw_err)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(font(14))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(draw_err)?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(draw_err)?;
     Ok(())
 }
@@ -328,23 +348,8 @@ fn rss_per_connection(path: &Path, connect: &[&Value]) -> anyhow::Result<()> {
         .map_err(draw_err)?
         .label("goal: 8 KB")
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey.stroke_width(1)));
-    for target in targets_in(connect) {
-        let mut points: Vec<(f64, f64)> = connect
-            .iter()
-            .filter(|r| r["target"].as_str() == Some(&target))
-            .filter_map(|r| point(r))
-            .collect();
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        draw_line(&mut chart, &target, points)?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(font(14))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(draw_err)?;
+    draw_lines(&mut chart, connect, point)?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(draw_err)?;
     Ok(())
 }

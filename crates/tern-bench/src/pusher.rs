@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 
 use anyhow::Context;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::socket::{dial, Socket, DIAL_TIMEOUT};
+use crate::socket::{dial, next_message, Socket, DIAL_TIMEOUT};
 use crate::wire::REPLY_TIMEOUT;
 
 /// The largest HTTP response head we accept before calling the stream garbage.
@@ -134,10 +134,7 @@ pub(crate) async fn subscribe(socket: &mut Socket, channel: &str) -> anyhow::Res
 async fn next_event(socket: &mut Socket, name: &str) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
     loop {
-        let message = tokio::time::timeout_at(deadline, socket.next())
-            .await
-            .context("no reply in time")?
-            .context("socket closed")??;
+        let message = next_message(socket, deadline, "no reply in time").await?;
         let Message::Text(text) = message else {
             continue;
         };

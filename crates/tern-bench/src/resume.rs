@@ -8,12 +8,12 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde::Serialize;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::latency::{Latency, LatencySummary};
-use crate::socket::{busy_config, ensure_loopback, Socket};
+use crate::socket::{busy_config, ensure_loopback, next_message, Socket};
 use crate::wire::{self, action, Format, Inbound, FLAG_HAS_BACKLOG, FLAG_RESUMED};
 
 const MISSED_MAX: u64 = 100_000;
@@ -246,10 +246,7 @@ async fn publish_all(args: &ResumeArgs, channel: &str) -> anyhow::Result<()> {
 
 async fn read_text(socket: &mut Socket, deadline: tokio::time::Instant) -> anyhow::Result<String> {
     loop {
-        let message = tokio::time::timeout_at(deadline, socket.next())
-            .await
-            .context("timed out")?
-            .context("socket closed")??;
+        let message = next_message(socket, deadline, "timed out").await?;
         if let Message::Text(text) = message {
             return Ok(text.as_str().to_owned());
         }

@@ -3,9 +3,11 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::wire::Format;
@@ -48,6 +50,15 @@ impl Target {
     /// Whether `--key` is needed: an Ably key, or a Pusher app's `id:key:secret`.
     pub(crate) fn needs_key(self) -> bool {
         self.protocol() != Protocol::Nats
+    }
+
+    /// Fails unless `key` is given where this target needs one.
+    pub(crate) fn ensure_key(self, key: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.needs_key() || !key.is_empty(),
+            "--key is required for --target {self}"
+        );
+        Ok(())
     }
 
     /// Whether the server answers every publish (Ably ACK, HTTP response); NATS does not.
@@ -111,6 +122,19 @@ pub(crate) async fn dial(url: &str, config: WebSocketConfig) -> anyhow::Result<S
         .context("WebSocket connect timed out")?
         .context("WebSocket connect failed")?;
     Ok(socket)
+}
+
+/// The next message on `socket`, by `deadline`; `late` is the error when none comes in
+/// time. A closed socket or a failed read is an error too.
+pub(crate) async fn next_message(
+    socket: &mut Socket,
+    deadline: tokio::time::Instant,
+    late: &'static str,
+) -> anyhow::Result<Message> {
+    Ok(tokio::time::timeout_at(deadline, socket.next())
+        .await
+        .context(late)?
+        .context("socket closed")??)
 }
 
 #[cfg(test)]

@@ -7,12 +7,12 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::socket::{dial, Socket};
+use crate::socket::{dial, next_message, Socket};
 
 /// How ProtocolMessages are encoded on the socket.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -351,10 +351,7 @@ pub(crate) async fn next_frame<T>(
 ) -> anyhow::Result<T> {
     let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
     loop {
-        let message = tokio::time::timeout_at(deadline, socket.next())
-            .await
-            .context("no reply in time")?
-            .context("socket closed")??;
+        let message = next_message(socket, deadline, "no reply in time").await?;
         let (data, binary) = match message {
             Message::Text(text) => (bytes::Bytes::from(text), false),
             Message::Binary(data) => (data, true),
