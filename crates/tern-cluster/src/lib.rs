@@ -1,7 +1,7 @@
 //! Tern cluster: what carries channel traffic between nodes: membership by gossip, the
 //! inter-node wire format, QUIC (quinn) links with mutual TLS from a cluster CA, and
-//! replication over them with `ack_replicas`. Interest routing is not built yet (every
-//! peer receives every event).
+//! replication over them with `ack_replicas`, one copy per remote region through a relay.
+//! Interest routing is not built yet (every region stores every channel).
 //!
 //! # Layout
 //! - [`cluster`]: one node's cluster side assembled (endpoint + replicator + membership).

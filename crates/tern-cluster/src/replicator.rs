@@ -1,19 +1,25 @@
-//! Replication between members: every local-origin event goes to every peer over its
-//! QUIC link; inbound events are applied in origin order by the core.
+//! Replication between members: every local-origin event goes to every peer of this
+//! node's region and to one relay per other region (chosen by a rendezvous hash of the
+//! origin and the node, so the origin and that region agree); the relay passes it on to
+//! the rest of its region. So one copy of a message crosses to each remote region.
+//! Inbound events are applied in origin order by the core.
 //!
 //! Each outbound link is reliable on its own: events carry a link position (`link_seq`,
-//! 1, 2, ... per incarnation of the sender), the receiver answers `Stored{upto}` once
-//! every position up to `upto` is applied *and* committed to its history store, and the
-//! sender keeps unacknowledged events (bounded) and resends them after a reconnect or
-//! when acks stall (go-back-N). Channel-level gaps (an event ahead of a missing one) are
-//! also repaired from the origin's log, so a lost frame costs a resend, never a message.
+//! 1, 2, ... per link), the receiver answers `Stored{upto}` once every position up to
+//! `upto` is applied *and* committed to its history store, and the sender keeps
+//! unacknowledged events (bounded) and resends them after a reconnect or when acks stall
+//! (go-back-N). Channel-level gaps (an event ahead of a missing one) are repaired from the
+//! sender's log, and `Heads` anti-entropy covers what no link will bring any more (a dead
+//! origin's events, a dead relay's unforwarded ones), so a lost frame costs a resend,
+//! never a message.
 //!
 //! `Stored` acks drive `ack_replicas`: [`Replicator::after_replicated`] runs its callback
-//! once everything journaled before the call is stored on that many peers (fewer when
-//! fewer peers are live; a peer that joined later does not count for earlier events).
+//! once everything journaled before the call is stored on that many of this node's
+//! recipients (fewer when fewer are live; a peer that became a recipient later does not
+//! count for earlier events).
 //!
 //! Interest routing (sending a channel only to nodes that want it) is not built: every
-//! peer gets every event, which is one copy per region while regions run one node each.
+//! region stores every channel.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -92,15 +98,23 @@ struct Running {
 
 #[derive(Default)]
 struct Out {
-    /// Last link position handed out.
-    seq: u64,
     peers: HashMap<String, PeerOut>,
     waiters: VecDeque<Waiter>,
+    /// Numbers each `PeerOut` (a peer that leaves and comes back gets a new one).
+    epochs: u64,
 }
 
 struct PeerOut {
     spec: PeerSpec,
     shared: Arc<PeerShared>,
+    /// Link positions are per peer: the last one handed out on this link.
+    seq: u64,
+    /// Which link this is (see `Out::epochs`); sent in `Hello` so the receiver starts
+    /// counting positions afresh.
+    epoch: u64,
+    /// Receives this node's own events: every peer of its region, and one relay per
+    /// other region (the rest of that region gets them from the relay).
+    recipient: bool,
     /// Events at or below this position were never (or no longer) held for this peer.
     counts_after: u64,
     acked: u64,
@@ -111,6 +125,8 @@ struct PeerShared {
     queue: Mutex<PeerQueue>,
     /// Events sent or waiting but not yet acknowledged by this peer (replication lag).
     unacked: metrics::Gauge,
+    /// Event frames written to this peer's link (resends included).
+    events_sent: std::sync::atomic::AtomicU64,
     notify: Notify,
     partitioned: AtomicBool,
     wan: Option<WanLink>,
@@ -125,7 +141,9 @@ struct PeerQueue {
 }
 
 struct Waiter {
-    target: u64,
+    /// Per recipient (node id, link epoch): the link position that covers everything
+    /// journaled before the waiter.
+    targets: Vec<(String, u64, u64)>,
     since: Instant,
     then: ReplicaCallback,
 }
@@ -133,6 +151,7 @@ struct Waiter {
 /// What this node has received from one sender.
 struct RecvState {
     incarnation: u64,
+    epoch: u64,
     /// Every link position up to here is applied.
     contiguous: u64,
 }
@@ -199,7 +218,6 @@ impl Replicator {
             }
             keep
         });
-        let seq = out.seq;
         for spec in peers {
             if spec.node_id == self.config.node_id || out.peers.contains_key(&spec.node_id) {
                 continue;
@@ -212,21 +230,22 @@ impl Replicator {
                 .and_then(|t| t.link(&self.config.region, &spec.region));
             let shared = Arc::new(PeerShared {
                 unacked: metrics::gauge!("tern_replication_unacked_events", "peer" => spec.node_id.clone()),
-                queue: Mutex::new(PeerQueue {
-                    acked: seq,
-                    ..PeerQueue::default()
-                }),
+                events_sent: std::sync::atomic::AtomicU64::new(0),
+                queue: Mutex::new(PeerQueue::default()),
                 notify: Notify::new(),
                 partitioned: AtomicBool::new(false),
                 wan,
             });
+            out.epochs += 1;
+            let epoch = out.epochs;
             let task = tokio::spawn(send_loop(
                 running.endpoint.clone(),
-                (
-                    self.config.node_id.clone(),
-                    self.config.incarnation,
-                    self.origin.0,
-                ),
+                Hello {
+                    node_id: self.config.node_id.clone(),
+                    incarnation: self.config.incarnation,
+                    origin: self.origin.0,
+                    epoch,
+                },
                 spec.clone(),
                 shared.clone(),
             ))
@@ -236,11 +255,42 @@ impl Replicator {
                 PeerOut {
                     spec: spec.clone(),
                     shared,
-                    counts_after: seq,
-                    acked: seq,
+                    seq: 0,
+                    epoch,
+                    recipient: false,
+                    counts_after: 0,
+                    acked: 0,
                     task,
                 },
             );
+        }
+        // Our own events go to every peer of our region and to one relay per other
+        // region, the same for every event, so each link's positions stay consecutive.
+        let relays: HashMap<String, String> = {
+            let mut best: HashMap<String, (u64, String)> = HashMap::new();
+            for p in out.peers.values() {
+                if p.spec.region == self.config.region {
+                    continue;
+                }
+                let score = rendezvous(&self.config.node_id, &p.spec.node_id);
+                let entry = best
+                    .entry(p.spec.region.clone())
+                    .or_insert((score, p.spec.node_id.clone()));
+                if (score, &p.spec.node_id) > (entry.0, &entry.1) {
+                    *entry = (score, p.spec.node_id.clone());
+                }
+            }
+            best.into_iter().map(|(r, (_, n))| (r, n)).collect()
+        };
+        let region = self.config.region.clone();
+        for p in out.peers.values_mut() {
+            let recipient =
+                p.spec.region == region || relays.get(&p.spec.region) == Some(&p.spec.node_id);
+            if recipient && !p.recipient {
+                // Positions before now were never this peer's to store.
+                p.counts_after = p.seq;
+            }
+            p.recipient = recipient;
         }
         let done = self.drain_waiters(&mut out, Instant::now());
         drop(out);
@@ -268,9 +318,14 @@ impl Replicator {
     /// [`REPLICA_ACK_TIMEOUT`].
     pub fn after_replicated(&self, then: Box<dyn FnOnce(bool) + Send>) {
         let mut out = lock(&self.out);
-        let target = out.seq;
+        let targets = out
+            .peers
+            .values()
+            .filter(|p| p.recipient && p.seq > p.counts_after)
+            .map(|p| (p.spec.node_id.clone(), p.epoch, p.seq))
+            .collect();
         out.waiters.push_back(Waiter {
-            target,
+            targets,
             since: Instant::now(),
             then,
         });
@@ -279,20 +334,35 @@ impl Replicator {
         run_all(done);
     }
 
+    /// Event frames written to `peer`'s link so far (0 for an unknown peer).
+    pub fn events_sent_to(&self, peer: &str) -> u64 {
+        lock(&self.out)
+            .peers
+            .get(peer)
+            .map_or(0, |p| p.shared.events_sent.load(Ordering::Relaxed))
+    }
+
     /// Publishes waiting on replicas right now.
     pub fn waiting(&self) -> usize {
         lock(&self.out).waiters.len()
     }
 
-    fn satisfied(&self, out: &Out, target: u64) -> bool {
-        if target == 0 || self.config.ack_replicas == 0 {
+    /// Enough of the waiter's recipients (still the same links, not past a buffer
+    /// drop) have stored up to their target: `ack_replicas`, or all of them if fewer.
+    fn satisfied(&self, out: &Out, targets: &[(String, u64, u64)]) -> bool {
+        if self.config.ack_replicas == 0 {
             return true;
         }
-        let eligible = out.peers.values().filter(|p| p.counts_after < target);
         let (mut candidates, mut stored) = (0, 0);
-        for peer in eligible {
+        for (node, epoch, target) in targets {
+            let Some(peer) = out.peers.get(node) else {
+                continue;
+            };
+            if peer.epoch != *epoch || peer.counts_after >= *target {
+                continue;
+            }
             candidates += 1;
-            if peer.acked >= target {
+            if peer.acked >= *target {
                 stored += 1;
             }
         }
@@ -302,7 +372,7 @@ impl Replicator {
     fn drain_waiters(&self, out: &mut Out, now: Instant) -> Vec<(ReplicaCallback, bool)> {
         let mut done = Vec::new();
         while let Some(front) = out.waiters.front() {
-            let ok = self.satisfied(out, front.target);
+            let ok = self.satisfied(out, &front.targets);
             let expired = now.duration_since(front.since) >= REPLICA_ACK_TIMEOUT;
             if !ok && !expired {
                 break;
@@ -323,12 +393,12 @@ impl Replicator {
         run_all(done);
     }
 
-    fn on_stored(&self, peer: &str, upto: u64) {
+    fn on_stored(&self, peer: &str, epoch: u64, upto: u64) {
         let mut out = lock(&self.out);
         let Some(p) = out.peers.get_mut(peer) else {
             return;
         };
-        if upto <= p.acked {
+        if p.epoch != epoch || upto <= p.acked {
             return;
         }
         p.acked = upto;
@@ -470,6 +540,7 @@ impl Replicator {
                     node_id,
                     incarnation,
                     origin,
+                    epoch,
                     first,
                 } => {
                     sender_origin = origin;
@@ -477,11 +548,13 @@ impl Replicator {
                         let mut recv = lock(&self.recv);
                         let state = recv.entry(node_id.clone()).or_insert(RecvState {
                             incarnation,
+                            epoch,
                             contiguous: 0,
                         });
-                        if state.incarnation != incarnation {
+                        if state.incarnation != incarnation || state.epoch != epoch {
                             *state = RecvState {
                                 incarnation,
+                                epoch,
                                 contiguous: 0,
                             };
                         }
@@ -492,9 +565,13 @@ impl Replicator {
                         task.abort();
                     }
                     let (tx, rx) = watch::channel(contiguous);
-                    let task =
-                        tokio::spawn(self.clone().ack_loop(node_id.clone(), incarnation, rx))
-                            .abort_handle();
+                    let task = tokio::spawn(self.clone().ack_loop(
+                        node_id.clone(),
+                        incarnation,
+                        epoch,
+                        rx,
+                    ))
+                    .abort_handle();
                     acker = Some((tx, task));
                     sender = Some((node_id, incarnation));
                 }
@@ -593,10 +670,14 @@ impl Replicator {
                     let applied = hub.skip_remote(&key, OriginId(origin), upto, crate::now_ms());
                     tracing::warn!(%channel, origin = format!("{origin:016x}"), upto, applied, "events no peer can supply were skipped");
                 }
-                FrameV1::Stored { incarnation, upto } => {
+                FrameV1::Stored {
+                    incarnation,
+                    epoch,
+                    upto,
+                } => {
                     if let Some((peer, _)) = &sender {
                         if incarnation == self.config.incarnation {
-                            self.on_stored(peer, upto);
+                            self.on_stored(peer, epoch, upto);
                         }
                     }
                 }
@@ -631,6 +712,7 @@ impl Replicator {
         self: Arc<Self>,
         peer: String,
         incarnation: u64,
+        epoch: u64,
         mut rx: watch::Receiver<u64>,
     ) {
         let Some(running) = self.running.get() else {
@@ -645,7 +727,14 @@ impl Replicator {
                     let _ = tx.send(());
                 }));
                 let _ = done.await;
-                self.send_control(&peer, FrameV1::Stored { incarnation, upto });
+                self.send_control(
+                    &peer,
+                    FrameV1::Stored {
+                        incarnation,
+                        epoch,
+                        upto,
+                    },
+                );
                 sent = upto;
                 continue;
             }
@@ -667,19 +756,33 @@ impl Journal for Replicator {
         if let Some(next) = &self.next {
             next.record(key, event);
         }
-        if event.origin != self.origin {
-            return;
-        }
         let mut out = lock(&self.out);
-        out.seq += 1;
-        let seq = out.seq;
-        let mut frame = EventV1::from_remote(&key.app, &key.name, &RemoteEvent::from_event(event));
-        frame.link_seq = seq;
-        let frame = FrameV1::Event(frame);
+        // Our own events go to the recipients; another region's events go on to the
+        // rest of our region when the origin chose us as its relay here.
+        let same_region_only = if event.origin == self.origin {
+            false
+        } else if self.relays_for(&out, event.origin.0) {
+            true
+        } else {
+            return;
+        };
+        let frame = EventV1::from_remote(&key.app, &key.name, &RemoteEvent::from_event(event));
         let now = Instant::now();
+        let region = &self.config.region;
         for peer in out.peers.values_mut() {
+            let wanted = if same_region_only {
+                peer.spec.region == *region && peer.spec.origin != event.origin.0
+            } else {
+                peer.recipient
+            };
+            if !wanted {
+                continue;
+            }
+            peer.seq += 1;
+            let mut frame = frame.clone();
+            frame.link_seq = peer.seq;
             let mut q = lock(&peer.shared.queue);
-            q.events.push_back((seq, frame.clone(), now));
+            q.events.push_back((peer.seq, FrameV1::Event(frame), now));
             peer.shared.unacked.set(q.events.len() as f64);
             if q.events.len() > PEER_BUFFER_MAX {
                 if let Some((dropped, _, _)) = q.events.pop_front() {
@@ -693,6 +796,49 @@ impl Journal for Replicator {
     }
 }
 
+impl Replicator {
+    /// True when `origin` is a live node of another region and, of this region's nodes,
+    /// it relays to us (the same rendezvous choice the origin makes).
+    fn relays_for(&self, out: &Out, origin: u64) -> bool {
+        let Some(origin_node) = out.peers.values().find(|p| p.spec.origin == origin) else {
+            return false;
+        };
+        if origin_node.spec.region == self.config.region {
+            return false;
+        }
+        let from = &origin_node.spec.node_id;
+        let mine = (rendezvous(from, &self.config.node_id), &self.config.node_id);
+        !out.peers.values().any(|p| {
+            p.spec.region == self.config.region
+                && (rendezvous(from, &p.spec.node_id), &p.spec.node_id) > mine
+        })
+    }
+}
+
+/// Rendezvous (highest random weight) score of `node` for `from`: FNV-1a over both
+/// ids, so every node computes the same choice.
+fn rendezvous(from: &str, node: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in from.bytes().chain([0xff]).chain(node.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // FNV's low bits mix poorly for short inputs; finish with a splitmix step.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h
+}
+
+/// Who sends on a link, and which link it is (first frame of every link).
+#[derive(Clone)]
+struct Hello {
+    node_id: String,
+    incarnation: u64,
+    origin: u64,
+    epoch: u64,
+}
+
 enum Work {
     Control(FrameV1, Instant),
     Event(u64, FrameV1, Instant),
@@ -704,7 +850,7 @@ enum Work {
 /// resending whatever is unacknowledged.
 async fn send_loop(
     endpoint: Arc<LinkEndpoint>,
-    me: (String, u64, u64),
+    me: Hello,
     peer: PeerSpec,
     shared: Arc<PeerShared>,
 ) {
@@ -800,6 +946,7 @@ async fn send_loop(
                         link.send(&frame).await.map(|n| {
                             event_bytes.increment(n as u64);
                             events_sent.increment(1);
+                            shared.events_sent.fetch_add(1, Ordering::Relaxed);
                         })
                     }
                 }
@@ -829,7 +976,7 @@ async fn send_loop(
 /// Announces the sender and rewinds to the first unacknowledged event.
 async fn hello(
     link: &mut LinkSender,
-    me: &(String, u64, u64),
+    me: &Hello,
     shared: &PeerShared,
     sent_upto: &mut u64,
 ) -> Result<(), crate::ClusterError> {
@@ -840,9 +987,10 @@ async fn hello(
         first
     };
     link.send(&FrameV1::Hello {
-        node_id: me.0.clone(),
-        incarnation: me.1,
-        origin: me.2,
+        node_id: me.node_id.clone(),
+        incarnation: me.incarnation,
+        origin: me.origin,
+        epoch: me.epoch,
         first,
     })
     .await

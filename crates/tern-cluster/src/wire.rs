@@ -45,6 +45,9 @@ pub enum FrameV1 {
         incarnation: u64,
         /// The sender's origin id (its own events come over this link, reliably).
         origin: u64,
+        /// Which link of this sender incarnation this is: link positions restart at 1
+        /// on a new one.
+        epoch: u64,
         /// The lowest link position the sender still holds: anything below it that the
         /// receiver lacks is gone from the link (and left to channel gap repair).
         first: u64,
@@ -52,6 +55,8 @@ pub enum FrameV1 {
     /// "Every event of yours up to link position `upto` is stored here" (ack_replicas).
     Stored {
         incarnation: u64,
+        /// The link (see `Hello::epoch`) whose positions these are.
+        epoch: u64,
         upto: u64,
     },
     /// Anti-entropy: the sender's cursor on some of its channels. The receiver asks for

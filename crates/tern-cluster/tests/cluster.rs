@@ -461,3 +461,61 @@ async fn a_late_joiner_learns_who_departed_before_it_came() {
     .await;
     assert!(!c.departed.lock().unwrap().contains(&"b".to_string()));
 }
+
+/// Two regions of two nodes: a message crosses to the other region once (to the relay
+/// the origin picks there), which passes it on inside its region; every subscriber gets
+/// every message once, in order. Then the relay dies mid-stream and the region's other
+/// node still gets everything, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_copy_per_region_through_a_relay_that_can_die() {
+    let ca = ClusterCa::generate().unwrap();
+    let topology = Topology::parse(
+        "regions = [\"r1\", \"r2\"]\n[[links]]\na = \"r1\"\nb = \"r2\"\ndelay_ms = 5\n",
+    )
+    .unwrap();
+    let a1 = start(&ca, "a1", "r1", &[], Some(topology.clone()), 1).await;
+    let a2 = start(&ca, "a2", "r1", &[&a1], Some(topology.clone()), 1).await;
+    let b1 = start(&ca, "b1", "r2", &[&a1], Some(topology.clone()), 1).await;
+    let b2 = start(&ca, "b2", "r2", &[&a1], Some(topology.clone()), 1).await;
+    let all = [&a1, &a2, &b1, &b2];
+    wait_members(&all, 4).await;
+    let mut published: Vec<(String, Vec<String>)> = vec![("a1".into(), Vec::new())];
+    for n in 0..200 {
+        let name = format!("a1/{n}");
+        publish(&a1, name.clone());
+        published[0].1.push(name);
+    }
+    wait_for("every subscriber", 30, || {
+        all.iter().all(|n| n.recorder.len() >= 200)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_exactly_once_in_order(&all, &published);
+    let to_b1 = a1.cluster.replication().events_sent_to("b1");
+    let to_b2 = a1.cluster.replication().events_sent_to("b2");
+    assert_eq!(to_b1 + to_b2, 200, "one copy per message crossed to r2");
+    assert!(
+        to_b1 == 0 || to_b2 == 0,
+        "all through one relay: {to_b1} + {to_b2}"
+    );
+    assert_eq!(a1.cluster.replication().events_sent_to("a2"), 200);
+
+    // The relay dies while a1 keeps publishing; b-other must still get everything once.
+    let (relay, other) = if to_b1 > 0 { (&b1, &b2) } else { (&b2, &b1) };
+    for n in 200..300 {
+        let name = format!("a1/{n}");
+        publish(&a1, name.clone());
+        published[0].1.push(name);
+        if n == 220 {
+            relay.cluster.shutdown().await;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let survivors = [&a1, &a2, other];
+    wait_for("the relay's region to get everything", 30, || {
+        survivors.iter().all(|n| n.recorder.len() >= 300)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_exactly_once_in_order(&survivors, &published);
+}
