@@ -348,12 +348,15 @@ impl Replicator {
     }
 
     /// Enough of the waiter's recipients (still the same links, not past a buffer
-    /// drop) have stored up to their target: `ack_replicas`, or all of them if fewer.
+    /// drop) have stored up to their target: `ack_replicas` of them, or all of them if
+    /// fewer; and when one of them is in another region, at least one that stored is, so
+    /// an acknowledged message survives losing a whole region.
     fn satisfied(&self, out: &Out, targets: &[(String, u64, u64)]) -> bool {
         if self.config.ack_replicas == 0 {
             return true;
         }
         let (mut candidates, mut stored) = (0, 0);
+        let (mut remote_candidate, mut remote_stored) = (false, false);
         for (node, epoch, target) in targets {
             let Some(peer) = out.peers.get(node) else {
                 continue;
@@ -361,12 +364,15 @@ impl Replicator {
             if peer.epoch != *epoch || peer.counts_after >= *target {
                 continue;
             }
+            let remote = peer.spec.region != self.config.region;
             candidates += 1;
+            remote_candidate |= remote;
             if peer.acked >= *target {
                 stored += 1;
+                remote_stored |= remote;
             }
         }
-        stored >= self.config.ack_replicas.min(candidates)
+        stored >= self.config.ack_replicas.min(candidates) && (remote_stored || !remote_candidate)
     }
 
     fn drain_waiters(&self, out: &mut Out, now: Instant) -> Vec<(ReplicaCallback, bool)> {

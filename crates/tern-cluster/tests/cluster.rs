@@ -519,3 +519,36 @@ async fn one_copy_per_region_through_a_relay_that_can_die() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_exactly_once_in_order(&survivors, &published);
 }
+
+/// With ack_replicas = 1 and another region live, the ACK waits for a replica in that
+/// region, not just the faster one next door: losing the whole region loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_waits_for_a_replica_in_another_region() {
+    let ca = ClusterCa::generate().unwrap();
+    let topology = Topology::parse(
+        "regions = [\"r1\", \"r2\"]\n[[links]]\na = \"r1\"\nb = \"r2\"\ndelay_ms = 400\n",
+    )
+    .unwrap();
+    let a1 = start(&ca, "a1", "r1", &[], Some(topology.clone()), 1).await;
+    let a2 = start(&ca, "a2", "r1", &[&a1], Some(topology.clone()), 1).await;
+    let b1 = start(&ca, "b1", "r2", &[&a1], Some(topology.clone()), 1).await;
+    wait_members(&[&a1, &a2, &b1], 3).await;
+    publish(&a1, "a1/0".into());
+    let started = Instant::now();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    a1.cluster
+        .replication()
+        .after_replicated(Box::new(move |ok| {
+            let _ = tx.send((ok, started.elapsed()));
+        }));
+    let (ok, took) = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ok);
+    assert!(
+        took >= Duration::from_millis(780),
+        "acked after {took:?}: before a round trip to r2 (2 x 400 ms)"
+    );
+    assert_eq!(b1.recorder.names(), vec!["a1/0".to_string()]);
+}

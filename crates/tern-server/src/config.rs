@@ -46,7 +46,8 @@ pub struct ClusterSection {
     /// `http://HOST:PORT` of [server].
     #[serde(default)]
     pub client_url: Option<String>,
-    /// Peers that must store a publish before it is ACKed (0 = ACK once stored here).
+    /// Peers that must store a publish before it is ACKed (0 = ACK once stored here);
+    /// one of them in another region whenever one is live.
     #[serde(default = "default_ack_replicas")]
     pub ack_replicas: usize,
     /// PEM files: the cluster CA certificate, this node's certificate and PKCS#8 key
