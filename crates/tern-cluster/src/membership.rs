@@ -142,11 +142,6 @@ impl Membership {
         &self.me
     }
 
-    /// The live members, this node included, sorted by node id.
-    pub fn live(&self) -> Vec<Member> {
-        self.live.borrow().clone()
-    }
-
     /// Changes to the live set.
     pub fn watch(&self) -> watch::Receiver<Vec<Member>> {
         self.live.clone()

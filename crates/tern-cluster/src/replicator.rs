@@ -141,9 +141,9 @@ struct PeerQueue {
 }
 
 struct Waiter {
-    /// Per recipient (node id, link epoch): the link position that covers everything
-    /// journaled before the waiter.
-    targets: Vec<(String, u64, u64)>,
+    /// Per recipient link (its epoch, unique per `PeerOut`): the position that covers
+    /// everything journaled before the waiter.
+    targets: Vec<(u64, u64)>,
     since: Instant,
     then: ReplicaCallback,
 }
@@ -306,11 +306,8 @@ impl Replicator {
         }
     }
 
-    fn is_partitioned(&self, peer: &str) -> bool {
-        lock(&self.out)
-            .peers
-            .get(peer)
-            .is_some_and(|p| p.shared.partitioned.load(Ordering::SeqCst))
+    fn peer_shared(&self, peer: &str) -> Option<Arc<PeerShared>> {
+        lock(&self.out).peers.get(peer).map(|p| p.shared.clone())
     }
 
     /// Runs `then(true)` once everything journaled so far is stored on `ack_replicas`
@@ -322,7 +319,7 @@ impl Replicator {
             .peers
             .values()
             .filter(|p| p.recipient && p.seq > p.counts_after)
-            .map(|p| (p.spec.node_id.clone(), p.epoch, p.seq))
+            .map(|p| (p.epoch, p.seq))
             .collect();
         out.waiters.push_back(Waiter {
             targets,
@@ -342,26 +339,22 @@ impl Replicator {
             .map_or(0, |p| p.shared.events_sent.load(Ordering::Relaxed))
     }
 
-    /// Publishes waiting on replicas right now.
-    pub fn waiting(&self) -> usize {
-        lock(&self.out).waiters.len()
-    }
-
     /// Enough of the waiter's recipients (still the same links, not past a buffer
     /// drop) have stored up to their target: `ack_replicas` of them, or all of them if
     /// fewer; and when one of them is in another region, at least one that stored is, so
     /// an acknowledged message survives losing a whole region.
-    fn satisfied(&self, out: &Out, targets: &[(String, u64, u64)]) -> bool {
+    fn satisfied(&self, out: &Out, targets: &[(u64, u64)]) -> bool {
         if self.config.ack_replicas == 0 {
             return true;
         }
         let (mut candidates, mut stored) = (0, 0);
         let (mut remote_candidate, mut remote_stored) = (false, false);
-        for (node, epoch, target) in targets {
-            let Some(peer) = out.peers.get(node) else {
+        for (epoch, target) in targets {
+            // A peer that left (or came back as a new link) no longer counts.
+            let Some(peer) = out.peers.values().find(|p| p.epoch == *epoch) else {
                 continue;
             };
-            if peer.epoch != *epoch || peer.counts_after >= *target {
+            if peer.counts_after >= *target {
                 continue;
             }
             let remote = peer.spec.region != self.config.region;
@@ -532,12 +525,21 @@ impl Replicator {
         // The sender's own sequence per channel in its previous `Heads` (stale-gap check).
         let mut previous_heads: HashMap<ChannelKey, u64> = HashMap::new();
         let mut acker: Option<(watch::Sender<u64>, tokio::task::AbortHandle)> = None;
+        // Our side of the link to the sender (for the partition test hook), looked up
+        // once it exists rather than under the replicator lock on every frame.
+        let mut sender_link: Option<Arc<PeerShared>> = None;
         while let Ok(Some(frame)) = link.recv().await {
             let Some(hub) = running.hub.upgrade() else {
                 return;
             };
             if let Some((peer, _)) = &sender {
-                if self.is_partitioned(peer) {
+                if sender_link.is_none() {
+                    sender_link = self.peer_shared(peer);
+                }
+                if sender_link
+                    .as_ref()
+                    .is_some_and(|l| l.partitioned.load(Ordering::SeqCst))
+                {
                     break;
                 }
             }
@@ -762,26 +764,28 @@ impl Journal for Replicator {
         if let Some(next) = &self.next {
             next.record(key, event);
         }
-        let mut out = lock(&self.out);
         // Our own events go to the recipients; another region's events go on to the
         // rest of our region when the origin chose us as its relay here.
-        let same_region_only = if event.origin == self.origin {
-            false
-        } else if self.relays_for(&out, event.origin.0) {
-            true
-        } else {
-            return;
-        };
+        let relayed = event.origin != self.origin;
+        let region = &self.config.region;
+        let origin = event.origin.0;
+        {
+            let out = lock(&self.out);
+            if (relayed && !self.relays_for(&out, origin))
+                || !out
+                    .peers
+                    .values()
+                    .any(|p| wanted_in(relayed, region, origin, p))
+            {
+                return;
+            }
+        }
+        // Encoded once, outside the replicator lock (publishes on other channels take it).
         let frame = EventV1::from_remote(&key.app, &key.name, &RemoteEvent::from_event(event));
         let now = Instant::now();
-        let region = &self.config.region;
+        let mut out = lock(&self.out);
         for peer in out.peers.values_mut() {
-            let wanted = if same_region_only {
-                peer.spec.region == *region && peer.spec.origin != event.origin.0
-            } else {
-                peer.recipient
-            };
-            if !wanted {
+            if !wanted_in(relayed, region, origin, peer) {
                 continue;
             }
             peer.seq += 1;
@@ -818,6 +822,16 @@ impl Replicator {
             p.spec.region == self.config.region
                 && (rendezvous(from, &p.spec.node_id), &p.spec.node_id) > mine
         })
+    }
+}
+
+/// Whether `peer` gets an event: our own events go to our recipients; a relayed one to
+/// the other nodes of our region (not back to its origin).
+fn wanted_in(relayed: bool, region: &str, origin: u64, peer: &PeerOut) -> bool {
+    if relayed {
+        peer.spec.region == region && peer.spec.origin != origin
+    } else {
+        peer.recipient
     }
 }
 
