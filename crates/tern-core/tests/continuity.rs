@@ -55,6 +55,18 @@ fn publisher(n: u64) -> Publisher {
     }
 }
 
+/// Publishes `m0..m{n-1}` on `hub`, returning them as another node receives them.
+fn publish_remote(hub: &Hub, key: &ChannelKey, n: u64) -> Vec<tern_core::RemoteEvent> {
+    (0..n)
+        .map(|i| {
+            let out = hub
+                .publish(key, &publisher(i), vec![msg(&format!("m{i}"))], 1)
+                .unwrap();
+            tern_core::RemoteEvent::from_event(&out.event.unwrap())
+        })
+        .collect()
+}
+
 /// Attaches `client` (resuming from its last serial if `resume`), delivering the backlog
 /// the way the edge does: ATTACHED first, then backlog, then live. Returns `resumed`.
 fn attach(
@@ -284,20 +296,13 @@ proptest! {
 /// receiving node's cursor then resumes a subscriber exactly like a local one.
 #[test]
 fn remote_events_apply_in_origin_order() {
-    use tern_core::{RemoteEvent, RemoteOutcome};
+    use tern_core::RemoteOutcome;
     let origin_hub = Hub::new(OriginId(1), CoreLimits::default());
     let replica = Hub::new(OriginId(2), CoreLimits::default());
     let key = ChannelKey::new("app", "c");
     let client = Arc::new(Client::default());
     attach(&replica, &key, "s", &client, false, None);
-    let events: Vec<RemoteEvent> = (0..3)
-        .map(|i| {
-            let out = origin_hub
-                .publish(&key, &publisher(i), vec![msg(&format!("m{i}"))], 1)
-                .unwrap();
-            RemoteEvent::from_event(&out.event.unwrap())
-        })
-        .collect();
+    let events = publish_remote(&origin_hub, &key, 3);
     assert_eq!(
         replica.apply_remote(&key, events[0].clone(), 2).unwrap(),
         RemoteOutcome::Applied(1)
@@ -329,7 +334,6 @@ fn remote_events_apply_in_origin_order() {
 /// get them again; later ones it gets once, in order.
 #[test]
 fn resuming_on_a_node_that_is_behind_delivers_nothing_twice() {
-    use tern_core::RemoteEvent;
     let origin_hub = Hub::new(OriginId(1), CoreLimits::default());
     let ahead = Hub::new(OriginId(2), CoreLimits::default());
     let behind = Hub::new(OriginId(3), CoreLimits::default());
@@ -344,14 +348,7 @@ fn resuming_on_a_node_that_is_behind_delivers_nothing_twice() {
         false,
         None,
     );
-    let events: Vec<RemoteEvent> = (0..6)
-        .map(|i| {
-            let out = origin_hub
-                .publish(&key, &publisher(i), vec![msg(&format!("m{i}"))], 1)
-                .unwrap();
-            RemoteEvent::from_event(&out.event.unwrap())
-        })
-        .collect();
+    let events = publish_remote(&origin_hub, &key, 6);
     // `ahead` has m0..m3 (the client saw them), `behind` only m0..m1.
     for event in &events[..4] {
         ahead.apply_remote(&key, event.clone(), 2).unwrap();
