@@ -36,6 +36,10 @@ pub struct ClusterConfig {
     pub failure_detection: Duration,
 }
 
+/// Peers one node keeps links (and resend buffers) to. Gossip is what fills the member
+/// list, so it is bounded here too.
+pub const PEERS_MAX: usize = 256;
+
 /// Called with the node id and connection-id tag of each node that departed: seen to
 /// leave the live set (dead, or replaced by a restart), or reported departed by a live
 /// member before this node knew it. Called once per tag.
@@ -175,7 +179,15 @@ async fn follow_members(
                 quic: m.quic,
                 origin: u64::from_str_radix(&m.origin, 16).unwrap_or(0),
             })
+            .take(PEERS_MAX)
             .collect();
+        if current.len() > PEERS_MAX + 1 {
+            tracing::warn!(
+                live = current.len(),
+                max = PEERS_MAX,
+                "more live members than peers this node links to"
+            );
+        }
         replicator.set_peers(&peers);
         let live_tags: Vec<&str> = current.iter().map(|m| m.tag.as_str()).collect();
         let mut departed: Vec<(String, String)> = previous

@@ -554,6 +554,12 @@ impl Replicator {
                     sender_origin = origin;
                     let contiguous = {
                         let mut recv = lock(&self.recv);
+                        // One entry per sender node ever seen: bounded like the peer set.
+                        if recv.len() >= crate::cluster::PEERS_MAX * 4
+                            && !recv.contains_key(&node_id)
+                        {
+                            recv.clear();
+                        }
                         let state = recv.entry(node_id.clone()).or_insert(RecvState {
                             incarnation,
                             epoch,
