@@ -766,6 +766,12 @@ fn run_all(done: Vec<(ReplicaCallback, bool)>) {
 }
 
 impl Journal for Replicator {
+    fn restore(&self, key: &ChannelKey) -> tern_core::Cursor {
+        self.next
+            .as_ref()
+            .map_or_else(tern_core::Cursor::new, |next| next.restore(key))
+    }
+
     fn record(&self, key: &ChannelKey, event: &Arc<ChannelEvent>) {
         if let Some(next) = &self.next {
             next.record(key, event);

@@ -96,6 +96,22 @@ impl Channel {
         }
     }
 
+    /// Continues a channel this node held before (see `Journal::restore`): its cursor,
+    /// and this node's own sequence after the highest it ever assigned here.
+    pub(crate) fn restore(&mut self, cursor: Cursor, own: OriginId) {
+        self.next_seq = self.next_seq.max(cursor.get(own) + 1);
+        self.cursor = cursor;
+    }
+
+    /// An event was applied: an empty channel's idle time starts again, so it is dropped
+    /// only once it has had neither attachments nor events for the retain period (and
+    /// its events are long in the store that `restore` reads).
+    fn active(&mut self, now_ms: i64) {
+        if let Some(since) = &mut self.empty_since_ms {
+            *since = (*since).max(now_ms);
+        }
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.attachments.is_empty() && self.presence.is_empty()
     }
@@ -160,6 +176,7 @@ impl Channel {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.cursor.advance(origin, seq);
+        self.active(timestamp);
         let serial_base = format!("{:x}-{:x}", origin.0, seq);
         let mut frame = ProtocolMessage {
             channel: Some(self.name.to_string()),
@@ -395,6 +412,7 @@ impl Channel {
 
     fn apply_remote_one(&mut self, ctx: &ApplyContext<'_>, remote: RemoteEvent) {
         self.cursor.advance(remote.origin, remote.seq);
+        self.active(ctx.now_ms);
         let mut frame = remote.frame;
         frame.channel = Some(self.name.to_string());
         frame.channel_serial = Some(self.cursor.encode());

@@ -58,6 +58,15 @@ pub struct PublishOutcome {
 /// the channel lock (so keep it short: queue, don't write). The history store hangs here.
 pub trait Journal: Send + Sync {
     fn record(&self, key: &ChannelKey, event: &Arc<ChannelEvent>);
+
+    /// The channel's cursor as recorded so far (the highest sequence per origin), read
+    /// when the hub creates a channel it does not hold, such as one it dropped while
+    /// idle. The channel continues from it: this node's own sequence must never restart,
+    /// or every node still holding the channel would take the new events for
+    /// duplicates. Called outside every hub lock; may block briefly (one store read).
+    fn restore(&self, _key: &ChannelKey) -> crate::Cursor {
+        crate::Cursor::new()
+    }
 }
 
 /// Why the core refused an operation. The edge maps each to an Ably error code.
@@ -193,6 +202,11 @@ impl Hub {
         key: &ChannelKey,
         now_ms: i64,
     ) -> Result<Arc<Mutex<Channel>>, CoreError> {
+        if let Some(channel) = self.find(key) {
+            return Ok(channel);
+        }
+        // Read before taking the shard lock: it may touch the store.
+        let restored = self.journal.as_ref().map(|j| j.restore(key));
         let mut shard = lock(self.shard(key));
         if let Some(channel) = shard.get(key) {
             return Ok(channel.clone());
@@ -201,7 +215,11 @@ impl Hub {
             return Err(CoreError::TooManyChannels(self.limits.channels_max));
         }
         self.channel_count.fetch_add(1, Ordering::Relaxed);
-        let channel = Arc::new(Mutex::new(Channel::new(key.name.clone(), now_ms)));
+        let mut created = Channel::new(key.name.clone(), now_ms);
+        if let Some(cursor) = restored {
+            created.restore(cursor, self.origin);
+        }
+        let channel = Arc::new(Mutex::new(created));
         shard.insert(key.clone(), channel.clone());
         Ok(channel)
     }

@@ -396,3 +396,80 @@ proptest! {
         }
     }
 }
+
+/// Keeps the highest sequence per origin of every channel, as the history store does.
+#[derive(Default)]
+struct CursorJournal(Mutex<std::collections::HashMap<ChannelKey, tern_core::Cursor>>);
+
+impl tern_core::Journal for CursorJournal {
+    fn record(&self, key: &ChannelKey, event: &Arc<ChannelEvent>) {
+        let mut cursors = self.0.lock().unwrap();
+        cursors
+            .entry(key.clone())
+            .or_default()
+            .advance(event.origin, event.seq);
+    }
+
+    fn restore(&self, key: &ChannelKey) -> tern_core::Cursor {
+        self.0.lock().unwrap().get(key).cloned().unwrap_or_default()
+    }
+}
+
+/// A channel dropped while idle continues from its journal when it comes back: this
+/// node's sequence goes on (a restart at 1 would look like duplicates to every node
+/// still holding the channel, and be lost there) and remote origins are not asked for
+/// again. Events keep a channel alive: it is dropped only after a quiet retain period.
+#[test]
+fn a_channel_dropped_while_idle_continues_its_sequences() {
+    let journal = Arc::new(CursorJournal::default());
+    let limits = CoreLimits {
+        channel_idle_retain_ms: 1_000,
+        ..CoreLimits::default()
+    };
+    let hub = Hub::with_journal(OriginId(7), limits, Some(journal.clone()));
+    let key = ChannelKey::new("app", "quiet");
+    let first = hub
+        .publish(&key, &publisher("A", 0), vec![msg("one")], 0)
+        .unwrap();
+    assert_eq!(first.event.unwrap().seq, 1);
+    let remote = Hub::new(OriginId(9), CoreLimits::default());
+    let from_remote = remote
+        .publish(&key, &publisher("R", 0), vec![msg("r")], 0)
+        .unwrap();
+    let outcome = hub
+        .apply_remote(
+            &key,
+            RemoteEvent::from_event(&from_remote.event.unwrap()),
+            900,
+        )
+        .unwrap();
+    assert_eq!(outcome, RemoteOutcome::Applied(1));
+    // The remote event at 900 counts as activity: not idle for the retain period yet.
+    hub.sweep(1_500);
+    assert_eq!(hub.channel_count(), 1);
+    hub.sweep(1_900);
+    assert_eq!(
+        hub.channel_count(),
+        0,
+        "dropped after a quiet retain period"
+    );
+
+    let again = hub
+        .publish(&key, &publisher("A", 1), vec![msg("two")], 2_000)
+        .unwrap();
+    assert_eq!(again.event.unwrap().seq, 2, "this node's sequence goes on");
+    assert_eq!(hub.cursor(&key).get(OriginId(9)), 1, "remote origins too");
+    let next_remote = remote
+        .publish(&key, &publisher("R", 1), vec![msg("r2")], 2_000)
+        .unwrap();
+    assert_eq!(
+        hub.apply_remote(
+            &key,
+            RemoteEvent::from_event(&next_remote.event.unwrap()),
+            2_000
+        )
+        .unwrap(),
+        RemoteOutcome::Applied(1),
+        "no gap to repair"
+    );
+}

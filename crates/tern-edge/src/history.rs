@@ -68,6 +68,21 @@ impl Journal for StoreJournal {
             tracing::warn!(channel = %key.name, error = %err, "history append refused");
         }
     }
+
+    fn restore(&self, key: &ChannelKey) -> Cursor {
+        let mut cursor = Cursor::new();
+        match self.store.cursor(&key.app, &key.name) {
+            Ok(origins) => {
+                for (origin, seq) in origins {
+                    cursor.advance(tern_core::OriginId(origin), seq);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(channel = %key.name, error = %err, "reading the channel's stored cursor failed")
+            }
+        }
+        cursor
+    }
 }
 
 type Params = Query<HashMap<String, String>>;

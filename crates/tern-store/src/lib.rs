@@ -77,6 +77,14 @@ pub trait HistoryStore: Send + Sync {
     /// tests).
     fn flush(&self);
 
+    /// The highest committed sequence per origin (`(origin, seq)`, by origin) of a
+    /// channel, messages and presence together. It outlives retention: a node that
+    /// dropped an idle channel from memory continues its sequences from here.
+    /// Blocking (one read).
+    fn cursor(&self, _app: &str, _channel: &str) -> Result<Vec<(u64, u64)>, StoreError> {
+        Ok(Vec::new())
+    }
+
     /// How many appends with items were refused since the store opened. A caller that
     /// sees it change across its own appends must not report them as stored.
     fn refused_appends(&self) -> u64 {

@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-use crate::backend::{Backend, Row};
+use crate::backend::{cursor_updates, Backend, Row};
 use crate::error::StoreError;
 use crate::item::Position;
 use crate::query::Direction;
@@ -15,9 +15,14 @@ use crate::retention::TrimPlan;
 
 type Channels = BTreeMap<Vec<u8>, BTreeMap<Position, Bytes>>;
 
+/// Channels whose cursor the memory engine remembers; past it new channels get none
+/// (memory mode keeps nothing across restarts anyway).
+const CURSOR_CHANNELS_MAX: usize = 1 << 20;
+
 #[derive(Default)]
 pub(crate) struct MemoryStore {
     channels: Mutex<Channels>,
+    cursors: Mutex<BTreeMap<Vec<u8>, BTreeMap<u64, u64>>>,
 }
 
 impl MemoryStore {
@@ -40,6 +45,18 @@ impl Backend for MemoryStore {
             };
             items.insert(row.position, row.payload.clone());
         }
+        drop(channels);
+        let mut cursors = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+        for (channel, update) in cursor_updates(rows) {
+            if !cursors.contains_key(channel) && cursors.len() >= CURSOR_CHANNELS_MAX {
+                continue;
+            }
+            let cursor = cursors.entry(channel.to_vec()).or_default();
+            for (origin, seq) in update {
+                let entry = cursor.entry(origin).or_default();
+                *entry = (*entry).max(seq);
+            }
+        }
         Ok(())
     }
 
@@ -61,6 +78,11 @@ impl Backend for MemoryStore {
             Direction::Backwards => visit_rows(range.rev(), visit),
         }
         Ok(())
+    }
+
+    fn cursor(&self, channel: &[u8]) -> Result<BTreeMap<u64, u64>, StoreError> {
+        let cursors = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(cursors.get(channel).cloned().unwrap_or_default())
     }
 
     fn channels(&self, after: Option<&[u8]>, max: usize) -> Result<Vec<Vec<u8>>, StoreError> {

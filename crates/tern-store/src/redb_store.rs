@@ -1,16 +1,17 @@
 //! The redb engine: one file, ACID commits (`Durability::Immediate`: a commit returns
 //! once it is on disk), MVCC readers that never block the writer.
 //!
-//! Two tables: `items` (key → payload, see [`crate::item`] for the key) and
+//! Three tables: `items` (key → payload, see [`crate::item`] for the key),
 //! `channel_counts` (prefix → rows), kept in the same commits as `items` so count
-//! retention knows how much to delete without counting, and trim can list channels.
+//! retention knows how much to delete without counting, and trim can list channels, and
+//! `channel_cursors` (channel → highest sequence per origin, also in the same commits).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use redb::{AccessGuard, Database, ReadableDatabase, ReadableTable, StorageError, TableDefinition};
 
-use crate::backend::{Backend, Row};
+use crate::backend::{cursor_updates, decode_cursor, merge_cursor, Backend, Row};
 use crate::error::{from_redb, StoreError};
 use crate::item::{key, position_of_key, Position};
 use crate::query::Direction;
@@ -18,6 +19,8 @@ use crate::retention::TrimPlan;
 
 const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items_v1");
 const COUNTS: TableDefinition<&[u8], u64> = TableDefinition::new("channel_counts_v1");
+/// Channel (item prefix without the kind byte) → highest stored sequence per origin.
+const CURSORS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("channel_cursors_v1");
 
 pub(crate) struct RedbStore {
     db: Database,
@@ -35,6 +38,7 @@ impl RedbStore {
         let txn = db.begin_write().map_err(from_redb)?;
         txn.open_table(ITEMS).map_err(from_redb)?;
         txn.open_table(COUNTS).map_err(from_redb)?;
+        txn.open_table(CURSORS).map_err(from_redb)?;
         txn.commit().map_err(from_redb)?;
         Ok(RedbStore { db })
     }
@@ -66,6 +70,14 @@ impl Backend for RedbStore {
                     .insert(prefix, old.unwrap_or(0).saturating_add(new_rows))
                     .map_err(from_redb)?;
             }
+            let mut cursors = txn.open_table(CURSORS).map_err(from_redb)?;
+            for (channel, update) in cursor_updates(rows) {
+                let row = {
+                    let old = cursors.get(channel).map_err(from_redb)?;
+                    merge_cursor(old.as_ref().map(|v| v.value()), &update)
+                };
+                cursors.insert(channel, row.as_slice()).map_err(from_redb)?;
+            }
         }
         txn.commit().map_err(from_redb)
     }
@@ -88,6 +100,13 @@ impl Backend for RedbStore {
             Direction::Forwards => visit_rows(range, prefix, visit),
             Direction::Backwards => visit_rows(range.rev(), prefix, visit),
         }
+    }
+
+    fn cursor(&self, channel: &[u8]) -> Result<BTreeMap<u64, u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(from_redb)?;
+        let cursors = txn.open_table(CURSORS).map_err(from_redb)?;
+        let row = cursors.get(channel).map_err(from_redb)?;
+        Ok(row.map(|v| decode_cursor(v.value())).unwrap_or_default())
     }
 
     fn channels(&self, after: Option<&[u8]>, max: usize) -> Result<Vec<Vec<u8>>, StoreError> {

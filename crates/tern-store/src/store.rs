@@ -150,4 +150,13 @@ impl HistoryStore for Store {
     fn flush(&self) {
         self.writer.flush();
     }
+
+    fn cursor(&self, app: &str, channel: &str) -> Result<Vec<(u64, u64)>, StoreError> {
+        let prefix = ChannelRef::new(app, channel, crate::item::EventKind::Message).key_prefix()?;
+        Ok(self
+            .backend
+            .cursor(crate::backend::cursor_key(&prefix))?
+            .into_iter()
+            .collect())
+    }
 }

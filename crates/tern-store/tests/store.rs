@@ -491,3 +491,54 @@ fn extreme_timestamps_are_ordered() {
         assert_eq!(seqs(&got), vec![4, 3, 2, 1, 0]);
     }
 }
+
+/// A channel's cursor is the highest committed sequence per origin over messages and
+/// presence together, and it outlives retention (both engines) and a reopen (redb): a
+/// node continues its sequences from it after dropping an idle channel from memory.
+#[test]
+fn cursor_outlives_retention_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = vec![RetentionRule {
+        prefix: String::new(),
+        max_count: 1,
+        max_age_ms: 1_000,
+    }];
+    let config = StoreConfig {
+        retention,
+        ..StoreConfig::default()
+    };
+    let redb = StoreConfig {
+        path: Some(dir.path().join("history.redb")),
+        ..config.clone()
+    };
+    let from = |origin: u64, seq: u64| StoredItem {
+        origin,
+        ..item(seq as i64, seq)
+    };
+    for config in [config, redb.clone()] {
+        let store = open(&config).unwrap();
+        assert_eq!(store.cursor("app", "c").unwrap(), vec![]);
+        let presence = ChannelRef::new("app", "c", EventKind::Presence);
+        append_all(
+            &store,
+            vec![
+                (channel("c"), from(1, 1)),
+                (channel("c"), from(2, 1)),
+                (presence.clone(), from(1, 2)),
+                (channel("c"), from(2, 2)),
+                (channel("other"), from(1, 9)),
+            ],
+        );
+        // Out of order and older: the cursor keeps the highest.
+        append_all(&store, vec![(channel("c"), from(1, 1))]);
+        assert_eq!(store.cursor("app", "c").unwrap(), vec![(1, 2), (2, 2)]);
+        assert_eq!(store.cursor("app", "other").unwrap(), vec![(1, 9)]);
+        assert_eq!(store.cursor("other-app", "c").unwrap(), vec![]);
+        // Every item past its age: history is empty, the cursor is not.
+        assert!(store.trim(1_000_000).unwrap() > 0);
+        assert!(read_all(&store, query("c", Direction::Forwards, 10), 2).is_empty());
+        assert_eq!(store.cursor("app", "c").unwrap(), vec![(1, 2), (2, 2)]);
+    }
+    let reopened = open(&redb).unwrap();
+    assert_eq!(reopened.cursor("app", "c").unwrap(), vec![(1, 2), (2, 2)]);
+}

@@ -33,7 +33,7 @@ async function freeUdpPort(host) {
   return port;
 }
 
-function regionConfig({ name, host }, port, gossip, seed, dir) {
+function regionConfig({ name, host }, port, gossip, seed, dir, extra) {
   return `
 [server]
 host = "${host}"
@@ -53,6 +53,7 @@ ca_cert = "${join(dir, 'ca.pem')}"
 cert = "${join(dir, `${name}.pem`)}"
 key = "${join(dir, `${name}.key`)}"
 emulate_topology = "${join(repo, 'regions', 'topology.toml')}"
+${extra}
 
 [[apps]]
 id = "dev"
@@ -65,8 +66,9 @@ capability = '{"*":["*"]}'
 }
 
 /// Starts the three regions; resolves once each has joined the cluster. `nodes[i]`
-/// has `.stop(signal)` (only that PID) and `.child.pid`.
-export async function startRegions() {
+/// has `.stop(signal)` (only that PID) and `.child.pid`. `extra` is TOML appended to
+/// every region's config (after its `[cluster]` section).
+export async function startRegions({ extra = '' } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'tern-regions-'));
   execFileSync(ternBin, ['certs', '--out', dir, '--nodes', REGIONS.map((r) => r.name).join(',')]);
   const port = await freeTcpPort();
@@ -76,7 +78,7 @@ export async function startRegions() {
     const gossip = await freeUdpPort(region.host);
     const nodeDir = join(dir, region.name);
     mkdirSync(nodeDir);
-    const config = regionConfig(region, port, gossip, seed, dir);
+    const config = regionConfig(region, port, gossip, seed, dir, extra);
     const node = await startTern(config, { dir: nodeDir, args: ['serve', '--config', join(nodeDir, 'tern.toml')] });
     nodes.push({ ...node, region });
     seed = seed || `${region.host}:${gossip}`;
