@@ -1,7 +1,13 @@
-//! Replication between members: every local-origin event goes to every peer of this
-//! node's region and to one relay per other region (chosen by a rendezvous hash of the
-//! origin and the node, so the origin and that region agree); the relay passes it on to
-//! the rest of its region. So one copy of a message crosses to each remote region.
+//! Replication between members, by interest. Every channel has a *home* in each region:
+//! the node there with the highest rendezvous hash of (channel, node). The home is the
+//! channel's storage replica in its region and the relay its events cross the WAN to.
+//! An origin sends each of its events to the channel's home in every region and to the
+//! nodes of its own region that have subscribers on the channel (they say so with
+//! `Interest`); a home passes what came from another region on to the interested nodes
+//! of its region. So one copy of a message crosses to each remote region, and a node
+//! receives a channel only while it has subscribers or is the channel's home. A node's
+//! first subscriber on a channel it does not receive waits for the channel's state
+//! (`Sync`: log, presence members, cursor) from its region's home.
 //! Inbound events are applied in origin order by the core.
 //!
 //! Each outbound link is reliable on its own: events carry a link position (`link_seq`,
@@ -18,17 +24,14 @@
 //! recipients (fewer when fewer are live; a peer that became a recipient later does not
 //! count for earlier events).
 //!
-//! Interest routing (sending a channel only to nodes that want it) is not built: every
-//! region stores every channel.
-
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use tern_core::{ChannelEvent, ChannelKey, Hub, Journal, OriginId, RemoteEvent, RemoteOutcome};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 
 use crate::link::{LinkEndpoint, LinkReceiver, LinkSender};
 use crate::topology::{Topology, WanLink};
@@ -50,6 +53,20 @@ const HEADS_PER_FRAME: usize = 256;
 /// Resend unacknowledged events when no ack has advanced for this long (plus 2× the
 /// emulated delay).
 const RESEND_AFTER: Duration = Duration::from_millis(1_000);
+/// How often a node repeats its interest to its region's peers, and how long a peer's
+/// interest lasts when it is not repeated.
+const INTEREST_REFRESH: Duration = Duration::from_secs(2);
+const INTEREST_TTL: Duration = Duration::from_secs(7);
+/// Channel interests remembered over all peers, and channels per `Interest` frame.
+const INTEREST_MAX: usize = 1 << 20;
+const INTEREST_PER_FRAME: usize = 512;
+/// How long a first attach waits for a channel's state from its home.
+pub const WARM_TIMEOUT: Duration = Duration::from_secs(3);
+/// Channels whose latest ack targets are remembered (past it, waiters fall back to
+/// waiting on every link).
+const LAST_TARGETS_MAX: usize = 65_536;
+/// Presence members per `SyncMembers` frame.
+const MEMBERS_PER_FRAME: usize = 256;
 
 /// A publish's reply, run with `true` once replicated (or `false` on timeout).
 pub type ReplicaCallback = Box<dyn FnOnce(bool) + Send>;
@@ -88,6 +105,16 @@ pub struct Replicator {
     out: Mutex<Out>,
     recv: Mutex<HashMap<String, RecvState>>,
     running: OnceLock<Running>,
+    /// Channels with subscribers on this node (its interest); bounded by the hub's
+    /// channels.
+    mine: Mutex<HashSet<ChannelKey>>,
+    /// First attaches waiting for a channel's state from its home.
+    warming: Mutex<HashMap<ChannelKey, Warming>>,
+}
+
+struct Warming {
+    since: Instant,
+    waiters: Vec<oneshot::Sender<()>>,
 }
 
 struct Running {
@@ -102,6 +129,12 @@ struct Out {
     waiters: VecDeque<Waiter>,
     /// Numbers each `PeerOut` (a peer that leaves and comes back gets a new one).
     epochs: u64,
+    /// Same-region peers' interest: channel → peer node id → when it last said so.
+    interest: HashMap<ChannelKey, HashMap<String, Instant>>,
+    interest_len: usize,
+    /// Per channel, the (link epoch, position) of this node's latest event on each link
+    /// that carried it: what a publish's ACK waits for.
+    last_targets: HashMap<ChannelKey, Vec<(u64, u64)>>,
 }
 
 struct PeerOut {
@@ -112,10 +145,7 @@ struct PeerOut {
     /// Which link this is (see `Out::epochs`); sent in `Hello` so the receiver starts
     /// counting positions afresh.
     epoch: u64,
-    /// Receives this node's own events: every peer of its region, and one relay per
-    /// other region (the rest of that region gets them from the relay).
-    recipient: bool,
-    /// Events at or below this position were never (or no longer) held for this peer.
+    /// Events at or below this position are no longer held for this peer.
     counts_after: u64,
     acked: u64,
     task: tokio::task::AbortHandle,
@@ -173,6 +203,8 @@ impl Replicator {
             out: Mutex::new(Out::default()),
             recv: Mutex::new(HashMap::new()),
             running: OnceLock::new(),
+            mine: Mutex::new(HashSet::new()),
+            warming: Mutex::new(HashMap::new()),
         })
     }
 
@@ -191,13 +223,19 @@ impl Replicator {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             let mut heads_at = Instant::now();
+            let mut interest_at = Instant::now();
             loop {
                 tick.tick().await;
                 let Some(me) = weak.upgrade() else { return };
                 me.expire_waiters();
+                me.expire_warming();
                 if heads_at.elapsed() >= HEADS_EVERY {
                     heads_at = Instant::now();
                     me.send_heads();
+                }
+                if interest_at.elapsed() >= INTEREST_REFRESH {
+                    interest_at = Instant::now();
+                    me.refresh_interest();
                 }
             }
         });
@@ -228,10 +266,26 @@ impl Replicator {
                 .topology
                 .as_ref()
                 .and_then(|t| t.link(&self.config.region, &spec.region));
+            // A peer of our region hears our interest first thing, not at the next
+            // refresh: it sends us those channels' events from then on.
+            let mut queue = PeerQueue::default();
+            if spec.region == self.config.region {
+                let channels: Vec<(String, String)> = lock(&self.mine)
+                    .iter()
+                    .map(|k| (k.app.to_string(), k.name.to_string()))
+                    .collect();
+                for chunk in channels.chunks(INTEREST_PER_FRAME) {
+                    let frame = FrameV1::Interest {
+                        channels: chunk.to_vec(),
+                        on: true,
+                    };
+                    queue.control.push_back((frame, Instant::now()));
+                }
+            }
             let shared = Arc::new(PeerShared {
                 unacked: metrics::gauge!("tern_replication_unacked_events", "peer" => spec.node_id.clone()),
                 events_sent: std::sync::atomic::AtomicU64::new(0),
-                queue: Mutex::new(PeerQueue::default()),
+                queue: Mutex::new(queue),
                 notify: Notify::new(),
                 partitioned: AtomicBool::new(false),
                 wan,
@@ -257,40 +311,11 @@ impl Replicator {
                     shared,
                     seq: 0,
                     epoch,
-                    recipient: false,
                     counts_after: 0,
                     acked: 0,
                     task,
                 },
             );
-        }
-        // Our own events go to every peer of our region and to one relay per other
-        // region, the same for every event, so each link's positions stay consecutive.
-        let relays: HashMap<String, String> = {
-            let mut best: HashMap<String, (u64, String)> = HashMap::new();
-            for p in out.peers.values() {
-                if p.spec.region == self.config.region {
-                    continue;
-                }
-                let score = rendezvous(&self.config.node_id, &p.spec.node_id);
-                let entry = best
-                    .entry(p.spec.region.clone())
-                    .or_insert((score, p.spec.node_id.clone()));
-                if (score, &p.spec.node_id) > (entry.0, &entry.1) {
-                    *entry = (score, p.spec.node_id.clone());
-                }
-            }
-            best.into_iter().map(|(r, (_, n))| (r, n)).collect()
-        };
-        let region = self.config.region.clone();
-        for p in out.peers.values_mut() {
-            let recipient =
-                p.spec.region == region || relays.get(&p.spec.region) == Some(&p.spec.node_id);
-            if recipient && !p.recipient {
-                // Positions before now were never this peer's to store.
-                p.counts_after = p.seq;
-            }
-            p.recipient = recipient;
         }
         let done = self.drain_waiters(&mut out, Instant::now());
         drop(out);
@@ -310,17 +335,31 @@ impl Replicator {
         lock(&self.out).peers.get(peer).map(|p| p.shared.clone())
     }
 
-    /// Runs `then(true)` once everything journaled so far is stored on `ack_replicas`
-    /// peers (or as many as are live), in call order; `then(false)` after
-    /// [`REPLICA_ACK_TIMEOUT`].
-    pub fn after_replicated(&self, then: Box<dyn FnOnce(bool) + Send>) {
+    /// Runs `then(true)` once this node's latest event on `channel` (everything
+    /// journaled so far when `channel` is unknown here) is stored on `ack_replicas` of
+    /// the peers it went to (or as many as are live), in call order; `then(false)` after
+    /// [`REPLICA_ACK_TIMEOUT`]. `None` (a reply that published nothing) only keeps the
+    /// order.
+    pub fn after_replicated(
+        &self,
+        channel: Option<&ChannelKey>,
+        then: Box<dyn FnOnce(bool) + Send>,
+    ) {
         let mut out = lock(&self.out);
-        let targets = out
-            .peers
-            .values()
-            .filter(|p| p.recipient && p.seq > p.counts_after)
-            .map(|p| (p.epoch, p.seq))
-            .collect();
+        let targets = match channel {
+            None => Vec::new(),
+            Some(key) => match out.last_targets.get(key) {
+                Some(targets) => targets.clone(),
+                // Forgotten (too many channels) or never published here: every link's
+                // latest position covers it.
+                None => out
+                    .peers
+                    .values()
+                    .filter(|p| p.seq > p.counts_after)
+                    .map(|p| (p.epoch, p.seq))
+                    .collect(),
+            },
+        };
         out.waiters.push_back(Waiter {
             targets,
             since: Instant::now(),
@@ -329,6 +368,13 @@ impl Replicator {
         let done = self.drain_waiters(&mut out, Instant::now());
         drop(out);
         run_all(done);
+    }
+
+    /// Whether `peer` (of this node's region) has told us it has subscribers on `key`.
+    pub fn knows_interest(&self, peer: &str, key: &ChannelKey) -> bool {
+        let out = lock(&self.out);
+        let known = self.interested(&out, key).any(|p| p == peer);
+        known
     }
 
     /// Event frames written to `peer`'s link so far (0 for an unknown peer).
@@ -417,16 +463,19 @@ impl Replicator {
 
     /// Queues a control frame to `peer` (acks, repairs); dropped if the peer is unknown
     /// or its queue is full (both are retried by the protocol).
-    fn send_control(&self, peer: &str, frame: FrameV1) {
+    fn send_control(&self, peer: &str, frame: FrameV1) -> bool {
         let out = lock(&self.out);
-        if let Some(p) = out.peers.get(peer) {
-            let mut q = lock(&p.shared.queue);
-            if q.control.len() < CONTROL_QUEUE_MAX {
-                q.control.push_back((frame, Instant::now()));
-            }
-            drop(q);
-            p.shared.notify.notify_one();
+        let Some(p) = out.peers.get(peer) else {
+            return false;
+        };
+        let mut q = lock(&p.shared.queue);
+        let queued = q.control.len() < CONTROL_QUEUE_MAX;
+        if queued {
+            q.control.push_back((frame, Instant::now()));
         }
+        drop(q);
+        p.shared.notify.notify_one();
+        queued
     }
 
     /// Sends every peer our channel cursors; each asks for what it lacks.
@@ -602,16 +651,18 @@ impl Replicator {
                         Ok(RemoteOutcome::Gap {
                             origin,
                             missing: (from, to),
-                        }) => self.send_control(
-                            peer,
-                            FrameV1::Repair {
-                                app: event.app,
-                                channel: event.channel,
-                                origin: origin.0,
-                                from,
-                                to,
-                            },
-                        ),
+                        }) => {
+                            self.send_control(
+                                peer,
+                                FrameV1::Repair {
+                                    app: event.app,
+                                    channel: event.channel,
+                                    origin: origin.0,
+                                    from,
+                                    to,
+                                },
+                            );
+                        }
                         Ok(_) if event.link_seq > 0 => {
                             self.advance_contiguous(peer, *incarnation, event.link_seq, &acker);
                         }
@@ -638,8 +689,11 @@ impl Replicator {
                         .collect();
                     for head in channels {
                         let key = ChannelKey::new(&head.app, &head.channel);
-                        // Every node keeps every channel's history (no interest
-                        // routing yet), so channels not held here are backfilled too.
+                        // Only channels this node keeps: a new home backfills its
+                        // channels this way, everybody else ignores the rest.
+                        if !self.holds(&key) {
+                            continue;
+                        }
                         let mine = hub.cursor(&key);
                         for (origin, seq) in head.origins {
                             let have = mine.get(OriginId(origin));
@@ -673,6 +727,41 @@ impl Replicator {
                             }
                         }
                     }
+                }
+                FrameV1::Interest { channels, on } => {
+                    if let Some((peer, _)) = &sender {
+                        self.on_interest(peer, channels, on);
+                    }
+                }
+                FrameV1::Sync { app, channel } => {
+                    if let Some((peer, _)) = &sender {
+                        self.answer_sync(&hub, peer, app, channel);
+                    }
+                }
+                FrameV1::SyncMembers {
+                    app,
+                    channel,
+                    frame,
+                } => {
+                    let members = tern_protocol::decode(tern_protocol::Format::Msgpack, &frame)
+                        .ok()
+                        .and_then(|f| f.presence)
+                        .unwrap_or_default();
+                    let key = ChannelKey::new(&app, &channel);
+                    hub.seed_members(&key, members, crate::now_ms());
+                }
+                FrameV1::Synced {
+                    app,
+                    channel,
+                    origins,
+                } => {
+                    let key = ChannelKey::new(&app, &channel);
+                    // What the home has but could not send (trimmed from its log) is
+                    // nobody's to send any more.
+                    for (origin, upto) in origins {
+                        hub.skip_remote(&key, OriginId(origin), upto, crate::now_ms());
+                    }
+                    self.warmed(&key);
                 }
                 FrameV1::Skip {
                     app,
@@ -741,7 +830,7 @@ impl Replicator {
                     let _ = tx.send(());
                 }));
                 let _ = done.await;
-                self.send_control(
+                let queued = self.send_control(
                     &peer,
                     FrameV1::Stored {
                         incarnation,
@@ -749,7 +838,14 @@ impl Replicator {
                         upto,
                     },
                 );
-                sent = upto;
+                if queued {
+                    sent = upto;
+                } else {
+                    // The sender's link reached us before membership told us of it (or
+                    // its queue is full): acks are cumulative, try again shortly rather
+                    // than leave it resending everything.
+                    tokio::time::sleep(RECONNECT_DELAY).await;
+                }
                 continue;
             }
             if rx.changed().await.is_err() {
@@ -772,35 +868,53 @@ impl Journal for Replicator {
             .map_or_else(tern_core::Cursor::new, |next| next.restore(key))
     }
 
+    fn interest(&self, key: &ChannelKey, attached: bool) {
+        if let Some(next) = &self.next {
+            next.interest(key, attached);
+        }
+        {
+            let mut mine = lock(&self.mine);
+            if attached {
+                mine.insert(key.clone());
+            } else {
+                mine.remove(key);
+            }
+        }
+        let frame = FrameV1::Interest {
+            channels: vec![(key.app.to_string(), key.name.to_string())],
+            on: attached,
+        };
+        for peer in self.region_peers() {
+            self.send_control(&peer, frame.clone());
+        }
+    }
+
     fn record(&self, key: &ChannelKey, event: &Arc<ChannelEvent>) {
         if let Some(next) = &self.next {
             next.record(key, event);
         }
-        // Our own events go to the recipients; another region's events go on to the
-        // rest of our region when the origin chose us as its relay here.
-        let relayed = event.origin != self.origin;
-        let region = &self.config.region;
-        let origin = event.origin.0;
-        {
+        let own = event.origin == self.origin;
+        let recipients = {
             let out = lock(&self.out);
-            if (relayed && !self.relays_for(&out, origin))
-                || !out
-                    .peers
-                    .values()
-                    .any(|p| wanted_in(relayed, region, origin, p))
-            {
-                return;
+            self.recipients(&out, key, event.origin.0, own)
+        };
+        if recipients.is_empty() {
+            if own {
+                lock(&self.out).last_targets.insert(key.clone(), Vec::new());
             }
+            return;
         }
         // Encoded once, outside the replicator lock (publishes on other channels take it).
         let frame = EventV1::from_remote(&key.app, &key.name, &RemoteEvent::from_event(event));
         let now = Instant::now();
         let mut out = lock(&self.out);
-        for peer in out.peers.values_mut() {
-            if !wanted_in(relayed, region, origin, peer) {
+        let mut targets = Vec::with_capacity(recipients.len());
+        for id in &recipients {
+            let Some(peer) = out.peers.get_mut(id) else {
                 continue;
-            }
+            };
             peer.seq += 1;
+            targets.push((peer.epoch, peer.seq));
             let mut frame = frame.clone();
             frame.link_seq = peer.seq;
             let mut q = lock(&peer.shared.queue);
@@ -815,43 +929,301 @@ impl Journal for Replicator {
             drop(q);
             peer.shared.notify.notify_one();
         }
+        if own {
+            if out.last_targets.len() >= LAST_TARGETS_MAX && !out.last_targets.contains_key(key) {
+                out.last_targets.clear();
+            }
+            out.last_targets.insert(key.clone(), targets);
+        }
     }
 }
 
 impl Replicator {
-    /// True when `origin` is a live node of another region and, of this region's nodes,
-    /// it relays to us (the same rendezvous choice the origin makes).
-    fn relays_for(&self, out: &Out, origin: u64) -> bool {
-        let Some(origin_node) = out.peers.values().find(|p| p.spec.origin == origin) else {
-            return false;
-        };
-        if origin_node.spec.region == self.config.region {
-            return false;
+    /// The channel's home in each region with a live node (this node included): the
+    /// node there with the highest rendezvous score for the channel.
+    fn homes<'a>(&'a self, out: &'a Out, key: &ChannelKey) -> HashMap<&'a str, &'a str> {
+        let mut best: HashMap<&str, (u64, &str)> = HashMap::new();
+        let me = (self.config.region.as_str(), self.config.node_id.as_str());
+        let nodes = out
+            .peers
+            .values()
+            .map(|p| (p.spec.region.as_str(), p.spec.node_id.as_str()))
+            .chain(std::iter::once(me));
+        for (region, node) in nodes {
+            let score = channel_score(key, node);
+            let entry = best.entry(region).or_insert((score, node));
+            if (score, node) > *entry {
+                *entry = (score, node);
+            }
         }
-        let from = &origin_node.spec.node_id;
-        let mine = (rendezvous(from, &self.config.node_id), &self.config.node_id);
-        !out.peers.values().any(|p| {
-            p.spec.region == self.config.region
-                && (rendezvous(from, &p.spec.node_id), &p.spec.node_id) > mine
-        })
+        best.into_iter().map(|(r, (_, n))| (r, n)).collect()
+    }
+
+    /// Whether this node is the channel's home in its region (it receives and stores
+    /// every event of the channel).
+    fn is_home(&self, out: &Out, key: &ChannelKey) -> bool {
+        self.homes(out, key).get(self.config.region.as_str()) == Some(&self.config.node_id.as_str())
+    }
+
+    /// Same-region peers with live interest in the channel.
+    fn interested<'a>(&self, out: &'a Out, key: &ChannelKey) -> impl Iterator<Item = &'a str> {
+        let now = Instant::now();
+        out.interest
+            .get(key)
+            .into_iter()
+            .flat_map(|peers| peers.iter())
+            .filter(move |(_, at)| now.duration_since(**at) < INTEREST_TTL)
+            .map(|(peer, _)| peer.as_str())
+            .filter(|peer| out.peers.contains_key(*peer))
+    }
+
+    /// Who gets an event of `origin` on `key`: for our own, the channel's home in every
+    /// region and the interested nodes of ours; for one that came from another region,
+    /// the interested nodes of ours if we are the channel's home here (its relay).
+    fn recipients(&self, out: &Out, key: &ChannelKey, origin: u64, own: bool) -> Vec<String> {
+        let me = self.config.node_id.as_str();
+        let mut ids: Vec<String> = Vec::new();
+        if own {
+            for home in self.homes(out, key).into_values() {
+                if home != me {
+                    ids.push(home.to_string());
+                }
+            }
+        } else {
+            let Some(origin_node) = out.peers.values().find(|p| p.spec.origin == origin) else {
+                return ids;
+            };
+            if origin_node.spec.region == self.config.region || !self.is_home(out, key) {
+                return ids;
+            }
+        }
+        for peer in self.interested(out, key) {
+            if !ids.iter().any(|id| id == peer) {
+                ids.push(peer.to_string());
+            }
+        }
+        ids
+    }
+
+    /// Peers in this node's region.
+    fn region_peers(&self) -> Vec<String> {
+        lock(&self.out)
+            .peers
+            .values()
+            .filter(|p| p.spec.region == self.config.region)
+            .map(|p| p.spec.node_id.clone())
+            .collect()
+    }
+
+    /// Repeats this node's interest to its region's peers (they forget it otherwise) and
+    /// forgets peers' interest that was not repeated.
+    fn refresh_interest(&self) {
+        let channels: Vec<(String, String)> = lock(&self.mine)
+            .iter()
+            .map(|k| (k.app.to_string(), k.name.to_string()))
+            .collect();
+        let peers = self.region_peers();
+        for chunk in channels.chunks(INTEREST_PER_FRAME) {
+            for peer in &peers {
+                self.send_control(
+                    peer,
+                    FrameV1::Interest {
+                        channels: chunk.to_vec(),
+                        on: true,
+                    },
+                );
+            }
+        }
+        let now = Instant::now();
+        let mut out = lock(&self.out);
+        let Out {
+            interest,
+            interest_len,
+            ..
+        } = &mut *out;
+        interest.retain(|_, peers| {
+            let before = peers.len();
+            peers.retain(|_, at| now.duration_since(*at) < INTEREST_TTL);
+            *interest_len -= before - peers.len();
+            !peers.is_empty()
+        });
+    }
+
+    /// A same-region peer's interest frame.
+    fn on_interest(&self, peer: &str, channels: Vec<(String, String)>, on: bool) {
+        let now = Instant::now();
+        let mut guard = lock(&self.out);
+        if guard
+            .peers
+            .get(peer)
+            .is_none_or(|p| p.spec.region != self.config.region)
+        {
+            return;
+        }
+        let out = &mut *guard;
+        for (app, channel) in channels {
+            let key = ChannelKey::new(&app, &channel);
+            if on {
+                if out.interest_len >= INTEREST_MAX {
+                    metrics::counter!("tern_replication_interest_refused_total").increment(1);
+                    continue;
+                }
+                let fresh = out
+                    .interest
+                    .entry(key)
+                    .or_default()
+                    .insert(peer.to_string(), now)
+                    .is_none();
+                if fresh {
+                    out.interest_len += 1;
+                }
+            } else if let Some(peers) = out.interest.get_mut(&key) {
+                if peers.remove(peer).is_some() {
+                    out.interest_len -= 1;
+                }
+                if peers.is_empty() {
+                    out.interest.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Before this node's first subscriber attaches to `key`: `None` when the node
+    /// already receives the channel (it has subscribers on it, is its home, or is
+    /// alone); otherwise it registers interest, asks the region's home for the
+    /// channel's state, and the receiver completes once that arrived (or is dropped
+    /// after [`WARM_TIMEOUT`]; attach anyway then).
+    pub fn warm(&self, key: &ChannelKey) -> Option<oneshot::Receiver<()>> {
+        if self.running.get().is_none() || lock(&self.mine).contains(key) {
+            return None;
+        }
+        let home = {
+            let out = lock(&self.out);
+            let homes = self.homes(&out, key);
+            let home = homes.get(self.config.region.as_str())?;
+            if *home == self.config.node_id {
+                return None;
+            }
+            home.to_string()
+        };
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut warming = lock(&self.warming);
+            if let Some(w) = warming.get_mut(key) {
+                w.waiters.push(tx);
+                return Some(rx);
+            }
+            warming.insert(
+                key.clone(),
+                Warming {
+                    since: Instant::now(),
+                    waiters: vec![tx],
+                },
+            );
+        }
+        // Interest first: from now on the region sends us the channel's events, and
+        // the state asked for next covers everything before.
+        let channel = (key.app.to_string(), key.name.to_string());
+        for peer in self.region_peers() {
+            self.send_control(
+                &peer,
+                FrameV1::Interest {
+                    channels: vec![channel.clone()],
+                    on: true,
+                },
+            );
+        }
+        self.send_control(
+            &home,
+            FrameV1::Sync {
+                app: channel.0,
+                channel: channel.1,
+            },
+        );
+        Some(rx)
+    }
+
+    fn expire_warming(&self) {
+        lock(&self.warming).retain(|key, w| {
+            let keep = w.since.elapsed() < WARM_TIMEOUT;
+            if !keep {
+                tracing::warn!(channel = %key.name, "channel state did not arrive in time; attaching with what this node has");
+            }
+            keep
+        });
+    }
+
+    fn warmed(&self, key: &ChannelKey) {
+        if let Some(w) = lock(&self.warming).remove(key) {
+            for waiter in w.waiters {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    /// Answers `Sync`: the channel's log per origin (as repair answers), its presence
+    /// members, then `Synced` with the cursor.
+    fn answer_sync(&self, hub: &Hub, peer: &str, app: String, channel: String) {
+        let key = ChannelKey::new(&app, &channel);
+        let cursor = hub.cursor(&key);
+        for (origin, have) in cursor.origins() {
+            self.answer_repair(
+                hub,
+                peer,
+                FrameV1::Repair {
+                    app: app.clone(),
+                    channel: channel.clone(),
+                    origin: origin.0,
+                    from: 1,
+                    to: have,
+                },
+            );
+        }
+        for members in hub.members(&key).chunks(MEMBERS_PER_FRAME) {
+            let frame = tern_protocol::ProtocolMessage {
+                presence: Some(members.to_vec()),
+                ..Default::default()
+            };
+            self.send_control(
+                peer,
+                FrameV1::SyncMembers {
+                    app: app.clone(),
+                    channel: channel.clone(),
+                    frame: tern_protocol::encode(tern_protocol::Format::Msgpack, &frame).to_vec(),
+                },
+            );
+        }
+        self.send_control(
+            peer,
+            FrameV1::Synced {
+                app,
+                channel,
+                origins: cursor.origins().map(|(o, seq)| (o.0, seq)).collect(),
+            },
+        );
+    }
+
+    /// Whether this node keeps `key` (and so repairs its gaps from `Heads`): it has
+    /// subscribers on it, is waiting for its state, or is its home here.
+    fn holds(&self, key: &ChannelKey) -> bool {
+        lock(&self.mine).contains(key)
+            || lock(&self.warming).contains_key(key)
+            || self.is_home(&lock(&self.out), key)
     }
 }
 
-/// Whether `peer` gets an event: our own events go to our recipients; a relayed one to
-/// the other nodes of our region (not back to its origin).
-fn wanted_in(relayed: bool, region: &str, origin: u64, peer: &PeerOut) -> bool {
-    if relayed {
-        peer.spec.region == region && peer.spec.origin != origin
-    } else {
-        peer.recipient
-    }
-}
-
-/// Rendezvous (highest random weight) score of `node` for `from`: FNV-1a over both
-/// ids, so every node computes the same choice.
-fn rendezvous(from: &str, node: &str) -> u64 {
+/// Rendezvous (highest random weight) score of `node` for a channel: FNV-1a over the
+/// app, the channel name and the node id, so every node computes the same homes.
+fn channel_score(key: &ChannelKey, node: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in from.bytes().chain([0xff]).chain(node.bytes()) {
+    let bytes = key
+        .app
+        .bytes()
+        .chain([0xfe])
+        .chain(key.name.bytes())
+        .chain([0xff])
+        .chain(node.bytes());
+    for b in bytes {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -952,6 +1324,12 @@ async fn send_loop(
                     let (frame, at) = q.control.pop_front().expect("checked non-empty");
                     Work::Control(frame, at)
                 } else if let Some((seq, at)) = next_event {
+                    if sent_upto <= q.acked {
+                        // Nothing was outstanding: the ack clock starts now, not when
+                        // the link last made progress (an idle link would otherwise
+                        // resend its first event at once).
+                        progress_at = Instant::now();
+                    }
                     let index =
                         (seq - q.events.front().map_or(seq, |(first, _, _)| *first)) as usize;
                     let frame = q.events[index].1.clone();

@@ -72,6 +72,33 @@ pub enum FrameV1 {
         origin: u64,
         upto: u64,
     },
+    /// Between nodes of one region: the sender has subscribers on these channels (`on`)
+    /// or no longer has (`!on`), so its region's origins and relays send it their events.
+    /// Refreshed periodically; an interest not refreshed for a while is forgotten.
+    Interest {
+        channels: Vec<(String, String)>,
+        on: bool,
+    },
+    /// "Send me this channel's state": its log (as repair answers), its presence
+    /// members, then [`FrameV1::Synced`]. Asked before a node's first subscriber
+    /// attaches to a channel the node does not receive.
+    Sync {
+        app: String,
+        channel: String,
+    },
+    /// Part of a `Sync` answer: a msgpack `ProtocolMessage` whose `presence` holds
+    /// current members.
+    SyncMembers {
+        app: String,
+        channel: String,
+        frame: Vec<u8>,
+    },
+    /// End of a `Sync` answer: the sender's cursor on the channel.
+    Synced {
+        app: String,
+        channel: String,
+        origins: Vec<(u64, u64)>,
+    },
 }
 
 /// One channel's cursor: `(origin, last sequence)` pairs.

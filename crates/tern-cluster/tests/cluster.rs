@@ -337,13 +337,14 @@ delay_ms = 5
         let name = format!("a/{n}");
         publish(&a, name.clone());
         let acked = acked.clone();
-        a.cluster
-            .replication()
-            .after_replicated(Box::new(move |ok| {
+        a.cluster.replication().after_replicated(
+            Some(&room()),
+            Box::new(move |ok| {
                 if ok {
                     acked.lock().unwrap().push(name);
                 }
-            }));
+            }),
+        );
     }
     wait_for("acks", 20, || acked.lock().unwrap().len() == 100).await;
     // Kill the origin right after the last ACK: frames still in its 2 s delay queue
@@ -462,10 +463,10 @@ async fn a_late_joiner_learns_who_departed_before_it_came() {
     assert!(!c.departed.lock().unwrap().contains(&"b".to_string()));
 }
 
-/// Two regions of two nodes: a message crosses to the other region once (to the relay
-/// the origin picks there), which passes it on inside its region; every subscriber gets
-/// every message once, in order. Then the relay dies mid-stream and the region's other
-/// node still gets everything, once.
+/// Two regions of two nodes, a subscriber on each: a message crosses to the other region
+/// once (to the channel's home there), which passes it on inside its region; every
+/// subscriber gets every message once, in order. Then the home dies mid-stream and the
+/// region's other node (the new home) still gets everything, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_copy_per_region_through_a_relay_that_can_die() {
     let ca = ClusterCa::generate().unwrap();
@@ -479,6 +480,13 @@ async fn one_copy_per_region_through_a_relay_that_can_die() {
     let b2 = start(&ca, "b2", "r2", &[&a1], Some(topology.clone()), 1).await;
     let all = [&a1, &a2, &b1, &b2];
     wait_members(&all, 4).await;
+    // Everyone has a subscriber on the room; a1 and b-home must know their region's.
+    wait_for("interest within each region", 10, || {
+        let knows =
+            |n: &TestNode, peer: &str| n.cluster.replication().knows_interest(peer, &room());
+        knows(&a1, "a2") && knows(&b1, "b2") && knows(&b2, "b1")
+    })
+    .await;
     let mut published: Vec<(String, Vec<String>)> = vec![("a1".into(), Vec::new())];
     for n in 0..200 {
         let name = format!("a1/{n}");
@@ -493,7 +501,11 @@ async fn one_copy_per_region_through_a_relay_that_can_die() {
     assert_exactly_once_in_order(&all, &published);
     let to_b1 = a1.cluster.replication().events_sent_to("b1");
     let to_b2 = a1.cluster.replication().events_sent_to("b2");
-    assert_eq!(to_b1 + to_b2, 200, "one copy per message crossed to r2");
+    assert_eq!(
+        to_b1 + to_b2,
+        200,
+        "one copy per message crossed to r2: {to_b1} + {to_b2}"
+    );
     assert!(
         to_b1 == 0 || to_b2 == 0,
         "all through one relay: {to_b1} + {to_b2}"
@@ -536,11 +548,12 @@ async fn the_ack_waits_for_a_replica_in_another_region() {
     publish(&a1, "a1/0".into());
     let started = Instant::now();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    a1.cluster
-        .replication()
-        .after_replicated(Box::new(move |ok| {
+    a1.cluster.replication().after_replicated(
+        Some(&room()),
+        Box::new(move |ok| {
             let _ = tx.send((ok, started.elapsed()));
-        }));
+        }),
+    );
     let (ok, took) = tokio::time::timeout(Duration::from_secs(10), rx)
         .await
         .unwrap()
@@ -551,4 +564,168 @@ async fn the_ack_waits_for_a_replica_in_another_region() {
         "acked after {took:?}: before a round trip to r2 (2 x 400 ms)"
     );
     assert_eq!(b1.recorder.names(), vec!["a1/0".to_string()]);
+}
+
+fn publish_on(node: &TestNode, key: &ChannelKey, name: &str) {
+    let publisher = Publisher {
+        connection_id: Some(format!("{}-publisher", node.name).into()),
+        frame_id: format!("{}:{name}", node.name),
+    };
+    let message = Message {
+        name: Some(name.into()),
+        data: Some(Data::String("x".into())),
+        ..Default::default()
+    };
+    node.hub
+        .publish(key, &publisher, vec![message], now_ms())
+        .unwrap();
+}
+
+/// Interest routing over two regions of two nodes. A channel nobody subscribes to
+/// reaches only its home in each region (its storage replica there), not the other
+/// node. A first subscriber on that other node gets the channel's state from the home
+/// before it attaches (presence members, the log to resume from) and from then on every
+/// message exactly once; after it detaches, the node stops receiving the channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_receives_a_channel_only_while_it_has_subscribers_or_is_its_home() {
+    let ca = ClusterCa::generate().unwrap();
+    let topology = Topology::parse(
+        "regions = [\"r1\", \"r2\"]\n[[links]]\na = \"r1\"\nb = \"r2\"\ndelay_ms = 5\n",
+    )
+    .unwrap();
+    let a1 = start(&ca, "a1", "r1", &[], Some(topology.clone()), 1).await;
+    let a2 = start(&ca, "a2", "r1", &[&a1], Some(topology.clone()), 1).await;
+    let b1 = start(&ca, "b1", "r2", &[&a1], Some(topology.clone()), 1).await;
+    let b2 = start(&ca, "b2", "r2", &[&a1], Some(topology.clone()), 1).await;
+    wait_members(&[&a1, &a2, &b1, &b2], 4).await;
+    let key = ChannelKey::new("app", "quiet");
+    let holds = |n: &TestNode| n.hub.status(&key).is_some();
+
+    // a1 publishes and has a member on the channel; nobody subscribes.
+    let member = PresenceMessage {
+        action: presence_action::ENTER,
+        id: Some("a1-conn:0:0".into()),
+        client_id: Some("alice".into()),
+        connection_id: Some("a1-conn".into()),
+        timestamp: Some(now_ms()),
+        ..Default::default()
+    };
+    let member_publisher = Publisher {
+        connection_id: Some("a1-conn".into()),
+        frame_id: "a1-conn:0".into(),
+    };
+    a1.hub
+        .presence(&key, &member_publisher, vec![member], now_ms())
+        .unwrap();
+    for n in 0..10 {
+        publish_on(&a1, &key, &format!("a1/{n}"));
+    }
+    wait_for("the channel's home in r2", 10, || {
+        [&b1, &b2]
+            .iter()
+            .any(|n| n.hub.cursor(&key).get(OriginId(rand_origin("a1"))) == 11)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (home, other) = if holds(&b1) { (&b1, &b2) } else { (&b2, &b1) };
+    assert!(holds(home));
+    assert!(
+        !holds(other),
+        "{} has no subscriber and is not the home: it never got the channel (not even from Heads)",
+        other.name
+    );
+    assert_eq!(a1.cluster.replication().events_sent_to(&other.name), 0);
+
+    // A first subscriber on the other node: the state comes first.
+    let ready = other
+        .cluster
+        .replication()
+        .warm(&key)
+        .expect("not received here yet");
+    tokio::time::timeout(Duration::from_secs(5), ready)
+        .await
+        .unwrap()
+        .unwrap();
+    let members: Vec<Option<String>> = other
+        .hub
+        .members(&key)
+        .into_iter()
+        .map(|m| m.client_id)
+        .collect();
+    assert_eq!(
+        members,
+        vec![Some("alice".to_string())],
+        "presence came with the state"
+    );
+    let from = {
+        let mut cursor = tern_core::Cursor::new();
+        cursor.advance(OriginId(rand_origin("a1")), 6); // the member and a1/0..a1/4
+        cursor
+    };
+    let recorder = Arc::new(Recorder::default());
+    let mut backlog = Vec::new();
+    other
+        .hub
+        .attach(
+            &key,
+            "late-subscriber".into(),
+            AttachOptions {
+                modes: flags::SUBSCRIBE | flags::PRESENCE_SUBSCRIBE,
+                echo: true,
+                resume_from: Some(from),
+                rewind: None,
+            },
+            recorder.clone(),
+            |snapshot| {
+                assert!(snapshot.resumed, "the log came with the state");
+                backlog = snapshot
+                    .backlog
+                    .iter()
+                    .flat_map(|e| e.frame.messages.iter().flatten())
+                    .map(|m| m.name.clone().unwrap_or_default())
+                    .collect();
+            },
+            now_ms(),
+        )
+        .unwrap();
+    assert_eq!(
+        backlog,
+        (5..10).map(|n| format!("a1/{n}")).collect::<Vec<_>>()
+    );
+    for n in 10..30 {
+        publish_on(&a1, &key, &format!("a1/{n}"));
+    }
+    wait_for("live messages on the late subscriber", 10, || {
+        recorder.len() >= 20
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        recorder.names(),
+        (10..30).map(|n| format!("a1/{n}")).collect::<Vec<_>>(),
+        "every live message once, in order"
+    );
+    assert_eq!(
+        a1.cluster.replication().events_sent_to(&other.name),
+        0,
+        "still one copy per region: through the home"
+    );
+
+    // Detached: the node stops receiving the channel.
+    other.hub.detach(&key, "late-subscriber", now_ms());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = other.hub.cursor(&key).get(OriginId(rand_origin("a1")));
+    for n in 30..40 {
+        publish_on(&a1, &key, &format!("a1/{n}"));
+    }
+    wait_for("the home", 10, || {
+        home.hub.cursor(&key).get(OriginId(rand_origin("a1"))) == before + 10
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        other.hub.cursor(&key).get(OriginId(rand_origin("a1"))),
+        before,
+        "no subscriber any more: no events"
+    );
 }

@@ -112,6 +112,35 @@ impl Channel {
         }
     }
 
+    pub(crate) fn has_attachments(&self) -> bool {
+        !self.attachments.is_empty()
+    }
+
+    /// See `Hub::seed_members`. Returns how many members were taken in.
+    pub(crate) fn seed_members(
+        &mut self,
+        ctx: &ApplyContext<'_>,
+        members: Vec<PresenceMessage>,
+    ) -> usize {
+        let departed = ctx
+            .departed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut taken = 0;
+        for member in members {
+            let conn = member.connection_id.as_deref().unwrap_or_default();
+            if departed.iter().any(|prefix| conn.starts_with(&**prefix)) {
+                continue;
+            }
+            if let Ok(Some(_)) = self.presence.apply(member, usize::MAX) {
+                taken += 1;
+            }
+        }
+        drop(departed);
+        self.touch(ctx.now_ms);
+        taken
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.attachments.is_empty() && self.presence.is_empty()
     }

@@ -67,6 +67,11 @@ pub trait Journal: Send + Sync {
     fn restore(&self, _key: &ChannelKey) -> crate::Cursor {
         crate::Cursor::new()
     }
+
+    /// The channel got its first local attachment (`true`) or lost its last one
+    /// (`false`): a cluster routes a channel's events to a node only while it has
+    /// subscribers there. Called under the channel lock, so only queue.
+    fn interest(&self, _key: &ChannelKey, _attached: bool) {}
 }
 
 /// Why the core refused an operation. The edge maps each to an Ably error code.
@@ -185,16 +190,35 @@ impl Hub {
             let channel = self.find_or_create(key, now_ms)?;
             let mut guard = lock(&channel);
             if !guard.retired {
-                return Ok(f(&mut guard));
+                return Ok(self.watching_attachments(key, &mut guard, f));
             }
         }
+    }
+
+    /// Runs `f` and tells the journal when the channel gained its first attachment or
+    /// lost its last.
+    fn watching_attachments<R>(
+        &self,
+        key: &ChannelKey,
+        channel: &mut Channel,
+        f: impl FnOnce(&mut Channel) -> R,
+    ) -> R {
+        let before = channel.has_attachments();
+        let result = f(channel);
+        let after = channel.has_attachments();
+        if before != after {
+            if let Some(journal) = &self.journal {
+                journal.interest(key, after);
+            }
+        }
+        result
     }
 
     /// Runs `f` on an existing channel under its lock.
     fn with_existing<R>(&self, key: &ChannelKey, f: impl FnOnce(&mut Channel) -> R) -> Option<R> {
         let channel = self.find(key)?;
         let mut guard = lock(&channel);
-        (!guard.retired).then(|| f(&mut guard))
+        (!guard.retired).then(|| self.watching_attachments(key, &mut guard, f))
     }
 
     fn find_or_create(
@@ -272,6 +296,26 @@ impl Hub {
         let ctx = self.context(key, now_ms);
         self.with_channel(key, now_ms, |c| c.presence(&ctx, publisher, changes))??;
         Ok(())
+    }
+
+    /// Takes in presence members another node holds (a channel's state when this node
+    /// starts receiving it), newer-wins like every change, without broadcasting: nobody
+    /// is attached here yet. Members of departed nodes are ignored.
+    pub fn seed_members(
+        &self,
+        key: &ChannelKey,
+        members: Vec<PresenceMessage>,
+        now_ms: i64,
+    ) -> usize {
+        let ctx = self.context(key, now_ms);
+        self.with_channel(key, now_ms, |c| c.seed_members(&ctx, members))
+            .unwrap_or(0)
+    }
+
+    /// Whether any connection of this node is attached to the channel.
+    pub fn has_attachments(&self, key: &ChannelKey) -> bool {
+        self.with_existing(key, |c| c.has_attachments())
+            .unwrap_or(false)
     }
 
     /// Current presence members of a channel.

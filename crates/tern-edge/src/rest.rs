@@ -175,7 +175,7 @@ pub(crate) async fn publish(
     if state.refused_appends() != refused_before {
         return Err(ErrorInfo::new(code::INTERNAL, "history store overloaded: not stored").into());
     }
-    if !state.durable().await {
+    if !state.durable(key.clone()).await {
         return Err(ErrorInfo::new(
             code::TIMEOUT,
             "published, but not confirmed stored on a replica in time",

@@ -88,7 +88,14 @@ pub(crate) struct Session {
     rate: RateWindow,
     renew_requested: bool,
     sync_counter: u64,
+    /// An ATTACH waiting for the channel's state from another node (see
+    /// `ClusterView::warm`); frames after it wait too, so order is kept.
+    warming: Option<(tokio::sync::oneshot::Receiver<()>, ProtocolMessage)>,
 }
+
+/// Longest an ATTACH waits for the channel's state from another node (the cluster gives
+/// up a little sooner and the attach goes ahead with what this node has).
+const WARM_WAIT: Duration = Duration::from_secs(4);
 
 impl Session {
     /// Authenticates the connect request, resumes or recovers the connection if asked,
@@ -157,6 +164,7 @@ impl Session {
             },
             renew_requested: false,
             sync_counter: 0,
+            warming: None,
         };
         session.outlet.send(session.connected_frame(error));
         tracing::debug!(conn_id = %session.id, format = ?format, resumed = requested.is_some() && !session.continuity_lost, "connected");
@@ -220,6 +228,12 @@ impl Session {
                     }
                     if let Some(ending) = self.handle(bytes) {
                         break ending;
+                    }
+                    if let Some((ready, frame)) = self.warming.take() {
+                        let _ = tokio::time::timeout(WARM_WAIT, ready).await;
+                        if let Some(ending) = self.attach_now(frame) {
+                            break ending;
+                        }
                     }
                 }
                 // The outbound queue overflowed: this client reads too slowly.
@@ -346,6 +360,7 @@ impl Session {
             action::OBJECT | action::OBJECT_SYNC | action::ANNOTATION => {
                 self.send_reply(
                     frame.msg_serial,
+                    None,
                     Reply::Nack(ErrorInfo::new(
                         code::BAD_REQUEST,
                         "LiveObjects and annotations are not supported",
@@ -376,11 +391,22 @@ impl Session {
     /// MESSAGE and PRESENCE: de-duplicate by msgSerial, rate-limit, apply, reply.
     fn publish_or_present(&mut self, frame: ProtocolMessage) {
         let msg_serial = frame.msg_serial;
+        // Whose replicas the ACK waits for.
+        let channel = frame
+            .channel
+            .as_deref()
+            .and_then(|name| channel_name::parse(name).ok())
+            .map(|parsed| ChannelKey {
+                app: self.auth.app_id.as_str().into(),
+                name: parsed.base.into(),
+            });
         if let Some(serial) = msg_serial {
             match self.replies.check(serial) {
                 Seen::New => {}
-                Seen::Again(reply) => return self.send_reply(msg_serial, reply),
-                Seen::Forgotten => return self.send_reply(msg_serial, Reply::Ack(Vec::new())),
+                Seen::Again(reply) => return self.send_reply(msg_serial, channel, reply),
+                Seen::Forgotten => {
+                    return self.send_reply(msg_serial, channel, Reply::Ack(Vec::new()))
+                }
             }
         }
         let reply = if self.over_rate() {
@@ -409,12 +435,12 @@ impl Session {
             self.replies
                 .record(serial, reply.clone(), self.state.config.reply_window_max);
         }
-        self.send_reply(msg_serial, reply);
+        self.send_reply(msg_serial, channel, reply);
     }
 
     /// Queues an ACK/NACK once everything applied before it is durable, so replies stay
     /// in msgSerial order and an ACK means "stored".
-    fn send_reply(&self, msg_serial: Option<i64>, reply: Reply) {
+    fn send_reply(&self, msg_serial: Option<i64>, channel: Option<ChannelKey>, reply: Reply) {
         let frame = match (msg_serial, reply) {
             (None, Reply::Ack(_)) => return,
             (None, Reply::Nack(error)) => error_frame(error),
@@ -437,23 +463,26 @@ impl Session {
             }
         };
         let outlet = self.outlet.clone();
-        self.state.after_durable(Box::new(move |replicated| {
-            if replicated || frame.action != action::ACK {
-                outlet.send(frame);
-                return;
-            }
-            metrics::counter!("tern_nacks_total").increment(1);
-            outlet.send(ProtocolMessage {
-                action: action::NACK,
-                msg_serial: frame.msg_serial,
-                count: Some(1),
-                error: Some(ErrorInfo::new(
-                    code::TIMEOUT,
-                    "published, but not confirmed stored on a replica in time",
-                )),
-                ..Default::default()
-            });
-        }));
+        self.state.after_durable(
+            channel,
+            Box::new(move |replicated| {
+                if replicated || frame.action != action::ACK {
+                    outlet.send(frame);
+                    return;
+                }
+                metrics::counter!("tern_nacks_total").increment(1);
+                outlet.send(ProtocolMessage {
+                    action: action::NACK,
+                    msg_serial: frame.msg_serial,
+                    count: Some(1),
+                    error: Some(ErrorInfo::new(
+                        code::TIMEOUT,
+                        "published, but not confirmed stored on a replica in time",
+                    )),
+                    ..Default::default()
+                });
+            }),
+        );
     }
 
     fn channel_error(&self, channel: String, error: ErrorInfo) -> Option<Ending> {
@@ -466,7 +495,19 @@ impl Session {
         None
     }
 
+    /// ATTACH; on a channel this node does not receive yet, first waits (in `run`) for
+    /// its state from the cluster.
     fn attach(&mut self, frame: ProtocolMessage) -> Option<Ending> {
+        self.attach_with(frame, true)
+    }
+
+    /// ATTACH once the channel's state is here (or waiting for it gave up).
+    fn attach_now(&mut self, frame: ProtocolMessage) -> Option<Ending> {
+        self.attach_with(frame, false)
+    }
+
+    fn attach_with(&mut self, frame: ProtocolMessage, may_wait: bool) -> Option<Ending> {
+        let original = may_wait.then(|| frame.clone());
         let Some(name) = frame.channel else {
             return self.fail(ErrorInfo::new(code::BAD_REQUEST, "ATTACH without channel"));
         };
@@ -539,6 +580,12 @@ impl Session {
             app: self.auth.app_id.as_str().into(),
             name: base.clone(),
         };
+        if let (Some(original), Some(cluster)) = (original, &self.state.cluster) {
+            if let Some(ready) = cluster.warm(&key) {
+                self.warming = Some((ready, original));
+                return None;
+            }
+        }
         self.sync_counter += 1;
         let sync_id = format!("{}-{}", self.id, self.sync_counter);
         let page_size = self.state.config.sync_page_size.max(1);

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use tern_auth::{KeyRing, NonceCache};
-use tern_core::{ConnectionRegistry, Hub};
+use tern_core::{ChannelKey, ConnectionRegistry, Hub};
 use tern_store::HistoryStore;
 use tokio::sync::{watch, Notify, Semaphore};
 
@@ -40,10 +40,16 @@ pub struct EdgeState {
 
 /// What the edge needs from the cluster (implemented where the node is wired).
 pub trait ClusterView: Send + Sync {
-    /// Runs `then(true)` once everything published on this node so far is stored on the
+    /// Runs `then(true)` once this node's latest event on `channel` is stored on the
     /// configured number of replicas (`ack_replicas`), in call order; `then(false)` when
-    /// that timed out.
-    fn after_replicated(&self, then: Box<dyn FnOnce(bool) + Send>);
+    /// that timed out. `None` (a reply that published nothing) only keeps the order.
+    fn after_replicated(&self, channel: Option<&ChannelKey>, then: Box<dyn FnOnce(bool) + Send>);
+    /// Before a node's first subscriber attaches to a channel it does not receive:
+    /// `Some` completes (or is dropped) once the channel's state has arrived from
+    /// another node, so the ATTACHED reply, presence SYNC and resume see all of it.
+    fn warm(&self, _channel: &ChannelKey) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        None
+    }
     /// The live nodes by region, for `GET /regions`.
     fn regions(&self) -> serde_json::Value;
 }
@@ -111,11 +117,15 @@ impl EdgeState {
     /// cluster), in call order. `then(false)` when the replicas did not confirm in time.
     /// Replies to publishes go through here so an ACK means "stored" and ACKs/NACKs keep
     /// msgSerial order.
-    pub(crate) fn after_durable(&self, then: Box<dyn FnOnce(bool) + Send>) {
+    pub(crate) fn after_durable(
+        &self,
+        channel: Option<ChannelKey>,
+        then: Box<dyn FnOnce(bool) + Send>,
+    ) {
         let then: Box<dyn FnOnce() + Send> = match &self.cluster {
             Some(cluster) => {
                 let cluster = cluster.clone();
-                Box::new(move || cluster.after_replicated(then))
+                Box::new(move || cluster.after_replicated(channel.as_ref(), then))
             }
             None => Box::new(move || then(true)),
         };
@@ -130,12 +140,16 @@ impl EdgeState {
         self.store.as_ref().map_or(0, |s| s.refused_appends())
     }
 
-    /// Waits until everything applied so far is durable; false when replicas timed out.
-    pub(crate) async fn durable(&self) -> bool {
+    /// Waits until everything applied so far is durable (on replicas: this node's
+    /// latest event on `channel`); false when replicas timed out.
+    pub(crate) async fn durable(&self, channel: ChannelKey) -> bool {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.after_durable(Box::new(move |ok| {
-            let _ = tx.send(ok);
-        }));
+        self.after_durable(
+            Some(channel),
+            Box::new(move |ok| {
+                let _ = tx.send(ok);
+            }),
+        );
         rx.await.unwrap_or(false)
     }
 

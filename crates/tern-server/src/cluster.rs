@@ -111,8 +111,16 @@ pub struct EdgeCluster {
 }
 
 impl tern_edge::ClusterView for EdgeCluster {
-    fn after_replicated(&self, then: Box<dyn FnOnce(bool) + Send>) {
-        self.replicator.after_replicated(then);
+    fn after_replicated(
+        &self,
+        channel: Option<&tern_core::ChannelKey>,
+        then: Box<dyn FnOnce(bool) + Send>,
+    ) {
+        self.replicator.after_replicated(channel, then);
+    }
+
+    fn warm(&self, channel: &tern_core::ChannelKey) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.replicator.warm(channel)
     }
 
     fn regions(&self) -> serde_json::Value {
