@@ -370,6 +370,14 @@ impl Replicator {
         run_all(done);
     }
 
+    /// The channel's home in this node's region when it is another node (`None` when it
+    /// is this one): the node that stores all of the channel here.
+    pub fn home_of(&self, key: &ChannelKey) -> Option<String> {
+        let out = lock(&self.out);
+        let home = *self.homes(&out, key).get(self.config.region.as_str())?;
+        (home != self.config.node_id).then(|| home.to_string())
+    }
+
     /// Whether `peer` (of this node's region) has told us it has subscribers on `key`.
     pub fn knows_interest(&self, peer: &str, key: &ChannelKey) -> bool {
         let out = lock(&self.out);

@@ -23,6 +23,7 @@ mod channel_name;
 pub mod config;
 mod connection;
 mod credentials;
+mod forward;
 pub mod history;
 mod response;
 mod rest;
@@ -47,6 +48,23 @@ pub fn now_ms() -> i64 {
 }
 
 /// The router for one node: WebSocket at `/`, REST beside it.
+/// The REST reads of a channel's state: served by the channel's home in this region
+/// (see `forward`).
+fn channel_reads(state: Arc<EdgeState>) -> Router<Arc<EdgeState>> {
+    Router::new()
+        .route("/channels/{channel}", get(rest::channel_status))
+        .route("/channels/{channel}/messages", get(history::messages))
+        .route("/channels/{channel}/presence", get(rest::presence))
+        .route(
+            "/channels/{channel}/presence/history",
+            get(history::presence_history),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state,
+            forward::to_home,
+        ))
+}
+
 pub fn router(state: Arc<EdgeState>) -> Router {
     let body_limit = state.config.max_frame_size;
     Router::new()
@@ -56,16 +74,8 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/regions", get(rest::regions))
         .route("/metrics", get(rest::metrics))
         .route("/keys/{key_name}/requestToken", post(rest::request_token))
-        .route("/channels/{channel}", get(rest::channel_status))
-        .route(
-            "/channels/{channel}/messages",
-            post(rest::publish).get(history::messages),
-        )
-        .route("/channels/{channel}/presence", get(rest::presence))
-        .route(
-            "/channels/{channel}/presence/history",
-            get(history::presence_history),
-        )
+        .merge(channel_reads(state.clone()))
+        .route("/channels/{channel}/messages", post(rest::publish))
         .fallback(rest::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(response::cors))

@@ -50,6 +50,11 @@ pub trait ClusterView: Send + Sync {
     fn warm(&self, _channel: &ChannelKey) -> Option<tokio::sync::oneshot::Receiver<()>> {
         None
     }
+    /// Where REST reads of `channel` go when this node does not keep all of it: the
+    /// client URL of the channel's home in this region. `None` serves them here.
+    fn home_url(&self, _channel: &ChannelKey) -> Option<String> {
+        None
+    }
     /// The live nodes by region, for `GET /regions`.
     fn regions(&self) -> serde_json::Value;
 }

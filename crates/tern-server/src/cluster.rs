@@ -123,6 +123,15 @@ impl tern_edge::ClusterView for EdgeCluster {
         self.replicator.warm(channel)
     }
 
+    fn home_url(&self, channel: &tern_core::ChannelKey) -> Option<String> {
+        let home = self.replicator.home_of(channel)?;
+        let node = self.node.get()?;
+        node.members()
+            .into_iter()
+            .find(|m| m.node_id == home)
+            .map(|m| m.client_url)
+    }
+
     fn regions(&self) -> serde_json::Value {
         let Some(node) = self.node.get() else {
             return serde_json::json!({ "regions": [] });

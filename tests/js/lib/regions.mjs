@@ -33,12 +33,12 @@ async function freeUdpPort(host) {
   return port;
 }
 
-function regionConfig({ name, host }, port, gossip, seed, dir, extra) {
+function regionConfig({ name, host, node }, port, gossip, seed, dir, extra) {
   return `
 [server]
 host = "${host}"
 port = ${port}
-server_id = "${name}-1"
+server_id = "${node}"
 
 [history]
 mode = "memory"
@@ -50,8 +50,8 @@ gossip_listen = "${host}:${gossip}"
 seeds = [${seed ? `"${seed}"` : ''}]
 ack_replicas = 1
 ca_cert = "${join(dir, 'ca.pem')}"
-cert = "${join(dir, `${name}.pem`)}"
-key = "${join(dir, `${name}.key`)}"
+cert = "${join(dir, `${node}.pem`)}"
+key = "${join(dir, `${node}.key`)}"
 emulate_topology = "${join(repo, 'regions', 'topology.toml')}"
 ${extra}
 
@@ -65,22 +65,30 @@ capability = '{"*":["*"]}'
 `;
 }
 
-/// Starts the three regions; resolves once each has joined the cluster. `nodes[i]`
-/// has `.stop(signal)` (only that PID) and `.child.pid`. `extra` is TOML appended to
-/// every region's config (after its `[cluster]` section).
-export async function startRegions({ extra = '' } = {}) {
+/// Starts the three regions (`nodesPerRegion` nodes each: node k of region r listens on
+/// 127.k.0.(r+1), like scripts/run-regions); resolves once each has joined the
+/// cluster. `nodes[i]` has `.stop(signal)` (only that PID), `.child.pid` and `.host`;
+/// the first `REGIONS.length` are the regions' first nodes. `extra` is TOML appended to
+/// every node's config (after its `[cluster]` section).
+export async function startRegions({ extra = '', nodesPerRegion = 1 } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'tern-regions-'));
-  execFileSync(ternBin, ['certs', '--out', dir, '--nodes', REGIONS.map((r) => r.name).join(',')]);
+  const plan = [];
+  for (let k = 0; k < nodesPerRegion; k++) {
+    for (const [r, region] of REGIONS.entries()) {
+      plan.push({ ...region, host: `127.${k}.0.${r + 1}`, node: `${region.name}-${k + 1}` });
+    }
+  }
+  execFileSync(ternBin, ['certs', '--out', dir, '--nodes', plan.map((p) => p.node).join(',')]);
   const port = await freeTcpPort();
   const nodes = [];
   let seed = null;
-  for (const region of REGIONS) {
+  for (const region of plan) {
     const gossip = await freeUdpPort(region.host);
-    const nodeDir = join(dir, region.name);
+    const nodeDir = join(dir, region.node);
     mkdirSync(nodeDir);
     const config = regionConfig(region, port, gossip, seed, dir, extra);
     const node = await startTern(config, { dir: nodeDir, args: ['serve', '--config', join(nodeDir, 'tern.toml')] });
-    nodes.push({ ...node, region });
+    nodes.push({ ...node, region, host: region.host });
     seed = seed || `${region.host}:${gossip}`;
   }
   return {

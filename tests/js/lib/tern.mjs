@@ -108,7 +108,7 @@ export function options(port, extra = {}) {
 /// Resolves when `predicate()` is true (polled), rejects after `ms`.
 export async function waitUntil(predicate, ms = 10000, what = 'condition') {
   const start = Date.now();
-  while (!predicate()) {
+  while (!(await predicate())) {
     if (Date.now() - start > ms) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 20));
   }

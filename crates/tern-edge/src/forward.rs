@@ -1,0 +1,132 @@
+//! REST reads of a channel (history, presence, status) on a node that does not keep the
+//! channel are answered by the channel's home in this region, which stores all of it:
+//! the request goes there unchanged (same path, query and credentials) and its answer
+//! comes back as it is. A forwarded request carries `x-tern-forwarded` and is always
+//! served where it lands, so a request is forwarded at most once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use percent_encoding::percent_decode_str;
+use tern_core::ChannelKey;
+use tern_protocol::{code, ErrorInfo};
+
+use crate::credentials::rest_auth;
+use crate::now_ms;
+use crate::response::error_response;
+use crate::state::EdgeState;
+
+/// Marks a request one node forwarded to another.
+pub(crate) const FORWARDED: &str = "x-tern-forwarded";
+/// How long the home has to answer, connection included.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest answer passed back.
+const FORWARD_BODY_MAX: usize = 16 << 20;
+
+/// Middleware on the channel read routes: forwards to the channel's home when this node
+/// is not it; otherwise (or when the request cannot be authenticated, which the handler
+/// then reports) serves it here.
+pub(crate) async fn to_home(
+    State(state): State<Arc<EdgeState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match home_url(&state, &request) {
+        Some(url) => forward(&url, request).await,
+        None => next.run(request).await,
+    }
+}
+
+/// The base URL of the node to forward `request` to, if any.
+fn home_url(state: &EdgeState, request: &Request) -> Option<String> {
+    let cluster = state.cluster.as_ref()?;
+    if request.method() != Method::GET || request.headers().contains_key(FORWARDED) {
+        return None;
+    }
+    let encoded = request
+        .uri()
+        .path()
+        .strip_prefix("/channels/")?
+        .split('/')
+        .next()?;
+    let channel = percent_decode_str(encoded).decode_utf8().ok()?;
+    let query: Query<HashMap<String, String>> = Query::try_from_uri(request.uri()).ok()?;
+    let (auth, _) = rest_auth(&state.keys, request.headers(), &query, now_ms()).ok()?;
+    let base = crate::channel_name::parse(&channel).ok()?.base;
+    cluster.home_url(&ChannelKey::new(&auth.app_id, base))
+}
+
+async fn forward(base: &str, request: Request) -> Response {
+    let reason = match tokio::time::timeout(FORWARD_TIMEOUT, send(base, request)).await {
+        Ok(Ok(response)) => return response,
+        Ok(Err(reason)) => reason,
+        Err(_) => "timed out".to_string(),
+    };
+    tracing::warn!(home = %base, %reason, "forwarding a channel read to its home failed");
+    metrics::counter!("tern_forward_failures_total").increment(1);
+    error_response(ErrorInfo::with_status(
+        code::TIMEOUT,
+        504,
+        format!("the node that keeps this channel did not answer ({reason})"),
+    ))
+}
+
+/// One HTTP/1.1 request to `base` (`http://host:port`) over a fresh connection.
+async fn send(base: &str, request: Request) -> Result<Response, String> {
+    let authority = base
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("cannot forward to {base}: plain http only"))?
+        .trim_end_matches('/');
+    let stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .map_err(|e| format!("connecting to {authority}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let (parts, _) = request.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let mut outbound = hyper::Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    for (name, value) in &parts.headers {
+        if name != header::HOST && name != header::CONNECTION {
+            outbound.headers_mut().append(name, value.clone());
+        }
+    }
+    let headers = outbound.headers_mut();
+    headers.insert(
+        header::HOST,
+        HeaderValue::from_str(authority).map_err(|e| e.to_string())?,
+    );
+    headers.insert(FORWARDED, HeaderValue::from_static("1"));
+    let answer = sender
+        .send_request(outbound)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (parts, body) = answer.into_parts();
+    let body = Limited::new(body, FORWARD_BODY_MAX)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((parts.status, parts.headers, Body::from(body)).into_response())
+}
