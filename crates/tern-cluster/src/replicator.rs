@@ -35,7 +35,7 @@ use tokio::sync::{oneshot, watch, Notify};
 
 use crate::link::{LinkEndpoint, LinkReceiver, LinkSender};
 use crate::topology::{Topology, WanLink};
-use crate::wire::{EventV1, FrameV1, HeadV1};
+use crate::wire::{EventV1, FrameV1, HeadV1, ItemPosV1, ItemV1};
 
 /// Unacknowledged events kept per peer for resending. Past it the oldest is dropped and
 /// that peer stops counting as a replica for it (its channel gap is repaired from logs).
@@ -67,6 +67,30 @@ pub const WARM_TIMEOUT: Duration = Duration::from_secs(3);
 const LAST_TARGETS_MAX: usize = 65_536;
 /// Presence members per `SyncMembers` frame.
 const MEMBERS_PER_FRAME: usize = 256;
+/// Stored items per `BackfillItems` frame (64 KiB messages make 4 MiB at most).
+const BACKFILL_PAGE: usize = 64;
+/// Channels being backfilled at once, and how soon one may be backfilled again.
+const BACKFILLS_MAX: usize = 10_000;
+const BACKFILL_AGAIN_AFTER: Duration = Duration::from_secs(60);
+
+/// This node's history store, as far as copying a channel's stored history to its new
+/// home needs it. Implemented where the node is wired.
+pub trait HistoryAccess: Send + Sync {
+    /// Whether any item of the channel is stored here.
+    fn has(&self, app: &str, channel: &str) -> bool;
+    /// Up to `max` stored items of the channel strictly after `after`, oldest first, and
+    /// whether more may follow. Blocking (a store read).
+    fn page(
+        &self,
+        app: &str,
+        channel: &str,
+        presence: bool,
+        after: Option<ItemPosV1>,
+        max: usize,
+    ) -> (Vec<ItemV1>, bool);
+    /// Stores copied items; an item at a position already stored replaces it.
+    fn put(&self, app: &str, channel: &str, presence: bool, items: Vec<ItemV1>);
+}
 
 /// A publish's reply, run with `true` once replicated (or `false` on timeout).
 pub type ReplicaCallback = Box<dyn FnOnce(bool) + Send>;
@@ -110,6 +134,10 @@ pub struct Replicator {
     mine: Mutex<HashSet<ChannelKey>>,
     /// First attaches waiting for a channel's state from its home.
     warming: Mutex<HashMap<ChannelKey, Warming>>,
+    /// The history store, for copying history to a channel's new home.
+    history: OnceLock<Arc<dyn HistoryAccess>>,
+    /// Channels whose history this node started copying, and when.
+    backfills: Mutex<HashMap<ChannelKey, Instant>>,
 }
 
 struct Warming {
@@ -205,6 +233,8 @@ impl Replicator {
             running: OnceLock::new(),
             mine: Mutex::new(HashSet::new()),
             warming: Mutex::new(HashMap::new()),
+            history: OnceLock::new(),
+            backfills: Mutex::new(HashMap::new()),
         })
     }
 
@@ -368,6 +398,13 @@ impl Replicator {
         let done = self.drain_waiters(&mut out, Instant::now());
         drop(out);
         run_all(done);
+    }
+
+    /// Lets this node copy stored history to, and from, other nodes: a channel's new
+    /// home (a joining node, or the next one after a home died) copies what its store
+    /// lacks from the channel's home in another region.
+    pub fn set_history(&self, history: Arc<dyn HistoryAccess>) {
+        let _ = self.history.set(history);
     }
 
     /// The channel's home in this node's region when it is another node (`None` when it
@@ -703,6 +740,11 @@ impl Replicator {
                             continue;
                         }
                         let mine = hub.cursor(&key);
+                        if mine.origins().next().is_none() {
+                            // Nothing of it here yet: if we are its home, its stored
+                            // history is ours to keep too.
+                            self.maybe_backfill(&key, false);
+                        }
                         for (origin, seq) in head.origins {
                             let have = mine.get(OriginId(origin));
                             let upto = if origin == sender_origin {
@@ -771,6 +813,27 @@ impl Replicator {
                     }
                     self.warmed(&key);
                 }
+                FrameV1::Backfill {
+                    app,
+                    channel,
+                    presence,
+                    after,
+                } => {
+                    if let Some((peer, _)) = &sender {
+                        self.answer_backfill(peer.clone(), app, channel, presence, after);
+                    }
+                }
+                FrameV1::BackfillItems {
+                    app,
+                    channel,
+                    presence,
+                    items,
+                    more,
+                } => {
+                    if let Some((peer, _)) = &sender {
+                        self.take_backfill(peer, app, channel, presence, items, more);
+                    }
+                }
                 FrameV1::Skip {
                     app,
                     channel,
@@ -779,6 +842,9 @@ impl Replicator {
                 } => {
                     let key = ChannelKey::new(&app, &channel);
                     let applied = hub.skip_remote(&key, OriginId(origin), upto, crate::now_ms());
+                    // No log has them, but a home's store may: if we are the channel's
+                    // home, copy its history.
+                    self.maybe_backfill(&key, true);
                     tracing::warn!(%channel, origin = format!("{origin:016x}"), upto, applied, "events no peer can supply were skipped");
                 }
                 FrameV1::Stored {
@@ -1209,6 +1275,120 @@ impl Replicator {
                 origins: cursor.origins().map(|(o, seq)| (o.0, seq)).collect(),
             },
         );
+    }
+
+    /// Starts copying the channel's stored history from its home in another region when
+    /// this node is the channel's home here and has a history store: always after a
+    /// `Skip` (`missed`: events no log had), otherwise only when nothing of the channel
+    /// is stored here yet. At most once per [`BACKFILL_AGAIN_AFTER`] per channel.
+    fn maybe_backfill(&self, key: &ChannelKey, missed: bool) {
+        let Some(history) = self.history.get() else {
+            return;
+        };
+        let source = {
+            let out = lock(&self.out);
+            let homes = self.homes(&out, key);
+            if homes.get(self.config.region.as_str()) != Some(&self.config.node_id.as_str()) {
+                return;
+            }
+            // The nearest region would be better; any other region's home has it all.
+            let mut others: Vec<&str> = homes
+                .iter()
+                .filter(|(region, _)| **region != self.config.region)
+                .map(|(_, node)| *node)
+                .collect();
+            others.sort_unstable();
+            match others.first() {
+                Some(node) => node.to_string(),
+                None => return,
+            }
+        };
+        {
+            let mut backfills = lock(&self.backfills);
+            if backfills
+                .get(key)
+                .is_some_and(|at| at.elapsed() < BACKFILL_AGAIN_AFTER)
+            {
+                return;
+            }
+            backfills.retain(|_, at| at.elapsed() < BACKFILL_AGAIN_AFTER);
+            if backfills.len() >= BACKFILLS_MAX {
+                return;
+            }
+            if !missed && history.has(&key.app, &key.name) {
+                return;
+            }
+            backfills.insert(key.clone(), Instant::now());
+        }
+        tracing::info!(channel = %key.name, from = %source, "copying the channel's history to its new home");
+        for presence in [false, true] {
+            self.send_control(
+                &source,
+                FrameV1::Backfill {
+                    app: key.app.to_string(),
+                    channel: key.name.to_string(),
+                    presence,
+                    after: None,
+                },
+            );
+        }
+    }
+
+    /// Answers one `Backfill` page from the store (off the async runtime).
+    fn answer_backfill(
+        self: &Arc<Self>,
+        peer: String,
+        app: String,
+        channel: String,
+        presence: bool,
+        after: Option<ItemPosV1>,
+    ) {
+        let Some(history) = self.history.get().cloned() else {
+            return;
+        };
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let (items, more) = history.page(&app, &channel, presence, after, BACKFILL_PAGE);
+            me.send_control(
+                &peer,
+                FrameV1::BackfillItems {
+                    app,
+                    channel,
+                    presence,
+                    items,
+                    more,
+                },
+            );
+        });
+    }
+
+    /// Stores one page of copied history and asks for the next.
+    fn take_backfill(
+        &self,
+        peer: &str,
+        app: String,
+        channel: String,
+        presence: bool,
+        items: Vec<ItemV1>,
+        more: bool,
+    ) {
+        let Some(history) = self.history.get() else {
+            return;
+        };
+        let last = items.last().map(|item| item.position);
+        metrics::counter!("tern_history_backfilled_items_total").increment(items.len() as u64);
+        history.put(&app, &channel, presence, items);
+        if let (true, Some(after)) = (more, last) {
+            self.send_control(
+                peer,
+                FrameV1::Backfill {
+                    app,
+                    channel,
+                    presence,
+                    after: Some(after),
+                },
+            );
+        }
     }
 
     /// Whether this node keeps `key` (and so repairs its gaps from `Heads`): it has

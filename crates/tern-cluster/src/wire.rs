@@ -99,6 +99,32 @@ pub enum FrameV1 {
         channel: String,
         origins: Vec<(u64, u64)>,
     },
+    /// "Send me the stored history of this channel after `after`" (a channel's new home
+    /// copies what it missed from a home in another region), one page at a time.
+    Backfill {
+        app: String,
+        channel: String,
+        presence: bool,
+        after: Option<ItemPosV1>,
+    },
+    /// One page of stored history; `more` when the receiver should ask for the next.
+    BackfillItems {
+        app: String,
+        channel: String,
+        presence: bool,
+        items: Vec<ItemV1>,
+        more: bool,
+    },
+}
+
+/// Where a stored history item sits in its channel: (timestamp, origin, seq, index).
+pub type ItemPosV1 = (i64, u64, u64, u32);
+
+/// A stored history item (a message or presence message, msgpack) being copied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ItemV1 {
+    pub position: ItemPosV1,
+    pub payload: Vec<u8>,
 }
 
 /// One channel's cursor: `(origin, last sequence)` pairs.

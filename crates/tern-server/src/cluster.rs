@@ -161,3 +161,92 @@ impl tern_edge::ClusterView for EdgeCluster {
         serde_json::json!({ "self": node.me().region, "regions": regions })
     }
 }
+
+/// The history store as the replicator copies it to a channel's new home.
+pub struct StoreHistory {
+    pub store: Arc<dyn tern_store::HistoryStore>,
+}
+
+impl StoreHistory {
+    fn channel(app: &str, channel: &str, presence: bool) -> tern_store::ChannelRef {
+        let kind = if presence {
+            tern_store::EventKind::Presence
+        } else {
+            tern_store::EventKind::Message
+        };
+        tern_store::ChannelRef::new(app, channel, kind)
+    }
+}
+
+impl tern_cluster::replicator::HistoryAccess for StoreHistory {
+    fn has(&self, app: &str, channel: &str) -> bool {
+        self.store
+            .cursor(app, channel)
+            .is_ok_and(|origins| !origins.is_empty())
+    }
+
+    fn page(
+        &self,
+        app: &str,
+        channel: &str,
+        presence: bool,
+        after: Option<tern_cluster::wire::ItemPosV1>,
+        max: usize,
+    ) -> (Vec<tern_cluster::wire::ItemV1>, bool) {
+        let mut query = tern_store::HistoryQuery::new(Self::channel(app, channel, presence));
+        query.direction = tern_store::Direction::Forwards;
+        query.limit = max;
+        query.after = after.map(|(timestamp_ms, origin, seq, index)| tern_store::Position {
+            timestamp_ms,
+            origin,
+            seq,
+            index,
+        });
+        match self.store.query(&query) {
+            Ok(page) => {
+                let items = page
+                    .items
+                    .into_iter()
+                    .map(|item| tern_cluster::wire::ItemV1 {
+                        position: (item.timestamp_ms, item.origin, item.seq, item.index),
+                        payload: item.payload.to_vec(),
+                    })
+                    .collect();
+                (items, page.next.is_some())
+            }
+            Err(err) => {
+                tracing::warn!(%channel, error = %err, "reading history to copy it failed");
+                (Vec::new(), false)
+            }
+        }
+    }
+
+    fn put(
+        &self,
+        app: &str,
+        channel: &str,
+        presence: bool,
+        items: Vec<tern_cluster::wire::ItemV1>,
+    ) {
+        let target = Self::channel(app, channel, presence);
+        let items = items
+            .into_iter()
+            .map(|item| {
+                let (timestamp_ms, origin, seq, index) = item.position;
+                (
+                    target.clone(),
+                    tern_store::StoredItem {
+                        timestamp_ms,
+                        origin,
+                        seq,
+                        index,
+                        payload: item.payload.into(),
+                    },
+                )
+            })
+            .collect();
+        if let Err(err) = self.store.append(items, Box::new(|_| {})) {
+            tracing::warn!(%channel, error = %err, "storing copied history failed");
+        }
+    }
+}

@@ -263,6 +263,9 @@ async fn start_node(
         let store_for_barrier = store.clone();
         let barrier: tern_cluster::replicator::Barrier =
             Arc::new(move |then| store_for_barrier.after_committed(then));
+        view.replicator.set_history(Arc::new(cluster::StoreHistory {
+            store: store.clone(),
+        }));
         let departed_hub = hub.clone();
         let node = tern_cluster::cluster::ClusterNode::start(
             cluster_config,

@@ -78,7 +78,8 @@ export async function startRegions({ extra = '', nodesPerRegion = 1 } = {}) {
       plan.push({ ...region, host: `127.${k}.0.${r + 1}`, node: `${region.name}-${k + 1}` });
     }
   }
-  execFileSync(ternBin, ['certs', '--out', dir, '--nodes', plan.map((p) => p.node).join(',')]);
+  const spares = REGIONS.map((r) => `${r.name}-${nodesPerRegion + 1}`);
+  execFileSync(ternBin, ['certs', '--out', dir, '--nodes', [...plan.map((p) => p.node), ...spares].join(',')]);
   const port = await freeTcpPort();
   const nodes = [];
   let seed = null;
@@ -94,6 +95,18 @@ export async function startRegions({ extra = '', nodesPerRegion = 1 } = {}) {
   return {
     port,
     nodes,
+    /// Starts node `k` (0-based, at most `nodesPerRegion`: certificates exist for one
+    /// more node per region) of region `r`, joining through the first node's gossip.
+    async addNode(r, k) {
+      const region = { ...REGIONS[r], host: `127.${k}.0.${r + 1}`, node: `${REGIONS[r].name}-${k + 1}` };
+      const gossip = await freeUdpPort(region.host);
+      const nodeDir = join(dir, region.node);
+      mkdirSync(nodeDir);
+      const config = regionConfig(region, port, gossip, seed, dir, extra);
+      const node = await startTern(config, { dir: nodeDir, args: ['serve', '--config', join(nodeDir, 'tern.toml')] });
+      nodes.push({ ...node, region, host: region.host });
+      return node;
+    },
     async stop() { for (const n of nodes) await n.stop(); },
   };
 }

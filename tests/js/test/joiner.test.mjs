@@ -1,0 +1,75 @@
+// A node joins a running cluster with one seed and becomes the home (the storage
+// replica in its region) of channels that already have history. Reads of those channels
+// in its region go to it, so it must hold their whole history: it copies what its store
+// lacks from the channels' home in another region, not just the recent events peers keep
+// in memory (the channel log is cut to 3 events here).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import Ably from 'ably';
+import { options, waitUntil } from '../lib/tern.mjs';
+import { DEV_KEY, startRegions } from '../lib/regions.mjs';
+
+// The replicator's rendezvous score (FNV-1a over app, 0xfe, channel, 0xff, node id,
+// then a splitmix step): which node is a channel's home in its region.
+function score(app, channel, node) {
+  const M = (1n << 64n) - 1n;
+  let h = 0xcbf29ce484222325n;
+  const bytes = [...Buffer.from(app), 0xfe, ...Buffer.from(channel), 0xff, ...Buffer.from(node)];
+  for (const b of bytes) {
+    h ^= BigInt(b);
+    h = (h * 0x100000001b3n) & M;
+  }
+  h ^= h >> 30n;
+  h = (h * 0xbf58476d1ce4e5b9n) & M;
+  h ^= h >> 27n;
+  return h;
+}
+
+test('a joining node that becomes a channel\'s home copies its whole history', async () => {
+  const cluster = await startRegions({ extra: '[limits]\nchannel_log_events_max = 3\n' });
+  const rest = (host) => new Ably.Rest(options(cluster.port, { key: DEV_KEY, endpoint: host }));
+  try {
+    // Channels the joiner (eu-west-2) will be home of, and ones it will not.
+    const names = Array.from({ length: 40 }, (_, i) => `hist-${i}`);
+    const joinerHome = names.filter((n) => score('dev', n, 'eu-west-2') > score('dev', n, 'eu-west-1')).slice(0, 3);
+    const staysHome = names.filter((n) => !joinerHome.includes(n)).slice(0, 2);
+    const channels = [...joinerHome, ...staysHome];
+    const sent = [];
+    for (let i = 0; i < 10; i++) sent.push(`h${i}`);
+    for (const name of channels) {
+      for (const data of sent) await rest('127.0.0.1').channels.get(name).publish('n', data);
+    }
+    const history = async (host, name) =>
+      (await rest(host).channels.get(name).history({ direction: 'forwards' })).items.map((m) => m.data);
+    for (const name of channels) {
+      await waitUntil(async () => (await history('127.0.0.2', name)).length === 10, 10000, `${name} in eu-west`);
+    }
+
+    await cluster.addNode(1, 1); // eu-west-2 on 127.1.0.2
+    const nodes = async (host) => {
+      const body = await (await fetch(`http://${host}:${cluster.port}/regions`)).json();
+      return body.regions.reduce((sum, r) => sum + r.nodes.length, 0);
+    };
+    for (const host of ['127.0.0.1', '127.0.0.2', '127.0.0.3', '127.1.0.2']) {
+      await waitUntil(async () => (await nodes(host)) === 4, 20000, `membership on ${host}`);
+    }
+    for (const name of channels) {
+      for (const host of ['127.0.0.2', '127.1.0.2']) {
+        let got = [];
+        await waitUntil(async () => {
+          got = await history(host, name);
+          return got.length >= 10;
+        }, 15000, `${name} history on ${host} (has ${got.length})`);
+        assert.deepEqual(got, sent, `${name} on ${host}`);
+      }
+    }
+    // And the channels go on: a new message is there too, once.
+    for (const name of joinerHome) await rest('127.0.0.3').channels.get(name).publish('n', 'after');
+    for (const name of joinerHome) {
+      await waitUntil(async () => (await history('127.0.0.2', name)).length === 11, 10000, `${name} after join`);
+      assert.deepEqual(await history('127.1.0.2', name), [...sent, 'after']);
+    }
+  } finally {
+    await cluster.stop();
+  }
+});
