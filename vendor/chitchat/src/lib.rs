@@ -53,7 +53,14 @@ pub fn setup_tracing_for_tests() {
     });
 }
 
-/// Maximum UDP datagram payload size (in bytes).
+/// Bytes of every UDP datagram left to the transport for its own framing (Tern patch:
+/// an authenticating transport's header and MAC tag). Chitchat sizes the messages it
+/// builds so that these bytes stay free.
+pub const TRANSPORT_RESERVED_LEN: usize = 64;
+
+/// Maximum size (in bytes) of one serialized chitchat message: the IPv4 UDP datagram
+/// payload limit, 65,507 bytes, less [`TRANSPORT_RESERVED_LEN`] (Tern patch; upstream
+/// uses the whole 65,507).
 ///
 /// Note that 65KB typically won't fit in a single IP packet,
 /// so long messages will be sent over several IP fragments of MTU size.
@@ -62,7 +69,7 @@ pub fn setup_tracing_for_tests() {
 /// we send the self digest "in full".
 /// An Ethernet frame size of 1400B would limit us to 20 nodes
 /// or so.
-pub(crate) const MAX_UDP_DATAGRAM_PAYLOAD_SIZE: usize = 65_507;
+pub const MAX_UDP_DATAGRAM_PAYLOAD_SIZE: usize = 65_507 - TRANSPORT_RESERVED_LEN;
 
 /// Number of bytes left for a delta payload in a single reply datagram, once
 /// the message header and `reserved_len` bytes (e.g. a digest carried in the
