@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tern_core::{Hub, Journal, OriginId};
 
+use crate::gossip_auth::{GossipKey, GossipStats};
 use crate::link::LinkEndpoint;
 use crate::membership::{Member, Membership, MembershipConfig};
 use crate::replicator::{Barrier, PeerSpec, Replicator, ReplicatorConfig};
@@ -29,6 +30,8 @@ pub struct ClusterConfig {
     pub gossip_listen: SocketAddr,
     /// `host:port` gossip addresses of existing members (one is enough).
     pub seeds: Vec<String>,
+    /// Shared by every member: authenticates each gossip datagram.
+    pub gossip_key: GossipKey,
     pub ack_replicas: usize,
     pub topology: Option<Topology>,
     pub identity: Arc<NodeIdentity>,
@@ -52,6 +55,7 @@ pub struct ClusterNode {
     replicator: Arc<Replicator>,
     endpoint: Arc<LinkEndpoint>,
     watcher: tokio::task::JoinHandle<()>,
+    gossip_stats: Arc<GossipStats>,
 }
 
 impl ClusterNode {
@@ -102,13 +106,18 @@ impl ClusterNode {
             load: 0,
             departed: Vec::new(),
         };
-        let mut membership_config =
-            MembershipConfig::new(me, config.gossip_listen, config.seeds.clone());
+        let mut membership_config = MembershipConfig::new(
+            me,
+            config.gossip_listen,
+            config.seeds.clone(),
+            config.gossip_key.clone(),
+        );
         membership_config.gossip_interval = config.gossip_interval;
         membership_config.failure_detection = config.failure_detection;
         let membership = Membership::start(membership_config).await?;
         let live = membership.watch();
         let me = membership.me().clone();
+        let gossip_stats = membership.gossip_stats();
         let membership = Arc::new(tokio::sync::Mutex::new(Some(membership)));
         let watcher = tokio::spawn(follow_members(
             live.clone(),
@@ -124,6 +133,7 @@ impl ClusterNode {
             replicator,
             endpoint,
             watcher,
+            gossip_stats,
         })
     }
 
@@ -134,6 +144,12 @@ impl ClusterNode {
 
     pub fn me(&self) -> &Member {
         &self.me
+    }
+
+    /// Gossip datagrams dropped because they were not authentic (or stale, or
+    /// undecodable) since start.
+    pub fn gossip_rejected(&self) -> u64 {
+        self.gossip_stats.rejected()
     }
 
     pub fn replication(&self) -> &Arc<Replicator> {

@@ -6,6 +6,8 @@
 //! # Layout
 //! - [`cluster`]: one node's cluster side assembled (endpoint + replicator + membership).
 //! - [`membership`]: chitchat gossip over UDP: who is live, where to reach them.
+//! - [`gossip_auth`]: the gossip transport: every datagram authenticated (HMAC-SHA256
+//!   under the cluster's gossip key, with a send time against replays).
 //! - [`topology`]: `regions/topology.toml`, the emulated WAN between local regions.
 //! - [`wire`]: versioned frames (`FrameV1`), bincode behind a version byte, with a size
 //!   limit on decode. The one place that encodes and decodes peer bytes.
@@ -16,6 +18,7 @@
 //!   (acked, resent), remote events applied in origin order, gaps repaired, replica acks.
 
 pub mod cluster;
+pub mod gossip_auth;
 pub mod link;
 pub mod membership;
 pub mod replicator;
@@ -43,6 +46,9 @@ pub enum ClusterError {
     /// The gossip agent could not start.
     #[error("gossip: {0}")]
     Gossip(String),
+    /// A gossip key is not 32 bytes written as 64 hex digits.
+    #[error("gossip key: {0}")]
+    GossipKey(String),
     /// Peer bytes were not a valid frame (wrong version, too large, undecodable).
     #[error("wire: {0}")]
     Wire(String),

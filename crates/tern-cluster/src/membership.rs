@@ -1,4 +1,5 @@
-//! Membership: who is in the cluster, by chitchat gossip over UDP. Each node publishes
+//! Membership: who is in the cluster, by chitchat gossip over UDP, every datagram
+//! authenticated with the cluster's gossip key ([`crate::gossip_auth`]). Each node publishes
 //! what peers and clients need to reach it (region, client URL, QUIC address, node tag,
 //! origin, load) and learns everybody else's from any one seed. chitchat's phi-accrual
 //! failure detector decides who is live; [`Membership::watch`] reports the live set
@@ -6,15 +7,16 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use chitchat::transport::UdpTransport;
 use chitchat::{
     spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState,
     ProtocolVersion,
 };
 use tokio::sync::watch;
 
+use crate::gossip_auth::{AuthenticatedUdp, GossipKey, GossipStats};
 use crate::ClusterError;
 
 const KEY_REGION: &str = "region";
@@ -66,12 +68,20 @@ pub struct MembershipConfig {
     pub failure_detection: Duration,
     /// How long a dead node's entry stays before it is forgotten.
     pub dead_node_grace: Duration,
+    /// Every member's gossip is authenticated with this key; gossip under any other is
+    /// dropped.
+    pub gossip_key: GossipKey,
     pub me: Member,
 }
 
 impl MembershipConfig {
     /// Production-leaning timings: gossip every 500 ms, dead after a few seconds.
-    pub fn new(me: Member, gossip_listen: SocketAddr, seeds: Vec<String>) -> Self {
+    pub fn new(
+        me: Member,
+        gossip_listen: SocketAddr,
+        seeds: Vec<String>,
+        gossip_key: GossipKey,
+    ) -> Self {
         MembershipConfig {
             cluster_id: "tern".into(),
             gossip_listen,
@@ -80,6 +90,7 @@ impl MembershipConfig {
             gossip_interval: Duration::from_millis(500),
             failure_detection: Duration::from_secs(2),
             dead_node_grace: Duration::from_secs(600),
+            gossip_key,
             me,
         }
     }
@@ -90,6 +101,7 @@ pub struct Membership {
     handle: ChitchatHandle,
     live: watch::Receiver<Vec<Member>>,
     me: Member,
+    stats: Arc<GossipStats>,
 }
 
 impl Membership {
@@ -128,13 +140,25 @@ impl Membership {
             (KEY_ORIGIN.to_string(), me.origin.clone()),
             (KEY_LOAD.to_string(), me.load.to_string()),
         ];
-        let handle = spawn_chitchat(chitchat_config, initial, &UdpTransport)
+        let stats = Arc::new(GossipStats::default());
+        let transport = AuthenticatedUdp::new(config.gossip_key.clone(), stats.clone());
+        let handle = spawn_chitchat(chitchat_config, initial, &transport)
             .await
             .map_err(|e| ClusterError::Gossip(format!("{e:#}")))?;
         let watcher = handle.with_chitchat(|c| c.live_nodes_watcher()).await;
         let (tx, live) = watch::channel(members_of(&watcher.borrow()));
         tokio::spawn(forward_live(watcher, tx));
-        Ok(Membership { handle, live, me })
+        Ok(Membership {
+            handle,
+            live,
+            me,
+            stats,
+        })
+    }
+
+    /// What the gossip transport refused so far.
+    pub fn gossip_stats(&self) -> Arc<GossipStats> {
+        self.stats.clone()
     }
 
     /// This node as published.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tern_cluster::cluster::{ClusterConfig, ClusterNode};
+use tern_cluster::gossip_auth::GossipKey;
 use tern_cluster::replicator::Replicator;
 use tern_cluster::tls::{ClusterCa, NodeIdentity};
 use tern_cluster::topology::Topology;
@@ -17,7 +18,7 @@ use crate::config::ClusterSection;
 /// The topology `tern dev` emulates (the repository's `regions/topology.toml`).
 pub const DEV_TOPOLOGY: &str = include_str!("../../../regions/topology.toml");
 
-/// A `[cluster]` section, with its PEM files and topology loaded.
+/// A `[cluster]` section, with its PEM files, gossip key and topology loaded.
 pub fn from_section(
     section: &ClusterSection,
     node_id: String,
@@ -31,6 +32,10 @@ pub fn from_section(
         &read(&section.ca_cert)?,
     )
     .context("loading the cluster certificate")?;
+    let gossip_key = match &section.gossip_key {
+        Some(path) => load_gossip_key(path)?,
+        None => anyhow::bail!("cluster.gossip_key is required"),
+    };
     let topology = match &section.emulate_topology {
         Some(path) => {
             let text = String::from_utf8(read(path)?).context("topology is not UTF-8")?;
@@ -45,6 +50,7 @@ pub fn from_section(
         quic_listen: section.quic_listen,
         gossip_listen: section.gossip_listen,
         seeds: section.seeds.clone(),
+        gossip_key,
         ack_replicas: section.ack_replicas,
         topology,
         identity: Arc::new(identity),
@@ -53,14 +59,27 @@ pub fn from_section(
     })
 }
 
+/// The gossip key in the file `[cluster] gossip_key` names (64 hex digits).
+pub fn load_gossip_key(path: &Path) -> anyhow::Result<GossipKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cluster.gossip_key: reading {}", path.display()))?;
+    GossipKey::from_hex(&text)
+        .with_context(|| format!("cluster.gossip_key: {} is not a gossip key", path.display()))
+}
+
 /// `tern certs`: a new cluster CA and one certificate per node, as PEM files in `dir`
-/// (`ca.pem`, `NODE.pem`, `NODE.key`). The CA key is not kept.
+/// (`ca.pem`, `NODE.pem`, `NODE.key`), and a new gossip key (`gossip.key`). The CA key
+/// is not kept.
 pub fn write_certs(dir: &Path, nodes: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ca = ClusterCa::generate()?;
     let (ca_pem, _) = ca.to_pem();
     std::fs::write(dir.join("ca.pem"), ca_pem)?;
+    write_private(
+        &dir.join("gossip.key"),
+        &format!("{}\n", GossipKey::random().to_hex()),
+    )?;
     for node in nodes {
         anyhow::ensure!(
             !node.is_empty()
@@ -248,5 +267,60 @@ impl tern_cluster::replicator::HistoryAccess for StoreHistory {
         if let Err(err) = self.store.append(items, Box::new(|_| {})) {
             tracing::warn!(%channel, error = %err, "storing copied history failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("tern-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// `tern certs` writes a gossip key that loads (owner-only on unix), a new one each
+    /// run.
+    #[test]
+    fn certs_write_a_loadable_gossip_key() {
+        let dir = temp_dir("certs");
+        write_certs(&dir, &["a".into(), "b".into()]).unwrap();
+        let key = load_gossip_key(&dir.join("gossip.key")).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join("gossip.key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "gossip.key is private");
+        }
+        write_certs(&dir, &["a".into()]).unwrap();
+        let again = load_gossip_key(&dir.join("gossip.key")).unwrap();
+        assert_ne!(again.to_hex(), key.to_hex());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A missing or malformed key file is an error naming `cluster.gossip_key` and the
+    /// file.
+    #[test]
+    fn bad_gossip_key_files_are_refused_by_name() {
+        let dir = temp_dir("gossip-key");
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("absent.key");
+        let err = format!("{:#}", load_gossip_key(&missing).unwrap_err());
+        assert!(
+            err.contains("cluster.gossip_key") && err.contains("absent.key"),
+            "{err}"
+        );
+        let short = dir.join("short.key");
+        std::fs::write(&short, "abcd\n").unwrap();
+        let err = format!("{:#}", load_gossip_key(&short).unwrap_err());
+        assert!(
+            err.contains("cluster.gossip_key") && err.contains("64 hex digits"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

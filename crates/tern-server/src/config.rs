@@ -55,6 +55,12 @@ pub struct ClusterSection {
     pub ca_cert: std::path::PathBuf,
     pub cert: std::path::PathBuf,
     pub key: std::path::PathBuf,
+    /// File holding the cluster's gossip key: 32 random bytes as 64 hex digits, the
+    /// same on every member (`tern certs` writes `gossip.key`). Every gossip datagram
+    /// is authenticated with it. Required; an `Option` only so that a missing key gets
+    /// an error that says what to do.
+    #[serde(default)]
+    pub gossip_key: Option<std::path::PathBuf>,
     /// Emulate the WAN between regions from this topology file (local test clusters
     /// only; leave unset in production).
     #[serde(default)]
@@ -314,6 +320,11 @@ impl Config {
                 "cluster.quic_listen and cluster.gossip_listen must differ"
             );
             anyhow::ensure!(
+                cluster.gossip_key.is_some(),
+                "cluster.gossip_key is required: a file with the cluster's gossip key, \
+                 64 hex digits shared by every member (`tern certs` writes gossip.key)"
+            );
+            anyhow::ensure!(
                 cluster.ack_replicas <= 16,
                 "cluster.ack_replicas {} is more than 16",
                 cluster.ack_replicas
@@ -480,6 +491,25 @@ mod tests {
         assert!(config.key_ring().keys().count() >= 1);
     }
 
+    /// The commented `[cluster]` section of the example config, uncommented, parses and
+    /// validates (so it names every required field, `gossip_key` included).
+    #[test]
+    fn example_cluster_section_parses_when_uncommented() {
+        let text = include_str!("../../../config.example.toml");
+        let start = text.find("# [cluster]").unwrap();
+        let end = start + text[start..].find("\n\n").unwrap();
+        let section: String = text[start..end]
+            .lines()
+            .map(|line| format!("{}\n", line.strip_prefix("# ").unwrap_or(line)))
+            .collect();
+        let config = Config::parse(&format!("[[apps]]\nid='a'\n{section}")).unwrap();
+        let cluster = config.cluster.unwrap();
+        assert_eq!(
+            cluster.gossip_key.as_deref(),
+            Some(std::path::Path::new("certs/gossip.key"))
+        );
+    }
+
     /// The embedded dev config parses and validates.
     #[test]
     fn dev_config_parses() {
@@ -505,7 +535,7 @@ mod tests {
     /// A `[cluster]` section parses with defaults; bad names and clashing ports are refused.
     #[test]
     fn cluster_section() {
-        let base = "[[apps]]\nid='a'\n[cluster]\nca_cert='ca.pem'\ncert='n.pem'\nkey='n.key'\n";
+        let base = "[[apps]]\nid='a'\n[cluster]\nca_cert='ca.pem'\ncert='n.pem'\nkey='n.key'\ngossip_key='gossip.key'\n";
         let ok = format!("{base}region='eu-west'\nquic_listen='127.0.0.1:7400'\ngossip_listen='127.0.0.1:7401'\nseeds=['10.0.0.1:7401']\n");
         let config = Config::parse(&ok).unwrap();
         let cluster = config.cluster.unwrap();
@@ -526,5 +556,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("gossip_port"));
+    }
+
+    /// A `[cluster]` without `gossip_key` is refused, naming the field and `tern certs`.
+    #[test]
+    fn cluster_section_requires_a_gossip_key() {
+        let ok = "[[apps]]\nid='a'\n[cluster]\nregion='r'\nquic_listen='127.0.0.1:7400'\n\
+                  gossip_listen='127.0.0.1:7401'\nca_cert='ca.pem'\ncert='n.pem'\nkey='n.key'\n\
+                  gossip_key='gossip.key'\n";
+        Config::parse(ok).unwrap();
+        let missing = ok.replace("gossip_key='gossip.key'\n", "");
+        let err = Config::parse(&missing).unwrap_err().to_string();
+        assert!(err.contains("cluster.gossip_key is required"), "{err}");
+        assert!(err.contains("tern certs"), "{err}");
     }
 }

@@ -56,9 +56,10 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         regions: usize,
     },
-    /// Write a new cluster CA and node certificates (PEM) for `[cluster]` configs.
+    /// Write a new cluster CA, node certificates (PEM) and gossip key for `[cluster]`
+    /// configs.
     Certs {
-        /// Directory to write `ca.pem`, `NODE.pem` and `NODE.key` into.
+        /// Directory to write `ca.pem`, `NODE.pem`, `NODE.key` and `gossip.key` into.
         #[arg(long)]
         out: std::path::PathBuf,
         /// Node names, comma-separated.
@@ -98,7 +99,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Certs { out, nodes } => {
             cluster::write_certs(&out, &nodes)?;
-            println!("wrote {} (ca.pem and a .pem/.key per node)", out.display());
+            println!(
+                "wrote {} (ca.pem, gossip.key and a .pem/.key per node)",
+                out.display()
+            );
             return Ok(());
         }
         Command::Dev { port, regions } => {
@@ -152,11 +156,12 @@ struct NodePlan {
     cluster: Option<tern_cluster::cluster::ClusterConfig>,
 }
 
-/// `tern dev` regions: a throwaway CA, gossip seeded by the first region, the WAN of
-/// `regions/topology.toml` emulated on the links, one replica ack per publish.
+/// `tern dev` regions: a throwaway CA and gossip key, gossip seeded by the first region,
+/// the WAN of `regions/topology.toml` emulated on the links, one replica ack per publish.
 fn dev_cluster(configs: Vec<(Config, String)>) -> anyhow::Result<Vec<NodePlan>> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ca = tern_cluster::tls::ClusterCa::generate()?;
+    let gossip_key = tern_cluster::gossip_auth::GossipKey::random();
     let topology = tern_cluster::topology::Topology::parse(cluster::DEV_TOPOLOGY)
         .map_err(anyhow::Error::msg)?;
     let mut plans = Vec::new();
@@ -176,6 +181,7 @@ fn dev_cluster(configs: Vec<(Config, String)>) -> anyhow::Result<Vec<NodePlan>> 
                 quic_listen: quic,
                 gossip_listen: gossip,
                 seeds,
+                gossip_key: gossip_key.clone(),
                 ack_replicas: 1,
                 topology: Some(topology.clone()),
                 identity: Arc::new(ca.issue()?),

@@ -1,7 +1,8 @@
 // Three regions as separate `tern serve` processes, like scripts/run-regions: region i
 // on 127.0.0.(i+1), all on one client port (ably-js fallbackHosts reuse the primary's
-// port), gossip seeded by us-east, mutual-TLS QUIC with certificates from `tern certs`,
-// the WAN of regions/topology.toml emulated.
+// port), gossip seeded by us-east and authenticated with the key `tern certs` writes,
+// mutual-TLS QUIC with certificates from `tern certs`, the WAN of regions/topology.toml
+// emulated.
 import { execFileSync } from 'node:child_process';
 import { createSocket } from 'node:dgram';
 import { mkdtempSync, mkdirSync } from 'node:fs';
@@ -52,6 +53,7 @@ ack_replicas = 1
 ca_cert = "${join(dir, 'ca.pem')}"
 cert = "${join(dir, `${node}.pem`)}"
 key = "${join(dir, `${node}.key`)}"
+gossip_key = "${join(dir, 'gossip.key')}"
 emulate_topology = "${join(repo, 'regions', 'topology.toml')}"
 ${extra}
 
