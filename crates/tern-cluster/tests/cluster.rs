@@ -891,3 +891,58 @@ async fn truncated_gossip_is_dropped_and_counted() {
     send_raw(&a, &datagrams).await;
     assert_cluster_unaffected(&a, &b, "a/after-truncated").await;
 }
+
+/// A member who entered long ago (their ENTER is out of every channel log) still
+/// reaches a node whose first subscriber arrives now: the channel's state carries the
+/// current members, not just the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_subscribers_node_gets_members_older_than_the_log() {
+    let ca = ClusterCa::generate().unwrap();
+    let a1 = start(&ca, "a1", "r1", &[], None, 1).await;
+    let a2 = start(&ca, "a2", "r1", &[&a1], None, 1).await;
+    wait_members(&[&a1, &a2], 2).await;
+    let key = ChannelKey::new("app", "old-members");
+    let (home, late) = match a1.cluster.replication().home_of(&key) {
+        None => (&a1, &a2),
+        Some(_) => (&a2, &a1),
+    };
+    let member = PresenceMessage {
+        action: presence_action::ENTER,
+        id: Some("old-conn:0:0".into()),
+        client_id: Some("old-timer".into()),
+        connection_id: Some("old-conn".into()),
+        timestamp: Some(now_ms()),
+        ..Default::default()
+    };
+    let publisher = Publisher {
+        connection_id: Some("old-conn".into()),
+        frame_id: "old-conn:0".into(),
+    };
+    home.hub
+        .presence(&key, &publisher, vec![member], now_ms())
+        .unwrap();
+    let log_max = CoreLimits::default().log.events_max;
+    for n in 0..log_max + 10 {
+        publish_on(home, &key, &format!("m{n}"));
+    }
+    assert!(
+        home.hub.log_len(&key) <= log_max,
+        "the ENTER is out of the log"
+    );
+    let ready = late
+        .cluster
+        .replication()
+        .warm(&key)
+        .expect("not received here yet");
+    tokio::time::timeout(Duration::from_secs(10), ready)
+        .await
+        .unwrap()
+        .unwrap();
+    let members: Vec<Option<String>> = late
+        .hub
+        .members(&key)
+        .into_iter()
+        .map(|m| m.client_id)
+        .collect();
+    assert_eq!(members, vec![Some("old-timer".to_string())]);
+}
