@@ -155,6 +155,7 @@ impl Channel {
 
     pub(crate) fn attach(
         &mut self,
+        own: OriginId,
         connection_id: Arc<str>,
         options: AttachOptions,
         sink: Arc<dyn Subscriber>,
@@ -162,7 +163,7 @@ impl Channel {
         now_ms: i64,
     ) {
         let (backlog, resumed, continuity_lost) = match (&options.resume_from, &options.rewind) {
-            (Some(from), _) => match self.log.since(from, &self.cursor) {
+            (Some(from), _) => match self.log.since(from, &self.cursor, own) {
                 Some(events) => (events, true, false),
                 None => (Vec::new(), false, true),
             },
@@ -170,14 +171,36 @@ impl Channel {
             (None, None) => (Vec::new(), false, false),
         };
         let wants = |event: &ChannelEvent| options_want(&options, &connection_id, event);
-        let backlog = backlog.into_iter().filter(|e| wants(e)).collect();
+        let mut options = options.clone();
+        // A client resuming here from a node that was ahead of this one has seen events
+        // this node lacks: the serials it is given must still cover them, or a later
+        // failover would replay them. Once this node has caught up, nothing to cover.
+        let seen = match &options.resume_from {
+            Some(seen) if !self.cursor.covers(seen) => Some(seen.clone()),
+            _ => None,
+        };
+        if seen.is_none() {
+            options.resume_from = None;
+        }
+        let backlog = backlog
+            .into_iter()
+            .filter(|e| wants(e))
+            .map(|e| match &seen {
+                Some(seen) => covering(&e, seen),
+                None => e,
+            })
+            .collect();
         let members = if options.modes & flags::PRESENCE_SUBSCRIBE != 0 && !resumed {
             self.presence.members()
         } else {
             Vec::new()
         };
+        let mut channel_serial = self.cursor.clone();
+        if let Some(seen) = &seen {
+            channel_serial.merge(seen);
+        }
         reply(&AttachSnapshot {
-            channel_serial: self.cursor.encode(),
+            channel_serial: channel_serial.encode(),
             members,
             backlog,
             resumed,
@@ -371,11 +394,22 @@ impl Channel {
     /// are removed here; their connection disconnects itself and may resume later.
     fn fan_out(&mut self, event: Arc<ChannelEvent>, now_ms: i64) {
         let mut too_slow: Vec<Arc<str>> = Vec::new();
-        for (connection_id, attachment) in &self.attachments {
+        for (connection_id, attachment) in &mut self.attachments {
             if !options_want(&attachment.options, connection_id, &event) {
                 continue;
             }
-            if !attachment.sink.deliver(&event) {
+            let delivered = match &attachment.options.resume_from {
+                None => attachment.sink.deliver(&event),
+                // Resumed from a node that was ahead (see `attach`).
+                Some(seen) => {
+                    let delivered = attachment.sink.deliver(&covering(&event, seen));
+                    if self.cursor.covers(seen) {
+                        attachment.options.resume_from = None;
+                    }
+                    delivered
+                }
+            };
+            if !delivered {
                 too_slow.push(connection_id.clone());
             }
         }
@@ -532,6 +566,29 @@ impl Channel {
             presence_subscribers: count(flags::PRESENCE_SUBSCRIBE),
         }
     }
+}
+
+/// `event` as a client that has seen `seen` must get it: with a channelSerial that also
+/// covers `seen`, so the cursor the client keeps never goes back.
+fn covering(event: &Arc<ChannelEvent>, seen: &Cursor) -> Arc<ChannelEvent> {
+    let mut cursor = event
+        .frame
+        .channel_serial
+        .as_deref()
+        .and_then(Cursor::decode)
+        .unwrap_or_default();
+    if cursor.covers(seen) {
+        return event.clone();
+    }
+    cursor.merge(seen);
+    let mut frame = event.frame.clone();
+    frame.channel_serial = Some(cursor.encode());
+    Arc::new(ChannelEvent::new(
+        event.origin,
+        event.seq,
+        event.publisher.clone(),
+        frame,
+    ))
 }
 
 /// Whether an attachment with `options` receives `event`: MESSAGE needs SUBSCRIBE (and

@@ -45,6 +45,13 @@ impl Cursor {
         }
     }
 
+    /// Raises every origin to at least `other`'s.
+    pub fn merge(&mut self, other: &Cursor) {
+        for (origin, seq) in other.origins() {
+            self.advance(origin, seq);
+        }
+    }
+
     /// True when every origin of `other` is at or below this cursor.
     pub fn covers(&self, other: &Cursor) -> bool {
         other

@@ -261,7 +261,7 @@ impl Hub {
         now_ms: i64,
     ) -> Result<(), CoreError> {
         self.with_channel(key, now_ms, |c| {
-            c.attach(connection_id, options, sink, reply, now_ms)
+            c.attach(self.origin, connection_id, options, sink, reply, now_ms)
         })
     }
 

@@ -54,11 +54,19 @@ impl ChannelLog {
     }
 
     /// Events after `from`, in log order, if the log still holds all of them and `from`
-    /// is consistent with `current`; `None` when continuity cannot be proven.
-    pub(crate) fn since(&self, from: &Cursor, current: &Cursor) -> Option<Vec<Arc<ChannelEvent>>> {
-        if !current.covers(from) {
-            // The client claims events this channel never had (a cursor from a lost
-            // channel state, or a forged one).
+    /// is consistent with `current`; `None` when continuity cannot be proven. `from` may
+    /// be ahead of `current` on other origins (a client that fails over from a node
+    /// that was ahead of this one; those events arrive later), never on `own`: this node
+    /// numbers its own events.
+    pub(crate) fn since(
+        &self,
+        from: &Cursor,
+        current: &Cursor,
+        own: OriginId,
+    ) -> Option<Vec<Arc<ChannelEvent>>> {
+        if from.get(own) > current.get(own) {
+            // The client claims events of ours this channel never had (a cursor from
+            // a lost channel state, or a forged one).
             return None;
         }
         for (origin, seq) in current.origins() {

@@ -364,3 +364,54 @@ fn resuming_on_a_node_that_is_behind_delivers_nothing_twice() {
     let expected: Vec<String> = (0..6).map(|i| format!("m{i}")).collect();
     assert_eq!(*client.received.lock().unwrap(), expected);
 }
+
+/// A client that fails over to a node behind the one it left (it has seen origin O up
+/// to 10, this node only up to 8) keeps a channelSerial that never goes back: ATTACHED
+/// and every event until this node catches up carry O:10, so a second failover cannot
+/// replay O:9 and O:10. The events it already has are not delivered again.
+#[test]
+fn a_client_ahead_of_its_new_node_keeps_a_serial_that_never_goes_back() {
+    let key = ChannelKey::new("app", "c");
+    let origin = Hub::new(OriginId(1), CoreLimits::default());
+    let behind = Hub::new(OriginId(2), CoreLimits::default());
+    let other = Hub::new(OriginId(3), CoreLimits::default());
+    let from_origin = publish_remote(&origin, &key, 11);
+    for event in &from_origin[..8] {
+        behind.apply_remote(&key, event.clone(), 1).unwrap();
+    }
+    let client = Arc::new(Client::default());
+    let mut seen = Cursor::new();
+    seen.advance(OriginId(1), 10);
+    *client.last_serial.lock().unwrap() = seen.encode();
+    let serial_of = |client: &Client| Cursor::decode(&client.last_serial.lock().unwrap()).unwrap();
+
+    assert!(attach(&behind, &key, "s", &client, true, None));
+    assert_eq!(
+        serial_of(&client).get(OriginId(1)),
+        10,
+        "ATTACHED covers what the client saw"
+    );
+
+    let other_publisher = Publisher {
+        connection_id: Some("other".into()),
+        frame_id: "other:0".into(),
+    };
+    let from_other = other
+        .publish(&key, &other_publisher, vec![msg("p0")], 1)
+        .unwrap();
+    let from_other = tern_core::RemoteEvent::from_event(&from_other.event.unwrap());
+    behind.apply_remote(&key, from_other, 2).unwrap();
+    let serial = serial_of(&client);
+    assert_eq!((serial.get(OriginId(1)), serial.get(OriginId(3))), (10, 1));
+
+    // The node catches up: what the client has is not sent again; then live as usual.
+    for event in &from_origin[8..] {
+        behind.apply_remote(&key, event.clone(), 3).unwrap();
+    }
+    let serial = serial_of(&client);
+    assert_eq!((serial.get(OriginId(1)), serial.get(OriginId(3))), (11, 1));
+    assert_eq!(
+        *client.received.lock().unwrap(),
+        vec!["p0".to_string(), "m10".to_string()]
+    );
+}
