@@ -62,6 +62,8 @@ const INTEREST_MAX: usize = 1 << 20;
 const INTEREST_PER_FRAME: usize = 512;
 /// How long a first attach waits for a channel's state from its home.
 pub const WARM_TIMEOUT: Duration = Duration::from_secs(3);
+/// Channels waiting for their state at once; past it an attach goes ahead at once.
+const WARMING_MAX: usize = 10_000;
 /// Channels whose latest ack targets are remembered (past it, waiters fall back to
 /// waiting on every link).
 const LAST_TARGETS_MAX: usize = 65_536;
@@ -1186,6 +1188,10 @@ impl Replicator {
             if let Some(w) = warming.get_mut(key) {
                 w.waiters.push(tx);
                 return Some(rx);
+            }
+            if warming.len() >= WARMING_MAX {
+                metrics::counter!("tern_replication_warm_refused_total").increment(1);
+                return None;
             }
             warming.insert(
                 key.clone(),
