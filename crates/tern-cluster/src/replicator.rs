@@ -71,6 +71,8 @@ const LAST_TARGETS_MAX: usize = 65_536;
 const MEMBERS_PER_FRAME: usize = 256;
 /// Stored items per `BackfillItems` frame (64 KiB messages make 4 MiB at most).
 const BACKFILL_PAGE: usize = 64;
+/// A request to another node not answered this long is sent again.
+const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
 /// Channels being backfilled at once, and how soon one may be backfilled again.
 const BACKFILLS_MAX: usize = 10_000;
 const BACKFILL_AGAIN_AFTER: Duration = Duration::from_secs(60);
@@ -139,12 +141,25 @@ pub struct Replicator {
     /// The history store, for copying history to a channel's new home.
     history: OnceLock<Arc<dyn HistoryAccess>>,
     /// Channels whose history this node started copying, and when.
-    backfills: Mutex<HashMap<ChannelKey, Instant>>,
+    backfills: Mutex<HashMap<ChannelKey, Backfilling>>,
 }
 
 struct Warming {
     since: Instant,
+    /// The home asked, and when (asked again each [`ASK_AGAIN_AFTER`]: an answer to a
+    /// node the home did not know yet is dropped).
+    home: String,
+    asked: Instant,
     waiters: Vec<oneshot::Sender<()>>,
+}
+
+/// A channel's history being copied here.
+struct Backfilling {
+    started: Instant,
+    source: String,
+    /// Per kind (messages, presence): the page asked for and not answered yet.
+    waiting: [Option<Option<ItemPosV1>>; 2],
+    asked: Instant,
 }
 
 struct Running {
@@ -415,6 +430,13 @@ impl Replicator {
         let out = lock(&self.out);
         let home = *self.homes(&out, key).get(self.config.region.as_str())?;
         (home != self.config.node_id).then(|| home.to_string())
+    }
+
+    /// Live QUIC connections to peers (one per peer, whichever side dialed).
+    pub fn link_connections(&self) -> usize {
+        self.running
+            .get()
+            .map_or(0, |r| r.endpoint.connection_count())
     }
 
     /// Whether `peer` (of this node's region) has told us it has subscribers on `key`.
@@ -1197,6 +1219,8 @@ impl Replicator {
                 key.clone(),
                 Warming {
                     since: Instant::now(),
+                    home: home.clone(),
+                    asked: Instant::now(),
                     waiters: vec![tx],
                 },
             );
@@ -1223,14 +1247,48 @@ impl Replicator {
         Some(rx)
     }
 
+    /// Gives up on channel states that did not come in time, and asks again for those
+    /// that are late; likewise for history pages being copied.
     fn expire_warming(&self) {
+        let mut again = Vec::new();
         lock(&self.warming).retain(|key, w| {
             let keep = w.since.elapsed() < WARM_TIMEOUT;
             if !keep {
                 tracing::warn!(channel = %key.name, "channel state did not arrive in time; attaching with what this node has");
+            } else if w.asked.elapsed() >= ASK_AGAIN_AFTER {
+                w.asked = Instant::now();
+                again.push((
+                    w.home.clone(),
+                    FrameV1::Sync {
+                        app: key.app.to_string(),
+                        channel: key.name.to_string(),
+                    },
+                ));
             }
             keep
         });
+        for (key, b) in lock(&self.backfills).iter_mut() {
+            if b.started.elapsed() >= BACKFILL_AGAIN_AFTER || b.asked.elapsed() < ASK_AGAIN_AFTER {
+                continue;
+            }
+            b.asked = Instant::now();
+            for (kind, waiting) in b.waiting.iter().enumerate() {
+                if let Some(after) = waiting {
+                    again.push((
+                        b.source.clone(),
+                        FrameV1::Backfill {
+                            app: key.app.to_string(),
+                            channel: key.name.to_string(),
+                            presence: kind == 1,
+                            after: *after,
+                        },
+                    ));
+                }
+            }
+        }
+        for (peer, frame) in again {
+            self.send_control(&peer, frame);
+        }
     }
 
     fn warmed(&self, key: &ChannelKey) {
@@ -1313,18 +1371,26 @@ impl Replicator {
             let mut backfills = lock(&self.backfills);
             if backfills
                 .get(key)
-                .is_some_and(|at| at.elapsed() < BACKFILL_AGAIN_AFTER)
+                .is_some_and(|b| b.started.elapsed() < BACKFILL_AGAIN_AFTER)
             {
                 return;
             }
-            backfills.retain(|_, at| at.elapsed() < BACKFILL_AGAIN_AFTER);
+            backfills.retain(|_, b| b.started.elapsed() < BACKFILL_AGAIN_AFTER);
             if backfills.len() >= BACKFILLS_MAX {
                 return;
             }
             if !missed && history.has(&key.app, &key.name) {
                 return;
             }
-            backfills.insert(key.clone(), Instant::now());
+            backfills.insert(
+                key.clone(),
+                Backfilling {
+                    started: Instant::now(),
+                    source: source.clone(),
+                    waiting: [Some(None), Some(None)],
+                    asked: Instant::now(),
+                },
+            );
         }
         tracing::info!(channel = %key.name, from = %source, "copying the channel's history to its new home");
         for presence in [false, true] {
@@ -1382,6 +1448,16 @@ impl Replicator {
             return;
         };
         let last = items.last().map(|item| item.position);
+        {
+            // Only answers to what we asked for (a late duplicate is harmless anyway).
+            let key = ChannelKey::new(&app, &channel);
+            let mut backfills = lock(&self.backfills);
+            let Some(b) = backfills.get_mut(&key) else {
+                return;
+            };
+            b.waiting[usize::from(presence)] = if more { last.map(Some) } else { None };
+            b.asked = Instant::now();
+        }
         metrics::counter!("tern_history_backfilled_items_total").increment(items.len() as u64);
         history.put(&app, &channel, presence, items);
         if let (true, Some(after)) = (more, last) {

@@ -263,7 +263,8 @@ loss_percent = {loss_percent}
 
 /// Three regions join through one seed each (C knows only B) over links that drop 10%
 /// of event frames; every message published on every node reaches every subscriber
-/// exactly once, in origin order, and cursors converge.
+/// exactly once, in origin order, cursors converge, and each pair of nodes shares one
+/// QUIC connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_by_one_seed_and_replicate_over_lossy_links_exactly_once() {
     let ca = ClusterCa::generate().unwrap();
@@ -292,6 +293,14 @@ async fn join_by_one_seed_and_replicate_over_lossy_links_exactly_once() {
     assert_exactly_once_in_order(&nodes, &published);
     let cursor = a.hub.cursor(&room());
     assert!(nodes.iter().all(|n| n.hub.cursor(&room()) == cursor));
+    // Both directions of every pair share one QUIC connection (a duplicate from both
+    // dialing at once is closed).
+    wait_for("one connection per pair", 10, || {
+        nodes
+            .iter()
+            .all(|n| n.cluster.replication().link_connections() == 2)
+    })
+    .await;
 }
 
 /// Region C is cut off from A and B while all three publish; after the partition heals,
