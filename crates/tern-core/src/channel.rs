@@ -96,11 +96,15 @@ impl Channel {
         }
     }
 
-    /// Continues a channel this node held before (see `Journal::restore`): its cursor,
-    /// and this node's own sequence after the highest it ever assigned here.
+    /// Continues a channel this node held before (see `Journal::restore`): this node's
+    /// own sequence goes on after the highest it ever assigned here. Other origins'
+    /// positions are not taken over: the log is empty, and a node whose cursor claimed
+    /// events it cannot supply would answer peers' repairs with a `Skip` for events
+    /// other nodes still have; it repairs them from its peers like any new channel.
     pub(crate) fn restore(&mut self, cursor: Cursor, own: OriginId) {
-        self.next_seq = self.next_seq.max(cursor.get(own) + 1);
-        self.cursor = cursor;
+        let mine = cursor.get(own);
+        self.next_seq = self.next_seq.max(mine + 1);
+        self.cursor.advance(own, mine);
     }
 
     /// An event was applied: an empty channel's idle time starts again, so it is dropped
