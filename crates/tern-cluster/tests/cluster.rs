@@ -750,6 +750,10 @@ async fn a_node_receives_a_channel_only_while_it_has_subscribers_or_is_its_home(
         0,
         "still one copy per region: through the home"
     );
+    assert!(
+        home.cluster.replication().events_sent_to(&other.name) >= 20,
+        "the home relayed them"
+    );
 
     // Detached: the node stops receiving the channel.
     other.hub.detach(&key, "late-subscriber", now_ms());
@@ -954,4 +958,115 @@ async fn a_late_subscribers_node_gets_members_older_than_the_log() {
         .map(|m| m.client_id)
         .collect();
     assert_eq!(members, vec![Some("old-timer".to_string())]);
+}
+
+/// Subscribes a fresh recorder to `key` on `node`, after the channel's state arrived
+/// (as the edge does on a first attach).
+async fn subscribe(node: &TestNode, key: &ChannelKey, id: &str) -> Arc<Recorder> {
+    if let Some(ready) = node.cluster.replication().warm(key) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), ready).await;
+    }
+    let recorder = Arc::new(Recorder::default());
+    node.hub
+        .attach(
+            key,
+            id.into(),
+            AttachOptions {
+                modes: flags::SUBSCRIBE,
+                echo: true,
+                resume_from: None,
+                rewind: None,
+            },
+            recorder.clone(),
+            |_| {},
+            now_ms(),
+        )
+        .unwrap();
+    recorder
+}
+
+/// Two regions of three nodes; one channel with subscribers on one node per region,
+/// neither of them the channel's home there, and publishers in both regions (also not
+/// homes). The home of the channel in r2 (the relay r1's messages cross to, which passes
+/// them to r2's subscriber) is killed mid-stream. Each subscriber still gets every
+/// message exactly once, in each origin's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_subscribers_get_everything_once_when_their_regions_home_dies() {
+    let ca = ClusterCa::generate().unwrap();
+    let topology = Topology::parse(
+        "regions = [\"r1\", \"r2\"]\n[[links]]\na = \"r1\"\nb = \"r2\"\ndelay_ms = 5\n",
+    )
+    .unwrap();
+    let a1 = start(&ca, "a1", "r1", &[], Some(topology.clone()), 1).await;
+    let a2 = start(&ca, "a2", "r1", &[&a1], Some(topology.clone()), 1).await;
+    let a3 = start(&ca, "a3", "r1", &[&a1], Some(topology.clone()), 1).await;
+    let b1 = start(&ca, "b1", "r2", &[&a1], Some(topology.clone()), 1).await;
+    let b2 = start(&ca, "b2", "r2", &[&a1], Some(topology.clone()), 1).await;
+    let b3 = start(&ca, "b3", "r2", &[&a1], Some(topology.clone()), 1).await;
+    let all = [&a1, &a2, &a3, &b1, &b2, &b3];
+    wait_members(&all, 6).await;
+    let r1 = [&a1, &a2, &a3];
+    let r2 = [&b1, &b2, &b3];
+    let home_in = |region: &[&TestNode; 3], key: &ChannelKey| -> String {
+        let asker = region[0];
+        asker
+            .cluster
+            .replication()
+            .home_of(key)
+            .unwrap_or_else(|| asker.name.clone())
+    };
+    // A channel whose homes are neither a1/b1 (the publishers) nor a2/b3 (subscribers):
+    // then a3 or b2 is each region's home, and the other kind of node exists too.
+    let key = (0..1000)
+        .map(|n| ChannelKey::new("app", &format!("sparse-{n}")))
+        .find(|k| home_in(&r1, k) == "a3" && home_in(&r2, k) == "b2")
+        .expect("some channel has these homes");
+    let east = subscribe(&a2, &key, "east-subscriber").await;
+    let west = subscribe(&b3, &key, "west-subscriber").await;
+    wait_for("interest known", 10, || {
+        a1.cluster.replication().knows_interest("a2", &key)
+            && b2.cluster.replication().knows_interest("b3", &key)
+            && b1.cluster.replication().knows_interest("b3", &key)
+    })
+    .await;
+
+    let mut published: Vec<(String, Vec<String>)> =
+        vec![("a1".into(), Vec::new()), ("b1".into(), Vec::new())];
+    let mut relayed = 0;
+    for n in 0..300 {
+        for (i, node) in [&a1, &b1].iter().enumerate() {
+            let name = format!("{}/{n}", node.name);
+            publish_on(node, &key, &name);
+            published[i].1.push(name);
+        }
+        if n == 150 {
+            relayed = b2.cluster.replication().events_sent_to("b3");
+            b2.cluster.shutdown().await;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        relayed > 100,
+        "r1's messages reached b3 through r2's home while it lived ({relayed} relayed)"
+    );
+    wait_for("both subscribers", 30, || {
+        east.len() >= 600 && west.len() >= 600
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (who, recorder) in [("a2", &east), ("b3", &west)] {
+        let got = recorder.names();
+        assert_eq!(got.len(), 600, "{who}: every message exactly once");
+        for (origin, names) in &published {
+            let from_origin: Vec<&String> = got
+                .iter()
+                .filter(|n| n.starts_with(&format!("{origin}/")))
+                .collect();
+            assert_eq!(
+                from_origin,
+                names.iter().collect::<Vec<_>>(),
+                "{who}: {origin}'s messages in order"
+            );
+        }
+    }
 }
