@@ -462,8 +462,11 @@ impl Channel {
     }
 
     /// Gives up on `origin`'s events up to `upto` that no peer can supply any more
-    /// (trimmed from its log, or no-ops it never logged): the cursor moves past them and
-    /// the events waiting behind them apply. Returns how many applied.
+    /// (trimmed from its log, or no-ops it never logged): events of `origin` already
+    /// here and waiting (at or below `upto`, behind a hole) apply in order, the cursor
+    /// moves past the holes, and the events waiting behind `upto` apply. Returns how
+    /// many applied. (Moving the cursor first would drop the waiting ones: a message
+    /// this node has, lost to its subscribers.)
     pub(crate) fn skip_remote(
         &mut self,
         ctx: &ApplyContext<'_>,
@@ -473,8 +476,20 @@ impl Channel {
         if upto <= self.cursor.get(origin) {
             return 0;
         }
+        let waiting: Vec<u64> = self
+            .pending
+            .range((origin, 0)..=(origin, upto))
+            .map(|((_, seq), _)| *seq)
+            .collect();
+        let mut applied = 0;
+        for seq in waiting {
+            if let Some(event) = self.pending.remove(&(origin, seq)) {
+                self.apply_remote_one(ctx, event);
+                applied += 1;
+            }
+        }
         self.cursor.advance(origin, upto);
-        self.drain_pending(ctx, origin)
+        applied + self.drain_pending(ctx, origin)
     }
 
     fn apply_remote_one(&mut self, ctx: &ApplyContext<'_>, remote: RemoteEvent) {

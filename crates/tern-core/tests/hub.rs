@@ -477,3 +477,41 @@ fn a_channel_dropped_while_idle_continues_its_sequences() {
         }
     );
 }
+
+/// A `Skip` over a hole (an event that was a no-op on every node that still has the
+/// origin's log) must not throw away the events already here waiting behind the hole:
+/// they apply, in order, and reach subscribers.
+#[test]
+fn a_skip_over_a_hole_applies_the_events_waiting_behind_it() {
+    let key = ChannelKey::new("app", "holes");
+    let origin = Hub::new(OriginId(1), CoreLimits::default());
+    let node = hub();
+    let recorder = attach(&node, &key, "watcher", true);
+    let events: Vec<RemoteEvent> = (0..4)
+        .map(|i| {
+            let out = origin
+                .publish(&key, &publisher("o", i), vec![msg(&format!("m{i}"))], 1)
+                .unwrap();
+            RemoteEvent::from_event(&out.event.unwrap())
+        })
+        .collect();
+    node.apply_remote(&key, events[0].clone(), 1).unwrap();
+    // Event 2 is the hole; 3 and 4 wait behind it.
+    assert!(matches!(
+        node.apply_remote(&key, events[2].clone(), 1).unwrap(),
+        RemoteOutcome::Gap { .. }
+    ));
+    node.apply_remote(&key, events[3].clone(), 1).unwrap();
+    // The skip reaches past what is waiting (as a `Synced` cursor or a repair `Skip` can).
+    assert_eq!(node.skip_remote(&key, OriginId(1), 3, 1), 2);
+    assert_eq!(node.cursor(&key).get(OriginId(1)), 4);
+    let names: Vec<String> = recorder
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|e| e.frame.messages.clone().unwrap_or_default())
+        .filter_map(|m| m.name)
+        .collect();
+    assert_eq!(names, vec!["m0", "m2", "m3"]);
+}
