@@ -362,6 +362,9 @@ pub struct Sim {
     departures_pending: usize,
     /// When the last crash or restart happened.
     last_churn_ms: Option<i64>,
+    /// Nodes whose hub or subscriber may have changed since the last step check (the
+    /// others need no new check).
+    touched: BTreeSet<usize>,
     /// Print every step to stderr (for replaying one seed).
     pub trace: bool,
     /// What the faults actually did (so a sweep can prove it exercised them).
@@ -475,6 +478,7 @@ impl Sim {
             previous_heads: HashMap::new(),
             departures_pending: 0,
             last_churn_ms: None,
+            touched: BTreeSet::new(),
             trace: false,
             stats: Stats::default(),
         };
@@ -831,6 +835,7 @@ impl Sim {
     /// Routes what node `at`'s hub journaled (see [`Sim::recipients`]), and notes what
     /// each of its own events is (for the checks).
     fn flush(&mut self, at: usize) {
+        self.touched.insert(at);
         let events = std::mem::take(&mut *lock(&self.nodes[at].outbox.events));
         for event in events {
             let own = event.origin == self.nodes[at].origin;
@@ -1358,9 +1363,11 @@ impl Sim {
             published,
             key,
             limits,
+            touched,
             ..
         } = self;
-        for (i, node) in nodes.iter_mut().enumerate() {
+        for i in std::mem::take(touched) {
+            let node = &mut nodes[i];
             if !node.up {
                 continue;
             }
