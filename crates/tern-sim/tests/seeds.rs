@@ -82,8 +82,12 @@ fn run(seed: u64) -> Result<Stats, String> {
         settle_ms: env("TERN_SIM_SETTLE_MS").unwrap_or(3_000),
     };
     let (regions, latency) = layout(seed, &topology());
+    let trace = std::env::var("TERN_SIM_TRACE").is_ok_and(|v| v == "1");
+    if trace {
+        eprintln!("seed {seed}: node regions {regions:?}");
+    }
     let mut sim = Sim::new(seed, regions, latency, faults);
-    sim.trace = std::env::var("TERN_SIM_TRACE").is_ok_and(|v| v == "1");
+    sim.trace = trace;
     let fail = |sim: &Sim, err: String| {
         let settle = std::env::var("TERN_SIM_SETTLE_MS")
             .map(|v| format!("TERN_SIM_SETTLE_MS={v} "))
