@@ -8,31 +8,59 @@
 //!   in-flight queue, the faults, and the invariant checks.
 //!
 //! # What it models of the cluster (`tern-cluster`'s replicator and membership)
-//! - Every event a hub journals under its own origin (publishes, presence changes, the
-//!   LEAVEs of `node_departed`) goes to every peer, as the replicator's journal does.
+//! - Regions: every node has one (the caller passes them; the sweep puts 1 to 3 nodes in
+//!   each of 2 or 3 regions of `regions/topology.toml`, 1 ms apart inside a region). The
+//!   channel's *home* in a region is the node there with the highest `channel_score`
+//!   (the replicator's rendezvous hash of app, channel and node id; a node keeps its id
+//!   across restarts) among the nodes the observer counts live: those up, and crashed
+//!   ones whose departure it has not noticed yet (it routes to them, and what it sends
+//!   is lost).
+//! - Subscribers: each incarnation has one with probability 65%. A node with one tells
+//!   the nodes of its region (`Interest`, repeated each anti-entropy round, forgotten
+//!   7 s after it was last heard, kept per node id as the replicator does, so a peer may
+//!   still route to a restarted node's new incarnation on its predecessor's interest).
+//!   The home attaches its subscriber at once; any other node first sends `Interest`
+//!   and asks the region's home for the channel state (`Sync`; the home counts the
+//!   interest first, as it comes first on the same link) and attaches when the answer
+//!   (its log per origin as a repair answer from 1, a `Skip` for what its log starts
+//!   after, its presence members, then its cursor, skipped to: `Synced`) arrives, asking
+//!   again each second and attaching without it after 3 s.
+//! - Routing (`recipients`): every event a hub applies is journaled; its own go to the
+//!   channel's home in every region the node knows a live node of and to the nodes of its
+//!   region whose interest it holds; an event of a live origin of another region applied
+//!   by the home of this region goes on to the interested nodes of this region; nothing
+//!   else is sent (an interested node, or a home's copy of its own region's events,
+//!   passes nothing on).
 //! - An event ahead of a gap asks the node it came from for the missing range; the answer
 //!   is the events still in that node's log, preceded by a `Skip` for the part its cursor
 //!   covers but its log lacks (events that were no-ops there), as `answer_repair` does.
-//! - Anti-entropy (`Heads`): a node compares its cursor with each reachable peer's and
-//!   asks that peer for the events it lacks of origins it does not believe live (a
-//!   crashed incarnation's, its own previous one's), and of the peer's own events those
-//!   the peer already had in its previous heads; a live third origin's events come from
-//!   that origin.
+//! - Anti-entropy (`Heads`): a node that keeps the channel (it has a subscriber, attached
+//!   or waiting for the state, or it is the home of its region in its view) compares its
+//!   cursor with each reachable peer's and asks that peer for the events it lacks of
+//!   origins it does not believe live (a crashed incarnation's, its own previous one's),
+//!   and of the peer's own events those the peer already had in its previous heads
+//!   (newer ones may still be on their way); a live third origin's events come from that
+//!   origin or the home's relay. A node that does not keep the channel ignores heads.
 //! - Crash: the node loses its hub; items in flight to it are lost (what it sent before
 //!   is on the wire and still arrives); it sends nothing while down. Each node up at the
 //!   time learns of the departure after a failure-detection delay and then calls
 //!   `hub.node_departed(tag + "-")` (the dead incarnation's connection ids) and treats
-//!   the origin as dead. A node crashes only once membership has settled: every survivor
-//!   noticed the previous crash, and `Faults::settle_ms` passed since the last crash or
-//!   restart (see "Known limit" below).
+//!   the origin as dead (and no longer as a possible home). A node crashes only once
+//!   membership has settled: every survivor noticed the previous crash, and
+//!   `Faults::settle_ms` passed since the last crash or restart (see "Known limit"
+//!   below).
 //! - Restart: a new incarnation with a new origin id (never the old sequence space),
-//!   a new connection-id tag, an empty hub and a fresh subscriber attached at once; it
-//!   catches the channel up from peers' logs by anti-entropy. Like the real membership,
-//!   it never reports departures of incarnations it did not see live (its own previous
-//!   one included).
+//!   a new connection-id tag, an empty hub and maybe a subscriber (attached as above,
+//!   through `Sync` unless it is the home); if it keeps the channel it catches up from
+//!   peers' heads. Like the real membership, it never reports departures of
+//!   incarnations it did not see live (its own previous one included). Every node sees a
+//!   restarted node at once (gossip's delay in spreading a join is not modeled).
 //!
-//! Not modeled: QUIC links and their resend buffers (the network here loses messages and
-//! only repair brings them back), gossip itself, interest routing, the history store.
+//! Not modeled: QUIC links and their resend buffers (the network here loses every kind
+//! of message, events, interest, `Sync` and its answer included, and only repair, heads,
+//! the interest refresh and asking again bring them back; real links are ordered and
+//! resend), a subscriber's last detach (`Interest` off), history `Backfill` and the
+//! history store, forwarded reads, several channels, gossip itself.
 //!
 //! # Known limit (crash cascades)
 //! Only nodes that saw an incarnation live remove its presence members, and a LEAVE that
@@ -46,22 +74,53 @@
 //! After every step ([`Sim::check_step`]), for each subscriber *incarnation*:
 //! - per origin, events arrive in strictly increasing sequence order (no duplicate
 //!   event), and no MESSAGE event is skipped, except messages published before this
-//!   incarnation attached (a restarted node may only find a peer's trimmed log). PRESENCE
-//!   events may be skipped: one that changed nothing on a node is not fanned out there,
-//!   nor logged, so a repair from that node skips it;
+//!   incarnation attached (they are in the state it attached to, or a restarted node may
+//!   only find a peer's trimmed log). PRESENCE events may be skipped: one that changed
+//!   nothing on a node is not fanned out there, nor logged, so a repair from that node
+//!   skips it;
 //! - no message id arrives twice;
-//! - each channel's pending (out-of-order) events and log stay within `CoreLimits`.
+//! - each channel's pending (out-of-order) events and log stay within `CoreLimits`;
+//! - routing never sends to a node without a subscriber that is not the home in the
+//!   sender's view, except on interest the sender still holds from that node's
+//!   *previous* incarnation (counted in `Stats::stale_interest`).
 //!
-//! After healing and draining ([`Sim::check_converged`]), over the live nodes:
-//! - every live node's subscriber has exactly the same set of messages, and that set
-//!   contains every message published by a live incarnation and every message of a
-//!   crashed incarnation that a still-live survivor had applied when it crashed (so a
-//!   restarted subscriber has every message published after it re-attached, except those
-//!   of an origin that died before any live node got them);
-//! - every live node has the same presence members (clientId, connectionId, data), equal
-//!   to what the live clients entered and did not leave; no crashed incarnation's
-//!   connection is left in it.
-
+//! After healing and draining ([`Sim::check_converged`]), over the live nodes that keep
+//! the channel (those with an attached subscriber, and each region's home among the live
+//! nodes):
+//! - every one has exactly the same set of messages (for a subscriber: what it was
+//!   delivered plus what its hub held when it attached; for a home without subscriber:
+//!   its log), and that set contains every message published by a live incarnation and
+//!   every message of a crashed incarnation that a still-live survivor had applied when
+//!   it crashed;
+//! - every one has the same presence members (clientId, connectionId, data), equal to
+//!   what the clients of every live node (subscribers or not) entered and did not leave;
+//!   no crashed incarnation's connection is left in it;
+//! - a live node that has no subscriber, was never its region's home since it booted,
+//!   and got no event on a predecessor's interest holds no event of any origin but its
+//!   own: the routing sent it nothing, and it asked for nothing.
+//!
+//! The sweep then makes the network lossless ([`Sim::calm`]), repeats interest, has every
+//! live node publish once more and checks convergence again with no anti-entropy round:
+//! routing alone (origin to homes and interested nodes, home relay, gap repair) must
+//! bring those messages everywhere. `Heads` alone would repair a missing relay or home,
+//! so only this phase shows one.
+//!
+//! # Issues the sweep shows in the real rules (seeds 52, 76, 366, 491 of 500 fail)
+//! - `Hub::skip_remote` drops the pending events it skips over instead of applying them,
+//!   and `Synced` skips to the home's cursor. A home's log has holes where an event was a
+//!   no-op there (a LEAVE of a member `node_departed` had already removed); its `Sync`
+//!   answer sends the events after the hole, which wait behind it on the syncing node,
+//!   and then `Synced` moves the cursor past them and discards them. The node never
+//!   applies those messages (its subscribers miss them, its log and a later home role
+//!   lack them). Seeds 52, 366 (and 76 until it hits the next issue) pass when
+//!   `skip_remote` applies the waiting events up to `upto` before moving the cursor.
+//! - A restarted node never saw its previous incarnation live, so never removes that
+//!   incarnation's presence members (see "Known limit"); with interest routing it does
+//!   not need a crash cascade: the LEAVE a survivor made for the member is a no-op (not
+//!   logged) on the home that had not got the ENTER yet, the restarted node skips it
+//!   with the home's cursor in `Synced`, and then gets the ENTER by repair of the dead
+//!   origin (seeds 491, 76).
+//!
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -115,6 +174,17 @@ pub struct Faults {
 /// Presence clients per node incarnation.
 const CLIENTS: usize = 3;
 
+/// Chance (percent) that a node incarnation has a subscriber on the channel.
+const SUBSCRIBED_PERCENT: u64 = 65;
+
+/// A peer forgets a node's interest this long after last hearing it (`INTEREST_TTL`).
+const INTEREST_TTL_MS: i64 = 7_000;
+
+/// A node waiting for the channel's state asks again after this long
+/// (`ASK_AGAIN_AFTER`) and attaches anyway after `WARM_TIMEOUT_MS` (`WARM_TIMEOUT`).
+const ASK_AGAIN_MS: i64 = 1_000;
+const WARM_TIMEOUT_MS: i64 = 3_000;
+
 /// One recorded delivery: origin, sequence, and the message id (`None` for PRESENCE).
 type Delivery = (OriginId, u64, Option<String>);
 
@@ -142,21 +212,19 @@ impl Subscriber for Recorder {
     }
 }
 
-/// The hub's journal: the events this incarnation originates, to send to every peer
-/// (what the replicator does with its journal).
+/// The hub's journal: every event the hub applies, in order, for the routing to send on
+/// (its own to the homes and interested nodes, another region's to the interested nodes
+/// of its region when it is the home), as the replicator's `record` does.
 struct Outbox {
-    origin: OriginId,
     events: Mutex<Vec<Arc<ChannelEvent>>>,
 }
 
 impl Journal for Outbox {
     fn record(&self, _key: &ChannelKey, event: &Arc<ChannelEvent>) {
-        if event.origin == self.origin {
-            self.events
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(event.clone());
-        }
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(event.clone());
     }
 }
 
@@ -182,6 +250,22 @@ struct Node {
     checked: Checked,
     /// `published.len()` when the subscriber attached.
     attached_at: usize,
+    /// This incarnation has a subscriber (attached, or waiting for the channel state).
+    subscribed: bool,
+    /// Its subscriber is attached.
+    attached: bool,
+    /// Waiting for the channel's state before attaching: since when, and from which home.
+    warming: Option<(i64, usize)>,
+    /// Message ids the hub held when the subscriber attached (the state it attached to).
+    pre_attach: HashSet<String>,
+    /// Same-region peers (by node index, as the real interest is by node id) that said
+    /// they have subscribers, when this node last heard it and from which incarnation.
+    interest: HashMap<usize, (i64, u64)>,
+    /// It has been the channel's home in its region (among the live nodes) since boot.
+    was_home: bool,
+    /// It got routed events only because a peer still held its previous incarnation's
+    /// interest (kept for `INTEREST_TTL_MS`).
+    stale_fed: bool,
     /// Crashed origins this node has not yet seen depart (it still waits on their link).
     believed_live: HashSet<OriginId>,
     clients: Vec<Client>,
@@ -207,6 +291,23 @@ enum Item {
     Skip { origin: OriginId, upto: u64 },
     /// Membership reports that incarnation `tag`/`origin` departed.
     Departed { tag: String, origin: OriginId },
+    /// A same-region peer (incarnation `incarnation`) has subscribers on the channel
+    /// (`Interest`, on).
+    Interest { from: usize, incarnation: u64 },
+    /// A node asks the region's home for the channel's state (after its interest, on the
+    /// same ordered link, so the home counts the interest first).
+    Sync { from: usize, incarnation: u64 },
+    /// The home's answer to `Sync`, on one ordered link: per origin a `Skip` for what its
+    /// log lacks and the events it has, then its presence members and its cursor.
+    SyncState {
+        from: usize,
+        items: Vec<Item>,
+        members: Vec<PresenceMessage>,
+        cursor: Vec<(OriginId, u64)>,
+    },
+    /// The node's own timer while it waits for the channel's state: ask again, or give
+    /// up and attach with what it has.
+    WarmTick,
 }
 
 struct InFlight {
@@ -230,6 +331,10 @@ pub struct Sim {
     rng: Rng,
     now_ms: i64,
     nodes: Vec<Node>,
+    /// Each node's region (index into the topology's regions).
+    regions: Vec<usize>,
+    /// Each node's rendezvous score for the channel (it keeps its node id on restart).
+    scores: Vec<u64>,
     /// Link latency between node pairs (ms), from the topology.
     latency_ms: Vec<Vec<i64>>,
     faults: Faults,
@@ -257,6 +362,9 @@ pub struct Sim {
     departures_pending: usize,
     /// When the last crash or restart happened.
     last_churn_ms: Option<i64>,
+    /// Nodes whose hub or subscriber may have changed since the last step check (the
+    /// others need no new check).
+    touched: BTreeSet<usize>,
     /// Print every step to stderr (for replaying one seed).
     pub trace: bool,
     /// What the faults actually did (so a sweep can prove it exercised them).
@@ -279,6 +387,17 @@ pub struct Stats {
     pub departed_leaves: u64,
     /// Repair answers that skipped events missing from a peer's log.
     pub skips: u64,
+    /// Node incarnations that booted without a subscriber.
+    pub absent_subscribers: u64,
+    /// Channel states (`Sync` answers) taken in by a node waiting to attach.
+    pub syncs: u64,
+    /// Subscribers that attached without the state (it did not come in time).
+    pub warm_timeouts: u64,
+    /// Events a home passed on to its region's interested nodes.
+    pub relayed: u64,
+    /// Events routed to a node without subscribers that was not the home, because a
+    /// peer still held its previous incarnation's interest.
+    pub stale_interest: u64,
     /// Highest virtual time reached (ms).
     pub max_now_ms: i64,
 }
@@ -295,6 +414,11 @@ impl Stats {
         self.presence_changes += other.presence_changes;
         self.departed_leaves += other.departed_leaves;
         self.skips += other.skips;
+        self.absent_subscribers += other.absent_subscribers;
+        self.syncs += other.syncs;
+        self.warm_timeouts += other.warm_timeouts;
+        self.relayed += other.relayed;
+        self.stale_interest += other.stale_interest;
         self.max_now_ms = self.max_now_ms.max(other.max_now_ms);
     }
 }
@@ -318,18 +442,26 @@ fn member(m: &PresenceMessage) -> Member {
 }
 
 impl Sim {
-    /// `latency_ms[i][j]`: one-way delay between node i and j.
-    pub fn new(seed: u64, latency_ms: Vec<Vec<i64>>, faults: Faults) -> Sim {
-        let key = ChannelKey::new("sim", "channel");
+    /// `regions[i]`: node i's region; `latency_ms[i][j]`: one-way delay between node i
+    /// and j.
+    pub fn new(seed: u64, regions: Vec<usize>, latency_ms: Vec<Vec<i64>>, faults: Faults) -> Sim {
+        assert_eq!(regions.len(), latency_ms.len(), "one region per node");
+        let key = ChannelKey::new("sim", &format!("channel-{seed}"));
         let limits = CoreLimits::default();
-        let nodes = (0..latency_ms.len())
-            .map(|i| Sim::boot(&key, &limits, i, 0, 0, 0))
+        let mut rng = Rng::new(seed);
+        let scores = (0..regions.len())
+            .map(|i| channel_score(&key, &format!("n{i}")))
             .collect();
-        Sim {
+        let nodes = (0..latency_ms.len())
+            .map(|i| Sim::boot(&limits, i, 0, rng.chance(SUBSCRIBED_PERCENT)))
+            .collect();
+        let mut sim = Sim {
             seed,
-            rng: Rng::new(seed),
+            rng,
             now_ms: 0,
             nodes,
+            regions,
+            scores,
             latency_ms,
             faults,
             limits,
@@ -346,44 +478,28 @@ impl Sim {
             previous_heads: HashMap::new(),
             departures_pending: 0,
             last_churn_ms: None,
+            touched: BTreeSet::new(),
             trace: false,
             stats: Stats::default(),
+        };
+        sim.note_homes();
+        for at in 0..sim.nodes.len() {
+            sim.start_subscriber(at);
         }
+        sim
     }
 
-    /// Incarnation `incarnation` of node `index`: a fresh hub, its subscriber attached.
-    fn boot(
-        key: &ChannelKey,
-        limits: &CoreLimits,
-        index: usize,
-        incarnation: u64,
-        attached_at: usize,
-        now_ms: i64,
-    ) -> Node {
+    /// Incarnation `incarnation` of node `index`: a fresh hub, its subscriber (if it has
+    /// one) not attached yet (see [`Sim::start_subscriber`]).
+    fn boot(limits: &CoreLimits, index: usize, incarnation: u64, subscribed: bool) -> Node {
         // Node id and boot epoch, as the server derives it: never reused.
         let origin = OriginId(((index as u64 + 1) << 32) | incarnation);
         let tag = format!("n{index}i{incarnation}");
         let outbox = Arc::new(Outbox {
-            origin,
             events: Mutex::new(Vec::new()),
         });
         let hub = Hub::with_journal(origin, limits.clone(), Some(outbox.clone()));
         let recorder = Arc::new(Recorder::default());
-        let options = AttachOptions {
-            modes: ALL_MODES,
-            echo: true,
-            resume_from: None,
-            rewind: None,
-        };
-        hub.attach(
-            key,
-            format!("{tag}-sub").into(),
-            options,
-            recorder.clone(),
-            |_| {},
-            now_ms,
-        )
-        .expect("attach");
         let clients = (0..CLIENTS)
             .map(|k| Client {
                 client_id: format!("user-{k}"),
@@ -401,9 +517,203 @@ impl Sim {
             outbox,
             recorder,
             checked: Checked::default(),
-            attached_at,
+            attached_at: 0,
+            subscribed,
+            attached: false,
+            warming: None,
+            pre_attach: HashSet::new(),
+            interest: HashMap::new(),
+            was_home: false,
+            stale_fed: false,
             believed_live: HashSet::new(),
             clients,
+        }
+    }
+
+    /// Node `at`'s subscriber (if it has one) attaches: at once when the node is the
+    /// channel's home in its region; otherwise it first tells its region it is
+    /// interested and asks the home for the channel's state (`warm`), attaching when
+    /// that arrives or after `WARM_TIMEOUT_MS`.
+    fn start_subscriber(&mut self, at: usize) {
+        let node = &self.nodes[at];
+        if !node.subscribed {
+            self.stats.absent_subscribers += 1;
+            return;
+        }
+        let home = self.home(at, self.regions[at]);
+        if home == at {
+            self.attach(at);
+            return;
+        }
+        self.nodes[at].warming = Some((self.now_ms, home));
+        self.log(|| format!("n{at} warms from home n{home}"));
+        let incarnation = self.nodes[at].incarnation;
+        for peer in self.region_peers(at) {
+            if peer != home {
+                let item = Item::Interest {
+                    from: at,
+                    incarnation,
+                };
+                self.send(at, peer, item);
+            }
+        }
+        self.send(
+            at,
+            home,
+            Item::Sync {
+                from: at,
+                incarnation,
+            },
+        );
+        self.enqueue(self.now_ms + ASK_AGAIN_MS, at, Item::WarmTick);
+    }
+
+    /// Attaches node `at`'s subscriber to what its hub holds now.
+    fn attach(&mut self, at: usize) {
+        let attached_at = self.published.len();
+        let node = &mut self.nodes[at];
+        let options = AttachOptions {
+            modes: ALL_MODES,
+            echo: true,
+            resume_from: None,
+            rewind: None,
+        };
+        node.hub
+            .attach(
+                &self.key,
+                format!("{}-sub", node.tag).into(),
+                options,
+                node.recorder.clone(),
+                |_| {},
+                self.now_ms,
+            )
+            .expect("attach");
+        node.pre_attach = held_ids(&node.hub, &self.key);
+        node.attached_at = attached_at;
+        node.attached = true;
+        node.warming = None;
+        self.log(|| format!("n{at} attached"));
+    }
+
+    /// Whether node `observer` counts node `node` live: it is up, or it crashed and
+    /// `observer` has not noticed yet.
+    fn in_view(&self, observer: usize, node: usize) -> bool {
+        node == observer
+            || self.nodes[node].up
+            || self.nodes[observer]
+                .believed_live
+                .contains(&self.nodes[node].origin)
+    }
+
+    /// The channel's home in `region` as `observer` sees it: the node there it counts
+    /// live with the highest score (`homes`). `usize::MAX` if it knows none there.
+    fn home(&self, observer: usize, region: usize) -> usize {
+        (0..self.nodes.len())
+            .filter(|&i| self.regions[i] == region && self.in_view(observer, i))
+            .max_by_key(|&i| (self.scores[i], i))
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Nodes of `at`'s region other than itself.
+    fn region_peers(&self, at: usize) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| i != at && self.regions[i] == self.regions[at])
+            .collect()
+    }
+
+    /// Whether node `at` keeps the channel (repairs it from `Heads`): it has a
+    /// subscriber (attached or waiting for the state) or is the home in its region.
+    fn holds(&self, at: usize) -> bool {
+        self.nodes[at].subscribed || self.home(at, self.regions[at]) == at
+    }
+
+    /// Same-region peers whose interest `at` heard within `INTEREST_TTL_MS` and counts
+    /// live (`interested`).
+    fn interested(&self, at: usize) -> Vec<usize> {
+        let mut peers: Vec<usize> = self.nodes[at]
+            .interest
+            .iter()
+            .filter(|(&p, &(when, _))| {
+                self.now_ms - when < INTEREST_TTL_MS
+                    && p != at
+                    && self.regions[p] == self.regions[at]
+                    && self.in_view(at, p)
+            })
+            .map(|(&p, _)| p)
+            .collect();
+        peers.sort_unstable();
+        peers
+    }
+
+    /// Who node `at` sends an event of `origin` to (`recipients`): its own go to the
+    /// channel's home in every region it knows a live node of and to the interested
+    /// nodes of its region; another region's live origin's go to the interested nodes of
+    /// its region when it is the home here; nothing else.
+    fn recipients(&mut self, at: usize, origin: OriginId, own: bool) -> Vec<usize> {
+        let mut ids = Vec::new();
+        if own {
+            let regions: BTreeSet<usize> = (0..self.nodes.len())
+                .filter(|&i| self.in_view(at, i))
+                .map(|i| self.regions[i])
+                .collect();
+            for region in regions {
+                let home = self.home(at, region);
+                if home != at {
+                    ids.push(home);
+                }
+            }
+        } else {
+            let origin_node = origin_index(origin);
+            if !self.believed_live(at, origin)
+                || self.regions[origin_node] == self.regions[at]
+                || self.home(at, self.regions[at]) != at
+            {
+                return ids;
+            }
+        }
+        let relay = !own;
+        let home_here = self.home(at, self.regions[at]);
+        for peer in self.interested(at) {
+            if ids.contains(&peer) {
+                continue;
+            }
+            ids.push(peer);
+            if relay {
+                self.stats.relayed += 1;
+            }
+            let target = &self.nodes[peer];
+            if target.up && !target.subscribed && peer != home_here {
+                // Interest this incarnation never sent: its node's previous one's,
+                // which the peer keeps until it expires.
+                let (_, from) = self.nodes[at].interest[&peer];
+                if from == target.incarnation {
+                    self.broken.get_or_insert(format!(
+                        "n{at} holds interest of {}, which has no subscriber",
+                        target.tag
+                    ));
+                }
+                self.stats.stale_interest += 1;
+                self.nodes[peer].stale_fed = true;
+            }
+        }
+        ids
+    }
+
+    /// Marks each live node that is now the channel's home in its region (among the live
+    /// nodes). Called whenever the live set changes. A node's view holds every live
+    /// node (and maybe crashed ones it has not noticed), so whoever any node takes for a
+    /// home is marked here.
+    fn note_homes(&mut self) {
+        for at in 0..self.nodes.len() {
+            if !self.nodes[at].up {
+                continue;
+            }
+            let home = (0..self.nodes.len())
+                .filter(|&i| self.regions[i] == self.regions[at] && self.nodes[i].up)
+                .max_by_key(|&i| (self.scores[i], i));
+            if home == Some(at) {
+                self.nodes[at].was_home = true;
+            }
         }
     }
 
@@ -455,6 +765,49 @@ impl Sim {
     }
 }
 
+/// The ids of the messages in the channel's log on `hub`.
+fn held_ids(hub: &Hub, key: &ChannelKey) -> HashSet<String> {
+    hub.cursor(key)
+        .origins()
+        .flat_map(|(origin, seq)| hub.events_of(key, origin, 1, seq))
+        .filter(|e| e.is_message())
+        .flat_map(|e| {
+            e.frame
+                .messages
+                .iter()
+                .flatten()
+                .map(|m| m.id.clone().unwrap_or_default())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The node an origin id belongs to (see [`Sim::boot`]).
+fn origin_index(origin: OriginId) -> usize {
+    (origin.0 >> 32) as usize - 1
+}
+
+/// `channel_score` of the replicator: FNV-1a over the app, 0xfe, the channel name, 0xff
+/// and the node id, finished with a splitmix step.
+fn channel_score(key: &ChannelKey, node: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes = key
+        .app
+        .bytes()
+        .chain([0xfe])
+        .chain(key.name.bytes())
+        .chain([0xff])
+        .chain(node.bytes());
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h
+}
+
 /// One line about an event, for the trace.
 fn describe(origin: OriginId, seq: u64, frame: &tern_protocol::ProtocolMessage) -> String {
     let mut out = format!("{origin}/{seq}");
@@ -479,56 +832,75 @@ impl Sim {
         }
     }
 
-    /// Sends what node `at` journaled under its own origin to every peer, and notes what
-    /// each of those events is (for the checks).
+    /// Routes what node `at`'s hub journaled (see [`Sim::recipients`]), and notes what
+    /// each of its own events is (for the checks).
     fn flush(&mut self, at: usize) {
+        self.touched.insert(at);
         let events = std::mem::take(&mut *lock(&self.nodes[at].outbox.events));
         for event in events {
-            self.log(|| {
-                format!(
-                    "n{at} origin {}",
-                    describe(event.origin, event.seq, &event.frame)
-                )
-            });
-            let kind = if event.is_message() {
-                let id = event
-                    .frame
-                    .messages
-                    .iter()
-                    .flatten()
-                    .next()
-                    .and_then(|m| m.id.clone())
-                    .unwrap_or_default();
-                self.published.push((id, event.origin, event.seq));
-                Some(self.published.len() - 1)
-            } else {
-                None
-            };
-            let log = self.events.entry(event.origin).or_default();
-            log.push(kind);
-            if log.len() as u64 != event.seq {
-                self.broken.get_or_insert(format!(
-                    "origin {} numbered an event {} after {}",
-                    event.origin,
-                    event.seq,
-                    log.len() - 1
-                ));
+            let own = event.origin == self.nodes[at].origin;
+            if own {
+                self.note_own(at, &event);
+            }
+            let to = self.recipients(at, event.origin, own);
+            if to.is_empty() {
+                continue;
+            }
+            if !own {
+                self.log(|| {
+                    format!(
+                        "n{at} relays {} to {to:?}",
+                        describe(event.origin, event.seq, &event.frame)
+                    )
+                });
             }
             let remote = Arc::new(RemoteEvent::from_event(&event));
-            for to in 0..self.nodes.len() {
-                if to != at {
-                    let item = Item::Event {
-                        from: at,
-                        event: remote.clone(),
-                    };
-                    self.send(at, to, item);
-                }
+            for to in to {
+                let item = Item::Event {
+                    from: at,
+                    event: remote.clone(),
+                };
+                self.send(at, to, item);
             }
         }
     }
 
-    /// A client publishes one message at node `at` (if it is up); the origin sends it to
-    /// every peer.
+    /// Notes one of node `at`'s own events: a message goes into `published`, and every
+    /// event into its origin's numbering.
+    fn note_own(&mut self, at: usize, event: &Arc<ChannelEvent>) {
+        self.log(|| {
+            format!(
+                "n{at} origin {}",
+                describe(event.origin, event.seq, &event.frame)
+            )
+        });
+        let kind = if event.is_message() {
+            let id = event
+                .frame
+                .messages
+                .iter()
+                .flatten()
+                .next()
+                .and_then(|m| m.id.clone())
+                .unwrap_or_default();
+            self.published.push((id, event.origin, event.seq));
+            Some(self.published.len() - 1)
+        } else {
+            None
+        };
+        let log = self.events.entry(event.origin).or_default();
+        log.push(kind);
+        if log.len() as u64 != event.seq {
+            self.broken.get_or_insert(format!(
+                "origin {} numbered an event {} after {}",
+                event.origin,
+                event.seq,
+                log.len() - 1
+            ));
+        }
+    }
+
+    /// A client publishes one message at node `at` (if it is up); the origin routes it.
     pub fn publish(&mut self, at: usize) {
         if !self.nodes[at].up {
             return;
@@ -636,25 +1008,22 @@ impl Sim {
         self.previous_heads
             .retain(|(node, peer), _| *node != at && *peer != at);
         self.stats.crashes += 1;
+        self.note_homes();
         true
     }
 
     /// Node `at` (if down) restarts as a new incarnation: new origin, new connection ids,
-    /// empty hub, its subscriber attached afresh; it pulls the channel from its peers.
+    /// empty hub, maybe a subscriber (attached at once if it is the home, else through
+    /// `Sync`); it pulls the channel from its peers' heads if it keeps it.
     pub fn restart(&mut self, at: usize) -> bool {
         if self.nodes[at].up {
             return false;
         }
         let incarnation = self.nodes[at].incarnation + 1;
-        self.nodes[at] = Sim::boot(
-            &self.key,
-            &self.limits,
-            at,
-            incarnation,
-            self.published.len(),
-            self.now_ms,
-        );
+        let subscribed = self.rng.chance(SUBSCRIBED_PERCENT);
+        self.nodes[at] = Sim::boot(&self.limits, at, incarnation, subscribed);
         self.stats.restarts += 1;
+        self.note_homes();
         self.last_churn_ms = Some(self.now_ms);
         self.log(|| {
             format!(
@@ -662,6 +1031,7 @@ impl Sim {
                 self.nodes[at].tag, self.nodes[at].origin
             )
         });
+        self.start_subscriber(at);
         for peer in 0..self.nodes.len() {
             if peer != at {
                 self.heads(at, peer);
@@ -683,11 +1053,20 @@ impl Sim {
             self.departures_pending -= 1;
         }
         if !self.nodes[to].up || self.nodes[to].incarnation != flight.to_incarnation {
-            self.stats.lost_to_crash += 1;
+            if !matches!(flight.item, Item::WarmTick) {
+                self.stats.lost_to_crash += 1;
+            }
             return true;
         }
+        self.take(to, flight.item);
+        self.flush(to);
+        true
+    }
+
+    /// Node `to` takes in one item.
+    fn take(&mut self, to: usize, item: Item) {
         if self.trace {
-            let what = match &flight.item {
+            let what = match &item {
                 Item::Event { from, event } => {
                     format!(
                         "from n{from} {}",
@@ -696,15 +1075,24 @@ impl Sim {
                 }
                 Item::Skip { origin, upto } => format!("skip {origin} upto {upto}"),
                 Item::Departed { tag, .. } => format!("departed {tag}"),
+                Item::Interest { from, incarnation } => {
+                    format!("interest of n{from}i{incarnation}")
+                }
+                Item::Sync { from, .. } => format!("sync asked by n{from}"),
+                Item::SyncState { from, cursor, .. } => {
+                    format!("channel state from n{from}, cursor {cursor:?}")
+                }
+                Item::WarmTick => "warm timer".to_string(),
             };
             self.log(|| format!("n{to} <- {what}"));
         }
-        match flight.item {
+        match item {
             Item::Event { from, event } => self.apply(to, from, Arc::unwrap_or_clone(event)),
             Item::Skip { origin, upto } => {
-                self.nodes[to]
+                let applied = self.nodes[to]
                     .hub
                     .skip_remote(&self.key, origin, upto, self.now_ms);
+                self.log(|| format!("   skipped, {applied} applied"));
             }
             Item::Departed { tag, origin } => {
                 let left = self.nodes[to]
@@ -713,9 +1101,98 @@ impl Sim {
                 self.stats.departed_leaves += left as u64;
                 self.nodes[to].believed_live.remove(&origin);
             }
+            Item::Interest { from, incarnation } => {
+                if self.regions[from] == self.regions[to] {
+                    self.nodes[to]
+                        .interest
+                        .insert(from, (self.now_ms, incarnation));
+                }
+            }
+            Item::Sync { from, incarnation } => {
+                // The interest that precedes `Sync` on the same link.
+                if self.regions[from] == self.regions[to] {
+                    self.nodes[to]
+                        .interest
+                        .insert(from, (self.now_ms, incarnation));
+                }
+                self.answer_sync(to, from);
+            }
+            Item::SyncState {
+                from,
+                items,
+                members,
+                cursor,
+            } => {
+                for item in items {
+                    self.take(to, item);
+                }
+                let now_ms = self.now_ms;
+                let hub = &self.nodes[to].hub;
+                hub.seed_members(&self.key, members, now_ms);
+                let pending = hub.pending_len(&self.key);
+                for (origin, upto) in cursor {
+                    hub.skip_remote(&self.key, origin, upto, now_ms);
+                }
+                let after = hub.pending_len(&self.key);
+                self.log(|| format!("   synced: pending {pending} -> {after}"));
+                if self.nodes[to].warming.is_some() {
+                    self.stats.syncs += 1;
+                    self.log(|| format!("n{to} took the channel state from n{from}"));
+                    self.attach(to);
+                }
+            }
+            Item::WarmTick => {
+                let Some((since, home)) = self.nodes[to].warming else {
+                    return;
+                };
+                if self.now_ms - since >= WARM_TIMEOUT_MS {
+                    self.stats.warm_timeouts += 1;
+                    self.attach(to);
+                } else {
+                    let incarnation = self.nodes[to].incarnation;
+                    self.send(
+                        to,
+                        home,
+                        Item::Sync {
+                            from: to,
+                            incarnation,
+                        },
+                    );
+                    self.enqueue(self.now_ms + ASK_AGAIN_MS, to, Item::WarmTick);
+                }
+            }
         }
-        self.flush(to);
-        true
+    }
+
+    /// Node `home` answers node `node`'s `Sync` (`answer_sync`): per origin of its
+    /// cursor, what a repair from 1 would send, then its presence members and cursor, as
+    /// one item (the real frames follow each other on one ordered link).
+    fn answer_sync(&mut self, home: usize, node: usize) {
+        let hub = &self.nodes[home].hub;
+        let cursor: Vec<(OriginId, u64)> = hub.cursor(&self.key).origins().collect();
+        let mut items = Vec::new();
+        for &(origin, have) in &cursor {
+            let events = hub.events_of(&self.key, origin, 1, have);
+            let first = events.first().map_or(have + 1, |e| e.seq);
+            if first > 1 {
+                items.push(Item::Skip {
+                    origin,
+                    upto: first - 1,
+                });
+            }
+            for event in events {
+                let event = Arc::new(RemoteEvent::from_event(&event));
+                items.push(Item::Event { from: home, event });
+            }
+        }
+        let members = hub.members(&self.key);
+        let item = Item::SyncState {
+            from: home,
+            items,
+            members,
+            cursor,
+        };
+        self.send(home, node, item);
     }
 
     /// Applies a replicated event at `to`; a gap asks the node it came from.
@@ -784,10 +1261,11 @@ impl Sim {
     /// `peer`'s heads reach `node`, which asks `peer` for what it lacks of origins it
     /// does not believe live, and of `peer`'s own events those that `peer` already had
     /// in its previous heads (newer ones may still be on their way), as the replicator's
-    /// `Heads` handling does.
+    /// `Heads` handling does. A node that does not keep the channel ignores its heads.
     fn heads(&mut self, node: usize, peer: usize) {
         if !self.nodes[node].up
             || !self.nodes[peer].up
+            || !self.holds(node)
             || self.partitioned.contains(&(node.min(peer), node.max(peer)))
         {
             return;
@@ -812,8 +1290,10 @@ impl Sim {
         }
     }
 
-    /// A round of anti-entropy: every node gets every reachable peer's heads.
+    /// A round of anti-entropy: every node with a subscriber repeats its interest to its
+    /// region's peers, and every node gets every reachable peer's heads.
     pub fn anti_entropy(&mut self) {
+        self.refresh_interest();
         for node in 0..self.nodes.len() {
             for peer in 0..self.nodes.len() {
                 if peer != node {
@@ -821,6 +1301,29 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Every node with a subscriber repeats its interest to its region's peers (the
+    /// replicator does every 2 s).
+    pub fn refresh_interest(&mut self) {
+        for node in 0..self.nodes.len() {
+            if self.nodes[node].up && self.nodes[node].subscribed {
+                let incarnation = self.nodes[node].incarnation;
+                for peer in self.region_peers(node) {
+                    let item = Item::Interest {
+                        from: node,
+                        incarnation,
+                    };
+                    self.send(node, peer, item);
+                }
+            }
+        }
+    }
+
+    /// From now on the network neither drops nor duplicates (it still reorders).
+    pub fn calm(&mut self) {
+        self.faults.drop = 0;
+        self.faults.duplicate = 0;
     }
 
     pub fn partition(&mut self, a: usize, b: usize) {
@@ -860,9 +1363,11 @@ impl Sim {
             published,
             key,
             limits,
+            touched,
             ..
         } = self;
-        for (i, node) in nodes.iter_mut().enumerate() {
+        for i in std::mem::take(touched) {
+            let node = &mut nodes[i];
             if !node.up {
                 continue;
             }
@@ -910,27 +1415,57 @@ impl Sim {
         Ok(())
     }
 
-    /// After healing and draining (see the crate docs): the live nodes agree on the
-    /// messages and on presence, and neither lost what it must not.
+    /// After healing and draining (see the crate docs): the live nodes that keep the
+    /// channel (an attached subscriber, or the home of their region) agree on the
+    /// messages and on presence, none lost what it must not, and a node that neither
+    /// has a subscriber nor was ever a home got nothing of the channel.
     pub fn check_converged(&self) -> Result<(), String> {
+        let homes: HashSet<usize> = (0..self.nodes.len())
+            .filter_map(|at| {
+                (0..self.nodes.len())
+                    .filter(|&i| self.regions[i] == self.regions[at] && self.nodes[i].up)
+                    .max_by_key(|&i| (self.scores[i], i))
+            })
+            .collect();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if !node.up || node.subscribed || node.was_home || node.stale_fed {
+                continue;
+            }
+            let cursor = node.hub.cursor(&self.key);
+            let foreign = cursor
+                .origins()
+                .find(|&(o, seq)| o != node.origin && seq > 0);
+            if let Some((origin, seq)) = foreign {
+                return Err(format!(
+                    "node {i} ({}) has no subscriber and was never the home, yet holds \
+                     origin {origin}'s events up to {seq}",
+                    node.tag
+                ));
+            }
+        }
         let live: Vec<(usize, &Node)> = self
             .nodes
             .iter()
             .enumerate()
-            .filter(|(_, n)| n.up)
+            .filter(|(i, n)| n.up && (n.attached || homes.contains(i)))
             .collect();
         let sets: Vec<HashSet<String>> = live
             .iter()
             .map(|(_, n)| {
-                lock(&n.recorder.got)
-                    .iter()
-                    .filter_map(|(_, _, id)| id.clone())
-                    .collect()
+                if n.attached {
+                    lock(&n.recorder.got)
+                        .iter()
+                        .filter_map(|(_, _, id)| id.clone())
+                        .chain(n.pre_attach.iter().cloned())
+                        .collect()
+                } else {
+                    held_ids(&n.hub, &self.key)
+                }
             })
             .collect();
         let union: HashSet<&String> = sets.iter().flatten().collect();
         for (id, origin, seq) in &self.published {
-            if live.iter().any(|(_, n)| n.origin == *origin) && !union.contains(id) {
+            if self.nodes.iter().any(|n| n.up && n.origin == *origin) && !union.contains(id) {
                 return Err(format!(
                     "message {id} of live origin {origin} (seq {seq}) lost"
                 ));
@@ -965,9 +1500,11 @@ impl Sim {
                 ));
             }
         }
-        let expected: BTreeSet<Member> = live
+        let expected: BTreeSet<Member> = self
+            .nodes
             .iter()
-            .flat_map(|(_, n)| &n.clients)
+            .filter(|n| n.up)
+            .flat_map(|n| &n.clients)
             .filter_map(|c| {
                 let data = c.present.clone()?;
                 Some((c.client_id.clone(), c.connection_id.clone(), data))

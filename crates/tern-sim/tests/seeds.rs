@@ -1,7 +1,10 @@
 //! Seed sweep over the simulated cluster. A failure prints the command that replays it.
 
 use tern_cluster::topology::Topology;
-use tern_sim::{Faults, Sim, Stats};
+use tern_sim::{Faults, Rng, Sim, Stats};
+
+/// One-way delay between two nodes of one region (ms).
+const SAME_REGION_MS: i64 = 1;
 
 /// One-way delays between the regions of `regions/topology.toml`.
 fn topology() -> Vec<Vec<i64>> {
@@ -23,13 +26,53 @@ fn topology() -> Vec<Vec<i64>> {
         .collect()
 }
 
+/// The seed's cluster: 2 or 3 of the topology's regions, 1 to 3 nodes each (2 to 6 nodes
+/// in all), at least one region with 2 or more. Returns each node's region and the node
+/// latency matrix.
+fn layout(seed: u64, regions: &[Vec<i64>]) -> (Vec<usize>, Vec<Vec<i64>>) {
+    let mut rng = Rng::new(seed ^ 0x7e57_1a7e_5eed_0001);
+    let count = if regions.len() >= 3 && rng.chance(40) {
+        3
+    } else {
+        2.min(regions.len())
+    };
+    let most = if count == 3 { 2 } else { 3 };
+    let mut sizes: Vec<usize> = (0..count).map(|_| 1 + rng.below(most) as usize).collect();
+    if sizes.iter().all(|&n| n < 2) {
+        sizes[rng.below(count as u64) as usize] = 2;
+    }
+    let node_regions: Vec<usize> = sizes
+        .iter()
+        .enumerate()
+        .flat_map(|(region, &n)| std::iter::repeat_n(region, n))
+        .collect();
+    let latency = node_regions
+        .iter()
+        .map(|&a| {
+            node_regions
+                .iter()
+                .map(|&b| {
+                    if a == b {
+                        SAME_REGION_MS
+                    } else {
+                        regions[a][b]
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    (node_regions, latency)
+}
+
 fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 /// One run: random publishes, presence changes, deliveries, partitions, heals, crashes
 /// and restarts with faults on every link; invariants after every step; then heal,
-/// restart some of the crashed nodes, drain, anti-entropy, and convergence.
+/// restart some of the crashed nodes, drain, anti-entropy, and convergence; then, on a
+/// network that no longer loses messages, one message from every live node and
+/// convergence again without anti-entropy.
 fn run(seed: u64) -> Result<Stats, String> {
     let faults = Faults {
         drop: 10,
@@ -38,8 +81,13 @@ fn run(seed: u64) -> Result<Stats, String> {
         detect_ms: 2_000,
         settle_ms: env("TERN_SIM_SETTLE_MS").unwrap_or(3_000),
     };
-    let mut sim = Sim::new(seed, topology(), faults);
-    sim.trace = std::env::var("TERN_SIM_TRACE").is_ok_and(|v| v == "1");
+    let (regions, latency) = layout(seed, &topology());
+    let trace = std::env::var("TERN_SIM_TRACE").is_ok_and(|v| v == "1");
+    if trace {
+        eprintln!("seed {seed}: node regions {regions:?}");
+    }
+    let mut sim = Sim::new(seed, regions, latency, faults);
+    sim.trace = trace;
     let fail = |sim: &Sim, err: String| {
         let settle = std::env::var("TERN_SIM_SETTLE_MS")
             .map(|v| format!("TERN_SIM_SETTLE_MS={v} "))
@@ -83,27 +131,54 @@ fn run(seed: u64) -> Result<Stats, String> {
         }
     }
     // Anti-entropy rounds until quiet: each round's repairs can themselves be dropped.
+    let mut converged = Err(String::new());
     for _ in 0..50 {
-        while sim.deliver_next() {
-            if let Err(err) = sim.check_step() {
-                return fail(&sim, err);
-            }
+        if let Err(err) = drain(&mut sim) {
+            return fail(&sim, err);
         }
-        if sim.check_converged().is_ok() {
-            return Ok(sim.stats);
+        converged = sim.check_converged();
+        if converged.is_ok() {
+            break;
         }
         sim.anti_entropy();
     }
+    if let Err(err) = converged {
+        return fail(&sim, err);
+    }
+    // Routing alone, with no anti-entropy: on a network that loses nothing, one more
+    // message from every live node reaches every subscriber and home (so a home that
+    // did not relay, or an origin that skipped a home, fails here).
+    sim.calm();
+    sim.refresh_interest();
+    if let Err(err) = drain(&mut sim) {
+        return fail(&sim, err);
+    }
+    for at in 0..sim.node_count() {
+        sim.publish(at);
+    }
+    if let Err(err) = drain(&mut sim) {
+        return fail(&sim, err);
+    }
     match sim.check_converged() {
         Ok(()) => Ok(sim.stats),
-        Err(err) => fail(&sim, err),
+        Err(err) => fail(&sim, format!("after the last messages, routed only: {err}")),
     }
+}
+
+/// Delivers everything in flight, checking the step invariants after each delivery.
+fn drain(sim: &mut Sim) -> Result<(), String> {
+    while sim.deliver_next() {
+        sim.check_step()?;
+    }
+    Ok(())
 }
 
 /// Many seeds: the invariants of `tern-sim` after every step and once the network heals.
 /// The sweep also proves the faults happened: drops, duplicates, gaps, duplicate
-/// deliveries, crashes, restarts, items lost to a crash, presence changes, and presence
-/// members removed for departed nodes.
+/// deliveries, crashes, restarts, items lost to a crash, presence changes, presence
+/// members removed for departed nodes, skips; and that the interest routing was exercised:
+/// nodes without subscribers, channel states taken in through `Sync`, events relayed by a
+/// home.
 ///
 /// Environment: `TERN_SIM_SEED` runs one seed, `TERN_SIM_SEEDS` sets how many (500),
 /// `TERN_SIM_TRACE=1` prints every step, `TERN_SIM_SETTLE_MS` overrides the minimum time
@@ -146,7 +221,10 @@ fn seed_sweep() {
                 && total.lost_to_crash > 0
                 && total.presence_changes > 0
                 && total.departed_leaves > 0
-                && total.skips > 0,
+                && total.skips > 0
+                && total.absent_subscribers > 0
+                && total.syncs > 0
+                && total.relayed > 0,
             "{total:?}"
         );
     }
