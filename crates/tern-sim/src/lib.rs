@@ -52,9 +52,13 @@
 //! - Restart: a new incarnation with a new origin id (never the old sequence space),
 //!   a new connection-id tag, an empty hub and maybe a subscriber (attached as above,
 //!   through `Sync` unless it is the home); if it keeps the channel it catches up from
-//!   peers' heads. Like the real membership, it never reports departures of
-//!   incarnations it did not see live (its own previous one included). Every node sees a
-//!   restarted node at once (gossip's delay in spreading a join is not modeled).
+//!   peers' heads. Like the real membership, it does not notice departures of
+//!   incarnations it did not see live, but it learns them (its own previous one
+//!   included) from the departed tags members publish: a node that notices a departure
+//!   reports it to every member within `GOSSIP_SPREAD_MS`, and a restarted node gets
+//!   every tag reported so far (the sim keeps that list even when every reporter has
+//!   crashed since; the real one lives on the members). Every node sees a restarted node
+//!   at once (gossip's delay in spreading a join is not modeled).
 //!
 //! Not modeled: QUIC links and their resend buffers (the network here loses every kind
 //! of message, events, interest, `Sync` and its answer included, and only repair, heads,
@@ -63,12 +67,10 @@
 //! history store, forwarded reads, several channels, gossip itself.
 //!
 //! # Known limit (crash cascades)
-//! Only nodes that saw an incarnation live remove its presence members, and a LEAVE that
-//! was a no-op on a node is not in that node's log. So when every node holding the LEAVE
-//! for a dead incarnation's member crashes before a restarted node has caught up, the
-//! restarted node can keep that member (with `settle_ms: 0`, about 2% of seeds). The
-//! sweep keeps crashes `settle_ms` apart; fixing it needs the cluster to tell a joining
-//! node which incarnations departed.
+//! A LEAVE that was a no-op on a node is not in that node's log, and a node removes a
+//! dead incarnation's members only once it noticed or was told of the departure. The
+//! sweep keeps crashes `settle_ms` apart so that each departure is noticed before the
+//! next crash; without that spacing (`settle_ms: 0`) a few seeds used to keep a member.
 //!
 //! # Invariants
 //! After every step ([`Sim::check_step`]), for each subscriber *incarnation*:
@@ -105,22 +107,17 @@
 //! bring those messages everywhere. `Heads` alone would repair a missing relay or home,
 //! so only this phase shows one.
 //!
-//! # Issues the sweep shows in the real rules (seeds 52, 76, 366, 491 of 500 fail)
-//! - `Hub::skip_remote` drops the pending events it skips over instead of applying them,
-//!   and `Synced` skips to the home's cursor. A home's log has holes where an event was a
-//!   no-op there (a LEAVE of a member `node_departed` had already removed); its `Sync`
-//!   answer sends the events after the hole, which wait behind it on the syncing node,
-//!   and then `Synced` moves the cursor past them and discards them. The node never
-//!   applies those messages (its subscribers miss them, its log and a later home role
-//!   lack them). Seeds 52, 366 (and 76 until it hits the next issue) pass when
-//!   `skip_remote` applies the waiting events up to `upto` before moving the cursor.
-//! - A restarted node never saw its previous incarnation live, so never removes that
-//!   incarnation's presence members (see "Known limit"); with interest routing it does
-//!   not need a crash cascade: the LEAVE a survivor made for the member is a no-op (not
-//!   logged) on the home that had not got the ENTER yet, the restarted node skips it
-//!   with the home's cursor in `Synced`, and then gets the ENTER by repair of the dead
-//!   origin (seeds 491, 76).
-//!
+//! # What the sweep found in the real rules (fixed)
+//! - `Hub::skip_remote` dropped the pending events it skipped over instead of applying
+//!   them, and `Synced` skips to the home's cursor. A home's log has holes where an event
+//!   was a no-op there (a LEAVE of a member `node_departed` had already removed); its
+//!   `Sync` answer sends the events after the hole, which wait behind it on the syncing
+//!   node, and `Synced` moved the cursor past them and discarded them (seeds 52, 366).
+//!   Now the waiting events apply first.
+//! - A restarted node keeping its previous incarnation's presence member (seeds 76,
+//!   491): the sim did not model the departed tags the real membership gossips to
+//!   members that did not see an incarnation live; now it does (see Restart).
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -184,6 +181,8 @@ const INTEREST_TTL_MS: i64 = 7_000;
 /// (`ASK_AGAIN_AFTER`) and attaches anyway after `WARM_TIMEOUT_MS` (`WARM_TIMEOUT`).
 const ASK_AGAIN_MS: i64 = 1_000;
 const WARM_TIMEOUT_MS: i64 = 3_000;
+/// How long gossip takes to carry a member's departed-tag list to every other member.
+const GOSSIP_SPREAD_MS: u64 = 300;
 
 /// One recorded delivery: origin, sequence, and the message id (`None` for PRESENCE).
 type Delivery = (OriginId, u64, Option<String>);
@@ -291,6 +290,9 @@ enum Item {
     Skip { origin: OriginId, upto: u64 },
     /// Membership reports that incarnation `tag`/`origin` departed.
     Departed { tag: String, origin: OriginId },
+    /// Another member's published list of departed tags (gossip) names `tag`: what a
+    /// node that did not see the incarnation live (a restarted one) learns it from.
+    Reported { tag: String, origin: OriginId },
     /// A same-region peer (incarnation `incarnation`) has subscribers on the channel
     /// (`Interest`, on).
     Interest { from: usize, incarnation: u64 },
@@ -349,6 +351,8 @@ pub struct Sim {
     events: HashMap<OriginId, Vec<Option<usize>>>,
     /// Tags of crashed incarnations.
     dead_tags: Vec<String>,
+    /// Departed incarnations some member noticed (and so publishes to the others).
+    reported: Vec<(String, OriginId)>,
     held: Vec<Held>,
     key: ChannelKey,
     /// The first inconsistency noticed outside the checks, reported by the next check.
@@ -471,6 +475,7 @@ impl Sim {
             published: Vec::new(),
             events: HashMap::new(),
             dead_tags: Vec::new(),
+            reported: Vec::new(),
             held: Vec::new(),
             key,
             broken: None,
@@ -1031,6 +1036,12 @@ impl Sim {
                 self.nodes[at].tag, self.nodes[at].origin
             )
         });
+        // The departed tags live members publish reach it with its first gossip rounds
+        // (its own previous incarnation's included).
+        for (tag, origin) in self.reported.clone() {
+            let when = self.now_ms + 1 + self.rng.below(GOSSIP_SPREAD_MS) as i64;
+            self.enqueue(when, at, Item::Reported { tag, origin });
+        }
         self.start_subscriber(at);
         for peer in 0..self.nodes.len() {
             if peer != at {
@@ -1075,6 +1086,7 @@ impl Sim {
                 }
                 Item::Skip { origin, upto } => format!("skip {origin} upto {upto}"),
                 Item::Departed { tag, .. } => format!("departed {tag}"),
+                Item::Reported { tag, .. } => format!("reported departed {tag}"),
                 Item::Interest { from, incarnation } => {
                     format!("interest of n{from}i{incarnation}")
                 }
@@ -1100,6 +1112,29 @@ impl Sim {
                     .node_departed(&format!("{tag}-"), self.now_ms);
                 self.stats.departed_leaves += left as u64;
                 self.nodes[to].believed_live.remove(&origin);
+                // It now publishes the tag; gossip carries it to every member.
+                if !self.reported.iter().any(|(t, _)| *t == tag) {
+                    self.reported.push((tag.clone(), origin));
+                }
+                for peer in 0..self.nodes.len() {
+                    if peer != to && self.nodes[peer].up {
+                        let at = self.now_ms + 1 + self.rng.below(GOSSIP_SPREAD_MS) as i64;
+                        let item = Item::Reported {
+                            tag: tag.clone(),
+                            origin,
+                        };
+                        self.enqueue(at, peer, item);
+                    }
+                }
+            }
+            Item::Reported { tag, origin } => {
+                if tag != self.nodes[to].tag {
+                    let left = self.nodes[to]
+                        .hub
+                        .node_departed(&format!("{tag}-"), self.now_ms);
+                    self.stats.departed_leaves += left as u64;
+                    self.nodes[to].believed_live.remove(&origin);
+                }
             }
             Item::Interest { from, incarnation } => {
                 if self.regions[from] == self.regions[to] {
