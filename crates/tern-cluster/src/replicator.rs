@@ -317,11 +317,7 @@ impl Replicator {
             // refresh: it sends us those channels' events from then on.
             let mut queue = PeerQueue::default();
             if spec.region == self.config.region {
-                let channels: Vec<(String, String)> = lock(&self.mine)
-                    .iter()
-                    .map(|k| (k.app.to_string(), k.name.to_string()))
-                    .collect();
-                for chunk in channels.chunks(INTEREST_PER_FRAME) {
+                for chunk in self.interest_list().chunks(INTEREST_PER_FRAME) {
                     let frame = FrameV1::Interest {
                         channels: chunk.to_vec(),
                         on: true,
@@ -978,13 +974,7 @@ impl Journal for Replicator {
                 mine.remove(key);
             }
         }
-        let frame = FrameV1::Interest {
-            channels: vec![(key.app.to_string(), key.name.to_string())],
-            on: attached,
-        };
-        for peer in self.region_peers() {
-            self.send_control(&peer, frame.clone());
-        }
+        self.tell_region(key, attached);
     }
 
     fn record(&self, key: &ChannelKey, event: &Arc<ChannelEvent>) {
@@ -993,15 +983,16 @@ impl Journal for Replicator {
         }
         let own = event.origin == self.origin;
         let recipients = {
-            let out = lock(&self.out);
-            self.recipients(&out, key, event.origin.0, own)
-        };
-        if recipients.is_empty() {
-            if own {
-                lock(&self.out).last_targets.insert(key.clone(), Vec::new());
+            let mut out = lock(&self.out);
+            let recipients = self.recipients(&out, key, event.origin.0, own);
+            if recipients.is_empty() {
+                if own {
+                    out.last_targets.insert(key.clone(), Vec::new());
+                }
+                return;
             }
-            return;
-        }
+            recipients
+        };
         // Encoded once, outside the replicator lock (publishes on other channels take it).
         let frame = EventV1::from_remote(&key.app, &key.name, &RemoteEvent::from_event(event));
         let now = Instant::now();
@@ -1048,7 +1039,7 @@ impl Replicator {
             .map(|p| (p.spec.region.as_str(), p.spec.node_id.as_str()))
             .chain(std::iter::once(me));
         for (region, node) in nodes {
-            let score = channel_score(key, node);
+            let score = key.home_score(node);
             let entry = best.entry(region).or_insert((score, node));
             if (score, node) > *entry {
                 *entry = (score, node);
@@ -1103,6 +1094,25 @@ impl Replicator {
         ids
     }
 
+    /// Tells this node's region it has (`on`) or no longer has subscribers on `key`.
+    fn tell_region(&self, key: &ChannelKey, on: bool) {
+        let frame = FrameV1::Interest {
+            channels: vec![(key.app.to_string(), key.name.to_string())],
+            on,
+        };
+        for peer in self.region_peers() {
+            self.send_control(&peer, frame.clone());
+        }
+    }
+
+    /// The channels this node has subscribers on, as `Interest` names them.
+    fn interest_list(&self) -> Vec<(String, String)> {
+        lock(&self.mine)
+            .iter()
+            .map(|k| (k.app.to_string(), k.name.to_string()))
+            .collect()
+    }
+
     /// Peers in this node's region.
     fn region_peers(&self) -> Vec<String> {
         lock(&self.out)
@@ -1116,10 +1126,7 @@ impl Replicator {
     /// Repeats this node's interest to its region's peers (they forget it otherwise) and
     /// forgets peers' interest that was not repeated.
     fn refresh_interest(&self) {
-        let channels: Vec<(String, String)> = lock(&self.mine)
-            .iter()
-            .map(|k| (k.app.to_string(), k.name.to_string()))
-            .collect();
+        let channels = self.interest_list();
         let peers = self.region_peers();
         for chunk in channels.chunks(INTEREST_PER_FRAME) {
             for peer in &peers {
@@ -1227,21 +1234,12 @@ impl Replicator {
         }
         // Interest first: from now on the region sends us the channel's events, and
         // the state asked for next covers everything before.
-        let channel = (key.app.to_string(), key.name.to_string());
-        for peer in self.region_peers() {
-            self.send_control(
-                &peer,
-                FrameV1::Interest {
-                    channels: vec![channel.clone()],
-                    on: true,
-                },
-            );
-        }
+        self.tell_region(key, true);
         self.send_control(
             &home,
             FrameV1::Sync {
-                app: channel.0,
-                channel: channel.1,
+                app: key.app.to_string(),
+                channel: key.name.to_string(),
             },
         );
         Some(rx)
@@ -1480,28 +1478,6 @@ impl Replicator {
             || lock(&self.warming).contains_key(key)
             || self.is_home(&lock(&self.out), key)
     }
-}
-
-/// Rendezvous (highest random weight) score of `node` for a channel: FNV-1a over the
-/// app, the channel name and the node id, so every node computes the same homes.
-fn channel_score(key: &ChannelKey, node: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let bytes = key
-        .app
-        .bytes()
-        .chain([0xfe])
-        .chain(key.name.bytes())
-        .chain([0xff])
-        .chain(node.bytes());
-    for b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    // FNV's low bits mix poorly for short inputs; finish with a splitmix step.
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h
 }
 
 /// Who sends on a link, and which link it is (first frame of every link).

@@ -10,7 +10,7 @@
 //! # What it models of the cluster (`tern-cluster`'s replicator and membership)
 //! - Regions: every node has one (the caller passes them; the sweep puts 1 to 3 nodes in
 //!   each of 2 or 3 regions of `regions/topology.toml`, 1 ms apart inside a region). The
-//!   channel's *home* in a region is the node there with the highest `channel_score`
+//!   channel's *home* in a region is the node there with the highest `ChannelKey::home_score`
 //!   (the replicator's rendezvous hash of app, channel and node id; a node keeps its id
 //!   across restarts) among the nodes the observer counts live: those up, and crashed
 //!   ones whose departure it has not noticed yet (it routes to them, and what it sends
@@ -454,7 +454,7 @@ impl Sim {
         let limits = CoreLimits::default();
         let mut rng = Rng::new(seed);
         let scores = (0..regions.len())
-            .map(|i| channel_score(&key, &format!("n{i}")))
+            .map(|i| key.home_score(&format!("n{i}")))
             .collect();
         let nodes = (0..latency_ms.len())
             .map(|i| Sim::boot(&limits, i, 0, rng.chance(SUBSCRIBED_PERCENT)))
@@ -790,27 +790,6 @@ fn held_ids(hub: &Hub, key: &ChannelKey) -> HashSet<String> {
 /// The node an origin id belongs to (see [`Sim::boot`]).
 fn origin_index(origin: OriginId) -> usize {
     (origin.0 >> 32) as usize - 1
-}
-
-/// `channel_score` of the replicator: FNV-1a over the app, 0xfe, the channel name, 0xff
-/// and the node id, finished with a splitmix step.
-fn channel_score(key: &ChannelKey, node: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let bytes = key
-        .app
-        .bytes()
-        .chain([0xfe])
-        .chain(key.name.bytes())
-        .chain([0xff])
-        .chain(node.bytes());
-    for b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h
 }
 
 /// One line about an event, for the trace.
