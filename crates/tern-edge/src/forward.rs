@@ -122,11 +122,19 @@ async fn send(base: &str, request: Request) -> Result<Response, String> {
         .send_request(outbound)
         .await
         .map_err(|e| e.to_string())?;
-    let (parts, body) = answer.into_parts();
+    let (mut parts, body) = answer.into_parts();
     let body = Limited::new(body, FORWARD_BODY_MAX)
         .collect()
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
+    // The body is passed back whole: how the home framed it does not apply here.
+    for hop in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::CONTENT_LENGTH,
+    ] {
+        parts.headers.remove(hop);
+    }
     Ok((parts.status, parts.headers, Body::from(body)).into_response())
 }
