@@ -507,7 +507,8 @@ impl Session {
     }
 
     fn attach_with(&mut self, frame: ProtocolMessage, may_wait: bool) -> Option<Ending> {
-        let original = may_wait.then(|| frame.clone());
+        // Kept only when the attach may have to wait for the cluster.
+        let original = (may_wait && self.state.cluster.is_some()).then(|| frame.clone());
         let Some(name) = frame.channel else {
             return self.fail(ErrorInfo::new(code::BAD_REQUEST, "ATTACH without channel"));
         };
