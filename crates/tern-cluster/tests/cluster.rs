@@ -182,18 +182,7 @@ fn now_ms() -> i64 {
 }
 
 fn publish(node: &TestNode, name: String) {
-    let publisher = Publisher {
-        connection_id: Some(format!("{}-publisher", node.name).into()),
-        frame_id: format!("{}:{name}", node.name),
-    };
-    let message = Message {
-        name: Some(name),
-        data: Some(Data::String("x".into())),
-        ..Default::default()
-    };
-    node.hub
-        .publish(&room(), &publisher, vec![message], now_ms())
-        .unwrap();
+    publish_on(node, &room(), &name);
 }
 
 async fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
@@ -606,6 +595,44 @@ async fn the_ack_waits_for_a_replica_in_another_region() {
     assert_eq!(b1.recorder.names(), vec!["a1/0".to_string()]);
 }
 
+/// Waits for the channel state a first subscriber on `node` waits for (the node must
+/// not receive `key` yet), then returns the clientIds of its presence members.
+async fn warm_members(node: &TestNode, key: &ChannelKey) -> Vec<Option<String>> {
+    let ready = node
+        .cluster
+        .replication()
+        .warm(key)
+        .expect("not received here yet");
+    tokio::time::timeout(Duration::from_secs(10), ready)
+        .await
+        .unwrap()
+        .unwrap();
+    node.hub
+        .members(key)
+        .into_iter()
+        .map(|m| m.client_id)
+        .collect()
+}
+
+/// `client` enters presence on `key` at `node` from connection `conn`.
+fn enter_on(node: &TestNode, key: &ChannelKey, client: &str, conn: &str) {
+    let member = PresenceMessage {
+        action: presence_action::ENTER,
+        id: Some(format!("{conn}:0:0")),
+        client_id: Some(client.into()),
+        connection_id: Some(conn.into()),
+        timestamp: Some(now_ms()),
+        ..Default::default()
+    };
+    let publisher = Publisher {
+        connection_id: Some(conn.into()),
+        frame_id: format!("{conn}:0"),
+    };
+    node.hub
+        .presence(key, &publisher, vec![member], now_ms())
+        .unwrap();
+}
+
 fn publish_on(node: &TestNode, key: &ChannelKey, name: &str) {
     let publisher = Publisher {
         connection_id: Some(format!("{}-publisher", node.name).into()),
@@ -642,21 +669,7 @@ async fn a_node_receives_a_channel_only_while_it_has_subscribers_or_is_its_home(
     let holds = |n: &TestNode| n.hub.status(&key).is_some();
 
     // a1 publishes and has a member on the channel; nobody subscribes.
-    let member = PresenceMessage {
-        action: presence_action::ENTER,
-        id: Some("a1-conn:0:0".into()),
-        client_id: Some("alice".into()),
-        connection_id: Some("a1-conn".into()),
-        timestamp: Some(now_ms()),
-        ..Default::default()
-    };
-    let member_publisher = Publisher {
-        connection_id: Some("a1-conn".into()),
-        frame_id: "a1-conn:0".into(),
-    };
-    a1.hub
-        .presence(&key, &member_publisher, vec![member], now_ms())
-        .unwrap();
+    enter_on(&a1, &key, "alice", "a1-conn");
     for n in 0..10 {
         publish_on(&a1, &key, &format!("a1/{n}"));
     }
@@ -677,21 +690,7 @@ async fn a_node_receives_a_channel_only_while_it_has_subscribers_or_is_its_home(
     assert_eq!(a1.cluster.replication().events_sent_to(&other.name), 0);
 
     // A first subscriber on the other node: the state comes first.
-    let ready = other
-        .cluster
-        .replication()
-        .warm(&key)
-        .expect("not received here yet");
-    tokio::time::timeout(Duration::from_secs(5), ready)
-        .await
-        .unwrap()
-        .unwrap();
-    let members: Vec<Option<String>> = other
-        .hub
-        .members(&key)
-        .into_iter()
-        .map(|m| m.client_id)
-        .collect();
+    let members = warm_members(other, &key).await;
     assert_eq!(
         members,
         vec![Some("alice".to_string())],
@@ -919,21 +918,7 @@ async fn a_late_subscribers_node_gets_members_older_than_the_log() {
         None => (&a1, &a2),
         Some(_) => (&a2, &a1),
     };
-    let member = PresenceMessage {
-        action: presence_action::ENTER,
-        id: Some("old-conn:0:0".into()),
-        client_id: Some("old-timer".into()),
-        connection_id: Some("old-conn".into()),
-        timestamp: Some(now_ms()),
-        ..Default::default()
-    };
-    let publisher = Publisher {
-        connection_id: Some("old-conn".into()),
-        frame_id: "old-conn:0".into(),
-    };
-    home.hub
-        .presence(&key, &publisher, vec![member], now_ms())
-        .unwrap();
+    enter_on(home, &key, "old-timer", "old-conn");
     let log_max = CoreLimits::default().log.events_max;
     for n in 0..log_max + 10 {
         publish_on(home, &key, &format!("m{n}"));
@@ -942,21 +927,7 @@ async fn a_late_subscribers_node_gets_members_older_than_the_log() {
         home.hub.log_len(&key) <= log_max,
         "the ENTER is out of the log"
     );
-    let ready = late
-        .cluster
-        .replication()
-        .warm(&key)
-        .expect("not received here yet");
-    tokio::time::timeout(Duration::from_secs(10), ready)
-        .await
-        .unwrap()
-        .unwrap();
-    let members: Vec<Option<String>> = late
-        .hub
-        .members(&key)
-        .into_iter()
-        .map(|m| m.client_id)
-        .collect();
+    let members = warm_members(late, &key).await;
     assert_eq!(members, vec![Some("old-timer".to_string())]);
 }
 

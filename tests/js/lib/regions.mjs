@@ -85,7 +85,8 @@ export async function startRegions({ extra = '', nodesPerRegion = 1 } = {}) {
   const port = await freeTcpPort();
   const nodes = [];
   let seed = null;
-  for (const region of plan) {
+  // Starts one planned node, joining through `seed` (the first node starts the cluster).
+  const startNode = async (region) => {
     const gossip = await freeUdpPort(region.host);
     const nodeDir = join(dir, region.node);
     mkdirSync(nodeDir);
@@ -93,21 +94,16 @@ export async function startRegions({ extra = '', nodesPerRegion = 1 } = {}) {
     const node = await startTern(config, { dir: nodeDir, args: ['serve', '--config', join(nodeDir, 'tern.toml')] });
     nodes.push({ ...node, region, host: region.host });
     seed = seed || `${region.host}:${gossip}`;
-  }
+    return node;
+  };
+  for (const region of plan) await startNode(region);
   return {
     port,
     nodes,
     /// Starts node `k` (0-based, at most `nodesPerRegion`: certificates exist for one
     /// more node per region) of region `r`, joining through the first node's gossip.
-    async addNode(r, k) {
-      const region = { ...REGIONS[r], host: `127.${k}.0.${r + 1}`, node: `${REGIONS[r].name}-${k + 1}` };
-      const gossip = await freeUdpPort(region.host);
-      const nodeDir = join(dir, region.node);
-      mkdirSync(nodeDir);
-      const config = regionConfig(region, port, gossip, seed, dir, extra);
-      const node = await startTern(config, { dir: nodeDir, args: ['serve', '--config', join(nodeDir, 'tern.toml')] });
-      nodes.push({ ...node, region, host: region.host });
-      return node;
+    addNode(r, k) {
+      return startNode({ ...REGIONS[r], host: `127.${k}.0.${r + 1}`, node: `${REGIONS[r].name}-${k + 1}` });
     },
     async stop() { for (const n of nodes) await n.stop(); },
   };
