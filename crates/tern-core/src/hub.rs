@@ -335,12 +335,6 @@ impl Hub {
             .unwrap_or(0)
     }
 
-    /// Whether any connection of this node is attached to the channel.
-    pub fn has_attachments(&self, key: &ChannelKey) -> bool {
-        self.with_existing(key, |c| c.has_attachments())
-            .unwrap_or(false)
-    }
-
     /// Current presence members of a channel.
     pub fn members(&self, key: &ChannelKey) -> Vec<PresenceMessage> {
         self.with_existing(key, |c| c.members()).unwrap_or_default()
