@@ -21,13 +21,12 @@ pub struct ChannelEvent {
     /// The frame every subscriber receives (action, channel, id, connectionId, timestamp,
     /// channelSerial, messages or presence).
     pub frame: ProtocolMessage,
-    /// Approximate payload bytes, for the log's byte bound.
+    /// What the event holds in memory, measured: its msgpack encoding (built at once,
+    /// and the bytes every msgpack subscriber, the cluster and the history store use)
+    /// plus the decoded structs. The channel log's byte bound counts this.
     pub size_bytes: usize,
     encoded: [OnceLock<Bytes>; Format::COUNT],
 }
-
-/// Fixed per-event overhead counted against the log's byte bound.
-const EVENT_OVERHEAD_BYTES: usize = 256;
 
 impl ChannelEvent {
     pub fn new(
@@ -36,27 +35,21 @@ impl ChannelEvent {
         publisher: Option<Arc<str>>,
         frame: ProtocolMessage,
     ) -> Self {
-        let size_bytes = EVENT_OVERHEAD_BYTES
-            + frame
-                .messages
-                .iter()
-                .flatten()
-                .map(message_bytes)
-                .sum::<usize>()
-            + frame
-                .presence
-                .iter()
-                .flatten()
-                .map(presence_bytes)
-                .sum::<usize>();
-        ChannelEvent {
+        let msgpack = tern_protocol::encode(Format::Msgpack, &frame);
+        let structs = std::mem::size_of::<ChannelEvent>()
+            + frame.messages.as_ref().map_or(0, Vec::len) * std::mem::size_of::<Message>()
+            + frame.presence.as_ref().map_or(0, Vec::len) * std::mem::size_of::<PresenceMessage>();
+        let event = ChannelEvent {
             origin,
             seq,
             publisher,
             frame,
-            size_bytes,
+            size_bytes: structs + 2 * msgpack.len(),
             encoded: Default::default(),
-        }
+        };
+        // The decoded strings take about what their encoding takes, hence 2×.
+        let _ = event.encoded[Format::Msgpack.index()].set(msgpack);
+        event
     }
 
     pub fn timestamp_ms(&self) -> i64 {
@@ -99,19 +92,30 @@ fn data_bytes(data: Option<&Data>) -> usize {
     }
 }
 
-/// Bytes a message counts against `maxMessageSize`: name, clientId, data and extras.
-pub fn message_bytes(m: &Message) -> usize {
-    m.name.as_ref().map_or(0, String::len)
-        + m.client_id.as_ref().map_or(0, String::len)
-        + data_bytes(m.data.as_ref())
-        + m.extras.as_ref().map_or(0, |e| e.to_string().len())
+fn text_bytes(text: Option<&String>) -> usize {
+    text.map_or(0, String::len)
 }
 
-/// Bytes a presence message counts against `maxMessageSize`: clientId, data and extras.
+/// Bytes a message counts against `maxMessageSize`: what Ably counts (name, clientId,
+/// data, extras as JSON) plus the other fields a client supplies and Tern stores and
+/// sends on (id, encoding), so no field carries bytes past the limit.
+pub fn message_bytes(m: &Message) -> usize {
+    text_bytes(m.name.as_ref())
+        + text_bytes(m.client_id.as_ref())
+        + data_bytes(m.data.as_ref())
+        + m.extras.as_ref().map_or(0, |e| e.to_string().len())
+        + text_bytes(m.id.as_ref())
+        + text_bytes(m.encoding.as_ref())
+}
+
+/// Bytes a presence message counts against `maxMessageSize`: clientId, data, extras,
+/// id and encoding (as for [`message_bytes`]).
 pub fn presence_bytes(p: &PresenceMessage) -> usize {
-    p.client_id.as_ref().map_or(0, String::len)
+    text_bytes(p.client_id.as_ref())
         + data_bytes(p.data.as_ref())
         + p.extras.as_ref().map_or(0, |e| e.to_string().len())
+        + text_bytes(p.id.as_ref())
+        + text_bytes(p.encoding.as_ref())
 }
 
 /// Where a channel delivers events for one attachment. Implemented by the edge over a
@@ -121,4 +125,36 @@ pub trait Subscriber: Send + Sync {
     /// subscriber's queue is full: the subscriber is then dropped from the channel and is
     /// expected to disconnect its client (which may resume from its cursor).
     fn deliver(&self, event: &Arc<ChannelEvent>) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An event's size is what it holds: its msgpack encoding (kept for reuse) plus its
+    /// structs, so many empty messages cost what they take, not a flat charge.
+    #[test]
+    fn size_is_measured_on_the_encoding_and_structs() {
+        let frame = ProtocolMessage {
+            action: tern_protocol::action::MESSAGE,
+            messages: Some(vec![
+                Message {
+                    id: Some("abc:0".into()),
+                    ..Default::default()
+                };
+                1_000
+            ]),
+            ..Default::default()
+        };
+        let event = ChannelEvent::new(OriginId(1), 1, None, frame);
+        let msgpack = event.encoded(Format::Msgpack);
+        assert!(msgpack.len() > 1_000 * 6, "each message's id is encoded");
+        assert!(event.size_bytes >= msgpack.len() + 1_000 * std::mem::size_of::<Message>());
+        // The encoding made for the size is the one handed out, not a second one.
+        assert_eq!(
+            event.encoded(Format::Msgpack).as_ptr(),
+            msgpack.as_ptr(),
+            "shared, not re-encoded"
+        );
+    }
 }
