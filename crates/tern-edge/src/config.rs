@@ -11,6 +11,11 @@ pub struct EdgeConfig {
     pub max_message_size: usize,
     /// Largest WebSocket message or REST body accepted at all.
     pub max_frame_size: usize,
+    /// Messages (or presence messages) one publish may carry (40009 beyond).
+    pub messages_per_publish_max: usize,
+    /// Longest client-supplied message id (40009 beyond); ids are remembered per channel
+    /// for idempotency, so they must stay small.
+    pub message_id_bytes_max: usize,
     /// Frames queued for one connection before it counts as too slow (80020).
     pub outbound_queue_max: usize,
     /// MESSAGE/PRESENCE frames a connection may send per second before NACK 42910.
@@ -43,6 +48,8 @@ impl Default for EdgeConfig {
             server_id: "tern-1".into(),
             max_message_size: 65_536,
             max_frame_size: 524_288,
+            messages_per_publish_max: 1_000,
+            message_id_bytes_max: 256,
             outbound_queue_max: 4_096,
             inbound_frames_per_second: 1_000,
             channels_per_connection_max: 1_000,

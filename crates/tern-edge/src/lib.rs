@@ -9,6 +9,8 @@
 //! - `connection`: the realtime connection task (reader loop, writer, heartbeats,
 //!   token expiry, slow-subscriber disconnect).
 //! - `session`: what one connection does with each inbound frame.
+//! - `budget`: what one publish or presence frame may carry (count, id, bytes), the
+//!   same check for REST and realtime.
 //! - `rest`: REST handlers (`/time`, publish, presence, channel status, token requests).
 //! - [`history`]: the journal into the history store and the REST history endpoints.
 //! - `credentials`: turning query params and headers into an [`tern_auth::AuthContext`].
@@ -19,6 +21,7 @@
 //! Architecture invariant: the edge talks to other nodes only through the core; it never
 //! holds channel state of its own beyond what one connection has attached.
 
+mod budget;
 mod channel_name;
 pub mod config;
 mod connection;

@@ -143,12 +143,7 @@ pub(crate) async fn publish(
     }
     let mut messages = tern_protocol::decode_messages(request_format(&headers), &bytes)
         .map_err(|e| e.to_error_info())?;
-    let size: usize = messages.iter().map(tern_core::event::message_bytes).sum();
-    if size > state.config.max_message_size {
-        return Err(
-            ErrorInfo::new(code::MESSAGE_TOO_LARGE, "maximum message length exceeded").into(),
-        );
-    }
+    crate::budget::check_messages(&messages, &state.config)?;
     for message in &mut messages {
         message.client_id = message_client_id(&identity, message.client_id.as_deref())?;
         message.connection_id = None;

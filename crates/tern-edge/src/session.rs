@@ -14,7 +14,6 @@ use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 use rand::distr::{Alphanumeric, SampleString};
 use tern_auth::{AuthContext, ClientIdentity, Operation};
-use tern_core::event::{message_bytes, presence_bytes};
 use tern_core::{AttachOptions, ChannelKey, CoreError, Cursor, Publisher, ResumeError};
 use tern_protocol::{
     action, code, flags, presence_action, ConnectionDetails, ErrorInfo, Format, Message,
@@ -682,16 +681,7 @@ impl Session {
     fn publish(&mut self, frame: ProtocolMessage) -> Result<Vec<Option<String>>, ErrorInfo> {
         let base = self.channel_for(&frame, Operation::Publish, "publish")?;
         let mut messages: Vec<Message> = frame.messages.unwrap_or_default();
-        let size: usize = messages.iter().map(message_bytes).sum();
-        if size > self.state.config.max_message_size {
-            return Err(ErrorInfo::new(
-                code::MESSAGE_TOO_LARGE,
-                format!(
-                    "maximum message length exceeded ({size} > {} bytes)",
-                    self.state.config.max_message_size
-                ),
-            ));
-        }
+        crate::budget::check_messages(&messages, &self.state.config)?;
         for message in &mut messages {
             message.client_id = message_client_id(&self.identity, message.client_id.as_deref())?;
             message.connection_id = None;
@@ -719,9 +709,10 @@ impl Session {
         let base = self.channel_for(&frame, Operation::Presence, "presence")?;
         let now = now_ms();
         let msg_serial = frame.msg_serial.unwrap_or(0);
-        let mut changes = Vec::new();
-        let mut size = 0;
-        for (index, mut change) in frame.presence.unwrap_or_default().into_iter().enumerate() {
+        let supplied = frame.presence.unwrap_or_default();
+        crate::budget::check_presence(&supplied, &self.state.config)?;
+        let mut changes = Vec::with_capacity(supplied.len());
+        for (index, mut change) in supplied.into_iter().enumerate() {
             if !matches!(
                 change.action,
                 presence_action::ENTER | presence_action::UPDATE | presence_action::LEAVE
@@ -731,7 +722,6 @@ impl Session {
                     format!("invalid presence action {}", change.action),
                 ));
             }
-            size += presence_bytes(&change);
             change.client_id = Some(presence_client_id(
                 &self.identity,
                 change.client_id.as_deref(),
@@ -744,12 +734,6 @@ impl Session {
             change.connection_id = Some(self.id.to_string());
             change.timestamp = Some(now);
             changes.push(change);
-        }
-        if size > self.state.config.max_message_size {
-            return Err(ErrorInfo::new(
-                code::MESSAGE_TOO_LARGE,
-                "maximum message length exceeded",
-            ));
         }
         let publisher = Publisher {
             connection_id: Some(self.id.clone()),

@@ -161,6 +161,8 @@ fn default_host() -> String {
 pub struct LimitsSection {
     pub max_message_size: usize,
     pub max_frame_size: usize,
+    pub messages_per_publish_max: usize,
+    pub message_id_bytes_max: usize,
     pub outbound_queue_max: usize,
     pub inbound_frames_per_second: u32,
     pub channels_per_connection_max: usize,
@@ -184,6 +186,8 @@ impl Default for LimitsSection {
         LimitsSection {
             max_message_size: edge.max_message_size,
             max_frame_size: edge.max_frame_size,
+            messages_per_publish_max: edge.messages_per_publish_max,
+            message_id_bytes_max: edge.message_id_bytes_max,
             outbound_queue_max: edge.outbound_queue_max,
             inbound_frames_per_second: edge.inbound_frames_per_second,
             channels_per_connection_max: edge.channels_per_connection_max,
@@ -368,6 +372,20 @@ impl Config {
             l.max_frame_size >= l.max_message_size,
             "limits.max_frame_size must be >= limits.max_message_size"
         );
+        // An event between nodes holds one publish (its bytes plus the fields the server
+        // adds to each message) and must stay well under the cluster frame limit (16 MiB).
+        anyhow::ensure!(
+            l.max_frame_size <= 4 << 20,
+            "limits.max_frame_size must be <= 4194304"
+        );
+        anyhow::ensure!(
+            (1..=10_000).contains(&l.messages_per_publish_max),
+            "limits.messages_per_publish_max must be 1..=10000"
+        );
+        anyhow::ensure!(
+            (1..=1_024).contains(&l.message_id_bytes_max),
+            "limits.message_id_bytes_max must be 1..=1024"
+        );
         anyhow::ensure!(
             l.outbound_queue_max > 0,
             "limits.outbound_queue_max must be > 0"
@@ -423,6 +441,8 @@ impl Config {
             server_id: self.server_id(),
             max_message_size: l.max_message_size,
             max_frame_size: l.max_frame_size,
+            messages_per_publish_max: l.messages_per_publish_max,
+            message_id_bytes_max: l.message_id_bytes_max,
             outbound_queue_max: l.outbound_queue_max,
             inbound_frames_per_second: l.inbound_frames_per_second,
             channels_per_connection_max: l.channels_per_connection_max,

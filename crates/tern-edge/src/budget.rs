@@ -1,0 +1,158 @@
+//! What one publish or presence frame may carry, checked the same way for REST and
+//! realtime before anything reaches the hub (so nothing over it is journaled, logged,
+//! replicated or answered with a serial).
+//!
+//! Every client-supplied byte is counted: Ably's `maxMessageSize` counts name, clientId,
+//! data and extras; we also count id and encoding (see
+//! [`tern_core::event::message_bytes`]). The message count is bounded too: without it, a
+//! body of 300,000 empty messages is small on the wire but expands to a huge event once
+//! the server adds ids, serials and timestamps to each.
+
+use tern_core::event::{message_bytes, presence_bytes};
+use tern_protocol::{code, ErrorInfo, Message, PresenceMessage};
+
+use crate::config::EdgeConfig;
+
+fn too_large(what: String) -> ErrorInfo {
+    ErrorInfo::new(code::MESSAGE_TOO_LARGE, what)
+}
+
+/// Refuses (40009) a publish with too many messages, a message id over
+/// `message_id_bytes_max`, or more than `max_message_size` bytes in all.
+pub(crate) fn check_messages(messages: &[Message], config: &EdgeConfig) -> Result<(), ErrorInfo> {
+    check(
+        messages.len(),
+        messages.iter().map(|m| m.id.as_deref()),
+        messages.iter().map(message_bytes).sum(),
+        config,
+    )
+}
+
+/// As [`check_messages`], for the presence messages of one PRESENCE frame.
+pub(crate) fn check_presence(
+    changes: &[PresenceMessage],
+    config: &EdgeConfig,
+) -> Result<(), ErrorInfo> {
+    check(
+        changes.len(),
+        changes.iter().map(|p| p.id.as_deref()),
+        changes.iter().map(presence_bytes).sum(),
+        config,
+    )
+}
+
+fn check<'a>(
+    count: usize,
+    mut ids: impl Iterator<Item = Option<&'a str>>,
+    size: usize,
+    config: &EdgeConfig,
+) -> Result<(), ErrorInfo> {
+    if count > config.messages_per_publish_max {
+        return Err(too_large(format!(
+            "too many messages in one publish ({count} > {})",
+            config.messages_per_publish_max
+        )));
+    }
+    if ids.any(|id| id.is_some_and(|id| id.len() > config.message_id_bytes_max)) {
+        return Err(too_large(format!(
+            "message id longer than {} bytes",
+            config.message_id_bytes_max
+        )));
+    }
+    if size > config.max_message_size {
+        return Err(too_large(format!(
+            "maximum message length exceeded ({size} > {} bytes)",
+            config.max_message_size
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_protocol::Data;
+
+    fn config() -> EdgeConfig {
+        EdgeConfig {
+            max_message_size: 100,
+            messages_per_publish_max: 3,
+            message_id_bytes_max: 8,
+            ..Default::default()
+        }
+    }
+
+    fn message(f: impl FnOnce(&mut Message)) -> Message {
+        let mut m = Message::default();
+        f(&mut m);
+        m
+    }
+
+    /// Each client-supplied field counts, and so does the number of messages.
+    #[test]
+    fn every_supplied_byte_and_the_count_are_bounded() {
+        let c = config();
+        let ok = |ms: &[Message]| check_messages(ms, &c).is_ok();
+        let code_of = |ms: &[Message]| check_messages(ms, &c).unwrap_err().code;
+        assert!(ok(&[message(
+            |m| m.data = Some(Data::String("x".repeat(100)))
+        )]));
+        assert_eq!(
+            code_of(&[message(|m| m.data = Some(Data::String("x".repeat(101))))]),
+            40009
+        );
+        assert_eq!(
+            code_of(&[message(|m| m.name = Some("n".repeat(101)))]),
+            40009
+        );
+        assert_eq!(
+            code_of(&[message(|m| m.client_id = Some("c".repeat(101)))]),
+            40009
+        );
+        assert_eq!(
+            code_of(&[message(|m| m.encoding = Some("e".repeat(101)))]),
+            40009
+        );
+        assert_eq!(
+            code_of(&[message(
+                |m| m.extras = Some(serde_json::json!({"k": "v".repeat(100)}))
+            )]),
+            40009
+        );
+        assert!(ok(&[message(|m| m.id = Some("12345678".into()))]));
+        assert_eq!(
+            code_of(&[message(|m| m.id = Some("123456789".into()))]),
+            40009
+        );
+        assert!(ok(&vec![Message::default(); 3]));
+        assert_eq!(code_of(&vec![Message::default(); 4]), 40009);
+        // Split over several messages, the total still counts.
+        let half = || message(|m| m.data = Some(Data::String("x".repeat(60))));
+        assert_eq!(code_of(&[half(), half()]), 40009);
+    }
+
+    /// Presence messages are bounded the same way.
+    #[test]
+    fn presence_is_bounded_like_messages() {
+        let c = config();
+        let member = |f: fn(&mut PresenceMessage)| {
+            let mut p = PresenceMessage::default();
+            f(&mut p);
+            p
+        };
+        assert!(check_presence(&[member(|p| p.id = Some("a".into()))], &c).is_ok());
+        for p in [
+            member(|p| p.id = Some("i".repeat(9))),
+            member(|p| p.encoding = Some("e".repeat(101))),
+            member(|p| p.client_id = Some("c".repeat(101))),
+        ] {
+            assert_eq!(check_presence(&[p], &c).unwrap_err().code, 40009);
+        }
+        assert_eq!(
+            check_presence(&vec![PresenceMessage::default(); 4], &c)
+                .unwrap_err()
+                .code,
+            40009
+        );
+    }
+}
