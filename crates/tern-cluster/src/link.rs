@@ -213,6 +213,10 @@ impl LinkSender {
     /// Writes one frame; returns the bytes it took on the stream.
     pub async fn send(&mut self, frame: &FrameV1) -> Result<usize, ClusterError> {
         let bytes = wire::encode(frame);
+        // The peer refuses (and drops the link on) anything over the limit: never send it.
+        if bytes.len() > FRAME_BYTES_MAX + 1 {
+            return Err(ClusterError::FrameTooLarge(bytes.len()));
+        }
         let len = u32::try_from(bytes.len()).map_err(link_err)?;
         self.stream
             .write_all(&len.to_be_bytes())

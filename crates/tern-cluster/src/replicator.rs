@@ -30,12 +30,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use tern_core::{ChannelEvent, ChannelKey, Hub, Journal, OriginId, RemoteEvent, RemoteOutcome};
+use tern_core::{ChannelEvent, ChannelKey, Hub, Journal, OriginId, RemoteOutcome};
 use tokio::sync::{oneshot, watch, Notify};
+
+use tern_protocol::PresenceMessage;
 
 use crate::link::{LinkEndpoint, LinkReceiver, LinkSender};
 use crate::topology::{Topology, WanLink};
 use crate::wire::{EventV1, FrameV1, HeadV1, ItemPosV1, ItemV1};
+use crate::ClusterError;
 
 /// Unacknowledged events kept per peer for resending. Past it the oldest is dropped and
 /// that peer stops counting as a replica for it (its channel gap is repaired from logs).
@@ -67,10 +70,14 @@ const WARMING_MAX: usize = 10_000;
 /// Channels whose latest ack targets are remembered (past it, waiters fall back to
 /// waiting on every link).
 const LAST_TARGETS_MAX: usize = 65_536;
-/// Presence members per `SyncMembers` frame.
+/// Presence members per `SyncMembers` frame, and their encoded bytes beyond which a
+/// frame is cut early (a frame always carries at least one member).
 const MEMBERS_PER_FRAME: usize = 256;
-/// Stored items per `BackfillItems` frame (64 KiB messages make 4 MiB at most).
+const MEMBERS_BYTES_PER_FRAME: usize = 4 << 20;
+/// Stored items per `BackfillItems` frame, and their payload bytes beyond which a page
+/// is cut early (a page always carries at least one item).
 const BACKFILL_PAGE: usize = 64;
+const BACKFILL_BYTES_MAX: usize = 8 << 20;
 /// A request to another node not answered this long is sent again.
 const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
 /// Channels being backfilled at once, and how soon one may be backfilled again.
@@ -607,8 +614,21 @@ impl Replicator {
             );
         }
         for event in events {
-            let frame = EventV1::from_remote(&app, &channel, &RemoteEvent::from_event(&event));
-            self.send_control(peer, FrameV1::Event(frame));
+            let frame = EventV1::from_event(&app, &channel, &event);
+            if frame.fits() {
+                self.send_control(peer, FrameV1::Event(frame));
+                continue;
+            }
+            oversized(&key, event.seq, frame.frame.len());
+            self.send_control(
+                peer,
+                FrameV1::Skip {
+                    app: app.clone(),
+                    channel: channel.clone(),
+                    origin,
+                    upto: event.seq,
+                },
+            );
         }
     }
 
@@ -994,7 +1014,14 @@ impl Journal for Replicator {
             recipients
         };
         // Encoded once, outside the replicator lock (publishes on other channels take it).
-        let frame = EventV1::from_remote(&key.app, &key.name, &RemoteEvent::from_event(event));
+        let frame = EventV1::from_event(&key.app, &key.name, event);
+        if !frame.fits() {
+            // The edge bounds every publish far below this; an event that still does not
+            // fit a frame is reported and left out of replication (peers that ask for it
+            // get a `Skip`), never sent, which would drop the link and resend it forever.
+            oversized(key, event.seq, frame.frame.len());
+            return;
+        }
         let now = Instant::now();
         let mut out = lock(&self.out);
         let mut targets = Vec::with_capacity(recipients.len());
@@ -1315,9 +1342,9 @@ impl Replicator {
                 },
             );
         }
-        for members in hub.members(&key).chunks(MEMBERS_PER_FRAME) {
+        for members in member_pages(hub.members(&key)) {
             let frame = tern_protocol::ProtocolMessage {
-                presence: Some(members.to_vec()),
+                presence: Some(members),
                 ..Default::default()
             };
             self.send_control(
@@ -1418,7 +1445,18 @@ impl Replicator {
         };
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
-            let (items, more) = history.page(&app, &channel, presence, after, BACKFILL_PAGE);
+            let (mut items, mut more) =
+                history.page(&app, &channel, presence, after, BACKFILL_PAGE);
+            // Items are stored messages (each within the publish limit), but a page of
+            // them must still fit a frame: cut it and let the peer ask for the rest.
+            let mut bytes = 0;
+            if let Some(cut) = items.iter().position(|item| {
+                bytes += item.payload.len();
+                bytes > BACKFILL_BYTES_MAX
+            }) {
+                items.truncate(cut.max(1));
+                more = true;
+            }
             me.send_control(
                 &peer,
                 FrameV1::BackfillItems {
@@ -1621,9 +1659,19 @@ async fn send_loop(
                     Ok(())
                 }
             };
-            if let Err(err) = result {
-                tracing::debug!(peer = %peer.node_id, error = %err, "link send failed; reconnecting");
-                break;
+            match result {
+                Ok(()) => {}
+                // Nothing was written: the link is fine. Events are checked before they
+                // get a link position (`record`), so this is a control frame; it is lost
+                // as a dropped datagram would be, and asked for again if it mattered.
+                Err(err @ ClusterError::FrameTooLarge(_)) => {
+                    metrics::counter!("tern_replication_frames_refused_total").increment(1);
+                    tracing::error!(peer = %peer.node_id, error = %err, "frame not sent");
+                }
+                Err(err) => {
+                    tracing::debug!(peer = %peer.node_id, error = %err, "link send failed; reconnecting");
+                    break;
+                }
             }
         }
     }
@@ -1721,5 +1769,76 @@ impl PreciseTimer {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&self.due).insert((at, id), then);
         self.thread.unpark();
+    }
+}
+
+/// Reports an event that cannot be replicated because it does not fit a frame.
+fn oversized(key: &ChannelKey, seq: u64, bytes: usize) {
+    metrics::counter!("tern_replication_frames_refused_total").increment(1);
+    tracing::error!(app = %key.app, channel = %key.name, seq, bytes,
+        "event does not fit a cluster frame: not replicated");
+}
+
+/// Presence members cut into `SyncMembers` pages: at most [`MEMBERS_PER_FRAME`] members
+/// and, past the first member of a page, [`MEMBERS_BYTES_PER_FRAME`] bytes each.
+fn member_pages(members: Vec<PresenceMessage>) -> Vec<Vec<PresenceMessage>> {
+    let mut pages: Vec<Vec<PresenceMessage>> = Vec::new();
+    let mut bytes = 0;
+    for member in members {
+        // Measured: the member as the page will carry it.
+        let size = tern_protocol::encode_value(tern_protocol::Format::Msgpack, &member).len();
+        let full = pages.last().is_none_or(|page| {
+            page.len() >= MEMBERS_PER_FRAME || bytes + size > MEMBERS_BYTES_PER_FRAME
+        });
+        if full {
+            pages.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        pages.last_mut().expect("pushed above").push(member);
+    }
+    pages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Presence SYNC to a peer is cut by encoded size as well as by count: 256 members
+    /// with 64 KB of data each (16 MiB together, past the frame limit) go in several
+    /// frames, each of which fits, and no member is lost or repeated.
+    #[test]
+    fn member_pages_fit_a_frame() {
+        let members: Vec<PresenceMessage> = (0..256)
+            .map(|i| PresenceMessage {
+                action: tern_protocol::presence_action::PRESENT,
+                client_id: Some(format!("c{i}")),
+                connection_id: Some(format!("conn-{i}")),
+                data: Some(tern_protocol::Data::String("d".repeat(64_000))),
+                ..Default::default()
+            })
+            .collect();
+        let pages = member_pages(members.clone());
+        assert!(pages.len() > 1);
+        for page in &pages {
+            let frame = FrameV1::SyncMembers {
+                app: "app".into(),
+                channel: "room".into(),
+                frame: tern_protocol::encode(
+                    tern_protocol::Format::Msgpack,
+                    &tern_protocol::ProtocolMessage {
+                        presence: Some(page.clone()),
+                        ..Default::default()
+                    },
+                )
+                .to_vec(),
+            };
+            assert!(crate::wire::encode(&frame).len() <= crate::wire::FRAME_BYTES_MAX);
+        }
+        assert_eq!(pages.concat(), members);
+        // Small members still go 256 to a frame.
+        let small = vec![PresenceMessage::default(); 600];
+        let sizes: Vec<usize> = member_pages(small).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![256, 256, 88]);
     }
 }

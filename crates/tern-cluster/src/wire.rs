@@ -2,7 +2,7 @@
 //! decoding refuses other versions and anything over [`FRAME_BYTES_MAX`].
 
 use serde::{Deserialize, Serialize};
-use tern_core::{OriginId, RemoteEvent};
+use tern_core::{ChannelEvent, OriginId, RemoteEvent};
 use tern_protocol::{Format, ProtocolMessage};
 
 use crate::ClusterError;
@@ -139,6 +139,17 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<FRAME_BYTES_MAX>()
 }
 
+/// Room left in a frame for everything but the variable-length bytes an event or an
+/// answer carries (varints, tags, the version byte), with a wide margin.
+pub const FRAME_OVERHEAD_BYTES_MAX: usize = 1_024;
+
+/// Whether a frame carrying `variable_bytes` of strings and byte arrays (plus scalars)
+/// fits the frame limit the peer enforces. An upper bound: a frame that passes always
+/// encodes to at most [`FRAME_BYTES_MAX`] bytes.
+pub fn fits(variable_bytes: usize) -> bool {
+    variable_bytes.saturating_add(FRAME_OVERHEAD_BYTES_MAX) <= FRAME_BYTES_MAX
+}
+
 pub fn encode(frame: &FrameV1) -> Vec<u8> {
     let mut out = vec![VERSION_V1];
     // Our own types always encode; the limit only guards decoding.
@@ -165,6 +176,30 @@ pub fn decode(bytes: &[u8]) -> Result<FrameV1, ClusterError> {
 }
 
 impl EventV1 {
+    /// An event as this node applied it; the frame bytes are the event's own msgpack
+    /// encoding (made once, shared with msgpack subscribers), not a new one.
+    pub fn from_event(app: &str, channel: &str, event: &ChannelEvent) -> EventV1 {
+        EventV1 {
+            app: app.into(),
+            channel: channel.into(),
+            origin: event.origin.0,
+            seq: event.seq,
+            publisher: event.publisher.as_deref().map(str::to_string),
+            frame: event.encoded(Format::Msgpack).to_vec(),
+            link_seq: 0,
+        }
+    }
+
+    /// Whether this event fits one frame (see [`fits`]).
+    pub fn fits(&self) -> bool {
+        fits(
+            self.app.len()
+                + self.channel.len()
+                + self.publisher.as_ref().map_or(0, String::len)
+                + self.frame.len(),
+        )
+    }
+
     pub fn from_remote(app: &str, channel: &str, event: &RemoteEvent) -> EventV1 {
         EventV1 {
             app: app.into(),
@@ -213,6 +248,29 @@ mod tests {
         trailing.push(0);
         assert!(decode(&trailing).is_err());
         assert!(decode(&[]).is_err());
+    }
+
+    /// `fits` is an upper bound: the largest event it accepts encodes within the limit
+    /// the receiver enforces and decodes; one byte more is refused before encoding.
+    #[test]
+    fn fits_bounds_the_encoded_frame() {
+        let event = |frame_len: usize| EventV1 {
+            app: "app".into(),
+            channel: "channel".into(),
+            origin: u64::MAX,
+            seq: u64::MAX,
+            publisher: Some("publisher".into()),
+            frame: vec![0xAB; frame_len],
+            link_seq: u64::MAX,
+        };
+        let variable = "app".len() + "channel".len() + "publisher".len();
+        let largest = FRAME_BYTES_MAX - FRAME_OVERHEAD_BYTES_MAX - variable;
+        let fitting = event(largest);
+        assert!(fitting.fits());
+        let bytes = encode(&FrameV1::Event(fitting.clone()));
+        assert!(bytes.len() <= FRAME_BYTES_MAX + 1);
+        assert_eq!(decode(&bytes).unwrap(), FrameV1::Event(fitting));
+        assert!(!event(largest + 1).fits());
     }
 
     proptest! {

@@ -148,3 +148,46 @@ async fn a_node_from_another_ca_is_refused() {
         ),
     }
 }
+
+/// A frame over the limit the receiver enforces is refused by the sender before a byte
+/// is written, and the link stays usable: the next frame arrives and nothing else.
+#[tokio::test]
+async fn an_oversized_frame_is_not_sent_and_the_link_survives() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = ClusterCa::generate().unwrap();
+    let a = LinkEndpoint::bind(loopback(), &ca.issue().unwrap()).unwrap();
+    let b = LinkEndpoint::bind(loopback(), &ca.issue().unwrap()).unwrap();
+    let b_addr = b.local_addr().unwrap();
+    let receiving = tokio::spawn(async move {
+        let mut link = b.accept().await.unwrap();
+        let mut frames = Vec::new();
+        while let Some(frame) = link.recv().await.unwrap() {
+            frames.push(frame);
+        }
+        frames
+    });
+    let mut link = a.connect(b_addr).await.unwrap();
+    let event = |frame_len: usize| {
+        FrameV1::Event(EventV1 {
+            app: "app".into(),
+            channel: "room".into(),
+            origin: 1,
+            seq: 1,
+            publisher: None,
+            frame: vec![7; frame_len],
+            link_seq: 1,
+        })
+    };
+    let refused = link.send(&event(tern_cluster::wire::FRAME_BYTES_MAX)).await;
+    assert!(
+        matches!(refused, Err(tern_cluster::ClusterError::FrameTooLarge(_))),
+        "{refused:?}"
+    );
+    link.send(&event(3)).await.unwrap();
+    link.finish().await.unwrap();
+    let frames = tokio::time::timeout(Duration::from_secs(10), receiving)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(frames, vec![event(3)]);
+}
