@@ -103,6 +103,9 @@ pub enum CoreError {
     /// The node already holds `channels_max` channels (Ably 90000).
     #[error("channel limit reached ({0} channels)")]
     TooManyChannels(usize),
+    /// The app already holds `channels_per_app_max` channels on this node (90000).
+    #[error("channel limit of this app reached ({0} channels)")]
+    TooManyAppChannels(usize),
     /// A presence change was refused.
     #[error(transparent)]
     Presence(#[from] PresenceError),
@@ -132,6 +135,8 @@ pub struct Hub {
     hasher: RandomState,
     shards: Box<[Shard]>,
     channel_count: AtomicUsize,
+    /// Channels per app (entries removed at zero), bounded by `channels_per_app_max`.
+    app_channels: Mutex<HashMap<Arc<str>, usize>>,
     dropped: Mutex<DroppedSet>,
     /// Connection-id prefixes of departed nodes, oldest first.
     departed: Mutex<VecDeque<Arc<str>>>,
@@ -165,6 +170,7 @@ impl Hub {
             hasher: RandomState::new(),
             shards,
             channel_count: AtomicUsize::new(0),
+            app_channels: Mutex::new(HashMap::new()),
             dropped: Mutex::new(DroppedSet::default()),
             departed: Mutex::new(VecDeque::new()),
         }
@@ -260,6 +266,16 @@ impl Hub {
         }
         if self.channel_count.load(Ordering::Relaxed) >= self.limits.channels_max {
             return Err(CoreError::TooManyChannels(self.limits.channels_max));
+        }
+        {
+            let mut apps = lock(&self.app_channels);
+            let count = apps.entry(key.app.clone()).or_insert(0);
+            if *count >= self.limits.channels_per_app_max {
+                return Err(CoreError::TooManyAppChannels(
+                    self.limits.channels_per_app_max,
+                ));
+            }
+            *count += 1;
         }
         self.channel_count.fetch_add(1, Ordering::Relaxed);
         let mut created = Channel::new(key.name.clone(), now_ms);
@@ -559,17 +575,30 @@ impl Hub {
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
             let before = shard.len();
-            shard.retain(|_, channel| {
+            let mut retired: Vec<Arc<str>> = Vec::new();
+            shard.retain(|key, channel| {
                 let mut channel = lock(channel);
                 let idle = channel.is_empty()
                     && channel
                         .empty_since_ms
                         .is_some_and(|since| now_ms - since >= self.limits.channel_idle_retain_ms);
                 channel.retired = idle;
+                if idle {
+                    retired.push(key.app.clone());
+                }
                 !idle
             });
             self.channel_count
                 .fetch_sub(before - shard.len(), Ordering::Relaxed);
+            let mut apps = lock(&self.app_channels);
+            for app in retired {
+                if let Some(count) = apps.get_mut(&app) {
+                    *count -= 1;
+                    if *count == 0 {
+                        apps.remove(&app);
+                    }
+                }
+            }
         }
     }
 }

@@ -7,6 +7,9 @@ use crate::log::LogLimits;
 pub struct CoreLimits {
     /// Channels that may exist at once per node; attach/publish beyond it fails (90000).
     pub channels_max: usize,
+    /// Channels one app may have at once on this node, so one app (or one key) cannot
+    /// take every channel of the node from the others (90000 beyond).
+    pub channels_per_app_max: usize,
     /// Presence members per channel; an enter beyond it is refused (91003).
     pub presence_members_max: usize,
     /// How long a dropped connection's presence members stay before they leave everywhere.
@@ -30,6 +33,7 @@ impl Default for CoreLimits {
     fn default() -> Self {
         CoreLimits {
             channels_max: 100_000,
+            channels_per_app_max: 50_000,
             presence_members_max: 20_000,
             presence_leave_grace_ms: 15_000,
             channel_idle_retain_ms: 120_000,

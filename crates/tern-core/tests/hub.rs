@@ -515,3 +515,37 @@ fn a_skip_over_a_hole_applies_the_events_waiting_behind_it() {
         .collect();
     assert_eq!(names, vec!["m0", "m2", "m3"]);
 }
+
+/// One app cannot take every channel of the node: past `channels_per_app_max` its new
+/// channels are refused while another app still gets its own, and an app's swept
+/// channels are given back to it.
+#[test]
+fn one_app_cannot_exhaust_the_node() {
+    let limits = CoreLimits {
+        channels_max: 10,
+        channels_per_app_max: 3,
+        channel_idle_retain_ms: 50,
+        ..Default::default()
+    };
+    let hub = Hub::new(OriginId(1), limits);
+    let publish = |app: &str, name: &str, now: i64| {
+        hub.publish(
+            &ChannelKey::new(app, name),
+            &publisher("P", 0),
+            vec![msg("x")],
+            now,
+        )
+    };
+    for name in ["1", "2", "3"] {
+        publish("greedy", name, 0).unwrap();
+    }
+    assert_eq!(
+        publish("greedy", "4", 0).unwrap_err(),
+        tern_core::CoreError::TooManyAppChannels(3)
+    );
+    publish("other", "1", 0).unwrap();
+    assert_eq!(hub.channel_count(), 4);
+    hub.sweep(60);
+    assert_eq!(hub.channel_count(), 0);
+    publish("greedy", "4", 60).unwrap();
+}

@@ -165,10 +165,12 @@ pub struct LimitsSection {
     pub message_id_bytes_max: usize,
     pub outbound_queue_max: usize,
     pub inbound_frames_per_second: u32,
+    pub control_frames_per_second: u32,
     pub channels_per_connection_max: usize,
     pub sync_page_size: usize,
     pub connections_max: usize,
     pub channels_max: usize,
+    pub channels_per_app_max: usize,
     pub presence_members_max: usize,
     pub nonce_cache_max: usize,
     pub parked_connections_max: usize,
@@ -190,10 +192,12 @@ impl Default for LimitsSection {
             message_id_bytes_max: edge.message_id_bytes_max,
             outbound_queue_max: edge.outbound_queue_max,
             inbound_frames_per_second: edge.inbound_frames_per_second,
+            control_frames_per_second: edge.control_frames_per_second,
             channels_per_connection_max: edge.channels_per_connection_max,
             sync_page_size: edge.sync_page_size,
             connections_max: edge.connections_max,
             channels_max: core.channels_max,
+            channels_per_app_max: core.channels_per_app_max,
             presence_members_max: core.presence_members_max,
             nonce_cache_max: edge.nonce_cache_max,
             parked_connections_max: edge.parked_connections_max,
@@ -390,6 +394,11 @@ impl Config {
             l.outbound_queue_max > 0,
             "limits.outbound_queue_max must be > 0"
         );
+        anyhow::ensure!(
+            l.control_frames_per_second as usize >= l.channels_per_connection_max,
+            "limits.control_frames_per_second must be >= limits.channels_per_connection_max \
+             (a resume re-attaches every channel at once)"
+        );
         anyhow::ensure!(l.sync_page_size > 0, "limits.sync_page_size must be > 0");
         anyhow::ensure!(l.connections_max > 0, "limits.connections_max must be > 0");
         anyhow::ensure!(
@@ -445,6 +454,7 @@ impl Config {
             message_id_bytes_max: l.message_id_bytes_max,
             outbound_queue_max: l.outbound_queue_max,
             inbound_frames_per_second: l.inbound_frames_per_second,
+            control_frames_per_second: l.control_frames_per_second,
             channels_per_connection_max: l.channels_per_connection_max,
             sync_page_size: l.sync_page_size,
             max_idle_interval_ms: self.connection.max_idle_interval_ms,
@@ -484,6 +494,7 @@ impl Config {
     pub fn core_limits(&self) -> CoreLimits {
         CoreLimits {
             channels_max: self.limits.channels_max,
+            channels_per_app_max: self.limits.channels_per_app_max,
             presence_members_max: self.limits.presence_members_max,
             presence_leave_grace_ms: self.connection.presence_leave_grace_ms,
             channel_idle_retain_ms: self.connection.connection_state_ttl_ms as i64,
