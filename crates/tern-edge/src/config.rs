@@ -20,6 +20,11 @@ pub struct EdgeConfig {
     pub outbound_queue_max: usize,
     /// MESSAGE/PRESENCE frames a connection may send per second before NACK 42910.
     pub inbound_frames_per_second: u32,
+    /// Other frames (ATTACH, DETACH, HEARTBEAT, AUTH, …) a connection may send per
+    /// second; beyond it an ATTACH/DETACH gets a channel ERROR 42910 and the rest are
+    /// dropped. At least `channels_per_connection_max`, so a resume re-attaching every
+    /// channel at once fits.
+    pub control_frames_per_second: u32,
     /// Channels one connection may have attached at once (90000 beyond).
     pub channels_per_connection_max: usize,
     /// Presence members per SYNC frame.
@@ -52,6 +57,7 @@ impl Default for EdgeConfig {
             message_id_bytes_max: 256,
             outbound_queue_max: 4_096,
             inbound_frames_per_second: 1_000,
+            control_frames_per_second: 2_000,
             channels_per_connection_max: 1_000,
             sync_page_size: 100,
             max_idle_interval_ms: 15_000,

@@ -41,10 +41,28 @@ enum Ending {
     Dropped,
 }
 
-/// Counts MESSAGE/PRESENCE frames per one-second window.
+/// Counts frames of one kind per one-second window.
 struct RateWindow {
     started_ms: i64,
     count: u32,
+}
+
+impl RateWindow {
+    fn new(now_ms: i64) -> Self {
+        RateWindow {
+            started_ms: now_ms,
+            count: 0,
+        }
+    }
+
+    /// Counts one frame; true when the window already held `max` (the frame is over).
+    fn over(&mut self, now_ms: i64, max: u32) -> bool {
+        if now_ms - self.started_ms >= 1_000 {
+            *self = RateWindow::new(now_ms);
+        }
+        self.count = self.count.saturating_add(1);
+        self.count > max
+    }
 }
 
 /// How long a client that does not read may hold up its own replies before it is
@@ -85,6 +103,10 @@ pub(crate) struct Session {
     /// not honoured (channels re-attach without RESUMED).
     continuity_lost: bool,
     rate: RateWindow,
+    /// ATTACH, DETACH, HEARTBEAT and other control frames, bounded apart from
+    /// publishes so a flood of them (each takes a channel lock, may create a channel and
+    /// tell the cluster) is refused without slowing the connection's publishes.
+    control_rate: RateWindow,
     renew_requested: bool,
     sync_counter: u64,
     /// An ATTACH waiting for the channel's state from another node (see
@@ -157,10 +179,8 @@ impl Session {
             presence_channels,
             replies,
             continuity_lost: error.is_some() && !foreign,
-            rate: RateWindow {
-                started_ms: now,
-                count: 0,
-            },
+            rate: RateWindow::new(now),
+            control_rate: RateWindow::new(now),
             renew_requested: false,
             sync_counter: 0,
             warming: None,
@@ -331,6 +351,11 @@ impl Session {
             Ok(frame) => frame,
             Err(err) => return self.fail(err.to_error_info()),
         };
+        if !matches!(frame.action, action::MESSAGE | action::PRESENCE) {
+            if let Some(refused) = self.control_over_rate(&frame) {
+                return refused;
+            }
+        }
         match frame.action {
             action::HEARTBEAT => {
                 self.outlet.send(ProtocolMessage {
@@ -376,15 +401,29 @@ impl Session {
 
     /// True (and the window advanced) when the connection is over its inbound rate.
     fn over_rate(&mut self) -> bool {
-        let now = now_ms();
-        if now - self.rate.started_ms >= 1_000 {
-            self.rate = RateWindow {
-                started_ms: now,
-                count: 0,
-            };
+        self.rate
+            .over(now_ms(), self.state.config.inbound_frames_per_second)
+    }
+
+    /// Refuses a control frame over `control_frames_per_second`: an ATTACH or DETACH
+    /// gets a channel ERROR 42910 (so the client knows which), anything else is dropped
+    /// unanswered. `None` when the frame may go ahead.
+    fn control_over_rate(&mut self, frame: &ProtocolMessage) -> Option<Option<Ending>> {
+        let max = self.state.config.control_frames_per_second;
+        if !self.control_rate.over(now_ms(), max) {
+            return None;
         }
-        self.rate.count += 1;
-        self.rate.count > self.state.config.inbound_frames_per_second
+        metrics::counter!("tern_control_frames_refused_total").increment(1);
+        let error = ErrorInfo::new(
+            code::RATE_LIMIT,
+            format!("more than {max} control frames per second on this connection"),
+        );
+        Some(match (&frame.channel, frame.action) {
+            (Some(channel), action::ATTACH | action::DETACH) => {
+                self.channel_error(channel.clone(), error)
+            }
+            _ => None,
+        })
     }
 
     /// MESSAGE and PRESENCE: de-duplicate by msgSerial, rate-limit, apply, reply.
@@ -830,7 +869,7 @@ async fn take_parked(
 fn core_error(err: CoreError) -> ErrorInfo {
     use tern_core::presence::PresenceError;
     match err {
-        CoreError::TooManyChannels(_) => {
+        CoreError::TooManyChannels(_) | CoreError::TooManyAppChannels(_) => {
             ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, err.to_string())
         }
         CoreError::Presence(PresenceError::TooManyMembers(_)) => {

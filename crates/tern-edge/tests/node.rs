@@ -342,6 +342,54 @@ async fn inbound_flood_is_rate_limited() {
     assert_eq!(expect_action(&mut ws, 0).await["id"], "alive");
 }
 
+/// A flood of ATTACH/DETACH/HEARTBEAT frames past `control_frames_per_second` is
+/// refused (ATTACH → channel ERROR 42910, heartbeats unanswered) without touching the
+/// connection's publishes, and attaching works again in the next second.
+#[tokio::test]
+async fn control_frame_flood_is_rate_limited() {
+    let config = EdgeConfig {
+        control_frames_per_second: 20,
+        ..EdgeConfig::default()
+    };
+    let node = start(config).await;
+    let (mut ws, _) = connected(&node, "key=app.root:rootsecret").await;
+    for i in 0..100 {
+        send(
+            &mut ws,
+            json!({"action": 10, "channel": format!("flood-{i}")}),
+        )
+        .await;
+    }
+    for i in 0..50 {
+        send(&mut ws, json!({"action": 0, "id": format!("hb-{i}")})).await;
+    }
+    send(
+        &mut ws,
+        json!({"action": 15, "channel": "p", "msgSerial": 0, "messages": [{"data": "x"}]}),
+    )
+    .await;
+    let (mut attached, mut refused, mut heartbeats) = (0, 0, 0);
+    loop {
+        let v = next(&mut ws).await;
+        match v["action"].as_u64() {
+            Some(11) => attached += 1,
+            Some(9) => {
+                assert_eq!(v["error"]["code"], 42910);
+                assert!(v["channel"].as_str().unwrap().starts_with("flood-"));
+                refused += 1;
+            }
+            Some(0) => heartbeats += 1,
+            Some(1) => break,
+            other => panic!("unexpected {other:?}: {v}"),
+        }
+    }
+    assert!(attached <= 21, "attached {attached}");
+    assert!(refused >= 70, "refused {refused}");
+    assert!(heartbeats <= 21, "heartbeats {heartbeats}");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(attach(&mut ws, "later").await["action"], 11);
+}
+
 /// A subscriber that stops reading is disconnected once its bounded queue is full,
 /// while a reading subscriber on the same channel receives every message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
