@@ -16,7 +16,23 @@ pub(crate) struct ChannelName<'a> {
     pub params: BTreeMap<String, String>,
 }
 
-/// Parses a channel name. `Err` carries the reason for a 40000/40010 reply.
+/// The Ably error for a name [`parse`] refused: 40010, invalid channel name.
+pub(crate) fn invalid(reason: &str) -> tern_protocol::ErrorInfo {
+    tern_protocol::ErrorInfo::new(tern_protocol::code::INVALID_CHANNEL_NAME, reason)
+}
+
+/// Checks a bare name as Ably does: not empty, not starting with `:` (a namespace
+/// separator with no namespace) or `[` (a qualifier).
+fn check_base(base: &str) -> Result<(), &'static str> {
+    match base.chars().next() {
+        None => Err("channel name is empty"),
+        Some(':') => Err("channel name must not start with ':'"),
+        Some('[') => Err("channel name must not start with '['"),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Parses a channel name. `Err` carries the reason for a 40010 reply ([`invalid`]).
 pub(crate) fn parse(name: &str) -> Result<ChannelName<'_>, &'static str> {
     if name.is_empty() {
         return Err("channel name is empty");
@@ -28,6 +44,7 @@ pub(crate) fn parse(name: &str) -> Result<ChannelName<'_>, &'static str> {
         return Err("channel name contains control characters");
     }
     let Some(rest) = name.strip_prefix('[') else {
+        check_base(name)?;
         return Ok(ChannelName {
             base: name,
             params: BTreeMap::new(),
@@ -39,9 +56,7 @@ pub(crate) fn parse(name: &str) -> Result<ChannelName<'_>, &'static str> {
     let query = qualifier
         .strip_prefix('?')
         .ok_or("unsupported channel qualifier (only [?params] is supported)")?;
-    if base.is_empty() {
-        return Err("channel name is empty");
-    }
+    check_base(base)?;
     let mut params = BTreeMap::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -105,5 +120,11 @@ mod tests {
         assert!(parse("[meta]x").is_err());
         assert!(parse("[?a=1]").is_err());
         assert!(parse("a\u{0}b").is_err());
+        // Ably's rules: no leading ':' (so not '::' either) and no second qualifier.
+        for bad in [":hell", "::", "[?a=1]:x", "[?a=1][?b=2]x"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse("a::b").unwrap().base, "a::b");
+        assert_eq!(invalid("x").code, 40010);
     }
 }

@@ -229,8 +229,7 @@ async fn read(
     kind: EventKind,
 ) -> Result<(Vec<Bytes>, Option<Position>), ErrorInfo> {
     let (auth, _) = rest_auth(&state.keys, headers, q, now_ms())?;
-    let parsed =
-        crate::channel_name::parse(channel).map_err(|r| ErrorInfo::new(code::BAD_REQUEST, r))?;
+    let parsed = crate::channel_name::parse(channel).map_err(crate::channel_name::invalid)?;
     if !auth.capability.allows(parsed.base, Operation::History) {
         return Err(denied("history", parsed.base));
     }

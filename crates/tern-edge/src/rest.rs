@@ -115,7 +115,7 @@ pub(crate) async fn request_token(
 }
 
 fn channel_key(app: &str, channel: &str) -> Result<ChannelKey, ErrorInfo> {
-    let parsed = channel_name::parse(channel).map_err(|r| ErrorInfo::new(code::BAD_REQUEST, r))?;
+    let parsed = channel_name::parse(channel).map_err(channel_name::invalid)?;
     Ok(ChannelKey::new(app, parsed.base))
 }
 

@@ -552,9 +552,7 @@ impl Session {
         };
         let parsed = match channel_name::parse(&name) {
             Ok(parsed) => parsed,
-            Err(reason) => {
-                return self.channel_error(name.clone(), ErrorInfo::new(code::BAD_REQUEST, reason))
-            }
+            Err(reason) => return self.channel_error(name.clone(), channel_name::invalid(reason)),
         };
         let base: Arc<str> = parsed.base.into();
         let granted = granted_modes(&self.auth.capability, &base);
@@ -709,8 +707,7 @@ impl Session {
             .channel
             .as_deref()
             .ok_or_else(|| ErrorInfo::new(code::BAD_REQUEST, "frame without channel"))?;
-        let parsed = channel_name::parse(name)
-            .map_err(|reason| ErrorInfo::new(code::BAD_REQUEST, reason))?;
+        let parsed = channel_name::parse(name).map_err(channel_name::invalid)?;
         if !self.auth.capability.allows(parsed.base, op) {
             return Err(denied(op_name, parsed.base));
         }

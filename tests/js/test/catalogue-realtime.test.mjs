@@ -84,3 +84,22 @@ for (const [name, text, code] of FATAL_ROWS) {
     await cat.stillServes(name);
   });
 }
+
+const INVALID_NAMES = [':hell', '::', '', '[?rewind=1]:x'];
+
+for (const name of INVALID_NAMES) {
+  test(`realtime row: ATTACH and MESSAGE on invalid channel name ${JSON.stringify(name)} → 40010, connection stays`, async () => {
+    // Proves Ably's channel naming rules: a channel-scoped refusal, never a dead connection.
+    const c = await raw(cat.east);
+    c.send({ action: ACTION.ATTACH, channel: name });
+    const error = await c.next(ACTION.ERROR);
+    assert.equal(error.channel, name);
+    assert.equal(error.error.code, 40010, JSON.stringify(error.error));
+    c.send(message(name, [{ data: 'd' }]));
+    assert.equal((await c.next(ACTION.NACK)).error.code, 40010);
+    c.send({ ...message('rt-after', [{ data: 'fine' }]), msgSerial: 1 });
+    assert.equal((await c.next(ACTION.ACK)).msgSerial, 1);
+    c.ws.close();
+    await cat.stillServes(`invalid name ${name}`);
+  });
+}

@@ -115,3 +115,16 @@ test('REST row: the largest accepted publish is accepted, stored once and replic
   assert.equal(page.length, 1000);
   await cat.stillServes('max publish');
 });
+
+for (const name of [':hell', '::', '[?rewind=1]:x']) {
+  test(`REST row: publish to invalid channel name ${JSON.stringify(name)} → 400/40010`, async () => {
+    // Proves Ably's channel naming rules on REST, and that nobody else noticed.
+    await httpRow(cat, {
+      name,
+      path: `/channels/${encodeURIComponent(name)}/messages`,
+      init: json({ data: 'd' }),
+      expect: { status: 400, code: 40010 },
+    });
+    await cat.stillServes(`invalid name ${name}`);
+  });
+}
