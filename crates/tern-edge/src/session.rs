@@ -82,6 +82,28 @@ fn random_id(len: usize) -> String {
     Alphanumeric.sample_string(&mut rand::rng(), len)
 }
 
+/// Connection ids are `<node tag>-<random>` and keys `<id>!<secret>` (see `Session::open`).
+const ID_RANDOM_LEN: usize = 12;
+const SECRET_LEN: usize = 20;
+
+/// Whether `key` has the shape of a key some Tern node issued (this one or another):
+/// anything else cannot name a connection anywhere (80018, not 80008).
+fn is_connection_key(key: &str) -> bool {
+    let alnum =
+        |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_alphanumeric());
+    let Some((id, secret)) = tern_core::registry::split_key(key) else {
+        return false;
+    };
+    let Some((tag, random)) = id.split_once('-') else {
+        return false;
+    };
+    !tag.is_empty()
+        && tag.len() <= 64
+        && tag.bytes().all(|b| b.is_ascii_alphanumeric())
+        && alnum(random, ID_RANDOM_LEN)
+        && alnum(secret, SECRET_LEN)
+}
+
 pub(crate) struct Session {
     state: Arc<EdgeState>,
     id: Arc<str>,
@@ -133,9 +155,18 @@ impl Session {
         let auth = authenticate(&state.keys, get("key"), token, now)?;
         let identity = resolve_identity(&auth, get("clientId"))?;
         let requested = get("resume").or_else(|| get("recover"));
-        let new_id = || -> Arc<str> { format!("{}-{}", state.node_tag, random_id(12)).into() };
+        let new_id =
+            || -> Arc<str> { format!("{}-{}", state.node_tag, random_id(ID_RANDOM_LEN)).into() };
         let (id, parked, error) = match requested {
             None => (new_id(), None, None),
+            Some(key) if !is_connection_key(key) => (
+                new_id(),
+                None,
+                Some(ErrorInfo::new(
+                    code::INVALID_CONNECTION_KEY,
+                    "Unable to recover connection: not a connection key",
+                )),
+            ),
             Some(key) => match take_parked(&state, key, &auth, &identity).await {
                 Ok((id, parked)) => (id, Some(parked), None),
                 Err(error) => (new_id(), None, Some(error)),
@@ -146,13 +177,14 @@ impl Session {
         // node, so channels may still resume from their channelSerials. A key of this
         // node that is unknown or expired means continuity is lost.
         let foreign = requested
+            .filter(|key| is_connection_key(key))
             .and_then(tern_core::registry::split_key)
             .is_some_and(|(id, _)| {
                 id.split_once('-')
                     .is_none_or(|(tag, _)| tag != state.node_tag)
             });
         let superseded = Arc::new(Notify::new());
-        let secret = random_id(20);
+        let secret = random_id(SECRET_LEN);
         let generation =
             state
                 .registry()
@@ -585,8 +617,11 @@ impl Session {
             .as_deref()
             .filter(|_| !self.continuity_lost)
             .map(Cursor::decode);
+        // ATTACH_RESUME: the client was attached before (on this connection or the one it
+        // resumed) and has seen the rewound messages already (RTL4j).
+        let reattach = frame.flags.unwrap_or(0) & flags::ATTACH_RESUME != 0;
         let rewind = match params.get("rewind") {
-            Some(value) if resume_from.is_none() => {
+            Some(value) if resume_from.is_none() && !reattach => {
                 match channel_name::parse_rewind(value, now_ms()) {
                     Ok(rewind) => Some(rewind),
                     Err(reason) => {

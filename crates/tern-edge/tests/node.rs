@@ -572,6 +572,25 @@ async fn resume_replays_missed_messages_exactly_once() {
     assert_eq!(stale["error"]["code"], 80008);
 }
 
+/// A recover key that no Tern node could have issued gets a new connection with 80018
+/// (invalid connection key), as Ably answers ably-js's `unrecoverableConnection`; a
+/// well-formed key this node does not know is 80008.
+#[tokio::test]
+async fn malformed_recover_key_is_80018() {
+    let node = start(EdgeConfig::default()).await;
+    for key in ["_____!ablyjs_test_fake-key____", "nonsense", "a-b!c"] {
+        let (_, hello) = connected(&node, &format!("key=app.root:rootsecret&recover={key}")).await;
+        assert_eq!(hello["error"]["code"], 80018, "{key}");
+        assert!(!hello["connectionKey"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(key));
+    }
+    let unknown = "abcdef-abcdefghijkl!abcdefghijklmnopqrst";
+    let (_, hello) = connected(&node, &format!("key=app.root:rootsecret&recover={unknown}")).await;
+    assert_eq!(hello["error"]["code"], 80008);
+}
+
 /// After a resume, a publish re-sent with the same msgSerial is ACKed again with the
 /// same serial and is not delivered twice.
 #[tokio::test]
@@ -634,6 +653,34 @@ async fn rewind_on_attach() {
         (err["channel"].clone(), err["error"]["code"].clone()),
         (json!("v"), json!(40003))
     );
+}
+
+/// An ATTACH flagged ATTACH_RESUME (the client was attached before) does not replay the
+/// rewind: those messages were delivered already (RTL4j, ably-js `resume_rewind_1`).
+#[tokio::test]
+async fn attach_resume_skips_rewind() {
+    let node = start(EdgeConfig::default()).await;
+    let (mut publisher, _) = connected(&node, "key=app.root:rootsecret").await;
+    send(
+        &mut publisher,
+        json!({"action": 15, "channel": "rr", "msgSerial": 0, "messages": [{"data": "old"}]}),
+    )
+    .await;
+    expect_action(&mut publisher, 1).await;
+    let (mut sub, _) = connected(&node, "key=app.root:rootsecret").await;
+    send(
+        &mut sub,
+        json!({"action": 10, "channel": "rr", "params": {"rewind": "1"}, "flags": 32}),
+    )
+    .await;
+    let attached = expect_action(&mut sub, 11).await;
+    assert_eq!(attached["flags"].as_u64().unwrap() & 2, 0, "no backlog");
+    send(
+        &mut publisher,
+        json!({"action": 15, "channel": "rr", "msgSerial": 1, "messages": [{"data": "new"}]}),
+    )
+    .await;
+    assert_eq!(collect_data(&mut sub, 1).await, vec!["new"]);
 }
 
 /// Browsers' `envelope=json` history: status, the Link header inside the body, and the
