@@ -127,6 +127,9 @@ struct DroppedSet {
     by_deadline: BTreeMap<(i64, Arc<str>), ()>,
 }
 
+/// Longest a dropped connection's presence may stay, whatever it asked for.
+pub const PRESENCE_GRACE_MAX_MS: i64 = 60_000;
+
 /// Every channel of this node.
 pub struct Hub {
     origin: OriginId,
@@ -494,6 +497,21 @@ impl Hub {
         channels: Vec<Arc<str>>,
         now_ms: i64,
     ) {
+        let grace_ms = self.limits.presence_leave_grace_ms;
+        self.connection_dropped_for(app, connection_id, channels, now_ms, grace_ms);
+    }
+
+    /// As [`Hub::connection_dropped`], with the connection's own grace period (Ably's
+    /// `remainPresentFor` connection param), clamped to
+    /// `0..=PRESENCE_GRACE_MAX_MS`.
+    pub fn connection_dropped_for(
+        &self,
+        app: &str,
+        connection_id: &str,
+        channels: Vec<Arc<str>>,
+        now_ms: i64,
+        grace_ms: i64,
+    ) {
         for name in &channels {
             let key = ChannelKey {
                 app: app.into(),
@@ -501,7 +519,7 @@ impl Hub {
             };
             self.detach(&key, connection_id, now_ms);
         }
-        let deadline_ms = now_ms + self.limits.presence_leave_grace_ms;
+        let deadline_ms = now_ms + grace_ms.clamp(0, PRESENCE_GRACE_MAX_MS);
         let evicted = {
             let mut dropped = lock(&self.dropped);
             let DroppedSet { by_id, by_deadline } = &mut *dropped;

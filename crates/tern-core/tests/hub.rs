@@ -549,3 +549,23 @@ fn one_app_cannot_exhaust_the_node() {
     assert_eq!(hub.channel_count(), 0);
     publish("greedy", "4", 60).unwrap();
 }
+
+/// A connection's own grace period (`remainPresentFor`) decides when its members leave,
+/// clamped to `PRESENCE_GRACE_MAX_MS` so a client cannot pin its presence for ever.
+#[test]
+fn remain_present_for_sets_the_grace_period() {
+    let hub = hub();
+    let key = ChannelKey::new("app", "room");
+    hub.presence(&key, &publisher("A", 0), vec![enter("A", "alice", 0)], 10)
+        .unwrap();
+    hub.presence(&key, &publisher("B", 0), vec![enter("B", "bob", 0)], 10)
+        .unwrap();
+    hub.connection_dropped_for("app", "A", vec![key.name.clone()], 100, 5_000);
+    hub.connection_dropped_for("app", "B", vec![key.name.clone()], 100, i64::MAX);
+    hub.sweep(100 + 4_999);
+    assert_eq!(hub.members(&key).len(), 2);
+    hub.sweep(100 + 5_000);
+    assert_eq!(hub.members(&key).len(), 1, "alice left after her 5 s");
+    hub.sweep(100 + tern_core::hub::PRESENCE_GRACE_MAX_MS);
+    assert!(hub.members(&key).is_empty(), "bob's grace was clamped");
+}

@@ -130,6 +130,9 @@ pub(crate) struct Session {
     /// tell the cluster) is refused without slowing the connection's publishes.
     control_rate: RateWindow,
     renew_requested: bool,
+    /// `remainPresentFor` (ms): how long this connection's presence outlives its
+    /// transport, instead of the node's default grace period.
+    remain_present_for_ms: Option<i64>,
     sync_counter: u64,
     /// An ATTACH waiting for the channel's state from another node (see
     /// `ClusterView::warm`); frames after it wait too, so order is kept.
@@ -214,6 +217,7 @@ impl Session {
             rate: RateWindow::new(now),
             control_rate: RateWindow::new(now),
             renew_requested: false,
+            remain_present_for_ms: get("remainPresentFor").and_then(|v| v.parse().ok()),
             sync_counter: 0,
             warming: None,
         };
@@ -341,7 +345,10 @@ impl Session {
             Ending::Dropped => {
                 // Order matters: the hub lets go of the connection id before a resume
                 // can take the parked state and attach under the same id.
-                hub.connection_dropped(&self.auth.app_id, &self.id, channels, now);
+                let grace_ms = self
+                    .remain_present_for_ms
+                    .unwrap_or(hub.limits().presence_leave_grace_ms);
+                hub.connection_dropped_for(&self.auth.app_id, &self.id, channels, now, grace_ms);
                 let parked = ParkedSession {
                     app_id: self.auth.app_id.clone(),
                     client_id: self.identity_id(),
