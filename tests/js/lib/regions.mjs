@@ -92,7 +92,7 @@ export async function startRegions({ extra = '', nodesPerRegion = 1 } = {}) {
     mkdirSync(nodeDir);
     const config = regionConfig(region, port, gossip, seed, dir, extra);
     const node = await startTern(config, { dir: nodeDir, args: ['serve', '--config', join(nodeDir, 'tern.toml')] });
-    nodes.push({ ...node, region, host: region.host });
+    nodes.push({ ...node, region, host: region.host, gossip });
     seed = seed || `${region.host}:${gossip}`;
     return node;
   };
@@ -100,6 +100,8 @@ export async function startRegions({ extra = '', nodesPerRegion = 1 } = {}) {
   return {
     port,
     nodes,
+    /// The folder holding `ca.pem`, `gossip.key` and the node certificates.
+    dir,
     /// Starts node `k` (0-based, at most `nodesPerRegion`: certificates exist for one
     /// more node per region) of region `r`, joining through the first node's gossip.
     addNode(r, k) {
