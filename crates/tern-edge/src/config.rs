@@ -27,7 +27,8 @@ pub struct EdgeConfig {
     pub connections_max: usize,
     /// Token lifetimes and the token-request timestamp window.
     pub token_policy: TokenPolicy,
-    /// Token-request nonces remembered for replay detection.
+    /// Token-request nonces remembered for replay detection; when full, token requests
+    /// are refused (42910) until entries expire, never evicted early.
     pub nonce_cache_max: usize,
     /// Send an AUTH request this long before a token expires, so the client renews in band.
     pub token_renew_notice_ms: i64,

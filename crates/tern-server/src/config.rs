@@ -229,6 +229,7 @@ pub struct AuthSection {
     pub token_ttl_default_ms: i64,
     pub token_ttl_max_ms: i64,
     pub token_request_window_ms: i64,
+    pub token_clock_skew_ms: i64,
 }
 
 impl Default for AuthSection {
@@ -238,6 +239,7 @@ impl Default for AuthSection {
             token_ttl_default_ms: policy.ttl_default_ms,
             token_ttl_max_ms: policy.ttl_max_ms,
             token_request_window_ms: policy.request_window_ms,
+            token_clock_skew_ms: policy.clock_skew_ms,
         }
     }
 }
@@ -382,6 +384,10 @@ impl Config {
             self.auth.token_ttl_max_ms >= self.auth.token_ttl_default_ms,
             "auth.token_ttl_max_ms must be >= token_ttl_default_ms"
         );
+        anyhow::ensure!(
+            self.auth.token_clock_skew_ms >= 0,
+            "auth.token_clock_skew_ms must be >= 0"
+        );
         Ok(())
     }
 
@@ -434,6 +440,7 @@ impl Config {
                 ttl_default_ms: self.auth.token_ttl_default_ms,
                 ttl_max_ms: self.auth.token_ttl_max_ms,
                 request_window_ms: self.auth.token_request_window_ms,
+                clock_skew_ms: self.auth.token_clock_skew_ms,
             },
             nonce_cache_max: l.nonce_cache_max,
             token_renew_notice_ms: self.connection.token_renew_notice_ms,
