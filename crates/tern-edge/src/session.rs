@@ -795,8 +795,66 @@ impl Session {
         self.identity = identity;
         self.renew_requested = false;
         self.outlet.send(self.connected_frame(None));
+        self.recheck_capability();
         None
     }
+
+    /// Holds what the connection already has to its (new) capability, as Ably does
+    /// after in-band re-auth (RTC8a1): an attachment that loses subscribe, or every
+    /// mode, fails with channel ERROR 40160, is detached and its presence members
+    /// leave; any other keeps only the granted modes; and members leave every channel
+    /// where presence is no longer granted. Publish is checked per frame anyway.
+    fn recheck_capability(&mut self) {
+        let now = now_ms();
+        let hub = &self.state.hub;
+        let mut lost = Vec::new();
+        for (base, name) in &self.attachments {
+            let key = ChannelKey::new(&self.auth.app_id, base);
+            let granted = granted_modes(&self.auth.capability, base);
+            // `None`: the hub already let go of the attachment (a slow subscriber being
+            // dropped); nothing is delivered to narrow, and the connection is ending.
+            let before = hub.restrict_modes(&key, &self.id, granted);
+            if before.is_some_and(|before| !attachment_survives(before, granted)) {
+                lost.push((base.clone(), name.clone()));
+            }
+        }
+        for (base, name) in lost {
+            let key = ChannelKey::new(&self.auth.app_id, &base);
+            self.attachments.remove(&base);
+            hub.detach(&key, &self.id, now);
+            if self.presence_channels.remove(&base) {
+                hub.leave(&key, &self.id, now);
+            }
+            self.channel_error(name.to_string(), capability_lost(&base));
+        }
+        let unpresent: Vec<Arc<str>> = self
+            .presence_channels
+            .iter()
+            .filter(|base| !self.auth.allows(base, Operation::Presence))
+            .cloned()
+            .collect();
+        for base in unpresent {
+            self.presence_channels.remove(&base);
+            hub.leave(&ChannelKey::new(&self.auth.app_id, &base), &self.id, now);
+        }
+    }
+}
+
+/// Whether an attachment holding `before` modes goes on under a capability that
+/// grants `granted`: it keeps some mode, and keeps SUBSCRIBE if it had it (a
+/// subscriber that silently stopped receiving would still look attached).
+fn attachment_survives(before: u64, granted: u64) -> bool {
+    let kept = before & granted;
+    kept != 0 && (before & flags::SUBSCRIBE == 0 || kept & flags::SUBSCRIBE != 0)
+}
+
+/// The channel ERROR for an attachment the connection's new capability no longer
+/// allows: ably-js puts the channel in FAILED with this error.
+fn capability_lost(channel: &str) -> ErrorInfo {
+    ErrorInfo::new(
+        code::CAPABILITY_DENIED,
+        format!("channel '{channel}' is no longer permitted by the connection's capability"),
+    )
 }
 
 /// Takes the parked state of the connection named by a resume/recover key, superseding

@@ -308,6 +308,81 @@ async fn token_renewal_and_expiry() {
     assert!(closed(&mut ws).await);
 }
 
+/// After in-band AUTH with a narrower token, a channel whose capability is gone gets
+/// channel ERROR 40160 and no further messages, and its presence member leaves; a
+/// channel that keeps subscribe stays attached but its member leaves where presence
+/// is gone. The connection itself stays up (same connectionId).
+#[tokio::test]
+async fn reauth_with_narrower_capability_fails_lost_channels() {
+    let node = start(EdgeConfig::default()).await;
+    let key = node.keys.get("app.root").unwrap().clone();
+    let broad = Capability::parse(
+        r#"{"lost":["subscribe","presence"],"kept":["subscribe","presence","publish"]}"#,
+    )
+    .unwrap();
+    let token = node
+        .keys
+        .issue_token(&key, Some("bob"), &broad, 60_000, tern_edge::now_ms());
+    let (mut bob, hello) = connected(&node, &format!("access_token={}", token.token)).await;
+    let (mut watcher, _) = connected(&node, "key=app.root:rootsecret").await;
+    for (serial, channel) in ["lost", "kept"].into_iter().enumerate() {
+        attach(&mut bob, channel).await;
+        attach(&mut watcher, channel).await;
+        send(&mut bob, json!({"action": 14, "channel": channel, "msgSerial": serial, "presence": [{"action": 2}]})).await;
+        assert_eq!(expect_action(&mut bob, 1).await["msgSerial"], serial);
+    }
+
+    let narrow = Capability::parse(r#"{"kept":["subscribe"]}"#).unwrap();
+    let token = node
+        .keys
+        .issue_token(&key, Some("bob"), &narrow, 60_000, tern_edge::now_ms());
+    send(
+        &mut bob,
+        json!({"action": 17, "auth": {"accessToken": token.token}}),
+    )
+    .await;
+    let again = expect_action(&mut bob, 4).await;
+    assert_eq!(again["connectionId"], hello["connectionId"]);
+    let failed = expect_action(&mut bob, 9).await;
+    assert_eq!(failed["channel"], "lost");
+    assert_eq!(
+        (
+            failed["error"]["code"].clone(),
+            failed["error"]["statusCode"].clone()
+        ),
+        (json!(40160), json!(401))
+    );
+
+    // bob's member leaves both channels: "lost" is gone, "kept" no longer allows presence.
+    let mut left = Vec::new();
+    while left.len() < 2 {
+        let frame = expect_action(&mut watcher, 14).await;
+        for member in frame["presence"].as_array().unwrap() {
+            if member["action"] == 3 && member["clientId"] == "bob" {
+                left.push(frame["channel"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    left.sort();
+    assert_eq!(left, ["kept", "lost"]);
+
+    // Published in this order, so "lost" would be queued to bob before "kept".
+    for (serial, channel) in ["lost", "kept"].into_iter().enumerate() {
+        send(&mut watcher, json!({"action": 15, "channel": channel, "msgSerial": serial, "messages": [{"data": channel}]})).await;
+        assert_eq!(expect_action(&mut watcher, 1).await["msgSerial"], serial);
+    }
+    let delivered = expect_action(&mut bob, 15).await;
+    assert_eq!(delivered["channel"], "kept");
+    assert_eq!(delivered["messages"][0]["data"], "kept");
+    // Publishing on "kept" is refused now; the connection is still usable.
+    send(
+        &mut bob,
+        json!({"action": 15, "channel": "kept", "msgSerial": 2, "messages": [{"data": "x"}]}),
+    )
+    .await;
+    assert_eq!(expect_action(&mut bob, 2).await["error"]["code"], 40160);
+}
+
 /// A flood of publishes past the inbound rate is NACKed with 42910 and the connection
 /// keeps working.
 #[tokio::test]
