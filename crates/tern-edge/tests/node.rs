@@ -35,6 +35,7 @@ fn keys() -> KeyRing {
     KeyRing::new(vec![
         key("root", "rootsecret", r#"{"*":["*"]}"#),
         key("sub", "subsecret", r#"{"open:*":["subscribe"]}"#),
+        key("meta", "metasecret", r#"{"open:*":["channel-metadata"]}"#),
     ])
 }
 
@@ -383,6 +384,24 @@ async fn reauth_with_narrower_capability_fails_lost_channels() {
     assert_eq!(expect_action(&mut bob, 2).await["error"]["code"], 40160);
 }
 
+/// Channel status needs `channel-metadata` (as on Ably): a subscribe-only key is
+/// refused with 40160; a key with just `channel-metadata` reads it.
+#[tokio::test]
+async fn channel_status_needs_channel_metadata() {
+    let node = start(EdgeConfig::default()).await;
+    let url = format!("http://127.0.0.1:{}/channels/open:x", node.port);
+    let (status, headers, _) = http(&url, "GET", Some(&basic("app.sub:subsecret")), "").await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        headers.get("x-ably-errorcode").map(String::as_str),
+        Some("40160")
+    );
+    let (status, _, body) = http(&url, "GET", Some(&basic("app.meta:metasecret")), "").await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["channelId"], "open:x");
+}
+
 /// A flood of publishes past the inbound rate is NACKed with 42910 and the connection
 /// keeps working.
 #[tokio::test]
@@ -501,15 +520,36 @@ async fn http(
     auth: Option<&str>,
     body: &str,
 ) -> (u16, std::collections::HashMap<String, String>, String) {
+    let auth: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+    http_with(url, method, &auth, body).await
+}
+
+/// `Basic` authorization header value for a whole key.
+fn basic(key: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
+}
+
+/// [`http`] with any extra request headers.
+async fn http_with(
+    url: &str,
+    method: &str,
+    extra: &[(&str, &str)],
+    body: &str,
+) -> (u16, std::collections::HashMap<String, String>, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_once('/').unwrap();
     let mut stream = TcpStream::connect(host).await.unwrap();
-    let auth = auth
-        .map(|a| format!("authorization: {a}\r\n"))
-        .unwrap_or_default();
+    let extra: String = extra
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let request = format!(
-        "{method} /{path} HTTP/1.1\r\nhost: {host}\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "{method} /{path} HTTP/1.1\r\nhost: {host}\r\n{extra}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -705,7 +745,18 @@ async fn history_envelope_for_browsers() {
         .split('>')
         .next()
         .unwrap();
-    let (_, _, body) = http(&format!("{base}?{query}&envelope=json"), "GET", None, "").await;
+    // The link carries no credentials; the client adds its own, as the SDKs do.
+    assert!(
+        !link.contains("key=") && !link.contains("rootsecret"),
+        "{link}"
+    );
+    let (_, _, body) = http(
+        &format!("{base}?{query}&envelope=json&key=app.root:rootsecret"),
+        "GET",
+        None,
+        "",
+    )
+    .await;
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["response"][0]["data"], "m0");
     assert!(!v["headers"]["link"].as_str().unwrap().contains("next"));
