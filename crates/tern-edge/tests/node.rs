@@ -384,6 +384,38 @@ async fn reauth_with_narrower_capability_fails_lost_channels() {
     assert_eq!(expect_action(&mut bob, 2).await["error"]["code"], 40160);
 }
 
+/// A JWT living longer than the node's `token_ttl_max_ms` (or with an absurd exp such
+/// as 1e300) is refused at connect with 40144, as is one whose nbf is past the skew;
+/// one within both connects.
+#[tokio::test]
+async fn jwt_lifetime_and_skew_at_connect() {
+    let config = EdgeConfig {
+        token_policy: tern_auth::TokenPolicy {
+            ttl_max_ms: 60_000,
+            ..tern_auth::TokenPolicy::default()
+        },
+        ..EdgeConfig::default()
+    };
+    let node = start(config).await;
+    let key = node.keys.get("app.root").unwrap().clone();
+    let now_s = tern_edge::now_ms() / 1000;
+    for refused in [
+        json!({"iat": now_s, "exp": now_s + 120}),
+        json!({"exp": 1e300}),
+        json!({"exp": now_s + 50, "nbf": now_s + 40}),
+    ] {
+        let jwt = tern_auth::sign_jwt(&key, &refused);
+        let mut ws = connect(&node, &format!("access_token={jwt}")).await;
+        let error = expect_action(&mut ws, 9).await;
+        assert_eq!(error["error"]["code"], 40144, "{refused}");
+    }
+    let jwt = tern_auth::sign_jwt(
+        &key,
+        &json!({"iat": now_s, "exp": now_s + 50, "nbf": now_s + 5}),
+    );
+    connected(&node, &format!("access_token={jwt}")).await;
+}
+
 /// Channel status needs `channel-metadata` (as on Ably): a subscribe-only key is
 /// refused with 40160; a key with just `channel-metadata` reads it.
 #[tokio::test]
@@ -400,6 +432,46 @@ async fn channel_status_needs_channel_metadata() {
     assert_eq!(status, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["channelId"], "open:x");
+}
+
+/// A full token-request nonce cache refuses further requests with 429 / 42910 rather
+/// than forgetting nonces that could then be replayed.
+#[tokio::test]
+async fn full_nonce_cache_refuses_token_requests() {
+    let config = EdgeConfig {
+        nonce_cache_max: 1,
+        ..EdgeConfig::default()
+    };
+    let node = start(config).await;
+    let url = format!("http://127.0.0.1:{}/keys/app.root/requestToken", node.port);
+    let request = |nonce: &str| {
+        let mut req = tern_auth::TokenRequest {
+            key_name: "app.root".into(),
+            ttl: None,
+            capability: None,
+            client_id: None,
+            timestamp: tern_edge::now_ms(),
+            nonce: nonce.into(),
+            mac: String::new(),
+        };
+        req.mac = tern_auth::sign_token_request("rootsecret", &req);
+        serde_json::to_string(&req).unwrap()
+    };
+    let first = request("0123456789abcdef");
+    let (status, _, _) = http(&url, "POST", None, &first).await;
+    assert_eq!(status, 200);
+    let (status, headers, _) = http(&url, "POST", None, &request("fedcba9876543210")).await;
+    assert_eq!(status, 429);
+    assert_eq!(
+        headers.get("x-ably-errorcode").map(String::as_str),
+        Some("42910")
+    );
+    let (status, headers, _) = http(&url, "POST", None, &first).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        headers.get("x-ably-errorcode").map(String::as_str),
+        Some("40105")
+    );
 }
 
 /// A flood of publishes past the inbound rate is NACKed with 42910 and the connection
