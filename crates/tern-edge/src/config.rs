@@ -36,6 +36,11 @@ pub struct EdgeConfig {
     pub parked_connections_max: usize,
     /// Replies remembered per connection for re-sent msgSerials.
     pub reply_window_max: usize,
+    /// Browser origins (`https://app.example.com`) allowed credentialed REST requests,
+    /// which ably-js makes whenever it sends an `Authorization` header; `"*"` allows
+    /// every origin (development only). Others get `Access-Control-Allow-Origin: *`
+    /// without credentials.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for EdgeConfig {
@@ -56,6 +61,7 @@ impl Default for EdgeConfig {
             token_renew_notice_ms: 30_000,
             parked_connections_max: 100_000,
             reply_window_max: 1_000,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }

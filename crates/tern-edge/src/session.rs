@@ -220,6 +220,10 @@ impl Session {
                         Some(Ok(WsMessage::Text(text))) => Bytes::from(text),
                         Some(Ok(WsMessage::Binary(bytes))) => bytes,
                         Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                        Some(Err(err)) if over_frame_limit(&err) => {
+                            let _ = self.fail(frame_too_large(self.state.config.max_frame_size));
+                            break Ending::Closed;
+                        }
                         Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => break Ending::Dropped,
                     };
                     if !self.outlet.headroom(SLOW_CLIENT_WAIT).await {
@@ -854,6 +858,25 @@ fn capability_lost(channel: &str) -> ErrorInfo {
     ErrorInfo::new(
         code::CAPABILITY_DENIED,
         format!("channel '{channel}' is no longer permitted by the connection's capability"),
+    )
+}
+
+/// Whether a WebSocket read failed because the client's message or frame was over
+/// `max_frame_size` (tungstenite refuses it before buffering it whole).
+fn over_frame_limit(err: &axum::Error) -> bool {
+    std::error::Error::source(err)
+        .and_then(|inner| inner.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|err| matches!(err, tungstenite::Error::Capacity(_)))
+}
+
+/// The connection ERROR for a WebSocket message over `max_frame_size`. Its msgSerial
+/// was never read, so it cannot be NACKed and the connection cannot go on in order;
+/// an ERROR (not a plain close, which ably-js would answer by resuming and re-sending
+/// the same message) ends it with a reason the SDK reports.
+fn frame_too_large(max_frame_size: usize) -> ErrorInfo {
+    ErrorInfo::new(
+        code::MESSAGE_TOO_LARGE,
+        format!("WebSocket message over the maximum frame size of {max_frame_size} bytes"),
     )
 }
 

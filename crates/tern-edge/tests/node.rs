@@ -416,6 +416,63 @@ async fn jwt_lifetime_and_skew_at_connect() {
     connected(&node, &format!("access_token={jwt}")).await;
 }
 
+/// A WebSocket message over `max_frame_size` ends the connection with ERROR 40009 (so
+/// the SDK fails with that reason instead of resuming and re-sending it); others on
+/// the node are unaffected.
+#[tokio::test]
+async fn oversized_websocket_message_gets_error_40009() {
+    let config = EdgeConfig {
+        max_message_size: 512,
+        max_frame_size: 1_024,
+        ..EdgeConfig::default()
+    };
+    let node = start(config).await;
+    let (mut other, _) = connected(&node, "key=app.root:rootsecret").await;
+    let (mut ws, _) = connected(&node, "key=app.root:rootsecret").await;
+    let big = "x".repeat(2_000);
+    send(
+        &mut ws,
+        json!({"action": 15, "channel": "c", "msgSerial": 0, "messages": [{"data": big}]}),
+    )
+    .await;
+    let error = expect_action(&mut ws, 9).await;
+    assert_eq!(error["error"]["code"], 40009);
+    assert!(error.get("channel").is_none());
+    assert!(closed(&mut ws).await);
+    send(&mut other, json!({"action": 0, "id": "still-here"})).await;
+    assert_eq!(expect_action(&mut other, 0).await["id"], "still-here");
+}
+
+/// A REST body over `max_frame_size` is an Ably error: 413 with `X-Ably-ErrorCode:
+/// 40009` and an ErrorInfo body, not axum's plain-text answer.
+#[tokio::test]
+async fn oversized_rest_body_is_an_ably_error() {
+    let config = EdgeConfig {
+        max_message_size: 512,
+        max_frame_size: 1_024,
+        ..EdgeConfig::default()
+    };
+    let node = start(config).await;
+    let url = format!("http://127.0.0.1:{}/channels/c/messages", node.port);
+    let body = json!({"data": "x".repeat(2_000)}).to_string();
+    let (status, headers, text) =
+        http(&url, "POST", Some(&basic("app.root:rootsecret")), &body).await;
+    assert_eq!(status, 413);
+    assert_eq!(
+        headers.get("x-ably-errorcode").map(String::as_str),
+        Some("40009")
+    );
+    assert_eq!(
+        headers.get("content-type").map(String::as_str),
+        Some("application/json")
+    );
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (v["error"]["code"].clone(), v["error"]["statusCode"].clone()),
+        (json!(40009), json!(413))
+    );
+}
+
 /// Channel status needs `channel-metadata` (as on Ably): a subscribe-only key is
 /// refused with 40160; a key with just `channel-metadata` reads it.
 #[tokio::test]
@@ -432,6 +489,47 @@ async fn channel_status_needs_channel_metadata() {
     assert_eq!(status, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["channelId"], "open:x");
+}
+
+/// Browsers: an origin not configured gets `Access-Control-Allow-Origin: *` and never
+/// `Allow-Credentials`; a configured origin is reflected with credentials allowed.
+#[tokio::test]
+async fn cors_reflects_only_configured_origins() {
+    let config = EdgeConfig {
+        cors_allowed_origins: vec!["https://app.example.com".to_owned()],
+        ..EdgeConfig::default()
+    };
+    let node = start(config).await;
+    let url = format!("http://127.0.0.1:{}/time", node.port);
+    for method in ["GET", "OPTIONS"] {
+        let (_, headers, _) =
+            http_with(&url, method, &[("origin", "https://evil.example")], "").await;
+        assert_eq!(
+            headers
+                .get("access-control-allow-origin")
+                .map(String::as_str),
+            Some("*")
+        );
+        assert!(
+            !headers.contains_key("access-control-allow-credentials"),
+            "{method}"
+        );
+        let (_, headers, _) =
+            http_with(&url, method, &[("origin", "https://app.example.com")], "").await;
+        assert_eq!(
+            headers
+                .get("access-control-allow-origin")
+                .map(String::as_str),
+            Some("https://app.example.com")
+        );
+        assert_eq!(
+            headers
+                .get("access-control-allow-credentials")
+                .map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(headers.get("vary").map(String::as_str), Some("Origin"));
+    }
 }
 
 /// A full token-request nonce cache refuses further requests with 429 / 42910 rather

@@ -140,6 +140,8 @@ pub struct ServerSection {
     pub port: u16,
     /// `connectionDetails.serverId`; defaults to `tern-<host>-<port>`.
     pub server_id: Option<String>,
+    /// Browser origins allowed credentialed REST requests (see `EdgeConfig`).
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for ServerSection {
@@ -148,6 +150,7 @@ impl Default for ServerSection {
             host: default_host(),
             port: 8080,
             server_id: None,
+            cors_allowed_origins: EdgeConfig::default().cors_allowed_origins,
         }
     }
 }
@@ -271,6 +274,8 @@ pub const DEV_CONFIG: &str = r#"
 host = "127.0.0.1"
 port = 8080
 server_id = "tern-dev"
+# Local development: browser apps on any origin may call REST with credentials.
+cors_allowed_origins = ["*"]
 
 [history]
 mode = "redb"
@@ -446,6 +451,7 @@ impl Config {
             token_renew_notice_ms: self.connection.token_renew_notice_ms,
             parked_connections_max: l.parked_connections_max,
             reply_window_max: l.reply_window_max,
+            cors_allowed_origins: self.server.cors_allowed_origins.clone(),
         }
     }
 
