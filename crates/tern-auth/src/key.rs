@@ -160,18 +160,21 @@ impl TokenPolicy {
         self.request_window_ms.saturating_mul(2)
     }
 
-    /// Whether a token issued at `issued_ms` (absent: unknown) and expiring at
-    /// `expires_ms` lives no longer than `ttl_max_ms`. The lifetime runs from the
-    /// earlier of issue and `now_ms`: a long-lived token is refused late in its life
-    /// too, and an issue time in the future cannot shorten it. Saturating, so any
-    /// `i64` (a saturated `exp: 1e300` among them) is safe.
+    /// Whether a token issued at `issued_ms` (absent: unknown, taken as now) and
+    /// expiring at `expires_ms` lives no longer than `ttl_max_ms`. Measured from the
+    /// issue time, so a long-lived token is refused late in its life too; an issue
+    /// time ahead of `now_ms` counts up to `clock_skew_ms` (a signer, or another node,
+    /// whose clock runs a little ahead), never more, so it cannot stretch the
+    /// allowance. Saturating, so any `i64` (a saturated `exp: 1e300` among them) is
+    /// safe.
     pub(crate) fn lifetime_allowed(
         &self,
         issued_ms: Option<i64>,
         expires_ms: i64,
         now_ms: i64,
     ) -> bool {
-        let from_ms = issued_ms.map_or(now_ms, |issued_ms| issued_ms.min(now_ms));
+        let latest_ms = now_ms.saturating_add(self.clock_skew_ms);
+        let from_ms = issued_ms.map_or(now_ms, |issued_ms| issued_ms.min(latest_ms));
         expires_ms.saturating_sub(from_ms) <= self.ttl_max_ms
     }
 }

@@ -938,3 +938,27 @@ fn core_error(err: CoreError) -> ErrorInfo {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After re-auth an attachment survives only if it keeps a mode, and keeps
+    /// SUBSCRIBE when it had it; a publish-only attachment renewed with the same
+    /// grant survives.
+    #[test]
+    fn attachment_survives_table() {
+        use flags::{PRESENCE, PRESENCE_SUBSCRIBE, PUBLISH, SUBSCRIBE};
+        let subscriber = SUBSCRIBE | PRESENCE_SUBSCRIBE;
+        let all = PUBLISH | PRESENCE | subscriber;
+        assert!(attachment_survives(all, all));
+        assert!(attachment_survives(all, subscriber));
+        assert!(attachment_survives(all, subscriber | PRESENCE));
+        assert!(!attachment_survives(all, PUBLISH | PRESENCE));
+        assert!(!attachment_survives(all, 0));
+        assert!(!attachment_survives(subscriber, PUBLISH));
+        assert!(attachment_survives(PUBLISH, PUBLISH));
+        assert!(attachment_survives(PUBLISH, PUBLISH | subscriber));
+        assert!(!attachment_survives(PUBLISH, subscriber));
+    }
+}
