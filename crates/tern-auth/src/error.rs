@@ -30,6 +30,12 @@ pub enum AuthError {
     /// window. Ably code 40105, status 401.
     #[error("nonce value replayed")]
     NonceReplayed,
+    /// The replay cache is full of nonces still inside their replay window, so a new
+    /// token request cannot be remembered. Forgetting an old nonce instead would let
+    /// it be replayed, so the request is refused until entries expire. Ably code
+    /// 42910 (rate limit), status 429: the client may retry later.
+    #[error("too many token requests: the nonce cache is full, retry later")]
+    TooManyTokenRequests,
     /// The requested capability asks for something the key does not grant.
     /// Ably code 40160, status 401.
     #[error("requested capability is not a subset of the key's capability")]
@@ -58,6 +64,7 @@ impl AuthError {
             AuthError::InvalidRequest(_) => 40003,
             AuthError::TimestampNotCurrent => 40104,
             AuthError::NonceReplayed => 40105,
+            AuthError::TooManyTokenRequests => 42910,
             AuthError::CapabilityNotSubset => 40160,
             AuthError::TokenExpired => 40142,
             AuthError::TokenUnrecognised(_) => 40143,
@@ -69,6 +76,7 @@ impl AuthError {
     pub fn status_code(&self) -> u16 {
         match self {
             AuthError::KeyNotFound(_) => 404,
+            AuthError::TooManyTokenRequests => 429,
             AuthError::InvalidCapability(_) | AuthError::InvalidRequest(_) => 400,
             AuthError::InvalidCredentials(_)
             | AuthError::TimestampNotCurrent
@@ -98,6 +106,7 @@ mod tests {
         check(AuthError::InvalidRequest(String::new()), 40003, 400);
         check(AuthError::TimestampNotCurrent, 40104, 401);
         check(AuthError::NonceReplayed, 40105, 401);
+        check(AuthError::TooManyTokenRequests, 42910, 429);
         check(AuthError::CapabilityNotSubset, 40160, 401);
         check(AuthError::TokenExpired, 40142, 401);
         check(AuthError::TokenUnrecognised(String::new()), 40143, 401);

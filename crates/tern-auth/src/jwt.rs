@@ -5,7 +5,7 @@
 use base64::Engine as _;
 use serde_json::{Map, Value};
 
-use crate::key::{ApiKey, AuthContext, ClientIdentity, KeyRing};
+use crate::key::{ApiKey, AuthContext, ClientIdentity, KeyRing, TokenPolicy};
 use crate::signature::{hmac_sha256, hmac_sha256_verify, URL_SAFE};
 use crate::{AuthError, Capability};
 
@@ -35,9 +35,12 @@ pub fn sign_jwt(key: &ApiKey, claims: &Value) -> String {
 ///
 /// Checks, in order: three parts; a header with `alg` `HS256` and a `kid` naming
 /// a configured key; the signature, in constant time; then claims: `exp`
-/// (seconds) after `now_ms`, else [`AuthError::TokenExpired`], and `nbf`, if
-/// present, not after it. A missing capability claim means the key's capability.
-/// Every other failure is [`AuthError::InvalidJwt`].
+/// (seconds) after `now_ms`, else [`AuthError::TokenExpired`]; `iat` and `nbf`,
+/// if present, numbers no later than `now_ms` plus the policy's `clock_skew_ms`;
+/// and a lifetime (see [`TokenPolicy::lifetime_allowed`]) within the policy's
+/// `ttl_max_ms`. A missing capability claim means the key's capability. Every
+/// other failure is [`AuthError::InvalidJwt`] (40144: in the token-error range,
+/// so an SDK gets one fresh token from its auth callback before giving up).
 pub(crate) fn verify(ring: &KeyRing, token: &str, now_ms: i64) -> Result<AuthContext, AuthError> {
     let invalid = |why: &str| AuthError::InvalidJwt(why.to_owned());
     let mut parts = token.split('.');
@@ -67,19 +70,17 @@ pub(crate) fn verify(ring: &KeyRing, token: &str, now_ms: i64) -> Result<AuthCon
     }
 
     let claims = decode_object(claims).ok_or_else(|| invalid("malformed claims"))?;
-    let expires_ms = claims
-        .get("exp")
-        .and_then(Value::as_f64)
-        .map(seconds_to_ms)
-        .ok_or_else(|| invalid("missing exp claim"))?;
+    let expires_ms = time_claim(&claims, "exp")?.ok_or_else(|| invalid("missing exp claim"))?;
     if expires_ms <= now_ms {
         return Err(AuthError::TokenExpired);
     }
-    if let Some(not_before) = claims.get("nbf").and_then(Value::as_f64) {
-        if seconds_to_ms(not_before) > now_ms {
-            return Err(invalid("not yet valid (nbf)"));
-        }
-    }
+    check_times(
+        ring.policy(),
+        time_claim(&claims, "iat")?,
+        time_claim(&claims, "nbf")?,
+        expires_ms,
+        now_ms,
+    )?;
     let capability = capability_claim(key, claims.get(CAPABILITY_CLAIM))?;
     let client_id = match claims.get(CLIENT_ID_CLAIM) {
         None | Some(Value::Null) => ClientIdentity::Anonymous,
@@ -94,6 +95,45 @@ pub(crate) fn verify(ring: &KeyRing, token: &str, now_ms: i64) -> Result<AuthCon
         expires_ms: Some(expires_ms),
         via_token: true,
     })
+}
+
+/// The time claims of an unexpired JWT against `policy`: `iat` and `nbf` no
+/// later than the allowed clock skew ahead of `now_ms`, and a lifetime within
+/// `ttl_max_ms`.
+fn check_times(
+    policy: &TokenPolicy,
+    issued_ms: Option<i64>,
+    not_before_ms: Option<i64>,
+    expires_ms: i64,
+    now_ms: i64,
+) -> Result<(), AuthError> {
+    let invalid = |why: String| Err(AuthError::InvalidJwt(why));
+    let latest_ms = now_ms.saturating_add(policy.clock_skew_ms);
+    if issued_ms.is_some_and(|issued_ms| issued_ms > latest_ms) {
+        return invalid("issued in the future (iat)".to_owned());
+    }
+    if not_before_ms.is_some_and(|not_before_ms| not_before_ms > latest_ms) {
+        return invalid("not yet valid (nbf)".to_owned());
+    }
+    if !policy.lifetime_allowed(issued_ms, expires_ms, now_ms) {
+        return invalid(format!(
+            "lifetime (exp - iat) over the maximum of {} ms",
+            policy.ttl_max_ms
+        ));
+    }
+    Ok(())
+}
+
+/// A NumericDate claim (seconds, possibly fractional) in ms: `None` when absent
+/// or null; anything but a number is [`AuthError::InvalidJwt`].
+fn time_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, AuthError> {
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => value
+            .as_f64()
+            .map(|seconds| Some(seconds_to_ms(seconds)))
+            .ok_or_else(|| AuthError::InvalidJwt(format!("{name} claim is not a number"))),
+    }
 }
 
 /// Length of `header.claims`, the signed part of a three-part token.
@@ -224,7 +264,7 @@ mod tests {
             URL_SAFE.encode(r#"{"alg":"none","kid":"app.jwt"}"#)
         );
         let no_exp = sign_jwt(&key(), &json!({"iat": NOW_S}));
-        let future = sign_jwt(&key(), &json!({"exp": NOW_S + 60, "nbf": NOW_S + 30}));
+        let future = sign_jwt(&key(), &json!({"exp": NOW_S + 60, "nbf": NOW_S + 31}));
         let bad_cap = sign_jwt(
             &key(),
             &json!({"exp": NOW_S + 60, "x-ably-capability": "{nope"}),
@@ -241,5 +281,79 @@ mod tests {
             let err = ring().authenticate_token(&bad, NOW_MS).unwrap_err();
             assert_eq!(err.code(), 40144, "{bad}: {err}");
         }
+    }
+
+    fn code_at(claims: Value, ring: &KeyRing) -> Result<(), u32> {
+        ring.authenticate_token(&sign_jwt(&key(), &claims), NOW_MS)
+            .map(|_| ())
+            .map_err(|err| err.code())
+    }
+
+    /// A JWT may live at most `ttl_max_ms` (from `iat`, or from now without one):
+    /// longer, or an absurd `exp` such as 1e300, is 40144 and never overflows.
+    #[test]
+    fn lifetime_is_bounded() {
+        let ring = ring();
+        let max_s = TokenPolicy::default().ttl_max_ms / 1000;
+        assert_eq!(
+            code_at(json!({"iat": NOW_S, "exp": NOW_S + max_s}), &ring),
+            Ok(())
+        );
+        assert_eq!(code_at(json!({"exp": NOW_S + max_s}), &ring), Ok(()));
+        // Signed by a clock 20 s ahead of ours with the whole allowance: accepted.
+        assert_eq!(
+            code_at(json!({"iat": NOW_S + 20, "exp": NOW_S + 20 + max_s}), &ring),
+            Ok(())
+        );
+        for too_long in [
+            json!({"iat": NOW_S, "exp": NOW_S + max_s + 1}),
+            json!({"exp": NOW_S + max_s + 1}),
+            json!({"exp": 1e300}),
+            json!({"iat": NOW_S, "exp": 1e300}),
+            json!({"iat": -1e300, "exp": NOW_S + 60}),
+            // Issued two days ago: refused even though it expires in a minute.
+            json!({"iat": NOW_S - 2 * max_s, "exp": NOW_S + 60}),
+            // An iat ahead of our clock (within the skew) cannot stretch the allowance.
+            json!({"iat": NOW_S + 20, "exp": NOW_S + 20 + max_s + 1}),
+        ] {
+            assert_eq!(code_at(too_long.clone(), &ring), Err(40144), "{too_long}");
+        }
+        let strict = ring.clone().with_policy(TokenPolicy {
+            ttl_max_ms: 60_000,
+            ..TokenPolicy::default()
+        });
+        assert_eq!(code_at(json!({"exp": NOW_S + 60}), &strict), Ok(()));
+        assert_eq!(code_at(json!({"exp": NOW_S + 61}), &strict), Err(40144));
+    }
+
+    /// `nbf` and `iat` may be ahead of our clock by the policy's skew, no more.
+    #[test]
+    fn clock_skew_allowance() {
+        let ring = ring();
+        let skew_s = TokenPolicy::default().clock_skew_ms / 1000;
+        for ok in [
+            json!({"exp": NOW_S + 60, "nbf": NOW_S + skew_s}),
+            json!({"exp": NOW_S + 60, "nbf": NOW_S + 5, "iat": NOW_S + 5}),
+            json!({"exp": NOW_S + 60, "iat": NOW_S + skew_s}),
+        ] {
+            assert_eq!(code_at(ok.clone(), &ring), Ok(()), "{ok}");
+        }
+        for bad in [
+            json!({"exp": NOW_S + 60, "nbf": NOW_S + skew_s + 1}),
+            json!({"exp": NOW_S + 60, "iat": NOW_S + skew_s + 1}),
+            json!({"exp": NOW_S + 60, "iat": "yesterday"}),
+            json!({"exp": NOW_S + 60, "nbf": [1]}),
+            json!({"exp": "tomorrow"}),
+        ] {
+            assert_eq!(code_at(bad.clone(), &ring), Err(40144), "{bad}");
+        }
+        let exact = ring.with_policy(TokenPolicy {
+            clock_skew_ms: 0,
+            ..TokenPolicy::default()
+        });
+        assert_eq!(
+            code_at(json!({"exp": NOW_S + 60, "nbf": NOW_S + 1}), &exact),
+            Err(40144)
+        );
     }
 }

@@ -136,15 +136,21 @@ impl AuthContext {
     }
 }
 
-/// Limits on tokens issued from token requests.
+/// Limits on tokens: those issued from token requests, and those (JWTs, Tern tokens)
+/// presented to be verified.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenPolicy {
     /// Token lifetime when the request names none (Ably: 60 minutes).
     pub ttl_default_ms: i64,
-    /// Longest lifetime a request may ask for (Ably: 24 hours).
+    /// Longest lifetime a request may ask for (Ably: 24 hours), and the longest a
+    /// presented token may have, from its issue time (or now, if later or absent)
+    /// to its expiry: a signer cannot mint a credential that never expires.
     pub ttl_max_ms: i64,
     /// How far a request's timestamp may be from the server clock, either way.
     pub request_window_ms: i64,
+    /// How far in the future a JWT's `iat` and `nbf` may be, for the signer's clock
+    /// running ahead of ours.
+    pub clock_skew_ms: i64,
 }
 
 impl TokenPolicy {
@@ -152,6 +158,24 @@ impl TokenPolicy {
     /// request stays remembered while its timestamp could still be accepted.
     pub fn nonce_retain_ms(&self) -> i64 {
         self.request_window_ms.saturating_mul(2)
+    }
+
+    /// Whether a token issued at `issued_ms` (absent: unknown, taken as now) and
+    /// expiring at `expires_ms` lives no longer than `ttl_max_ms`. Measured from the
+    /// issue time, so a long-lived token is refused late in its life too; an issue
+    /// time ahead of `now_ms` counts up to `clock_skew_ms` (a signer, or another node,
+    /// whose clock runs a little ahead), never more, so it cannot stretch the
+    /// allowance. Saturating, so any `i64` (a saturated `exp: 1e300` among them) is
+    /// safe.
+    pub(crate) fn lifetime_allowed(
+        &self,
+        issued_ms: Option<i64>,
+        expires_ms: i64,
+        now_ms: i64,
+    ) -> bool {
+        let latest_ms = now_ms.saturating_add(self.clock_skew_ms);
+        let from_ms = issued_ms.map_or(now_ms, |issued_ms| issued_ms.min(latest_ms));
+        expires_ms.saturating_sub(from_ms) <= self.ttl_max_ms
     }
 }
 
@@ -161,24 +185,45 @@ impl Default for TokenPolicy {
             ttl_default_ms: 3_600_000,
             ttl_max_ms: 86_400_000,
             request_window_ms: 600_000,
+            clock_skew_ms: DEFAULT_CLOCK_SKEW_MS,
         }
     }
 }
 
+/// Default [`TokenPolicy::clock_skew_ms`]: 30 s, well above NTP-synchronised drift.
+const DEFAULT_CLOCK_SKEW_MS: i64 = 30_000;
+
 /// The configured keys, by key name; verifies every kind of credential.
 ///
-/// Holds no mutable state: any node with the same keys verifies the same
-/// credentials. The replay cache for token requests is passed in separately.
+/// Holds no mutable state: any node with the same keys and policy verifies the
+/// same credentials. The replay cache for token requests is passed in separately.
 #[derive(Clone, Debug, Default)]
 pub struct KeyRing {
     keys: BTreeMap<String, ApiKey>,
+    /// Lifetime and clock-skew limits applied to presented tokens.
+    policy: TokenPolicy,
 }
 
 impl KeyRing {
-    /// A ring of `keys`; a repeated key name keeps the last.
+    /// A ring of `keys` under the default [`TokenPolicy`]; a repeated key name
+    /// keeps the last.
     pub fn new(keys: Vec<ApiKey>) -> Self {
         let keys = keys.into_iter().map(|key| (key.name(), key)).collect();
-        KeyRing { keys }
+        KeyRing {
+            keys,
+            policy: TokenPolicy::default(),
+        }
+    }
+
+    /// The same keys, verifying presented tokens under `policy`.
+    pub fn with_policy(mut self, policy: TokenPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The policy presented tokens are verified under.
+    pub fn policy(&self) -> &TokenPolicy {
+        &self.policy
     }
 
     /// The key named `"appId.keyId"`.
@@ -237,10 +282,12 @@ impl KeyRing {
     /// Authenticates a Tern token (`tn1.…`) or an HS256 JWT, told apart by shape.
     ///
     /// Errors: expired → [`AuthError::TokenExpired`]; a Tern token that is
-    /// garbage, badly signed or whose key is gone, or anything of neither shape
-    /// → [`AuthError::TokenUnrecognised`]; a JWT that fails any check →
-    /// [`AuthError::InvalidJwt`]. The capability is narrowed by the key's
-    /// current capability, so shrinking a key shrinks its live tokens.
+    /// garbage, badly signed, whose key is gone or whose lifetime is over the
+    /// policy's `ttl_max_ms`, or anything of neither shape →
+    /// [`AuthError::TokenUnrecognised`]; a JWT that fails any check (its lifetime
+    /// and clock skew included) → [`AuthError::InvalidJwt`]. The capability is
+    /// narrowed by the key's current capability, so shrinking a key shrinks its
+    /// live tokens.
     pub fn authenticate_token(&self, token: &str, now_ms: i64) -> Result<AuthContext, AuthError> {
         if token.len() > token::TOKEN_BYTES_MAX {
             return Err(AuthError::TokenUnrecognised("token too long".to_owned()));
@@ -287,7 +334,9 @@ impl KeyRing {
     /// `policy.ttl_max_ms` ([`AuthError::InvalidRequest`]); the capability parses
     /// ([`AuthError::InvalidCapability`]) and is a subset of the key's
     /// ([`AuthError::CapabilityNotSubset`]); and last the nonce is not a replay
-    /// ([`AuthError::NonceReplayed`]), so a refused request never uses up its nonce.
+    /// ([`AuthError::NonceReplayed`]) and the replay cache has room for it
+    /// ([`AuthError::TooManyTokenRequests`]), so a refused request never uses up
+    /// its nonce.
     /// An absent capability means the key's own; an absent or zero ttl the
     /// policy's default.
     pub fn request_token(

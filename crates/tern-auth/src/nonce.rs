@@ -2,20 +2,26 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::AuthError;
+
 /// A bounded memory of recently used token-request nonces.
 ///
 /// An entry lives for `retain_ms` past the later of its request's timestamp and
 /// the time it was seen; callers pass twice the timestamp window, so a request is
-/// remembered for as long as its timestamp could still be accepted. When full,
-/// the entry closest to expiry is forgotten first. Only requests whose mac
-/// verified reach the cache, so only key holders can fill it.
+/// remembered for as long as its timestamp could still be accepted. A nonce is
+/// unique per key name within that time (stricter than Ably's nonce + timestamp).
+///
+/// When the cache is full of live entries a new nonce is refused
+/// ([`AuthError::TooManyTokenRequests`]) rather than making room: an evicted nonce
+/// whose request is still inside the timestamp window could be replayed. Only
+/// requests whose mac verified reach the cache, so only key holders can fill it.
 ///
 /// Time is passed in; the cache reads no clock.
 #[derive(Debug)]
 pub struct NonceCache {
     /// `(keyName, nonce)` → its expiry and insertion sequence (the key into `by_expiry`).
     seen: HashMap<(String, String), (i64, u64)>,
-    /// The same entries ordered by expiry, oldest first, for purging and eviction.
+    /// The same entries ordered by expiry, oldest first, for purging.
     by_expiry: BTreeMap<(i64, u64), (String, String)>,
     entries_max: usize,
     retain_ms: i64,
@@ -34,24 +40,23 @@ impl NonceCache {
         }
     }
 
-    /// Records the nonce; `false` when it is already remembered (a replay).
+    /// Records the nonce. Errors: already remembered → [`AuthError::NonceReplayed`];
+    /// full of unexpired entries → [`AuthError::TooManyTokenRequests`] (nothing is
+    /// recorded, so the same request may be retried once entries expire).
     pub fn check_and_insert(
         &mut self,
         key_name: &str,
         nonce: &str,
         timestamp_ms: i64,
         now_ms: i64,
-    ) -> bool {
+    ) -> Result<(), AuthError> {
         self.purge_expired(now_ms);
         let id = (key_name.to_owned(), nonce.to_owned());
         if self.seen.contains_key(&id) {
-            return false;
+            return Err(AuthError::NonceReplayed);
         }
-        while self.seen.len() >= self.entries_max {
-            let Some((_, oldest)) = self.by_expiry.pop_first() else {
-                break;
-            };
-            self.seen.remove(&oldest);
+        if self.seen.len() >= self.entries_max {
+            return Err(AuthError::TooManyTokenRequests);
         }
         let expiry_ms = timestamp_ms.max(now_ms).saturating_add(self.retain_ms);
         let slot = (expiry_ms, self.next_seq);
@@ -60,7 +65,7 @@ impl NonceCache {
         self.seen.insert(id, slot);
         debug_assert_eq!(self.seen.len(), self.by_expiry.len());
         debug_assert!(self.seen.len() <= self.entries_max);
-        true
+        Ok(())
     }
 
     /// How many nonces are remembered.
@@ -92,24 +97,44 @@ mod tests {
     #[test]
     fn replay_detected_until_expiry() {
         let mut cache = NonceCache::new(10, 1_000);
-        assert!(cache.check_and_insert("app.key", "n1", 0, 0));
-        assert!(!cache.check_and_insert("app.key", "n1", 0, 500));
-        assert!(cache.check_and_insert("app.other", "n1", 0, 500));
-        assert!(!cache.check_and_insert("app.key", "n1", 0, 999));
-        assert!(cache.check_and_insert("app.key", "n1", 0, 1_000));
+        assert_eq!(cache.check_and_insert("app.key", "n1", 0, 0), Ok(()));
+        assert_eq!(
+            cache.check_and_insert("app.key", "n1", 0, 500),
+            Err(AuthError::NonceReplayed)
+        );
+        assert_eq!(cache.check_and_insert("app.other", "n1", 0, 500), Ok(()));
+        assert_eq!(
+            cache.check_and_insert("app.key", "n1", 0, 999),
+            Err(AuthError::NonceReplayed)
+        );
+        assert_eq!(cache.check_and_insert("app.key", "n1", 0, 1_000), Ok(()));
     }
 
-    /// The entry count never exceeds the bound; the oldest entry goes first.
+    /// A full cache refuses new nonces (42910) instead of forgetting old ones, so
+    /// no nonce inside its window can be replayed; room returns as entries expire.
     #[test]
-    fn bound_holds() {
-        let mut cache = NonceCache::new(3, 1_000_000);
-        for i in 0..100 {
-            assert!(cache.check_and_insert("k", &format!("n{i}"), i, i));
-            assert!(cache.len() <= 3);
+    fn full_cache_refuses_and_never_forgets_a_live_nonce() {
+        let mut cache = NonceCache::new(3, 1_000);
+        for i in 0..3 {
+            assert_eq!(cache.check_and_insert("k", &format!("n{i}"), i, i), Ok(()));
         }
+        for i in 3..100 {
+            let refused = cache.check_and_insert("k", &format!("n{i}"), i, i);
+            assert_eq!(refused, Err(AuthError::TooManyTokenRequests));
+            assert_eq!(cache.len(), 3);
+        }
+        // The oldest nonce is still remembered: replaying it is refused.
+        assert_eq!(
+            cache.check_and_insert("k", "n0", 0, 100),
+            Err(AuthError::NonceReplayed)
+        );
+        // Once n0 expires (at 0 + 1000) there is room again, and n0 is forgotten.
+        assert_eq!(cache.check_and_insert("k", "n3", 3, 1_000), Ok(()));
         assert_eq!(cache.len(), 3);
-        assert!(!cache.check_and_insert("k", "n99", 99, 100));
-        assert!(cache.check_and_insert("k", "n0", 0, 100));
+        assert_eq!(
+            cache.check_and_insert("k", "n4", 4, 1_000),
+            Err(AuthError::TooManyTokenRequests)
+        );
     }
 
     /// Expired entries are dropped on the next call, whatever order time arrives in.
@@ -117,9 +142,9 @@ mod tests {
     fn purges_expired() {
         let mut cache = NonceCache::new(100, 10);
         for i in 0..50 {
-            cache.check_and_insert("k", &format!("n{i}"), 0, 50 - i);
+            let _ = cache.check_and_insert("k", &format!("n{i}"), 0, 50 - i);
         }
-        cache.check_and_insert("k", "late", 0, 1_000);
+        assert_eq!(cache.check_and_insert("k", "late", 0, 1_000), Ok(()));
         assert_eq!(cache.len(), 1);
         assert!(!cache.is_empty());
     }

@@ -172,9 +172,7 @@ pub(crate) fn check_request(
             "capability over {TOKEN_CAPABILITY_BYTES_MAX} bytes"
         )));
     }
-    if !nonces.check_and_insert(&req.key_name, &req.nonce, req.timestamp, now_ms) {
-        return Err(AuthError::NonceReplayed);
-    }
+    nonces.check_and_insert(&req.key_name, &req.nonce, req.timestamp, now_ms)?;
     Ok(issue(
         key,
         req.client_id.as_deref(),
@@ -189,6 +187,9 @@ pub(crate) fn check_request(
 struct Claims {
     /// Key name.
     k: String,
+    /// Issue time, ms since the epoch.
+    #[serde(default)]
+    iat: Option<i64>,
     /// Expiry, ms since the epoch.
     exp: i64,
     /// Canonical capability JSON, narrowed by the key's at issue time.
@@ -258,6 +259,14 @@ pub(crate) fn verify(ring: &KeyRing, token: &str, now_ms: i64) -> Result<AuthCon
     }
     if claims.exp <= now_ms {
         return Err(AuthError::TokenExpired);
+    }
+    // Tokens from token requests always fit; this bounds ones minted with the key
+    // secret directly, and older tokens after `ttl_max_ms` was lowered.
+    if !ring
+        .policy()
+        .lifetime_allowed(claims.iat, claims.exp, now_ms)
+    {
+        return Err(unrecognised("token lifetime over the maximum"));
     }
     let capability =
         Capability::parse(&claims.cap).map_err(|_| unrecognised("malformed token capability"))?;
@@ -693,6 +702,78 @@ mod tests {
         assert_eq!(
             fields,
             ["capability", "expires", "issued", "keyName", "token"]
+        );
+    }
+
+    /// A full replay cache refuses a valid request with 42910 and does not take its
+    /// nonce, so the same request succeeds once room returns.
+    #[test]
+    fn full_nonce_cache_refuses() {
+        let ring = ring();
+        let policy = TokenPolicy::default();
+        let mut nonces = NonceCache::new(1, policy.nonce_retain_ms());
+        let first = request(&root(), None, None);
+        assert!(ring
+            .request_token("app.key", &first, NOW, &mut nonces, &policy)
+            .is_ok());
+        let mut second = first.clone();
+        second.nonce = "fedcba9876543210".to_owned();
+        second.mac = sign_token_request("secret", &second);
+        let err = ring
+            .request_token("app.key", &second, NOW, &mut nonces, &policy)
+            .unwrap_err();
+        assert_eq!(err, AuthError::TooManyTokenRequests);
+        assert_eq!((err.code(), err.status_code()), (42910, 429));
+        // The first nonce is still remembered.
+        let err = ring
+            .request_token("app.key", &first, NOW + 1, &mut nonces, &policy)
+            .unwrap_err();
+        assert_eq!(err, AuthError::NonceReplayed);
+        // After the first nonce's retention the second request goes through.
+        let later = NOW + policy.nonce_retain_ms();
+        let mut fresh = second.clone();
+        fresh.timestamp = later;
+        fresh.mac = sign_token_request("secret", &fresh);
+        assert!(ring
+            .request_token("app.key", &fresh, later, &mut nonces, &policy)
+            .is_ok());
+    }
+
+    /// A Tern token minted with a lifetime over the policy's maximum (only
+    /// possible with the key secret, or after the maximum was lowered) is 40143.
+    #[test]
+    fn token_lifetime_bounded() {
+        let ring = ring();
+        let max_ms = TokenPolicy::default().ttl_max_ms;
+        let fits = ring.issue_token(&root(), None, &Capability::all(), max_ms, NOW);
+        assert!(ring.authenticate_token(&fits.token, NOW).is_ok());
+        // Issued by a node whose clock is 10 s ahead: still verifies here.
+        let ahead = ring.issue_token(&root(), None, &Capability::all(), max_ms, NOW + 10_000);
+        assert!(ring.authenticate_token(&ahead.token, NOW).is_ok());
+        let long = ring.issue_token(&root(), None, &Capability::all(), max_ms + 1, NOW);
+        assert_eq!(
+            ring.authenticate_token(&long.token, NOW)
+                .unwrap_err()
+                .code(),
+            40143
+        );
+        let huge = ring.issue_token(&root(), None, &Capability::all(), i64::MAX, NOW);
+        assert_eq!(
+            ring.authenticate_token(&huge.token, NOW)
+                .unwrap_err()
+                .code(),
+            40143
+        );
+        let lowered = ring.with_policy(TokenPolicy {
+            ttl_max_ms: 60_000,
+            ..TokenPolicy::default()
+        });
+        assert_eq!(
+            lowered
+                .authenticate_token(&fits.token, NOW)
+                .unwrap_err()
+                .code(),
+            40143
         );
     }
 }

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use tern_auth::{
-    sign_token_request, ApiKey, Capability, KeyRing, NonceCache, Operation, TokenPolicy,
+    sign_jwt, sign_token_request, ApiKey, Capability, KeyRing, NonceCache, Operation, TokenPolicy,
     TokenRequest,
 };
 
@@ -185,7 +185,7 @@ proptest! {
     fn token_round_trip(
         client_id in proptest::option::of(any::<String>()),
         asked in capability(),
-        ttl_ms in 1i64..1_000_000_000,
+        ttl_ms in 1i64..=TokenPolicy::default().ttl_max_ms,
         now_ms in -1_000_000_000_000i64..4_000_000_000_000,
     ) {
         let ring = ring();
@@ -205,8 +205,37 @@ proptest! {
     fn nonce_cache_bound(ops in prop::collection::vec((0u8..20, any::<i32>()), 0..200)) {
         let mut cache = NonceCache::new(8, 100);
         for (nonce, now) in ops {
-            cache.check_and_insert("k", &nonce.to_string(), i64::from(now), i64::from(now));
+            let _ = cache.check_and_insert("k", &nonce.to_string(), i64::from(now), i64::from(now));
             prop_assert!(cache.len() <= 8);
+        }
+    }
+
+    /// Signed JWTs with any time claims (NaN, infinities, 1e300 included) and any
+    /// clock never panic, and whatever is accepted expires within `ttl_max_ms` (plus
+    /// the clock skew a signer may be ahead by).
+    #[test]
+    fn jwt_times_never_panic_and_stay_bounded(
+        exp in any::<f64>(),
+        iat in proptest::option::of(any::<f64>()),
+        nbf in proptest::option::of(any::<f64>()),
+        now in prop_oneof![any::<i64>(), 1_600_000_000_000i64..1_800_000_000_000],
+    ) {
+        let ring = ring();
+        let key = ring.get("app.key").unwrap().clone();
+        let mut claims = serde_json::json!({ "exp": exp });
+        if let Some(iat) = iat {
+            claims["iat"] = iat.into();
+        }
+        if let Some(nbf) = nbf {
+            claims["nbf"] = nbf.into();
+        }
+        if let Ok(ctx) = ring.authenticate_token(&sign_jwt(&key, &claims), now) {
+            let expires_ms = ctx.expires_ms.unwrap();
+            prop_assert!(expires_ms > now);
+            let policy = TokenPolicy::default();
+            prop_assert!(
+                expires_ms.saturating_sub(now) <= policy.ttl_max_ms + policy.clock_skew_ms
+            );
         }
     }
 }

@@ -215,6 +215,15 @@ impl Channel {
         self.touch(now_ms);
     }
 
+    /// Keeps only the `granted` mode bits of a connection's attachment; the modes it
+    /// had, or `None` when it is not attached.
+    pub(crate) fn restrict_modes(&mut self, connection_id: &str, granted: u64) -> Option<u64> {
+        let attachment = self.attachments.get_mut(connection_id)?;
+        let before = attachment.options.modes;
+        attachment.options.modes = before & granted;
+        Some(before)
+    }
+
     pub(crate) fn detach(&mut self, connection_id: &str, now_ms: i64) -> bool {
         let removed = self.attachments.remove(connection_id).is_some();
         self.touch(now_ms);

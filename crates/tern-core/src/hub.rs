@@ -431,9 +431,25 @@ impl Hub {
         self.with_existing(key, |c| c.status())
     }
 
-    fn leave(&self, key: &ChannelKey, connection_id: &str, now_ms: i64) {
+    /// Every presence member of `connection_id` on this channel leaves now, with
+    /// LEAVEs broadcast and journaled, as when the connection closes (used also when
+    /// its credential stops allowing presence there).
+    pub fn leave(&self, key: &ChannelKey, connection_id: &str, now_ms: i64) {
         let ctx = self.context(key, now_ms);
         self.with_existing(key, |c| c.leave_connection(&ctx, connection_id));
+    }
+
+    /// Narrows a connection's attachment to the mode bits in `granted` (its credential
+    /// changed): deliveries and occupancy follow the narrowed modes from the next event.
+    /// Returns the modes it had, or `None` when it is not attached.
+    pub fn restrict_modes(
+        &self,
+        key: &ChannelKey,
+        connection_id: &str,
+        granted: u64,
+    ) -> Option<u64> {
+        self.with_existing(key, |c| c.restrict_modes(connection_id, granted))
+            .flatten()
     }
 
     /// A node departed the cluster: every presence member of a connection it issued

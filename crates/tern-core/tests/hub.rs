@@ -569,3 +569,50 @@ fn remain_present_for_sets_the_grace_period() {
     hub.sweep(100 + tern_core::hub::PRESENCE_GRACE_MAX_MS);
     assert!(hub.members(&key).is_empty(), "bob's grace was clamped");
 }
+
+/// Narrowing an attachment's modes (a re-authenticated connection lost subscribe)
+/// stops its deliveries and counts it by its new modes; `leave` removes one
+/// connection's members on one channel with a broadcast LEAVE, and nobody else's.
+#[test]
+fn restricted_modes_stop_deliveries_and_leave_is_per_connection() {
+    let hub = hub();
+    let key = ChannelKey::new("app", "room");
+    let a = attach(&hub, &key, "A", true);
+    let b = attach(&hub, &key, "B", true);
+    hub.publish(&key, &publisher("B", 0), vec![msg("before")], 1)
+        .unwrap();
+    assert_eq!(hub.restrict_modes(&key, "A", flags::PUBLISH), Some(ALL));
+    assert_eq!(hub.restrict_modes(&key, "nobody", flags::PUBLISH), None);
+    let other = ChannelKey::new("app", "elsewhere");
+    assert_eq!(hub.restrict_modes(&other, "A", flags::PUBLISH), None);
+    hub.publish(&key, &publisher("B", 1), vec![msg("after")], 2)
+        .unwrap();
+    assert_eq!(a.names(), vec!["before"]);
+    assert_eq!(b.names(), vec!["before", "after"]);
+    let status = hub.status(&key).unwrap();
+    assert_eq!((status.connections, status.subscribers), (2, 1));
+    assert_eq!((status.publishers, status.presence_subscribers), (2, 1));
+
+    hub.presence(&key, &publisher("A", 2), vec![enter("A", "alice", 2)], 3)
+        .unwrap();
+    hub.presence(&key, &publisher("B", 3), vec![enter("B", "bob", 3)], 3)
+        .unwrap();
+    hub.leave(&key, "A", 4);
+    let members = hub.members(&key);
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].client_id.as_deref(), Some("bob"));
+    let leaves = b
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|e| e.frame.presence.clone().unwrap_or_default())
+        .filter(|p| p.action == presence_action::LEAVE)
+        .count();
+    assert_eq!(leaves, 1);
+    assert_eq!(
+        hub.status(&key).unwrap().connections,
+        2,
+        "leave does not detach"
+    );
+}

@@ -37,7 +37,8 @@ pub struct EdgeConfig {
     pub connections_max: usize,
     /// Token lifetimes and the token-request timestamp window.
     pub token_policy: TokenPolicy,
-    /// Token-request nonces remembered for replay detection.
+    /// Token-request nonces remembered for replay detection; when full, token requests
+    /// are refused (42910) until entries expire, never evicted early.
     pub nonce_cache_max: usize,
     /// Send an AUTH request this long before a token expires, so the client renews in band.
     pub token_renew_notice_ms: i64,
@@ -45,6 +46,11 @@ pub struct EdgeConfig {
     pub parked_connections_max: usize,
     /// Replies remembered per connection for re-sent msgSerials.
     pub reply_window_max: usize,
+    /// Browser origins (`https://app.example.com`) allowed credentialed REST requests,
+    /// which ably-js makes whenever it sends an `Authorization` header; `"*"` allows
+    /// every origin (development only). Others get `Access-Control-Allow-Origin: *`
+    /// without credentials.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for EdgeConfig {
@@ -68,6 +74,7 @@ impl Default for EdgeConfig {
             token_renew_notice_ms: 30_000,
             parked_connections_max: 100_000,
             reply_window_max: 1_000,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }

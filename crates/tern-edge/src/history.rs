@@ -156,6 +156,12 @@ fn parse_params(q: &HashMap<String, String>) -> Result<HistoryParams, ErrorInfo>
     })
 }
 
+/// Query parameters a `Link` never repeats: the page position and the envelope
+/// (set per link and per request), and credentials. A key or token in a link would
+/// leak into logs, caches and `Referer`s; the SDKs authenticate every request
+/// themselves, so the link does not need them.
+const LINK_OMITS: [&str; 5] = ["page", "envelope", "key", "access_token", "accessToken"];
+
 /// `Link` header: first, current and (if more) next, as `./<segment>?<query>` so both
 /// ably-js (keeps the query, re-requests its own path) and ably-python (resolves it
 /// relative to the request URL) follow it.
@@ -163,7 +169,7 @@ fn link_header(segment: &str, q: &HashMap<String, String>, next: Option<Position
     let query = |extra: Option<String>| {
         let mut pairs: Vec<(String, String)> = q
             .iter()
-            .filter(|(k, _)| k.as_str() != "page" && k.as_str() != "envelope")
+            .filter(|(k, _)| !LINK_OMITS.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         pairs.sort();
@@ -316,5 +322,26 @@ mod tests {
         assert!(parts[0].starts_with("<./messages?from_serial=v1.a-3&limit=2>; rel=\"first\""));
         assert!(parts[2].contains("page=") && parts[2].ends_with("rel=\"next\""));
         assert!(!link_header("messages", &q, None).contains("next"));
+    }
+
+    /// Credentials given as query parameters are never echoed into a link.
+    #[test]
+    fn link_header_omits_credentials() {
+        let mut q = HashMap::new();
+        q.insert("limit".to_string(), "2".to_string());
+        q.insert("key".to_string(), "app.root:s3cret".to_string());
+        q.insert("access_token".to_string(), "tn1.token".to_string());
+        q.insert("accessToken".to_string(), "tn1.other".to_string());
+        let next = Position {
+            timestamp_ms: 5,
+            origin: 10,
+            seq: 3,
+            index: 0,
+        };
+        let link = link_header("messages", &q, Some(next));
+        for secret in ["key=", "s3cret", "access_token", "accessToken", "tn1"] {
+            assert!(!link.contains(secret), "{secret} in {link}");
+        }
+        assert!(link.starts_with("<./messages?limit=2>; rel=\"first\""));
     }
 }

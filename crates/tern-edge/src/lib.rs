@@ -81,6 +81,13 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/channels/{channel}/messages", post(rest::publish))
         .fallback(rest::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
-        .layer(axum::middleware::from_fn(response::cors))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            response::body_too_large,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            response::cors,
+        ))
         .with_state(state)
 }

@@ -1,12 +1,16 @@
 //! HTTP responses in the shapes the Ably SDKs parse: error bodies with their exact
 //! headers, msgpack or JSON bodies by `Accept`, and CORS for browsers.
 
-use axum::extract::Request;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use tern_protocol::{ErrorInfo, Format};
+use tern_protocol::{code, ErrorInfo, Format};
+
+use crate::state::EdgeState;
 
 /// An Ably error as an HTTP response: status ≥ 300, `X-Ably-ErrorCode`,
 /// `X-Ably-ErrorMessage`, and `{"error":{…}}` with `Content-Type: application/json`
@@ -94,9 +98,51 @@ const ALLOW_HEADERS: &str =
     "authorization, content-type, accept, x-ably-version, ably-agent, x-ably-clientid, x-ably-lib";
 const EXPOSE_HEADERS: &str = "link, x-ably-errorcode, x-ably-errormessage, x-ably-serverid";
 
+/// A body over `max_frame_size` as an Ably error. axum's body limit answers a bare
+/// `413` with a plain-text body, which the SDKs cannot read a code from; this gives
+/// it 40009 with the `X-Ably-*` headers and an ErrorInfo body (status kept at 413).
+pub(crate) async fn body_too_large(
+    State(state): State<Arc<EdgeState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let response = next.run(request).await;
+    if response.status() != StatusCode::PAYLOAD_TOO_LARGE
+        || response.headers().contains_key("x-ably-errorcode")
+    {
+        return response;
+    }
+    error_response(ErrorInfo::with_status(
+        code::MESSAGE_TOO_LARGE,
+        StatusCode::PAYLOAD_TOO_LARGE.as_u16(),
+        format!(
+            "request body over the maximum of {} bytes",
+            state.config.max_frame_size
+        ),
+    ))
+}
+
 /// CORS for browser SDKs: answers preflights and decorates every response.
-pub(crate) async fn cors(request: Request, next: Next) -> Response {
-    let origin = request.headers().get(header::ORIGIN).cloned();
+///
+/// ably-js in a browser sends its `Authorization` header as a credentialed request
+/// (`credentials: "include"`, `withCredentials`), which browsers accept only when the
+/// response names the exact origin and allows credentials. Doing that for any origin
+/// would let every web page read answers obtained with whatever ambient credentials
+/// the browser holds for this host (cookies or HTTP auth of a proxy in front of it),
+/// so only origins listed in `cors_allowed_origins` get it. Every other origin gets
+/// `Access-Control-Allow-Origin: *` without credentials: its pages can still read
+/// public answers (`/time`) and send requests that carry their own `Authorization`
+/// header or query credentials, just not as credentialed requests.
+pub(crate) async fn cors(
+    State(state): State<Arc<EdgeState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .filter(|origin| origin_allowed(&state.config.cors_allowed_origins, origin))
+        .cloned();
     let preflight = request.method() == Method::OPTIONS;
     let requested_headers = request
         .headers()
@@ -115,7 +161,6 @@ pub(crate) async fn cors(request: Request, next: Next) -> Response {
                 header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
                 HeaderValue::from_static("true"),
             );
-            headers.insert(header::VARY, HeaderValue::from_static("Origin"));
         }
         None => {
             headers.insert(
@@ -124,6 +169,8 @@ pub(crate) async fn cors(request: Request, next: Next) -> Response {
             );
         }
     }
+    // The answer depends on the Origin, so caches must keep them apart.
+    headers.insert(header::VARY, HeaderValue::from_static("Origin"));
     headers.insert(
         header::ACCESS_CONTROL_EXPOSE_HEADERS,
         HeaderValue::from_static(EXPOSE_HEADERS),
@@ -143,4 +190,39 @@ pub(crate) async fn cors(request: Request, next: Next) -> Response {
         );
     }
     response
+}
+
+/// Whether `origin` may make credentialed requests: listed exactly (browsers send
+/// `scheme://host[:port]`), or the list holds `"*"` (any origin; development only).
+fn origin_allowed(allowed: &[String], origin: &HeaderValue) -> bool {
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    allowed
+        .iter()
+        .any(|entry| entry == "*" || entry.as_str() == origin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only listed origins (or an explicit `*`) may make credentialed requests.
+    #[test]
+    fn origin_allowed_table() {
+        let listed = vec!["https://app.example.com".to_owned()];
+        let value = HeaderValue::from_static;
+        assert!(origin_allowed(&listed, &value("https://app.example.com")));
+        assert!(!origin_allowed(&listed, &value("https://evil.example")));
+        assert!(!origin_allowed(
+            &listed,
+            &value("https://app.example.com.evil")
+        ));
+        assert!(!origin_allowed(&listed, &value("null")));
+        assert!(!origin_allowed(&[], &value("https://app.example.com")));
+        assert!(origin_allowed(
+            &["*".to_owned()],
+            &value("https://any.example")
+        ));
+    }
 }

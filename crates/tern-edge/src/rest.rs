@@ -239,7 +239,8 @@ struct Occupancy {
     presence_subscribers: usize,
 }
 
-/// `GET /channels/{channel}`: ChannelDetails with occupancy.
+/// `GET /channels/{channel}`: ChannelDetails with occupancy. Needs the
+/// `channel-metadata` operation on the channel, as Ably does (`*` grants it).
 pub(crate) async fn channel_status(
     State(state): State<Arc<EdgeState>>,
     Path(channel): Path<String>,
@@ -248,7 +249,10 @@ pub(crate) async fn channel_status(
 ) -> Result<Response, ApiError> {
     let (auth, _) = rest_auth(&state.keys, &headers, &q, now_ms())?;
     let key = channel_key(&auth.app_id, &channel)?;
-    if auth.capability.ops_for(&key.name).is_empty() {
+    if !auth
+        .capability
+        .allows(&key.name, Operation::ChannelMetadata)
+    {
         return Err(denied("channel-metadata", &key.name).into());
     }
     let status = state.hub.status(&key).unwrap_or_default();

@@ -275,6 +275,10 @@ impl Session {
                         Some(Ok(WsMessage::Text(text))) => Bytes::from(text),
                         Some(Ok(WsMessage::Binary(bytes))) => bytes,
                         Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                        Some(Err(err)) if over_frame_limit(&err) => {
+                            let _ = self.fail(frame_too_large(self.state.config.max_frame_size));
+                            break Ending::Closed;
+                        }
                         Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => break Ending::Dropped,
                     };
                     if !self.outlet.headroom(SLOW_CLIENT_WAIT).await {
@@ -857,8 +861,85 @@ impl Session {
         self.identity = identity;
         self.renew_requested = false;
         self.outlet.send(self.connected_frame(None));
+        self.recheck_capability();
         None
     }
+
+    /// Holds what the connection already has to its (new) capability, as Ably does
+    /// after in-band re-auth (RTC8a1): an attachment that loses subscribe, or every
+    /// mode, fails with channel ERROR 40160, is detached and its presence members
+    /// leave; any other keeps only the granted modes; and members leave every channel
+    /// where presence is no longer granted. Publish is checked per frame anyway.
+    fn recheck_capability(&mut self) {
+        let now = now_ms();
+        let hub = &self.state.hub;
+        let mut lost = Vec::new();
+        for (base, name) in &self.attachments {
+            let key = ChannelKey::new(&self.auth.app_id, base);
+            let granted = granted_modes(&self.auth.capability, base);
+            // `None`: the hub already let go of the attachment (a slow subscriber being
+            // dropped); nothing is delivered to narrow, and the connection is ending.
+            let before = hub.restrict_modes(&key, &self.id, granted);
+            if before.is_some_and(|before| !attachment_survives(before, granted)) {
+                lost.push((base.clone(), name.clone()));
+            }
+        }
+        for (base, name) in lost {
+            let key = ChannelKey::new(&self.auth.app_id, &base);
+            self.attachments.remove(&base);
+            hub.detach(&key, &self.id, now);
+            if self.presence_channels.remove(&base) {
+                hub.leave(&key, &self.id, now);
+            }
+            self.channel_error(name.to_string(), capability_lost(&base));
+        }
+        let unpresent: Vec<Arc<str>> = self
+            .presence_channels
+            .iter()
+            .filter(|base| !self.auth.allows(base, Operation::Presence))
+            .cloned()
+            .collect();
+        for base in unpresent {
+            self.presence_channels.remove(&base);
+            hub.leave(&ChannelKey::new(&self.auth.app_id, &base), &self.id, now);
+        }
+    }
+}
+
+/// Whether an attachment holding `before` modes goes on under a capability that
+/// grants `granted`: it keeps some mode, and keeps SUBSCRIBE if it had it (a
+/// subscriber that silently stopped receiving would still look attached).
+fn attachment_survives(before: u64, granted: u64) -> bool {
+    let kept = before & granted;
+    kept != 0 && (before & flags::SUBSCRIBE == 0 || kept & flags::SUBSCRIBE != 0)
+}
+
+/// The channel ERROR for an attachment the connection's new capability no longer
+/// allows: ably-js puts the channel in FAILED with this error.
+fn capability_lost(channel: &str) -> ErrorInfo {
+    ErrorInfo::new(
+        code::CAPABILITY_DENIED,
+        format!("channel '{channel}' is no longer permitted by the connection's capability"),
+    )
+}
+
+/// Whether a WebSocket read failed because the client's message or frame was over
+/// `max_frame_size` (tungstenite refuses it before buffering it whole).
+fn over_frame_limit(err: &axum::Error) -> bool {
+    std::error::Error::source(err)
+        .and_then(|inner| inner.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|err| matches!(err, tungstenite::Error::Capacity(_)))
+}
+
+/// The connection ERROR for a WebSocket message over `max_frame_size`. Its msgSerial
+/// was never read, so it cannot be NACKed and the connection cannot go on in order;
+/// an ERROR (not a plain close, which ably-js would answer by resuming and re-sending
+/// the same message) ends it with a reason the SDK reports.
+fn frame_too_large(max_frame_size: usize) -> ErrorInfo {
+    ErrorInfo::new(
+        code::MESSAGE_TOO_LARGE,
+        format!("WebSocket message over the maximum frame size of {max_frame_size} bytes"),
+    )
 }
 
 /// Takes the parked state of the connection named by a resume/recover key, superseding
@@ -917,5 +998,29 @@ fn core_error(err: CoreError) -> ErrorInfo {
         CoreError::Presence(PresenceError::NoClientId) => {
             ErrorInfo::new(code::PRESENCE_NO_CLIENT_ID, err.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After re-auth an attachment survives only if it keeps a mode, and keeps
+    /// SUBSCRIBE when it had it; a publish-only attachment renewed with the same
+    /// grant survives.
+    #[test]
+    fn attachment_survives_table() {
+        use flags::{PRESENCE, PRESENCE_SUBSCRIBE, PUBLISH, SUBSCRIBE};
+        let subscriber = SUBSCRIBE | PRESENCE_SUBSCRIBE;
+        let all = PUBLISH | PRESENCE | subscriber;
+        assert!(attachment_survives(all, all));
+        assert!(attachment_survives(all, subscriber));
+        assert!(attachment_survives(all, subscriber | PRESENCE));
+        assert!(!attachment_survives(all, PUBLISH | PRESENCE));
+        assert!(!attachment_survives(all, 0));
+        assert!(!attachment_survives(subscriber, PUBLISH));
+        assert!(attachment_survives(PUBLISH, PUBLISH));
+        assert!(attachment_survives(PUBLISH, PUBLISH | subscriber));
+        assert!(!attachment_survives(PUBLISH, subscriber));
     }
 }

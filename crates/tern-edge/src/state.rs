@@ -60,6 +60,9 @@ pub trait ClusterView: Send + Sync {
 }
 
 impl EdgeState {
+    /// The edge of one node. `keys` verify presented tokens under
+    /// `config.token_policy` (lifetime, clock skew), the same policy token requests
+    /// are issued under.
     pub fn new(
         config: EdgeConfig,
         hub: Arc<Hub>,
@@ -67,7 +70,8 @@ impl EdgeState {
         metrics_render: Option<MetricsRender>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        let retain_ms = config.token_policy.request_window_ms * 2;
+        let retain_ms = config.token_policy.nonce_retain_ms();
+        let keys = keys.with_policy(config.token_policy.clone());
         EdgeState {
             nonces: Mutex::new(NonceCache::new(config.nonce_cache_max, retain_ms)),
             registry: Mutex::new(Registry::new(config.parked_connections_max)),

@@ -35,6 +35,7 @@ fn keys() -> KeyRing {
     KeyRing::new(vec![
         key("root", "rootsecret", r#"{"*":["*"]}"#),
         key("sub", "subsecret", r#"{"open:*":["subscribe"]}"#),
+        key("meta", "metasecret", r#"{"open:*":["channel-metadata"]}"#),
     ])
 }
 
@@ -308,6 +309,269 @@ async fn token_renewal_and_expiry() {
     assert!(closed(&mut ws).await);
 }
 
+/// After in-band AUTH with a narrower token, a channel whose capability is gone gets
+/// channel ERROR 40160 and no further messages, and its presence member leaves; a
+/// channel that keeps subscribe stays attached but its member leaves where presence
+/// is gone. The connection itself stays up (same connectionId).
+#[tokio::test]
+async fn reauth_with_narrower_capability_fails_lost_channels() {
+    let node = start(EdgeConfig::default()).await;
+    let key = node.keys.get("app.root").unwrap().clone();
+    let broad = Capability::parse(
+        r#"{"lost":["subscribe","presence"],"kept":["subscribe","presence","publish"]}"#,
+    )
+    .unwrap();
+    let token = node
+        .keys
+        .issue_token(&key, Some("bob"), &broad, 60_000, tern_edge::now_ms());
+    let (mut bob, hello) = connected(&node, &format!("access_token={}", token.token)).await;
+    let (mut watcher, _) = connected(&node, "key=app.root:rootsecret").await;
+    for (serial, channel) in ["lost", "kept"].into_iter().enumerate() {
+        attach(&mut bob, channel).await;
+        attach(&mut watcher, channel).await;
+        send(&mut bob, json!({"action": 14, "channel": channel, "msgSerial": serial, "presence": [{"action": 2}]})).await;
+        assert_eq!(expect_action(&mut bob, 1).await["msgSerial"], serial);
+    }
+
+    let narrow = Capability::parse(r#"{"kept":["subscribe"]}"#).unwrap();
+    let token = node
+        .keys
+        .issue_token(&key, Some("bob"), &narrow, 60_000, tern_edge::now_ms());
+    send(
+        &mut bob,
+        json!({"action": 17, "auth": {"accessToken": token.token}}),
+    )
+    .await;
+    let again = expect_action(&mut bob, 4).await;
+    assert_eq!(again["connectionId"], hello["connectionId"]);
+    let failed = expect_action(&mut bob, 9).await;
+    assert_eq!(failed["channel"], "lost");
+    assert_eq!(
+        (
+            failed["error"]["code"].clone(),
+            failed["error"]["statusCode"].clone()
+        ),
+        (json!(40160), json!(401))
+    );
+
+    // bob's member leaves both channels: "lost" is gone, "kept" no longer allows presence.
+    let mut left = Vec::new();
+    while left.len() < 2 {
+        let frame = expect_action(&mut watcher, 14).await;
+        for member in frame["presence"].as_array().unwrap() {
+            if member["action"] == 3 && member["clientId"] == "bob" {
+                left.push(frame["channel"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    left.sort();
+    assert_eq!(left, ["kept", "lost"]);
+
+    // Published in this order, so "lost" would be queued to bob before "kept".
+    for (serial, channel) in ["lost", "kept"].into_iter().enumerate() {
+        send(&mut watcher, json!({"action": 15, "channel": channel, "msgSerial": serial, "messages": [{"data": channel}]})).await;
+        assert_eq!(expect_action(&mut watcher, 1).await["msgSerial"], serial);
+    }
+    let delivered = expect_action(&mut bob, 15).await;
+    assert_eq!(delivered["channel"], "kept");
+    assert_eq!(delivered["messages"][0]["data"], "kept");
+    // Publishing on "kept" is refused now; the connection is still usable.
+    send(
+        &mut bob,
+        json!({"action": 15, "channel": "kept", "msgSerial": 2, "messages": [{"data": "x"}]}),
+    )
+    .await;
+    assert_eq!(expect_action(&mut bob, 2).await["error"]["code"], 40160);
+}
+
+/// A JWT living longer than the node's `token_ttl_max_ms` (or with an absurd exp such
+/// as 1e300) is refused at connect with 40144, as is one whose nbf is past the skew;
+/// one within both connects.
+#[tokio::test]
+async fn jwt_lifetime_and_skew_at_connect() {
+    let config = EdgeConfig {
+        token_policy: tern_auth::TokenPolicy {
+            ttl_max_ms: 60_000,
+            ..tern_auth::TokenPolicy::default()
+        },
+        ..EdgeConfig::default()
+    };
+    let node = start(config).await;
+    let key = node.keys.get("app.root").unwrap().clone();
+    let now_s = tern_edge::now_ms() / 1000;
+    for refused in [
+        json!({"iat": now_s, "exp": now_s + 120}),
+        json!({"exp": 1e300}),
+        json!({"exp": now_s + 50, "nbf": now_s + 40}),
+    ] {
+        let jwt = tern_auth::sign_jwt(&key, &refused);
+        let mut ws = connect(&node, &format!("access_token={jwt}")).await;
+        let error = expect_action(&mut ws, 9).await;
+        assert_eq!(error["error"]["code"], 40144, "{refused}");
+    }
+    let jwt = tern_auth::sign_jwt(
+        &key,
+        &json!({"iat": now_s, "exp": now_s + 50, "nbf": now_s + 5}),
+    );
+    connected(&node, &format!("access_token={jwt}")).await;
+}
+
+/// A WebSocket message over `max_frame_size` ends the connection with ERROR 40009 (so
+/// the SDK fails with that reason instead of resuming and re-sending it); others on
+/// the node are unaffected.
+#[tokio::test]
+async fn oversized_websocket_message_gets_error_40009() {
+    let config = EdgeConfig {
+        max_message_size: 512,
+        max_frame_size: 1_024,
+        ..EdgeConfig::default()
+    };
+    let node = start(config).await;
+    let (mut other, _) = connected(&node, "key=app.root:rootsecret").await;
+    let (mut ws, _) = connected(&node, "key=app.root:rootsecret").await;
+    let big = "x".repeat(2_000);
+    send(
+        &mut ws,
+        json!({"action": 15, "channel": "c", "msgSerial": 0, "messages": [{"data": big}]}),
+    )
+    .await;
+    let error = expect_action(&mut ws, 9).await;
+    assert_eq!(error["error"]["code"], 40009);
+    assert!(error.get("channel").is_none());
+    assert!(closed(&mut ws).await);
+    send(&mut other, json!({"action": 0, "id": "still-here"})).await;
+    assert_eq!(expect_action(&mut other, 0).await["id"], "still-here");
+}
+
+/// A REST body over `max_frame_size` is an Ably error: 413 with `X-Ably-ErrorCode:
+/// 40009` and an ErrorInfo body, not axum's plain-text answer.
+#[tokio::test]
+async fn oversized_rest_body_is_an_ably_error() {
+    let config = EdgeConfig {
+        max_message_size: 512,
+        max_frame_size: 1_024,
+        ..EdgeConfig::default()
+    };
+    let node = start(config).await;
+    let url = format!("http://127.0.0.1:{}/channels/c/messages", node.port);
+    let body = json!({"data": "x".repeat(2_000)}).to_string();
+    let (status, headers, text) =
+        http(&url, "POST", Some(&basic("app.root:rootsecret")), &body).await;
+    assert_eq!(status, 413);
+    assert_eq!(
+        headers.get("x-ably-errorcode").map(String::as_str),
+        Some("40009")
+    );
+    assert_eq!(
+        headers.get("content-type").map(String::as_str),
+        Some("application/json")
+    );
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (v["error"]["code"].clone(), v["error"]["statusCode"].clone()),
+        (json!(40009), json!(413))
+    );
+}
+
+/// Channel status needs `channel-metadata` (as on Ably): a subscribe-only key is
+/// refused with 40160; a key with just `channel-metadata` reads it.
+#[tokio::test]
+async fn channel_status_needs_channel_metadata() {
+    let node = start(EdgeConfig::default()).await;
+    let url = format!("http://127.0.0.1:{}/channels/open:x", node.port);
+    let (status, headers, _) = http(&url, "GET", Some(&basic("app.sub:subsecret")), "").await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        headers.get("x-ably-errorcode").map(String::as_str),
+        Some("40160")
+    );
+    let (status, _, body) = http(&url, "GET", Some(&basic("app.meta:metasecret")), "").await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["channelId"], "open:x");
+}
+
+/// Browsers: an origin not configured gets `Access-Control-Allow-Origin: *` and never
+/// `Allow-Credentials`; a configured origin is reflected with credentials allowed.
+#[tokio::test]
+async fn cors_reflects_only_configured_origins() {
+    let config = EdgeConfig {
+        cors_allowed_origins: vec!["https://app.example.com".to_owned()],
+        ..EdgeConfig::default()
+    };
+    let node = start(config).await;
+    let url = format!("http://127.0.0.1:{}/time", node.port);
+    for method in ["GET", "OPTIONS"] {
+        let (_, headers, _) =
+            http_with(&url, method, &[("origin", "https://evil.example")], "").await;
+        assert_eq!(
+            headers
+                .get("access-control-allow-origin")
+                .map(String::as_str),
+            Some("*")
+        );
+        assert!(
+            !headers.contains_key("access-control-allow-credentials"),
+            "{method}"
+        );
+        let (_, headers, _) =
+            http_with(&url, method, &[("origin", "https://app.example.com")], "").await;
+        assert_eq!(
+            headers
+                .get("access-control-allow-origin")
+                .map(String::as_str),
+            Some("https://app.example.com")
+        );
+        assert_eq!(
+            headers
+                .get("access-control-allow-credentials")
+                .map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(headers.get("vary").map(String::as_str), Some("Origin"));
+    }
+}
+
+/// A full token-request nonce cache refuses further requests with 429 / 42910 rather
+/// than forgetting nonces that could then be replayed.
+#[tokio::test]
+async fn full_nonce_cache_refuses_token_requests() {
+    let config = EdgeConfig {
+        nonce_cache_max: 1,
+        ..EdgeConfig::default()
+    };
+    let node = start(config).await;
+    let url = format!("http://127.0.0.1:{}/keys/app.root/requestToken", node.port);
+    let request = |nonce: &str| {
+        let mut req = tern_auth::TokenRequest {
+            key_name: "app.root".into(),
+            ttl: None,
+            capability: None,
+            client_id: None,
+            timestamp: tern_edge::now_ms(),
+            nonce: nonce.into(),
+            mac: String::new(),
+        };
+        req.mac = tern_auth::sign_token_request("rootsecret", &req);
+        serde_json::to_string(&req).unwrap()
+    };
+    let first = request("0123456789abcdef");
+    let (status, _, _) = http(&url, "POST", None, &first).await;
+    assert_eq!(status, 200);
+    let (status, headers, _) = http(&url, "POST", None, &request("fedcba9876543210")).await;
+    assert_eq!(status, 429);
+    assert_eq!(
+        headers.get("x-ably-errorcode").map(String::as_str),
+        Some("42910")
+    );
+    let (status, headers, _) = http(&url, "POST", None, &first).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        headers.get("x-ably-errorcode").map(String::as_str),
+        Some("40105")
+    );
+}
+
 /// A flood of publishes past the inbound rate is NACKed with 42910 and the connection
 /// keeps working.
 #[tokio::test]
@@ -474,15 +738,36 @@ async fn http(
     auth: Option<&str>,
     body: &str,
 ) -> (u16, std::collections::HashMap<String, String>, String) {
+    let auth: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+    http_with(url, method, &auth, body).await
+}
+
+/// `Basic` authorization header value for a whole key.
+fn basic(key: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
+}
+
+/// [`http`] with any extra request headers.
+async fn http_with(
+    url: &str,
+    method: &str,
+    extra: &[(&str, &str)],
+    body: &str,
+) -> (u16, std::collections::HashMap<String, String>, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_once('/').unwrap();
     let mut stream = TcpStream::connect(host).await.unwrap();
-    let auth = auth
-        .map(|a| format!("authorization: {a}\r\n"))
-        .unwrap_or_default();
+    let extra: String = extra
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let request = format!(
-        "{method} /{path} HTTP/1.1\r\nhost: {host}\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "{method} /{path} HTTP/1.1\r\nhost: {host}\r\n{extra}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -725,7 +1010,18 @@ async fn history_envelope_for_browsers() {
         .split('>')
         .next()
         .unwrap();
-    let (_, _, body) = http(&format!("{base}?{query}&envelope=json"), "GET", None, "").await;
+    // The link carries no credentials; the client adds its own, as the SDKs do.
+    assert!(
+        !link.contains("key=") && !link.contains("rootsecret"),
+        "{link}"
+    );
+    let (_, _, body) = http(
+        &format!("{base}?{query}&envelope=json&key=app.root:rootsecret"),
+        "GET",
+        None,
+        "",
+    )
+    .await;
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["response"][0]["data"], "m0");
     assert!(!v["headers"]["link"].as_str().unwrap().contains("next"));

@@ -140,6 +140,8 @@ pub struct ServerSection {
     pub port: u16,
     /// `connectionDetails.serverId`; defaults to `tern-<host>-<port>`.
     pub server_id: Option<String>,
+    /// Browser origins allowed credentialed REST requests (see `EdgeConfig`).
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for ServerSection {
@@ -148,6 +150,7 @@ impl Default for ServerSection {
             host: default_host(),
             port: 8080,
             server_id: None,
+            cors_allowed_origins: EdgeConfig::default().cors_allowed_origins,
         }
     }
 }
@@ -237,6 +240,7 @@ pub struct AuthSection {
     pub token_ttl_default_ms: i64,
     pub token_ttl_max_ms: i64,
     pub token_request_window_ms: i64,
+    pub token_clock_skew_ms: i64,
 }
 
 impl Default for AuthSection {
@@ -246,6 +250,7 @@ impl Default for AuthSection {
             token_ttl_default_ms: policy.ttl_default_ms,
             token_ttl_max_ms: policy.ttl_max_ms,
             token_request_window_ms: policy.request_window_ms,
+            token_clock_skew_ms: policy.clock_skew_ms,
         }
     }
 }
@@ -277,6 +282,8 @@ pub const DEV_CONFIG: &str = r#"
 host = "127.0.0.1"
 port = 8080
 server_id = "tern-dev"
+# Local development: browser apps on any origin may call REST with credentials.
+cors_allowed_origins = ["*"]
 
 [history]
 mode = "redb"
@@ -409,6 +416,10 @@ impl Config {
             self.auth.token_ttl_max_ms >= self.auth.token_ttl_default_ms,
             "auth.token_ttl_max_ms must be >= token_ttl_default_ms"
         );
+        anyhow::ensure!(
+            self.auth.token_clock_skew_ms >= 0,
+            "auth.token_clock_skew_ms must be >= 0"
+        );
         Ok(())
     }
 
@@ -464,11 +475,13 @@ impl Config {
                 ttl_default_ms: self.auth.token_ttl_default_ms,
                 ttl_max_ms: self.auth.token_ttl_max_ms,
                 request_window_ms: self.auth.token_request_window_ms,
+                clock_skew_ms: self.auth.token_clock_skew_ms,
             },
             nonce_cache_max: l.nonce_cache_max,
             token_renew_notice_ms: self.connection.token_renew_notice_ms,
             parked_connections_max: l.parked_connections_max,
             reply_window_max: l.reply_window_max,
+            cors_allowed_origins: self.server.cors_allowed_origins.clone(),
         }
     }
 
