@@ -11,7 +11,9 @@ pub enum AuthError {
     /// token request's `mac` did not verify. Ably code 40101, status 401.
     #[error("invalid credentials: {0}")]
     InvalidCredentials(String),
-    /// The key name is not configured on this server. Ably code 40400, status 404.
+    /// The key name is not configured on this server. Ably code 40101, status 401, as
+    /// for a wrong secret (ably-js's `invalid_cred_failure` expects it: the client
+    /// must go FAILED, not retry).
     #[error("key not found: {0}")]
     KeyNotFound(String),
     /// A capability was not a JSON object of resource → array of known operations,
@@ -59,7 +61,7 @@ impl AuthError {
     pub fn code(&self) -> u32 {
         match self {
             AuthError::InvalidCredentials(_) => 40101,
-            AuthError::KeyNotFound(_) => 40400,
+            AuthError::KeyNotFound(_) => 40101,
             AuthError::InvalidCapability(_) => 40000,
             AuthError::InvalidRequest(_) => 40003,
             AuthError::TimestampNotCurrent => 40104,
@@ -75,10 +77,10 @@ impl AuthError {
     /// The HTTP status (`ErrorInfo.statusCode`) for this error.
     pub fn status_code(&self) -> u16 {
         match self {
-            AuthError::KeyNotFound(_) => 404,
             AuthError::TooManyTokenRequests => 429,
             AuthError::InvalidCapability(_) | AuthError::InvalidRequest(_) => 400,
             AuthError::InvalidCredentials(_)
+            | AuthError::KeyNotFound(_)
             | AuthError::TimestampNotCurrent
             | AuthError::NonceReplayed
             | AuthError::CapabilityNotSubset
@@ -101,7 +103,7 @@ mod tests {
     #[test]
     fn codes_and_statuses() {
         check(AuthError::InvalidCredentials(String::new()), 40101, 401);
-        check(AuthError::KeyNotFound(String::new()), 40400, 404);
+        check(AuthError::KeyNotFound(String::new()), 40101, 401);
         check(AuthError::InvalidCapability(String::new()), 40000, 400);
         check(AuthError::InvalidRequest(String::new()), 40003, 400);
         check(AuthError::TimestampNotCurrent, 40104, 401);

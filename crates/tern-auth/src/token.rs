@@ -623,7 +623,7 @@ mod tests {
         let ring = ring();
         let good = request(&root(), None, None);
 
-        assert_eq!(refused(&ring, "app.nope", &good).code(), 40400);
+        assert_eq!(refused(&ring, "app.nope", &good).code(), 40101);
         assert_eq!(refused(&ring, "app.lim", &good).code(), 40003);
 
         let mut bad_mac = good.clone();
