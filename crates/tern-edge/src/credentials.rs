@@ -95,7 +95,35 @@ pub(crate) fn granted_modes(capability: &Capability, channel: &str) -> u64 {
     if ops.contains(Operation::Presence) {
         modes |= flags::PRESENCE;
     }
+    // Granted as Ably grants it by default (ably-js lists it among a channel's modes);
+    // annotation frames themselves are refused while annotations are unsupported.
+    if ops.contains(Operation::AnnotationPublish) {
+        modes |= flags::ANNOTATION_PUBLISH;
+    }
     modes
+}
+
+/// The modes named in a `modes` channel param (`"subscribe,presence_subscribe"`), as
+/// ably-js sends them when modes are given as a param; `None` if a name is unknown.
+pub(crate) fn parse_modes(names: &str) -> Option<u64> {
+    names
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .try_fold(0, |modes, name| {
+            let mode = match name {
+                "presence" => flags::PRESENCE,
+                "publish" => flags::PUBLISH,
+                "subscribe" => flags::SUBSCRIBE,
+                "presence_subscribe" => flags::PRESENCE_SUBSCRIBE,
+                "annotation_publish" => flags::ANNOTATION_PUBLISH,
+                "annotation_subscribe" => flags::ANNOTATION_SUBSCRIBE,
+                "object_subscribe" => flags::OBJECT_SUBSCRIBE,
+                "object_publish" => flags::OBJECT_PUBLISH,
+                _ => return None,
+            };
+            Some(modes | mode)
+        })
 }
 
 /// Refusal for an operation the capability does not allow.

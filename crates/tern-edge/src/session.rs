@@ -25,8 +25,8 @@ use tokio::time::Instant;
 use crate::channel_name;
 use crate::connection::{error_frame, AttachmentSink, Outbound, Outlet};
 use crate::credentials::{
-    authenticate, denied, details_client_id, granted_modes, message_client_id, presence_client_id,
-    resolve_identity,
+    authenticate, denied, details_client_id, granted_modes, message_client_id, parse_modes,
+    presence_client_id, resolve_identity,
 };
 use crate::now_ms;
 use crate::resume::{ParkedSession, Reply, ReplyWindow, Seen};
@@ -118,7 +118,7 @@ pub(crate) struct Session {
     format: Format,
     outlet: Outlet,
     /// Attached channels: bare name → the name as the client attached it.
-    attachments: HashMap<Arc<str>, Arc<str>>,
+    attachments: HashMap<Arc<str>, Attached>,
     presence_channels: HashSet<Arc<str>>,
     replies: ReplyWindow,
     /// A resume or recover was asked for and failed: channel serials from before are
@@ -137,6 +137,15 @@ pub(crate) struct Session {
     /// An ATTACH waiting for the channel's state from another node (see
     /// `ClusterView::warm`); frames after it wait too, so order is kept.
     warming: Option<(tokio::sync::oneshot::Receiver<()>, ProtocolMessage)>,
+}
+
+/// One attached channel, as the connection attached it.
+struct Attached {
+    /// The name as the client sent it (with any qualifier); replies use it.
+    name: Arc<str>,
+    /// The modes granted on ATTACH (narrowed by a later re-auth): publishing or
+    /// entering presence needs PUBLISH or PRESENCE among them (40165 otherwise).
+    modes: u64,
 }
 
 /// Longest an ATTACH waits for the channel's state from another node (the cluster gives
@@ -598,8 +607,19 @@ impl Session {
             Err(reason) => return self.channel_error(name.clone(), channel_name::invalid(reason)),
         };
         let base: Arc<str> = parsed.base.into();
+        let mut params = parsed.params;
+        params.extend(frame.params.clone().unwrap_or_default());
+        let requested = match params.get("modes").map(|names| parse_modes(names)) {
+            Some(Some(modes)) => modes,
+            Some(None) => {
+                return self.channel_error(
+                    name,
+                    ErrorInfo::new(code::INVALID_PARAMETER_VALUE, "unknown channel mode"),
+                )
+            }
+            None => frame.flags.unwrap_or(0) & flags::MODES_MASK,
+        };
         let granted = granted_modes(&self.auth.capability, &base);
-        let requested = frame.flags.unwrap_or(0) & flags::MODES_MASK;
         let modes = if requested != 0 {
             granted & requested
         } else {
@@ -619,8 +639,6 @@ impl Session {
                 ),
             );
         }
-        let mut params = parsed.params;
-        params.extend(frame.params.unwrap_or_default());
         // A channelSerial means "continue from here"; it wins over rewind. After a failed
         // connection resume it is not honoured: continuity is already lost.
         let resume_from = frame
@@ -645,8 +663,13 @@ impl Session {
             }
             _ => None,
         };
-        let echoed: BTreeMap<String, String> =
-            params.into_iter().filter(|(k, _)| k == "rewind").collect();
+        // The params this server understands are echoed (ably-js exposes them as
+        // `channel.params`); others are dropped, as Ably does. `delta` is accepted and
+        // echoed: it allows vcdiff deltas, and full messages remain valid under it.
+        let echoed: BTreeMap<String, String> = params
+            .into_iter()
+            .filter(|(k, _)| matches!(k.as_str(), "rewind" | "delta" | "modes"))
+            .collect();
         let unreadable_serial = matches!(resume_from, Some(None));
         let options = AttachOptions {
             modes,
@@ -717,7 +740,8 @@ impl Session {
         }, now_ms());
         match result {
             Ok(()) => {
-                self.attachments.insert(base, name.into());
+                let name = name.into();
+                self.attachments.insert(base, Attached { name, modes });
                 None
             }
             Err(err) => self.channel_error(name, core_error(err)),
@@ -756,6 +780,22 @@ impl Session {
         let parsed = channel_name::parse(name).map_err(channel_name::invalid)?;
         if !self.auth.capability.allows(parsed.base, op) {
             return Err(denied(op_name, parsed.base));
+        }
+        // Attached without the mode this needs (ably-js `modes` / `params.modes`).
+        let mode = match op {
+            Operation::Publish => flags::PUBLISH,
+            _ => flags::PRESENCE,
+        };
+        if let Some(attached) = self.attachments.get(parsed.base) {
+            if attached.modes & mode == 0 {
+                return Err(ErrorInfo::new(
+                    code::CHANNEL_MODE_DENIED,
+                    format!(
+                        "action '{op_name}' needs a channel mode not requested when attaching '{}'",
+                        parsed.base
+                    ),
+                ));
+            }
         }
         Ok(parsed.base.into())
     }
@@ -874,14 +914,15 @@ impl Session {
         let now = now_ms();
         let hub = &self.state.hub;
         let mut lost = Vec::new();
-        for (base, name) in &self.attachments {
+        for (base, attached) in &mut self.attachments {
             let key = ChannelKey::new(&self.auth.app_id, base);
             let granted = granted_modes(&self.auth.capability, base);
+            attached.modes &= granted;
             // `None`: the hub already let go of the attachment (a slow subscriber being
             // dropped); nothing is delivered to narrow, and the connection is ending.
             let before = hub.restrict_modes(&key, &self.id, granted);
             if before.is_some_and(|before| !attachment_survives(before, granted)) {
-                lost.push((base.clone(), name.clone()));
+                lost.push((base.clone(), attached.name.clone()));
             }
         }
         for (base, name) in lost {

@@ -147,7 +147,8 @@ async fn attach_publish_ack_fanout_heartbeat() {
     let (mut a, hello) = connected(&node, "key=app.root:rootsecret").await;
     let (mut b, _) = connected(&node, "key=app.root:rootsecret").await;
     let attached = attach(&mut b, "room").await;
-    assert_eq!(attached["flags"], 983040);
+    // The four core modes and annotation_publish: Ably's default grant for `*`.
+    assert_eq!(attached["flags"], 983040 | 2097152);
     assert!(attached["channelSerial"].is_string());
     send(&mut a, json!({"action": 15, "channel": "room", "msgSerial": 0, "messages": [{"name": "n", "data": "d"}]})).await;
     let ack = expect_action(&mut a, 1).await;

@@ -104,6 +104,9 @@ pub mod code {
     pub const CAPABILITY_DENIED: u32 = 40160;
     /// The operation needs an identified client.
     pub const CLIENT_ID_REQUIRED: u32 = 40161;
+    /// The operation needs a channel mode the attachment did not ask for (for example
+    /// publishing on a channel attached with `modes: ['subscribe']`).
+    pub const CHANNEL_MODE_DENIED: u32 = 40165;
     /// The auth callback or authUrl failed (client side; listed for completeness).
     pub const AUTH_CALLBACK_FAILED: u32 = 40170;
     /// The token cannot be renewed (client side; listed for completeness).
