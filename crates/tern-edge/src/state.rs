@@ -135,7 +135,7 @@ impl EdgeState {
             None => Box::new(move || then(true)),
         };
         match &self.store {
-            Some(store) => store.after_committed(then),
+            Some(store) => store.after_committed(store.lost_writes(), Box::new(move |_| then())),
             None => then(),
         }
     }

@@ -267,8 +267,10 @@ async fn start_node(
         }
         let region = cluster_config.region.clone();
         let store_for_barrier = store.clone();
-        let barrier: tern_cluster::replicator::Barrier =
-            Arc::new(move |then| store_for_barrier.after_committed(then));
+        let barrier: tern_cluster::replicator::Barrier = Arc::new(move |then| {
+            let since = store_for_barrier.lost_writes();
+            store_for_barrier.after_committed(since, Box::new(move |_| then()))
+        });
         view.replicator.set_history(Arc::new(cluster::StoreHistory {
             store: store.clone(),
         }));
