@@ -106,8 +106,18 @@ pub trait HistoryAccess: Send + Sync {
 /// A publish's reply, run with `true` once replicated (or `false` on timeout).
 pub type ReplicaCallback = Box<dyn FnOnce(bool) + Send>;
 
-/// Runs its argument once everything journaled so far is durable locally.
-pub type Barrier = Arc<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
+/// The local history store as link acks need it (this crate does not depend on the
+/// store's).
+pub trait LocalStore: Send + Sync {
+    /// Writes the store lost so far (appends refused, commits failed); only grows.
+    fn lost_writes(&self) -> u64;
+    /// Runs `then(true)` once everything journaled so far is committed and no write was
+    /// lost since [`Self::lost_writes`] returned `since`; `then(false)` otherwise.
+    fn after_committed(&self, since: u64, then: Box<dyn FnOnce(bool) + Send>);
+}
+
+/// Waits for the local history store.
+pub type Barrier = Arc<dyn LocalStore>;
 
 /// A peer as membership describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -236,6 +246,10 @@ struct RecvState {
     epoch: u64,
     /// Every link position up to here is applied.
     contiguous: u64,
+    /// The store's lost-write count when this link (incarnation, epoch) began, before
+    /// any of its events were applied: once a write is lost after it, some of them may
+    /// be missing from the store, so nothing more of this link is acknowledged.
+    store_mark: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -686,7 +700,8 @@ impl Replicator {
                     first,
                 } => {
                     sender_origin = origin;
-                    let contiguous = {
+                    let store_mark = running.barrier.lost_writes();
+                    let (contiguous, store_mark) = {
                         let mut recv = lock(&self.recv);
                         // One entry per sender node ever seen: bounded like the peer set.
                         if recv.len() >= crate::cluster::PEERS_MAX * 4
@@ -698,16 +713,18 @@ impl Replicator {
                             incarnation,
                             epoch,
                             contiguous: 0,
+                            store_mark,
                         });
                         if state.incarnation != incarnation || state.epoch != epoch {
                             *state = RecvState {
                                 incarnation,
                                 epoch,
                                 contiguous: 0,
+                                store_mark,
                             };
                         }
                         state.contiguous = state.contiguous.max(first.saturating_sub(1));
-                        state.contiguous
+                        (state.contiguous, state.store_mark)
                     };
                     if let Some((_, task)) = acker.take() {
                         task.abort();
@@ -715,8 +732,8 @@ impl Replicator {
                     let (tx, rx) = watch::channel(contiguous);
                     let task = tokio::spawn(self.clone().ack_loop(
                         node_id.clone(),
-                        incarnation,
-                        epoch,
+                        (incarnation, epoch),
+                        store_mark,
                         rx,
                     ))
                     .abort_handle();
@@ -924,12 +941,14 @@ impl Replicator {
         }
     }
 
-    /// Acknowledges a sender's link positions once they are in our store.
+    /// Acknowledges a sender's link positions once they are in our store. Stops for good
+    /// (the sender then stops counting us as a replica of them) once the store lost a
+    /// write after `store_mark`, the link's start.
     async fn ack_loop(
         self: Arc<Self>,
         peer: String,
-        incarnation: u64,
-        epoch: u64,
+        (incarnation, epoch): (u64, u64),
+        store_mark: u64,
         mut rx: watch::Receiver<u64>,
     ) {
         let Some(running) = self.running.get() else {
@@ -940,10 +959,16 @@ impl Replicator {
             let upto = *rx.borrow_and_update();
             if upto > sent {
                 let (tx, done) = tokio::sync::oneshot::channel();
-                (running.barrier)(Box::new(move || {
-                    let _ = tx.send(());
-                }));
-                let _ = done.await;
+                running.barrier.after_committed(
+                    store_mark,
+                    Box::new(move |stored| {
+                        let _ = tx.send(stored);
+                    }),
+                );
+                if !done.await.unwrap_or(false) {
+                    tracing::error!(%peer, "this node's history store lost writes while this link was up: its events are no longer acknowledged as stored until the link starts afresh (a new incarnation or epoch)");
+                    return;
+                }
                 let queued = self.send_control(
                     &peer,
                     FrameV1::Stored {

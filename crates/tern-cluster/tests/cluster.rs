@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tern_cluster::cluster::{ClusterConfig, ClusterNode};
 use tern_cluster::gossip_auth::{GossipKey, OVERHEAD_LEN, UDP_PAYLOAD_MAX};
+use tern_cluster::replicator::LocalStore;
 use tern_cluster::tls::ClusterCa;
 use tern_cluster::topology::Topology;
 use tern_core::{
@@ -53,6 +54,30 @@ struct TestNode {
     gossip: SocketAddr,
     /// Tags this node was told departed.
     departed: Arc<Mutex<Vec<String>>>,
+    store: Arc<TestStore>,
+}
+
+/// The local history store as link acks see it: everything commits at once, until
+/// `lose_a_write` makes it report a write it lost (a failed commit, a full queue).
+#[derive(Default)]
+struct TestStore {
+    lost: std::sync::atomic::AtomicU64,
+}
+
+impl TestStore {
+    fn lose_a_write(&self) {
+        self.lost.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl LocalStore for TestStore {
+    fn lost_writes(&self) -> u64 {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn after_committed(&self, since: u64, then: Box<dyn FnOnce(bool) + Send>) {
+        then(self.lost_writes() <= since);
+    }
 }
 
 fn room() -> ChannelKey {
@@ -144,12 +169,13 @@ async fn start_keyed(
     let departed_hub = hub.clone();
     let departed = Arc::new(Mutex::new(Vec::new()));
     let departed_log = departed.clone();
+    let store = Arc::new(TestStore::default());
     let cluster = ClusterNode::start(
         config,
         incarnation,
         replicator,
         &hub,
-        Arc::new(|then| then()),
+        store.clone(),
         name.into(),
         Arc::new(move |_node: &str, tag: &str| {
             departed_log.lock().unwrap().push(tag.to_string());
@@ -165,6 +191,7 @@ async fn start_keyed(
         recorder,
         gossip,
         departed,
+        store,
     }
 }
 
@@ -1040,4 +1067,41 @@ async fn sparse_subscribers_get_everything_once_when_their_regions_home_dies() {
             );
         }
     }
+}
+
+/// A peer whose history store lost a write after its link from the origin began does
+/// not acknowledge that link's events as stored any more: with ack_replicas = 1 the
+/// origin's wait for a replica times out (false) instead of confirming an event the
+/// peer may not have stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_lost_a_write_does_not_acknowledge_it() {
+    let ca = ClusterCa::generate().unwrap();
+    let a = start(&ca, "a", "r1", &[], None, 1).await;
+    let b = start(&ca, "b", "r2", &[&a], None, 1).await;
+    wait_members(&[&a, &b], 2).await;
+    let replicated = |name: &str| {
+        publish(&a, name.into());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        a.cluster.replication().after_replicated(
+            Some(&room()),
+            Box::new(move |ok| {
+                let _ = tx.send(ok);
+            }),
+        );
+        rx
+    };
+    let first = tokio::time::timeout(Duration::from_secs(10), replicated("a/0"));
+    assert!(first.await.unwrap().unwrap(), "stored on b: acknowledged");
+
+    b.store.lose_a_write();
+    let second = tokio::time::timeout(Duration::from_secs(20), replicated("a/1"));
+    assert!(
+        !second.await.unwrap().unwrap(),
+        "b lost a write after the link began: a/1 must not count as stored there"
+    );
+    assert_eq!(
+        b.recorder.names(),
+        vec!["a/0", "a/1"],
+        "delivered all the same"
+    );
 }

@@ -63,7 +63,15 @@ impl Journal for StoreJournal {
                 )
             })
             .collect();
-        if let Err(err) = self.store.append(items, Box::new(|_| {})) {
+        // A failed commit is logged (once per run of failures) and counted by the store;
+        // here it only counts as an event missing from history. Replies learn of it
+        // through `EdgeState::after_durable`.
+        let done = Box::new(|committed: Result<(), tern_store::StoreError>| {
+            if committed.is_err() {
+                metrics::counter!("tern_history_dropped_total").increment(1);
+            }
+        });
+        if let Err(err) = self.store.append(items, done) {
             metrics::counter!("tern_history_dropped_total").increment(1);
             tracing::warn!(channel = %key.name, error = %err, "history append refused");
         }

@@ -41,15 +41,24 @@ pub(crate) async fn time(headers: HeaderMap, Query(q): Params) -> Response {
     )
 }
 
-/// `GET /health`: liveness for load balancers.
+/// `GET /health`: for load balancers. 503 `unhealthy` with a `reason` while the node
+/// cannot store publishes (its history commits fail), 200 `ok` otherwise.
 pub(crate) async fn health(State(state): State<Arc<EdgeState>>) -> Response {
-    axum::Json(serde_json::json!({
+    let mut body = serde_json::json!({
         "status": "ok",
         "serverId": state.config.server_id,
         "connections": state.connection_count(),
         "channels": state.hub.channel_count(),
-    }))
-    .into_response()
+    });
+    let status = match state.unhealthy() {
+        Some(reason) => {
+            body["status"] = "unhealthy".into();
+            body["reason"] = reason.into();
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        None => StatusCode::OK,
+    };
+    (status, axum::Json(body)).into_response()
 }
 
 /// `GET /metrics`: Prometheus text exposition.
@@ -162,6 +171,7 @@ pub(crate) async fn publish(
         frame_id,
     };
     let refused_before = state.refused_appends();
+    let store_mark = state.store_mark();
     let outcome = state
         .hub
         .publish(&key, &publisher, messages, now)
@@ -170,12 +180,8 @@ pub(crate) async fn publish(
     if state.refused_appends() != refused_before {
         return Err(ErrorInfo::new(code::INTERNAL, "history store overloaded: not stored").into());
     }
-    if !state.durable(key.clone()).await {
-        return Err(ErrorInfo::new(
-            code::TIMEOUT,
-            "published, but not confirmed stored on a replica in time",
-        )
-        .into());
+    if let Some(error) = state.durable(key.clone(), store_mark).await.error() {
+        return Err(error.into());
     }
     let response = PublishResponse {
         channel: key.name.to_string(),

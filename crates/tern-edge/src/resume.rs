@@ -10,7 +10,13 @@ use tern_protocol::ErrorInfo;
 /// The answer a MESSAGE/PRESENCE frame got.
 #[derive(Clone, Debug)]
 pub(crate) enum Reply {
-    Ack(Vec<Option<String>>),
+    /// Applied. `store_mark` is the history store's lost-write count before it was: a
+    /// re-sent copy is ACKed only if no write was lost since (see
+    /// `EdgeState::after_durable`), since the first reply may have become a NACK.
+    Ack {
+        serials: Vec<Option<String>>,
+        store_mark: u64,
+    },
     Nack(ErrorInfo),
 }
 
@@ -71,10 +77,18 @@ mod tests {
         let mut window = ReplyWindow::default();
         assert!(matches!(window.check(0), Seen::New));
         for serial in 0..5 {
-            window.record(serial, Reply::Ack(vec![Some(format!("s{serial}"))]), 3);
+            let serials = vec![Some(format!("s{serial}"))];
+            window.record(
+                serial,
+                Reply::Ack {
+                    serials,
+                    store_mark: 0,
+                },
+                3,
+            );
         }
         assert!(
-            matches!(window.check(4), Seen::Again(Reply::Ack(s)) if s == vec![Some("s4".to_string())])
+            matches!(window.check(4), Seen::Again(Reply::Ack { serials, .. }) if serials == vec![Some("s4".to_string())])
         );
         assert!(matches!(window.check(0), Seen::Forgotten));
         assert!(matches!(window.check(5), Seen::New));

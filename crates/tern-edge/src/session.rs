@@ -495,7 +495,13 @@ impl Session {
                 Seen::New => {}
                 Seen::Again(reply) => return self.send_reply(msg_serial, channel, reply),
                 Seen::Forgotten => {
-                    return self.send_reply(msg_serial, channel, Reply::Ack(Vec::new()))
+                    // Its store mark is forgotten too: 0 ACKs it only if no write of
+                    // this store was ever lost.
+                    let reply = Reply::Ack {
+                        serials: Vec::new(),
+                        store_mark: 0,
+                    };
+                    return self.send_reply(msg_serial, channel, reply);
                 }
             }
         }
@@ -506,6 +512,7 @@ impl Session {
             ))
         } else {
             let refused_before = self.state.refused_appends();
+            let store_mark = self.state.store_mark();
             let result = if frame.action == action::MESSAGE {
                 self.publish(frame)
             } else {
@@ -517,7 +524,10 @@ impl Session {
                 Ok(_) if self.state.refused_appends() != refused_before => Reply::Nack(
                     ErrorInfo::new(code::INTERNAL, "history store overloaded: not stored"),
                 ),
-                Ok(serials) => Reply::Ack(serials),
+                Ok(serials) => Reply::Ack {
+                    serials,
+                    store_mark,
+                },
                 Err(err) => Reply::Nack(err),
             }
         };
@@ -531,10 +541,15 @@ impl Session {
     /// Queues an ACK/NACK once everything applied before it is durable, so replies stay
     /// in msgSerial order and an ACK means "stored".
     fn send_reply(&self, msg_serial: Option<i64>, channel: Option<ChannelKey>, reply: Reply) {
+        // A NACK is sent whatever the store did; only an ACK depends on it.
+        let store_mark = match &reply {
+            Reply::Ack { store_mark, .. } => *store_mark,
+            Reply::Nack(_) => self.state.store_mark(),
+        };
         let frame = match (msg_serial, reply) {
-            (None, Reply::Ack(_)) => return,
+            (None, Reply::Ack { .. }) => return,
             (None, Reply::Nack(error)) => error_frame(error),
-            (Some(serial), Reply::Ack(serials)) => ProtocolMessage {
+            (Some(serial), Reply::Ack { serials, .. }) => ProtocolMessage {
                 action: action::ACK,
                 msg_serial: Some(serial),
                 count: Some(1),
@@ -555,20 +570,21 @@ impl Session {
         let outlet = self.outlet.clone();
         self.state.after_durable(
             channel,
-            Box::new(move |replicated| {
-                if replicated || frame.action != action::ACK {
-                    outlet.send(frame);
-                    return;
-                }
+            store_mark,
+            Box::new(move |outcome| {
+                let error = match outcome.error() {
+                    Some(error) if frame.action == action::ACK => error,
+                    _ => {
+                        outlet.send(frame);
+                        return;
+                    }
+                };
                 metrics::counter!("tern_nacks_total").increment(1);
                 outlet.send(ProtocolMessage {
                     action: action::NACK,
                     msg_serial: frame.msg_serial,
                     count: Some(1),
-                    error: Some(ErrorInfo::new(
-                        code::TIMEOUT,
-                        "published, but not confirmed stored on a replica in time",
-                    )),
+                    error: Some(error),
                     ..Default::default()
                 });
             }),

@@ -4,7 +4,8 @@ use std::sync::{Arc, Mutex};
 
 use tern_auth::{KeyRing, NonceCache};
 use tern_core::{ChannelKey, ConnectionRegistry, Hub};
-use tern_store::HistoryStore;
+use tern_protocol::{code, ErrorInfo};
+use tern_store::{HistoryStore, StoreError};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::EdgeConfig;
@@ -36,6 +37,45 @@ pub struct EdgeState {
     pub(crate) store: Option<Arc<dyn HistoryStore>>,
     /// The cluster this node belongs to; `None` for a single node.
     pub(crate) cluster: Option<Arc<dyn ClusterView>>,
+}
+
+/// How waiting for a publish to be durable ended.
+#[derive(Debug)]
+pub(crate) enum Durability {
+    /// Committed to this node's store and, in a cluster, confirmed by the replicas.
+    Stored,
+    /// This node's store lost a write the publish may be part of (a failed commit, a
+    /// full queue): it may not be stored.
+    StoreFailed,
+    /// Stored here, but the replicas did not confirm in time.
+    ReplicasTimedOut,
+}
+
+impl Durability {
+    fn of(stored: Result<(), StoreError>, replicated: bool) -> Durability {
+        match (stored, replicated) {
+            (Err(_), _) => Durability::StoreFailed,
+            (Ok(()), true) => Durability::Stored,
+            (Ok(()), false) => Durability::ReplicasTimedOut,
+        }
+    }
+
+    /// The error a client gets instead of an ACK (realtime) or a 201 (REST); `None`
+    /// when stored.
+    pub(crate) fn error(&self) -> Option<ErrorInfo> {
+        match self {
+            Durability::Stored => None,
+            // The cause is in the node's log and /health, not for clients.
+            Durability::StoreFailed => Some(ErrorInfo::new(
+                code::INTERNAL,
+                "published, but not stored: the history store failed",
+            )),
+            Durability::ReplicasTimedOut => Some(ErrorInfo::new(
+                code::TIMEOUT,
+                "published, but not confirmed stored on a replica in time",
+            )),
+        }
+    }
 }
 
 /// What the edge needs from the cluster (implemented where the node is wired).
@@ -121,26 +161,34 @@ impl EdgeState {
         self.registry().sweep(now_ms);
     }
 
-    /// Runs `then(true)` once everything applied so far is durable: committed to the
-    /// history store (when there is one) and stored on `ack_replicas` peers (in a
-    /// cluster), in call order. `then(false)` when the replicas did not confirm in time.
-    /// Replies to publishes go through here so an ACK means "stored" and ACKs/NACKs keep
-    /// msgSerial order.
+    /// Runs `then` once everything applied so far is durable: committed to the history
+    /// store (when there is one) and stored on `ack_replicas` peers (in a cluster), in
+    /// call order. `store_mark` is [`Self::store_mark`] taken before the publish was
+    /// applied: if any store write was lost since, the outcome is `StoreFailed`, because
+    /// the publish's own items may be among them. Replies to publishes go through here so
+    /// an ACK means "stored" and ACKs/NACKs keep msgSerial order.
     pub(crate) fn after_durable(
         &self,
         channel: Option<ChannelKey>,
-        then: Box<dyn FnOnce(bool) + Send>,
+        store_mark: u64,
+        then: Box<dyn FnOnce(Durability) + Send>,
     ) {
-        let then: Box<dyn FnOnce() + Send> = match &self.cluster {
+        let cluster = self.cluster.clone();
+        let after_store = move |stored: Result<(), StoreError>| match cluster {
+            // Still through the cluster's queue, so the reply keeps its place in line; but
+            // a publish that is not stored here has nothing for replicas to confirm.
             Some(cluster) => {
-                let cluster = cluster.clone();
-                Box::new(move || cluster.after_replicated(channel.as_ref(), then))
+                let channel = channel.filter(|_| stored.is_ok());
+                cluster.after_replicated(
+                    channel.as_ref(),
+                    Box::new(move |replicated| then(Durability::of(stored, replicated))),
+                );
             }
-            None => Box::new(move || then(true)),
+            None => then(Durability::of(stored, true)),
         };
         match &self.store {
-            Some(store) => store.after_committed(then),
-            None => then(),
+            Some(store) => store.after_committed(store_mark, Box::new(after_store)),
+            None => after_store(Ok(())),
         }
     }
 
@@ -149,17 +197,31 @@ impl EdgeState {
         self.store.as_ref().map_or(0, |s| s.refused_appends())
     }
 
+    /// The history store's count of lost writes: take it before applying a publish and
+    /// hand it to [`Self::after_durable`] (0 without a store).
+    pub(crate) fn store_mark(&self) -> u64 {
+        self.store.as_ref().map_or(0, |s| s.lost_writes())
+    }
+
+    /// Why this node cannot store what it is sent: `Some` while the history store's
+    /// commits fail (for `/health`).
+    pub(crate) fn unhealthy(&self) -> Option<String> {
+        Some(self.store.as_ref()?.failing()?.to_string())
+    }
+
     /// Waits until everything applied so far is durable (on replicas: this node's
-    /// latest event on `channel`); false when replicas timed out.
-    pub(crate) async fn durable(&self, channel: ChannelKey) -> bool {
+    /// latest event on `channel`); see [`Self::after_durable`] for `store_mark`.
+    pub(crate) async fn durable(&self, channel: ChannelKey, store_mark: u64) -> Durability {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.after_durable(
             Some(channel),
-            Box::new(move |ok| {
-                let _ = tx.send(ok);
+            store_mark,
+            Box::new(move |outcome| {
+                let _ = tx.send(outcome);
             }),
         );
-        rx.await.unwrap_or(false)
+        // Dropped unanswered: the store's writer is gone.
+        rx.await.unwrap_or(Durability::StoreFailed)
     }
 
     /// Open WebSocket connections right now.

@@ -197,6 +197,18 @@ impl StoreHistory {
     }
 }
 
+/// Link acks wait for the store's commits and must see its lost writes.
+impl tern_cluster::replicator::LocalStore for StoreHistory {
+    fn lost_writes(&self) -> u64 {
+        self.store.lost_writes()
+    }
+
+    fn after_committed(&self, since: u64, then: Box<dyn FnOnce(bool) + Send>) {
+        self.store
+            .after_committed(since, Box::new(move |stored| then(stored.is_ok())));
+    }
+}
+
 impl tern_cluster::replicator::HistoryAccess for StoreHistory {
     fn has(&self, app: &str, channel: &str) -> bool {
         self.store

@@ -266,9 +266,9 @@ async fn start_node(
             cluster_config.client_url = format!("http://{addr}");
         }
         let region = cluster_config.region.clone();
-        let store_for_barrier = store.clone();
-        let barrier: tern_cluster::replicator::Barrier =
-            Arc::new(move |then| store_for_barrier.after_committed(then));
+        let barrier: tern_cluster::replicator::Barrier = Arc::new(cluster::StoreHistory {
+            store: store.clone(),
+        });
         view.replicator.set_history(Arc::new(cluster::StoreHistory {
             store: store.clone(),
         }));

@@ -5,7 +5,8 @@
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The operating system failed a file operation: creating the directory, reading or
-    /// writing the database file, or starting the writer thread.
+    /// writing the database file (a full disk, a file size limit), or starting the
+    /// writer thread. After a failed write the database file is reopened.
     #[error("history store I/O error: {0}")]
     Io(String),
     /// The database engine refused or failed an operation that is not plain I/O: the
@@ -37,6 +38,10 @@ impl From<redb::Error> for StoreError {
         match err {
             redb::Error::Corrupted(what) => StoreError::Corrupt(what),
             redb::Error::Io(io) => StoreError::Io(io.to_string()),
+            // Both follow a failed write: the file must be reopened (`redb_store` does).
+            err @ (redb::Error::PreviousIo | redb::Error::DatabaseClosed) => {
+                StoreError::Io(err.to_string())
+            }
             other => StoreError::Database(other.to_string()),
         }
     }

@@ -10,7 +10,10 @@
 //! - [`query`] — [`HistoryQuery`], [`HistoryPage`], [`Direction`], and the pager that
 //!   turns a bounded scan into one page.
 //! - [`retention`] — [`RetentionRule`], which rule applies to a channel, which rows go.
-//! - `writer` — the one writer thread: bounded queue, group commit, callbacks in order.
+//! - `writer` — the one writer thread: bounded queue, group commit, callbacks in order,
+//!   probes while commits fail.
+//! - `health` — writes lost (refused or failed commits) and the current run of failed
+//!   commits: what barriers and `/health` report.
 //! - `store` — the [`HistoryStore`] implementation over either engine.
 //! - `backend` — the trait both engines implement: `redb_store` (a file) and
 //!   `memory_store` (a `BTreeMap` per channel behind a mutex).
@@ -20,12 +23,18 @@
 //! callback fires only after it and everything queued before it committed (for redb,
 //! with `Durability::Immediate`: on disk, so an ACKed message survives `kill -9`).
 //!
+//! Architecture invariant: a barrier ([`HistoryStore::after_committed`]) succeeds only if
+//! no write was lost (an append of items refused, a commit of items failed) since its
+//! caller noted [`HistoryStore::lost_writes`], so an ACK is never sent for items that did
+//! not reach the disk, whichever group commits carried them.
+//!
 //! Architecture invariant: every buffer is bounded: the append queue by `queue_max`,
 //! a commit by `batch_max` rows (one append is never split), a query by `scan_max` rows
 //! and 1000 items, a trim commit and a trim's channel list by `batch_max`.
 
 mod backend;
 pub mod error;
+mod health;
 pub mod item;
 mod memory_store;
 pub mod query;
@@ -91,29 +100,25 @@ pub trait HistoryStore: Send + Sync {
         0
     }
 
+    /// Writes lost since the store opened: appends of items refused, and commits of
+    /// items that failed. Note it before appending and pass it to
+    /// [`Self::after_committed`]. Only grows.
+    fn lost_writes(&self) -> u64;
+
     /// Runs `then` once everything appended so far is committed, in call order with
-    /// other appends. If the writer refuses the barrier (queue full, closed), nothing a
-    /// refused append could have queued is pending, so `then` runs at once.
-    fn after_committed(&self, then: Box<dyn FnOnce() + Send>) {
-        let then = std::sync::Arc::new(std::sync::Mutex::new(Some(then)));
-        let queued = then.clone();
-        let take = |slot: &std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>| {
-            slot.lock().unwrap_or_else(|p| p.into_inner()).take()
-        };
-        let result = self.append(
-            Vec::new(),
-            Box::new(move |_| {
-                if let Some(then) = take(&queued) {
-                    then();
-                }
-            }),
-        );
-        if result.is_err() {
-            if let Some(then) = take(&then) {
-                then();
-            }
-        }
-    }
+    /// other appends: `Ok` if no write was lost since [`Self::lost_writes`] returned
+    /// `since`, else the latest loss. (The caller's items may have been committed in an
+    /// earlier group commit than this barrier, even before it was queued; a failure of
+    /// someone else's write may also fail it, which errs on the safe side.) If the writer
+    /// refuses the barrier (queue full, closed), `then` gets that error at once: a
+    /// refused barrier never reports success.
+    fn after_committed(&self, since: u64, then: AppendDone);
+
+    /// Why writes fail: the latest failed commit's error from a failed commit until
+    /// commits (publishes, or a probe every second while idle) have succeeded for 3 s
+    /// without a failure; `None` otherwise. The 3 s keep a nearly full disk, where some
+    /// commits still succeed, from reading as healthy between failures.
+    fn failing(&self) -> Option<StoreError>;
 }
 
 /// Where and how history is kept. Zero capacities are raised to 1.

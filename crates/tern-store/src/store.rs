@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, Row};
 use crate::error::StoreError;
+use crate::health::WriteHealth;
 use crate::item::{channel_of_prefix, ChannelRef, StoredItem};
 use crate::query::{HistoryPage, HistoryQuery, Pager};
 use crate::retention::{rule_for, RetentionRule, TrimPlan};
@@ -22,6 +23,8 @@ pub(crate) struct Store {
     scan_max: usize,
     /// Appends of items refused so far (see `HistoryStore::refused_appends`).
     refused: std::sync::atomic::AtomicU64,
+    /// Writes lost and the current run of failed commits (see `HistoryStore::lost_writes`).
+    health: Arc<WriteHealth>,
 }
 
 impl Store {
@@ -30,13 +33,17 @@ impl Store {
         config: &StoreConfig,
     ) -> Result<Store, StoreError> {
         let batch_max = config.batch_max.max(1);
+        let health = Arc::new(WriteHealth::default());
+        // Listed in /metrics from the start, so an alert on it has a series to watch.
+        metrics::counter!("tern_store_commit_failures_total").increment(0);
         Ok(Store {
-            writer: spawn_writer(backend.clone(), config.queue_max, batch_max)?,
+            writer: spawn_writer(backend.clone(), health.clone(), config.queue_max, batch_max)?,
             backend,
             retention: config.retention.clone(),
             batch_max,
             scan_max: config.scan_max.max(1),
             refused: std::sync::atomic::AtomicU64::new(0),
+            health,
         })
     }
 
@@ -84,15 +91,35 @@ impl HistoryStore for Store {
     ) -> Result<(), StoreError> {
         let has_items = !items.is_empty();
         let result = rows(items).and_then(|rows| self.writer.append(rows, done));
-        if result.is_err() && has_items {
+        if let (Err(error), true) = (&result, has_items) {
             self.refused
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.health.refused(error);
         }
         result
     }
 
     fn refused_appends(&self) -> u64 {
         self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn lost_writes(&self) -> u64 {
+        self.health.lost()
+    }
+
+    fn after_committed(&self, since: u64, then: AppendDone) {
+        let health = self.health.clone();
+        let barrier: AppendDone =
+            Box::new(move |committed| then(committed.and_then(|()| health.lost_since(since))));
+        // A refused barrier has nothing queued to wait for, but the caller's items may
+        // have been refused too: it can only report failure, never an early success.
+        if let Err((error, barrier)) = self.writer.try_append(Vec::new(), barrier) {
+            barrier(Err(error));
+        }
+    }
+
+    fn failing(&self) -> Option<StoreError> {
+        self.health.failing()
     }
 
     fn query(&self, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
@@ -158,5 +185,254 @@ impl HistoryStore for Store {
             .cursor(crate::backend::cursor_key(&prefix))?
             .into_iter()
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The write-failure contract through the store's API, over a test double of the
+    //! engine whose commits fail on demand (a real full disk is in
+    //! `crates/tern-server/tests/disk_fault.rs`).
+
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::item::{EventKind, Position};
+    use crate::memory_store::MemoryStore;
+    use crate::query::Direction;
+
+    /// Long enough for any callback on a loaded machine; only reached on failure.
+    const WAIT: Duration = Duration::from_secs(30);
+
+    /// The memory engine, but commits fail (or panic) while told to.
+    #[derive(Default)]
+    struct FlakyDisk {
+        inner: MemoryStore,
+        full: AtomicBool,
+        panics: AtomicBool,
+        commits: AtomicU64,
+    }
+
+    impl Backend for FlakyDisk {
+        fn commit(&self, rows: &[Row]) -> Result<(), StoreError> {
+            self.commits.fetch_add(1, Ordering::SeqCst);
+            if self.panics.load(Ordering::SeqCst) {
+                panic!("engine panics on purpose");
+            }
+            if self.full.load(Ordering::SeqCst) {
+                return Err(StoreError::Io(
+                    "No space left on device (os error 28)".into(),
+                ));
+            }
+            self.inner.commit(rows)
+        }
+        fn scan(
+            &self,
+            prefix: &[u8],
+            low: Position,
+            high: Position,
+            direction: Direction,
+            visit: &mut dyn FnMut(Position, &[u8]) -> bool,
+        ) -> Result<(), StoreError> {
+            self.inner.scan(prefix, low, high, direction, visit)
+        }
+        fn channels(&self, after: Option<&[u8]>, max: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+            self.inner.channels(after, max)
+        }
+        fn cursor(&self, channel: &[u8]) -> Result<BTreeMap<u64, u64>, StoreError> {
+            self.inner.cursor(channel)
+        }
+        fn trim(&self, prefix: &[u8], plan: TrimPlan, max_rows: usize) -> Result<u64, StoreError> {
+            self.inner.trim(prefix, plan, max_rows)
+        }
+    }
+
+    fn start(config: StoreConfig) -> (Arc<FlakyDisk>, Store) {
+        let disk = Arc::new(FlakyDisk::default());
+        let store = Store::start(disk.clone(), &config).unwrap();
+        (disk, store)
+    }
+
+    fn items(seq: u64) -> Vec<(ChannelRef, StoredItem)> {
+        let item = StoredItem {
+            timestamp_ms: 1,
+            origin: 1,
+            seq,
+            index: 0,
+            payload: Bytes::from_static(b"p"),
+        };
+        vec![(ChannelRef::new("app", "c", EventKind::Message), item)]
+    }
+
+    /// Appends `items` with a callback that reports into the returned receiver.
+    fn append(store: &Store, seq: u64) -> mpsc::Receiver<Result<(), StoreError>> {
+        let (tx, rx) = mpsc::channel();
+        store
+            .append(items(seq), Box::new(move |r| tx.send(r).unwrap()))
+            .unwrap();
+        rx
+    }
+
+    fn barrier(store: &Store, since: u64) -> mpsc::Receiver<Result<(), StoreError>> {
+        let (tx, rx) = mpsc::channel();
+        store.after_committed(since, Box::new(move |r| tx.send(r).unwrap()));
+        rx
+    }
+
+    /// Holds the writer thread in a callback until the returned sender is used, so that
+    /// what is appended meanwhile lands in one group commit.
+    fn hold_writer(store: &Store) -> mpsc::Sender<()> {
+        let (started_tx, started_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        store
+            .append(
+                Vec::new(),
+                Box::new(move |_| {
+                    started_tx.send(()).unwrap();
+                    let _ = release_rx.recv_timeout(WAIT);
+                }),
+            )
+            .unwrap();
+        started_rx.recv_timeout(WAIT).unwrap();
+        release_tx
+    }
+
+    /// The publish's items are committed (and fail) in an earlier group commit than its
+    /// barrier, before the barrier is even queued: the barrier still reports the failure.
+    #[test]
+    fn barrier_reports_a_failed_commit_of_an_earlier_batch() {
+        let (disk, store) = start(StoreConfig::default());
+        let since = store.lost_writes();
+        disk.full.store(true, Ordering::SeqCst);
+        let items_done = append(&store, 1);
+        assert!(items_done.recv_timeout(WAIT).unwrap().is_err());
+        disk.full.store(false, Ordering::SeqCst);
+        let result = barrier(&store, since).recv_timeout(WAIT).unwrap();
+        assert!(matches!(result, Err(StoreError::Io(_))), "{result:?}");
+    }
+
+    /// Items and barrier in the same failed group commit: the barrier fails.
+    #[test]
+    fn barrier_reports_a_failed_commit_of_its_own_batch() {
+        let (disk, store) = start(StoreConfig::default());
+        let release = hold_writer(&store);
+        let since = store.lost_writes();
+        let items_done = append(&store, 1);
+        let barrier_done = barrier(&store, since);
+        disk.full.store(true, Ordering::SeqCst);
+        release.send(()).unwrap();
+        assert!(items_done.recv_timeout(WAIT).unwrap().is_err());
+        assert!(barrier_done.recv_timeout(WAIT).unwrap().is_err());
+        assert_eq!(disk.commits.load(Ordering::SeqCst), 1, "one group commit");
+    }
+
+    /// A failure before the caller noted `lost_writes` does not fail its barrier, and a
+    /// success after failures does not hide one in between.
+    #[test]
+    fn barrier_counts_only_losses_since_its_mark() {
+        let (disk, store) = start(StoreConfig::default());
+        disk.full.store(true, Ordering::SeqCst);
+        assert!(append(&store, 1).recv_timeout(WAIT).unwrap().is_err());
+        disk.full.store(false, Ordering::SeqCst);
+        let since = store.lost_writes();
+        assert_eq!(since, 1);
+        assert!(append(&store, 2).recv_timeout(WAIT).unwrap().is_ok());
+        assert!(barrier(&store, since).recv_timeout(WAIT).unwrap().is_ok());
+
+        disk.full.store(true, Ordering::SeqCst);
+        assert!(append(&store, 3).recv_timeout(WAIT).unwrap().is_err());
+        disk.full.store(false, Ordering::SeqCst);
+        assert!(append(&store, 4).recv_timeout(WAIT).unwrap().is_ok());
+        assert!(barrier(&store, since).recv_timeout(WAIT).unwrap().is_err());
+    }
+
+    /// A barrier refused because the queue is full reports the refusal at once: never
+    /// an early success. An append of items refused meanwhile fails later barriers too.
+    #[test]
+    fn refused_barrier_and_refused_items_fail_the_barrier() {
+        let (_disk, store) = start(StoreConfig {
+            queue_max: 1,
+            ..StoreConfig::default()
+        });
+        let release = hold_writer(&store);
+        let since = store.lost_writes();
+        let _queued = append(&store, 1);
+        let refused = barrier(&store, since).recv_timeout(WAIT).unwrap();
+        assert_eq!(refused, Err(StoreError::Overloaded));
+        assert_eq!(
+            store.append(items(2), Box::new(|_| panic!("refused append's callback"))),
+            Err(StoreError::Overloaded)
+        );
+        release.send(()).unwrap();
+        let later = barrier(&store, since).recv_timeout(WAIT).unwrap();
+        assert_eq!(later, Err(StoreError::Overloaded));
+    }
+
+    /// `failing` reports the error while commits fail; with nothing queued the writer
+    /// probes the engine, so it clears by itself once the engine can write again.
+    #[test]
+    fn failing_clears_by_probe_once_the_engine_recovers() {
+        let (disk, store) = start(StoreConfig::default());
+        assert_eq!(store.failing(), None);
+        disk.full.store(true, Ordering::SeqCst);
+        assert!(append(&store, 1).recv_timeout(WAIT).unwrap().is_err());
+        assert!(matches!(store.failing(), Some(StoreError::Io(_))));
+        // Probes fail while the disk is full: still failing, and nothing more is lost.
+        let commits = disk.commits.load(Ordering::SeqCst);
+        let deadline = Instant::now() + WAIT;
+        while disk.commits.load(Ordering::SeqCst) == commits {
+            assert!(Instant::now() < deadline, "no probe commit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(store.failing().is_some());
+        assert_eq!(store.lost_writes(), 1);
+        disk.full.store(false, Ordering::SeqCst);
+        while store.failing().is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "still failing after the disk recovered"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(store.lost_writes(), 1);
+    }
+
+    /// A nearly full disk fails some commits between successes: one success does not
+    /// end the run (the node stays unhealthy), and neither does a probe.
+    #[test]
+    fn failing_lasts_through_a_success_between_failures() {
+        let (disk, store) = start(StoreConfig::default());
+        disk.full.store(true, Ordering::SeqCst);
+        assert!(append(&store, 1).recv_timeout(WAIT).unwrap().is_err());
+        disk.full.store(false, Ordering::SeqCst);
+        assert!(append(&store, 2).recv_timeout(WAIT).unwrap().is_ok());
+        assert!(
+            store.failing().is_some(),
+            "one success right after a failure"
+        );
+        disk.full.store(true, Ordering::SeqCst);
+        assert!(append(&store, 3).recv_timeout(WAIT).unwrap().is_err());
+        assert!(store.failing().is_some());
+        assert_eq!(store.lost_writes(), 2);
+    }
+
+    /// An engine that panics in a commit fails that commit's callbacks and barrier; the
+    /// writer lives on and later commits succeed.
+    #[test]
+    fn panicking_engine_is_a_failed_commit() {
+        let (disk, store) = start(StoreConfig::default());
+        let since = store.lost_writes();
+        disk.panics.store(true, Ordering::SeqCst);
+        assert!(append(&store, 1).recv_timeout(WAIT).unwrap().is_err());
+        assert!(barrier(&store, since).recv_timeout(WAIT).unwrap().is_err());
+        disk.panics.store(false, Ordering::SeqCst);
+        let since = store.lost_writes();
+        assert!(append(&store, 2).recv_timeout(WAIT).unwrap().is_ok());
+        assert!(barrier(&store, since).recv_timeout(WAIT).unwrap().is_ok());
     }
 }

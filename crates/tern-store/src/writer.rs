@@ -4,15 +4,25 @@
 //! Architecture invariant: appends commit in the order they were queued, and an
 //! append's callback fires only after it and everything queued before it committed.
 //! One thread and one FIFO queue give this without any further bookkeeping.
+//!
+//! Every commit's outcome goes to [`WriteHealth`] before its callbacks run. During a
+//! run of failed commits, when nothing is queued, the thread probes the engine with an
+//! empty commit every [`PROBE_EVERY`], so a node that a load balancer took out of
+//! rotation (no more publishes) still notices that space came back.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::{JoinHandle, ThreadId};
+use std::time::Duration;
 
 use crate::backend::{Backend, Row};
 use crate::error::StoreError;
+use crate::health::WriteHealth;
 use crate::AppendDone;
+
+/// How often an idle writer retries the engine while commits fail.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// The writer's queue holds these.
 enum Request {
@@ -48,9 +58,10 @@ pub(crate) struct Writer {
     thread_id: ThreadId,
 }
 
-/// Starts the writer thread over `backend`.
+/// Starts the writer thread over `backend`; it reports every commit to `health`.
 pub(crate) fn spawn_writer(
     backend: Arc<dyn Backend>,
+    health: Arc<WriteHealth>,
     queue_max: usize,
     batch_max: usize,
 ) -> Result<Writer, StoreError> {
@@ -58,7 +69,7 @@ pub(crate) fn spawn_writer(
     let batch_max = batch_max.max(1);
     let thread = std::thread::Builder::new()
         .name("tern-history-writer".into())
-        .spawn(move || write_loop(backend.as_ref(), &requests, batch_max))
+        .spawn(move || write_loop(backend.as_ref(), &health, &requests, batch_max))
         .map_err(|err| StoreError::Io(format!("starting the history writer: {err}")))?;
     Ok(Writer {
         queue: Some(queue),
@@ -71,11 +82,28 @@ impl Writer {
     /// Queues an append without blocking; a full queue is `Overloaded` and `done` is
     /// dropped uncalled.
     pub(crate) fn append(&self, rows: Vec<Row>, done: AppendDone) -> Result<(), StoreError> {
-        let queue = self.queue.as_ref().ok_or(StoreError::Closed)?;
+        self.try_append(rows, done).map_err(|(error, _)| error)
+    }
+
+    /// Like [`Self::append`], but a refused append hands `done` back to the caller.
+    pub(crate) fn try_append(
+        &self,
+        rows: Vec<Row>,
+        done: AppendDone,
+    ) -> Result<(), (StoreError, AppendDone)> {
+        let Some(queue) = self.queue.as_ref() else {
+            return Err((StoreError::Closed, done));
+        };
+        let unqueued = |request: Request| match request {
+            Request::Append { done, .. } => done,
+            Request::Flush(_) => unreachable!("an append was sent"),
+        };
         match queue.try_send(Request::Append { rows, done }) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(StoreError::Overloaded),
-            Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
+            Err(TrySendError::Full(request)) => Err((StoreError::Overloaded, unqueued(request))),
+            Err(TrySendError::Disconnected(request)) => {
+                Err((StoreError::Closed, unqueued(request)))
+            }
         }
     }
 
@@ -110,12 +138,17 @@ impl Drop for Writer {
     }
 }
 
-fn write_loop(backend: &dyn Backend, requests: &Receiver<Request>, batch_max: usize) {
+fn write_loop(
+    backend: &dyn Backend,
+    health: &WriteHealth,
+    requests: &Receiver<Request>,
+    batch_max: usize,
+) {
     // Reused across batches; each holds at most batch_max requests (plus the rows of
     // one oversized append).
     let mut rows: Vec<Row> = Vec::new();
     let mut waiters: Vec<Waiter> = Vec::new();
-    while let Ok(first) = requests.recv() {
+    while let Some(first) = next_request(backend, health, requests) {
         let mut queued_rows = first.rows();
         take(first, &mut rows, &mut waiters);
         while queued_rows < batch_max && waiters.len() < batch_max {
@@ -128,7 +161,9 @@ fn write_loop(backend: &dyn Backend, requests: &Receiver<Request>, batch_max: us
         let result = if rows.is_empty() {
             Ok(())
         } else {
-            backend.commit(&rows)
+            let result = commit(backend, &rows);
+            health.committed(rows.len(), &result);
+            result
         };
         rows.clear();
         // One oversized append must not pin its memory for the life of the store.
@@ -146,6 +181,36 @@ fn write_loop(backend: &dyn Backend, requests: &Receiver<Request>, batch_max: us
             }
         }
     }
+}
+
+/// The next request; `None` once the queue is closed and drained. During a run of
+/// failed commits, an idle wait is cut into [`PROBE_EVERY`] slices, each ended by a
+/// probe commit (which also lets the run end while nothing is published).
+fn next_request(
+    backend: &dyn Backend,
+    health: &WriteHealth,
+    requests: &Receiver<Request>,
+) -> Option<Request> {
+    loop {
+        if health.failing().is_none() {
+            return requests.recv().ok();
+        }
+        match requests.recv_timeout(PROBE_EVERY) {
+            Ok(request) => return Some(request),
+            Err(RecvTimeoutError::Disconnected) => return None,
+            Err(RecvTimeoutError::Timeout) => {
+                health.committed(0, &commit(backend, &[]));
+                health.settle();
+            }
+        }
+    }
+}
+
+/// One commit; a panicking engine is a failed commit, not a dead writer (which would
+/// leave every later callback unfired).
+fn commit(backend: &dyn Backend, rows: &[Row]) -> Result<(), StoreError> {
+    catch_unwind(AssertUnwindSafe(|| backend.commit(rows)))
+        .unwrap_or_else(|_| Err(StoreError::Database("the history engine panicked".into())))
 }
 
 fn take(request: Request, rows: &mut Vec<Row>, waiters: &mut Vec<Waiter>) {

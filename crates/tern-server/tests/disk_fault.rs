@@ -1,0 +1,518 @@
+//! A real `tern serve` whose history file lives on a small tmpfs that fills up: every
+//! publish answered 201 (REST) or ACK (realtime) must be in history afterwards, the ones
+//! that could not be stored must get a 5xx / NACK with an Ably error code, `/health`
+//! must say unhealthy while commits fail, and once the filesystem grows writes succeed
+//! and `/health` is healthy again.
+//!
+//! Needs root (it mounts a tmpfs), as CI and every developer machine of this project run.
+//! Mounting is not optional: without it the test fails loudly rather than skipping.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+const KEY: &str = "test.root:rootsecret";
+const CHANNEL: &str = "diskfault";
+/// Size of the tmpfs the history file lives on while it fills up, and after it grows.
+const SMALL_FS: &str = "3m";
+const LARGE_FS: &str = "64m";
+/// Bytes of data per message: big enough that the small filesystem fills in a few
+/// hundred publishes.
+const DATA_BYTES: usize = 4096;
+/// Publishes of each kind (REST, realtime) that must fail before the disk counts as full.
+const FAILURES_WANTED: usize = 3;
+/// Bounds of the fill phase: it must have failed long before either.
+const FILL_PUBLISHES_MAX: usize = 6000;
+const FILL_TIME_MAX: Duration = Duration::from_secs(12);
+/// One request or reply; only reached on failure.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A tmpfs mounted for the test, unmounted (after the server that uses it is killed)
+/// when dropped, also when the test panics.
+struct Fixture {
+    mount: PathBuf,
+    server: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn mount() -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mount = dir.path().join("fs");
+        std::fs::create_dir(&mount).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={SMALL_FS}"), "tmpfs"])
+            .arg(&mount)
+            .status()
+            .expect("running mount");
+        assert!(
+            status.success(),
+            "mounting a {SMALL_FS} tmpfs at {} failed ({status}): this test needs root \
+             and mount(8); it must not be skipped",
+            mount.display()
+        );
+        Fixture {
+            mount,
+            server: None,
+            _dir: dir,
+        }
+    }
+
+    fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.mount)
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "remounting with size={size} failed");
+    }
+
+    /// Starts `tern serve` with its history file on the tmpfs; returns its port.
+    fn start_tern(&mut self, dir: &Path) -> u16 {
+        let config = dir.join("tern.toml");
+        std::fs::write(&config, config_text(&self.mount.join("history.redb"))).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .args(["--port", "0"])
+            .env("TERN_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning tern");
+        let stdout = child.stdout.take().unwrap();
+        self.server = Some(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(port) = line
+                    .split("listening on http://127.0.0.1:")
+                    .nth(1)
+                    .and_then(|p| p.trim().parse::<u16>().ok())
+                {
+                    let _ = tx.send(port);
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("tern did not print its listening line in 20 s")
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // Only the child this test started, by its handle.
+        if let Some(mut child) = self.server.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("umount").arg(&self.mount).status();
+    }
+}
+
+fn config_text(history: &Path) -> String {
+    format!(
+        r#"
+[server]
+host = "127.0.0.1"
+port = 0
+
+[limits]
+inbound_frames_per_second = 1000000
+
+[history]
+mode = "redb"
+path = "{}"
+
+[[apps]]
+id = "test"
+
+[[apps.keys]]
+id = "root"
+secret = "rootsecret"
+capability = '{{"*":["*"]}}'
+"#,
+        history.display()
+    )
+}
+
+/// Minimal HTTP/1.1 client over a raw socket: status and body.
+async fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let exchange = async {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.unwrap();
+        raw
+    };
+    let raw = tokio::time::timeout(WAIT, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path} got no answer in {WAIT:?}"));
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+/// How one publish was answered.
+#[derive(Debug)]
+enum Answer {
+    Stored,
+    /// Refused: HTTP status (REST) or the error's statusCode (realtime), and Ably code.
+    Refused {
+        status: u64,
+        code: u64,
+    },
+}
+
+fn message(id: &str) -> Value {
+    json!({ "id": id, "name": "fill", "data": format!("{id}:{}", "x".repeat(DATA_BYTES)) })
+}
+
+async fn rest_publish(port: u16, id: &str) -> Answer {
+    let path = format!("/channels/{CHANNEL}/messages?key={KEY}");
+    let (status, body) = http(port, "POST", &path, &message(id).to_string()).await;
+    if status == 201 {
+        return Answer::Stored;
+    }
+    let body: Value = serde_json::from_str(&body)
+        .unwrap_or_else(|_| panic!("REST {status} without a JSON body: {body}"));
+    Answer::Refused {
+        status: status as u64,
+        code: body["error"]["code"].as_u64().expect("an Ably error code"),
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// A realtime connection that publishes one message at a time.
+struct Realtime {
+    ws: Ws,
+    msg_serial: u64,
+}
+
+impl Realtime {
+    async fn connect(port: u16) -> Realtime {
+        let url = format!("ws://127.0.0.1:{port}/?key={KEY}&format=json");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        loop {
+            if next_frame(&mut ws).await["action"] == 4 {
+                break;
+            }
+        }
+        Realtime { ws, msg_serial: 0 }
+    }
+
+    async fn publish(&mut self, id: &str) -> Answer {
+        let serial = self.msg_serial;
+        self.msg_serial += 1;
+        self.send(serial, id).await
+    }
+
+    /// Sends a MESSAGE frame with `msg_serial` (a re-sent one: the same serial and
+    /// message as before) and waits for its ACK or NACK.
+    async fn send(&mut self, serial: u64, id: &str) -> Answer {
+        let frame = json!({
+            "action": 15,
+            "channel": CHANNEL,
+            "msgSerial": serial,
+            "messages": [message(id)],
+        });
+        self.ws
+            .send(WsMessage::text(frame.to_string()))
+            .await
+            .unwrap();
+        loop {
+            let reply = next_frame(&mut self.ws).await;
+            let action = reply["action"].as_u64();
+            if action != Some(1) && action != Some(2) {
+                continue;
+            }
+            assert_eq!(reply["msgSerial"], serial, "replies in msgSerial order");
+            if action == Some(1) {
+                return Answer::Stored;
+            }
+            return Answer::Refused {
+                status: reply["error"]["statusCode"].as_u64().expect("statusCode"),
+                code: reply["error"]["code"].as_u64().expect("an Ably error code"),
+            };
+        }
+    }
+}
+
+async fn next_frame(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("no frame in time")
+            .expect("connection closed")
+            .unwrap();
+        if let WsMessage::Text(text) = msg {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}
+
+/// Every message id in the channel's history, oldest first, following `Link: next`.
+async fn history_ids(port: u16) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut path = format!("/channels/{CHANNEL}/messages?key={KEY}&limit=1000&direction=forwards");
+    for _page in 0..100 {
+        let (body, next) = history_page(port, &path).await;
+        let items: Vec<Value> = serde_json::from_str(&body).unwrap();
+        ids.extend(items.iter().map(|m| m["id"].as_str().unwrap().to_string()));
+        match next {
+            Some(query) => path = format!("/channels/{CHANNEL}/messages?{query}"),
+            None => return ids,
+        }
+    }
+    panic!("history has more than 100 pages");
+}
+
+/// One page of history and the query of its next page. Retries for a while: right
+/// after a failed write the history file is being reopened (at most once a second),
+/// and reads fail meanwhile.
+async fn history_page(port: u16, path: &str) -> (String, Option<String>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body, next) = http_with_next(port, path).await;
+        if status == 200 {
+            return (body, next);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "history read failed for {WAIT:?}: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// GET with the `rel="next"` query of its Link header.
+async fn http_with_next(port: u16, path: &str) -> (u16, String, Option<String>) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .expect("history answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let next = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("link:"))
+        .and_then(|l| {
+            l.split(", ")
+                .find(|part| part.ends_with("rel=\"next\""))
+                .and_then(|part| part.split("<./messages?").nth(1))
+                .and_then(|rest| rest.split('>').next())
+                .map(str::to_string)
+        });
+    (status, body.to_string(), next)
+}
+
+async fn health(port: u16) -> (u16, Value) {
+    let (status, body) = http(port, "GET", "/health", "").await;
+    (status, serde_json::from_str(&body).unwrap())
+}
+
+async fn assert_unhealthy(port: u16) {
+    let (status, body) = health(port).await;
+    assert_eq!(status, 503, "/health while commits fail: {body}");
+    assert_eq!(body["status"], "unhealthy", "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("history")),
+        "{body}"
+    );
+}
+
+/// What the publishes got, by id.
+#[derive(Default)]
+struct Tally {
+    stored: Vec<String>,
+    refused: Vec<(String, Answer)>,
+}
+
+impl Tally {
+    fn record(&mut self, id: String, answer: Answer) {
+        match answer {
+            Answer::Stored => self.stored.push(id),
+            refused => self.refused.push((id, refused)),
+        }
+    }
+
+    fn refused_with(&self, prefix: &str) -> usize {
+        self.refused
+            .iter()
+            .filter(|(id, _)| id.starts_with(prefix))
+            .count()
+    }
+}
+
+/// Every publish answered as stored is in history, and nothing is there twice; returns
+/// the ids in history.
+async fn assert_all_acked_stored_once(port: u16, tally: &Tally) -> Vec<String> {
+    let ids = history_ids(port).await;
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for id in &ids {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    let duplicated: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(duplicated.is_empty(), "stored twice: {duplicated:?}");
+    let lost: Vec<&String> = tally
+        .stored
+        .iter()
+        .filter(|id| !counts.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged publishes are not in history: {:?}",
+        lost.len(),
+        tally.stored.len(),
+        &lost[..lost.len().min(10)]
+    );
+    ids
+}
+
+/// The disk fills: every 201/ACK is in history exactly once, every refusal is a 5xx/NACK
+/// with an Ably 5xxxx code, `/health` is 503 while commits fail, and after the
+/// filesystem grows, publishes are stored again and `/health` is 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_nacks_and_recovers_with_nothing_acked_lost() {
+    let mut fixture = Fixture::mount();
+    let config_dir = tempfile::tempdir().unwrap();
+    let port = fixture.start_tern(config_dir.path());
+    let mut realtime = Realtime::connect(port).await;
+    let mut tally = Tally::default();
+
+    // Fill: alternate REST and realtime publishes until both have been refused a few
+    // times (the disk is full) or the bounds run out.
+    let started = Instant::now();
+    let mut n = 0;
+    let mut unhealthy_seen = false;
+    while (tally.refused_with("rest-") < FAILURES_WANTED
+        || tally.refused_with("rt-") < FAILURES_WANTED)
+        && n < FILL_PUBLISHES_MAX
+        && started.elapsed() < FILL_TIME_MAX
+    {
+        let id = format!("rest-{n}");
+        let answer = rest_publish(port, &id).await;
+        tally.record(id, answer);
+        let id = format!("rt-{n}");
+        let answer = realtime.publish(&id).await;
+        tally.record(id, answer);
+        n += 1;
+        if !tally.refused.is_empty() && !unhealthy_seen {
+            // Right after the first refusal: commits are failing.
+            assert_unhealthy(port).await;
+            unhealthy_seen = true;
+        }
+    }
+    assert!(
+        tally.refused_with("rest-") >= FAILURES_WANTED
+            && tally.refused_with("rt-") >= FAILURES_WANTED,
+        "the disk filled but publishes were not refused: {} of {} publishes answered as \
+         stored, {} refused, after {:?}",
+        tally.stored.len(),
+        2 * n,
+        tally.refused.len(),
+        started.elapsed()
+    );
+    assert_unhealthy(port).await;
+    for (id, answer) in &tally.refused {
+        assert!(
+            matches!(
+                answer,
+                Answer::Refused {
+                    status: 500..=599,
+                    code: 50000..=59999
+                }
+            ),
+            "{id} refused with {answer:?}, not a 5xx with an Ably 5xxxx code"
+        );
+    }
+    // Whatever was acknowledged while the disk filled is stored.
+    assert_all_acked_stored_once(port, &tally).await;
+
+    // Space returns: publishes are stored again (soon, not necessarily the first one
+    // after the remount) and the node is healthy.
+    fixture.resize(LARGE_FS);
+    let recovering = Instant::now();
+    let mut m = 0;
+    loop {
+        let rest_id = format!("rest-after-{m}");
+        let rest = rest_publish(port, &rest_id).await;
+        let rt_id = format!("rt-after-{m}");
+        let rt = realtime.publish(&rt_id).await;
+        let both_stored = matches!((&rest, &rt), (Answer::Stored, Answer::Stored));
+        tally.record(rest_id, rest);
+        tally.record(rt_id, rt);
+        m += 1;
+        if both_stored {
+            break;
+        }
+        assert!(
+            recovering.elapsed() < WAIT,
+            "publishes still refused {WAIT:?} after the filesystem grew"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Healthy once commits have kept succeeding for a while (3 s: a nearly full disk
+    // fails some commits between successes).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = health(port).await;
+        if status == 200 {
+            assert_eq!(body["status"], "ok", "{body}");
+            break;
+        }
+        assert_eq!(body["status"], "unhealthy", "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "/health still {status} {WAIT:?} after publishes were stored again: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A NACKed message re-sent with its msgSerial (as after a resume) is answered from
+    // the connection's reply window, not applied again: still a NACK, although commits
+    // succeed now, because it was never stored.
+    let (resent, _) = tally
+        .refused
+        .iter()
+        .find(|(id, _)| id.starts_with("rt-") && !id.starts_with("rt-after"))
+        .expect("a refused realtime publish");
+    let resent = resent.clone();
+    let serial: u64 = resent["rt-".len()..].parse().unwrap();
+    let answer = realtime.send(serial, &resent).await;
+    assert!(
+        matches!(answer, Answer::Refused { code: 50000, .. }),
+        "re-sent {resent} answered {answer:?}"
+    );
+    tally.record(resent, answer);
+
+    let ids = assert_all_acked_stored_once(port, &tally).await;
+    eprintln!(
+        "disk fault: {} publishes acknowledged (all in history), {} refused, {} items in history",
+        tally.stored.len(),
+        tally.refused.len(),
+        ids.len()
+    );
+}
