@@ -279,6 +279,7 @@ impl Channel {
                 }
             }
         }
+        self.journal_again(ctx, &serials, &fresh_slots);
         if fresh.is_empty() {
             return (serials, None);
         }
@@ -392,6 +393,38 @@ impl Channel {
             frame.presence = Some(broadcasts);
         });
         self.apply(ctx, Arc::new(event));
+    }
+
+    /// A retried publish (message ids seen before) is answered with the first serials,
+    /// but its first write may have been lost (a failed commit answered 5xx/NACK): the
+    /// original events still in the log are journaled again, so the retry's reply waits
+    /// for a write of its own. The store keys items by position, so a write that did
+    /// land is only replaced, and peers drop the repeated sequence as a duplicate.
+    fn journal_again(
+        &self,
+        ctx: &ApplyContext<'_>,
+        serials: &[Option<String>],
+        fresh_slots: &[usize],
+    ) {
+        let Some(journal) = ctx.journal else {
+            return;
+        };
+        let mut seen: Vec<(OriginId, u64)> = Vec::new();
+        for (slot, serial) in serials.iter().enumerate() {
+            if fresh_slots.binary_search(&slot).is_ok() {
+                continue;
+            }
+            let Some(at) = serial.as_deref().and_then(serial_position) else {
+                continue;
+            };
+            if seen.contains(&at) {
+                continue;
+            }
+            seen.push(at);
+            for event in self.log.events_of(at.0, at.1, at.1) {
+                journal.record(ctx.key, &event);
+            }
+        }
     }
 
     /// Logs, journals and fans out a new event, in that order, under the channel lock.
@@ -723,4 +756,14 @@ pub enum RemoteOutcome {
         origin: OriginId,
         missing: (u64, u64),
     },
+}
+
+/// The (origin, sequence) of a message serial `<origin hex>-<seq hex>:<index>`.
+fn serial_position(serial: &str) -> Option<(OriginId, u64)> {
+    let (base, _index) = serial.split_once(':')?;
+    let (origin, seq) = base.split_once('-')?;
+    Some((
+        OriginId(u64::from_str_radix(origin, 16).ok()?),
+        u64::from_str_radix(seq, 16).ok()?,
+    ))
 }

@@ -616,3 +616,64 @@ fn restricted_modes_stop_deliveries_and_leave_is_per_connection() {
         "leave does not detach"
     );
 }
+
+/// Records what the hub journals.
+#[derive(Default)]
+struct JournalLog(Mutex<Vec<(u64, u64, usize)>>);
+
+impl tern_core::Journal for JournalLog {
+    fn record(&self, _key: &ChannelKey, event: &Arc<ChannelEvent>) {
+        let count = event.message_count();
+        self.0
+            .lock()
+            .unwrap()
+            .push((event.origin.0, event.seq, count));
+    }
+}
+
+/// A retried publish (same message ids) is answered with the first serials and not
+/// applied again, but the original event is journaled again so the retry's reply waits
+/// for a write of its own (the first one may have been lost to a failed commit).
+#[test]
+fn a_retried_publish_is_journaled_again_not_applied_again() {
+    let journal = Arc::new(JournalLog::default());
+    let hub = Hub::with_journal(OriginId(1), CoreLimits::default(), Some(journal.clone()));
+    let key = ChannelKey::new("app", "room");
+    let watcher = attach(&hub, &key, "W", true);
+    let with_id = |id: &str| Message {
+        id: Some(id.into()),
+        ..msg(id)
+    };
+    let first = hub
+        .publish(
+            &key,
+            &publisher("P", 0),
+            vec![with_id("a"), with_id("b")],
+            1,
+        )
+        .unwrap();
+    let again = hub
+        .publish(
+            &key,
+            &publisher("P", 1),
+            vec![with_id("a"), with_id("b")],
+            2,
+        )
+        .unwrap();
+    assert_eq!(again.serials, first.serials);
+    assert!(again.event.is_none(), "nothing new applied");
+    assert_eq!(watcher.names(), ["a", "b"], "delivered once");
+    assert_eq!(*journal.0.lock().unwrap(), vec![(1, 1, 2), (1, 1, 2)]);
+    // Mixed: the known id's event again, then the new message as a new event.
+    hub.publish(
+        &key,
+        &publisher("P", 2),
+        vec![with_id("a"), with_id("c")],
+        3,
+    )
+    .unwrap();
+    assert_eq!(
+        *journal.0.lock().unwrap(),
+        vec![(1, 1, 2), (1, 1, 2), (1, 1, 2), (1, 2, 1)]
+    );
+}

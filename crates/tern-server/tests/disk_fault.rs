@@ -448,6 +448,19 @@ async fn full_disk_nacks_and_recovers_with_nothing_acked_lost() {
             "{id} refused with {answer:?}, not a 5xx with an Ably 5xxxx code"
         );
     }
+    // A refused REST publish retried with its message id (as the SDKs retry a 5xx) is
+    // known to the hub, but its write was lost: the retry must not be answered 201
+    // unless it is stored now.
+    let refused_rest: Vec<String> = tally
+        .refused
+        .iter()
+        .map(|(id, _)| id.clone())
+        .filter(|id| id.starts_with("rest-"))
+        .collect();
+    for id in &refused_rest {
+        let answer = rest_publish(port, id).await;
+        tally.record(id.clone(), answer);
+    }
     // Whatever was acknowledged while the disk filled is stored.
     assert_all_acked_stored_once(port, &tally).await;
 
@@ -489,6 +502,16 @@ async fn full_disk_nacks_and_recovers_with_nothing_acked_lost() {
             "/health still {status} {WAIT:?} after publishes were stored again: {body}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Retried once space has returned, every refused REST publish is stored (once).
+    for id in &refused_rest {
+        let answer = rest_publish(port, id).await;
+        assert!(
+            matches!(answer, Answer::Stored),
+            "retried {id} answered {answer:?}"
+        );
+        tally.record(id.clone(), answer);
     }
 
     // A NACKed message re-sent with its msgSerial (as after a resume) is answered from
