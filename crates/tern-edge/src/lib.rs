@@ -25,6 +25,7 @@ mod connection;
 mod credentials;
 mod forward;
 pub mod history;
+mod listener;
 mod response;
 mod rest;
 mod resume;
@@ -32,6 +33,7 @@ mod session;
 mod state;
 
 pub use config::EdgeConfig;
+pub use listener::serve;
 pub use state::{ClusterView, EdgeState};
 
 use std::sync::Arc;
