@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use bytes::Bytes;
 use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tern_core::{ChannelEvent, Subscriber};
 use tern_protocol::{action, code, ErrorInfo, Format, ProtocolMessage};
 use tokio::sync::{mpsc, watch, Notify};
@@ -235,16 +236,22 @@ enum WriteFailed {
 }
 
 /// One write to the client, bounded: a client that stops reading must not hold the
-/// writer, and with it the connection and its socket, forever.
+/// writer, and with it the connection and its socket, forever. Most writes complete at
+/// once (into the socket or tungstenite's buffer); only one that has to wait arms a
+/// timer, which keeps a clock read and a timer handle off the fan-out path.
 async fn bounded(
     limit: Duration,
     write: impl Future<Output = Result<(), axum::Error>>,
 ) -> Result<(), WriteFailed> {
-    match tokio::time::timeout(limit, write).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(WriteFailed::Closed),
-        Err(_) => Err(WriteFailed::Stalled),
-    }
+    let mut write = pin!(write);
+    let result = match (&mut write).now_or_never() {
+        Some(result) => result,
+        None => match tokio::time::timeout(limit, write).await {
+            Ok(result) => result,
+            Err(_) => return Err(WriteFailed::Stalled),
+        },
+    };
+    result.map_err(|_| WriteFailed::Closed)
 }
 
 /// The writer's half of the socket and how it writes.

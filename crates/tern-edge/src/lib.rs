@@ -5,9 +5,12 @@
 //!
 //! # Layout
 //! - [`config`]: [`EdgeConfig`], the limits and timings the edge enforces.
+//! - `listener`: [`serve`], the client port: accepts TCP connections and serves HTTP on
+//!   them with the caps and timeouts a client meets before it is a WebSocket.
 //! - `state`: [`EdgeState`], what every handler shares (hub, keys, nonce cache, limits).
-//! - `connection`: the realtime connection task (reader loop, writer, heartbeats,
-//!   token expiry, slow-subscriber disconnect).
+//! - `connection`: the realtime connection task (reader loop, writer whose every write
+//!   is bounded by `write_timeout_ms`, heartbeats, token expiry, slow-subscriber
+//!   disconnect).
 //! - `session`: what one connection does with each inbound frame.
 //! - `rest`: REST handlers (`/time`, publish, presence, channel status, token requests).
 //! - [`history`]: the journal into the history store and the REST history endpoints.

@@ -121,7 +121,7 @@ enum Refusal {
     PerIp,
     /// `http_connections_max` connections are not WebSocket connections yet.
     HttpConnections,
-    /// Its request head did not arrive within `header_read_timeout_ms`.
+    /// It sent no complete request head within `header_read_timeout_ms` of opening.
     HeaderTimeout,
 }
 
@@ -268,9 +268,11 @@ impl Connection {
             reset: reset.clone(),
             _address: address,
         });
-        let service = WithReset {
+        let requested = Arc::new(AtomicBool::new(false));
+        let service = ConnectionService {
             inner: TowerToHyperService::new(self.app),
             reset,
+            requested: requested.clone(),
         };
         let conn = self.http.serve_connection(io, service).with_upgrades();
         tokio::pin!(conn);
@@ -283,7 +285,9 @@ impl Connection {
             }
         };
         drop(http);
-        if result.is_err_and(|err| err.is_timeout()) {
+        // A keep-alive connection timing out between requests is normal; one that never
+        // delivered a request head is what a silent or slowloris client looks like.
+        if result.is_err_and(|err| err.is_timeout()) && !requested.load(Ordering::Relaxed) {
             Refusal::HeaderTimeout.count();
         }
     }
@@ -306,15 +310,16 @@ impl ResetOnClose {
     }
 }
 
-/// Hands each WebSocket handshake the connection's [`ResetOnClose`] (a request
-/// extension), so the WebSocket's writer can reach the socket it cannot see.
-#[derive(Clone)]
-struct WithReset<S> {
+/// The router as one connection's service: notes that the connection delivered a
+/// request, and hands a WebSocket handshake the connection's [`ResetOnClose`] (a
+/// request extension), so the WebSocket's writer can reach the socket it cannot see.
+struct ConnectionService<S> {
     inner: S,
     reset: ResetOnClose,
+    requested: Arc<AtomicBool>,
 }
 
-impl<S> hyper::service::Service<Request<Incoming>> for WithReset<S>
+impl<S> hyper::service::Service<Request<Incoming>> for ConnectionService<S>
 where
     S: hyper::service::Service<Request<Incoming>>,
 {
@@ -323,6 +328,7 @@ where
     type Future = S::Future;
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+        self.requested.store(true, Ordering::Relaxed);
         if request.headers().contains_key(header::UPGRADE) {
             request.extensions_mut().insert(self.reset.clone());
         }

@@ -222,6 +222,10 @@ fn install_recorder() {
     });
 }
 
+/// Held by the tests that assert exact refusal counts, so that under `cargo test` (one
+/// process) no other test's refusals land between their two readings.
+static COUNTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn refused(reason: &str) -> u64 {
     REFUSED
         .lock()
@@ -284,18 +288,22 @@ async fn a_client_that_stops_reading_is_cut_off_within_the_write_timeout() {
     round_trip(&mut publisher, "after", 400).await;
 }
 
-/// A request head sent a byte every 200 ms, and a connection that sends nothing, are both
-/// closed once the header read timeout has passed.
+/// A request head sent a byte every 200 ms, a connection that sends nothing, and a
+/// keep-alive connection idle after its request are all closed once the header read
+/// timeout has passed; only the first two count as refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_or_missing_request_heads_are_closed_after_the_header_timeout() {
+    let _counting = COUNTING.lock().await;
     let header_timeout = Duration::from_millis(1_000);
     let node = start(EdgeConfig {
         header_read_timeout_ms: header_timeout.as_millis() as u64,
         ..EdgeConfig::default()
     })
     .await;
+    let refused_before = refused("header_timeout");
     let opened = Instant::now();
     let mut silent = tcp_from(LOCAL, &node).await;
+    let mut kept = tcp_from(LOCAL, &node).await;
     let slow = tcp_from(LOCAL, &node).await;
     let (mut slow_read, mut slow_write) = slow.into_split();
     slow_write
@@ -310,6 +318,10 @@ async fn slow_or_missing_request_heads_are_closed_after_the_header_timeout() {
             }
         }
     });
+    kept.write_all(b"GET /time HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut kept).await.starts_with("HTTP/1.1 200"));
     let mut buf = [0u8; 1024];
     let slow_closed = tokio::time::timeout(WAIT, slow_read.read(&mut buf)).await;
     assert!(
@@ -318,16 +330,46 @@ async fn slow_or_missing_request_heads_are_closed_after_the_header_timeout() {
         opened.elapsed()
     );
     let slow_after = opened.elapsed();
-    assert!(read_to_close(&mut silent, WAIT).await.is_some());
-    let silent_after = opened.elapsed();
     let bound = header_timeout + Duration::from_secs(2);
     assert!(
         slow_after >= header_timeout && slow_after < bound,
         "{slow_after:?}"
     );
-    assert!(silent_after < bound, "{silent_after:?}");
+    for tcp in [&mut silent, &mut kept] {
+        assert!(read_to_close(tcp, bound).await.is_some());
+        assert!(opened.elapsed() < bound, "{:?}", opened.elapsed());
+    }
     trickle.abort();
-    assert!(refused("header_timeout") >= 2);
+    assert_eq!(refused("header_timeout") - refused_before, 2);
+}
+
+/// One HTTP/1.1 response with a content-length body, read off a kept-alive connection.
+async fn read_response(tcp: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|line| {
+                    line.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_string)
+                })
+                .and_then(|value| value.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+            .await
+            .expect("timed out")
+            .unwrap();
+        assert!(n > 0, "closed mid-response: {text:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
 }
 
 /// A WebSocket handshake carrying 8 KB of query string (a long token) connects; a request
@@ -354,6 +396,7 @@ async fn request_heads_fit_long_tokens_but_are_bounded() {
 /// ones, new clients connect again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_beyond_the_http_cap_are_refused() {
+    let _counting = COUNTING.lock().await;
     let header_timeout = Duration::from_millis(1_500);
     let node = start(EdgeConfig {
         http_connections_max: 8,
@@ -396,6 +439,7 @@ async fn idle_connections_beyond_the_http_cap_are_refused() {
 /// frees its slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_per_address_cap_are_refused() {
+    let _counting = COUNTING.lock().await;
     let node = start(EdgeConfig {
         connections_per_ip_max: 2,
         ..EdgeConfig::default()
