@@ -16,8 +16,8 @@
 //! - at most `connections_per_ip_max` connections of either kind per source address.
 //!
 //! A connection over a cap is answered 503 with an Ably error body, written without
-//! reading its request, and closed. Refusals and header timeouts are counted in
-//! `tern_connections_refused_total{reason}`.
+//! reading its request, and closed. Refusals, and header timeouts of connections that
+//! never delivered a request, are counted in `tern_connections_refused_total{reason}`.
 
 use std::collections::HashMap;
 use std::io;
@@ -67,9 +67,6 @@ pub async fn serve(listener: TcpListener, state: Arc<EdgeState>) {
             },
             () = shutting_down(&mut shutdown) => break,
         };
-        // Without TCP_NODELAY, Nagle holds small frames behind the peer's delayed ACK:
-        // a 20-40 ms floor on delivery latency (docs/benchmarks.md).
-        let _ = tcp.set_nodelay(true);
         match gate.admit(peer.ip()) {
             Ok(admitted) => {
                 let connection = Connection {
@@ -114,7 +111,7 @@ async fn accept_failed(err: io::Error) {
 }
 
 /// Why a connection was turned away or cut off: the `reason` label of
-/// `tern_connections_refused_total`.
+/// `tern_connections_refused_total`, named after the setting that did it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Refusal {
     /// Its address already has `connections_per_ip_max` connections.
@@ -128,9 +125,9 @@ enum Refusal {
 impl Refusal {
     fn reason(self) -> &'static str {
         match self {
-            Refusal::PerIp => "per_ip",
+            Refusal::PerIp => "connections_per_ip_max",
             Refusal::HttpConnections => "http_connections_max",
-            Refusal::HeaderTimeout => "header_timeout",
+            Refusal::HeaderTimeout => "header_read_timeout",
         }
     }
 
@@ -262,6 +259,9 @@ impl Connection {
     /// owns the socket, and `connections_max` counts it).
     async fn serve(mut self, tcp: TcpStream, admitted: Admitted) {
         let Admitted { http, address } = admitted;
+        // Without TCP_NODELAY, Nagle holds small frames behind the peer's delayed ACK:
+        // a 20-40 ms floor on delivery latency (docs/benchmarks.md).
+        let _ = tcp.set_nodelay(true);
         let reset = ResetOnClose::default();
         let io = TokioIo::new(ClientStream {
             tcp,

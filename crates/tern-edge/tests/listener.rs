@@ -300,7 +300,7 @@ async fn slow_or_missing_request_heads_are_closed_after_the_header_timeout() {
         ..EdgeConfig::default()
     })
     .await;
-    let refused_before = refused("header_timeout");
+    let refused_before = refused("header_read_timeout");
     let opened = Instant::now();
     let mut silent = tcp_from(LOCAL, &node).await;
     let mut kept = tcp_from(LOCAL, &node).await;
@@ -340,7 +340,7 @@ async fn slow_or_missing_request_heads_are_closed_after_the_header_timeout() {
         assert!(opened.elapsed() < bound, "{:?}", opened.elapsed());
     }
     trickle.abort();
-    assert_eq!(refused("header_timeout") - refused_before, 2);
+    assert_eq!(refused("header_read_timeout") - refused_before, 2);
 }
 
 /// One HTTP/1.1 response with a content-length body, read off a kept-alive connection.
@@ -447,11 +447,11 @@ async fn connections_beyond_the_per_address_cap_are_refused() {
     .await;
     let mut first = connected(LOCAL, &node).await;
     let second = connected(LOCAL, &node).await;
-    let refused_before = refused("per_ip");
+    let refused_before = refused("connections_per_ip_max");
     let mut third = tcp_from(LOCAL, &node).await;
     assert_refused(&mut third).await;
     assert!(ws_from(LOCAL, &node, KEY).await.is_err());
-    assert_eq!(refused("per_ip") - refused_before, 2);
+    assert_eq!(refused("connections_per_ip_max") - refused_before, 2);
     let mut other = connected(OTHER, &node).await;
     round_trip(&mut other, "elsewhere", 0).await;
     round_trip(&mut first, "here", 0).await;
