@@ -35,6 +35,23 @@ pub struct EdgeConfig {
     pub connection_state_ttl_ms: u64,
     /// Concurrent WebSocket connections accepted by this node.
     pub connections_max: usize,
+    /// TCP connections not (yet) upgraded to WebSocket: handshakes in progress and REST
+    /// clients. Beyond it a new connection gets a 503 and is closed, so connections that
+    /// never send a request cannot pile up (`listener`).
+    pub http_connections_max: usize,
+    /// TCP connections (WebSocket and HTTP) from one source address; 0 = no limit. Off by
+    /// default: behind a reverse proxy or a NAT every client has the same address.
+    pub connections_per_ip_max: usize,
+    /// Longest request line plus headers (a WebSocket handshake with its query string
+    /// included) read from a client; larger → 431. At least 8,192 (hyper's minimum).
+    pub request_head_bytes_max: usize,
+    /// A request's head must arrive within this, counted from the connection's start or
+    /// the end of its previous request; otherwise the connection is closed (slowloris).
+    pub header_read_timeout_ms: u64,
+    /// Longest one write to a WebSocket client (a frame, a flush, a heartbeat) may take.
+    /// A client that does not read for this long is disconnected (80020) and its socket
+    /// reset, so a stalled writer never pins a connection.
+    pub write_timeout_ms: u64,
     /// Token lifetimes and the token-request timestamp window.
     pub token_policy: TokenPolicy,
     /// Token-request nonces remembered for replay detection; when full, token requests
@@ -69,6 +86,11 @@ impl Default for EdgeConfig {
             max_idle_interval_ms: 15_000,
             connection_state_ttl_ms: 120_000,
             connections_max: 19_000,
+            http_connections_max: 8_192,
+            connections_per_ip_max: 0,
+            request_head_bytes_max: 16_384,
+            header_read_timeout_ms: 10_000,
+            write_timeout_ms: 10_000,
             token_policy: TokenPolicy::default(),
             nonce_cache_max: 100_000,
             token_renew_notice_ms: 30_000,

@@ -2,6 +2,8 @@
 //! connection's bounded queue in batches, and the plumbing the session uses to reach it.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,14 +11,16 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use bytes::Bytes;
 use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tern_core::{ChannelEvent, Subscriber};
 use tern_protocol::{action, code, ErrorInfo, Format, ProtocolMessage};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
+use crate::listener::ResetOnClose;
 use crate::response::error_response;
 use crate::session::Session;
 use crate::state::EdgeState;
@@ -113,6 +117,7 @@ impl Subscriber for AttachmentSink {
 pub(crate) async fn upgrade(
     State(state): State<Arc<EdgeState>>,
     Query(query): Query<HashMap<String, String>>,
+    reset: Option<Extension<ResetOnClose>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let Ok(ws) = ws else {
@@ -124,11 +129,14 @@ pub(crate) async fn upgrade(
         .into_response();
     };
     let Ok(permit) = state.connection_permits.clone().try_acquire_owned() else {
+        metrics::counter!("tern_connections_refused_total", "reason" => "connections_max")
+            .increment(1);
         return error_response(ErrorInfo::new(
             code::RATE_LIMIT,
             "connection limit reached on this node",
         ));
     };
+    let reset = reset.map(|Extension(reset)| reset);
     let frame_max = state.config.max_frame_size;
     // tungstenite allocates its read buffer up front (128 KiB by default): that was most
     // of an idle connection's memory. A 1 KiB read buffer (it grows for a large frame)
@@ -140,15 +148,19 @@ pub(crate) async fn upgrade(
         .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| async move {
             metrics::gauge!("tern_connections").increment(1.0);
-            run(state, query, socket).await;
+            run(state, query, socket, reset).await;
             metrics::gauge!("tern_connections").decrement(1.0);
             drop(permit);
         })
 }
 
-async fn run(state: Arc<EdgeState>, query: HashMap<String, String>, socket: WebSocket) {
+async fn run(
+    state: Arc<EdgeState>,
+    query: HashMap<String, String>,
+    socket: WebSocket,
+    reset: Option<ResetOnClose>,
+) {
     let format = Format::from_param(query.get("format").map(String::as_str));
-    let heartbeats = query.get("heartbeats").is_none_or(|v| v != "false");
     let (sink, stream) = socket.split();
     let (queue, rx) = mpsc::channel(state.config.outbound_queue_max);
     let (end, end_rx) = watch::channel(None);
@@ -157,15 +169,16 @@ async fn run(state: Arc<EdgeState>, query: HashMap<String, String>, socket: WebS
         end: Arc::new(end),
         overflow: Arc::new(Notify::new()),
     };
-    let idle = Duration::from_millis(state.config.max_idle_interval_ms);
-    let writer = tokio::spawn(write_loop(
+    let writer = Writer {
         sink,
-        rx,
-        end_rx,
-        format.unwrap_or(Format::Json),
-        heartbeats,
-        idle,
-    ));
+        format: format.unwrap_or(Format::Json),
+        heartbeats: query.get("heartbeats").is_none_or(|v| v != "false"),
+        idle: Duration::from_millis(state.config.max_idle_interval_ms),
+        write_timeout: Duration::from_millis(state.config.write_timeout_ms),
+        reset,
+        stalled: outlet.overflow.clone(),
+    };
+    let writer = tokio::spawn(write_loop(writer, rx, end_rx));
     match format {
         None => outlet.finish(Some(error_frame(ErrorInfo::new(
             code::BAD_REQUEST,
@@ -177,6 +190,7 @@ async fn run(state: Arc<EdgeState>, query: HashMap<String, String>, socket: WebS
         },
     }
     drop(outlet);
+    // Bounded: every write of the writer is (`write_timeout_ms`, FINAL_WRITE_TIMEOUT).
     let _ = writer.await;
 }
 
@@ -213,19 +227,60 @@ fn encode(format: Format, item: Outbound) -> WsMessage {
     ws_message(format, bytes)
 }
 
-/// The writer: drains the queue in batches (one flush per batch), keeps the connection
-/// alive when idle, and writes the terminal frame.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, WsMessage>,
-    mut queue: mpsc::Receiver<Outbound>,
-    mut end: watch::Receiver<Option<Option<ProtocolMessage>>>,
+/// Why the writer stopped before the session ended the connection.
+enum WriteFailed {
+    /// The socket is gone (the session's reader sees that too).
+    Closed,
+    /// One write took longer than `write_timeout_ms`: the client does not read.
+    Stalled,
+}
+
+/// One write to the client, bounded: a client that stops reading must not hold the
+/// writer, and with it the connection and its socket, forever. Most writes complete at
+/// once (into the socket or tungstenite's buffer); only one that has to wait arms a
+/// timer, which keeps a clock read and a timer handle off the fan-out path.
+async fn bounded(
+    limit: Duration,
+    write: impl Future<Output = Result<(), axum::Error>>,
+) -> Result<(), WriteFailed> {
+    let mut write = pin!(write);
+    let result = match (&mut write).now_or_never() {
+        Some(result) => result,
+        None => match tokio::time::timeout(limit, write).await {
+            Ok(result) => result,
+            Err(_) => return Err(WriteFailed::Stalled),
+        },
+    };
+    result.map_err(|_| WriteFailed::Closed)
+}
+
+/// The writer's half of the socket and how it writes.
+struct Writer {
+    sink: SplitSink<WebSocket, WsMessage>,
     format: Format,
+    /// Protocol HEARTBEATs when idle (else WebSocket pings).
     heartbeats: bool,
     idle: Duration,
+    write_timeout: Duration,
+    /// Makes the socket close with a reset when the writer gives up on the client
+    /// (`None` when the connection was not accepted by `listener`).
+    reset: Option<ResetOnClose>,
+    /// The session's overflow signal: a stalled writer ends the session (80020) just
+    /// like a full queue, so its reader lets go of the socket too.
+    stalled: Arc<Notify>,
+}
+
+/// The writer: drains the queue in batches (one flush per batch), keeps the connection
+/// alive when idle, and writes the terminal frame. Every write is bounded by
+/// `write_timeout_ms`; past it the writer gives up on the client.
+async fn write_loop(
+    mut writer: Writer,
+    mut queue: mpsc::Receiver<Outbound>,
+    mut end: watch::Receiver<Option<Option<ProtocolMessage>>>,
 ) {
-    let mut deadline = Instant::now() + idle;
+    let mut deadline = Instant::now() + writer.idle;
     loop {
-        tokio::select! {
+        let written = tokio::select! {
             biased;
             // The session ended the connection (or went away). Cancel-safe.
             _ = end.changed() => break,
@@ -233,55 +288,79 @@ async fn write_loop(
             // nothing is taken from the queue unless this arm runs.
             item = queue.recv() => {
                 let Some(item) = item else { break };
-                if write_batch(&mut sink, &mut queue, format, item).await.is_err() {
-                    return;
-                }
-                deadline = Instant::now() + idle;
+                writer.batch(&mut queue, item).await
             }
             // Nothing sent for `idle`: a protocol HEARTBEAT (clients that asked for
             // them, and Python which asks for nothing) or a WebSocket ping.
-            _ = tokio::time::sleep_until(deadline) => {
-                let beat = if heartbeats {
-                    ws_message(format, tern_protocol::encode(format, &ProtocolMessage { action: action::HEARTBEAT, ..Default::default() }))
-                } else {
-                    WsMessage::Ping(Bytes::new())
-                };
-                if sink.send(beat).await.is_err() {
-                    return;
-                }
-                deadline = Instant::now() + idle;
-            }
+            _ = tokio::time::sleep_until(deadline) => writer.heartbeat().await,
+        };
+        match written {
+            Ok(()) => deadline = Instant::now() + writer.idle,
+            Err(failed) => return writer.give_up(failed),
         }
     }
     let last = end.borrow().clone().flatten();
-    let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, async {
-        if let Some(frame) = last {
-            let _ = sink
-                .send(ws_message(format, tern_protocol::encode(format, &frame)))
-                .await;
-        }
-        let _ = sink.close().await;
-    })
-    .await;
+    writer.close(last).await;
 }
 
-async fn write_batch(
-    sink: &mut SplitSink<WebSocket, WsMessage>,
-    queue: &mut mpsc::Receiver<Outbound>,
-    format: Format,
-    first: Outbound,
-) -> Result<(), axum::Error> {
-    sink.feed(encode(format, first)).await?;
-    let mut written = 1u64;
-    while written < WRITE_BATCH_MAX as u64 {
-        match queue.try_recv() {
-            Ok(item) => {
-                sink.feed(encode(format, item)).await?;
-                written += 1;
+impl Writer {
+    async fn batch(
+        &mut self,
+        queue: &mut mpsc::Receiver<Outbound>,
+        first: Outbound,
+    ) -> Result<(), WriteFailed> {
+        let limit = self.write_timeout;
+        bounded(limit, self.sink.feed(encode(self.format, first))).await?;
+        let mut written = 1u64;
+        while written < WRITE_BATCH_MAX as u64 {
+            let Ok(item) = queue.try_recv() else { break };
+            bounded(limit, self.sink.feed(encode(self.format, item))).await?;
+            written += 1;
+        }
+        metrics::counter!("tern_frames_sent_total").increment(written);
+        bounded(limit, self.sink.flush()).await
+    }
+
+    async fn heartbeat(&mut self) -> Result<(), WriteFailed> {
+        let beat = if self.heartbeats {
+            let frame = ProtocolMessage {
+                action: action::HEARTBEAT,
+                ..Default::default()
+            };
+            ws_message(self.format, tern_protocol::encode(self.format, &frame))
+        } else {
+            WsMessage::Ping(Bytes::new())
+        };
+        bounded(self.write_timeout, self.sink.send(beat)).await
+    }
+
+    /// Writes the terminal frame (if any) and closes, within FINAL_WRITE_TIMEOUT.
+    async fn close(mut self, last: Option<ProtocolMessage>) {
+        let format = self.format;
+        let limit = FINAL_WRITE_TIMEOUT.min(self.write_timeout);
+        let sink = &mut self.sink;
+        let closed = tokio::time::timeout(limit, async {
+            if let Some(frame) = last {
+                let _ = sink
+                    .send(ws_message(format, tern_protocol::encode(format, &frame)))
+                    .await;
             }
-            Err(_) => break,
+            let _ = sink.close().await;
+        })
+        .await;
+        if closed.is_err() {
+            self.give_up(WriteFailed::Stalled);
         }
     }
-    metrics::counter!("tern_frames_sent_total").increment(written);
-    sink.flush().await
+
+    /// Stops writing; the socket closes once the session's reader lets go of it too.
+    fn give_up(self, failed: WriteFailed) {
+        if let WriteFailed::Stalled = failed {
+            metrics::counter!("tern_write_timeouts_total").increment(1);
+            if let Some(reset) = &self.reset {
+                reset.arm();
+            }
+            self.stalled.notify_one();
+        }
+    }
 }

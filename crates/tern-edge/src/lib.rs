@@ -5,9 +5,12 @@
 //!
 //! # Layout
 //! - [`config`]: [`EdgeConfig`], the limits and timings the edge enforces.
+//! - `listener`: [`serve`], the client port: accepts TCP connections and serves HTTP on
+//!   them with the caps and timeouts a client meets before it is a WebSocket.
 //! - `state`: [`EdgeState`], what every handler shares (hub, keys, nonce cache, limits).
-//! - `connection`: the realtime connection task (reader loop, writer, heartbeats,
-//!   token expiry, slow-subscriber disconnect).
+//! - `connection`: the realtime connection task (reader loop, writer whose every write
+//!   is bounded by `write_timeout_ms`, heartbeats, token expiry, slow-subscriber
+//!   disconnect).
 //! - `session`: what one connection does with each inbound frame.
 //! - `budget`: what one publish or presence frame may carry (count, id, bytes), the
 //!   same check for REST and realtime.
@@ -28,6 +31,7 @@ mod connection;
 mod credentials;
 mod forward;
 pub mod history;
+mod listener;
 mod response;
 mod rest;
 mod resume;
@@ -35,6 +39,7 @@ mod session;
 mod state;
 
 pub use config::EdgeConfig;
+pub use listener::serve;
 pub use state::{ClusterView, EdgeState};
 
 use std::sync::Arc;

@@ -172,6 +172,9 @@ pub struct LimitsSection {
     pub channels_per_connection_max: usize,
     pub sync_page_size: usize,
     pub connections_max: usize,
+    pub http_connections_max: usize,
+    pub connections_per_ip_max: usize,
+    pub request_head_bytes_max: usize,
     pub channels_max: usize,
     pub channels_per_app_max: usize,
     pub presence_members_max: usize,
@@ -199,6 +202,9 @@ impl Default for LimitsSection {
             channels_per_connection_max: edge.channels_per_connection_max,
             sync_page_size: edge.sync_page_size,
             connections_max: edge.connections_max,
+            http_connections_max: edge.http_connections_max,
+            connections_per_ip_max: edge.connections_per_ip_max,
+            request_head_bytes_max: edge.request_head_bytes_max,
             channels_max: core.channels_max,
             channels_per_app_max: core.channels_per_app_max,
             presence_members_max: core.presence_members_max,
@@ -220,6 +226,8 @@ pub struct ConnectionSection {
     pub connection_state_ttl_ms: u64,
     pub presence_leave_grace_ms: i64,
     pub token_renew_notice_ms: i64,
+    pub header_read_timeout_ms: u64,
+    pub write_timeout_ms: u64,
 }
 
 impl Default for ConnectionSection {
@@ -230,6 +238,8 @@ impl Default for ConnectionSection {
             connection_state_ttl_ms: edge.connection_state_ttl_ms,
             presence_leave_grace_ms: CoreLimits::default().presence_leave_grace_ms,
             token_renew_notice_ms: edge.token_renew_notice_ms,
+            header_read_timeout_ms: edge.header_read_timeout_ms,
+            write_timeout_ms: edge.write_timeout_ms,
         }
     }
 }
@@ -409,6 +419,22 @@ impl Config {
         anyhow::ensure!(l.sync_page_size > 0, "limits.sync_page_size must be > 0");
         anyhow::ensure!(l.connections_max > 0, "limits.connections_max must be > 0");
         anyhow::ensure!(
+            l.http_connections_max > 0,
+            "limits.http_connections_max must be > 0"
+        );
+        anyhow::ensure!(
+            l.request_head_bytes_max >= 8_192,
+            "limits.request_head_bytes_max must be >= 8192"
+        );
+        anyhow::ensure!(
+            self.connection.header_read_timeout_ms > 0,
+            "connection.header_read_timeout_ms must be > 0"
+        );
+        anyhow::ensure!(
+            self.connection.write_timeout_ms > 0,
+            "connection.write_timeout_ms must be > 0"
+        );
+        anyhow::ensure!(
             self.connection.max_idle_interval_ms >= 1_000,
             "connection.max_idle_interval_ms must be >= 1000"
         );
@@ -471,6 +497,11 @@ impl Config {
             max_idle_interval_ms: self.connection.max_idle_interval_ms,
             connection_state_ttl_ms: self.connection.connection_state_ttl_ms,
             connections_max: l.connections_max,
+            http_connections_max: l.http_connections_max,
+            connections_per_ip_max: l.connections_per_ip_max,
+            request_head_bytes_max: l.request_head_bytes_max,
+            header_read_timeout_ms: self.connection.header_read_timeout_ms,
+            write_timeout_ms: self.connection.write_timeout_ms,
             token_policy: TokenPolicy {
                 ttl_default_ms: self.auth.token_ttl_default_ms,
                 ttl_max_ms: self.auth.token_ttl_max_ms,
@@ -574,6 +605,43 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("a.k"), "{err}");
+    }
+
+    /// The connection limits reach the edge from TOML, and values hyper or the listener
+    /// cannot work with are refused by name.
+    #[test]
+    fn connection_limits() {
+        let base = "[[apps]]\nid='a'\n";
+        let config = Config::parse(&format!(
+            "[limits]\nhttp_connections_max=10\nconnections_per_ip_max=3\n\
+             request_head_bytes_max=32768\n[connection]\nheader_read_timeout_ms=500\n\
+             write_timeout_ms=700\n{base}"
+        ))
+        .unwrap();
+        let edge = config.edge_config();
+        assert_eq!(
+            (
+                edge.http_connections_max,
+                edge.connections_per_ip_max,
+                edge.request_head_bytes_max
+            ),
+            (10, 3, 32_768)
+        );
+        assert_eq!(
+            (edge.header_read_timeout_ms, edge.write_timeout_ms),
+            (500, 700)
+        );
+        for (section, key, value) in [
+            ("limits", "request_head_bytes_max", "8191"),
+            ("limits", "http_connections_max", "0"),
+            ("connection", "header_read_timeout_ms", "0"),
+            ("connection", "write_timeout_ms", "0"),
+        ] {
+            let err = Config::parse(&format!("[{section}]\n{key}={value}\n{base}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     /// A `[cluster]` section parses with defaults; bad names and clashing ports are refused.

@@ -8,7 +8,6 @@
 mod cluster;
 mod config;
 
-use axum::serve::ListenerExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -199,7 +198,7 @@ fn dev_cluster(configs: Vec<(Config, String)>) -> anyhow::Result<Vec<NodePlan>> 
 struct RunningNode {
     addr: SocketAddr,
     region: Option<String>,
-    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    server: tokio::task::JoinHandle<()>,
     store: Arc<dyn tern_store::HistoryStore>,
     cluster: Option<Arc<cluster::EdgeCluster>>,
 }
@@ -236,7 +235,6 @@ async fn start_node(
         config.core_limits(),
         Some(journal),
     ));
-    let mut wait_for_shutdown = shutdown.clone();
     let mut state = EdgeState::new(
         config.edge_config(),
         hub.clone(),
@@ -316,20 +314,10 @@ async fn start_node(
             }
         }
     });
-    let app = tern_edge::router(state);
     let server = tokio::spawn(async move {
-        // Without TCP_NODELAY, Nagle holds small frames behind the peer's delayed ACK:
-        // a 20-40 ms floor on delivery latency (docs/benchmarks.md).
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = wait_for_shutdown.wait_for(|down| *down).await;
-            })
-            .await;
+        // Serves until the shutdown watch flips, then waits for HTTP requests in flight.
+        tern_edge::serve(listener, state).await;
         sweeper.abort();
-        result.map_err(anyhow::Error::from)
     });
     Ok(RunningNode {
         addr,
