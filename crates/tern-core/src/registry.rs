@@ -116,6 +116,23 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
     }
 
     /// Takes a parked connection's state for a resume with `key`.
+    /// The id of the live or parked connection whose key `key` is (id and secret both
+    /// match), without taking it: a REST publish "on behalf of" that connection (TM2h).
+    pub fn connection_id(&self, key: &str) -> Option<Arc<str>> {
+        let (id, secret) = split_key(key)?;
+        let (id, entry) = self.entries.get_key_value(id)?;
+        let own = match entry {
+            Entry::Live { secret, .. } | Entry::Parked { secret, .. } => secret,
+        };
+        let matches = own.len() == secret.len()
+            && own
+                .bytes()
+                .zip(secret.bytes())
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0;
+        matches.then(|| id.clone())
+    }
+
     pub fn resume(&mut self, key: &str, now_ms: i64) -> Result<(Arc<str>, S), ResumeError<L>> {
         let (id, secret) = split_key(key).ok_or(ResumeError::Unknown)?;
         let (id, entry) = self.entries.remove_entry(id).ok_or(ResumeError::Unknown)?;
@@ -208,6 +225,23 @@ mod tests {
         let generation = reg.register(id.clone(), "s2".into(), 8);
         assert!(reg.park(&id, generation, "again", 100));
         assert_eq!(reg.resume("c1!s2", 100), Err(ResumeError::Expired));
+    }
+
+    /// A key names its connection (live or parked) only with the right secret, and
+    /// looking it up takes nothing.
+    #[test]
+    fn connection_id_by_key() {
+        let mut reg = Registry::new(10);
+        let id: Arc<str> = "c1".into();
+        let generation = reg.register(id.clone(), "s1".into(), 7);
+        assert_eq!(reg.connection_id("c1!s1"), Some(id.clone()));
+        assert_eq!(reg.connection_id("c1!s2"), None);
+        assert_eq!(reg.connection_id("c1!s"), None);
+        assert_eq!(reg.connection_id("c2!s1"), None);
+        assert_eq!(reg.connection_id("c1"), None);
+        assert!(reg.park(&id, generation, "state", 100));
+        assert_eq!(reg.connection_id("c1!s1"), Some(id.clone()));
+        assert_eq!(reg.resume("c1!s1", 50), Ok((id, "state")));
     }
 
     /// A superseded session cannot park over the session that replaced it.

@@ -80,6 +80,30 @@ async fn forward(base: &str, request: Request) -> Response {
     ))
 }
 
+/// A GET of `path_and_query` at the channel's home `base`, with the caller's
+/// credentials (`headers`), for a read that serves several channels at once (batch
+/// presence). Bounded like a forwarded request; `Err` names why it failed.
+pub(crate) async fn get_from_home(
+    base: &str,
+    path_and_query: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<(axum::http::StatusCode, Bytes), String> {
+    let mut request = Request::builder()
+        .method(Method::GET)
+        .uri(path_and_query)
+        .body(Body::empty())
+        .map_err(|e| e.to_string())?;
+    *request.headers_mut() = headers.clone();
+    let response = tokio::time::timeout(FORWARD_TIMEOUT, send(base, request))
+        .await
+        .map_err(|_| "timed out".to_string())??;
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), FORWARD_BODY_MAX)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((status, body))
+}
+
 /// One HTTP/1.1 request to `base` (`http://host:port`) over a fresh connection.
 async fn send(base: &str, request: Request) -> Result<Response, String> {
     let authority = base

@@ -14,6 +14,7 @@
 //! - `session`: what one connection does with each inbound frame.
 //! - `budget`: what one publish or presence frame may carry (count, id, bytes), the
 //!   same check for REST and realtime.
+//! - `batch`: batch publish (`POST /messages`) and batch presence (`GET /presence`).
 //! - `rest`: REST handlers (`/time`, publish, presence, channel status, token requests).
 //! - [`history`]: the journal into the history store and the REST history endpoints.
 //! - `credentials`: turning query params and headers into an [`tern_auth::AuthContext`].
@@ -24,6 +25,7 @@
 //! Architecture invariant: the edge talks to other nodes only through the core; it never
 //! holds channel state of its own beyond what one connection has attached.
 
+mod batch;
 mod budget;
 mod channel_name;
 pub mod config;
@@ -84,6 +86,8 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/keys/{key_name}/requestToken", post(rest::request_token))
         .merge(channel_reads(state.clone()))
         .route("/channels/{channel}/messages", post(rest::publish))
+        .route("/messages", post(batch::publish))
+        .route("/presence", get(batch::presence))
         .fallback(rest::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(

@@ -11,9 +11,9 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use rand::Rng;
 use serde::Serialize;
-use tern_auth::{Operation, TokenRequest};
+use tern_auth::{AuthContext, ClientIdentity, Operation, TokenRequest};
 use tern_core::{ChannelKey, Publisher};
-use tern_protocol::{code, ErrorInfo, Format};
+use tern_protocol::{code, ErrorInfo, Format, Message};
 
 use crate::channel_name;
 use crate::credentials::{denied, message_client_id, rest_auth};
@@ -83,7 +83,7 @@ pub(crate) async fn not_found() -> ApiError {
     ApiError(ErrorInfo::new(code::NOT_FOUND, "no such endpoint"))
 }
 
-fn decode_body<T: serde::de::DeserializeOwned>(
+pub(crate) fn decode_body<T: serde::de::DeserializeOwned>(
     format: Format,
     bytes: &[u8],
 ) -> Result<T, ErrorInfo> {
@@ -123,17 +123,17 @@ pub(crate) async fn request_token(
     ))
 }
 
-fn channel_key(app: &str, channel: &str) -> Result<ChannelKey, ErrorInfo> {
+pub(crate) fn channel_key(app: &str, channel: &str) -> Result<ChannelKey, ErrorInfo> {
     let parsed = channel_name::parse(channel).map_err(channel_name::invalid)?;
     Ok(ChannelKey::new(app, parsed.base))
 }
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct PublishResponse {
-    channel: String,
-    message_id: String,
-    serials: Vec<Option<String>>,
+pub(crate) struct PublishResponse {
+    pub(crate) channel: String,
+    pub(crate) message_id: String,
+    pub(crate) serials: Vec<Option<String>>,
 }
 
 /// `POST /channels/{channel}/messages`: one Message or an array.
@@ -144,19 +144,36 @@ pub(crate) async fn publish(
     Query(q): Params,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let now = now_ms();
-    let (auth, identity) = rest_auth(&state.keys, &headers, &q, now)?;
-    let key = channel_key(&auth.app_id, &channel)?;
-    if !auth.capability.allows(&key.name, Operation::Publish) {
-        return Err(denied("publish", &key.name).into());
-    }
-    let mut messages = tern_protocol::decode_messages(request_format(&headers), &bytes)
+    let (auth, identity) = rest_auth(&state.keys, &headers, &q, now_ms())?;
+    let messages = tern_protocol::decode_messages(request_format(&headers), &bytes)
         .map_err(|e| e.to_error_info())?;
+    let response = publish_messages(&state, &auth, &identity, &channel, messages).await?;
+    Ok(body(
+        StatusCode::CREATED,
+        response_format(&headers, q.get("format").map(String::as_str)),
+        &response,
+    ))
+}
+
+/// Publishes `messages` on `channel` for a REST caller and waits until they are durable
+/// (stored, and on replicas in a cluster): what one `POST /channels/{channel}/messages`
+/// does, and each channel of a batch publish.
+pub(crate) async fn publish_messages(
+    state: &EdgeState,
+    auth: &AuthContext,
+    identity: &ClientIdentity,
+    channel: &str,
+    mut messages: Vec<Message>,
+) -> Result<PublishResponse, ErrorInfo> {
+    let now = now_ms();
+    let key = channel_key(&auth.app_id, channel)?;
+    if !auth.capability.allows(&key.name, Operation::Publish) {
+        return Err(denied("publish", &key.name));
+    }
     crate::budget::check_messages(&messages, &state.config)?;
     for message in &mut messages {
-        message.client_id = message_client_id(&identity, message.client_id.as_deref())?;
-        message.connection_id = None;
-        message.connection_key = None;
+        message.client_id = message_client_id(identity, message.client_id.as_deref())?;
+        message.connection_id = on_behalf_of(state, message.connection_key.take())?;
     }
     let random: [u8; 9] = rand::rng().random();
     let frame_id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random);
@@ -178,21 +195,35 @@ pub(crate) async fn publish(
         .map_err(|e| ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, e.to_string()))?;
     metrics::counter!("tern_messages_published_total").increment(count);
     if state.refused_appends() != refused_before {
-        return Err(ErrorInfo::new(code::INTERNAL, "history store overloaded: not stored").into());
+        return Err(ErrorInfo::new(
+            code::INTERNAL,
+            "history store overloaded: not stored",
+        ));
     }
     if let Some(error) = state.durable(key.clone(), store_mark).await.error() {
-        return Err(error.into());
+        return Err(error);
     }
-    let response = PublishResponse {
+    Ok(PublishResponse {
         channel: key.name.to_string(),
         message_id,
         serials: outcome.serials,
+    })
+}
+
+/// A REST message carrying a realtime connection's key is published on behalf of that
+/// connection (TM2h): it carries the connection's id. A key that names no connection
+/// of this node is refused (40006).
+fn on_behalf_of(state: &EdgeState, key: Option<String>) -> Result<Option<String>, ErrorInfo> {
+    let Some(key) = key else {
+        return Ok(None);
     };
-    Ok(body(
-        StatusCode::CREATED,
-        response_format(&headers, q.get("format").map(String::as_str)),
-        &response,
-    ))
+    match state.registry().connection_id(&key) {
+        Some(id) => Ok(Some(id.to_string())),
+        None => Err(ErrorInfo::new(
+            code::INVALID_PUBLISH_CONNECTION_KEY,
+            "connectionKey names no connection of this node",
+        )),
+    }
 }
 
 /// `GET /channels/{channel}/presence`: current members.
@@ -207,6 +238,21 @@ pub(crate) async fn presence(
     if !auth.capability.allows(&key.name, Operation::Subscribe) {
         return Err(denied("presence get", &key.name).into());
     }
+    let members = members_of(&state, &key, &q);
+    Ok(body(
+        StatusCode::OK,
+        response_format(&headers, q.get("format").map(String::as_str)),
+        &members,
+    ))
+}
+
+/// The channel's current members as `GET …/presence` lists them: filtered by the
+/// `clientId` / `connectionId` params, ordered, at most `limit` (default 100, ≤ 1000).
+pub(crate) fn members_of(
+    state: &EdgeState,
+    key: &ChannelKey,
+    q: &HashMap<String, String>,
+) -> Vec<tern_protocol::PresenceMessage> {
     let limit: usize = q
         .get("limit")
         .and_then(|l| l.parse().ok())
@@ -214,7 +260,7 @@ pub(crate) async fn presence(
         .clamp(1, 1000);
     let mut members: Vec<_> = state
         .hub
-        .members(&key)
+        .members(key)
         .into_iter()
         .filter(|m| {
             q.get("clientId")
@@ -227,11 +273,7 @@ pub(crate) async fn presence(
         .collect();
     members.sort_by(|a, b| (&a.client_id, &a.connection_id).cmp(&(&b.client_id, &b.connection_id)));
     members.truncate(limit);
-    Ok(body(
-        StatusCode::OK,
-        response_format(&headers, q.get("format").map(String::as_str)),
-        &members,
-    ))
+    members
 }
 
 #[derive(Serialize)]

@@ -66,6 +66,8 @@ pub mod code {
     pub const INVALID_REQUEST_BODY: u32 = 40001;
     /// A parameter had an invalid value.
     pub const INVALID_PARAMETER_VALUE: u32 = 40003;
+    /// A REST message's `connectionKey` names no connection (publish on behalf, TM2h).
+    pub const INVALID_PUBLISH_CONNECTION_KEY: u32 = 40006;
     /// A message exceeded `maxMessageSize`.
     pub const MESSAGE_TOO_LARGE: u32 = 40009;
     /// Invalid channel name.
