@@ -89,6 +89,9 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/messages", post(batch::publish))
         .route("/presence", get(batch::presence))
         .fallback(rest::not_found)
+        // Ably answers a known path with the wrong method as an unknown one (404/40400,
+        // with an error body the SDKs read), not a bare 405.
+        .method_not_allowed_fallback(rest::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

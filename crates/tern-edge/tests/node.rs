@@ -730,6 +730,17 @@ async fn rest_error_shape_and_time() {
     let (status, _, body) = http(&format!("{base}/time"), "GET", None, "").await;
     assert_eq!(status, 200);
     assert!(serde_json::from_str::<Vec<i64>>(&body).unwrap()[0] > 1_600_000_000_000);
+    // A known path with a method it does not serve is an unknown endpoint, as on Ably.
+    for (method, path) in [("GET", "/keys/app.root/requestToken"), ("DELETE", "/time")] {
+        let (status, headers, body) = http(&format!("{base}{path}"), method, None, "").await;
+        assert_eq!(status, 404, "{method} {path}");
+        assert_eq!(
+            headers.get("x-ably-errorcode").map(String::as_str),
+            Some("40400")
+        );
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["code"], 40400);
+    }
 }
 
 /// Minimal HTTP/1.1 client over a raw socket (keeps the dev-dependency list short).
