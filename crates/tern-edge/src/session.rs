@@ -432,7 +432,11 @@ impl Session {
             }
             action::DISCONNECT => Some(Ending::Dropped),
             action::AUTH => self.reauthorize(frame),
-            action::SYNC | action::ACTIVATE => None,
+            action::SYNC => {
+                self.resync(frame);
+                None
+            }
+            action::ACTIVATE => None,
             action::OBJECT | action::OBJECT_SYNC | action::ANNOTATION => {
                 self.send_reply(
                     frame.msg_serial,
@@ -736,16 +740,9 @@ impl Session {
                 error,
                 ..Default::default()
             });
-            let pages: Vec<&[PresenceMessage]> = snapshot.members.chunks(page_size).collect();
-            for (index, page) in pages.iter().enumerate() {
-                let cursor = if index + 1 == pages.len() { String::new() } else { (index + 1).to_string() };
-                outlet.send(ProtocolMessage {
-                    action: action::SYNC,
-                    channel: Some(reply_name.clone()),
-                    channel_serial: Some(format!("{sync_id}:{cursor}")),
-                    presence: Some(page.to_vec()),
-                    ..Default::default()
-                });
+            // Without members ATTACHED says so (no HAS_PRESENCE): no sync follows.
+            if !snapshot.members.is_empty() {
+                send_sync(&outlet, &reply_name, &sync_id, &snapshot.members, page_size);
             }
             for event in &snapshot.backlog {
                 outlet.push(match &alias {
@@ -762,6 +759,29 @@ impl Session {
             }
             Err(err) => self.channel_error(name, core_error(err)),
         }
+    }
+
+    /// A SYNC from the client (ably-js `channel.sync()`): a full presence sync of an
+    /// attached channel, as on ATTACH. A channel not attached here is ignored.
+    fn resync(&mut self, frame: ProtocolMessage) {
+        let Some(name) = frame.channel else {
+            return;
+        };
+        let Ok(parsed) = channel_name::parse(&name) else {
+            return;
+        };
+        let Some(attached) = self.attachments.get(parsed.base) else {
+            return;
+        };
+        if attached.modes & flags::PRESENCE_SUBSCRIBE == 0 {
+            return;
+        }
+        let key = ChannelKey::new(&self.auth.app_id, parsed.base);
+        let members = self.state.hub.members(&key);
+        self.sync_counter += 1;
+        let sync_id = format!("{}-{}", self.id, self.sync_counter);
+        let page_size = self.state.config.sync_page_size.max(1);
+        send_sync(&self.outlet, &name, &sync_id, &members, page_size);
     }
 
     fn detach(&mut self, frame: ProtocolMessage) -> Option<Ending> {
@@ -969,6 +989,37 @@ impl Session {
 fn attachment_survives(before: u64, granted: u64) -> bool {
     let kept = before & granted;
     kept != 0 && (before & flags::SUBSCRIBE == 0 || kept & flags::SUBSCRIBE != 0)
+}
+
+/// Queues a presence sync of `members` as SYNC frames of at most `page_size` members,
+/// the cursor after `sync_id:` empty on the last page (which ends the client's sync).
+/// No members: one empty page, so the client's sync still completes.
+fn send_sync(
+    outlet: &Outlet,
+    channel: &str,
+    sync_id: &str,
+    members: &[PresenceMessage],
+    page_size: usize,
+) {
+    let pages: Vec<&[PresenceMessage]> = if members.is_empty() {
+        vec![&[]]
+    } else {
+        members.chunks(page_size).collect()
+    };
+    for (index, page) in pages.iter().enumerate() {
+        let cursor = if index + 1 == pages.len() {
+            String::new()
+        } else {
+            (index + 1).to_string()
+        };
+        outlet.send(ProtocolMessage {
+            action: action::SYNC,
+            channel: Some(channel.to_string()),
+            channel_serial: Some(format!("{sync_id}:{cursor}")),
+            presence: Some(page.to_vec()),
+            ..Default::default()
+        });
+    }
 }
 
 /// The channel ERROR for an attachment the connection's new capability no longer

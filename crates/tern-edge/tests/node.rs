@@ -1099,3 +1099,32 @@ async fn publishes_the_store_refused_are_nacked_and_every_ack_is_in_history() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A SYNC sent by the client (ably-js `channel.sync()`) is answered with a full presence
+/// sync of the attached channel, its last page with an empty cursor; with no members,
+/// one empty page still ends the client's sync.
+#[tokio::test]
+async fn client_sync_gets_a_full_presence_sync() {
+    let node = start(EdgeConfig::default()).await;
+    let (mut member, _) = connected(&node, "key=app.root:rootsecret&clientId=m").await;
+    send(
+        &mut member,
+        json!({"action": 14, "channel": "s", "msgSerial": 0, "presence": [{"action": 2, "data": "hi"}]}),
+    )
+    .await;
+    expect_action(&mut member, 1).await;
+    let (mut ws, _) = connected(&node, "key=app.root:rootsecret").await;
+    attach(&mut ws, "s").await;
+    expect_action(&mut ws, 16).await;
+    send(&mut ws, json!({"action": 16, "channel": "s"})).await;
+    let sync = expect_action(&mut ws, 16).await;
+    assert!(sync["channelSerial"].as_str().unwrap().ends_with(':'));
+    let members = sync["presence"].as_array().unwrap();
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0]["clientId"], "m");
+    attach(&mut ws, "empty").await;
+    send(&mut ws, json!({"action": 16, "channel": "empty"})).await;
+    let sync = expect_action(&mut ws, 16).await;
+    assert_eq!(sync["channel"], "empty");
+    assert_eq!(sync["presence"], json!([]));
+}
