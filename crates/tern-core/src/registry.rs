@@ -3,8 +3,10 @@
 //! connectionId. Generic over the parked state `S` (the edge's per-connection state) and
 //! the live handle `L` (how the edge tells a live session it has been superseded).
 //!
-//! A connection key is `<connectionId>!<secret>`; the secret rotates on every resume,
-//! so a key is good for one resume.
+//! A connection key is `<connectionId>!<secret>`; the secret rotates on every resume.
+//! A key stays good until its successor has been used: the CONNECTED that carries a new
+//! key can be lost with the transport that carried it, and the client must then be able
+//! to resume again with the key it still holds (see [`Secrets`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -23,14 +25,30 @@ pub enum ResumeError<L> {
     Live(L),
 }
 
+/// The secrets a resume of one connection may present: the one issued last, and the one
+/// the client presented to get it. Until the client presents the newer one it may never
+/// have received it (the transport was cut before it read its CONNECTED), so the older
+/// stays good; once the newer is presented, the older is spent.
+#[derive(Debug, Clone)]
+struct Secrets {
+    issued: String,
+    presented: Option<String>,
+}
+
+impl Secrets {
+    fn accepts(&self, secret: &str) -> bool {
+        self.issued == secret || self.presented.as_deref() == Some(secret)
+    }
+}
+
 enum Entry<S, L> {
     Live {
-        secret: String,
+        secrets: Secrets,
         generation: u64,
         handle: L,
     },
     Parked {
-        secret: String,
+        secrets: Secrets,
         state: S,
         deadline_ms: i64,
     },
@@ -60,9 +78,17 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         }
     }
 
-    /// Records a live connection. Returns its generation, which `park` and `remove`
-    /// must present (a superseded session can then no longer touch the entry).
-    pub fn register(&mut self, id: Arc<str>, secret: String, handle: L) -> u64 {
+    /// Records a live connection with the newly issued `secret`; `resumed_with` is the
+    /// secret of the key a resume presented (it stays good until `secret` is used).
+    /// Returns its generation, which `park` and `remove` must present (a superseded
+    /// session can then no longer touch the entry).
+    pub fn register(
+        &mut self,
+        id: Arc<str>,
+        secret: String,
+        resumed_with: Option<String>,
+        handle: L,
+    ) -> u64 {
         let generation = self.next_generation;
         self.next_generation += 1;
         if let Some(Entry::Parked { deadline_ms, .. }) = self.entries.get(&id) {
@@ -71,7 +97,10 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         self.entries.insert(
             id,
             Entry::Live {
-                secret,
+                secrets: Secrets {
+                    issued: secret,
+                    presented: resumed_with,
+                },
                 generation,
                 handle,
             },
@@ -82,18 +111,18 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
     /// The transport of a live connection dropped: keep its state until `deadline_ms`.
     /// Returns `false` (and drops `state`) if the entry is no longer this generation's.
     pub fn park(&mut self, id: &Arc<str>, generation: u64, state: S, deadline_ms: i64) -> bool {
-        let secret = match self.entries.get(id) {
+        let secrets = match self.entries.get(id) {
             Some(Entry::Live {
-                secret,
+                secrets,
                 generation: g,
                 ..
-            }) if *g == generation => secret.clone(),
+            }) if *g == generation => secrets.clone(),
             _ => return false,
         };
         self.entries.insert(
             id.clone(),
             Entry::Parked {
-                secret,
+                secrets,
                 state,
                 deadline_ms,
             },
@@ -121,15 +150,10 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
     pub fn connection_id(&self, key: &str) -> Option<Arc<str>> {
         let (id, secret) = split_key(key)?;
         let (id, entry) = self.entries.get_key_value(id)?;
-        let own = match entry {
-            Entry::Live { secret, .. } | Entry::Parked { secret, .. } => secret,
+        let secrets = match entry {
+            Entry::Live { secrets, .. } | Entry::Parked { secrets, .. } => secrets,
         };
-        let matches = own.len() == secret.len()
-            && own
-                .bytes()
-                .zip(secret.bytes())
-                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-                == 0;
+        let matches = secrets.accepts(secret);
         matches.then(|| id.clone())
     }
 
@@ -138,11 +162,11 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         let (id, entry) = self.entries.remove_entry(id).ok_or(ResumeError::Unknown)?;
         match entry {
             Entry::Live {
-                secret: own,
+                secrets,
                 handle,
                 generation,
             } => {
-                let result = if own == secret {
+                let result = if secrets.accepts(secret) {
                     ResumeError::Live(handle.clone())
                 } else {
                     ResumeError::Unknown
@@ -150,7 +174,7 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
                 self.entries.insert(
                     id,
                     Entry::Live {
-                        secret: own,
+                        secrets,
                         generation,
                         handle,
                     },
@@ -158,15 +182,15 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
                 Err(result)
             }
             Entry::Parked {
-                secret: own,
+                secrets,
                 state,
                 deadline_ms,
             } => {
-                if own != secret {
+                if !secrets.accepts(secret) {
                     self.entries.insert(
                         id,
                         Entry::Parked {
-                            secret: own,
+                            secrets,
                             state,
                             deadline_ms,
                         },
@@ -216,13 +240,13 @@ mod tests {
     fn park_and_resume() {
         let mut reg = Registry::new(10);
         let id: Arc<str> = "c1".into();
-        let generation = reg.register(id.clone(), "s1".into(), 7);
+        let generation = reg.register(id.clone(), "s1".into(), None, 7);
         assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Live(7)));
         assert!(reg.park(&id, generation, "state", 100));
         assert_eq!(reg.resume("c1!wrong", 0), Err(ResumeError::Unknown));
         assert_eq!(reg.resume("c1!s1", 50), Ok((id.clone(), "state")));
         assert_eq!(reg.resume("c1!s1", 50), Err(ResumeError::Unknown));
-        let generation = reg.register(id.clone(), "s2".into(), 8);
+        let generation = reg.register(id.clone(), "s2".into(), Some("s1".into()), 8);
         assert!(reg.park(&id, generation, "again", 100));
         assert_eq!(reg.resume("c1!s2", 100), Err(ResumeError::Expired));
     }
@@ -233,7 +257,7 @@ mod tests {
     fn connection_id_by_key() {
         let mut reg = Registry::new(10);
         let id: Arc<str> = "c1".into();
-        let generation = reg.register(id.clone(), "s1".into(), 7);
+        let generation = reg.register(id.clone(), "s1".into(), None, 7);
         assert_eq!(reg.connection_id("c1!s1"), Some(id.clone()));
         assert_eq!(reg.connection_id("c1!s2"), None);
         assert_eq!(reg.connection_id("c1!s"), None);
@@ -249,11 +273,37 @@ mod tests {
     fn stale_generation_cannot_park() {
         let mut reg = Registry::new(10);
         let id: Arc<str> = "c1".into();
-        let old = reg.register(id.clone(), "s1".into(), 1);
-        let new = reg.register(id.clone(), "s2".into(), 2);
+        let old = reg.register(id.clone(), "s1".into(), None, 1);
+        let new = reg.register(id.clone(), "s2".into(), None, 2);
         assert!(!reg.park(&id, old, "old", 100));
         assert!(reg.park(&id, new, "new", 100));
         assert_eq!(reg.resume("c1!s2", 0), Ok((id, "new")));
+    }
+
+    /// A key stays good until its successor is used: a client whose CONNECTED (with the
+    /// new key) was lost resumes again with the key it holds, live or parked; once it
+    /// presents the newer key, the older is spent.
+    #[test]
+    fn key_is_good_until_its_successor_is_used() {
+        let mut reg = Registry::new(10);
+        let id: Arc<str> = "c1".into();
+        let g = reg.register(id.clone(), "s1".into(), None, 1);
+        assert!(reg.park(&id, g, "a", 100));
+        assert_eq!(reg.resume("c1!s1", 0), Ok((id.clone(), "a")));
+        // s2 is issued, but its CONNECTED is lost: s1 still resumes, parked or live.
+        let g = reg.register(id.clone(), "s2".into(), Some("s1".into()), 2);
+        assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Live(2)));
+        assert!(reg.park(&id, g, "b", 100));
+        assert_eq!(reg.resume("c1!s1", 0), Ok((id.clone(), "b")));
+        // s3 is issued and this time used: s1 (and s2, never seen) are spent.
+        let g = reg.register(id.clone(), "s3".into(), Some("s1".into()), 3);
+        assert!(reg.park(&id, g, "c", 100));
+        assert_eq!(reg.resume("c1!s2", 0), Err(ResumeError::Unknown));
+        assert_eq!(reg.resume("c1!s3", 0), Ok((id.clone(), "c")));
+        let g = reg.register(id.clone(), "s4".into(), Some("s3".into()), 4);
+        assert!(reg.park(&id, g, "d", 100));
+        assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Unknown));
+        assert_eq!(reg.resume("c1!s3", 0), Ok((id, "d")));
     }
 
     /// The parked bound evicts the connection closest to expiry; sweep drops expired.
@@ -262,7 +312,7 @@ mod tests {
         let mut reg = Registry::new(2);
         for (i, deadline) in [30, 10, 20].into_iter().enumerate() {
             let id: Arc<str> = format!("c{i}").into();
-            let g = reg.register(id.clone(), "s".into(), 0);
+            let g = reg.register(id.clone(), "s".into(), None, 0);
             reg.park(&id, g, "x", deadline);
         }
         assert_eq!(reg.parked_count(), 2);

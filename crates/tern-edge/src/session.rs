@@ -197,10 +197,18 @@ impl Session {
             });
         let superseded = Arc::new(Notify::new());
         let secret = random_id(SECRET_LEN);
-        let generation =
-            state
-                .registry()
-                .register(Arc::clone(&id), secret.clone(), superseded.clone());
+        // The key this resume presented stays good until the client uses the new one:
+        // this CONNECTED may be lost with its transport.
+        let resumed_with = parked.as_ref().and_then(|_| {
+            let (_, presented) = tern_core::registry::split_key(requested?)?;
+            Some(presented.to_string())
+        });
+        let generation = state.registry().register(
+            Arc::clone(&id),
+            secret.clone(),
+            resumed_with,
+            superseded.clone(),
+        );
         let (replies, presence_channels) = match parked {
             Some(parked) => {
                 state.hub.forget_dropped(&id);

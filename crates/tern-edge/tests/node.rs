@@ -863,10 +863,66 @@ async fn resume_replays_missed_messages_exactly_once() {
     send(&mut publisher, publish(8)).await;
     let got = collect_data(&mut sub, 6).await;
     assert_eq!(got, vec!["m3", "m4", "m5", "m6", "m7", "m8"]);
-    // The old key is spent: a second resume with it gets a new connection and 80008.
+    // Once the client has resumed with the new key, the old one is spent: a resume
+    // with it gets a new connection and 80008.
+    drop(sub);
+    let newer = again["connectionDetails"]["connectionKey"]
+        .as_str()
+        .unwrap();
+    let (_, third) = connected(&node, &format!("key=app.root:rootsecret&resume={newer}")).await;
+    assert_eq!(third["connectionId"], hello["connectionId"]);
     let (_, stale) = connected(&node, &format!("key=app.root:rootsecret&resume={key}")).await;
     assert_ne!(stale["connectionId"], hello["connectionId"]);
     assert_eq!(stale["error"]["code"], 80008);
+}
+
+/// A resume whose CONNECTED the client never read (its transport was cut first) leaves
+/// the client with only the key it resumed with: resuming with that key again continues
+/// the connection (same id, no error, RESUMED, each missed message once), whether the
+/// server has seen the cut transport close or still holds it open.
+#[tokio::test]
+async fn resume_can_be_retried_with_the_same_key_when_its_connected_was_lost() {
+    let node = start(EdgeConfig::default()).await;
+    let (mut publisher, _) = connected(&node, "key=app.root:rootsecret").await;
+    let (mut sub, hello) = connected(&node, "key=app.root:rootsecret").await;
+    let serial = attach(&mut sub, "retry").await["channelSerial"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    drop(sub);
+    let key = hello["connectionDetails"]["connectionKey"]
+        .as_str()
+        .unwrap();
+    let resume = format!("key=app.root:rootsecret&resume={key}");
+    let publish = |n: i64| json!({"action": 15, "channel": "retry", "msgSerial": n, "messages": [{"data": format!("m{n}")}]});
+    // The server takes the resume and issues a new key the client never sees.
+    let (lost, _) = connected(&node, &resume).await;
+    for n in 0..2 {
+        send(&mut publisher, publish(n)).await;
+        expect_action(&mut publisher, 1).await;
+    }
+    drop(lost);
+    let (mut second, again) = connected(&node, &resume).await;
+    assert_eq!(again["connectionId"], hello["connectionId"]);
+    assert!(again.get("error").is_none(), "{again}");
+    // Cut again before the client reads anything, but this time the server still
+    // holds the transport open: the retried resume supersedes it.
+    let (mut third, once_more) = connected(&node, &resume).await;
+    assert_eq!(once_more["connectionId"], hello["connectionId"]);
+    assert!(once_more.get("error").is_none(), "{once_more}");
+    assert!(
+        closed(&mut second).await,
+        "the superseded transport is closed"
+    );
+    send(
+        &mut third,
+        json!({"action": 10, "channel": "retry", "channelSerial": serial}),
+    )
+    .await;
+    let reattached = expect_action(&mut third, 11).await;
+    assert_ne!(reattached["flags"].as_u64().unwrap() & 4, 0, "RESUMED");
+    send(&mut publisher, publish(2)).await;
+    assert_eq!(collect_data(&mut third, 3).await, vec!["m0", "m1", "m2"]);
 }
 
 /// A recover key that no Tern node could have issued gets a new connection with 80018

@@ -1,36 +1,112 @@
-// A TCP proxy the test controls, to cut a client's transport mid-stream.
+// A TCP proxy the test controls, to cut a client's transport mid-stream: all at once
+// (`dropAll`), or one connection at a time with a TCP RST or silently (`cut`).
 import net from 'node:net';
 
+/// The request line of an HTTP upgrade is kept (at most this many bytes) so a test can
+/// tell whose connection it is cutting.
+const REQUEST_LINE_MAX = 2048;
+
 export function startProxy(targetPort) {
-  const sockets = new Set();
+  /// Every connection pair: forwarding, or blackholed by a silent cut.
+  const pairs = new Set();
   let target = targetPort;
   let paused = false;
   const server = net.createServer((client) => {
     if (paused) { client.destroy(); return; }
     const upstream = net.connect(target, '127.0.0.1');
-    sockets.add(client);
-    sockets.add(upstream);
+    const pair = { client, upstream, openedAt: Date.now(), request: '', bytesDown: 0, silent: false, holdTimer: null };
+    pairs.add(pair);
     client.pipe(upstream);
     upstream.pipe(client);
+    const sniff = (chunk) => {
+      pair.request += chunk.toString('latin1', 0, Math.min(chunk.length, REQUEST_LINE_MAX - pair.request.length));
+      const end = pair.request.indexOf('\r\n');
+      if (end >= 0 || pair.request.length >= REQUEST_LINE_MAX) {
+        if (end >= 0) pair.request = pair.request.slice(0, end);
+        client.off('data', sniff);
+      }
+    };
+    client.on('data', sniff);
+    upstream.on('data', (chunk) => { pair.bytesDown += chunk.length; });
     const close = () => {
       client.destroy();
       upstream.destroy();
-      sockets.delete(client);
-      sockets.delete(upstream);
+      clearTimeout(pair.holdTimer);
+      pairs.delete(pair);
     };
     for (const s of [client, upstream]) {
-      s.on('error', close);
-      s.on('close', close);
+      s.on('error', () => { if (!pair.silent) close(); });
+      s.on('close', () => { if (!pair.silent) close(); });
     }
   });
+
+  /// Stops forwarding in both directions without closing either side: each side's
+  /// bytes are read and thrown away, as a network that loses every packet would. The
+  /// client notices only by its idle timeout; the server's side is held open for
+  /// `holdMs` (or until the server closes it), so a resume finds the old transport
+  /// still live on the server and must supersede it.
+  function blackhole(pair, holdMs) {
+    pair.silent = true;
+    pair.client.unpipe(pair.upstream);
+    pair.upstream.unpipe(pair.client);
+    for (const s of [pair.client, pair.upstream]) {
+      s.on('data', () => {});
+      s.resume();
+    }
+    const forget = () => {
+      if (pair.client.destroyed && pair.upstream.destroyed) {
+        clearTimeout(pair.holdTimer);
+        pairs.delete(pair);
+      }
+    };
+    pair.client.on('close', () => { pair.client.destroy(); forget(); });
+    pair.upstream.on('close', () => { pair.upstream.destroy(); forget(); });
+    pair.client.on('end', () => pair.client.destroy());
+    pair.upstream.on('end', () => pair.upstream.destroy());
+    pair.holdTimer = setTimeout(() => {
+      pair.client.destroy();
+      pair.upstream.destroy();
+      pairs.delete(pair);
+    }, holdMs);
+  }
+
   return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({
     port: server.address().port,
     /// Cuts every live connection through the proxy.
-    dropAll() { for (const s of sockets) s.destroy(); sockets.clear(); },
+    dropAll() {
+      for (const pair of pairs) {
+        pair.client.destroy();
+        pair.upstream.destroy();
+        clearTimeout(pair.holdTimer);
+      }
+      pairs.clear();
+    },
+    /// Connections still forwarding that are at least `minAgeMs` old and have had a
+    /// reply from the server: `{ openedAt, request, bytesDown }` plus the sockets.
+    live(minAgeMs = 0, now = Date.now()) {
+      return [...pairs].filter((p) => !p.silent && p.bytesDown > 0 && now - p.openedAt >= minAgeMs);
+    },
+    /// How many connections the proxy holds (forwarding or blackholed).
+    get size() { return pairs.size; },
+    /// Cuts one connection from `live()`: `'rst'` resets both sides at once (a
+    /// middlebox RST); `'silent'` blackholes it (see above) for at most `holdMs`.
+    cut(pair, kind, { holdMs = 30000 } = {}) {
+      if (!pairs.has(pair) || pair.silent) return false;
+      if (kind === 'rst') {
+        pair.client.resetAndDestroy();
+        pair.upstream.resetAndDestroy();
+        pairs.delete(pair);
+      } else if (kind === 'silent') {
+        blackhole(pair, holdMs);
+      } else {
+        throw new Error(`unknown cut kind ${kind}`);
+      }
+      return true;
+    },
     /// New connections go to `port` from now on (what geo-DNS does when a region dies).
     retarget(port) { target = port; },
     /// While paused, new connections are refused (closed at once).
     pause(value) { paused = value; },
-    close() { for (const s of sockets) s.destroy(); server.close(); },
+    close() { this.dropAll(); server.close(); },
   })));
 }
