@@ -2,8 +2,14 @@
 //! connection's identity, its attachments, its reply window and its rate window; it
 //! talks to the hub and queues replies through its [`Outlet`]. When its transport drops,
 //! what must survive is parked in the registry for a resume.
+//!
+//! # Layout
+//! - here: opening (auth, resume/recover), the reader loop, dispatch, ending.
+//! - `attach`: ATTACH/DETACH (modes, params, rewind, resume), client SYNC.
+//! - `publish`: MESSAGE/PRESENCE (rates, msgSerial replies, checks, ACK/NACK).
+//! - `reauth`: in-band AUTH and re-checking attachments against the new capability.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::future::pending;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,23 +19,23 @@ use bytes::Bytes;
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 use rand::distr::{Alphanumeric, SampleString};
-use tern_auth::{AuthContext, ClientIdentity, Operation};
-use tern_core::{AttachOptions, ChannelKey, CoreError, Cursor, Publisher, ResumeError};
-use tern_protocol::{
-    action, code, flags, presence_action, ConnectionDetails, ErrorInfo, Format, Message,
-    PresenceMessage, ProtocolMessage, PublishResult,
-};
+use tern_auth::{AuthContext, ClientIdentity};
+use tern_core::ResumeError;
+use tern_protocol::{action, code, ConnectionDetails, ErrorInfo, Format, ProtocolMessage};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::channel_name;
-use crate::connection::{error_frame, AttachmentSink, Outbound, Outlet};
-use crate::credentials::{
-    authenticate, denied, details_client_id, granted_modes, message_client_id, parse_modes,
-    presence_client_id, resolve_identity,
-};
+mod attach;
+mod publish;
+mod reauth;
+
+use attach::{Attached, WARM_WAIT};
+use publish::RateWindow;
+
+use crate::connection::{error_frame, Outlet};
+use crate::credentials::{authenticate, details_client_id, resolve_identity};
 use crate::now_ms;
-use crate::resume::{ParkedSession, Reply, ReplyWindow, Seen};
+use crate::resume::{ParkedSession, Reply, ReplyWindow};
 use crate::state::EdgeState;
 
 /// How a session ended, which decides what happens to its state.
@@ -39,30 +45,6 @@ enum Ending {
     /// The transport went away: state is parked for a resume, members stay for the
     /// grace period.
     Dropped,
-}
-
-/// Counts frames of one kind per one-second window.
-struct RateWindow {
-    started_ms: i64,
-    count: u32,
-}
-
-impl RateWindow {
-    fn new(now_ms: i64) -> Self {
-        RateWindow {
-            started_ms: now_ms,
-            count: 0,
-        }
-    }
-
-    /// Counts one frame; true when the window already held `max` (the frame is over).
-    fn over(&mut self, now_ms: i64, max: u32) -> bool {
-        if now_ms - self.started_ms >= 1_000 {
-            *self = RateWindow::new(now_ms);
-        }
-        self.count = self.count.saturating_add(1);
-        self.count > max
-    }
 }
 
 /// How long a client that does not read may hold up its own replies before it is
@@ -138,19 +120,6 @@ pub(crate) struct Session {
     /// `ClusterView::warm`); frames after it wait too, so order is kept.
     warming: Option<(tokio::sync::oneshot::Receiver<()>, ProtocolMessage)>,
 }
-
-/// One attached channel, as the connection attached it.
-struct Attached {
-    /// The name as the client sent it (with any qualifier); replies use it.
-    name: Arc<str>,
-    /// The modes granted on ATTACH (narrowed by a later re-auth): publishing or
-    /// entering presence needs PUBLISH or PRESENCE among them (40165 otherwise).
-    modes: u64,
-}
-
-/// Longest an ATTACH waits for the channel's state from another node (the cluster gives
-/// up a little sooner and the attach goes ahead with what this node has).
-const WARM_WAIT: Duration = Duration::from_secs(4);
 
 impl Session {
     /// Authenticates the connect request, resumes or recovers the connection if asked,
@@ -463,146 +432,6 @@ impl Session {
         }
     }
 
-    /// True (and the window advanced) when the connection is over its inbound rate.
-    fn over_rate(&mut self) -> bool {
-        self.rate
-            .over(now_ms(), self.state.config.inbound_frames_per_second)
-    }
-
-    /// Refuses a control frame over `control_frames_per_second`: an ATTACH or DETACH
-    /// gets a channel ERROR 42910 (so the client knows which), anything else is dropped
-    /// unanswered. `None` when the frame may go ahead.
-    fn control_over_rate(&mut self, frame: &ProtocolMessage) -> Option<Option<Ending>> {
-        let max = self.state.config.control_frames_per_second;
-        if !self.control_rate.over(now_ms(), max) {
-            return None;
-        }
-        metrics::counter!("tern_control_frames_refused_total").increment(1);
-        let error = ErrorInfo::new(
-            code::RATE_LIMIT,
-            format!("more than {max} control frames per second on this connection"),
-        );
-        Some(match (&frame.channel, frame.action) {
-            (Some(channel), action::ATTACH | action::DETACH) => {
-                self.channel_error(channel.clone(), error)
-            }
-            _ => None,
-        })
-    }
-
-    /// MESSAGE and PRESENCE: de-duplicate by msgSerial, rate-limit, apply, reply.
-    fn publish_or_present(&mut self, frame: ProtocolMessage) {
-        let msg_serial = frame.msg_serial;
-        // Whose replicas the ACK waits for.
-        let channel = frame
-            .channel
-            .as_deref()
-            .and_then(|name| channel_name::parse(name).ok())
-            .map(|parsed| ChannelKey {
-                app: self.auth.app_id.as_str().into(),
-                name: parsed.base.into(),
-            });
-        if let Some(serial) = msg_serial {
-            match self.replies.check(serial) {
-                Seen::New => {}
-                Seen::Again(reply) => return self.send_reply(msg_serial, channel, reply),
-                Seen::Forgotten => {
-                    // Its store mark is forgotten too: 0 ACKs it only if no write of
-                    // this store was ever lost.
-                    let reply = Reply::Ack {
-                        serials: Vec::new(),
-                        store_mark: 0,
-                    };
-                    return self.send_reply(msg_serial, channel, reply);
-                }
-            }
-        }
-        let reply = if self.over_rate() {
-            Reply::Nack(ErrorInfo::new(
-                code::RATE_LIMIT,
-                "inbound message rate exceeded",
-            ))
-        } else {
-            let refused_before = self.state.refused_appends();
-            let store_mark = self.state.store_mark();
-            let result = if frame.action == action::MESSAGE {
-                self.publish(frame)
-            } else {
-                self.presence(frame).map(|()| Vec::new())
-            };
-            match result {
-                // The history store refused an append meanwhile (its queue was full):
-                // maybe this one, so it must not be ACKed as stored.
-                Ok(_) if self.state.refused_appends() != refused_before => Reply::Nack(
-                    ErrorInfo::new(code::INTERNAL, "history store overloaded: not stored"),
-                ),
-                Ok(serials) => Reply::Ack {
-                    serials,
-                    store_mark,
-                },
-                Err(err) => Reply::Nack(err),
-            }
-        };
-        if let Some(serial) = msg_serial {
-            self.replies
-                .record(serial, reply.clone(), self.state.config.reply_window_max);
-        }
-        self.send_reply(msg_serial, channel, reply);
-    }
-
-    /// Queues an ACK/NACK once everything applied before it is durable, so replies stay
-    /// in msgSerial order and an ACK means "stored".
-    fn send_reply(&self, msg_serial: Option<i64>, channel: Option<ChannelKey>, reply: Reply) {
-        // A NACK is sent whatever the store did; only an ACK depends on it.
-        let store_mark = match &reply {
-            Reply::Ack { store_mark, .. } => *store_mark,
-            Reply::Nack(_) => self.state.store_mark(),
-        };
-        let frame = match (msg_serial, reply) {
-            (None, Reply::Ack { .. }) => return,
-            (None, Reply::Nack(error)) => error_frame(error),
-            (Some(serial), Reply::Ack { serials, .. }) => ProtocolMessage {
-                action: action::ACK,
-                msg_serial: Some(serial),
-                count: Some(1),
-                res: Some(vec![PublishResult { serials }]),
-                ..Default::default()
-            },
-            (Some(serial), Reply::Nack(error)) => {
-                metrics::counter!("tern_nacks_total").increment(1);
-                ProtocolMessage {
-                    action: action::NACK,
-                    msg_serial: Some(serial),
-                    count: Some(1),
-                    error: Some(error),
-                    ..Default::default()
-                }
-            }
-        };
-        let outlet = self.outlet.clone();
-        self.state.after_durable(
-            channel,
-            store_mark,
-            Box::new(move |outcome| {
-                let error = match outcome.error() {
-                    Some(error) if frame.action == action::ACK => error,
-                    _ => {
-                        outlet.send(frame);
-                        return;
-                    }
-                };
-                metrics::counter!("tern_nacks_total").increment(1);
-                outlet.send(ProtocolMessage {
-                    action: action::NACK,
-                    msg_serial: frame.msg_serial,
-                    count: Some(1),
-                    error: Some(error),
-                    ..Default::default()
-                });
-            }),
-        );
-    }
-
     fn channel_error(&self, channel: String, error: ErrorInfo) -> Option<Ending> {
         self.outlet.send(ProtocolMessage {
             action: action::ERROR,
@@ -612,431 +441,6 @@ impl Session {
         });
         None
     }
-
-    /// ATTACH; on a channel this node does not receive yet, first waits (in `run`) for
-    /// its state from the cluster.
-    fn attach(&mut self, frame: ProtocolMessage) -> Option<Ending> {
-        self.attach_with(frame, true)
-    }
-
-    /// ATTACH once the channel's state is here (or waiting for it gave up).
-    fn attach_now(&mut self, frame: ProtocolMessage) -> Option<Ending> {
-        self.attach_with(frame, false)
-    }
-
-    fn attach_with(&mut self, frame: ProtocolMessage, may_wait: bool) -> Option<Ending> {
-        // Kept only when the attach may have to wait for the cluster.
-        let original = (may_wait && self.state.cluster.is_some()).then(|| frame.clone());
-        let Some(name) = frame.channel else {
-            return self.fail(ErrorInfo::new(code::BAD_REQUEST, "ATTACH without channel"));
-        };
-        let parsed = match channel_name::parse(&name) {
-            Ok(parsed) => parsed,
-            Err(reason) => return self.channel_error(name.clone(), channel_name::invalid(reason)),
-        };
-        let base: Arc<str> = parsed.base.into();
-        let mut params = parsed.params;
-        params.extend(frame.params.clone().unwrap_or_default());
-        let requested = match params.get("modes").map(|names| parse_modes(names)) {
-            Some(Some(modes)) => modes,
-            Some(None) => {
-                return self.channel_error(
-                    name,
-                    ErrorInfo::new(code::INVALID_PARAMETER_VALUE, "unknown channel mode"),
-                )
-            }
-            None => frame.flags.unwrap_or(0) & flags::MODES_MASK,
-        };
-        let granted = granted_modes(&self.auth.capability, &base);
-        let modes = if requested != 0 {
-            granted & requested
-        } else {
-            granted
-        };
-        if modes == 0 {
-            return self.channel_error(name, denied("attach", &base));
-        }
-        let was_attached = self.attachments.contains_key(&base);
-        if !was_attached && self.attachments.len() >= self.state.config.channels_per_connection_max
-        {
-            return self.channel_error(
-                name,
-                ErrorInfo::new(
-                    code::CHANNEL_OPERATION_FAILED,
-                    "too many channels attached on this connection",
-                ),
-            );
-        }
-        // A channelSerial means "continue from here"; it wins over rewind. After a failed
-        // connection resume it is not honoured: continuity is already lost.
-        let resume_from = frame
-            .channel_serial
-            .as_deref()
-            .filter(|_| !self.continuity_lost)
-            .map(Cursor::decode);
-        // ATTACH_RESUME: the client was attached before (on this connection or the one it
-        // resumed) and has seen the rewound messages already (RTL4j).
-        let reattach = frame.flags.unwrap_or(0) & flags::ATTACH_RESUME != 0;
-        let rewind = match params.get("rewind") {
-            Some(value) if resume_from.is_none() && !reattach => {
-                match channel_name::parse_rewind(value, now_ms()) {
-                    Ok(rewind) => Some(rewind),
-                    Err(reason) => {
-                        return self.channel_error(
-                            name,
-                            ErrorInfo::new(code::INVALID_PARAMETER_VALUE, reason),
-                        )
-                    }
-                }
-            }
-            _ => None,
-        };
-        // The params this server understands are echoed (ably-js exposes them as
-        // `channel.params`); others are dropped, as Ably does. `delta` is accepted and
-        // echoed: it allows vcdiff deltas, and full messages remain valid under it.
-        let echoed: BTreeMap<String, String> = params
-            .into_iter()
-            .filter(|(k, _)| matches!(k.as_str(), "rewind" | "delta" | "modes"))
-            .collect();
-        let unreadable_serial = matches!(resume_from, Some(None));
-        let options = AttachOptions {
-            modes,
-            echo: self.echo,
-            resume_from: resume_from.flatten(),
-            rewind,
-        };
-        let alias: Option<Arc<str>> = (name != *base).then(|| name.as_str().into());
-        let sink = Arc::new(AttachmentSink {
-            outlet: self.outlet.clone(),
-            alias: alias.clone(),
-        });
-        let key = ChannelKey {
-            app: self.auth.app_id.as_str().into(),
-            name: base.clone(),
-        };
-        if let (Some(original), Some(cluster)) = (original, &self.state.cluster) {
-            if let Some(ready) = cluster.warm(&key) {
-                self.warming = Some((ready, original));
-                return None;
-            }
-        }
-        self.sync_counter += 1;
-        let sync_id = format!("{}-{}", self.id, self.sync_counter);
-        let page_size = self.state.config.sync_page_size.max(1);
-        let outlet = self.outlet.clone();
-        let reply_name = name.clone();
-        let result = self.state.hub.attach(&key, self.id.clone(), options, sink, |snapshot| {
-            let mut reply_flags = modes;
-            if !snapshot.members.is_empty() {
-                reply_flags |= flags::HAS_PRESENCE;
-            }
-            if snapshot.resumed {
-                reply_flags |= flags::RESUMED;
-            }
-            if !snapshot.backlog.is_empty() {
-                reply_flags |= flags::HAS_BACKLOG;
-            }
-            let error = (snapshot.continuity_lost || unreadable_serial).then(|| {
-                ErrorInfo::new(code::MESSAGES_EXPIRED, "continuity lost: messages since the given channelSerial are no longer retained")
-            });
-            outlet.send(ProtocolMessage {
-                action: action::ATTACHED,
-                channel: Some(reply_name.clone()),
-                flags: Some(reply_flags),
-                channel_serial: Some(snapshot.channel_serial.clone()),
-                params: (!echoed.is_empty()).then_some(echoed),
-                error,
-                ..Default::default()
-            });
-            // Without members ATTACHED says so (no HAS_PRESENCE): no sync follows.
-            if !snapshot.members.is_empty() {
-                send_sync(&outlet, &reply_name, &sync_id, &snapshot.members, page_size);
-            }
-            for event in &snapshot.backlog {
-                outlet.push(match &alias {
-                    None => Outbound::Event(event.clone()),
-                    Some(alias) => Outbound::AliasedEvent(event.clone(), alias.clone()),
-                });
-            }
-        }, now_ms());
-        match result {
-            Ok(()) => {
-                let name = name.into();
-                self.attachments.insert(base, Attached { name, modes });
-                None
-            }
-            Err(err) => self.channel_error(name, core_error(err)),
-        }
-    }
-
-    /// A SYNC from the client (ably-js `channel.sync()`): a full presence sync of an
-    /// attached channel, as on ATTACH. A channel not attached here is ignored.
-    fn resync(&mut self, frame: ProtocolMessage) {
-        let Some(name) = frame.channel else {
-            return;
-        };
-        let Ok(parsed) = channel_name::parse(&name) else {
-            return;
-        };
-        let Some(attached) = self.attachments.get(parsed.base) else {
-            return;
-        };
-        if attached.modes & flags::PRESENCE_SUBSCRIBE == 0 {
-            return;
-        }
-        let key = ChannelKey::new(&self.auth.app_id, parsed.base);
-        let members = self.state.hub.members(&key);
-        self.sync_counter += 1;
-        let sync_id = format!("{}-{}", self.id, self.sync_counter);
-        let page_size = self.state.config.sync_page_size.max(1);
-        send_sync(&self.outlet, &name, &sync_id, &members, page_size);
-    }
-
-    fn detach(&mut self, frame: ProtocolMessage) -> Option<Ending> {
-        let Some(name) = frame.channel else {
-            return self.fail(ErrorInfo::new(code::BAD_REQUEST, "DETACH without channel"));
-        };
-        if let Ok(parsed) = channel_name::parse(&name) {
-            if self.attachments.remove(parsed.base).is_some() {
-                let key = ChannelKey::new(&self.auth.app_id, parsed.base);
-                self.state.hub.detach(&key, &self.id, now_ms());
-            }
-        }
-        self.outlet.send(ProtocolMessage {
-            action: action::DETACHED,
-            channel: Some(name),
-            ..Default::default()
-        });
-        None
-    }
-
-    /// Resolves the channel of a MESSAGE/PRESENCE frame and checks `op` on it.
-    fn channel_for(
-        &self,
-        frame: &ProtocolMessage,
-        op: Operation,
-        op_name: &str,
-    ) -> Result<Arc<str>, ErrorInfo> {
-        let name = frame
-            .channel
-            .as_deref()
-            .ok_or_else(|| ErrorInfo::new(code::BAD_REQUEST, "frame without channel"))?;
-        let parsed = channel_name::parse(name).map_err(channel_name::invalid)?;
-        if !self.auth.capability.allows(parsed.base, op) {
-            return Err(denied(op_name, parsed.base));
-        }
-        // Attached without the mode this needs (ably-js `modes` / `params.modes`).
-        let mode = match op {
-            Operation::Publish => flags::PUBLISH,
-            _ => flags::PRESENCE,
-        };
-        if let Some(attached) = self.attachments.get(parsed.base) {
-            if attached.modes & mode == 0 {
-                return Err(ErrorInfo::new(
-                    code::CHANNEL_MODE_DENIED,
-                    format!(
-                        "action '{op_name}' needs a channel mode not requested when attaching '{}'",
-                        parsed.base
-                    ),
-                ));
-            }
-        }
-        Ok(parsed.base.into())
-    }
-
-    fn publish(&mut self, frame: ProtocolMessage) -> Result<Vec<Option<String>>, ErrorInfo> {
-        let base = self.channel_for(&frame, Operation::Publish, "publish")?;
-        let mut messages: Vec<Message> = frame.messages.unwrap_or_default();
-        crate::budget::check_messages(&messages, &self.state.config)?;
-        for message in &mut messages {
-            message.client_id = message_client_id(&self.identity, message.client_id.as_deref())?;
-            message.connection_id = None;
-            message.connection_key = None;
-        }
-        let count = messages.len() as u64;
-        let publisher = Publisher {
-            connection_id: Some(self.id.clone()),
-            frame_id: format!("{}:{}", self.id, frame.msg_serial.unwrap_or(0)),
-        };
-        let key = ChannelKey {
-            app: self.auth.app_id.as_str().into(),
-            name: base,
-        };
-        let outcome = self
-            .state
-            .hub
-            .publish(&key, &publisher, messages, now_ms())
-            .map_err(core_error)?;
-        metrics::counter!("tern_messages_published_total").increment(count);
-        Ok(outcome.serials)
-    }
-
-    fn presence(&mut self, frame: ProtocolMessage) -> Result<(), ErrorInfo> {
-        let base = self.channel_for(&frame, Operation::Presence, "presence")?;
-        let now = now_ms();
-        let msg_serial = frame.msg_serial.unwrap_or(0);
-        let supplied = frame.presence.unwrap_or_default();
-        crate::budget::check_presence(&supplied, &self.state.config)?;
-        let mut changes = Vec::with_capacity(supplied.len());
-        for (index, mut change) in supplied.into_iter().enumerate() {
-            if !matches!(
-                change.action,
-                presence_action::ENTER | presence_action::UPDATE | presence_action::LEAVE
-            ) {
-                return Err(ErrorInfo::new(
-                    code::BAD_REQUEST,
-                    format!("invalid presence action {}", change.action),
-                ));
-            }
-            change.client_id = Some(presence_client_id(
-                &self.identity,
-                change.client_id.as_deref(),
-            )?);
-            change.id = Some(
-                change
-                    .id
-                    .unwrap_or_else(|| format!("{}:{msg_serial}:{index}", self.id)),
-            );
-            change.connection_id = Some(self.id.to_string());
-            change.timestamp = Some(now);
-            changes.push(change);
-        }
-        let publisher = Publisher {
-            connection_id: Some(self.id.clone()),
-            frame_id: format!("{}:{msg_serial}", self.id),
-        };
-        let key = ChannelKey {
-            app: self.auth.app_id.as_str().into(),
-            name: base.clone(),
-        };
-        self.state
-            .hub
-            .presence(&key, &publisher, changes, now)
-            .map_err(core_error)?;
-        self.presence_channels.insert(base);
-        Ok(())
-    }
-
-    /// In-band AUTH: a new token replaces the old one on the same connection.
-    fn reauthorize(&mut self, frame: ProtocolMessage) -> Option<Ending> {
-        let Some(token) = frame.auth.and_then(|a| a.access_token) else {
-            return self.fail(ErrorInfo::new(
-                code::BAD_REQUEST,
-                "AUTH without accessToken",
-            ));
-        };
-        let auth = match authenticate(&self.state.keys, None, Some(&token), now_ms()) {
-            Ok(auth) => auth,
-            Err(err) => return self.fail(err),
-        };
-        let requested = self.identity_id();
-        let identity = match resolve_identity(&auth, requested.as_deref()) {
-            Ok(identity) if auth.app_id == self.auth.app_id && identity == self.identity => {
-                identity
-            }
-            _ => {
-                return self.fail(ErrorInfo::new(
-                    code::INCOMPATIBLE_CREDENTIALS,
-                    "new token is for a different app or clientId",
-                ))
-            }
-        };
-        self.auth = auth;
-        self.identity = identity;
-        self.renew_requested = false;
-        self.outlet.send(self.connected_frame(None));
-        self.recheck_capability();
-        None
-    }
-
-    /// Holds what the connection already has to its (new) capability, as Ably does
-    /// after in-band re-auth (RTC8a1): an attachment that loses subscribe, or every
-    /// mode, fails with channel ERROR 40160, is detached and its presence members
-    /// leave; any other keeps only the granted modes; and members leave every channel
-    /// where presence is no longer granted. Publish is checked per frame anyway.
-    fn recheck_capability(&mut self) {
-        let now = now_ms();
-        let hub = &self.state.hub;
-        let mut lost = Vec::new();
-        for (base, attached) in &mut self.attachments {
-            let key = ChannelKey::new(&self.auth.app_id, base);
-            let granted = granted_modes(&self.auth.capability, base);
-            attached.modes &= granted;
-            // `None`: the hub already let go of the attachment (a slow subscriber being
-            // dropped); nothing is delivered to narrow, and the connection is ending.
-            let before = hub.restrict_modes(&key, &self.id, granted);
-            if before.is_some_and(|before| !attachment_survives(before, granted)) {
-                lost.push((base.clone(), attached.name.clone()));
-            }
-        }
-        for (base, name) in lost {
-            let key = ChannelKey::new(&self.auth.app_id, &base);
-            self.attachments.remove(&base);
-            hub.detach(&key, &self.id, now);
-            if self.presence_channels.remove(&base) {
-                hub.leave(&key, &self.id, now);
-            }
-            self.channel_error(name.to_string(), capability_lost(&base));
-        }
-        let unpresent: Vec<Arc<str>> = self
-            .presence_channels
-            .iter()
-            .filter(|base| !self.auth.allows(base, Operation::Presence))
-            .cloned()
-            .collect();
-        for base in unpresent {
-            self.presence_channels.remove(&base);
-            hub.leave(&ChannelKey::new(&self.auth.app_id, &base), &self.id, now);
-        }
-    }
-}
-
-/// Whether an attachment holding `before` modes goes on under a capability that
-/// grants `granted`: it keeps some mode, and keeps SUBSCRIBE if it had it (a
-/// subscriber that silently stopped receiving would still look attached).
-fn attachment_survives(before: u64, granted: u64) -> bool {
-    let kept = before & granted;
-    kept != 0 && (before & flags::SUBSCRIBE == 0 || kept & flags::SUBSCRIBE != 0)
-}
-
-/// Queues a presence sync of `members` as SYNC frames of at most `page_size` members,
-/// the cursor after `sync_id:` empty on the last page (which ends the client's sync).
-/// No members: one empty page, so the client's sync still completes.
-fn send_sync(
-    outlet: &Outlet,
-    channel: &str,
-    sync_id: &str,
-    members: &[PresenceMessage],
-    page_size: usize,
-) {
-    let pages: Vec<&[PresenceMessage]> = if members.is_empty() {
-        vec![&[]]
-    } else {
-        members.chunks(page_size).collect()
-    };
-    for (index, page) in pages.iter().enumerate() {
-        let cursor = if index + 1 == pages.len() {
-            String::new()
-        } else {
-            (index + 1).to_string()
-        };
-        outlet.send(ProtocolMessage {
-            action: action::SYNC,
-            channel: Some(channel.to_string()),
-            channel_serial: Some(format!("{sync_id}:{cursor}")),
-            presence: Some(page.to_vec()),
-            ..Default::default()
-        });
-    }
-}
-
-/// The channel ERROR for an attachment the connection's new capability no longer
-/// allows: ably-js puts the channel in FAILED with this error.
-fn capability_lost(channel: &str) -> ErrorInfo {
-    ErrorInfo::new(
-        code::CAPABILITY_DENIED,
-        format!("channel '{channel}' is no longer permitted by the connection's capability"),
-    )
 }
 
 /// Whether a WebSocket read failed because the client's message or frame was over
@@ -1098,45 +502,5 @@ async fn take_parked(
             Err(ResumeError::Expired) => return Err(unable("connection state expired")),
             Err(ResumeError::Unknown) => return Err(unable("connection not found")),
         }
-    }
-}
-
-/// Ably error for a refusal from the core.
-fn core_error(err: CoreError) -> ErrorInfo {
-    use tern_core::presence::PresenceError;
-    match err {
-        CoreError::TooManyChannels(_) | CoreError::TooManyAppChannels(_) => {
-            ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, err.to_string())
-        }
-        CoreError::Presence(PresenceError::TooManyMembers(_)) => {
-            ErrorInfo::new(code::TOO_MANY_PRESENCE_MEMBERS, err.to_string())
-        }
-        CoreError::Presence(PresenceError::NoClientId) => {
-            ErrorInfo::new(code::PRESENCE_NO_CLIENT_ID, err.to_string())
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// After re-auth an attachment survives only if it keeps a mode, and keeps
-    /// SUBSCRIBE when it had it; a publish-only attachment renewed with the same
-    /// grant survives.
-    #[test]
-    fn attachment_survives_table() {
-        use flags::{PRESENCE, PRESENCE_SUBSCRIBE, PUBLISH, SUBSCRIBE};
-        let subscriber = SUBSCRIBE | PRESENCE_SUBSCRIBE;
-        let all = PUBLISH | PRESENCE | subscriber;
-        assert!(attachment_survives(all, all));
-        assert!(attachment_survives(all, subscriber));
-        assert!(attachment_survives(all, subscriber | PRESENCE));
-        assert!(!attachment_survives(all, PUBLISH | PRESENCE));
-        assert!(!attachment_survives(all, 0));
-        assert!(!attachment_survives(subscriber, PUBLISH));
-        assert!(attachment_survives(PUBLISH, PUBLISH));
-        assert!(attachment_survives(PUBLISH, PUBLISH | subscriber));
-        assert!(!attachment_survives(PUBLISH, subscriber));
     }
 }

@@ -1,0 +1,314 @@
+//! MESSAGE and PRESENCE frames: rate windows, de-duplication by msgSerial, the checks
+//! before the hub (capability, mode, budget, clientId), and ACK/NACK once durable.
+
+use std::sync::Arc;
+
+use tern_auth::Operation;
+use tern_core::{ChannelKey, CoreError, Publisher};
+use tern_protocol::{
+    action, code, flags, presence_action, ErrorInfo, Message, ProtocolMessage, PublishResult,
+};
+
+use super::{Ending, Session};
+use crate::channel_name;
+use crate::connection::error_frame;
+use crate::credentials::{denied, message_client_id, presence_client_id};
+use crate::now_ms;
+use crate::resume::{Reply, Seen};
+
+/// Counts frames of one kind per one-second window.
+pub(super) struct RateWindow {
+    started_ms: i64,
+    count: u32,
+}
+
+impl RateWindow {
+    pub(super) fn new(now_ms: i64) -> Self {
+        RateWindow {
+            started_ms: now_ms,
+            count: 0,
+        }
+    }
+
+    /// Counts one frame; true when the window already held `max` (the frame is over).
+    pub(super) fn over(&mut self, now_ms: i64, max: u32) -> bool {
+        if now_ms - self.started_ms >= 1_000 {
+            *self = RateWindow::new(now_ms);
+        }
+        self.count = self.count.saturating_add(1);
+        self.count > max
+    }
+}
+
+impl Session {
+    /// True (and the window advanced) when the connection is over its inbound rate.
+    pub(super) fn over_rate(&mut self) -> bool {
+        self.rate
+            .over(now_ms(), self.state.config.inbound_frames_per_second)
+    }
+
+    /// Refuses a control frame over `control_frames_per_second`: an ATTACH or DETACH
+    /// gets a channel ERROR 42910 (so the client knows which), anything else is dropped
+    /// unanswered. `None` when the frame may go ahead.
+    pub(super) fn control_over_rate(&mut self, frame: &ProtocolMessage) -> Option<Option<Ending>> {
+        let max = self.state.config.control_frames_per_second;
+        if !self.control_rate.over(now_ms(), max) {
+            return None;
+        }
+        metrics::counter!("tern_control_frames_refused_total").increment(1);
+        let error = ErrorInfo::new(
+            code::RATE_LIMIT,
+            format!("more than {max} control frames per second on this connection"),
+        );
+        Some(match (&frame.channel, frame.action) {
+            (Some(channel), action::ATTACH | action::DETACH) => {
+                self.channel_error(channel.clone(), error)
+            }
+            _ => None,
+        })
+    }
+
+    /// MESSAGE and PRESENCE: de-duplicate by msgSerial, rate-limit, apply, reply.
+    pub(super) fn publish_or_present(&mut self, frame: ProtocolMessage) {
+        let msg_serial = frame.msg_serial;
+        // Whose replicas the ACK waits for.
+        let channel = frame
+            .channel
+            .as_deref()
+            .and_then(|name| channel_name::parse(name).ok())
+            .map(|parsed| ChannelKey {
+                app: self.auth.app_id.as_str().into(),
+                name: parsed.base.into(),
+            });
+        if let Some(serial) = msg_serial {
+            match self.replies.check(serial) {
+                Seen::New => {}
+                Seen::Again(reply) => return self.send_reply(msg_serial, channel, reply),
+                Seen::Forgotten => {
+                    // Its store mark is forgotten too: 0 ACKs it only if no write of
+                    // this store was ever lost.
+                    let reply = Reply::Ack {
+                        serials: Vec::new(),
+                        store_mark: 0,
+                    };
+                    return self.send_reply(msg_serial, channel, reply);
+                }
+            }
+        }
+        let reply = if self.over_rate() {
+            Reply::Nack(ErrorInfo::new(
+                code::RATE_LIMIT,
+                "inbound message rate exceeded",
+            ))
+        } else {
+            let refused_before = self.state.refused_appends();
+            let store_mark = self.state.store_mark();
+            let result = if frame.action == action::MESSAGE {
+                self.publish(frame)
+            } else {
+                self.presence(frame).map(|()| Vec::new())
+            };
+            match result {
+                // The history store refused an append meanwhile (its queue was full):
+                // maybe this one, so it must not be ACKed as stored.
+                Ok(_) if self.state.refused_appends() != refused_before => Reply::Nack(
+                    ErrorInfo::new(code::INTERNAL, "history store overloaded: not stored"),
+                ),
+                Ok(serials) => Reply::Ack {
+                    serials,
+                    store_mark,
+                },
+                Err(err) => Reply::Nack(err),
+            }
+        };
+        if let Some(serial) = msg_serial {
+            self.replies
+                .record(serial, reply.clone(), self.state.config.reply_window_max);
+        }
+        self.send_reply(msg_serial, channel, reply);
+    }
+
+    /// Queues an ACK/NACK once everything applied before it is durable, so replies stay
+    /// in msgSerial order and an ACK means "stored".
+    pub(super) fn send_reply(
+        &self,
+        msg_serial: Option<i64>,
+        channel: Option<ChannelKey>,
+        reply: Reply,
+    ) {
+        // A NACK is sent whatever the store did; only an ACK depends on it.
+        let store_mark = match &reply {
+            Reply::Ack { store_mark, .. } => *store_mark,
+            Reply::Nack(_) => self.state.store_mark(),
+        };
+        let frame = match (msg_serial, reply) {
+            (None, Reply::Ack { .. }) => return,
+            (None, Reply::Nack(error)) => error_frame(error),
+            (Some(serial), Reply::Ack { serials, .. }) => ProtocolMessage {
+                action: action::ACK,
+                msg_serial: Some(serial),
+                count: Some(1),
+                res: Some(vec![PublishResult { serials }]),
+                ..Default::default()
+            },
+            (Some(serial), Reply::Nack(error)) => {
+                metrics::counter!("tern_nacks_total").increment(1);
+                ProtocolMessage {
+                    action: action::NACK,
+                    msg_serial: Some(serial),
+                    count: Some(1),
+                    error: Some(error),
+                    ..Default::default()
+                }
+            }
+        };
+        let outlet = self.outlet.clone();
+        self.state.after_durable(
+            channel,
+            store_mark,
+            Box::new(move |outcome| {
+                let error = match outcome.error() {
+                    Some(error) if frame.action == action::ACK => error,
+                    _ => {
+                        outlet.send(frame);
+                        return;
+                    }
+                };
+                metrics::counter!("tern_nacks_total").increment(1);
+                outlet.send(ProtocolMessage {
+                    action: action::NACK,
+                    msg_serial: frame.msg_serial,
+                    count: Some(1),
+                    error: Some(error),
+                    ..Default::default()
+                });
+            }),
+        );
+    }
+
+    /// Resolves the channel of a MESSAGE/PRESENCE frame and checks `op` on it.
+    pub(super) fn channel_for(
+        &self,
+        frame: &ProtocolMessage,
+        op: Operation,
+        op_name: &str,
+    ) -> Result<Arc<str>, ErrorInfo> {
+        let name = frame
+            .channel
+            .as_deref()
+            .ok_or_else(|| ErrorInfo::new(code::BAD_REQUEST, "frame without channel"))?;
+        let parsed = channel_name::parse(name).map_err(channel_name::invalid)?;
+        if !self.auth.capability.allows(parsed.base, op) {
+            return Err(denied(op_name, parsed.base));
+        }
+        // Attached without the mode this needs (ably-js `modes` / `params.modes`).
+        let mode = match op {
+            Operation::Publish => flags::PUBLISH,
+            _ => flags::PRESENCE,
+        };
+        if let Some(attached) = self.attachments.get(parsed.base) {
+            if attached.modes & mode == 0 {
+                return Err(ErrorInfo::new(
+                    code::CHANNEL_MODE_DENIED,
+                    format!(
+                        "action '{op_name}' needs a channel mode not requested when attaching '{}'",
+                        parsed.base
+                    ),
+                ));
+            }
+        }
+        Ok(parsed.base.into())
+    }
+
+    pub(super) fn publish(
+        &mut self,
+        frame: ProtocolMessage,
+    ) -> Result<Vec<Option<String>>, ErrorInfo> {
+        let base = self.channel_for(&frame, Operation::Publish, "publish")?;
+        let mut messages: Vec<Message> = frame.messages.unwrap_or_default();
+        crate::budget::check_messages(&messages, &self.state.config)?;
+        for message in &mut messages {
+            message.client_id = message_client_id(&self.identity, message.client_id.as_deref())?;
+            message.connection_id = None;
+            message.connection_key = None;
+        }
+        let count = messages.len() as u64;
+        let publisher = Publisher {
+            connection_id: Some(self.id.clone()),
+            frame_id: format!("{}:{}", self.id, frame.msg_serial.unwrap_or(0)),
+        };
+        let key = ChannelKey {
+            app: self.auth.app_id.as_str().into(),
+            name: base,
+        };
+        let outcome = self
+            .state
+            .hub
+            .publish(&key, &publisher, messages, now_ms())
+            .map_err(core_error)?;
+        metrics::counter!("tern_messages_published_total").increment(count);
+        Ok(outcome.serials)
+    }
+
+    pub(super) fn presence(&mut self, frame: ProtocolMessage) -> Result<(), ErrorInfo> {
+        let base = self.channel_for(&frame, Operation::Presence, "presence")?;
+        let now = now_ms();
+        let msg_serial = frame.msg_serial.unwrap_or(0);
+        let supplied = frame.presence.unwrap_or_default();
+        crate::budget::check_presence(&supplied, &self.state.config)?;
+        let mut changes = Vec::with_capacity(supplied.len());
+        for (index, mut change) in supplied.into_iter().enumerate() {
+            if !matches!(
+                change.action,
+                presence_action::ENTER | presence_action::UPDATE | presence_action::LEAVE
+            ) {
+                return Err(ErrorInfo::new(
+                    code::BAD_REQUEST,
+                    format!("invalid presence action {}", change.action),
+                ));
+            }
+            change.client_id = Some(presence_client_id(
+                &self.identity,
+                change.client_id.as_deref(),
+            )?);
+            change.id = Some(
+                change
+                    .id
+                    .unwrap_or_else(|| format!("{}:{msg_serial}:{index}", self.id)),
+            );
+            change.connection_id = Some(self.id.to_string());
+            change.timestamp = Some(now);
+            changes.push(change);
+        }
+        let publisher = Publisher {
+            connection_id: Some(self.id.clone()),
+            frame_id: format!("{}:{msg_serial}", self.id),
+        };
+        let key = ChannelKey {
+            app: self.auth.app_id.as_str().into(),
+            name: base.clone(),
+        };
+        self.state
+            .hub
+            .presence(&key, &publisher, changes, now)
+            .map_err(core_error)?;
+        self.presence_channels.insert(base);
+        Ok(())
+    }
+}
+
+/// Ably error for a refusal from the core.
+pub(super) fn core_error(err: CoreError) -> ErrorInfo {
+    use tern_core::presence::PresenceError;
+    match err {
+        CoreError::TooManyChannels(_) | CoreError::TooManyAppChannels(_) => {
+            ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, err.to_string())
+        }
+        CoreError::Presence(PresenceError::TooManyMembers(_)) => {
+            ErrorInfo::new(code::TOO_MANY_PRESENCE_MEMBERS, err.to_string())
+        }
+        CoreError::Presence(PresenceError::NoClientId) => {
+            ErrorInfo::new(code::PRESENCE_NO_CLIENT_ID, err.to_string())
+        }
+    }
+}
