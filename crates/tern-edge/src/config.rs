@@ -93,7 +93,7 @@ impl Default for EdgeConfig {
             write_timeout_ms: 10_000,
             token_policy: TokenPolicy::default(),
             nonce_cache_max: 100_000,
-            token_renew_notice_ms: 30_000,
+            token_renew_notice_ms: 0,
             parked_connections_max: 100_000,
             reply_window_max: 1_000,
             cors_allowed_origins: Vec::new(),

@@ -233,17 +233,27 @@ impl Session {
         }
     }
 
-    /// When the token timer next fires: first to ask for renewal, then at expiry.
+    /// When the token timer next fires: at expiry, or first to ask for renewal when
+    /// `token_renew_notice_ms` is set (off by default: Ably lets a token expire and
+    /// the client renews on the DISCONNECTED 40142 it gets; an AUTH request would make
+    /// a client holding only a token fail with 40171).
     fn token_deadline(&self, now: i64) -> Option<Instant> {
         let expires = self.auth.expires_ms?;
         let remaining = (expires - now).max(0);
         let notice = self.state.config.token_renew_notice_ms.min(remaining / 2);
-        let at = if self.renew_requested {
+        let at = if self.renew_requested || notice <= 0 {
             expires
         } else {
             expires - notice
         };
         Some(Instant::now() + Duration::from_millis((at - now).max(0) as u64))
+    }
+
+    /// Whether the token timer that just fired is the renewal notice (not expiry).
+    fn renewal_due(&self, now: i64) -> bool {
+        !self.renew_requested
+            && self.state.config.token_renew_notice_ms > 0
+            && self.auth.expires_ms.is_some_and(|expires| now < expires)
     }
 
     /// The reader loop. Returns when the connection ends, after telling the hub and
@@ -295,7 +305,7 @@ impl Session {
                 }
                 // Token renewal notice, then expiry.
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => pending().await } } => {
-                    if !self.renew_requested {
+                    if self.renewal_due(now_ms()) {
                         self.renew_requested = true;
                         self.outlet.send(ProtocolMessage { action: action::AUTH, ..Default::default() });
                     } else {

@@ -269,6 +269,23 @@ async fn bad_credentials() {
     assert_eq!(expect_action(&mut ws, 9).await["error"]["code"], 40142);
 }
 
+/// By default (as Ably) nothing asks a token connection to renew: it gets no AUTH and is
+/// disconnected with 40142 (status 401) when its token expires, so a client holding
+/// only a token sees the DISCONNECTED the SDK expects instead of failing with 40171.
+#[tokio::test]
+async fn token_expiry_disconnects_without_an_auth_request() {
+    let node = start(EdgeConfig::default()).await;
+    let key = node.keys.get("app.root").unwrap().clone();
+    let token = node
+        .keys
+        .issue_token(&key, None, &Capability::all(), 1_000, tern_edge::now_ms());
+    let (mut ws, _) = connected(&node, &format!("access_token={}", token.token)).await;
+    let frame = next(&mut ws).await;
+    assert_eq!(frame["action"], 6, "DISCONNECTED, not {frame}");
+    assert_eq!(frame["error"]["code"], 40142);
+    assert_eq!(frame["error"]["statusCode"], 401);
+}
+
 /// A token connection is asked to renew (AUTH) before expiry, renews in band and keeps
 /// its connectionId; left alone, it is disconnected with 40142 at expiry.
 #[tokio::test]
