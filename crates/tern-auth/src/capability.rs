@@ -201,15 +201,27 @@ impl FromIterator<Operation> for OpSet {
 /// What a key or token may do: resource pattern → granted operations.
 ///
 /// Equality is structural (same patterns, same operation sets), not semantic.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Capability {
     resources: BTreeMap<String, OpSet>,
+    /// The JSON it was parsed from (see [`Capability::to_wire_json`]); not part of
+    /// equality.
+    text: Option<std::sync::Arc<str>>,
 }
+
+impl PartialEq for Capability {
+    fn eq(&self, other: &Capability) -> bool {
+        self.resources == other.resources
+    }
+}
+
+impl Eq for Capability {}
 
 impl Capability {
     /// `{"*":["*"]}`: every operation on every unqualified channel.
     pub fn all() -> Capability {
         Capability {
+            text: None,
             resources: BTreeMap::from([("*".to_owned(), OpSet::ALL)]),
         }
     }
@@ -226,7 +238,20 @@ impl Capability {
     /// than 1000 resources or a pattern over 1024 bytes. `"*"` as an operation means every operation. A repeated resource keeps
     /// its last value, as `JSON.parse` does.
     pub fn parse(json: &str) -> Result<Capability, AuthError> {
-        serde_json::from_str(json).map_err(|err| AuthError::InvalidCapability(err.to_string()))
+        let mut capability: Capability = serde_json::from_str(json)
+            .map_err(|err| AuthError::InvalidCapability(err.to_string()))?;
+        capability.text = Some(json.trim().into());
+        Ok(capability)
+    }
+
+    /// The JSON a token's holder is shown: the text this capability was parsed from,
+    /// when it was (Ably hands a key's capability back as written, operations in the
+    /// key's order), otherwise [`Capability::to_canonical_json`].
+    pub fn to_wire_json(&self) -> String {
+        match &self.text {
+            Some(text) => text.to_string(),
+            None => self.to_canonical_json(),
+        }
     }
 
     /// Builds a capability from `(pattern, operations)` pairs, with the same bounds
@@ -317,6 +342,7 @@ impl Capability {
         }
         Capability {
             resources: without_redundant(out),
+            text: None,
         }
     }
 
@@ -639,7 +665,10 @@ impl<'de> Visitor<'de> for CapabilityVisitor {
             let WireOpsIn(ops) = map.next_value()?;
             resources.insert(pattern, ops);
         }
-        Ok(Capability { resources })
+        Ok(Capability {
+            resources,
+            text: None,
+        })
     }
 }
 
@@ -662,7 +691,14 @@ impl<'de> Visitor<'de> for WireOpsVisitor {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<WireOpsIn, A::Error> {
         let mut ops = OpSet::EMPTY;
+        let (mut count, mut star) = (0usize, false);
         while let Some(name) = seq.next_element::<String>()? {
+            count += 1;
+            star |= name == "*";
+            // `*` stands for every operation and may not be combined with others.
+            if star && count > 1 {
+                return Err(de::Error::custom("\"*\" must be the only operation"));
+            }
             let named = if name == "*" {
                 OpSet::ALL
             } else {
@@ -671,6 +707,11 @@ impl<'de> Visitor<'de> for WireOpsVisitor {
                 OpSet::of(op)
             };
             ops = ops.union(named);
+        }
+        if count == 0 {
+            return Err(de::Error::custom(
+                "a resource must grant at least one operation",
+            ));
         }
         Ok(WireOpsIn(ops))
     }
@@ -793,7 +834,10 @@ mod tests {
             canonical(r#"{ "b" : ["subscribe", "publish"], "a": ["presence"] }"#),
             r#"{"a":["presence"],"b":["publish","subscribe"]}"#
         );
-        assert_eq!(canonical(r#"{"x":["publish","*"]}"#), r#"{"x":["*"]}"#);
+        // `*` stands alone, and a resource grants something (Ably refuses both).
+        assert!(Capability::parse(r#"{"x":["publish","*"]}"#).is_err());
+        assert!(Capability::parse(r#"{"x":["*","publish"]}"#).is_err());
+        assert!(Capability::parse(r#"{"x":[]}"#).is_err());
         assert_eq!(
             canonical(r#"{"x":["subscribe","channel-metadata","history"]}"#),
             r#"{"x":["channel-metadata","history","subscribe"]}"#
@@ -812,7 +856,6 @@ mod tests {
             canonical(r#"{"q\"\\\n\u0001é":["publish"]}"#),
             r#"{"q\"\\\n\u0001é":["publish"]}"#
         );
-        assert_eq!(canonical(r#"{"x":[]}"#), r#"{"x":[]}"#);
         assert_eq!(canonical("{}"), "{}");
     }
 

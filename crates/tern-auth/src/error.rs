@@ -40,7 +40,7 @@ pub enum AuthError {
     TooManyTokenRequests,
     /// The requested capability asks for something the key does not grant.
     /// Ably code 40160, status 401.
-    #[error("requested capability is not a subset of the key's capability")]
+    #[error("requested capability grants nothing the key allows")]
     CapabilityNotSubset,
     /// The token (Tern token or JWT) verified but its expiry has passed.
     /// Ably code 40142, status 401; SDKs renew the token on this code.

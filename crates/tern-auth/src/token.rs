@@ -164,7 +164,9 @@ pub(crate) fn check_request(
         None => key.capability.clone(),
         Some(text) => Capability::parse(text)?,
     };
-    if !requested.is_subset_of(&key.capability) {
+    // Ably grants the intersection of what is asked and what the key holds; only an
+    // empty intersection is refused.
+    if key.capability.intersect(&requested).is_empty() {
         return Err(AuthError::CapabilityNotSubset);
     }
     if requested.to_canonical_json().len() > TOKEN_CAPABILITY_BYTES_MAX {
@@ -208,7 +210,16 @@ pub(crate) fn issue(
     now_ms: i64,
 ) -> TokenDetails {
     let client_id = client_id.filter(|id| !id.is_empty());
-    let capability = key.capability.intersect(capability).to_canonical_json();
+    let granted = key.capability.intersect(capability);
+    // Shown as it was written when nothing was narrowed (the key's own, or exactly
+    // what was asked), so a holder comparing it with its request finds it equal.
+    let capability = if granted == *capability {
+        capability.to_wire_json()
+    } else if granted == key.capability {
+        key.capability.to_wire_json()
+    } else {
+        granted.to_canonical_json()
+    };
     let expires = now_ms.saturating_add(ttl_ms);
     let key_name = key.name();
     let mut claims = serde_json::Map::new();
@@ -655,12 +666,44 @@ mod tests {
             assert_eq!(refused(&ring, "app.key", &long).code(), 40003);
         }
 
-        let broad = request(&limited(), Some(r#"{"*":["subscribe"]}"#), None);
-        assert_eq!(refused(&ring, "app.lim", &broad).code(), 40160);
+        let disjoint = request(&limited(), Some(r#"{"other:*":["subscribe"]}"#), None);
+        assert_eq!(refused(&ring, "app.lim", &disjoint).code(), 40160);
         let more_ops = request(&limited(), Some(r#"{"chat:x":["presence"]}"#), None);
         assert_eq!(refused(&ring, "app.lim", &more_ops).code(), 40160);
         let unparsable = request(&limited(), Some(r#"{"chat:x":"publish"}"#), None);
         assert_eq!(refused(&ring, "app.lim", &unparsable).code(), 40000);
+    }
+
+    /// A request asking for more than the key holds gets the intersection (Ably), shown
+    /// canonically; one asking for nothing, or for exactly the key's capability, gets
+    /// the key's capability as it was written.
+    #[test]
+    fn requests_get_the_intersection() {
+        let ring = ring();
+        let grant = |asked: Option<&str>| {
+            let req = request(&limited(), asked, None);
+            ring.request_token(
+                "app.lim",
+                &req,
+                NOW,
+                &mut fresh_nonces(),
+                &TokenPolicy::default(),
+            )
+            .unwrap()
+            .capability
+        };
+        assert_eq!(
+            grant(Some(r#"{"*":["subscribe"]}"#)),
+            r#"{"chat:*":["subscribe"]}"#
+        );
+        assert_eq!(
+            grant(Some(r#"{"*":["*"]}"#)),
+            ring.get("app.lim").unwrap().capability.to_wire_json()
+        );
+        assert_eq!(
+            grant(None),
+            ring.get("app.lim").unwrap().capability.to_wire_json()
+        );
     }
 
     /// A nonce is accepted once; the replay is refused with 40105, and a refused
@@ -670,9 +713,9 @@ mod tests {
         let ring = ring();
         let policy = TokenPolicy::default();
         let mut nonces = fresh_nonces();
-        let broad = request(&limited(), Some(r#"{"*":["*"]}"#), None);
+        let disjoint = request(&limited(), Some(r#"{"other:*":["*"]}"#), None);
         let err = ring
-            .request_token("app.lim", &broad, NOW, &mut nonces, &policy)
+            .request_token("app.lim", &disjoint, NOW, &mut nonces, &policy)
             .unwrap_err();
         assert_eq!(err.code(), 40160);
         assert!(nonces.is_empty());
