@@ -1557,7 +1557,7 @@ async fn send_loop(
             tokio::time::sleep(RECONNECT_DELAY).await;
             continue;
         }
-        let mut link = match endpoint.connect(peer.quic).await {
+        let mut link = match endpoint.connect(peer.quic, &peer.node_id).await {
             Ok(link) => link,
             Err(err) => {
                 tracing::debug!(peer = %peer.node_id, error = %err, "link connect failed; retrying");

@@ -1,5 +1,6 @@
 //! Inter-node frames. Every frame on the wire is `version byte ‖ bincode(FrameV1)`;
-//! decoding refuses other versions and anything over [`FRAME_BYTES_MAX`].
+//! decoding refuses other versions and anything over [`FRAME_BYTES_MAX`]; a refusal
+//! ([`Refusal`]) drops the link and is counted by its [`Refusal::reason`].
 
 use serde::{Deserialize, Serialize};
 use tern_core::{ChannelEvent, OriginId, RemoteEvent};
@@ -41,6 +42,8 @@ pub enum FrameV1 {
     /// First frame on every link: who is sending (so the receiver can answer on its own
     /// link to us) and from which link position it resends.
     Hello {
+        /// Must be the node id the sender's certificate names: the receiver refuses
+        /// (closes) a connection whose `Hello` names another node.
         node_id: String,
         incarnation: u64,
         /// The sender's origin id (its own events come over this link, reliably).
@@ -159,19 +162,62 @@ pub fn encode(frame: &FrameV1) -> Vec<u8> {
     out
 }
 
-pub fn decode(bytes: &[u8]) -> Result<FrameV1, ClusterError> {
+/// Why peer bytes were not accepted as a frame. The link they came on is dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A frame of zero bytes (no version byte).
+    #[error("empty frame")]
+    Empty,
+    /// A version byte this node does not speak.
+    #[error("unsupported version {0}")]
+    Version(u8),
+    /// A length over [`FRAME_BYTES_MAX`] (announced in the length prefix, or of the body).
+    #[error("frame of {0} bytes is over the limit")]
+    TooLarge(usize),
+    /// The stream ended inside a frame (in its length prefix or its body).
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// The body is not bincode of a `FrameV1` (within the size limit).
+    #[error("undecodable frame: {0}")]
+    Undecodable(String),
+    /// Bytes after the frame, inside its length.
+    #[error("trailing bytes after the frame")]
+    Trailing,
+}
+
+impl Refusal {
+    /// The `reason` label it is counted under (`tern_cluster_frames_refused_total`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Empty => "empty",
+            Refusal::Version(_) => "version",
+            Refusal::TooLarge(_) => "too_large",
+            Refusal::Truncated => "truncated",
+            Refusal::Undecodable(_) => "undecodable",
+            Refusal::Trailing => "trailing",
+        }
+    }
+}
+
+impl From<Refusal> for ClusterError {
+    fn from(refusal: Refusal) -> ClusterError {
+        ClusterError::Wire(refusal.to_string())
+    }
+}
+
+pub fn decode(bytes: &[u8]) -> Result<FrameV1, Refusal> {
     match bytes.split_first() {
         Some((&VERSION_V1, body)) if body.len() <= FRAME_BYTES_MAX => {
             let (frame, used) = bincode::serde::decode_from_slice(body, config())
-                .map_err(|e| ClusterError::Wire(e.to_string()))?;
+                .map_err(|e| Refusal::Undecodable(e.to_string()))?;
             if used != body.len() {
-                return Err(ClusterError::Wire("trailing bytes".into()));
+                return Err(Refusal::Trailing);
             }
             Ok(frame)
         }
-        Some((&VERSION_V1, _)) => Err(ClusterError::Wire("frame too large".into())),
-        Some((version, _)) => Err(ClusterError::Wire(format!("unsupported version {version}"))),
-        None => Err(ClusterError::Wire("empty frame".into())),
+        Some((&VERSION_V1, body)) => Err(Refusal::TooLarge(body.len() + 1)),
+        Some((version, _)) => Err(Refusal::Version(*version)),
+        None => Err(Refusal::Empty),
     }
 }
 
