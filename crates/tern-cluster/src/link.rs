@@ -13,6 +13,10 @@
 //! Each is counted (`tern_cluster_hello_refused_total{reason}`) and logged as a warning
 //! once per peer. Bytes that are not a frame drop the link they came on and are counted
 //! (`tern_cluster_frames_refused_total{reason}`, see `wire::Refusal`).
+//!
+//! Bounds: one connection per node id (a newer one replaces it), at most
+//! [`INBOUND_STREAMS_MAX`] streams open from a peer at once, and a frame's body is
+//! buffered as it arrives, never allocated from its length prefix alone.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -38,6 +42,10 @@ const INBOUND_QUEUE: usize = 1024;
 const READ_CHUNK_BYTES: usize = 64 << 10;
 /// Peers warned about once each (identity refusals); past this many, warnings start over.
 const WARNED_PEERS_MAX: usize = 1_024;
+/// Streams a peer may have open towards this node on its connection at once. A peer
+/// uses one (a new one after a send fails); each may hold up to a frame's bytes while
+/// it arrives, so this bounds what one connection can make this node buffer.
+pub const INBOUND_STREAMS_MAX: u32 = 16;
 /// QUIC application close code of a connection refused for its identity.
 const IDENTITY_REFUSED: u32 = 0x7e;
 
@@ -147,6 +155,19 @@ impl Shared {
                 return (existing.connection.clone(), existing.node.clone());
             }
         }
+        // One connection per node: a node back from another address (a restart) replaces
+        // its old one, and a member cannot multiply what it makes this node buffer by
+        // dialing from many ports.
+        let replaced: Vec<SocketAddr> = connections
+            .iter()
+            .filter(|(addr, c)| **addr != peer && c.node == node)
+            .map(|(addr, _)| *addr)
+            .collect();
+        for addr in replaced {
+            if let Some(old) = connections.remove(&addr) {
+                old.connection.close(0u32.into(), b"replaced");
+            }
+        }
         connections.insert(
             peer,
             PeerConnection {
@@ -196,10 +217,15 @@ impl LinkEndpoint {
         identity.node_id()?;
         let server = QuicServerConfig::try_from(identity.server_config()?).map_err(link_err)?;
         let client = QuicClientConfig::try_from(identity.client_config()?).map_err(link_err)?;
-        let mut endpoint =
-            Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(server)), addr)
-                .map_err(link_err)?;
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(client)));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(INBOUND_STREAMS_MAX));
+        let transport = Arc::new(transport);
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
+        server.transport_config(transport.clone());
+        let mut client = quinn::ClientConfig::new(Arc::new(client));
+        client.transport_config(transport);
+        let mut endpoint = Endpoint::server(server, addr).map_err(link_err)?;
+        endpoint.set_default_client_config(client);
         let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
         let shared = Arc::new(Shared {
             local: endpoint.local_addr().map_err(link_err)?,

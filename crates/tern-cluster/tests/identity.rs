@@ -177,3 +177,31 @@ fn legacy_identity(ca: &ClusterCa) -> NodeIdentity {
     assert!(identity.node_id().is_err(), "names no node");
     identity
 }
+
+/// A node that connects again from another address (as after a restart) replaces its
+/// old connection, which v closes: one connection per node id, however many ports a
+/// member dials from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_new_connection_replaces_its_old_one() {
+    let ca = ClusterCa::generate().unwrap();
+    let v = Node::start(&ca, "v", "r1", 1);
+    let identity = ca.issue("b").unwrap();
+    let first = RawPeer::bind("b", &identity);
+    let second = RawPeer::bind("b", &identity);
+    let v_addr = v.endpoint.local_addr().unwrap();
+    let old = first.dial(v_addr).await;
+    wait_for("v to take b's first connection", 10, || {
+        v.endpoint.connection_count() == 1
+    })
+    .await;
+    let new = second.dial(v_addr).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), old.closed())
+        .await
+        .expect("v closes b's old connection");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.reason.as_ref() == b"replaced"),
+        "{closed:?}"
+    );
+    assert!(new.close_reason().is_none(), "the new one stays");
+    wait_for("one connection", 10, || v.endpoint.connection_count() == 1).await;
+}
