@@ -52,6 +52,10 @@ pub enum ClusterError {
     /// Peer bytes were not a valid frame (wrong version, too large, undecodable).
     #[error("wire: {0}")]
     Wire(String),
+    /// A peer's certificate does not name the node it claims to be, or names none (see
+    /// `tls.rs`): the link is refused.
+    #[error("identity: {0}")]
+    Identity(String),
     /// A frame we were about to send is over the limit the peer enforces: it was not
     /// sent (nothing was written), and the link stays up.
     #[error("frame of {0} bytes is over the limit; not sent")]

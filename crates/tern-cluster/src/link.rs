@@ -3,17 +3,32 @@
 //! frames from one node arrive at the other in the order they were sent (per-origin FIFO
 //! rides on this). When both nodes dial at once, the connection the node with the lower
 //! address opened is kept and the other is closed; streams on it reopen on the kept one.
+//!
+//! Identity: every connection is mutual TLS under the cluster CA, and the peer's node id
+//! is read from its verified certificate (`tls::node_id_of`), once, when the handshake
+//! completes. A connection whose certificate names no node is closed at once; a link
+//! whose `Hello` names another node than the certificate closes its connection (so a
+//! member cannot speak for another node: its acks, its origin); a dial to the address
+//! gossip gives for a node that answers with another node's certificate opens no link.
+//! Each is counted (`tern_cluster_hello_refused_total{reason}`) and logged as a warning
+//! once per peer. Bytes that are not a frame drop the link they came on and are counted
+//! (`tern_cluster_frames_refused_total{reason}`, see `wire::Refusal`).
+//!
+//! Bounds: one connection per node id (a newer one replaces it), at most
+//! [`INBOUND_STREAMS_MAX`] streams open from a peer at once, and a frame's body is
+//! buffered as it arrives, never allocated from its length prefix alone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
-use crate::tls::{NodeIdentity, NODE_NAME};
-use crate::wire::{self, FrameV1, FRAME_BYTES_MAX};
+use crate::tls::{node_id_of, NodeIdError, NodeIdentity, NODE_NAME};
+use crate::wire::{self, FrameV1, Refusal, FRAME_BYTES_MAX};
 use crate::ClusterError;
 
 fn link_err(e: impl std::fmt::Display) -> ClusterError {
@@ -22,6 +37,31 @@ fn link_err(e: impl std::fmt::Display) -> ClusterError {
 
 /// Inbound streams waiting for `accept`.
 const INBOUND_QUEUE: usize = 1024;
+/// A frame's body is read in pieces of at most this, so what a peer announces in a
+/// length prefix is not allocated before its bytes arrive.
+const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Peers warned about once each (identity refusals); past this many, warnings start over.
+const WARNED_PEERS_MAX: usize = 1_024;
+/// Streams a peer may have open towards this node on its connection at once. A peer
+/// uses one (a new one after a send fails); each may hold up to a frame's bytes while
+/// it arrives, so this bounds what one connection can make this node buffer.
+pub const INBOUND_STREAMS_MAX: u32 = 16;
+/// QUIC application close code of a connection refused for its identity.
+const IDENTITY_REFUSED: u32 = 0x7e;
+
+/// Why a link's peer identity was refused: the `reason` of
+/// `tern_cluster_hello_refused_total`.
+mod reason {
+    /// The certificate names no node (issued before node ids, or unparsable).
+    pub const NO_NODE_ID: &str = "no_node_id";
+    /// A `Hello` names another node than the sender's certificate.
+    pub const NODE_ID_MISMATCH: &str = "node_id_mismatch";
+    /// The address dialed for one node answered with another node's certificate.
+    pub const DIALED_OTHER_NODE: &str = "dialed_other_node";
+}
+
+/// A peer's node id, as its certificate names it.
+type NodeId = Arc<str>;
 
 /// A node's QUIC endpoint: accepts links from peers and opens links to them.
 pub struct LinkEndpoint {
@@ -32,52 +72,128 @@ pub struct LinkEndpoint {
     closed: tokio::sync::watch::Receiver<bool>,
 }
 
+/// The pair's connection to one peer address.
+struct PeerConnection {
+    connection: Connection,
+    /// Whether we dialed it (the lower address's connection wins a tie).
+    dialed: bool,
+    /// The node its certificate names.
+    node: NodeId,
+}
+
 struct Shared {
     /// This endpoint's address, as peers know it (it breaks ties between connections).
     local: SocketAddr,
-    /// The one connection per peer address, and whether we dialed it. Bounded by the
-    /// peers that hold a certificate of the cluster CA.
-    connections: Mutex<HashMap<SocketAddr, (Connection, bool)>>,
+    /// The one connection per peer address. Bounded by the peers that hold a
+    /// certificate of the cluster CA.
+    connections: Mutex<HashMap<SocketAddr, PeerConnection>>,
     inbound: mpsc::Sender<LinkReceiver>,
+    /// Peers already warned about (identity refusals are logged at debug after the first).
+    warned: Mutex<HashSet<String>>,
+}
+
+/// The node id the peer's verified certificate names.
+fn peer_node(connection: &Connection) -> Result<NodeId, NodeIdError> {
+    let certificates = connection
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or(NodeIdError::Unparsable)?;
+    let leaf = certificates.first().ok_or(NodeIdError::Unparsable)?;
+    node_id_of(leaf).map(NodeId::from)
 }
 
 impl Shared {
-    fn connections(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, (Connection, bool)>> {
+    fn connections(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, PeerConnection>> {
         self.connections.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes `connection` the pair's connection unless a live one opened by the lower
-    /// address exists; returns the one to use. Streams the peer opens on it become
-    /// inbound links.
-    fn adopt(self: &Arc<Self>, connection: Connection, dialed: bool) -> Connection {
+    /// Counts an identity refusal and warns about it, once per `peer`.
+    fn refuse(&self, reason: &'static str, peer: &str, detail: &str) {
+        metrics::counter!("tern_cluster_hello_refused_total", "reason" => reason).increment(1);
+        let first = {
+            let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+            if warned.len() >= WARNED_PEERS_MAX {
+                warned.clear();
+            }
+            warned.insert(peer.to_string())
+        };
+        if first {
+            tracing::warn!(%peer, reason, "cluster link refused: {detail}");
+        } else {
+            tracing::debug!(%peer, reason, "cluster link refused: {detail}");
+        }
+    }
+
+    /// Closes a connection whose certificate names no node.
+    fn refuse_certificate(&self, connection: &Connection, error: NodeIdError) {
+        connection.close(IDENTITY_REFUSED.into(), b"certificate names no node");
+        let peer = connection.remote_address().to_string();
+        self.refuse(reason::NO_NODE_ID, &peer, &error.to_string());
+    }
+
+    /// Makes `connection` (to the node `node`) the pair's connection unless a live one
+    /// opened by the lower address exists; returns the one to use and its node. Streams
+    /// the peer opens on it become inbound links.
+    fn adopt(
+        self: &Arc<Self>,
+        connection: Connection,
+        dialed: bool,
+        node: NodeId,
+    ) -> (Connection, NodeId) {
         let peer = connection.remote_address();
         let opener = |dialed: bool| if dialed { self.local } else { peer };
         let mut connections = self.connections();
-        if let Some((existing, existing_dialed)) = connections.get(&peer) {
-            let live = existing.close_reason().is_none();
-            if live && existing.stable_id() != connection.stable_id() {
-                if opener(*existing_dialed) < opener(dialed) {
+        if let Some(existing) = connections.get(&peer) {
+            let live = existing.connection.close_reason().is_none();
+            if live && existing.connection.stable_id() != connection.stable_id() {
+                if opener(existing.dialed) < opener(dialed) {
                     connection.close(0u32.into(), b"duplicate");
-                    return existing.clone();
+                    return (existing.connection.clone(), existing.node.clone());
                 }
-                existing.close(0u32.into(), b"duplicate");
+                existing.connection.close(0u32.into(), b"duplicate");
             } else if live {
-                return existing.clone();
+                return (existing.connection.clone(), existing.node.clone());
             }
         }
-        connections.insert(peer, (connection.clone(), dialed));
+        // One connection per node: a node back from another address (a restart) replaces
+        // its old one, and a member cannot multiply what it makes this node buffer by
+        // dialing from many ports.
+        let replaced: Vec<SocketAddr> = connections
+            .iter()
+            .filter(|(addr, c)| **addr != peer && c.node == node)
+            .map(|(addr, _)| *addr)
+            .collect();
+        for addr in replaced {
+            if let Some(old) = connections.remove(&addr) {
+                old.connection.close(0u32.into(), b"replaced");
+            }
+        }
+        connections.insert(
+            peer,
+            PeerConnection {
+                connection: connection.clone(),
+                dialed,
+                node: node.clone(),
+            },
+        );
         drop(connections);
-        tokio::spawn(accept_streams(self.clone(), connection.clone()));
-        connection
+        tokio::spawn(accept_streams(
+            self.clone(),
+            connection.clone(),
+            node.clone(),
+        ));
+        (connection, node)
     }
 }
 
 /// Hands every stream the peer opens on `connection` to `accept`, until it closes.
-async fn accept_streams(shared: Arc<Shared>, connection: Connection) {
+async fn accept_streams(shared: Arc<Shared>, connection: Connection, node: NodeId) {
     while let Ok(stream) = connection.accept_uni().await {
         let link = LinkReceiver {
             stream,
             connection: connection.clone(),
+            peer_node: node.clone(),
+            shared: shared.clone(),
         };
         if shared.inbound.send(link).await.is_err() {
             return;
@@ -87,7 +203,7 @@ async fn accept_streams(shared: Arc<Shared>, connection: Connection) {
     let peer = connection.remote_address();
     if connections
         .get(&peer)
-        .is_some_and(|(c, _)| c.stable_id() == connection.stable_id())
+        .is_some_and(|c| c.connection.stable_id() == connection.stable_id())
     {
         connections.remove(&peer);
     }
@@ -96,18 +212,26 @@ async fn accept_streams(shared: Arc<Shared>, connection: Connection) {
 impl LinkEndpoint {
     /// Binds `addr` with mutual TLS from `identity` and starts accepting peers (call
     /// inside a tokio runtime).
+    /// Refuses an identity whose certificate names no node (peers would refuse it).
     pub fn bind(addr: SocketAddr, identity: &NodeIdentity) -> Result<LinkEndpoint, ClusterError> {
+        identity.node_id()?;
         let server = QuicServerConfig::try_from(identity.server_config()?).map_err(link_err)?;
         let client = QuicClientConfig::try_from(identity.client_config()?).map_err(link_err)?;
-        let mut endpoint =
-            Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(server)), addr)
-                .map_err(link_err)?;
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(client)));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(INBOUND_STREAMS_MAX));
+        let transport = Arc::new(transport);
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
+        server.transport_config(transport.clone());
+        let mut client = quinn::ClientConfig::new(Arc::new(client));
+        client.transport_config(transport);
+        let mut endpoint = Endpoint::server(server, addr).map_err(link_err)?;
+        endpoint.set_default_client_config(client);
         let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
         let shared = Arc::new(Shared {
             local: endpoint.local_addr().map_err(link_err)?,
             connections: Mutex::new(HashMap::new()),
             inbound: tx,
+            warned: Mutex::new(HashSet::new()),
         });
         let accepting = endpoint.clone();
         let accepted = shared.clone();
@@ -119,9 +243,12 @@ impl LinkEndpoint {
                 // The TLS handshake (certificate verified) runs off the accept loop.
                 tokio::spawn(async move {
                     match incoming.await {
-                        Ok(connection) => {
-                            shared.adopt(connection, false);
-                        }
+                        Ok(connection) => match peer_node(&connection) {
+                            Ok(node) => {
+                                shared.adopt(connection, false, node);
+                            }
+                            Err(err) => shared.refuse_certificate(&connection, err),
+                        },
                         Err(err) => tracing::debug!(error = %err, "inbound connection failed"),
                     }
                 });
@@ -150,17 +277,23 @@ impl LinkEndpoint {
         self.endpoint.open_connections()
     }
 
-    /// Opens a link to a peer: one ordered outbound stream on the pair's connection,
-    /// dialing it if there is none.
-    pub async fn connect(&self, peer: SocketAddr) -> Result<LinkSender, ClusterError> {
+    /// Opens a link to the node `node_id` at `peer` (its address as gossip gives it):
+    /// one ordered outbound stream on the pair's connection, dialing it if there is none.
+    /// Refused ([`ClusterError::Identity`]) when the certificate at that address names
+    /// another node or none.
+    pub async fn connect(
+        &self,
+        peer: SocketAddr,
+        node_id: &str,
+    ) -> Result<LinkSender, ClusterError> {
         let existing = self
             .shared
             .connections()
             .get(&peer)
-            .filter(|(c, _)| c.close_reason().is_none())
-            .map(|(c, _)| c.clone());
-        let connection = match existing {
-            Some(connection) => connection,
+            .filter(|c| c.connection.close_reason().is_none())
+            .map(|c| (c.connection.clone(), c.node.clone()));
+        let (connection, node) = match existing {
+            Some(existing) => existing,
             None => {
                 let dialed = self
                     .endpoint
@@ -168,9 +301,24 @@ impl LinkEndpoint {
                     .map_err(link_err)?
                     .await
                     .map_err(link_err)?;
-                self.shared.adopt(dialed, true)
+                match peer_node(&dialed) {
+                    Ok(node) => self.shared.adopt(dialed, true, node),
+                    Err(err) => {
+                        self.shared.refuse_certificate(&dialed, err);
+                        return Err(ClusterError::Identity(format!("{peer}: {err}")));
+                    }
+                }
             }
         };
+        if *node != *node_id {
+            // Gossip is stale (another node took the address) or lies: this node's
+            // frames are not for that one. The connection stays: it is that node's.
+            let detail =
+                format!("{peer} was dialed for {node_id} but its certificate names {node}");
+            self.shared
+                .refuse(reason::DIALED_OTHER_NODE, &node, &detail);
+            return Err(ClusterError::Identity(detail));
+        }
         let stream = connection.open_uni().await.map_err(link_err)?;
         Ok(LinkSender {
             stream,
@@ -238,6 +386,17 @@ impl LinkSender {
 pub struct LinkReceiver {
     stream: RecvStream,
     connection: quinn::Connection,
+    /// The node the peer's certificate names.
+    peer_node: NodeId,
+    shared: Arc<Shared>,
+}
+
+/// Why reading a frame failed.
+enum ReadError {
+    /// The bytes are not a frame (counted, the link is dropped).
+    Refused(Refusal),
+    /// The stream or connection failed.
+    Link(ClusterError),
 }
 
 impl LinkReceiver {
@@ -246,22 +405,65 @@ impl LinkReceiver {
         self.connection.remote_address()
     }
 
-    /// The next frame, or `None` when the peer finished the stream.
+    /// The node the peer's verified certificate names.
+    pub fn peer_node(&self) -> &str {
+        &self.peer_node
+    }
+
+    /// The next frame, or `None` when the peer finished the stream. Bytes that are not
+    /// a frame are an error (counted); so is a `Hello` naming another node than the
+    /// peer's certificate, which also closes the connection.
     pub async fn recv(&mut self) -> Result<Option<FrameV1>, ClusterError> {
+        let frame = match self.read_frame().await {
+            Ok(frame) => frame,
+            Err(ReadError::Link(err)) => return Err(err),
+            Err(ReadError::Refused(refusal)) => {
+                metrics::counter!("tern_cluster_frames_refused_total", "reason" => refusal.reason())
+                    .increment(1);
+                tracing::debug!(peer = %self.peer_node, error = %refusal, "frame refused; dropping the link");
+                return Err(refusal.into());
+            }
+        };
+        if let Some(FrameV1::Hello { node_id, .. }) = &frame {
+            if **node_id != *self.peer_node {
+                self.connection
+                    .close(IDENTITY_REFUSED.into(), b"hello names another node");
+                let detail = format!(
+                    "its Hello says {node_id:?} but its certificate names {:?}",
+                    self.peer_node
+                );
+                self.shared
+                    .refuse(reason::NODE_ID_MISMATCH, &self.peer_node, &detail);
+                return Err(ClusterError::Identity(detail));
+            }
+        }
+        Ok(frame)
+    }
+
+    async fn read_frame(&mut self) -> Result<Option<FrameV1>, ReadError> {
         let mut len = [0u8; 4];
         match self.stream.read_exact(&mut len).await {
             Ok(()) => {}
             Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(e) => return Err(link_err(e)),
+            Err(quinn::ReadExactError::FinishedEarly(_)) => {
+                return Err(ReadError::Refused(Refusal::Truncated))
+            }
+            Err(quinn::ReadExactError::ReadError(e)) => return Err(ReadError::Link(link_err(e))),
         }
         let len = u32::from_be_bytes(len) as usize;
         if len > FRAME_BYTES_MAX + 1 {
-            return Err(ClusterError::Wire(format!(
-                "frame of {len} bytes is over the limit"
-            )));
+            return Err(ReadError::Refused(Refusal::TooLarge(len)));
         }
-        let mut bytes = vec![0u8; len];
-        self.stream.read_exact(&mut bytes).await.map_err(link_err)?;
-        wire::decode(&bytes).map(Some)
+        // Grown as bytes arrive: a length prefix alone costs nothing.
+        let mut bytes = Vec::with_capacity(len.min(READ_CHUNK_BYTES));
+        while bytes.len() < len {
+            let want = (len - bytes.len()).min(READ_CHUNK_BYTES);
+            match self.stream.read_chunk(want, true).await {
+                Ok(Some(chunk)) => bytes.extend_from_slice(&chunk.bytes),
+                Ok(None) => return Err(ReadError::Refused(Refusal::Truncated)),
+                Err(e) => return Err(ReadError::Link(link_err(e))),
+            }
+        }
+        wire::decode(&bytes).map(Some).map_err(ReadError::Refused)
     }
 }

@@ -83,6 +83,10 @@ const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
 /// Channels being backfilled at once, and how soon one may be backfilled again.
 const BACKFILLS_MAX: usize = 10_000;
 const BACKFILL_AGAIN_AFTER: Duration = Duration::from_secs(60);
+/// Page reads answering peers' `Backfill` requests at once (each holds a blocking thread
+/// while the store reads); a request past it is ignored and counted, and the asker asks
+/// again after [`ASK_AGAIN_AFTER`].
+pub const BACKFILL_ANSWERS_MAX: usize = 16;
 
 /// This node's history store, as far as copying a channel's stored history to its new
 /// home needs it. Implemented where the node is wired.
@@ -159,6 +163,17 @@ pub struct Replicator {
     history: OnceLock<Arc<dyn HistoryAccess>>,
     /// Channels whose history this node started copying, and when.
     backfills: Mutex<HashMap<ChannelKey, Backfilling>>,
+    /// `Backfill` pages being read for peers now (at most [`BACKFILL_ANSWERS_MAX`]).
+    backfill_answers: std::sync::atomic::AtomicUsize,
+}
+
+/// One of [`Replicator::backfill_answers`], given back when dropped.
+struct BackfillSlot<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for BackfillSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct Warming {
@@ -273,6 +288,7 @@ impl Replicator {
             warming: Mutex::new(HashMap::new()),
             history: OnceLock::new(),
             backfills: Mutex::new(HashMap::new()),
+            backfill_answers: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -532,6 +548,12 @@ impl Replicator {
         if p.epoch != epoch || upto <= p.acked {
             return;
         }
+        if upto > p.seq {
+            // Positions never handed out: believing it would count the peer as a
+            // replica of events it has not seen, and skip sending them to it.
+            ignored("stored_unsent");
+            return;
+        }
         p.acked = upto;
         {
             let mut q = lock(&p.shared.queue);
@@ -680,6 +702,12 @@ impl Replicator {
             let Some(hub) = running.hub.upgrade() else {
                 return;
             };
+            // Every link starts with `Hello` (whose node id `link.rs` checked against the
+            // peer's certificate): nothing before it speaks for any node.
+            if sender.is_none() && !matches!(frame, FrameV1::Hello { .. }) {
+                ignored("before_hello");
+                continue;
+            }
             if let Some((peer, _)) = &sender {
                 if sender_link.is_none() {
                     sender_link = self.peer_shared(peer);
@@ -745,6 +773,7 @@ impl Replicator {
                         continue;
                     };
                     let Ok(remote) = event.to_remote() else {
+                        ignored("event_frame");
                         continue;
                     };
                     let key = ChannelKey::new(&event.app, &event.channel);
@@ -850,12 +879,17 @@ impl Replicator {
                     channel,
                     frame,
                 } => {
-                    let members = tern_protocol::decode(tern_protocol::Format::Msgpack, &frame)
-                        .ok()
-                        .and_then(|f| f.presence)
-                        .unwrap_or_default();
-                    let key = ChannelKey::new(&app, &channel);
-                    hub.seed_members(&key, members, crate::now_ms());
+                    let Ok(frame) = tern_protocol::decode(tern_protocol::Format::Msgpack, &frame)
+                    else {
+                        ignored("sync_members_frame");
+                        continue;
+                    };
+                    // Seeding makes the channel: only for members there are.
+                    let members = frame.presence.unwrap_or_default();
+                    if !members.is_empty() {
+                        let key = ChannelKey::new(&app, &channel);
+                        hub.seed_members(&key, members, crate::now_ms());
+                    }
                 }
                 FrameV1::Synced {
                     app,
@@ -1468,8 +1502,15 @@ impl Replicator {
         let Some(history) = self.history.get().cloned() else {
             return;
         };
+        if self.backfill_answers.fetch_add(1, Ordering::SeqCst) >= BACKFILL_ANSWERS_MAX {
+            self.backfill_answers.fetch_sub(1, Ordering::SeqCst);
+            ignored("backfill_busy");
+            return;
+        }
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
+            // Released however the read ends.
+            let _slot = BackfillSlot(&me.backfill_answers);
             let (mut items, mut more) =
                 history.page(&app, &channel, presence, after, BACKFILL_PAGE);
             // Items are stored messages (each within the publish limit), but a page of
@@ -1582,7 +1623,7 @@ async fn send_loop(
             tokio::time::sleep(RECONNECT_DELAY).await;
             continue;
         }
-        let mut link = match endpoint.connect(peer.quic).await {
+        let mut link = match endpoint.connect(peer.quic, &peer.node_id).await {
             Ok(link) => link,
             Err(err) => {
                 tracing::debug!(peer = %peer.node_id, error = %err, "link connect failed; retrying");
@@ -1795,6 +1836,11 @@ impl PreciseTimer {
         lock(&self.due).insert((at, id), then);
         self.thread.unpark();
     }
+}
+
+/// Counts a well-formed frame from a peer that this node does not act on.
+fn ignored(reason: &'static str) {
+    metrics::counter!("tern_replication_frames_ignored_total", "reason" => reason).increment(1);
 }
 
 /// Reports an event that cannot be replicated because it does not fit a frame.

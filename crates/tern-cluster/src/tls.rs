@@ -2,10 +2,17 @@
 //! certificate signed by the cluster CA and requires the same of its peer. `tern dev`
 //! makes a throwaway CA; `tern certs` writes a CA and node certificates as PEM files,
 //! which `tern serve` reads (`[cluster] ca_cert`, `cert`, `key`).
+//!
+//! A node certificate names its node: besides the DNS name [`NODE_NAME`] (which every
+//! client verifies), it carries one URI SAN `tern-node:<node id>` ([`NODE_ID_URI_PREFIX`]).
+//! The CA signs that, so a peer's node id is read from its verified certificate
+//! ([`node_id_of`]), never taken from what the peer says: a link whose `Hello` names
+//! another node is refused (`link.rs`). A certificate issued before node ids were
+//! carried (no such SAN) is refused too; issue it again with `tern certs`.
 
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::RootCertStore;
 
@@ -15,6 +22,60 @@ use crate::ClusterError;
 pub const NODE_NAME: &str = "tern-node";
 /// ALPN protocol of inter-node links.
 pub const ALPN: &[u8] = b"tern/1";
+/// How a node certificate names its node: the URI SAN `tern-node:<node id>`.
+pub const NODE_ID_URI_PREFIX: &str = "tern-node:";
+/// Longest node id a certificate carries.
+pub const NODE_ID_BYTES_MAX: usize = 128;
+
+/// Whether `id` can be a node id in a certificate: 1 to [`NODE_ID_BYTES_MAX`] bytes of
+/// `A-Z a-z 0-9 - . _ ~` (what a URI carries unescaped, so the SAN is the id itself).
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= NODE_ID_BYTES_MAX
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+}
+
+/// Why a certificate names no node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeIdError {
+    /// Not a certificate webpki can parse.
+    Unparsable,
+    /// No `tern-node:` URI SAN (a certificate from before node ids), or one whose id
+    /// is not a valid node id.
+    Missing,
+    /// More than one `tern-node:` URI SAN: the certificate names no single node.
+    Ambiguous,
+}
+
+impl std::fmt::Display for NodeIdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeIdError::Unparsable => "the certificate cannot be parsed",
+            NodeIdError::Missing => {
+                "the certificate names no node (issued before node ids: run `tern certs` again)"
+            }
+            NodeIdError::Ambiguous => "the certificate names more than one node",
+        })
+    }
+}
+
+/// The node id a (verified) node certificate names.
+pub fn node_id_of(cert: &CertificateDer<'_>) -> Result<String, NodeIdError> {
+    let parsed = webpki::EndEntityCert::try_from(cert).map_err(|_| NodeIdError::Unparsable)?;
+    let mut ids = parsed
+        .valid_uri_names()
+        .filter_map(|uri| uri.strip_prefix(NODE_ID_URI_PREFIX));
+    let id = ids.next().ok_or(NodeIdError::Missing)?;
+    if ids.next().is_some() {
+        return Err(NodeIdError::Ambiguous);
+    }
+    if !valid_node_id(id) {
+        return Err(NodeIdError::Missing);
+    }
+    Ok(id.to_string())
+}
 
 fn tls_err(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Tls(e.to_string())
@@ -52,9 +113,19 @@ impl ClusterCa {
         (self.issuer.pem(), self.issuer.key().serialize_pem())
     }
 
-    /// A certificate for one node, signed by this CA.
-    pub fn issue(&self) -> Result<NodeIdentity, ClusterError> {
-        let params = CertificateParams::new(vec![NODE_NAME.to_string()]).map_err(tls_err)?;
+    /// A certificate for the node `node_id` (see [`valid_node_id`]), signed by this CA.
+    /// Every path that makes node certificates comes here, so every one names its node.
+    pub fn issue(&self, node_id: &str) -> Result<NodeIdentity, ClusterError> {
+        if !valid_node_id(node_id) {
+            return Err(ClusterError::Tls(format!(
+                "node id {node_id:?} must be 1 to {NODE_ID_BYTES_MAX} of A-Z a-z 0-9 - . _ ~"
+            )));
+        }
+        let mut params = CertificateParams::new(vec![NODE_NAME.to_string()]).map_err(tls_err)?;
+        let uri = format!("{NODE_ID_URI_PREFIX}{node_id}");
+        params
+            .subject_alt_names
+            .push(SanType::URI(uri.try_into().map_err(tls_err)?));
         let key = KeyPair::generate().map_err(tls_err)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(tls_err)?;
         Ok(NodeIdentity {
@@ -76,6 +147,11 @@ impl NodeIdentity {
             pem_block("CERTIFICATE", &self.cert),
             pem_block("PRIVATE KEY", &self.key_der),
         )
+    }
+
+    /// The node this identity's certificate names.
+    pub fn node_id(&self) -> Result<String, ClusterError> {
+        node_id_of(&self.cert).map_err(tls_err)
     }
 
     /// Loads a node identity from PEM: its certificate, its PKCS#8 key, the CA.
@@ -144,4 +220,40 @@ fn pem_block(label: &str, der: &[u8]) -> String {
     }
     out.push_str(&format!("-----END {label}-----\n"));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node certificate names exactly its node, read back from the DER (and from PEM);
+    /// ids a URI cannot carry unescaped, or too long, are not issued; a certificate
+    /// without the SAN (the CA's own here) names no node.
+    #[test]
+    fn a_node_certificate_names_its_node() {
+        let ca = ClusterCa::generate().unwrap();
+        let identity = ca.issue("us-east-1").unwrap();
+        assert_eq!(identity.node_id().unwrap(), "us-east-1");
+        let (cert, key) = identity.to_pem();
+        let (ca_pem, _) = ca.to_pem();
+        let loaded =
+            NodeIdentity::from_pem(cert.as_bytes(), key.as_bytes(), ca_pem.as_bytes()).unwrap();
+        assert_eq!(loaded.node_id().unwrap(), "us-east-1");
+        for bad in [
+            "",
+            "a b",
+            "a/b",
+            "a:b",
+            "ü",
+            &"x".repeat(NODE_ID_BYTES_MAX + 1),
+        ] {
+            assert!(ca.issue(bad).is_err(), "{bad:?}");
+        }
+        assert!(ca.issue(&"x".repeat(NODE_ID_BYTES_MAX)).is_ok());
+        assert_eq!(node_id_of(&identity.ca), Err(NodeIdError::Missing));
+        assert_eq!(
+            node_id_of(&CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])),
+            Err(NodeIdError::Unparsable)
+        );
+    }
 }

@@ -1,5 +1,15 @@
 //! Inter-node frames. Every frame on the wire is `version byte ‖ bincode(FrameV1)`;
 //! decoding refuses other versions and anything over [`FRAME_BYTES_MAX`].
+//!
+//! Threat model: the peer holds a certificate of the cluster CA (`tls.rs`), so it is a
+//! member, but its bytes may still be wrong (a bug, an old or newer version, a member
+//! gone bad). Decoding is where shape is checked, once, so nothing behind it does
+//! arithmetic on or stores what no node produces: a frame is refused ([`Refusal`], the
+//! link is dropped and the refusal counted by its [`Refusal::reason`]) when it has
+//! another version, is empty, over [`FRAME_BYTES_MAX`], not bincode of a `FrameV1`, has
+//! bytes after it, names an app or channel longer than [`NAME_BYTES_MAX`], carries a
+//! sequence number or link position over [`SEQ_MAX`] (so `+ 1` never overflows
+//! anywhere), or lists more than [`ITEMS_PER_FRAME_MAX`] channels or items.
 
 use serde::{Deserialize, Serialize};
 use tern_core::{ChannelEvent, OriginId, RemoteEvent};
@@ -10,6 +20,18 @@ use crate::ClusterError;
 pub const VERSION_V1: u8 = 1;
 /// Largest frame accepted from a peer.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
+/// Longest app or channel name in a frame: the edge refuses channel names over 2,048
+/// bytes, so this is slack, and it keeps a peer from making channels with names of
+/// megabytes (channels are bounded by count, not by the bytes of their names).
+pub const NAME_BYTES_MAX: usize = 4_096;
+/// Highest sequence number or link position in a frame. Both count from 1, one per
+/// event: at a million a second this is 146,000 years away, and the headroom means
+/// `seq + 1` cannot overflow on a receiver.
+pub const SEQ_MAX: u64 = 1 << 62;
+/// Most channels (`Heads`, `Interest`) or history items (`BackfillItems`) in one frame.
+/// Senders put at most 512 in one; each costs the receiver map lookups under its locks,
+/// so a frame of millions would hold a runtime thread for seconds.
+pub const ITEMS_PER_FRAME_MAX: usize = 4_096;
 
 /// A channel event as it crosses between nodes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -41,6 +63,8 @@ pub enum FrameV1 {
     /// First frame on every link: who is sending (so the receiver can answer on its own
     /// link to us) and from which link position it resends.
     Hello {
+        /// Must be the node id the sender's certificate names: the receiver refuses
+        /// (closes) a connection whose `Hello` names another node.
         node_id: String,
         incarnation: u64,
         /// The sender's origin id (its own events come over this link, reliably).
@@ -159,19 +183,168 @@ pub fn encode(frame: &FrameV1) -> Vec<u8> {
     out
 }
 
-pub fn decode(bytes: &[u8]) -> Result<FrameV1, ClusterError> {
+/// Why peer bytes were not accepted as a frame. The link they came on is dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A frame of zero bytes (no version byte).
+    #[error("empty frame")]
+    Empty,
+    /// A version byte this node does not speak.
+    #[error("unsupported version {0}")]
+    Version(u8),
+    /// A length over [`FRAME_BYTES_MAX`] (announced in the length prefix, or of the body).
+    #[error("frame of {0} bytes is over the limit")]
+    TooLarge(usize),
+    /// The stream ended inside a frame (in its length prefix or its body).
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// The body is not bincode of a `FrameV1` (within the size limit).
+    #[error("undecodable frame: {0}")]
+    Undecodable(String),
+    /// Bytes after the frame, inside its length.
+    #[error("trailing bytes after the frame")]
+    Trailing,
+    /// An app or channel name over [`NAME_BYTES_MAX`] bytes.
+    #[error("a name of {0} bytes is over the limit")]
+    NameTooLong(usize),
+    /// A sequence number or link position over [`SEQ_MAX`].
+    #[error("sequence {0} is over the limit")]
+    SeqTooHigh(u64),
+    /// More than [`ITEMS_PER_FRAME_MAX`] channels or items.
+    #[error("{0} channels or items in one frame are over the limit")]
+    TooManyItems(usize),
+}
+
+impl Refusal {
+    /// The `reason` label it is counted under (`tern_cluster_frames_refused_total`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Empty => "empty",
+            Refusal::Version(_) => "version",
+            Refusal::TooLarge(_) => "too_large",
+            Refusal::Truncated => "truncated",
+            Refusal::Undecodable(_) => "undecodable",
+            Refusal::Trailing => "trailing",
+            Refusal::NameTooLong(_) => "name_too_long",
+            Refusal::SeqTooHigh(_) => "seq_too_high",
+            Refusal::TooManyItems(_) => "too_many_items",
+        }
+    }
+}
+
+impl From<Refusal> for ClusterError {
+    fn from(refusal: Refusal) -> ClusterError {
+        ClusterError::Wire(refusal.to_string())
+    }
+}
+
+pub fn decode(bytes: &[u8]) -> Result<FrameV1, Refusal> {
     match bytes.split_first() {
         Some((&VERSION_V1, body)) if body.len() <= FRAME_BYTES_MAX => {
             let (frame, used) = bincode::serde::decode_from_slice(body, config())
-                .map_err(|e| ClusterError::Wire(e.to_string()))?;
+                .map_err(|e| Refusal::Undecodable(e.to_string()))?;
             if used != body.len() {
-                return Err(ClusterError::Wire("trailing bytes".into()));
+                return Err(Refusal::Trailing);
             }
+            check(&frame)?;
             Ok(frame)
         }
-        Some((&VERSION_V1, _)) => Err(ClusterError::Wire("frame too large".into())),
-        Some((version, _)) => Err(ClusterError::Wire(format!("unsupported version {version}"))),
-        None => Err(ClusterError::Wire("empty frame".into())),
+        Some((&VERSION_V1, body)) => Err(Refusal::TooLarge(body.len() + 1)),
+        Some((version, _)) => Err(Refusal::Version(*version)),
+        None => Err(Refusal::Empty),
+    }
+}
+
+fn name(name: &str) -> Result<(), Refusal> {
+    match name.len() {
+        len if len > NAME_BYTES_MAX => Err(Refusal::NameTooLong(len)),
+        _ => Ok(()),
+    }
+}
+
+fn names(app: &str, channel: &str) -> Result<(), Refusal> {
+    name(app)?;
+    name(channel)
+}
+
+fn seq(seq: u64) -> Result<(), Refusal> {
+    match seq {
+        seq if seq > SEQ_MAX => Err(Refusal::SeqTooHigh(seq)),
+        _ => Ok(()),
+    }
+}
+
+fn items(count: usize) -> Result<(), Refusal> {
+    match count {
+        count if count > ITEMS_PER_FRAME_MAX => Err(Refusal::TooManyItems(count)),
+        _ => Ok(()),
+    }
+}
+
+fn origins(origins: &[(u64, u64)]) -> Result<(), Refusal> {
+    origins.iter().try_for_each(|(_, s)| seq(*s))
+}
+
+/// The limits of the module doc on a decoded frame.
+fn check(frame: &FrameV1) -> Result<(), Refusal> {
+    match frame {
+        FrameV1::Event(event) => {
+            names(&event.app, &event.channel)?;
+            seq(event.seq)?;
+            seq(event.link_seq)
+        }
+        FrameV1::Repair {
+            app,
+            channel,
+            from,
+            to,
+            ..
+        } => {
+            names(app, channel)?;
+            seq(*from)?;
+            seq(*to)
+        }
+        FrameV1::Hello { first, .. } => seq(*first),
+        FrameV1::Stored { upto, .. } => seq(*upto),
+        FrameV1::Heads { channels } => {
+            items(channels.len())?;
+            channels.iter().try_for_each(|head| {
+                names(&head.app, &head.channel)?;
+                origins(&head.origins)
+            })
+        }
+        FrameV1::Skip {
+            app, channel, upto, ..
+        } => {
+            names(app, channel)?;
+            seq(*upto)
+        }
+        FrameV1::Interest { channels, .. } => {
+            items(channels.len())?;
+            channels
+                .iter()
+                .try_for_each(|(app, channel)| names(app, channel))
+        }
+        FrameV1::Sync { app, channel }
+        | FrameV1::SyncMembers { app, channel, .. }
+        | FrameV1::Backfill { app, channel, .. } => names(app, channel),
+        FrameV1::Synced {
+            app,
+            channel,
+            origins: cursor,
+        } => {
+            names(app, channel)?;
+            origins(cursor)
+        }
+        FrameV1::BackfillItems {
+            app,
+            channel,
+            items: page,
+            ..
+        } => {
+            names(app, channel)?;
+            items(page.len())
+        }
     }
 }
 
@@ -258,10 +431,11 @@ mod tests {
             app: "app".into(),
             channel: "channel".into(),
             origin: u64::MAX,
-            seq: u64::MAX,
+            // The largest a peer accepts; as a varint as long as u64::MAX.
+            seq: SEQ_MAX,
             publisher: Some("publisher".into()),
             frame: vec![0xAB; frame_len],
-            link_seq: u64::MAX,
+            link_seq: SEQ_MAX,
         };
         let variable = "app".len() + "channel".len() + "publisher".len();
         let largest = FRAME_BYTES_MAX - FRAME_OVERHEAD_BYTES_MAX - variable;
@@ -271,6 +445,101 @@ mod tests {
         assert!(bytes.len() <= FRAME_BYTES_MAX + 1);
         assert_eq!(decode(&bytes).unwrap(), FrameV1::Event(fitting));
         assert!(!event(largest + 1).fits());
+    }
+
+    /// Each limit of the module doc refuses one past it, with its reason, and accepts
+    /// the limit itself.
+    #[test]
+    fn decode_checks_names_sequences_and_counts() {
+        let check = |frame: FrameV1, expected: Option<&str>| {
+            let got = decode(&encode(&frame)).err().map(|r| r.reason());
+            assert_eq!(got, expected, "{frame:?}");
+        };
+        let event = |channel: usize, seq: u64, link_seq: u64| {
+            FrameV1::Event(EventV1 {
+                app: "app".into(),
+                channel: "c".repeat(channel),
+                origin: 1,
+                seq,
+                publisher: None,
+                frame: vec![],
+                link_seq,
+            })
+        };
+        check(event(NAME_BYTES_MAX, SEQ_MAX, SEQ_MAX), None);
+        check(event(NAME_BYTES_MAX + 1, 1, 1), Some("name_too_long"));
+        check(event(1, SEQ_MAX + 1, 1), Some("seq_too_high"));
+        check(event(1, 1, u64::MAX), Some("seq_too_high"));
+        let repair = |from: u64, to: u64| FrameV1::Repair {
+            app: "a".into(),
+            channel: "c".into(),
+            origin: 1,
+            from,
+            to,
+        };
+        check(repair(5, 1), None);
+        check(repair(1, u64::MAX), Some("seq_too_high"));
+        let skip = FrameV1::Skip {
+            app: "a".into(),
+            channel: "c".into(),
+            origin: 1,
+            upto: u64::MAX,
+        };
+        check(skip, Some("seq_too_high"));
+        let heads = |count: usize, seq: u64| FrameV1::Heads {
+            channels: vec![
+                HeadV1 {
+                    app: "a".into(),
+                    channel: "c".into(),
+                    origins: vec![(1, seq)],
+                };
+                count
+            ],
+        };
+        check(heads(ITEMS_PER_FRAME_MAX, SEQ_MAX), None);
+        check(heads(ITEMS_PER_FRAME_MAX + 1, 1), Some("too_many_items"));
+        check(heads(1, u64::MAX), Some("seq_too_high"));
+        let interest = |count: usize, name: usize| FrameV1::Interest {
+            channels: vec![("a".into(), "c".repeat(name)); count],
+            on: true,
+        };
+        check(interest(ITEMS_PER_FRAME_MAX + 1, 1), Some("too_many_items"));
+        check(interest(1, NAME_BYTES_MAX + 1), Some("name_too_long"));
+        let synced = FrameV1::Synced {
+            app: "a".into(),
+            channel: "c".into(),
+            origins: vec![(1, 2), (3, u64::MAX)],
+        };
+        check(synced, Some("seq_too_high"));
+        let hello = FrameV1::Hello {
+            node_id: "a".into(),
+            incarnation: u64::MAX,
+            origin: u64::MAX,
+            epoch: u64::MAX,
+            first: u64::MAX,
+        };
+        check(hello, Some("seq_too_high"));
+        let stored = FrameV1::Stored {
+            incarnation: 1,
+            epoch: 1,
+            upto: u64::MAX,
+        };
+        check(stored, Some("seq_too_high"));
+        let page = |count: usize| FrameV1::BackfillItems {
+            app: "a".into(),
+            channel: "c".into(),
+            presence: false,
+            items: vec![
+                ItemV1 {
+                    position: (0, 0, 0, 0),
+                    payload: vec![],
+                };
+                count
+            ],
+            more: false,
+        };
+        check(page(ITEMS_PER_FRAME_MAX), None);
+        check(page(ITEMS_PER_FRAME_MAX + 1), Some("too_many_items"));
     }
 
     proptest! {

@@ -139,7 +139,7 @@ async fn start_keyed(
         gossip_key: gossip_key.clone(),
         ack_replicas,
         topology,
-        identity: Arc::new(ca.issue().unwrap()),
+        identity: Arc::new(ca.issue(name).unwrap()),
         gossip_interval: Duration::from_millis(100),
         failure_detection: Duration::from_millis(500),
     };

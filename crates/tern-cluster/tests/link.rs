@@ -41,8 +41,8 @@ fn loopback() -> std::net::SocketAddr {
 async fn events_cross_a_mutual_tls_quic_link_in_order() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ca = ClusterCa::generate().unwrap();
-    let a = LinkEndpoint::bind(loopback(), &ca.issue().unwrap()).unwrap();
-    let b = LinkEndpoint::bind(loopback(), &ca.issue().unwrap()).unwrap();
+    let a = LinkEndpoint::bind(loopback(), &ca.issue("a").unwrap()).unwrap();
+    let b = LinkEndpoint::bind(loopback(), &ca.issue("b").unwrap()).unwrap();
     let b_addr = b.local_addr().unwrap();
 
     let key = ChannelKey::new("app", "room");
@@ -77,7 +77,7 @@ async fn events_cross_a_mutual_tls_quic_link_in_order() {
         applied
     });
 
-    let mut link = a.connect(b_addr).await.unwrap();
+    let mut link = a.connect(b_addr, "b").await.unwrap();
     for i in 0..200u64 {
         let publisher = Publisher {
             connection_id: Some("pub".into()),
@@ -112,16 +112,16 @@ async fn a_node_from_another_ca_is_refused() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ca = ClusterCa::generate().unwrap();
     let stranger_ca = ClusterCa::generate().unwrap();
-    let member = LinkEndpoint::bind(loopback(), &ca.issue().unwrap()).unwrap();
-    let mut identity = stranger_ca.issue().unwrap();
-    identity.ca = ca.issue().unwrap().ca;
+    let member = LinkEndpoint::bind(loopback(), &ca.issue("member").unwrap()).unwrap();
+    let mut identity = stranger_ca.issue("stranger").unwrap();
+    identity.ca = ca.issue("stranger").unwrap().ca;
     let stranger = LinkEndpoint::bind(loopback(), &identity).unwrap();
     let addr = member.local_addr().unwrap();
     let accepting = tokio::spawn(async move { member.accept().await.map(|_| ()) });
     // In TLS 1.3 the client may finish its side before the server rejects its
     // certificate, so the refusal shows on the server, and the link is unusable.
     let attempt = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut link = stranger.connect(addr).await?;
+        let mut link = stranger.connect(addr, "member").await?;
         let frame = FrameV1::Repair {
             app: "a".into(),
             channel: "c".into(),
@@ -155,8 +155,8 @@ async fn a_node_from_another_ca_is_refused() {
 async fn an_oversized_frame_is_not_sent_and_the_link_survives() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ca = ClusterCa::generate().unwrap();
-    let a = LinkEndpoint::bind(loopback(), &ca.issue().unwrap()).unwrap();
-    let b = LinkEndpoint::bind(loopback(), &ca.issue().unwrap()).unwrap();
+    let a = LinkEndpoint::bind(loopback(), &ca.issue("a").unwrap()).unwrap();
+    let b = LinkEndpoint::bind(loopback(), &ca.issue("b").unwrap()).unwrap();
     let b_addr = b.local_addr().unwrap();
     let receiving = tokio::spawn(async move {
         let mut link = b.accept().await.unwrap();
@@ -166,7 +166,7 @@ async fn an_oversized_frame_is_not_sent_and_the_link_survives() {
         }
         frames
     });
-    let mut link = a.connect(b_addr).await.unwrap();
+    let mut link = a.connect(b_addr, "b").await.unwrap();
     let event = |frame_len: usize| {
         FrameV1::Event(EventV1 {
             app: "app".into(),

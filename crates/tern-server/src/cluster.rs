@@ -32,6 +32,22 @@ pub fn from_section(
         &read(&section.ca_cert)?,
     )
     .context("loading the cluster certificate")?;
+    let node_id = section.node_id.clone().unwrap_or(node_id);
+    // Peers read this node's id from its certificate and refuse a link whose Hello
+    // says otherwise: a mismatch would leave the node cut off, so refuse to start.
+    let certified = identity.node_id().with_context(|| {
+        format!(
+            "cluster.cert {} names no node: certificates now carry their node's id; \
+             issue them again with `tern certs --nodes ...`",
+            section.cert.display()
+        )
+    })?;
+    anyhow::ensure!(
+        certified == node_id,
+        "cluster.cert {} is for node {certified:?} but this node is {node_id:?} \
+         (cluster.node_id, or server.server_id by default)",
+        section.cert.display()
+    );
     let gossip_key = match &section.gossip_key {
         Some(path) => load_gossip_key(path)?,
         None => anyhow::bail!("cluster.gossip_key is required"),
@@ -44,7 +60,7 @@ pub fn from_section(
         None => None,
     };
     Ok(ClusterConfig {
-        node_id: section.node_id.clone().unwrap_or(node_id),
+        node_id,
         region: section.region.clone(),
         client_url,
         quic_listen: section.quic_listen,
@@ -69,7 +85,8 @@ pub fn load_gossip_key(path: &Path) -> anyhow::Result<GossipKey> {
 
 /// `tern certs`: a new cluster CA and one certificate per node, as PEM files in `dir`
 /// (`ca.pem`, `NODE.pem`, `NODE.key`), and a new gossip key (`gossip.key`). The CA key
-/// is not kept.
+/// is not kept. Each certificate names its node (URI SAN `tern-node:NODE`): that node
+/// must run with that node id (`cluster.node_id`, default `server.server_id`).
 pub fn write_certs(dir: &Path, nodes: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -88,7 +105,7 @@ pub fn write_certs(dir: &Path, nodes: &[String]) -> anyhow::Result<()> {
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
             "node name {node:?} must be [A-Za-z0-9_-]+"
         );
-        let (cert, key) = ca.issue()?.to_pem();
+        let (cert, key) = ca.issue(node)?.to_pem();
         std::fs::write(dir.join(format!("{node}.pem")), cert)?;
         write_private(&dir.join(format!("{node}.key")), &key)?;
     }
@@ -311,6 +328,45 @@ mod tests {
         write_certs(&dir, &["a".into()]).unwrap();
         let again = load_gossip_key(&dir.join("gossip.key")).unwrap();
         assert_ne!(again.to_hex(), key.to_hex());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `tern certs` names each node in its certificate, and a node starts only with the
+    /// certificate naming it: one issued for another node is refused, by name.
+    #[test]
+    fn a_node_starts_only_with_its_own_certificate() {
+        let dir = temp_dir("certs-named");
+        write_certs(&dir, &["us-east-1".into(), "eu-west-1".into()]).unwrap();
+        let section = |cert: &str| -> ClusterSection {
+            toml::from_str(&format!(
+                r#"
+region = "us-east"
+quic_listen = "127.0.0.1:0"
+gossip_listen = "127.0.0.1:0"
+ca_cert = "{dir}/ca.pem"
+cert = "{dir}/{cert}.pem"
+key = "{dir}/{cert}.key"
+gossip_key = "{dir}/gossip.key"
+"#,
+                dir = dir.display()
+            ))
+            .unwrap()
+        };
+        let url = || "http://127.0.0.1:8080".to_string();
+        let own = match from_section(&section("us-east-1"), "us-east-1".into(), url()) {
+            Ok(config) => config,
+            Err(err) => panic!("{err:#}"),
+        };
+        assert_eq!(own.node_id, "us-east-1");
+        assert_eq!(own.identity.node_id().unwrap(), "us-east-1");
+        let err = match from_section(&section("eu-west-1"), "us-east-1".into(), url()) {
+            Ok(_) => panic!("a certificate for another node was accepted"),
+            Err(err) => format!("{err:#}"),
+        };
+        assert!(
+            err.contains(r#"is for node "eu-west-1" but this node is "us-east-1""#),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -166,6 +166,7 @@ fn dev_cluster(configs: Vec<(Config, String)>) -> anyhow::Result<Vec<NodePlan>> 
     let mut plans = Vec::new();
     let mut seed: Option<String> = None;
     for (config, region) in configs {
+        let node_id = config.server_id();
         let gossip = cluster::free_udp_port(&config.server.host)?;
         let quic: SocketAddr = format!("{}:0", config.server.host)
             .parse()
@@ -174,7 +175,7 @@ fn dev_cluster(configs: Vec<(Config, String)>) -> anyhow::Result<Vec<NodePlan>> 
         seed.get_or_insert_with(|| gossip.to_string());
         plans.push(NodePlan {
             cluster: Some(tern_cluster::cluster::ClusterConfig {
-                node_id: config.server_id(),
+                node_id: node_id.clone(),
                 region,
                 client_url: String::new(),
                 quic_listen: quic,
@@ -183,7 +184,8 @@ fn dev_cluster(configs: Vec<(Config, String)>) -> anyhow::Result<Vec<NodePlan>> 
                 gossip_key: gossip_key.clone(),
                 ack_replicas: 1,
                 topology: Some(topology.clone()),
-                identity: Arc::new(ca.issue()?),
+                // Named for its node: peers check a link's Hello against it.
+                identity: Arc::new(ca.issue(&node_id)?),
                 gossip_interval: Duration::from_millis(200),
                 failure_detection: Duration::from_millis(1_000),
             }),
