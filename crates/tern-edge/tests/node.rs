@@ -521,7 +521,9 @@ async fn resume_replays_missed_messages_exactly_once() {
     // Once the client has resumed with the new key, the old one is spent: a resume
     // with it gets a new connection and 80008.
     drop(sub);
-    let newer = again["connectionDetails"]["connectionKey"].as_str().unwrap();
+    let newer = again["connectionDetails"]["connectionKey"]
+        .as_str()
+        .unwrap();
     let (_, third) = connected(&node, &format!("key=app.root:rootsecret&resume={newer}")).await;
     assert_eq!(third["connectionId"], hello["connectionId"]);
     let (_, stale) = connected(&node, &format!("key=app.root:rootsecret&resume={key}")).await;
@@ -563,7 +565,10 @@ async fn resume_can_be_retried_with_the_same_key_when_its_connected_was_lost() {
     let (mut third, once_more) = connected(&node, &resume).await;
     assert_eq!(once_more["connectionId"], hello["connectionId"]);
     assert!(once_more.get("error").is_none(), "{once_more}");
-    assert!(closed(&mut second).await, "the superseded transport is closed");
+    assert!(
+        closed(&mut second).await,
+        "the superseded transport is closed"
+    );
     send(
         &mut third,
         json!({"action": 10, "channel": "retry", "channelSerial": serial}),
@@ -603,6 +608,31 @@ async fn resent_msg_serial_is_acked_not_republished() {
     .await;
     expect_action(&mut ws, 1).await;
     assert_eq!(collect_data(&mut watcher, 2).await, vec!["once", "next"]);
+}
+
+/// A late resume with an older key that is still good (an attempt the client gave up
+/// on, reaching the server after the client resumed with it again) does not spend the
+/// newer key the client holds: the client's next resume with it continues the
+/// connection.
+#[tokio::test]
+async fn a_late_resume_with_an_older_key_leaves_the_newer_one_good() {
+    let node = start(EdgeConfig::default()).await;
+    let (first, hello) = connected(&node, "key=app.root:rootsecret").await;
+    drop(first);
+    let key = |hello: &Value| {
+        let key = hello["connectionDetails"]["connectionKey"]
+            .as_str()
+            .unwrap();
+        format!("key=app.root:rootsecret&resume={key}")
+    };
+    let (current, again) = connected(&node, &key(&hello)).await;
+    assert_eq!(again["connectionId"], hello["connectionId"]);
+    // The late attempt supersedes the client's transport; nobody reads its CONNECTED.
+    let (_late, _) = connected(&node, &key(&hello)).await;
+    drop(current);
+    let (_, latest) = connected(&node, &key(&again)).await;
+    assert_eq!(latest["connectionId"], hello["connectionId"]);
+    assert!(latest.get("error").is_none(), "{latest}");
 }
 
 /// Rewind by count on attach: HAS_BACKLOG, the params echoed, the last N messages
