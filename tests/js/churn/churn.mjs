@@ -21,7 +21,7 @@
 // young-fraction, a publisher's with probability publisher-fraction, or a random one.
 // Env: TERN_BIN (default target/release/tern).
 import { spawn } from 'node:child_process';
-import { createWriteStream, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createWriteStream, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -230,9 +230,35 @@ async function run(config, random, dir, stoppers, started) {
     expected, settleMs, quietMs: 1500,
   }, settleMs + 20000)));
   const proxyStats = await Promise.all(proxies.map((proxy) => proxy.call('stats')));
+  const cpu = await cpuSeconds(tern, proxies, publishers, subscriberWorkers);
   await Promise.allSettled([publishers, ...subscriberWorkers].map((w) => w.call('close', {}, 10000)));
 
-  return report(config, { started, cuts, published, tallies, proxyStats, dir });
+  return report(config, { started, cuts, published, tallies, proxyStats, cpu, dir });
+}
+
+/// CPU seconds (user + system) each part of the run used so far: tern from
+/// /proc/PID/stat, the Node processes from process.cpuUsage().
+async function cpuSeconds(tern, proxies, publishers, subscriberWorkers) {
+  const node = async (workers) => {
+    const usages = await Promise.all(workers.map((w) => w.call('cpu')));
+    return usages.reduce((total, u) => total + (u.user + u.system) / 1e6, 0);
+  };
+  let ternSeconds = null;
+  try {
+    // Fields after the command name; utime and stime are the 14th and 15th of the line.
+    const stat = readFileSync(`/proc/${tern.child.pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    ternSeconds = (Number(fields[11]) + Number(fields[12])) / 100;
+  } catch {
+    // Not Linux: leave it out.
+  }
+  const round = (x) => (x === null ? null : Math.round(x * 10) / 10);
+  return {
+    tern: round(ternSeconds),
+    proxies: round(await node(proxies)),
+    publishers: round(await node([publishers])),
+    subscribers: round(await node(subscriberWorkers)),
+  };
 }
 
 /// Cuts transports at `drop-rate` per second until `drops` were cut or `duration` is up.
@@ -290,10 +316,11 @@ async function chaos(config, random, proxies, publishers, subscriberWorkers) {
 
 function sum(items, field) { return items.reduce((total, item) => total + item[field], 0); }
 
-function report(config, { started, cuts, published, tallies, proxyStats, dir }) {
+function report(config, { started, cuts, published, tallies, proxyStats, cpu, dir }) {
   const subs = {};
   for (const field of ['subscribers', 'deliveries', 'lost', 'duplicated', 'outOfOrder', 'unexpected', 'unsettled',
-    'disconnects', 'resumed', 'fresh', 'freshAfterTtl', 'suspended', 'failed', 'discontinuities', 'channelSuspended']) {
+    'disconnects', 'resumed', 'fresh', 'freshAfterTtl', 'suspended', 'failed', 'discontinuities', 'channelSuspended',
+    'sameConnection']) {
     subs[field] = sum(tallies, field);
   }
   const pubs = {
@@ -331,6 +358,7 @@ function report(config, { started, cuts, published, tallies, proxyStats, dir }) 
   check(subs.fresh + pubs.fresh === 0, `${subs.fresh + pubs.fresh} fresh connections (resume failed) before connectionStateTtl`);
   check(subs.discontinuities === 0, `${subs.discontinuities} channel re-attaches without RESUMED`);
   check(subs.failed === 0, `${subs.failed} connections FAILED`);
+  check(subs.sameConnection === subs.subscribers, `${subs.subscribers - subs.sameConnection} subscribers ended on another connection than their first`);
   check(pubs.unanswered === 0, `${pubs.unanswered} publishes never answered`);
   const drops = cutsBy.rst + cutsBy.silent;
   check(drops + cuts.unfired >= config.drops, `only ${drops} of ${config.drops} drops made`);
@@ -345,6 +373,7 @@ function report(config, { started, cuts, published, tallies, proxyStats, dir }) 
     publishers: pubs,
     expectedDeliveries,
     proxies: proxyStats,
+    cpuSeconds: cpu,
     examples: tallies.flatMap((t) => t.examples).slice(0, 40),
     lostExamples: tallies.flatMap((t) => t.lostExamples).slice(0, 10),
     scratch: dir,
@@ -357,12 +386,14 @@ function report(config, { started, cuts, published, tallies, proxyStats, dir }) 
 == churn result (seed ${config.seed}; ${(result.wallMs / 1000).toFixed(0)} s wall, ${(cuts.ms / 1000).toFixed(0)} s of chaos)
 transport drops:   ${drops} (${cutsBy.rst} RST, ${cutsBy.silent} silent; ${cutsBy.ofSubscribers} subscriber, ${cutsBy.ofPublishers} publisher; ${cutsBy.atConnected} at the server's CONNECTED, ${cutsBy.young} other < 500 ms after (re)connecting)
 seen by clients:   ${subs.disconnects + pubs.disconnects} disconnects; ${survived} resumed (same connection), ${subs.fresh + pubs.fresh} fresh before TTL, ${subs.freshAfterTtl} fresh after TTL
+                   ${subs.sameConnection} of ${subs.subscribers} subscribers end on the connection they started on
 channels:          ${subs.discontinuities} re-attached without RESUMED, ${subs.channelSuspended} suspended
 messages:          ${pubs.published} published, ${pubs.acked} ACKed, ${pubs.unacked} not ACKed ${JSON.stringify(pubs.rejectedCodes)}
 deliveries:        ${subs.deliveries} (ACKed messages x subscribers on their channel: ${expectedDeliveries})
 lost:              ${subs.lost}
 duplicated:        ${subs.duplicated}
 out of order:      ${subs.outOfOrder}
+CPU seconds:       tern ${cpu.tern}, proxies ${cpu.proxies}, publishers ${cpu.publishers}, subscribers ${cpu.subscribers}
 report:            ${out}`);
   if (failures.length) {
     console.log(`FAILED:\n  ${failures.join('\n  ')}`);

@@ -77,6 +77,7 @@ serve({
     return kinds.length;
   },
   disarm: () => proxy.disarm(),
+  cpu: () => process.cpuUsage(),
   stats: () => ({ ...stats, held: proxy.size }),
   cuts: ({ who }) => recent.filter(([, , w]) => w === who),
   close: () => { proxy.close(); return true; },
