@@ -35,4 +35,4 @@ pub use hub::{ChannelKey, CoreError, Hub, Journal, PublishOutcome, Publisher};
 pub use limits::CoreLimits;
 pub use log::{LogLimits, Rewind};
 pub use presence::PresenceSet;
-pub use registry::{ConnectionRegistry, ResumeError};
+pub use registry::{ConnectionRegistry, KeyChain, ResumeError};

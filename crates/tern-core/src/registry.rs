@@ -4,11 +4,11 @@
 //! the live handle `L` (how the edge tells a live session it has been superseded).
 //!
 //! A connection key is `<connectionId>!<secret>`; the secret rotates on every resume.
-//! A key stays good until its successor has been used: the CONNECTED that carries a new
-//! key can be lost with the transport that carried it, and the client must then be able
-//! to resume again with the key it still holds (see [`Secrets`]).
+//! Which keys a resume may present is a [`KeyChain`]: the CONNECTED that carries a new
+//! key can be lost with its transport, so a key is spent only once the client has shown
+//! (by presenting it) that it holds a newer one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 /// Why a resume was refused.
@@ -25,30 +25,67 @@ pub enum ResumeError<L> {
     Live(L),
 }
 
-/// The secrets a resume of one connection may present: the one issued last, and the one
-/// the client presented to get it. Until the client presents the newer one it may never
-/// have received it (the transport was cut before it read its CONNECTED), so the older
-/// stays good; once the newer is presented, the older is spent.
-#[derive(Debug, Clone)]
-struct Secrets {
-    issued: String,
+/// Keys issued since the last one a resume presented that stay good. Each is one resume
+/// whose outcome the client may not know; past this many, the oldest is forgotten (the
+/// presented key itself always stays good).
+const ISSUED_KEPT_MAX: usize = 8;
+
+/// The secrets of a connection's keys that a resume may present. The client holds the
+/// last key it received, but a CONNECTED (which carries a new key) can be lost with its
+/// transport, so the server cannot know which that is. Each resume shows one key the
+/// client holds: keys issued before it are spent; it and every key issued after it stay
+/// good. So a client whose resume's CONNECTED never arrived resumes again with the key
+/// it still has, and a key cannot be used once the client has used a newer one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyChain {
+    /// The secret the last resume presented (none before the first resume).
     presented: Option<String>,
+    /// Secrets issued since, oldest first, at most `ISSUED_KEPT_MAX`.
+    issued: VecDeque<String>,
 }
 
-impl Secrets {
+impl KeyChain {
+    /// A new connection's first key.
+    pub fn new(secret: String) -> Self {
+        KeyChain {
+            presented: None,
+            issued: VecDeque::from([secret]),
+        }
+    }
+
+    /// Issues `secret` after a resume (which took this chain from the registry).
+    pub fn issue(mut self, secret: String) -> Self {
+        self.issued.push_back(secret);
+        while self.issued.len() > ISSUED_KEPT_MAX {
+            self.issued.pop_front();
+        }
+        self
+    }
+
     fn accepts(&self, secret: &str) -> bool {
-        self.issued == secret || self.presented.as_deref() == Some(secret)
+        self.presented.as_deref() == Some(secret) || self.issued.iter().any(|s| s == secret)
+    }
+
+    /// A resume presented `secret` (accepted): every key issued before it is spent.
+    fn presented(&mut self, secret: &str) {
+        if self.presented.as_deref() == Some(secret) {
+            return;
+        }
+        if let Some(at) = self.issued.iter().position(|s| s == secret) {
+            self.issued.drain(..=at);
+            self.presented = Some(secret.to_string());
+        }
     }
 }
 
 enum Entry<S, L> {
     Live {
-        secrets: Secrets,
+        keys: KeyChain,
         generation: u64,
         handle: L,
     },
     Parked {
-        secrets: Secrets,
+        keys: KeyChain,
         state: S,
         deadline_ms: i64,
     },
@@ -78,17 +115,11 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         }
     }
 
-    /// Records a live connection with the newly issued `secret`; `resumed_with` is the
-    /// secret of the key a resume presented (it stays good until `secret` is used).
-    /// Returns its generation, which `park` and `remove` must present (a superseded
-    /// session can then no longer touch the entry).
-    pub fn register(
-        &mut self,
-        id: Arc<str>,
-        secret: String,
-        resumed_with: Option<String>,
-        handle: L,
-    ) -> u64 {
+    /// Records a live connection whose keys are `keys` (a new connection's
+    /// `KeyChain::new`, or after a resume the chain `resume` returned with the new secret
+    /// issued). Returns its generation, which `park` and `remove` must present (a
+    /// superseded session can then no longer touch the entry).
+    pub fn register(&mut self, id: Arc<str>, keys: KeyChain, handle: L) -> u64 {
         let generation = self.next_generation;
         self.next_generation += 1;
         if let Some(Entry::Parked { deadline_ms, .. }) = self.entries.get(&id) {
@@ -97,10 +128,7 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         self.entries.insert(
             id,
             Entry::Live {
-                secrets: Secrets {
-                    issued: secret,
-                    presented: resumed_with,
-                },
+                keys,
                 generation,
                 handle,
             },
@@ -111,18 +139,22 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
     /// The transport of a live connection dropped: keep its state until `deadline_ms`.
     /// Returns `false` (and drops `state`) if the entry is no longer this generation's.
     pub fn park(&mut self, id: &Arc<str>, generation: u64, state: S, deadline_ms: i64) -> bool {
-        let secrets = match self.entries.get(id) {
+        let keys = match self.entries.remove(id) {
             Some(Entry::Live {
-                secrets,
+                keys,
                 generation: g,
                 ..
-            }) if *g == generation => secrets.clone(),
-            _ => return false,
+            }) if g == generation => keys,
+            Some(other) => {
+                self.entries.insert(id.clone(), other);
+                return false;
+            }
+            None => return false,
         };
         self.entries.insert(
             id.clone(),
             Entry::Parked {
-                secrets,
+                keys,
                 state,
                 deadline_ms,
             },
@@ -144,29 +176,33 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         }
     }
 
-    /// Takes a parked connection's state for a resume with `key`.
-    /// The id of the live or parked connection whose key `key` is (id and secret both
-    /// match), without taking it: a REST publish "on behalf of" that connection (TM2h).
+    /// The id of the live or parked connection whose key `key` is (id and a good secret),
+    /// without taking it: a REST publish "on behalf of" that connection (TM2h).
     pub fn connection_id(&self, key: &str) -> Option<Arc<str>> {
         let (id, secret) = split_key(key)?;
         let (id, entry) = self.entries.get_key_value(id)?;
-        let secrets = match entry {
-            Entry::Live { secrets, .. } | Entry::Parked { secrets, .. } => secrets,
+        let keys = match entry {
+            Entry::Live { keys, .. } | Entry::Parked { keys, .. } => keys,
         };
-        let matches = secrets.accepts(secret);
-        matches.then(|| id.clone())
+        keys.accepts(secret).then(|| id.clone())
     }
 
-    pub fn resume(&mut self, key: &str, now_ms: i64) -> Result<(Arc<str>, S), ResumeError<L>> {
+    /// Takes a parked connection's state for a resume with `key`, and its key chain
+    /// (keys issued before the presented one are now spent) for `register`.
+    pub fn resume(
+        &mut self,
+        key: &str,
+        now_ms: i64,
+    ) -> Result<(Arc<str>, S, KeyChain), ResumeError<L>> {
         let (id, secret) = split_key(key).ok_or(ResumeError::Unknown)?;
         let (id, entry) = self.entries.remove_entry(id).ok_or(ResumeError::Unknown)?;
         match entry {
             Entry::Live {
-                secrets,
+                keys,
                 handle,
                 generation,
             } => {
-                let result = if secrets.accepts(secret) {
+                let result = if keys.accepts(secret) {
                     ResumeError::Live(handle.clone())
                 } else {
                     ResumeError::Unknown
@@ -174,7 +210,7 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
                 self.entries.insert(
                     id,
                     Entry::Live {
-                        secrets,
+                        keys,
                         generation,
                         handle,
                     },
@@ -182,15 +218,15 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
                 Err(result)
             }
             Entry::Parked {
-                secrets,
+                mut keys,
                 state,
                 deadline_ms,
             } => {
-                if !secrets.accepts(secret) {
+                if !keys.accepts(secret) {
                     self.entries.insert(
                         id,
                         Entry::Parked {
-                            secrets,
+                            keys,
                             state,
                             deadline_ms,
                         },
@@ -201,7 +237,8 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
                 if deadline_ms <= now_ms {
                     return Err(ResumeError::Expired);
                 }
-                Ok((id, state))
+                keys.presented(secret);
+                Ok((id, state, keys))
             }
         }
     }
@@ -235,37 +272,113 @@ mod tests {
 
     type Registry = ConnectionRegistry<&'static str, u8>;
 
-    /// A parked connection resumes once with its key, within its deadline only.
-    #[test]
-    fn park_and_resume() {
-        let mut reg = Registry::new(10);
-        let id: Arc<str> = "c1".into();
-        let generation = reg.register(id.clone(), "s1".into(), None, 7);
-        assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Live(7)));
-        assert!(reg.park(&id, generation, "state", 100));
-        assert_eq!(reg.resume("c1!wrong", 0), Err(ResumeError::Unknown));
-        assert_eq!(reg.resume("c1!s1", 50), Ok((id.clone(), "state")));
-        assert_eq!(reg.resume("c1!s1", 50), Err(ResumeError::Unknown));
-        let generation = reg.register(id.clone(), "s2".into(), Some("s1".into()), 8);
-        assert!(reg.park(&id, generation, "again", 100));
-        assert_eq!(reg.resume("c1!s2", 100), Err(ResumeError::Expired));
+    fn chain(secret: &str) -> KeyChain {
+        KeyChain::new(secret.into())
     }
 
-    /// A key names its connection (live or parked) only with the right secret, and
+    /// A parked connection resumes with its key, within its deadline only.
+    /// A key names its connection (live or parked) only with a good secret, and
     /// looking it up takes nothing.
     #[test]
     fn connection_id_by_key() {
         let mut reg = Registry::new(10);
         let id: Arc<str> = "c1".into();
-        let generation = reg.register(id.clone(), "s1".into(), None, 7);
+        let generation = reg.register(id.clone(), KeyChain::new("s1".into()), 7);
         assert_eq!(reg.connection_id("c1!s1"), Some(id.clone()));
         assert_eq!(reg.connection_id("c1!s2"), None);
-        assert_eq!(reg.connection_id("c1!s"), None);
         assert_eq!(reg.connection_id("c2!s1"), None);
         assert_eq!(reg.connection_id("c1"), None);
         assert!(reg.park(&id, generation, "state", 100));
         assert_eq!(reg.connection_id("c1!s1"), Some(id.clone()));
-        assert_eq!(reg.resume("c1!s1", 50), Ok((id, "state")));
+        assert!(reg.resume("c1!s1", 50).is_ok());
+    }
+
+    #[test]
+    fn park_and_resume() {
+        let mut reg = Registry::new(10);
+        let id: Arc<str> = "c1".into();
+        let generation = reg.register(id.clone(), chain("s1"), 7);
+        assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Live(7)));
+        assert!(reg.park(&id, generation, "state", 100));
+        assert_eq!(reg.resume("c1!wrong", 0), Err(ResumeError::Unknown));
+        let (resumed, state, keys) = reg.resume("c1!s1", 50).unwrap();
+        assert_eq!((resumed, state), (id.clone(), "state"));
+        assert_eq!(reg.resume("c1!s1", 50), Err(ResumeError::Unknown));
+        let generation = reg.register(id.clone(), keys.issue("s2".into()), 8);
+        assert!(reg.park(&id, generation, "again", 100));
+        assert_eq!(reg.resume("c1!s2", 100), Err(ResumeError::Expired));
+    }
+
+    /// A key stays good until the client shows it holds a newer one: a client whose
+    /// resume's CONNECTED (with the new key) was lost resumes again with the key it
+    /// holds, whether that transport is parked or still live; once it presents a newer
+    /// key, every older one is spent.
+    #[test]
+    fn key_is_good_until_a_newer_one_is_presented() {
+        let mut reg = Registry::new(10);
+        let id: Arc<str> = "c1".into();
+        let resume = |reg: &mut Registry, key: &str, secret: &str, handle: u8| {
+            let (_, _, keys) = reg.resume(key, 0).unwrap();
+            reg.register(id.clone(), keys.issue(secret.into()), handle)
+        };
+        let g = reg.register(id.clone(), chain("s1"), 1);
+        assert!(reg.park(&id, g, "a", 100));
+        // s2 is issued, but its CONNECTED is lost: s1 still resumes, live or parked.
+        let g = resume(&mut reg, "c1!s1", "s2", 2);
+        assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Live(2)));
+        assert!(reg.park(&id, g, "b", 100));
+        let g = resume(&mut reg, "c1!s1", "s3", 3);
+        // s3 arrives and is used: s1 and s2 are spent; s4, issued for it, is good.
+        assert!(reg.park(&id, g, "c", 100));
+        let g = resume(&mut reg, "c1!s3", "s4", 4);
+        assert!(reg.park(&id, g, "d", 100));
+        assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Unknown));
+        assert_eq!(reg.resume("c1!s2", 0), Err(ResumeError::Unknown));
+        let g = resume(&mut reg, "c1!s4", "s5", 5);
+        assert!(reg.park(&id, g, "e", 100));
+        assert_eq!(reg.resume("c1!s3", 0), Err(ResumeError::Unknown));
+    }
+
+    /// A stale resume with an older key that is still good (one the client gave up on,
+    /// processed late) does not spend the newer key the client holds: the client's next
+    /// resume with it still works.
+    #[test]
+    fn a_late_resume_with_an_older_key_does_not_spend_the_newer() {
+        let mut reg = Registry::new(10);
+        let id: Arc<str> = "c1".into();
+        let g = reg.register(id.clone(), chain("s1"), 1);
+        assert!(reg.park(&id, g, "a", 100));
+        // The client resumes with s1 and receives s2.
+        let (_, _, keys) = reg.resume("c1!s1", 0).unwrap();
+        let g = reg.register(id.clone(), keys.issue("s2".into()), 2);
+        assert!(reg.park(&id, g, "b", 100));
+        // A late attempt with s1 gets s3, which the client never sees.
+        let (_, _, keys) = reg.resume("c1!s1", 0).unwrap();
+        let g = reg.register(id.clone(), keys.issue("s3".into()), 3);
+        assert!(reg.park(&id, g, "c", 100));
+        let (_, state, _) = reg.resume("c1!s2", 0).unwrap();
+        assert_eq!(state, "c");
+    }
+
+    /// At most `ISSUED_KEPT_MAX` keys issued since the presented one stay good, and the
+    /// presented one always does.
+    #[test]
+    fn issued_keys_are_bounded() {
+        let mut reg = Registry::new(10);
+        let id: Arc<str> = "c1".into();
+        let g = reg.register(id.clone(), chain("s0"), 0);
+        assert!(reg.park(&id, g, "x", 100));
+        for n in 1..=ISSUED_KEPT_MAX + 2 {
+            let (_, _, keys) = reg.resume("c1!s0", 0).unwrap();
+            let g = reg.register(id.clone(), keys.issue(format!("s{n}")), 0);
+            assert!(reg.park(&id, g, "x", 100));
+        }
+        assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Unknown));
+        assert_eq!(reg.resume("c1!s2", 0), Err(ResumeError::Unknown));
+        let (_, _, keys) = reg.resume("c1!s3", 0).unwrap();
+        let g = reg.register(id.clone(), keys.issue("t".into()), 0);
+        assert!(reg.park(&id, g, "x", 100));
+        assert_eq!(reg.resume("c1!s0", 0), Err(ResumeError::Unknown));
     }
 
     /// A superseded session cannot park over the session that replaced it.
@@ -273,37 +386,12 @@ mod tests {
     fn stale_generation_cannot_park() {
         let mut reg = Registry::new(10);
         let id: Arc<str> = "c1".into();
-        let old = reg.register(id.clone(), "s1".into(), None, 1);
-        let new = reg.register(id.clone(), "s2".into(), None, 2);
+        let old = reg.register(id.clone(), chain("s1"), 1);
+        let new = reg.register(id.clone(), chain("s2"), 2);
         assert!(!reg.park(&id, old, "old", 100));
         assert!(reg.park(&id, new, "new", 100));
-        assert_eq!(reg.resume("c1!s2", 0), Ok((id, "new")));
-    }
-
-    /// A key stays good until its successor is used: a client whose CONNECTED (with the
-    /// new key) was lost resumes again with the key it holds, live or parked; once it
-    /// presents the newer key, the older is spent.
-    #[test]
-    fn key_is_good_until_its_successor_is_used() {
-        let mut reg = Registry::new(10);
-        let id: Arc<str> = "c1".into();
-        let g = reg.register(id.clone(), "s1".into(), None, 1);
-        assert!(reg.park(&id, g, "a", 100));
-        assert_eq!(reg.resume("c1!s1", 0), Ok((id.clone(), "a")));
-        // s2 is issued, but its CONNECTED is lost: s1 still resumes, parked or live.
-        let g = reg.register(id.clone(), "s2".into(), Some("s1".into()), 2);
-        assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Live(2)));
-        assert!(reg.park(&id, g, "b", 100));
-        assert_eq!(reg.resume("c1!s1", 0), Ok((id.clone(), "b")));
-        // s3 is issued and this time used: s1 (and s2, never seen) are spent.
-        let g = reg.register(id.clone(), "s3".into(), Some("s1".into()), 3);
-        assert!(reg.park(&id, g, "c", 100));
-        assert_eq!(reg.resume("c1!s2", 0), Err(ResumeError::Unknown));
-        assert_eq!(reg.resume("c1!s3", 0), Ok((id.clone(), "c")));
-        let g = reg.register(id.clone(), "s4".into(), Some("s3".into()), 4);
-        assert!(reg.park(&id, g, "d", 100));
-        assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Unknown));
-        assert_eq!(reg.resume("c1!s3", 0), Ok((id, "d")));
+        let (resumed, state, _) = reg.resume("c1!s2", 0).unwrap();
+        assert_eq!((resumed, state), (id, "new"));
     }
 
     /// The parked bound evicts the connection closest to expiry; sweep drops expired.
@@ -312,7 +400,7 @@ mod tests {
         let mut reg = Registry::new(2);
         for (i, deadline) in [30, 10, 20].into_iter().enumerate() {
             let id: Arc<str> = format!("c{i}").into();
-            let g = reg.register(id.clone(), "s".into(), None, 0);
+            let g = reg.register(id.clone(), chain("s"), 0);
             reg.park(&id, g, "x", deadline);
         }
         assert_eq!(reg.parked_count(), 2);

@@ -20,7 +20,7 @@ use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 use rand::distr::{Alphanumeric, SampleString};
 use tern_auth::{AuthContext, ClientIdentity};
-use tern_core::ResumeError;
+use tern_core::{KeyChain, ResumeError};
 use tern_protocol::{action, code, ConnectionDetails, ErrorInfo, Format, ProtocolMessage};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -149,7 +149,7 @@ impl Session {
                 )),
             ),
             Some(key) => match take_parked(&state, key, &auth, &identity).await {
-                Ok((id, parked)) => (id, Some(parked), None),
+                Ok((id, parked, keys)) => (id, Some((parked, keys)), None),
                 Err(error) => (new_id(), None, Some(error)),
             },
         };
@@ -166,25 +166,26 @@ impl Session {
             });
         let superseded = Arc::new(Notify::new());
         let secret = random_id(SECRET_LEN);
-        // The key this resume presented stays good until the client uses the new one:
-        // this CONNECTED may be lost with its transport.
-        let resumed_with = parked.as_ref().and_then(|_| {
-            let (_, presented) = tern_core::registry::split_key(requested?)?;
-            Some(presented.to_string())
-        });
-        let generation = state.registry().register(
-            Arc::clone(&id),
-            secret.clone(),
-            resumed_with,
-            superseded.clone(),
-        );
-        let (replies, presence_channels) = match parked {
-            Some(parked) => {
+        // After a resume, the key it presented stays good beside the new one: this
+        // CONNECTED may be lost with its transport (see `KeyChain`).
+        let (keys, replies, presence_channels) = match parked {
+            Some((parked, keys)) => {
                 state.hub.forget_dropped(&id);
-                (parked.replies, parked.presence_channels)
+                (
+                    keys.issue(secret.clone()),
+                    parked.replies,
+                    parked.presence_channels,
+                )
             }
-            None => (ReplyWindow::default(), HashSet::new()),
+            None => (
+                KeyChain::new(secret.clone()),
+                ReplyWindow::default(),
+                HashSet::new(),
+            ),
         };
+        let generation = state
+            .registry()
+            .register(Arc::clone(&id), keys, superseded.clone());
         let session = Session {
             key: format!("{id}!{secret}"),
             id,
@@ -472,14 +473,15 @@ fn frame_too_large(max_frame_size: usize) -> ErrorInfo {
     )
 }
 
-/// Takes the parked state of the connection named by a resume/recover key, superseding
-/// a transport that still holds it. `Err` is the error the new CONNECTED carries.
+/// Takes the parked state (and key chain) of the connection named by a resume/recover
+/// key, superseding a transport that still holds it. `Err` is the error the new
+/// CONNECTED carries.
 async fn take_parked(
     state: &EdgeState,
     key: &str,
     auth: &AuthContext,
     identity: &ClientIdentity,
-) -> Result<(Arc<str>, ParkedSession), ErrorInfo> {
+) -> Result<(Arc<str>, ParkedSession, KeyChain), ErrorInfo> {
     let unable = |why: &str| {
         ErrorInfo::new(
             code::UNABLE_TO_RECOVER,
@@ -490,7 +492,7 @@ async fn take_parked(
     loop {
         let result = state.registry().resume(key, now_ms());
         match result {
-            Ok((id, parked)) => {
+            Ok((id, parked, keys)) => {
                 let client_id = match identity {
                     ClientIdentity::Id(id) => Some(id.clone()),
                     _ => None,
@@ -500,7 +502,7 @@ async fn take_parked(
                 {
                     return Err(unable("credentials do not match the connection"));
                 }
-                return Ok((id, parked));
+                return Ok((id, parked, keys));
             }
             Err(ResumeError::Live(superseded)) if Instant::now() < give_up => {
                 superseded.notify_one();

@@ -991,6 +991,31 @@ async fn resent_msg_serial_is_acked_not_republished() {
     assert_eq!(collect_data(&mut watcher, 2).await, vec!["once", "next"]);
 }
 
+/// A late resume with an older key that is still good (an attempt the client gave up
+/// on, reaching the server after the client resumed with it again) does not spend the
+/// newer key the client holds: the client's next resume with it continues the
+/// connection.
+#[tokio::test]
+async fn a_late_resume_with_an_older_key_leaves_the_newer_one_good() {
+    let node = start(EdgeConfig::default()).await;
+    let (first, hello) = connected(&node, "key=app.root:rootsecret").await;
+    drop(first);
+    let key = |hello: &Value| {
+        let key = hello["connectionDetails"]["connectionKey"]
+            .as_str()
+            .unwrap();
+        format!("key=app.root:rootsecret&resume={key}")
+    };
+    let (current, again) = connected(&node, &key(&hello)).await;
+    assert_eq!(again["connectionId"], hello["connectionId"]);
+    // The late attempt supersedes the client's transport; nobody reads its CONNECTED.
+    let (_late, _) = connected(&node, &key(&hello)).await;
+    drop(current);
+    let (_, latest) = connected(&node, &key(&again)).await;
+    assert_eq!(latest["connectionId"], hello["connectionId"]);
+    assert!(latest.get("error").is_none(), "{latest}");
+}
+
 /// Rewind by count on attach: HAS_BACKLOG, the params echoed, the last N messages
 /// before live ones; an unparsable rewind fails the attach.
 #[tokio::test]

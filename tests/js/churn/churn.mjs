@@ -12,14 +12,16 @@
 //
 // Usage: node churn/churn.mjs [--quick] [--clients N] [--publishers N] [--channels N]
 //   [--rate MSGS_PER_S] [--drops N] [--drop-rate PER_S] [--duration S]
-//   [--silent-fraction F] [--young-fraction F] [--publisher-fraction F] [--seed N]
-//   [--per-process N] [--settle S] [--out FILE]
-// A cut is silent with probability silent-fraction, else an RST; it hits the transport
-// that connected last (likely mid-resume) with probability young-fraction, a
-// publisher's with probability publisher-fraction, else a random one.
+//   [--silent-fraction F] [--young-fraction F] [--publisher-fraction F]
+//   [--handshake-fraction F] [--seed N] [--per-process N] [--settle S] [--out FILE]
+// A cut is silent with probability silent-fraction, else an RST. With probability
+// handshake-fraction it is armed for the next new transport (nearly always a resume)
+// and made when the server's CONNECTED comes, which the client then never sees; else it
+// hits the transport that connected last (likely mid-resume) with probability
+// young-fraction, a publisher's with probability publisher-fraction, or a random one.
 // Env: TERN_BIN (default target/release/tern).
 import { spawn } from 'node:child_process';
-import { createWriteStream, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createWriteStream, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -36,11 +38,13 @@ const CONNECTION_STATE_TTL_MS = 120000;
 
 const FULL = {
   clients: 1000, publishers: 6, channels: 1, rate: 2, drops: 10000, 'drop-rate': 25, duration: 540,
-  'silent-fraction': 0.1, 'young-fraction': 0.1, 'publisher-fraction': 0.1, 'per-process': 250, settle: 90,
+  'silent-fraction': 0.1, 'young-fraction': 0.1, 'publisher-fraction': 0.1, 'handshake-fraction': 0.05, 'per-process': 250,
+  settle: 90,
 };
 const QUICK = {
   clients: 50, publishers: 6, channels: 1, rate: 5, drops: 200, 'drop-rate': 20, duration: 20,
-  'silent-fraction': 0.05, 'young-fraction': 0.1, 'publisher-fraction': 0.1, 'per-process': 50, settle: 40,
+  'silent-fraction': 0.05, 'young-fraction': 0.1, 'publisher-fraction': 0.1, 'handshake-fraction': 0.1, 'per-process': 50,
+  settle: 40,
 };
 
 function parse() {
@@ -51,6 +55,7 @@ function parse() {
       rate: { type: 'string' }, drops: { type: 'string' }, 'drop-rate': { type: 'string' },
       duration: { type: 'string' }, 'silent-fraction': { type: 'string' }, seed: { type: 'string' },
       'young-fraction': { type: 'string' }, 'publisher-fraction': { type: 'string' },
+      'handshake-fraction': { type: 'string' },
       'per-process': { type: 'string' }, settle: { type: 'string' }, out: { type: 'string' },
     },
   });
@@ -225,35 +230,69 @@ async function run(config, random, dir, stoppers, started) {
     expected, settleMs, quietMs: 1500,
   }, settleMs + 20000)));
   const proxyStats = await Promise.all(proxies.map((proxy) => proxy.call('stats')));
+  const cpu = await cpuSeconds(tern, proxies, publishers, subscriberWorkers);
   await Promise.allSettled([publishers, ...subscriberWorkers].map((w) => w.call('close', {}, 10000)));
 
-  return report(config, { started, cuts, published, tallies, proxyStats, dir });
+  return report(config, { started, cuts, published, tallies, proxyStats, cpu, dir });
+}
+
+/// CPU seconds (user + system) each part of the run used so far: tern from
+/// /proc/PID/stat, the Node processes from process.cpuUsage().
+async function cpuSeconds(tern, proxies, publishers, subscriberWorkers) {
+  const node = async (workers) => {
+    const usages = await Promise.all(workers.map((w) => w.call('cpu')));
+    return usages.reduce((total, u) => total + (u.user + u.system) / 1e6, 0);
+  };
+  let ternSeconds = null;
+  try {
+    // Fields after the command name; utime and stime are the 14th and 15th of the line.
+    const stat = readFileSync(`/proc/${tern.child.pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    ternSeconds = (Number(fields[11]) + Number(fields[12])) / 100;
+  } catch {
+    // Not Linux: leave it out.
+  }
+  const round = (x) => (x === null ? null : Math.round(x * 10) / 10);
+  return {
+    tern: round(ternSeconds),
+    proxies: round(await node(proxies)),
+    publishers: round(await node([publishers])),
+    subscribers: round(await node(subscriberWorkers)),
+  };
 }
 
 /// Cuts transports at `drop-rate` per second until `drops` were cut or `duration` is up.
 async function chaos(config, random, proxies, publishers, subscriberWorkers) {
   const TICK_MS = 100;
   const began = Date.now();
-  const done = { rst: 0, silent: 0 };
+  /// Cuts made at once, and cuts armed for a new transport's CONNECTED (made later,
+  /// when one comes; counted from the proxies' stats at the end).
+  const done = { rst: 0, silent: 0, armed: 0 };
+  const made = () => done.rst + done.silent + done.armed;
   let lastLog = began;
   const holdMs = [5000, 40000];
-  while (done.rst + done.silent < config.drops && Date.now() - began < config.duration * 1000) {
+  while (made() < config.drops && Date.now() - began < config.duration * 1000) {
     const elapsed = (Date.now() - began) / 1000;
     const target = Math.min(config.drops, Math.floor(elapsed * config['drop-rate']));
     // Catch up after a slow tick, but never in one burst of more than a second's worth.
-    const due = Math.min(target - done.rst - done.silent, Math.ceil(config['drop-rate']));
+    const due = Math.min(target - made(), Math.ceil(config['drop-rate']));
     if (due > 0) {
-      const asks = proxies.map(() => []);
+      const cuts = proxies.map(() => []);
+      const arms = proxies.map(() => []);
       for (let i = 0; i < due; i++) {
         const kind = random() < config['silent-fraction'] ? 'silent' : 'rst';
+        const region = Math.floor(random() * proxies.length);
         const pick = random();
-        const target = pick < config['young-fraction'] ? 'young'
-          : pick < config['young-fraction'] + config['publisher-fraction'] ? 'publisher' : 'any';
-        asks[Math.floor(random() * proxies.length)].push({ kind, target });
+        let bound = config['handshake-fraction'];
+        if (pick < bound) { arms[region].push(kind); continue; }
+        const target = pick < (bound += config['young-fraction']) ? 'young'
+          : pick < bound + config['publisher-fraction'] ? 'publisher' : 'any';
+        cuts[region].push({ kind, target });
       }
-      const answers = await Promise.all(proxies.map((proxy, r) => (asks[r].length
-        ? proxy.call('cut', { cuts: asks[r], minAgeMs: 500, holdMs })
-        : [])));
+      const answers = await Promise.all(proxies.map(async (proxy, r) => {
+        if (arms[r].length) done.armed += await proxy.call('arm', { kinds: arms[r], holdMs });
+        return cuts[r].length ? proxy.call('cut', { cuts: cuts[r], minAgeMs: 500, holdMs }) : [];
+      }));
       for (const kind of answers.flat()) done[kind] += 1;
     }
     if (Date.now() - lastLog >= 10000) {
@@ -262,23 +301,26 @@ async function chaos(config, random, proxies, publishers, subscriberWorkers) {
         publishers.call('progress'),
         Promise.all(subscriberWorkers.map((w) => w.call('progress'))),
       ]);
-      log(`${Math.round(elapsed)} s: ${done.rst} RST + ${done.silent} silent cuts; ${pub.issued} published, `
+      log(`${Math.round(elapsed)} s: ${done.rst} RST + ${done.silent} silent cuts + ${done.armed} armed; ${pub.issued} published, `
         + `${pub.acked} ACKed, ${pub.inFlight} in flight; ${sum(subs, 'deliveries')} deliveries; `
         + `${sum(subs, 'connected')}/${sum(subs, 'total')} subscribers connected`);
     }
     await sleep(TICK_MS);
   }
+  const unfired = (await Promise.all(proxies.map((proxy) => proxy.call('disarm')))).reduce((a, b) => a + b, 0);
   const ms = Date.now() - began;
-  log(`chaos over: ${done.rst} RST + ${done.silent} silent cuts in ${(ms / 1000).toFixed(1)} s`);
-  return { ...done, ms };
+  log(`chaos over in ${(ms / 1000).toFixed(1)} s: ${done.rst} RST + ${done.silent} silent cuts, `
+    + `${done.armed - unfired} of ${done.armed} armed cuts made`);
+  return { ms, unfired };
 }
 
 function sum(items, field) { return items.reduce((total, item) => total + item[field], 0); }
 
-function report(config, { started, cuts, published, tallies, proxyStats, dir }) {
+function report(config, { started, cuts, published, tallies, proxyStats, cpu, dir }) {
   const subs = {};
   for (const field of ['subscribers', 'deliveries', 'lost', 'duplicated', 'outOfOrder', 'unexpected', 'unsettled',
-    'disconnects', 'resumed', 'fresh', 'freshAfterTtl', 'suspended', 'failed', 'discontinuities', 'channelSuspended']) {
+    'disconnects', 'resumed', 'fresh', 'freshAfterTtl', 'suspended', 'failed', 'discontinuities', 'channelSuspended',
+    'sameConnection']) {
     subs[field] = sum(tallies, field);
   }
   const pubs = {
@@ -295,8 +337,9 @@ function report(config, { started, cuts, published, tallies, proxyStats, dir }) 
     for (const [code, n] of Object.entries(p.rejectedCodes)) pubs.rejectedCodes[code] = (pubs.rejectedCodes[code] || 0) + n;
   }
   const cutsBy = {
-    rst: cuts.rst,
-    silent: cuts.silent,
+    rst: sum(proxyStats, 'rst'),
+    silent: sum(proxyStats, 'silent'),
+    atConnected: sum(proxyStats, 'handshake'),
     ofSubscribers: sum(proxyStats, 'subscriber'),
     ofPublishers: sum(proxyStats, 'publisher'),
     young: sum(proxyStats, 'young'),
@@ -315,8 +358,10 @@ function report(config, { started, cuts, published, tallies, proxyStats, dir }) 
   check(subs.fresh + pubs.fresh === 0, `${subs.fresh + pubs.fresh} fresh connections (resume failed) before connectionStateTtl`);
   check(subs.discontinuities === 0, `${subs.discontinuities} channel re-attaches without RESUMED`);
   check(subs.failed === 0, `${subs.failed} connections FAILED`);
+  check(subs.sameConnection === subs.subscribers, `${subs.subscribers - subs.sameConnection} subscribers ended on another connection than their first`);
   check(pubs.unanswered === 0, `${pubs.unanswered} publishes never answered`);
-  check(cuts.rst + cuts.silent >= config.drops, `only ${cuts.rst + cuts.silent} of ${config.drops} drops made`);
+  const drops = cutsBy.rst + cutsBy.silent;
+  check(drops + cuts.unfired >= config.drops, `only ${drops} of ${config.drops} drops made`);
   const result = {
     date: new Date().toISOString(),
     seed: config.seed,
@@ -328,6 +373,7 @@ function report(config, { started, cuts, published, tallies, proxyStats, dir }) 
     publishers: pubs,
     expectedDeliveries,
     proxies: proxyStats,
+    cpuSeconds: cpu,
     examples: tallies.flatMap((t) => t.examples).slice(0, 40),
     lostExamples: tallies.flatMap((t) => t.lostExamples).slice(0, 10),
     scratch: dir,
@@ -338,14 +384,16 @@ function report(config, { started, cuts, published, tallies, proxyStats, dir }) 
   const survived = subs.resumed + pubs.resumed;
   console.log(`
 == churn result (seed ${config.seed}; ${(result.wallMs / 1000).toFixed(0)} s wall, ${(cuts.ms / 1000).toFixed(0)} s of chaos)
-transport drops:   ${cuts.rst + cuts.silent} (${cuts.rst} RST, ${cuts.silent} silent; ${cutsBy.ofSubscribers} subscriber, ${cutsBy.ofPublishers} publisher; ${cutsBy.young} < 500 ms after (re)connecting)
+transport drops:   ${drops} (${cutsBy.rst} RST, ${cutsBy.silent} silent; ${cutsBy.ofSubscribers} subscriber, ${cutsBy.ofPublishers} publisher; ${cutsBy.atConnected} at the server's CONNECTED, ${cutsBy.young} other < 500 ms after (re)connecting)
 seen by clients:   ${subs.disconnects + pubs.disconnects} disconnects; ${survived} resumed (same connection), ${subs.fresh + pubs.fresh} fresh before TTL, ${subs.freshAfterTtl} fresh after TTL
+                   ${subs.sameConnection} of ${subs.subscribers} subscribers end on the connection they started on
 channels:          ${subs.discontinuities} re-attached without RESUMED, ${subs.channelSuspended} suspended
 messages:          ${pubs.published} published, ${pubs.acked} ACKed, ${pubs.unacked} not ACKed ${JSON.stringify(pubs.rejectedCodes)}
 deliveries:        ${subs.deliveries} (ACKed messages x subscribers on their channel: ${expectedDeliveries})
 lost:              ${subs.lost}
 duplicated:        ${subs.duplicated}
 out of order:      ${subs.outOfOrder}
+CPU seconds:       tern ${cpu.tern}, proxies ${cpu.proxies}, publishers ${cpu.publishers}, subscribers ${cpu.subscribers}
 report:            ${out}`);
   if (failures.length) {
     console.log(`FAILED:\n  ${failures.join('\n  ')}`);

@@ -8,9 +8,10 @@ const [targetPort, seed] = process.argv.slice(2).map(Number);
 const random = rng(seed);
 const proxy = await startProxy(targetPort);
 
-/// Cuts made, by kind, by whose connection it was (`churn=` in the request line), and
-/// how many hit a transport that had just (re)connected.
-const stats = { rst: 0, silent: 0, subscriber: 0, publisher: 0, young: 0, none_eligible: 0 };
+/// Cuts made, by kind, by whose connection it was (`churn=` in the request line), how
+/// many hit a transport that had just (re)connected, and how many were armed cuts of a
+/// new transport at its CONNECTED (`handshake`; counted in rst/silent too).
+const stats = { rst: 0, silent: 0, subscriber: 0, publisher: 0, young: 0, handshake: 0, none_eligible: 0 };
 /// The last cuts, for a failure report: [time, kind, label].
 const recent = [];
 const RECENT_MAX = 20000;
@@ -55,6 +56,28 @@ serve({
     }
     return done;
   },
+  /// Arms a cut of each kind of `kinds` for the next new connections: each is cut when
+  /// the server's first frame (CONNECTED) comes, which the client then never sees. As
+  /// nearly every new connection during the chaos is a resume, this cuts resumes the
+  /// server has taken but the client does not know of.
+  arm({ kinds, holdMs: [holdMin, holdMax] }) {
+    for (const kind of kinds) {
+      const holdMs = holdMin + Math.floor(random() * (holdMax - holdMin));
+      proxy.armCut(kind, {
+        holdMs,
+        onCut: (pair) => {
+          const who = label(pair);
+          stats[kind] += 1;
+          stats.handshake += 1;
+          stats[who.startsWith('p') ? 'publisher' : 'subscriber'] += 1;
+          if (recent.length < RECENT_MAX) recent.push([Date.now(), `${kind}-handshake`, who]);
+        },
+      });
+    }
+    return kinds.length;
+  },
+  disarm: () => proxy.disarm(),
+  cpu: () => process.cpuUsage(),
   stats: () => ({ ...stats, held: proxy.size }),
   cuts: ({ who }) => recent.filter(([, , w]) => w === who),
   close: () => { proxy.close(); return true; },

@@ -78,6 +78,7 @@ serve({
     ticker = setInterval(tick, TICK_MS);
     return true;
   },
+  cpu: () => process.cpuUsage(),
   progress() {
     return publishers.reduce((sum, pub) => ({
       issued: sum.issued + pub.issued, acked: sum.acked + pub.acked, inFlight: sum.inFlight + pub.inFlight,

@@ -171,6 +171,7 @@ serve({
     await Promise.all(lanes);
     return { ms: Date.now() - started, count: todo.length };
   },
+  cpu: () => process.cpuUsage(),
   progress() {
     let deliveries = 0;
     let connected = 0;
@@ -194,7 +195,7 @@ serve({
     const tally = {
       subscribers: subscribers.length, deliveries: 0, lost: 0, duplicated: 0, outOfOrder: 0, unexpected: 0,
       unsettled: 0, disconnects: 0, resumed: 0, fresh: 0, freshAfterTtl: 0, suspended: 0, failed: 0,
-      discontinuities: 0, channelSuspended: 0, lostExamples: [],
+      discontinuities: 0, channelSuspended: 0, sameConnection: 0, lostExamples: [],
     };
     for (const sub of subscribers) {
       const gap = missing(sub, expected);
@@ -218,6 +219,7 @@ serve({
       tally.failed += sub.failed;
       tally.discontinuities += sub.discontinuities.length;
       tally.channelSuspended += sub.channelSuspended;
+      if (sub.client.connection.id === sub.firstId) tally.sameConnection += 1;
     }
     tally.examples = examples;
     return tally;

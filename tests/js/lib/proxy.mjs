@@ -1,5 +1,6 @@
 // A TCP proxy the test controls, to cut a client's transport mid-stream: all at once
-// (`dropAll`), or one connection at a time with a TCP RST or silently (`cut`).
+// (`dropAll`), one connection at a time with a TCP RST or silently (`cut`), or the next
+// new connection just before its CONNECTED reaches the client (`armCut`).
 import net from 'node:net';
 
 /// The request line of an HTTP upgrade is kept (at most this many bytes) so a test can
@@ -9,6 +10,9 @@ const REQUEST_LINE_MAX = 2048;
 export function startProxy(targetPort) {
   /// Every connection pair: forwarding, or blackholed by a silent cut.
   const pairs = new Set();
+  /// Cuts to make on the next new connections, each when its first WebSocket frame
+  /// comes from the server (see `armCut`).
+  const armed = [];
   let target = targetPort;
   let paused = false;
   const server = net.createServer((client) => {
@@ -17,7 +21,9 @@ export function startProxy(targetPort) {
     const pair = { client, upstream, openedAt: Date.now(), request: '', bytesDown: 0, silent: false, holdTimer: null };
     pairs.add(pair);
     client.pipe(upstream);
-    upstream.pipe(client);
+    const arm = armed.shift();
+    if (arm) cutAtFirstFrame(pair, arm);
+    else upstream.pipe(client);
     const sniff = (chunk) => {
       pair.request += chunk.toString('latin1', 0, Math.min(chunk.length, REQUEST_LINE_MAX - pair.request.length));
       const end = pair.request.indexOf('\r\n');
@@ -70,6 +76,42 @@ export function startProxy(targetPort) {
     }, holdMs);
   }
 
+  /// Forwards the server's HTTP upgrade response, but not the first WebSocket frame
+  /// after it (the CONNECTED): the connection is cut instead, so the server has taken
+  /// the connect or resume and the client never learns its outcome.
+  function cutAtFirstFrame(pair, { kind, holdMs, onCut }) {
+    let headersDone = false;
+    /// The last bytes of the headers so far: the blank line may span two chunks.
+    let tail = Buffer.alloc(0);
+    const forward = (chunk) => {
+      if (!headersDone) {
+        const seen = Buffer.concat([tail, chunk]);
+        const end = seen.indexOf('\r\n\r\n');
+        if (end < 0) {
+          tail = seen.subarray(Math.max(0, seen.length - 3));
+          pair.client.write(chunk);
+          return;
+        }
+        headersDone = true;
+        const afterHeaders = end + 4 - tail.length;
+        pair.client.write(chunk.subarray(0, afterHeaders));
+        if (afterHeaders === chunk.length) return;
+      }
+      // The first frame's bytes: they are lost with the connection.
+      pair.upstream.off('data', forward);
+      pair.bytesDown += 1;
+      if (kind === 'rst') {
+        pair.client.resetAndDestroy();
+        pair.upstream.resetAndDestroy();
+        pairs.delete(pair);
+      } else {
+        blackhole(pair, holdMs);
+      }
+      onCut?.(pair);
+    };
+    pair.upstream.on('data', forward);
+  }
+
   return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({
     port: server.address().port,
     /// Cuts every live connection through the proxy.
@@ -103,6 +145,12 @@ export function startProxy(targetPort) {
       }
       return true;
     },
+    /// The next new connection is cut (`'rst'` or `'silent'`, as in `cut`) right
+    /// after the server's upgrade response, before its first frame reaches the client;
+    /// `onCut(pair)` is called when it happens.
+    armCut(kind, { holdMs = 30000, onCut } = {}) { armed.push({ kind, holdMs, onCut }); },
+    /// Forgets the cuts still armed (no new connection has come for them); returns how many.
+    disarm() { return armed.splice(0).length; },
     /// New connections go to `port` from now on (what geo-DNS does when a region dies).
     retarget(port) { target = port; },
     /// While paused, new connections are refused (closed at once).
