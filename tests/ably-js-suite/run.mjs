@@ -21,7 +21,7 @@
 // - --timeout-cap MS (default TIMEOUT_CAP_MS; 0 = off): no test or hook waits longer than
 //   this for mocha's timeout (the suite asks for 60 s, which is what failing tests wait).
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { createWriteStream, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startSandbox } from './provisioner.mjs';
@@ -77,6 +77,7 @@ function slug(file) {
 async function runFile(suite, file, opts) {
   const base = join(resultsDir, slug(file));
   rmSync(`${base}.jsonl`, { force: true });
+  rmSync(`${base}.apps`, { recursive: true, force: true });
   const sandbox = await startSandbox({ suiteDir: suite, workDir: `${base}.apps` });
   const started = Date.now();
   const args = [
@@ -91,7 +92,6 @@ async function runFile(suite, file, opts) {
   ];
   if (opts.timeoutCapMs > 0) args.push('--require', join(here, 'timeout-cap.cjs'));
   args.push(`test/${file}`);
-  const { createWriteStream } = await import('node:fs');
   const logStream = createWriteStream(`${base}.log`);
   const child = spawn(process.execPath, args, {
     cwd: suite,
