@@ -73,6 +73,24 @@ function slug(file) {
   return file.replace(/[/.]/g, '_');
 }
 
+/// mocha processes running now (each its own process group), for an interrupted run.
+const runningPids = new Set();
+for (const signal of ['SIGINT', 'SIGTERM']) {
+  process.on(signal, () => {
+    for (const pid of runningPids) killGroup(pid);
+    // exit (not the default signal death) so the provisioner's exit hook kills every tern.
+    process.exit(130);
+  });
+}
+
+function killGroup(pid) {
+  try {
+    process.kill(-pid, 'SIGKILL');
+  } catch {
+    // The group is already empty.
+  }
+}
+
 /// Runs one file in its own mocha process with its own sandbox; resolves with its results.
 async function runFile(suite, file, opts) {
   const base = join(resultsDir, slug(file));
@@ -104,20 +122,18 @@ async function runFile(suite, file, opts) {
       ABLY_SUITE_TIMEOUT_CAP_MS: String(opts.timeoutCapMs),
     },
   });
+  runningPids.add(child.pid);
   child.stdout.pipe(logStream, { end: false });
   child.stderr.pipe(logStream, { end: false });
   const killer = setTimeout(() => {
     logStream.write(`\nrun.mjs: killed after ${FILE_WALL_MS_MAX} ms\n`);
-    process.kill(-child.pid, 'SIGKILL');
+    killGroup(child.pid);
   }, FILE_WALL_MS_MAX);
   const exit = await new Promise((done) => child.once('exit', (code, signal) => done({ code, signal })));
   clearTimeout(killer);
-  // mocha's --exit can leave a grandchild holding the pipes; the group goes with it.
-  try {
-    process.kill(-child.pid, 'SIGKILL');
-  } catch {
-    // The group is already empty.
-  }
+  runningPids.delete(child.pid);
+  // Anything a test spawned that outlived mocha goes with its group.
+  killGroup(child.pid);
   await sandbox.close();
   logStream.end();
   const results = readResults(`${base}.jsonl`);
