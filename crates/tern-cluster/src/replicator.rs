@@ -637,17 +637,15 @@ impl Replicator {
             return;
         }
         let events = hub.events_of(&key, OriginId(origin), from, to);
+        let skip = |upto: u64| FrameV1::Skip {
+            app: app.clone(),
+            channel: channel.clone(),
+            origin,
+            upto,
+        };
         let first = events.first().map_or(to + 1, |e| e.seq);
         if first > from {
-            self.send_control(
-                peer,
-                FrameV1::Skip {
-                    app: app.clone(),
-                    channel: channel.clone(),
-                    origin,
-                    upto: first - 1,
-                },
-            );
+            self.send_control(peer, skip(first - 1));
         }
         for event in events {
             let frame = EventV1::from_event(&app, &channel, &event);
@@ -656,15 +654,7 @@ impl Replicator {
                 continue;
             }
             oversized(&key, event.seq, frame.frame.len());
-            self.send_control(
-                peer,
-                FrameV1::Skip {
-                    app: app.clone(),
-                    channel: channel.clone(),
-                    origin,
-                    upto: event.seq,
-                },
-            );
+            self.send_control(peer, skip(event.seq));
         }
     }
 

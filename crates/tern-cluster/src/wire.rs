@@ -373,18 +373,6 @@ impl EventV1 {
         )
     }
 
-    pub fn from_remote(app: &str, channel: &str, event: &RemoteEvent) -> EventV1 {
-        EventV1 {
-            app: app.into(),
-            channel: channel.into(),
-            origin: event.origin.0,
-            seq: event.seq,
-            publisher: event.publisher.as_deref().map(str::to_string),
-            frame: tern_protocol::encode(Format::Msgpack, &event.frame).to_vec(),
-            link_seq: 0,
-        }
-    }
-
     pub fn to_remote(&self) -> Result<RemoteEvent, ClusterError> {
         let frame: ProtocolMessage = tern_protocol::decode(Format::Msgpack, &self.frame)
             .map_err(|e| ClusterError::Wire(e.to_string()))?;

@@ -8,8 +8,8 @@ use tern_cluster::link::LinkEndpoint;
 use tern_cluster::tls::ClusterCa;
 use tern_cluster::wire::{EventV1, FrameV1};
 use tern_core::{
-    AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Hub, OriginId, Publisher, RemoteEvent,
-    RemoteOutcome, Subscriber,
+    AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Hub, OriginId, Publisher, RemoteOutcome,
+    Subscriber,
 };
 use tern_protocol::{flags, Data, Message};
 
@@ -89,8 +89,8 @@ async fn events_cross_a_mutual_tls_quic_link_in_order() {
             ..Default::default()
         };
         let outcome = hub_a.publish(&key, &publisher, vec![message], 1).unwrap();
-        let event = RemoteEvent::from_event(&outcome.event.unwrap());
-        link.send(&FrameV1::Event(EventV1::from_remote("app", "room", &event)))
+        let event = outcome.event.unwrap();
+        link.send(&FrameV1::Event(EventV1::from_event("app", "room", &event)))
             .await
             .unwrap();
     }

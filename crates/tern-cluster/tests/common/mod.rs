@@ -17,8 +17,7 @@ use tern_cluster::replicator::{PeerSpec, Replicator, ReplicatorConfig};
 use tern_cluster::tls::{ClusterCa, NodeIdentity, NODE_NAME};
 use tern_cluster::wire::{self, EventV1, FrameV1};
 use tern_core::{
-    AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Hub, OriginId, Publisher, RemoteEvent,
-    Subscriber,
+    AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Hub, OriginId, Publisher, Subscriber,
 };
 use tern_protocol::{flags, Data, Message};
 
@@ -212,7 +211,7 @@ pub fn publish_on(hub: &Hub, key: &ChannelKey, name: &str) -> Arc<ChannelEvent> 
 /// frame: published there, so its msgpack and sequence are what a real node sends.
 pub fn event_frame(hub: &Hub, key: &ChannelKey, name: &str, link_seq: u64) -> FrameV1 {
     let event = publish_on(hub, key, name);
-    let mut frame = EventV1::from_remote(&key.app, &key.name, &RemoteEvent::from_event(&event));
+    let mut frame = EventV1::from_event(&key.app, &key.name, &event);
     frame.link_seq = link_seq;
     FrameV1::Event(frame)
 }
