@@ -19,9 +19,13 @@ use crate::now_ms;
 pub(super) struct Attached {
     /// The name as the client sent it (with any qualifier); replies use it.
     pub(super) name: Arc<str>,
-    /// The modes granted on ATTACH (narrowed by a later re-auth): publishing or
-    /// entering presence needs PUBLISH or PRESENCE among them (40165 otherwise).
+    /// The modes granted: what was asked (or everything, when nothing was) within the
+    /// capability, recomputed on re-auth. Publishing or entering presence needs PUBLISH
+    /// or PRESENCE among them (40165 otherwise).
     pub(super) modes: u64,
+    /// The modes the ATTACH asked for (0: none named, so the attachment follows the
+    /// capability, widening when a re-auth grants more).
+    pub(super) requested: u64,
 }
 
 /// Longest an ATTACH waits for the channel's state from another node (the cluster gives
@@ -178,7 +182,12 @@ impl Session {
         match result {
             Ok(()) => {
                 let name = name.into();
-                self.attachments.insert(base, Attached { name, modes });
+                let attached = Attached {
+                    name,
+                    modes,
+                    requested,
+                };
+                self.attachments.insert(base, attached);
                 None
             }
             Err(err) => self.channel_error(name, core_error(err)),

@@ -56,7 +56,11 @@ impl Session {
         for (base, attached) in &mut self.attachments {
             let key = ChannelKey::new(&self.auth.app_id, base);
             let granted = granted_modes(&self.auth.capability, base);
-            attached.modes &= granted;
+            attached.modes = if attached.requested != 0 {
+                attached.requested & granted
+            } else {
+                granted
+            };
             // `None`: the hub already let go of the attachment (a slow subscriber being
             // dropped); nothing is delivered to narrow, and the connection is ending.
             let before = hub.restrict_modes(&key, &self.id, granted);
