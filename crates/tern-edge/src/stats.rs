@@ -104,10 +104,12 @@ fn parse_query(q: &HashMap<String, String>, now_ms: i64) -> Result<Query, ErrorI
         Some("forwards") => Order::Forwards,
         Some(_) => return Err(invalid("direction must be forwards or backwards")),
     };
+    // A page cursor is an interval start this node wrote; clamped like every instant.
     let after = q
         .get("page")
         .map(|p| {
             p.parse::<i64>()
+                .map(|ms| ms.clamp(0, interval::TIME_MAX_MS))
                 .map_err(|_| invalid("invalid value for 'page'"))
         })
         .transpose()?;
@@ -301,7 +303,7 @@ async fn peer_answers(
     Ok(answers)
 }
 
-/// Another node's page (JSON), with whether its Link had a next page.
+/// Another node's page: its items (JSON) and whether it had more.
 fn parse_peer(bytes: &Bytes) -> Option<Answer> {
     #[derive(Deserialize)]
     struct Item {
@@ -429,4 +431,112 @@ fn peer_envelope(items: Vec<Value>, more: bool) -> Response {
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn answer(intervals: &[(i64, f64)], more: bool) -> Answer {
+        Answer {
+            intervals: intervals
+                .iter()
+                .map(|(start, n)| (*start, Entries::from([("n".to_string(), *n)])))
+                .collect(),
+            more,
+        }
+    }
+
+    fn query(direction: Order, limit: usize) -> Query {
+        Query {
+            unit: Unit::Minute,
+            first: 0,
+            last: 0,
+            direction,
+            limit,
+            after: None,
+        }
+    }
+
+    /// Nodes' pages merge into the cluster's: the same interval adds up, the first
+    /// `limit` in the query's order are kept, and there is more when the union is
+    /// longer or a node had more.
+    #[test]
+    fn cluster_pages_merge() {
+        let mut merged = answer(&[(1, 1.0), (3, 1.0)], false);
+        merged.add(answer(&[(2, 5.0), (3, 2.0)], false));
+        let (page, more) = merged.page(&query(Order::Forwards, 2));
+        let got: Vec<(i64, f64)> = page.iter().map(|(s, e)| (*s, e["n"])).collect();
+        assert_eq!((got, more), (vec![(1, 1.0), (2, 5.0)], true));
+
+        let mut merged = answer(&[(1, 1.0), (3, 1.0)], false);
+        merged.add(answer(&[(2, 5.0), (3, 2.0)], false));
+        let (page, more) = merged.page(&query(Order::Backwards, 3));
+        let got: Vec<(i64, f64)> = page.iter().map(|(s, e)| (*s, e["n"])).collect();
+        assert_eq!((got, more), (vec![(3, 3.0), (2, 5.0), (1, 1.0)], false));
+
+        let mut merged = answer(&[(1, 1.0)], false);
+        merged.add(answer(&[(2, 1.0)], true));
+        assert!(merged.page(&query(Order::Forwards, 5)).1, "a node had more");
+    }
+
+    /// A peer's envelope is read back (interval ids of any unit) and anything else is
+    /// refused, never a panic.
+    #[test]
+    fn peer_envelopes() {
+        let body = Bytes::from_static(
+            br#"{"items":[{"intervalId":"2025-02-03:15","entries":{"a":2}}],"more":true}"#,
+        );
+        let read = parse_peer(&body).unwrap();
+        assert!(read.more);
+        assert_eq!(read.intervals.len(), 1);
+        for bad in [
+            &b"[]"[..],
+            b"{}",
+            br#"{"items":[{"intervalId":"x"}],"more":false}"#,
+        ] {
+            assert!(parse_peer(&Bytes::copy_from_slice(bad)).is_none());
+        }
+    }
+
+    /// Counts are integers in the answer, means keep their fraction.
+    #[test]
+    fn numbers() {
+        assert_eq!(number(3.0), serde_json::json!(3));
+        assert_eq!(number(1.5), serde_json::json!(1.5));
+    }
+
+    proptest! {
+        /// Whatever the query params, parsing them and running the query on an app's
+        /// statistics never panics (a cursor or bound at the ends of time included).
+        #[test]
+        fn queries_never_panic(
+            unit in proptest::option::of("minute|hour|day|month|[a-z]{0,6}"),
+            start in proptest::option::of("-?[0-9]{0,20}|[0-9]{4}-[0-9]{2}(-[0-9]{2}(:[0-9]{2}(:[0-9]{2})?)?)?"),
+            end in proptest::option::of("-?[0-9]{0,20}|9999-12(-31(:23(:59)?)?)?"),
+            page in proptest::option::of(prop_oneof![
+                "-?[0-9]{0,20}",
+                Just(i64::MAX.to_string()),
+                Just(i64::MIN.to_string()),
+            ]),
+            limit in proptest::option::of("[0-9]{0,5}"),
+            forwards in any::<bool>(),
+        ) {
+            let mut q = HashMap::new();
+            for (name, value) in [("unit", unit), ("start", start), ("end", end), ("page", page), ("limit", limit)] {
+                if let Some(value) = value {
+                    q.insert(name.to_string(), value);
+                }
+            }
+            q.insert("direction".into(), if forwards { "forwards" } else { "backwards" }.into());
+            let stats = Stats::new(crate::config::StatsConfig::default());
+            let now = 1_738_595_045_678;
+            let app = stats.app("a", now).unwrap();
+            app.received(Transport::Rest, Kind::Messages, 1, 1);
+            if let Ok(query) = parse_query(&q, now) {
+                let _ = app.query(&query);
+            }
+        }
+    }
 }
