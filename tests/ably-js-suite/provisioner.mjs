@@ -6,8 +6,8 @@
 //                       channels' presence members, and answers {appId, keys, namespaces,
 //                       channels, endpoint, port, tls: false}.
 //   DELETE /apps/{id}   Basic auth with the app's first key: stops that app's tern.
-//   POST /stats         accepted (201) and dropped: Tern has no stats, so the stats tests
-//                       that read them back fail on their own (a known failure, not ours).
+//   POST /stats         fixture statistics, forwarded to the app's tern ([stats] fixtures =
+//                       true in its config), which stores them as Ably's sandbox does.
 //
 // Standalone: `node provisioner.mjs [--port N] [--suite DIR]` prints
 // `provisioner listening on http://127.0.0.1:PORT` and runs until SIGINT/SIGTERM.
@@ -86,6 +86,8 @@ export function planApp(body) {
 export function ternConfig(app) {
   const lines = ['[server]', 'host = "127.0.0.1"', 'port = 0', ''];
   if (app.presenceMax) lines.push('[limits]', `presence_members_max = ${app.presenceMax}`, '');
+  // The sandbox may inject fixture statistics (POST /stats), as Ably's does.
+  lines.push('[stats]', 'fixtures = true', '');
   lines.push('[history]', 'mode = "memory"', '', '[[apps]]', `id = ${tomlString(app.appId)}`, '');
   for (const key of app.keys) {
     lines.push(
@@ -261,7 +263,7 @@ export async function startSandbox({
     const dir = join(workDir, app.appId);
     mkdirSync(dir, { recursive: true });
     const { child, port: ternPort } = await startTern(ternBin, app, dir);
-    const entry = { app, child, socket: null, dir };
+    const entry = { app, child, socket: null, dir, port: ternPort };
     apps.set(app.appId, entry);
     entry.socket = await seedPresence(WebSocket, ternPort, app);
     log(`app ${app.appId}: tern pid ${child.pid} on port ${ternPort}`);
@@ -302,9 +304,18 @@ export async function startSandbox({
       return reply(res, 204);
     }
     if (req.method === 'POST' && path === '/stats') {
-      await readBody(req);
-      log('POST /stats: fixtures dropped (Tern has no stats)');
-      return reply(res, 201, []);
+      // Fixtures go to the app whose key signs the request, whose tern stores them.
+      const body = await readBody(req);
+      const key = basicKey(req);
+      const entry = [...apps.values()].find((e) => e.app.keys.some((k) => k.keyStr === key));
+      if (!entry) return reply(res, 401, { error: { code: 40101, statusCode: 401, message: 'no app has this key' } });
+      const answer = await fetch(`http://127.0.0.1:${entry.port}/stats`, {
+        method: 'POST',
+        headers: { authorization: req.headers.authorization, 'content-type': 'application/json' },
+        body,
+      });
+      res.writeHead(answer.status, { 'content-type': answer.headers.get('content-type') || 'application/json' });
+      return res.end(Buffer.from(await answer.arrayBuffer()));
     }
     reply(res, 404, { error: { code: 40400, statusCode: 404, message: `no route ${req.method} ${path}` } });
   }

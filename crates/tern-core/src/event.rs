@@ -26,6 +26,9 @@ pub struct ChannelEvent {
     /// plus the decoded structs. The channel log's byte bound counts this.
     pub size_bytes: usize,
     encoded: [OnceLock<Bytes>; Format::COUNT],
+    /// Ably's size of the messages (or presence messages) it carries, measured on first
+    /// need (app statistics count it per delivery).
+    data_bytes: OnceLock<usize>,
 }
 
 impl ChannelEvent {
@@ -46,6 +49,7 @@ impl ChannelEvent {
             frame,
             size_bytes: structs + 2 * msgpack.len(),
             encoded: Default::default(),
+            data_bytes: OnceLock::new(),
         };
         // The decoded strings take about what their encoding takes, hence 2×.
         let _ = event.encoded[Format::Msgpack.index()].set(msgpack);
@@ -58,6 +62,20 @@ impl ChannelEvent {
 
     pub fn message_count(&self) -> usize {
         self.frame.messages.as_ref().map_or(0, Vec::len)
+    }
+
+    pub fn presence_count(&self) -> usize {
+        self.frame.presence.as_ref().map_or(0, Vec::len)
+    }
+
+    /// Ably's size ([`message_size`], [`presence_size`]) of everything the event
+    /// carries, summed: measured once, on the first call, then shared.
+    pub fn data_bytes(&self) -> usize {
+        *self.data_bytes.get_or_init(|| {
+            let messages = self.frame.messages.iter().flatten().map(message_size);
+            let presence = self.frame.presence.iter().flatten().map(presence_size);
+            messages.sum::<usize>() + presence.sum::<usize>()
+        })
     }
 
     /// A copy holding only the last `count` messages (for a rewind that ends mid-frame).
@@ -96,26 +114,34 @@ fn text_bytes(text: Option<&String>) -> usize {
     text.map_or(0, String::len)
 }
 
-/// Bytes a message counts against `maxMessageSize`: what Ably counts (name, clientId,
-/// data, extras as JSON) plus the other fields a client supplies and Tern stores and
-/// sends on (id, encoding), so no field carries bytes past the limit.
-pub fn message_bytes(m: &Message) -> usize {
+/// A message's size as Ably counts it (for `maxMessageSize` and in app statistics):
+/// name, clientId, data and extras as JSON. The server adds an id, connectionId and
+/// timestamp on the way, so this is the same on the way in and on every delivery.
+pub fn message_size(m: &Message) -> usize {
     text_bytes(m.name.as_ref())
         + text_bytes(m.client_id.as_ref())
         + data_bytes(m.data.as_ref())
         + m.extras.as_ref().map_or(0, |e| e.to_string().len())
-        + text_bytes(m.id.as_ref())
-        + text_bytes(m.encoding.as_ref())
 }
 
-/// Bytes a presence message counts against `maxMessageSize`: clientId, data, extras,
-/// id and encoding (as for [`message_bytes`]).
-pub fn presence_bytes(p: &PresenceMessage) -> usize {
+/// Bytes a message counts against `maxMessageSize`: [`message_size`] plus the other
+/// fields a client supplies and Tern stores and sends on (id, encoding), so no field
+/// carries bytes past the limit.
+pub fn message_bytes(m: &Message) -> usize {
+    message_size(m) + text_bytes(m.id.as_ref()) + text_bytes(m.encoding.as_ref())
+}
+
+/// A presence message's size as Ably counts it: clientId, data and extras.
+pub fn presence_size(p: &PresenceMessage) -> usize {
     text_bytes(p.client_id.as_ref())
         + data_bytes(p.data.as_ref())
         + p.extras.as_ref().map_or(0, |e| e.to_string().len())
-        + text_bytes(p.id.as_ref())
-        + text_bytes(p.encoding.as_ref())
+}
+
+/// Bytes a presence message counts against `maxMessageSize`: [`presence_size`] plus
+/// id and encoding (as for [`message_bytes`]).
+pub fn presence_bytes(p: &PresenceMessage) -> usize {
+    presence_size(p) + text_bytes(p.id.as_ref()) + text_bytes(p.encoding.as_ref())
 }
 
 /// Where a channel delivers events for one attachment. Implemented by the edge over a

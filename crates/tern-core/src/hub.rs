@@ -120,6 +120,28 @@ struct Dropped {
 
 type Shard = Mutex<HashMap<ChannelKey, Arc<Mutex<Channel>>>>;
 
+/// Channels per app: how many this node holds (entries removed at zero), and for app
+/// statistics how many it created and the most it held since the last
+/// [`Hub::take_app_channels`] (entries removed by it). Both hold only apps with channels
+/// now or in the period, so they are bounded by the channels themselves.
+#[derive(Default)]
+struct AppChannels {
+    held: HashMap<Arc<str>, usize>,
+    period: HashMap<Arc<str>, (u64, usize)>,
+}
+
+/// One app's channels on this node, as [`Hub::take_app_channels`] reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppChannelCount {
+    pub app: Arc<str>,
+    /// Held now.
+    pub held: usize,
+    /// Created since the previous report.
+    pub opened: u64,
+    /// The most held at once since the previous report (at least `held`).
+    pub peak: usize,
+}
+
 /// Dropped connections by id, and the same ids ordered by deadline.
 #[derive(Default)]
 struct DroppedSet {
@@ -138,8 +160,8 @@ pub struct Hub {
     hasher: RandomState,
     shards: Box<[Shard]>,
     channel_count: AtomicUsize,
-    /// Channels per app (entries removed at zero), bounded by `channels_per_app_max`.
-    app_channels: Mutex<HashMap<Arc<str>, usize>>,
+    /// Channels per app, bounded by `channels_per_app_max`.
+    app_channels: Mutex<AppChannels>,
     dropped: Mutex<DroppedSet>,
     /// Connection-id prefixes of departed nodes, oldest first.
     departed: Mutex<VecDeque<Arc<str>>>,
@@ -173,7 +195,7 @@ impl Hub {
             hasher: RandomState::new(),
             shards,
             channel_count: AtomicUsize::new(0),
-            app_channels: Mutex::new(HashMap::new()),
+            app_channels: Mutex::new(AppChannels::default()),
             dropped: Mutex::new(DroppedSet::default()),
             departed: Mutex::new(VecDeque::new()),
         }
@@ -189,6 +211,37 @@ impl Hub {
 
     pub fn channel_count(&self) -> usize {
         self.channel_count.load(Ordering::Relaxed)
+    }
+
+    /// Every app's channels on this node: held now, created and the most held since the
+    /// previous call, which this call starts anew. For app statistics, whose one caller
+    /// asks about once a second.
+    pub fn take_app_channels(&self) -> Vec<AppChannelCount> {
+        let mut apps = lock(&self.app_channels);
+        let AppChannels { held, period } = &mut *apps;
+        let mut counts: HashMap<Arc<str>, AppChannelCount> = held
+            .iter()
+            .map(|(app, &held)| {
+                let count = AppChannelCount {
+                    app: app.clone(),
+                    held,
+                    opened: 0,
+                    peak: held,
+                };
+                (app.clone(), count)
+            })
+            .collect();
+        for (app, (opened, peak)) in period.drain() {
+            let count = counts.entry(app.clone()).or_insert(AppChannelCount {
+                app,
+                held: 0,
+                opened: 0,
+                peak: 0,
+            });
+            count.opened = opened;
+            count.peak = count.peak.max(peak);
+        }
+        counts.into_values().collect()
     }
 
     fn shard(&self, key: &ChannelKey) -> &Shard {
@@ -272,13 +325,17 @@ impl Hub {
         }
         {
             let mut apps = lock(&self.app_channels);
-            let count = apps.entry(key.app.clone()).or_insert(0);
+            let AppChannels { held, period } = &mut *apps;
+            let count = held.entry(key.app.clone()).or_insert(0);
             if *count >= self.limits.channels_per_app_max {
                 return Err(CoreError::TooManyAppChannels(
                     self.limits.channels_per_app_max,
                 ));
             }
             *count += 1;
+            let (opened, peak) = period.entry(key.app.clone()).or_default();
+            *opened += 1;
+            *peak = (*peak).max(*count);
         }
         self.channel_count.fetch_add(1, Ordering::Relaxed);
         let mut created = Channel::new(key.name.clone(), now_ms);
@@ -626,10 +683,10 @@ impl Hub {
                 .fetch_sub(before - shard.len(), Ordering::Relaxed);
             let mut apps = lock(&self.app_channels);
             for app in retired {
-                if let Some(count) = apps.get_mut(&app) {
+                if let Some(count) = apps.held.get_mut(&app) {
                     *count -= 1;
                     if *count == 0 {
-                        apps.remove(&app);
+                        apps.held.remove(&app);
                     }
                 }
             }

@@ -31,7 +31,7 @@ pub mod registry;
 pub use channel::{AttachOptions, AttachSnapshot, ChannelStatus, RemoteEvent, RemoteOutcome};
 pub use cursor::{Cursor, OriginId};
 pub use event::{ChannelEvent, Subscriber};
-pub use hub::{ChannelKey, CoreError, Hub, Journal, PublishOutcome, Publisher};
+pub use hub::{AppChannelCount, ChannelKey, CoreError, Hub, Journal, PublishOutcome, Publisher};
 pub use limits::CoreLimits;
 pub use log::{LogLimits, Rewind};
 pub use presence::PresenceSet;

@@ -677,3 +677,76 @@ fn a_retried_publish_is_journaled_again_not_applied_again() {
         vec![(1, 1, 2), (1, 1, 2), (1, 1, 2), (1, 2, 1)]
     );
 }
+
+/// App statistics see each app's channels: created and the most held since the last
+/// report (which starts a new period), and how many are held now after idle ones go.
+#[test]
+fn app_channel_counts_report_opened_peak_and_held() {
+    let limits = CoreLimits {
+        channel_idle_retain_ms: 50,
+        ..Default::default()
+    };
+    let hub = Hub::new(OriginId(1), limits);
+    for (serial, (app, channel)) in [("a", "1"), ("a", "2"), ("b", "1")].into_iter().enumerate() {
+        hub.publish(
+            &ChannelKey::new(app, channel),
+            &publisher("P", serial as u64),
+            vec![msg("x")],
+            0,
+        )
+        .unwrap();
+    }
+    let mut counts = hub.take_app_channels();
+    counts.sort_by(|x, y| x.app.cmp(&y.app));
+    let summary: Vec<(&str, usize, u64, usize)> = counts
+        .iter()
+        .map(|c| (&*c.app, c.held, c.opened, c.peak))
+        .collect();
+    assert_eq!(summary, vec![("a", 2, 2, 2), ("b", 1, 1, 1)]);
+    // A new period: nothing opened, the peak is what is held.
+    hub.sweep(50);
+    assert_eq!(
+        hub.take_app_channels(),
+        Vec::new(),
+        "all swept, nothing opened"
+    );
+    hub.publish(
+        &ChannelKey::new("a", "3"),
+        &publisher("P", 9),
+        vec![msg("x")],
+        60,
+    )
+    .unwrap();
+    hub.sweep(110);
+    let counts = hub.take_app_channels();
+    assert_eq!(counts.len(), 1);
+    assert_eq!(
+        (
+            &*counts[0].app,
+            counts[0].held,
+            counts[0].opened,
+            counts[0].peak
+        ),
+        ("a", 0, 1, 1)
+    );
+}
+
+/// An event's data size is Ably's message size (name, clientId, data, extras) summed
+/// over its messages: the id the server assigns is not part of it, so a delivery
+/// counts what was published.
+#[test]
+fn event_data_bytes_is_ablys_message_size() {
+    let hub = hub();
+    let key = ChannelKey::new("a", "sizes");
+    let rec = attach(&hub, &key, "S", true);
+    let mut two = msg("name");
+    two.client_id = Some("cid".into());
+    hub.publish(&key, &publisher("P", 0), vec![msg("x"), two], 0)
+        .unwrap();
+    let events = rec.events.lock().unwrap();
+    let event = events.iter().find(|e| e.is_message()).unwrap();
+    assert!(event.frame.messages.as_ref().unwrap()[0].id.is_some());
+    // "x" + "d", then "name" + "cid" + "d".
+    assert_eq!(event.data_bytes(), 2 + 8);
+    assert_eq!(event.presence_count(), 0);
+}

@@ -8,7 +8,7 @@
 //! body of 300,000 empty messages is small on the wire but expands to a huge event once
 //! the server adds ids, serials and timestamps to each.
 
-use tern_core::event::{message_bytes, presence_bytes};
+use tern_core::event::{message_size, presence_size};
 use tern_protocol::{code, ErrorInfo, Message, PresenceMessage};
 
 use crate::config::EdgeConfig;
@@ -17,28 +17,50 @@ fn too_large(what: String) -> ErrorInfo {
     ErrorInfo::new(code::MESSAGE_TOO_LARGE, what)
 }
 
+/// Bytes of the fields a client supplies beyond Ably's message size (id, encoding):
+/// with it, a message counts [`tern_core::event::message_bytes`].
+fn id_and_encoding(id: Option<&String>, encoding: Option<&String>) -> usize {
+    id.map_or(0, String::len) + encoding.map_or(0, String::len)
+}
+
 /// Refuses (40009) a publish with too many messages, a message id over
-/// `message_id_bytes_max`, or more than `max_message_size` bytes in all.
-pub(crate) fn check_messages(messages: &[Message], config: &EdgeConfig) -> Result<(), ErrorInfo> {
+/// `message_id_bytes_max`, or more than `max_message_size` bytes in all. `Ok` is the
+/// publish's size as Ably counts it (app statistics report it).
+pub(crate) fn check_messages(
+    messages: &[Message],
+    config: &EdgeConfig,
+) -> Result<usize, ErrorInfo> {
+    let size: usize = messages.iter().map(message_size).sum();
+    let supplied: usize = messages
+        .iter()
+        .map(|m| id_and_encoding(m.id.as_ref(), m.encoding.as_ref()))
+        .sum();
     check(
         messages.len(),
         messages.iter().map(|m| m.id.as_deref()),
-        messages.iter().map(message_bytes).sum(),
+        size + supplied,
         config,
-    )
+    )?;
+    Ok(size)
 }
 
 /// As [`check_messages`], for the presence messages of one PRESENCE frame.
 pub(crate) fn check_presence(
     changes: &[PresenceMessage],
     config: &EdgeConfig,
-) -> Result<(), ErrorInfo> {
+) -> Result<usize, ErrorInfo> {
+    let size: usize = changes.iter().map(presence_size).sum();
+    let supplied: usize = changes
+        .iter()
+        .map(|p| id_and_encoding(p.id.as_ref(), p.encoding.as_ref()))
+        .sum();
     check(
         changes.len(),
         changes.iter().map(|p| p.id.as_deref()),
-        changes.iter().map(presence_bytes).sum(),
+        size + supplied,
         config,
-    )
+    )?;
+    Ok(size)
 }
 
 fn check<'a>(
@@ -129,6 +151,26 @@ mod tests {
         // Split over several messages, the total still counts.
         let half = || message(|m| m.data = Some(Data::String("x".repeat(60))));
         assert_eq!(code_of(&[half(), half()]), 40009);
+    }
+
+    /// What passes is reported at Ably's size (name, clientId, data, extras), without
+    /// the id and encoding that still count against the limit.
+    #[test]
+    fn reports_ablys_size() {
+        let c = config();
+        let m = message(|m| {
+            m.name = Some("nm".into());
+            m.data = Some(Data::String("data".into()));
+            m.id = Some("id".into());
+            m.encoding = Some("utf-8".into());
+        });
+        assert_eq!(check_messages(&[m.clone(), m], &c), Ok(12));
+        let p = PresenceMessage {
+            client_id: Some("cid".into()),
+            id: Some("x".into()),
+            ..Default::default()
+        };
+        assert_eq!(check_presence(&[p], &c), Ok(3));
     }
 
     /// Presence messages are bounded the same way.

@@ -68,6 +68,33 @@ pub struct EdgeConfig {
     /// every origin (development only). Others get `Access-Control-Allow-Origin: *`
     /// without credentials.
     pub cors_allowed_origins: Vec<String>,
+    /// App statistics (`GET /stats`).
+    pub stats: StatsConfig,
+}
+
+/// App statistics: what is kept per app, and whether test fixtures may be written.
+#[derive(Clone, Debug)]
+pub struct StatsConfig {
+    /// Minutes of statistics kept per app (the newest; fixtures count too). Each kept
+    /// minute takes about 100–700 bytes (only its non-zero counters are stored).
+    pub minutes_max: usize,
+    /// Apps whose statistics this node keeps; an app beyond it is not counted (and a
+    /// warning is logged). Apps come from the config, so this only bounds memory.
+    pub apps_max: usize,
+    /// Accept `POST /stats` fixtures (Ably's sandbox: test suites write statistics and
+    /// read them back), from a key with every operation on every channel. Off in
+    /// production: nobody may forge statistics.
+    pub fixtures: bool,
+}
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        StatsConfig {
+            minutes_max: 60 * 24 * 7,
+            apps_max: 64,
+            fixtures: false,
+        }
+    }
 }
 
 impl Default for EdgeConfig {
@@ -97,6 +124,7 @@ impl Default for EdgeConfig {
             parked_connections_max: 100_000,
             reply_window_max: 1_000,
             cors_allowed_origins: Vec::new(),
+            stats: StatsConfig::default(),
         }
     }
 }

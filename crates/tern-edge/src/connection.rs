@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -24,6 +24,7 @@ use crate::listener::ResetOnClose;
 use crate::response::error_response;
 use crate::session::Session;
 use crate::state::EdgeState;
+use crate::stats::{AppStats, Delivered};
 
 /// Most queued frames written before one flush (one syscall batch).
 const WRITE_BATCH_MAX: usize = 256;
@@ -52,6 +53,9 @@ pub(crate) struct Outlet {
     end: Arc<watch::Sender<Option<Option<ProtocolMessage>>>>,
     /// Woken when the queue overflows: the session then disconnects the client.
     pub(crate) overflow: Arc<Notify>,
+    /// The app's statistics, set once the session knows the app; the writer counts
+    /// what it delivers there.
+    pub(crate) stats: Arc<OnceLock<Arc<AppStats>>>,
 }
 
 impl Outlet {
@@ -168,6 +172,7 @@ async fn run(
         queue,
         end: Arc::new(end),
         overflow: Arc::new(Notify::new()),
+        stats: Arc::new(OnceLock::new()),
     };
     let writer = Writer {
         sink,
@@ -177,6 +182,7 @@ async fn run(
         write_timeout: Duration::from_millis(state.config.write_timeout_ms),
         reset,
         stalled: outlet.overflow.clone(),
+        stats: outlet.stats.clone(),
     };
     let writer = tokio::spawn(write_loop(writer, rx, end_rx));
     match format {
@@ -268,6 +274,23 @@ struct Writer {
     /// The session's overflow signal: a stalled writer ends the session (80020) just
     /// like a full queue, so its reader lets go of the socket too.
     stalled: Arc<Notify>,
+    /// Where delivered messages are counted (see [`Outlet::stats`]).
+    stats: Arc<OnceLock<Arc<AppStats>>>,
+}
+
+/// Adds the messages of a channel event about to be written to `delivered`.
+fn tally(delivered: &mut Delivered, item: &Outbound) {
+    let event = match item {
+        Outbound::Event(event) | Outbound::AliasedEvent(event, _) => event,
+        Outbound::Frame(_) => return,
+    };
+    if event.is_message() {
+        delivered.messages += event.message_count() as u64;
+        delivered.message_bytes += event.data_bytes() as u64;
+    } else {
+        delivered.presence += event.presence_count() as u64;
+        delivered.presence_bytes += event.data_bytes() as u64;
+    }
 }
 
 /// The writer: drains the queue in batches (one flush per batch), keeps the connection
@@ -310,15 +333,23 @@ impl Writer {
         first: Outbound,
     ) -> Result<(), WriteFailed> {
         let limit = self.write_timeout;
+        let mut delivered = Delivered::default();
+        tally(&mut delivered, &first);
         bounded(limit, self.sink.feed(encode(self.format, first))).await?;
         let mut written = 1u64;
         while written < WRITE_BATCH_MAX as u64 {
             let Ok(item) = queue.try_recv() else { break };
+            tally(&mut delivered, &item);
             bounded(limit, self.sink.feed(encode(self.format, item))).await?;
             written += 1;
         }
         metrics::counter!("tern_frames_sent_total").increment(written);
-        bounded(limit, self.sink.flush()).await
+        bounded(limit, self.sink.flush()).await?;
+        // Counted once the batch is out: a few relaxed adds per batch, none per frame.
+        if let Some(stats) = self.stats.get() {
+            stats.delivered(&delivered);
+        }
+        Ok(())
     }
 
     async fn heartbeat(&mut self) -> Result<(), WriteFailed> {

@@ -175,6 +175,8 @@ pub(crate) fn rest_auth(
             )?
         }
     };
+    // From here on the request is the app's, and counts in its statistics.
+    crate::stats::note_request(&ctx.app_id, crate::stats::Request::Other);
     let requested = headers
         .get("x-ably-clientid")
         .and_then(|v| v.to_str().ok())

@@ -97,7 +97,7 @@ type Params = Query<HashMap<String, String>>;
 
 /// Query-string escaping: everything but RFC 3986 unreserved characters (so no commas,
 /// which would break Link header parsing).
-const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+pub(crate) const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'_')
     .remove(b'.')
@@ -172,8 +172,8 @@ const LINK_OMITS: [&str; 5] = ["page", "envelope", "key", "access_token", "acces
 
 /// `Link` header: first, current and (if more) next, as `./<segment>?<query>` so both
 /// ably-js (keeps the query, re-requests its own path) and ably-python (resolves it
-/// relative to the request URL) follow it.
-fn link_header(segment: &str, q: &HashMap<String, String>, next: Option<Position>) -> String {
+/// relative to the request URL) follow it. `next` is the next page's `page` param.
+fn link_header(segment: &str, q: &HashMap<String, String>, next: Option<String>) -> String {
     let query = |extra: Option<String>| {
         let mut pairs: Vec<(String, String)> = q
             .iter()
@@ -204,20 +204,19 @@ fn link_header(segment: &str, q: &HashMap<String, String>, next: Option<Position
         ),
     ];
     if let Some(next) = next {
-        links.push(format!(
-            "<./{segment}?{}>; rel=\"next\"",
-            query(Some(next.encode()))
-        ));
+        links.push(format!("<./{segment}?{}>; rel=\"next\"", query(Some(next))));
     }
     links.join(", ")
 }
 
-fn page_response<T: Serialize>(
+/// A page of items in the client's format with its `Link` header (or, with
+/// `envelope`, both in a JSON envelope). `next` is the next page's `page` param.
+pub(crate) fn page_response<T: Serialize>(
     headers: &HeaderMap,
     q: &HashMap<String, String>,
     segment: &str,
     items: Vec<T>,
-    next: Option<Position>,
+    next: Option<String>,
 ) -> Response {
     let link = link_header(segment, q, next);
     if q.contains_key("envelope") {
@@ -292,6 +291,7 @@ pub(crate) async fn messages(
 ) -> Result<Response, ApiError> {
     let (payloads, next) = read(&state, &headers, &q, &channel, EventKind::Message).await?;
     let items: Vec<Message> = decode_all(payloads);
+    let next = next.map(|p| p.encode());
     Ok(page_response(&headers, &q, "messages", items, next))
 }
 
@@ -304,6 +304,7 @@ pub(crate) async fn presence_history(
 ) -> Result<Response, ApiError> {
     let (payloads, next) = read(&state, &headers, &q, &channel, EventKind::Presence).await?;
     let items: Vec<PresenceMessage> = decode_all(payloads);
+    let next = next.map(|p| p.encode());
     Ok(page_response(&headers, &q, "history", items, next))
 }
 
@@ -324,7 +325,7 @@ mod tests {
             seq: 3,
             index: 0,
         };
-        let link = link_header("messages", &q, Some(next));
+        let link = link_header("messages", &q, Some(next.encode()));
         let parts: Vec<&str> = link.split(", ").collect();
         assert_eq!(parts.len(), 3);
         assert!(parts[0].starts_with("<./messages?from_serial=v1.a-3&limit=2>; rel=\"first\""));
@@ -346,7 +347,7 @@ mod tests {
             seq: 3,
             index: 0,
         };
-        let link = link_header("messages", &q, Some(next));
+        let link = link_header("messages", &q, Some(next.encode()));
         for secret in ["key=", "s3cret", "access_token", "accessToken", "tn1"] {
             assert!(!link.contains(secret), "{secret} in {link}");
         }

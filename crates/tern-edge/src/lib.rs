@@ -16,6 +16,7 @@
 //!   same check for REST and realtime.
 //! - `batch`: batch publish (`POST /messages`) and batch presence (`GET /presence`).
 //! - `rest`: REST handlers (`/time`, publish, presence, channel status, token requests).
+//! - `stats`: app statistics (`GET /stats`, `POST /stats` fixtures) and what counts them.
 //! - [`history`]: the journal into the history store and the REST history endpoints.
 //! - `credentials`: turning query params and headers into an [`tern_auth::AuthContext`].
 //! - `channel_name`: `[?param=value]name` qualifiers and the `rewind` param.
@@ -39,8 +40,9 @@ mod rest;
 mod resume;
 mod session;
 mod state;
+mod stats;
 
-pub use config::EdgeConfig;
+pub use config::{EdgeConfig, StatsConfig};
 pub use listener::serve;
 pub use state::{ClusterView, EdgeState};
 
@@ -88,10 +90,15 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/channels/{channel}/messages", post(rest::publish))
         .route("/messages", post(batch::publish))
         .route("/presence", get(batch::presence))
+        .route("/stats", get(stats::get).post(stats::post_fixtures))
         .fallback(rest::not_found)
         // Ably answers a known path with the wrong method as an unknown one (404/40400,
         // with an error body the SDKs read), not a bare 405.
         .method_not_allowed_fallback(rest::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            stats::count_requests,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -20,6 +20,7 @@ use crate::credentials::{denied, message_client_id, rest_auth};
 use crate::now_ms;
 use crate::response::{body, request_format, response_format, ApiError};
 use crate::state::EdgeState;
+use crate::stats::{Kind, Transport};
 
 type Params = Query<HashMap<String, String>>;
 
@@ -102,6 +103,10 @@ pub(crate) async fn request_token(
     Query(q): Params,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
+    // A token request for a key of this node counts in its app's statistics.
+    if let Some(key) = state.keys.get(&key_name) {
+        crate::stats::note_request(&key.app_id, crate::stats::Request::Token);
+    }
     let request: TokenRequest = decode_body(request_format(&headers), &bytes)?;
     let details = {
         let mut nonces = state.nonces.lock().unwrap_or_else(|p| p.into_inner());
@@ -170,7 +175,7 @@ pub(crate) async fn publish_messages(
     if !auth.capability.allows(&key.name, Operation::Publish) {
         return Err(denied("publish", &key.name));
     }
-    crate::budget::check_messages(&messages, &state.config)?;
+    let size = crate::budget::check_messages(&messages, &state.config)?;
     for message in &mut messages {
         message.client_id = message_client_id(identity, message.client_id.as_deref())?;
         message.connection_id = on_behalf_of(state, message.connection_key.take())?;
@@ -194,6 +199,9 @@ pub(crate) async fn publish_messages(
         .publish(&key, &publisher, messages, now)
         .map_err(|e| ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, e.to_string()))?;
     metrics::counter!("tern_messages_published_total").increment(count);
+    if let Some(stats) = state.stats.app(&auth.app_id, now) {
+        stats.received(Transport::Rest, Kind::Messages, count as usize, size);
+    }
     if state.refused_appends() != refused_before {
         return Err(ErrorInfo::new(
             code::INTERNAL,

@@ -37,6 +37,7 @@ use crate::credentials::{authenticate, details_client_id, resolve_identity};
 use crate::now_ms;
 use crate::resume::{ParkedSession, Reply, ReplyWindow};
 use crate::state::EdgeState;
+use crate::stats::{AppStats, OpenConnection};
 
 /// How a session ended, which decides what happens to its state.
 enum Ending {
@@ -119,6 +120,10 @@ pub(crate) struct Session {
     /// An ATTACH waiting for the channel's state from another node (see
     /// `ClusterView::warm`); frames after it wait too, so order is kept.
     warming: Option<(tokio::sync::oneshot::Receiver<()>, ProtocolMessage)>,
+    /// The app's statistics (`None` past `stats.apps_max`), and this connection counted
+    /// as open in them until the session is dropped.
+    stats: Option<Arc<AppStats>>,
+    _counted: Option<OpenConnection>,
 }
 
 impl Session {
@@ -166,6 +171,13 @@ impl Session {
             });
         let superseded = Arc::new(Notify::new());
         let secret = random_id(SECRET_LEN);
+        let stats = state.stats.app(&auth.app_id, now);
+        let counted = stats
+            .as_ref()
+            .map(|stats| stats.connection_opened(parked.is_none()));
+        if let Some(stats) = &stats {
+            let _ = outlet.stats.set(stats.clone());
+        }
         // After a resume, the key it presented stays good beside the new one: this
         // CONNECTED may be lost with its transport (see `KeyChain`).
         let (keys, replies, presence_channels) = match parked {
@@ -207,6 +219,8 @@ impl Session {
             remain_present_for_ms: get("remainPresentFor").and_then(|v| v.parse().ok()),
             sync_counter: 0,
             warming: None,
+            stats,
+            _counted: counted,
         };
         session.outlet.send(session.connected_frame(error));
         tracing::debug!(conn_id = %session.id, format = ?format, resumed = requested.is_some() && !session.continuity_lost, "connected");

@@ -37,6 +37,8 @@ pub struct EdgeState {
     pub(crate) store: Option<Arc<dyn HistoryStore>>,
     /// The cluster this node belongs to; `None` for a single node.
     pub(crate) cluster: Option<Arc<dyn ClusterView>>,
+    /// App statistics counted on this node.
+    pub(crate) stats: crate::stats::Stats,
 }
 
 /// How waiting for a publish to be durable ended.
@@ -97,6 +99,11 @@ pub trait ClusterView: Send + Sync {
     }
     /// The live nodes by region, for `GET /regions`.
     fn regions(&self) -> serde_json::Value;
+    /// The client URLs of every other live node (`GET /stats` adds up their
+    /// statistics).
+    fn peer_urls(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl EdgeState {
@@ -120,6 +127,7 @@ impl EdgeState {
                 Alphanumeric.sample_string(&mut rand::rng(), 6)
             },
             connection_permits: Arc::new(Semaphore::new(config.connections_max)),
+            stats: crate::stats::Stats::new(config.stats.clone()),
             config,
             hub,
             keys,
@@ -155,10 +163,12 @@ impl EdgeState {
     }
 
     /// Periodic housekeeping (about once a second): presence of dropped connections,
-    /// idle channels, expired parked connections.
+    /// idle channels, expired parked connections, and the app statistics' gauges and
+    /// minutes.
     pub fn sweep(&self, now_ms: i64) {
         self.hub.sweep(now_ms);
         self.registry().sweep(now_ms);
+        self.stats.tick(now_ms, self.hub.take_app_channels());
     }
 
     /// Runs `then` once everything applied so far is durable: committed to the history

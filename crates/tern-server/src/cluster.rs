@@ -168,6 +168,18 @@ impl tern_edge::ClusterView for EdgeCluster {
             .map(|m| m.client_url)
     }
 
+    fn peer_urls(&self) -> Vec<String> {
+        let Some(node) = self.node.get() else {
+            return Vec::new();
+        };
+        let me = &node.me().node_id;
+        node.members()
+            .into_iter()
+            .filter(|m| &m.node_id != me)
+            .map(|m| m.client_url)
+            .collect()
+    }
+
     fn regions(&self) -> serde_json::Value {
         let Some(node) = self.node.get() else {
             return serde_json::json!({ "regions": [] });

@@ -21,6 +21,8 @@ pub struct Config {
     #[serde(default)]
     pub history: HistorySection,
     #[serde(default)]
+    pub stats: StatsSection,
+    #[serde(default)]
     pub apps: Vec<AppConfig>,
     /// Absent: a single node. Present: this node joins a cluster.
     pub cluster: Option<ClusterSection>,
@@ -129,6 +131,27 @@ impl Default for HistorySection {
                     max_age_ms: r.max_age_ms,
                 })
                 .collect(),
+        }
+    }
+}
+
+/// `[stats]`: app statistics (`GET /stats`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatsSection {
+    pub minutes_max: usize,
+    pub apps_max: usize,
+    /// Accept `POST /stats` fixtures (test suites only).
+    pub fixtures: bool,
+}
+
+impl Default for StatsSection {
+    fn default() -> Self {
+        let stats = tern_edge::StatsConfig::default();
+        StatsSection {
+            minutes_max: stats.minutes_max,
+            apps_max: stats.apps_max,
+            fixtures: stats.fixtures,
         }
     }
 }
@@ -446,6 +469,10 @@ impl Config {
             self.auth.token_clock_skew_ms >= 0,
             "auth.token_clock_skew_ms must be >= 0"
         );
+        anyhow::ensure!(
+            self.stats.minutes_max >= 1,
+            "stats.minutes_max must be >= 1"
+        );
         Ok(())
     }
 
@@ -513,6 +540,11 @@ impl Config {
             parked_connections_max: l.parked_connections_max,
             reply_window_max: l.reply_window_max,
             cors_allowed_origins: self.server.cors_allowed_origins.clone(),
+            stats: tern_edge::StatsConfig {
+                minutes_max: self.stats.minutes_max,
+                apps_max: self.stats.apps_max,
+                fixtures: self.stats.fixtures,
+            },
         }
     }
 
@@ -668,6 +700,27 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("gossip_port"));
+    }
+
+    /// `[stats]` reaches the edge; fixtures are off unless asked for.
+    #[test]
+    fn stats_section() {
+        let base = "[[apps]]\nid='a'\n";
+        let config = Config::parse(base).unwrap();
+        assert!(!config.edge_config().stats.fixtures);
+        let config = Config::parse(&format!(
+            "[stats]\nfixtures = true\nminutes_max = 60\napps_max = 2\n{base}"
+        ))
+        .unwrap();
+        let stats = config.edge_config().stats;
+        assert_eq!(
+            (stats.fixtures, stats.minutes_max, stats.apps_max),
+            (true, 60, 2)
+        );
+        let err = Config::parse(&format!("[stats]\nminutes_max = 0\n{base}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stats.minutes_max"), "{err}");
     }
 
     /// A `[cluster]` without `gossip_key` is refused, naming the field and `tern certs`.

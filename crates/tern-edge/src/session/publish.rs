@@ -15,6 +15,7 @@ use crate::connection::error_frame;
 use crate::credentials::{denied, message_client_id, presence_client_id};
 use crate::now_ms;
 use crate::resume::{Reply, Seen};
+use crate::stats::{Kind, Transport};
 
 /// Counts frames of one kind per one-second window.
 pub(super) struct RateWindow {
@@ -226,7 +227,7 @@ impl Session {
     ) -> Result<Vec<Option<String>>, ErrorInfo> {
         let base = self.channel_for(&frame, Operation::Publish, "publish")?;
         let mut messages: Vec<Message> = frame.messages.unwrap_or_default();
-        crate::budget::check_messages(&messages, &self.state.config)?;
+        let size = crate::budget::check_messages(&messages, &self.state.config)?;
         for message in &mut messages {
             message.client_id = message_client_id(&self.identity, message.client_id.as_deref())?;
             message.connection_id = None;
@@ -247,6 +248,9 @@ impl Session {
             .publish(&key, &publisher, messages, now_ms())
             .map_err(core_error)?;
         metrics::counter!("tern_messages_published_total").increment(count);
+        if let Some(stats) = &self.stats {
+            stats.received(Transport::Realtime, Kind::Messages, count as usize, size);
+        }
         Ok(outcome.serials)
     }
 
@@ -255,7 +259,7 @@ impl Session {
         let now = now_ms();
         let msg_serial = frame.msg_serial.unwrap_or(0);
         let supplied = frame.presence.unwrap_or_default();
-        crate::budget::check_presence(&supplied, &self.state.config)?;
+        let size = crate::budget::check_presence(&supplied, &self.state.config)?;
         let mut changes = Vec::with_capacity(supplied.len());
         for (index, mut change) in supplied.into_iter().enumerate() {
             if !matches!(
@@ -288,10 +292,14 @@ impl Session {
             app: self.auth.app_id.as_str().into(),
             name: base.clone(),
         };
+        let count = changes.len();
         self.state
             .hub
             .presence(&key, &publisher, changes, now)
             .map_err(core_error)?;
+        if let Some(stats) = &self.stats {
+            stats.received(Transport::Realtime, Kind::Presence, count, size);
+        }
         self.presence_channels.insert(base);
         Ok(())
     }
