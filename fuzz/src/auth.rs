@@ -14,6 +14,8 @@ use tern_auth::{
     TokenRequest,
 };
 
+use tern_protocol::{decode_value, Format};
+
 use crate::NOW_MS;
 
 /// The key every credential is checked against.
@@ -54,11 +56,10 @@ fn check_context(context: &AuthContext) {
 /// what decodes round-trips; checked as sent and again with a valid mac, a granted
 /// token authenticates within the key's capability.
 pub fn token_request(data: &[u8]) {
-    let decoded = [
-        serde_json::from_slice::<TokenRequest>(data).ok(),
-        rmp_serde::from_slice::<TokenRequest>(data).ok(),
-    ];
-    for request in decoded.into_iter().flatten() {
+    for format in [Format::Json, Format::Msgpack] {
+        let Ok(request) = decode_value::<TokenRequest>(format, data) else {
+            continue;
+        };
         let json = serde_json::to_vec(&request).expect("a token request serializes");
         let again: TokenRequest =
             serde_json::from_slice(&json).expect("a re-encoded token request decodes");
@@ -127,15 +128,14 @@ fn as_token_text(data: &[u8]) {
         return;
     };
     let ring = ring();
-    for result in [
+    let results = [
         ring.authenticate_token(text, NOW_MS),
         ring.authenticate_bearer(text, NOW_MS),
         ring.authenticate_basic(text),
         ring.authenticate_key(text),
-    ] {
-        if let Ok(context) = result {
-            check_context(&context);
-        }
+    ];
+    for context in results.into_iter().flatten() {
+        check_context(&context);
     }
 }
 
