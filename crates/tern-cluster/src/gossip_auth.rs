@@ -199,6 +199,29 @@ fn open<'a>(mac: &HmacSha256, now_ms: u64, datagram: &'a [u8]) -> Result<&'a [u8
     Ok(message)
 }
 
+/// The chitchat message of a received datagram ([`open`], then chitchat's decoder), or
+/// why it is dropped.
+fn decode_datagram(
+    mac: &HmacSha256,
+    now_ms: u64,
+    datagram: &[u8],
+) -> Result<ChitchatEnvelope, Rejection> {
+    open(mac, now_ms, datagram).and_then(|mut message| {
+        ChitchatEnvelope::deserialize(&mut message).map_err(|_| Rejection::Decode)
+    })
+}
+
+/// What a gossip socket does with a received datagram, for the fuzzer (`fuzz/`); the
+/// error is the rejection's metric label. Not part of the crate's API.
+#[doc(hidden)]
+pub fn fuzz_decode_datagram(
+    key: &GossipKey,
+    now_ms: u64,
+    datagram: &[u8],
+) -> Result<ChitchatEnvelope, &'static str> {
+    decode_datagram(&key.mac(), now_ms, datagram).map_err(Rejection::label)
+}
+
 fn now_ms() -> u64 {
     crate::now_ms().max(0) as u64
 }
@@ -305,10 +328,7 @@ impl Socket for AuthenticatedSocket {
                 }
                 Err(err) => return Err(err).context("gossip socket receive failed"),
             };
-            let decoded = open(&self.mac, now_ms(), &self.incoming[..len]).and_then(|mut bytes| {
-                ChitchatEnvelope::deserialize(&mut bytes).map_err(|_| Rejection::Decode)
-            });
-            match decoded {
+            match decode_datagram(&self.mac, now_ms(), &self.incoming[..len]) {
                 Ok(envelope) => {
                     return Ok(RecvOutcome {
                         from_addr,

@@ -46,6 +46,31 @@ pub use config::{EdgeConfig, StatsConfig};
 pub use listener::serve;
 pub use state::{ClusterView, EdgeState};
 
+/// The channel name decoders, for the fuzzer (`fuzz/`). Not part of the crate's API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::collections::BTreeMap;
+
+    pub use tern_core::Rewind;
+
+    /// `channel_name::CHANNEL_NAME_MAX`.
+    pub const CHANNEL_NAME_MAX: usize = crate::channel_name::CHANNEL_NAME_MAX;
+    /// `channel_name::REWIND_COUNT_MAX`.
+    pub const REWIND_COUNT_MAX: usize = crate::channel_name::REWIND_COUNT_MAX;
+
+    /// `channel_name::parse`: the bare name and the qualifier's params.
+    pub fn parse_channel_name(
+        name: &str,
+    ) -> Result<(&str, BTreeMap<String, String>), &'static str> {
+        crate::channel_name::parse(name).map(|parsed| (parsed.base, parsed.params))
+    }
+
+    /// `channel_name::parse_rewind`.
+    pub fn parse_rewind(value: &str, now_ms: i64) -> Result<Rewind, &'static str> {
+        crate::channel_name::parse_rewind(value, now_ms)
+    }
+}
+
 use std::sync::Arc;
 
 use axum::routing::{get, post};

@@ -88,11 +88,10 @@ pub(crate) fn decode_body<T: serde::de::DeserializeOwned>(
     format: Format,
     bytes: &[u8],
 ) -> Result<T, ErrorInfo> {
-    let result = match format {
-        Format::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-        Format::Msgpack => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
-    };
-    result.map_err(|e| ErrorInfo::new(code::BAD_REQUEST, format!("invalid request body: {e}")))
+    // The frame decoder's bounds: rmp_serde's own depth cap (1,024) overflows a worker's
+    // stack in a debug build.
+    tern_protocol::decode_value(format, bytes)
+        .map_err(|e| ErrorInfo::new(code::BAD_REQUEST, format!("invalid request body: {e}")))
 }
 
 /// `POST /keys/{keyName}/requestToken`: exchanges a signed TokenRequest for a token.
@@ -332,4 +331,26 @@ pub(crate) async fn channel_status(
         response_format(&headers, q.get("format").map(String::as_str)),
         &details,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A token request body nested 1,000 deep (msgpack) is refused with 40000 on a
+    /// 2 MiB stack, tokio's worker default, instead of overflowing it and aborting the
+    /// server (fuzz finding: the body was read with rmp_serde's own depth cap of 1,024).
+    #[test]
+    fn deep_token_request_body_is_refused_within_a_worker_stack() {
+        let mut body = vec![0x81, 0xa1, b'x'];
+        body.extend(std::iter::repeat_n(0x91, 1_000));
+        body.push(0xc0);
+        let decoded = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || decode_body::<TokenRequest>(Format::Msgpack, &body).map(|_| ()))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(decoded.unwrap_err().code, code::BAD_REQUEST);
+    }
 }

@@ -115,6 +115,12 @@ pub fn decode_messages(format: Format, bytes: &[u8]) -> Result<Vec<Message>, Dec
     from_bytes::<MessageBody>(format, bytes).map(|body| body.0)
 }
 
+/// Decodes any other body a client sends (a token request, ...) with a frame's bounds:
+/// msgpack nesting no deeper than JSON's, one value and no trailing bytes.
+pub fn decode_value<T: DeserializeOwned>(format: Format, bytes: &[u8]) -> Result<T, DecodeError> {
+    from_bytes(format, bytes)
+}
+
 /// Encodes one realtime frame.
 pub fn encode(format: Format, message: &ProtocolMessage) -> Bytes {
     encode_value(format, message)

@@ -17,7 +17,8 @@
 //! - `message`: [`Message`] and [`PresenceMessage`], including the JSON rule that binary
 //!   data travels as base64 with `/base64` appended to its encoding.
 //! - `protocol_message`: [`ProtocolMessage`], the realtime frame, and its parts.
-//! - `codec`: [`Format`], [`decode`], [`encode`], [`decode_messages`], [`encode_value`].
+//! - `codec`: [`Format`], [`decode`], [`encode`], [`decode_messages`], [`decode_value`],
+//!   [`encode_value`].
 //! - `integer`: lenient integer decoding (any msgpack width, integral floats).
 
 mod codec;
@@ -28,7 +29,7 @@ mod integer;
 mod message;
 mod protocol_message;
 
-pub use codec::{decode, decode_messages, encode, encode_value, DecodeError, Format};
+pub use codec::{decode, decode_messages, decode_value, encode, encode_value, DecodeError, Format};
 pub use constants::{action, flags, presence_action};
 pub use data::Data;
 pub use error::{code, status_code_for, ErrorInfo};

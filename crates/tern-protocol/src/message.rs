@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
 use crate::data::Data;
@@ -32,10 +32,12 @@ pub struct Message {
     /// Event name.
     pub name: Option<String>,
     /// Payload, relayed opaquely.
+    #[serde(default, deserialize_with = "present_data")]
     pub data: Option<Data>,
     /// How to decode `data` (`json`, `base64`, `utf-8/cipher+aes-128-cbc/base64`, ...).
     pub encoding: Option<String>,
     /// Extras object: headers, push, ref, delta, ...
+    #[serde(default, deserialize_with = "present_value")]
     pub extras: Option<Value>,
     /// Milliseconds since the epoch.
     #[serde(default, deserialize_with = "integer::optional")]
@@ -62,14 +64,28 @@ pub struct PresenceMessage {
     /// The member's connection.
     pub connection_id: Option<String>,
     /// Member data, relayed opaquely.
+    #[serde(default, deserialize_with = "present_data")]
     pub data: Option<Data>,
     /// How to decode `data`.
     pub encoding: Option<String>,
     /// Extras object.
+    #[serde(default, deserialize_with = "present_value")]
     pub extras: Option<Value>,
     /// Milliseconds since the epoch.
     #[serde(default, deserialize_with = "integer::optional")]
     pub timestamp: Option<i64>,
+}
+
+/// `deserialize_with` for optional `data`: a value that decodes to JSON null (a msgpack
+/// NaN or infinity, which JSON has no form for) is absent, as JSON's own null is, so
+/// a decoded message encodes back to itself.
+fn present_data<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Data>, D::Error> {
+    Ok(Option::<Data>::deserialize(deserializer)?.filter(|data| *data != Data::Json(Value::Null)))
+}
+
+/// `deserialize_with` for optional `extras`, as [`present_data`].
+fn present_value<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Ok(Option::<Value>::deserialize(deserializer)?.filter(|value| !value.is_null()))
 }
 
 /// The JSON form of a message: binary data as a base64 string, with `base64` appended to
@@ -253,6 +269,35 @@ mod tests {
         };
         let value = serde_json::to_value(&presence).unwrap();
         assert_eq!(value, json!({"action":2,"data":"AQID","encoding":"base64"}));
+    }
+
+    /// A msgpack NaN or infinity as `data` or `extras` (JSON has no form for them) decodes
+    /// as absent, as JSON's null does, so the message is relayed as it was decoded
+    /// (fuzz finding: it decoded as a present null that re-encoding dropped).
+    #[test]
+    fn non_finite_data_and_extras_are_absent() {
+        for value in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            for field in ["data", "extras"] {
+                let mut fields = std::collections::BTreeMap::new();
+                fields.insert(field, value);
+                let bytes = rmp_serde::to_vec_named(&fields).unwrap();
+                let message: Message = rmp_serde::from_slice(&bytes).unwrap();
+                assert_eq!(message, Message::default(), "{field}: {value}");
+                let mut fields = std::collections::BTreeMap::new();
+                fields.insert("action", 2.0);
+                fields.insert(field, value);
+                let bytes = rmp_serde::to_vec_named(&fields).unwrap();
+                let presence: PresenceMessage = rmp_serde::from_slice(&bytes).unwrap();
+                assert_eq!(presence.data, None, "{field}: {value}");
+                assert_eq!(presence.extras, None, "{field}: {value}");
+            }
+        }
+        let nested: Message = rmp_serde::from_slice(
+            &rmp_serde::to_vec_named(&json!({"data": {"x": 1}, "extras": {"y": null}})).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(nested.data, Some(Data::Json(json!({"x": 1}))));
+        assert_eq!(nested.extras, Some(json!({"y": null})));
     }
 
     /// A presence message without an action is rejected: the action is the whole point of it.
