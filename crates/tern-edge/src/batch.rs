@@ -106,7 +106,17 @@ fn too_many(count: usize) -> ErrorInfo {
     )
 }
 
-/// `POST /messages`: an array of specs (ably-js sends one spec as an array of one).
+/// The body of `POST /messages`: an array of specs (ably-js `batchPublish`, answered
+/// with one `BatchResult` per spec), or one spec (the older batch API `rest.request`
+/// uses, answered with the flat list of its channels' outcomes).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PublishBody {
+    Many(Vec<PublishSpec>),
+    One(PublishSpec),
+}
+
+/// `POST /messages`: batch publish.
 pub(crate) async fn publish(
     State(state): State<Arc<EdgeState>>,
     headers: HeaderMap,
@@ -114,36 +124,59 @@ pub(crate) async fn publish(
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
     let (auth, identity) = rest_auth(&state.keys, &headers, &q, now_ms())?;
-    let specs: Vec<PublishSpec> = crate::rest::decode_body(request_format(&headers), &bytes)?;
+    let format = response_format(&headers, q.get("format").map(String::as_str));
+    let (specs, one) = match crate::rest::decode_body(request_format(&headers), &bytes)? {
+        PublishBody::Many(specs) => (specs, false),
+        PublishBody::One(spec) => (vec![spec], true),
+    };
     let count: usize = specs.iter().map(|s| s.channels.len()).sum();
     if count > BATCH_CHANNELS_MAX {
         return Err(too_many(count).into());
     }
     let (auth, identity) = (&auth, &identity);
     let state = &state;
-    let results = join_all(specs.into_iter().map(|spec| async move {
-        let messages = spec.messages.into_vec();
-        let outcomes = join_all(spec.channels.into_iter().map(|channel| {
-            let messages = messages.clone();
-            async move {
-                match publish_messages(state, auth, identity, &channel, messages).await {
-                    Ok(PublishResponse { message_id, .. }) => Ok(PublishOutcome::Published {
-                        channel,
-                        message_id,
-                    }),
-                    Err(error) => Err(PublishOutcome::Failed { channel, error }),
-                }
+    let mut results = join_all(
+        specs
+            .into_iter()
+            .map(|spec| publish_spec(state, auth, identity, spec)),
+    )
+    .await;
+    if !one {
+        return Ok(body(StatusCode::CREATED, format, &results));
+    }
+    let result = results.pop().expect("one spec");
+    if result.failure_count == 0 {
+        return Ok(body(StatusCode::CREATED, format, &result.results));
+    }
+    // Some channels failed: 400 with 40020 (partial success) and every outcome.
+    let mut response = body(StatusCode::BAD_REQUEST, format, &result.results);
+    let code = axum::http::HeaderValue::from(code::BATCH_PARTIAL_SUCCESS);
+    response.headers_mut().insert("x-ably-errorcode", code);
+    Ok(response)
+}
+
+/// One spec: its messages published to each of its channels, each on its own.
+async fn publish_spec(
+    state: &EdgeState,
+    auth: &tern_auth::AuthContext,
+    identity: &tern_auth::ClientIdentity,
+    spec: PublishSpec,
+) -> BatchResult<PublishOutcome> {
+    let messages = spec.messages.into_vec();
+    let outcomes = join_all(spec.channels.into_iter().map(|channel| {
+        let messages = messages.clone();
+        async move {
+            match publish_messages(state, auth, identity, &channel, messages).await {
+                Ok(PublishResponse { message_id, .. }) => Ok(PublishOutcome::Published {
+                    channel,
+                    message_id,
+                }),
+                Err(error) => Err(PublishOutcome::Failed { channel, error }),
             }
-        }))
-        .await;
-        BatchResult::of(outcomes)
+        }
     }))
     .await;
-    Ok(body(
-        StatusCode::CREATED,
-        response_format(&headers, q.get("format").map(String::as_str)),
-        &results,
-    ))
+    BatchResult::of(outcomes)
 }
 
 /// `GET /presence?channels=a,b`: each channel's members, as `GET …/presence` lists them

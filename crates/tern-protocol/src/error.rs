@@ -72,6 +72,8 @@ pub mod code {
     pub const MESSAGE_TOO_LARGE: u32 = 40009;
     /// Invalid channel name.
     pub const INVALID_CHANNEL_NAME: u32 = 40010;
+    /// A batch request succeeded only in part (its body lists each outcome).
+    pub const BATCH_PARTIAL_SUCCESS: u32 = 40020;
     /// Invalid or mismatched clientId.
     pub const INVALID_CLIENT_ID: u32 = 40012;
     /// Invalid message data or encoding.

@@ -35,6 +35,23 @@ test('batchPublish: each channel succeeds or fails on its own, and what succeede
   assert.deepEqual(await history('readonly:b1'), []);
 });
 
+test('the older batch API (one spec through rest.request) answers a flat list of outcomes', async () => {
+  // Proves POST /messages with a single spec: 201 and one item per channel, or 400/40020
+  // with every outcome when some channel failed.
+  const rest = new Ably.Rest(options(suite.port, { key: LIMITED_KEY }));
+  const ok = await rest.request('POST', '/messages', 2, {}, { channels: ['allowed:o1', 'allowed:o2'], messages: { data: 'x' } }, {});
+  assert.equal(ok.statusCode, 201);
+  assert.deepEqual(ok.items.map((i) => [i.channel, Boolean(i.messageId), 'error' in i]), [
+    ['allowed:o1', true, false],
+    ['allowed:o2', true, false],
+  ]);
+  const partial = await rest.request('POST', '/messages', 2, {}, { channels: ['allowed:o3', 'readonly:o3'], messages: { data: 'x' } }, {});
+  assert.equal(partial.statusCode, 400);
+  assert.equal(partial.errorCode, 40020);
+  assert.equal(partial.items.length, 2);
+  assert.equal(partial.items[1].error.code, 40160);
+});
+
 test('batchPresence: members per channel, refused channels reported', async () => {
   // Proves the BatchResult of presence reads and the per-channel capability check.
   const member = await connected(suite.realtime({ clientId: 'bp' }));
