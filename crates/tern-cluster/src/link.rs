@@ -272,9 +272,26 @@ impl LinkEndpoint {
     }
 
     /// QUIC connections this endpoint has open, dialed or accepted (one per peer once
-    /// duplicates are closed).
+    /// duplicates are closed). Quinn counts a connection from its first packet until it
+    /// has drained, so this includes handshakes still running and connections closing;
+    /// [`LinkEndpoint::peer_nodes`] is what this endpoint has taken.
     pub fn connection_count(&self) -> usize {
         self.endpoint.open_connections()
+    }
+
+    /// The live connections this endpoint has taken (handshake done on this side, node
+    /// id read from the certificate), as the node each one's certificate names and the
+    /// peer's address, sorted: at most one per node id.
+    pub fn peer_nodes(&self) -> Vec<(String, SocketAddr)> {
+        let mut peers: Vec<(String, SocketAddr)> = self
+            .shared
+            .connections()
+            .iter()
+            .filter(|(_, c)| c.connection.close_reason().is_none())
+            .map(|(addr, c)| (c.node.to_string(), *addr))
+            .collect();
+        peers.sort();
+        peers
     }
 
     /// Opens a link to the node `node_id` at `peer` (its address as gossip gives it):

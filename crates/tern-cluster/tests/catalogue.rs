@@ -121,9 +121,16 @@ impl Bed {
         let e = RawPeer::bind("e", &ca.issue("e").unwrap());
         let f = RawPeer::bind("f", &ca.issue("f").unwrap());
         let v_addr = v.endpoint.local_addr().unwrap();
-        // The raw peers dial first, so v's links to them ride the same connections.
+        // The raw peers dial first, so v's links to them ride the same connections. A
+        // dial returns before v's side of the handshake is done: until v has taken both
+        // connections it would dial e and f itself, and the tie-break between the two
+        // connections of a pair could close the raw peer's.
         let e_connection = e.dial(v_addr).await;
         let f_connection = f.dial(v_addr).await;
+        wait_for("v to take e's and f's connections", 10, || {
+            v.endpoint.peer_nodes() == [("e".to_string(), e.addr), ("f".to_string(), f.addr)]
+        })
+        .await;
         v.replicator
             .set_peers(&[w.spec(), e.spec("r1"), f.spec("r3")]);
         w.replicator.set_peers(&[v.spec()]);

@@ -190,8 +190,11 @@ async fn a_nodes_new_connection_replaces_its_old_one() {
     let second = RawPeer::bind("b", &identity);
     let v_addr = v.endpoint.local_addr().unwrap();
     let old = first.dial(v_addr).await;
+    // b's dial returns when b's side of the handshake is done; v's side is done only once
+    // b's last flight reached it, and v takes the connection then. Until it has, b's
+    // second connection could finish its handshake on v first and be the one replaced.
     wait_for("v to take b's first connection", 10, || {
-        v.endpoint.connection_count() == 1
+        v.endpoint.peer_nodes() == [("b".to_string(), first.addr)]
     })
     .await;
     let new = second.dial(v_addr).await;
@@ -203,5 +206,10 @@ async fn a_nodes_new_connection_replaces_its_old_one() {
         "{closed:?}"
     );
     assert!(new.close_reason().is_none(), "the new one stays");
+    assert_eq!(
+        v.endpoint.peer_nodes(),
+        [("b".to_string(), second.addr)],
+        "v links b on its new connection only"
+    );
     wait_for("one connection", 10, || v.endpoint.connection_count() == 1).await;
 }
