@@ -14,7 +14,8 @@
 // As a module, `startSandbox()` serves one sandbox; the runner gives every mocha process
 // its own, so the apps a crashed process leaves behind are stopped with its sandbox.
 // Every tern started is stopped by its PID: on DELETE, on close(), and on process exit.
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
+import { createSocket } from 'node:dgram';
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, openSync, closeSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
@@ -82,6 +83,15 @@ export function planApp(body) {
   };
 }
 
+/// `config` with `extra` TOML merged in: a `[server]` section in `extra` has its keys
+/// added to the config's own `[server]` (TOML allows a table once), the rest appended.
+function withExtra(config, extra) {
+  const server = /^\[server\]\n((?:[^[\n].*\n?)*)/m.exec(extra);
+  if (!server) return config + extra;
+  const rest = extra.replace(server[0], '');
+  return config.replace('[server]\n', `[server]\n${server[1]}`) + '\n' + rest;
+}
+
 /// The `tern serve` config for an app: loopback, any free port, history in memory.
 export function ternConfig(app) {
   const lines = ['[server]', 'host = "127.0.0.1"', 'port = 0', ''];
@@ -101,10 +111,81 @@ export function ternConfig(app) {
   return lines.join('\n');
 }
 
-/// Starts `tern serve` for `app` in `dir`; resolves with {child, port} once it listens.
-function startTern(ternBin, app, dir) {
+/// With TERN_SUITE_NODES=2 every app runs on a two-region cluster (issue 11: clustering
+/// must be invisible to the SDK): two `tern serve` nodes in regions `r1` and `r2` on
+/// loopback, mutual-TLS QUIC from `tern certs`, no WAN delay, `ack_replicas = 1`; the
+/// clients all use the first node.
+const CLUSTER_NODES = Number(process.env.TERN_SUITE_NODES || 1);
+
+async function freeUdpPort() {
+  const socket = createSocket('udp4');
+  await new Promise((done) => socket.bind(0, '127.0.0.1', done));
+  const { port } = socket.address();
+  await new Promise((done) => socket.close(done));
+  return port;
+}
+
+/// The `[cluster]` section of node `index` (0-based) of a cluster whose certificates are
+/// in `certs`; `seed` is the first node's gossip address (none for the first node).
+function clusterSection(index, certs, gossipPort, seed) {
+  const node = `n${index + 1}`;
+  return [
+    '[cluster]',
+    `region = "r${index + 1}"`,
+    'quic_listen = "127.0.0.1:0"',
+    `gossip_listen = "127.0.0.1:${gossipPort}"`,
+    `seeds = [${seed ? `"${seed}"` : ''}]`,
+    'ack_replicas = 1',
+    `ca_cert = ${tomlString(join(certs, 'ca.pem'))}`,
+    `cert = ${tomlString(join(certs, `${node}.pem`))}`,
+    `key = ${tomlString(join(certs, `${node}.key`))}`,
+    `gossip_key = ${tomlString(join(certs, 'gossip.key'))}`,
+    '',
+  ].join('\n');
+}
+
+/// Starts the app's nodes (one, or a cluster, see CLUSTER_NODES); resolves with
+/// {children, port} (the first node's port) once every node listens and, in a cluster,
+/// the first node sees every region.
+async function startNodes(ternBin, app, dir) {
+  if (CLUSTER_NODES <= 1) {
+    const { child, port } = await startTern(ternBin, app, dir);
+    return { children: [child], port };
+  }
+  const certs = join(dir, 'certs');
+  const names = Array.from({ length: CLUSTER_NODES }, (_, i) => `n${i + 1}`);
+  execFileSync(ternBin, ['certs', '--out', certs, '--nodes', names.join(',')], { stdio: 'ignore' });
+  const children = [];
+  let seed = null;
+  let first = null;
+  for (const [index, node] of names.entries()) {
+    const gossip = await freeUdpPort();
+    const nodeDir = join(dir, node);
+    mkdirSync(nodeDir, { recursive: true });
+    const extra = `\n[server]\nserver_id = "${node}"\n` + clusterSection(index, certs, gossip, seed);
+    const { child, port } = await startTern(ternBin, app, nodeDir, extra);
+    children.push(child);
+    first = first ?? port;
+    seed = seed ?? `127.0.0.1:${gossip}`;
+  }
+  const deadline = Date.now() + START_TIMEOUT_MS;
+  for (;;) {
+    const body = await (await fetch(`http://127.0.0.1:${first}/regions`)).json().catch(() => ({}));
+    if ((body.regions || []).length === CLUSTER_NODES) break;
+    if (Date.now() > deadline) {
+      await Promise.all(children.map(stopTern));
+      throw new Error(`the ${CLUSTER_NODES}-node cluster for ${app.appId} did not form`);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return { children, port: first };
+}
+
+/// Starts `tern serve` for `app` in `dir` (its config plus `extra` TOML); resolves with
+/// {child, port} once it listens.
+function startTern(ternBin, app, dir, extra = '') {
   const configPath = join(dir, 'tern.toml');
-  writeFileSync(configPath, ternConfig(app));
+  writeFileSync(configPath, withExtra(ternConfig(app), extra));
   const logFd = openSync(join(dir, 'tern.log'), 'a');
   const child = spawn(ternBin, ['serve', '--config', configPath, '--port', '0'], {
     cwd: dir,
@@ -262,11 +343,11 @@ export async function startSandbox({
     const app = planApp(body);
     const dir = join(workDir, app.appId);
     mkdirSync(dir, { recursive: true });
-    const { child, port: ternPort } = await startTern(ternBin, app, dir);
-    const entry = { app, child, socket: null, dir, port: ternPort };
+    const { children, port: ternPort } = await startNodes(ternBin, app, dir);
+    const entry = { app, children, socket: null, dir, port: ternPort };
     apps.set(app.appId, entry);
     entry.socket = await seedPresence(WebSocket, ternPort, app);
-    log(`app ${app.appId}: tern pid ${child.pid} on port ${ternPort}`);
+    log(`app ${app.appId}: tern pids ${children.map((c) => c.pid).join(',')}, clients on port ${ternPort}`);
     const { presenceMax, ...answer } = app;
     return { ...answer, endpoint: '127.0.0.1', port: ternPort, tls: false };
   }
@@ -276,7 +357,7 @@ export async function startSandbox({
     if (!entry) return;
     apps.delete(appId);
     if (entry.socket) entry.socket.terminate();
-    await stopTern(entry.child);
+    await Promise.all(entry.children.map(stopTern));
     log(`app ${appId}: stopped`);
   }
 
