@@ -47,6 +47,10 @@ pub struct EdgeConfig {
     pub request_head_bytes_max: usize,
     /// A request's head must arrive within this, counted from the connection's start or
     /// the end of its previous request; otherwise the connection is closed (slowloris).
+    /// It is also how long an idle keep-alive connection lasts, so it is longer than an
+    /// SDK usually leaves a pooled connection idle: a client reusing a connection the
+    /// server is closing at that moment gets "socket hang up" (seen with 10 s and a test
+    /// that waits 10 s between requests).
     pub header_read_timeout_ms: u64,
     /// Longest one write to a WebSocket client (a frame, a flush, a heartbeat) may take.
     /// A client that does not read for this long is disconnected (80020) and its socket
@@ -116,7 +120,7 @@ impl Default for EdgeConfig {
             http_connections_max: 8_192,
             connections_per_ip_max: 0,
             request_head_bytes_max: 16_384,
-            header_read_timeout_ms: 10_000,
+            header_read_timeout_ms: 30_000,
             write_timeout_ms: 10_000,
             token_policy: TokenPolicy::default(),
             nonce_cache_max: 100_000,
