@@ -202,11 +202,6 @@ impl EdgeState {
         }
     }
 
-    /// Appends the history store has refused so far (0 without a store).
-    pub(crate) fn refused_appends(&self) -> u64 {
-        self.store.as_ref().map_or(0, |s| s.refused_appends())
-    }
-
     /// The history store's count of lost writes: take it before applying a publish and
     /// hand it to [`Self::after_durable`] (0 without a store).
     pub(crate) fn store_mark(&self) -> u64 {

@@ -102,19 +102,15 @@ impl Session {
                 "inbound message rate exceeded",
             ))
         } else {
-            let refused_before = self.state.refused_appends();
             let store_mark = self.state.store_mark();
             let result = if frame.action == action::MESSAGE {
                 self.publish(frame)
             } else {
                 self.presence(frame).map(|()| Vec::new())
             };
+            // A refused append or failed commit since `store_mark` turns this into a
+            // NACK when the reply goes out (`send_reply`), so it is never ACKed.
             match result {
-                // The history store refused an append meanwhile (its queue was full):
-                // maybe this one, so it must not be ACKed as stored.
-                Ok(_) if self.state.refused_appends() != refused_before => Reply::Nack(
-                    ErrorInfo::new(code::INTERNAL, "history store overloaded: not stored"),
-                ),
                 Ok(serials) => Reply::Ack {
                     serials,
                     store_mark,
