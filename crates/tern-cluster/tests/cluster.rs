@@ -160,6 +160,7 @@ async fn start_keyed(
             echo: true,
             resume_from: None,
             rewind: None,
+            delta: false,
         },
         recorder.clone(),
         |_| {},
@@ -740,6 +741,7 @@ async fn a_node_receives_a_channel_only_while_it_has_subscribers_or_is_its_home(
                 echo: true,
                 resume_from: Some(from),
                 rewind: None,
+                delta: false,
             },
             recorder.clone(),
             |snapshot| {
@@ -974,6 +976,7 @@ async fn subscribe(node: &TestNode, key: &ChannelKey, id: &str) -> Arc<Recorder>
                 echo: true,
                 resume_from: None,
                 rewind: None,
+                delta: false,
             },
             recorder.clone(),
             |_| {},

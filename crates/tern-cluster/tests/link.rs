@@ -54,6 +54,7 @@ async fn events_cross_a_mutual_tls_quic_link_in_order() {
         echo: true,
         resume_from: None,
         rewind: None,
+        delta: false,
     };
     hub_b
         .attach(&key, "sub".into(), options, recorder.clone(), |_| {}, 0)

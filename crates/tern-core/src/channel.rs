@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tern_protocol::{action, flags, Message, PresenceMessage, ProtocolMessage};
 
 use crate::cursor::{Cursor, OriginId};
+use crate::delta::{DeltaCursor, DeltaState};
 use crate::event::{ChannelEvent, Subscriber};
 use crate::hub::Journal;
 use crate::log::{ChannelLog, Rewind};
@@ -25,6 +26,8 @@ pub struct AttachOptions {
     pub resume_from: Option<Cursor>,
     /// Replay recent messages on a fresh attach (`rewind` param).
     pub rewind: Option<Rewind>,
+    /// The attachment takes vcdiff deltas (`delta=vcdiff` channel param).
+    pub delta: bool,
 }
 
 /// What the attaching connection needs to build its ATTACHED reply and presence SYNC.
@@ -58,6 +61,8 @@ pub struct ChannelStatus {
 struct Attachment {
     sink: Arc<dyn Subscriber>,
     options: AttachOptions,
+    /// For a delta attachment: which event it last got, so it gets a delta only on that.
+    delta: Option<DeltaCursor>,
 }
 
 pub(crate) struct Channel {
@@ -66,6 +71,7 @@ pub(crate) struct Channel {
     presence: PresenceSet,
     cursor: Cursor,
     log: ChannelLog,
+    delta: DeltaState,
     /// Client-supplied message ids seen recently → the serial they were given.
     ids: IdWindow,
     /// Remote events that arrived ahead of a gap, by (origin, seq); bounded by
@@ -88,6 +94,7 @@ impl Channel {
             presence: PresenceSet::default(),
             cursor: Cursor::new(),
             log: ChannelLog::default(),
+            delta: DeltaState::default(),
             ids: IdWindow::default(),
             pending: BTreeMap::new(),
             next_seq: 1,
@@ -186,12 +193,14 @@ impl Channel {
         if seen.is_none() {
             options.resume_from = None;
         }
+        let mut delta = options.delta.then(DeltaCursor::default);
         let backlog = backlog
             .into_iter()
             .filter(|e| wants(e))
-            .map(|e| match &seen {
-                Some(seen) => covering(&e, seen),
-                None => e,
+            .map(|e| match (&seen, &mut delta) {
+                (Some(seen), _) => covering(&e, seen),
+                (None, Some(delta)) => delta.pick(&e),
+                (None, None) => e,
             })
             .collect();
         let members = if options.modes & flags::PRESENCE_SUBSCRIBE != 0 && !resumed {
@@ -210,8 +219,17 @@ impl Channel {
             resumed,
             continuity_lost,
         });
-        self.attachments
-            .insert(connection_id, Attachment { sink, options });
+        if delta.is_some() {
+            self.delta.attached();
+        }
+        let attachment = Attachment {
+            sink,
+            options,
+            delta,
+        };
+        if let Some(replaced) = self.attachments.insert(connection_id, attachment) {
+            self.forget(&replaced);
+        }
         self.touch(now_ms);
     }
 
@@ -225,9 +243,19 @@ impl Channel {
     }
 
     pub(crate) fn detach(&mut self, connection_id: &str, now_ms: i64) -> bool {
-        let removed = self.attachments.remove(connection_id).is_some();
+        let removed = self.attachments.remove(connection_id);
+        if let Some(removed) = &removed {
+            self.forget(removed);
+        }
         self.touch(now_ms);
-        removed
+        removed.is_some()
+    }
+
+    /// Bookkeeping for an attachment that left the channel.
+    fn forget(&mut self, attachment: &Attachment) {
+        if attachment.delta.is_some() {
+            self.delta.detached();
+        }
     }
 
     /// Assigns the next origin sequence and builds the shared outbound frame.
@@ -306,7 +334,7 @@ impl Channel {
             frame.action = action::MESSAGE;
             frame.messages = Some(fresh);
         });
-        let event = Arc::new(event);
+        let event = self.apply(ctx, event);
         let ids = event
             .frame
             .messages
@@ -322,7 +350,6 @@ impl Channel {
             }
             serials[slot] = Some(serial);
         }
-        self.apply(ctx, event.clone());
         (serials, Some(event))
     }
 
@@ -392,7 +419,7 @@ impl Channel {
             frame.action = action::PRESENCE;
             frame.presence = Some(broadcasts);
         });
-        self.apply(ctx, Arc::new(event));
+        self.apply(ctx, event);
     }
 
     /// A retried publish (message ids seen before) is answered with the first serials,
@@ -428,12 +455,14 @@ impl Channel {
     }
 
     /// Logs, journals and fans out a new event, in that order, under the channel lock.
-    fn apply(&mut self, ctx: &ApplyContext<'_>, event: Arc<ChannelEvent>) {
+    fn apply(&mut self, ctx: &ApplyContext<'_>, event: ChannelEvent) -> Arc<ChannelEvent> {
+        let event = Arc::new(self.delta.prepare(event));
         self.log.push(event.clone(), &ctx.limits.log, ctx.now_ms);
         if let Some(journal) = ctx.journal {
             journal.record(ctx.key, &event);
         }
-        self.fan_out(event, ctx.now_ms);
+        self.fan_out(event.clone(), ctx.now_ms);
+        event
     }
 
     /// Offers `event` to every attachment that wants it. Attachments whose queue is full
@@ -442,12 +471,23 @@ impl Channel {
         let mut too_slow: Vec<Arc<str>> = Vec::new();
         for (connection_id, attachment) in &mut self.attachments {
             if !options_want(&attachment.options, connection_id, &event) {
+                if let Some(delta) = &mut attachment.delta {
+                    if event.is_message() {
+                        delta.missed();
+                    }
+                }
                 continue;
             }
-            let delivered = match &attachment.options.resume_from {
-                None => attachment.sink.deliver(&event),
+            let delivered = match (&attachment.options.resume_from, &mut attachment.delta) {
+                (None, None) => attachment.sink.deliver(&event),
+                (None, Some(delta)) => attachment.sink.deliver(&delta.pick(&event)),
                 // Resumed from a node that was ahead (see `attach`).
-                Some(seen) => {
+                (Some(seen), delta) => {
+                    // Rare (a resume from a node that was ahead): full events until
+                    // this node has caught up.
+                    if let Some(delta) = delta {
+                        delta.missed();
+                    }
                     let delivered = attachment.sink.deliver(&covering(&event, seen));
                     if self.cursor.covers(seen) {
                         attachment.options.resume_from = None;
@@ -460,7 +500,9 @@ impl Channel {
             }
         }
         for connection_id in too_slow {
-            self.attachments.remove(&connection_id);
+            if let Some(removed) = self.attachments.remove(&connection_id) {
+                self.forget(&removed);
+            }
         }
         self.touch(now_ms);
     }
@@ -586,7 +628,7 @@ impl Channel {
             frame.presence = Some(broadcasts);
         }
         let event = ChannelEvent::new(remote.origin, remote.seq, remote.publisher, frame);
-        self.apply(ctx, Arc::new(event));
+        self.apply(ctx, event);
     }
 
     /// Events of `origin` with sequence in `from..=to` still in the log, for repairing

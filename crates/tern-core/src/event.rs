@@ -6,6 +6,7 @@ use bytes::Bytes;
 use tern_protocol::{Data, Format, Message, PresenceMessage, ProtocolMessage};
 
 use crate::cursor::OriginId;
+use crate::delta::Delta;
 
 /// One MESSAGE or PRESENCE frame as applied to a channel. The outbound frame is built
 /// once; its bytes are encoded at most once per wire format, on first need, and then
@@ -29,6 +30,9 @@ pub struct ChannelEvent {
     /// Ably's size of the messages (or presence messages) it carries, measured on first
     /// need (app statistics count it per delivery).
     data_bytes: OnceLock<usize>,
+    /// The event as delta subscribers get it (see [`crate::delta`]), when the channel had
+    /// any while it was applied.
+    delta: Option<Delta>,
 }
 
 impl ChannelEvent {
@@ -50,10 +54,23 @@ impl ChannelEvent {
             size_bytes: structs + 2 * msgpack.len(),
             encoded: Default::default(),
             data_bytes: OnceLock::new(),
+            delta: None,
         };
         // The decoded strings take about what their encoding takes, hence 2×.
         let _ = event.encoded[Format::Msgpack.index()].set(msgpack);
         event
+    }
+
+    /// This event with its delta form; what it holds in memory grows by that form's size.
+    pub(crate) fn with_delta(mut self, delta: Delta) -> Self {
+        self.size_bytes += delta.event.size_bytes;
+        self.delta = Some(delta);
+        self
+    }
+
+    /// The delta form, if the channel built one (see [`crate::delta`]).
+    pub fn delta(&self) -> Option<&Delta> {
+        self.delta.as_ref()
     }
 
     pub fn timestamp_ms(&self) -> i64 {

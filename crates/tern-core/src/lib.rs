@@ -8,6 +8,8 @@
 //!   that is encoded as the Ably `channelSerial`.
 //! - [`event`]: [`ChannelEvent`], one published frame, encoded at most once per wire format
 //!   and shared by every subscriber.
+//! - [`delta`]: Ably channel deltas (`delta=vcdiff`): each message event's VCDIFF form,
+//!   built once per event while a channel has delta subscribers.
 //! - [`presence`]: [`PresenceSet`], the members of one channel and how changes merge.
 //! - [`log`]: each channel's bounded recent log: resume, rewind, continuity checks.
 //! - [`registry`]: [`ConnectionRegistry`], connection state parked between a transport
@@ -17,10 +19,12 @@
 //! - [`limits`]: [`CoreLimits`], the bounds the core enforces.
 //!
 //! The core depends on `tern-protocol` only for the payload types (`Message`,
-//! `PresenceMessage`) and the frame it pre-builds for fan-out; it never parses bytes.
+//! `PresenceMessage`) and the frame it pre-builds for fan-out; it never parses frames (a
+//! delta reads message data only as the opaque bytes a client holds).
 
 pub mod channel;
 pub mod cursor;
+pub mod delta;
 pub mod event;
 pub mod hub;
 pub mod limits;

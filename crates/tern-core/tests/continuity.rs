@@ -83,6 +83,7 @@ fn attach(
         echo: true,
         resume_from,
         rewind,
+        delta: false,
     };
     let mut resumed = false;
     hub.attach(

@@ -582,6 +582,7 @@ impl Sim {
             echo: true,
             resume_from: None,
             rewind: None,
+            delta: false,
         };
         node.hub
             .attach(

@@ -154,6 +154,7 @@ impl Node {
             echo: true,
             resume_from: None,
             rewind: None,
+            delta: false,
         };
         self.hub
             .attach(

@@ -111,9 +111,10 @@ impl Session {
             }
             _ => None,
         };
-        // The params this server understands are echoed (ably-js exposes them as
-        // `channel.params`); others are dropped, as Ably does. `delta` is accepted and
-        // echoed: it allows vcdiff deltas, and full messages remain valid under it.
+        // `delta=vcdiff`: messages after the first go out as deltas against the one before
+        // (tern_core::delta). The params this server understands are echoed (ably-js
+        // exposes them as `channel.params`); others are dropped, as Ably does.
+        let delta = params.get("delta").is_some_and(|format| format == "vcdiff");
         let echoed: BTreeMap<String, String> = params
             .into_iter()
             .filter(|(k, _)| matches!(k.as_str(), "rewind" | "delta" | "modes"))
@@ -124,6 +125,7 @@ impl Session {
             echo: self.echo,
             resume_from: resume_from.flatten(),
             rewind,
+            delta,
         };
         let alias: Option<Arc<str>> = (name != *base).then(|| name.as_str().into());
         let sink = Arc::new(AttachmentSink {
