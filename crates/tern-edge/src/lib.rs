@@ -39,6 +39,7 @@ mod response;
 mod rest;
 mod resume;
 mod session;
+mod sse;
 mod state;
 mod stats;
 
@@ -116,6 +117,8 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/messages", post(batch::publish))
         .route("/presence", get(batch::presence))
         .route("/stats", get(stats::get).post(stats::post_fixtures))
+        .route("/sse", get(sse::sse))
+        .route("/event-stream", get(sse::event_stream))
         .fallback(rest::not_found)
         // Ably answers a known path with the wrong method as an unknown one (404/40400,
         // with an error body the SDKs read), not a bare 405.
