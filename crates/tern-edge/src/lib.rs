@@ -42,6 +42,7 @@ mod session;
 mod sse;
 mod state;
 mod stats;
+pub mod tls;
 
 pub use config::{EdgeConfig, StatsConfig};
 pub use listener::serve;

@@ -15,6 +15,10 @@
 //!   connection closes or upgrades);
 //! - at most `connections_per_ip_max` connections of either kind per source address.
 //!
+//! With `[server.tls]` the TLS handshake comes first, under the same header timer: a
+//! connection that does not finish its handshake and deliver a request head within
+//! `header_read_timeout_ms` is closed (`crate::tls`).
+//!
 //! A connection over a cap is answered 503 with an Ably error body, written without
 //! reading its request, and closed. Refusals, and header timeouts of connections that
 //! never delivered a request, are counted in `tern_connections_refused_total{reason}`.
@@ -73,6 +77,8 @@ pub async fn serve(listener: TcpListener, state: Arc<EdgeState>) {
                     http: http.clone(),
                     app: app.clone(),
                     shutdown: state.shutdown.clone(),
+                    tls: state.tls.as_ref().map(|tls| tls.acceptor()),
+                    handshake_timeout: Duration::from_millis(state.config.header_read_timeout_ms),
                 };
                 tokio::spawn(connection.serve(tcp, admitted));
             }
@@ -252,6 +258,9 @@ struct Connection {
     http: Arc<http1::Builder>,
     app: Router,
     shutdown: watch::Receiver<bool>,
+    /// The acceptor current when the connection arrived (a reload changes later ones).
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handshake_timeout: Duration,
 }
 
 impl Connection {
@@ -262,9 +271,26 @@ impl Connection {
         // Without TCP_NODELAY, Nagle holds small frames behind the peer's delayed ACK:
         // a 20-40 ms floor on delivery latency (docs/benchmarks.md).
         let _ = tcp.set_nodelay(true);
+        let io = match &self.tls {
+            None => Io::Plain(tcp),
+            Some(acceptor) => {
+                match tokio::time::timeout(self.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => Io::Tls(Box::new(tls)),
+                    Ok(Err(err)) => {
+                        metrics::counter!("tern_tls_handshake_failures_total").increment(1);
+                        tracing::debug!(%err, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        Refusal::HeaderTimeout.count();
+                        return;
+                    }
+                }
+            }
+        };
         let reset = ResetOnClose::default();
         let io = TokioIo::new(ClientStream {
-            tcp,
+            io,
             reset: reset.clone(),
             _address: address,
         });
@@ -339,15 +365,46 @@ where
 /// A client's socket. It holds its address's slot for as long as it is open, through
 /// an upgrade too: hyper hands this same value to the WebSocket.
 struct ClientStream {
-    tcp: TcpStream,
+    io: Io,
     reset: ResetOnClose,
     _address: Option<AddressSlot>,
+}
+
+/// The socket, plain or inside TLS.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Io {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Io::Plain(tcp) => tcp,
+            Io::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+/// Forwards a poll to the plain or TLS stream.
+macro_rules! io_call {
+    ($self:expr, $io:ident => $call:expr) => {
+        match &mut $self.get_mut().io {
+            Io::Plain($io) => {
+                let $io = Pin::new($io);
+                $call
+            }
+            Io::Tls($io) => {
+                let $io = Pin::new(&mut **$io);
+                $call
+            }
+        }
+    };
 }
 
 impl Drop for ClientStream {
     fn drop(&mut self) {
         if self.reset.armed() {
-            let _ = self.tcp.set_zero_linger();
+            let _ = self.io.tcp().set_zero_linger();
         }
     }
 }
@@ -358,7 +415,7 @@ impl AsyncRead for ClientStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+        io_call!(self, io => io.poll_read(cx, buf))
     }
 }
 
@@ -368,7 +425,7 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+        io_call!(self, io => io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -376,19 +433,22 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+        io_call!(self, io => io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        match &self.io {
+            Io::Plain(tcp) => tcp.is_write_vectored(),
+            Io::Tls(tls) => tls.is_write_vectored(),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        io_call!(self, io => io.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        io_call!(self, io => io.poll_shutdown(cx))
     }
 }
 

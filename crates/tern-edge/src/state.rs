@@ -39,6 +39,8 @@ pub struct EdgeState {
     pub(crate) cluster: Option<Arc<dyn ClusterView>>,
     /// App statistics counted on this node.
     pub(crate) stats: crate::stats::Stats,
+    /// `https://`/`wss://` on the client port (`[server.tls]`); `None`: plain HTTP.
+    pub(crate) tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 /// How waiting for a publish to be durable ended.
@@ -128,6 +130,7 @@ impl EdgeState {
             },
             connection_permits: Arc::new(Semaphore::new(config.connections_max)),
             stats: crate::stats::Stats::new(config.stats.clone()),
+            tls: None,
             config,
             hub,
             keys,
@@ -153,6 +156,12 @@ impl EdgeState {
 
     /// Serves history from `store` and makes ACKs wait for it (the hub's journal must
     /// write into the same store).
+    /// Serves the client port over TLS.
+    pub fn with_tls(mut self, tls: Arc<crate::tls::ClientTls>) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     pub fn with_store(mut self, store: Arc<dyn HistoryStore>) -> Self {
         self.store = Some(store);
         self

@@ -112,7 +112,7 @@ pub fn write_certs(dir: &Path, nodes: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use std::io::Write;

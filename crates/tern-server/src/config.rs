@@ -165,6 +165,18 @@ pub struct ServerSection {
     pub server_id: Option<String>,
     /// Browser origins allowed credentialed REST requests (see `EdgeConfig`).
     pub cors_allowed_origins: Vec<String>,
+    /// `https://` and `wss://` on the client port.
+    pub tls: Option<TlsSection>,
+}
+
+/// `[server.tls]`: PEM files, read at start and again on SIGHUP.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The certificate chain, leaf first (e.g. Let's Encrypt's `fullchain.pem`).
+    pub cert: std::path::PathBuf,
+    /// Its private key (e.g. `privkey.pem`).
+    pub key: std::path::PathBuf,
 }
 
 impl Default for ServerSection {
@@ -174,6 +186,7 @@ impl Default for ServerSection {
             port: 8080,
             server_id: None,
             cors_allowed_origins: EdgeConfig::default().cors_allowed_origins,
+            tls: None,
         }
     }
 }
@@ -498,7 +511,23 @@ impl Config {
         self.cluster
             .as_ref()
             .and_then(|c| c.client_url.clone())
-            .unwrap_or_else(|| format!("http://{}:{}", self.server.host, self.server.port))
+            .unwrap_or_else(|| {
+                format!(
+                    "{}://{}:{}",
+                    self.scheme(),
+                    self.server.host,
+                    self.server.port
+                )
+            })
+    }
+
+    /// `https` with `[server.tls]`, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.server.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     pub fn server_id(&self) -> String {

@@ -54,16 +54,25 @@ enum Command {
         /// How many regions to run (1 = a single node).
         #[arg(long, default_value_t = 3)]
         regions: usize,
+        /// Serve https:// and wss:// with a throwaway CA (written to tern-data/dev/tls/;
+        /// its path is printed, to trust it in clients).
+        #[arg(long)]
+        tls: bool,
     },
     /// Write a new cluster CA, node certificates (PEM) and gossip key for `[cluster]`
-    /// configs.
+    /// configs (`--nodes`), and/or a client-port certificate with its own throwaway CA
+    /// for `[server.tls]` (`--edge-names`).
     Certs {
-        /// Directory to write `ca.pem`, `NODE.pem`, `NODE.key` and `gossip.key` into.
+        /// Directory to write `ca.pem`, `NODE.pem`, `NODE.key` and `gossip.key` into
+        /// (and `edge-ca.pem`, `edge.pem`, `edge.key`).
         #[arg(long)]
         out: std::path::PathBuf,
         /// Node names, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required_unless_present = "edge_names")]
         nodes: Vec<String>,
+        /// Names (DNS or IP) the client-port certificate is for, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        edge_names: Vec<String>,
     },
 }
 
@@ -80,6 +89,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let (config, dev) = match cli.command {
@@ -96,15 +107,28 @@ fn main() -> anyhow::Result<()> {
             }
             (parsed, false)
         }
-        Command::Certs { out, nodes } => {
-            cluster::write_certs(&out, &nodes)?;
-            println!(
-                "wrote {} (ca.pem, gossip.key and a .pem/.key per node)",
-                out.display()
-            );
+        Command::Certs {
+            out,
+            nodes,
+            edge_names,
+        } => {
+            if !nodes.is_empty() {
+                cluster::write_certs(&out, &nodes)?;
+                println!(
+                    "wrote {} (ca.pem, gossip.key and a .pem/.key per node)",
+                    out.display()
+                );
+            }
+            if !edge_names.is_empty() {
+                write_edge_certs(&out, &edge_names)?;
+                println!(
+                    "wrote {} (edge-ca.pem, edge.pem, edge.key: [server.tls] cert and key; clients trust edge-ca.pem)",
+                    out.display()
+                );
+            }
             return Ok(());
         }
-        Command::Dev { port, regions } => {
+        Command::Dev { port, regions, tls } => {
             // The regions of regions/topology.toml (built in), in file order.
             let names = tern_cluster::topology::Topology::parse(cluster::DEV_TOPOLOGY)
                 .map_err(anyhow::Error::msg)?
@@ -114,6 +138,10 @@ fn main() -> anyhow::Result<()> {
                 "--regions must be 1 to {} (the regions of regions/topology.toml)",
                 names.len()
             );
+            let tls_dir = std::path::PathBuf::from("tern-data/dev/tls");
+            if tls {
+                write_edge_certs(&tls_dir, &["localhost".into(), "127.0.0.1".into()])?;
+            }
             let mut configs = Vec::new();
             for (i, name) in names.iter().take(regions).enumerate() {
                 let mut parsed = Config::parse(DEV_CONFIG)?;
@@ -121,6 +149,12 @@ fn main() -> anyhow::Result<()> {
                 parsed.server.port = if base == 0 { 0 } else { base + i as u16 };
                 parsed.server.server_id = Some(format!("tern-dev-{name}"));
                 parsed.history.path = format!("tern-data/dev/{name}/history.redb").into();
+                if tls {
+                    parsed.server.tls = Some(config::TlsSection {
+                        cert: tls_dir.join("edge.pem"),
+                        key: tls_dir.join("edge.key"),
+                    });
+                }
                 configs.push((parsed, name.to_string()));
             }
             let nodes = if regions > 1 {
@@ -199,6 +233,10 @@ fn dev_cluster(configs: Vec<(Config, String)>) -> anyhow::Result<Vec<NodePlan>> 
 /// membership (left at shutdown).
 struct RunningNode {
     addr: SocketAddr,
+    /// `http` or `https`.
+    scheme: &'static str,
+    /// The client port's TLS, reloaded on SIGHUP.
+    tls: Option<Arc<tern_edge::tls::ClientTls>>,
     region: Option<String>,
     server: tokio::task::JoinHandle<()>,
     store: Arc<dyn tern_store::HistoryStore>,
@@ -245,6 +283,16 @@ async fn start_node(
         shutdown,
     )
     .with_store(store.clone());
+    let tls = match &config.server.tls {
+        Some(files) => Some(
+            tern_edge::tls::ClientTls::load(&files.cert, &files.key)
+                .context("loading [server.tls]")?,
+        ),
+        None => None,
+    };
+    if let Some(tls) = &tls {
+        state = state.with_tls(tls.clone());
+    }
     let edge_cluster = replicator.map(|replicator| {
         Arc::new(cluster::EdgeCluster {
             replicator,
@@ -263,7 +311,7 @@ async fn start_node(
     let mut region_name = None;
     if let (Some(mut cluster_config), Some(view)) = (cluster, &edge_cluster) {
         if cluster_config.client_url.is_empty() {
-            cluster_config.client_url = format!("http://{addr}");
+            cluster_config.client_url = format!("{}://{addr}", config.scheme());
         }
         let region = cluster_config.region.clone();
         let barrier: tern_cluster::replicator::Barrier = Arc::new(cluster::StoreHistory {
@@ -323,6 +371,8 @@ async fn start_node(
     });
     Ok(RunningNode {
         addr,
+        scheme: config.scheme(),
+        tls,
         region: region_name,
         server,
         store,
@@ -375,14 +425,15 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
         }
     }
     for node in &running {
-        println!("tern listening on http://{}", node.addr);
+        println!("tern listening on {}://{}", node.scheme, node.addr);
         if let Some(region) = &node.region {
-            println!("  region {region}: http://{}", node.addr);
+            println!("  region {region}: {}://{}", node.scheme, node.addr);
         }
     }
+    reload_tls_on_sighup(running.iter().filter_map(|n| n.tls.clone()).collect());
     if dev {
         if let (Some(keys), Some(node)) = (banner, running.first()) {
-            print_dev_banner(&keys, node.addr);
+            print_dev_banner(&keys, node.addr, node.scheme == "https");
         }
     }
 
@@ -401,16 +452,70 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_dev_banner(keys: &tern_auth::KeyRing, addr: SocketAddr) {
+/// SIGHUP reads every node's certificate and key again (new connections get them;
+/// open ones keep theirs). A failed reload is logged and keeps the old certificate.
+fn reload_tls_on_sighup(tls: Vec<Arc<tern_edge::tls::ClientTls>>) {
+    #[cfg(unix)]
+    if !tls.is_empty() {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: TLS certificates will not reload");
+            return;
+        };
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                for node in &tls {
+                    match node.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: reloaded the TLS certificate"),
+                        Err(err) => {
+                            tracing::error!(%err, "SIGHUP: TLS reload failed; keeping the old certificate")
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn print_dev_banner(keys: &tern_auth::KeyRing, addr: SocketAddr, tls: bool) {
     let Some(key) = keys.keys().next().map(|k| k.to_key_string()) else {
         return;
     };
     println!("  app: dev   API key (full capability): {key}");
-    println!(
-        "  ably-js: new Ably.Realtime({{ key: '{key}', endpoint: '{}', port: {}, tls: false }})",
-        addr.ip(),
-        addr.port()
-    );
+    if tls {
+        let ca = std::path::Path::new("tern-data/dev/tls/edge-ca.pem");
+        let ca = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.to_path_buf());
+        println!(
+            "  TLS: a throwaway CA signed the certificate; trust {}",
+            ca.display()
+        );
+        println!(
+            "    Node: NODE_EXTRA_CA_CERTS={}   Python: SSL_CERT_FILE={}",
+            ca.display(),
+            ca.display()
+        );
+        println!(
+            "  ably-js: new Ably.Realtime({{ key: '{key}', endpoint: 'localhost', port: {}, tls: true }})",
+            addr.port()
+        );
+    } else {
+        println!(
+            "  ably-js: new Ably.Realtime({{ key: '{key}', endpoint: '{}', port: {}, tls: false }})",
+            addr.ip(),
+            addr.port()
+        );
+    }
+}
+
+/// A throwaway CA and a client-port certificate for `names`, as PEM files in `dir`:
+/// `edge-ca.pem` (what clients trust), `edge.pem`, `edge.key` (`[server.tls]`).
+fn write_edge_certs(dir: &std::path::Path, names: &[String]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (ca, cert, key) = tern_edge::tls::throwaway(names)?;
+    std::fs::write(dir.join("edge-ca.pem"), ca)?;
+    std::fs::write(dir.join("edge.pem"), cert)?;
+    cluster::write_private(&dir.join("edge.key"), &key)?;
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -65,7 +65,7 @@ export async function startTern(config = testConfig(), { dir, args, listening = 
     const timer = setTimeout(() => reject(new Error(`tern did not start in 20s: ${stderr}`)), 20000);
     child.stdout.on('data', (d) => {
       out += d;
-      const found = [...out.matchAll(/listening on http:\/\/127\.\d+\.\d+\.\d+:(\d+)/g)].map((m) => Number(m[1]));
+      const found = [...out.matchAll(/listening on https?:\/\/127\.\d+\.\d+\.\d+:(\d+)/g)].map((m) => Number(m[1]));
       if (found.length >= listening) { clearTimeout(timer); resolvePorts(found); }
     });
     child.on('exit', (code) => { clearTimeout(timer); reject(new Error(`tern exited ${code}: ${stderr}`)); });
