@@ -179,6 +179,33 @@ pub struct TlsSection {
     pub key: std::path::PathBuf,
 }
 
+/// One `--set dotted.key=value` (see [`Config::parse_with`]).
+fn apply_override(table: &mut toml::Table, entry: &str) -> anyhow::Result<()> {
+    let (path, raw) = entry
+        .split_once('=')
+        .ok_or_else(|| anyhow::anyhow!("--set {entry:?}: expected dotted.key=value"))?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let keys: Vec<&str> = path.split('.').collect();
+    let (last, parents) = keys
+        .split_last()
+        .filter(|(last, _)| !last.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("--set {entry:?}: empty key"))?;
+    let mut at = table;
+    for key in parents {
+        let next = at
+            .entry(key.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = next
+            .as_table_mut()
+            .ok_or_else(|| anyhow::anyhow!("--set {entry:?}: {key} is not a table"))?;
+    }
+    at.insert(last.to_string(), value);
+    Ok(())
+}
+
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
@@ -353,7 +380,19 @@ fn valid_name(s: &str) -> bool {
 impl Config {
     /// Parses TOML; errors name the key and line.
     pub fn parse(text: &str) -> anyhow::Result<Config> {
-        let config: Config = toml::from_str(text)?;
+        Config::parse_with(text, &[])
+    }
+
+    /// Parses `text` after applying `overrides` (`--set`): each `dotted.key=value`
+    /// replaces (or adds) that key, the value read as TOML (`8080`, `["a:1"]`,
+    /// `true`) or, if it is not TOML, as a string. For running a production config on
+    /// one machine with other addresses, ports or folders.
+    pub fn parse_with(text: &str, overrides: &[String]) -> anyhow::Result<Config> {
+        let mut table: toml::Table = toml::from_str(text)?;
+        for entry in overrides {
+            apply_override(&mut table, entry)?;
+        }
+        let config: Config = toml::Value::Table(table).try_into()?;
         config.validate()?;
         Ok(config)
     }
@@ -651,6 +690,44 @@ mod tests {
     fn dev_config_parses() {
         let config = Config::parse(DEV_CONFIG).unwrap();
         assert!(config.key_ring().get("dev.root").is_some());
+    }
+
+    /// The production configs of regions/ parse and validate as they are.
+    #[test]
+    fn region_configs_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../regions");
+        for region in ["us-east", "eu-west", "ap-south"] {
+            let text = std::fs::read_to_string(dir.join(format!("{region}.toml"))).unwrap();
+            let config = Config::parse(&text).unwrap_or_else(|e| panic!("{region}: {e:#}"));
+            let cluster = config.cluster.expect("a [cluster] section");
+            assert_eq!(cluster.region, region);
+            assert!(config.server.tls.is_some(), "{region} serves TLS");
+        }
+    }
+
+    /// `--set` replaces nested keys with TOML values (or strings), and a key that
+    /// no section knows is still refused.
+    #[test]
+    fn overrides_apply_before_validation() {
+        let set = |pairs: &[&str]| pairs.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        let config = Config::parse_with(
+            DEV_CONFIG,
+            &set(&[
+                "server.port=9000",
+                "server.host=10.1.2.3",
+                "history.path=/data/h.redb",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.server.port, 9000);
+        assert_eq!(config.server.host, "10.1.2.3");
+        assert_eq!(
+            config.history.path,
+            std::path::PathBuf::from("/data/h.redb")
+        );
+        let err = Config::parse_with(DEV_CONFIG, &set(&["server.nonsense=1"])).unwrap_err();
+        assert!(format!("{err:#}").contains("nonsense"), "{err:#}");
+        assert!(Config::parse_with(DEV_CONFIG, &set(&["server.port"])).is_err());
     }
 
     /// Unknown keys are refused with the key's name; bad capabilities name the key.

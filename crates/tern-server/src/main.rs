@@ -43,6 +43,10 @@ enum Command {
         /// Overrides server.host.
         #[arg(long, env = "TERN_HOST")]
         host: Option<String>,
+        /// Overrides any setting: `--set cluster.seeds='["10.0.0.1:7946"]'` (a dotted key,
+        /// a TOML value; repeatable). For running a production config elsewhere.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Run locally with a built-in development app and key.
     /// Run locally with a built-in development app and key: three regions in one
@@ -94,11 +98,16 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let (config, dev) = match cli.command {
-        Command::Serve { config, port, host } => {
+        Command::Serve {
+            config,
+            port,
+            host,
+            set,
+        } => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading config {}", config.display()))?;
-            let mut parsed =
-                Config::parse(&text).with_context(|| format!("in {}", config.display()))?;
+            let mut parsed = Config::parse_with(&text, &set)
+                .with_context(|| format!("in {}", config.display()))?;
             if let Some(port) = port {
                 parsed.server.port = port;
             }
