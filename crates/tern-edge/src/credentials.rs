@@ -18,14 +18,18 @@ pub(crate) fn authenticate(
     token: Option<&str>,
     now_ms: i64,
 ) -> Result<AuthContext, ErrorInfo> {
-    match (key, token) {
+    let result = match (key, token) {
         (Some(key), _) => keys.authenticate_key(key).map_err(auth_error),
         (None, Some(token)) => keys.authenticate_token(token, now_ms).map_err(auth_error),
         (None, None) => Err(ErrorInfo::new(
             code::INVALID_CREDENTIALS,
             "no credentials: supply key or access_token",
         )),
+    };
+    if let Err(err) = &result {
+        crate::response::log_refusal("credential", err);
     }
+    result
 }
 
 /// The identity a connection (or REST request) acts as, given what its credential allows

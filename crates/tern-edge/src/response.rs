@@ -15,7 +15,31 @@ use crate::state::EdgeState;
 /// An Ably error as an HTTP response: status ≥ 300, `X-Ably-ErrorCode`,
 /// `X-Ably-ErrorMessage`, and `{"error":{…}}` with `Content-Type: application/json`
 /// exactly (ably-js parses the body only for that exact string).
+/// Most refusal log lines a second (beyond them a flood of bad requests is counted in
+/// metrics, not logged line by line).
+const REFUSAL_LOG_LINES_PER_SECOND: u64 = 10;
+
+/// Logs a refused request or credential with its Ably code, at most
+/// [`REFUSAL_LOG_LINES_PER_SECOND`] lines a second.
+pub(crate) fn log_refusal(what: &'static str, err: &ErrorInfo) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WINDOW: AtomicU64 = AtomicU64::new(0);
+    let second = (crate::now_ms() / 1000) as u64;
+    let seen = WINDOW.load(Ordering::Relaxed);
+    let (at, count) = (seen >> 16, seen & 0xffff);
+    let next = if at == second {
+        (second << 16) | (count + 1).min(0xffff)
+    } else {
+        (second << 16) | 1
+    };
+    WINDOW.store(next, Ordering::Relaxed);
+    if next & 0xffff <= REFUSAL_LOG_LINES_PER_SECOND {
+        tracing::info!(code = err.code, status = err.status_code, message = %err.message, "{what} refused");
+    }
+}
+
 pub(crate) fn error_response(err: ErrorInfo) -> Response {
+    log_refusal("request", &err);
     let status = StatusCode::from_u16(err.status_code)
         .ok()
         .filter(|s| s.as_u16() >= 300)
