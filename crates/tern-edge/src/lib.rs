@@ -21,6 +21,8 @@
 //! - `credentials`: turning query params and headers into an [`tern_auth::AuthContext`].
 //! - `channel_name`: `[?param=value]name` qualifiers and the `rewind` param.
 //! - `resume`: what of a connection survives its transport (reply window, presence).
+//! - `revoke`: token revocation (`POST /keys/{keyName}/revokeTokens`), carried to every
+//!   node on a reserved channel, and the check every token passes.
 //! - `response`: Ably-shaped HTTP error responses, response formats, CORS.
 //!
 //! Architecture invariant: the edge talks to other nodes only through the core; it never
@@ -38,12 +40,14 @@ mod listener;
 mod response;
 mod rest;
 mod resume;
+mod revoke;
 mod session;
 mod state;
 mod stats;
 
 pub use config::{EdgeConfig, StatsConfig};
 pub use listener::serve;
+pub use revoke::RevocationConfig;
 pub use state::{ClusterView, EdgeState};
 
 /// The channel name decoders, for the fuzzer (`fuzz/`). Not part of the crate's API.
@@ -111,6 +115,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/regions", get(rest::regions))
         .route("/metrics", get(rest::metrics))
         .route("/keys/{key_name}/requestToken", post(rest::request_token))
+        .route("/keys/{key_name}/revokeTokens", post(revoke::revoke_tokens))
         .merge(channel_reads(state.clone()))
         .route("/channels/{channel}/messages", post(rest::publish))
         .route("/messages", post(batch::publish))

@@ -277,6 +277,8 @@ impl Session {
         let mut shutdown = self.state.shutdown.clone();
         let overflow = self.outlet.overflow.clone();
         let superseded = self.superseded.clone();
+        let revocations = self.state.keys.revocations.clone();
+        let mut revocation_changes = revocations.subscribe();
         let ending = loop {
             let deadline = self.token_deadline(now_ms());
             tokio::select! {
@@ -327,6 +329,11 @@ impl Session {
                         self.outlet.finish(Some(self.disconnected(ErrorInfo::new(code::TOKEN_EXPIRED, "token expired"))));
                         break Ending::Dropped;
                     }
+                }
+                // A token revocation covers this connection's token (and applies now).
+                _ = crate::revoke::until_revoked(&revocations, &mut revocation_changes, &self.auth) => {
+                    self.outlet.finish(Some(self.disconnected(crate::revoke::revoked())));
+                    break Ending::Dropped;
                 }
                 // The node is shutting down: the client reconnects (elsewhere, if it can).
                 _ = shutdown.changed() => {
