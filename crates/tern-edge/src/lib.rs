@@ -19,7 +19,9 @@
 //! - `stats`: app statistics (`GET /stats`, `POST /stats` fixtures) and what counts them.
 //! - [`history`]: the journal into the history store and the REST history endpoints.
 //! - `credentials`: turning query params and headers into an [`tern_auth::AuthContext`].
-//! - `channel_name`: `[?param=value]name` qualifiers and the `rewind` param.
+//! - `channel_name`: `[?param=value]name` and `[filter=…]name` qualifiers and the
+//!   `rewind` param.
+//! - `filter`: subscription filter expressions (derived channels): parse, evaluate.
 //! - `resume`: what of a connection survives its transport (reply window, presence).
 //! - `revoke`: token revocation (`POST /keys/{keyName}/revokeTokens`), carried to every
 //!   node on a reserved channel, and the check every token passes.
@@ -34,6 +36,7 @@ mod channel_name;
 pub mod config;
 mod connection;
 mod credentials;
+mod filter;
 mod forward;
 pub mod history;
 mod listener;
