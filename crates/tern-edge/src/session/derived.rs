@@ -23,6 +23,8 @@ use crate::now_ms;
 
 /// One derived attachment of a connection.
 pub(super) struct Derived {
+    /// The name as the client attached it; errors use it.
+    pub(super) name: Arc<str>,
     pub(super) key: ChannelKey,
     /// The id the hub knows the attachment by.
     pub(super) member: Arc<str>,
@@ -105,7 +107,9 @@ impl Session {
         );
         match result {
             Ok(()) => {
-                self.derived.insert(derived_key, Derived { key, member });
+                let name = name.into();
+                self.derived
+                    .insert(derived_key, Derived { name, key, member });
                 None
             }
             Err(err) => self.channel_error(name, core_error(err)),
@@ -121,6 +125,26 @@ impl Session {
             self.state
                 .hub
                 .detach(&derived.key, &derived.member, now_ms());
+        }
+    }
+
+    /// After in-band re-auth: a derived attachment whose channel lost subscribe fails
+    /// with channel ERROR 40160 and is detached, as a plain one would be.
+    pub(super) fn recheck_derived(&mut self) {
+        let now = now_ms();
+        let capability = &self.auth.capability;
+        let lost: Vec<Arc<str>> = self
+            .derived
+            .iter()
+            .filter(|(_, d)| granted_modes(capability, &d.key.name) & flags::SUBSCRIBE == 0)
+            .map(|(derived_key, _)| derived_key.clone())
+            .collect();
+        for derived_key in lost {
+            if let Some(derived) = self.derived.remove(&derived_key) {
+                self.state.hub.detach(&derived.key, &derived.member, now);
+                let error = super::reauth::capability_lost(&derived.key.name);
+                self.channel_error(derived.name.to_string(), error);
+            }
         }
     }
 
@@ -167,9 +191,9 @@ struct FilterSink {
 }
 
 impl FilterSink {
-    /// The event as this attachment receives it: only its selected messages, each with
-    /// its id made explicit (ably-js derives a missing one from the frame id and the
-    /// message's index, which dropping messages would shift). `None`: nothing selected.
+    /// The event as this attachment receives it: only its selected messages (`None`:
+    /// nothing selected). Their ids stay theirs: the core gives every message an
+    /// explicit id, so none is derived from an index that dropping messages would shift.
     fn filtered(&self, event: &Arc<ChannelEvent>) -> Option<Arc<ChannelEvent>> {
         if !self.echo && event.publisher.as_deref() == Some(&*self.connection_id) {
             return None;
@@ -186,13 +210,7 @@ impl FilterSink {
         }
         let kept: Vec<Message> = selected
             .into_iter()
-            .map(|index| {
-                let mut message = messages[index].clone();
-                if message.id.is_none() {
-                    message.id = event.frame.id.as_ref().map(|id| format!("{id}:{index}"));
-                }
-                message
-            })
+            .map(|index| messages[index].clone())
             .collect();
         let mut frame = event.frame.clone();
         frame.messages = Some(kept);
