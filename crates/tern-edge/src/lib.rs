@@ -72,6 +72,26 @@ pub mod fuzzing {
         crate::channel_name::parse(name).map(|parsed| (parsed.base, parsed.params))
     }
 
+    /// `channel_name::parse`: the base64 filter of a derived channel (`[filter=…]`).
+    pub fn channel_filter(name: &str) -> Option<&str> {
+        crate::channel_name::parse(name).ok()?.filter
+    }
+
+    /// `filter::FILTER_BYTES_MAX`.
+    pub const FILTER_BYTES_MAX: usize = crate::filter::FILTER_BYTES_MAX;
+
+    /// `filter::decode` then `Filter::selects` on a message with a name and headers:
+    /// whether it selects it, or why the filter was refused.
+    pub fn filter_selects(encoded: &str) -> Result<bool, String> {
+        let filter = crate::filter::decode(encoded)?;
+        let message = tern_protocol::Message {
+            name: Some("order".into()),
+            extras: Some(serde_json::json!({"headers": {"a": 1, "b": "x", "c": true}})),
+            ..Default::default()
+        };
+        Ok(filter.selects(&message))
+    }
+
     /// `channel_name::parse_rewind`.
     pub fn parse_rewind(value: &str, now_ms: i64) -> Result<Rewind, &'static str> {
         crate::channel_name::parse_rewind(value, now_ms)

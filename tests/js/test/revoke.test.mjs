@@ -182,9 +182,10 @@ test('a revocation survives a restart', async () => {
   }
 });
 
-test('a revocation made in one region cuts connections and refuses tokens in the others', async () => {
+test('a revocation made in one region cuts connections and refuses tokens in the others, and on a later joiner', async () => {
   /// Proves revocations replicate: a client connected to eu-west is cut and ap-south
-  /// refuses the token, after a revocation posted to us-east.
+  /// refuses the token, after a revocation posted to us-east; a node joining later
+  /// refuses it too.
   const app = `
 [[apps]]
 id = "rv"
@@ -214,6 +215,15 @@ revocable_tokens = true
     let code = 0;
     for (let i = 0; i < 100 && code !== 40141; i++) {
       code = await publishWith(regions.port, erin.token, REGIONS[2].host);
+      if (code !== 40141) await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(code, 40141);
+
+    // A node that joins afterwards learns it from its peers (their logs, via Heads).
+    await regions.addNode(1, 1);
+    code = 0;
+    for (let i = 0; i < 150 && code !== 40141; i++) {
+      code = await publishWith(regions.port, erin.token, '127.1.0.2');
       if (code !== 40141) await new Promise((r) => setTimeout(r, 100));
     }
     assert.equal(code, 40141);
