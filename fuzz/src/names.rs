@@ -1,8 +1,12 @@
 //! Channel names as clients send them (`tern-edge`'s `channel_name`): in ATTACH and
-//! publish frames, REST paths; `[?rewind=…]` params among them.
+//! publish frames, REST paths; `[?rewind=…]` params and `[filter=…]` subscription
+//! filters among them.
 
 use tern_core::Rewind;
-use tern_edge::fuzzing::{parse_channel_name, parse_rewind, CHANNEL_NAME_MAX, REWIND_COUNT_MAX};
+use tern_edge::fuzzing::{
+    channel_filter, filter_selects, parse_channel_name, parse_rewind, CHANNEL_NAME_MAX,
+    REWIND_COUNT_MAX,
+};
 
 use crate::NOW_MS;
 
@@ -32,7 +36,11 @@ pub fn channel_name(data: &[u8]) {
         !base.chars().any(char::is_control),
         "control character in {base:?}"
     );
-    if base.len() < name.len() {
+    if let Some(filter) = channel_filter(name) {
+        assert!(name.starts_with("[filter="), "filter without [filter= in {name:?}");
+        // Any filter a client can name is decoded and evaluated without a panic.
+        let _ = filter_selects(filter);
+    } else if base.len() < name.len() {
         assert!(name.starts_with("[?"), "qualifier without [? in {name:?}");
     } else {
         assert!(params.is_empty(), "params without a qualifier in {name:?}");

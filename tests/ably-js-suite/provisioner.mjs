@@ -66,9 +66,9 @@ export function planApp(body) {
     const id = `key${i}`;
     const secret = randomName(18);
     const keyName = `${appId}.${id}`;
-    // `revocableTokens` (key 4) has no Tern equivalent: the key is a plain one.
     const capability = spec.capability || CAPABILITY_ALL;
-    return { id, value: secret, keyName, keySecret: secret, keyStr: `${keyName}:${secret}`, capability };
+    const revocableTokens = spec.revocableTokens === true;
+    return { id, value: secret, keyName, keySecret: secret, keyStr: `${keyName}:${secret}`, capability, revocableTokens };
   });
   const presenceMax = body.limits?.presence?.maxMembers;
   return {
@@ -105,6 +105,7 @@ export function ternConfig(app) {
       `id = ${tomlString(key.id)}`,
       `secret = ${tomlString(key.keySecret)}`,
       `capability = ${tomlString(key.capability)}`,
+      ...(key.revocableTokens ? ['revocable_tokens = true'] : []),
       '',
     );
   }

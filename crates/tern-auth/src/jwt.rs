@@ -13,6 +13,8 @@ use crate::{AuthError, Capability};
 pub(crate) const CAPABILITY_CLAIM: &str = "x-ably-capability";
 /// The claim holding the clientId.
 pub(crate) const CLIENT_ID_CLAIM: &str = "x-ably-clientId";
+/// The claim naming the token's revocation key (token revocation by `revocationKey:`).
+pub(crate) const REVOCATION_KEY_CLAIM: &str = "x-ably-revocation-key";
 
 /// Signs `claims` as an HS256 JWT under `key`, with `kid` set to the key name.
 /// For tests and tooling: the claims are taken as given.
@@ -74,9 +76,10 @@ pub(crate) fn verify(ring: &KeyRing, token: &str, now_ms: i64) -> Result<AuthCon
     if expires_ms <= now_ms {
         return Err(AuthError::TokenExpired);
     }
+    let issued_ms = time_claim(&claims, "iat")?;
     check_times(
         ring.policy(),
-        time_claim(&claims, "iat")?,
+        issued_ms,
         time_claim(&claims, "nbf")?,
         expires_ms,
         now_ms,
@@ -94,6 +97,11 @@ pub(crate) fn verify(ring: &KeyRing, token: &str, now_ms: i64) -> Result<AuthCon
         capability: key.capability.intersect(&capability),
         expires_ms: Some(expires_ms),
         via_token: true,
+        issued_ms,
+        revocation_key: claims
+            .get(REVOCATION_KEY_CLAIM)
+            .and_then(Value::as_str)
+            .map(str::to_owned),
     })
 }
 

@@ -121,6 +121,11 @@ pub struct AuthContext {
     pub expires_ms: Option<i64>,
     /// Whether this came from a token (Tern token or JWT) rather than the key itself.
     pub via_token: bool,
+    /// When the token was issued (ms since the epoch), if it says; token revocation
+    /// covers tokens issued before a time.
+    pub issued_ms: Option<i64>,
+    /// The token's revocation key (JWT claim `x-ably-revocation-key`), if any.
+    pub revocation_key: Option<String>,
 }
 
 impl AuthContext {
@@ -264,6 +269,8 @@ impl KeyRing {
             capability: api_key.capability.clone(),
             expires_ms: None,
             via_token: false,
+            issued_ms: None,
+            revocation_key: None,
         })
     }
 

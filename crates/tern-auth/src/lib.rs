@@ -16,6 +16,8 @@
 //!   `tn1.` token format: issue, verify, and the token-request checks.
 //! - `jwt.rs`: HS256 JWT verification and [`sign_jwt`].
 //! - `nonce.rs`: [`NonceCache`], the bounded replay cache for token requests.
+//! - `revocation.rs`: token revocation: [`RevocationTarget`], [`Revocation`] (which
+//!   tokens it refuses, from when) and the bounded, expiring [`RevocationList`].
 //! - `error.rs`: [`AuthError`], each variant with its Ably code and HTTP status.
 //! - `signature.rs`: HMAC-SHA256, constant-time comparison, base64 flavours.
 
@@ -24,6 +26,7 @@ mod error;
 mod jwt;
 mod key;
 mod nonce;
+mod revocation;
 mod signature;
 mod token;
 
@@ -32,4 +35,8 @@ pub use error::AuthError;
 pub use jwt::sign_jwt;
 pub use key::{ApiKey, AuthContext, ClientIdentity, KeyRing, TokenPolicy};
 pub use nonce::NonceCache;
+pub use revocation::{
+    Revocation, RevocationError, RevocationList, RevocationTarget, TargetError,
+    TARGET_VALUE_BYTES_MAX,
+};
 pub use token::{sign_token_request, TokenDetails, TokenRequest};

@@ -288,6 +288,8 @@ pub(crate) fn verify(ring: &KeyRing, token: &str, now_ms: i64) -> Result<AuthCon
         capability: key.capability.intersect(&capability),
         expires_ms: Some(claims.exp),
         via_token: true,
+        issued_ms: claims.iat,
+        revocation_key: None,
     })
 }
 

@@ -52,14 +52,14 @@ impl OneOrMany {
 /// A `BatchResult`: how many channels succeeded and failed, and each one's outcome.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct BatchResult<T> {
+pub(crate) struct BatchResult<T> {
     success_count: usize,
     failure_count: usize,
     results: Vec<T>,
 }
 
 impl<T> BatchResult<T> {
-    fn of(results: Vec<Result<T, T>>) -> Self {
+    pub(crate) fn of(results: Vec<Result<T, T>>) -> Self {
         let failure_count = results.iter().filter(|r| r.is_err()).count();
         BatchResult {
             success_count: results.len() - failure_count,

@@ -1,6 +1,8 @@
 //! Channel names as clients send them: `name`, or `[?rewind=1&delta=vcdiff]name` with
-//! channel params in a qualifier. The hub keys channels by the bare name; frames sent
-//! back to a client use the name exactly as that client attached it.
+//! channel params in a qualifier, or a derived channel `[filter=<base64>]name` (a
+//! subscription filter, `crate::filter`; params may follow: `[filter=<b64>?rewind=1]`).
+//! The hub keys channels by the bare name; frames sent back to a client use the name
+//! exactly as that client attached it.
 
 use std::collections::BTreeMap;
 
@@ -14,6 +16,17 @@ pub(crate) struct ChannelName<'a> {
     pub base: &'a str,
     /// Params from a `[?a=b&c=d]` qualifier.
     pub params: BTreeMap<String, String>,
+    /// The base64 filter expression of a derived channel (`[filter=…]name`).
+    pub filter: Option<&'a str>,
+}
+
+impl ChannelName<'_> {
+    /// What a derived channel's attachment is known by on its connection: the filter
+    /// qualifier and the bare name, params left out (a re-attach may change them).
+    pub fn derived_key(&self) -> Option<String> {
+        self.filter
+            .map(|filter| format!("[filter={filter}]{}", self.base))
+    }
 }
 
 /// The Ably error for a name [`parse`] refused: 40010, invalid channel name.
@@ -48,21 +61,38 @@ pub(crate) fn parse(name: &str) -> Result<ChannelName<'_>, &'static str> {
         return Ok(ChannelName {
             base: name,
             params: BTreeMap::new(),
+            filter: None,
         });
     };
     let (qualifier, base) = rest
         .split_once(']')
         .ok_or("unterminated channel qualifier")?;
-    let query = qualifier
-        .strip_prefix('?')
-        .ok_or("unsupported channel qualifier (only [?params] is supported)")?;
+    let (filter, query) = match qualifier.strip_prefix("filter=") {
+        Some(derived) => {
+            let (filter, query) = derived.split_once('?').unwrap_or((derived, ""));
+            if filter.is_empty() {
+                return Err("empty channel filter");
+            }
+            (Some(filter), query)
+        }
+        None => (
+            None,
+            qualifier
+                .strip_prefix('?')
+                .ok_or("unsupported channel qualifier (only [?params] and [filter=…])")?,
+        ),
+    };
     check_base(base)?;
     let mut params = BTreeMap::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         params.insert(k.to_string(), v.to_string());
     }
-    Ok(ChannelName { base, params })
+    Ok(ChannelName {
+        base,
+        params,
+        filter,
+    })
 }
 
 /// Most messages a count rewind may ask for.
@@ -126,5 +156,31 @@ mod tests {
         }
         assert_eq!(parse("a::b").unwrap().base, "a::b");
         assert_eq!(invalid("x").code, 40010);
+    }
+
+    /// Derived channels: the filter, any params after it, and the bare name; an empty
+    /// filter is refused; a plain qualifier has no filter.
+    #[test]
+    fn parses_filter_qualifiers() {
+        let derived = parse("[filter=bmFtZQ==]chan").unwrap();
+        assert_eq!((derived.base, derived.filter), ("chan", Some("bmFtZQ==")));
+        assert_eq!(
+            derived.derived_key().as_deref(),
+            Some("[filter=bmFtZQ==]chan")
+        );
+        let with_params = parse("[filter=bmFtZQ==?rewind=1]chan").unwrap();
+        assert_eq!(with_params.filter, Some("bmFtZQ=="));
+        assert_eq!(
+            with_params.params.get("rewind").map(String::as_str),
+            Some("1")
+        );
+        assert_eq!(
+            with_params.derived_key().as_deref(),
+            Some("[filter=bmFtZQ==]chan")
+        );
+        assert!(parse("[filter=]chan").is_err());
+        assert!(parse("[filter=?a=1]chan").is_err());
+        assert!(parse("[internal]revocations").is_err());
+        assert_eq!(parse("[?a=1]chan").unwrap().filter, None);
     }
 }

@@ -3,8 +3,10 @@
 
 use axum::http::HeaderMap;
 use base64::Engine;
-use tern_auth::{AuthContext, AuthError, Capability, ClientIdentity, KeyRing, Operation};
+use tern_auth::{AuthContext, AuthError, Capability, ClientIdentity, Operation};
 use tern_protocol::{code, flags, ErrorInfo};
+
+use crate::revoke::Credentials;
 
 /// Ably error for an authentication failure.
 pub(crate) fn auth_error(err: AuthError) -> ErrorInfo {
@@ -12,8 +14,9 @@ pub(crate) fn auth_error(err: AuthError) -> ErrorInfo {
 }
 
 /// Authenticates a key (`appId.keyId:secret`) or a token; a key wins if both are given.
+/// A revoked token is refused (40141).
 pub(crate) fn authenticate(
-    keys: &KeyRing,
+    keys: &Credentials,
     key: Option<&str>,
     token: Option<&str>,
     now_ms: i64,
@@ -25,7 +28,8 @@ pub(crate) fn authenticate(
             code::INVALID_CREDENTIALS,
             "no credentials: supply key or access_token",
         )),
-    };
+    }
+    .and_then(|ctx| keys.revocations.check(&ctx, now_ms).map(|()| ctx));
     if let Err(err) = &result {
         crate::response::log_refusal("credential", err);
     }
@@ -142,7 +146,7 @@ pub(crate) fn denied(op: &str, channel: &str) -> ErrorInfo {
 /// SDKs base64 the token; a raw token is accepted too), or `key` / `access_token` query
 /// params. The `X-Ably-ClientId` header (base64) selects a clientId.
 pub(crate) fn rest_auth(
-    keys: &KeyRing,
+    keys: &Credentials,
     headers: &HeaderMap,
     query: &std::collections::HashMap<String, String>,
     now_ms: i64,

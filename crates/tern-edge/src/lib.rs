@@ -19,8 +19,12 @@
 //! - `stats`: app statistics (`GET /stats`, `POST /stats` fixtures) and what counts them.
 //! - [`history`]: the journal into the history store and the REST history endpoints.
 //! - `credentials`: turning query params and headers into an [`tern_auth::AuthContext`].
-//! - `channel_name`: `[?param=value]name` qualifiers and the `rewind` param.
+//! - `channel_name`: `[?param=value]name` and `[filter=…]name` qualifiers and the
+//!   `rewind` param.
+//! - `filter`: subscription filter expressions (derived channels): parse, evaluate.
 //! - `resume`: what of a connection survives its transport (reply window, presence).
+//! - `revoke`: token revocation (`POST /keys/{keyName}/revokeTokens`), carried to every
+//!   node on a reserved channel, and the check every token passes.
 //! - `response`: Ably-shaped HTTP error responses, response formats, CORS.
 //!
 //! Architecture invariant: the edge talks to other nodes only through the core; it never
@@ -32,12 +36,14 @@ mod channel_name;
 pub mod config;
 mod connection;
 mod credentials;
+mod filter;
 mod forward;
 pub mod history;
 mod listener;
 mod response;
 mod rest;
 mod resume;
+mod revoke;
 mod session;
 mod sse;
 mod state;
@@ -46,6 +52,7 @@ pub mod tls;
 
 pub use config::{EdgeConfig, StatsConfig};
 pub use listener::serve;
+pub use revoke::RevocationConfig;
 pub use state::{ClusterView, EdgeState};
 
 /// The channel name decoders, for the fuzzer (`fuzz/`). Not part of the crate's API.
@@ -65,6 +72,26 @@ pub mod fuzzing {
         name: &str,
     ) -> Result<(&str, BTreeMap<String, String>), &'static str> {
         crate::channel_name::parse(name).map(|parsed| (parsed.base, parsed.params))
+    }
+
+    /// `channel_name::parse`: the base64 filter of a derived channel (`[filter=…]`).
+    pub fn channel_filter(name: &str) -> Option<&str> {
+        crate::channel_name::parse(name).ok()?.filter
+    }
+
+    /// `filter::FILTER_BYTES_MAX`.
+    pub const FILTER_BYTES_MAX: usize = crate::filter::FILTER_BYTES_MAX;
+
+    /// `filter::decode` then `Filter::selects` on a message with a name and headers:
+    /// whether it selects it, or why the filter was refused.
+    pub fn filter_selects(encoded: &str) -> Result<bool, String> {
+        let filter = crate::filter::decode(encoded)?;
+        let message = tern_protocol::Message {
+            name: Some("order".into()),
+            extras: Some(serde_json::json!({"headers": {"a": 1, "b": "x", "c": true}})),
+            ..Default::default()
+        };
+        Ok(filter.selects(&message))
     }
 
     /// `channel_name::parse_rewind`.
@@ -113,6 +140,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/regions", get(rest::regions))
         .route("/metrics", get(rest::metrics))
         .route("/keys/{key_name}/requestToken", post(rest::request_token))
+        .route("/keys/{key_name}/revokeTokens", post(revoke::revoke_tokens))
         .merge(channel_reads(state.clone()))
         .route("/channels/{channel}/messages", post(rest::publish))
         .route("/messages", post(batch::publish))

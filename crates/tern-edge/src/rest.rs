@@ -129,6 +129,10 @@ pub(crate) async fn request_token(
 
 pub(crate) fn channel_key(app: &str, channel: &str) -> Result<ChannelKey, ErrorInfo> {
     let parsed = channel_name::parse(channel).map_err(channel_name::invalid)?;
+    // Derived (filtered) channels exist only as realtime attachments.
+    if parsed.filter.is_some() {
+        return Err(crate::session::read_only(channel));
+    }
     Ok(ChannelKey::new(app, parsed.base))
 }
 

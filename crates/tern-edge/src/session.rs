@@ -8,6 +8,7 @@
 //! - `attach`: ATTACH/DETACH (modes, params, rewind, resume), client SYNC.
 //! - `publish`: MESSAGE/PRESENCE (rates, msgSerial replies, checks, ACK/NACK).
 //! - `reauth`: in-band AUTH and re-checking attachments against the new capability.
+//! - `derived`: derived (`[filter=…]`) channels: filtered, read-only attachments.
 
 use std::collections::{HashMap, HashSet};
 use std::future::pending;
@@ -26,8 +27,11 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 mod attach;
+mod derived;
 mod publish;
 mod reauth;
+
+pub(crate) use derived::read_only;
 
 use attach::{Attached, WARM_WAIT};
 use publish::RateWindow;
@@ -102,6 +106,8 @@ pub(crate) struct Session {
     outlet: Outlet,
     /// Attached channels: bare name → the name as the client attached it.
     attachments: HashMap<Arc<str>, Attached>,
+    /// Derived (filtered) attachments, by `[filter=…]name` (see `derived`).
+    derived: HashMap<Arc<str>, derived::Derived>,
     presence_channels: HashSet<Arc<str>>,
     replies: ReplyWindow,
     /// A resume or recover was asked for and failed: channel serials from before are
@@ -210,6 +216,7 @@ impl Session {
             format,
             outlet,
             attachments: HashMap::new(),
+            derived: HashMap::new(),
             presence_channels,
             replies,
             continuity_lost: error.is_some() && !foreign,
@@ -277,6 +284,8 @@ impl Session {
         let mut shutdown = self.state.shutdown.clone();
         let overflow = self.outlet.overflow.clone();
         let superseded = self.superseded.clone();
+        let revocations = self.state.keys.revocations.clone();
+        let mut revocation_changes = revocations.subscribe();
         let ending = loop {
             let deadline = self.token_deadline(now_ms());
             tokio::select! {
@@ -328,6 +337,11 @@ impl Session {
                         break Ending::Dropped;
                     }
                 }
+                // A token revocation covers this connection's token (and applies now).
+                _ = crate::revoke::until_revoked(&revocations, &mut revocation_changes, &self.auth) => {
+                    self.outlet.finish(Some(self.disconnected(crate::revoke::revoked())));
+                    break Ending::Dropped;
+                }
                 // The node is shutting down: the client reconnects (elsewhere, if it can).
                 _ = shutdown.changed() => {
                     self.outlet.finish(Some(self.disconnected(ErrorInfo::with_status(
@@ -341,7 +355,8 @@ impl Session {
         self.end(ending);
     }
 
-    fn end(self, ending: Ending) {
+    fn end(mut self, ending: Ending) {
+        self.detach_all_derived();
         let channels: Vec<Arc<str>> = self
             .attachments
             .keys()

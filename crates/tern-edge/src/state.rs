@@ -3,6 +3,8 @@
 use std::sync::{Arc, Mutex};
 
 use tern_auth::{KeyRing, NonceCache};
+
+use crate::revoke::{Credentials, Revocations};
 use tern_core::{ChannelKey, ConnectionRegistry, Hub};
 use tern_protocol::{code, ErrorInfo};
 use tern_store::{HistoryStore, StoreError};
@@ -21,7 +23,8 @@ pub type MetricsRender = Box<dyn Fn() -> String + Send + Sync>;
 pub struct EdgeState {
     pub config: EdgeConfig,
     pub hub: Arc<Hub>,
-    pub keys: KeyRing,
+    /// The keys, and the token revocations in force.
+    pub keys: Credentials,
     /// Token-request nonces seen recently (replay check); bounded by `nonce_cache_max`.
     pub(crate) nonces: Mutex<NonceCache>,
     /// One permit per open WebSocket connection.
@@ -121,6 +124,12 @@ impl EdgeState {
     ) -> Self {
         let retain_ms = config.token_policy.nonce_retain_ms();
         let keys = keys.with_policy(config.token_policy.clone());
+        let revocations = Arc::new(Revocations::new(&config.revocation, &config.token_policy));
+        revocations.attach(&hub, &keys);
+        let keys = Credentials {
+            ring: keys,
+            revocations,
+        };
         EdgeState {
             nonces: Mutex::new(NonceCache::new(config.nonce_cache_max, retain_ms)),
             registry: Mutex::new(Registry::new(config.parked_connections_max)),
@@ -154,15 +163,19 @@ impl EdgeState {
         &self.node_tag
     }
 
-    /// Serves history from `store` and makes ACKs wait for it (the hub's journal must
-    /// write into the same store).
     /// Serves the client port over TLS.
     pub fn with_tls(mut self, tls: Arc<crate::tls::ClientTls>) -> Self {
         self.tls = Some(tls);
         self
     }
 
+    /// Serves history from `store` and makes ACKs wait for it (the hub's journal must
+    /// write into the same store).
+    /// Token revocations stored before a restart are read back here.
     pub fn with_store(mut self, store: Arc<dyn HistoryStore>) -> Self {
+        self.keys
+            .revocations
+            .restore(store.as_ref(), &self.keys.ring);
         self.store = Some(store);
         self
     }

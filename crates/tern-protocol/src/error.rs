@@ -108,6 +108,8 @@ pub mod code {
     pub const CAPABILITY_DENIED: u32 = 40160;
     /// The operation needs an identified client.
     pub const CLIENT_ID_REQUIRED: u32 = 40161;
+    /// Token revocation needs basic auth with the key itself, not a token.
+    pub const REVOCATION_NEEDS_BASIC_AUTH: u32 = 40162;
     /// The operation needs a channel mode the attachment did not ask for (for example
     /// publishing on a channel attached with `modes: ['subscribe']`).
     pub const CHANNEL_MODE_DENIED: u32 = 40165;

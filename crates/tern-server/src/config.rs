@@ -243,6 +243,7 @@ pub struct LimitsSection {
     pub presence_members_max: usize,
     pub nonce_cache_max: usize,
     pub parked_connections_max: usize,
+    pub revocations_per_app_max: usize,
     pub reply_window_max: usize,
     pub channel_log_events_max: usize,
     pub channel_log_bytes_max: usize,
@@ -273,6 +274,7 @@ impl Default for LimitsSection {
             presence_members_max: core.presence_members_max,
             nonce_cache_max: edge.nonce_cache_max,
             parked_connections_max: edge.parked_connections_max,
+            revocations_per_app_max: edge.revocation.entries_per_app_max,
             reply_window_max: edge.reply_window_max,
             channel_log_events_max: core.log.events_max,
             channel_log_bytes_max: core.log.bytes_max,
@@ -343,6 +345,9 @@ pub struct KeyConfig {
     pub secret: String,
     #[serde(default = "default_capability")]
     pub capability: String,
+    /// The key may revoke the tokens issued from it (Ably's `revocableTokens`).
+    #[serde(default)]
+    pub revocable_tokens: bool,
 }
 
 fn default_capability() -> String {
@@ -522,6 +527,10 @@ impl Config {
             "auth.token_clock_skew_ms must be >= 0"
         );
         anyhow::ensure!(
+            self.limits.revocations_per_app_max >= 1,
+            "limits.revocations_per_app_max must be >= 1"
+        );
+        anyhow::ensure!(
             self.stats.minutes_max >= 1,
             "stats.minutes_max must be >= 1"
         );
@@ -612,6 +621,19 @@ impl Config {
                 minutes_max: self.stats.minutes_max,
                 apps_max: self.stats.apps_max,
                 fixtures: self.stats.fixtures,
+            },
+            revocation: tern_edge::RevocationConfig {
+                entries_per_app_max: l.revocations_per_app_max,
+                revocable_keys: self
+                    .apps
+                    .iter()
+                    .flat_map(|app| {
+                        app.keys
+                            .iter()
+                            .filter(|key| key.revocable_tokens)
+                            .map(move |key| format!("{}.{}", app.id, key.id))
+                    })
+                    .collect(),
             },
         }
     }

@@ -107,6 +107,18 @@ impl Fixture {
     }
 }
 
+impl Fixture {
+    /// Kills the server (SIGKILL: nothing is flushed on the way out) and starts it again
+    /// on the same history file; returns its new port.
+    fn restart(&mut self, dir: &Path) -> u16 {
+        if let Some(mut child) = self.server.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.start_tern(dir)
+    }
+}
+
 impl Drop for Fixture {
     fn drop(&mut self) {
         // Only the child this test started, by its handle.
@@ -139,6 +151,7 @@ id = "test"
 id = "root"
 secret = "rootsecret"
 capability = '{{"*":["*"]}}'
+revocable_tokens = true
 "#,
         history.display()
     )
@@ -537,5 +550,123 @@ async fn full_disk_nacks_and_recovers_with_nothing_acked_lost() {
         tally.stored.len(),
         tally.refused.len(),
         ids.len()
+    );
+}
+
+/// A token of the test key for `client_id` (the server verifies it: same key and
+/// secret).
+fn token_for(client_id: &str) -> String {
+    let key = tern_auth::ApiKey::from_key_string(KEY, tern_auth::Capability::all()).unwrap();
+    let ring = tern_auth::KeyRing::new(vec![key.clone()]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // Issued a second back, so it is older than a revocation made right after.
+    ring.issue_token(
+        &key,
+        Some(client_id),
+        &key.capability,
+        3_600_000,
+        now - 1_000,
+    )
+    .token
+}
+
+/// POST /keys/test.root/revokeTokens for one clientId: stored (201) or refused.
+async fn revoke(port: u16, client_id: &str) -> Answer {
+    let path = format!("/keys/test.root/revokeTokens?key={KEY}");
+    let body = json!({ "targets": [format!("clientId:{client_id}")] }).to_string();
+    let (status, body) = http(port, "POST", &path, &body).await;
+    if status == 201 {
+        return Answer::Stored;
+    }
+    let body: Value = serde_json::from_str(&body)
+        .unwrap_or_else(|_| panic!("revokeTokens {status} without a JSON body: {body}"));
+    Answer::Refused {
+        status: status as u64,
+        code: body["error"]["code"].as_u64().expect("an Ably error code"),
+    }
+}
+
+/// The Ably error code a REST read with `token` gets (0: it was served).
+async fn token_refusal(port: u16, token: &str) -> u64 {
+    let (status, body) = http(
+        port,
+        "GET",
+        &format!("/channels/x/messages?access_token={token}"),
+        "",
+    )
+    .await;
+    if status == 200 {
+        return 0;
+    }
+    let body: Value = serde_json::from_str(&body).unwrap();
+    body["error"]["code"].as_u64().expect("an Ably error code")
+}
+
+/// A token revocation's 201 is a promise too: while the disk is full revocations are
+/// refused with a 5xx, and after the disk grows and the node is killed and restarted,
+/// every revocation answered 201 is in force (its token refused with 40141).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_revocations_are_acknowledged_only_when_stored() {
+    let mut fixture = Fixture::mount();
+    let config_dir = tempfile::tempdir().unwrap();
+    let mut port = fixture.start_tern(config_dir.path());
+    let mut acked: Vec<(String, String)> = Vec::new();
+    let mut refused = 0;
+    let started = Instant::now();
+    let mut n = 0;
+    // Fill with publishes, revoking between them, until revocations are refused.
+    while refused < FAILURES_WANTED && n < FILL_PUBLISHES_MAX && started.elapsed() < FILL_TIME_MAX {
+        let _ = rest_publish(port, &format!("fill-{n}")).await;
+        let client_id = format!("client-{n}");
+        let token = token_for(&client_id);
+        match revoke(port, &client_id).await {
+            Answer::Stored => acked.push((client_id, token)),
+            Answer::Refused { status, code } => {
+                assert!(
+                    (500..=599).contains(&status) && (50000..=59999).contains(&code),
+                    "revocation refused with {status}/{code}, not a 5xx with an Ably 5xxxx code"
+                );
+                refused += 1;
+            }
+        }
+        n += 1;
+    }
+    assert!(
+        refused >= FAILURES_WANTED,
+        "the disk filled but revocations were not refused ({} acknowledged)",
+        acked.len()
+    );
+
+    fixture.resize(LARGE_FS);
+    let recovering = Instant::now();
+    loop {
+        let client_id = format!("after-{}", acked.len());
+        let token = token_for(&client_id);
+        if let Answer::Stored = revoke(port, &client_id).await {
+            acked.push((client_id, token));
+            break;
+        }
+        assert!(
+            recovering.elapsed() < WAIT,
+            "revocations still refused {WAIT:?} after the filesystem grew"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    port = fixture.restart(config_dir.path());
+    for (client_id, token) in &acked {
+        assert_eq!(
+            token_refusal(port, token).await,
+            40141,
+            "acknowledged revocation of {client_id} lost in the restart"
+        );
+    }
+    assert_eq!(token_refusal(port, &token_for("never-revoked")).await, 0);
+    eprintln!(
+        "revocations: {} acknowledged (all in force after a restart), {refused} refused",
+        acked.len()
     );
 }

@@ -54,6 +54,9 @@ impl Session {
             Ok(parsed) => parsed,
             Err(reason) => return self.channel_error(name.clone(), channel_name::invalid(reason)),
         };
+        if parsed.filter.is_some() {
+            return self.attach_derived(frame.channel_serial.as_deref(), name.clone(), parsed);
+        }
         let base: Arc<str> = parsed.base.into();
         let mut params = parsed.params;
         params.extend(frame.params.clone().unwrap_or_default());
@@ -205,6 +208,9 @@ impl Session {
         let Ok(parsed) = channel_name::parse(&name) else {
             return;
         };
+        if parsed.filter.is_some() {
+            return;
+        }
         let Some(attached) = self.attachments.get(parsed.base) else {
             return;
         };
@@ -224,7 +230,9 @@ impl Session {
             return self.fail(ErrorInfo::new(code::BAD_REQUEST, "DETACH without channel"));
         };
         if let Ok(parsed) = channel_name::parse(&name) {
-            if self.attachments.remove(parsed.base).is_some() {
+            if parsed.filter.is_some() {
+                self.detach_derived(&parsed);
+            } else if self.attachments.remove(parsed.base).is_some() {
                 let key = ChannelKey::new(&self.auth.app_id, parsed.base);
                 self.state.hub.detach(&key, &self.id, now_ms());
             }

@@ -195,6 +195,9 @@ impl Session {
             .as_deref()
             .ok_or_else(|| ErrorInfo::new(code::BAD_REQUEST, "frame without channel"))?;
         let parsed = channel_name::parse(name).map_err(channel_name::invalid)?;
+        if parsed.filter.is_some() {
+            return Err(super::derived::read_only(name));
+        }
         if !self.auth.capability.allows(parsed.base, op) {
             return Err(denied(op_name, parsed.base));
         }

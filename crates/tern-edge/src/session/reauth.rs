@@ -87,6 +87,7 @@ impl Session {
             self.presence_channels.remove(&base);
             hub.leave(&ChannelKey::new(&self.auth.app_id, &base), &self.id, now);
         }
+        self.recheck_derived();
     }
 }
 
@@ -100,7 +101,7 @@ fn attachment_survives(before: u64, granted: u64) -> bool {
 
 /// The channel ERROR for an attachment the connection's new capability no longer
 /// allows: ably-js puts the channel in FAILED with this error.
-fn capability_lost(channel: &str) -> ErrorInfo {
+pub(super) fn capability_lost(channel: &str) -> ErrorInfo {
     ErrorInfo::new(
         code::CAPABILITY_DENIED,
         format!("channel '{channel}' is no longer permitted by the connection's capability"),
