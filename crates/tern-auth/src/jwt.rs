@@ -114,8 +114,9 @@ fn verify_signed(
     let claims_text = claims;
     let embedded = match header.get(EMBEDDED_TOKEN_FIELD) {
         Some(value) => Some(value.clone()),
-        None => decode_object(claims_text)
-            .and_then(|claims| claims.get(EMBEDDED_TOKEN_FIELD).cloned()),
+        None => {
+            decode_object(claims_text).and_then(|claims| claims.get(EMBEDDED_TOKEN_FIELD).cloned())
+        }
     };
     match (embedded, nesting) {
         (Some(Value::String(inner)), Nesting::Outer) => {
@@ -181,7 +182,10 @@ fn verify_plain(
 /// The configured key a JOSE header's `kid` names. A kid whose app is not configured
 /// here is [`AuthError::AppNotFound`]; a missing kid, or an unknown key of a known
 /// app, is [`AuthError::InvalidJwt`].
-fn key_for_kid<'r>(ring: &'r KeyRing, header: &Map<String, Value>) -> Result<&'r ApiKey, AuthError> {
+fn key_for_kid<'r>(
+    ring: &'r KeyRing,
+    header: &Map<String, Value>,
+) -> Result<&'r ApiKey, AuthError> {
     let kid = header
         .get("kid")
         .and_then(Value::as_str)
@@ -243,22 +247,31 @@ fn verify_encrypted(ring: &KeyRing, token: &str, now_ms: i64) -> Result<AuthCont
     let header = decode_object(header_b64).ok_or_else(|| invalid("malformed JWE header"))?;
     let field = |name: &str| header.get(name).and_then(Value::as_str);
     if field("alg") != Some("dir") || field("enc") != Some("A256GCM") {
-        return Err(invalid("an encrypted JWT must use alg dir with enc A256GCM"));
+        return Err(invalid(
+            "an encrypted JWT must use alg dir with enc A256GCM",
+        ));
     }
-    if header
-        .get("cty")
-        .is_some_and(|cty| !cty.as_str().is_some_and(|cty| cty.eq_ignore_ascii_case("JWT")))
-    {
+    if header.get("cty").is_some_and(|cty| {
+        !cty.as_str()
+            .is_some_and(|cty| cty.eq_ignore_ascii_case("JWT"))
+    }) {
         return Err(invalid("an encrypted JWT must contain a JWT (cty)"));
     }
     if !encrypted_key.is_empty() {
         return Err(invalid("alg dir carries no encrypted key"));
     }
     let key = key_for_kid(ring, &header)?;
-    let iv = URL_SAFE.decode(iv).map_err(|_| invalid("malformed JWE iv"))?;
-    let nonce = Nonce::try_assume_unique_for_key(&iv).map_err(|_| invalid("JWE iv is not 96 bits"))?;
-    let mut sealed = URL_SAFE.decode(ciphertext).map_err(|_| invalid("malformed JWE ciphertext"))?;
-    let tag = URL_SAFE.decode(tag).map_err(|_| invalid("malformed JWE tag"))?;
+    let iv = URL_SAFE
+        .decode(iv)
+        .map_err(|_| invalid("malformed JWE iv"))?;
+    let nonce =
+        Nonce::try_assume_unique_for_key(&iv).map_err(|_| invalid("JWE iv is not 96 bits"))?;
+    let mut sealed = URL_SAFE
+        .decode(ciphertext)
+        .map_err(|_| invalid("malformed JWE ciphertext"))?;
+    let tag = URL_SAFE
+        .decode(tag)
+        .map_err(|_| invalid("malformed JWE tag"))?;
     if tag.len() != GCM_TAG_LEN {
         return Err(invalid("JWE tag is not 128 bits"));
     }
@@ -546,8 +559,8 @@ mod tests {
     /// answers: not a token error, so an SDK does not renew in a loop.
     #[test]
     fn unknown_app() {
-        let stranger = ApiKey::from_key_string("invalid.invalid:invalidinvalid", Capability::all())
-            .unwrap();
+        let stranger =
+            ApiKey::from_key_string("invalid.invalid:invalidinvalid", Capability::all()).unwrap();
         let token = sign_jwt(&stranger, &json!({"exp": NOW_S + 60}));
         let err = ring().authenticate_token(&token, NOW_MS).unwrap_err();
         assert_eq!((err.code(), err.status_code()), (40400, 404), "{err}");
@@ -621,9 +634,19 @@ mod tests {
     fn embedded_token_refusals() {
         let (inner, inner_expires_ms) = inner_token(None);
         let inner_expires_s = inner_expires_ms / 1000;
-        let code = |token: &str, now_ms: i64| ring().authenticate_token(token, now_ms).unwrap_err().code();
-        assert_eq!(code(&embedding(&inner, json!({"exp": inner_expires_s + 1})), NOW_MS), 40144);
-        assert_eq!(code(&embedding(&inner, json!({"exp": NOW_S})), NOW_MS), 40142);
+        let code =
+            |token: &str, now_ms: i64| ring().authenticate_token(token, now_ms).unwrap_err().code();
+        assert_eq!(
+            code(
+                &embedding(&inner, json!({"exp": inner_expires_s + 1})),
+                NOW_MS
+            ),
+            40144
+        );
+        assert_eq!(
+            code(&embedding(&inner, json!({"exp": NOW_S})), NOW_MS),
+            40142
+        );
         // The inner token expired: 40142, whatever the outer says.
         let late_ms = inner_expires_ms + 1000;
         assert_eq!(code(&embedding(&inner, json!({})), late_ms), 40142);
@@ -635,7 +658,10 @@ mod tests {
         assert_eq!(code(&embedding(&middle, json!({})), NOW_MS), 40144);
         let mut header = Map::new();
         header.insert("alg".to_owned(), "HS256".into());
-        header.insert(EMBEDDED_TOKEN_FIELD.to_owned(), json!(["not", "a", "token"]));
+        header.insert(
+            EMBEDDED_TOKEN_FIELD.to_owned(),
+            json!(["not", "a", "token"]),
+        );
         let not_string = sign_with_header(b"x", header, &json!({}));
         assert_eq!(code(&not_string, NOW_MS), 40144);
     }
@@ -676,7 +702,10 @@ mod tests {
         assert_eq!(ctx.client_id, ClientIdentity::Id("frank".to_owned()));
         assert_eq!(ctx.expires_ms, Some(inner_expires_ms));
 
-        let plain = sign_jwt(&key(), &json!({"exp": NOW_S + 60, "x-ably-clientId": "gina"}));
+        let plain = sign_jwt(
+            &key(),
+            &json!({"exp": NOW_S + 60, "x-ably-clientId": "gina"}),
+        );
         let ctx = ring()
             .authenticate_token(&encrypt(&key(), &plain, [8; 12]), NOW_MS)
             .unwrap();
@@ -708,9 +737,8 @@ mod tests {
             bytes[0] ^= 1;
             URL_SAFE.encode(bytes)
         };
-        let other_alg = URL_SAFE.encode(
-            json!({"alg": "A256KW", "enc": "A256GCM", "kid": "app.jwt"}).to_string(),
-        );
+        let other_alg = URL_SAFE
+            .encode(json!({"alg": "A256KW", "enc": "A256GCM", "kid": "app.jwt"}).to_string());
         for bad in [
             with(3, &flipped),
             with(0, &other_alg),

@@ -160,7 +160,8 @@ pub(crate) fn rest_auth(
         Some((scheme, value)) if scheme.eq_ignore_ascii_case("bearer") => {
             // The token's own refusal, not a guess at another reading of the header:
             // a JWT for an unknown app must answer 40400, not the 40143 of its base64.
-            keys.authenticate_bearer(value, now_ms).map_err(auth_error)?
+            keys.authenticate_bearer(value, now_ms)
+                .map_err(auth_error)?
         }
         _ => {
             let token = query
@@ -194,14 +195,19 @@ mod tests {
     const NOW_MS: i64 = 1_700_000_000_000;
 
     fn keys() -> KeyRing {
-        KeyRing::new(vec![
-            ApiKey::from_key_string("app.k:secret", Capability::all()).unwrap()
-        ])
+        KeyRing::new(vec![ApiKey::from_key_string(
+            "app.k:secret",
+            Capability::all(),
+        )
+        .unwrap()])
     }
 
     fn bearer(token: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        let value = format!("Bearer {}", base64::engine::general_purpose::STANDARD.encode(token));
+        let value = format!(
+            "Bearer {}",
+            base64::engine::general_purpose::STANDARD.encode(token)
+        );
         headers.insert("authorization", HeaderValue::from_str(&value).unwrap());
         headers
     }
@@ -220,8 +226,12 @@ mod tests {
     #[test]
     fn bearer_jwt_authenticates() {
         let key = keys().keys().next().unwrap().clone();
-        let token = sign_jwt(&key, &json!({"exp": NOW_MS / 1000 + 60, "x-ably-clientId": "ann"}));
-        let (ctx, identity) = rest_auth(&keys(), &bearer(&token), &Default::default(), NOW_MS).unwrap();
+        let token = sign_jwt(
+            &key,
+            &json!({"exp": NOW_MS / 1000 + 60, "x-ably-clientId": "ann"}),
+        );
+        let (ctx, identity) =
+            rest_auth(&keys(), &bearer(&token), &Default::default(), NOW_MS).unwrap();
         assert_eq!(ctx.app_id, "app");
         assert_eq!(identity, ClientIdentity::Id("ann".to_owned()));
     }
