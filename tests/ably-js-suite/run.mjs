@@ -16,8 +16,12 @@
 //
 // Harness settings (none changes what a test asserts):
 // - ABLY_TEST_TRANSPORTS=web_socket: Tern speaks WebSocket only (comet is its own issue).
-// - offline-dns.cjs: Ably's own hosts (echo.ably.io, the connectivity check, the cloud
-//   sandbox) fail to resolve at once instead of depending on this machine's network.
+// - echo-server.mjs: a local stand-in for echo.ably.io and ably-js's connectivity check,
+//   one for the run (TLS on port 443 of a loopback address of its own, behind a throwaway
+//   CA that only the mocha processes trust, through NODE_EXTRA_CA_CERTS).
+// - offline-dns.cjs: those hosts resolve to the stand-in; Ably's other hosts (the cloud
+//   sandbox, the default endpoints) fail to resolve at once instead of depending on this
+//   machine's network.
 // - --timeout-cap MS (default TIMEOUT_CAP_MS; 0 = off): no test or hook waits longer than
 //   this for mocha's timeout (the suite asks for 60 s, which is what failing tests wait).
 import { spawn } from 'node:child_process';
@@ -25,6 +29,7 @@ import { createWriteStream, existsSync, mkdirSync, readFileSync, readdirSync, rm
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startSandbox } from './provisioner.mjs';
+import { startEchoServer } from './echo-server.mjs';
 import { gate, parseKnown, formatKnown, updateKnown } from './known.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -92,7 +97,7 @@ function killGroup(pid) {
 }
 
 /// Runs one file in its own mocha process with its own sandbox; resolves with its results.
-async function runFile(suite, file, opts) {
+async function runFile(suite, file, opts, echo) {
   const base = join(resultsDir, slug(file));
   rmSync(`${base}.jsonl`, { force: true });
   rmSync(`${base}.apps`, { recursive: true, force: true });
@@ -120,6 +125,7 @@ async function runFile(suite, file, opts) {
       ABLY_LOCAL_SANDBOX_URL: sandbox.url,
       ABLY_TEST_TRANSPORTS: 'web_socket',
       ABLY_SUITE_TIMEOUT_CAP_MS: String(opts.timeoutCapMs),
+      ...(echo.address && { ABLY_SUITE_ECHO_ADDR: echo.address, NODE_EXTRA_CA_CERTS: echo.caFile }),
     },
   });
   runningPids.add(child.pid);
@@ -171,13 +177,13 @@ function schedule(files) {
   return [...files].sort((a, b) => (last[b] ?? Infinity) - (last[a] ?? Infinity) || a.localeCompare(b));
 }
 
-async function runAll(suite, files, opts) {
+async function runAll(suite, files, opts, echo) {
   const queue = schedule(files);
   const done = [];
   const worker = async () => {
     while (queue.length) {
       const file = queue.shift();
-      const r = await runFile(suite, file, opts);
+      const r = await runFile(suite, file, opts, echo);
       const counts = count(r.tests);
       const status = r.finished ? '' : `  DID NOT FINISH (exit ${r.exit.code ?? r.exit.signal})`;
       console.log(
@@ -244,6 +250,19 @@ function firstLine(text) {
   return (text || '').split('\n')[0].slice(0, 200);
 }
 
+/// The stand-in for Ably's public hosts, or (when it cannot start, e.g. without the
+/// right to bind port 443) none: the run goes on, and the tests that need it fail.
+async function startEchoStandIn() {
+  try {
+    const echo = await startEchoServer({ dir: join(resultsDir, 'echo-stand-in') });
+    console.log(`ably-js suite: echo.ably.io stand-in on https://${echo.address}:443`);
+    return echo;
+  } catch (err) {
+    console.log(`ably-js suite: WARNING: no echo.ably.io stand-in (${err.message}); the tests that need it will fail`);
+    return { address: '', caFile: '', close: async () => {} };
+  }
+}
+
 async function main() {
   const opts = parseArgs(process.argv.slice(2));
   if (opts.updateKnown) {
@@ -267,7 +286,13 @@ async function main() {
       `; excluded: ${Object.keys(EXCLUDED).join(', ')}`,
   );
   const started = Date.now();
-  const runs = await runAll(opts.suite, files, opts);
+  const echo = await startEchoStandIn();
+  let runs;
+  try {
+    runs = await runAll(opts.suite, files, opts, echo);
+  } finally {
+    await echo.close();
+  }
   const wallMs = Date.now() - started;
   const summary = writeSummary(runs, wallMs, opts);
   const totals = count(runs.flatMap((r) => r.tests.filter((t) => t.kind === 'test')));

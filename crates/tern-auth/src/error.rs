@@ -24,6 +24,11 @@ pub enum AuthError {
     /// key name not matching the path). Ably code 40003, status 400.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A JWT's `kid` names an app that is not configured here. Ably code 40400,
+    /// status 404, as Ably answers a JWT for an app it does not have: not a token
+    /// error, so an SDK does not keep renewing a token that can never work.
+    #[error("app not found: {0}")]
+    AppNotFound(String),
     /// A token request's `timestamp` was further from the server clock than the
     /// policy's window allows. Ably code 40104, status 401.
     #[error("timestamp not current")]
@@ -64,6 +69,7 @@ impl AuthError {
             AuthError::KeyNotFound(_) => 40101,
             AuthError::InvalidCapability(_) => 40000,
             AuthError::InvalidRequest(_) => 40003,
+            AuthError::AppNotFound(_) => 40400,
             AuthError::TimestampNotCurrent => 40104,
             AuthError::NonceReplayed => 40105,
             AuthError::TooManyTokenRequests => 42910,
@@ -78,6 +84,7 @@ impl AuthError {
     pub fn status_code(&self) -> u16 {
         match self {
             AuthError::TooManyTokenRequests => 429,
+            AuthError::AppNotFound(_) => 404,
             AuthError::InvalidCapability(_) | AuthError::InvalidRequest(_) => 400,
             AuthError::InvalidCredentials(_)
             | AuthError::KeyNotFound(_)
@@ -106,6 +113,7 @@ mod tests {
         check(AuthError::KeyNotFound(String::new()), 40101, 401);
         check(AuthError::InvalidCapability(String::new()), 40000, 400);
         check(AuthError::InvalidRequest(String::new()), 40003, 400);
+        check(AuthError::AppNotFound(String::new()), 40400, 404);
         check(AuthError::TimestampNotCurrent, 40104, 401);
         check(AuthError::NonceReplayed, 40105, 401);
         check(AuthError::TooManyTokenRequests, 42910, 429);

@@ -286,13 +286,15 @@ impl KeyRing {
         self.authenticate_key(&key)
     }
 
-    /// Authenticates a Tern token (`tn1.…`) or an HS256 JWT, told apart by shape.
+    /// Authenticates a Tern token (`tn1.…`) or an Ably JWT (plain, embedding a
+    /// token, or encrypted: see `jwt.rs`), told apart by shape.
     ///
     /// Errors: expired → [`AuthError::TokenExpired`]; a Tern token that is
     /// garbage, badly signed, whose key is gone or whose lifetime is over the
     /// policy's `ttl_max_ms`, or anything of neither shape →
-    /// [`AuthError::TokenUnrecognised`]; a JWT that fails any check (its lifetime
-    /// and clock skew included) → [`AuthError::InvalidJwt`]. The capability is
+    /// [`AuthError::TokenUnrecognised`]; a JWT whose `kid` names an app not
+    /// configured here → [`AuthError::AppNotFound`]; a JWT that fails any other
+    /// check (its lifetime and clock skew included) → [`AuthError::InvalidJwt`]. The capability is
     /// narrowed by the key's current capability, so shrinking a key shrinks its
     /// live tokens.
     pub fn authenticate_token(&self, token: &str, now_ms: i64) -> Result<AuthContext, AuthError> {
@@ -301,7 +303,8 @@ impl KeyRing {
         }
         if token.starts_with(token::TOKEN_PREFIX) {
             token::verify(self, token, now_ms)
-        } else if token.split('.').count() == 3 {
+        } else if matches!(token.split('.').count(), 3 | 5) {
+            // A JWT: signed (three parts) or encrypted (five).
             jwt::verify(self, token, now_ms)
         } else {
             Err(AuthError::TokenUnrecognised(
