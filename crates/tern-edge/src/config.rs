@@ -74,6 +74,8 @@ pub struct EdgeConfig {
     pub cors_allowed_origins: Vec<String>,
     /// App statistics (`GET /stats`).
     pub stats: StatsConfig,
+    /// Bounds on each app's push registrations and subscriptions.
+    pub push: crate::push::registry::PushLimits,
 }
 
 /// App statistics: what is kept per app, and whether test fixtures may be written.
@@ -129,6 +131,7 @@ impl Default for EdgeConfig {
             reply_window_max: 1_000,
             cors_allowed_origins: Vec::new(),
             stats: StatsConfig::default(),
+            push: crate::push::registry::PushLimits::default(),
         }
     }
 }

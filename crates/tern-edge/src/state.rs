@@ -39,6 +39,8 @@ pub struct EdgeState {
     pub(crate) cluster: Option<Arc<dyn ClusterView>>,
     /// App statistics counted on this node.
     pub(crate) stats: crate::stats::Stats,
+    /// Push registries folded on this node (`push`).
+    pub(crate) push: crate::push::Push,
 }
 
 /// How waiting for a publish to be durable ended.
@@ -135,6 +137,7 @@ impl EdgeState {
             shutdown,
             store: None,
             cluster: None,
+            push: crate::push::Push::default(),
         }
     }
 

@@ -1,0 +1,222 @@
+//! Push notifications (Ably push admin, RSH1): device registrations, channel
+//! subscriptions and push publish.
+//!
+//! State. An app's push state is the fold of a log of [`registry::Mutation`]s published
+//! on an internal channel of the app, [`PUSH_CHANNEL`] (a name clients can neither
+//! attach nor publish to: `channel_name::parse` refuses it). So every change is
+//! journaled, stored and replicated like a message: ACKed (200/201) only once durable,
+//! kept across restarts, copied to the channel's home in every region. The home of that
+//! channel in a region serves all push requests of its region (other nodes forward
+//! them, `to_home`) and folds the stored log into a [`registry::Registry`] in memory;
+//! it refolds from its store whenever the channel's cursor shows events it has not
+//! folded (changes made in another region), in stored order, which is the same on every
+//! node, so every region converges on the same registry.
+//!
+//! Delivery. Only the `ablyChannel` transport is delivered: a message named
+//! `__ably_push__` whose data is the JSON of the notification, published on the channel
+//! the recipient names, with the recipient's `ablyKey` (which must be a key of the same
+//! app allowed to publish there; `ablyUrl` is ignored, delivery stays on this cluster).
+//! FCM, APNs and web push registrations are stored but nothing is sent to them: Tern
+//! runs offline and holds no credentials for those services.
+//!
+//! # Layout
+//! - [`registry`]: the pure registry and its mutations (no I/O).
+//! - `rest`: the `/push/*` handlers and who may call them.
+//! - `delivery`: turning a notification into `__ably_push__` messages.
+
+pub(crate) mod delivery;
+pub mod registry;
+pub(crate) mod rest;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use base64::Engine;
+use rand::Rng;
+use tern_core::{ChannelKey, Cursor, OriginId, Publisher};
+use tern_protocol::{code, Data, ErrorInfo, Format, Message};
+use tern_store::{ChannelRef, Direction, EventKind, HistoryQuery, HistoryStore};
+
+use registry::{Mutation, PushLimits, Registry};
+
+use crate::state::EdgeState;
+
+/// The internal channel holding an app's push log. It starts with `[` and is no
+/// `[?params]` qualifier, so no client can attach, publish or read it.
+pub const PUSH_CHANNEL: &str = "[tern]push";
+/// Name of the log's messages (its version: a later format gets a new name).
+const MUTATION_NAME: &str = "tern.push.v1";
+
+/// The folded registry of one app on this node, and how much of the log it covers.
+pub(crate) struct AppPush {
+    pub(crate) registry: Registry,
+    /// Events of the log folded in, per origin; `None` until first loaded.
+    folded: Option<Cursor>,
+}
+
+/// Every app's push state on this node. Each app's is behind an async mutex held for
+/// a whole request, so a write is checked against, and applied to, the state it read.
+#[derive(Default)]
+pub(crate) struct Push {
+    apps: Mutex<HashMap<String, Arc<tokio::sync::Mutex<AppPush>>>>,
+}
+
+pub(crate) fn channel_key(app: &str) -> ChannelKey {
+    ChannelKey::new(app, PUSH_CHANNEL)
+}
+
+impl Push {
+    fn app(&self, app: &str) -> Arc<tokio::sync::Mutex<AppPush>> {
+        let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
+        apps.entry(app.to_string())
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Mutex::new(AppPush {
+                    registry: Registry::default(),
+                    folded: None,
+                }))
+            })
+            .clone()
+    }
+}
+
+/// The app's registry, up to date with everything this node has of the log.
+pub(crate) async fn load(
+    state: &EdgeState,
+    app: &str,
+) -> Result<tokio::sync::OwnedMutexGuard<AppPush>, ErrorInfo> {
+    let mut guard = state.push.app(app).lock_owned().await;
+    let live = state.hub.cursor(&channel_key(app));
+    let stale = guard.folded.as_ref().is_none_or(|f| !f.covers(&live));
+    if stale {
+        let Some(store) = state.store.clone() else {
+            // Without a store the log lives only in the hub: what this node applied.
+            guard.folded.get_or_insert_with(Cursor::new);
+            return Ok(guard);
+        };
+        let limits = state.config.push.clone();
+        let app = app.to_string();
+        let (registry, folded) =
+            tokio::task::spawn_blocking(move || fold_stored(store.as_ref(), &app, &limits))
+                .await
+                .map_err(|e| ErrorInfo::new(code::INTERNAL, e.to_string()))??;
+        guard.registry = registry;
+        guard.folded = Some(folded);
+    }
+    Ok(guard)
+}
+
+/// Folds the app's stored push log, oldest first. Blocking (store reads).
+fn fold_stored(
+    store: &dyn HistoryStore,
+    app: &str,
+    limits: &PushLimits,
+) -> Result<(Registry, Cursor), ErrorInfo> {
+    let mut query = HistoryQuery::new(ChannelRef {
+        app: app.into(),
+        channel: PUSH_CHANNEL.into(),
+        kind: EventKind::Message,
+    });
+    query.direction = Direction::Forwards;
+    query.limit = tern_store::LIMIT_MAX;
+    let mut registry = Registry::default();
+    let mut folded = Cursor::new();
+    loop {
+        let page = store
+            .query(&query)
+            .map_err(|e| ErrorInfo::new(code::INTERNAL, format!("reading the push log: {e}")))?;
+        for item in &page.items {
+            folded.advance(OriginId(item.origin), item.seq);
+            match decode_mutation(&item.payload) {
+                // A refused mutation had no effect where it was made either.
+                Some(mutation) => {
+                    let _ = registry.apply(&mutation, limits);
+                }
+                None => {
+                    metrics::counter!("tern_push_log_undecodable_total").increment(1);
+                }
+            }
+        }
+        match page.next {
+            Some(next) => query.after = Some(next),
+            None => return Ok((registry, folded)),
+        }
+    }
+}
+
+fn decode_mutation(payload: &[u8]) -> Option<Mutation> {
+    let message: Message = tern_protocol::decode_value(Format::Msgpack, payload).ok()?;
+    if message.name.as_deref() != Some(MUTATION_NAME) {
+        return None;
+    }
+    match message.data? {
+        Data::String(json) => serde_json::from_str(&json).ok(),
+        _ => None,
+    }
+}
+
+/// Applies `mutation` to `app`'s registry: checked against it first (a refusal changes
+/// nothing and journals nothing), then journaled on the push channel and, once durable
+/// (stored, and on replicas in a cluster), folded in.
+pub(crate) async fn write(
+    state: &EdgeState,
+    app: &mut AppPush,
+    app_id: &str,
+    mutation: Mutation,
+) -> Result<(), ErrorInfo> {
+    let limits = &state.config.push;
+    let mut next = app.registry.clone();
+    next.apply(&mutation, limits)?;
+    let json = serde_json::to_string(&mutation)
+        .map_err(|e| ErrorInfo::new(code::INTERNAL, e.to_string()))?;
+    let message = Message {
+        name: Some(MUTATION_NAME.into()),
+        data: Some(Data::String(json)),
+        ..Message::default()
+    };
+    let key = channel_key(app_id);
+    let random: [u8; 9] = rand::rng().random();
+    let publisher = Publisher {
+        connection_id: None,
+        frame_id: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random),
+    };
+    let store_mark = state.store_mark();
+    let outcome = state
+        .hub
+        .publish(&key, &publisher, vec![message], crate::now_ms())
+        .map_err(|e| ErrorInfo::new(code::INTERNAL, e.to_string()))?;
+    if let Some(error) = state.durable(key, store_mark).await.error() {
+        // Unknown whether it is stored: fold again from the store on the next request.
+        app.folded = None;
+        return Err(error);
+    }
+    app.registry = next;
+    if let (Some(event), Some(folded)) = (outcome.event, app.folded.as_mut()) {
+        folded.advance(event.origin, event.seq);
+    }
+    metrics::counter!("tern_push_mutations_total").increment(1);
+    Ok(())
+}
+
+/// Middleware on the `/push` routes: in a cluster, every push request of a region is
+/// served by the home of the app's push channel in that region (where the log is
+/// stored); other nodes forward it there unchanged.
+pub(crate) async fn to_home(
+    State(state): State<Arc<EdgeState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let url = state.cluster.as_ref().and_then(|cluster| {
+        if request.headers().contains_key(crate::forward::FORWARDED) {
+            return None;
+        }
+        let app = rest::app_of(&state, &request)?;
+        cluster.home_url(&channel_key(&app))
+    });
+    match url {
+        Some(url) => crate::forward::forward(&url, request).await,
+        None => next.run(request).await,
+    }
+}
