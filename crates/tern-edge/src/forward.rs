@@ -106,6 +106,27 @@ pub(crate) async fn get_from_home(
     Ok((status, body))
 }
 
+/// A POST of `body` to `path` at another node `base`, with `headers` (credentials,
+/// content type): for work only that node can do (push delivery at the push home).
+/// Bounded like a forwarded request; `Err` names why it failed.
+pub(crate) async fn post_to(
+    base: &str,
+    path: &str,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<axum::http::StatusCode, String> {
+    let mut request = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .body(Body::from(body))
+        .map_err(|e| e.to_string())?;
+    *request.headers_mut() = headers;
+    let response = tokio::time::timeout(FORWARD_TIMEOUT, send(base, request))
+        .await
+        .map_err(|_| "timed out".to_string())??;
+    Ok(response.status())
+}
+
 /// One HTTP/1.1 request to `base` (`http://host:port`) over a fresh connection.
 async fn send(base: &str, request: Request) -> Result<Response, String> {
     let authority = base

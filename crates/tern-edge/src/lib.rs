@@ -131,6 +131,7 @@ fn push_routes(state: Arc<EdgeState>) -> Router<Arc<EdgeState>> {
         )
         .route("/push/channels", get(push::rest::list_channels))
         .route("/push/publish", post(push::rest::publish))
+        .route(push::delivery::PUBLISHED_PATH, post(push::rest::published))
         .route_layer(axum::middleware::from_fn_with_state(state, push::to_home))
 }
 

@@ -93,7 +93,9 @@ pub(crate) fn payloads(messages: &[Message]) -> Vec<Value> {
 }
 
 /// After a publish on `channel` whose messages carried `payloads`: delivers each to the
-/// devices subscribed to the channel (by id or by clientId).
+/// devices subscribed to the channel (by id or by clientId). In a cluster the push home
+/// of the app in this region holds the subscriptions: a node that is not it hands the
+/// payloads over (`hand_to_home`) and returns without waiting.
 pub(crate) async fn on_published(
     state: &EdgeState,
     app: &str,
@@ -103,6 +105,24 @@ pub(crate) async fn on_published(
     if payloads.is_empty() {
         return;
     }
+    let home = state
+        .cluster
+        .as_ref()
+        .and_then(|c| c.home_url(&super::channel_key(app)));
+    if let Some(home) = home {
+        hand_to_home(state, home, app, channel, payloads);
+        return;
+    }
+    deliver_to_subscribers(state, app, channel, &payloads).await;
+}
+
+/// Delivers `payloads` to the devices subscribed to `channel`, from this node's registry.
+pub(crate) async fn deliver_to_subscribers(
+    state: &EdgeState,
+    app: &str,
+    channel: &str,
+    payloads: &[Value],
+) {
     let recipients: Vec<Value> = match super::load(state, app).await {
         Ok(push) => push
             .registry
@@ -115,7 +135,55 @@ pub(crate) async fn on_published(
             return;
         }
     };
-    for payload in &payloads {
+    for payload in payloads {
         deliver(state, app, &recipients, payload);
     }
+}
+
+/// Where a node hands the push payloads of a publish to the push home.
+pub(crate) const PUBLISHED_PATH: &str = "/push/tern/published";
+
+/// Sends `payloads` to the push home's [`PUBLISHED_PATH`], authenticated as a key of
+/// the app that may publish on `channel` (the publisher's credential came from such a
+/// key: a token never grants more than its key). The publish is already ACKed: a
+/// failure is logged and counted, as a notification an external service dropped.
+fn hand_to_home(state: &EdgeState, home: String, app: &str, channel: &str, payloads: Vec<Value>) {
+    let key = state
+        .keys
+        .keys()
+        .find(|k| k.app_id == app && k.capability.allows(channel, Operation::Publish));
+    let Some(key) = key else {
+        metrics::counter!("tern_push_undelivered_total", "reason" => "no_key").increment(1);
+        return;
+    };
+    let mut headers = axum::http::HeaderMap::new();
+    let basic = base64::engine::general_purpose::STANDARD.encode(key.to_key_string());
+    let values = [
+        (axum::http::header::AUTHORIZATION, format!("Basic {basic}")),
+        (
+            axum::http::header::CONTENT_TYPE,
+            "application/json".to_string(),
+        ),
+    ];
+    for (name, value) in values {
+        if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    headers.insert(
+        crate::forward::FORWARDED,
+        axum::http::HeaderValue::from_static("1"),
+    );
+    let body = serde_json::json!({ "channel": channel, "payloads": payloads }).to_string();
+    tokio::spawn(async move {
+        let outcome = crate::forward::post_to(&home, PUBLISHED_PATH, headers, body.into()).await;
+        let failed = match outcome {
+            Ok(status) if status.is_success() => return,
+            Ok(status) => status.to_string(),
+            Err(reason) => reason,
+        };
+        tracing::warn!(%home, reason = %failed, "handing push payloads to the push home failed");
+        metrics::counter!("tern_push_undelivered_total", "reason" => "home_unreachable")
+            .increment(1);
+    });
 }

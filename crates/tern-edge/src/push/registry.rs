@@ -457,3 +457,307 @@ impl Filter {
         self.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn device(id: &str, client_id: Option<&str>) -> Device {
+        Device {
+            id: id.into(),
+            client_id: client_id.map(Into::into),
+            platform: "android".into(),
+            form_factor: "phone".into(),
+            metadata: None,
+            device_secret: Some(format!("secret-{id}")),
+            recipient: json!({ "transportType": "ablyChannel", "channel": "c", "ablyKey": "a.b:c" }),
+            identity_token: format!("token-{id}"),
+        }
+    }
+
+    fn put(id: &str, client_id: Option<&str>) -> Mutation {
+        Mutation::PutDeviceV1 {
+            device: device(id, client_id),
+        }
+    }
+
+    fn sub(channel: &str, target: Target) -> Mutation {
+        Mutation::SubscribeV1 {
+            subscription: Subscription {
+                channel: channel.into(),
+                target,
+            },
+        }
+    }
+
+    fn fold(log: &[Mutation], limits: &PushLimits) -> Registry {
+        let mut registry = Registry::default();
+        for mutation in log {
+            let _ = registry.apply(mutation, limits);
+        }
+        registry
+    }
+
+    /// Devices are created, replaced in place and listed by id, filtered by clientId,
+    /// in pages that continue after the last id.
+    #[test]
+    fn devices_put_replace_list_and_page() {
+        let limits = PushLimits::default();
+        let mut registry = fold(
+            &[
+                put("d2", Some("a")),
+                put("d1", Some("b")),
+                put("d3", Some("a")),
+            ],
+            &limits,
+        );
+        registry.apply(&put("d1", Some("a")), &limits).unwrap();
+        assert_eq!(registry.device_count(), 3);
+        let ids = |devices: Vec<&Device>| devices.iter().map(|d| d.id.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            ids(registry.devices(&Filter::default(), None, 10)),
+            ["d1", "d2", "d3"]
+        );
+        let by_a = Filter {
+            client_id: Some("a".into()),
+            ..Filter::default()
+        };
+        assert_eq!(ids(registry.devices(&by_a, None, 10)), ["d1", "d2", "d3"]);
+        assert_eq!(
+            ids(registry.devices(&Filter::default(), Some("d1"), 1)),
+            ["d2"]
+        );
+        assert_eq!(ids(registry.client_devices("b")), Vec::<String>::new());
+    }
+
+    /// Removing a device removes its device subscriptions but not its clientId's; a
+    /// removal naming no device or clientId removes nothing.
+    #[test]
+    fn removing_a_device_removes_its_subscriptions() {
+        let limits = PushLimits::default();
+        let mut registry = fold(
+            &[
+                put("d1", Some("a")),
+                put("d2", Some("b")),
+                sub("ch", Target::Device("d1".into())),
+                sub("ch", Target::Device("d2".into())),
+                sub("ch", Target::Client("a".into())),
+            ],
+            &limits,
+        );
+        let nothing = Mutation::RemoveDevicesV1 {
+            filter: Filter {
+                channel: Some("ch".into()),
+                ..Filter::default()
+            },
+        };
+        registry.apply(&nothing, &limits).unwrap();
+        assert_eq!(
+            (registry.device_count(), registry.subscription_count()),
+            (2, 3)
+        );
+        let remove = Mutation::RemoveDevicesV1 {
+            filter: Filter {
+                device_id: Some("d1".into()),
+                ..Filter::default()
+            },
+        };
+        registry.apply(&remove, &limits).unwrap();
+        assert!(registry.device("d1").is_none());
+        let left: Vec<_> = registry
+            .subscriptions(&Filter::default(), false, None, 10)
+            .into_iter()
+            .map(|s| s.target.clone())
+            .collect();
+        assert_eq!(
+            left,
+            [Target::Device("d2".into()), Target::Client("a".into())]
+        );
+    }
+
+    /// A device subscription needs the device; subscribing twice keeps one; removal
+    /// matches every given field; channels are listed once each, in pages.
+    #[test]
+    fn subscriptions_and_channels() {
+        let limits = PushLimits::default();
+        let mut registry = fold(&[put("d1", Some("a"))], &limits);
+        let missing = registry.apply(&sub("x", Target::Device("nope".into())), &limits);
+        assert_eq!(missing.unwrap_err().code, code::NOT_FOUND);
+        for mutation in [
+            sub("x", Target::Device("d1".into())),
+            sub("x", Target::Device("d1".into())),
+            sub("x", Target::Client("a".into())),
+            sub("y", Target::Client("a".into())),
+            sub("z", Target::Client("b".into())),
+        ] {
+            registry.apply(&mutation, &limits).unwrap();
+        }
+        assert_eq!(registry.subscription_count(), 4);
+        assert_eq!(registry.channels(None, 10), ["x", "y", "z"]);
+        assert_eq!(registry.channels(Some("x"), 1), ["y"]);
+        let unsubscribe = Mutation::UnsubscribeV1 {
+            filter: Filter {
+                client_id: Some("a".into()),
+                ..Filter::default()
+            },
+        };
+        registry.apply(&unsubscribe, &limits).unwrap();
+        assert_eq!(registry.channels(None, 10), ["x", "z"]);
+        let on_x = Filter {
+            channel: Some("x".into()),
+            ..Filter::default()
+        };
+        assert_eq!(registry.subscriptions(&on_x, false, None, 10).len(), 1);
+    }
+
+    /// A channel's recipients are the devices subscribed by id plus the devices of the
+    /// clientIds subscribed, each once.
+    #[test]
+    fn channel_recipients_are_unique_devices() {
+        let limits = PushLimits::default();
+        let registry = fold(
+            &[
+                put("d1", Some("a")),
+                put("d2", Some("a")),
+                put("d3", None),
+                put("d4", Some("b")),
+                sub("ch", Target::Device("d1".into())),
+                sub("ch", Target::Device("d3".into())),
+                sub("ch", Target::Client("a".into())),
+                sub("other", Target::Client("b".into())),
+            ],
+            &limits,
+        );
+        let ids: Vec<&str> = registry
+            .channel_recipients("ch")
+            .iter()
+            .map(|d| d.id.as_str())
+            .collect();
+        assert_eq!(ids, ["d1", "d2", "d3"]);
+    }
+
+    /// Count limits refuse a new device or subscription past the bound (replacing one
+    /// is fine) and a refused mutation changes nothing; so a log holding a mutation
+    /// over the limit folds the same however often it is folded.
+    #[test]
+    fn limits_refuse_and_change_nothing() {
+        let limits = PushLimits {
+            devices_max: 2,
+            subscriptions_max: 1,
+            ..PushLimits::default()
+        };
+        let log = [
+            put("d1", Some("a")),
+            put("d2", Some("a")),
+            put("d3", Some("a")),
+            put("d2", Some("b")),
+            sub("x", Target::Client("a".into())),
+            sub("y", Target::Client("a".into())),
+        ];
+        let registry = fold(&log, &limits);
+        assert_eq!(registry.device_count(), 2);
+        assert!(registry.device("d3").is_none());
+        assert_eq!(
+            registry.device("d2").unwrap().client_id.as_deref(),
+            Some("b")
+        );
+        assert_eq!(registry.subscription_count(), 1);
+        let mut again = registry.clone();
+        let refused = again.apply(&put("d3", None), &limits).unwrap_err();
+        assert_eq!(refused.code, code::BAD_REQUEST);
+        assert_eq!(again, registry);
+        assert_eq!(fold(&log, &limits), registry);
+    }
+
+    /// Device shape and byte limits: unknown platform, form factor or transport, an
+    /// empty or long id, and oversized recipient or metadata are each 40000.
+    #[test]
+    fn device_checks() {
+        let limits = PushLimits {
+            name_bytes_max: 10,
+            recipient_bytes_max: 100,
+            metadata_bytes_max: 20,
+            ..PushLimits::default()
+        };
+        assert!(device("d1", None).check(&limits).is_ok());
+        type Change = Box<dyn Fn(&mut Device)>;
+        let cases: Vec<(&str, Change)> = vec![
+            (
+                "platform",
+                Box::new(|d| d.platform = "not_a_real_platform".into()),
+            ),
+            ("formFactor", Box::new(|d| d.form_factor = "toaster".into())),
+            ("empty id", Box::new(|d| d.id.clear())),
+            ("long id", Box::new(|d| d.id = "x".repeat(11))),
+            (
+                "transport",
+                Box::new(|d| d.recipient = json!({ "transportType": "pigeon" })),
+            ),
+            ("no transport", Box::new(|d| d.recipient = json!({}))),
+            (
+                "recipient not object",
+                Box::new(|d| d.recipient = json!("x")),
+            ),
+            (
+                "big recipient",
+                Box::new(|d| d.recipient = json!({ "transportType": "gcm", "t": "x".repeat(100) })),
+            ),
+            (
+                "metadata not object",
+                Box::new(|d| d.metadata = Some(json!([1]))),
+            ),
+            (
+                "big metadata",
+                Box::new(|d| d.metadata = Some(json!({ "k": "x".repeat(20) }))),
+            ),
+        ];
+        for (name, change) in cases {
+            let mut bad = device("d1", None);
+            change(&mut bad);
+            assert_eq!(
+                bad.check(&limits).unwrap_err().code,
+                code::BAD_REQUEST,
+                "{name}"
+            );
+        }
+    }
+
+    /// Mutations round-trip through their JSON form (the log's encoding), and the
+    /// `concatFilters` match takes a subscription for either the device or the client.
+    #[test]
+    fn mutation_json_round_trip_and_any_filter() {
+        let mutations = [
+            put("d1", Some("a")),
+            sub("x", Target::Client("a".into())),
+            Mutation::UnsubscribeV1 {
+                filter: Filter {
+                    channel: Some("x".into()),
+                    device_id: None,
+                    client_id: Some("a".into()),
+                },
+            },
+        ];
+        for mutation in &mutations {
+            let json = serde_json::to_string(mutation).unwrap();
+            assert_eq!(&serde_json::from_str::<Mutation>(&json).unwrap(), mutation);
+        }
+        let limits = PushLimits::default();
+        let registry = fold(
+            &[
+                put("d1", Some("a")),
+                sub("x", Target::Device("d1".into())),
+                sub("x", Target::Client("a".into())),
+                sub("x", Target::Client("b".into())),
+            ],
+            &limits,
+        );
+        let filter = Filter {
+            channel: Some("x".into()),
+            device_id: Some("d1".into()),
+            client_id: Some("a".into()),
+        };
+        assert_eq!(registry.subscriptions(&filter, true, None, 10).len(), 2);
+        assert_eq!(registry.subscriptions(&filter, false, None, 10).len(), 0);
+    }
+}

@@ -786,3 +786,40 @@ async fn recipients_of(
     super::registry::check_recipient(recipient, &state.config.push)?;
     Ok(vec![recipient.clone()])
 }
+
+#[derive(Deserialize)]
+struct PublishedInput {
+    channel: String,
+    payloads: Vec<Value>,
+}
+
+/// `POST /push/tern/published` (Tern's own, see `delivery::on_published`): the push
+/// payloads of a message published on `channel` at another node of this region,
+/// delivered to the channel's subscribers here. Needs `publish` on the channel: what
+/// it does is what publishing a message with `extras.push` there does.
+pub(crate) async fn published(
+    State(state): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+    Query(q): Params,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&state, &headers, &q)?;
+    let input: PublishedInput = decode_body(request_format(&headers), &bytes)?;
+    let base = crate::channel_name::parse(&input.channel)
+        .map_err(crate::channel_name::invalid)?
+        .base;
+    let allowed = caller
+        .credential
+        .as_ref()
+        .is_some_and(|(auth, _)| auth.capability.allows(base, Operation::Publish));
+    if !allowed {
+        return Err(crate::credentials::denied("publish", base).into());
+    }
+    let payloads: Vec<Value> = input
+        .payloads
+        .into_iter()
+        .filter(Value::is_object)
+        .collect();
+    delivery::deliver_to_subscribers(&state, &caller.app, base, &payloads).await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
