@@ -38,7 +38,7 @@ use base64::Engine;
 use rand::Rng;
 use tern_core::{ChannelKey, Cursor, OriginId, Publisher};
 use tern_protocol::{code, Data, ErrorInfo, Format, Message};
-use tern_store::{ChannelRef, Direction, EventKind, HistoryQuery, HistoryStore};
+use tern_store::{ChannelRef, Direction, EventKind, HistoryQuery, HistoryStore, Position};
 
 use registry::{Mutation, PushLimits, Registry};
 
@@ -51,10 +51,20 @@ pub const PUSH_CHANNEL: &str = "[tern]push";
 const MUTATION_NAME: &str = "tern.push.v1";
 
 /// The folded registry of one app on this node, and how much of the log it covers.
+#[derive(Default)]
 pub(crate) struct AppPush {
     pub(crate) registry: Registry,
-    /// Events of the log folded in, per origin; `None` until first loaded.
-    folded: Option<Cursor>,
+    /// What has been folded in: the log's events per origin (`cursor`) and the last
+    /// stored position (`last`); `None` until first loaded, and after a write whose
+    /// outcome is unknown.
+    folded: Option<Folded>,
+}
+
+/// How much of the stored log a registry holds.
+#[derive(Clone, Debug, Default)]
+struct Folded {
+    cursor: Cursor,
+    last: Option<Position>,
 }
 
 /// Every app's push state on this node. Each app's is behind an async mutex held for
@@ -71,49 +81,70 @@ pub(crate) fn channel_key(app: &str) -> ChannelKey {
 impl Push {
     fn app(&self, app: &str) -> Arc<tokio::sync::Mutex<AppPush>> {
         let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
-        apps.entry(app.to_string())
-            .or_insert_with(|| {
-                Arc::new(tokio::sync::Mutex::new(AppPush {
-                    registry: Registry::default(),
-                    folded: None,
-                }))
-            })
-            .clone()
+        apps.entry(app.to_string()).or_default().clone()
     }
 }
 
-/// The app's registry, up to date with everything this node has of the log.
+/// The app's registry, up to date with everything this node has of the log: when the
+/// push channel's cursor shows events not folded in (written in another region, or at
+/// a node that was the home before), the stored log is read on from the last folded
+/// position; if that still misses some (an event that sorts before what was folded),
+/// the whole log is folded again, so the fold always follows the stored order.
 pub(crate) async fn load(
     state: &EdgeState,
     app: &str,
 ) -> Result<tokio::sync::OwnedMutexGuard<AppPush>, ErrorInfo> {
     let mut guard = state.push.app(app).lock_owned().await;
     let live = state.hub.cursor(&channel_key(app));
-    let stale = guard.folded.as_ref().is_none_or(|f| !f.covers(&live));
-    if stale {
-        let Some(store) = state.store.clone() else {
-            // Without a store the log lives only in the hub: what this node applied.
-            guard.folded.get_or_insert_with(Cursor::new);
-            return Ok(guard);
-        };
-        let limits = state.config.push.clone();
-        let app = app.to_string();
-        let (registry, folded) =
-            tokio::task::spawn_blocking(move || fold_stored(store.as_ref(), &app, &limits))
-                .await
-                .map_err(|e| ErrorInfo::new(code::INTERNAL, e.to_string()))??;
-        guard.registry = registry;
-        guard.folded = Some(folded);
+    if guard
+        .folded
+        .as_ref()
+        .is_some_and(|f| f.cursor.covers(&live))
+    {
+        return Ok(guard);
     }
+    let Some(store) = state.store.clone() else {
+        // Without a store the log lives only in the hub: what this node applied.
+        guard.folded.get_or_insert_with(Folded::default);
+        return Ok(guard);
+    };
+    let limits = state.config.push.clone();
+    let app = app.to_string();
+    let start = match guard.folded.take() {
+        Some(folded) => Some((std::mem::take(&mut guard.registry), folded)),
+        None => None,
+    };
+    let (registry, folded) = tokio::task::spawn_blocking(move || {
+        if let Some((registry, folded)) = start {
+            let (registry, folded) = fold_stored(store.as_ref(), &app, &limits, registry, folded)?;
+            if folded.cursor.covers(&live) {
+                return Ok((registry, folded));
+            }
+        }
+        fold_stored(
+            store.as_ref(),
+            &app,
+            &limits,
+            Registry::default(),
+            Folded::default(),
+        )
+    })
+    .await
+    .map_err(|e| ErrorInfo::new(code::INTERNAL, e.to_string()))??;
+    guard.registry = registry;
+    guard.folded = Some(folded);
     Ok(guard)
 }
 
-/// Folds the app's stored push log, oldest first. Blocking (store reads).
+/// Folds the app's stored push log after `folded.last` into `registry`, oldest first.
+/// Blocking (store reads).
 fn fold_stored(
     store: &dyn HistoryStore,
     app: &str,
     limits: &PushLimits,
-) -> Result<(Registry, Cursor), ErrorInfo> {
+    mut registry: Registry,
+    mut folded: Folded,
+) -> Result<(Registry, Folded), ErrorInfo> {
     let mut query = HistoryQuery::new(ChannelRef {
         app: app.into(),
         channel: PUSH_CHANNEL.into(),
@@ -121,14 +152,14 @@ fn fold_stored(
     });
     query.direction = Direction::Forwards;
     query.limit = tern_store::LIMIT_MAX;
-    let mut registry = Registry::default();
-    let mut folded = Cursor::new();
+    query.after = folded.last;
     loop {
         let page = store
             .query(&query)
             .map_err(|e| ErrorInfo::new(code::INTERNAL, format!("reading the push log: {e}")))?;
         for item in &page.items {
-            folded.advance(OriginId(item.origin), item.seq);
+            folded.cursor.advance(OriginId(item.origin), item.seq);
+            folded.last = Some(item.position());
             match decode_mutation(&item.payload) {
                 // A refused mutation had no effect where it was made either.
                 Some(mutation) => {
@@ -167,8 +198,7 @@ pub(crate) async fn write(
     mutation: Mutation,
 ) -> Result<(), ErrorInfo> {
     let limits = &state.config.push;
-    let mut next = app.registry.clone();
-    next.apply(&mutation, limits)?;
+    app.registry.check(&mutation, limits)?;
     let json = serde_json::to_string(&mutation)
         .map_err(|e| ErrorInfo::new(code::INTERNAL, e.to_string()))?;
     let message = Message {
@@ -192,9 +222,22 @@ pub(crate) async fn write(
         app.folded = None;
         return Err(error);
     }
-    app.registry = next;
+    // The caller holds the app's lock: the registry is the one checked above.
+    app.registry.apply(&mutation, limits)?;
     if let (Some(event), Some(folded)) = (outcome.event, app.folded.as_mut()) {
-        folded.advance(event.origin, event.seq);
+        let position = Position {
+            timestamp_ms: event.timestamp_ms(),
+            origin: event.origin.0,
+            seq: event.seq,
+            index: 0,
+        };
+        folded.cursor.advance(event.origin, event.seq);
+        // Folded in stored order only if it sorts last; otherwise fold again next time.
+        if folded.last.is_some_and(|last| last >= position) {
+            app.folded = None;
+        } else {
+            folded.last = Some(position);
+        }
     }
     metrics::counter!("tern_push_mutations_total").increment(1);
     Ok(())
@@ -215,8 +258,24 @@ pub(crate) async fn to_home(
         let app = rest::app_of(&state, &request)?;
         cluster.home_url(&channel_key(&app))
     });
-    match url {
-        Some(url) => crate::forward::forward(&url, request).await,
-        None => next.run(request).await,
+    let Some(url) = url else {
+        return next.run(request).await;
+    };
+    // Read (bounded as the handler would) before forwarding: a body over the limit is
+    // refused here rather than buffered for the home.
+    let (parts, body) = request.into_parts();
+    match axum::body::to_bytes(body, state.config.max_frame_size).await {
+        Ok(bytes) => {
+            let request = Request::from_parts(parts, axum::body::Body::from(bytes));
+            crate::forward::forward(&url, request).await
+        }
+        Err(_) => crate::response::error_response(ErrorInfo::with_status(
+            code::MESSAGE_TOO_LARGE,
+            413,
+            format!(
+                "request body larger than {} bytes",
+                state.config.max_frame_size
+            ),
+        )),
     }
 }

@@ -270,32 +270,43 @@ impl Filter {
 }
 
 impl Registry {
-    /// Applies `mutation` if it is allowed under `limits`; a refused one changes nothing.
-    pub fn apply(&mut self, mutation: &Mutation, limits: &PushLimits) -> Result<(), ErrorInfo> {
+    /// Whether `mutation` is allowed on this registry under `limits`: what
+    /// [`Self::apply`] would refuse, without changing anything.
+    pub fn check(&self, mutation: &Mutation, limits: &PushLimits) -> Result<(), ErrorInfo> {
         match mutation {
-            Mutation::PutDeviceV1 { device } => self.put_device(device, limits),
-            Mutation::RemoveDevicesV1 { filter } => {
-                self.remove_devices(filter);
+            Mutation::PutDeviceV1 { device } => {
+                device.check(limits)?;
+                if !self.devices.contains_key(&device.id)
+                    && self.devices.len() >= limits.devices_max
+                {
+                    return Err(bad_request(format!(
+                        "this app has the most device registrations allowed ({})",
+                        limits.devices_max
+                    )));
+                }
                 Ok(())
             }
-            Mutation::SubscribeV1 { subscription } => self.subscribe(subscription, limits),
-            Mutation::UnsubscribeV1 { filter } => {
-                self.subscriptions
-                    .retain(|s| !filter.matches_subscription(s));
-                Ok(())
-            }
+            Mutation::SubscribeV1 { subscription } => self.check_subscribe(subscription, limits),
+            Mutation::RemoveDevicesV1 { .. } | Mutation::UnsubscribeV1 { .. } => Ok(()),
         }
     }
 
-    fn put_device(&mut self, device: &Device, limits: &PushLimits) -> Result<(), ErrorInfo> {
-        device.check(limits)?;
-        if !self.devices.contains_key(&device.id) && self.devices.len() >= limits.devices_max {
-            return Err(bad_request(format!(
-                "this app has the most device registrations allowed ({})",
-                limits.devices_max
-            )));
+    /// Applies `mutation` if [`Self::check`] allows it; a refused one changes nothing.
+    pub fn apply(&mut self, mutation: &Mutation, limits: &PushLimits) -> Result<(), ErrorInfo> {
+        self.check(mutation, limits)?;
+        match mutation {
+            Mutation::PutDeviceV1 { device } => {
+                self.devices.insert(device.id.clone(), device.clone());
+            }
+            Mutation::RemoveDevicesV1 { filter } => self.remove_devices(filter),
+            Mutation::SubscribeV1 { subscription } => {
+                self.subscriptions.insert(subscription.clone());
+            }
+            Mutation::UnsubscribeV1 { filter } => {
+                self.subscriptions
+                    .retain(|s| !filter.matches_subscription(s));
+            }
         }
-        self.devices.insert(device.id.clone(), device.clone());
         Ok(())
     }
 
@@ -318,8 +329,8 @@ impl Registry {
         }
     }
 
-    fn subscribe(
-        &mut self,
+    fn check_subscribe(
+        &self,
         subscription: &Subscription,
         limits: &PushLimits,
     ) -> Result<(), ErrorInfo> {
@@ -335,16 +346,14 @@ impl Registry {
             }
             Target::Client(id) => check_name("clientId", id, limits)?,
         }
-        if self.subscriptions.contains(subscription) {
-            return Ok(());
-        }
-        if self.subscriptions.len() >= limits.subscriptions_max {
+        if !self.subscriptions.contains(subscription)
+            && self.subscriptions.len() >= limits.subscriptions_max
+        {
             return Err(bad_request(format!(
                 "this app has the most channel subscriptions allowed ({})",
                 limits.subscriptions_max
             )));
         }
-        self.subscriptions.insert(subscription.clone());
         Ok(())
     }
 

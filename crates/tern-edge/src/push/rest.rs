@@ -304,9 +304,17 @@ async fn save_device(
     let id = required(&input.id, "id")?.to_string();
     let mut app = load(state, &caller.app).await?;
     let existing = app.registry.device(&id).cloned();
+    // Re-registering a device needs proof of it: its token, or its secret (in a header
+    // or, as a registration carries it, in the body).
+    let secret_in_body = |device: &Device| match (&input.device_secret, &device.device_secret) {
+        (Some(shown), Some(known)) => constant_eq(shown, known),
+        _ => false,
+    };
     let allowed = caller.is_admin()
         || match &existing {
-            Some(device) => caller.owns(device),
+            Some(device) => {
+                caller.may_subscribe(None) && (caller.owns(device) || secret_in_body(device))
+            }
             None => caller.may_subscribe(None),
         };
     if !allowed {
