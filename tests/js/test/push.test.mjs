@@ -21,10 +21,7 @@ function pushConfig({ push = '', history = '' } = {}) {
 id = "subscriber"
 secret = "subscribersecret"
 capability = '{"pushenabled:*":["push-subscribe","subscribe"]}'
-
-[push]
-${push}
-`;
+${push ? `\n[push]\n${push}\n` : ''}`;
 }
 
 function ablyChannelDevice(id, clientId, channel, key = ROOT_KEY) {
