@@ -155,6 +155,11 @@ test('capabilities: push-admin, push-subscribe on the channel, and device creden
     assert.equal((await patched.json()).push.recipient.channel, 'pushenabled:new');
     const wrongBearer = { authorization: `Bearer ${Buffer.from('tern-device:test:nope').toString('base64')}` };
     assert.equal((await (await fetch(`${base}?deviceId=bob-phone`, { method: 'DELETE', headers: wrongBearer })).json()).error.code, 40160);
+    // A device token naming an app this node does not have is no credential at all.
+    const forged = { authorization: `Bearer ${Buffer.from('tern-device:no-such-app:x').toString('base64')}` };
+    const unknownApp = await fetch(`${base}/bob-phone`, { headers: forged });
+    assert.equal(unknownApp.status, 401);
+    assert.equal((await unknownApp.json()).error.code, 40101);
     assert.equal((await fetch(`${base}?deviceId=bob-phone`, { method: 'DELETE', headers: bearer })).status, 204);
     const root = new Ably.Rest(options(tern.port));
     assert.deepEqual((await root.push.admin.deviceRegistrations.list({})).items, []);

@@ -87,8 +87,13 @@ fn authenticate(
 ) -> Result<Caller, ErrorInfo> {
     let device_secret = header(headers, "x-ably-devicesecret").map(str::to_string);
     if let Some(token) = bearer_device_token(headers, q) {
+        // Only an app of this node: the app names state kept per app, and a client must
+        // not make the node keep state for names it made up.
         let app = token_app(&token)
-            .ok_or_else(|| ErrorInfo::new(code::INVALID_CREDENTIALS, "malformed device token"))?;
+            .filter(|app| state.keys.keys().any(|k| k.app_id == *app))
+            .ok_or_else(|| {
+                ErrorInfo::new(code::INVALID_CREDENTIALS, "unrecognised device token")
+            })?;
         return Ok(Caller {
             app: app.to_string(),
             credential: None,
