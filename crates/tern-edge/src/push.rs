@@ -95,7 +95,24 @@ pub(crate) async fn load(
     app: &str,
 ) -> Result<tokio::sync::OwnedMutexGuard<AppPush>, ErrorInfo> {
     let mut guard = state.push.app(app).lock_owned().await;
-    let live = state.hub.cursor(&channel_key(app));
+    let mut live = state.hub.cursor(&channel_key(app));
+    let Some(store) = state.store.clone() else {
+        // Without a store the log lives only in the hub: what this node applied.
+        guard.folded.get_or_insert_with(Folded::default);
+        return Ok(guard);
+    };
+    // The store's cursor too: history copied in by a backfill (a new home) reaches the
+    // store without passing the hub.
+    let stored = {
+        let (store, app) = (store.clone(), app.to_string());
+        tokio::task::spawn_blocking(move || store.cursor(&app, PUSH_CHANNEL))
+            .await
+            .map_err(|e| ErrorInfo::new(code::INTERNAL, e.to_string()))?
+            .map_err(|e| ErrorInfo::new(code::INTERNAL, format!("reading the push log: {e}")))?
+    };
+    for (origin, seq) in stored {
+        live.advance(OriginId(origin), seq);
+    }
     if guard
         .folded
         .as_ref()
@@ -103,11 +120,6 @@ pub(crate) async fn load(
     {
         return Ok(guard);
     }
-    let Some(store) = state.store.clone() else {
-        // Without a store the log lives only in the hub: what this node applied.
-        guard.folded.get_or_insert_with(Folded::default);
-        return Ok(guard);
-    };
     let limits = state.config.push.clone();
     let app = app.to_string();
     let start = match guard.folded.take() {
@@ -277,5 +289,104 @@ pub(crate) async fn to_home(
                 state.config.max_frame_size
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use registry::Device;
+    use tern_store::StoredItem;
+
+    fn state() -> (EdgeState, Arc<dyn HistoryStore>) {
+        let store = tern_store::open(&tern_store::StoreConfig::default()).unwrap();
+        let hub = Arc::new(tern_core::Hub::new(
+            OriginId(1),
+            tern_core::CoreLimits::default(),
+        ));
+        let (_shutdown, watch) = tokio::sync::watch::channel(false);
+        let state = EdgeState::new(
+            crate::EdgeConfig::default(),
+            hub,
+            tern_auth::KeyRing::new(Vec::new()),
+            None,
+            watch,
+        )
+        .with_store(store.clone());
+        (state, store)
+    }
+
+    fn put(id: &str, client_id: &str) -> Mutation {
+        Mutation::PutDeviceV1 {
+            device: Device {
+                id: id.into(),
+                client_id: Some(client_id.into()),
+                platform: "ios".into(),
+                form_factor: "phone".into(),
+                metadata: None,
+                device_secret: None,
+                recipient: serde_json::json!({ "transportType": "apns", "deviceToken": "t" }),
+                identity_token: "token".into(),
+            },
+        }
+    }
+
+    /// Stores `mutation` as the push log's item at (`timestamp_ms`, `origin`, `seq`)
+    /// without passing the hub, as a backfill from another region does.
+    fn store_directly(store: &dyn HistoryStore, position: (i64, u64, u64), mutation: &Mutation) {
+        let message = Message {
+            name: Some(MUTATION_NAME.into()),
+            data: Some(Data::String(serde_json::to_string(mutation).unwrap())),
+            ..Message::default()
+        };
+        let (timestamp_ms, origin, seq) = position;
+        let item = StoredItem {
+            timestamp_ms,
+            origin,
+            seq,
+            index: 0,
+            payload: tern_protocol::encode_value(Format::Msgpack, &message),
+        };
+        let channel = ChannelRef {
+            app: "app".into(),
+            channel: PUSH_CHANNEL.into(),
+            kind: EventKind::Message,
+        };
+        store
+            .append(vec![(channel, item)], Box::new(|_| {}))
+            .unwrap();
+        store.flush();
+    }
+
+    async fn client_of(state: &EdgeState, id: &str) -> Option<String> {
+        let app = load(state, "app").await.unwrap();
+        app.registry.device(id).and_then(|d| d.client_id.clone())
+    }
+
+    /// Log items that reach the store without passing the hub (a backfill to a new
+    /// home) are folded on the next request: the store's cursor counts, not only the
+    /// hub's.
+    #[tokio::test]
+    async fn log_copied_into_the_store_is_folded() {
+        let (state, store) = state();
+        assert_eq!(client_of(&state, "d1").await, None);
+        store_directly(store.as_ref(), (1_000, 7, 1), &put("d1", "a"));
+        assert_eq!(client_of(&state, "d1").await.as_deref(), Some("a"));
+        store_directly(store.as_ref(), (2_000, 7, 2), &put("d1", "b"));
+        assert_eq!(client_of(&state, "d1").await.as_deref(), Some("b"));
+    }
+
+    /// An item that arrives late but sorts before what was folded (written earlier in
+    /// another region) makes the node fold the whole log again, so the registry follows
+    /// the stored order, as on every other node.
+    #[tokio::test]
+    async fn a_late_item_that_sorts_earlier_refolds_in_stored_order() {
+        let (state, store) = state();
+        store_directly(store.as_ref(), (2_000, 7, 1), &put("d1", "newer"));
+        assert_eq!(client_of(&state, "d1").await.as_deref(), Some("newer"));
+        store_directly(store.as_ref(), (1_000, 8, 1), &put("d1", "older"));
+        assert_eq!(client_of(&state, "d1").await.as_deref(), Some("newer"));
+        store_directly(store.as_ref(), (500, 8, 2), &put("d2", "late"));
+        assert_eq!(client_of(&state, "d2").await.as_deref(), Some("late"));
     }
 }

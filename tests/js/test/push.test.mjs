@@ -269,3 +269,50 @@ test('in a cluster the registry is the same from every node of every region, and
     await cluster.stop();
   }
 });
+
+test('when a region\'s push home dies, the next node of the region serves the same registry', async () => {
+  // Proves the new home finds the log (copied from another region) and folds it.
+  const cluster = await startRegions({ nodesPerRegion: 2 });
+  try {
+    const rest = (host) => new Ably.Rest(options(cluster.port, { key: DEV_KEY, endpoint: host }));
+    for (const node of cluster.nodes) {
+      await waitUntil(async () => {
+        const body = await (await fetch(`http://${node.host}:${cluster.port}/regions`)).json();
+        return body.regions.reduce((sum, r) => sum + r.nodes.length, 0) === 6;
+      }, 20000, `membership on ${node.host}`);
+    }
+    const usEast = cluster.nodes.filter((n) => n.region.name === 'us-east');
+    const admin = rest(usEast[0].host).push.admin;
+    for (const id of ['f1', 'f2', 'f3']) await admin.deviceRegistrations.save(ablyChannelDevice(id, 'dave', 'x', DEV_KEY));
+    await admin.channelSubscriptions.save({ channel: 'failover', deviceId: 'f2' });
+    // The region's push home is the node that journaled the writes.
+    const writes = async (node) => {
+      const text = await (await fetch(`http://${node.host}:${cluster.port}/metrics`)).text();
+      return Number(text.match(/^tern_push_mutations_total (\d+)/m)?.[1] || 0);
+    };
+    const counts = await Promise.all(usEast.map(writes));
+    assert.deepEqual(counts.slice().sort(), [0, 4], `push writes per us-east node: ${counts}`);
+    const home = usEast[counts.indexOf(4)];
+    const survivor = usEast[counts.indexOf(0)];
+    await home.stop('SIGKILL');
+    const view = async () => {
+      try {
+        const a = rest(survivor.host).push.admin;
+        const devices = (await a.deviceRegistrations.list({})).items.map((d) => d.id).sort().join();
+        const subs = (await a.channelSubscriptions.list({})).items.map((s) => `${s.channel}/${s.deviceId}`).join();
+        return `${devices} ${subs}`;
+      } catch {
+        return 'unavailable';
+      }
+    };
+    await waitUntil(async () => (await view()) === 'f1,f2,f3 failover/f2', 30000, 'the registry on the surviving us-east node');
+    // And it takes writes that reach the other regions.
+    await rest(survivor.host).push.admin.deviceRegistrations.remove('f1');
+    await waitUntil(async () => {
+      const items = (await rest(cluster.nodes[1].host).push.admin.deviceRegistrations.list({})).items;
+      return items.map((d) => d.id).sort().join() === 'f2,f3';
+    }, 15000, 'the removal in eu-west');
+  } finally {
+    await cluster.stop();
+  }
+});
