@@ -167,6 +167,7 @@ pub struct PushSection {
     pub name_bytes_max: usize,
     pub recipient_bytes_max: usize,
     pub metadata_bytes_max: usize,
+    pub deliveries_per_publish_max: usize,
 }
 
 impl Default for PushSection {
@@ -178,6 +179,7 @@ impl Default for PushSection {
             name_bytes_max: push.name_bytes_max,
             recipient_bytes_max: push.recipient_bytes_max,
             metadata_bytes_max: push.metadata_bytes_max,
+            deliveries_per_publish_max: push.deliveries_per_publish_max,
         }
     }
 }
@@ -384,6 +386,10 @@ impl Config {
             ("push.name_bytes_max", p.name_bytes_max),
             ("push.recipient_bytes_max", p.recipient_bytes_max),
             ("push.metadata_bytes_max", p.metadata_bytes_max),
+            (
+                "push.deliveries_per_publish_max",
+                p.deliveries_per_publish_max,
+            ),
         ] {
             anyhow::ensure!(value > 0, "{name} must be > 0");
         }
@@ -587,6 +593,7 @@ impl Config {
                 name_bytes_max: self.push.name_bytes_max,
                 recipient_bytes_max: self.push.recipient_bytes_max,
                 metadata_bytes_max: self.push.metadata_bytes_max,
+                deliveries_per_publish_max: self.push.deliveries_per_publish_max,
             },
         }
     }

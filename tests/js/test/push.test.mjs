@@ -206,6 +206,28 @@ test('bounds and bad input get 40000, and the registry keeps serving', async () 
   }
 });
 
+test('one publish delivers at most deliveries_per_publish_max notifications', async () => {
+  // Proves the bound on payloads x devices: a fan-out past it stops there.
+  const tern = await startTern(pushConfig({ push: 'deliveries_per_publish_max = 2' }));
+  const realtime = new Ably.Realtime(options(tern.port));
+  try {
+    const rest = new Ably.Rest(options(tern.port));
+    await connected(realtime);
+    const inbox = await pushInbox(realtime, 'inbox:many');
+    for (const id of ['m1', 'm2', 'm3']) {
+      await rest.push.admin.deviceRegistrations.save(ablyChannelDevice(id, 'many', 'inbox:many'));
+    }
+    await rest.push.admin.channelSubscriptions.save({ channel: 'fan', clientId: 'many' });
+    await rest.channels.get('fan').publish({ name: 'm', data: 'x', extras: { push: { notification: { title: 'fan' } } } });
+    await rest.push.admin.publish({ deviceId: 'm1' }, { notification: { title: 'end' } });
+    await waitUntil(() => inbox.some((p) => p.notification.title === 'end'), 10000, 'the marker');
+    assert.deepEqual(inbox.map((p) => p.notification.title), ['fan', 'fan', 'end']);
+  } finally {
+    realtime.close();
+    await tern.stop();
+  }
+});
+
 test('registrations and subscriptions survive a SIGKILL restart', async () => {
   // Proves the push log is stored before a write is answered and folded again at boot.
   const config = pushConfig({ history: 'mode = "redb"\npath = "data/history.redb"' });

@@ -27,10 +27,40 @@ pub(crate) fn deliver(
     recipients: &[Value],
     notification: &Value,
 ) -> usize {
-    let data = notification.to_string();
+    deliver_all(state, app, recipients, std::slice::from_ref(notification))
+}
+
+/// Delivers each of `notifications` to each recipient, at most
+/// `push.deliveries_per_publish_max` in all (one publish could otherwise make
+/// notifications × devices messages); returns how many were delivered.
+fn deliver_all(
+    state: &EdgeState,
+    app: &str,
+    recipients: &[Value],
+    notifications: &[Value],
+) -> usize {
+    let budget = state.config.push.deliveries_per_publish_max;
+    let wanted = notifications.len().saturating_mul(recipients.len());
+    if wanted > budget {
+        tracing::warn!(%app, wanted, budget, "push publish over its delivery bound");
+        metrics::counter!("tern_push_undelivered_total", "reason" => "over_limit")
+            .increment((wanted - budget) as u64);
+    }
+    let pairs = notifications
+        .iter()
+        .flat_map(|n| recipients.iter().map(move |r| (n, r)))
+        .take(budget);
     let mut delivered = 0;
-    for recipient in recipients {
-        match deliver_one(state, app, recipient, &data) {
+    let mut data: Option<(&Value, String)> = None;
+    for (notification, recipient) in pairs {
+        if data
+            .as_ref()
+            .is_none_or(|(n, _)| !std::ptr::eq(*n, notification))
+        {
+            data = Some((notification, notification.to_string()));
+        }
+        let text = data.as_ref().map_or("", |(_, text)| text.as_str());
+        match deliver_one(state, app, recipient, text) {
             Ok(()) => delivered += 1,
             Err(reason) => {
                 tracing::debug!(%app, reason, "push notification not delivered");
@@ -135,9 +165,7 @@ pub(crate) async fn deliver_to_subscribers(
             return;
         }
     };
-    for payload in payloads {
-        deliver(state, app, &recipients, payload);
-    }
+    deliver_all(state, app, &recipients, payloads);
 }
 
 /// Where a node hands the push payloads of a publish to the push home.

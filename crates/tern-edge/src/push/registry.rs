@@ -29,6 +29,9 @@ pub struct PushLimits {
     pub recipient_bytes_max: usize,
     /// Largest `metadata` object, JSON-encoded, in bytes.
     pub metadata_bytes_max: usize,
+    /// Notifications one publish may deliver (its push payloads × the devices they go
+    /// to); the rest are not delivered, and counted.
+    pub deliveries_per_publish_max: usize,
 }
 
 impl Default for PushLimits {
@@ -39,6 +42,7 @@ impl Default for PushLimits {
             name_bytes_max: PushLimits::DEFAULT_NAME_BYTES_MAX,
             recipient_bytes_max: PushLimits::DEFAULT_RECIPIENT_BYTES_MAX,
             metadata_bytes_max: PushLimits::DEFAULT_METADATA_BYTES_MAX,
+            deliveries_per_publish_max: PushLimits::DEFAULT_DELIVERIES_PER_PUBLISH_MAX,
         }
     }
 }
@@ -49,6 +53,7 @@ impl PushLimits {
     pub const DEFAULT_NAME_BYTES_MAX: usize = 2_048;
     pub const DEFAULT_RECIPIENT_BYTES_MAX: usize = 4_096;
     pub const DEFAULT_METADATA_BYTES_MAX: usize = 4_096;
+    pub const DEFAULT_DELIVERIES_PER_PUBLISH_MAX: usize = 10_000;
 }
 
 /// Platforms Ably accepts for a device.

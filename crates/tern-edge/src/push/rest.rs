@@ -828,6 +828,13 @@ pub(crate) async fn published(
     if !allowed {
         return Err(crate::credentials::denied("publish", base).into());
     }
+    if input.payloads.len() > state.config.messages_per_publish_max {
+        return Err(ErrorInfo::new(
+            code::BAD_REQUEST,
+            "more push payloads than one publish may carry",
+        )
+        .into());
+    }
     let payloads: Vec<Value> = input
         .payloads
         .into_iter()
