@@ -225,7 +225,8 @@ pub fn check_recipient(recipient: &Value, limits: &PushLimits) -> Result<(), Err
 }
 
 impl Filter {
-    fn is_empty(&self) -> bool {
+    /// Whether this filter names nothing at all.
+    pub fn names_nothing(&self) -> bool {
         self.channel.is_none() && self.device_id.is_none() && self.client_id.is_none()
     }
 
@@ -462,13 +463,6 @@ impl Registry {
             .values()
             .filter(|d| d.client_id.as_deref() == Some(client_id))
             .collect()
-    }
-}
-
-impl Filter {
-    /// Whether this filter names nothing at all.
-    pub fn names_nothing(&self) -> bool {
-        self.is_empty()
     }
 }
 
