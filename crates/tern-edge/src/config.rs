@@ -76,6 +76,8 @@ pub struct EdgeConfig {
     pub stats: StatsConfig,
     /// Token revocation: which keys may revoke, how many revocations an app holds.
     pub revocation: crate::revoke::RevocationConfig,
+    /// Bounds on each app's push registrations and subscriptions.
+    pub push: crate::push::registry::PushLimits,
 }
 
 /// App statistics: what is kept per app, and whether test fixtures may be written.
@@ -132,6 +134,7 @@ impl Default for EdgeConfig {
             cors_allowed_origins: Vec::new(),
             stats: StatsConfig::default(),
             revocation: crate::revoke::RevocationConfig::default(),
+            push: crate::push::registry::PushLimits::default(),
         }
     }
 }

@@ -202,12 +202,18 @@ mod tests {
 
     const NOW_MS: i64 = 1_700_000_000_000;
 
-    fn keys() -> KeyRing {
-        KeyRing::new(vec![ApiKey::from_key_string(
+    fn keys() -> Credentials {
+        let ring = tern_auth::KeyRing::new(vec![ApiKey::from_key_string(
             "app.k:secret",
             Capability::all(),
         )
-        .unwrap()])
+        .unwrap()]);
+        let config = crate::config::EdgeConfig::default();
+        let revocations = crate::revoke::Revocations::new(&config.revocation, &config.token_policy);
+        Credentials {
+            ring,
+            revocations: std::sync::Arc::new(revocations),
+        }
     }
 
     fn bearer(token: &str) -> HeaderMap {

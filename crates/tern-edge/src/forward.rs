@@ -65,7 +65,9 @@ fn home_url(state: &EdgeState, request: &Request) -> Option<String> {
     cluster.home_url(&ChannelKey::new(&auth.app_id, base))
 }
 
-async fn forward(base: &str, request: Request) -> Response {
+/// Sends `request` to the node at `base` and passes its answer back; a node that does
+/// not answer in time is a 504 (50003).
+pub(crate) async fn forward(base: &str, request: Request) -> Response {
     let reason = match tokio::time::timeout(FORWARD_TIMEOUT, send(base, request)).await {
         Ok(Ok(response)) => return response,
         Ok(Err(reason)) => reason,
@@ -104,6 +106,27 @@ pub(crate) async fn get_from_home(
     Ok((status, body))
 }
 
+/// A POST of `body` to `path` at another node `base`, with `headers` (credentials,
+/// content type): for work only that node can do (push delivery at the push home).
+/// Bounded like a forwarded request; `Err` names why it failed.
+pub(crate) async fn post_to(
+    base: &str,
+    path: &str,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<axum::http::StatusCode, String> {
+    let mut request = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .body(Body::from(body))
+        .map_err(|e| e.to_string())?;
+    *request.headers_mut() = headers;
+    let response = tokio::time::timeout(FORWARD_TIMEOUT, send(base, request))
+        .await
+        .map_err(|_| "timed out".to_string())??;
+    Ok(response.status())
+}
+
 /// One HTTP/1.1 request to `base` (`http://host:port`) over a fresh connection.
 async fn send(base: &str, request: Request) -> Result<Response, String> {
     let authority = base
@@ -120,19 +143,32 @@ async fn send(base: &str, request: Request) -> Result<Response, String> {
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let (parts, _) = request.into_parts();
+    // The body goes along (push writes are forwarded too); the router's body limit
+    // already bounded it.
+    let (parts, body) = request.into_parts();
+    let body = Limited::new(body, FORWARD_BODY_MAX)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
     let path = parts
         .uri
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
     let mut outbound = hyper::Request::builder()
-        .method(Method::GET)
+        .method(parts.method.clone())
         .uri(path)
-        .body(Full::new(Bytes::new()))
+        .body(Full::new(body))
         .map_err(|e| e.to_string())?;
     for (name, value) in &parts.headers {
-        if name != header::HOST && name != header::CONNECTION {
+        let hop = [
+            header::HOST,
+            header::CONNECTION,
+            header::CONTENT_LENGTH,
+            header::TRANSFER_ENCODING,
+        ];
+        if !hop.contains(name) {
             outbound.headers_mut().append(name, value.clone());
         }
     }

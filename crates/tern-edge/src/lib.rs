@@ -16,6 +16,8 @@
 //!   same check for REST and realtime.
 //! - `batch`: batch publish (`POST /messages`) and batch presence (`GET /presence`).
 //! - `rest`: REST handlers (`/time`, publish, presence, channel status, token requests).
+//! - [`push`]: push admin (device registrations, channel subscriptions, push publish),
+//!   kept as a log on an internal channel of each app.
 //! - `stats`: app statistics (`GET /stats`, `POST /stats` fixtures) and what counts them.
 //! - [`history`]: the journal into the history store and the REST history endpoints.
 //! - `credentials`: turning query params and headers into an [`tern_auth::AuthContext`].
@@ -40,6 +42,7 @@ mod filter;
 mod forward;
 pub mod history;
 mod listener;
+pub mod push;
 mod response;
 mod rest;
 mod resume;
@@ -52,6 +55,7 @@ pub mod tls;
 
 pub use config::{EdgeConfig, StatsConfig};
 pub use listener::serve;
+pub use push::registry::PushLimits;
 pub use revoke::RevocationConfig;
 pub use state::{ClusterView, EdgeState};
 
@@ -131,6 +135,35 @@ fn channel_reads(state: Arc<EdgeState>) -> Router<Arc<EdgeState>> {
         ))
 }
 
+/// The push admin routes (`push`): served by the home of the app's push log in this
+/// region.
+fn push_routes(state: Arc<EdgeState>) -> Router<Arc<EdgeState>> {
+    Router::new()
+        .route(
+            "/push/deviceRegistrations",
+            get(push::rest::list_devices)
+                .post(push::rest::register)
+                .delete(push::rest::delete_devices),
+        )
+        .route(
+            "/push/deviceRegistrations/{id}",
+            get(push::rest::get_device)
+                .put(push::rest::put_device)
+                .patch(push::rest::patch_device)
+                .delete(push::rest::delete_device),
+        )
+        .route(
+            "/push/channelSubscriptions",
+            get(push::rest::list_subscriptions)
+                .post(push::rest::subscribe)
+                .delete(push::rest::unsubscribe),
+        )
+        .route("/push/channels", get(push::rest::list_channels))
+        .route("/push/publish", post(push::rest::publish))
+        .route(push::delivery::PUBLISHED_PATH, post(push::rest::published))
+        .route_layer(axum::middleware::from_fn_with_state(state, push::to_home))
+}
+
 pub fn router(state: Arc<EdgeState>) -> Router {
     let body_limit = state.config.max_frame_size;
     Router::new()
@@ -142,6 +175,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/keys/{key_name}/requestToken", post(rest::request_token))
         .route("/keys/{key_name}/revokeTokens", post(revoke::revoke_tokens))
         .merge(channel_reads(state.clone()))
+        .merge(push_routes(state.clone()))
         .route("/channels/{channel}/messages", post(rest::publish))
         .route("/messages", post(batch::publish))
         .route("/presence", get(batch::presence))

@@ -183,6 +183,7 @@ pub(crate) async fn publish_messages(
         message.client_id = message_client_id(identity, message.client_id.as_deref())?;
         message.connection_id = on_behalf_of(state, message.connection_key.take())?;
     }
+    let pushes = crate::push::delivery::payloads(&messages);
     let random: [u8; 9] = rand::rng().random();
     let frame_id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random);
     let message_id = messages
@@ -207,6 +208,7 @@ pub(crate) async fn publish_messages(
     if let Some(error) = state.durable(key.clone(), store_mark).await.error() {
         return Err(error);
     }
+    crate::push::delivery::on_published(state, &auth.app_id, &key.name, pushes).await;
     Ok(PublishResponse {
         channel: key.name.to_string(),
         message_id,

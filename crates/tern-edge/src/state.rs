@@ -44,6 +44,8 @@ pub struct EdgeState {
     pub(crate) stats: crate::stats::Stats,
     /// `https://`/`wss://` on the client port (`[server.tls]`); `None`: plain HTTP.
     pub(crate) tls: Option<Arc<crate::tls::ClientTls>>,
+    /// Push registries folded on this node (`push`).
+    pub(crate) push: crate::push::Push,
 }
 
 /// How waiting for a publish to be durable ended.
@@ -147,6 +149,7 @@ impl EdgeState {
             shutdown,
             store: None,
             cluster: None,
+            push: crate::push::Push::default(),
         }
     }
 

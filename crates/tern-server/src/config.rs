@@ -23,6 +23,8 @@ pub struct Config {
     #[serde(default)]
     pub stats: StatsSection,
     #[serde(default)]
+    pub push: PushSection,
+    #[serde(default)]
     pub apps: Vec<AppConfig>,
     /// Absent: a single node. Present: this node joins a cluster.
     pub cluster: Option<ClusterSection>,
@@ -152,6 +154,32 @@ impl Default for StatsSection {
             minutes_max: stats.minutes_max,
             apps_max: stats.apps_max,
             fixtures: stats.fixtures,
+        }
+    }
+}
+
+/// `[push]`: bounds on each app's push registrations and subscriptions.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushSection {
+    pub devices_max: usize,
+    pub subscriptions_max: usize,
+    pub name_bytes_max: usize,
+    pub recipient_bytes_max: usize,
+    pub metadata_bytes_max: usize,
+    pub deliveries_per_publish_max: usize,
+}
+
+impl Default for PushSection {
+    fn default() -> Self {
+        let push = tern_edge::PushLimits::default();
+        PushSection {
+            devices_max: push.devices_max,
+            subscriptions_max: push.subscriptions_max,
+            name_bytes_max: push.name_bytes_max,
+            recipient_bytes_max: push.recipient_bytes_max,
+            metadata_bytes_max: push.metadata_bytes_max,
+            deliveries_per_publish_max: push.deliveries_per_publish_max,
         }
     }
 }
@@ -408,6 +436,20 @@ impl Config {
             !self.apps.is_empty(),
             "config needs at least one [[apps]] entry"
         );
+        let p = &self.push;
+        for (name, value) in [
+            ("push.devices_max", p.devices_max),
+            ("push.subscriptions_max", p.subscriptions_max),
+            ("push.name_bytes_max", p.name_bytes_max),
+            ("push.recipient_bytes_max", p.recipient_bytes_max),
+            ("push.metadata_bytes_max", p.metadata_bytes_max),
+            (
+                "push.deliveries_per_publish_max",
+                p.deliveries_per_publish_max,
+            ),
+        ] {
+            anyhow::ensure!(value > 0, "{name} must be > 0");
+        }
         if let Some(cluster) = &self.cluster {
             anyhow::ensure!(
                 valid_name(&cluster.region),
@@ -635,6 +677,14 @@ impl Config {
                     })
                     .collect(),
             },
+            push: tern_edge::PushLimits {
+                devices_max: self.push.devices_max,
+                subscriptions_max: self.push.subscriptions_max,
+                name_bytes_max: self.push.name_bytes_max,
+                recipient_bytes_max: self.push.recipient_bytes_max,
+                metadata_bytes_max: self.push.metadata_bytes_max,
+                deliveries_per_publish_max: self.push.deliveries_per_publish_max,
+            },
         }
     }
 
@@ -650,6 +700,12 @@ impl Config {
                     max_count: r.max_count,
                     max_age_ms: r.max_age_ms,
                 })
+                // Each app's push log is its push state: never trimmed.
+                .chain(std::iter::once(tern_store::RetentionRule {
+                    prefix: tern_edge::push::PUSH_CHANNEL.to_string(),
+                    max_count: u64::MAX,
+                    max_age_ms: i64::MAX,
+                }))
                 .collect(),
             batch_max: h.batch_max,
             queue_max: h.queue_max,

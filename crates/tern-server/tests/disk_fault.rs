@@ -670,3 +670,160 @@ async fn full_disk_revocations_are_acknowledged_only_when_stored() {
         acked.len()
     );
 }
+
+/// A push device registration (`PUT /push/deviceRegistrations/{id}`) with `bytes` of
+/// metadata: whether it was answered as stored, or how it was refused.
+async fn register_device(port: u16, id: &str, bytes: usize) -> Answer {
+    let device = json!({
+        "id": id,
+        "platform": "android",
+        "formFactor": "phone",
+        "metadata": { "fill": "x".repeat(bytes) },
+        "push": { "recipient": { "transportType": "fcm", "registrationToken": id } },
+    });
+    let path = format!("/push/deviceRegistrations/{id}?key={KEY}");
+    let (status, body) = http(port, "PUT", &path, &device.to_string()).await;
+    if status == 200 {
+        return Answer::Stored;
+    }
+    let body: Value = serde_json::from_str(&body)
+        .unwrap_or_else(|_| panic!("push {status} without a JSON body: {body}"));
+    Answer::Refused {
+        status: status as u64,
+        code: body["error"]["code"].as_u64().expect("an Ably error code"),
+    }
+}
+
+/// Every registered device id, following `Link: next`; retried like history reads
+/// while the history file is being reopened.
+async fn device_ids(port: u16) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut path = format!("/push/deviceRegistrations?key={KEY}&limit=1000");
+    for _page in 0..100 {
+        let deadline = Instant::now() + WAIT;
+        let (body, head) = loop {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let request =
+                format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut raw = Vec::new();
+            tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
+                .await
+                .expect("device list in time")
+                .unwrap();
+            let text = String::from_utf8_lossy(&raw).to_string();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            if head.split(' ').nth(1) == Some("200") {
+                break (body.to_string(), head.to_string());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "device list failed: {head} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let items: Vec<Value> = serde_json::from_str(&body).unwrap();
+        ids.extend(items.iter().map(|d| d["id"].as_str().unwrap().to_string()));
+        let next = head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("link:"))
+            .and_then(|l| {
+                l.split(", ")
+                    .find(|part| part.ends_with("rel=\"next\""))
+                    .and_then(|part| part.split("<./deviceRegistrations?").nth(1))
+                    .and_then(|rest| rest.split('>').next())
+                    .map(str::to_string)
+            });
+        match next {
+            Some(query) => path = format!("/push/deviceRegistrations?{query}&key={KEY}"),
+            None => return ids,
+        }
+    }
+    panic!("the device list has more than 100 pages");
+}
+
+fn assert_devices_kept(ids: &[String], tally: &Tally, when: &str) {
+    let listed: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+    assert_eq!(listed.len(), ids.len(), "a device listed twice {when}");
+    let lost: Vec<&String> = tally
+        .stored
+        .iter()
+        .filter(|id| !listed.contains(id.as_str()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged registrations are gone {when}: {:?}",
+        lost.len(),
+        tally.stored.len(),
+        &lost[..lost.len().min(10)]
+    );
+}
+
+/// Push registrations while the disk fills: every registration answered 200 is listed
+/// (also after the filesystem grows and after a SIGKILL restart, when the registry is
+/// folded again from the stored log), every refusal is a 5xx with an Ably 5xxxx code,
+/// and once there is space again registrations are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_refuses_push_registrations_and_keeps_every_acked_one() {
+    let mut fixture = Fixture::mount();
+    let config_dir = tempfile::tempdir().unwrap();
+    let port = fixture.start_tern(config_dir.path());
+    let mut tally = Tally::default();
+    let started = Instant::now();
+    let mut n = 0;
+    while tally.refused.len() < FAILURES_WANTED
+        && n < FILL_PUBLISHES_MAX
+        && started.elapsed() < FILL_TIME_MAX
+    {
+        let id = format!("device-{n}");
+        // Just under the default metadata bound (4,096 bytes of JSON).
+        let answer = register_device(port, &id, DATA_BYTES - 100).await;
+        tally.record(id, answer);
+        n += 1;
+    }
+    assert!(
+        tally.refused.len() >= FAILURES_WANTED,
+        "the disk filled but registrations were not refused: {} stored after {:?}",
+        tally.stored.len(),
+        started.elapsed()
+    );
+    for (id, answer) in &tally.refused {
+        assert!(
+            matches!(
+                answer,
+                Answer::Refused {
+                    status: 500..=599,
+                    code: 50000..=59999
+                }
+            ),
+            "{id} refused with {answer:?}, not a 5xx with an Ably 5xxxx code"
+        );
+    }
+    assert_devices_kept(&device_ids(port).await, &tally, "while the disk is full");
+
+    fixture.resize(LARGE_FS);
+    let recovering = Instant::now();
+    for m in 0.. {
+        let id = format!("device-after-{m}");
+        let answer = register_device(port, &id, 16).await;
+        let stored = matches!(answer, Answer::Stored);
+        tally.record(id, answer);
+        if stored {
+            break;
+        }
+        assert!(
+            recovering.elapsed() < WAIT,
+            "registrations still refused {WAIT:?} after the filesystem grew"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_devices_kept(&device_ids(port).await, &tally, "after the disk grew");
+
+    // Only the child this test started, by its handle.
+    if let Some(mut child) = fixture.server.take() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let port = fixture.start_tern(config_dir.path());
+    assert_devices_kept(&device_ids(port).await, &tally, "after a SIGKILL restart");
+}

@@ -233,6 +233,7 @@ impl Session {
             message.connection_key = None;
         }
         let count = messages.len() as u64;
+        let pushes = crate::push::delivery::payloads(&messages);
         let publisher = Publisher {
             connection_id: Some(self.id.clone()),
             frame_id: format!("{}:{}", self.id, frame.msg_serial.unwrap_or(0)),
@@ -249,6 +250,13 @@ impl Session {
         metrics::counter!("tern_messages_published_total").increment(count);
         if let Some(stats) = &self.stats {
             stats.received(Transport::Realtime, Kind::Messages, count as usize, size);
+        }
+        if !pushes.is_empty() {
+            let state = self.state.clone();
+            let app = self.auth.app_id.clone();
+            tokio::spawn(async move {
+                crate::push::delivery::on_published(&state, &app, &key.name, pushes).await;
+            });
         }
         Ok(outcome.serials)
     }
