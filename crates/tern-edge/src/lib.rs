@@ -18,6 +18,8 @@
 //! - `rest`: REST handlers (`/time`, publish, presence, channel status, token requests).
 //! - `stats`: app statistics (`GET /stats`, `POST /stats` fixtures) and what counts them.
 //! - [`history`]: the journal into the history store and the REST history endpoints.
+//! - `messages`: mutable messages (get by serial, update/delete/append, versions) and
+//!   annotations (publish, read, summaries): checks shared by REST and realtime, routes.
 //! - `credentials`: turning query params and headers into an [`tern_auth::AuthContext`].
 //! - `channel_name`: `[?param=value]name` qualifiers and the `rewind` param.
 //! - `resume`: what of a connection survives its transport (reply window, presence).
@@ -35,6 +37,7 @@ mod credentials;
 mod forward;
 pub mod history;
 mod listener;
+mod messages;
 mod response;
 mod rest;
 mod resume;
@@ -91,6 +94,15 @@ fn channel_reads(state: Arc<EdgeState>) -> Router<Arc<EdgeState>> {
     Router::new()
         .route("/channels/{channel}", get(rest::channel_status))
         .route("/channels/{channel}/messages", get(history::messages))
+        .route("/channels/{channel}/messages/{serial}", get(messages::get))
+        .route(
+            "/channels/{channel}/messages/{serial}/versions",
+            get(messages::versions),
+        )
+        .route(
+            "/channels/{channel}/messages/{serial}/annotations",
+            get(messages::annotations),
+        )
         .route("/channels/{channel}/presence", get(rest::presence))
         .route(
             "/channels/{channel}/presence/history",
@@ -113,6 +125,14 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/keys/{key_name}/requestToken", post(rest::request_token))
         .merge(channel_reads(state.clone()))
         .route("/channels/{channel}/messages", post(rest::publish))
+        .route(
+            "/channels/{channel}/messages/{serial}",
+            axum::routing::patch(messages::change),
+        )
+        .route(
+            "/channels/{channel}/messages/{serial}/annotations",
+            post(messages::annotate),
+        )
         .route("/messages", post(batch::publish))
         .route("/presence", get(batch::presence))
         .route("/stats", get(stats::get).post(stats::post_fixtures))
