@@ -14,8 +14,8 @@ use crate::event::{ChannelEvent, Subscriber};
 use crate::hub::Journal;
 use crate::log::{ChannelLog, Rewind};
 use crate::mutation::is_change;
-use crate::serial::{floor_after, SerialPosition};
 use crate::presence::{PresenceError, PresenceSet};
+use crate::serial::{floor_after, SerialPosition};
 
 /// How a connection attaches.
 #[derive(Clone, Debug)]
@@ -175,11 +175,7 @@ impl Channel {
                 Some(events) => (events, true, false),
                 None => (Vec::new(), false, true),
             },
-            (None, Some(rewind)) => (
-                self.log.rewind(rewind, &self.cursor.encode()),
-                false,
-                false,
-            ),
+            (None, Some(rewind)) => (self.log.rewind(rewind, &self.cursor.encode()), false, false),
             (None, None) => (Vec::new(), false, false),
         };
         let wants = |event: &ChannelEvent| options_want(&options, &connection_id, event);
@@ -381,7 +377,9 @@ impl Channel {
                     ..at
                 }
                 .encode();
-                annotation.id.get_or_insert_with(|| format!("{}:{index}", publisher.frame_id));
+                annotation
+                    .id
+                    .get_or_insert_with(|| format!("{}:{index}", publisher.frame_id));
                 annotation.action.get_or_insert(annotation_action::CREATE);
                 annotation.timestamp = Some(timestamp);
                 annotation.connection_id = publisher.connection_id.as_deref().map(str::to_string);

@@ -399,7 +399,11 @@ impl Hub {
     /// The message with `serial` as first published (if this node's log of the channel
     /// still holds it) and the changes to it the log holds, for reads that must see
     /// changes not yet committed to the store.
-    pub fn logged_message(&self, key: &ChannelKey, serial: &str) -> (Option<Message>, Vec<Message>) {
+    pub fn logged_message(
+        &self,
+        key: &ChannelKey,
+        serial: &str,
+    ) -> (Option<Message>, Vec<Message>) {
         self.with_existing(key, |c| c.message(serial))
             .unwrap_or_default()
     }

@@ -28,7 +28,12 @@ pub enum MutationError {
 pub fn is_change(action: Option<u8>) -> bool {
     matches!(
         action,
-        Some(message_action::UPDATE | message_action::DELETE | message_action::APPEND | message_action::SUMMARY)
+        Some(
+            message_action::UPDATE
+                | message_action::DELETE
+                | message_action::APPEND
+                | message_action::SUMMARY
+        )
     )
 }
 
@@ -40,7 +45,14 @@ pub fn is_change(action: Option<u8>) -> bool {
 pub fn apply_change(latest: &Message, change: Message) -> Result<Message, MutationError> {
     let action = change.action.unwrap_or(message_action::UPDATE);
     let (data, encoding) = if action == message_action::APPEND {
-        if concat(latest.data.as_ref(), latest.encoding.as_deref(), change.data.as_ref(), change.encoding.as_deref()).is_none() {
+        if concat(
+            latest.data.as_ref(),
+            latest.encoding.as_deref(),
+            change.data.as_ref(),
+            change.encoding.as_deref(),
+        )
+        .is_none()
+        {
             return Err(MutationError::AppendMismatch);
         }
         (change.data, change.encoding)
@@ -76,7 +88,12 @@ pub fn fold(latest: Message, next: &Message) -> Message {
             ..latest
         },
         Some(message_action::APPEND) => {
-            let data = concat(latest.data.as_ref(), latest.encoding.as_deref(), next.data.as_ref(), next.encoding.as_deref());
+            let data = concat(
+                latest.data.as_ref(),
+                latest.encoding.as_deref(),
+                next.data.as_ref(),
+                next.encoding.as_deref(),
+            );
             Message {
                 // A mismatch was refused when the append was made; one that raced with
                 // an update of another type is dropped the same way on every node.
@@ -105,7 +122,9 @@ fn concat(
     match (base, tail) {
         (_, None) => Some(base.cloned()),
         (None, Some(tail)) => Some(Some(tail.clone())),
-        (Some(Data::String(a)), Some(Data::String(b))) => Some(Some(Data::String(format!("{a}{b}")))),
+        (Some(Data::String(a)), Some(Data::String(b))) => {
+            Some(Some(Data::String(format!("{a}{b}"))))
+        }
         (Some(Data::Binary(a)), Some(Data::Binary(b))) => {
             let mut joined = Vec::with_capacity(a.len() + b.len());
             joined.extend_from_slice(a);
@@ -119,7 +138,12 @@ fn concat(
 /// Sorts changes into the order they apply in: by `version.serial`, duplicates (the
 /// same change from the log and the store) dropped.
 pub fn order_changes(changes: &mut Vec<Message>) {
-    let key = |m: &Message| m.version.as_ref().and_then(|v| v.serial.clone()).unwrap_or_default();
+    let key = |m: &Message| {
+        m.version
+            .as_ref()
+            .and_then(|v| v.serial.clone())
+            .unwrap_or_default()
+    };
     changes.sort_by_key(key);
     changes.dedup_by(|a, b| key(a) == key(b));
 }
@@ -165,7 +189,9 @@ pub fn summarize(annotations: &[Annotation]) -> Value {
             "unique.v1" => names_to_clients(&items, true),
             "multiple.v1" => multiple(&items),
             "flag.v1" => flag(&items),
-            "total.v1" => json!({ "total": items.iter().map(|a| if is_delete(a) { -1 } else { 1 }).sum::<i64>().max(0) }),
+            "total.v1" => {
+                json!({ "total": items.iter().map(|a| if is_delete(a) { -1 } else { 1 }).sum::<i64>().max(0) })
+            }
             _ => continue,
         };
         summary.insert(kind.to_string(), value);
@@ -205,7 +231,10 @@ fn names_to_clients(items: &[&Annotation], one_name_per_client: bool) -> Value {
     for name in first_seen {
         let clients = &names[name];
         if !clients.is_empty() {
-            out.insert(name.to_string(), json!({ "total": clients.len(), "clientIds": clients, "clipped": false }));
+            out.insert(
+                name.to_string(),
+                json!({ "total": clients.len(), "clientIds": clients, "clipped": false }),
+            );
         }
     }
     Value::Object(out)
@@ -214,13 +243,17 @@ fn names_to_clients(items: &[&Annotation], one_name_per_client: bool) -> Value {
 fn multiple(items: &[&Annotation]) -> Value {
     let mut names: BTreeMap<&str, (BTreeMap<&str, i64>, i64)> = BTreeMap::new();
     for a in items {
-        let Some(name) = a.name.as_deref() else { continue };
+        let Some(name) = a.name.as_deref() else {
+            continue;
+        };
         let (clients, unidentified) = names.entry(name).or_default();
         match (a.client_id.as_deref(), is_delete(a)) {
             (Some(client), true) => {
                 clients.remove(client);
             }
-            (Some(client), false) => *clients.entry(client).or_default() += a.count.unwrap_or(1).max(0),
+            (Some(client), false) => {
+                *clients.entry(client).or_default() += a.count.unwrap_or(1).max(0)
+            }
             (None, false) => *unidentified += a.count.unwrap_or(1).max(0),
             (None, true) => {}
         }
@@ -241,7 +274,9 @@ fn multiple(items: &[&Annotation]) -> Value {
 fn flag(items: &[&Annotation]) -> Value {
     let mut clients: BTreeSet<&str> = BTreeSet::new();
     for a in items {
-        let Some(client) = a.client_id.as_deref() else { continue };
+        let Some(client) = a.client_id.as_deref() else {
+            continue;
+        };
         if is_delete(a) {
             clients.remove(client);
         } else {
@@ -324,7 +359,10 @@ mod tests {
         );
         let mut json = change(message_action::APPEND, "{}", "v1");
         json.encoding = Some("json".into());
-        assert_eq!(apply_change(&original(), json), Err(MutationError::AppendMismatch));
+        assert_eq!(
+            apply_change(&original(), json),
+            Err(MutationError::AppendMismatch)
+        );
     }
 
     /// A delete is a version like an update; a later summary keeps it and adds counts.
@@ -334,7 +372,10 @@ mod tests {
         let summary = Message {
             action: Some(message_action::SUMMARY),
             annotations: Some(json!({"summary": {}})),
-            version: Some(MessageVersion { serial: Some("v2".into()), ..Default::default() }),
+            version: Some(MessageVersion {
+                serial: Some("v2".into()),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let now = latest(original(), vec![summary, deleted]);
@@ -369,7 +410,10 @@ mod tests {
             annotation("f:flag.v1", "", "a", 0),
             annotation("t:total.v1", "", "a", 0),
             annotation("t:total.v1", "", "b", 0),
-            Annotation { count: Some(3), ..annotation("m:multiple.v1", "x", "a", 0) },
+            Annotation {
+                count: Some(3),
+                ..annotation("m:multiple.v1", "x", "a", 0)
+            },
             annotation("m:multiple.v1", "x", "b", 0),
             annotation("other:whatever.v9", "x", "a", 0),
         ];

@@ -52,7 +52,10 @@ impl SerialPosition {
         let digits = |range: std::ops::Range<usize>, radix: u32| -> Option<u64> {
             let field = text.get(range)?;
             // from_str_radix accepts a leading '+', which the encoder never writes.
-            if !field.bytes().all(|b| b.is_ascii_digit() || (radix == 16 && matches!(b, b'a'..=b'f'))) {
+            if !field
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (radix == 16 && matches!(b, b'a'..=b'f')))
+            {
                 return None;
             }
             u64::from_str_radix(field, radix).ok()
@@ -88,9 +91,18 @@ mod tests {
             index: 2,
         };
         let text = at.encode();
-        assert_eq!(text, "01765000000123-0000000000000abc-000000000000001f:0002");
+        assert_eq!(
+            text,
+            "01765000000123-0000000000000abc-000000000000001f:0002"
+        );
         assert_eq!(SerialPosition::decode(&text), Some(at));
-        for bad in ["", "abc-1:0", &text[1..], &text.replace('-', "+"), &text.to_uppercase()] {
+        for bad in [
+            "",
+            "abc-1:0",
+            &text[1..],
+            &text.replace('-', "+"),
+            &text.to_uppercase(),
+        ] {
             assert_eq!(SerialPosition::decode(bad), None, "{bad}");
         }
     }

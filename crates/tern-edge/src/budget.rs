@@ -71,10 +71,12 @@ pub(crate) fn check_annotations(
             text(&a.kind)
                 + text(&a.name)
                 + text(&a.client_id)
-                + a.data.as_ref().map_or(0, |d| tern_core::event::message_size(&Message {
-                    data: Some(d.clone()),
-                    ..Default::default()
-                }))
+                + a.data.as_ref().map_or(0, |d| {
+                    tern_core::event::message_size(&Message {
+                        data: Some(d.clone()),
+                        ..Default::default()
+                    })
+                })
                 + a.extras.as_ref().map_or(0, |e| e.to_string().len())
         })
         .sum();
@@ -262,7 +264,9 @@ mod tests {
         };
         assert!(check_messages(&[change(&"d".repeat(60))], &c).is_ok());
         assert_eq!(
-            check_messages(&[change(&"d".repeat(80))], &c).unwrap_err().code,
+            check_messages(&[change(&"d".repeat(90))], &c)
+                .unwrap_err()
+                .code,
             code::MESSAGE_TOO_LARGE
         );
         let annotation = |name: &str| Annotation {
@@ -273,10 +277,15 @@ mod tests {
         };
         assert!(check_annotations(&[annotation("👍")], &c).is_ok());
         assert_eq!(
-            check_annotations(&[annotation(&"x".repeat(70))], &c).unwrap_err().code,
+            check_annotations(&[annotation(&"x".repeat(75))], &c)
+                .unwrap_err()
+                .code,
             code::MESSAGE_TOO_LARGE
         );
         let four = vec![annotation("a"); 4];
-        assert_eq!(check_annotations(&four, &c).unwrap_err().code, code::MESSAGE_TOO_LARGE);
+        assert_eq!(
+            check_annotations(&four, &c).unwrap_err().code,
+            code::MESSAGE_TOO_LARGE
+        );
     }
 }

@@ -86,7 +86,8 @@ fn stored_items(key: &ChannelKey, event: &ChannelEvent) -> Vec<(ChannelRef, Stor
         channel: key.name.clone(),
         kind,
     };
-    let per_message = |serial: &str, kind| ChannelRef::of_message(&key.app, &key.name, serial, kind);
+    let per_message =
+        |serial: &str, kind| ChannelRef::of_message(&key.app, &key.name, serial, kind);
     let frame = &event.frame;
     let mut items = Vec::new();
     if let Some(messages) = &frame.messages {
@@ -294,7 +295,11 @@ async fn read(
 }
 
 /// The app of an already authenticated request.
-fn auth_app(state: &EdgeState, headers: &HeaderMap, q: &HashMap<String, String>) -> Result<String, ErrorInfo> {
+fn auth_app(
+    state: &EdgeState,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+) -> Result<String, ErrorInfo> {
     Ok(rest_auth(&state.keys, headers, q, now_ms())?.0.app_id)
 }
 
@@ -320,9 +325,11 @@ pub(crate) async fn messages(
         true => {
             let key = crate::rest::channel_key(&auth_app(&state, &headers, &q)?, &channel)?;
             let state = state.clone();
-            tokio::task::spawn_blocking(move || crate::messages::latest_versions(&state, &key, items))
-                .await
-                .map_err(|_| ErrorInfo::new(code::INTERNAL, "history query failed"))?
+            tokio::task::spawn_blocking(move || {
+                crate::messages::latest_versions(&state, &key, items)
+            })
+            .await
+            .map_err(|_| ErrorInfo::new(code::INTERNAL, "history query failed"))?
         }
     };
     let next = next.map(|p| p.encode());

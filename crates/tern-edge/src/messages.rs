@@ -43,7 +43,10 @@ type Params = Query<HashMap<String, String>>;
 const ROWS_PER_MESSAGE_MAX: usize = 10 * tern_store::LIMIT_MAX;
 
 fn not_found(serial: &str) -> ErrorInfo {
-    ErrorInfo::new(code::NOT_FOUND, format!("no message with serial '{serial}'"))
+    ErrorInfo::new(
+        code::NOT_FOUND,
+        format!("no message with serial '{serial}'"),
+    )
 }
 
 fn store_failed(error: impl std::fmt::Display) -> ErrorInfo {
@@ -137,18 +140,30 @@ pub(crate) fn find_message(
         .ok_or_else(|| not_found(serial))?;
     if let Some(store) = &state.store {
         let versions = ChannelRef::of_message(&key.app, &key.name, serial, EventKind::Versions);
-        changes.extend(decode_all(read_all(store.as_ref(), versions, ROWS_PER_MESSAGE_MAX)?));
+        changes.extend(decode_all(read_all(
+            store.as_ref(),
+            versions,
+            ROWS_PER_MESSAGE_MAX,
+        )?));
     }
     Ok((original, changes))
 }
 
 /// Every stored annotation of the message `serial`, in serial order. Blocking.
-fn annotations_of(state: &EdgeState, key: &ChannelKey, serial: &str) -> Result<Vec<Annotation>, ErrorInfo> {
+fn annotations_of(
+    state: &EdgeState,
+    key: &ChannelKey,
+    serial: &str,
+) -> Result<Vec<Annotation>, ErrorInfo> {
     let Some(store) = &state.store else {
         return Ok(Vec::new());
     };
     let channel = ChannelRef::of_message(&key.app, &key.name, serial, EventKind::Annotations);
-    Ok(decode_all(read_all(store.as_ref(), channel, ROWS_PER_MESSAGE_MAX)?))
+    Ok(decode_all(read_all(
+        store.as_ref(),
+        channel,
+        ROWS_PER_MESSAGE_MAX,
+    )?))
 }
 
 /// The clientId a credential proves, for `…-own` capabilities.
@@ -225,11 +240,19 @@ fn prepare_change(
         .serial
         .clone()
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| ErrorInfo::new(code::INVALID_PARAMETER_VALUE, "this message lacks a serial"))?;
+        .ok_or_else(|| {
+            ErrorInfo::new(code::INVALID_PARAMETER_VALUE, "this message lacks a serial")
+        })?;
     let action = change.action.unwrap_or(message_action::UPDATE);
     let (original, changes) = blocking(|| find_message(state, key, &serial))?;
     let latest = mutation::latest(original, changes);
-    may_change(auth, identity, &key.name, action, latest.client_id.as_deref())?;
+    may_change(
+        auth,
+        identity,
+        &key.name,
+        action,
+        latest.client_id.as_deref(),
+    )?;
     let mut version = change.version.take().unwrap_or_default();
     version.client_id = message_client_id(identity, version.client_id.as_deref())?;
     // Assigned when the change is applied (`Channel::publish`).
@@ -249,15 +272,22 @@ pub(crate) fn prepare_annotations(
     key: &ChannelKey,
     annotations: Vec<Annotation>,
 ) -> Result<Vec<Annotation>, ErrorInfo> {
-    if !auth.capability.allows(&key.name, Operation::AnnotationPublish) {
+    if !auth
+        .capability
+        .allows(&key.name, Operation::AnnotationPublish)
+    {
         return Err(denied("annotation-publish", &key.name));
     }
     let mut checked: Vec<String> = Vec::new();
     annotations
         .into_iter()
         .map(|mut annotation| {
-            let invalid = |what: &str| ErrorInfo::new(code::INVALID_PARAMETER_VALUE, what.to_string());
-            if !matches!(annotation.action, None | Some(annotation_action::CREATE | annotation_action::DELETE)) {
+            let invalid =
+                |what: &str| ErrorInfo::new(code::INVALID_PARAMETER_VALUE, what.to_string());
+            if !matches!(
+                annotation.action,
+                None | Some(annotation_action::CREATE | annotation_action::DELETE)
+            ) {
                 return Err(invalid("unknown annotation action"));
             }
             if annotation.kind.as_deref().is_none_or(str::is_empty) {
@@ -300,7 +330,10 @@ pub(crate) fn summarize_later(state: Arc<EdgeState>, key: ChannelKey, mut serial
         for serial in serials {
             let reader = state.clone();
             let (channel, message_serial) = (key.clone(), serial.clone());
-            let read = tokio::task::spawn_blocking(move || annotations_of(&reader, &channel, &message_serial)).await;
+            let read = tokio::task::spawn_blocking(move || {
+                annotations_of(&reader, &channel, &message_serial)
+            })
+            .await;
             let annotations = match read {
                 Ok(Ok(annotations)) => annotations,
                 _ => {
@@ -311,7 +344,9 @@ pub(crate) fn summarize_later(state: Arc<EdgeState>, key: ChannelKey, mut serial
             let summary = Message {
                 action: Some(message_action::SUMMARY),
                 serial: Some(serial),
-                annotations: Some(serde_json::json!({ "summary": mutation::summarize(&annotations) })),
+                annotations: Some(
+                    serde_json::json!({ "summary": mutation::summarize(&annotations) }),
+                ),
                 ..Default::default()
             };
             let publisher = Publisher {
@@ -393,7 +428,12 @@ pub(crate) async fn versions(
 }
 
 fn page_params(q: &HashMap<String, String>) -> Result<(usize, usize), ErrorInfo> {
-    let invalid = |name: &str| ErrorInfo::new(code::INVALID_PARAMETER_VALUE, format!("invalid value for '{name}'"));
+    let invalid = |name: &str| {
+        ErrorInfo::new(
+            code::INVALID_PARAMETER_VALUE,
+            format!("invalid value for '{name}'"),
+        )
+    };
     let limit = match q.get("limit") {
         Some(limit) => limit.parse::<usize>().map_err(|_| invalid("limit"))?,
         None => 100,
@@ -495,7 +535,11 @@ pub(crate) async fn annotate(
         return Err(error.into());
     }
     summarize_later(state.clone(), key, vec![serial]);
-    Ok(body(StatusCode::CREATED, Format::Json, &serde_json::json!({})))
+    Ok(body(
+        StatusCode::CREATED,
+        Format::Json,
+        &serde_json::json!({}),
+    ))
 }
 
 /// `GET /channels/{channel}/messages/{serial}/annotations`: the message's annotations,
@@ -511,26 +555,50 @@ pub(crate) async fn annotations(
         .store
         .clone()
         .ok_or_else(|| ErrorInfo::new(code::NOT_FOUND, "history is not enabled on this node"))?;
-    let (limit, _) = page_params(&q.iter().filter(|(k, _)| *k != "page").map(|(k, v)| (k.clone(), v.clone())).collect())?;
-    let mut query = HistoryQuery::new(ChannelRef::of_message(&key.app, &key.name, &serial, EventKind::Annotations));
+    let (limit, _) = page_params(
+        &q.iter()
+            .filter(|(k, _)| *k != "page")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )?;
+    let mut query = HistoryQuery::new(ChannelRef::of_message(
+        &key.app,
+        &key.name,
+        &serial,
+        EventKind::Annotations,
+    ));
     query.direction = Direction::Forwards;
     query.limit = limit;
     query.after = q
         .get("page")
-        .map(|p| Position::decode(p).ok_or_else(|| ErrorInfo::new(code::INVALID_PARAMETER_VALUE, "invalid value for 'page'")))
+        .map(|p| {
+            Position::decode(p).ok_or_else(|| {
+                ErrorInfo::new(code::INVALID_PARAMETER_VALUE, "invalid value for 'page'")
+            })
+        })
         .transpose()?;
     let page = tokio::task::spawn_blocking(move || store.query(&query))
         .await
         .map_err(store_failed)?
         .map_err(store_failed)?;
     let items: Vec<Annotation> = decode_all(page.items.into_iter().map(|i| i.payload).collect());
-    Ok(page_response(&headers, &q, "annotations", items, page.next.map(|p| p.encode())))
+    Ok(page_response(
+        &headers,
+        &q,
+        "annotations",
+        items,
+        page.next.map(|p| p.encode()),
+    ))
 }
 
 /// History in latest versions: each message replaced by its latest version, and the
 /// changes themselves (stored beside the messages for the cursor and for new homes)
 /// left out. Blocking (one short scan per message).
-pub(crate) fn latest_versions(state: &EdgeState, key: &ChannelKey, messages: Vec<Message>) -> Vec<Message> {
+pub(crate) fn latest_versions(
+    state: &EdgeState,
+    key: &ChannelKey,
+    messages: Vec<Message>,
+) -> Vec<Message> {
     let Some(store) = &state.store else {
         return messages;
     };
@@ -541,7 +609,8 @@ pub(crate) fn latest_versions(state: &EdgeState, key: &ChannelKey, messages: Vec
             let Some(serial) = original.serial.clone() else {
                 return original;
             };
-            let versions = ChannelRef::of_message(&key.app, &key.name, &serial, EventKind::Versions);
+            let versions =
+                ChannelRef::of_message(&key.app, &key.name, &serial, EventKind::Versions);
             match read_all(store.as_ref(), versions, ROWS_PER_MESSAGE_MAX) {
                 Ok(rows) if !rows.is_empty() => mutation::latest(original, decode_all(rows)),
                 _ => original,

@@ -405,7 +405,10 @@ impl Session {
             Ok(frame) => frame,
             Err(err) => return self.fail(err.to_error_info()),
         };
-        if !matches!(frame.action, action::MESSAGE | action::PRESENCE | action::ANNOTATION) {
+        if !matches!(
+            frame.action,
+            action::MESSAGE | action::PRESENCE | action::ANNOTATION
+        ) {
             if let Some(refused) = self.control_over_rate(&frame) {
                 return refused;
             }

@@ -57,7 +57,9 @@ pub(crate) const CURSOR_ORIGINS_MAX: usize = 256;
 pub(crate) use crate::item::cursor_key;
 
 /// The highest sequence per origin of each channel among `rows`.
-pub(crate) fn cursor_updates(rows: &[Row]) -> BTreeMap<std::borrow::Cow<'_, [u8]>, BTreeMap<u64, u64>> {
+pub(crate) fn cursor_updates(
+    rows: &[Row],
+) -> BTreeMap<std::borrow::Cow<'_, [u8]>, BTreeMap<u64, u64>> {
     let mut out: BTreeMap<std::borrow::Cow<'_, [u8]>, BTreeMap<u64, u64>> = BTreeMap::new();
     for row in rows {
         let seq = out

@@ -276,7 +276,9 @@ pub(crate) fn channel_of_prefix(prefix: &[u8]) -> Option<&[u8]> {
 /// a message's changes and annotations count in their channel's row.
 pub(crate) fn cursor_key(prefix: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     let base = &prefix[..prefix.len().saturating_sub(1)];
-    let per_message = prefix.last().is_some_and(|kind| EventKind::per_message(*kind));
+    let per_message = prefix
+        .last()
+        .is_some_and(|kind| EventKind::per_message(*kind));
     let split = || {
         let (app, rest) = split_name(prefix)?;
         let (channel, _) = split_name(rest)?;
@@ -430,17 +432,27 @@ mod tests {
     /// them), yet count in their channel's cursor row, as its messages and presence do.
     #[test]
     fn per_message_rows_share_their_channels_cursor() {
-        let message = ChannelRef::new("app", "ch", EventKind::Message).key_prefix().unwrap();
+        let message = ChannelRef::new("app", "ch", EventKind::Message)
+            .key_prefix()
+            .unwrap();
         for kind in [EventKind::Versions, EventKind::Annotations] {
-            let one = ChannelRef::of_message("app", "ch", "s1", kind).key_prefix().unwrap();
-            let other = ChannelRef::of_message("app", "ch", "s2", kind).key_prefix().unwrap();
+            let one = ChannelRef::of_message("app", "ch", "s1", kind)
+                .key_prefix()
+                .unwrap();
+            let other = ChannelRef::of_message("app", "ch", "s2", kind)
+                .key_prefix()
+                .unwrap();
             assert_ne!(one, other);
             assert!(!other.starts_with(&one) && !one.starts_with(&message));
             assert_eq!(cursor_key(&one), cursor_key(&message));
             assert_eq!(channel_of_prefix(&one), Some(&b"ch\0s1"[..]));
         }
         assert_ne!(
-            cursor_key(&ChannelRef::new("app", "ch2", EventKind::Presence).key_prefix().unwrap()),
+            cursor_key(
+                &ChannelRef::new("app", "ch2", EventKind::Presence)
+                    .key_prefix()
+                    .unwrap()
+            ),
             cursor_key(&message)
         );
     }

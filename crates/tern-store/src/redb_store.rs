@@ -229,7 +229,9 @@ fn commit_rows(db: &Database, rows: &[Row]) -> Result<(), StoreError> {
                 let old = cursors.get(channel.as_ref()).map_err(from_redb)?;
                 merge_cursor(old.as_ref().map(|v| v.value()), &update)
             };
-            cursors.insert(channel.as_ref(), row.as_slice()).map_err(from_redb)?;
+            cursors
+                .insert(channel.as_ref(), row.as_slice())
+                .map_err(from_redb)?;
         }
     }
     txn.commit().map_err(from_redb)

@@ -239,8 +239,13 @@ impl Session {
             app: self.auth.app_id.as_str().into(),
             name: base,
         };
-        let messages =
-            crate::messages::prepare_messages(&self.state, &self.auth, &self.identity, &key, messages)?;
+        let messages = crate::messages::prepare_messages(
+            &self.state,
+            &self.auth,
+            &self.identity,
+            &key,
+            messages,
+        )?;
         let outcome = self
             .state
             .hub
