@@ -112,6 +112,22 @@ fn stored_items(key: &ChannelKey, event: &ChannelEvent) -> Vec<(ChannelRef, Stor
     items
 }
 
+/// For a message item copied from another node's history (a new home's backfill): the
+/// row that files it among its message's versions when it is a change, as
+/// [`StoreJournal`] files the events it journals. (Annotations are not copied.)
+pub fn version_row(
+    app: &str,
+    channel: &str,
+    item: &StoredItem,
+) -> Option<(ChannelRef, StoredItem)> {
+    let message: Message = rmp_serde::from_slice(&item.payload).ok()?;
+    let serial = message.serial.filter(|_| is_change(message.action))?;
+    Some((
+        ChannelRef::of_message(app, channel, &serial, EventKind::Versions),
+        item.clone(),
+    ))
+}
+
 type Params = Query<HashMap<String, String>>;
 
 /// Query-string escaping: everything but RFC 3986 unreserved characters (so no commas,
@@ -393,5 +409,34 @@ mod tests {
             assert!(!link.contains(secret), "{secret} in {link}");
         }
         assert!(link.starts_with("<./messages?limit=2>; rel=\"first\""));
+    }
+
+    /// A change copied to a new home is filed under its message as a journaled one is;
+    /// a new message is not.
+    #[test]
+    fn copied_changes_are_filed_under_their_message() {
+        let item = |message: &Message| StoredItem {
+            timestamp_ms: 5,
+            origin: 1,
+            seq: 2,
+            index: 0,
+            payload: payload(message),
+        };
+        let change = Message {
+            action: Some(tern_protocol::message_action::APPEND),
+            serial: Some("s1".into()),
+            ..Default::default()
+        };
+        let (channel, row) = version_row("app", "ch", &item(&change)).unwrap();
+        assert_eq!(
+            channel,
+            ChannelRef::of_message("app", "ch", "s1", EventKind::Versions)
+        );
+        assert_eq!(row, item(&change));
+        let created = Message {
+            serial: Some("s1".into()),
+            ..Default::default()
+        };
+        assert!(version_row("app", "ch", &item(&created)).is_none());
     }
 }

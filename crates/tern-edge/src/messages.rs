@@ -490,7 +490,7 @@ pub(crate) async fn change(
 #[serde(untagged)]
 enum OneOrMany {
     Many(Vec<Annotation>),
-    One(Annotation),
+    One(Box<Annotation>),
 }
 
 /// `POST /channels/{channel}/messages/{serial}/annotations`: publishes annotations of
@@ -506,7 +506,7 @@ pub(crate) async fn annotate(
     let key = channel_key(&auth.app_id, &channel)?;
     let mut annotations = match decode_body::<OneOrMany>(request_format(&headers), &bytes)? {
         OneOrMany::Many(many) => many,
-        OneOrMany::One(one) => vec![one],
+        OneOrMany::One(one) => vec![*one],
     };
     for annotation in &mut annotations {
         match &annotation.message_serial {
