@@ -427,25 +427,32 @@ pub(crate) async fn versions(
     Ok(page_response(&headers, &q, "versions", page, next))
 }
 
-fn page_params(q: &HashMap<String, String>) -> Result<(usize, usize), ErrorInfo> {
-    let invalid = |name: &str| {
-        ErrorInfo::new(
-            code::INVALID_PARAMETER_VALUE,
-            format!("invalid value for '{name}'"),
-        )
-    };
+fn invalid_param(name: &str) -> ErrorInfo {
+    ErrorInfo::new(
+        code::INVALID_PARAMETER_VALUE,
+        format!("invalid value for '{name}'"),
+    )
+}
+
+/// The `limit` param: 1 to 1000, default 100.
+fn limit_param(q: &HashMap<String, String>) -> Result<usize, ErrorInfo> {
     let limit = match q.get("limit") {
-        Some(limit) => limit.parse::<usize>().map_err(|_| invalid("limit"))?,
+        Some(limit) => limit.parse::<usize>().map_err(|_| invalid_param("limit"))?,
         None => 100,
     };
     if !(1..=tern_store::LIMIT_MAX).contains(&limit) {
-        return Err(invalid("limit"));
+        return Err(invalid_param("limit"));
     }
+    Ok(limit)
+}
+
+/// `limit` and the `page` offset of a list built in memory.
+fn page_params(q: &HashMap<String, String>) -> Result<(usize, usize), ErrorInfo> {
     let offset = match q.get("page") {
-        Some(page) => page.parse::<usize>().map_err(|_| invalid("page"))?,
+        Some(page) => page.parse::<usize>().map_err(|_| invalid_param("page"))?,
         None => 0,
     };
-    Ok((limit, offset))
+    Ok((limit_param(q)?, offset))
 }
 
 /// `PATCH /channels/{channel}/messages/{serial}`: an update, delete or append (the
@@ -555,12 +562,6 @@ pub(crate) async fn annotations(
         .store
         .clone()
         .ok_or_else(|| ErrorInfo::new(code::NOT_FOUND, "history is not enabled on this node"))?;
-    let (limit, _) = page_params(
-        &q.iter()
-            .filter(|(k, _)| *k != "page")
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    )?;
     let mut query = HistoryQuery::new(ChannelRef::of_message(
         &key.app,
         &key.name,
@@ -568,14 +569,10 @@ pub(crate) async fn annotations(
         EventKind::Annotations,
     ));
     query.direction = Direction::Forwards;
-    query.limit = limit;
+    query.limit = limit_param(&q)?;
     query.after = q
         .get("page")
-        .map(|p| {
-            Position::decode(p).ok_or_else(|| {
-                ErrorInfo::new(code::INVALID_PARAMETER_VALUE, "invalid value for 'page'")
-            })
-        })
+        .map(|p| Position::decode(p).ok_or_else(|| invalid_param("page")))
         .transpose()?;
     let page = tokio::task::spawn_blocking(move || store.query(&query))
         .await
