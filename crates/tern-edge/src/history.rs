@@ -275,7 +275,7 @@ async fn read(
     q: &HashMap<String, String>,
     channel: &str,
     kind: EventKind,
-) -> Result<(Vec<Bytes>, Option<Position>), ErrorInfo> {
+) -> Result<(Vec<Bytes>, Option<Position>, ChannelKey), ErrorInfo> {
     let (auth, _) = rest_auth(&state.keys, headers, q, now_ms())?;
     let parsed = crate::channel_name::parse(channel).map_err(crate::channel_name::invalid)?;
     if !auth.capability.allows(parsed.base, Operation::History) {
@@ -307,16 +307,8 @@ async fn read(
     Ok((
         page.items.into_iter().map(|i| i.payload).collect(),
         page.next,
+        ChannelKey::new(auth.app_id.as_str(), parsed.base),
     ))
-}
-
-/// The app of an already authenticated request.
-fn auth_app(
-    state: &EdgeState,
-    headers: &HeaderMap,
-    q: &HashMap<String, String>,
-) -> Result<String, ErrorInfo> {
-    Ok(rest_auth(&state.keys, headers, q, now_ms())?.0.app_id)
 }
 
 fn decode_all<T: serde::de::DeserializeOwned>(payloads: Vec<Bytes>) -> Vec<T> {
@@ -333,13 +325,12 @@ pub(crate) async fn messages(
     headers: HeaderMap,
     Query(q): Params,
 ) -> Result<Response, ApiError> {
-    let (payloads, next) = read(&state, &headers, &q, &channel, EventKind::Message).await?;
+    let (payloads, next, key) = read(&state, &headers, &q, &channel, EventKind::Message).await?;
     let items: Vec<Message> = decode_all(payloads);
     // Each message in its latest version (store reads: off the async workers).
     let items = match items.iter().any(|m| is_change(m.action)) {
         false => items,
         true => {
-            let key = crate::rest::channel_key(&auth_app(&state, &headers, &q)?, &channel)?;
             let state = state.clone();
             tokio::task::spawn_blocking(move || {
                 crate::messages::latest_versions(&state, &key, items)
@@ -359,7 +350,7 @@ pub(crate) async fn presence_history(
     headers: HeaderMap,
     Query(q): Params,
 ) -> Result<Response, ApiError> {
-    let (payloads, next) = read(&state, &headers, &q, &channel, EventKind::Presence).await?;
+    let (payloads, next, _) = read(&state, &headers, &q, &channel, EventKind::Presence).await?;
     let items: Vec<PresenceMessage> = decode_all(payloads);
     let next = next.map(|p| p.encode());
     Ok(page_response(&headers, &q, "history", items, next))
