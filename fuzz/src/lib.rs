@@ -11,7 +11,7 @@
 //! - `protocol`: realtime `ProtocolMessage` in JSON and msgpack, REST publish bodies.
 //! - `auth`: token request bodies, Tern's `tn1.` tokens, HS256 JWTs.
 //! - `names`: channel names with `[?params]` qualifiers, the `rewind` param.
-//! - `serials`: `channelSerial` cursors and history page positions.
+//! - `serials`: `channelSerial` cursors, history page positions and message serials.
 //! - `cluster`: inter-node `FrameV1` and the authenticated gossip datagram.
 //! - `same`: value comparison that allows for float parsing's last bit.
 
@@ -71,6 +71,10 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "page_position",
         run: serials::page_position,
+    },
+    Target {
+        name: "message_serial",
+        run: serials::message_serial,
     },
     Target {
         name: "cluster_frame",

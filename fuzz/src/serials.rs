@@ -1,8 +1,9 @@
-//! Cursors a client hands back: `channelSerial` (ATTACH, `from_serial`) and history
-//! page positions (`page=` in a `Link`).
+//! Cursors a client hands back: `channelSerial` (ATTACH, `from_serial`), history
+//! page positions (`page=` in a `Link`) and message serials (a URL's `{serial}`, a
+//! change's `serial`, an annotation's `messageSerial`).
 
 use tern_core::cursor::CURSOR_ORIGINS_MAX;
-use tern_core::Cursor;
+use tern_core::{Cursor, SerialPosition};
 use tern_store::Position;
 
 /// A `channelSerial`: what decodes re-encodes to a serial that decodes to the same
@@ -50,4 +51,18 @@ pub fn page_position(data: &[u8]) {
         Some(position),
         "{text:?} → {encoded:?}"
     );
+}
+
+/// A message serial: what decodes re-encodes to the same text (so a serial names one
+/// position), fixed-width.
+pub fn message_serial(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Some(position) = SerialPosition::decode(text) else {
+        return;
+    };
+    let encoded = position.encode();
+    assert_eq!(encoded, text, "{text:?} decodes to another serial");
+    assert_eq!(encoded.len(), tern_core::serial::SERIAL_LEN);
 }

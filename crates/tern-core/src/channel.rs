@@ -5,14 +5,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use tern_protocol::{action, flags, Message, PresenceMessage, ProtocolMessage};
+use tern_protocol::{
+    action, annotation_action, flags, Annotation, Message, PresenceMessage, ProtocolMessage,
+};
 
 use crate::cursor::{Cursor, OriginId};
 use crate::delta::{DeltaCursor, DeltaState};
 use crate::event::{ChannelEvent, Subscriber};
 use crate::hub::Journal;
 use crate::log::{ChannelLog, Rewind};
+use crate::mutation::is_change;
 use crate::presence::{PresenceError, PresenceSet};
+use crate::serial::{floor_after, SerialPosition};
 
 /// How a connection attaches.
 #[derive(Clone, Debug)]
@@ -178,7 +182,7 @@ impl Channel {
                 Some(events) => (events, true, false),
                 None => (Vec::new(), false, true),
             },
-            (None, Some(rewind)) => (self.log.rewind(rewind), false, false),
+            (None, Some(rewind)) => (self.log.rewind(rewind, &self.cursor.encode()), false, false),
             (None, None) => (Vec::new(), false, false),
         };
         let wants = |event: &ChannelEvent| options_want(&options, &connection_id, event);
@@ -258,19 +262,25 @@ impl Channel {
         }
     }
 
-    /// Assigns the next origin sequence and builds the shared outbound frame.
+    /// Assigns the next origin sequence and builds the shared outbound frame. `build`
+    /// gets the event's serial position (index 0) to derive its messages' serials.
     fn next_event(
         &mut self,
         origin: OriginId,
         publisher: &crate::hub::Publisher,
         timestamp: i64,
-        build: impl FnOnce(&mut ProtocolMessage, &str),
+        build: impl FnOnce(&mut ProtocolMessage, SerialPosition),
     ) -> ChannelEvent {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.cursor.advance(origin, seq);
         self.active(timestamp);
-        let serial_base = format!("{:x}-{:x}", origin.0, seq);
+        let at = SerialPosition {
+            timestamp_ms: timestamp,
+            origin,
+            seq,
+            index: 0,
+        };
         let mut frame = ProtocolMessage {
             channel: Some(self.name.to_string()),
             id: Some(publisher.frame_id.clone()),
@@ -279,7 +289,7 @@ impl Channel {
             channel_serial: Some(self.cursor.encode()),
             ..Default::default()
         };
-        build(&mut frame, &serial_base);
+        build(&mut frame, at);
         ChannelEvent::new(origin, seq, publisher.connection_id.clone(), frame)
     }
 
@@ -312,23 +322,42 @@ impl Channel {
             return (serials, None);
         }
         let now_ms = ctx.now_ms;
+        // A change or annotation sorts after the message it changes (see `serial`).
+        let timestamp = fresh
+            .iter()
+            .filter(|m| is_change(m.action))
+            .filter_map(|m| m.serial.as_deref().and_then(SerialPosition::decode))
+            .map(|target| floor_after(&target))
+            .fold(now_ms, i64::max);
         let supplied: Vec<bool> = fresh.iter().map(|m| m.id.is_some()).collect();
         let mut assigned = Vec::with_capacity(fresh.len());
-        let event = self.next_event(ctx.origin, publisher, now_ms, |frame, serial_base| {
+        let event = self.next_event(ctx.origin, publisher, timestamp, |frame, at| {
             for (index, msg) in fresh.iter_mut().enumerate() {
-                let serial = format!("{serial_base}:{index}");
+                let serial = SerialPosition {
+                    index: index as u32,
+                    ..at
+                }
+                .encode();
                 if msg.id.is_none() {
                     msg.id = Some(format!("{}:{index}", publisher.frame_id));
                 }
                 if msg.timestamp.is_none() {
-                    msg.timestamp = Some(now_ms);
+                    msg.timestamp = Some(timestamp);
                 }
                 if msg.connection_id.is_none() {
                     msg.connection_id = publisher.connection_id.as_deref().map(str::to_string);
                 }
                 msg.action.get_or_insert(0);
                 msg.connection_key = None;
-                msg.serial = Some(serial.clone());
+                if is_change(msg.action) && msg.serial.is_some() {
+                    // The message keeps the serial of the one it changes; the change
+                    // is named by its version.
+                    let version = msg.version.get_or_insert_with(Default::default);
+                    version.serial = Some(serial.clone());
+                    version.timestamp = Some(timestamp);
+                } else {
+                    msg.serial = Some(serial.clone());
+                }
                 assigned.push(serial);
             }
             frame.action = action::MESSAGE;
@@ -351,6 +380,50 @@ impl Channel {
             serials[slot] = Some(serial);
         }
         (serials, Some(event))
+    }
+
+    /// Applies annotations (action, type, messageSerial and clientId set by the caller)
+    /// and fans them out: each gets its serial, an id, the time and the publishing
+    /// connection. Returns their serials and the event.
+    pub(crate) fn annotate(
+        &mut self,
+        ctx: &ApplyContext<'_>,
+        publisher: &crate::hub::Publisher,
+        mut annotations: Vec<Annotation>,
+    ) -> (Vec<String>, Arc<ChannelEvent>) {
+        let timestamp = annotations
+            .iter()
+            .filter_map(|a| a.message_serial.as_deref().and_then(SerialPosition::decode))
+            .map(|target| floor_after(&target))
+            .fold(ctx.now_ms, i64::max);
+        let mut serials = Vec::with_capacity(annotations.len());
+        let event = self.next_event(ctx.origin, publisher, timestamp, |frame, at| {
+            for (index, annotation) in annotations.iter_mut().enumerate() {
+                let serial = SerialPosition {
+                    index: index as u32,
+                    ..at
+                }
+                .encode();
+                annotation
+                    .id
+                    .get_or_insert_with(|| format!("{}:{index}", publisher.frame_id));
+                annotation.action.get_or_insert(annotation_action::CREATE);
+                annotation.timestamp = Some(timestamp);
+                annotation.connection_id = publisher.connection_id.as_deref().map(str::to_string);
+                annotation.serial = Some(serial.clone());
+                serials.push(serial);
+            }
+            frame.action = action::ANNOTATION;
+            frame.annotations = Some(annotations);
+        });
+        let event = self.apply(ctx, event);
+        (serials, event)
+    }
+
+    /// The message with `serial` as first published and its changes, as far as the
+    /// channel's log holds them.
+    pub(crate) fn message(&self, serial: &str) -> (Option<Message>, Vec<Message>) {
+        self.log.message(serial)
     }
 
     /// Applies presence changes (fully populated) and broadcasts those that changed
@@ -695,7 +768,8 @@ fn covering(event: &Arc<ChannelEvent>, seen: &Cursor) -> Arc<ChannelEvent> {
 }
 
 /// Whether an attachment with `options` receives `event`: MESSAGE needs SUBSCRIBE (and
-/// is skipped for its own publisher when echo is off); PRESENCE needs PRESENCE_SUBSCRIBE.
+/// is skipped for its own publisher when echo is off); ANNOTATION needs
+/// ANNOTATION_SUBSCRIBE (and echo likewise); PRESENCE needs PRESENCE_SUBSCRIBE.
 fn options_want(options: &AttachOptions, connection_id: &str, event: &ChannelEvent) -> bool {
     // A connection that resumed here from another node may have seen an origin's events
     // that have not reached this node yet: they must not reach it twice when they do.
@@ -706,11 +780,11 @@ fn options_want(options: &AttachOptions, connection_id: &str, event: &ChannelEve
     {
         return false;
     }
-    if event.is_message() {
-        options.modes & flags::SUBSCRIBE != 0
-            && (options.echo || event.publisher.as_deref() != Some(connection_id))
-    } else {
-        options.modes & flags::PRESENCE_SUBSCRIBE != 0
+    let echo_ok = options.echo || event.publisher.as_deref() != Some(connection_id);
+    match event.frame.action {
+        action::MESSAGE => options.modes & flags::SUBSCRIBE != 0 && echo_ok,
+        action::ANNOTATION => options.modes & flags::ANNOTATION_SUBSCRIBE != 0 && echo_ok,
+        _ => options.modes & flags::PRESENCE_SUBSCRIBE != 0,
     }
 }
 
@@ -800,12 +874,7 @@ pub enum RemoteOutcome {
     },
 }
 
-/// The (origin, sequence) of a message serial `<origin hex>-<seq hex>:<index>`.
+/// The (origin, sequence) of the event that carried the message with `serial`.
 fn serial_position(serial: &str) -> Option<(OriginId, u64)> {
-    let (base, _index) = serial.split_once(':')?;
-    let (origin, seq) = base.split_once('-')?;
-    Some((
-        OriginId(u64::from_str_radix(origin, 16).ok()?),
-        u64::from_str_radix(seq, 16).ok()?,
-    ))
+    SerialPosition::decode(serial).map(|at| (at.origin, at.seq))
 }

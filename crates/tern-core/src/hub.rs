@@ -7,7 +7,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tern_protocol::{Message, PresenceMessage};
+use tern_protocol::{Annotation, Message, PresenceMessage};
 
 use crate::channel::{ApplyContext, RemoteEvent, RemoteOutcome};
 use crate::channel::{AttachOptions, AttachSnapshot, Channel, ChannelStatus};
@@ -382,6 +382,30 @@ impl Hub {
         let (serials, event) =
             self.with_channel(key, now_ms, |c| c.publish(&ctx, publisher, messages))?;
         Ok(PublishOutcome { serials, event })
+    }
+
+    /// Publishes annotations of messages (see `Channel::annotate`); their serials.
+    pub fn annotate(
+        &self,
+        key: &ChannelKey,
+        publisher: &Publisher,
+        annotations: Vec<Annotation>,
+        now_ms: i64,
+    ) -> Result<(Vec<String>, Arc<ChannelEvent>), CoreError> {
+        let ctx = self.context(key, now_ms);
+        self.with_channel(key, now_ms, |c| c.annotate(&ctx, publisher, annotations))
+    }
+
+    /// The message with `serial` as first published (if this node's log of the channel
+    /// still holds it) and the changes to it the log holds, for reads that must see
+    /// changes not yet committed to the store.
+    pub fn logged_message(
+        &self,
+        key: &ChannelKey,
+        serial: &str,
+    ) -> (Option<Message>, Vec<Message>) {
+        self.with_existing(key, |c| c.message(serial))
+            .unwrap_or_default()
     }
 
     /// Applies presence changes, each with id, clientId, connectionId and timestamp set.

@@ -17,6 +17,10 @@
 //! - [`channel`]: one channel's state: subscribers, presence, cursor.
 //! - [`hub`]: [`Hub`], the sharded map of channels that the edge talks to.
 //! - [`limits`]: [`CoreLimits`], the bounds the core enforces.
+//! - [`serial`]: message serials, fixed-width text that sorts in channel order and names
+//!   the message's store position.
+//! - [`mutation`]: how updates, deletes and appends change a message and annotations add
+//!   up to a summary (pure rules).
 //!
 //! The core depends on `tern-protocol` only for the payload types (`Message`,
 //! `PresenceMessage`) and the frame it pre-builds for fan-out; it never parses frames (a
@@ -29,8 +33,10 @@ pub mod event;
 pub mod hub;
 pub mod limits;
 pub mod log;
+pub mod mutation;
 pub mod presence;
 pub mod registry;
+pub mod serial;
 
 pub use channel::{AttachOptions, AttachSnapshot, ChannelStatus, RemoteEvent, RemoteOutcome};
 pub use cursor::{Cursor, OriginId};
@@ -40,3 +46,4 @@ pub use limits::CoreLimits;
 pub use log::{LogLimits, Rewind};
 pub use presence::PresenceSet;
 pub use registry::{ConnectionRegistry, KeyChain, ResumeError};
+pub use serial::SerialPosition;

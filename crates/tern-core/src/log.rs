@@ -2,11 +2,14 @@
 //! age, indexed by origin sequence. Resume, rewind and continuity checks are served from
 //! here, in memory.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+
+use tern_protocol::{message_action, Message};
 
 use crate::cursor::{Cursor, OriginId};
 use crate::event::ChannelEvent;
+use crate::mutation::{is_change, latest};
 
 /// Bounds of one channel's log.
 #[derive(Clone, Copy, Debug)]
@@ -85,8 +88,13 @@ impl ChannelLog {
     }
 
     /// MESSAGE events for a rewind, oldest first. A count rewind counts messages, so the
-    /// oldest returned event may be cut down to its last messages.
-    pub(crate) fn rewind(&self, rewind: &Rewind) -> Vec<Arc<ChannelEvent>> {
+    /// oldest returned event may be cut down to its last messages. Once messages of the
+    /// log have been changed (updated, deleted, appended to, summarized), a rewind
+    /// replays messages, each in its latest version ([`ChannelLog::rewind_latest`]).
+    pub(crate) fn rewind(&self, rewind: &Rewind, channel_serial: &str) -> Vec<Arc<ChannelEvent>> {
+        if self.messages().any(|(_, m)| is_change(m.action)) {
+            return self.rewind_latest(rewind, channel_serial);
+        }
         let messages = self.events.iter().filter(|e| e.is_message());
         match *rewind {
             Rewind::Since(since_ms) => messages
@@ -113,6 +121,74 @@ impl ChannelLog {
                 picked
             }
         }
+    }
+
+    /// Every message of the log with the event that carried it, in log order.
+    pub(crate) fn messages(&self) -> impl Iterator<Item = (&Arc<ChannelEvent>, &Message)> {
+        self.events
+            .iter()
+            .filter(|e| e.is_message())
+            .flat_map(|e| e.frame.messages.iter().flatten().map(move |m| (e, m)))
+    }
+
+    /// The message with `serial` as first published, if the log still holds it, and
+    /// the changes to it the log holds (in log order).
+    pub(crate) fn message(&self, serial: &str) -> (Option<Message>, Vec<Message>) {
+        let mut original = None;
+        let mut changes = Vec::new();
+        for (_, message) in self.messages() {
+            if message.serial.as_deref() != Some(serial) {
+                continue;
+            }
+            if is_change(message.action) {
+                changes.push(message.clone());
+            } else {
+                original = Some(message.clone());
+            }
+        }
+        (original, changes)
+    }
+
+    /// A rewind of messages in their latest versions: each message in the place it was
+    /// first published, folded with the changes the log holds (a change whose message
+    /// has left the log stands for it, except a bare summary). Each is its own event
+    /// with the channel's current `channel_serial`, since it reflects everything up to now.
+    fn rewind_latest(&self, rewind: &Rewind, channel_serial: &str) -> Vec<Arc<ChannelEvent>> {
+        let mut entries: Vec<(&Arc<ChannelEvent>, Message, Vec<Message>)> = Vec::new();
+        let mut by_serial: HashMap<&str, usize> = HashMap::new();
+        for (event, message) in self.messages() {
+            let serial = message.serial.as_deref().unwrap_or_default();
+            match by_serial.get(serial) {
+                Some(&at) if is_change(message.action) => entries[at].2.push(message.clone()),
+                _ if message.action == Some(message_action::SUMMARY) => {}
+                _ => {
+                    by_serial.insert(serial, entries.len());
+                    entries.push((event, message.clone(), Vec::new()));
+                }
+            }
+        }
+        let keep = match *rewind {
+            Rewind::Count(count) => entries.len().saturating_sub(count),
+            Rewind::Since(since_ms) => entries
+                .iter()
+                .position(|(event, _, _)| event.timestamp_ms() >= since_ms)
+                .unwrap_or(entries.len()),
+        };
+        entries
+            .into_iter()
+            .skip(keep)
+            .map(|(event, original, changes)| {
+                let mut frame = event.frame.clone();
+                frame.messages = Some(vec![latest(original, changes)]);
+                frame.channel_serial = Some(channel_serial.to_string());
+                Arc::new(ChannelEvent::new(
+                    event.origin,
+                    event.seq,
+                    event.publisher.clone(),
+                    frame,
+                ))
+            })
+            .collect()
     }
 
     /// Events of `origin` with sequence in `from..=to`, in order.

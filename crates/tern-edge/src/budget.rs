@@ -9,7 +9,7 @@
 //! the server adds ids, serials and timestamps to each.
 
 use tern_core::event::{message_size, presence_size};
-use tern_protocol::{code, ErrorInfo, Message, PresenceMessage};
+use tern_protocol::{code, Annotation, ErrorInfo, Message, PresenceMessage};
 
 use crate::config::EdgeConfig;
 
@@ -33,11 +33,60 @@ pub(crate) fn check_messages(
     let size: usize = messages.iter().map(message_size).sum();
     let supplied: usize = messages
         .iter()
-        .map(|m| id_and_encoding(m.id.as_ref(), m.encoding.as_ref()))
+        .map(|m| id_and_encoding(m.id.as_ref(), m.encoding.as_ref()) + change_bytes(m))
         .sum();
     check(
         messages.len(),
         messages.iter().map(|m| m.id.as_deref()),
+        size + supplied,
+        config,
+    )?;
+    Ok(size)
+}
+
+/// Bytes an update, delete or append carries beyond a message: the serial it names and
+/// its operation (clientId, description, metadata), all stored and sent on with it.
+fn change_bytes(m: &Message) -> usize {
+    let version = m.version.as_ref().map_or(0, |v| {
+        v.serial.as_ref().map_or(0, String::len)
+            + v.client_id.as_ref().map_or(0, String::len)
+            + v.description.as_ref().map_or(0, String::len)
+            + v.metadata.as_ref().map_or(0, |meta| meta.to_string().len())
+    });
+    version
+        + m.serial.as_ref().map_or(0, String::len)
+        + m.annotations.as_ref().map_or(0, |a| a.to_string().len())
+}
+
+/// As [`check_messages`], for the annotations of one publish: every field a client
+/// supplies counts (type, name, clientId, data, extras, id, encoding, messageSerial).
+pub(crate) fn check_annotations(
+    annotations: &[Annotation],
+    config: &EdgeConfig,
+) -> Result<usize, ErrorInfo> {
+    let text = |t: &Option<String>| t.as_ref().map_or(0, String::len);
+    let size: usize = annotations
+        .iter()
+        .map(|a| {
+            text(&a.kind)
+                + text(&a.name)
+                + text(&a.client_id)
+                + a.data.as_ref().map_or(0, |d| {
+                    tern_core::event::message_size(&Message {
+                        data: Some(d.clone()),
+                        ..Default::default()
+                    })
+                })
+                + a.extras.as_ref().map_or(0, |e| e.to_string().len())
+        })
+        .sum();
+    let supplied: usize = annotations
+        .iter()
+        .map(|a| id_and_encoding(a.id.as_ref(), a.encoding.as_ref()) + text(&a.message_serial))
+        .sum();
+    check(
+        annotations.len(),
+        annotations.iter().map(|a| a.id.as_deref()),
         size + supplied,
         config,
     )?;
@@ -195,6 +244,48 @@ mod tests {
                 .unwrap_err()
                 .code,
             40009
+        );
+    }
+
+    /// An update's operation and the serial it names count like the message's own fields,
+    /// and so does every field of an annotation.
+    #[test]
+    fn changes_and_annotations_are_counted() {
+        let c = config();
+        let change = |description: &str| {
+            message(|m| {
+                m.serial = Some("s".repeat(10));
+                m.version = Some(tern_protocol::MessageVersion {
+                    description: Some(description.into()),
+                    metadata: Some(serde_json::json!({"k": "v"})),
+                    ..Default::default()
+                });
+            })
+        };
+        assert!(check_messages(&[change(&"d".repeat(60))], &c).is_ok());
+        assert_eq!(
+            check_messages(&[change(&"d".repeat(90))], &c)
+                .unwrap_err()
+                .code,
+            code::MESSAGE_TOO_LARGE
+        );
+        let annotation = |name: &str| Annotation {
+            kind: Some("reaction:distinct.v1".into()),
+            name: Some(name.into()),
+            message_serial: Some("s".repeat(10)),
+            ..Default::default()
+        };
+        assert!(check_annotations(&[annotation("👍")], &c).is_ok());
+        assert_eq!(
+            check_annotations(&[annotation(&"x".repeat(75))], &c)
+                .unwrap_err()
+                .code,
+            code::MESSAGE_TOO_LARGE
+        );
+        let four = vec![annotation("a"); 4];
+        assert_eq!(
+            check_annotations(&four, &c).unwrap_err().code,
+            code::MESSAGE_TOO_LARGE
         );
     }
 }

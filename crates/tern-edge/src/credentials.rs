@@ -103,10 +103,13 @@ pub(crate) fn granted_modes(capability: &Capability, channel: &str) -> u64 {
     if ops.contains(Operation::Presence) {
         modes |= flags::PRESENCE;
     }
-    // Granted as Ably grants it by default (ably-js lists it among a channel's modes);
-    // annotation frames themselves are refused while annotations are unsupported.
+    // Granted as Ably grants it by default (ably-js lists it among a channel's modes).
     if ops.contains(Operation::AnnotationPublish) {
         modes |= flags::ANNOTATION_PUBLISH;
+    }
+    // Only when asked for (see `attach`): Ably delivers annotations to no one else.
+    if ops.contains(Operation::AnnotationSubscribe) {
+        modes |= flags::ANNOTATION_SUBSCRIBE;
     }
     modes
 }

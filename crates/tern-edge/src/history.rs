@@ -11,6 +11,7 @@ use bytes::Bytes;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Serialize;
 use tern_auth::Operation;
+use tern_core::mutation::is_change;
 use tern_core::{ChannelEvent, ChannelKey, Cursor, Journal};
 use tern_protocol::{code, ErrorInfo, Format, Message, PresenceMessage};
 use tern_store::{
@@ -34,35 +35,10 @@ fn payload<T: Serialize>(value: &T) -> Bytes {
 
 impl Journal for StoreJournal {
     fn record(&self, key: &ChannelKey, event: &Arc<ChannelEvent>) {
-        let (kind, items): (EventKind, Vec<Bytes>) =
-            match (&event.frame.messages, &event.frame.presence) {
-                (Some(messages), _) => (EventKind::Message, messages.iter().map(payload).collect()),
-                (None, Some(presence)) => {
-                    (EventKind::Presence, presence.iter().map(payload).collect())
-                }
-                (None, None) => return,
-            };
-        let channel = ChannelRef {
-            app: key.app.clone(),
-            channel: key.name.clone(),
-            kind,
-        };
-        let items = items
-            .into_iter()
-            .enumerate()
-            .map(|(index, payload)| {
-                (
-                    channel.clone(),
-                    StoredItem {
-                        timestamp_ms: event.timestamp_ms(),
-                        origin: event.origin.0,
-                        seq: event.seq,
-                        index: index as u32,
-                        payload,
-                    },
-                )
-            })
-            .collect();
+        let items = stored_items(key, event);
+        if items.is_empty() {
+            return;
+        }
         // A failed commit is logged (once per run of failures) and counted by the store;
         // here it only counts as an event missing from history. Replies learn of it
         // through `EdgeState::after_durable`.
@@ -91,6 +67,65 @@ impl Journal for StoreJournal {
         }
         cursor
     }
+}
+
+/// The store rows of one event, all at the event's position: each message (or presence
+/// message) in the channel's history; each change of a message (update, delete, append,
+/// summary) also among that message's versions, and each annotation among its
+/// message's annotations (see `messages.rs`).
+fn stored_items(key: &ChannelKey, event: &ChannelEvent) -> Vec<(ChannelRef, StoredItem)> {
+    let item = |index: usize, payload: Bytes| StoredItem {
+        timestamp_ms: event.timestamp_ms(),
+        origin: event.origin.0,
+        seq: event.seq,
+        index: index as u32,
+        payload,
+    };
+    let of = |kind| ChannelRef {
+        app: key.app.clone(),
+        channel: key.name.clone(),
+        kind,
+    };
+    let per_message =
+        |serial: &str, kind| ChannelRef::of_message(&key.app, &key.name, serial, kind);
+    let frame = &event.frame;
+    let mut items = Vec::new();
+    if let Some(messages) = &frame.messages {
+        for (index, message) in messages.iter().enumerate() {
+            let stored = item(index, payload(message));
+            if let (true, Some(serial)) = (is_change(message.action), &message.serial) {
+                items.push((per_message(serial, EventKind::Versions), stored.clone()));
+            }
+            items.push((of(EventKind::Message), stored));
+        }
+    } else if let Some(presence) = &frame.presence {
+        for (index, change) in presence.iter().enumerate() {
+            items.push((of(EventKind::Presence), item(index, payload(change))));
+        }
+    } else if let Some(annotations) = &frame.annotations {
+        for (index, annotation) in annotations.iter().enumerate() {
+            let serial = annotation.message_serial.as_deref().unwrap_or_default();
+            let stored = item(index, payload(annotation));
+            items.push((per_message(serial, EventKind::Annotations), stored));
+        }
+    }
+    items
+}
+
+/// For a message item copied from another node's history (a new home's backfill): the
+/// row that files it among its message's versions when it is a change, as
+/// [`StoreJournal`] files the events it journals. (Annotations are not copied.)
+pub fn version_row(
+    app: &str,
+    channel: &str,
+    item: &StoredItem,
+) -> Option<(ChannelRef, StoredItem)> {
+    let message: Message = rmp_serde::from_slice(&item.payload).ok()?;
+    let serial = message.serial.filter(|_| is_change(message.action))?;
+    Some((
+        ChannelRef::of_message(app, channel, &serial, EventKind::Versions),
+        item.clone(),
+    ))
 }
 
 type Params = Query<HashMap<String, String>>;
@@ -240,7 +275,7 @@ async fn read(
     q: &HashMap<String, String>,
     channel: &str,
     kind: EventKind,
-) -> Result<(Vec<Bytes>, Option<Position>), ErrorInfo> {
+) -> Result<(Vec<Bytes>, Option<Position>, ChannelKey), ErrorInfo> {
     let (auth, _) = rest_auth(&state.keys, headers, q, now_ms())?;
     let parsed = crate::channel_name::parse(channel).map_err(crate::channel_name::invalid)?;
     if !auth.capability.allows(parsed.base, Operation::History) {
@@ -272,6 +307,7 @@ async fn read(
     Ok((
         page.items.into_iter().map(|i| i.payload).collect(),
         page.next,
+        ChannelKey::new(auth.app_id.as_str(), parsed.base),
     ))
 }
 
@@ -289,8 +325,20 @@ pub(crate) async fn messages(
     headers: HeaderMap,
     Query(q): Params,
 ) -> Result<Response, ApiError> {
-    let (payloads, next) = read(&state, &headers, &q, &channel, EventKind::Message).await?;
+    let (payloads, next, key) = read(&state, &headers, &q, &channel, EventKind::Message).await?;
     let items: Vec<Message> = decode_all(payloads);
+    // Each message in its latest version (store reads: off the async workers).
+    let items = match items.iter().any(|m| is_change(m.action)) {
+        false => items,
+        true => {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::messages::latest_versions(&state, &key, items)
+            })
+            .await
+            .map_err(|_| ErrorInfo::new(code::INTERNAL, "history query failed"))?
+        }
+    };
     let next = next.map(|p| p.encode());
     Ok(page_response(&headers, &q, "messages", items, next))
 }
@@ -302,7 +350,7 @@ pub(crate) async fn presence_history(
     headers: HeaderMap,
     Query(q): Params,
 ) -> Result<Response, ApiError> {
-    let (payloads, next) = read(&state, &headers, &q, &channel, EventKind::Presence).await?;
+    let (payloads, next, _) = read(&state, &headers, &q, &channel, EventKind::Presence).await?;
     let items: Vec<PresenceMessage> = decode_all(payloads);
     let next = next.map(|p| p.encode());
     Ok(page_response(&headers, &q, "history", items, next))
@@ -352,5 +400,34 @@ mod tests {
             assert!(!link.contains(secret), "{secret} in {link}");
         }
         assert!(link.starts_with("<./messages?limit=2>; rel=\"first\""));
+    }
+
+    /// A change copied to a new home is filed under its message as a journaled one is;
+    /// a new message is not.
+    #[test]
+    fn copied_changes_are_filed_under_their_message() {
+        let item = |message: &Message| StoredItem {
+            timestamp_ms: 5,
+            origin: 1,
+            seq: 2,
+            index: 0,
+            payload: payload(message),
+        };
+        let change = Message {
+            action: Some(tern_protocol::message_action::APPEND),
+            serial: Some("s1".into()),
+            ..Default::default()
+        };
+        let (channel, row) = version_row("app", "ch", &item(&change)).unwrap();
+        assert_eq!(
+            channel,
+            ChannelRef::of_message("app", "ch", "s1", EventKind::Versions)
+        );
+        assert_eq!(row, item(&change));
+        let created = Message {
+            serial: Some("s1".into()),
+            ..Default::default()
+        };
+        assert!(version_row("app", "ch", &item(&created)).is_none());
     }
 }

@@ -20,6 +20,8 @@
 //!   kept as a log on an internal channel of each app.
 //! - `stats`: app statistics (`GET /stats`, `POST /stats` fixtures) and what counts them.
 //! - [`history`]: the journal into the history store and the REST history endpoints.
+//! - `messages`: mutable messages (get by serial, update/delete/append, versions) and
+//!   annotations (publish, read, summaries): checks shared by REST and realtime, routes.
 //! - `credentials`: turning query params and headers into an [`tern_auth::AuthContext`].
 //! - `channel_name`: `[?param=value]name` and `[filter=…]name` qualifiers and the
 //!   `rewind` param.
@@ -42,6 +44,7 @@ mod filter;
 mod forward;
 pub mod history;
 mod listener;
+mod messages;
 pub mod push;
 mod response;
 mod rest;
@@ -124,6 +127,15 @@ fn channel_reads(state: Arc<EdgeState>) -> Router<Arc<EdgeState>> {
     Router::new()
         .route("/channels/{channel}", get(rest::channel_status))
         .route("/channels/{channel}/messages", get(history::messages))
+        .route("/channels/{channel}/messages/{serial}", get(messages::get))
+        .route(
+            "/channels/{channel}/messages/{serial}/versions",
+            get(messages::versions),
+        )
+        .route(
+            "/channels/{channel}/messages/{serial}/annotations",
+            get(messages::annotations),
+        )
         .route("/channels/{channel}/presence", get(rest::presence))
         .route(
             "/channels/{channel}/presence/history",
@@ -177,6 +189,14 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .merge(channel_reads(state.clone()))
         .merge(push_routes(state.clone()))
         .route("/channels/{channel}/messages", post(rest::publish))
+        .route(
+            "/channels/{channel}/messages/{serial}",
+            axum::routing::patch(messages::change),
+        )
+        .route(
+            "/channels/{channel}/messages/{serial}/annotations",
+            post(messages::annotate),
+        )
         .route("/messages", post(batch::publish))
         .route("/presence", get(batch::presence))
         .route("/stats", get(stats::get).post(stats::post_fixtures))

@@ -8,8 +8,6 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use rand::Rng;
 use serde::Serialize;
 use tern_auth::{AuthContext, ClientIdentity, Operation, TokenRequest};
 use tern_core::{ChannelKey, Publisher};
@@ -173,7 +171,6 @@ pub(crate) async fn publish_messages(
     channel: &str,
     mut messages: Vec<Message>,
 ) -> Result<PublishResponse, ErrorInfo> {
-    let now = now_ms();
     let key = channel_key(&auth.app_id, channel)?;
     if !auth.capability.allows(&key.name, Operation::Publish) {
         return Err(denied("publish", &key.name));
@@ -183,23 +180,51 @@ pub(crate) async fn publish_messages(
         message.client_id = message_client_id(identity, message.client_id.as_deref())?;
         message.connection_id = on_behalf_of(state, message.connection_key.take())?;
     }
+    let messages = crate::messages::prepare_messages(state, auth, identity, &key, messages)?;
     let pushes = crate::push::delivery::payloads(&messages);
-    let random: [u8; 9] = rand::rng().random();
-    let frame_id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random);
     let message_id = messages
         .first()
         .and_then(|m| m.id.as_deref())
-        .map(|id| id.rsplit_once(':').map_or(id, |(base, _)| base).to_string())
-        .unwrap_or_else(|| frame_id.clone());
+        .map(|id| id.rsplit_once(':').map_or(id, |(base, _)| base).to_string());
+    let (serials, frame_id) = publish_with_id(state, auth, &key, messages, size).await?;
+    crate::push::delivery::on_published(state, &auth.app_id, &key.name, pushes).await;
+    Ok(PublishResponse {
+        channel: key.name.to_string(),
+        message_id: message_id.unwrap_or(frame_id),
+        serials,
+    })
+}
+
+/// Publishes checked and prepared messages for a REST caller and waits until they
+/// are durable; their serials (for a change, its version serial).
+pub(crate) async fn publish_prepared(
+    state: &EdgeState,
+    auth: &AuthContext,
+    key: &ChannelKey,
+    messages: Vec<Message>,
+    size: usize,
+) -> Result<Vec<Option<String>>, ErrorInfo> {
+    Ok(publish_with_id(state, auth, key, messages, size).await?.0)
+}
+
+async fn publish_with_id(
+    state: &EdgeState,
+    auth: &AuthContext,
+    key: &ChannelKey,
+    messages: Vec<Message>,
+    size: usize,
+) -> Result<(Vec<Option<String>>, String), ErrorInfo> {
+    let now = now_ms();
+    let frame_id = crate::messages::random_id();
     let count = messages.len() as u64;
     let publisher = Publisher {
         connection_id: None,
-        frame_id,
+        frame_id: frame_id.clone(),
     };
     let store_mark = state.store_mark();
     let outcome = state
         .hub
-        .publish(&key, &publisher, messages, now)
+        .publish(key, &publisher, messages, now)
         .map_err(|e| ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, e.to_string()))?;
     metrics::counter!("tern_messages_published_total").increment(count);
     if let Some(stats) = state.stats.app(&auth.app_id, now) {
@@ -208,12 +233,7 @@ pub(crate) async fn publish_messages(
     if let Some(error) = state.durable(key.clone(), store_mark).await.error() {
         return Err(error);
     }
-    crate::push::delivery::on_published(state, &auth.app_id, &key.name, pushes).await;
-    Ok(PublishResponse {
-        channel: key.name.to_string(),
-        message_id,
-        serials: outcome.serials,
-    })
+    Ok((outcome.serials, frame_id))
 }
 
 /// A REST message carrying a realtime connection's key is published on behalf of that

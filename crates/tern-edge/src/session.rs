@@ -420,7 +420,10 @@ impl Session {
             Ok(frame) => frame,
             Err(err) => return self.fail(err.to_error_info()),
         };
-        if !matches!(frame.action, action::MESSAGE | action::PRESENCE) {
+        if !matches!(
+            frame.action,
+            action::MESSAGE | action::PRESENCE | action::ANNOTATION
+        ) {
             if let Some(refused) = self.control_over_rate(&frame) {
                 return refused;
             }
@@ -436,7 +439,7 @@ impl Session {
             }
             action::ATTACH => self.attach(frame),
             action::DETACH => self.detach(frame),
-            action::MESSAGE | action::PRESENCE => {
+            action::MESSAGE | action::PRESENCE | action::ANNOTATION => {
                 self.publish_or_present(frame);
                 None
             }
@@ -454,13 +457,13 @@ impl Session {
                 None
             }
             action::ACTIVATE => None,
-            action::OBJECT | action::OBJECT_SYNC | action::ANNOTATION => {
+            action::OBJECT | action::OBJECT_SYNC => {
                 self.send_reply(
                     frame.msg_serial,
                     None,
                     Reply::Nack(ErrorInfo::new(
                         code::BAD_REQUEST,
-                        "LiveObjects and annotations are not supported",
+                        "LiveObjects are not supported",
                     )),
                 );
                 None

@@ -111,6 +111,30 @@ pub mod presence_action {
     pub const UPDATE: u8 = 4;
 }
 
+/// `Message.action` values (spec TM5); an absent action means `CREATE`.
+pub mod message_action {
+    /// A new message.
+    pub const CREATE: u8 = 0;
+    /// A new version of a message, replacing its content.
+    pub const UPDATE: u8 = 1;
+    /// A message marked deleted (its last version stays readable).
+    pub const DELETE: u8 = 2;
+    /// Channel metadata; never sent by clients.
+    pub const META: u8 = 3;
+    /// The annotation summary of a message; made by the server only.
+    pub const SUMMARY: u8 = 4;
+    /// Data appended to a message (subscribers get the fragment).
+    pub const APPEND: u8 = 5;
+}
+
+/// `Annotation.action` values (spec TAN2b).
+pub mod annotation_action {
+    /// An annotation added.
+    pub const CREATE: u8 = 0;
+    /// An annotation withdrawn.
+    pub const DELETE: u8 = 1;
+}
+
 #[cfg(test)]
 mod tests {
     use super::flags;

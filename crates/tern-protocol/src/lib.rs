@@ -30,8 +30,8 @@ mod message;
 mod protocol_message;
 
 pub use codec::{decode, decode_messages, decode_value, encode, encode_value, DecodeError, Format};
-pub use constants::{action, flags, presence_action};
+pub use constants::{action, annotation_action, flags, message_action, presence_action};
 pub use data::Data;
 pub use error::{code, status_code_for, ErrorInfo};
-pub use message::{to_json_safe, Message, PresenceMessage};
+pub use message::{to_json_safe, Annotation, Message, MessageVersion, PresenceMessage};
 pub use protocol_message::{AuthDetails, ConnectionDetails, ProtocolMessage, PublishResult};

@@ -45,8 +45,111 @@ pub struct Message {
     /// 0 create, 1 update, 2 delete, 3 meta, 4 summary, 5 append; absent means create.
     #[serde(default, deserialize_with = "integer::optional")]
     pub action: Option<u8>,
-    /// Opaque server-assigned serial.
+    /// Opaque server-assigned serial. On an update, delete, append or summary it names the
+    /// message changed (and `version.serial` the change itself).
     pub serial: Option<String>,
+    /// Which version of the message this is (spec TM2s): set by the server on every
+    /// update, delete and append; `clientId`, `description` and `metadata` come from the
+    /// caller's operation.
+    pub version: Option<MessageVersion>,
+    /// `{"summary": {type: ...}}`: the annotation summary of a `message.summary`.
+    #[serde(default, deserialize_with = "present_value")]
+    pub annotations: Option<Value>,
+}
+
+/// One version of a message (spec TM2s): the change that produced it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageVersion {
+    /// The change's own serial (the message keeps its first serial).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// When the change was applied, ms since the epoch.
+    #[serde(
+        default,
+        deserialize_with = "integer::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timestamp: Option<i64>,
+    /// Who made the change (the operation's `clientId`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Why, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Free-form metadata of the change (string values in Ably's model).
+    #[serde(
+        default,
+        deserialize_with = "present_value",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub metadata: Option<Value>,
+}
+
+/// An annotation of a message (spec TAN): a reaction, a flag, a count, published by a
+/// client about the message whose serial is `messageSerial`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Annotation {
+    /// Unique id (`<frame id>:<index>` when the server assigns it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// 0 create, 1 delete (see [`crate::annotation_action`]).
+    #[serde(
+        default,
+        deserialize_with = "integer::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub action: Option<u8>,
+    /// The annotation's own serial, assigned by the server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Serial of the message annotated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_serial: Option<String>,
+    /// `namespace:aggregation.version`, e.g. `reaction:distinct.v1`.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// What is counted (the emoji of a reaction).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// For `multiple.v1`: how many this client adds.
+    #[serde(
+        default,
+        deserialize_with = "integer::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub count: Option<i64>,
+    /// The annotating client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// The annotating connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_id: Option<String>,
+    /// Optional payload, relayed opaquely (text or JSON; binary data is not base64'd here).
+    #[serde(
+        default,
+        deserialize_with = "present_data",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub data: Option<Data>,
+    /// How to decode `data`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<String>,
+    /// Extras object.
+    #[serde(
+        default,
+        deserialize_with = "present_value",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub extras: Option<Value>,
+    /// Milliseconds since the epoch.
+    #[serde(
+        default,
+        deserialize_with = "integer::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timestamp: Option<i64>,
 }
 
 /// A presence event (spec TP3). Ids have the form `connectionId:msgSerial:index`, which
@@ -146,6 +249,10 @@ struct MessageWire<'a> {
     action: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
     serial: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<&'a MessageVersion>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    annotations: Option<&'a Value>,
 }
 
 impl Serialize for Message {
@@ -163,6 +270,8 @@ impl Serialize for Message {
             timestamp: self.timestamp,
             action: self.action,
             serial: self.serial.as_deref(),
+            version: self.version.as_ref(),
+            annotations: self.annotations.as_ref(),
         }
         .serialize(serializer)
     }

@@ -8,12 +8,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorInfo;
 use crate::integer;
-use crate::message::{Message, PresenceMessage};
+use crate::message::{Annotation, Message, PresenceMessage};
 
 /// One realtime frame (spec TR4), in either direction.
 ///
 /// `action` is a plain number so that a frame with an unknown action still decodes and can
-/// be answered; only type mismatches fail to decode. Unknown fields (`annotations`, `state`,
+/// be answered; only type mismatches fail to decode. Unknown fields (`state`,
 /// the obsolete top-level `connectionKey`, ...) are ignored, `null` reads as `None`, and
 /// `None` fields are omitted when encoding.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -71,6 +71,9 @@ pub struct ProtocolMessage {
     /// PRESENCE and SYNC payload.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub presence: Option<Vec<PresenceMessage>>,
+    /// ANNOTATION payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<Vec<Annotation>>,
     /// AUTH: the new credentials.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthDetails>,

@@ -6,8 +6,9 @@ use proptest::option;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use tern_protocol::{
-    decode, decode_messages, encode, encode_value, AuthDetails, ConnectionDetails, Data, ErrorInfo,
-    Format, Message, PresenceMessage, ProtocolMessage, PublishResult,
+    decode, decode_messages, encode, encode_value, Annotation, AuthDetails, ConnectionDetails,
+    Data, ErrorInfo, Format, Message, MessageVersion, PresenceMessage, ProtocolMessage,
+    PublishResult,
 };
 
 fn text() -> impl Strategy<Value = String> {
@@ -73,12 +74,14 @@ fn message(binary: bool) -> impl Strategy<Value = Message> {
             option::of(any::<u8>()),
             option::of(text()),
         ),
+        (option::of(version()), extras()),
     )
         .prop_map(
             |(
                 (id, client_id, connection_id, connection_key, name),
                 (data, encoding, extras),
                 (timestamp, action, serial),
+                (version, annotations),
             )| {
                 Message {
                     id,
@@ -92,7 +95,70 @@ fn message(binary: bool) -> impl Strategy<Value = Message> {
                     timestamp,
                     action,
                     serial,
+                    version,
+                    annotations,
                 }
+            },
+        )
+}
+
+fn version() -> impl Strategy<Value = MessageVersion> {
+    (
+        option::of(text()),
+        option::of(any::<i64>()),
+        option::of(text()),
+        option::of(text()),
+        extras(),
+    )
+        .prop_map(
+            |(serial, timestamp, client_id, description, metadata)| MessageVersion {
+                serial,
+                timestamp,
+                client_id,
+                description,
+                metadata,
+            },
+        )
+}
+
+fn annotation(binary: bool) -> impl Strategy<Value = Annotation> {
+    (
+        (
+            option::of(text()),
+            option::of(0u8..2),
+            option::of(text()),
+            option::of(text()),
+            option::of(text()),
+            option::of(text()),
+        ),
+        (
+            option::of(any::<i64>()),
+            option::of(text()),
+            option::of(text()),
+            option::of(data(binary)),
+            extras(),
+            option::of(any::<i64>()),
+        ),
+    )
+        .prop_map(
+            move |(
+                (id, action, serial, message_serial, kind, name),
+                (count, client_id, connection_id, data, extras, timestamp),
+            )| Annotation {
+                id,
+                action,
+                serial,
+                message_serial,
+                kind,
+                name,
+                count,
+                client_id,
+                connection_id,
+                // Binary data in an annotation is not base64'd in JSON (documented).
+                encoding: None,
+                data: data.filter(|d| binary || !matches!(d, Data::Binary(_))),
+                extras,
+                timestamp,
             },
         )
 }
@@ -192,6 +258,7 @@ fn protocol_message(binary: bool) -> impl Strategy<Value = ProtocolMessage> {
         (
             option::of(vec(message(binary), 0..3)),
             option::of(vec(presence(binary), 0..3)),
+            option::of(vec(annotation(binary), 0..3)),
         ),
         (
             option::of(option::of(text()).prop_map(|access_token| AuthDetails { access_token })),
@@ -208,7 +275,7 @@ fn protocol_message(binary: bool) -> impl Strategy<Value = ProtocolMessage> {
                 (action, flags, id, timestamp),
                 (count, error, connection_id, channel),
                 (channel_serial, msg_serial),
-                (messages, presence),
+                (messages, presence, annotations),
                 (auth, connection_details, params, res),
             )| ProtocolMessage {
                 action,
@@ -223,6 +290,7 @@ fn protocol_message(binary: bool) -> impl Strategy<Value = ProtocolMessage> {
                 msg_serial,
                 messages,
                 presence,
+                annotations,
                 auth,
                 connection_details,
                 params,

@@ -304,7 +304,16 @@ impl tern_cluster::replicator::HistoryAccess for StoreHistory {
                     },
                 )
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // Changes of messages are filed under their message too, as when journaled.
+        let versions: Vec<_> = match presence {
+            true => Vec::new(),
+            false => items
+                .iter()
+                .filter_map(|(_, item)| tern_edge::history::version_row(app, channel, item))
+                .collect(),
+        };
+        let items = items.into_iter().chain(versions).collect();
         if let Err(err) = self.store.append(items, Box::new(|_| {})) {
             tracing::warn!(%channel, error = %err, "storing copied history failed");
         }

@@ -827,3 +827,130 @@ async fn full_disk_refuses_push_registrations_and_keeps_every_acked_one() {
     let port = fixture.start_tern(config_dir.path());
     assert_devices_kept(&device_ids(port).await, &tally, "after a SIGKILL restart");
 }
+
+/// An Ably-shaped refusal: a 5xx status with an Ably 5xxxx code.
+fn assert_server_refusal(what: &str, status: u16, body: &str) {
+    let code = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|b| b["error"]["code"].as_u64());
+    assert!(
+        (500..=599).contains(&status) && code.is_some_and(|c| (50000..=59999).contains(&c)),
+        "{what} refused with {status} {body}, not a 5xx with an Ably 5xxxx code"
+    );
+}
+
+/// Changes (PATCH) and annotations (POST) are acknowledged only once stored: while the
+/// disk fills, every one answered 200/201 is, after the filesystem grows, among the
+/// message's versions (by its version serial) or annotations exactly once, and every
+/// other one got a 5xx with an Ably 5xxxx code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_acknowledges_only_stored_changes_and_annotations() {
+    let mut fixture = Fixture::mount();
+    let config_dir = tempfile::tempdir().unwrap();
+    let port = fixture.start_tern(config_dir.path());
+    let messages = format!("/channels/{CHANNEL}/messages");
+    let (status, body) = http(
+        port,
+        "POST",
+        &format!("{messages}?key={KEY}"),
+        r#"{"data":"a"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let serial = serde_json::from_str::<Value>(&body).unwrap()["serials"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let change_path = format!("{messages}/{serial}?key={KEY}");
+    let annotations_path = format!("{messages}/{serial}/annotations?key={KEY}");
+    let change =
+        |n: usize| json!({ "action": 1, "data": format!("v{n}:{}", "x".repeat(DATA_BYTES)) });
+    let annotation = |n: usize| json!([{ "type": "fill:total.v1", "name": format!("a{n}"), "data": "x".repeat(DATA_BYTES) }]);
+
+    let (mut versions_acked, mut annotations_acked) = (Vec::new(), Vec::new());
+    let (mut changes_refused, mut annotations_refused) = (0, 0);
+    let started = Instant::now();
+    let mut n = 0;
+    while (changes_refused < FAILURES_WANTED || annotations_refused < FAILURES_WANTED)
+        && n < FILL_PUBLISHES_MAX
+        && started.elapsed() < FILL_TIME_MAX
+    {
+        let (status, body) = http(port, "PATCH", &change_path, &change(n).to_string()).await;
+        if status == 200 {
+            let answer: Value = serde_json::from_str(&body).unwrap();
+            versions_acked.push(answer["versionSerial"].as_str().unwrap().to_string());
+        } else {
+            assert_server_refusal("a change", status, &body);
+            changes_refused += 1;
+        }
+        let (status, body) =
+            http(port, "POST", &annotations_path, &annotation(n).to_string()).await;
+        if status == 201 {
+            annotations_acked.push(format!("a{n}"));
+        } else {
+            assert_server_refusal("an annotation", status, &body);
+            annotations_refused += 1;
+        }
+        n += 1;
+    }
+    assert!(
+        changes_refused >= FAILURES_WANTED && annotations_refused >= FAILURES_WANTED,
+        "the disk filled but changes ({changes_refused} refused) or annotations \
+         ({annotations_refused} refused) were not refused after {n} of each"
+    );
+    assert!(!versions_acked.is_empty() && !annotations_acked.is_empty());
+
+    fixture.resize(LARGE_FS);
+    let recovering = Instant::now();
+    loop {
+        let (status, _) = http(port, "PATCH", &change_path, &change(n).to_string()).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            recovering.elapsed() < WAIT,
+            "changes still refused after the filesystem grew"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = http(
+        port,
+        "GET",
+        &format!("{messages}/{serial}/versions?key={KEY}&limit=1000"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let stored: Vec<String> = serde_json::from_str::<Vec<Value>>(&body)
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["version"]["serial"].as_str().map(str::to_string))
+        .collect();
+    for version in &versions_acked {
+        let copies = stored.iter().filter(|s| *s == version).count();
+        assert_eq!(
+            copies, 1,
+            "acknowledged change {version} is stored {copies} times"
+        );
+    }
+    let (status, body) = http(
+        port,
+        "GET",
+        &format!("{messages}/{serial}/annotations?key={KEY}&limit=1000"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let stored: Vec<String> = serde_json::from_str::<Vec<Value>>(&body)
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["name"].as_str().map(str::to_string))
+        .collect();
+    for name in &annotations_acked {
+        let copies = stored.iter().filter(|s| *s == name).count();
+        assert_eq!(
+            copies, 1,
+            "acknowledged annotation {name} is stored {copies} times"
+        );
+    }
+}

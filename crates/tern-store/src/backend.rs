@@ -54,15 +54,13 @@ pub(crate) trait Backend: Send + Sync {
 /// gets a new origin per publishing node boot, so this only trims long-dead origins.
 pub(crate) const CURSOR_ORIGINS_MAX: usize = 256;
 
-/// The channel part of an item prefix: the prefix without its kind byte, so messages and
-/// presence (which share one sequence per origin) share one cursor row.
-pub(crate) fn cursor_key(prefix: &[u8]) -> &[u8] {
-    &prefix[..prefix.len().saturating_sub(1)]
-}
+pub(crate) use crate::item::cursor_key;
 
 /// The highest sequence per origin of each channel among `rows`.
-pub(crate) fn cursor_updates(rows: &[Row]) -> BTreeMap<&[u8], BTreeMap<u64, u64>> {
-    let mut out: BTreeMap<&[u8], BTreeMap<u64, u64>> = BTreeMap::new();
+pub(crate) fn cursor_updates(
+    rows: &[Row],
+) -> BTreeMap<std::borrow::Cow<'_, [u8]>, BTreeMap<u64, u64>> {
+    let mut out: BTreeMap<std::borrow::Cow<'_, [u8]>, BTreeMap<u64, u64>> = BTreeMap::new();
     for row in rows {
         let seq = out
             .entry(cursor_key(&row.prefix))

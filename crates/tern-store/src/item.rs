@@ -15,11 +15,34 @@ use crate::error::StoreError;
 /// Longest app or channel name a key can hold, in bytes.
 pub const NAME_BYTES_MAX: usize = u16::MAX as usize;
 
-/// Messages and presence messages of a channel are separate histories.
+/// Messages and presence messages of a channel are separate histories. The changes and
+/// annotations of one message are kept apart too, so reading them is one range scan:
+/// their [`ChannelRef::channel`] is `<channel>\0<message serial>` ([`ChannelRef::of_message`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventKind {
     Message,
     Presence,
+    /// Updates, deletes, appends and summaries of one message (also in the channel's
+    /// `Message` history, which the cursor and new homes read).
+    Versions,
+    /// Annotations of one message.
+    Annotations,
+}
+
+impl EventKind {
+    fn byte(self) -> u8 {
+        match self {
+            EventKind::Message => 0,
+            EventKind::Presence => 1,
+            EventKind::Versions => 2,
+            EventKind::Annotations => 3,
+        }
+    }
+
+    /// Whether rows of this kind belong to one message (channel `<channel>\0<serial>`).
+    fn per_message(byte: u8) -> bool {
+        byte >= 2
+    }
 }
 
 /// Where an item sits: one channel of one app, messages or presence.
@@ -217,6 +240,15 @@ impl ChannelRef {
         }
     }
 
+    /// The changes (`Versions`) or annotations of the message `serial` of a channel.
+    pub fn of_message(app: &str, channel: &str, serial: &str, kind: EventKind) -> ChannelRef {
+        ChannelRef {
+            app: app.into(),
+            channel: format!("{channel}\0{serial}").into(),
+            kind,
+        }
+    }
+
     /// The key prefix every item of this channel shares.
     pub(crate) fn key_prefix(&self) -> Result<Vec<u8>, StoreError> {
         let mut out = Vec::with_capacity(self.app.len() + self.channel.len() + 5);
@@ -226,10 +258,7 @@ impl ChannelRef {
             out.extend_from_slice(&len.to_be_bytes());
             out.extend_from_slice(name);
         }
-        out.push(match self.kind {
-            EventKind::Message => 0,
-            EventKind::Presence => 1,
-        });
+        out.push(self.kind.byte());
         Ok(out)
     }
 }
@@ -239,7 +268,34 @@ impl ChannelRef {
 pub(crate) fn channel_of_prefix(prefix: &[u8]) -> Option<&[u8]> {
     let (_app, rest) = split_name(prefix)?;
     let (channel, rest) = split_name(rest)?;
-    matches!(rest, [0] | [1]).then_some(channel)
+    matches!(rest, [0..=3]).then_some(channel)
+}
+
+/// The key of a channel's cursor row for an item prefix: the prefix without its kind
+/// byte, so messages and presence (which share one sequence per origin) share one row;
+/// a message's changes and annotations count in their channel's row.
+pub(crate) fn cursor_key(prefix: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let base = &prefix[..prefix.len().saturating_sub(1)];
+    let per_message = prefix
+        .last()
+        .is_some_and(|kind| EventKind::per_message(*kind));
+    let split = || {
+        let (app, rest) = split_name(prefix)?;
+        let (channel, _) = split_name(rest)?;
+        let end = channel.iter().rposition(|b| *b == 0)?;
+        Some((app, &channel[..end]))
+    };
+    match (per_message, per_message.then(split).flatten()) {
+        (true, Some((app, channel))) => {
+            let mut out = Vec::with_capacity(app.len() + channel.len() + 4);
+            for name in [app, channel] {
+                out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+                out.extend_from_slice(name);
+            }
+            std::borrow::Cow::Owned(out)
+        }
+        _ => std::borrow::Cow::Borrowed(base),
+    }
 }
 
 /// Splits `len u16 ‖ name ‖ rest` into `(name, rest)`.
@@ -370,5 +426,34 @@ mod tests {
         assert!(ChannelRef::new(&long[1..], "c", EventKind::Message)
             .key_prefix()
             .is_ok());
+    }
+
+    /// A message's changes and annotations live under their own prefix (so one scan reads
+    /// them), yet count in their channel's cursor row, as its messages and presence do.
+    #[test]
+    fn per_message_rows_share_their_channels_cursor() {
+        let message = ChannelRef::new("app", "ch", EventKind::Message)
+            .key_prefix()
+            .unwrap();
+        for kind in [EventKind::Versions, EventKind::Annotations] {
+            let one = ChannelRef::of_message("app", "ch", "s1", kind)
+                .key_prefix()
+                .unwrap();
+            let other = ChannelRef::of_message("app", "ch", "s2", kind)
+                .key_prefix()
+                .unwrap();
+            assert_ne!(one, other);
+            assert!(!other.starts_with(&one) && !one.starts_with(&message));
+            assert_eq!(cursor_key(&one), cursor_key(&message));
+            assert_eq!(channel_of_prefix(&one), Some(&b"ch\0s1"[..]));
+        }
+        assert_ne!(
+            cursor_key(
+                &ChannelRef::new("app", "ch2", EventKind::Presence)
+                    .key_prefix()
+                    .unwrap()
+            ),
+            cursor_key(&message)
+        );
     }
 }

@@ -48,7 +48,7 @@ impl Backend for MemoryStore {
         drop(channels);
         let mut cursors = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
         for (channel, update) in cursor_updates(rows) {
-            if !cursors.contains_key(channel) && cursors.len() >= CURSOR_CHANNELS_MAX {
+            if !cursors.contains_key(channel.as_ref()) && cursors.len() >= CURSOR_CHANNELS_MAX {
                 continue;
             }
             let cursor = cursors.entry(channel.to_vec()).or_default();

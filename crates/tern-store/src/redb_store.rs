@@ -226,10 +226,12 @@ fn commit_rows(db: &Database, rows: &[Row]) -> Result<(), StoreError> {
         let mut cursors = txn.open_table(CURSORS).map_err(from_redb)?;
         for (channel, update) in cursor_updates(rows) {
             let row = {
-                let old = cursors.get(channel).map_err(from_redb)?;
+                let old = cursors.get(channel.as_ref()).map_err(from_redb)?;
                 merge_cursor(old.as_ref().map(|v| v.value()), &update)
             };
-            cursors.insert(channel, row.as_slice()).map_err(from_redb)?;
+            cursors
+                .insert(channel.as_ref(), row.as_slice())
+                .map_err(from_redb)?;
         }
     }
     txn.commit().map_err(from_redb)

@@ -182,7 +182,7 @@ impl HistoryStore for Store {
         let prefix = ChannelRef::new(app, channel, crate::item::EventKind::Message).key_prefix()?;
         Ok(self
             .backend
-            .cursor(crate::backend::cursor_key(&prefix))?
+            .cursor(crate::backend::cursor_key(&prefix).as_ref())?
             .into_iter()
             .collect())
     }

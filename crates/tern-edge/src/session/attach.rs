@@ -74,7 +74,8 @@ impl Session {
         let modes = if requested != 0 {
             granted & requested
         } else {
-            granted
+            // Annotations go only to attachments that asked for them.
+            granted & !flags::ANNOTATION_SUBSCRIBE
         };
         if modes == 0 {
             return self.channel_error(name, denied("attach", &base));

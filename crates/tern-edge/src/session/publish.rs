@@ -1,4 +1,4 @@
-//! MESSAGE and PRESENCE frames: rate windows, de-duplication by msgSerial, the checks
+//! MESSAGE, ANNOTATION and PRESENCE frames: rate windows, de-duplication by msgSerial, the checks
 //! before the hub (capability, mode, budget, clientId), and ACK/NACK once durable.
 
 use std::sync::Arc;
@@ -103,10 +103,10 @@ impl Session {
             ))
         } else {
             let store_mark = self.state.store_mark();
-            let result = if frame.action == action::MESSAGE {
-                self.publish(frame)
-            } else {
-                self.presence(frame).map(|()| Vec::new())
+            let result = match frame.action {
+                action::MESSAGE => self.publish(frame),
+                action::ANNOTATION => self.annotate(frame),
+                _ => self.presence(frame).map(|()| Vec::new()),
             };
             // A refused append or failed commit since `store_mark` turns this into a
             // NACK when the reply goes out (`send_reply`), so it is never ACKed.
@@ -204,6 +204,7 @@ impl Session {
         // Attached without the mode this needs (ably-js `modes` / `params.modes`).
         let mode = match op {
             Operation::Publish => flags::PUBLISH,
+            Operation::AnnotationPublish => flags::ANNOTATION_PUBLISH,
             _ => flags::PRESENCE,
         };
         if let Some(attached) = self.attachments.get(parsed.base) {
@@ -242,6 +243,13 @@ impl Session {
             app: self.auth.app_id.as_str().into(),
             name: base,
         };
+        let messages = crate::messages::prepare_messages(
+            &self.state,
+            &self.auth,
+            &self.identity,
+            &key,
+            messages,
+        )?;
         let outcome = self
             .state
             .hub
@@ -259,6 +267,43 @@ impl Session {
             });
         }
         Ok(outcome.serials)
+    }
+
+    /// ANNOTATION: checks the annotations, applies them, and has the summaries of their
+    /// messages follow once they are durable.
+    pub(super) fn annotate(
+        &mut self,
+        frame: ProtocolMessage,
+    ) -> Result<Vec<Option<String>>, ErrorInfo> {
+        let base = self.channel_for(&frame, Operation::AnnotationPublish, "annotation-publish")?;
+        let annotations = frame.annotations.unwrap_or_default();
+        crate::budget::check_annotations(&annotations, &self.state.config)?;
+        let key = ChannelKey {
+            app: self.auth.app_id.as_str().into(),
+            name: base,
+        };
+        let annotations = crate::messages::prepare_annotations(
+            &self.state,
+            &self.auth,
+            &self.identity,
+            &key,
+            annotations,
+        )?;
+        let targets = annotations
+            .iter()
+            .filter_map(|a| a.message_serial.clone())
+            .collect();
+        let publisher = Publisher {
+            connection_id: Some(self.id.clone()),
+            frame_id: format!("{}:{}", self.id, frame.msg_serial.unwrap_or(0)),
+        };
+        let (serials, _) = self
+            .state
+            .hub
+            .annotate(&key, &publisher, annotations, now_ms())
+            .map_err(core_error)?;
+        crate::messages::summarize_later(self.state.clone(), key, targets);
+        Ok(serials.into_iter().map(Some).collect())
     }
 
     pub(super) fn presence(&mut self, frame: ProtocolMessage) -> Result<(), ErrorInfo> {
