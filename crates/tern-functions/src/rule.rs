@@ -157,10 +157,12 @@ impl RuleConfig {
             ));
         }
         let filter = match &self.channel_filter {
-            Some(pattern) if pattern.len() > CHANNEL_FILTER_BYTES_MAX => return Err(format!(
+            Some(pattern) if pattern.len() > CHANNEL_FILTER_BYTES_MAX => {
+                return Err(format!(
                 "rules.channel_filter of rule '{}' is longer than {CHANNEL_FILTER_BYTES_MAX} bytes",
                 self.id
-            )),
+            ))
+            }
             Some(pattern) => Some(
                 regex::RegexBuilder::new(pattern)
                     .size_limit(1 << 20)

@@ -294,6 +294,9 @@ pub struct AppConfig {
     pub id: String,
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// Webhook rules (`[[apps.rules]]`, see `rules.rs`).
+    #[serde(default)]
+    pub rules: Vec<crate::rules::RuleSection>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -407,6 +410,7 @@ impl Config {
                 );
             }
         }
+        crate::rules::rules(self, "tern")?;
         let l = &self.limits;
         anyhow::ensure!(
             l.max_message_size > 0,
@@ -560,6 +564,7 @@ impl Config {
                     max_count: r.max_count,
                     max_age_ms: r.max_age_ms,
                 })
+                .chain(crate::rules::outbox_retention(self))
                 .collect(),
             batch_max: h.batch_max,
             queue_max: h.queue_max,
