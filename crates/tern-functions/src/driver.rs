@@ -85,9 +85,11 @@ impl Driver {
             }
         }
         loop {
+            // Loaded again after every action: a delivery makes room for more rows.
             self.load().await;
-            while let Some(action) = self.delivery.poll(now_ms()) {
+            if let Some(action) = self.delivery.poll(now_ms()) {
                 self.act(action).await;
+                continue;
             }
             let wait = self.delivery.next_wakeup().map_or(IDLE_RECHECK, |at| {
                 Duration::from_millis(
