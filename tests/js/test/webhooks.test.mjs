@@ -2,73 +2,12 @@
 // webhook docs only, receives what tern sends for ably-js's publishes and presence.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createServer } from 'node:http';
-import { createHmac, timingSafeEqual } from 'node:crypto';
 import Ably from 'ably';
 import { connected, options, startTern, testConfig, waitUntil } from '../lib/tern.mjs';
+import { items, startFunction } from '../lib/function.mjs';
 
 const KEY_NAME = 'test.root';
 const KEY_SECRET = 'rootsecret';
-
-/// A function endpoint. Verifies every request as Ably's docs tell a receiver to:
-/// HMAC-SHA256 of the raw body under the secret of the key `X-Ably-Key` names, base64,
-/// compared with `X-Ably-Signature`. `mode` decides the answer: 'ok' (200 at once),
-/// 'slow' (200 after `slowMs`), 'down' (503). Only answered-2xx requests count as
-/// received (a function that failed did not process the request).
-function startFunction() {
-  const fn = {
-    mode: 'ok',
-    slowMs: 150,
-    requests: [], // { path, headers, body (Buffer), json }
-    badSignatures: 0,
-    serials: new Map(), // item serial → times received
-    inFlight: 0,
-    server: null,
-    port: 0,
-  };
-  fn.server = createServer((req, res) => {
-    const chunks = [];
-    req.on('data', (c) => chunks.push(c));
-    req.on('end', () => {
-      const body = Buffer.concat(chunks);
-      const signature = req.headers['x-ably-signature'];
-      if (signature !== undefined) {
-        const expected = createHmac('sha256', KEY_SECRET).update(body).digest('base64');
-        const valid = req.headers['x-ably-key'] === KEY_NAME
-          && expected.length === signature.length
-          && timingSafeEqual(Buffer.from(expected), Buffer.from(signature));
-        if (!valid) fn.badSignatures += 1;
-      }
-      const answer = () => {
-        fn.inFlight -= 1;
-        if (fn.mode === 'down') {
-          res.writeHead(503).end('down');
-          return;
-        }
-        const isJson = (req.headers['content-type'] || '').startsWith('application/json');
-        const json = isJson ? JSON.parse(body.toString('utf8')) : null;
-        fn.requests.push({ path: req.url, headers: req.headers, body, json });
-        for (const item of json?.items || []) {
-          fn.serials.set(item.serial, (fn.serials.get(item.serial) || 0) + 1);
-        }
-        res.writeHead(200).end('ok');
-      };
-      fn.inFlight += 1;
-      if (fn.mode === 'slow') setTimeout(answer, fn.slowMs);
-      else answer();
-    });
-  });
-  return new Promise((resolve) => {
-    fn.server.listen(0, '127.0.0.1', () => {
-      fn.port = fn.server.address().port;
-      resolve(fn);
-    });
-  });
-}
-
-function items(fn, path = '/hook') {
-  return fn.requests.filter((r) => r.path === path).flatMap((r) => r.json.items);
-}
 
 function withRules(rules, history = 'mode = "memory"') {
   // `[[apps.rules]]` after the config's `[[apps.keys]]` belong to its one app.
@@ -80,7 +19,7 @@ test('ably-js publishes and presence reach a signed, batched function, shaped as
   // X-Ably-Signature; bodies parse with Ably's own Message.fromEncodedArray; presence
   // arrives as presence.message; a channel the filter excludes sends nothing; the
   // single non-enveloped mode sends the data as the body with x-ably-message-* headers.
-  const fn = await startFunction();
+  const fn = await startFunction({ keyName: KEY_NAME, keySecret: KEY_SECRET });
   const tern = await startTern(withRules(`
 [[apps.rules]]
 id = "batched"
@@ -174,7 +113,7 @@ enveloped = false
 
 test('a function down for a while gets every message once it is back', async () => {
   // Proves retries: 503s are retried (same events, in order) until the function answers.
-  const fn = await startFunction();
+  const fn = await startFunction({ keyName: KEY_NAME, keySecret: KEY_SECRET });
   fn.mode = 'down';
   const tern = await startTern(withRules(`
 [[apps.rules]]
@@ -207,7 +146,7 @@ sign_with_key = "root"
 test('SIGKILL with deliveries in flight: after restart every ACKed message reaches the function', async () => {
   // Proves the outbox: webhooks of ACKed publishes survive kill -9 of the delivering
   // node mid-batch; delivery is at least once and the item serial de-duplicates.
-  const fn = await startFunction();
+  const fn = await startFunction({ keyName: KEY_NAME, keySecret: KEY_SECRET });
   fn.mode = 'slow';
   const config = withRules(`
 [[apps.rules]]
