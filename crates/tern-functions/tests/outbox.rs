@@ -1,0 +1,235 @@
+//! The outbox and its delivery task against a real store and a real HTTP function on
+//! loopback: the bound on undelivered events, the delivered mark across a reopen, and
+//! that only this node's own events are delivered.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tern_core::{ChannelEvent, ChannelKey, OriginId};
+use tern_functions::{Mode, Outbox, RuleConfig, Source};
+use tern_protocol::{Data, Message, ProtocolMessage};
+
+const ORIGIN: OriginId = OriginId(7);
+
+/// A function on loopback: answers 503 while `down`, else 200 and keeps the serials of
+/// the items it got.
+#[derive(Clone, Default)]
+struct Function {
+    down: Arc<AtomicBool>,
+    serials: Arc<Mutex<Vec<String>>>,
+}
+
+impl Function {
+    async fn start(&self) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let function = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let function = function.clone();
+                tokio::spawn(async move {
+                    let service =
+                        service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                            let function = function.clone();
+                            async move {
+                                let body = request.into_body().collect().await.unwrap().to_bytes();
+                                let status = function.receive(&body);
+                                Ok::<_, Infallible>(
+                                    hyper::Response::builder()
+                                        .status(status)
+                                        .body(Full::new(Bytes::new()))
+                                        .unwrap(),
+                                )
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        port
+    }
+
+    fn receive(&self, body: &[u8]) -> u16 {
+        if self.down.load(Ordering::SeqCst) {
+            return 503;
+        }
+        let json: Value = serde_json::from_slice(body).unwrap();
+        let mut serials = self.serials.lock().unwrap();
+        for item in json["items"].as_array().unwrap() {
+            serials.push(item["serial"].as_str().unwrap().to_string());
+        }
+        200
+    }
+
+    fn serials(&self) -> Vec<String> {
+        self.serials.lock().unwrap().clone()
+    }
+}
+
+fn rule(port: u16, outbox_items_max: u64) -> tern_functions::Rule {
+    RuleConfig {
+        id: "r".into(),
+        app: "app".into(),
+        channel_filter: None,
+        sources: vec![Source::Message],
+        url: format!("http://127.0.0.1:{port}/hook"),
+        headers: Vec::new(),
+        mode: Mode::Batched,
+        batch_window_ms: 10,
+        batch_items_max: 4,
+        request_bytes_max: 1 << 20,
+        enveloped: true,
+        signing_key: None,
+        outbox_items_max,
+        request_timeout_ms: 2_000,
+        retry_delay_initial_ms: 50,
+        retry_delay_max_ms: 200,
+        retry_for_ms: 600_000,
+        site: "tern".into(),
+    }
+    .validate()
+    .unwrap()
+}
+
+/// One event of one message with serial `s<seq>`, from `origin`.
+fn event(origin: OriginId, seq: u64) -> ChannelEvent {
+    let message = Message {
+        id: Some(format!("c:{seq}:0")),
+        data: Some(Data::String(format!("d{seq}"))),
+        timestamp: Some(1_000 + seq as i64),
+        serial: Some(format!("s{seq}")),
+        ..Message::default()
+    };
+    let frame = ProtocolMessage {
+        action: tern_protocol::action::MESSAGE,
+        channel: Some("ch".into()),
+        timestamp: Some(1_000 + seq as i64),
+        messages: Some(vec![message]),
+        ..ProtocolMessage::default()
+    };
+    ChannelEvent::new(origin, seq, None, frame)
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn serials(range: std::ops::RangeInclusive<u64>) -> Vec<String> {
+    range.map(|seq| format!("s{seq}")).collect()
+}
+
+/// With the function down, at most `outbox_items_max` events wait; the rest are dropped
+/// (not queued), and once the function is back exactly the kept ones arrive, in order.
+#[tokio::test]
+async fn undelivered_events_are_bounded() {
+    let function = Function::default();
+    function.down.store(true, Ordering::SeqCst);
+    let port = function.start().await;
+    let store = tern_store::open(&tern_store::StoreConfig::default()).unwrap();
+    let outbox = Outbox::open(store.clone(), ORIGIN, vec![rule(port, 10)]).unwrap();
+    let _tasks = tern_functions::spawn(&outbox);
+    let key = ChannelKey::new("app", "ch");
+    for seq in 1..=25 {
+        outbox.record(&key, &event(ORIGIN, seq));
+    }
+    assert_eq!(outbox.rules()[0].undelivered(), 10);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(function.serials().is_empty());
+    function.down.store(false, Ordering::SeqCst);
+    wait_for("10 delivered", || function.serials().len() >= 10).await;
+    assert_eq!(function.serials(), serials(1..=10));
+    wait_for("the outbox to drain", || {
+        outbox.rules()[0].undelivered() == 0
+    })
+    .await;
+    // Room again: new events are taken.
+    outbox.record(&key, &event(ORIGIN, 26));
+    wait_for("the 11th", || function.serials().len() >= 11).await;
+    assert_eq!(function.serials().last().unwrap(), "s26");
+}
+
+/// Events accepted by another node (another origin) are that node's to deliver.
+#[tokio::test]
+async fn only_own_events_are_delivered() {
+    let function = Function::default();
+    let port = function.start().await;
+    let store = tern_store::open(&tern_store::StoreConfig::default()).unwrap();
+    let outbox = Outbox::open(store, ORIGIN, vec![rule(port, 100)]).unwrap();
+    let _tasks = tern_functions::spawn(&outbox);
+    let key = ChannelKey::new("app", "ch");
+    outbox.record(&key, &event(OriginId(99), 1));
+    outbox.record(&key, &event(ORIGIN, 2));
+    outbox.record(
+        &key,
+        &ChannelEvent::new(ORIGIN, 3, None, {
+            let mut frame = event(ORIGIN, 3).frame;
+            frame.messages = None;
+            frame
+        }),
+    );
+    wait_for("own event", || !function.serials().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(function.serials(), ["s2"]);
+    let other = ChannelKey::new("other-app", "ch");
+    outbox.record(&other, &event(ORIGIN, 4));
+    assert_eq!(outbox.rules()[0].undelivered(), 0, "another app's channel");
+}
+
+/// After a reopen of the same redb file, delivery resumes after the delivered mark:
+/// the delivered events are not sent again and the new ones are, with the outbox
+/// sequence continuing.
+#[tokio::test]
+async fn resumes_after_the_delivered_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tern_store::StoreConfig {
+        path: Some(dir.path().join("history.redb")),
+        ..tern_store::StoreConfig::default()
+    };
+    let function = Function::default();
+    let port = function.start().await;
+    let key = ChannelKey::new("app", "ch");
+    {
+        let store = tern_store::open(&config).unwrap();
+        let outbox = Outbox::open(store.clone(), ORIGIN, vec![rule(port, 100)]).unwrap();
+        let tasks = tern_functions::spawn(&outbox);
+        for seq in 1..=6 {
+            outbox.record(&key, &event(ORIGIN, seq));
+        }
+        wait_for("6 delivered", || outbox.rules()[0].undelivered() == 0).await;
+        for task in tasks {
+            task.abort();
+            let _ = task.await;
+        }
+        // The mark is written after the last 2xx; let it reach the file.
+        tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .unwrap();
+    }
+    assert_eq!(function.serials(), serials(1..=6));
+    let store = tern_store::open(&config).unwrap();
+    let outbox = Outbox::open(store, OriginId(8), vec![rule(port, 100)]).unwrap();
+    assert_eq!(outbox.rules()[0].undelivered(), 0);
+    let _tasks = tern_functions::spawn(&outbox);
+    outbox.record(&key, &event(OriginId(8), 7));
+    wait_for("the 7th", || function.serials().len() >= 7).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(function.serials(), serials(1..=7));
+}
