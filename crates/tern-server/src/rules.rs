@@ -153,6 +153,12 @@ pub fn outbox_retention(config: &Config) -> Option<tern_store::RetentionRule> {
     Some(tern_functions::outbox::retention_rule(items_max))
 }
 
+/// The hub's journal, and the webhook outbox behind it if any rule exists.
+pub type Journaled = (
+    std::sync::Arc<dyn tern_core::Journal>,
+    Option<std::sync::Arc<tern_functions::Outbox>>,
+);
+
 /// The hub's journal with webhook outboxes in front of `history` (the store journal),
 /// and the outbox whose deliveries [`tern_functions::spawn`] starts; without rules,
 /// `history` alone. Reads what an earlier run left undelivered (blocking, at boot).
@@ -162,10 +168,7 @@ pub fn journal(
     store: std::sync::Arc<dyn tern_store::HistoryStore>,
     origin: tern_core::OriginId,
     history: std::sync::Arc<dyn tern_core::Journal>,
-) -> anyhow::Result<(
-    std::sync::Arc<dyn tern_core::Journal>,
-    Option<std::sync::Arc<tern_functions::Outbox>>,
-)> {
+) -> anyhow::Result<Journaled> {
     let rules = rules(config, site)?;
     if rules.is_empty() {
         return Ok((history, None));
