@@ -78,7 +78,10 @@ impl Driver {
         let store = self.store.clone();
         let outbox = self.outbox.clone();
         match tokio::task::spawn_blocking(move || outbox.read_delivered(store.as_ref())).await {
-            Ok(Ok(position)) => self.loaded = position,
+            Ok(Ok(position)) => {
+                tracing::debug!(%rule, delivered = ?position, "webhook delivery starts after the delivered mark");
+                self.loaded = position;
+            }
             other => {
                 // Without the mark, start from the oldest row kept: duplicates, not loss.
                 tracing::warn!(%rule, ?other, "reading the webhook delivered mark failed");
@@ -117,6 +120,13 @@ impl Driver {
                 }
             };
             let more = page.next.is_some() && !page.items.is_empty();
+            tracing::trace!(
+                rule = %self.outbox.rule.config.id,
+                first = page.items.first().map(|i| i.seq),
+                last = page.items.last().map(|i| i.seq),
+                more,
+                "webhook outbox rows loaded"
+            );
             for item in page.items {
                 self.push(item);
             }
@@ -182,6 +192,7 @@ impl Driver {
     /// Records `upto` as delivered: the newest mark row (durable with the next group
     /// commit; a crash before it only means `upto`'s request is sent again).
     fn mark(&mut self, upto: Position) {
+        tracing::trace!(rule = %self.outbox.rule.config.id, upto = upto.seq, "webhook events delivered");
         self.outbox.set_delivered(upto.seq);
         self.loaded_bytes = self.delivery.bytes();
         // Never behind the previous mark, so the newest by position is the latest.
