@@ -194,6 +194,8 @@ impl Driver {
     fn mark(&mut self, upto: Position) {
         tracing::trace!(rule = %self.outbox.rule.config.id, upto = upto.seq, "webhook events delivered");
         self.outbox.set_delivered(upto.seq);
+        metrics::gauge!("tern_webhook_outbox_undelivered", "rule" => self.outbox.rule.config.id.clone())
+            .set(self.outbox.undelivered() as f64);
         self.loaded_bytes = self.delivery.bytes();
         // Never behind the previous mark, so the newest by position is the latest.
         self.mark_ms = self.mark_ms.max(now_ms());

@@ -233,3 +233,24 @@ async fn resumes_after_the_delivered_mark() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(function.serials(), serials(1..=7));
 }
+
+/// Events whose clock steps backwards (a wall-clock adjustment, another publisher's
+/// timestamp) are still delivered in the order they were recorded: outbox positions
+/// never go back.
+#[tokio::test]
+async fn order_survives_a_clock_step_back() {
+    let function = Function::default();
+    let port = function.start().await;
+    let store = tern_store::open(&tern_store::StoreConfig::default()).unwrap();
+    let outbox = Outbox::open(store, ORIGIN, vec![rule(port, 100)]).unwrap();
+    let _tasks = tern_functions::spawn(&outbox);
+    let key = ChannelKey::new("app", "ch");
+    for seq in 1..=6 {
+        let mut stepped = event(ORIGIN, seq);
+        // Timestamps 1006, 1005, … 1001: each earlier than the one before.
+        stepped.frame.timestamp = Some(1_007 - seq as i64);
+        outbox.record(&key, &ChannelEvent::new(ORIGIN, seq, None, stepped.frame));
+    }
+    wait_for("6 delivered", || function.serials().len() >= 6).await;
+    assert_eq!(function.serials(), serials(1..=6));
+}
