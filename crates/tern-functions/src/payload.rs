@@ -174,10 +174,11 @@ fn non_enveloped(rule: &RuleConfig, entry: &Entry) -> Request {
             .get("action")
             .and_then(Value::as_u64)
             .unwrap_or(0);
-        headers.push((
-            "x-ably-message-action".into(),
-            presence_action_name(action).into(),
-        ));
+        // Ably's header table names the action x-ably-message-name, its example
+        // x-ably-message-action: both are sent.
+        let action = presence_action_name(action);
+        headers.push(("x-ably-message-name".into(), action.into()));
+        headers.push(("x-ably-message-action".into(), action.into()));
     } else if let Some(name) = text("name") {
         headers.push(("x-ably-message-name".into(), name.into()));
     }
@@ -400,6 +401,35 @@ mod tests {
             Some("application/octet-stream")
         );
         assert_eq!(header(&request, "x-ably-message-encoding"), None);
+    }
+
+    /// Non-enveloped presence: the member's data is the body, the action a header.
+    #[test]
+    fn non_enveloped_presence() {
+        let mut rule = config("r");
+        rule.mode = Mode::Single;
+        rule.enveloped = false;
+        rule.sources = vec![Source::Presence];
+        let presence = PresenceMessage {
+            id: Some("c:1:0".into()),
+            action: 2,
+            client_id: Some("bob".into()),
+            data: Some(Data::String("some data".into())),
+            timestamp: Some(5),
+            ..PresenceMessage::default()
+        };
+        let request = single(
+            &rule,
+            &Entry::presence("app", "ch", &presence, String::new()),
+        );
+        assert_eq!(&request.body[..], b"some data");
+        assert_eq!(header(&request, "x-ably-message-action"), Some("enter"));
+        assert_eq!(header(&request, "x-ably-message-name"), Some("enter"));
+        assert_eq!(
+            header(&request, "x-ably-envelope-source"),
+            Some("channel.presence")
+        );
+        assert_eq!(header(&request, "x-ably-message-id"), Some("c:1:0"));
     }
 
     /// An outbox row round-trips, and foreign bytes decode to `None`.

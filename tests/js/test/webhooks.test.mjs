@@ -148,6 +148,8 @@ test('SIGKILL with deliveries in flight: after restart every ACKed message reach
   // node mid-batch; delivery is at least once and the item serial de-duplicates.
   const fn = await startFunction({ keyName: KEY_NAME, keySecret: KEY_SECRET });
   fn.mode = 'slow';
+  // 40 requests of 5 at 250 ms each: delivery takes 10 s, publishing well under that.
+  fn.slowMs = 250;
   const config = withRules(`
 [[apps.rules]]
 id = "durable"
