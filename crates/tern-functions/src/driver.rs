@@ -110,7 +110,9 @@ impl Driver {
             let mut query = HistoryQuery::new(self.outbox.entries.clone());
             query.direction = Direction::Forwards;
             query.after = Some(self.loaded);
-            query.limit = self.load_items_max - self.delivery.len();
+            // A page is read whole: at most one request's worth at a time.
+            query.limit = (self.load_items_max - self.delivery.len())
+                .min(self.outbox.rule.config.batch_items_max);
             let store = self.store.clone();
             let page = match tokio::task::spawn_blocking(move || store.query(&query)).await {
                 Ok(Ok(page)) => page,
@@ -119,7 +121,7 @@ impl Driver {
                     return;
                 }
             };
-            let more = page.next.is_some() && !page.items.is_empty();
+            let mut more = page.next.is_some() && !page.items.is_empty();
             tracing::trace!(
                 rule = %self.outbox.rule.config.id,
                 first = page.items.first().map(|i| i.seq),
@@ -128,6 +130,11 @@ impl Driver {
                 "webhook outbox rows loaded"
             );
             for item in page.items {
+                if self.loaded_bytes >= self.load_bytes_max && !self.delivery.is_empty() {
+                    // Full in bytes: the rest stay on disk, read again after `loaded`.
+                    more = false;
+                    break;
+                }
                 self.push(item);
             }
             if !more {

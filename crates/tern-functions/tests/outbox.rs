@@ -24,6 +24,7 @@ const ORIGIN: OriginId = OriginId(7);
 struct Function {
     down: Arc<AtomicBool>,
     serials: Arc<Mutex<Vec<String>>>,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Function {
@@ -65,12 +66,17 @@ impl Function {
         if self.down.load(Ordering::SeqCst) {
             return 503;
         }
+        self.requests.fetch_add(1, Ordering::SeqCst);
         let json: Value = serde_json::from_slice(body).unwrap();
         let mut serials = self.serials.lock().unwrap();
         for item in json["items"].as_array().unwrap() {
             serials.push(item["serial"].as_str().unwrap().to_string());
         }
         200
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
     }
 
     fn serials(&self) -> Vec<String> {
@@ -253,4 +259,31 @@ async fn order_survives_a_clock_step_back() {
     }
     wait_for("6 delivered", || function.serials().len() >= 6).await;
     assert_eq!(function.serials(), serials(1..=6));
+}
+
+/// Events larger than the byte bounds are loaded and sent a few at a time (never more
+/// than two requests' worth in memory), and all of them arrive, in order.
+#[tokio::test]
+async fn byte_bounds_split_but_lose_nothing() {
+    let function = Function::default();
+    let port = function.start().await;
+    let store = tern_store::open(&tern_store::StoreConfig::default()).unwrap();
+    let mut rule = rule(port, 100);
+    rule.config.request_bytes_max = 2_000;
+    let outbox = Outbox::open(store, ORIGIN, vec![rule]).unwrap();
+    let key = ChannelKey::new("app", "ch");
+    for seq in 1..=20 {
+        let mut big = event(ORIGIN, seq).frame;
+        big.messages.as_mut().unwrap()[0].data = Some(Data::String("x".repeat(900)));
+        outbox.record(&key, &ChannelEvent::new(ORIGIN, seq, None, big));
+    }
+    // Started after the rows are committed, so its first loads meet the byte bound.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _tasks = tern_functions::spawn(&outbox);
+    wait_for("20 delivered", || function.serials().len() >= 20).await;
+    assert_eq!(function.serials(), serials(1..=20));
+    assert!(
+        function.requests() >= 10,
+        "at most two ~1 KB events per 2 KB request"
+    );
 }
