@@ -127,6 +127,14 @@ impl RuleOutbox {
         }
         let delivered = self.read_delivered(store)?;
         self.set_delivered(delivered.seq);
+        let mut tail = self.tail();
+        if tail.seq < delivered.seq {
+            // Retention removed every row but not the newest mark (marks are younger):
+            // continue after the mark, or the count of undelivered rows would read 0
+            // until the new rows caught up with it, and the bound would not hold.
+            tail.seq = delivered.seq;
+            tail.timestamp_ms = tail.timestamp_ms.max(delivered.timestamp_ms);
+        }
         Ok(())
     }
 

@@ -287,3 +287,56 @@ async fn byte_bounds_split_but_lose_nothing() {
         "at most two ~1 KB events per 2 KB request"
     );
 }
+
+/// When retention has removed every outbox row but the newest delivered mark is still
+/// there (marks are written later than their rows), a reopened outbox continues its
+/// numbering after the mark, so its count of undelivered events (and the bound on it)
+/// stays right.
+#[tokio::test]
+async fn numbering_continues_after_rows_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tern_store::StoreConfig {
+        path: Some(dir.path().join("history.redb")),
+        retention: vec![tern_functions::outbox::retention_rule(100)],
+        ..tern_store::StoreConfig::default()
+    };
+    let function = Function::default();
+    let port = function.start().await;
+    let key = ChannelKey::new("app", "ch");
+    {
+        let store = tern_store::open(&config).unwrap();
+        let outbox = Outbox::open(store.clone(), ORIGIN, vec![rule(port, 100)]).unwrap();
+        let tasks = tern_functions::spawn(&outbox);
+        for seq in 1..=3 {
+            outbox.record(&key, &event(ORIGIN, seq));
+        }
+        wait_for("3 delivered", || outbox.rules()[0].undelivered() == 0).await;
+        for task in tasks {
+            task.abort();
+            let _ = task.await;
+        }
+        // The rows carry 1970 timestamps (the events'), the mark today's: a trim now
+        // removes the rows and keeps the mark.
+        let trimmed = tokio::task::spawn_blocking(move || {
+            store.flush();
+            store.trim(tern_store_now_ms())
+        });
+        assert_eq!(trimmed.await.unwrap().unwrap(), 3);
+    }
+    function.down.store(true, Ordering::SeqCst);
+    let store = tern_store::open(&config).unwrap();
+    let outbox = Outbox::open(store, ORIGIN, vec![rule(port, 100)]).unwrap();
+    outbox.record(&key, &event(ORIGIN, 4));
+    assert_eq!(outbox.rules()[0].undelivered(), 1);
+    let _tasks = tern_functions::spawn(&outbox);
+    function.down.store(false, Ordering::SeqCst);
+    wait_for("the 4th", || function.serials().len() >= 4).await;
+    assert_eq!(function.serials(), serials(1..=4));
+}
+
+fn tern_store_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
