@@ -11,7 +11,7 @@ use tern_store::{Direction, HistoryQuery, HistoryStore, Position, StoredItem};
 use tokio::task::JoinHandle;
 
 use crate::delivery::{Action, Delivery, Pending};
-use crate::http::{self, Target};
+use crate::http::{Client, Target};
 use crate::outbox::{dropped, Outbox, RuleOutbox};
 use crate::payload::Entry;
 
@@ -40,7 +40,7 @@ fn now_ms() -> i64 {
 struct Driver {
     store: Arc<dyn HistoryStore>,
     outbox: Arc<RuleOutbox>,
-    target: Target,
+    client: Client,
     delivery: Delivery,
     /// The last outbox row loaded into `delivery`.
     loaded: Position,
@@ -66,7 +66,7 @@ impl Driver {
             loaded_bytes: 0,
             mark_ms: 0,
             delivery: Delivery::new(config.clone()),
-            target,
+            client: Client::new(target),
             store,
             outbox,
             loaded: Position::MIN,
@@ -168,7 +168,7 @@ impl Driver {
         match action {
             Action::Send(request) => {
                 let timeout = Duration::from_millis(self.outbox.rule.config.request_timeout_ms);
-                let result = http::post(&self.target, &request, timeout).await;
+                let result = self.client.post(&request, timeout).await;
                 let delivered = matches!(result, Ok(status) if (200..300).contains(&status));
                 let outcome = match &result {
                     Ok(status) => status.to_string(),

@@ -1,6 +1,7 @@
-//! The HTTP client of webhook delivery: one POST over HTTP/1.1, bounded in time and in
-//! what it reads back. Plain `http://` only for now: `https://` needs a TLS client
-//! (tokio-rustls and root certificates), not yet among Tern's dependencies.
+//! The HTTP client of webhook delivery: POSTs over HTTP/1.1 on a kept-alive connection,
+//! each bounded in time and in what it reads back. Plain `http://` only for now:
+//! `https://` needs a TLS client (tokio-rustls and root certificates), not yet among
+//! Tern's dependencies.
 
 use std::time::Duration;
 
@@ -57,25 +58,80 @@ impl Target {
     }
 }
 
-/// POSTs `request` to `target` over a fresh connection; the answer's status, or why
-/// there was none. The whole exchange is bounded by `timeout`.
-pub async fn post(target: &Target, request: &Request, timeout: Duration) -> Result<u16, String> {
-    tokio::time::timeout(timeout, exchange(target, request))
-        .await
-        .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// One rule's connection to its function: kept open between requests (HTTP/1.1
+/// keep-alive, one request at a time) and opened again when the function closed it.
+pub struct Client {
+    target: Target,
+    /// The connection of the last request, if the function kept it open.
+    idle: Option<Sender>,
 }
 
-async fn exchange(target: &Target, request: &Request) -> Result<u16, String> {
+impl Client {
+    pub fn new(target: Target) -> Client {
+        Client { target, idle: None }
+    }
+
+    /// POSTs `request`; the answer's status, or why there was none. The whole exchange
+    /// (connecting included) is bounded by `timeout`; a connection cut by it is not
+    /// reused.
+    pub async fn post(&mut self, request: &Request, timeout: Duration) -> Result<u16, String> {
+        tokio::time::timeout(timeout, self.exchange(request))
+            .await
+            .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
+    }
+
+    async fn exchange(&mut self, request: &Request) -> Result<u16, String> {
+        if let Some(mut sender) = self.idle.take() {
+            if sender.ready().await.is_ok() {
+                if let Ok(status) = self.send(sender, request).await {
+                    return Ok(status);
+                }
+                // The function closed the kept connection as the request went out:
+                // once more on a new one (at least once: it may have seen the first).
+            }
+        }
+        let sender = connect(&self.target).await?;
+        self.send(sender, request).await
+    }
+
+    /// Sends on `sender` and keeps it for the next request if the function left the
+    /// connection open and its answer was read whole.
+    async fn send(&mut self, mut sender: Sender, request: &Request) -> Result<u16, String> {
+        let answer = sender
+            .send_request(outbound(&self.target, request)?)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = answer.status().as_u16();
+        // Read (bounded) so the function sees its answer taken; its content is not used.
+        let whole = Limited::new(answer.into_body(), RESPONSE_BYTES_MAX)
+            .collect()
+            .await
+            .is_ok();
+        if whole && !sender.is_closed() {
+            self.idle = Some(sender);
+        }
+        Ok(status)
+    }
+}
+
+async fn connect(target: &Target) -> Result<Sender, String> {
     let stream = tokio::net::TcpStream::connect(&target.authority)
         .await
         .map_err(|e| format!("connecting to {}: {e}", target.authority))?;
     let _ = stream.set_nodelay(true);
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
+    // Ends when the function or a dropped `Sender` closes the connection.
     tokio::spawn(async move {
         let _ = connection.await;
     });
+    Ok(sender)
+}
+
+fn outbound(target: &Target, request: &Request) -> Result<hyper::Request<Full<Bytes>>, String> {
     let mut outbound = hyper::Request::builder()
         .method(hyper::Method::POST)
         .uri(&target.path)
@@ -91,16 +147,7 @@ async fn exchange(target: &Target, request: &Request) -> Result<u16, String> {
             outbound.headers_mut().append(name, value);
         }
     }
-    let answer = sender
-        .send_request(outbound)
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = answer.status().as_u16();
-    // Read (bounded) so the function sees its answer taken; its content is not used.
-    let _ = Limited::new(answer.into_body(), RESPONSE_BYTES_MAX)
-        .collect()
-        .await;
-    Ok(status)
+    Ok(outbound)
 }
 
 #[cfg(test)]

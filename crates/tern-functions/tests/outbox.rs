@@ -25,6 +25,9 @@ struct Function {
     down: Arc<AtomicBool>,
     serials: Arc<Mutex<Vec<String>>>,
     requests: Arc<std::sync::atomic::AtomicUsize>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Closes the connection with every answer (`connection: close`).
+    one_shot: Arc<AtomicBool>,
 }
 
 impl Function {
@@ -37,6 +40,7 @@ impl Function {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                function.connections.fetch_add(1, Ordering::SeqCst);
                 let function = function.clone();
                 tokio::spawn(async move {
                     let service =
@@ -45,9 +49,16 @@ impl Function {
                             async move {
                                 let body = request.into_body().collect().await.unwrap().to_bytes();
                                 let status = function.receive(&body);
+                                // One-shot: the answer closes the connection.
+                                let connection = if function.one_shot.load(Ordering::SeqCst) {
+                                    "close"
+                                } else {
+                                    "keep-alive"
+                                };
                                 Ok::<_, Infallible>(
                                     hyper::Response::builder()
                                         .status(status)
+                                        .header(hyper::header::CONNECTION, connection)
                                         .body(Full::new(Bytes::new()))
                                         .unwrap(),
                                 )
@@ -339,4 +350,35 @@ fn tern_store_now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+/// Requests to a function that keeps its connections open reuse one connection; when
+/// the function closes it, the next request opens another and nothing is lost.
+#[tokio::test]
+async fn connections_are_kept_alive() {
+    let function = Function::default();
+    let port = function.start().await;
+    let store = tern_store::open(&tern_store::StoreConfig::default()).unwrap();
+    let outbox = Outbox::open(store, ORIGIN, vec![rule(port, 100)]).unwrap();
+    let _tasks = tern_functions::spawn(&outbox);
+    let key = ChannelKey::new("app", "ch");
+    for seq in 1..=3 {
+        outbox.record(&key, &event(ORIGIN, seq));
+        wait_for("a delivery", || function.serials().len() as u64 >= seq).await;
+    }
+    assert_eq!(function.requests(), 3);
+    assert_eq!(function.connections.load(Ordering::SeqCst), 1);
+    function.one_shot.store(true, Ordering::SeqCst);
+    for seq in 4..=6 {
+        outbox.record(&key, &event(ORIGIN, seq));
+        wait_for("a delivery", || function.serials().len() as u64 >= seq).await;
+    }
+    assert_eq!(function.serials(), serials(1..=6));
+    // The first one-shot answer (the 4th request) closes the kept connection; the 5th
+    // and the 6th open one each.
+    assert_eq!(
+        function.connections.load(Ordering::SeqCst),
+        3,
+        "then one per request"
+    );
 }
