@@ -30,4 +30,4 @@ pub mod rule;
 
 pub use driver::spawn;
 pub use outbox::{Outbox, OutboxJournal};
-pub use rule::{Mode, Rule, RuleConfig, SigningKey, Source};
+pub use rule::{Mode, Rule, RuleConfig, RuleError, SigningKey, Source};

@@ -143,70 +143,99 @@ impl RuleConfig {
 
     /// Checks everything that can be checked without a network; the error names the
     /// setting.
-    pub fn validate(&self) -> Result<Rule, String> {
-        let id_ok = !self.id.is_empty()
+    pub fn validate(&self) -> Result<Rule, RuleError> {
+        self.check_id()?;
+        let filter = self.compile_filter()?;
+        self.check_sources()?;
+        crate::http::Target::parse(&self.url).map_err(|e| self.refuse("url", e))?;
+        self.check_headers()?;
+        if self.mode == Mode::Batched && !self.enveloped {
+            return Err(self.refuse(
+                "enveloped",
+                "batched requests are always enveloped (as Ably's); set enveloped = true or request_mode = \"single\"",
+            ));
+        }
+        self.check_limits()?;
+        Ok(Rule {
+            config: self.clone(),
+            filter,
+        })
+    }
+
+    fn refuse(&self, setting: &'static str, reason: impl Into<String>) -> RuleError {
+        RuleError {
+            rule: self.id.clone(),
+            setting,
+            reason: reason.into(),
+        }
+    }
+
+    fn check_id(&self) -> Result<(), RuleError> {
+        let valid = !self.id.is_empty()
             && self.id.len() <= 64
             && self
                 .id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !id_ok {
-            return Err(format!(
-                "rules.id '{}' must be 1-64 of [A-Za-z0-9_-]",
-                self.id
-            ));
+        if valid {
+            Ok(())
+        } else {
+            Err(self.refuse("id", "must be 1-64 of [A-Za-z0-9_-]"))
         }
-        let filter = match &self.channel_filter {
-            Some(pattern) if pattern.len() > CHANNEL_FILTER_BYTES_MAX => {
-                return Err(format!(
-                "rules.channel_filter of rule '{}' is longer than {CHANNEL_FILTER_BYTES_MAX} bytes",
-                self.id
-            ))
-            }
-            Some(pattern) => Some(
-                regex::RegexBuilder::new(pattern)
-                    .size_limit(1 << 20)
-                    .build()
-                    .map_err(|e| format!("rules.channel_filter of rule '{}': {e}", self.id))?,
-            ),
-            None => None,
+    }
+
+    fn compile_filter(&self) -> Result<Option<Regex>, RuleError> {
+        let Some(pattern) = &self.channel_filter else {
+            return Ok(None);
         };
-        if self.sources.is_empty() {
-            return Err(format!("rules.events of rule '{}' is empty", self.id));
-        }
-        for source in &self.sources {
-            if matches!(source, Source::Lifecycle | Source::Occupancy) {
-                return Err(format!(
-                    "rules.events of rule '{}': {} is not delivered yet (channel.message and channel.presence are)",
-                    self.id,
-                    source.as_str()
-                ));
-            }
-        }
-        crate::http::Target::parse(&self.url)
-            .map_err(|e| format!("rules.url of rule '{}': {e}", self.id))?;
-        if self.headers.len() > HEADERS_MAX {
-            return Err(format!(
-                "rules.headers of rule '{}': more than {HEADERS_MAX}",
-                self.id
+        if pattern.len() > CHANNEL_FILTER_BYTES_MAX {
+            return Err(self.refuse(
+                "channel_filter",
+                format!("longer than {CHANNEL_FILTER_BYTES_MAX} bytes"),
             ));
+        }
+        regex::RegexBuilder::new(pattern)
+            .size_limit(1 << 20)
+            .build()
+            .map(Some)
+            .map_err(|e| self.refuse("channel_filter", e.to_string()))
+    }
+
+    fn check_sources(&self) -> Result<(), RuleError> {
+        if self.sources.is_empty() {
+            return Err(self.refuse("events", "is empty"));
+        }
+        match self
+            .sources
+            .iter()
+            .find(|s| matches!(s, Source::Lifecycle | Source::Occupancy))
+        {
+            Some(source) => Err(self.refuse(
+                "events",
+                format!(
+                    "{} is not delivered yet (channel.message and channel.presence are)",
+                    source.as_str()
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn check_headers(&self) -> Result<(), RuleError> {
+        if self.headers.len() > HEADERS_MAX {
+            return Err(self.refuse("headers", format!("more than {HEADERS_MAX}")));
         }
         for (name, value) in &self.headers {
             let valid = hyper::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
                 && hyper::header::HeaderValue::from_str(value).is_ok();
             if !valid {
-                return Err(format!(
-                    "rules.headers of rule '{}': '{name}' is not a valid header",
-                    self.id
-                ));
+                return Err(self.refuse("headers", format!("'{name}' is not a valid header")));
             }
         }
-        if self.mode == Mode::Batched && !self.enveloped {
-            return Err(format!(
-                "rule '{}': batched requests are always enveloped (as Ably's); set enveloped = true or request_mode = \"single\"",
-                self.id
-            ));
-        }
+        Ok(())
+    }
+
+    fn check_limits(&self) -> Result<(), RuleError> {
         let positive = [
             ("batch_items_max", self.batch_items_max as i64),
             ("request_bytes_max", self.request_bytes_max as i64),
@@ -215,29 +244,34 @@ impl RuleConfig {
             ("retry_delay_initial_ms", self.retry_delay_initial_ms),
             ("retry_delay_max_ms", self.retry_delay_max_ms),
         ];
-        for (name, value) in positive {
-            if value <= 0 {
-                return Err(format!("rules.{name} of rule '{}' must be > 0", self.id));
-            }
+        if let Some((name, _)) = positive.into_iter().find(|(_, value)| *value <= 0) {
+            return Err(self.refuse(name, "must be > 0"));
         }
         if self.batch_items_max > tern_store::LIMIT_MAX {
-            return Err(format!(
-                "rules.batch_items_max of rule '{}' is at most {}",
-                self.id,
-                tern_store::LIMIT_MAX
+            return Err(self.refuse(
+                "batch_items_max",
+                format!("is at most {}", tern_store::LIMIT_MAX),
             ));
         }
-        if self.batch_window_ms < 0 || self.retry_for_ms < 0 {
-            return Err(format!(
-                "rules.batch_window_ms and retry_for_ms of rule '{}' must be >= 0",
-                self.id
-            ));
+        if self.batch_window_ms < 0 {
+            return Err(self.refuse("batch_window_ms", "must be >= 0"));
         }
-        Ok(Rule {
-            config: self.clone(),
-            filter,
-        })
+        if self.retry_for_ms < 0 {
+            return Err(self.refuse("retry_for_ms", "must be >= 0"));
+        }
+        Ok(())
     }
+}
+
+/// Why a rule was refused at boot: which rule, which setting, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("rules.{setting} of rule '{rule}': {reason}")]
+pub struct RuleError {
+    /// The rule's id, as configured.
+    pub rule: String,
+    /// The setting at fault, as named in `[[apps.rules]]`.
+    pub setting: &'static str,
+    pub reason: String,
 }
 
 /// A validated rule: its config and compiled filter.
@@ -337,7 +371,7 @@ pub(crate) mod tests {
         cases.push((c, "rules.url"));
         let mut c = config("r");
         c.enveloped = false;
-        cases.push((c, "always enveloped"));
+        cases.push((c, "rules.enveloped"));
         let mut c = config("r");
         c.headers = vec![("bad header".into(), "v".into())];
         cases.push((c, "rules.headers"));
@@ -345,7 +379,7 @@ pub(crate) mod tests {
         c.batch_items_max = 0;
         cases.push((c, "batch_items_max"));
         for (config, expected) in cases {
-            let err = config.validate().unwrap_err();
+            let err = config.validate().unwrap_err().to_string();
             assert!(err.contains(expected), "{err} lacks {expected}");
         }
     }
