@@ -364,6 +364,9 @@ pub struct AppConfig {
     pub id: String,
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// Webhook rules (`[[apps.rules]]`, see `rules.rs`).
+    #[serde(default)]
+    pub rules: Vec<crate::rules::RuleSection>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -506,6 +509,7 @@ impl Config {
                 );
             }
         }
+        crate::rules::rules(self, "tern")?;
         let l = &self.limits;
         anyhow::ensure!(
             l.max_message_size > 0,
@@ -706,6 +710,7 @@ impl Config {
                     max_count: u64::MAX,
                     max_age_ms: i64::MAX,
                 }))
+                .chain(crate::rules::outbox_retention(self))
                 .collect(),
             batch_max: h.batch_max,
             queue_max: h.queue_max,

@@ -7,6 +7,7 @@
 
 mod cluster;
 mod config;
+mod rules;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -276,6 +277,10 @@ async fn start_node(
     let store_journal: Arc<dyn tern_core::Journal> = Arc::new(tern_edge::history::StoreJournal {
         store: store.clone(),
     });
+    // Webhook outboxes hang behind the history journal (and so behind the replicator).
+    let site = cluster.as_ref().map_or("tern", |c| c.region.as_str());
+    let (store_journal, outbox) =
+        rules::journal(&config, site, store.clone(), origin, store_journal)?;
     let replicator = cluster.as_ref().map(|c| {
         tern_cluster::cluster::ClusterNode::replicator(
             c,
@@ -293,6 +298,9 @@ async fn start_node(
         config.core_limits(),
         Some(journal),
     ));
+    if let Some(outbox) = &outbox {
+        tern_functions::spawn(outbox);
+    }
     let mut state = EdgeState::new(
         config.edge_config(),
         hub.clone(),

@@ -34,7 +34,7 @@ async function freeUdpPort(host) {
   return port;
 }
 
-function regionConfig({ name, host, node }, port, gossip, seed, dir, extra) {
+function regionConfig({ name, host, node }, port, gossip, seed, dir, extra, appExtra) {
   return `
 [server]
 host = "${host}"
@@ -64,6 +64,7 @@ id = "dev"
 id = "root"
 secret = "dev-secret-change-me"
 capability = '{"*":["*"]}'
+${appExtra}
 `;
 }
 
@@ -71,8 +72,9 @@ capability = '{"*":["*"]}'
 /// 127.k.0.(r+1), like scripts/run-regions); resolves once each has joined the
 /// cluster. `nodes[i]` has `.stop(signal)` (only that PID), `.child.pid` and `.host`;
 /// the first `REGIONS.length` are the regions' first nodes. `extra` is TOML appended to
-/// every node's config (after its `[cluster]` section).
-export async function startRegions({ extra = '', nodesPerRegion = 1 } = {}) {
+/// every node's config (after its `[cluster]` section); `appExtra` after its app's keys
+/// (e.g. `[[apps.rules]]`).
+export async function startRegions({ extra = '', nodesPerRegion = 1, appExtra = '' } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'tern-regions-'));
   const plan = [];
   for (let k = 0; k < nodesPerRegion; k++) {
@@ -90,7 +92,7 @@ export async function startRegions({ extra = '', nodesPerRegion = 1 } = {}) {
     const gossip = await freeUdpPort(region.host);
     const nodeDir = join(dir, region.node);
     mkdirSync(nodeDir);
-    const config = regionConfig(region, port, gossip, seed, dir, extra);
+    const config = regionConfig(region, port, gossip, seed, dir, extra, appExtra);
     const node = await startTern(config, { dir: nodeDir, args: ['serve', '--config', join(nodeDir, 'tern.toml')] });
     nodes.push({ ...node, region, host: region.host, gossip });
     seed = seed || `${region.host}:${gossip}`;

@@ -1,0 +1,178 @@
+//! The HTTP client of webhook delivery: POSTs over HTTP/1.1 on a kept-alive connection,
+//! each bounded in time and in what it reads back. Plain `http://` only for now:
+//! `https://` needs a TLS client (tokio-rustls and root certificates), not yet among
+//! Tern's dependencies.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper_util::rt::TokioIo;
+
+use crate::payload::Request;
+
+/// Most bytes of a function's answer read (and thrown away): enough for any error page,
+/// and a function cannot make the node buffer more.
+const RESPONSE_BYTES_MAX: usize = 64 * 1024;
+
+/// Where a rule's requests go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// `host:port`, what is dialled and sent as `Host`.
+    pub authority: String,
+    /// Path and query.
+    pub path: String,
+}
+
+impl Target {
+    /// Parses `http://host[:port][/path]`.
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let rest = match url.split_once("://") {
+            Some(("http", rest)) => rest,
+            Some(("https", _)) => {
+                return Err("https targets are not supported yet (plain http only)".into())
+            }
+            _ => return Err(format!("'{url}' is not an http:// URL")),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(at) => (&rest[..at], &rest[at..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err(format!("'{url}' has no host (or has credentials in it)"));
+        }
+        let authority = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        hyper::Uri::try_from(path).map_err(|e| format!("'{url}': {e}"))?;
+        Ok(Target {
+            authority,
+            path: path.to_string(),
+        })
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// One rule's connection to its function: kept open between requests (HTTP/1.1
+/// keep-alive, one request at a time) and opened again when the function closed it.
+pub struct Client {
+    target: Target,
+    /// The connection of the last request, if the function kept it open.
+    idle: Option<Sender>,
+}
+
+impl Client {
+    pub fn new(target: Target) -> Client {
+        Client { target, idle: None }
+    }
+
+    /// POSTs `request`; the answer's status, or why there was none. The whole exchange
+    /// (connecting included) is bounded by `timeout`; a connection cut by it is not
+    /// reused.
+    pub async fn post(&mut self, request: &Request, timeout: Duration) -> Result<u16, String> {
+        tokio::time::timeout(timeout, self.exchange(request))
+            .await
+            .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
+    }
+
+    async fn exchange(&mut self, request: &Request) -> Result<u16, String> {
+        if let Some(mut sender) = self.idle.take() {
+            if sender.ready().await.is_ok() {
+                if let Ok(status) = self.send(sender, request).await {
+                    return Ok(status);
+                }
+                // The function closed the kept connection as the request went out:
+                // once more on a new one (at least once: it may have seen the first).
+            }
+        }
+        let sender = connect(&self.target).await?;
+        self.send(sender, request).await
+    }
+
+    /// Sends on `sender` and keeps it for the next request if the function left the
+    /// connection open and its answer was read whole.
+    async fn send(&mut self, mut sender: Sender, request: &Request) -> Result<u16, String> {
+        let answer = sender
+            .send_request(outbound(&self.target, request)?)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = answer.status().as_u16();
+        // Read (bounded) so the function sees its answer taken; its content is not used.
+        let whole = Limited::new(answer.into_body(), RESPONSE_BYTES_MAX)
+            .collect()
+            .await
+            .is_ok();
+        if whole && !sender.is_closed() {
+            self.idle = Some(sender);
+        }
+        Ok(status)
+    }
+}
+
+async fn connect(target: &Target) -> Result<Sender, String> {
+    let stream = tokio::net::TcpStream::connect(&target.authority)
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", target.authority))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    // Ends when the function or a dropped `Sender` closes the connection.
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+fn outbound(target: &Target, request: &Request) -> Result<hyper::Request<Full<Bytes>>, String> {
+    let mut outbound = hyper::Request::builder()
+        .method(hyper::Method::POST)
+        .uri(&target.path)
+        .header(hyper::header::HOST, &target.authority)
+        .body(Full::new(Bytes::clone(&request.body)))
+        .map_err(|e| e.to_string())?;
+    for (name, value) in &request.headers {
+        // Validated with the rule; a value that still does not parse is skipped.
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            outbound.headers_mut().append(name, value);
+        }
+    }
+    Ok(outbound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// URLs parse to what is dialled and requested; https and junk are refused.
+    #[test]
+    fn parses_targets() {
+        let t = Target::parse("http://127.0.0.1:8080/hooks?x=1").unwrap();
+        assert_eq!(t.authority, "127.0.0.1:8080");
+        assert_eq!(t.path, "/hooks?x=1");
+        let t = Target::parse("http://example.com").unwrap();
+        assert_eq!(
+            (t.authority.as_str(), t.path.as_str()),
+            ("example.com:80", "/")
+        );
+        for bad in [
+            "https://example.com/",
+            "ftp://x/",
+            "example.com",
+            "http:///x",
+            "http://u:p@h/",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
