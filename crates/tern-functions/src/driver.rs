@@ -59,6 +59,7 @@ impl Driver {
         let target = Target::parse(&config.url).unwrap_or(Target {
             authority: String::new(),
             path: "/".into(),
+            tls_host: None,
         });
         Driver {
             load_items_max: 2 * config.batch_items_max,

@@ -1,8 +1,9 @@
 //! The HTTP client of webhook delivery: POSTs over HTTP/1.1 on a kept-alive connection,
-//! each bounded in time and in what it reads back. Plain `http://` only for now:
-//! `https://` needs a TLS client (tokio-rustls and root certificates), not yet among
-//! Tern's dependencies.
+//! each bounded in time and in what it reads back. `http://` and `https://` (rustls,
+//! TLS 1.2/1.3, the certificate verified against the system's roots, which
+//! `SSL_CERT_FILE`/`SSL_CERT_DIR` can replace, as for other programs).
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,17 +24,17 @@ pub struct Target {
     pub authority: String,
     /// Path and query.
     pub path: String,
+    /// `https://`: the host the certificate must name; `None` for `http://`.
+    pub tls_host: Option<String>,
 }
 
 impl Target {
-    /// Parses `http://host[:port][/path]`.
+    /// Parses `http[s]://host[:port][/path]`.
     pub fn parse(url: &str) -> Result<Target, String> {
-        let rest = match url.split_once("://") {
-            Some(("http", rest)) => rest,
-            Some(("https", _)) => {
-                return Err("https targets are not supported yet (plain http only)".into())
-            }
-            _ => return Err(format!("'{url}' is not an http:// URL")),
+        let (tls, rest) = match url.split_once("://") {
+            Some(("http", rest)) => (false, rest),
+            Some(("https", rest)) => (true, rest),
+            _ => return Err(format!("'{url}' is not an http:// or https:// URL")),
         };
         let (authority, path) = match rest.find('/') {
             Some(at) => (&rest[..at], &rest[at..]),
@@ -42,18 +43,25 @@ impl Target {
         if authority.is_empty() || authority.contains('@') {
             return Err(format!("'{url}' has no host (or has credentials in it)"));
         }
-        let authority = if authority
+        let port = authority
             .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
+            .filter(|(_, p)| p.parse::<u16>().is_ok());
+        let host = port.map_or(authority, |(host, _)| host);
+        let authority = match (port, tls) {
+            (Some(_), _) => authority.to_string(),
+            (None, false) => format!("{authority}:80"),
+            (None, true) => format!("{authority}:443"),
         };
         hyper::Uri::try_from(path).map_err(|e| format!("'{url}': {e}"))?;
+        let tls_host = tls.then(|| host.trim_matches(|c| c == '[' || c == ']').to_string());
+        if let Some(host) = &tls_host {
+            rustls::pki_types::ServerName::try_from(host.as_str())
+                .map_err(|e| format!("'{url}': {e}"))?;
+        }
         Ok(Target {
             authority,
             path: path.to_string(),
+            tls_host,
         })
     }
 }
@@ -121,6 +129,24 @@ async fn connect(target: &Target) -> Result<Sender, String> {
         .await
         .map_err(|e| format!("connecting to {}: {e}", target.authority))?;
     let _ = stream.set_nodelay(true);
+    match &target.tls_host {
+        None => handshake(stream).await,
+        Some(host) => {
+            let name =
+                rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+            let tls = tokio_rustls::TlsConnector::from(tls_config()?)
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("TLS with {}: {e}", target.authority))?;
+            handshake(tls).await
+        }
+    }
+}
+
+async fn handshake<S>(stream: S) -> Result<Sender, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
@@ -129,6 +155,33 @@ async fn connect(target: &Target) -> Result<Sender, String> {
         let _ = connection.await;
     });
     Ok(sender)
+}
+
+/// The TLS client configuration, built once: the system's root certificates.
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(format!(
+                    "no root certificates found for https functions ({:?})",
+                    found.errors
+                ));
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Ok(Arc::new(config))
+        })
+        .clone()
 }
 
 fn outbound(target: &Target, request: &Request) -> Result<hyper::Request<Full<Bytes>>, String> {
@@ -154,24 +207,26 @@ fn outbound(target: &Target, request: &Request) -> Result<hyper::Request<Full<By
 mod tests {
     use super::*;
 
-    /// URLs parse to what is dialled and requested; https and junk are refused.
+    /// URLs parse to what is dialled and requested (and, for https, the name the
+    /// certificate must carry); junk is refused.
     #[test]
     fn parses_targets() {
         let t = Target::parse("http://127.0.0.1:8080/hooks?x=1").unwrap();
         assert_eq!(t.authority, "127.0.0.1:8080");
         assert_eq!(t.path, "/hooks?x=1");
+        assert_eq!(t.tls_host, None);
         let t = Target::parse("http://example.com").unwrap();
         assert_eq!(
             (t.authority.as_str(), t.path.as_str()),
             ("example.com:80", "/")
         );
-        for bad in [
-            "https://example.com/",
-            "ftp://x/",
-            "example.com",
-            "http:///x",
-            "http://u:p@h/",
-        ] {
+        let t = Target::parse("https://fn.example.com/ably").unwrap();
+        assert_eq!(t.authority, "fn.example.com:443");
+        assert_eq!(t.tls_host.as_deref(), Some("fn.example.com"));
+        let t = Target::parse("https://localhost:8443/").unwrap();
+        assert_eq!(t.authority, "localhost:8443");
+        assert_eq!(t.tls_host.as_deref(), Some("localhost"));
+        for bad in ["ftp://x/", "example.com", "http:///x", "http://u:p@h/"] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
     }

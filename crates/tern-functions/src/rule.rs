@@ -373,7 +373,7 @@ pub(crate) mod tests {
         c.sources = vec![Source::Lifecycle];
         cases.push((c, "not delivered yet"));
         let mut c = config("r");
-        c.url = "https://example.com/".into();
+        c.url = "ftp://example.com/".into();
         cases.push((c, "rules.url"));
         let mut c = config("r");
         c.enveloped = false;

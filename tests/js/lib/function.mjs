@@ -1,6 +1,7 @@
 // A function endpoint for webhook tests (docs/functions.md), written against Ably's
 // webhook docs only.
 import { createServer } from 'node:http';
+import { createServer as createTlsServer } from 'node:https';
 import { createHmac, timingSafeEqual } from 'node:crypto';
 
 /// A function endpoint. Verifies every request as Ably's docs tell a receiver to:
@@ -8,7 +9,8 @@ import { createHmac, timingSafeEqual } from 'node:crypto';
 /// compared with `X-Ably-Signature`. `mode` decides the answer: 'ok' (200 at once),
 /// 'slow' (200 after `slowMs`), 'down' (503). Only answered-2xx requests count as
 /// received (a function that failed did not process the request).
-export function startFunction({ keyName, keySecret }) {
+/// With `tls` ({cert, key} PEM) it serves https.
+export function startFunction({ keyName, keySecret, tls }) {
   const fn = {
     mode: 'ok',
     slowMs: 150,
@@ -19,7 +21,8 @@ export function startFunction({ keyName, keySecret }) {
     server: null,
     port: 0,
   };
-  fn.server = createServer((req, res) => {
+  const serve = (handler) => (tls ? createTlsServer(tls, handler) : createServer(handler));
+  fn.server = serve((req, res) => {
     const chunks = [];
     req.on('data', (c) => chunks.push(c));
     req.on('end', () => {

@@ -3,7 +3,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import Ably from 'ably';
-import { connected, options, startTern, testConfig, waitUntil } from '../lib/tern.mjs';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { connected, options, startTern, ternBin, testConfig, waitUntil } from '../lib/tern.mjs';
 import { items, startFunction } from '../lib/function.mjs';
 
 const KEY_NAME = 'test.root';
@@ -271,6 +275,50 @@ retry_delay_max_ms = 400
     console.log(`# webhooks kill -9 while publishing: ${ackedAtKill.length} ACKed, all delivered; ${received - fn.serials.size} raw duplicates`);
   } finally {
     await second.stop();
+    fn.server.close();
+  }
+});
+
+test('an https:// function gets its webhooks once tern trusts its certificate, and none before', async () => {
+  // Proves webhooks over TLS with the certificate verified (system roots, SSL_CERT_FILE).
+  const dir = mkdtempSync(join(tmpdir(), 'tern-fn-tls-'));
+  execFileSync(ternBin, ['certs', '--out', dir, '--edge-names', 'localhost,127.0.0.1']);
+  const tls = { cert: readFileSync(join(dir, 'edge.pem')), key: readFileSync(join(dir, 'edge.key')) };
+  const fn = await startFunction({ keyName: KEY_NAME, keySecret: KEY_SECRET, tls });
+  const rules = `
+[[apps.rules]]
+id = "secure"
+url = "https://localhost:${fn.port}/hook"
+batch_window_ms = 20
+sign_with_key = "root"
+`;
+  const publishFive = async (tern, prefix) => {
+    const rest = new Ably.Rest(options(tern.port));
+    for (let i = 0; i < 5; i++) await rest.channels.get('secure').publish('n', `${prefix}${i}`);
+  };
+  // Not trusted: nothing is delivered (TLS fails, the events wait and are retried).
+  const untrusting = await startTern(withRules(rules));
+  try {
+    await publishFive(untrusting, 'u');
+    await new Promise((r) => setTimeout(r, 1500));
+    assert.equal(items(fn).length, 0, 'no request reached a function whose certificate is not trusted');
+  } finally {
+    await untrusting.stop();
+  }
+  process.env.SSL_CERT_FILE = join(dir, 'edge-ca.pem');
+  let trusting;
+  try {
+    trusting = await startTern(withRules(rules));
+  } finally {
+    delete process.env.SSL_CERT_FILE;
+  }
+  try {
+    await publishFive(trusting, 't');
+    await waitUntil(() => items(fn).length >= 5, 10000, 'five webhooks over https');
+    assert.deepEqual(items(fn).flatMap((i) => i.data.messages.map((m) => m.data)), ['t0', 't1', 't2', 't3', 't4']);
+    assert.equal(fn.badSignatures, 0);
+  } finally {
+    await trusting.stop();
     fn.server.close();
   }
 });
