@@ -28,8 +28,18 @@ pub(crate) fn authenticate(
             code::INVALID_CREDENTIALS,
             "no credentials: supply key or access_token",
         )),
-    }
-    .and_then(|ctx| keys.revocations.check(&ctx, now_ms).map(|()| ctx));
+    };
+    admit(keys, result, now_ms)
+}
+
+/// Every credential check ends here: a revoked token is refused (40141), and every
+/// refusal is logged (rate-limited).
+fn admit(
+    keys: &Credentials,
+    verified: Result<AuthContext, ErrorInfo>,
+    now_ms: i64,
+) -> Result<AuthContext, ErrorInfo> {
+    let result = verified.and_then(|ctx| keys.revocations.check(&ctx, now_ms).map(|()| ctx));
     if let Err(err) = &result {
         crate::response::log_refusal("credential", err);
     }
@@ -171,8 +181,8 @@ pub(crate) fn rest_auth(
         Some((scheme, value)) if scheme.eq_ignore_ascii_case("bearer") => {
             // The token's own refusal, not a guess at another reading of the header:
             // a JWT for an unknown app must answer 40400, not the 40143 of its base64.
-            keys.authenticate_bearer(value, now_ms)
-                .map_err(auth_error)?
+            let verified = keys.authenticate_bearer(value, now_ms).map_err(auth_error);
+            admit(keys, verified, now_ms)?
         }
         _ => {
             let token = query
