@@ -35,6 +35,7 @@ mod credentials;
 mod forward;
 pub mod history;
 mod listener;
+pub mod mqtt;
 mod response;
 mod rest;
 mod resume;
@@ -43,7 +44,7 @@ mod sse;
 mod state;
 mod stats;
 
-pub use config::{EdgeConfig, StatsConfig};
+pub use config::{EdgeConfig, MqttConfig, StatsConfig};
 pub use listener::serve;
 pub use state::{ClusterView, EdgeState};
 

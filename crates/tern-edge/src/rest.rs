@@ -167,8 +167,35 @@ pub(crate) async fn publish_messages(
     auth: &AuthContext,
     identity: &ClientIdentity,
     channel: &str,
-    mut messages: Vec<Message>,
+    messages: Vec<Message>,
 ) -> Result<PublishResponse, ErrorInfo> {
+    let applied = apply_publish(state, auth, identity, channel, messages, Transport::Rest)?;
+    if let Some(error) = state.durable(applied.key, applied.store_mark).await.error() {
+        return Err(error);
+    }
+    Ok(applied.response)
+}
+
+/// A publish applied to the hub, not yet known to be durable.
+pub(crate) struct Applied {
+    pub(crate) response: PublishResponse,
+    pub(crate) key: ChannelKey,
+    /// [`EdgeState::store_mark`] taken before the publish was applied: hand it to
+    /// [`EdgeState::after_durable`] / [`EdgeState::durable`] before replying.
+    pub(crate) store_mark: u64,
+}
+
+/// The checks and the hub publish of a publish without a realtime connection (REST,
+/// MQTT): capability, size budget, clientIds; then applied. The caller replies only
+/// once it is durable (`Applied::store_mark`).
+pub(crate) fn apply_publish(
+    state: &EdgeState,
+    auth: &AuthContext,
+    identity: &ClientIdentity,
+    channel: &str,
+    mut messages: Vec<Message>,
+    transport: Transport,
+) -> Result<Applied, ErrorInfo> {
     let now = now_ms();
     let key = channel_key(&auth.app_id, channel)?;
     if !auth.capability.allows(&key.name, Operation::Publish) {
@@ -198,15 +225,16 @@ pub(crate) async fn publish_messages(
         .map_err(|e| ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, e.to_string()))?;
     metrics::counter!("tern_messages_published_total").increment(count);
     if let Some(stats) = state.stats.app(&auth.app_id, now) {
-        stats.received(Transport::Rest, Kind::Messages, count as usize, size);
+        stats.received(transport, Kind::Messages, count as usize, size);
     }
-    if let Some(error) = state.durable(key.clone(), store_mark).await.error() {
-        return Err(error);
-    }
-    Ok(PublishResponse {
-        channel: key.name.to_string(),
-        message_id,
-        serials: outcome.serials,
+    Ok(Applied {
+        response: PublishResponse {
+            channel: key.name.to_string(),
+            message_id,
+            serials: outcome.serials,
+        },
+        key,
+        store_mark,
     })
 }
 

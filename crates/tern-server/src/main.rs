@@ -199,6 +199,8 @@ fn dev_cluster(configs: Vec<(Config, String)>) -> anyhow::Result<Vec<NodePlan>> 
 /// membership (left at shutdown).
 struct RunningNode {
     addr: SocketAddr,
+    /// The MQTT listener's address, when `[mqtt]` is enabled.
+    mqtt: Option<SocketAddr>,
     region: Option<String>,
     server: tokio::task::JoinHandle<()>,
     store: Arc<dyn tern_store::HistoryStore>,
@@ -259,6 +261,17 @@ async fn start_node(
         .await
         .with_context(|| format!("binding {}:{}", config.server.host, config.server.port))?;
     let addr: SocketAddr = listener.local_addr()?;
+    let mqtt = match config.mqtt() {
+        Some((host, port, mqtt_config)) => {
+            let listener = bind_listener(&host, port)
+                .await
+                .with_context(|| format!("binding the MQTT listener {host}:{port}"))?;
+            let mqtt_addr = listener.local_addr()?;
+            tokio::spawn(tern_edge::mqtt::serve(listener, state.clone(), mqtt_config));
+            Some(mqtt_addr)
+        }
+        None => None,
+    };
 
     let mut region_name = None;
     if let (Some(mut cluster_config), Some(view)) = (cluster, &edge_cluster) {
@@ -323,6 +336,7 @@ async fn start_node(
     });
     Ok(RunningNode {
         addr,
+        mqtt,
         region: region_name,
         server,
         store,
@@ -375,6 +389,10 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
         }
     }
     for node in &running {
+        // Before the HTTP line, which scripts wait for.
+        if let Some(mqtt) = node.mqtt {
+            println!("tern mqtt listening on {mqtt}");
+        }
         println!("tern listening on http://{}", node.addr);
         if let Some(region) = &node.region {
             println!("  region {region}: http://{}", node.addr);

@@ -1,0 +1,584 @@
+//! One MQTT connection: CONNECT, then one `select!` loop over the client's packets,
+//! deliveries from the hub, commits of its QoS 1 publishes, keep-alive, token expiry
+//! and shutdown.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, Publish, SubAck, Subscribe,
+    SubscribeReasonCode, UnsubAck, Unsubscribe,
+};
+use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use tern_auth::{AuthContext, ClientIdentity, Operation};
+use tern_core::{AttachOptions, ChannelEvent, ChannelKey, Subscriber};
+use tern_protocol::{flags, ErrorInfo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::session::{self, Inflight, Unacked};
+use super::topic;
+use crate::config::MqttConfig;
+use crate::now_ms;
+use crate::rest::apply_publish;
+use crate::state::EdgeState;
+use crate::stats::Transport;
+
+/// Longest a subscription waits for a channel's state from the cluster before it
+/// attaches with what this node has (as an ATTACH does).
+const WARM_WAIT: Duration = Duration::from_secs(4);
+/// What one socket read asks room for.
+const READ_CHUNK_BYTES: usize = 8_192;
+/// CONNACK 3 (server unavailable), written to a connection over `connections_max`.
+const CONNACK_UNAVAILABLE: [u8; 4] = [0x20, 0x02, 0x00, 0x03];
+
+/// The next whole packet in `buffer` (consumed from it), `None` while only part of one
+/// has arrived. A packet whose remaining length is over `packet_bytes_max` is an error
+/// as soon as its fixed header is in, before its body is read.
+pub(super) fn next_packet(
+    buffer: &mut BytesMut,
+    packet_bytes_max: usize,
+) -> Result<Option<Packet>, CodecError> {
+    match Packet::read(buffer, packet_bytes_max) {
+        Ok(packet) => Ok(Some(packet)),
+        Err(CodecError::InsufficientBytes(_)) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The client sent DISCONNECT: no will.
+    Disconnect,
+    /// The node shuts down.
+    Shutdown,
+    /// Anything else (the client went away, broke the protocol, was refused, timed
+    /// out, read too slowly): the will is published.
+    Abnormal(String),
+}
+
+impl End {
+    fn abnormal(reason: impl Into<String>) -> End {
+        End::Abnormal(reason.into())
+    }
+}
+
+/// One channel's attachment on behalf of the connection: queues its events, tagged
+/// with the topic.
+struct Sink {
+    topic: Arc<str>,
+    queue: mpsc::Sender<(Arc<str>, Arc<ChannelEvent>)>,
+    /// Set when the queue overflowed: the connection then ends (the hub has already
+    /// dropped this attachment).
+    overflow: Arc<AtomicBool>,
+}
+
+impl Subscriber for Sink {
+    fn deliver(&self, event: &Arc<ChannelEvent>) -> bool {
+        let accepted = self
+            .queue
+            .try_send((self.topic.clone(), event.clone()))
+            .is_ok();
+        if !accepted {
+            metrics::counter!("tern_outbound_overflows_total").increment(1);
+            self.overflow.store(true, Ordering::Release);
+        }
+        accepted
+    }
+}
+
+struct Subscription {
+    key: ChannelKey,
+    qos: QoS,
+}
+
+/// A message taken from the hub, waiting for room in the QoS 1 window.
+struct Outgoing {
+    topic: Arc<str>,
+    qos: QoS,
+    payload: Bytes,
+}
+
+/// What the connection's loop waits on besides its socket.
+struct Inputs {
+    /// Events of the subscribed channels, tagged with the topic.
+    events: mpsc::Receiver<(Arc<str>, Arc<ChannelEvent>)>,
+    committed: mpsc::UnboundedReceiver<Committed>,
+    /// Keep-alive: the longest the client may stay silent.
+    silence_max: Option<Duration>,
+}
+
+/// The commit of one QoS 1 publish: its packet id and, if it was not stored, why.
+type Committed = (u16, Option<ErrorInfo>);
+
+struct Connection {
+    state: Arc<EdgeState>,
+    config: Arc<MqttConfig>,
+    id: Arc<str>,
+    auth: AuthContext,
+    identity: ClientIdentity,
+    will: Option<LastWill>,
+    /// By channel name, which is the topic.
+    subscriptions: HashMap<Arc<str>, Subscription>,
+    inflight: Inflight,
+    /// Messages of the hub's latest event not yet sent (the QoS 1 window was full):
+    /// at most one event's messages, since the queue is read only when this is empty.
+    outgoing: VecDeque<Outgoing>,
+    events_tx: mpsc::Sender<(Arc<str>, Arc<ChannelEvent>)>,
+    overflow: Arc<AtomicBool>,
+    /// Unbounded, but holds at most `pending_acks` items: one per QoS 1 publish
+    /// awaiting its commit, and the socket is not read past `pending_acks_max`.
+    committed_tx: mpsc::UnboundedSender<Committed>,
+    pending_acks: usize,
+    /// Encoded packets not yet written.
+    out: BytesMut,
+    writer: OwnedWriteHalf,
+}
+
+/// Serves one TCP connection until it ends.
+pub(super) async fn run(stream: TcpStream, state: Arc<EdgeState>, config: Arc<MqttConfig>) {
+    let write_timeout = Duration::from_millis(state.config.write_timeout_ms);
+    let Ok(_permit) = state.connection_permits.clone().try_acquire_owned() else {
+        metrics::counter!("tern_connections_refused_total", "reason" => "connections_max")
+            .increment(1);
+        let mut stream = stream;
+        let _ = tokio::time::timeout(write_timeout, stream.write_all(&CONNACK_UNAVAILABLE)).await;
+        return;
+    };
+    let (mut reader, writer) = stream.into_split();
+    let mut inbound = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let connect_wait = Duration::from_millis(config.connect_timeout_ms);
+    let first = tokio::time::timeout(
+        connect_wait,
+        read_packet(&mut reader, &mut inbound, config.packet_bytes_max),
+    )
+    .await;
+    let connect = match first {
+        Ok(Ok(Packet::Connect(connect))) => connect,
+        Ok(Err(CodecError::InvalidProtocolLevel(_))) => {
+            // A CONNECT of a protocol level the codec knows not: say which we speak.
+            let mut writer = writer;
+            let refusal = connack(ConnectReturnCode::RefusedProtocolVersion);
+            let _ = tokio::time::timeout(write_timeout, writer.write_all(&refusal)).await;
+            return;
+        }
+        other => {
+            tracing::debug!(?other, "mqtt connection without a CONNECT");
+            metrics::counter!("tern_mqtt_refused_total", "reason" => "no_connect").increment(1);
+            return;
+        }
+    };
+    let Some((mut connection, inputs)) = accept(connect, &state, &config, writer).await else {
+        return;
+    };
+    let end = connection.serve(&mut reader, inbound, inputs).await;
+    connection.close(end);
+}
+
+fn connack(code: ConnectReturnCode) -> BytesMut {
+    let mut out = BytesMut::new();
+    // Encoding a CONNACK cannot fail (its size is fixed).
+    let _ = ConnAck::new(code, false).write(&mut out);
+    out
+}
+
+/// Reads until one whole packet is in `inbound`.
+async fn read_packet(
+    reader: &mut OwnedReadHalf,
+    inbound: &mut BytesMut,
+    packet_bytes_max: usize,
+) -> Result<Packet, CodecError> {
+    loop {
+        if let Some(packet) = next_packet(inbound, packet_bytes_max)? {
+            return Ok(packet);
+        }
+        inbound.reserve(READ_CHUNK_BYTES);
+        if reader.read_buf(inbound).await? == 0 {
+            return Err(CodecError::InsufficientBytes(1));
+        }
+    }
+}
+
+/// Checks the CONNECT and answers it: CONNACK 0 and a connection to serve, or the
+/// refusal's code and `None`.
+async fn accept(
+    connect: Connect,
+    state: &Arc<EdgeState>,
+    config: &Arc<MqttConfig>,
+    mut writer: OwnedWriteHalf,
+) -> Option<(Connection, Inputs)> {
+    let write_timeout = Duration::from_millis(state.config.write_timeout_ms);
+    let checked = session::authenticate(&state.keys, &connect, now_ms()).and_then(|(auth, id)| {
+        // A will the credential could not publish is refused now, not lost later.
+        let will_allowed = connect.last_will.as_ref().is_none_or(|will| {
+            topic::channel(&will.topic)
+                .is_ok_and(|channel| auth.capability.allows(channel, Operation::Publish))
+        });
+        if will_allowed {
+            Ok((auth, id))
+        } else {
+            Err(ConnectReturnCode::NotAuthorized)
+        }
+    });
+    let (auth, identity) = match checked {
+        Ok(accepted) => accepted,
+        Err(code) => {
+            metrics::counter!("tern_mqtt_refused_total", "reason" => "connect").increment(1);
+            tracing::debug!(?code, client = %connect.client_id, "mqtt CONNECT refused");
+            let _ = tokio::time::timeout(write_timeout, writer.write_all(&connack(code))).await;
+            return None;
+        }
+    };
+    let (events_tx, events_rx) = mpsc::channel(state.config.outbound_queue_max.max(1));
+    let (committed_tx, committed_rx) = mpsc::unbounded_channel();
+    let mut connection = Connection {
+        state: state.clone(),
+        config: config.clone(),
+        id: format!("mqtt-{}-{}", state.node_tag, next_connection_number()).into(),
+        auth,
+        identity,
+        will: connect.last_will,
+        subscriptions: HashMap::new(),
+        inflight: Inflight::new(config.inflight_max),
+        outgoing: VecDeque::new(),
+        events_tx,
+        overflow: Arc::new(AtomicBool::new(false)),
+        committed_tx,
+        pending_acks: 0,
+        out: BytesMut::new(),
+        writer,
+    };
+    connection.encode(Packet::ConnAck(ConnAck::new(
+        ConnectReturnCode::Success,
+        false,
+    )));
+    metrics::counter!("tern_mqtt_connections_total").increment(1);
+    Some((
+        connection,
+        Inputs {
+            events: events_rx,
+            committed: committed_rx,
+            silence_max: keep_alive(connect.keep_alive),
+        },
+    ))
+}
+
+fn next_connection_number() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// How long the connection may be silent: 1.5 × the client's keep-alive, none for 0.
+fn keep_alive(seconds: u16) -> Option<Duration> {
+    (seconds > 0).then(|| Duration::from_millis(u64::from(seconds) * 1_500))
+}
+
+impl Connection {
+    /// The connection's loop. Each turn handles the whole packets already read, writes
+    /// what they produced, then waits for the next input.
+    async fn serve(
+        &mut self,
+        reader: &mut OwnedReadHalf,
+        mut inbound: BytesMut,
+        mut inputs: Inputs,
+    ) -> End {
+        let mut shutdown = self.state.shutdown.clone();
+        let expiry = self.auth.expires_ms.map(|at| {
+            Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64)
+        });
+        let mut silent_until = inputs.silence_max.map(|max| Instant::now() + max);
+        loop {
+            loop {
+                match next_packet(&mut inbound, self.config.packet_bytes_max) {
+                    Ok(Some(packet)) => {
+                        silent_until = inputs.silence_max.map(|max| Instant::now() + max);
+                        if let Err(end) = self.handle(packet).await {
+                            let _ = self.flush().await;
+                            return end;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(err) => return End::abnormal(format!("malformed packet: {err}")),
+                }
+            }
+            if let Err(end) = self.flush().await {
+                return end;
+            }
+            if self.overflow.load(Ordering::Acquire) {
+                return End::abnormal("too slow: the outbound queue overflowed");
+            }
+            let read_more = self.pending_acks < self.config.pending_acks_max;
+            let take_events = self.outgoing.is_empty();
+            inbound.reserve(READ_CHUNK_BYTES);
+            // Every arm is cancellation safe: `read_buf` and `recv` lose nothing when
+            // another arm wins, and the timers are recreated each turn.
+            tokio::select! {
+                // The client's bytes (not read while too many publishes await storage).
+                read = reader.read_buf(&mut inbound), if read_more => match read {
+                    Ok(0) => return End::abnormal("closed by the client"),
+                    Ok(_) => {}
+                    Err(err) => return End::abnormal(format!("read failed: {err}")),
+                },
+                // Deliveries (not taken while the QoS 1 window holds back messages).
+                Some((topic, event)) = inputs.events.recv(), if take_events => {
+                    self.deliver(topic, &event);
+                }
+                // A QoS 1 publish is stored (or lost): PUBACK, in publish order.
+                Some((packet_id, error)) = inputs.committed.recv() => {
+                    self.pending_acks -= 1;
+                    if let Some(error) = error {
+                        // No PUBACK: the client sends it again after reconnecting.
+                        return End::abnormal(format!("publish not stored: {}", error.message));
+                    }
+                    self.encode(Packet::PubAck(PubAck::new(packet_id)));
+                }
+                _ = sleep_until(silent_until) => {
+                    return End::abnormal("keep-alive: no packet for 1.5 x keep-alive");
+                }
+                _ = sleep_until(expiry) => return End::abnormal("token expired"),
+                _ = shutdown.changed() => return End::Shutdown,
+            }
+        }
+    }
+
+    /// One packet from the client. `Err` ends the connection.
+    async fn handle(&mut self, packet: Packet) -> Result<(), End> {
+        match packet {
+            Packet::Publish(publish) => self.publish(publish),
+            Packet::PubAck(ack) => {
+                self.inflight.ack(ack.pkid);
+                self.send_outgoing();
+                Ok(())
+            }
+            Packet::Subscribe(subscribe) => {
+                self.subscribe(subscribe).await;
+                Ok(())
+            }
+            Packet::Unsubscribe(unsubscribe) => {
+                self.unsubscribe(unsubscribe);
+                Ok(())
+            }
+            Packet::PingReq => {
+                self.encode(Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect => Err(End::Disconnect),
+            // A second CONNECT, QoS 2 flow packets (QoS 2 is never granted) and
+            // server-to-client packets are protocol violations.
+            other => Err(End::abnormal(format!("unexpected packet: {other:?}"))),
+        }
+    }
+
+    /// A PUBLISH from the client: into the same publish path as REST. MQTT 3.1.1 has no
+    /// way to refuse one, so a refusal closes the connection.
+    fn publish(&mut self, publish: Publish) -> Result<(), End> {
+        if publish.qos == QoS::ExactlyOnce {
+            return Err(End::abnormal("QoS 2 PUBLISH (QoS 2 is not supported)"));
+        }
+        let channel = topic::channel(&publish.topic).map_err(|err| {
+            End::abnormal(format!("PUBLISH to topic '{}': {err:?}", publish.topic))
+        })?;
+        let message = session::message_of(publish.payload);
+        let applied = apply_publish(
+            &self.state,
+            &self.auth,
+            &self.identity,
+            channel,
+            vec![message],
+            Transport::Realtime,
+        )
+        .map_err(|err| {
+            metrics::counter!("tern_mqtt_refused_total", "reason" => "publish").increment(1);
+            End::abnormal(format!("PUBLISH refused: {} {}", err.code, err.message))
+        })?;
+        if publish.qos == QoS::AtLeastOnce {
+            self.pending_acks += 1;
+            let committed = self.committed_tx.clone();
+            let packet_id = publish.pkid;
+            self.state.after_durable(
+                Some(applied.key),
+                applied.store_mark,
+                Box::new(move |durability| {
+                    let _ = committed.send((packet_id, durability.error()));
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&mut self, subscribe: Subscribe) {
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        for filter in &subscribe.filters {
+            codes.push(self.subscribe_one(&filter.path, filter.qos).await);
+        }
+        self.encode(Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
+    }
+
+    /// One topic filter of a SUBSCRIBE: attached to its channel with the granted QoS,
+    /// or 0x80 (a wildcard, a name Ably refuses, no subscribe capability, too many
+    /// subscriptions, a channel the hub will not attach).
+    async fn subscribe_one(&mut self, filter: &str, requested: QoS) -> SubscribeReasonCode {
+        let Ok(channel) = topic::channel(filter) else {
+            return SubscribeReasonCode::Failure;
+        };
+        if !self.auth.capability.allows(channel, Operation::Subscribe) {
+            return SubscribeReasonCode::Failure;
+        }
+        let qos = session::granted(requested);
+        if let Some(existing) = self.subscriptions.get_mut(channel) {
+            existing.qos = qos;
+            return SubscribeReasonCode::Success(qos);
+        }
+        if self.subscriptions.len() >= self.config.subscriptions_per_connection_max {
+            return SubscribeReasonCode::Failure;
+        }
+        let key = ChannelKey::new(&self.auth.app_id, channel);
+        if let Some(cluster) = &self.state.cluster {
+            if let Some(ready) = cluster.warm(&key) {
+                let _ = tokio::time::timeout(WARM_WAIT, ready).await;
+            }
+        }
+        let topic: Arc<str> = channel.into();
+        let sink = Arc::new(Sink {
+            topic: topic.clone(),
+            queue: self.events_tx.clone(),
+            overflow: self.overflow.clone(),
+        });
+        let options = AttachOptions {
+            modes: flags::SUBSCRIBE,
+            echo: true,
+            resume_from: None,
+            rewind: None,
+            delta: false,
+        };
+        let attached =
+            self.state
+                .hub
+                .attach(&key, self.id.clone(), options, sink, |_| {}, now_ms());
+        if attached.is_err() {
+            return SubscribeReasonCode::Failure;
+        }
+        self.subscriptions.insert(topic, Subscription { key, qos });
+        SubscribeReasonCode::Success(qos)
+    }
+
+    fn unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        for topic in &unsubscribe.topics {
+            if let Some(subscription) = self.subscriptions.remove(topic.as_str()) {
+                self.state.hub.detach(&subscription.key, &self.id, now_ms());
+            }
+        }
+        self.encode(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
+    }
+
+    /// An event of a subscribed channel: each of its messages goes out as a PUBLISH
+    /// with the subscription's QoS.
+    fn deliver(&mut self, topic: Arc<str>, event: &ChannelEvent) {
+        if !event.is_message() {
+            return;
+        }
+        // Unsubscribed since the event was queued: not delivered.
+        let Some(subscription) = self.subscriptions.get(&topic) else {
+            return;
+        };
+        let qos = subscription.qos;
+        for message in event.frame.messages.iter().flatten() {
+            self.outgoing.push_back(Outgoing {
+                topic: topic.clone(),
+                qos,
+                payload: session::payload_of(message),
+            });
+        }
+        self.send_outgoing();
+    }
+
+    /// Sends what waits, QoS 1 messages while the window has room.
+    fn send_outgoing(&mut self) {
+        while let Some(next) = self.outgoing.front() {
+            let mut publish =
+                Publish::from_bytes(next.topic.to_string(), next.qos, next.payload.clone());
+            if next.qos == QoS::AtLeastOnce {
+                let unacked = Unacked {
+                    topic: publish.topic.clone(),
+                    payload: publish.payload.clone(),
+                };
+                let Some(packet_id) = self.inflight.send(unacked) else {
+                    return;
+                };
+                publish.pkid = packet_id;
+            }
+            self.outgoing.pop_front();
+            self.encode(Packet::Publish(publish));
+        }
+    }
+
+    fn encode(&mut self, packet: Packet) {
+        // Nothing this adapter builds is over MQTT's 256 MiB packet limit: payloads are
+        // bounded by max_message_size, topics by the channel name bound.
+        if let Err(err) = packet.write(&mut self.out, usize::MAX) {
+            tracing::warn!(%err, "mqtt packet not encoded");
+        }
+    }
+
+    /// Writes what is encoded, within `write_timeout_ms`.
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let timeout = Duration::from_millis(self.state.config.write_timeout_ms);
+        match tokio::time::timeout(timeout, self.writer.write_all(&self.out)).await {
+            Ok(Ok(())) => {
+                self.out.clear();
+                Ok(())
+            }
+            Ok(Err(err)) => Err(End::abnormal(format!("write failed: {err}"))),
+            Err(_) => Err(End::abnormal("write timed out: the client does not read")),
+        }
+    }
+
+    /// Detaches every subscription and, unless the client said DISCONNECT (or the node
+    /// is stopping), publishes the last will.
+    fn close(self, end: End) {
+        let now = now_ms();
+        for subscription in self.subscriptions.values() {
+            self.state.hub.detach(&subscription.key, &self.id, now);
+        }
+        let End::Abnormal(reason) = end else {
+            tracing::debug!(?end, "mqtt connection closed");
+            return;
+        };
+        tracing::debug!(%reason, "mqtt connection ended");
+        let Some(will) = self.will else {
+            return;
+        };
+        let Ok(channel) = topic::channel(&will.topic) else {
+            return;
+        };
+        let published = apply_publish(
+            &self.state,
+            &self.auth,
+            &self.identity,
+            channel,
+            vec![session::message_of(will.message)],
+            Transport::Realtime,
+        );
+        if let Err(err) = published {
+            tracing::debug!(code = err.code, message = %err.message, "last will not published");
+        }
+    }
+}
+
+/// Sleeps until `at`; never wakes without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
