@@ -582,3 +582,59 @@ async fn sleep_until(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A packet that announces more than `packet_bytes_max` is refused from its fixed
+    /// header alone, before its body arrives; a partial packet waits, unconsumed.
+    #[test]
+    fn oversize_is_refused_from_the_fixed_header() {
+        // Remaining length 65,536 (0x80 0x80 0x04), and no body yet.
+        let mut buffer = BytesMut::from(&[0x30, 0x80, 0x80, 0x04][..]);
+        assert!(matches!(
+            next_packet(&mut buffer, 65_535),
+            Err(CodecError::PayloadSizeLimitExceeded(65_536))
+        ));
+        let mut partial = BytesMut::from(&[0x30, 0x05, 0x00][..]);
+        assert!(matches!(next_packet(&mut partial, 100), Ok(None)));
+        assert_eq!(partial.len(), 3);
+        let mut ping = BytesMut::from(&[0xc0, 0x00, 0xc0][..]);
+        assert!(matches!(
+            next_packet(&mut ping, 100),
+            Ok(Some(Packet::PingReq))
+        ));
+        assert_eq!(ping.len(), 1, "exactly one packet consumed");
+    }
+
+    fn remaining_length(mut n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let byte = (n % 128) as u8;
+            n /= 128;
+            out.push(if n > 0 { byte | 0x80 } else { byte });
+            if n == 0 {
+                return out;
+            }
+        }
+    }
+
+    proptest! {
+        /// Any bytes, and any body behind a well-formed fixed header of every packet
+        /// type and flags, decode or are refused without a panic.
+        #[test]
+        fn decoding_never_panics(
+            kind in 0u8..16,
+            flags in 0u8..16,
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let mut bytes = vec![(kind << 4) | flags];
+            bytes.extend(remaining_length(body.len()));
+            bytes.extend(&body);
+            crate::mqtt::fuzzing::inbound(&bytes, 1_024);
+            crate::mqtt::fuzzing::inbound(&body, 1_024);
+        }
+    }
+}
