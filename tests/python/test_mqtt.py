@@ -138,8 +138,8 @@ def packet(first_byte, body):
     return bytes([first_byte]) + varint(len(body)) + body
 
 
-def connect_packet(client_id, username=None, password=None, keepalive=60, will=None):
-    flags = 0x02
+def connect_packet(client_id, username=None, password=None, keepalive=60, will=None, clean=True):
+    flags = 0x02 if clean else 0
     payload = mqtt_string(client_id)
     if will:
         flags |= 0x04
@@ -191,13 +191,31 @@ def read_packet(sock):
     return first, read_exact(sock, length)
 
 
-def raw_connect(tern, username=KEY_NAME, password=KEY_SECRET, keepalive=60, will=None, client_id="raw"):
-    """A socket after CONNECT; returns (socket, CONNACK return code)."""
+def raw_connect(tern, username=KEY_NAME, password=KEY_SECRET, keepalive=60, will=None, client_id="raw",
+                clean=True, session_present=False):
+    """A socket after CONNECT; returns (socket, CONNACK return code). Checks the
+    CONNACK's session-present flag."""
     sock = socket.create_connection(("127.0.0.1", tern.mqtt_port), timeout=WAIT)
-    sock.sendall(connect_packet(client_id, username, password, keepalive, will))
+    sock.sendall(connect_packet(client_id, username, password, keepalive, will, clean))
     first, body = read_packet(sock)
     assert first == 0x20 and len(body) == 2
+    assert body[0] == (1 if session_present else 0), "session present"
     return sock, body[1]
+
+
+def read_publish(sock):
+    """(dup, qos, packet id, topic, payload) of the next packet, which must be a PUBLISH."""
+    first, body = read_packet(sock)
+    assert first >> 4 == 3, hex(first)
+    qos = (first >> 1) & 3
+    length = int.from_bytes(body[:2], "big")
+    topic, rest = body[2:2 + length].decode(), body[2 + length:]
+    packet_id = int.from_bytes(rest[:2], "big") if qos else 0
+    return bool(first & 0x08), qos, packet_id, topic, rest[2:] if qos else rest
+
+
+def puback(packet_id):
+    return packet(0x40, packet_id.to_bytes(2, "big"))
 
 
 def closed_by_server(sock, within):
@@ -518,3 +536,75 @@ def send_all(sock, total):
             sock.sendall(publish_packet("py-mqtt-kill", f"m{i}".encode(), qos=1, packet_id=i))
     except OSError:
         pass
+
+
+def publish_rest(tern, channel, datas):
+    async def run():
+        rest = AblyRest(ROOT_KEY, endpoint="127.0.0.1", port=tern.port, tls=False, use_token_auth=True)
+        try:
+            for data in datas:
+                await rest.channels.get(channel).publish("n", data)
+        finally:
+            await rest.close()
+
+    asyncio.run(run())
+
+
+def test_persistent_session_redelivers_after_a_cut(tern):
+    """A persistent session cut with QoS 1 messages unacknowledged: on reconnect
+    (session present) they come again with DUP and their packet ids, then exactly what
+    was published meanwhile, once each; a clean reconnect then discards the session."""
+    channel = "py-mqtt-persist"
+    sock, _ = raw_connect(tern, client_id="persist-1", clean=False)
+    sock.sendall(subscribe_packet(1, [(channel, 1)]))
+    assert read_packet(sock) == (0x90, b"\x00\x01\x01")
+    publish_rest(tern, channel, ["m1", "m2", "m3"])
+    first = [read_publish(sock) for _ in range(3)]
+    assert [(dup, payload) for dup, _, _, _, payload in first] == [(False, b"m1"), (False, b"m2"), (False, b"m3")]
+    sock.sendall(puback(first[0][2]))
+    time.sleep(0.2)
+    sock.close()  # the cut: m2 and m3 unacknowledged
+    publish_rest(tern, channel, ["m4", "m5"])
+    sock, _ = raw_connect(tern, client_id="persist-1", clean=False, session_present=True)
+    try:
+        again = [read_publish(sock) for _ in range(4)]
+        for _, _, packet_id, _, _ in again:
+            sock.sendall(puback(packet_id))
+        assert [(dup, payload) for dup, _, _, _, payload in again] == [
+            (True, b"m2"), (True, b"m3"), (False, b"m4"), (False, b"m5")]
+        assert [packet_id for _, _, packet_id, _, _ in again[:2]] == [first[1][2], first[2][2]]
+        assert all(topic == channel and qos == 1 for _, qos, _, topic, _ in again)
+        sock.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            read_packet(sock)  # nothing more: no duplicates
+    finally:
+        sock.close()
+    sock, _ = raw_connect(tern, client_id="persist-1", clean=True, session_present=False)
+    sock.close()
+    publish_rest(tern, channel, ["m6"])
+    sock, _ = raw_connect(tern, client_id="persist-1", clean=False, session_present=False)
+    try:
+        sock.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            read_packet(sock)  # the clean connect discarded the subscription
+    finally:
+        sock.close()
+
+
+def test_same_client_id_supersedes_the_live_connection(tern):
+    """A CONNECT with the client id of a live connection closes that one, and takes its
+    persistent session (subscriptions included)."""
+    channel = "py-mqtt-takeover"
+    old, _ = raw_connect(tern, client_id="takeover", clean=False)
+    old.sendall(subscribe_packet(1, [(channel, 1)]))
+    assert read_packet(old) == (0x90, b"\x00\x01\x01")
+    new, _ = raw_connect(tern, client_id="takeover", clean=False, session_present=True)
+    try:
+        assert closed_by_server(old, 3)
+        publish_rest(tern, channel, ["after"])
+        _, _, packet_id, _, payload = read_publish(new)
+        assert payload == b"after"
+        new.sendall(puback(packet_id))
+    finally:
+        old.close()
+        new.close()

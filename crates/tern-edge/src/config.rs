@@ -153,6 +153,11 @@ pub struct MqttConfig {
     pub pending_acks_max: usize,
     /// The CONNECT packet must arrive within this of the TCP connection opening.
     pub connect_timeout_ms: u64,
+    /// Persistent sessions (`clean_session = 0`) parked at once after their connection
+    /// ended, each for `connection_state_ttl_ms`; beyond it the one expiring soonest is
+    /// dropped. Each holds its subscriptions and up to `inflight_max` unacknowledged
+    /// messages (payloads shared with the channel log while it holds them).
+    pub sessions_max: usize,
 }
 
 impl Default for MqttConfig {
@@ -163,6 +168,7 @@ impl Default for MqttConfig {
             inflight_max: 100,
             pending_acks_max: 1_000,
             connect_timeout_ms: 10_000,
+            sessions_max: 10_000,
         }
     }
 }

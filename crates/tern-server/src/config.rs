@@ -173,6 +173,7 @@ pub struct MqttSection {
     pub inflight_max: usize,
     pub pending_acks_max: usize,
     pub connect_timeout_ms: u64,
+    pub sessions_max: usize,
 }
 
 impl Default for MqttSection {
@@ -187,6 +188,7 @@ impl Default for MqttSection {
             inflight_max: mqtt.inflight_max,
             pending_acks_max: mqtt.pending_acks_max,
             connect_timeout_ms: mqtt.connect_timeout_ms,
+            sessions_max: mqtt.sessions_max,
         }
     }
 }
@@ -536,6 +538,7 @@ impl Config {
             m.connect_timeout_ms > 0,
             "mqtt.connect_timeout_ms must be > 0"
         );
+        anyhow::ensure!(m.sessions_max > 0, "mqtt.sessions_max must be > 0");
         Ok(())
     }
 
@@ -552,6 +555,7 @@ impl Config {
                     inflight_max: m.inflight_max,
                     pending_acks_max: m.pending_acks_max,
                     connect_timeout_ms: m.connect_timeout_ms,
+                    sessions_max: m.sessions_max,
                 },
             )
         })

@@ -14,15 +14,16 @@ use rumqttc::mqttbytes::v4::{
 };
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use tern_auth::{AuthContext, ClientIdentity, Operation};
-use tern_core::{AttachOptions, ChannelEvent, ChannelKey, Subscriber};
+use tern_core::{AttachOptions, ChannelEvent, ChannelKey, Cursor, Subscriber};
 use tern_protocol::{flags, ErrorInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use super::session::{self, Inflight, Unacked};
+use super::sessions::{Parked, ParkedSubscription, SessionKey, Sessions};
 use super::topic;
 use crate::config::MqttConfig;
 use crate::now_ms;
@@ -35,6 +36,11 @@ use crate::stats::Transport;
 const WARM_WAIT: Duration = Duration::from_secs(4);
 /// What one socket read asks room for.
 const READ_CHUNK_BYTES: usize = 8_192;
+/// Longest a CONNECT waits for the live connection of its client identifier to end
+/// (and park its session) after superseding it.
+const SUPERSEDE_WAIT: Duration = Duration::from_secs(2);
+/// The node's persistent sessions and live client identifiers.
+pub(super) type SharedSessions = Arc<std::sync::Mutex<Sessions>>;
 /// CONNACK 3 (server unavailable), written to a connection over `connections_max`.
 const CONNACK_UNAVAILABLE: [u8; 4] = [0x20, 0x02, 0x00, 0x03];
 
@@ -97,6 +103,8 @@ impl Subscriber for Sink {
 struct Subscription {
     key: ChannelKey,
     qos: QoS,
+    /// After the last event taken from the channel: where a persistent session resumes.
+    cursor: Cursor,
 }
 
 /// A message taken from the hub, waiting for room in the QoS 1 window.
@@ -122,6 +130,16 @@ struct Connection {
     state: Arc<EdgeState>,
     config: Arc<MqttConfig>,
     id: Arc<str>,
+    /// Numbers this node's MQTT connections (the live one of a client identifier).
+    number: u64,
+    /// App and client identifier; `None` for an empty identifier (a clean session of
+    /// its own).
+    session_key: Option<SessionKey>,
+    /// `clean_session = 0`: parked when the connection ends.
+    persistent: bool,
+    sessions: SharedSessions,
+    /// Notified when a newer connection with the same client identifier arrives.
+    superseded: Arc<Notify>,
     auth: AuthContext,
     identity: ClientIdentity,
     will: Option<LastWill>,
@@ -143,7 +161,12 @@ struct Connection {
 }
 
 /// Serves one TCP connection until it ends.
-pub(super) async fn run(stream: TcpStream, state: Arc<EdgeState>, config: Arc<MqttConfig>) {
+pub(super) async fn run(
+    stream: TcpStream,
+    state: Arc<EdgeState>,
+    config: Arc<MqttConfig>,
+    sessions: SharedSessions,
+) {
     let write_timeout = Duration::from_millis(state.config.write_timeout_ms);
     let Ok(_permit) = state.connection_permits.clone().try_acquire_owned() else {
         metrics::counter!("tern_connections_refused_total", "reason" => "connections_max")
@@ -175,7 +198,8 @@ pub(super) async fn run(stream: TcpStream, state: Arc<EdgeState>, config: Arc<Mq
             return;
         }
     };
-    let Some((mut connection, inputs)) = accept(connect, &state, &config, writer).await else {
+    let accepted = accept(connect, &state, &config, sessions, writer).await;
+    let Some((mut connection, inputs)) = accepted else {
         return;
     };
     let end = connection.serve(&mut reader, inbound, inputs).await;
@@ -212,6 +236,7 @@ async fn accept(
     connect: Connect,
     state: &Arc<EdgeState>,
     config: &Arc<MqttConfig>,
+    sessions: SharedSessions,
     mut writer: OwnedWriteHalf,
 ) -> Option<(Connection, Inputs)> {
     let write_timeout = Duration::from_millis(state.config.write_timeout_ms);
@@ -238,10 +263,28 @@ async fn accept(
     };
     let (events_tx, events_rx) = mpsc::channel(state.config.outbound_queue_max.max(1));
     let (committed_tx, committed_rx) = mpsc::unbounded_channel();
+    let number = next_connection_number();
+    let session_key =
+        (!connect.client_id.is_empty()).then(|| (auth.app_id.clone(), connect.client_id.clone()));
+    let superseded = Arc::new(Notify::new());
+    let parked = match &session_key {
+        Some(key) => {
+            take_over(&sessions, key, number).await;
+            let mut sessions = sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let clean = connect.clean_session;
+            sessions.connect(key, number, superseded.clone(), clean, now_ms())
+        }
+        None => None,
+    };
     let mut connection = Connection {
         state: state.clone(),
         config: config.clone(),
-        id: format!("mqtt-{}-{}", state.node_tag, next_connection_number()).into(),
+        id: format!("mqtt-{}-{number}", state.node_tag).into(),
+        number,
+        session_key,
+        persistent: !connect.clean_session,
+        sessions,
+        superseded,
         auth,
         identity,
         will: connect.last_will,
@@ -257,8 +300,11 @@ async fn accept(
     };
     connection.encode(Packet::ConnAck(ConnAck::new(
         ConnectReturnCode::Success,
-        false,
+        parked.is_some(),
     )));
+    if let Some(parked) = parked {
+        connection.resume(parked).await;
+    }
     metrics::counter!("tern_mqtt_connections_total").increment(1);
     Some((
         connection,
@@ -268,6 +314,27 @@ async fn accept(
             silence_max: keep_alive(connect.keep_alive),
         },
     ))
+}
+
+/// Supersedes the live connection of `key`, if another, and waits (bounded) until it
+/// has ended and parked its session.
+async fn take_over(sessions: &SharedSessions, key: &SessionKey, number: u64) {
+    let deadline = Instant::now() + SUPERSEDE_WAIT;
+    loop {
+        let live = sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .live_other(key, number);
+        let Some(live) = live else {
+            return;
+        };
+        if Instant::now() >= deadline {
+            tracing::warn!("mqtt: superseded connection did not end in time");
+            return;
+        }
+        live.notify_one();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn next_connection_number() -> u64 {
@@ -343,6 +410,10 @@ impl Connection {
                     return End::abnormal("keep-alive: no packet for 1.5 x keep-alive");
                 }
                 _ = sleep_until(expiry) => return End::abnormal("token expired"),
+                // A newer connection with this client identifier (MQTT 3.1.1 §3.1.4).
+                _ = self.superseded.notified() => {
+                    return End::abnormal("superseded by a new connection with the same client id");
+                }
                 _ = shutdown.changed() => return End::Shutdown,
             }
         }
@@ -439,34 +510,101 @@ impl Connection {
         if self.subscriptions.len() >= self.config.subscriptions_per_connection_max {
             return SubscribeReasonCode::Failure;
         }
-        let key = ChannelKey::new(&self.auth.app_id, channel);
+        match self.attach(channel.into(), qos, None).await {
+            Some(_) => SubscribeReasonCode::Success(qos),
+            None => SubscribeReasonCode::Failure,
+        }
+    }
+
+    /// Attaches the connection to `channel` (from `resume_from` when a persistent
+    /// session resumes) and records the subscription. `Some` holds the events to
+    /// deliver first (those after `resume_from`); `None` if the hub refused.
+    async fn attach(
+        &mut self,
+        channel: Arc<str>,
+        qos: QoS,
+        resume_from: Option<Cursor>,
+    ) -> Option<Vec<Arc<ChannelEvent>>> {
+        let key = ChannelKey::new(&self.auth.app_id, &channel);
         if let Some(cluster) = &self.state.cluster {
             if let Some(ready) = cluster.warm(&key) {
                 let _ = tokio::time::timeout(WARM_WAIT, ready).await;
             }
         }
-        let topic: Arc<str> = channel.into();
         let sink = Arc::new(Sink {
-            topic: topic.clone(),
+            topic: channel.clone(),
             queue: self.events_tx.clone(),
             overflow: self.overflow.clone(),
         });
         let options = AttachOptions {
             modes: flags::SUBSCRIBE,
             echo: true,
-            resume_from: None,
+            resume_from: resume_from.clone(),
             rewind: None,
             delta: false,
         };
-        let attached =
-            self.state
-                .hub
-                .attach(&key, self.id.clone(), options, sink, |_| {}, now_ms());
-        if attached.is_err() {
-            return SubscribeReasonCode::Failure;
+        let mut cursor = resume_from.clone().unwrap_or_default();
+        let mut backlog = Vec::new();
+        let attached = self.state.hub.attach(
+            &key,
+            self.id.clone(),
+            options,
+            sink,
+            |snapshot| {
+                if resume_from.is_none() || snapshot.continuity_lost {
+                    if let Some(now) = Cursor::decode(&snapshot.channel_serial) {
+                        cursor = now;
+                    }
+                }
+                if snapshot.continuity_lost {
+                    tracing::debug!(%channel, "mqtt session resumed after the channel log");
+                }
+                backlog.clone_from(&snapshot.backlog);
+            },
+            now_ms(),
+        );
+        attached.ok()?;
+        self.subscriptions
+            .insert(channel, Subscription { key, qos, cursor });
+        Some(backlog)
+    }
+
+    /// Takes back a parked session: unacknowledged QoS 1 messages again (DUP, same
+    /// packet ids), then what was taken but not sent, then each subscription from its
+    /// cursor (what was published meanwhile first). A subscription the credential no
+    /// longer allows is dropped.
+    async fn resume(&mut self, parked: Parked) {
+        for (id, message) in parked.unacked {
+            let mut publish = Publish::from_bytes(
+                message.topic.clone(),
+                QoS::AtLeastOnce,
+                message.payload.clone(),
+            );
+            publish.pkid = id;
+            publish.dup = true;
+            self.inflight.restore(id, message);
+            self.encode(Packet::Publish(publish));
         }
-        self.subscriptions.insert(topic, Subscription { key, qos });
-        SubscribeReasonCode::Success(qos)
+        for (topic, qos, payload) in parked.unsent {
+            self.outgoing.push_back(Outgoing {
+                topic,
+                qos,
+                payload,
+            });
+        }
+        for subscription in parked.subscriptions {
+            let channel = subscription.channel;
+            if !self.auth.capability.allows(&channel, Operation::Subscribe) {
+                continue;
+            }
+            let resumed = self
+                .attach(channel.clone(), subscription.qos, Some(subscription.cursor))
+                .await;
+            for event in resumed.unwrap_or_default() {
+                self.deliver(channel.clone(), &event);
+            }
+        }
+        self.send_outgoing();
     }
 
     fn unsubscribe(&mut self, unsubscribe: Unsubscribe) {
@@ -485,9 +623,18 @@ impl Connection {
             return;
         }
         // Unsubscribed since the event was queued: not delivered.
-        let Some(subscription) = self.subscriptions.get(&topic) else {
+        let Some(subscription) = self.subscriptions.get_mut(&topic) else {
             return;
         };
+        match event
+            .frame
+            .channel_serial
+            .as_deref()
+            .and_then(Cursor::decode)
+        {
+            Some(after) => subscription.cursor = after,
+            None => subscription.cursor.advance(event.origin, event.seq),
+        }
         let qos = subscription.qos;
         for message in event.frame.messages.iter().flatten() {
             self.outgoing.push_back(Outgoing {
@@ -550,6 +697,14 @@ impl Connection {
         for subscription in self.subscriptions.values() {
             self.state.hub.detach(&subscription.key, &self.id, now);
         }
+        if let Some(key) = &self.session_key {
+            let parked = self.persistent.then(|| self.parked());
+            let expires = now.saturating_add(self.state.config.connection_state_ttl_ms as i64);
+            self.sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .disconnect(key, self.number, parked, expires, now);
+        }
         let End::Abnormal(reason) = end else {
             tracing::debug!(?end, "mqtt connection closed");
             return;
@@ -571,6 +726,29 @@ impl Connection {
         );
         if let Err(err) = published {
             tracing::debug!(code = err.code, message = %err.message, "last will not published");
+        }
+    }
+}
+
+impl Connection {
+    /// What of this persistent session outlives the connection.
+    fn parked(&self) -> Parked {
+        Parked {
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(|(channel, subscription)| ParkedSubscription {
+                    channel: channel.clone(),
+                    qos: subscription.qos,
+                    cursor: subscription.cursor.clone(),
+                })
+                .collect(),
+            unacked: self.inflight.unacked(),
+            unsent: self
+                .outgoing
+                .iter()
+                .map(|o| (o.topic.clone(), o.qos, o.payload.clone()))
+                .collect(),
         }
     }
 }

@@ -18,8 +18,11 @@
 //!   the last will is published (as an Ably message) when the connection ends any way
 //!   but by DISCONNECT.
 //!
-//! Every session is clean: a CONNECT with `clean_session = 0` is accepted with
-//! `session_present = 0`, and nothing of the connection outlives it.
+//! - Persistent sessions (`clean_session = 0`, `sessions`): subscriptions with their
+//!   channel cursors and unacknowledged QoS 1 messages are parked on this node for
+//!   `connection_state_ttl_ms`; a reconnect with the same client identifier resumes
+//!   them: messages sent and not acknowledged again (DUP), then exactly what was
+//!   published meanwhile, from the channel log.
 //!
 //! Bounded: packet size (`MqttConfig::packet_bytes_max`, checked on the fixed header
 //! before the body is read), connections (`connections_max`, shared with WebSocket and
@@ -29,6 +32,7 @@
 
 mod connection;
 mod session;
+mod sessions;
 mod topic;
 
 use std::sync::Arc;
@@ -43,6 +47,9 @@ use crate::state::EdgeState;
 /// its own task. A connection over `connections_max` gets CONNACK 3 (server
 /// unavailable) and is closed.
 pub async fn serve(listener: TcpListener, state: Arc<EdgeState>, config: MqttConfig) {
+    let sessions = Arc::new(std::sync::Mutex::new(sessions::Sessions::new(
+        config.sessions_max,
+    )));
     let config = Arc::new(config);
     let mut shutdown = state.shutdown.clone();
     loop {
@@ -62,8 +69,9 @@ pub async fn serve(listener: TcpListener, state: Arc<EdgeState>, config: MqttCon
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let config = config.clone();
+        let sessions = sessions.clone();
         let span = tracing::debug_span!("mqtt", %peer);
-        tokio::spawn(connection::run(stream, state, config).instrument(span));
+        tokio::spawn(connection::run(stream, state, config, sessions).instrument(span));
     }
 }
 

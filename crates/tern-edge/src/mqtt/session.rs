@@ -102,7 +102,9 @@ pub(crate) struct Unacked {
 pub(crate) struct Inflight {
     max: usize,
     next: u16,
-    sent: BTreeMap<u16, Unacked>,
+    /// By packet id: the order it was sent in, and the message.
+    sent: BTreeMap<u16, (u64, Unacked)>,
+    sends: u64,
 }
 
 impl Inflight {
@@ -112,6 +114,7 @@ impl Inflight {
             max: max.clamp(1, usize::from(u16::MAX)),
             next: 1,
             sent: BTreeMap::new(),
+            sends: 0,
         }
     }
 
@@ -131,8 +134,24 @@ impl Inflight {
         }
         let id = self.next;
         self.advance();
-        self.sent.insert(id, message);
+        self.restore(id, message);
         Some(id)
+    }
+
+    /// Records `message` as sent under packet id `id`: a parked session's message sent
+    /// again with its original id.
+    pub(crate) fn restore(&mut self, id: u16, message: Unacked) {
+        self.sends += 1;
+        self.sent.insert(id, (self.sends, message));
+    }
+
+    /// What is unacknowledged, oldest first (for a persistent session to park).
+    pub(crate) fn unacked(&self) -> Vec<(u16, Unacked)> {
+        let mut sent: Vec<_> = self.sent.iter().collect();
+        sent.sort_by_key(|(_, (order, _))| *order);
+        sent.into_iter()
+            .map(|(id, (_, message))| (*id, message.clone()))
+            .collect()
     }
 
     fn advance(&mut self) {
@@ -296,5 +315,7 @@ mod tests {
         window.next = 1;
         window.send(unacked());
         assert_eq!(window.send(unacked()), Some(3), "skips ids still in flight");
+        let ids: Vec<u16> = window.unacked().iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, [2, 1, 3], "oldest first, not by id");
     }
 }
