@@ -608,3 +608,26 @@ def test_same_client_id_supersedes_the_live_connection(tern):
     finally:
         old.close()
         new.close()
+
+
+def test_resumed_session_is_held_to_the_new_credential(tern):
+    """A persistent session taken back with another credential of the app gets neither
+    unacknowledged messages nor subscriptions of channels that credential may not read."""
+    channel = "py-mqtt-secret"
+    sock, _ = raw_connect(tern, client_id="shared", clean=False)
+    sock.sendall(subscribe_packet(1, [(channel, 1)]))
+    assert read_packet(sock) == (0x90, b"\x00\x01\x01")
+    publish_rest(tern, channel, ["s1"])
+    assert read_publish(sock)[4] == b"s1"
+    sock.close()  # s1 unacknowledged
+    publish_rest(tern, channel, ["s2"])
+    sock, code = raw_connect(tern, *LIMITED_KEY.split(":"), client_id="shared", clean=False,
+                             session_present=True)
+    try:
+        assert code == 0
+        publish_rest(tern, channel, ["s3"])
+        sock.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            read_packet(sock)
+    finally:
+        sock.close()

@@ -574,7 +574,19 @@ impl Connection {
     /// cursor (what was published meanwhile first). A subscription the credential no
     /// longer allows is dropped.
     async fn resume(&mut self, parked: Parked) {
-        for (id, message) in parked.unacked {
+        // Only what the new credential may still read (it may be another one).
+        let allowed = |topic: &str| self.auth.capability.allows(topic, Operation::Subscribe);
+        let unacked: Vec<_> = parked
+            .unacked
+            .into_iter()
+            .filter(|(_, message)| allowed(&message.topic))
+            .collect();
+        let unsent: Vec<_> = parked
+            .unsent
+            .into_iter()
+            .filter(|(topic, _, _)| allowed(topic))
+            .collect();
+        for (id, message) in unacked {
             let mut publish = Publish::from_bytes(
                 message.topic.clone(),
                 QoS::AtLeastOnce,
@@ -585,7 +597,7 @@ impl Connection {
             self.inflight.restore(id, message);
             self.encode(Packet::Publish(publish));
         }
-        for (topic, qos, payload) in parked.unsent {
+        for (topic, qos, payload) in unsent {
             self.outgoing.push_back(Outgoing {
                 topic,
                 qos,
