@@ -237,9 +237,11 @@ class Paho:
     """A paho-mqtt 3.1.1 client with its network loop on a thread; what it receives is
     collected."""
 
-    def __init__(self, tern, client_id, username=KEY_NAME, password=KEY_SECRET):
+    def __init__(self, tern, client_id, username=KEY_NAME, password=KEY_SECRET, transport="tcp"):
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=mqtt.MQTTv311)
+                                  protocol=mqtt.MQTTv311, transport=transport)
+        if transport == "websockets":
+            self.client.ws_set_options(path="/mqtt")
         if username is not None:
             self.client.username_pw_set(username, password)
         self.messages = []
@@ -631,3 +633,23 @@ def test_resumed_session_is_held_to_the_new_credential(tern):
             read_packet(sock)
     finally:
         sock.close()
+
+
+def test_mqtt_over_websocket(tern):
+    """paho over WebSocket (path /mqtt, subprotocol mqtt, on the MQTT port) publishes
+    QoS 1 to a TCP subscriber and subscribes to what ably-python publishes."""
+    ws = Paho(tern, "ws-1", transport="websockets")
+    tcp = Paho(tern, "tcp-1")
+    try:
+        assert ws.connected.wait(WAIT) and ws.reason.value == 0
+        assert tcp.subscribe("py-mqtt-ws", qos=1) == [1]
+        assert ws.subscribe("py-mqtt-ws-in", qos=1) == [1]
+        info = ws.client.publish("py-mqtt-ws", b"over ws \x00", qos=1)
+        wait(lambda: info.mid in ws.acked and tcp.messages)
+        assert tcp.messages == [("py-mqtt-ws", b"over ws \x00", 1)]
+        publish_rest(tern, "py-mqtt-ws-in", ["from ably"])
+        wait(lambda: ws.messages)
+        assert ws.messages == [("py-mqtt-ws-in", b"from ably", 1)]
+    finally:
+        ws.close()
+        tcp.close()

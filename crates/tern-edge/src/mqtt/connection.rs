@@ -16,9 +16,7 @@ use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use tern_auth::{AuthContext, ClientIdentity, Operation};
 use tern_core::{AttachOptions, ChannelEvent, ChannelKey, Cursor, Subscriber};
 use tern_protocol::{flags, ErrorInfo};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
@@ -157,12 +155,17 @@ struct Connection {
     pending_acks: usize,
     /// Encoded packets not yet written.
     out: BytesMut,
-    writer: OwnedWriteHalf,
+    writer: Writer,
 }
+
+/// The connection's byte stream, either way: a TCP socket, or the bridge to an MQTT
+/// over WebSocket connection (`websocket`).
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Serves one TCP connection until it ends.
 pub(super) async fn run(
-    stream: TcpStream,
+    stream: impl AsyncRead + AsyncWrite + Send + Unpin + 'static,
     state: Arc<EdgeState>,
     config: Arc<MqttConfig>,
     sessions: SharedSessions,
@@ -175,7 +178,8 @@ pub(super) async fn run(
         let _ = tokio::time::timeout(write_timeout, stream.write_all(&CONNACK_UNAVAILABLE)).await;
         return;
     };
-    let (mut reader, writer) = stream.into_split();
+    let (reader, writer) = tokio::io::split(stream);
+    let (mut reader, writer): (Reader, Writer) = (Box::new(reader), Box::new(writer));
     let mut inbound = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let connect_wait = Duration::from_millis(config.connect_timeout_ms);
     let first = tokio::time::timeout(
@@ -215,7 +219,7 @@ fn connack(code: ConnectReturnCode) -> BytesMut {
 
 /// Reads until one whole packet is in `inbound`.
 async fn read_packet(
-    reader: &mut OwnedReadHalf,
+    reader: &mut Reader,
     inbound: &mut BytesMut,
     packet_bytes_max: usize,
 ) -> Result<Packet, CodecError> {
@@ -237,7 +241,7 @@ async fn accept(
     state: &Arc<EdgeState>,
     config: &Arc<MqttConfig>,
     sessions: SharedSessions,
-    mut writer: OwnedWriteHalf,
+    mut writer: Writer,
 ) -> Option<(Connection, Inputs)> {
     let write_timeout = Duration::from_millis(state.config.write_timeout_ms);
     let checked = session::authenticate(&state.keys, &connect, now_ms()).and_then(|(auth, id)| {
@@ -352,7 +356,7 @@ impl Connection {
     /// what they produced, then waits for the next input.
     async fn serve(
         &mut self,
-        reader: &mut OwnedReadHalf,
+        reader: &mut Reader,
         mut inbound: BytesMut,
         mut inputs: Inputs,
     ) -> End {

@@ -1,4 +1,4 @@
-//! MQTT 3.1.1 over TCP: an adapter from MQTT packets to the same hub, capabilities and
+//! MQTT 3.1.1 over TCP, and over WebSocket on the same port (`websocket`): an adapter from MQTT packets to the same hub, capabilities and
 //! publish path as every other transport. Packets are framed and decoded by `rumqttc`'s
 //! codec (`mqttbytes::v4`); this module is only the adapter.
 //!
@@ -34,10 +34,13 @@ mod connection;
 mod session;
 mod sessions;
 mod topic;
+mod websocket;
 
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use crate::config::MqttConfig;
@@ -67,11 +70,25 @@ pub async fn serve(listener: TcpListener, state: Arc<EdgeState>, config: MqttCon
             }
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let config = config.clone();
-        let sessions = sessions.clone();
+        let shared = websocket::Shared {
+            state: state.clone(),
+            config: config.clone(),
+            sessions: sessions.clone(),
+        };
         let span = tracing::debug_span!("mqtt", %peer);
-        tokio::spawn(connection::run(stream, state, config, sessions).instrument(span));
+        tokio::spawn(serve_one(stream, shared).instrument(span));
+    }
+}
+
+/// One accepted connection: MQTT over TCP, or HTTP for MQTT over WebSocket, told apart
+/// by its first byte (waited for at most `connect_timeout_ms`).
+async fn serve_one(stream: TcpStream, shared: websocket::Shared) {
+    let wait = Duration::from_millis(shared.config.connect_timeout_ms);
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(wait, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if websocket::is_http(first[0]) => websocket::serve(stream, shared).await,
+        Ok(Ok(1)) => connection::run(stream, shared.state, shared.config, shared.sessions).await,
+        _ => {}
     }
 }
 
