@@ -66,15 +66,16 @@ capability = '{{"allowed:*":["publish","subscribe"]}}'
 class MqttTern:
     """A `tern serve` with MQTT enabled; restartable on the same data directory."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, config=CONFIG):
         self.workdir = workdir
+        self.config = config
         self.proc = None
         self.port = None
         self.mqtt_port = None
 
     def start(self):
         config = Path(self.workdir) / "tern.toml"
-        config.write_text(CONFIG)
+        config.write_text(self.config)
         env = dict(os.environ, TERN_LOG=os.environ.get("TERN_LOG", "warn"))
         self.proc = subprocess.Popen(
             [TERN_BIN, "serve", "--config", str(config)],
@@ -653,3 +654,25 @@ def test_mqtt_over_websocket(tern):
     finally:
         ws.close()
         tcp.close()
+
+
+def test_publish_rate_slows_the_sender_without_dropping():
+    """Past inbound_frames_per_second the connection is not read until the second is
+    over: 150 QoS 0 publishes sent at once at 50/s take two more seconds to be taken,
+    and all of them are stored."""
+    config = CONFIG.replace("[limits]\n", "[limits]\ninbound_frames_per_second = 50\n")
+    with tempfile.TemporaryDirectory() as workdir:
+        server = MqttTern(workdir, config).start()
+        try:
+            sock, _ = raw_connect(server)
+            burst = b"".join(publish_packet("py-mqtt-rate", f"r{i}".encode()) for i in range(150))
+            started = time.time()
+            sock.sendall(burst + b"\xc0\x00")
+            assert read_packet(sock) == (0xD0, b"")
+            assert time.time() - started >= 1.9
+            sock.close()
+            wait(lambda: len(history(server, "py-mqtt-rate")) == 150)
+            stored = [data for data, _ in history(server, "py-mqtt-rate")]
+            assert stored == [f"r{i}".encode() for i in range(150)]
+        finally:
+            server.stop()

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use super::session::{self, Inflight, Unacked};
+use super::session::{self, Inflight, Rate, Unacked};
 use super::sessions::{Parked, ParkedSubscription, SessionKey, Sessions};
 use super::topic;
 use crate::config::MqttConfig;
@@ -153,6 +153,7 @@ struct Connection {
     /// awaiting its commit, and the socket is not read past `pending_acks_max`.
     committed_tx: mpsc::UnboundedSender<Committed>,
     pending_acks: usize,
+    rate: Rate,
     /// Encoded packets not yet written.
     out: BytesMut,
     writer: Writer,
@@ -299,6 +300,10 @@ async fn accept(
         overflow: Arc::new(AtomicBool::new(false)),
         committed_tx,
         pending_acks: 0,
+        rate: Rate::new(
+            state.config.inbound_frames_per_second,
+            state.config.control_frames_per_second,
+        ),
         out: BytesMut::new(),
         writer,
     };
@@ -366,10 +371,13 @@ impl Connection {
         });
         let mut silent_until = inputs.silence_max.map(|max| Instant::now() + max);
         loop {
-            loop {
+            // Packets already read wait too while the rate is spent.
+            while self.rate.paused_until(now_ms()).is_none() {
                 match next_packet(&mut inbound, self.config.packet_bytes_max) {
                     Ok(Some(packet)) => {
                         silent_until = inputs.silence_max.map(|max| Instant::now() + max);
+                        let publish = matches!(packet, Packet::Publish(_));
+                        self.rate.count(publish, now_ms());
                         if let Err(end) = self.handle(packet).await {
                             let _ = self.flush().await;
                             return end;
@@ -385,13 +393,19 @@ impl Connection {
             if self.overflow.load(Ordering::Acquire) {
                 return End::abnormal("too slow: the outbound queue overflowed");
             }
-            let read_more = self.pending_acks < self.config.pending_acks_max;
+            let now = now_ms();
+            let paused_until = self.rate.paused_until(now).map(|until| {
+                Instant::now() + Duration::from_millis(until.saturating_sub(now).max(0) as u64)
+            });
+            let read_more =
+                self.pending_acks < self.config.pending_acks_max && paused_until.is_none();
             let take_events = self.outgoing.is_empty();
             inbound.reserve(READ_CHUNK_BYTES);
             // Every arm is cancellation safe: `read_buf` and `recv` lose nothing when
             // another arm wins, and the timers are recreated each turn.
             tokio::select! {
-                // The client's bytes (not read while too many publishes await storage).
+                // The client's bytes (not read while too many publishes await storage or
+                // the packet rate is spent).
                 read = reader.read_buf(&mut inbound), if read_more => match read {
                     Ok(0) => return End::abnormal("closed by the client"),
                     Ok(_) => {}
@@ -410,6 +424,8 @@ impl Connection {
                     }
                     self.encode(Packet::PubAck(PubAck::new(packet_id)));
                 }
+                // The rate window is over: read again (next turn).
+                _ = sleep_until(paused_until) => {}
                 _ = sleep_until(silent_until) => {
                     return End::abnormal("keep-alive: no packet for 1.5 x keep-alive");
                 }

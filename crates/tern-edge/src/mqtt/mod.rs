@@ -24,7 +24,9 @@
 //!   them: messages sent and not acknowledged again (DUP), then exactly what was
 //!   published meanwhile, from the channel log.
 //!
-//! Bounded: packet size (`MqttConfig::packet_bytes_max`, checked on the fixed header
+//! Bounded: the packet rate (`inbound_frames_per_second` PUBLISHes and
+//! `control_frames_per_second` others; past either the socket is not read until the
+//! second is over), packet size (`MqttConfig::packet_bytes_max`, checked on the fixed header
 //! before the body is read), connections (`connections_max`, shared with WebSocket and
 //! SSE), subscriptions per connection, QoS 1 publishes awaiting storage and deliveries
 //! awaiting PUBACK, the queue of deliveries (`outbound_queue_max`: overflow ends the

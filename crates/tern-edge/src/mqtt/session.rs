@@ -89,6 +89,56 @@ pub(crate) fn granted(requested: QoS) -> QoS {
     }
 }
 
+/// How fast a connection's packets are taken: at most `publishes_max` PUBLISHes and
+/// `others_max` other packets per second (the edge's `inbound_frames_per_second` and
+/// `control_frames_per_second`). MQTT 3.1.1 cannot refuse a packet, so past either
+/// bound the connection's socket is not read until the second is over: TCP slows the
+/// sender, and nothing it sent is dropped.
+#[derive(Debug)]
+pub(crate) struct Rate {
+    publishes_max: u32,
+    others_max: u32,
+    window_start_ms: i64,
+    publishes: u32,
+    others: u32,
+}
+
+/// Length of a [`Rate`] window.
+const RATE_WINDOW_MS: i64 = 1_000;
+
+impl Rate {
+    pub(crate) fn new(publishes_max: u32, others_max: u32) -> Rate {
+        Rate {
+            publishes_max: publishes_max.max(1),
+            others_max: others_max.max(1),
+            window_start_ms: i64::MIN,
+            publishes: 0,
+            others: 0,
+        }
+    }
+
+    /// Counts one packet taken at `now_ms`.
+    pub(crate) fn count(&mut self, publish: bool, now_ms: i64) {
+        if now_ms.saturating_sub(self.window_start_ms) >= RATE_WINDOW_MS {
+            self.window_start_ms = now_ms;
+            self.publishes = 0;
+            self.others = 0;
+        }
+        if publish {
+            self.publishes += 1;
+        } else {
+            self.others += 1;
+        }
+    }
+
+    /// `None` while the socket may be read; otherwise when it may be again.
+    pub(crate) fn paused_until(&self, now_ms: i64) -> Option<i64> {
+        let window_end = self.window_start_ms.saturating_add(RATE_WINDOW_MS);
+        let spent = self.publishes >= self.publishes_max || self.others >= self.others_max;
+        (spent && now_ms < window_end).then_some(window_end)
+    }
+}
+
 /// One QoS 1 message sent to the subscriber and not yet acknowledged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Unacked {
@@ -283,6 +333,26 @@ mod tests {
             &b"{\"a\":[1]}"[..]
         );
         assert_eq!(payload_of(&Message::default()), Bytes::new());
+    }
+
+    /// Past either bound the socket pauses until the window ends; a new window starts
+    /// afresh, and publishes and other packets are counted apart.
+    #[test]
+    fn rate_pauses_reading_until_the_second_is_over() {
+        let mut rate = Rate::new(2, 3);
+        assert_eq!(rate.paused_until(0), None);
+        rate.count(true, 1_000);
+        rate.count(false, 1_100);
+        assert_eq!(rate.paused_until(1_100), None);
+        rate.count(true, 1_200);
+        assert_eq!(rate.paused_until(1_200), Some(2_000));
+        assert_eq!(rate.paused_until(2_000), None, "the window is over");
+        rate.count(true, 2_000);
+        assert_eq!(rate.paused_until(2_000), None, "a new window");
+        for _ in 0..3 {
+            rate.count(false, 2_500);
+        }
+        assert_eq!(rate.paused_until(2_500), Some(3_000));
     }
 
     /// Packet ids are handed out in turn, never one still in flight, wrap past 65,535
