@@ -676,3 +676,30 @@ def test_publish_rate_slows_the_sender_without_dropping():
             assert stored == [f"r{i}".encode() for i in range(150)]
         finally:
             server.stop()
+
+
+def test_connections_count_against_connections_max():
+    """MQTT connections count against limits.connections_max: past it a connection gets
+    CONNACK 3 (server unavailable); once one closes, a new one is accepted."""
+    config = CONFIG.replace("[limits]\n", "[limits]\nconnections_max = 2\n")
+    with tempfile.TemporaryDirectory() as workdir:
+        server = MqttTern(workdir, config).start()
+        try:
+            first, _ = raw_connect(server, client_id="c1")
+            second, _ = raw_connect(server, client_id="c2")
+            third, code = raw_connect(server, client_id="c3")
+            assert code == 3
+            assert closed_by_server(third, 2)
+            third.close()
+            first.close()
+            deadline = time.time() + WAIT
+            while True:
+                again, code = raw_connect(server, client_id="c4")
+                again.close()
+                if code == 0 or time.time() > deadline:
+                    break
+                time.sleep(0.05)
+            assert code == 0
+            second.close()
+        finally:
+            server.stop()
