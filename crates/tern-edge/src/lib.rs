@@ -16,6 +16,8 @@
 //!   same check for REST and realtime.
 //! - `batch`: batch publish (`POST /messages`) and batch presence (`GET /presence`).
 //! - `rest`: REST handlers (`/time`, publish, presence, channel status, token requests).
+//! - [`mqtt`]: MQTT 3.1.1 (TCP, and WebSocket) on its own port, [`mqtt::serve`]; publishes
+//!   through `rest::apply_publish`, PUBACK after the commit.
 //! - `stats`: app statistics (`GET /stats`, `POST /stats` fixtures) and what counts them.
 //! - [`history`]: the journal into the history store and the REST history endpoints.
 //! - `credentials`: turning query params and headers into an [`tern_auth::AuthContext`].

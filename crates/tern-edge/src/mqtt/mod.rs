@@ -1,6 +1,17 @@
-//! MQTT 3.1.1 over TCP, and over WebSocket on the same port (`websocket`): an adapter from MQTT packets to the same hub, capabilities and
-//! publish path as every other transport. Packets are framed and decoded by `rumqttc`'s
-//! codec (`mqttbytes::v4`); this module is only the adapter.
+//! MQTT 3.1.1 over TCP, and over WebSocket on the same port (`websocket`): an adapter
+//! from MQTT packets to the same hub, capabilities and publish path as every other
+//! transport (docs/mqtt.md). Packets are framed and decoded by `rumqttc`'s codec
+//! (`mqttbytes::v4`); this module is only the adapter.
+//!
+//! # Layout
+//! - `connection`: one connection's task (CONNECT, then one `select!` loop).
+//! - `session`: its rules without I/O (credentials and CONNACK codes, payload mapping,
+//!   the QoS 1 window, the packet rate).
+//! - `sessions`: persistent sessions parked on this node, one live connection per
+//!   client identifier.
+//! - `topic`: topics are channel names.
+//! - `websocket`: MQTT over WebSocket, bridged to a connection task.
+//!
 //!
 //! - Credentials: user name `appId.keyId` and the key's secret as password, or a token
 //!   (Tern token or JWT) as user name with an empty password (`session::authenticate`).
@@ -17,12 +28,12 @@
 //! - Keep-alive: a client that sends nothing for 1.5 × its keep-alive is disconnected;
 //!   the last will is published (as an Ably message) when the connection ends any way
 //!   but by DISCONNECT.
-//!
 //! - Persistent sessions (`clean_session = 0`, `sessions`): subscriptions with their
 //!   channel cursors and unacknowledged QoS 1 messages are parked on this node for
 //!   `connection_state_ttl_ms`; a reconnect with the same client identifier resumes
 //!   them: messages sent and not acknowledged again (DUP), then exactly what was
-//!   published meanwhile, from the channel log.
+//!   published meanwhile, from the channel log. Parked on this node only: a reconnect
+//!   to another node starts a new session.
 //!
 //! Bounded: the packet rate (`inbound_frames_per_second` PUBLISHes and
 //! `control_frames_per_second` others; past either the socket is not read until the
@@ -39,7 +50,6 @@ mod topic;
 mod websocket;
 
 use std::sync::Arc;
-
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
