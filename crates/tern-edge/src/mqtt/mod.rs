@@ -18,7 +18,7 @@
 //! - Topics are channel names, verbatim (`topic`); no wildcards.
 //! - PUBLISH QoS 0 and 1 go through `rest::apply_publish` (capability, the publish
 //!   budget, the hub); the PUBACK of a QoS 1 PUBLISH is sent from
-//!   [`EdgeState::after_durable`], so, like an Ably ACK, it means stored (and on
+//!   `EdgeState::after_durable`, so, like an Ably ACK, it means stored (and on
 //!   replicas in a cluster). MQTT 3.1.1 cannot refuse a PUBLISH, so a refused one
 //!   (capability, size) or one the store lost closes the connection without a PUBACK:
 //!   the client sends it again after reconnecting.
