@@ -703,3 +703,83 @@ def test_connections_count_against_connections_max():
             second.close()
         finally:
             server.stop()
+
+
+class Region:
+    def __init__(self, port, mqtt_port):
+        self.port, self.mqtt_port = port, mqtt_port
+
+
+def start_dev(workdir):
+    """`tern dev --port 0` (three regions): the process and each region's ports."""
+    proc = subprocess.Popen([TERN_BIN, "dev", "--port", "0"], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, TERN_LOG=os.environ.get("TERN_LOG", "warn")))
+    regions, mqtt_port, deadline = [], None, time.time() + 30
+    while len(regions) < 3 and time.time() < deadline:
+        line = proc.stdout.readline() or ""
+        if match := re.search(r"mqtt listening on 127\.0\.0\.1:(\d+)", line):
+            mqtt_port = int(match.group(1))
+        elif match := re.search(r"^tern listening on http://127\.0\.0\.1:(\d+)", line):
+            regions.append(Region(int(match.group(1)), mqtt_port))
+        if proc.poll() is not None:
+            break
+    assert len(regions) == 3, "tern dev did not start"
+    return proc, regions
+
+
+def test_persistent_session_moves_to_another_region():
+    """A persistent session cut in one region and resumed in another: the new region
+    takes the session over from the old one (session present), sends the unacknowledged
+    message again with DUP, then exactly what was published meanwhile, once each."""
+    dev_key = "dev.root:dev-secret-change-me"
+    user, password = dev_key.split(":")
+    channel = "py-mqtt-roam"
+
+    def publish(region, datas):
+        async def run():
+            rest = AblyRest(dev_key, endpoint="127.0.0.1", port=region.port, tls=False, use_token_auth=True)
+            try:
+                for data in datas:
+                    await rest.channels.get(channel).publish("n", data)
+            finally:
+                await rest.close()
+
+        asyncio.run(run())
+
+    with tempfile.TemporaryDirectory() as workdir:
+        proc, (east, west, _) = start_dev(workdir)
+        try:
+            sock, _ = raw_connect(east, user, password, client_id="roamer", clean=False)
+            sock.sendall(subscribe_packet(1, [(channel, 1)]))
+            assert read_packet(sock) == (0x90, b"\x00\x01\x01")
+            publish(east, ["r1", "r2"])
+            first = [read_publish(sock) for _ in range(2)]
+            sock.sendall(puback(first[0][2]))
+            time.sleep(0.2)
+            sock.close()  # r2 unacknowledged
+            publish(east, ["r3"])
+            sock, _ = raw_connect(west, user, password, client_id="roamer", clean=False,
+                                  session_present=True)
+            try:
+                again = [read_publish(sock) for _ in range(2)]
+                for _, _, packet_id, _, _ in again:
+                    sock.sendall(puback(packet_id))
+                assert [(dup, payload) for dup, _, _, _, payload in again] == [(True, b"r2"), (False, b"r3")]
+                assert again[0][2] == first[1][2], "the same packet id"
+                publish(east, ["r4"])
+                live = read_publish(sock)
+                assert live[4] == b"r4"
+                sock.sendall(puback(live[2]))
+                sock.settimeout(0.5)
+                with pytest.raises(socket.timeout):
+                    read_packet(sock)  # nothing twice
+            finally:
+                sock.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

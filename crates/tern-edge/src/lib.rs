@@ -122,6 +122,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/stats", get(stats::get).post(stats::post_fixtures))
         .route("/sse", get(sse::sse))
         .route("/event-stream", get(sse::event_stream))
+        .route("/mqtt/sessions/{client_id}", get(mqtt::handoff::give))
         .fallback(rest::not_found)
         // Ably answers a known path with the wrong method as an unknown one (404/40400,
         // with an error body the SDKs read), not a bare 405.

@@ -39,6 +39,9 @@ pub struct EdgeState {
     pub(crate) cluster: Option<Arc<dyn ClusterView>>,
     /// App statistics counted on this node.
     pub(crate) stats: crate::stats::Stats,
+    /// Persistent MQTT sessions parked on this node (set when its MQTT listener starts),
+    /// which another node may take over (`mqtt::handoff`).
+    pub(crate) mqtt_sessions: std::sync::OnceLock<crate::mqtt::SharedSessions>,
 }
 
 /// How waiting for a publish to be durable ended.
@@ -128,6 +131,7 @@ impl EdgeState {
             },
             connection_permits: Arc::new(Semaphore::new(config.connections_max)),
             stats: crate::stats::Stats::new(config.stats.clone()),
+            mqtt_sessions: std::sync::OnceLock::new(),
             config,
             hub,
             keys,

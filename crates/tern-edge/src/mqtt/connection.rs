@@ -38,7 +38,7 @@ const READ_CHUNK_BYTES: usize = 8_192;
 /// (and park its session) after superseding it.
 const SUPERSEDE_WAIT: Duration = Duration::from_secs(2);
 /// The node's persistent sessions and live client identifiers.
-pub(super) type SharedSessions = Arc<std::sync::Mutex<Sessions>>;
+pub(crate) type SharedSessions = Arc<std::sync::Mutex<Sessions>>;
 /// CONNACK 3 (server unavailable), written to a connection over `connections_max`.
 const CONNACK_UNAVAILABLE: [u8; 4] = [0x20, 0x02, 0x00, 0x03];
 
@@ -281,6 +281,13 @@ async fn accept(
         }
         None => None,
     };
+    // Not parked here: the client may have been connected to another node.
+    let parked = match (parked, &connect.login) {
+        (None, Some(login)) if !connect.clean_session && !connect.client_id.is_empty() => {
+            super::handoff::fetch(state, login, &connect.client_id).await
+        }
+        (parked, _) => parked,
+    };
     let mut connection = Connection {
         state: state.clone(),
         config: config.clone(),
@@ -327,7 +334,7 @@ async fn accept(
 
 /// Supersedes the live connection of `key`, if another, and waits (bounded) until it
 /// has ended and parked its session.
-async fn take_over(sessions: &SharedSessions, key: &SessionKey, number: u64) {
+pub(super) async fn take_over(sessions: &SharedSessions, key: &SessionKey, number: u64) {
     let deadline = Instant::now() + SUPERSEDE_WAIT;
     loop {
         let live = sessions

@@ -9,6 +9,7 @@
 //!   the QoS 1 window, the packet rate).
 //! - `sessions`: persistent sessions parked on this node, one live connection per
 //!   client identifier.
+//! - `handoff`: a session moves to the node its client reconnects to.
 //! - `topic`: topics are channel names.
 //! - `websocket`: MQTT over WebSocket, bridged to a connection task.
 //!
@@ -32,8 +33,8 @@
 //!   channel cursors and unacknowledged QoS 1 messages are parked on this node for
 //!   `connection_state_ttl_ms`; a reconnect with the same client identifier resumes
 //!   them: messages sent and not acknowledged again (DUP), then exactly what was
-//!   published meanwhile, from the channel log. Parked on this node only: a reconnect
-//!   to another node starts a new session.
+//!   published meanwhile, from the channel log. A reconnect to another node takes the
+//!   session over from the node that parked it (`handoff`).
 //!
 //! Bounded: the packet rate (`inbound_frames_per_second` PUBLISHes and
 //! `control_frames_per_second` others; past either the socket is not read until the
@@ -44,6 +45,7 @@
 //! connection), the CONNECT wait, and every write (`write_timeout_ms`).
 
 mod connection;
+pub(crate) mod handoff;
 mod session;
 mod sessions;
 mod topic;
@@ -55,6 +57,8 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
+pub(crate) use connection::SharedSessions;
+
 use crate::config::MqttConfig;
 use crate::state::EdgeState;
 
@@ -62,9 +66,14 @@ use crate::state::EdgeState;
 /// its own task. A connection over `connections_max` gets CONNACK 3 (server
 /// unavailable) and is closed.
 pub async fn serve(listener: TcpListener, state: Arc<EdgeState>, config: MqttConfig) {
-    let sessions = Arc::new(std::sync::Mutex::new(sessions::Sessions::new(
-        config.sessions_max,
-    )));
+    let sessions = state
+        .mqtt_sessions
+        .get_or_init(|| {
+            Arc::new(std::sync::Mutex::new(sessions::Sessions::new(
+                config.sessions_max,
+            )))
+        })
+        .clone();
     let config = Arc::new(config);
     let mut shutdown = state.shutdown.clone();
     loop {

@@ -124,6 +124,12 @@ impl Sessions {
             .insert(key.clone(), Entry { parked, expires_ms });
     }
 
+    /// Takes `key`'s parked session, if one has not expired, for another node.
+    pub(crate) fn take(&mut self, key: &SessionKey, now_ms: i64) -> Option<Parked> {
+        let entry = self.parked.remove(key)?;
+        (entry.expires_ms > now_ms).then_some(entry.parked)
+    }
+
     /// Whether connection `number` is still the live one of `key`.
     #[cfg(test)]
     fn is_live(&self, key: &SessionKey, number: u64) -> bool {
