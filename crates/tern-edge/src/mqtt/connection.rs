@@ -607,11 +607,14 @@ impl Connection {
             .unacked
             .into_iter()
             .filter(|(_, message)| allowed(&message.topic))
+            // Held to this node's limits too: a session may come from another node.
+            .take(self.config.inflight_max)
             .collect();
         let unsent: Vec<_> = parked
             .unsent
             .into_iter()
             .filter(|(topic, _, _)| allowed(topic))
+            .take(self.state.config.outbound_queue_max)
             .collect();
         for (id, message) in unacked {
             let mut publish = Publish::from_bytes(
@@ -631,7 +634,8 @@ impl Connection {
                 payload,
             });
         }
-        for subscription in parked.subscriptions {
+        let subscriptions_max = self.config.subscriptions_per_connection_max;
+        for subscription in parked.subscriptions.into_iter().take(subscriptions_max) {
             let channel = subscription.channel;
             if !self.auth.capability.allows(&channel, Operation::Subscribe) {
                 continue;
