@@ -400,7 +400,7 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
     }
     if dev {
         if let (Some(keys), Some(node)) = (banner, running.first()) {
-            print_dev_banner(&keys, node.addr);
+            print_dev_banner(&keys, node.addr, node.mqtt);
         }
     }
 
@@ -419,7 +419,7 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_dev_banner(keys: &tern_auth::KeyRing, addr: SocketAddr) {
+fn print_dev_banner(keys: &tern_auth::KeyRing, addr: SocketAddr, mqtt: Option<SocketAddr>) {
     let Some(key) = keys.keys().next().map(|k| k.to_key_string()) else {
         return;
     };
@@ -429,6 +429,13 @@ fn print_dev_banner(keys: &tern_auth::KeyRing, addr: SocketAddr) {
         addr.ip(),
         addr.port()
     );
+    if let (Some(mqtt), Some((name, secret))) = (mqtt, key.split_once(':')) {
+        println!(
+            "  mqtt: mosquitto_sub -h {} -p {} -u {name} -P {secret} -t 'my/topic'",
+            mqtt.ip(),
+            mqtt.port()
+        );
+    }
 }
 
 async fn shutdown_signal() {
