@@ -13,10 +13,12 @@
 //! - `names`: channel names with `[?params]` qualifiers, the `rewind` param.
 //! - `serials`: `channelSerial` cursors, history page positions and message serials.
 //! - `cluster`: inter-node `FrameV1` and the authenticated gossip datagram.
+//! - `mqtt`: MQTT 3.1.1 packets from a client of the MQTT listener.
 //! - `same`: value comparison that allows for float parsing's last bit.
 
 pub mod auth;
 pub mod cluster;
+pub mod mqtt;
 pub mod names;
 pub mod protocol;
 pub mod same;
@@ -83,5 +85,9 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "gossip_datagram",
         run: cluster::gossip_datagram,
+    },
+    Target {
+        name: "mqtt_packets",
+        run: mqtt::mqtt_packets,
     },
 ];

@@ -138,3 +138,43 @@ impl Default for EdgeConfig {
         }
     }
 }
+
+/// The MQTT 3.1.1 listener (`mqtt`): what one MQTT connection may hold. Connections
+/// count against `EdgeConfig::connections_max` like WebSocket ones.
+#[derive(Clone, Debug)]
+pub struct MqttConfig {
+    /// Largest MQTT packet accepted, counted as its remaining length (topic, packet id
+    /// and payload). A client that announces a larger one is disconnected before its
+    /// bytes are read; MQTT 3.1.1 has no other refusal. The payload is then also held to
+    /// `max_message_size` by the publish budget.
+    pub packet_bytes_max: usize,
+    /// Topics one connection may subscribe to at once; beyond it SUBACK 0x80.
+    pub subscriptions_per_connection_max: usize,
+    /// QoS 1 messages sent to a subscriber and not yet acknowledged (PUBACK). While the
+    /// window is full, further messages wait in the connection's queue
+    /// (`outbound_queue_max`), whose overflow ends the connection.
+    pub inflight_max: usize,
+    /// QoS 1 publishes of one connection waiting to be stored before their PUBACK; at the
+    /// bound the connection's socket is not read until one is answered.
+    pub pending_acks_max: usize,
+    /// The CONNECT packet must arrive within this of the TCP connection opening.
+    pub connect_timeout_ms: u64,
+    /// Persistent sessions (`clean_session = 0`) parked at once after their connection
+    /// ended, each for `connection_state_ttl_ms`; beyond it the one expiring soonest is
+    /// dropped. Each holds its subscriptions and up to `inflight_max` unacknowledged
+    /// messages (payloads shared with the channel log while it holds them).
+    pub sessions_max: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            packet_bytes_max: 66_560,
+            subscriptions_per_connection_max: 1_000,
+            inflight_max: 100,
+            pending_acks_max: 1_000,
+            connect_timeout_ms: 10_000,
+            sessions_max: 10_000,
+        }
+    }
+}

@@ -18,6 +18,8 @@
 //! - `rest`: REST handlers (`/time`, publish, presence, channel status, token requests).
 //! - [`push`]: push admin (device registrations, channel subscriptions, push publish),
 //!   kept as a log on an internal channel of each app.
+//! - [`mqtt`]: MQTT 3.1.1 (TCP, and WebSocket) on its own port, [`mqtt::serve`]; publishes
+//!   through `rest::apply_publish`, PUBACK after the commit.
 //! - `stats`: app statistics (`GET /stats`, `POST /stats` fixtures) and what counts them.
 //! - [`history`]: the journal into the history store and the REST history endpoints.
 //! - `messages`: mutable messages (get by serial, update/delete/append, versions) and
@@ -45,6 +47,7 @@ mod forward;
 pub mod history;
 mod listener;
 mod messages;
+pub mod mqtt;
 pub mod push;
 mod response;
 mod rest;
@@ -56,7 +59,7 @@ mod state;
 mod stats;
 pub mod tls;
 
-pub use config::{EdgeConfig, StatsConfig};
+pub use config::{EdgeConfig, MqttConfig, StatsConfig};
 pub use listener::serve;
 pub use push::registry::PushLimits;
 pub use revoke::RevocationConfig;
@@ -202,6 +205,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/stats", get(stats::get).post(stats::post_fixtures))
         .route("/sse", get(sse::sse))
         .route("/event-stream", get(sse::event_stream))
+        .route("/mqtt/sessions/{client_id}", get(mqtt::handoff::give))
         .fallback(rest::not_found)
         // Ably answers a known path with the wrong method as an unknown one (404/40400,
         // with an error body the SDKs read), not a bare 405.

@@ -169,8 +169,43 @@ pub(crate) async fn publish_messages(
     auth: &AuthContext,
     identity: &ClientIdentity,
     channel: &str,
-    mut messages: Vec<Message>,
+    messages: Vec<Message>,
 ) -> Result<PublishResponse, ErrorInfo> {
+    let applied = apply_publish(state, auth, identity, channel, messages, Transport::Rest)?;
+    if let Some(error) = state
+        .durable(applied.key.clone(), applied.store_mark)
+        .await
+        .error()
+    {
+        return Err(error);
+    }
+    crate::push::delivery::on_published(state, &auth.app_id, &applied.key.name, applied.pushes)
+        .await;
+    Ok(applied.response)
+}
+
+/// A publish applied to the hub, not yet known to be durable.
+pub(crate) struct Applied {
+    pub(crate) response: PublishResponse,
+    pub(crate) key: ChannelKey,
+    /// [`EdgeState::store_mark`] taken before the publish was applied: hand it to
+    /// [`EdgeState::after_durable`] / [`EdgeState::durable`] before replying.
+    pub(crate) store_mark: u64,
+    /// Push notifications its messages carry (`extras.push`), to deliver once durable.
+    pub(crate) pushes: Vec<serde_json::Value>,
+}
+
+/// The checks and the hub publish of a publish without a realtime connection (REST,
+/// MQTT): capability, size budget, clientIds, message changes; then applied. The caller
+/// replies only once it is durable (`Applied::store_mark`).
+pub(crate) fn apply_publish(
+    state: &EdgeState,
+    auth: &AuthContext,
+    identity: &ClientIdentity,
+    channel: &str,
+    mut messages: Vec<Message>,
+    transport: Transport,
+) -> Result<Applied, ErrorInfo> {
     let key = channel_key(&auth.app_id, channel)?;
     if !auth.capability.allows(&key.name, Operation::Publish) {
         return Err(denied("publish", &key.name));
@@ -186,12 +221,17 @@ pub(crate) async fn publish_messages(
         .first()
         .and_then(|m| m.id.as_deref())
         .map(|id| id.rsplit_once(':').map_or(id, |(base, _)| base).to_string());
-    let (serials, frame_id) = publish_with_id(state, auth, &key, messages, size).await?;
-    crate::push::delivery::on_published(state, &auth.app_id, &key.name, pushes).await;
-    Ok(PublishResponse {
-        channel: key.name.to_string(),
-        message_id: message_id.unwrap_or(frame_id),
-        serials,
+    let (serials, frame_id, store_mark) =
+        publish_applied(state, auth, &key, messages, size, transport)?;
+    Ok(Applied {
+        response: PublishResponse {
+            channel: key.name.to_string(),
+            message_id: message_id.unwrap_or(frame_id),
+            serials,
+        },
+        key,
+        store_mark,
+        pushes,
     })
 }
 
@@ -204,16 +244,24 @@ pub(crate) async fn publish_prepared(
     messages: Vec<Message>,
     size: usize,
 ) -> Result<Vec<Option<String>>, ErrorInfo> {
-    Ok(publish_with_id(state, auth, key, messages, size).await?.0)
+    let (serials, _, store_mark) =
+        publish_applied(state, auth, key, messages, size, Transport::Rest)?;
+    if let Some(error) = state.durable(key.clone(), store_mark).await.error() {
+        return Err(error);
+    }
+    Ok(serials)
 }
 
-async fn publish_with_id(
+/// Applies prepared messages to the hub: their serials, the frame id and the store mark
+/// to wait on before replying.
+fn publish_applied(
     state: &EdgeState,
     auth: &AuthContext,
     key: &ChannelKey,
     messages: Vec<Message>,
     size: usize,
-) -> Result<(Vec<Option<String>>, String), ErrorInfo> {
+    transport: Transport,
+) -> Result<(Vec<Option<String>>, String, u64), ErrorInfo> {
     let now = now_ms();
     let frame_id = crate::messages::random_id();
     let count = messages.len() as u64;
@@ -228,12 +276,9 @@ async fn publish_with_id(
         .map_err(|e| ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, e.to_string()))?;
     metrics::counter!("tern_messages_published_total").increment(count);
     if let Some(stats) = state.stats.app(&auth.app_id, now) {
-        stats.received(Transport::Rest, Kind::Messages, count as usize, size);
+        stats.received(transport, Kind::Messages, count as usize, size);
     }
-    if let Some(error) = state.durable(key.clone(), store_mark).await.error() {
-        return Err(error);
-    }
-    Ok((outcome.serials, frame_id))
+    Ok((outcome.serials, frame_id, store_mark))
 }
 
 /// A REST message carrying a realtime connection's key is published on behalf of that

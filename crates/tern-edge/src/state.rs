@@ -46,6 +46,9 @@ pub struct EdgeState {
     pub(crate) tls: Option<Arc<crate::tls::ClientTls>>,
     /// Push registries folded on this node (`push`).
     pub(crate) push: crate::push::Push,
+    /// Persistent MQTT sessions parked on this node (set when its MQTT listener starts),
+    /// which another node may take over (`mqtt::handoff`).
+    pub(crate) mqtt_sessions: std::sync::OnceLock<crate::mqtt::SharedSessions>,
 }
 
 /// How waiting for a publish to be durable ended.
@@ -142,6 +145,7 @@ impl EdgeState {
             connection_permits: Arc::new(Semaphore::new(config.connections_max)),
             stats: crate::stats::Stats::new(config.stats.clone()),
             tls: None,
+            mqtt_sessions: std::sync::OnceLock::new(),
             config,
             hub,
             keys,

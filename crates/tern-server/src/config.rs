@@ -25,6 +25,8 @@ pub struct Config {
     #[serde(default)]
     pub push: PushSection,
     #[serde(default)]
+    pub mqtt: MqttSection,
+    #[serde(default)]
     pub apps: Vec<AppConfig>,
     /// Absent: a single node. Present: this node joins a cluster.
     pub cluster: Option<ClusterSection>,
@@ -180,6 +182,41 @@ impl Default for PushSection {
             recipient_bytes_max: push.recipient_bytes_max,
             metadata_bytes_max: push.metadata_bytes_max,
             deliveries_per_publish_max: push.deliveries_per_publish_max,
+        }
+    }
+}
+
+/// `[mqtt]`: the MQTT 3.1.1 listener (docs/mqtt.md). Off unless enabled; `tern dev`
+/// turns it on for every region.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSection {
+    pub enabled: bool,
+    /// Defaults to `server.host`.
+    pub host: Option<String>,
+    /// 0 picks a free port (printed at start).
+    pub port: u16,
+    pub packet_bytes_max: usize,
+    pub subscriptions_per_connection_max: usize,
+    pub inflight_max: usize,
+    pub pending_acks_max: usize,
+    pub connect_timeout_ms: u64,
+    pub sessions_max: usize,
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        let mqtt = tern_edge::MqttConfig::default();
+        MqttSection {
+            enabled: false,
+            host: None,
+            port: 1883,
+            packet_bytes_max: mqtt.packet_bytes_max,
+            subscriptions_per_connection_max: mqtt.subscriptions_per_connection_max,
+            inflight_max: mqtt.inflight_max,
+            pending_acks_max: mqtt.pending_acks_max,
+            connect_timeout_ms: mqtt.connect_timeout_ms,
+            sessions_max: mqtt.sessions_max,
         }
     }
 }
@@ -398,6 +435,11 @@ cors_allowed_origins = ["*"]
 mode = "redb"
 path = "tern-data/dev/history.redb"
 
+# MQTT on a free port per region, printed at start.
+[mqtt]
+enabled = true
+port = 0
+
 [[apps]]
 id = "dev"
 
@@ -580,7 +622,50 @@ impl Config {
             self.stats.minutes_max >= 1,
             "stats.minutes_max must be >= 1"
         );
+        self.validate_mqtt()
+    }
+
+    fn validate_mqtt(&self) -> anyhow::Result<()> {
+        let m = &self.mqtt;
+        // Room for a topic and the packet's own fields beside a largest message.
+        anyhow::ensure!(
+            m.packet_bytes_max >= 1_024 && m.packet_bytes_max <= self.limits.max_frame_size,
+            "mqtt.packet_bytes_max must be >= 1024 and <= limits.max_frame_size"
+        );
+        anyhow::ensure!(
+            m.subscriptions_per_connection_max > 0,
+            "mqtt.subscriptions_per_connection_max must be > 0"
+        );
+        anyhow::ensure!(
+            (1..=65_535).contains(&m.inflight_max),
+            "mqtt.inflight_max must be 1 to 65535 (MQTT packet ids)"
+        );
+        anyhow::ensure!(m.pending_acks_max > 0, "mqtt.pending_acks_max must be > 0");
+        anyhow::ensure!(
+            m.connect_timeout_ms > 0,
+            "mqtt.connect_timeout_ms must be > 0"
+        );
+        anyhow::ensure!(m.sessions_max > 0, "mqtt.sessions_max must be > 0");
         Ok(())
+    }
+
+    /// The MQTT listener's address and limits, `None` when it is off.
+    pub fn mqtt(&self) -> Option<(String, u16, tern_edge::MqttConfig)> {
+        let m = &self.mqtt;
+        m.enabled.then(|| {
+            (
+                m.host.clone().unwrap_or_else(|| self.server.host.clone()),
+                m.port,
+                tern_edge::MqttConfig {
+                    packet_bytes_max: m.packet_bytes_max,
+                    subscriptions_per_connection_max: m.subscriptions_per_connection_max,
+                    inflight_max: m.inflight_max,
+                    pending_acks_max: m.pending_acks_max,
+                    connect_timeout_ms: m.connect_timeout_ms,
+                    sessions_max: m.sessions_max,
+                },
+            )
+        })
     }
 
     pub fn key_ring(&self) -> KeyRing {
@@ -910,6 +995,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("stats.minutes_max"), "{err}");
+    }
+
+    /// `[mqtt]` is off by default; enabled, it listens on `server.host` unless given
+    /// its own, and its limits are checked.
+    #[test]
+    fn mqtt_section() {
+        let base = "[[apps]]\nid='a'\n";
+        assert!(Config::parse(base).unwrap().mqtt().is_none());
+        let config = Config::parse(&format!(
+            "[server]\nhost='127.0.0.2'\n[mqtt]\nenabled = true\nport = 0\ninflight_max = 7\n{base}"
+        ))
+        .unwrap();
+        let (host, port, mqtt) = config.mqtt().unwrap();
+        assert_eq!(
+            (host.as_str(), port, mqtt.inflight_max),
+            ("127.0.0.2", 0, 7)
+        );
+        for (bad, key) in [
+            ("inflight_max = 0", "mqtt.inflight_max"),
+            ("inflight_max = 70000", "mqtt.inflight_max"),
+            ("packet_bytes_max = 10", "mqtt.packet_bytes_max"),
+            ("packet_bytes_max = 99999999", "mqtt.packet_bytes_max"),
+            ("subscriptions_per_connection_max = 0", "mqtt.subscriptions"),
+        ] {
+            let err = Config::parse(&format!("[mqtt]\n{bad}\n{base}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     /// A `[cluster]` without `gossip_key` is refused, naming the field and `tern certs`.

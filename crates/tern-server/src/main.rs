@@ -256,6 +256,8 @@ struct RunningNode {
     scheme: &'static str,
     /// The client port's TLS, reloaded on SIGHUP.
     tls: Option<Arc<tern_edge::tls::ClientTls>>,
+    /// The MQTT listener's address, when `[mqtt]` is enabled.
+    mqtt: Option<SocketAddr>,
     region: Option<String>,
     server: tokio::task::JoinHandle<()>,
     store: Arc<dyn tern_store::HistoryStore>,
@@ -333,6 +335,17 @@ async fn start_node(
         .await
         .with_context(|| format!("binding {}:{}", config.server.host, config.server.port))?;
     let addr: SocketAddr = listener.local_addr()?;
+    let mqtt = match config.mqtt() {
+        Some((host, port, mqtt_config)) => {
+            let listener = bind_listener(&host, port)
+                .await
+                .with_context(|| format!("binding the MQTT listener {host}:{port}"))?;
+            let mqtt_addr = listener.local_addr()?;
+            tokio::spawn(tern_edge::mqtt::serve(listener, state.clone(), mqtt_config));
+            Some(mqtt_addr)
+        }
+        None => None,
+    };
 
     let mut region_name = None;
     if let (Some(mut cluster_config), Some(view)) = (cluster, &edge_cluster) {
@@ -399,6 +412,7 @@ async fn start_node(
         addr,
         scheme: config.scheme(),
         tls,
+        mqtt,
         region: region_name,
         server,
         store,
@@ -451,6 +465,10 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
         }
     }
     for node in &running {
+        // Before the HTTP line, which scripts wait for.
+        if let Some(mqtt) = node.mqtt {
+            println!("tern mqtt listening on {mqtt}");
+        }
         println!("tern listening on {}://{}", node.scheme, node.addr);
         if let Some(region) = &node.region {
             println!("  region {region}: {}://{}", node.scheme, node.addr);
@@ -459,7 +477,7 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
     reload_tls_on_sighup(running.iter().filter_map(|n| n.tls.clone()).collect());
     if dev {
         if let (Some(keys), Some(node)) = (banner, running.first()) {
-            print_dev_banner(&keys, node.addr, node.scheme == "https");
+            print_dev_banner(&keys, node.addr, node.scheme == "https", node.mqtt);
         }
     }
 
@@ -503,7 +521,12 @@ fn reload_tls_on_sighup(tls: Vec<Arc<tern_edge::tls::ClientTls>>) {
     }
 }
 
-fn print_dev_banner(keys: &tern_auth::KeyRing, addr: SocketAddr, tls: bool) {
+fn print_dev_banner(
+    keys: &tern_auth::KeyRing,
+    addr: SocketAddr,
+    tls: bool,
+    mqtt: Option<SocketAddr>,
+) {
     let Some(key) = keys.keys().next().map(|k| k.to_key_string()) else {
         return;
     };
@@ -529,6 +552,13 @@ fn print_dev_banner(keys: &tern_auth::KeyRing, addr: SocketAddr, tls: bool) {
             "  ably-js: new Ably.Realtime({{ key: '{key}', endpoint: '{}', port: {}, tls: false }})",
             addr.ip(),
             addr.port()
+        );
+    }
+    if let (Some(mqtt), Some((name, secret))) = (mqtt, key.split_once(':')) {
+        println!(
+            "  mqtt: mosquitto_sub -h {} -p {} -u {name} -P {secret} -t 'my/topic'",
+            mqtt.ip(),
+            mqtt.port()
         );
     }
 }

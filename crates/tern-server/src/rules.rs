@@ -250,7 +250,7 @@ mod tests {
                 "url='http://h:1/'\nrequest_mode='streamed'\n",
                 "request_mode",
             ),
-            ("url='https://h/'\n", "rules.url"),
+            ("url='ftp://h/'\n", "rules.url"),
             ("url='http://h:1/'\nchannel_filter='('\n", "channel_filter"),
             ("url='http://h:1/'\nunknown_setting=1\n", "unknown field"),
         ];
