@@ -39,6 +39,8 @@ pub struct EdgeState {
     pub(crate) cluster: Option<Arc<dyn ClusterView>>,
     /// App statistics counted on this node.
     pub(crate) stats: crate::stats::Stats,
+    /// Comet connections by connection key (`comet`).
+    pub(crate) comet: crate::comet::Links,
 }
 
 /// How waiting for a publish to be durable ended.
@@ -128,6 +130,7 @@ impl EdgeState {
             },
             connection_permits: Arc::new(Semaphore::new(config.connections_max)),
             stats: crate::stats::Stats::new(config.stats.clone()),
+            comet: crate::comet::Links::default(),
             config,
             hub,
             keys,
