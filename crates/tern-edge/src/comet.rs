@@ -29,6 +29,7 @@
 //! requests are HTTP connections (`http_connections_max`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -38,7 +39,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use tern_protocol::{action, code, ErrorInfo, Format, ProtocolMessage};
-use tokio::sync::{mpsc, Notify, OwnedMutexGuard};
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::connection::{encode_item, error_frame, tally, Outlet, OutletRx, WRITE_BATCH_MAX};
@@ -90,11 +91,11 @@ struct Link {
     /// Frames from send requests to the session.
     inbound: mpsc::Sender<Received>,
     /// The outlet's queue: held by the one receive that drains it.
-    drain: Arc<tokio::sync::Mutex<Drain>>,
+    drain: tokio::sync::Mutex<Drain>,
     /// Receives open now, and since when none has been (see [`Polls`]).
     polls: Polls,
     /// The newest receive's ticket: an older receive that sees another ticket answers.
-    ticket: std::sync::atomic::AtomicU64,
+    ticket: AtomicU64,
     /// Woken when a newer receive arrives.
     takeover: Notify,
     /// Where the app's delivered messages are counted (the outlet's).
@@ -106,7 +107,10 @@ impl Link {
     fn open(self: &Arc<Link>) -> PollGuard {
         self.polls.state().open += 1;
         self.polls.changed.notify_waiters();
-        PollGuard(self.clone())
+        PollGuard {
+            link: self.clone(),
+            until: None,
+        }
     }
 }
 
@@ -191,18 +195,30 @@ impl Polls {
 }
 
 /// An open receive (see [`Polls`]).
-struct PollGuard(Arc<Link>);
+struct PollGuard {
+    link: Arc<Link>,
+    /// The receive counts as open until then, even once it is no longer (a stream).
+    until: Option<Instant>,
+}
+
+impl PollGuard {
+    /// Closes the receive now, but counts it as open until `at`.
+    fn until(mut self, at: Instant) {
+        self.until = Some(at);
+    }
+}
 
 impl Drop for PollGuard {
     fn drop(&mut self) {
         {
-            let mut state = self.0.polls.state();
+            let mut state = self.link.polls.state();
             state.open -= 1;
-            if state.open == 0 {
-                state.idle_since = Instant::now();
-            }
+            let closed = self
+                .until
+                .map_or_else(Instant::now, |at| at.max(Instant::now()));
+            state.idle_since = state.idle_since.max(closed);
         }
-        self.0.polls.changed.notify_waiters();
+        self.link.polls.changed.notify_waiters();
     }
 }
 
@@ -258,10 +274,10 @@ pub(crate) async fn connect(
         format,
         stream: format == Format::Json && query.get("stream").is_none_or(|v| v != "false"),
         inbound,
-        drain: Arc::new(tokio::sync::Mutex::new(Drain {
+        drain: tokio::sync::Mutex::new(Drain {
             rx,
             finished: false,
-        })),
+        }),
         polls: Polls::new(Instant::now()),
         ticket: Default::default(),
         takeover: Notify::new(),
@@ -399,18 +415,15 @@ fn over_limit(err: &axum::Error) -> bool {
 /// Answers one receive: takes the outlet from an older receive (which then answers),
 /// and answers once (long-poll) or streams lines until the receive's deadline.
 async fn receive(state: &EdgeState, link: Arc<Link>, poll: PollGuard) -> Response {
-    let ticket = link
-        .ticket
-        .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-        + 1;
+    let ticket = link.ticket.fetch_add(1, Ordering::SeqCst) + 1;
     link.takeover.notify_waiters();
-    let mut drain = link.drain.clone().lock_owned().await;
-    if drain.finished {
-        return gone(link.format);
-    }
     let deadline = Instant::now() + Duration::from_millis(state.config.max_idle_interval_ms);
     if link.stream {
-        return stream(link, drain, ticket, deadline, poll);
+        return stream(link, ticket, deadline, poll).await;
+    }
+    let mut drain = link.drain.lock().await;
+    if drain.finished {
+        return gone(link.format);
     }
     let format = link.format;
     let frames = match next_batch(&link, &mut drain, ticket, deadline).await {
@@ -427,35 +440,34 @@ async fn receive(state: &EdgeState, link: Arc<Link>, poll: PollGuard) -> Respons
 }
 
 /// A streamed receive: one line (a JSON array) per batch, until the deadline, a newer
-/// receive, or the connection's end. The poll counts as open while the body lives.
-fn stream(
-    link: Arc<Link>,
-    drain: OwnedMutexGuard<Drain>,
-    ticket: u64,
-    deadline: Instant,
-    poll: PollGuard,
-) -> Response {
-    let lines = futures_util::stream::unfold(
-        (link, drain, poll, false),
-        move |(link, mut drain, poll, done)| async move {
-            if done {
-                return None;
+/// receive, or the connection's end. Each line takes the outlet only while it waits for
+/// frames, so a stream the client stopped reading (hyper no longer polls its body)
+/// holds nothing a newer receive needs; and the client counts as polling until the
+/// deadline, not for as long as a stalled body lives.
+async fn stream(link: Arc<Link>, ticket: u64, deadline: Instant, poll: PollGuard) -> Response {
+    if link.drain.lock().await.finished {
+        return gone(link.format);
+    }
+    poll.until(deadline);
+    let lines = futures_util::stream::unfold((link, false), move |(link, done)| async move {
+        if done {
+            return None;
+        }
+        let batch = {
+            let mut drain = link.drain.lock().await;
+            next_batch(&link, &mut drain, ticket, deadline).await
+        };
+        let (frames, done) = match batch {
+            Batch::Frames(frames, delivered) => {
+                count(&link, &delivered, frames.len());
+                (frames, false)
             }
-            let (frames, done) = match next_batch(&link, &mut drain, ticket, deadline).await {
-                Batch::Frames(frames, delivered) => {
-                    count(&link, &delivered, frames.len());
-                    (frames, false)
-                }
-                Batch::Final(Some(last)) => (vec![last], true),
-                Batch::Idle | Batch::Superseded | Batch::Final(None) => return None,
-            };
-            let line = stream_line(&frames);
-            Some((
-                Ok::<_, std::convert::Infallible>(line),
-                (link, drain, poll, done),
-            ))
-        },
-    );
+            Batch::Final(Some(last)) => (vec![last], true),
+            Batch::Idle | Batch::Superseded | Batch::Final(None) => return None,
+        };
+        let line = stream_line(&frames);
+        Some((Ok::<_, std::convert::Infallible>(line), (link, done)))
+    });
     let mut response = Body::from_stream(lines).into_response();
     set_headers(&mut response, Format::Json);
     response
@@ -469,7 +481,7 @@ async fn next_batch(link: &Link, drain: &mut Drain, ticket: u64, deadline: Insta
         let takeover = link.takeover.notified();
         tokio::pin!(takeover);
         takeover.as_mut().enable();
-        if link.ticket.load(std::sync::atomic::Ordering::SeqCst) != ticket {
+        if link.ticket.load(Ordering::SeqCst) != ticket {
             return Batch::Superseded;
         }
         if let Some(last) = drain.rx.end.borrow().clone() {
@@ -685,6 +697,44 @@ mod tests {
             );
         }
         assert!(decode_frames(Format::Json, b"[]").unwrap().is_empty());
+    }
+
+    fn link() -> Arc<Link> {
+        let (outlet, rx) = Outlet::new(4);
+        let (inbound, _) = mpsc::channel(1);
+        Arc::new(Link {
+            format: Format::Json,
+            stream: false,
+            inbound,
+            drain: tokio::sync::Mutex::new(Drain {
+                rx,
+                finished: false,
+            }),
+            polls: Polls::new(Instant::now()),
+            ticket: AtomicU64::new(0),
+            takeover: Notify::new(),
+            stats: outlet.stats.clone(),
+        })
+    }
+
+    /// `Polls::stopped` waits while a receive is open, fires `timeout` after the last
+    /// one closed, and a stream's receive counts as open until its deadline.
+    #[tokio::test]
+    async fn stopped_polling_fires_after_the_timeout_from_the_last_receive() {
+        let timeout = Duration::from_millis(100);
+        let link = link();
+        let open = link.open();
+        let waiting = tokio::time::timeout(Duration::from_millis(300), link.polls.stopped(timeout));
+        assert!(waiting.await.is_err(), "a receive is open");
+        let closed_at = Instant::now();
+        drop(open);
+        link.polls.stopped(timeout).await;
+        assert!(closed_at.elapsed() >= timeout);
+        let streaming = link.open();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        streaming.until(deadline);
+        link.polls.stopped(timeout).await;
+        assert!(Instant::now() >= deadline + timeout);
     }
 
     /// The poll timeout runs only while no receive is open, from the end of the last.

@@ -273,3 +273,74 @@ async fn close_discards_the_connection() {
     assert_ne!(resumed["connectionId"], connected["connectionId"]);
     assert_eq!(resumed["error"]["code"], 80008);
 }
+
+/// A streamed receive whose client stopped reading (its socket full, so hyper no longer
+/// polls the body) holds nothing a newer receive needs: the client's next receive, on a
+/// new HTTP connection, gets the connection's frames at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_stream_does_not_block_the_next_receive() {
+    let node = start(EdgeConfig {
+        max_idle_interval_ms: 2_000,
+        ..EdgeConfig::default()
+    })
+    .await;
+    // Streamed (no `stream=false`): this connect's response streams until the deadline.
+    let (status, body) = request(&node, "GET", &format!("/comet/connect?key={KEY}"), "", b"").await;
+    assert_eq!(status, 200);
+    let first: Vec<Value> =
+        serde_json::from_slice(body.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    let key = first[0]["connectionDetails"]["connectionKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let attach = r#"[{"action":10,"channel":"firehose"}]"#;
+    let (status, _) = json_request(&node, "POST", &format!("/comet/{key}/send"), attach).await;
+    assert_eq!(status, 204);
+    // A streamed receive that reads nothing, through a small receive buffer.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket
+        .connect(([127, 0, 0, 1], node.port).into())
+        .await
+        .unwrap();
+    let head = format!("GET /comet/{key}/recv HTTP/1.1\r\nhost: tern\r\n\r\n");
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let url = format!("ws://127.0.0.1:{}/?format=json&key={KEY}", node.port);
+    let (mut publisher, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let payload = "z".repeat(32_000);
+    let total = 600;
+    for serial in 0..total {
+        let frame = json!({"action": 15, "channel": "firehose", "msgSerial": serial, "messages": [{"data": payload}]});
+        publisher
+            .send(WsMessage::text(frame.to_string()))
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < total {
+        let msg = tokio::time::timeout(WAIT, publisher.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let frame: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+        if frame["action"] == 1 {
+            acked += 1;
+        }
+    }
+    let started = Instant::now();
+    let (status, body) = request(&node, "GET", &format!("/comet/{key}/recv"), "", b"").await;
+    assert_eq!(status, 200);
+    let frames: usize = String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Vec<Value>>(l).unwrap().len())
+        .sum();
+    assert!(frames > 0, "the new receive got frames");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(stalled);
+}
