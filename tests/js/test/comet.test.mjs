@@ -148,6 +148,9 @@ test('a comet publisher whose transport is cut: every ACKed message arrives once
     await subscriber.channels.get('comet-acks').subscribe((m) => got.push(m.data));
     const channel = publisher.channels.get('comet-acks');
     await channel.attach();
+    const idBefore = publisher.connection.id;
+    let cuts = 0;
+    publisher.connection.on('disconnected', () => { cuts += 1; });
     const acked = [];
     const pending = [];
     for (let i = 0; i < 40; i++) {
@@ -159,6 +162,8 @@ test('a comet publisher whose transport is cut: every ACKed message arrives once
     }
     await Promise.all(pending);
     assert.equal(acked.length, 40);
+    assert.ok(cuts >= 2, `the transport was cut while sending (${cuts} disconnections)`);
+    assert.equal(publisher.connection.id, idBefore, 'resumed, not a new connection');
     await waitUntil(() => got.length >= 40, 20000, 'all 40 ACKed messages');
     await new Promise((r) => setTimeout(r, 300));
     assert.deepEqual(got, Array.from({ length: 40 }, (_, i) => `p${i}`));
