@@ -14,8 +14,9 @@
 //! With `stream=false` (browsers' `xhr_polling`) a receive answers with one array as
 //! soon as there is something to send; otherwise (ably-js's Node transport) the response
 //! streams one JSON array per line until `max_idle_interval_ms` after it began. A
-//! receive with nothing to send ends with a HEARTBEAT at that interval, so the client's
-//! idle timer never fires on a healthy connection.
+//! long-poll with nothing to send answers a HEARTBEAT at that interval and a stream
+//! just ends (ably-js counts a completed request as activity), so the client's idle
+//! timer never fires on a healthy connection.
 //!
 //! The session is the WebSocket's: a [`Session`] whose [`Outlet`] queue (the same bound,
 //! `outbound_queue_max`; overflow → 80020) is drained by receives instead of a socket
@@ -323,7 +324,7 @@ pub(crate) async fn recv(State(state): State<Arc<EdgeState>>, Path(key): Path<St
 }
 
 /// `POST /comet/{connectionKey}/send`: an array of frames for the session, handed over
-/// in order; answered (204) once the session has taken them all.
+/// in order; answered (204) once all are queued for it (replies come by receive).
 pub(crate) async fn send(
     State(state): State<Arc<EdgeState>>,
     Path(key): Path<String>,
