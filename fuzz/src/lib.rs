@@ -8,7 +8,8 @@
 //!
 //! # Layout
 //!
-//! - `protocol`: realtime `ProtocolMessage` in JSON and msgpack, REST publish bodies.
+//! - `protocol`: realtime `ProtocolMessage` in JSON and msgpack, REST publish bodies,
+//!   comet send bodies (arrays of frames).
 //! - `auth`: token request bodies, Tern's `tn1.` tokens, HS256 JWTs.
 //! - `names`: channel names with `[?params]` qualifiers, the `rewind` param.
 //! - `serials`: `channelSerial` cursors, history page positions and message serials.
@@ -49,6 +50,10 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "rest_messages",
         run: protocol::rest_messages,
+    },
+    Target {
+        name: "comet_send",
+        run: protocol::comet_send,
     },
     Target {
         name: "token_request",

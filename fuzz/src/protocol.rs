@@ -1,6 +1,8 @@
 //! Realtime frames and REST publish bodies (`tern-protocol`).
 
-use tern_protocol::{decode, decode_messages, encode, encode_value, Format};
+use tern_protocol::{
+    decode, decode_messages, decode_value, encode, encode_value, Format, ProtocolMessage,
+};
 
 use crate::same::same;
 
@@ -54,5 +56,30 @@ pub fn rest_messages(data: &[u8]) {
             same(&messages, &again),
             "{format:?} messages changed in a round trip:\n{messages:?}\n{again:?}"
         );
+    }
+}
+
+/// A comet send body (`POST /comet/{key}/send`): an array of frames, in both formats
+/// (the connection's `format` decides); what decodes round-trips, frame by frame.
+pub fn comet_send(data: &[u8]) {
+    for format in [Format::Json, Format::Msgpack] {
+        let Ok(frames) = decode_value::<Vec<ProtocolMessage>>(format, data) else {
+            continue;
+        };
+        let bytes = encode_value(format, &frames);
+        let again = decode_value::<Vec<ProtocolMessage>>(format, &bytes).unwrap_or_else(|err| {
+            panic!("{format:?} comet frames re-encoded to undecodable bytes: {err}")
+        });
+        assert_eq!(
+            frames.len(),
+            again.len(),
+            "{format:?} comet frames lost in a round trip"
+        );
+        for (frame, back) in frames.iter().zip(&again) {
+            assert!(
+                same(frame, back),
+                "{format:?} comet frame changed in a round trip:\n{frame:?}\n{back:?}"
+            );
+        }
     }
 }

@@ -1,10 +1,13 @@
 // known-failures.txt: one line per failing test (or hook) of ably-js's suite against Tern,
 //
-//   <file under test/> :: <mocha full title> :: <reason>
+//   <file under test/> :: <mocha full title> :: <reason> [:: transports=<list>]
 //
 // '#' lines and blank lines are comments. A reason is `<cause>: <what>`, the cause one of
 // CAUSES (docs/conformance.md counts the entries by it). The gate compares a run's
-// failures with the entries of the files that ran.
+// failures with the entries of the files that ran. An entry with `transports=<list>`
+// holds only for runs on exactly those transports (run.mjs --transports; a summary
+// without `transports` is a `web_socket` run) and is ignored by others: a test that
+// fails only on WebSocket, or exists only when comet runs too.
 
 /// Reasons start with one of these.
 export const CAUSES = {
@@ -19,6 +22,11 @@ export const CAUSES = {
 const isFlaky = (entry) => entry.reason.startsWith('flaky:');
 
 const SEP = ' :: ';
+const SCOPE = 'transports=';
+/// The transports of a run summary (runs before the option existed were WebSocket only).
+const runTransports = (summary) => summary.transports || 'web_socket';
+/// Whether an entry holds for a run on `transports`.
+const holds = (entry, transports) => !entry.transports || entry.transports === transports;
 const HEADER = `# ably-js 2.26.0's own suite against Tern: the tests known to fail, one per line:
 #   <file under test/> :: <mocha full title> :: <cause>: <reason>
 # causes: ${Object.keys(CAUSES).join(', ')} (tests/ably-js-suite/known.mjs says what each means).
@@ -33,21 +41,31 @@ export function parseKnown(text) {
   text.split('\n').forEach((raw, i) => {
     const line = raw.trimEnd();
     if (!line.trim() || line.trimStart().startsWith('#')) return;
-    const first = line.indexOf(SEP);
-    const last = line.lastIndexOf(SEP);
+    let rest = line;
+    let transports;
+    const scope = rest.lastIndexOf(SEP + SCOPE);
+    if (scope >= 0) {
+      transports = rest.slice(scope + SEP.length + SCOPE.length);
+      rest = rest.slice(0, scope);
+    }
+    const first = rest.indexOf(SEP);
+    const last = rest.lastIndexOf(SEP);
     if (first < 0 || last === first) throw new Error(`known-failures.txt line ${i + 1}: want "file${SEP}title${SEP}reason"`);
-    entries.push({
-      file: line.slice(0, first),
-      title: line.slice(first + SEP.length, last),
-      reason: line.slice(last + SEP.length),
-    });
+    const entry = {
+      file: rest.slice(0, first),
+      title: rest.slice(first + SEP.length, last),
+      reason: rest.slice(last + SEP.length),
+    };
+    if (transports) entry.transports = transports;
+    entries.push(entry);
   });
   return entries;
 }
 
 export function formatKnown(entries) {
   const sorted = [...entries].sort((a, b) => a.file.localeCompare(b.file) || a.title.localeCompare(b.title));
-  return HEADER + sorted.map((e) => `${e.file}${SEP}${e.title}${SEP}${e.reason}`).join('\n') + '\n';
+  const line = (e) => `${e.file}${SEP}${e.title}${SEP}${e.reason}${e.transports ? `${SEP}${SCOPE}${e.transports}` : ''}`;
+  return HEADER + sorted.map(line).join('\n') + '\n';
 }
 
 const key = (file, title) => `${file}\n${title}`;
@@ -64,7 +82,8 @@ function failures(summary) {
 /// New failures (not listed), stale entries (listed, of a file that ran, did not fail; a
 /// `flaky:` entry is never stale), files whose mocha did not finish, and how the flaky
 /// entries went.
-export function gate(known, summary) {
+export function gate(all, summary) {
+  const known = all.filter((e) => holds(e, runTransports(summary)));
   const ran = new Map(summary.files.map((f) => [f.file, f]));
   const failed = failures(summary);
   const listed = new Set(known.map((e) => key(e.file, e.title)));
@@ -91,22 +110,33 @@ export function gate(known, summary) {
   return { newFailures, stale, unfinished, knownFailing, flaky };
 }
 
-/// The entries after a run: failures of the files that ran (reasons kept, new ones
-/// `TODO reason`), `flaky:` entries and entries of other files unchanged.
+/// The entries after a run: failures of the files that ran (reasons and transport scopes
+/// kept, new ones `TODO reason`, scoped to the run's transports unless it was a default
+/// run), `flaky:` entries, entries of other files and entries for other transports
+/// unchanged.
 export function updateKnown(known, summary) {
+  const transports = runTransports(summary);
   const ran = new Set(summary.files.map((f) => f.file));
-  const reasons = new Map(known.map((e) => [key(e.file, e.title), e.reason]));
-  const kept = known.filter((e) => !ran.has(e.file) || isFlaky(e));
-  const keptKeys = new Set(kept.map((e) => key(e.file, e.title)));
+  const previous = new Map(known.filter((e) => holds(e, transports)).map((e) => [key(e.file, e.title), e]));
+  const kept = known.filter((e) => !ran.has(e.file) || isFlaky(e) || !holds(e, transports));
+  // Only entries that hold for this run stand for its failures.
+  const keptKeys = new Set(kept.filter((e) => holds(e, transports)).map((e) => key(e.file, e.title)));
   let added = 0;
   const fresh = [...failures(summary).values()].filter((f) => !keptKeys.has(key(f.file, f.title))).map((f) => {
-    const reason = reasons.get(key(f.file, f.title));
-    if (!reason) added++;
-    return { file: f.file, title: f.title, reason: reason || 'TODO reason' };
+    const before = previous.get(key(f.file, f.title));
+    if (before) return before;
+    added++;
+    const entry = { file: f.file, title: f.title, reason: 'TODO reason' };
+    if (transports !== 'web_socket') entry.transports = transports;
+    return entry;
   });
   const freshKeys = new Set(fresh.map((e) => key(e.file, e.title)));
   const removed = known.filter(
-    (e) => ran.has(e.file) && !keptKeys.has(key(e.file, e.title)) && !freshKeys.has(key(e.file, e.title)),
+    (e) =>
+      ran.has(e.file) &&
+      holds(e, transports) &&
+      !keptKeys.has(key(e.file, e.title)) &&
+      !freshKeys.has(key(e.file, e.title)),
   ).length;
   return { entries: [...kept, ...fresh], added, removed };
 }

@@ -74,9 +74,41 @@ test('updateKnown keeps reasons and marks new entries', () => {
   assert.deepEqual([added, removed], [1, 1]);
 });
 
+const scoped = parseKnown(`a.test.js :: s one :: differs: x
+a.test.js :: s ws only :: harness: y :: transports=web_socket
+a.test.js :: s comet :: unreachable: z :: transports=web_socket,comet
+`);
+const onTransports = (transports, files) => ({ ...summary(files), transports });
+
+/// An entry scoped to transports holds only for runs on exactly those: elsewhere it is
+/// neither stale (passing) nor an excuse (failing).
+test('gate applies a transports= entry only to runs on those transports', () => {
+  const ws = gate(scoped, summary({ 'a.test.js': { 's one': 'failed', 's ws only': 'failed' } }));
+  assert.deepEqual([ws.newFailures, ws.stale, ws.knownFailing], [[], [], 2]);
+  const both = 'web_socket,comet';
+  const passing = gate(scoped, onTransports(both, { 'a.test.js': { 's one': 'failed', 's ws only': 'passed', 's comet': 'failed' } }));
+  assert.deepEqual([passing.newFailures, passing.stale, passing.knownFailing], [[], [], 2]);
+  const failing = gate(scoped, onTransports(both, { 'a.test.js': { 's one': 'failed', 's ws only': 'failed', 's comet': 'failed' } }));
+  assert.deepEqual(failing.newFailures.map((f) => f.title), ['s ws only']);
+});
+
+/// --update-known after a run on other transports scopes its new entries to them and
+/// keeps the entries of other transports as they are.
+test('updateKnown scopes new entries to the run and keeps other scopes', () => {
+  const both = 'web_socket,comet';
+  const { entries, added, removed } = updateKnown(
+    scoped,
+    onTransports(both, { 'a.test.js': { 's one': 'failed', 's ws only': 'failed', 's comet': 'passed', 's new': 'failed' } }),
+  );
+  // 's ws only' now fails on both: a second entry, for this run's transports.
+  const pairs = entries.map((e) => `${e.title} @ ${e.transports ?? ''}`).sort();
+  assert.deepEqual(pairs, [`s new @ ${both}`, 's one @ ', 's ws only @ web_socket', `s ws only @ ${both}`]);
+  assert.deepEqual([added, removed], [2, 1]);
+});
+
 /// The file format round-trips, including a title that contains the separator.
 test('known-failures format round-trips', () => {
-  const entries = [{ file: 'a.test.js', title: 'odd :: title', reason: 'missing: q' }, ...known];
+  const entries = [{ file: 'a.test.js', title: 'odd :: title', reason: 'missing: q' }, ...known, ...scoped];
   assert.deepEqual(
     new Set(parseKnown(formatKnown(entries)).map((e) => JSON.stringify(e))),
     new Set(entries.map((e) => JSON.stringify(e))),

@@ -1,6 +1,6 @@
 // Runs ably-js's mocha suite against Tern and gates the result on known-failures.txt.
 //
-//   node run.mjs --suite DIR [FILE…] [--jobs N] [--timeout-cap MS] [--no-gate]
+//   node run.mjs --suite DIR [FILE…] [--jobs N] [--timeout-cap MS] [--transports LIST] [--no-gate]
 //   node run.mjs --update-known
 //
 // FILE is a path under test/ (e.g. realtime/presence.test.js); none = every file of
@@ -15,7 +15,11 @@
 // new ones; entries of files that did not run are kept as they are.
 //
 // Harness settings (none changes what a test asserts):
-// - ABLY_TEST_TRANSPORTS=web_socket: Tern speaks WebSocket only (comet is its own issue).
+// - ABLY_TEST_TRANSPORTS (--transports LIST, or ABLY_SUITE_TRANSPORTS; default
+//   web_socket,comet): the transports the suite's transport-parameterised tests run on.
+//   With comet (ably-js's HTTP transport; Node's name for xhr_polling) those tests run
+//   twice and realtime/transports.test.js (which needs two transports) runs; `web_socket`
+//   alone is the run before Tern had comet (docs/conformance.md).
 // - echo-server.mjs: a local stand-in for echo.ably.io and ably-js's connectivity check,
 //   one for the run (TLS on port 443 of a loopback address of its own, behind a throwaway
 //   CA that only the mocha processes trust, through NODE_EXTRA_CA_CERTS).
@@ -42,8 +46,10 @@ export const EXCLUDED = {
   'realtime/liveobjects.test.js': 'LiveObjects (a separate product on its own protocol messages); out of scope',
   'rest/liveobjects.test.js': 'LiveObjects REST API; out of scope',
   'realtime/transports.test.js':
-    'defines tests only when more than one transport is available (WebSocket + comet); Tern has WebSocket only',
+    'defines tests only when more than one transport is available (WebSocket + comet); run with --transports web_socket,comet',
 };
+/// The transports of a default run (see the header).
+const TRANSPORTS_DEFAULT = 'web_socket,comet';
 const DIRS = ['unit', 'rest', 'realtime'];
 /// Default cap on mocha's per-test timeout (see docs/conformance.md for how it was chosen).
 const TIMEOUT_CAP_MS = 25_000;
@@ -51,27 +57,47 @@ const TIMEOUT_CAP_MS = 25_000;
 const FILE_WALL_MS_MAX = 30 * 60 * 1000;
 
 function parseArgs(argv) {
-  const opts = { files: [], jobs: Number(process.env.ABLY_SUITE_JOBS || 2), timeoutCapMs: TIMEOUT_CAP_MS, gate: true };
+  const opts = {
+    files: [],
+    jobs: Number(process.env.ABLY_SUITE_JOBS || 2),
+    timeoutCapMs: TIMEOUT_CAP_MS,
+    transports: process.env.ABLY_SUITE_TRANSPORTS || TRANSPORTS_DEFAULT,
+    gate: true,
+  };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === '--suite') opts.suite = resolve(argv[++i]);
     else if (a === '--jobs') opts.jobs = Number(argv[++i]);
     else if (a === '--timeout-cap') opts.timeoutCapMs = Number(argv[++i]);
+    else if (a === '--transports') opts.transports = argv[++i];
     else if (a === '--update-known') opts.updateKnown = true;
     else if (a === '--no-gate') opts.gate = false;
     else if (a.startsWith('--')) throw new Error(`unknown option ${a}`);
     else opts.files.push(a.replace(/^(\.\/)?test\//, ''));
   }
   if (!(opts.jobs >= 1)) throw new Error('--jobs must be >= 1');
+  const known = ['web_socket', 'comet'];
+  const transports = opts.transports.split(',');
+  if (!transports.length || transports.some((t) => !known.includes(t))) {
+    throw new Error(`--transports takes a comma list of ${known.join(', ')}`);
+  }
   return opts;
 }
 
-function allFiles(suite) {
+/// Files left out of this run: transports.test.js runs when there are two transports.
+function excluded(opts) {
+  const out = { ...EXCLUDED };
+  if (opts.transports.includes(',')) delete out['realtime/transports.test.js'];
+  return out;
+}
+
+function allFiles(suite, opts) {
+  const left = excluded(opts);
   return DIRS.flatMap((dir) =>
     readdirSync(join(suite, 'test', dir))
       .filter((f) => f.endsWith('.test.js'))
       .map((f) => `${dir}/${f}`),
-  ).filter((f) => !(f in EXCLUDED));
+  ).filter((f) => !(f in left));
 }
 
 function slug(file) {
@@ -123,7 +149,7 @@ async function runFile(suite, file, opts, echo) {
     env: {
       ...process.env,
       ABLY_LOCAL_SANDBOX_URL: sandbox.url,
-      ABLY_TEST_TRANSPORTS: 'web_socket',
+      ABLY_TEST_TRANSPORTS: opts.transports,
       ABLY_SUITE_TIMEOUT_CAP_MS: String(opts.timeoutCapMs),
       ...(echo.address && { ABLY_SUITE_ECHO_ADDR: echo.address, NODE_EXTRA_CA_CERTS: echo.caFile }),
     },
@@ -217,6 +243,7 @@ function writeSummary(runs, wallMs, opts) {
     wallMs,
     jobs: opts.jobs,
     timeoutCapMs: opts.timeoutCapMs,
+    transports: opts.transports,
     files: runs.map((r) => ({
       file: r.file,
       durationMs: r.durationMs,
@@ -274,7 +301,7 @@ async function main() {
     return;
   }
   if (!opts.suite) throw new Error('--suite DIR is required (run.sh passes it)');
-  const files = opts.files.length ? opts.files : allFiles(opts.suite);
+  const files = opts.files.length ? opts.files : allFiles(opts.suite, opts);
   for (const f of files) {
     if (!existsSync(join(opts.suite, 'test', f))) throw new Error(`no such test file: test/${f}`);
   }
@@ -283,7 +310,7 @@ async function main() {
   mkdirSync(join(opts.suite, 'private-api-usage'), { recursive: true });
   console.log(
     `ably-js suite: ${files.length} files, ${opts.jobs} at a time, timeout cap ${opts.timeoutCapMs || 'off'}` +
-      `; excluded: ${Object.keys(EXCLUDED).join(', ')}`,
+      `, transports ${opts.transports}; excluded: ${Object.keys(excluded(opts)).join(', ')}`,
   );
   const started = Date.now();
   const echo = await startEchoStandIn();

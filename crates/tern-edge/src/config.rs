@@ -56,6 +56,10 @@ pub struct EdgeConfig {
     /// A client that does not read for this long is disconnected (80020) and its socket
     /// reset, so a stalled writer never pins a connection.
     pub write_timeout_ms: u64,
+    /// A comet client with no receive open for this long has stopped polling: its
+    /// transport counts as dropped (the connection is parked; presence leaves after the
+    /// grace period). A client polls again as soon as a receive answers.
+    pub comet_poll_timeout_ms: u64,
     /// Token lifetimes and the token-request timestamp window.
     pub token_policy: TokenPolicy,
     /// Token-request nonces remembered for replay detection; when full, token requests
@@ -126,6 +130,7 @@ impl Default for EdgeConfig {
             request_head_bytes_max: 16_384,
             header_read_timeout_ms: 30_000,
             write_timeout_ms: 10_000,
+            comet_poll_timeout_ms: 15_000,
             token_policy: TokenPolicy::default(),
             nonce_cache_max: 100_000,
             token_renew_notice_ms: 0,

@@ -1,5 +1,6 @@
 //! One realtime connection: the WebSocket upgrade, the writer task that drains the
-//! connection's bounded queue in batches, and the plumbing the session uses to reach it.
+//! connection's bounded queue in batches, and the plumbing the session uses to reach it
+//! ([`Outlet`], shared with the comet transport, whose long-polls drain the same queue).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,7 +14,7 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use bytes::Bytes;
-use futures_util::stream::SplitSink;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tern_core::{ChannelEvent, Subscriber};
 use tern_protocol::{action, code, ErrorInfo, Format, ProtocolMessage};
@@ -22,12 +23,13 @@ use tokio::time::Instant;
 
 use crate::listener::ResetOnClose;
 use crate::response::error_response;
-use crate::session::Session;
+use crate::session::{frame_too_large, Inbound, Received, Session};
 use crate::state::EdgeState;
 use crate::stats::{AppStats, Delivered};
 
-/// Most queued frames written before one flush (one syscall batch).
-const WRITE_BATCH_MAX: usize = 256;
+/// Most queued frames written before one flush (one syscall batch), or carried by one
+/// comet response.
+pub(crate) const WRITE_BATCH_MAX: usize = 256;
 /// Queue slots kept free before a client frame is handled (its replies go there).
 const REPLY_HEADROOM: usize = 4;
 /// How long a terminal frame (CLOSED, DISCONNECTED, ERROR) may take to reach the client.
@@ -45,6 +47,13 @@ pub(crate) enum Outbound {
     Frame(Box<ProtocolMessage>),
 }
 
+/// The writer's side of an [`Outlet`]: the queue it drains and the terminal frame.
+pub(crate) struct OutletRx {
+    pub(crate) queue: mpsc::Receiver<Outbound>,
+    /// `Some(last)` once the session ends the connection (see [`Outlet::finish`]).
+    pub(crate) end: watch::Receiver<Option<Option<ProtocolMessage>>>,
+}
+
 /// The session's handle on its writer.
 #[derive(Clone)]
 pub(crate) struct Outlet {
@@ -59,6 +68,26 @@ pub(crate) struct Outlet {
 }
 
 impl Outlet {
+    /// A connection's outlet, its queue bounded at `queue_max` frames, and the side a
+    /// writer (WebSocket) or the long-polls (comet) drain.
+    pub(crate) fn new(queue_max: usize) -> (Outlet, OutletRx) {
+        let (queue, rx) = mpsc::channel(queue_max);
+        let (end, end_rx) = watch::channel(None);
+        let outlet = Outlet {
+            queue,
+            end: Arc::new(end),
+            overflow: Arc::new(Notify::new()),
+            stats: Arc::new(OnceLock::new()),
+        };
+        (
+            outlet,
+            OutletRx {
+                queue: rx,
+                end: end_rx,
+            },
+        )
+    }
+
     /// Queues without waiting. A full queue means the client reads too slowly: the
     /// connection is told to disconnect, and the item is refused.
     pub(crate) fn push(&self, item: Outbound) -> bool {
@@ -165,15 +194,9 @@ async fn run(
     reset: Option<ResetOnClose>,
 ) {
     let format = Format::from_param(query.get("format").map(String::as_str));
+    let frame_max = state.config.max_frame_size;
     let (sink, stream) = socket.split();
-    let (queue, rx) = mpsc::channel(state.config.outbound_queue_max);
-    let (end, end_rx) = watch::channel(None);
-    let outlet = Outlet {
-        queue,
-        end: Arc::new(end),
-        overflow: Arc::new(Notify::new()),
-        stats: Arc::new(OnceLock::new()),
-    };
+    let (outlet, rx) = Outlet::new(state.config.outbound_queue_max);
     let writer = Writer {
         sink,
         format: format.unwrap_or(Format::Json),
@@ -184,14 +207,14 @@ async fn run(
         stalled: outlet.overflow.clone(),
         stats: outlet.stats.clone(),
     };
-    let writer = tokio::spawn(write_loop(writer, rx, end_rx));
+    let writer = tokio::spawn(write_loop(writer, rx.queue, rx.end));
     match format {
         None => outlet.finish(Some(error_frame(ErrorInfo::new(
             code::BAD_REQUEST,
             "unsupported format: use json or msgpack",
         )))),
         Some(format) => match Session::open(state, &query, format, outlet.clone()).await {
-            Ok(session) => session.run(stream).await,
+            Ok(session) => session.run(WsInbound(stream, frame_max)).await,
             Err(err) => outlet.finish(Some(error_frame(err))),
         },
     }
@@ -220,8 +243,10 @@ fn ws_message(format: Format, bytes: Bytes) -> WsMessage {
     }
 }
 
-fn encode(format: Format, item: Outbound) -> WsMessage {
-    let bytes = match item {
+/// One queued item as it goes on the wire: a channel event's shared encoding, or the
+/// frame encoded now.
+pub(crate) fn encode_item(format: Format, item: Outbound) -> Bytes {
+    match item {
         Outbound::Event(event) => event.encoded(format),
         Outbound::AliasedEvent(event, alias) => {
             let mut frame = event.frame.clone();
@@ -229,8 +254,40 @@ fn encode(format: Format, item: Outbound) -> WsMessage {
             tern_protocol::encode(format, &frame)
         }
         Outbound::Frame(frame) => tern_protocol::encode(format, &frame),
-    };
-    ws_message(format, bytes)
+    }
+}
+
+fn encode(format: Format, item: Outbound) -> WsMessage {
+    ws_message(format, encode_item(format, item))
+}
+
+/// The session's input from a WebSocket: one message is one frame. Carries the
+/// connection's `max_frame_size` to name it in the error for a message over it.
+struct WsInbound(SplitStream<WebSocket>, usize);
+
+impl Inbound for WsInbound {
+    /// Cancel-safe: `SplitStream::next` loses nothing if dropped.
+    async fn next(&mut self) -> Received {
+        loop {
+            return match self.0.next().await {
+                Some(Ok(WsMessage::Text(text))) => Received::Encoded(Bytes::from(text)),
+                Some(Ok(WsMessage::Binary(bytes))) => Received::Encoded(bytes),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                Some(Err(err)) if over_frame_limit(&err) => {
+                    Received::Refused(frame_too_large(self.1))
+                }
+                Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => Received::Gone,
+            };
+        }
+    }
+}
+
+/// Whether a WebSocket read failed because the client's message or frame was over
+/// `max_frame_size` (tungstenite refuses it before buffering it whole).
+fn over_frame_limit(err: &axum::Error) -> bool {
+    std::error::Error::source(err)
+        .and_then(|inner| inner.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|err| matches!(err, tungstenite::Error::Capacity(_)))
 }
 
 /// Why the writer stopped before the session ended the connection.
@@ -279,7 +336,7 @@ struct Writer {
 }
 
 /// Adds the messages of a channel event about to be written to `delivered`.
-fn tally(delivered: &mut Delivered, item: &Outbound) {
+pub(crate) fn tally(delivered: &mut Delivered, item: &Outbound) {
     let event = match item {
         Outbound::Event(event) | Outbound::AliasedEvent(event, _) => event,
         Outbound::Frame(_) => return,

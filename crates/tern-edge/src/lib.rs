@@ -12,6 +12,8 @@
 //!   is bounded by `write_timeout_ms`, heartbeats, token expiry, slow-subscriber
 //!   disconnect).
 //! - `session`: what one connection does with each inbound frame.
+//! - `comet`: the comet transport (ably-js's HTTP fallback): the same session, its
+//!   frames carried by long-poll receives and send requests.
 //! - `budget`: what one publish or presence frame may carry (count, id, bytes), the
 //!   same check for REST and realtime.
 //! - `batch`: batch publish (`POST /messages`) and batch presence (`GET /presence`).
@@ -39,6 +41,7 @@
 mod batch;
 mod budget;
 mod channel_name;
+mod comet;
 pub mod config;
 mod connection;
 mod credentials;
@@ -183,6 +186,14 @@ pub fn router(state: Arc<EdgeState>) -> Router {
     let body_limit = state.config.max_frame_size;
     Router::new()
         .route("/", get(connection::upgrade))
+        .route("/comet/connect", get(comet::connect))
+        .route("/comet/{key}/recv", get(comet::recv))
+        .route("/comet/{key}/send", post(comet::send))
+        .route("/comet/{key}/close", get(comet::close).post(comet::close))
+        .route(
+            "/comet/{key}/disconnect",
+            get(comet::disconnect).post(comet::disconnect),
+        )
         .route("/time", get(rest::time))
         .route("/health", get(rest::health))
         .route("/regions", get(rest::regions))

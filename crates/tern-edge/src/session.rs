@@ -15,10 +15,7 @@ use std::future::pending;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message as WsMessage, WebSocket};
 use bytes::Bytes;
-use futures_util::stream::SplitStream;
-use futures_util::StreamExt;
 use rand::distr::{Alphanumeric, SampleString};
 use tern_auth::{AuthContext, ClientIdentity};
 use tern_core::{KeyChain, ResumeError};
@@ -42,6 +39,26 @@ use crate::now_ms;
 use crate::resume::{ParkedSession, Reply, ReplyWindow};
 use crate::state::EdgeState;
 use crate::stats::{AppStats, OpenConnection};
+
+/// What a transport hands the session: one client frame at a time, or its end.
+pub(crate) enum Received {
+    /// One encoded frame (a WebSocket message), decoded by the session.
+    Encoded(Bytes),
+    /// One frame the transport decoded (a comet request body carries an array of them).
+    Decoded(Box<ProtocolMessage>),
+    /// Input the transport refused (over a size limit, undecodable): the connection
+    /// fails with this ERROR, as it would for a bad frame.
+    Refused(ErrorInfo),
+    /// The transport went away: the connection is parked for a resume.
+    Gone,
+}
+
+/// A transport's inbound side, read by [`Session::run`].
+pub(crate) trait Inbound: Send {
+    /// The next thing the client sent. Must be cancel-safe: the session drops it when
+    /// another of its inputs (overflow, supersede, token timer, shutdown) fires first.
+    fn next(&mut self) -> impl std::future::Future<Output = Received> + Send;
+}
 
 /// How a session ended, which decides what happens to its state.
 enum Ending {
@@ -280,7 +297,7 @@ impl Session {
 
     /// The reader loop. Returns when the connection ends, after telling the hub and
     /// parking or discarding the connection's state.
-    pub(crate) async fn run(mut self, mut stream: SplitStream<WebSocket>) {
+    pub(crate) async fn run(mut self, mut inbound: impl Inbound) {
         let mut shutdown = self.state.shutdown.clone();
         let overflow = self.outlet.overflow.clone();
         let superseded = self.superseded.clone();
@@ -289,23 +306,22 @@ impl Session {
         let ending = loop {
             let deadline = self.token_deadline(now_ms());
             tokio::select! {
-                // A client frame. Cancel-safe: SplitStream::next loses nothing if dropped.
-                frame = stream.next() => {
-                    let bytes = match frame {
-                        Some(Ok(WsMessage::Text(text))) => Bytes::from(text),
-                        Some(Ok(WsMessage::Binary(bytes))) => bytes,
-                        Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
-                        Some(Err(err)) if over_frame_limit(&err) => {
-                            let _ = self.fail(frame_too_large(self.state.config.max_frame_size));
-                            break Ending::Closed;
-                        }
-                        Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => break Ending::Dropped,
+                // A client frame. Cancel-safe: `Inbound::next` is.
+                received = inbound.next() => {
+                    let frame = match received {
+                        Received::Encoded(bytes) => match tern_protocol::decode(self.format, &bytes) {
+                            Ok(frame) => frame,
+                            Err(err) => break self.fail_with(err.to_error_info()),
+                        },
+                        Received::Decoded(frame) => *frame,
+                        Received::Refused(error) => break self.fail_with(error),
+                        Received::Gone => break Ending::Dropped,
                     };
                     if !self.outlet.headroom(SLOW_CLIENT_WAIT).await {
                         self.outlet.finish(Some(self.disconnected(too_slow())));
                         break Ending::Dropped;
                     }
-                    if let Some(ending) = self.handle(bytes) {
+                    if let Some(ending) = self.handle(frame) {
                         break ending;
                     }
                     if let Some((ready, frame)) = self.warming.take() {
@@ -411,15 +427,21 @@ impl Session {
 
     /// Ends the connection with a fatal ERROR.
     fn fail(&self, error: ErrorInfo) -> Option<Ending> {
-        self.outlet.finish(Some(error_frame(error)));
-        Some(Ending::Closed)
+        Some(self.fail_with(error))
     }
 
-    fn handle(&mut self, bytes: Bytes) -> Option<Ending> {
-        let frame = match tern_protocol::decode(self.format, &bytes) {
-            Ok(frame) => frame,
-            Err(err) => return self.fail(err.to_error_info()),
-        };
+    fn fail_with(&self, error: ErrorInfo) -> Ending {
+        self.outlet.finish(Some(error_frame(error)));
+        Ending::Closed
+    }
+
+    /// The connection key this transport was given in CONNECTED (a comet transport's
+    /// URLs are named by it).
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn handle(&mut self, frame: ProtocolMessage) -> Option<Ending> {
         if !matches!(
             frame.action,
             action::MESSAGE | action::PRESENCE | action::ANNOTATION
@@ -486,19 +508,11 @@ impl Session {
     }
 }
 
-/// Whether a WebSocket read failed because the client's message or frame was over
-/// `max_frame_size` (tungstenite refuses it before buffering it whole).
-fn over_frame_limit(err: &axum::Error) -> bool {
-    std::error::Error::source(err)
-        .and_then(|inner| inner.downcast_ref::<tungstenite::Error>())
-        .is_some_and(|err| matches!(err, tungstenite::Error::Capacity(_)))
-}
-
 /// The connection ERROR for a WebSocket message over `max_frame_size`. Its msgSerial
 /// was never read, so it cannot be NACKed and the connection cannot go on in order;
 /// an ERROR (not a plain close, which ably-js would answer by resuming and re-sending
 /// the same message) ends it with a reason the SDK reports.
-fn frame_too_large(max_frame_size: usize) -> ErrorInfo {
+pub(crate) fn frame_too_large(max_frame_size: usize) -> ErrorInfo {
     ErrorInfo::new(
         code::MESSAGE_TOO_LARGE,
         format!("WebSocket message over the maximum frame size of {max_frame_size} bytes"),

@@ -49,6 +49,8 @@ pub struct EdgeState {
     /// Persistent MQTT sessions parked on this node (set when its MQTT listener starts),
     /// which another node may take over (`mqtt::handoff`).
     pub(crate) mqtt_sessions: std::sync::OnceLock<crate::mqtt::SharedSessions>,
+    /// Comet connections by connection key (`comet`).
+    pub(crate) comet: crate::comet::Links,
 }
 
 /// How waiting for a publish to be durable ended.
@@ -146,6 +148,7 @@ impl EdgeState {
             stats: crate::stats::Stats::new(config.stats.clone()),
             tls: None,
             mqtt_sessions: std::sync::OnceLock::new(),
+            comet: crate::comet::Links::default(),
             config,
             hub,
             keys,

@@ -358,6 +358,7 @@ pub struct ConnectionSection {
     pub token_renew_notice_ms: i64,
     pub header_read_timeout_ms: u64,
     pub write_timeout_ms: u64,
+    pub comet_poll_timeout_ms: u64,
 }
 
 impl Default for ConnectionSection {
@@ -370,6 +371,7 @@ impl Default for ConnectionSection {
             token_renew_notice_ms: edge.token_renew_notice_ms,
             header_read_timeout_ms: edge.header_read_timeout_ms,
             write_timeout_ms: edge.write_timeout_ms,
+            comet_poll_timeout_ms: edge.comet_poll_timeout_ms,
         }
     }
 }
@@ -603,6 +605,10 @@ impl Config {
             "connection.write_timeout_ms must be > 0"
         );
         anyhow::ensure!(
+            self.connection.comet_poll_timeout_ms > 0,
+            "connection.comet_poll_timeout_ms must be > 0"
+        );
+        anyhow::ensure!(
             self.connection.max_idle_interval_ms >= 1_000,
             "connection.max_idle_interval_ms must be >= 1000"
         );
@@ -737,6 +743,7 @@ impl Config {
             request_head_bytes_max: l.request_head_bytes_max,
             header_read_timeout_ms: self.connection.header_read_timeout_ms,
             write_timeout_ms: self.connection.write_timeout_ms,
+            comet_poll_timeout_ms: self.connection.comet_poll_timeout_ms,
             token_policy: TokenPolicy {
                 ttl_default_ms: self.auth.token_ttl_default_ms,
                 ttl_max_ms: self.auth.token_ttl_max_ms,
@@ -921,7 +928,7 @@ mod tests {
         let config = Config::parse(&format!(
             "[limits]\nhttp_connections_max=10\nconnections_per_ip_max=3\n\
              request_head_bytes_max=32768\n[connection]\nheader_read_timeout_ms=500\n\
-             write_timeout_ms=700\n{base}"
+             write_timeout_ms=700\ncomet_poll_timeout_ms=900\n{base}"
         ))
         .unwrap();
         let edge = config.edge_config();
@@ -934,14 +941,19 @@ mod tests {
             (10, 3, 32_768)
         );
         assert_eq!(
-            (edge.header_read_timeout_ms, edge.write_timeout_ms),
-            (500, 700)
+            (
+                edge.header_read_timeout_ms,
+                edge.write_timeout_ms,
+                edge.comet_poll_timeout_ms
+            ),
+            (500, 700, 900)
         );
         for (section, key, value) in [
             ("limits", "request_head_bytes_max", "8191"),
             ("limits", "http_connections_max", "0"),
             ("connection", "header_read_timeout_ms", "0"),
             ("connection", "write_timeout_ms", "0"),
+            ("connection", "comet_poll_timeout_ms", "0"),
         ] {
             let err = Config::parse(&format!("[{section}]\n{key}={value}\n{base}"))
                 .unwrap_err()
