@@ -133,7 +133,7 @@ impl Default for EdgeConfig {
             comet_poll_timeout_ms: 15_000,
             token_policy: TokenPolicy::default(),
             nonce_cache_max: 100_000,
-            token_renew_notice_ms: 0,
+            token_renew_notice_ms: 30_000,
             parked_connections_max: 100_000,
             reply_window_max: 1_000,
             cors_allowed_origins: Vec::new(),

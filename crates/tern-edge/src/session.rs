@@ -272,26 +272,32 @@ impl Session {
         }
     }
 
-    /// When the token timer next fires: at expiry, or first to ask for renewal when
-    /// `token_renew_notice_ms` is set (off by default: Ably lets a token expire and
-    /// the client renews on the DISCONNECTED 40142 it gets; an AUTH request would make
-    /// a client holding only a token fail with 40171).
+    /// When the token timer next fires: at expiry, or first, `token_renew_notice_ms`
+    /// before it, to ask for renewal (AUTH), as Ably does 30 s ahead. Only a token that
+    /// lives longer than the notice is asked (decided on its whole lifetime, so the answer
+    /// does not change as it ages): a short token, like one a client cannot renew, just
+    /// expires and the client gets the DISCONNECTED 40142 the SDK expects.
     fn token_deadline(&self, now: i64) -> Option<Instant> {
         let expires = self.auth.expires_ms?;
-        let remaining = (expires - now).max(0);
-        let notice = self.state.config.token_renew_notice_ms.min(remaining / 2);
-        let at = if self.renew_requested || notice <= 0 {
-            expires
-        } else {
-            expires - notice
+        let at = match self.renew_at() {
+            Some(at) if !self.renew_requested => at.min(expires),
+            _ => expires,
         };
         Some(Instant::now() + Duration::from_millis((at - now).max(0) as u64))
+    }
+
+    /// When to ask this connection's token to renew, if at all.
+    fn renew_at(&self) -> Option<i64> {
+        let notice = self.state.config.token_renew_notice_ms;
+        let expires = self.auth.expires_ms?;
+        let issued = self.auth.issued_ms?;
+        (notice > 0 && expires - issued > notice).then_some(expires - notice)
     }
 
     /// Whether the token timer that just fired is the renewal notice (not expiry).
     fn renewal_due(&self, now: i64) -> bool {
         !self.renew_requested
-            && self.state.config.token_renew_notice_ms > 0
+            && self.renew_at().is_some_and(|at| now >= at)
             && self.auth.expires_ms.is_some_and(|expires| now < expires)
     }
 

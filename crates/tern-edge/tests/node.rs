@@ -269,9 +269,10 @@ async fn bad_credentials() {
     assert_eq!(expect_action(&mut ws, 9).await["error"]["code"], 40142);
 }
 
-/// By default (as Ably) nothing asks a token connection to renew: it gets no AUTH and is
-/// disconnected with 40142 (status 401) when its token expires, so a client holding
-/// only a token sees the DISCONNECTED the SDK expects instead of failing with 40171.
+/// A token that lives less than the renewal notice (30 s by default, as Ably) is not
+/// asked to renew: it gets no AUTH and is disconnected with 40142 (status 401) when it
+/// expires, so a client holding only such a token sees the DISCONNECTED the SDK expects
+/// instead of failing with 40171.
 #[tokio::test]
 async fn token_expiry_disconnects_without_an_auth_request() {
     let node = start(EdgeConfig::default()).await;
