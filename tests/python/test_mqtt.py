@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from ably import AblyRealtime, AblyRest
 
-from conftest import ROOT_KEY, TERN_BIN
+from conftest import ROOT_KEY, TERN_BIN, Tern
 
 KEY_NAME, KEY_SECRET = ROOT_KEY.split(":")
 LIMITED_KEY = "test.limited:limitedsecret"
@@ -63,52 +63,16 @@ capability = '{{"allowed:*":["publish","subscribe"]}}'
 """
 
 
-class MqttTern:
+class MqttTern(Tern):
     """A `tern serve` with MQTT enabled; restartable on the same data directory."""
 
     def __init__(self, workdir, config=CONFIG):
-        self.workdir = workdir
-        self.config = config
-        self.proc = None
-        self.port = None
-        self.mqtt_port = None
+        super().__init__(workdir, config)
 
-    def start(self):
-        config = Path(self.workdir) / "tern.toml"
-        config.write_text(self.config)
-        env = dict(os.environ, TERN_LOG=os.environ.get("TERN_LOG", "warn"))
-        self.proc = subprocess.Popen(
-            [TERN_BIN, "serve", "--config", str(config)],
-            cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            line = self.proc.stdout.readline() or ""
-            match = re.search(r"mqtt listening on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                self.mqtt_port = int(match.group(1))
-            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                assert self.mqtt_port, "the MQTT line comes first"
-                return self
-            if self.proc.poll() is not None:
-                break
-        raise RuntimeError("tern did not start")
-
-    def kill(self):
-        """SIGKILL: nothing is flushed (only this child's PID)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def start(self, port=0):
+        super().start(port)
+        assert self.mqtt_port, "the MQTT line comes before the client port's"
+        return self
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,13 @@
 serves `[server.tls]` with a certificate from `tern certs --edge-names`, and Python
 trusts its CA through SSL_CERT_FILE, as a user would."""
 import asyncio
-import os
-import re
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
 from ably import AblyRealtime, AblyRest
 
-from conftest import ROOT_KEY, TERN_BIN
+from conftest import ROOT_KEY, TERN_BIN, Tern
 
 CONFIG = """
 [server]
@@ -38,18 +35,10 @@ def test_basic_auth_over_tls(monkeypatch):
     with tempfile.TemporaryDirectory() as workdir:
         subprocess.run([TERN_BIN, "certs", "--out", workdir, "--edge-names", "localhost,127.0.0.1"],
                        check=True, capture_output=True)
-        config = Path(workdir) / "tern.toml"
-        config.write_text(CONFIG.format(cert=Path(workdir) / "edge.pem", key=Path(workdir) / "edge.key"))
-        proc = subprocess.Popen([TERN_BIN, "serve", "--config", str(config)], cwd=workdir,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        config = CONFIG.format(cert=Path(workdir) / "edge.pem", key=Path(workdir) / "edge.key")
+        server = Tern(workdir, config).start()
         try:
-            port = None
-            for _ in range(50):
-                match = re.search(r"listening on https://127\.0\.0\.1:(\d+)", proc.stdout.readline() or "")
-                if match:
-                    port = int(match.group(1))
-                    break
-            assert port, "tern did not start"
+            port = server.port
             monkeypatch.setenv("SSL_CERT_FILE", str(Path(workdir) / "edge-ca.pem"))
 
             async def run():
@@ -73,9 +62,4 @@ def test_basic_auth_over_tls(monkeypatch):
 
             asyncio.run(run())
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            server.stop()
