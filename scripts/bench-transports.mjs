@@ -60,7 +60,7 @@ const transports = {
   async comet(port, channel, got) {
     const clients = [];
     for (let i = 0; i < N; i++) {
-      const c = new Ably.Realtime(options(port, { transports: ['xhr_polling'] }));
+      const c = new Ably.Realtime(options(port, { transports: ['comet'] })); // Node's name for the comet transport (xhr_polling in browsers)
       clients.push(c);
       await c.channels.get(channel).subscribe((m) => got(m.data));
     }
