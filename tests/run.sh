@@ -7,14 +7,10 @@ here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(dirname "$here")"
 export TERN_BIN="${TERN_BIN:-$repo/target/debug/tern}"
 
-# mosquitto_pub / mosquitto_sub for the MQTT test (tests/js/test/mqtt.test.mjs).
-if ! command -v mosquitto_sub >/dev/null; then
-  echo "-- installing Debian's mosquitto-clients"
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto-clients >/dev/null
-fi
+# mosquitto_pub / mosquitto_sub for the MQTT test (tests/js/test/mqtt.test.mjs), and
+# Debian's chromium for the comet browser test (tests/js/test/comet-browser.test.mjs).
+"$here/apt-install.sh" mosquitto_sub mosquitto-clients
+"$here/apt-install.sh" "${CHROMIUM:-/usr/bin/chromium}" chromium
 
 echo "-- ably-js"
 cd "$here/js"

@@ -6,13 +6,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export TERN_BIN="${TERN_BIN:-$here/../../target/debug/tern}"
 export CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
-if [ ! -x "$CHROMIUM" ]; then
-  echo "browser: installing Debian's chromium"
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
-fi
+"$here/../apt-install.sh" "$CHROMIUM" chromium
 cd "$here"
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
