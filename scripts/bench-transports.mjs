@@ -19,6 +19,7 @@ process.env.TERN_BIN = process.env.TERN_BIN || join(repo, 'target', 'release', '
 const modules = join(repo, 'tests/js/node_modules');
 const { default: Ably } = await import(join(modules, 'ably/build/ably-node.js'));
 const { startTern, testConfig, options, ROOT_KEY } = await import(join(repo, 'tests/js/lib/tern.mjs'));
+const { sseBlocks } = await import(join(repo, 'tests/js/lib/sse.mjs'));
 
 const [subscribers = '50', rate = '200', seconds = '10', which = 'ws,comet,sse,mqtt'] = process.argv.slice(2);
 const N = Number(subscribers);
@@ -74,18 +75,9 @@ const transports = {
       const url = `http://127.0.0.1:${port}/sse?v=1.2&enveloped=false&channels=${channel}&key=${encodeURIComponent(ROOT_KEY)}`;
       const response = await fetch(url, { signal: controller.signal });
       (async () => {
-        const decoder = new TextDecoder();
-        let buffer = '';
         try {
-          for await (const chunk of response.body) {
-            buffer += decoder.decode(chunk, { stream: true });
-            let end;
-            while ((end = buffer.indexOf('\n\n')) >= 0) {
-              const block = buffer.slice(0, end);
-              buffer = buffer.slice(end + 2);
-              const data = /^data: (.*)$/m.exec(block);
-              if (data && block.includes('event: message')) got(data[1]);
-            }
+          for await (const { event, data } of sseBlocks(response.body)) {
+            if (event === 'message') got(data);
           }
         } catch { /* aborted */ }
       })();

@@ -6,6 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import Ably from 'ably';
+import { sseBlocks } from '../lib/sse.mjs';
 import { ROOT_KEY, connected, options, startTern, testConfig, ternSuite, waitUntil } from '../lib/tern.mjs';
 
 const suite = ternSuite(testConfig({ connection: 'max_idle_interval_ms = 1000' }));
@@ -23,34 +24,22 @@ async function openStream(port, query, { headers = {}, key = ROOT_KEY, path = '/
     return stream;
   }
   (async () => {
-    const decoder = new TextDecoder();
-    let buffer = '';
     try {
-      for await (const chunk of response.body) {
-        buffer += decoder.decode(chunk, { stream: true });
-        if (path === '/event-stream' && !headers.accept) {
+      if (path === '/event-stream' && !headers.accept) {
+        const decoder = new TextDecoder();
+        let buffer = '';
+        for await (const chunk of response.body) {
+          buffer += decoder.decode(chunk, { stream: true });
           let nl;
           while ((nl = buffer.indexOf('\n')) >= 0) {
-            const line = buffer.slice(0, nl);
+            stream.lines.push(buffer.slice(0, nl));
             buffer = buffer.slice(nl + 1);
-            stream.lines.push(line);
           }
-          continue;
         }
-        let end;
-        while ((end = buffer.indexOf('\n\n')) >= 0) {
-          const block = buffer.slice(0, end);
-          buffer = buffer.slice(end + 2);
-          const event = { data: [] };
-          for (const line of block.split('\n')) {
-            if (line.startsWith(':')) { stream.comments++; continue; }
-            const colon = line.indexOf(':');
-            const field = line.slice(0, colon);
-            const value = line.slice(colon + 1).replace(/^ /, '');
-            if (field === 'data') event.data.push(value);
-            else event[field] = value;
-          }
-          if (event.event) stream.events.push({ ...event, data: event.data.join('\n') });
+      } else {
+        for await (const { comments, ...event } of sseBlocks(response.body)) {
+          stream.comments += comments;
+          if (event.event) stream.events.push(event);
         }
       }
     } catch { /* aborted */ }
@@ -192,18 +181,8 @@ test('a stream that reads too slowly is ended, and resumes from its last id with
     for (let i = 0; i < 400; i++) await channel.publish('n', `${i}:${pad}`);
     const got = [];
     let lastId = null;
-    const decoder = new TextDecoder();
-    let buffer = '';
-    for await (const chunk of response.body) {
-      buffer += decoder.decode(chunk, { stream: true });
-      let end;
-      while ((end = buffer.indexOf('\n\n')) >= 0) {
-        const block = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        const id = block.match(/^id: (.*)$/m)?.[1];
-        const data = block.match(/^data: (.*)$/m)?.[1];
-        if (id && data) { lastId = id; got.push(Number(data.split(':')[0])); }
-      }
+    for await (const { id, event, data } of sseBlocks(response.body)) {
+      if (event === 'message') { lastId = id; got.push(Number(data.split(':')[0])); }
     }
     assert.ok(got.length < 400, `the stream ended early (got ${got.length})`);
     const resumed = await openStream(tern.port, 'channels=sse-slow&enveloped=false', { headers: { 'last-event-id': lastId } });
