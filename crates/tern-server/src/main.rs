@@ -58,6 +58,10 @@ enum Command {
         /// How many regions to run (1 = a single node).
         #[arg(long, default_value_t = 3)]
         regions: usize,
+        /// Start from empty history: delete ./tern-data/dev (history persists there
+        /// across runs otherwise).
+        #[arg(long)]
+        fresh: bool,
         /// Serve https:// and wss:// with a throwaway CA (written to tern-data/dev/tls/;
         /// its path is printed, to trust it in clients).
         #[arg(long)]
@@ -147,7 +151,12 @@ fn main() -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        Command::Dev { port, regions, tls } => {
+        Command::Dev {
+            port,
+            regions,
+            fresh,
+            tls,
+        } => {
             // The regions of regions/topology.toml (built in), in file order.
             let names = tern_cluster::topology::Topology::parse(cluster::DEV_TOPOLOGY)
                 .map_err(anyhow::Error::msg)?
@@ -156,6 +165,21 @@ fn main() -> anyhow::Result<()> {
                 (1..=names.len()).contains(&regions),
                 "--regions must be 1 to {} (the regions of regions/topology.toml)",
                 names.len()
+            );
+            let data = std::path::Path::new("tern-data/dev");
+            if fresh && data.exists() {
+                std::fs::remove_dir_all(data)
+                    .with_context(|| format!("removing {} (--fresh)", data.display()))?;
+            }
+            let kept = std::fs::canonicalize(data).unwrap_or_else(|_| data.to_path_buf());
+            println!(
+                "tern dev: history in {} ({}; --fresh starts empty)",
+                kept.display(),
+                if data.exists() {
+                    "kept from earlier runs"
+                } else {
+                    "new"
+                }
             );
             let tls_dir = std::path::PathBuf::from("tern-data/dev/tls");
             if tls {
