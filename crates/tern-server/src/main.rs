@@ -7,6 +7,7 @@
 
 mod cluster;
 mod config;
+mod describe;
 mod rules;
 
 use std::net::SocketAddr;
@@ -449,6 +450,7 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
     let metrics_handle = recorder.handle();
     metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+    describe::describe_metrics();
     let metrics_render: Arc<dyn Fn() -> String + Send + Sync> =
         Arc::new(move || metrics_handle.render());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
