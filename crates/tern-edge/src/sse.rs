@@ -605,31 +605,34 @@ fn render(
             .collect()
     };
     let count = items.len();
+    // Inside a frame of several messages, the position is the cursor before this event
+    // (every origin as after it, this event's origin one back) plus how many were given.
+    let undone = (count > 1).then(|| {
+        let mut cursor = before.clone();
+        cursor.merge(&after);
+        let mut undone = Cursor::new();
+        for (origin, seq) in cursor.origins() {
+            let seq = if origin == event.origin {
+                event.seq.saturating_sub(1)
+            } else {
+                seq
+            };
+            undone.advance(origin, seq);
+        }
+        undone
+    });
     let mut out = Vec::new();
     for (i, (kind, data)) in items.into_iter().enumerate() {
         let given = i + 1;
-        let entry_now = if given == count {
-            Position {
+        let entry_now = match &undone {
+            Some(undone) if given < count => Position {
+                cursor: undone.clone(),
+                partial: Some((event.origin, event.seq, given)),
+            },
+            _ => Position {
                 cursor: after.clone(),
                 partial: None,
-            }
-        } else {
-            // Before this event, with the first `given` of its messages given.
-            let mut cursor = before.clone();
-            cursor.merge(&after);
-            let mut undone = Cursor::new();
-            for (origin, seq) in cursor.origins() {
-                let seq = if origin == event.origin {
-                    event.seq - 1
-                } else {
-                    seq
-                };
-                undone.advance(origin, seq);
-            }
-            Position {
-                cursor: undone,
-                partial: Some((event.origin, event.seq, given)),
-            }
+            },
         };
         position.entries[index] = entry_now;
         let id = position.encode();
