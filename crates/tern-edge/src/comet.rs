@@ -301,9 +301,10 @@ pub(crate) async fn connect(
                 metrics::gauge!("tern_connections").increment(1.0);
                 session.run(inbound).await;
                 metrics::gauge!("tern_connections").decrement(1.0);
-                drop(permit);
                 tokio::time::sleep(LINGER).await;
                 state.comet.remove(&key, &link);
+                // Only now: the ended link (and its queue) counted until it is gone.
+                drop(permit);
             });
         }
         Err(err) => outlet.finish(Some(error_frame(err))),

@@ -314,6 +314,19 @@ pub(crate) fn prepare_annotations(
 /// Serializes summaries: each reads the annotations committed before it and publishes
 /// the result, so the last summary of a message counts every annotation before it.
 static SUMMARIES: LazyLock<tokio::sync::Mutex<()>> = LazyLock::new(|| tokio::sync::Mutex::new(()));
+/// The entry of `serial` of `key` in [`SUMMARIES_PENDING`].
+fn pending_key(key: &ChannelKey, serial: &str) -> (String, String, String) {
+    (
+        key.app.to_string(),
+        key.name.to_string(),
+        serial.to_string(),
+    )
+}
+
+/// Messages (app, channel, serial) whose summary task is waiting to run.
+static SUMMARIES_PENDING: LazyLock<
+    std::sync::Mutex<std::collections::HashSet<(String, String, String)>>,
+> = LazyLock::new(Default::default);
 
 /// After annotations of `serials` were applied: once they are durable, publishes each
 /// message's new summary (`message.summary`, counted from every stored annotation) on
@@ -321,8 +334,28 @@ static SUMMARIES: LazyLock<tokio::sync::Mutex<()>> = LazyLock::new(|| tokio::syn
 pub(crate) fn summarize_later(state: Arc<EdgeState>, key: ChannelKey, mut serials: Vec<String>) {
     serials.sort();
     serials.dedup();
+    // A message whose summary is already waiting gets no second task: that one reads
+    // the annotations only once it runs, after everything applied before it is durable.
+    // So waiting tasks are at most one per message, however fast annotations arrive.
+    {
+        let mut pending = SUMMARIES_PENDING
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        serials.retain(|serial| pending.insert(pending_key(&key, serial)));
+    }
+    if serials.is_empty() {
+        return;
+    }
     tokio::spawn(async move {
         let _turn = SUMMARIES.lock().await;
+        {
+            let mut pending = SUMMARIES_PENDING
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for serial in &serials {
+                pending.remove(&pending_key(&key, serial));
+            }
+        }
         if let Some(error) = state.durable(key.clone(), state.store_mark()).await.error() {
             tracing::warn!(channel = %key.name, %error, "annotations not durable; no summary");
             return;
@@ -423,7 +456,8 @@ pub(crate) async fn versions(
     }
     let (limit, offset) = page_params(&q)?;
     let page: Vec<Message> = all.iter().skip(offset).take(limit).cloned().collect();
-    let next = (offset + limit < all.len()).then(|| (offset + limit).to_string());
+    let end = offset.saturating_add(limit);
+    let next = (end < all.len()).then(|| end.to_string());
     Ok(page_response(&headers, &q, "versions", page, next))
 }
 
