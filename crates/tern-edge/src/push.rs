@@ -211,6 +211,11 @@ pub(crate) async fn write(
 ) -> Result<(), ErrorInfo> {
     let limits = &state.config.push;
     app.registry.check(&mutation, limits)?;
+    if !app.registry.changes(&mutation) {
+        // Already so, and durable (the registry is folded from the stored log): nothing
+        // to write, so repeating a request cannot grow the log.
+        return Ok(());
+    }
     let json = serde_json::to_string(&mutation)
         .map_err(|e| ErrorInfo::new(code::INTERNAL, e.to_string()))?;
     let message = Message {

@@ -297,6 +297,24 @@ impl Registry {
         }
     }
 
+    /// Whether applying `mutation` would change anything: a device registered again
+    /// exactly as it is, or a subscription that exists, would not (and so is not
+    /// written to the push log again: a client repeating them cannot grow it).
+    pub fn changes(&self, mutation: &Mutation) -> bool {
+        match mutation {
+            Mutation::PutDeviceV1 { device } => self.devices.get(&device.id) != Some(device),
+            Mutation::SubscribeV1 { subscription } => !self.subscriptions.contains(subscription),
+            Mutation::RemoveDevicesV1 { filter } => {
+                (filter.device_id.is_some() || filter.client_id.is_some())
+                    && self.devices.values().any(|d| filter.matches_device(d))
+            }
+            Mutation::UnsubscribeV1 { filter } => self
+                .subscriptions
+                .iter()
+                .any(|s| filter.matches_subscription(s)),
+        }
+    }
+
     /// Applies `mutation` if [`Self::check`] allows it; a refused one changes nothing.
     pub fn apply(&mut self, mutation: &Mutation, limits: &PushLimits) -> Result<(), ErrorInfo> {
         self.check(mutation, limits)?;
@@ -505,6 +523,22 @@ mod tests {
             let _ = registry.apply(mutation, limits);
         }
         registry
+    }
+
+    /// A device put again unchanged, or an existing subscription, changes nothing; a
+    /// different device or a new subscription does.
+    #[test]
+    fn repeated_mutations_change_nothing() {
+        let limits = PushLimits::default();
+        let registry = fold(
+            &[put("d1", Some("a")), sub("ch", Target::Device("d1".into()))],
+            &limits,
+        );
+        assert!(!registry.changes(&put("d1", Some("a"))));
+        assert!(registry.changes(&put("d1", Some("b"))));
+        assert!(registry.changes(&put("d2", None)));
+        assert!(!registry.changes(&sub("ch", Target::Device("d1".into()))));
+        assert!(registry.changes(&sub("other", Target::Device("d1".into()))));
     }
 
     /// Devices are created, replaced in place and listed by id, filtered by clientId,

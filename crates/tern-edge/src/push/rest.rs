@@ -505,9 +505,6 @@ async fn remove_devices(
         device_id,
         client_id,
     };
-    if app.registry.devices(&filter, None, 1).is_empty() {
-        return Ok(());
-    }
     write(
         state,
         &mut app,
@@ -667,19 +664,13 @@ pub(crate) async fn unsubscribe(
     if !may_touch(&caller, &app.registry, &filter) {
         return Err(denied("remove these push subscriptions").into());
     }
-    if !app
-        .registry
-        .subscriptions(&filter, false, None, 1)
-        .is_empty()
-    {
-        write(
-            &state,
-            &mut app,
-            &caller.app,
-            Mutation::UnsubscribeV1 { filter },
-        )
-        .await?;
-    }
+    write(
+        &state,
+        &mut app,
+        &caller.app,
+        Mutation::UnsubscribeV1 { filter },
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
