@@ -30,6 +30,9 @@ pub struct ChannelEvent {
     /// Ably's size of the messages (or presence messages) it carries, measured on first
     /// need (app statistics count it per delivery).
     data_bytes: OnceLock<usize>,
+    /// Each message's data as plain bytes ([`payload_bytes`]), built on first need and
+    /// shared by every subscriber that wants it (MQTT).
+    payloads: OnceLock<Vec<Bytes>>,
     /// The event as delta subscribers get it (see [`crate::delta`]), when the channel had
     /// any while it was applied.
     delta: Option<Delta>,
@@ -54,6 +57,7 @@ impl ChannelEvent {
             size_bytes: structs + 2 * msgpack.len(),
             encoded: Default::default(),
             data_bytes: OnceLock::new(),
+            payloads: OnceLock::new(),
             delta: None,
         };
         // The decoded strings take about what their encoding takes, hence 2×.
@@ -105,6 +109,19 @@ impl ChannelEvent {
         ChannelEvent::new(self.origin, self.seq, self.publisher.clone(), frame)
     }
 
+    /// Each message's data as plain bytes ([`payload_bytes`]), in message order: built
+    /// on the first call and shared afterwards.
+    pub fn payloads(&self) -> &[Bytes] {
+        self.payloads.get_or_init(|| {
+            self.frame
+                .messages
+                .iter()
+                .flatten()
+                .map(payload_bytes)
+                .collect()
+        })
+    }
+
     /// The frame's bytes in `format`, encoded on the first call and shared afterwards.
     pub fn encoded(&self, format: Format) -> Bytes {
         self.encoded[format.index()]
@@ -115,6 +132,28 @@ impl ChannelEvent {
     /// True for MESSAGE frames (as opposed to PRESENCE).
     pub fn is_message(&self) -> bool {
         self.frame.action == tern_protocol::action::MESSAGE
+    }
+}
+
+/// A message's data as plain bytes, for a client with no Ably decoding (MQTT): string
+/// data as its UTF-8 bytes, binary as it is, JSON data as its JSON text. Data that
+/// travelled as base64 (`encoding` ending in `base64`) is decoded back to its bytes;
+/// other encodings (`json`, `utf-8`, cipher) leave the data as it is.
+pub fn payload_bytes(message: &Message) -> Bytes {
+    use base64::Engine as _;
+    let base64 = message
+        .encoding
+        .as_deref()
+        .is_some_and(|e| e == "base64" || e.ends_with("/base64"));
+    match &message.data {
+        None => Bytes::new(),
+        Some(Data::Binary(bytes)) => bytes.clone(),
+        Some(Data::String(text)) if base64 => base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map(Bytes::from)
+            .unwrap_or_else(|_| Bytes::copy_from_slice(text.as_bytes())),
+        Some(Data::String(text)) => Bytes::copy_from_slice(text.as_bytes()),
+        Some(Data::Json(value)) => Bytes::from(value.to_string()),
     }
 }
 

@@ -679,11 +679,11 @@ impl Connection {
             None => subscription.cursor.advance(event.origin, event.seq),
         }
         let qos = subscription.qos;
-        for message in event.frame.messages.iter().flatten() {
+        for payload in event.payloads() {
             self.outgoing.push_back(Outgoing {
                 topic: topic.clone(),
                 qos,
-                payload: session::payload_of(message),
+                payload: payload.clone(),
             });
         }
         self.send_outgoing();

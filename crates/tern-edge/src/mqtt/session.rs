@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode};
 use rumqttc::mqttbytes::{Protocol, QoS};
@@ -59,26 +58,12 @@ pub(crate) fn message_of(payload: Bytes) -> Message {
     }
 }
 
-/// The payload an Ably message goes out with to MQTT subscribers: string data as its
-/// UTF-8 bytes, binary as it is, JSON data as its JSON text. Data that travelled as
-/// base64 (a JSON-protocol client's binary, `encoding` ending in `base64`) is decoded
-/// back to its bytes; other encodings (`json`, `utf-8`, cipher) are the client's to
-/// read and leave the data as it is.
+/// The payload an Ably message goes out with to MQTT subscribers: its data as plain
+/// bytes (`tern_core::event::payload_bytes`: string as UTF-8, binary as is, JSON as its
+/// text, base64 undone). A delivery takes it from the event (`ChannelEvent::payloads`),
+/// built once for every subscriber.
 pub(crate) fn payload_of(message: &Message) -> Bytes {
-    let base64 = message
-        .encoding
-        .as_deref()
-        .is_some_and(|e| e == "base64" || e.ends_with("/base64"));
-    match &message.data {
-        None => Bytes::new(),
-        Some(Data::Binary(bytes)) => bytes.clone(),
-        Some(Data::String(text)) if base64 => base64::engine::general_purpose::STANDARD
-            .decode(text)
-            .map(Bytes::from)
-            .unwrap_or_else(|_| Bytes::copy_from_slice(text.as_bytes())),
-        Some(Data::String(text)) => Bytes::copy_from_slice(text.as_bytes()),
-        Some(Data::Json(value)) => Bytes::from(value.to_string()),
-    }
+    tern_core::event::payload_bytes(message)
 }
 
 /// The QoS a subscription is granted: at most 1 (QoS 2 is not offered).
