@@ -13,4 +13,5 @@ install -m 644 -o root -g tern "$RENEWED_LINEAGE/fullchain.pem" "$dir/fullchain.
 install -m 640 -o root -g tern "$RENEWED_LINEAGE/privkey.pem" "$dir/privkey.pem.new"
 mv "$dir/fullchain.pem.new" "$dir/fullchain.pem"
 mv "$dir/privkey.pem.new" "$dir/privkey.pem"
-systemctl reload tern
+# Reload only a running tern (the first certificate is installed before it starts).
+if systemctl is-active --quiet tern; then systemctl reload tern; fi

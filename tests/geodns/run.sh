@@ -2,7 +2,9 @@
 # Geo-DNS in front of three Tern regions, on one machine, in network namespaces: the
 # README's "Production" walkthrough minus the reading.
 #
-#   tests/geodns/run.sh [--keep]      (as root; TERN_BIN=path/to/tern, default target/debug/tern)
+#   tests/geodns/run.sh [--keep]   (as root; TERN_BIN=path/to/tern, default target/debug/tern)
+#   tests/geodns/run.sh --hold     steps 1-3 with namespaces named tern-*, then print what
+#                                  to try (README "Production"); Ctrl-C removes it all
 #
 # 1. `tern certs`: the cluster CA, node certificates, gossip key, and a client-port
 #    certificate for realtime.tern.test and the regions' own names.
@@ -27,9 +29,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 KEEP=0
+HOLD=0
 for arg in "$@"; do
   case $arg in
     --keep) KEEP=1 ;;
+    --hold) HOLD=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
   esac
@@ -44,6 +48,10 @@ tests/apt-install.sh curl curl
 if [[ ! -d tests/js/node_modules/ably ]]; then (cd tests/js && npm ci --no-audit --no-fund --loglevel=error); fi
 
 ID=tgd$$                      # namespace names: unique per run
+if [[ $HOLD == 1 ]]; then
+  ID=tern                     # short names to type
+  ip netns list | grep -q "^$ID-" && { echo "namespaces $ID-* exist already (another --hold?)" >&2; exit 1; }
+fi
 RUN=$(mktemp -d /tmp/tern-geodns.XXXXXX)
 REGIONS=(us-east eu-west ap-south)
 CONTINENTS=(us eu ap)
@@ -64,7 +72,7 @@ cleanup() {
     ip netns del "$ns" 2>/dev/null || true
     rm -rf "/etc/netns/$ns"
   done
-  if [[ $rc != 0 ]]; then
+  if [[ $rc != 0 && $HOLD == 0 ]]; then
     for log in "$RUN"/*.log; do [[ -f $log ]] && { echo "--- $log"; tail -n 20 "$log"; }; done
   fi
   if [[ $KEEP == 1 ]]; then echo "logs kept in $RUN"; else rm -rf "$RUN"; fi
@@ -186,6 +194,22 @@ PIDS+=("$!")
 
 # --- the clients: ably-js in the continents' namespaces.
 key=$(sed -n 's/^secret = "\(.*\)"/\1/p' regions/us-east.toml | head -1)
+if [[ $HOLD == 1 ]]; then
+  cat <<INFO
+
+Up: namespaces $ID-{us,eu,ap} (clients), $ID-{us-east,eu-west,ap-south} (nodes), $ID-dns (BIND).
+Try, in another terminal (as root, in $ROOT):
+  ip netns exec $ID-eu dig +short realtime.tern.test
+  ip netns exec $ID-eu env NODE_EXTRA_CA_CERTS=$RUN/certs/edge-ca.pem GEODNS_KEY=prod.server:$key \\
+    node tests/js/geodns/client.mjs land
+  ip netns exec $ID-eu curl --cacert $RUN/certs/edge-ca.pem https://realtime.tern.test/health
+  kill -9 ${TERN_PID[eu-west]}      # eu-west's tern; then the commands above again
+Logs: $RUN (the health checker's: health.log). Ctrl-C here stops and removes everything.
+INFO
+  sleep infinity &
+  PIDS+=("$!")
+  wait "$!"
+fi
 GEODNS_NS_PREFIX=$ID GEODNS_KEY="prod.server:$key" GEODNS_CA="$RUN/certs/edge-ca.pem" \
   GEODNS_KILL_PID="${TERN_PID[eu-west]}" \
   node tests/js/geodns/check.mjs
