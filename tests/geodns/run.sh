@@ -19,9 +19,10 @@
 # 3. A health checker (as Route 53 or NS1 would) polls each region's /health and, when
 #    one fails twice, rewrites the views that answered it to the next nearest region.
 # 4. tests/js/geodns/check.mjs: ably-js clients in each continent land in their region;
-#    an eu subscriber on eu-west, eu-west SIGKILLed mid-stream, the subscriber fails over
-#    (ably-js fallbackHosts: the regions' names) and gets every ACKed message exactly
-#    once; then a new eu client resolves the name to the next nearest region.
+#    an eu subscriber on eu-west, publishers in ap and eu, eu-west SIGKILLed mid-stream,
+#    the subscriber fails over (ably-js fallbackHosts: the regions' names) and gets every
+#    ACKed message exactly once; then a new eu client resolves the name to the next
+#    nearest region.
 #
 # Everything is removed on exit (namespaces, /etc/netns entries, the processes this
 # script started, by PID); --keep leaves the scratch folder (logs) in place.

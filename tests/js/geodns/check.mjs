@@ -2,10 +2,11 @@
 // the continents' namespaces and reads what they report.
 //
 // 1. A client in each continent resolves realtime.tern.test and lands in its region.
-// 2. An eu subscriber (on eu-west) and an ap publisher (on ap-south); the publisher sends
-//    N messages, each awaited (ACKed); after a third of them eu-west is SIGKILLed; the
-//    subscriber fails over through fallbackHosts and gets every message exactly once,
-//    in order.
+// 2. An eu subscriber (on eu-west), an ap publisher (on ap-south) sending N messages and
+//    an eu publisher (on eu-west) sending N_EU, each awaited (ACKed); once the eu
+//    publisher is done and the ap one a third through, eu-west is SIGKILLed; the
+//    subscriber fails over through fallbackHosts and gets every ACKed message exactly
+//    once, each publisher's in order.
 // 3. Once the health checker has taken eu-west out, a new eu client resolves the name
 //    to the next nearest region (us-east) and lands there.
 //
@@ -18,6 +19,7 @@ import { fileURLToPath } from 'node:url';
 
 const N = 150;
 const KILL_AFTER = 50;
+const N_EU = 40;
 const script = fileURLToPath(new URL('./client.mjs', import.meta.url));
 const { GEODNS_NS_PREFIX: prefix, GEODNS_KEY, GEODNS_CA, GEODNS_KILL_PID } = process.env;
 const children = [];
@@ -69,22 +71,30 @@ async function main() {
     assert.deepEqual(await land(continent), { address, serverId: node }, `${continent} lands in its region`);
   }
 
-  // 2. Failover with every ACKed message delivered exactly once.
+  // 2. Failover with every ACKed message delivered exactly once: from ap (on ap-south,
+  // across the kill) and from eu (on eu-west, all ACKed before eu-west dies: ACKed means
+  // another region stored them, so they outlive their origin).
   const subscriber = agent('eu', 'subscribe');
   const publisher = agent('ap', 'publish');
+  const doomed = agent('eu', 'publish');
   await subscriber.next(is('ready'), 'the subscriber attached');
-  await publisher.next(is('connected'), 'the publisher connected');
+  await publisher.next(is('connected'), 'the ap publisher connected');
+  await doomed.next(is('connected'), 'the eu publisher connected');
   assert.deepEqual(where(subscriber.events), ['eu-west-1'], 'the eu subscriber is on eu-west');
   assert.deepEqual(where(publisher.events), ['ap-south-1'], 'the ap publisher is on ap-south');
-  publisher.send(`publish ${N}`);
-  await publisher.next((e) => e.event === 'acked' && e.i === KILL_AFTER - 1, `${KILL_AFTER} ACKs`);
+  assert.deepEqual(where(doomed.events), ['eu-west-1'], 'the eu publisher is on eu-west');
+  publisher.send(`publish ${N} a`);
+  doomed.send(`publish ${N_EU} e`);
+  await publisher.next((e) => e.event === 'acked' && e.i === KILL_AFTER - 1, `${KILL_AFTER} ACKs from ap`);
+  await doomed.next((e) => e.event === 'acked' && e.i === N_EU - 1, `${N_EU} ACKs from eu`);
   const killedAt = Date.now();
   process.kill(Number(GEODNS_KILL_PID), 'SIGKILL');
-  console.log(`SIGKILL eu-west (pid ${GEODNS_KILL_PID}) after ${KILL_AFTER} ACKed messages at ${killedAt % 100000}`);
+  const apAcked = publisher.events.filter(is('acked')).length;
+  console.log(`SIGKILL eu-west (pid ${GEODNS_KILL_PID}) after ${apAcked} ACKs from ap, ${N_EU} from eu`);
   await publisher.next((e) => e.event === 'acked' && e.i === N - 1, `all ${N} ACKs`, 60000);
-  const sent = Array.from({ length: N }, (_, i) => `m${i}`);
+  const sent = [...Array.from({ length: N }, (_, i) => `a${i}`), ...Array.from({ length: N_EU }, (_, i) => `e${i}`)];
   const received = () => subscriber.events.filter(is('message')).map((e) => e.data);
-  await subscriber.next(() => received().length >= N, `${N} messages`, 30000).catch(() => {});
+  await subscriber.next(() => received().length >= sent.length, `${sent.length} messages`, 30000).catch(() => {});
   await new Promise((resolve) => setTimeout(resolve, 1000)); // a duplicate would arrive now
   const failoverAt = subscriber.events.filter(is('connected'))[1];
   assert.ok(failoverAt, 'the subscriber reconnected after the kill');
@@ -93,13 +103,16 @@ async function main() {
   const got = received();
   const missing = sent.filter((m) => !got.includes(m));
   const duplicated = got.filter((m, i) => got.indexOf(m) !== i);
-  console.log(`subscriber: ${got.length} received of ${N} ACKed, ${missing.length} missing, ${duplicated.length} duplicated; ` +
+  console.log(`subscriber: ${got.length} received of ${sent.length} ACKed, ${missing.length} missing, ${duplicated.length} duplicated; ` +
     `reconnected to ${after.join(', ')} via ${subscriber.events.filter(is('connected')).slice(1).map((e) => e.host).join(', ')} ` +
     `${(failoverAt.t - (killedAt % 100000) + 100000) % 100000} ms after the kill`);
-  assert.deepEqual(got, sent, 'every ACKed message exactly once, in order, across the failover');
-  subscriber.send('close');
-  publisher.send('close');
-  await Promise.all([subscriber.exited, publisher.exited]);
+  assert.deepEqual(missing, [], 'no ACKed message lost');
+  assert.deepEqual(duplicated, [], 'no message delivered twice');
+  for (const prefix of ['a', 'e']) {
+    assert.deepEqual(got.filter((m) => m[0] === prefix), sent.filter((m) => m[0] === prefix), `${prefix}: in publish order`);
+  }
+  for (const a of [subscriber, publisher, doomed]) a.send('close');
+  await Promise.all([subscriber.exited, publisher.exited, doomed.exited]);
 
   // 3. The health checks took eu-west out of DNS: a new eu client goes to us-east.
   let landed;

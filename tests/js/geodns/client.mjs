@@ -6,7 +6,7 @@
 //
 //   node client.mjs land        resolve, connect, report where it landed, exit
 //   node client.mjs subscribe   attach CHANNEL, report every message and every (re)connection
-//   node client.mjs publish     on "publish N": publish N messages one by one, each ACKed
+//   node client.mjs publish     on "publish N P": publish P0..P(N-1) one by one, each ACKed
 import dns from 'node:dns/promises';
 import readline from 'node:readline';
 import Ably from 'ably';
@@ -53,10 +53,10 @@ async function main() {
   }
   const lines = readline.createInterface({ input: process.stdin });
   for await (const line of lines) {
-    const [command, count] = line.trim().split(' ');
+    const [command, count, prefix] = line.trim().split(' ');
     if (command === 'publish') {
       for (let i = 0; i < Number(count); i++) {
-        await channel.publish('n', `m${i}`);
+        await channel.publish('n', `${prefix}${i}`);
         emit({ event: 'acked', i });
         await new Promise((resolve) => setTimeout(resolve, 20));
       }
