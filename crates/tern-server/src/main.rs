@@ -7,6 +7,7 @@
 
 mod cluster;
 mod config;
+mod config_location;
 mod describe;
 mod rules;
 
