@@ -3,7 +3,7 @@
 //! delivers what it had not. The rule:
 //!
 //! 1. **Shadow rows.** One other node per (channel, origin) — the one the
-//!    [`ShadowPolicy`] names; in a cluster, the channel's home in the region after the
+//!    [`Placement`] names; in a cluster, the channel's home in the region after the
 //!    origin's (a node every event of the channel already reaches) — writes a *shadow*
 //!    outbox row for each matching event of that origin it applies, in the same writer
 //!    queue as the event's own rows, so the `Stored` ack it sends the origin (what
@@ -45,11 +45,15 @@ pub const TAKEOVER_SKEW_MS: i64 = 250;
 /// to longest ago is forgotten (its rows stay in the store, where a takeover finds them).
 const SHADOW_ORIGINS_MAX: usize = 256;
 
-/// Which node keeps the shadow rows of an event (implemented where the node is wired).
-pub trait ShadowPolicy: Send + Sync {
+/// Which node of a cluster does what for webhooks (implemented where the node is
+/// wired; a node without one is alone: it aggregates every app and shadows nothing).
+pub trait Placement: Send + Sync {
     /// Whether this node keeps shadow rows of `origin`'s events on `key`. Called under
     /// the channel lock for events a rule matches: must be quick and never block.
     fn shadows(&self, key: &ChannelKey, origin: OriginId) -> bool;
+    /// Whether this node aggregates `app`'s occupancy reports into lifecycle and
+    /// occupancy events ([`crate::lifecycle`]). Same constraints.
+    fn aggregates(&self, app: &str) -> bool;
 }
 
 /// A shadow row: the entry the origin queued, and when the origin accepted the event

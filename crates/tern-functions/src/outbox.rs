@@ -30,7 +30,8 @@ use tern_store::{
 };
 use tokio::sync::Notify;
 
-use crate::handover::{ShadowPolicy, ShadowRow};
+use crate::handover::{Placement, ShadowRow};
+use crate::lifecycle::{Aggregates, OCCUPANCY_CHANNEL};
 use crate::payload::Entry;
 use crate::rule::{Rule, Source};
 
@@ -187,7 +188,12 @@ impl RuleOutbox {
     /// Queues `entries` as outbox rows after every row queued before (called under the
     /// channel lock, like every journal: it only queues). Over `outbox_items_max`
     /// undelivered, the rest are dropped and counted.
-    fn append(self: &Arc<Self>, store: &dyn HistoryStore, entries: Vec<Entry>, event_ms: i64) {
+    pub(crate) fn append(
+        self: &Arc<Self>,
+        store: &dyn HistoryStore,
+        entries: Vec<Entry>,
+        event_ms: i64,
+    ) {
         let mut tail = self.tail();
         let room = self.rule.config.outbox_items_max.saturating_sub(
             tail.seq
@@ -268,8 +274,11 @@ pub struct Outbox {
     pub(crate) store: Arc<dyn HistoryStore>,
     origin: OriginId,
     pub(crate) rules: Vec<Arc<RuleOutbox>>,
-    /// Which other origins' events this node shadows (set once, in a cluster).
-    shadow_policy: OnceLock<Arc<dyn ShadowPolicy>>,
+    /// Which other origins' events this node shadows, and which apps it aggregates
+    /// (set once, in a cluster).
+    placement: OnceLock<Arc<dyn Placement>>,
+    /// Occupancy reports folded per channel, for lifecycle and occupancy events.
+    pub(crate) aggregates: Aggregates,
 }
 
 impl Outbox {
@@ -291,14 +300,20 @@ impl Outbox {
             store,
             origin,
             rules,
-            shadow_policy: OnceLock::new(),
+            placement: OnceLock::new(),
+            aggregates: Aggregates::default(),
         }))
     }
 
-    /// In a cluster: from now on, other origins' events `policy` names are kept as
-    /// shadow rows, for a takeover if their origin dies ([`crate::handover`]).
-    pub fn set_shadow_policy(&self, policy: Arc<dyn ShadowPolicy>) {
-        let _ = self.shadow_policy.set(policy);
+    /// In a cluster: from now on, other origins' events `placement` names are kept as
+    /// shadow rows, for a takeover if their origin dies ([`crate::handover`]), and only
+    /// the apps it names are aggregated ([`crate::lifecycle`]).
+    pub fn set_placement(&self, placement: Arc<dyn Placement>) {
+        let _ = self.placement.set(placement);
+    }
+
+    pub(crate) fn placement(&self) -> Option<&Arc<dyn Placement>> {
+        self.placement.get()
     }
 
     /// This node's origin.
@@ -313,8 +328,12 @@ impl Outbox {
 
     /// Writes the outbox rows of one applied event (see [`OutboxJournal`]).
     pub fn record(&self, key: &ChannelKey, event: &ChannelEvent) {
+        if &*key.name == OCCUPANCY_CHANNEL {
+            self.record_reports(key, event);
+            return;
+        }
         let own = event.origin == self.origin;
-        if !own && self.shadow_policy.get().is_none() {
+        if !own && self.placement.get().is_none() {
             // Another node accepted it; that node delivers it.
             return;
         }
@@ -351,9 +370,9 @@ impl Outbox {
                 continue;
             }
             let shadows = *shadowed.get_or_insert_with(|| {
-                self.shadow_policy
+                self.placement
                     .get()
-                    .is_some_and(|policy| policy.shadows(key, event.origin))
+                    .is_some_and(|placement| placement.shadows(key, event.origin))
             });
             if shadows {
                 let rows = entries

@@ -1,7 +1,10 @@
-//! Wires the webhook handover (`tern_functions::handover`) to the cluster: which node
-//! keeps shadow rows of another origin's events (the channel's home in the region after
-//! the origin's, in region-name order), this node's delivered marks published in gossip,
-//! and the takeover of a member that died and did not come back.
+//! Wires the webhook handover (`tern_functions::handover`) and the lifecycle aggregate
+//! (`tern_functions::lifecycle`) to the cluster: which node keeps shadow rows of another
+//! origin's events (the channel's home in the region after the origin's, in region-name
+//! order), which node aggregates an app's occupancy (the home of its occupancy channel in
+//! the first region by name), this node's delivered marks published in gossip, and what
+//! happens when a member dies: its occupancy stops counting at once, and its webhooks are
+//! taken over if it does not come back.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
@@ -10,7 +13,7 @@ use std::time::Duration;
 use tern_cluster::membership::Member;
 use tern_cluster::replicator::Replicator;
 use tern_core::{ChannelKey, OriginId};
-use tern_functions::{Outbox, ShadowPolicy};
+use tern_functions::{Outbox, Placement};
 
 use crate::cluster::EdgeCluster;
 
@@ -88,7 +91,17 @@ fn next_region<'a>(regions: &'a [String], from: &str) -> Option<&'a str> {
         .filter(|r| *r != from)
 }
 
-impl ShadowPolicy for ShadowHomes {
+impl Placement for ShadowHomes {
+    fn aggregates(&self, app: &str) -> bool {
+        let view = self.view.read().unwrap_or_else(|p| p.into_inner());
+        if view.regions.first() != Some(&self.region) {
+            return false;
+        }
+        drop(view);
+        let key = ChannelKey::new(app, tern_functions::lifecycle::OCCUPANCY_CHANNEL);
+        self.replicator.home_in(&key, &self.region).as_deref() == Some(self.node_id.as_str())
+    }
+
     fn shadows(&self, key: &ChannelKey, origin: OriginId) -> bool {
         let view = self.view.read().unwrap_or_else(|p| p.into_inner());
         let Some(origin_region) = view.origins.get(&origin.0) else {
@@ -149,6 +162,8 @@ async fn follow(
             let Ok(origin) = u64::from_str_radix(&gone.origin, 16) else {
                 continue;
             };
+            // Its attachments are gone with it (a restart reports under a new origin).
+            outbox.forget_origin(OriginId(origin), tern_edge::now_ms());
             tokio::spawn(take_over_later(
                 live.clone(),
                 gone.clone(),

@@ -9,6 +9,7 @@ mod cluster;
 mod config;
 mod describe;
 mod handover;
+mod occupancy;
 mod rules;
 
 use std::net::SocketAddr;
@@ -328,6 +329,7 @@ async fn start_node(
     ));
     if let Some(outbox) = &outbox {
         tern_functions::spawn(outbox);
+        occupancy::start(hub.clone(), outbox.clone());
     }
     let mut state = EdgeState::new(
         config.edge_config(),
@@ -393,7 +395,7 @@ async fn start_node(
                 cluster_config.node_id.clone(),
                 region.clone(),
             );
-            outbox.set_shadow_policy(homes.clone());
+            outbox.set_placement(homes.clone());
             homes
         });
         let departed_hub = hub.clone();
