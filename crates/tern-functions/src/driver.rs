@@ -132,6 +132,12 @@ impl Driver {
 
     /// Loads committed rows after `loaded` while there is room.
     async fn load(&mut self) {
+        if self.outbox.shadow_of.is_none() {
+            // Here too, not only after a delivery: a function that is down delivers
+            // nothing, and its backlog is what the gauge is for.
+            metrics::gauge!("tern_webhook_outbox_undelivered", "rule" => self.outbox.rule.config.id.clone())
+                .set(self.outbox.undelivered() as f64);
+        }
         while self.delivery.len() < self.load_items_max && self.loaded_bytes < self.load_bytes_max {
             let mut query = HistoryQuery::new(self.outbox.entries.clone());
             query.direction = Direction::Forwards;
