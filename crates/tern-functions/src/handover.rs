@@ -40,7 +40,7 @@ use crate::payload::Entry;
 
 /// How far before an origin's published mark a takeover starts delivering (see the
 /// module doc): more duplicates, never a gap.
-pub const TAKEOVER_SKEW_MS: i64 = 250;
+pub const TAKEOVER_SKEW_MS: i64 = 1_000;
 /// Origins whose shadow rows one rule tracks in memory at once; past it the one written
 /// to longest ago is forgotten (its rows stay in the store, where a takeover finds them).
 const SHADOW_ORIGINS_MAX: usize = 256;

@@ -54,7 +54,7 @@ sign_with_key = "root"
   let killedAt = 0;
   try {
     // Publishes until the kill; only 201s count as ACKed. The function takes 400 ms a
-    // batch of 5, so a backlog builds up and a request is in flight at the kill.
+    // batch of 5 (12.5/s), so a backlog builds up and a request is in flight at the kill.
     let stop = false;
     let next = 0;
     const worker = async () => {
@@ -65,11 +65,14 @@ sign_with_key = "root"
         if (status === 201) acked.add(id);
         else cut.add(id);
         if (status !== 201 && !stop) console.log(`# publish ${id}: ${status}`);
+        await new Promise((r) => setTimeout(r, 50));
       }
     };
-    // Eight publishers: the WAN makes each publish wait for a remote replica.
-    const publisher = Promise.all(Array.from({ length: 8 }, worker));
-    await waitUntil(() => firstSeen.size >= 50 && fn.inFlight > 0 && acked.size - firstSeen.size >= 50, 60000, 'a backlog in flight')
+    // Four publishers (~25/s: the WAN makes each publish wait for a remote replica),
+    // twice what the function takes: the backlog grows. Killed once the dead node has
+    // delivered for a while, so its mark has moved well past its first deliveries.
+    const publisher = Promise.all(Array.from({ length: 4 }, worker));
+    await waitUntil(() => firstSeen.size >= 150 && fn.inFlight > 0 && acked.size - firstSeen.size >= 50, 90000, 'a backlog in flight')
       .catch((err) => { throw new Error(`${err.message}: ${acked.size} acked, ${firstSeen.size} delivered`); });
     stop = true;
     killedAt = Date.now();
