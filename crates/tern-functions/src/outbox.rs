@@ -326,6 +326,19 @@ impl Outbox {
         &self.rules
     }
 
+    /// Whether this node keeps shadow rows of another origin's `event`: some rule
+    /// matches its channel (checked first: it is cheaper) and the placement says so.
+    fn shadows(&self, key: &ChannelKey, event: &ChannelEvent) -> bool {
+        let Some(placement) = self.placement.get() else {
+            return false;
+        };
+        let matched = self.rules.iter().any(|r| {
+            r.rule.matches(&key.app, &key.name, Source::Message)
+                || r.rule.matches(&key.app, &key.name, Source::Presence)
+        });
+        matched && placement.shadows(key, event.origin)
+    }
+
     /// Writes the outbox rows of one applied event (see [`OutboxJournal`]).
     pub fn record(&self, key: &ChannelKey, event: &ChannelEvent) {
         if &*key.name == OCCUPANCY_CHANNEL {
@@ -333,12 +346,10 @@ impl Outbox {
             return;
         }
         let own = event.origin == self.origin;
-        if !own && self.placement.get().is_none() {
+        if !own && !self.shadows(key, event) {
             // Another node accepted it; that node delivers it.
             return;
         }
-        // Whether this node shadows the event: asked once, and only if a rule matches.
-        let mut shadowed: Option<bool> = None;
         let fallback = |index: usize| format!("{:x}-{:x}:{index}", event.origin.0, event.seq);
         for rule in &self.rules {
             let mut entries = Vec::new();
@@ -369,22 +380,15 @@ impl Outbox {
                 rule.append(self.store.as_ref(), entries, event.timestamp_ms());
                 continue;
             }
-            let shadows = *shadowed.get_or_insert_with(|| {
-                self.placement
-                    .get()
-                    .is_some_and(|placement| placement.shadows(key, event.origin))
-            });
-            if shadows {
-                let rows = entries
-                    .into_iter()
-                    .map(|entry| ShadowRow {
-                        accepted_ms: event.timestamp_ms(),
-                        entry,
-                    })
-                    .collect();
-                rule.shadow(event.origin)
-                    .append_shadow(self.store.as_ref(), rows);
-            }
+            let rows = entries
+                .into_iter()
+                .map(|entry| ShadowRow {
+                    accepted_ms: event.timestamp_ms(),
+                    entry,
+                })
+                .collect();
+            rule.shadow(event.origin)
+                .append_shadow(self.store.as_ref(), rows);
         }
     }
 }
