@@ -21,16 +21,17 @@ const REPORTS_PER_EVENT: usize = 100;
 
 /// Starts reporting if any rule wants lifecycle or occupancy events.
 pub fn start(hub: Arc<Hub>, outbox: Arc<Outbox>) {
-    let wanted = outbox.rules().iter().any(|r| {
-        r.rule
-            .config
-            .sources
-            .iter()
-            .any(|s| matches!(s, Source::Lifecycle | Source::Occupancy))
-    });
-    if wanted {
+    if outbox.rules().iter().any(|r| wants_meta(&r.rule)) {
         tokio::spawn(report(hub, outbox));
     }
+}
+
+/// Whether `rule` wants lifecycle or occupancy events.
+fn wants_meta(rule: &tern_functions::Rule) -> bool {
+    rule.config
+        .sources
+        .iter()
+        .any(|s| matches!(s, Source::Lifecycle | Source::Occupancy))
 }
 
 async fn report(hub: Arc<Hub>, outbox: Arc<Outbox>) {
@@ -66,7 +67,7 @@ async fn report(hub: Arc<Hub>, outbox: Arc<Outbox>) {
         if refresh {
             // A heartbeat per app, so a new aggregator's warm-up starts even when no
             // channel is occupied.
-            for rule in outbox.rules() {
+            for rule in outbox.rules().iter().filter(|r| wants_meta(&r.rule)) {
                 by_app
                     .entry(rule.rule.config.app.clone())
                     .or_insert_with(|| {
