@@ -10,6 +10,10 @@
 //! - [`delivery`]: one rule's batching, retries and give-up as a state machine that
 //!   takes `now_ms` and returns actions (no I/O).
 //! - [`outbox`]: the outbox rows in the store, the journal that writes them, recovery.
+//! - [`lifecycle`]: `channel.lifecycle` / `channel.occupancy` from occupancy reports
+//!   every node publishes, aggregated by one node.
+//! - [`handover`]: shadow rows of other nodes' events, delivered marks for gossip, and
+//!   the takeover of a dead node's webhooks.
 //! - `driver`: the task per rule that runs a [`delivery::Delivery`] against the store and
 //!   HTTP.
 //! - [`http`]: one bounded HTTP/1.1 POST.
@@ -23,11 +27,14 @@
 
 pub mod delivery;
 mod driver;
+pub mod handover;
 pub mod http;
+pub mod lifecycle;
 pub mod outbox;
 pub mod payload;
 pub mod rule;
 
 pub use driver::spawn;
+pub use handover::Placement;
 pub use outbox::{Outbox, OutboxJournal};
 pub use rule::{Mode, Rule, RuleConfig, RuleError, SigningKey, Source};

@@ -63,6 +63,28 @@ impl Entry {
         }
     }
 
+    /// A `channel.lifecycle` / `channel.occupancy` item: named after the event
+    /// (`channel.opened`, `channel.closed`, `[meta]occupancy`), its data Ably's
+    /// `ChannelDetails` (see [`crate::lifecycle`]); `None` for other sources.
+    fn channel_details_item(&self, rule: &RuleConfig) -> Option<Value> {
+        let meta = [Source::Lifecycle.as_str(), Source::Occupancy.as_str()];
+        if !meta.contains(&self.source.as_str()) {
+            return None;
+        }
+        let mut data = self.item.get("data").cloned().unwrap_or(Value::Null);
+        if let Value::Object(map) = &mut data {
+            map.insert("site".into(), Value::String(rule.site.clone()));
+        }
+        Some(json!({
+            "webhookId": rule.id,
+            "source": self.source,
+            "serial": self.serial,
+            "timestamp": self.timestamp,
+            "name": self.item.get("name").cloned().unwrap_or(Value::Null),
+            "data": data,
+        }))
+    }
+
     pub fn encode(&self) -> Bytes {
         Bytes::from(serde_json::to_vec(self).unwrap_or_default())
     }
@@ -87,6 +109,9 @@ impl Entry {
 
     /// One element of a batched request's `items`.
     fn batched_item(&self, rule: &RuleConfig) -> Value {
+        if let Some(item) = self.channel_details_item(rule) {
+            return item;
+        }
         let name = if self.is_presence() {
             "presence.message"
         } else {

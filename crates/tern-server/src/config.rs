@@ -853,6 +853,7 @@ impl Config {
                     max_age_ms: i64::MAX,
                 }))
                 .chain(crate::rules::outbox_retention(self))
+                .chain(crate::rules::occupancy_retention(self))
                 .collect(),
             batch_max: h.batch_max,
             queue_max: h.queue_max,

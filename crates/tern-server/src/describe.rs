@@ -189,6 +189,11 @@ const COUNTERS: &[(&str, bool, &str)] = &[
         "Requests sent to functions, by rule and result",
     ),
     (
+        "tern_webhook_takeovers_total",
+        true,
+        "Dead nodes' webhooks this node started delivering, by rule",
+    ),
+    (
         "tern_write_timeouts_total",
         false,
         "Client writes that timed out (write_timeout_ms)",

@@ -9,6 +9,8 @@ mod cluster;
 mod config;
 mod config_location;
 mod describe;
+mod handover;
+mod occupancy;
 mod rules;
 
 use std::net::SocketAddr;
@@ -328,6 +330,7 @@ async fn start_node(
     ));
     if let Some(outbox) = &outbox {
         tern_functions::spawn(outbox);
+        occupancy::start(hub.clone(), outbox.clone());
     }
     let mut state = EdgeState::new(
         config.edge_config(),
@@ -385,6 +388,17 @@ async fn start_node(
         view.replicator.set_history(Arc::new(cluster::StoreHistory {
             store: store.clone(),
         }));
+        // Set before the cluster starts, so no event applied from a peer misses its
+        // shadow row.
+        let shadow_homes = outbox.as_ref().map(|outbox| {
+            let homes = handover::ShadowHomes::new(
+                view.replicator.clone(),
+                cluster_config.node_id.clone(),
+                region.clone(),
+            );
+            outbox.set_placement(homes.clone());
+            homes
+        });
         let departed_hub = hub.clone();
         let node = tern_cluster::cluster::ClusterNode::start(
             cluster_config,
@@ -401,6 +415,9 @@ async fn start_node(
         .await
         .context("joining the cluster")?;
         let _ = view.node.set(node);
+        if let (Some(outbox), Some(homes)) = (&outbox, shadow_homes) {
+            handover::start(outbox.clone(), view.clone(), homes);
+        }
         region_name = Some(region);
     }
     tracing::info!(%addr, origin = %origin, server_id = %config.server_id(), "tern started");
