@@ -13,6 +13,8 @@
 //! - `driver`: the task per rule that runs a [`delivery::Delivery`] against the store and
 //!   HTTP.
 //! - [`http`]: one bounded HTTP/1.1 POST.
+//! - [`hook`]: synchronous functions (before publish, `$connect`): config, verdicts,
+//!   the per-connection ordering pipeline, the bounded caller.
 //!
 //! Architecture invariant: an event's outbox rows are queued to the store right after
 //! the event's own rows, under the channel lock, so the store barrier an ACK waits on
@@ -23,11 +25,13 @@
 
 pub mod delivery;
 mod driver;
+pub mod hook;
 pub mod http;
 pub mod outbox;
 pub mod payload;
 pub mod rule;
 
 pub use driver::spawn;
+pub use hook::{Hook, HookConfig, Hooks};
 pub use outbox::{Outbox, OutboxJournal};
 pub use rule::{Mode, Rule, RuleConfig, RuleError, SigningKey, Source};

@@ -23,6 +23,9 @@ pub enum Source {
     Lifecycle,
     /// `channel.occupancy`: a channel's occupancy changed.
     Occupancy,
+    /// `connection.disconnected`: a realtime connection ended for good (API Gateway's
+    /// `$disconnect`; see `docs/functions.md`). Channel filters do not apply.
+    Disconnect,
 }
 
 impl Source {
@@ -33,6 +36,7 @@ impl Source {
             Source::Presence => "channel.presence",
             Source::Lifecycle => "channel.lifecycle",
             Source::Occupancy => "channel.occupancy",
+            Source::Disconnect => "connection.disconnected",
         }
     }
 
@@ -42,6 +46,7 @@ impl Source {
             Source::Presence,
             Source::Lifecycle,
             Source::Occupancy,
+            Source::Disconnect,
         ]
         .into_iter()
         .find(|source| source.as_str() == text)
