@@ -48,6 +48,7 @@ mod credentials;
 mod filter;
 mod forward;
 pub mod history;
+mod hooks;
 mod listener;
 mod messages;
 pub mod mqtt;

@@ -51,6 +51,11 @@ pub struct EdgeState {
     pub(crate) mqtt_sessions: std::sync::OnceLock<crate::mqtt::SharedSessions>,
     /// Comet connections by connection key (`comet`).
     pub(crate) comet: crate::comet::Links,
+    /// Before-publish and `$connect` functions (`hooks`); `None` without any.
+    pub(crate) hooks: Option<Arc<tern_functions::Hooks>>,
+    /// The webhook outbox, where `connection.disconnected` events go; `None` without
+    /// webhook rules.
+    pub(crate) outbox: Option<Arc<tern_functions::Outbox>>,
 }
 
 /// How waiting for a publish to be durable ended.
@@ -157,7 +162,21 @@ impl EdgeState {
             store: None,
             cluster: None,
             push: crate::push::Push::default(),
+            hooks: None,
+            outbox: None,
         }
+    }
+
+    /// Calls `hooks` before publishes and connections, and writes
+    /// `connection.disconnected` events to `outbox`.
+    pub fn with_functions(
+        mut self,
+        hooks: Option<Arc<tern_functions::Hooks>>,
+        outbox: Option<Arc<tern_functions::Outbox>>,
+    ) -> Self {
+        self.hooks = hooks.filter(|hooks| !hooks.is_empty());
+        self.outbox = outbox;
+        self
     }
 
     /// Makes this node a cluster member: ACKs also wait for replicas, `/regions` lists
@@ -199,7 +218,21 @@ impl EdgeState {
     /// minutes.
     pub fn sweep(&self, now_ms: i64) {
         self.hub.sweep(now_ms);
-        self.registry().sweep(now_ms);
+        let expired = self.registry().sweep(now_ms);
+        for (id, parked) in expired {
+            crate::hooks::record_disconnect(
+                self,
+                crate::hooks::Ended {
+                    app_id: &parked.app_id,
+                    connection_id: &id,
+                    client_id: parked.client_id.as_deref(),
+                    transport: parked.transport,
+                    connected_at_ms: parked.connected_at_ms,
+                    reason: crate::hooks::EndReason::Expired,
+                },
+                now_ms,
+            );
+        }
         self.stats.tick(now_ms, self.hub.take_app_channels());
     }
 

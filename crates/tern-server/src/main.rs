@@ -8,6 +8,7 @@
 mod cluster;
 mod config;
 mod describe;
+mod hooks;
 mod rules;
 
 use std::net::SocketAddr;
@@ -335,7 +336,13 @@ async fn start_node(
         Some(Box::new(move || metrics_render())),
         shutdown,
     )
-    .with_store(store.clone());
+    .with_store(store.clone())
+    .with_functions(
+        Some(Arc::new(tern_functions::Hooks::new(hooks::hooks(
+            &config, site,
+        )?))),
+        outbox.clone(),
+    );
     let tls = match &config.server.tls {
         Some(files) => Some(
             tern_edge::tls::ClientTls::load(&files.cert, &files.key)
