@@ -404,7 +404,8 @@ mod tests {
         assert_eq!((resumed, state), (id, "new"));
     }
 
-    /// The parked bound evicts the connection closest to expiry; sweep drops expired.
+    /// The parked bound evicts the connection closest to expiry; sweep drops expired
+    /// ones and hands out both (they ended), once.
     #[test]
     fn bounds_and_sweep() {
         let mut reg = Registry::new(2);
@@ -415,7 +416,14 @@ mod tests {
         }
         assert_eq!(reg.parked_count(), 2);
         assert_eq!(reg.resume("c1!s", 0), Err(ResumeError::Unknown));
-        assert_eq!(reg.sweep(20).len(), 1);
+        // The sweep hands out what ended: c1 (pushed out by the bound) and c2 (expired).
+        let ended: Vec<String> = reg
+            .sweep(20)
+            .into_iter()
+            .map(|(id, _)| id.to_string())
+            .collect();
+        assert_eq!(ended, ["c1", "c2"]);
         assert_eq!(reg.parked_count(), 1);
+        assert!(reg.sweep(20).is_empty(), "handed out once");
     }
 }

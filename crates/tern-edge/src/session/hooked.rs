@@ -24,7 +24,7 @@ use crate::resume::Reply;
 /// One publish held in the pipeline.
 pub(crate) enum Held {
     /// A frame that needs no function, behind one that does: applied in its turn.
-    Frame(ProtocolMessage, Option<ChannelKey>),
+    Frame(Box<ProtocolMessage>, Option<ChannelKey>),
     /// Checked messages whose function was called: published (as the verdict says)
     /// or refused in their turn.
     Checked {
@@ -104,7 +104,7 @@ impl Session {
     fn apply_ready(&mut self) {
         while let Some((held, verdict)) = self.pipeline.pop() {
             match held {
-                Held::Frame(frame, channel) => self.apply_frame(frame, channel),
+                Held::Frame(frame, channel) => self.apply_frame(*frame, channel),
                 Held::Answered {
                     msg_serial,
                     channel,

@@ -111,7 +111,7 @@ impl Session {
         if !self.pipeline.is_empty() {
             // Behind a publish that waits for its function: applied in its turn.
             self.pipeline
-                .push(super::hooked::Held::Frame(frame, channel), false);
+                .push(super::hooked::Held::Frame(Box::new(frame), channel), false);
             return;
         }
         self.apply_frame(frame, channel);

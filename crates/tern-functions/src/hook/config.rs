@@ -218,10 +218,12 @@ pub(crate) mod tests {
         assert!(!hook.matches("app", "anything"));
     }
 
+    type Change = Box<dyn Fn(&mut HookConfig)>;
+
     /// Settings that cannot work are refused, naming the setting.
     #[test]
     fn refusals() {
-        let cases: Vec<(Box<dyn Fn(&mut HookConfig)>, &str)> = vec![
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|c| c.id = "a b".into()), "id"),
             (Box::new(|c| c.url = "ftp://x/".into()), "url"),
             (
