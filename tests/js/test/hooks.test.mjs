@@ -347,3 +347,93 @@ sign_with_key = "root"
     await fn.stop();
   }
 });
+
+test('before-publish: transports cut while publishes wait for the function lose and duplicate nothing', async () => {
+  // Proves the held publishes of a dropped transport are neither applied nor answered,
+  // and that ably-js's re-sends after the resume are applied once: with a function that
+  // takes 100-300 ms, 60 messages published without waiting while the transport is cut
+  // three times all resolve, and a subscriber and history see each exactly once, in
+  // publish order.
+  let call = 0;
+  const fn = await startHookFunction({
+    keyName: KEY_NAME,
+    keySecret: KEY_SECRET,
+    decide: () => ({ body: { action: 'accept' }, delayMs: 100 + ((call++ * 37) % 200) }),
+  });
+  const tern = await startTern(withFunctions(`
+[[apps.before_publish]]
+id = "slowish"
+channel_filter = "^cut:"
+url = "http://127.0.0.1:${fn.port}/fn"
+timeout_ms = 5000
+`));
+  const publisher = new Ably.Realtime(options(tern.port, { clientId: 'p' }));
+  const subscriber = new Ably.Realtime(options(tern.port));
+  try {
+    await connected(publisher);
+    await connected(subscriber);
+    const seen = [];
+    await subscriber.channels.get('cut:x').subscribe((m) => seen.push(m.data));
+    const channel = publisher.channels.get('cut:x');
+    await channel.attach();
+    const publishes = [];
+    for (let i = 0; i < 60; i++) {
+      publishes.push(channel.publish('n', `m${i}`));
+      if (i % 20 === 10) {
+        await new Promise((r) => setTimeout(r, 150));
+        publisher.connection.connectionManager.disconnectAllTransports();
+      }
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    const outcomes = await Promise.allSettled(publishes);
+    assert.deepEqual(outcomes.filter((o) => o.status === 'rejected'), [], 'every publish ACKed');
+    const expected = Array.from({ length: 60 }, (_, i) => `m${i}`);
+    await waitUntil(() => seen.length >= 60, 15000, 'every message');
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(seen, expected, 'each once, in order (subscriber)');
+    const rest = new Ably.Rest(options(tern.port));
+    const page = await rest.channels.get('cut:x').history({ direction: 'forwards', limit: 1000 });
+    assert.deepEqual(page.items.map((m) => m.data), expected, 'each once, in order (history)');
+    // More calls than messages: publishes held when a transport was cut were asked
+    // again after the resume (so the cuts did catch held publishes).
+    assert.ok(fn.requests.length > 60, `cuts caught held publishes (${fn.requests.length} calls)`);
+  } finally {
+    publisher.close();
+    subscriber.close();
+    await tern.stop();
+    await fn.stop();
+  }
+});
+
+test('$connect over comet: refused and accepted as over WebSocket', async () => {
+  // Proves the comet transport goes through the same function (transport "comet").
+  const fn = await startHookFunction({
+    keyName: KEY_NAME,
+    keySecret: KEY_SECRET,
+    decide: (path, body) => (body.clientId === 'mallory'
+      ? { body: { action: 'reject', rejectionReason: 'banned user' } }
+      : { body: { action: 'accept', clientId: body.clientId ? undefined : 'comet-assigned' } }),
+  });
+  const tern = await startTern(withFunctions(`
+[apps.on_connect]
+id = "gate"
+url = "http://127.0.0.1:${fn.port}/connect"
+sign_with_key = "root"
+`));
+  const refused = new Ably.Realtime(options(tern.port, { clientId: 'mallory', transports: ['comet'] }));
+  const accepted = new Ably.Realtime(options(tern.port, { transports: ['comet'] }));
+  try {
+    const failure = await once(refused.connection, 'failed');
+    assert.equal(failure.reason.code, 40300);
+    assert.match(failure.reason.message, /banned user/);
+    await connected(accepted);
+    assert.equal(accepted.auth.clientId, 'comet-assigned');
+    assert.ok(fn.requests.every((r) => r.json.transport === 'comet'));
+    assert.equal(fn.badSignatures, 0);
+  } finally {
+    refused.close();
+    accepted.close();
+    await tern.stop();
+    await fn.stop();
+  }
+});
