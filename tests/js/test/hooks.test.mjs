@@ -5,6 +5,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import Ably from 'ably';
 import WebSocket from 'ws';
+import mqtt from 'mqtt';
+import { createServer as createNetServer } from 'node:net';
 import { connected, once, options, startTern, testConfig, waitUntil } from '../lib/tern.mjs';
 import { startHookFunction } from '../lib/hook-function.mjs';
 
@@ -433,6 +435,68 @@ sign_with_key = "root"
   } finally {
     refused.close();
     accepted.close();
+    await tern.stop();
+    await fn.stop();
+  }
+});
+
+/// A free TCP port on 127.0.0.1 (for the MQTT listener, whose port the helper does not read).
+function freePort() {
+  return new Promise((resolve) => {
+    const server = createNetServer();
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+test('before-publish on MQTT: a changed payload reaches ably-js; a rejected PUBLISH closes the connection, nothing published', async () => {
+  // Proves MQTT PUBLISHes go through the same function (binary payloads arrive base64,
+  // as Ably's JSON carries binary data); MQTT 3.1.1 cannot refuse a PUBLISH, so a
+  // rejection closes the connection and the message is not published.
+  const fn = await startHookFunction({
+    keyName: KEY_NAME,
+    keySecret: KEY_SECRET,
+    decide: (path, body) => {
+      const [message] = body.messages;
+      const text = message.encoding === 'base64'
+        ? Buffer.from(message.data, 'base64').toString('utf8') : message.data;
+      if (text.startsWith('bad')) return { body: { action: 'reject', rejectionReason: 'no bad words here' } };
+      return { body: { action: 'accept', messages: [{ data: text.toUpperCase() }] } };
+    },
+  });
+  const mqttPort = await freePort();
+  const tern = await startTern(withFunctions(`
+[[apps.before_publish]]
+id = "moderate"
+channel_filter = "^chat:"
+url = "http://127.0.0.1:${fn.port}/moderate"
+sign_with_key = "root"
+`).replace('[history]', `[mqtt]\nenabled = true\nport = ${mqttPort}\n\n[history]`));
+  const subscriber = new Ably.Realtime(options(tern.port));
+  let device;
+  try {
+    await connected(subscriber);
+    const seen = [];
+    await subscriber.channels.get('chat:mqtt').subscribe((m) => seen.push(m.data));
+    device = mqtt.connect(`mqtt://127.0.0.1:${mqttPort}`, {
+      username: KEY_NAME, password: KEY_SECRET, clientId: 'device-1', reconnectPeriod: 0, protocolVersion: 4,
+    });
+    await new Promise((resolve, reject) => { device.once('connect', resolve); device.once('error', reject); });
+    await device.publishAsync('chat:mqtt', 'hello', { qos: 1 });
+    await waitUntil(() => seen.length === 1, 5000, 'the changed message');
+    assert.equal(seen[0], 'HELLO');
+    const closed = new Promise((resolve) => device.once('close', resolve));
+    device.publish('chat:mqtt', 'bad words', { qos: 1 });
+    await closed;
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(seen, ['HELLO'], 'the rejected PUBLISH was not published');
+    assert.equal(fn.badSignatures, 0);
+    assert.equal(fn.requests.length, 2);
+  } finally {
+    device?.end(true);
+    subscriber.close();
     await tern.stop();
     await fn.stop();
   }
