@@ -107,10 +107,7 @@ impl Caller {
         let sent = messages.len();
         let caller = self.clone();
         async move {
-            let started = std::time::Instant::now();
             let exchange = caller.call(&request).await;
-            metrics::histogram!("tern_function_call_seconds", "function" => caller.hook.config.id.clone())
-                .record(started.elapsed().as_secs_f64());
             verdict::publish_verdict(&caller.hook, exchange, sent)
         }
     }
