@@ -108,6 +108,18 @@ timeout_ms = 3000
     const history = await restChannel.history();
     assert.deepEqual(history.items.map((m) => m.data), ['SHOUT']);
 
+    // An edit is a publish too: it cannot carry what the function refuses.
+    const { serials: [serial] } = await restChannel.publish('n', 'fine');
+    await assert.rejects(restChannel.updateMessage({ serial, data: 'bad edit' }), (err) => {
+      assert.equal(err.code, 42213);
+      return true;
+    });
+    await restChannel.updateMessage({ serial, data: 'shout' });
+    const edited = await restChannel.getMessage(serial);
+    assert.equal(edited.data, 'SHOUT');
+    const editCall = fn.requests.at(-1).json.messages[0];
+    assert.equal(editCall.serial, serial);
+
     // Batch publish: each channel on its own; the rejected one carries the error.
     const response = await fetch(`http://127.0.0.1:${tern.port}/messages`, {
       method: 'POST',
