@@ -7,6 +7,8 @@
 //! - here: opening (auth, resume/recover), the reader loop, dispatch, ending.
 //! - `attach`: ATTACH/DETACH (modes, params, rewind, resume), client SYNC.
 //! - `publish`: MESSAGE/PRESENCE (rates, msgSerial replies, checks, ACK/NACK).
+//! - `hooked`: publishes waiting for a before-publish function, and those held behind
+//!   them, applied in msgSerial order.
 //! - `reauth`: in-band AUTH and re-checking attachments against the new capability.
 //! - `derived`: derived (`[filter=…]`) channels: filtered, read-only attachments.
 
