@@ -513,3 +513,44 @@ sign_with_key = "root"
     await fn.stop();
   }
 });
+
+test('before-publish: a slow function holds only the publishes behind it, not attaches or other connections', async () => {
+  // Proves the session keeps serving non-publish frames while a publish waits: an
+  // ATTACH sent after a publish whose function takes 1.5 s is answered at once, and
+  // another connection's publish on an unfiltered channel is not delayed either.
+  const fn = await startHookFunction({
+    keyName: KEY_NAME,
+    keySecret: KEY_SECRET,
+    decide: () => ({ body: { action: 'accept' }, delayMs: 1500 }),
+  });
+  const tern = await startTern(withFunctions(`
+[[apps.before_publish]]
+id = "slow"
+channel_filter = "^slow:"
+url = "http://127.0.0.1:${fn.port}/fn"
+timeout_ms = 5000
+`));
+  const client = new Ably.Realtime(options(tern.port));
+  const other = new Ably.Realtime(options(tern.port));
+  try {
+    await connected(client);
+    await connected(other);
+    await client.channels.get('slow:x').attach();
+    const started = Date.now();
+    const held = client.channels.get('slow:x').publish('n', 'waits');
+    await client.channels.get('elsewhere').attach();
+    const attachMs = Date.now() - started;
+    await other.channels.get('free').publish('n', 'not held');
+    const otherMs = Date.now() - started;
+    await held;
+    const heldMs = Date.now() - started;
+    assert.ok(attachMs < 700, `ATTACH answered in ${attachMs} ms`);
+    assert.ok(otherMs < 700, `another connection published in ${otherMs} ms`);
+    assert.ok(heldMs >= 1400, `the held publish took ${heldMs} ms`);
+  } finally {
+    client.close();
+    other.close();
+    await tern.stop();
+    await fn.stop();
+  }
+});
