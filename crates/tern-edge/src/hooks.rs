@@ -127,6 +127,16 @@ pub(crate) enum EndReason {
     Closed,
     /// Its transport went and no resume came within `connectionStateTtl`.
     Expired,
+    /// The node holding it departed the cluster (reported by a survivor).
+    NodeLost,
+}
+
+/// The `&'static` transport name of a recorded one (records carry it as text).
+pub(crate) fn transport_name(text: &str) -> &'static str {
+    match text {
+        "comet" => "comet",
+        _ => "web_socket",
+    }
 }
 
 impl EndReason {
@@ -134,6 +144,7 @@ impl EndReason {
         match self {
             EndReason::Closed => "closed",
             EndReason::Expired => "expired",
+            EndReason::NodeLost => "node_lost",
         }
     }
 }

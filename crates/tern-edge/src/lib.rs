@@ -48,6 +48,7 @@ mod comet;
 pub mod config;
 mod connection;
 mod credentials;
+mod departures;
 mod filter;
 mod forward;
 pub mod history;

@@ -216,6 +216,20 @@ impl Session {
                 let changed =
                     crate::hooks::on_connect(&state, &id, arrival, &mut auth, &mut identity)
                         .await?;
+                if state.departures.tracks(&auth.app_id) {
+                    let opened = crate::departures::Record::Opened {
+                        id: id.to_string(),
+                        opened: crate::departures::Opened {
+                            client_id: match &identity {
+                                ClientIdentity::Id(id) => Some(id.clone()),
+                                _ => None,
+                            },
+                            transport: arrival.transport.into(),
+                            connected_at: now,
+                        },
+                    };
+                    crate::departures::publish(&state.hub, &auth.app_id, &[opened]);
+                }
                 (
                     changed.then(|| (identity.clone(), auth.capability.clone())),
                     now,
@@ -454,6 +468,12 @@ impl Session {
             Ending::Closed => {
                 hub.connection_closed(&self.auth.app_id, &self.id, &channels, now);
                 self.state.registry().remove(&self.id, self.generation);
+                if self.state.departures.tracks(&self.auth.app_id) {
+                    let ended = [crate::departures::Record::Ended {
+                        id: self.id.to_string(),
+                    }];
+                    crate::departures::publish(hub, &self.auth.app_id, &ended);
+                }
                 crate::hooks::record_disconnect(
                     &self.state,
                     crate::hooks::Ended {

@@ -278,6 +278,19 @@ impl Outbox {
 }
 
 impl Outbox {
+    /// The apps with a rule that wants `connection.disconnected`.
+    pub fn disconnect_apps(&self) -> Vec<String> {
+        let mut apps: Vec<String> = self
+            .rules
+            .iter()
+            .filter(|rule| rule.rule.config.sources.contains(&Source::Disconnect))
+            .map(|rule| rule.rule.config.app.clone())
+            .collect();
+        apps.sort();
+        apps.dedup();
+        apps
+    }
+
     /// Writes the outbox rows of a connection that ended on this node (the
     /// `connection.disconnected` event) for every rule of `app` that wants it. Only
     /// queued: durable with the store's next commit, delivered as any event.

@@ -39,6 +39,11 @@ const COUNTERS: &[(&str, bool, &str)] = &[
         "Frames written to realtime clients",
     ),
     (
+        "tern_departures_untracked_total",
+        false,
+        "Connections not tracked for node-departure reports (over the per-app bound)",
+    ),
+    (
         "tern_function_failures_total",
         true,
         "Before-publish and connect function calls that failed (on_failure decided), by function and reason",

@@ -392,6 +392,8 @@ async fn start_node(
             store: store.clone(),
         }));
         let departed_hub = hub.clone();
+        let departed_state = state.clone();
+        let departed_view = view.clone();
         let node = tern_cluster::cluster::ClusterNode::start(
             cluster_config,
             incarnation,
@@ -402,6 +404,16 @@ async fn start_node(
             Arc::new(move |node: &str, tag: &str| {
                 let left = departed_hub.node_departed(&format!("{tag}-"), tern_edge::now_ms());
                 tracing::info!(%node, presence_left = left, "removed a departed node's presence members");
+                // The live member with the oldest incarnation reports the departed
+                // node's connections as disconnected (edge `departures`).
+                let emitter = departed_view.node.get().is_some_and(|node| {
+                    let me = departed_state.node_tag();
+                    node.members()
+                        .iter()
+                        .min_by(|a, b| (a.incarnation, &a.node_id).cmp(&(b.incarnation, &b.node_id)))
+                        .is_some_and(|oldest| oldest.tag == me)
+                });
+                departed_state.node_departed(tag, emitter);
             }),
         )
         .await
