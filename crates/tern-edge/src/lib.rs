@@ -37,6 +37,8 @@
 //! - `hooks`: the node's synchronous functions seen from the edge: a before-publish
 //!   verdict applied to messages, the `$connect` call, `connection.disconnected` written
 //!   to the webhook outbox (`tern_functions`).
+//! - `departures`: connection records on `[internal]connections`, folded on every node,
+//!   so a survivor reports a departed node's connections as disconnected.
 //!
 //! Architecture invariant: the edge talks to other nodes only through the core; it never
 //! holds channel state of its own beyond what one connection has attached.
