@@ -17,6 +17,8 @@
 //! - `driver`: the task per rule that runs a [`delivery::Delivery`] against the store and
 //!   HTTP.
 //! - [`http`]: one bounded HTTP/1.1 POST.
+//! - [`hook`]: synchronous functions (before publish, `$connect`): config, verdicts,
+//!   the per-connection ordering pipeline, the bounded caller.
 //!
 //! Architecture invariant: an event's outbox rows are queued to the store right after
 //! the event's own rows, under the channel lock, so the store barrier an ACK waits on
@@ -28,6 +30,7 @@
 pub mod delivery;
 mod driver;
 pub mod handover;
+pub mod hook;
 pub mod http;
 pub mod lifecycle;
 pub mod outbox;
@@ -36,5 +39,6 @@ pub mod rule;
 
 pub use driver::spawn;
 pub use handover::Placement;
+pub use hook::{Hook, HookConfig, Hooks};
 pub use outbox::{Outbox, OutboxJournal};
 pub use rule::{Mode, Rule, RuleConfig, RuleError, SigningKey, Source};

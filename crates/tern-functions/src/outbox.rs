@@ -393,6 +393,40 @@ impl Outbox {
     }
 }
 
+impl Outbox {
+    /// The apps with a rule that wants `connection.disconnected`.
+    pub fn disconnect_apps(&self) -> Vec<String> {
+        let mut apps: Vec<String> = self
+            .rules
+            .iter()
+            .filter(|rule| rule.rule.config.sources.contains(&Source::Disconnect))
+            .map(|rule| rule.rule.config.app.clone())
+            .collect();
+        apps.sort();
+        apps.dedup();
+        apps
+    }
+
+    /// Writes the outbox rows of a connection that ended on this node (the
+    /// `connection.disconnected` event) for every rule of `app` that wants it. Only
+    /// queued: durable with the store's next commit, delivered as any event.
+    pub fn record_disconnect(
+        &self,
+        app: &str,
+        connection_id: &str,
+        now_ms: i64,
+        item: serde_json::Value,
+    ) {
+        for rule in &self.rules {
+            let config = &rule.rule.config;
+            if config.app == app && config.sources.contains(&Source::Disconnect) {
+                let entry = Entry::disconnected(app, connection_id, now_ms, item.clone());
+                rule.append(self.store.as_ref(), vec![entry], now_ms);
+            }
+        }
+    }
+}
+
 /// The hub's journal on a node with webhook rules: the history journal first (the
 /// event's own rows), then the event's outbox rows, in the same writer queue, so the
 /// barrier a publish's ACK waits on covers both.

@@ -22,6 +22,9 @@ pub enum Source {
     Lifecycle,
     /// `channel.occupancy`: a channel's occupancy changed.
     Occupancy,
+    /// `connection.disconnected`: a realtime connection ended for good (API Gateway's
+    /// `$disconnect`; see `docs/functions.md`). Channel filters do not apply.
+    Disconnect,
 }
 
 impl Source {
@@ -32,6 +35,7 @@ impl Source {
             Source::Presence => "channel.presence",
             Source::Lifecycle => "channel.lifecycle",
             Source::Occupancy => "channel.occupancy",
+            Source::Disconnect => "connection.disconnected",
         }
     }
 
@@ -41,6 +45,7 @@ impl Source {
             Source::Presence,
             Source::Lifecycle,
             Source::Occupancy,
+            Source::Disconnect,
         ]
         .into_iter()
         .find(|source| source.as_str() == text)

@@ -11,6 +11,7 @@ mod config_location;
 mod describe;
 mod handover;
 mod occupancy;
+mod hooks;
 mod rules;
 
 use std::net::SocketAddr;
@@ -339,7 +340,13 @@ async fn start_node(
         Some(Box::new(move || metrics_render())),
         shutdown,
     )
-    .with_store(store.clone());
+    .with_store(store.clone())
+    .with_functions(
+        Some(Arc::new(tern_functions::Hooks::new(hooks::hooks(
+            &config, site,
+        )?))),
+        outbox.clone(),
+    );
     let tls = match &config.server.tls {
         Some(files) => Some(
             tern_edge::tls::ClientTls::load(&files.cert, &files.key)
@@ -400,6 +407,8 @@ async fn start_node(
             homes
         });
         let departed_hub = hub.clone();
+        let departed_state = state.clone();
+        let departed_view = view.clone();
         let node = tern_cluster::cluster::ClusterNode::start(
             cluster_config,
             incarnation,
@@ -410,6 +419,16 @@ async fn start_node(
             Arc::new(move |node: &str, tag: &str| {
                 let left = departed_hub.node_departed(&format!("{tag}-"), tern_edge::now_ms());
                 tracing::info!(%node, presence_left = left, "removed a departed node's presence members");
+                // The live member with the oldest incarnation reports the departed
+                // node's connections as disconnected (edge `departures`).
+                let emitter = departed_view.node.get().is_some_and(|node| {
+                    let me = departed_state.node_tag();
+                    node.members()
+                        .iter()
+                        .min_by(|a, b| (a.incarnation, &a.node_id).cmp(&(b.incarnation, &b.node_id)))
+                        .is_some_and(|oldest| oldest.tag == me)
+                });
+                departed_state.node_departed(tag, emitter);
             }),
         )
         .await
