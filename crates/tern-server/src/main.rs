@@ -10,8 +10,8 @@ mod config;
 mod config_location;
 mod describe;
 mod handover;
-mod occupancy;
 mod hooks;
+mod occupancy;
 mod rules;
 
 use std::net::SocketAddr;
