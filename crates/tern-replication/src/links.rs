@@ -53,7 +53,7 @@ impl OutLink {
     }
 
     /// Hands out the next position.
-    pub fn next(&mut self) -> u64 {
+    pub fn hand_out(&mut self) -> u64 {
         self.seq += 1;
         self.seq
     }
@@ -189,8 +189,8 @@ mod tests {
     #[test]
     fn stored_acks_only_what_was_sent_on_this_link() {
         let mut link = OutLink::new(7);
-        assert_eq!(link.next(), 1);
-        assert_eq!(link.next(), 2);
+        assert_eq!(link.hand_out(), 1);
+        assert_eq!(link.hand_out(), 2);
         assert_eq!(link.on_stored(6, 2), StoredOutcome::Stale);
         assert_eq!(link.on_stored(7, 3), StoredOutcome::Unsent);
         assert_eq!(link.on_stored(7, 1), StoredOutcome::Advanced(1));
