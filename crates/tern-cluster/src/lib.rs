@@ -1,7 +1,8 @@
 //! Tern cluster: what carries channel traffic between nodes: membership by gossip, the
 //! inter-node wire format, QUIC (quinn) links with mutual TLS from a cluster CA, and
-//! replication over them with `ack_replicas`, one copy per remote region through a relay.
-//! Interest routing is not built yet (every region stores every channel).
+//! replication over them with `ack_replicas`, one copy per remote region through a relay,
+//! routed by interest (a node receives a channel while it has subscribers or is its home).
+//! The replication rules live in `tern-replication` (no I/O); this crate drives them.
 //!
 //! # Layout
 //! - [`cluster`]: one node's cluster side assembled (endpoint + replicator + membership).
@@ -14,8 +15,9 @@
 //! - [`tls`]: the cluster CA and node identities (rcgen), rustls configs that require
 //!   and verify a peer certificate signed by the CA, on both sides.
 //! - [`link`]: QUIC endpoints and one ordered stream of frames per link direction.
-//! - [`replicator`]: replication over links: local-origin events out on reliable links
-//!   (acked, resent), remote events applied in origin order, gaps repaired, replica acks.
+//! - [`replicator`]: the driver of `tern_replication`'s rules over links: local-origin
+//!   events out on reliable links (acked, resent), remote events applied in origin
+//!   order, gaps repaired, replica acks; the emulated WAN's timer.
 
 pub mod cluster;
 pub mod gossip_auth;

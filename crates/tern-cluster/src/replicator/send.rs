@@ -1,0 +1,198 @@
+//! One outbound link: connect, announce (`Hello`), write the control queue and the
+//! resend buffer (`links::SendBuffer`) in queued order, resend from the first
+//! unacknowledged position when acks stall (`links::RESEND_AFTER`), and reconnect. The
+//! emulated WAN (delay, loss) is applied here, in user space.
+
+use tern_replication::links::RESEND_AFTER;
+
+use super::wan::wait_until;
+use super::*;
+use crate::link::LinkSender;
+use crate::ClusterError;
+
+/// Who sends on a link, and which link it is (first frame of every link).
+#[derive(Clone)]
+pub(super) struct Hello {
+    pub(super) node_id: String,
+    pub(super) incarnation: u64,
+    pub(super) origin: u64,
+    pub(super) epoch: u64,
+}
+
+enum Work {
+    Control(FrameV1, Now),
+    Event(u64, FrameV1, Now),
+    Resend,
+    Idle,
+}
+
+/// Keeps one link to `peer` open and writes its queue into it, reconnecting and
+/// resending whatever is unacknowledged.
+pub(super) async fn send_loop(
+    endpoint: Arc<LinkEndpoint>,
+    me: Hello,
+    peer: PeerSpec,
+    shared: Arc<PeerShared>,
+) {
+    let delay = shared.wan.map_or(Duration::ZERO, |w| w.delay);
+    let loss = shared.wan.map_or(0.0, |w| w.loss);
+    let resend_after = RESEND_AFTER + delay * 2;
+    // WAN cost per peer: event frames (one per replicated event) and control frames.
+    let event_bytes =
+        metrics::counter!("tern_replication_event_bytes_total", "peer" => peer.node_id.clone());
+    let events_sent =
+        metrics::counter!("tern_replication_events_sent_total", "peer" => peer.node_id.clone());
+    let control_bytes =
+        metrics::counter!("tern_replication_control_bytes_total", "peer" => peer.node_id.clone());
+    loop {
+        if shared.partitioned.load(Ordering::SeqCst) {
+            tokio::time::sleep(RECONNECT_DELAY).await;
+            continue;
+        }
+        let mut link = match endpoint.connect(peer.quic, &peer.node_id).await {
+            Ok(link) => link,
+            Err(err) => {
+                tracing::debug!(peer = %peer.node_id, error = %err, "link connect failed; retrying");
+                tokio::time::sleep(RECONNECT_DELAY).await;
+                continue;
+            }
+        };
+        let mut sent_upto = 0;
+        if hello(&mut link, &me, &shared, &mut sent_upto)
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(RECONNECT_DELAY).await;
+            continue;
+        }
+        let mut last_acked = lock(&shared.queue).events.acked();
+        let mut progress_at = Instant::now();
+        loop {
+            if shared.partitioned.load(Ordering::SeqCst) {
+                break;
+            }
+            let work = {
+                let mut q = lock(&shared.queue);
+                let acked = q.events.acked();
+                if acked != last_acked {
+                    last_acked = acked;
+                    progress_at = Instant::now();
+                }
+                // Past what was acked, and past what was dropped from the buffer before
+                // it was sent (see `hello`).
+                sent_upto = q.events.sent_floor(sent_upto);
+                let next_event = q.events.after(sent_upto).map(|(seq, _, at)| (*seq, *at));
+                let control_at = q.control.front().map(|(_, at)| *at);
+                // Whichever was queued first goes first: both wait the same emulated
+                // delay, so a control frame must not hold back events queued before it.
+                let control_first = match (control_at, next_event) {
+                    (Some(c), Some((_, e))) => c <= e,
+                    (Some(_), None) => true,
+                    _ => false,
+                };
+                if control_first {
+                    let (frame, at) = q.control.pop_front().expect("checked non-empty");
+                    Work::Control(frame, at)
+                } else if let Some((seq, at)) = next_event {
+                    if sent_upto <= acked {
+                        // Nothing was outstanding: the ack clock starts now, not when
+                        // the link last made progress (an idle link would otherwise
+                        // resend its first event at once).
+                        progress_at = Instant::now();
+                    }
+                    let frame = q.events.after(seq - 1).expect("just found").1.clone();
+                    Work::Event(seq, frame, at)
+                } else if sent_upto > acked && progress_at.elapsed() >= resend_after {
+                    Work::Resend
+                } else {
+                    Work::Idle
+                }
+            };
+            let result = match work {
+                Work::Control(frame, at) => {
+                    wait_until(shared.base + at + delay).await;
+                    link.send(&frame)
+                        .await
+                        .map(|n| control_bytes.increment(n as u64))
+                }
+                Work::Event(seq, frame, at) => {
+                    wait_until(shared.base + at + delay).await;
+                    sent_upto = seq;
+                    if loss > 0.0 && rand::random::<f64>() < loss {
+                        Ok(())
+                    } else {
+                        link.send(&frame).await.map(|n| {
+                            event_bytes.increment(n as u64);
+                            events_sent.increment(1);
+                            shared.events_sent.fetch_add(1, Ordering::Relaxed);
+                        })
+                    }
+                }
+                Work::Resend => {
+                    progress_at = Instant::now();
+                    sent_upto = 0;
+                    metrics::counter!("tern_replication_resends_total", "peer" => peer.node_id.clone())
+                        .increment(1);
+                    hello(&mut link, &me, &shared, &mut sent_upto).await
+                }
+                Work::Idle => {
+                    tokio::select! {
+                        _ = shared.notify.notified() => {}
+                        _ = tokio::time::sleep(resend_after / 2) => {}
+                    }
+                    Ok(())
+                }
+            };
+            match result {
+                Ok(()) => {}
+                // Nothing was written: the link is fine. Events are checked before they
+                // get a link position (`record`), so this is a control frame; it is lost
+                // as a dropped datagram would be, and asked for again if it mattered.
+                Err(err @ ClusterError::FrameTooLarge(_)) => {
+                    metrics::counter!("tern_replication_frames_refused_total").increment(1);
+                    tracing::error!(peer = %peer.node_id, error = %err, "frame not sent");
+                }
+                Err(err) => {
+                    tracing::debug!(peer = %peer.node_id, error = %err, "link send failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Announces the sender and rewinds to the first unacknowledged event.
+async fn hello(
+    link: &mut LinkSender,
+    me: &Hello,
+    shared: &PeerShared,
+    sent_upto: &mut u64,
+) -> Result<(), ClusterError> {
+    let first = {
+        let q = lock(&shared.queue);
+        let first = q.events.first();
+        *sent_upto = q.events.acked().max(first - 1);
+        first
+    };
+    link.send(&FrameV1::Hello {
+        node_id: me.node_id.clone(),
+        incarnation: me.incarnation,
+        origin: me.origin,
+        epoch: me.epoch,
+        first,
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Counts a well-formed frame from a peer that this node does not act on.
+pub(super) fn ignored(reason: &'static str) {
+    metrics::counter!("tern_replication_frames_ignored_total", "reason" => reason).increment(1);
+}
+
+/// Reports an event that cannot be replicated because it does not fit a frame.
+pub(super) fn oversized(key: &ChannelKey, seq: u64, bytes: usize) {
+    metrics::counter!("tern_replication_frames_refused_total").increment(1);
+    tracing::error!(app = %key.app, channel = %key.name, seq, bytes,
+        "event does not fit a cluster frame: not replicated");
+}
