@@ -103,6 +103,11 @@ impl<T> Waiters<T> {
         self.queue.len()
     }
 
+    /// When the oldest reply still waiting was queued.
+    pub fn oldest(&self) -> Option<Now> {
+        self.queue.front().map(|w| w.since)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }

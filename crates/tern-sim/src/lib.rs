@@ -123,6 +123,8 @@
 //!   491): the sim did not model the departed tags the real membership gossips to
 //!   members that did not see an incarnation live; now it does (see Restart).
 
+mod acked;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -135,6 +137,8 @@ use tern_replication::heads::{self, PreviousHeads};
 use tern_replication::repair::{self, RepairPart};
 use tern_replication::routing::{self, Node as Member_};
 use tern_replication::{warm, Now};
+
+use acked::{AckState, Acked};
 
 /// splitmix64: tiny, seedable, good enough for fault injection.
 pub struct Rng(u64);
@@ -294,7 +298,13 @@ enum Item {
     Event {
         from: usize,
         event: Arc<RemoteEvent>,
+        /// Its position on the sender's link (epoch, position); `None` for a repair.
+        link: Option<(u64, u64)>,
     },
+    /// A link (re)starts from position `first` (see `acked.rs`).
+    Hello { from: usize, epoch: u64, first: u64 },
+    /// The receiver applied every position of link `epoch` up to `upto`.
+    Stored { from: usize, epoch: u64, upto: u64 },
     /// A repair answer: events of `origin` up to `upto` are not in the peer's log.
     Skip { origin: OriginId, upto: u64 },
     /// Membership reports that incarnation `tag`/`origin` departed.
@@ -380,6 +390,12 @@ pub struct Sim {
     /// Nodes whose hub or subscriber may have changed since the last step check (the
     /// others need no new check).
     touched: BTreeSet<usize>,
+    /// Per node: links, replies waiting for replicas (`acked.rs`).
+    acks: Vec<AckState>,
+    /// Link epochs handed out (each link gets a new one).
+    epochs: u64,
+    /// Messages whose publish was ACKed.
+    acked: Vec<Acked>,
     /// Print every step to stderr (for replaying one seed).
     pub trace: bool,
     /// What the faults actually did (so a sweep can prove it exercised them).
@@ -415,6 +431,11 @@ pub struct Stats {
     pub stale_interest: u64,
     /// Highest virtual time reached (ms).
     pub max_now_ms: i64,
+    /// Publishes ACKed (`ack_replicas` met) and NACKed (timed out).
+    pub acks: u64,
+    pub nacks: u64,
+    /// Frames sent again by the resend timer (`Hello` and events).
+    pub resent: u64,
 }
 
 impl Stats {
@@ -435,6 +456,9 @@ impl Stats {
         self.relayed += other.relayed;
         self.stale_interest += other.stale_interest;
         self.max_now_ms = self.max_now_ms.max(other.max_now_ms);
+        self.acks += other.acks;
+        self.nacks += other.nacks;
+        self.resent += other.resent;
     }
 }
 
@@ -464,6 +488,7 @@ impl Sim {
         let key = ChannelKey::new("sim", &format!("channel-{seed}"));
         let limits = CoreLimits::default();
         let mut rng = Rng::new(seed);
+        let regions_len = regions.len();
         let ids = (0..regions.len()).map(|i| format!("n{i}")).collect();
         let region_names = (0..=regions.iter().copied().max().unwrap_or(0))
             .map(|r| format!("r{r}"))
@@ -497,6 +522,9 @@ impl Sim {
             departures_pending: 0,
             last_churn_ms: None,
             touched: BTreeSet::new(),
+            acks: (0..regions_len).map(|_| AckState::default()).collect(),
+            epochs: 0,
+            acked: Vec::new(),
             trace: false,
             stats: Stats::default(),
         };
@@ -808,6 +836,7 @@ fn repair_items(from: usize, origin: OriginId, parts: Vec<RepairPart>) -> Vec<It
             RepairPart::Event(event) => Item::Event {
                 from,
                 event: Arc::new(RemoteEvent::from_event(&event)),
+                link: None,
             },
         })
         .collect()
@@ -848,6 +877,14 @@ impl Sim {
                 self.note_own(at, &event);
             }
             let to = self.route(at, event.origin);
+            let remote = Arc::new(RemoteEvent::from_event(&event));
+            let mut targets = Vec::new();
+            for &to in &to {
+                targets.push(self.link_position(at, to, &remote));
+            }
+            if own && event.is_message() {
+                self.wait_for_replicas(at, self.published.len() - 1, targets.clone());
+            }
             if to.is_empty() {
                 continue;
             }
@@ -859,11 +896,11 @@ impl Sim {
                     )
                 });
             }
-            let remote = Arc::new(RemoteEvent::from_event(&event));
-            for to in to {
+            for (to, link) in to.into_iter().zip(targets) {
                 let item = Item::Event {
                     from: at,
                     event: remote.clone(),
+                    link: Some(link),
                 };
                 self.send(at, to, item);
             }
@@ -1007,6 +1044,7 @@ impl Sim {
         let node = &mut self.nodes[at];
         node.up = false;
         node.hub = Hub::new(OriginId(0), CoreLimits::default());
+        self.acks[at] = AckState::default();
         self.dead_tags.push(tag);
         self.requested.retain(|(node, _), _| *node != at);
         // Its links are gone: heads state starts over on new ones.
@@ -1078,7 +1116,13 @@ impl Sim {
     fn take(&mut self, to: usize, item: Item) {
         if self.trace {
             let what = match &item {
-                Item::Event { from, event } => {
+                Item::Hello { from, epoch, first } => {
+                    format!("hello n{from} link {epoch} from {first}")
+                }
+                Item::Stored { from, epoch, upto } => {
+                    format!("stored by n{from} link {epoch} upto {upto}")
+                }
+                Item::Event { from, event, .. } => {
                     format!(
                         "from n{from} {}",
                         describe(event.origin, event.seq, &event.frame)
@@ -1099,7 +1143,14 @@ impl Sim {
             self.log(|| format!("n{to} <- {what}"));
         }
         match item {
-            Item::Event { from, event } => self.apply(to, from, Arc::unwrap_or_clone(event)),
+            Item::Event { from, event, link } => {
+                let in_order = self.apply(to, from, Arc::unwrap_or_clone(event));
+                if let (true, Some(link)) = (in_order, link) {
+                    self.applied_on_link(to, from, link);
+                }
+            }
+            Item::Hello { from, epoch, first } => self.take_hello(to, from, epoch, first),
+            Item::Stored { from, epoch, upto } => self.take_stored(to, from, epoch, upto),
             Item::Skip { origin, upto } => {
                 let applied = self.nodes[to]
                     .hub
@@ -1112,6 +1163,7 @@ impl Sim {
                     .node_departed(&format!("{tag}-"), self.now_ms);
                 self.stats.departed_leaves += left as u64;
                 self.nodes[to].believed_live.remove(&origin);
+                self.forget_departed(to, origin);
                 // It now publishes the tag; gossip carries it to every member.
                 if !self.reported.iter().any(|(t, _)| *t == tag) {
                     self.reported.push((tag.clone(), origin));
@@ -1221,7 +1273,8 @@ impl Sim {
     }
 
     /// Applies a replicated event at `to`; a gap asks the node it came from.
-    fn apply(&mut self, to: usize, from: usize, event: RemoteEvent) {
+    /// Returns whether it was not a gap (applied or a duplicate: its link position counts).
+    fn apply(&mut self, to: usize, from: usize, event: RemoteEvent) -> bool {
         let outcome = self.nodes[to]
             .hub
             .apply_remote(&self.key, event, self.now_ms)
@@ -1241,9 +1294,11 @@ impl Sim {
                         .insert((to, origin), (missing.1, self.now_ms));
                     self.repair_from(from, to, origin, missing);
                 }
+                return false;
             }
             RemoteOutcome::Applied(_) => {}
         }
+        true
     }
 
     /// `peer` answers `node`'s repair request for `origin`'s `from..=to`
@@ -1297,6 +1352,7 @@ impl Sim {
     /// region's peers, and every node gets every reachable peer's heads.
     pub fn anti_entropy(&mut self) {
         self.refresh_interest();
+        self.resend_and_expire();
         for node in 0..self.nodes.len() {
             for peer in 0..self.nodes.len() {
                 if peer != node {
@@ -1360,6 +1416,7 @@ impl Sim {
         if let Some(err) = self.broken.take() {
             return Err(err);
         }
+        self.check_ack_bounds()?;
         let Sim {
             nodes,
             events,
@@ -1463,6 +1520,7 @@ impl Sim {
             })
             .collect();
         let union: HashSet<&String> = sets.iter().flatten().collect();
+        self.check_acked(&union)?;
         for (id, origin, seq) in &self.published {
             if self.nodes.iter().any(|n| n.up && n.origin == *origin) && !union.contains(id) {
                 return Err(format!(
