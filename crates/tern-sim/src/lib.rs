@@ -436,6 +436,8 @@ pub struct Stats {
     pub nacks: u64,
     /// Frames sent again by the resend timer (`Hello` and events).
     pub resent: u64,
+    /// Heads a node kept (`heads::shares`) and a peer would have compared.
+    pub heads_unshared: u64,
 }
 
 impl Stats {
@@ -459,6 +461,7 @@ impl Stats {
         self.acks += other.acks;
         self.nacks += other.nacks;
         self.resent += other.resent;
+        self.heads_unshared += other.heads_unshared;
     }
 }
 
@@ -1317,14 +1320,26 @@ impl Sim {
         }
     }
 
-    /// `peer`'s heads reach `node`, which asks `peer` for what `heads::wanted` says it
-    /// lacks. A node that does not keep the channel ignores heads.
+    /// `peer`'s heads reach `node` if `peer` sends them there (`heads::shares`, in
+    /// `peer`'s view), and `node` asks `peer` for what `heads::wanted` says it lacks. A
+    /// node that does not keep the channel ignores heads.
     fn compare_heads(&mut self, node: usize, peer: usize) {
         if !self.nodes[node].up
             || !self.nodes[peer].up
             || !self.holds(node)
             || self.partitioned.contains(&(node.min(peer), node.max(peer)))
         {
+            return;
+        }
+        let now = Now::from_millis(self.now_ms as u64);
+        let interested = self.regions[node] == self.regions[peer]
+            && self.nodes[peer]
+                .interest
+                .interested(&self.key, now)
+                .contains(&self.ids[node].as_str());
+        let homes = routing::homes(&self.key, self.view(peer));
+        if !heads::shares(&homes, self.member(node), interested) {
+            self.stats.heads_unshared += 1;
             return;
         }
         let mine = self.nodes[node].hub.cursor(&self.key);

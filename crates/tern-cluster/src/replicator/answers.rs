@@ -7,7 +7,7 @@
 use std::sync::atomic::AtomicUsize;
 
 use tern_replication::backfill::{self, BACKFILL_PAGE};
-use tern_replication::heads::{HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
+use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
 use tern_replication::repair::{self, RepairPart};
 use tern_replication::warm;
 
@@ -25,31 +25,45 @@ impl Drop for BackfillSlot<'_> {
 }
 
 impl Replicator {
-    /// Sends every peer our channel cursors; each asks for what it lacks.
+    /// Sends each peer the cursors of the channels it shares with us (`heads::shares`:
+    /// it is their home in its region, or we hold its interest); it asks for what it
+    /// lacks. The bytes grow with what two nodes share, not with all our channels.
     pub(super) fn send_heads(&self) {
         let Some(hub) = self.running.get().and_then(|r| r.hub.upgrade()) else {
             return;
         };
-        let peers: Vec<String> = lock(&self.out).peers.keys().cloned().collect();
-        if peers.is_empty() {
-            return;
+        let mut per_peer: HashMap<String, Vec<HeadV1>> = HashMap::new();
+        {
+            let out = lock(&self.out);
+            if out.peers.is_empty() {
+                return;
+            }
+            for (key, cursor) in hub.cursors(HEADS_CHANNELS_MAX) {
+                let origins: Vec<(u64, u64)> = cursor.origins().map(|(o, s)| (o.0, s)).collect();
+                if origins.is_empty() {
+                    continue;
+                }
+                let homes = routing::homes(&key, self.nodes(&out));
+                let interested = self.interested(&out, &key);
+                for peer in out.peers.values() {
+                    let id = peer.spec.node_id.as_str();
+                    if !heads::shares(&homes, peer.node(), interested.contains(&id)) {
+                        continue;
+                    }
+                    per_peer.entry(id.to_string()).or_default().push(HeadV1 {
+                        app: key.app.to_string(),
+                        channel: key.name.to_string(),
+                        origins: origins.clone(),
+                    });
+                }
+            }
         }
-        let heads: Vec<HeadV1> = hub
-            .cursors(HEADS_CHANNELS_MAX)
-            .into_iter()
-            .map(|(key, cursor)| HeadV1 {
-                app: key.app.to_string(),
-                channel: key.name.to_string(),
-                origins: cursor.origins().map(|(o, seq)| (o.0, seq)).collect(),
-            })
-            .filter(|h| !h.origins.is_empty())
-            .collect();
-        for chunk in heads.chunks(HEADS_PER_FRAME) {
-            for peer in &peers {
+        for (peer, heads) in per_peer {
+            for chunk in heads.chunks(HEADS_PER_FRAME) {
                 let frame = FrameV1::Heads {
                     channels: chunk.to_vec(),
                 };
-                self.send_control(peer, frame);
+                self.send_control(&peer, frame);
             }
         }
     }
