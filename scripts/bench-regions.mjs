@@ -96,7 +96,7 @@ async function latency() {
       pub.send(JSON.stringify({ action: 15, channel, msgSerial: n, messages: [{ name: 'n', data: `${due}:${pad}` }] }));
     }
     await waitUntil(() => Object.values(results).every((l) => l.length >= total) && acks >= total, 20000, 'deliveries');
-    const metrics = await (await fetch(`http://127.0.0.1:${east}/metrics`)).text();
+    const metrics = await (await fetch(`http://127.0.0.1:${tern.admins[0]}/metrics`)).text();
     const counter = (name, peer) => {
       const m = new RegExp(`^${name}\\{peer="${peer}"\\} (\\d+)`, 'm').exec(metrics);
       return m ? Number(m[1]) : 0;

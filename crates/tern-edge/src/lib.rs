@@ -196,8 +196,6 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         )
         .route("/time", get(rest::time))
         .route("/health", get(rest::health))
-        .route("/regions", get(rest::regions))
-        .route("/metrics", get(rest::metrics))
         .route("/keys/{key_name}/requestToken", post(rest::request_token))
         .route("/keys/{key_name}/revokeTokens", post(revoke::revoke_tokens))
         .merge(channel_reads(state.clone()))

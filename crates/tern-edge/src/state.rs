@@ -16,9 +16,6 @@ use crate::resume::ParkedSession;
 /// Live connections (with the handle that supersedes them) and parked ones.
 pub(crate) type Registry = ConnectionRegistry<ParkedSession, Arc<Notify>>;
 
-/// Renders the Prometheus text exposition for `/metrics`.
-pub type MetricsRender = Box<dyn Fn() -> String + Send + Sync>;
-
 /// Shared state of one node's edge.
 pub struct EdgeState {
     pub config: EdgeConfig,
@@ -29,7 +26,6 @@ pub struct EdgeState {
     pub(crate) nonces: Mutex<NonceCache>,
     /// One permit per open WebSocket connection.
     pub(crate) connection_permits: Arc<Semaphore>,
-    pub(crate) metrics_render: Option<MetricsRender>,
     /// Flips to `true` when the node shuts down; connections then disconnect their clients.
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) registry: Mutex<Registry>,
@@ -109,7 +105,7 @@ pub trait ClusterView: Send + Sync {
     fn home_url(&self, _channel: &ChannelKey) -> Option<String> {
         None
     }
-    /// The live nodes by region, for `GET /regions`.
+    /// The live nodes by region, for the admin port's `GET /regions`.
     fn regions(&self) -> serde_json::Value;
     /// The client URLs of every other live node (`GET /stats` adds up their
     /// statistics).
@@ -126,7 +122,6 @@ impl EdgeState {
         config: EdgeConfig,
         hub: Arc<Hub>,
         keys: KeyRing,
-        metrics_render: Option<MetricsRender>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let retain_ms = config.token_policy.nonce_retain_ms();
@@ -152,7 +147,6 @@ impl EdgeState {
             config,
             hub,
             keys,
-            metrics_render,
             shutdown,
             store: None,
             cluster: None,
@@ -160,8 +154,8 @@ impl EdgeState {
         }
     }
 
-    /// Makes this node a cluster member: ACKs also wait for replicas, `/regions` lists
-    /// the cluster.
+    /// Makes this node a cluster member: ACKs also wait for replicas, the admin port's
+    /// `/regions` lists the cluster.
     pub fn with_cluster(mut self, cluster: Arc<dyn ClusterView>) -> Self {
         self.cluster = Some(cluster);
         self
@@ -259,6 +253,36 @@ impl EdgeState {
         );
         // Dropped unanswered: the store's writer is gone.
         rx.await.unwrap_or(Durability::StoreFailed)
+    }
+
+    /// `/health`'s answer: healthy (200 `ok`) unless the history store's commits fail
+    /// (503 `unhealthy` with a `reason`), with this node's id and counts.
+    pub fn health_report(&self) -> (bool, serde_json::Value) {
+        let mut body = serde_json::json!({
+            "status": "ok",
+            "serverId": self.config.server_id,
+            "connections": self.connection_count(),
+            "channels": self.hub.channel_count(),
+        });
+        match self.unhealthy() {
+            Some(reason) => {
+                body["status"] = "unhealthy".into();
+                body["reason"] = reason.into();
+                (false, body)
+            }
+            None => (true, body),
+        }
+    }
+
+    /// The cluster's live nodes by region; `None` for a node that is not in a cluster.
+    pub fn cluster_regions(&self) -> Option<serde_json::Value> {
+        self.cluster.as_ref().map(|cluster| cluster.regions())
+    }
+
+    /// Sets the gauges that are read rather than counted (channels held), just before
+    /// `/metrics` is rendered.
+    pub fn refresh_gauges(&self) {
+        metrics::gauge!("tern_channels").set(self.hub.channel_count() as f64);
     }
 
     /// Open WebSocket connections right now.

@@ -5,6 +5,7 @@
 //! - `config`: TOML + CLI/env overrides + validation.
 //! - `main.rs`: CLI (`serve`, `dev`), wiring, shutdown.
 
+mod admin;
 mod cluster;
 mod config;
 mod describe;
@@ -193,6 +194,10 @@ fn main() -> anyhow::Result<()> {
                 parsed.server.port = if base == 0 { 0 } else { base + i as u16 };
                 parsed.server.server_id = Some(format!("tern-dev-{name}"));
                 parsed.history.path = format!("tern-data/dev/{name}/history.redb").into();
+                parsed
+                    .admin
+                    .listen
+                    .set_port(admin::dev_port(parsed.server.port));
                 if tls {
                     parsed.server.tls = Some(config::TlsSection {
                         cert: tls_dir.join("edge.pem"),
@@ -283,6 +288,8 @@ struct RunningNode {
     tls: Option<Arc<tern_edge::tls::ClientTls>>,
     /// The MQTT listener's address, when `[mqtt]` is enabled.
     mqtt: Option<SocketAddr>,
+    /// The admin listener's address, unless `[admin]` is disabled.
+    admin: Option<SocketAddr>,
     region: Option<String>,
     server: tokio::task::JoinHandle<()>,
     store: Arc<dyn tern_store::HistoryStore>,
@@ -332,8 +339,7 @@ async fn start_node(
         config.edge_config(),
         hub.clone(),
         config.key_ring(),
-        Some(Box::new(move || metrics_render())),
-        shutdown,
+        shutdown.clone(),
     )
     .with_store(store.clone());
     let tls = match &config.server.tls {
@@ -360,6 +366,18 @@ async fn start_node(
         .await
         .with_context(|| format!("binding {}:{}", config.server.host, config.server.port))?;
     let addr: SocketAddr = listener.local_addr()?;
+    let admin_addr = admin::start(
+        &config.admin,
+        admin::Admin {
+            edge: state.clone(),
+            render: metrics_render,
+            token: config.admin.token.clone(),
+            node_id: config.server_id(),
+            client_url: format!("{}://{addr}", config.scheme()),
+        },
+        shutdown,
+    )
+    .await?;
     let mqtt = match config.mqtt() {
         Some((host, port, mqtt_config)) => {
             let listener = bind_listener(&host, port)
@@ -438,6 +456,7 @@ async fn start_node(
         scheme: config.scheme(),
         tls,
         mqtt,
+        admin: admin_addr,
         region: region_name,
         server,
         store,
@@ -494,6 +513,9 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
         // Before the HTTP line, which scripts wait for.
         if let Some(mqtt) = node.mqtt {
             println!("tern mqtt listening on {mqtt}");
+        }
+        if let Some(admin) = node.admin {
+            println!("tern admin on http://{admin}/ (status page, /metrics, /regions)");
         }
         println!("tern listening on {}://{}", node.scheme, node.addr);
         if let Some(region) = &node.region {

@@ -42,12 +42,12 @@ after(async () => {
 });
 
 async function regionCount(host) {
-  const body = await (await fetch(`http://${host}:${cluster.port}/regions`)).json();
+  const body = await (await fetch(`http://${host}:${cluster.adminPort}/regions`)).json();
   return body.regions.length;
 }
 
 async function rejected(reason) {
-  const text = await (await fetch(`http://${target.host}:${cluster.port}/metrics`)).text();
+  const text = await (await fetch(`http://${target.host}:${cluster.adminPort}/metrics`)).text();
   const line = text.split('\n').find((l) => l.startsWith(`tern_gossip_rejected_total{reason="${reason}"}`));
   return line ? Number(line.split(' ').pop()) : 0;
 }

@@ -1,0 +1,54 @@
+// The admin port (`[admin]`): /metrics, /regions and the status page are served there and
+// not on the client port; a single node lists itself in /regions; a token, when set, is
+// required.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { startTern, testConfig } from '../lib/tern.mjs';
+
+test('cluster details are on the admin port, not the client port', async () => {
+  const tern = await startTern();
+  try {
+    for (const path of ['/metrics', '/regions']) {
+      const client = await fetch(`http://127.0.0.1:${tern.port}${path}`);
+      assert.equal(client.status, 404, `${path} on the client port`);
+      await client.arrayBuffer();
+    }
+    assert.equal((await fetch(`http://127.0.0.1:${tern.port}/health`)).status, 200, 'the client port keeps /health');
+    assert.notEqual(tern.admin, undefined, 'the admin line is printed');
+    const metrics = await fetch(`http://127.0.0.1:${tern.admin}/metrics`);
+    assert.equal(metrics.status, 200);
+    assert.match(await metrics.text(), /^# TYPE tern_connections gauge$/m);
+    const regions = await (await fetch(`http://127.0.0.1:${tern.admin}/regions`)).json();
+    assert.equal(regions.self, 'local');
+    assert.equal(regions.regions.length, 1, 'a single node lists itself');
+    assert.deepEqual(regions.regions[0].nodes.map((n) => n.endpoint), [`http://127.0.0.1:${tern.port}`]);
+    const health = await (await fetch(`http://127.0.0.1:${tern.admin}/health`)).json();
+    assert.equal(health.status, 'ok');
+  } finally {
+    await tern.stop();
+  }
+});
+
+test('an admin token is required on every admin route once set', async () => {
+  const token = 'admin-token-0123456789';
+  const tern = await startTern(`${testConfig()}\n[admin]\nlisten = "127.0.0.1:0"\ntoken = "${token}"\n`);
+  try {
+    for (const path of ['/metrics', '/regions', '/health', '/']) {
+      const none = await fetch(`http://127.0.0.1:${tern.admin}${path}`);
+      assert.equal(none.status, 401, `${path} without the token`);
+      const wrong = await fetch(`http://127.0.0.1:${tern.admin}${path}`, { headers: { authorization: `Bearer ${token}x` } });
+      assert.equal(wrong.status, 401, `${path} with a wrong token`);
+    }
+    const ok = await fetch(`http://127.0.0.1:${tern.admin}/metrics`, { headers: { authorization: `Bearer ${token}` } });
+    assert.equal(ok.status, 200);
+  } finally {
+    await tern.stop();
+  }
+});
+
+test('a non-loopback admin port without a token refuses to start', async () => {
+  await assert.rejects(
+    startTern(`${testConfig()}\n[admin]\nlisten = "0.0.0.0:0"\n`),
+    /admin\.token/,
+  );
+});
