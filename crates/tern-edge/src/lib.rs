@@ -47,6 +47,7 @@ mod connection;
 mod credentials;
 mod filter;
 mod forward;
+mod gauges;
 pub mod history;
 mod listener;
 mod messages;
@@ -66,7 +67,7 @@ pub use config::{EdgeConfig, MqttConfig, StatsConfig};
 pub use listener::serve;
 pub use push::registry::PushLimits;
 pub use revoke::RevocationConfig;
-pub use state::{ClusterView, EdgeState};
+pub use state::{ClusterView, EdgeState, TRANSPORTS};
 
 /// The channel name decoders, for the fuzzer (`fuzz/`). Not part of the crate's API.
 #[doc(hidden)]

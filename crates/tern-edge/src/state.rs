@@ -47,6 +47,31 @@ pub struct EdgeState {
     pub(crate) mqtt_sessions: std::sync::OnceLock<crate::mqtt::SharedSessions>,
     /// Comet connections by connection key (`comet`).
     pub(crate) comet: crate::comet::Links,
+    /// The deepest client outbound queue lately (`tern_outbound_queue_depth_max`).
+    pub(crate) queue_high_water: crate::gauges::QueueHighWater,
+}
+
+/// The client transports `tern_connections{transport}` counts (all listed from start).
+pub const TRANSPORTS: [&str; 4] = ["ws", "comet", "sse", "mqtt"];
+
+/// One open client connection, counted in `tern_connections{transport}` while it lives.
+/// The gauge handle is taken where the connection opens (on its node's thread), so the
+/// decrement reaches the same node's recorder wherever the guard is dropped.
+pub(crate) struct OpenConnection(metrics::Gauge);
+
+impl OpenConnection {
+    pub(crate) fn new(transport: &'static str) -> OpenConnection {
+        debug_assert!(TRANSPORTS.contains(&transport));
+        let gauge = metrics::gauge!("tern_connections", "transport" => transport);
+        gauge.increment(1.0);
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 /// How waiting for a publish to be durable ended.
@@ -144,6 +169,7 @@ impl EdgeState {
             tls: None,
             mqtt_sessions: std::sync::OnceLock::new(),
             comet: crate::comet::Links::default(),
+            queue_high_water: Default::default(),
             config,
             hub,
             keys,
@@ -195,6 +221,7 @@ impl EdgeState {
         self.hub.sweep(now_ms);
         self.registry().sweep(now_ms);
         self.stats.tick(now_ms, self.hub.take_app_channels());
+        self.queue_high_water.tick();
     }
 
     /// Runs `then` once everything applied so far is durable: committed to the history

@@ -80,11 +80,26 @@ pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 /// What the admin routes read.
 pub struct Admin {
     pub edge: Arc<EdgeState>,
+    pub cluster: Option<Arc<crate::cluster::EdgeCluster>>,
     pub render: Render,
     pub token: Option<String>,
-    /// This node as `/regions` lists it when it is not in a cluster.
+    /// This node's id and region (`local` outside a cluster): its metric labels, and
+    /// how `/regions` lists it when it is not in a cluster.
     pub node_id: String,
+    pub region: String,
     pub client_url: String,
+}
+
+impl Admin {
+    /// `node="…",region="…"`, as on every series of the recorder.
+    fn labels(&self) -> String {
+        let escape = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
+        format!(
+            r#"node="{}",region="{}""#,
+            escape(&self.node_id),
+            escape(&self.region)
+        )
+    }
 }
 
 /// Binds `section.listen` and serves the admin routes until `shutdown` flips; the bound
@@ -167,11 +182,14 @@ fn presents(headers: &HeaderMap, token: &str) -> bool {
 /// `GET /metrics`: Prometheus text exposition of this node.
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
     admin.edge.refresh_gauges();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        (admin.render)(),
-    )
-        .into_response()
+    if let Some(cluster) = &admin.cluster {
+        cluster.replicator.record_link_rtts();
+    }
+    let mut text = (admin.render)();
+    if let Some(process) = crate::process::ProcessStats::read() {
+        text.push_str(&process.render(&admin.labels()));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// `GET /regions`: the cluster's live nodes by region; a node outside a cluster lists

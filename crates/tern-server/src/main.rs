@@ -9,6 +9,8 @@ mod admin;
 mod cluster;
 mod config;
 mod describe;
+mod process;
+mod recorder;
 mod rules;
 
 use std::net::SocketAddr;
@@ -300,14 +302,16 @@ struct RunningNode {
 /// prints it, and serves until `shutdown` flips.
 async fn start_node(
     plan: NodePlan,
-    metrics_render: Arc<dyn Fn() -> String + Send + Sync>,
+    recorder: recorder::NodeRecorder,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<RunningNode> {
+    let (node_name, region) = node_labels(&plan);
     let NodePlan { config, cluster } = plan;
     let origin = OriginId(rand::random());
     // A restarted node is a new incarnation to its peers (and a new origin in cursors).
     let incarnation = tern_edge::now_ms() as u64;
-    let store = tern_store::open(&config.store_config()).context("opening the history store")?;
+    let store = tern_store::open_with(&config.store_config(), Some(recorder.thread_start()))
+        .context("opening the history store")?;
     let store_journal: Arc<dyn tern_core::Journal> = Arc::new(tern_edge::history::StoreJournal {
         store: store.clone(),
     });
@@ -370,9 +374,11 @@ async fn start_node(
         &config.admin,
         admin::Admin {
             edge: state.clone(),
-            render: metrics_render,
+            cluster: edge_cluster.clone(),
+            render: recorder.render(),
             token: config.admin.token.clone(),
-            node_id: config.server_id(),
+            node_id: node_name,
+            region,
             client_url: format!("{}://{addr}", config.scheme()),
         },
         shutdown,
@@ -466,12 +472,20 @@ async fn start_node(
 
 /// Runs one node (`serve`, or `dev --regions 1`) or several in-process regions (`dev`).
 async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-    let metrics_handle = recorder.handle();
-    metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
-    describe::describe_metrics();
-    let metrics_render: Arc<dyn Fn() -> String + Send + Sync> =
-        Arc::new(move || metrics_handle.render());
+    // Each node records into its own recorder, from its own runtime (`recorder.rs`).
+    let recorders: Vec<recorder::NodeRecorder> = nodes
+        .iter()
+        .map(|n| {
+            let (node, region) = node_labels(n);
+            let recorder = recorder::NodeRecorder::new(&node, &region);
+            recorder.with(describe::describe_metrics);
+            recorder
+        })
+        .collect();
+    recorder::NodeRecorder::install_global(match recorders.as_slice() {
+        [only] => Some(*only),
+        _ => None,
+    })?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     if nodes.iter().any(|n| n.cluster.is_some()) {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -488,8 +502,15 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
             _ => 1,
         })
         .collect();
-    for plan in nodes {
-        running.push(start_node(plan, metrics_render.clone(), shutdown_rx.clone()).await?);
+    let mut runtimes = Vec::new();
+    for (plan, recorder) in nodes.into_iter().zip(recorders) {
+        let (name, _) = node_labels(&plan);
+        let runtime = recorder.runtime(&name)?;
+        let node = runtime.spawn(start_node(plan, recorder, shutdown_rx.clone()));
+        running.push(node.await.context("starting a node")??);
+        runtimes.push(runtime.handle().clone());
+        // Kept for the life of the process: dropping a runtime inside this one panics.
+        std::mem::forget(runtime);
     }
     // Announce once the cluster has formed (bounded), so that what clients publish
     // right away reaches every region's subscribers without waiting for repair.
@@ -533,15 +554,28 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
     tracing::info!("shutting down: disconnecting clients");
     let _ = shutdown_tx.send(true);
     // Clients get DISCONNECTED and close; don't wait on stragglers for long.
-    for node in running {
-        let _ = tokio::time::timeout(Duration::from_secs(5), node.server).await;
-        let store = node.store;
-        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
-        if let Some(node) = node.cluster.as_ref().and_then(|c| c.node.get()) {
-            node.shutdown().await;
-        }
+    for (node, runtime) in running.into_iter().zip(runtimes) {
+        // On the node's runtime, so what the shutdown records is the node's.
+        let stopped = runtime.spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), node.server).await;
+            let store = node.store;
+            let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+            if let Some(node) = node.cluster.as_ref().and_then(|c| c.node.get()) {
+                node.shutdown().await;
+            }
+        });
+        let _ = stopped.await;
     }
     Ok(())
+}
+
+/// A node's `node` and `region` metric labels: its node id and cluster region (`local`
+/// outside a cluster).
+fn node_labels(plan: &NodePlan) -> (String, String) {
+    match &plan.cluster {
+        Some(cluster) => (cluster.node_id.clone(), cluster.region.clone()),
+        None => (plan.config.server_id(), "local".to_string()),
+    }
 }
 
 /// SIGHUP reads every node's certificate and key again (new connections get them;

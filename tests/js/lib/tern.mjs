@@ -82,6 +82,8 @@ export async function startTern(config = testConfig(), { dir, args, listening = 
     admins,
     dir,
     child,
+    /// What the process has written to stderr so far (its log, `TERN_LOG=warn` unless set).
+    get stderr() { return stderr; },
     /// SIGTERM, then SIGKILL after 3 s; only this child's PID.
     async stop(signal = 'SIGTERM') {
       if (child.exitCode !== null || child.signalCode !== null) return;

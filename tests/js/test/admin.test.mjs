@@ -3,7 +3,9 @@
 // required.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startTern, testConfig } from '../lib/tern.mjs';
+import Ably from 'ably';
+import { sample } from '../lib/metrics.mjs';
+import { options, startTern, testConfig } from '../lib/tern.mjs';
 
 test('cluster details are on the admin port, not the client port', async () => {
   const tern = await startTern();
@@ -51,4 +53,37 @@ test('a non-loopback admin port without a token refuses to start', async () => {
     startTern(`${testConfig()}\n[admin]\nlisten = "0.0.0.0:0"\n`),
     /admin\.token/,
   );
+});
+
+test('tern dev: each region\'s /metrics counts only that region, labelled with its node and region', async () => {
+  const tern = await startTern('', { args: ['dev', '--port', '0'], listening: 3 });
+  const clients = [];
+  try {
+    assert.equal(tern.admins.length, 3, 'three admin ports printed');
+    const metrics = async (i) => (await fetch(`http://127.0.0.1:${tern.admins[i]}/metrics`)).text();
+    const nodes = ['tern-dev-us-east', 'tern-dev-eu-west', 'tern-dev-ap-south'];
+    const regions = ['us-east', 'eu-west', 'ap-south'];
+    // Two clients on eu-west, one publishing: only eu-west counts them and the publish.
+    for (let i = 0; i < 2; i++) {
+      const client = new Ably.Realtime(options(tern.ports[1], { key: 'dev.root:dev-secret-change-me' }));
+      clients.push(client);
+      await client.connection.whenState('connected');
+    }
+    await clients[0].channels.get('per-node').publish('n', 'x');
+    const texts = await Promise.all([0, 1, 2].map(metrics));
+    for (const [i, text] of texts.entries()) {
+      const labels = { node: nodes[i], region: regions[i] };
+      const expected = i === 1 ? 2 : 0;
+      assert.equal(sample(text, 'tern_connections', { ...labels, transport: 'ws' }), expected, `ws connections on ${regions[i]}`);
+      assert.equal(sample(text, 'tern_messages_published_total', labels), i === 1 ? 1 : 0, `publishes on ${regions[i]}`);
+      for (const line of text.split('\n').filter((l) => l && !l.startsWith('#'))) {
+        assert.match(line, new RegExp(`node="${nodes[i]}"`), `every series on ${regions[i]} has its node label: ${line}`);
+        assert.match(line, new RegExp(`region="${regions[i]}"`), `every series on ${regions[i]} has its region label: ${line}`);
+      }
+    }
+    assert.doesNotMatch(tern.stderr, /outside any node/, 'no series escaped its node');
+  } finally {
+    for (const c of clients) c.close();
+    await tern.stop();
+  }
 });

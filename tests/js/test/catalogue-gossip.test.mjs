@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import Ably from 'ably';
 import { connected, options, waitUntil } from '../lib/tern.mjs';
 import { DEV_KEY, startRegions } from '../lib/regions.mjs';
+import { sample, scrape } from '../lib/metrics.mjs';
 
 let cluster;
 let target;
@@ -47,9 +48,8 @@ async function regionCount(host) {
 }
 
 async function rejected(reason) {
-  const text = await (await fetch(`http://${target.host}:${cluster.adminPort}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(`tern_gossip_rejected_total{reason="${reason}"}`));
-  return line ? Number(line.split(' ').pop()) : 0;
+  const text = await scrape(target.host, cluster.adminPort);
+  return sample(text, 'tern_gossip_rejected_total', { reason }) ?? 0;
 }
 
 /// Version 1 datagram: version, send time (ms, big-endian u64), body, HMAC-SHA256 tag.

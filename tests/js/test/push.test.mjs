@@ -10,6 +10,7 @@ import assert from 'node:assert/strict';
 import Ably from 'ably';
 import { LIMITED_KEY, ROOT_KEY, connected, options, startTern, testConfig, waitUntil } from '../lib/tern.mjs';
 import { DEV_KEY, startRegions } from '../lib/regions.mjs';
+import { sample, scrape } from '../lib/metrics.mjs';
 
 const SUBSCRIBER_KEY = 'test.subscriber:subscribersecret';
 
@@ -309,8 +310,7 @@ test('when a region\'s push home dies, the next node of the region serves the sa
     await admin.channelSubscriptions.save({ channel: 'failover', deviceId: 'f2' });
     // The region's push home is the node that journaled the writes.
     const writes = async (node) => {
-      const text = await (await fetch(`http://${node.host}:${cluster.adminPort}/metrics`)).text();
-      return Number(text.match(/^tern_push_mutations_total (\d+)/m)?.[1] || 0);
+      return sample(await scrape(node.host, cluster.adminPort), 'tern_push_mutations_total') ?? 0;
     };
     const counts = await Promise.all(usEast.map(writes));
     assert.deepEqual(counts.slice().sort(), [0, 4], `push writes per us-east node: ${counts}`);
