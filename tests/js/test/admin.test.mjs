@@ -5,7 +5,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import Ably from 'ably';
 import { sample } from '../lib/metrics.mjs';
-import { options, startTern, testConfig } from '../lib/tern.mjs';
+import { options, startTern, testConfig, waitUntil } from '../lib/tern.mjs';
+import { spawnSync } from 'node:child_process';
 
 test('cluster details are on the admin port, not the client port', async () => {
   const tern = await startTern();
@@ -82,6 +83,48 @@ test('tern dev: each region\'s /metrics counts only that region, labelled with i
       }
     }
     assert.doesNotMatch(tern.stderr, /outside any node/, 'no series escaped its node');
+  } finally {
+    for (const c of clients) c.close();
+    await tern.stop();
+  }
+});
+
+test('promtool check metrics passes on every tern dev region\'s /metrics, with traffic in every histogram', async () => {
+  const promtool = process.env.PROMTOOL || 'promtool';
+  const tern = await startTern('', { args: ['dev', '--port', '0'], listening: 3 });
+  const clients = [];
+  try {
+    // A subscriber on every region and a publisher on the first: ACKs, local and
+    // replicated deliveries, replication acks and store commits all get samples.
+    const channelName = `promtool-${Date.now()}`;
+    const got = [];
+    for (const port of tern.ports) {
+      const client = new Ably.Realtime(options(port, { key: 'dev.root:dev-secret-change-me' }));
+      clients.push(client);
+      const channel = client.channels.get(channelName);
+      const seen = [];
+      got.push(seen);
+      await channel.subscribe((m) => seen.push(m.data));
+    }
+    for (let i = 0; i < 5; i++) await clients[0].channels.get(channelName).publish('n', `m${i}`);
+    await waitUntil(() => got.every((seen) => seen.length === 5), 10000, 'deliveries in every region');
+    for (const [i, admin] of tern.admins.entries()) {
+      const text = await (await fetch(`http://127.0.0.1:${admin}/metrics`)).text();
+      const check = spawnSync(promtool, ['check', 'metrics'], { input: text, encoding: 'utf8' });
+      assert.equal(check.error, undefined, `running ${promtool}: ${check.error}`);
+      assert.equal(check.status, 0, `promtool on region ${i}: ${check.stdout}${check.stderr}`);
+      for (const name of ['tern_build_info', 'process_cpu_seconds_total', 'process_resident_memory_bytes',
+        'process_open_fds', 'process_start_time_seconds', 'tern_outbound_queue_depth_max']) {
+        assert.notEqual(sample(text, name), undefined, `${name} on region ${i}`);
+      }
+      assert.ok(sample(text, 'tern_store_commit_seconds_count') > 0, `store commits timed on region ${i}`);
+      assert.ok(sample(text, 'tern_delivery_seconds_count', { origin: i === 0 ? 'local' : 'remote' }) > 0, `deliveries timed on region ${i}`);
+      assert.ok(sample(text, 'tern_replication_unacked_events') !== undefined, `unacked per peer on region ${i}`);
+      assert.ok(sample(text, 'tern_link_rtt_seconds') > 0, `link RTT on region ${i}`);
+    }
+    const first = await (await fetch(`http://127.0.0.1:${tern.admins[0]}/metrics`)).text();
+    assert.equal(sample(first, 'tern_publish_ack_seconds_count'), 5, 'every ACK timed on the publishing region');
+    assert.ok(sample(first, 'tern_replication_lag_seconds_count') > 0, 'replication lag sampled');
   } finally {
     for (const c of clients) c.close();
     await tern.stop();
