@@ -7,9 +7,10 @@
 //! # Threat model
 //! Anyone who can reach the admin port learns the cluster's shape and traffic, nothing
 //! more (every route is a read). On loopback that is the machine's own users. Bound to
-//! any other address it needs `token`: every request must then carry
-//! `Authorization: Bearer <token>` (compared in constant time), and a node refuses to
-//! start with a non-loopback `listen` and no token.
+//! any other address it needs `token`: every request must then carry it, as
+//! `Authorization: Bearer <token>` or as the password of HTTP Basic (what a browser
+//! sends for the status page), compared in constant time; and a node refuses to start
+//! with a non-loopback `listen` and no token.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -133,6 +134,8 @@ pub async fn start(
 
 fn router(admin: Arc<Admin>) -> Router {
     Router::new()
+        .route("/", get(status_page))
+        .route("/status.json", get(status))
         .route("/metrics", get(metrics))
         .route("/regions", get(regions))
         .route("/health", get(health))
@@ -153,7 +156,7 @@ async fn require_token(
         if !presents(request.headers(), token) {
             return (
                 StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer realm=\"tern admin\"")],
+                [(header::WWW_AUTHENTICATE, "Basic realm=\"tern admin\"")],
                 "admin token required\n",
             )
                 .into_response();
@@ -162,18 +165,34 @@ async fn require_token(
     next.run(request).await
 }
 
-/// Whether `headers` carry `Authorization: Bearer <token>`, compared in constant time.
+/// Whether `headers` carry the token: `Authorization: Bearer <token>` (Prometheus,
+/// scripts) or HTTP Basic with the token as the password, any user name (a browser asks
+/// for it on the 401 and sends it with the status page's own requests). Compared in
+/// constant time.
 fn presents(headers: &HeaderMap, token: &str) -> bool {
-    let Some(given) = headers
+    use base64::Engine;
+    let Some(value) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
     else {
+        return false;
+    };
+    let given = if let Some(bearer) = value.strip_prefix("Bearer ") {
+        bearer.as_bytes().to_vec()
+    } else if let Some(basic) = value.strip_prefix("Basic ") {
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(basic.trim()) else {
+            return false;
+        };
+        match decoded.iter().position(|&b| b == b':') {
+            Some(colon) => decoded[colon + 1..].to_vec(),
+            None => return false,
+        }
+    } else {
         return false;
     };
     given.len() == token.len()
         && given
-            .bytes()
+            .iter()
             .zip(token.bytes())
             .fold(0u8, |diff, (a, b)| diff | (a ^ b))
             == 0
@@ -212,6 +231,44 @@ fn regions_of(admin: &Admin) -> serde_json::Value {
             }],
         })
     })
+}
+
+/// The status page: one self-contained file (inline CSS and JS, no external assets)
+/// that reads `/status.json` and `/metrics` every 2 s.
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// Lines of recent warnings and errors `/status.json` shows.
+const RECENT_SHOWN: usize = 50;
+
+/// `GET /`: the status page.
+async fn status_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        STATUS_PAGE,
+    )
+        .into_response()
+}
+
+/// `GET /status.json`: this node, its health, the cluster's live nodes and the recent
+/// warnings and errors logged on its threads; the page takes the numbers from
+/// `/metrics`.
+async fn status(State(admin): State<Arc<Admin>>) -> Response {
+    let (healthy, health) = admin.edge.health_report();
+    axum::Json(serde_json::json!({
+        "node": admin.node_id,
+        "region": admin.region,
+        "version": env!("CARGO_PKG_VERSION"),
+        "clientUrl": admin.client_url,
+        "healthy": healthy,
+        "health": health,
+        "cluster": regions_of(&admin),
+        "recent": crate::recent::for_node(&admin.node_id, RECENT_SHOWN),
+        "nowMs": tern_edge::now_ms(),
+    }))
+    .into_response()
 }
 
 /// `GET /health`: as on the client port.
@@ -274,5 +331,10 @@ enabled = false"#
             "Basic 0123456789abcdef".parse().unwrap(),
         );
         assert!(!presents(&headers, "0123456789abcdef"));
+        // "admin:0123456789abcdef"
+        let basic = "Basic YWRtaW46MDEyMzQ1Njc4OWFiY2RlZg==";
+        headers.insert(header::AUTHORIZATION, basic.parse().unwrap());
+        assert!(presents(&headers, "0123456789abcdef"));
+        assert!(!presents(&headers, "0123456789abcdeF"));
     }
 }

@@ -10,6 +10,7 @@ mod cluster;
 mod config;
 mod describe;
 mod process;
+mod recent;
 mod recorder;
 mod rules;
 
@@ -97,12 +98,19 @@ fn init_logging() {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // Warnings and errors are also kept for the status page (`recent.rs`).
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     if std::env::var("TERN_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder.json().init();
+        builder.json().finish().with(recent::RecentErrors).init();
     } else {
         let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-        builder.with_ansi(colour).init();
+        builder
+            .with_ansi(colour)
+            .finish()
+            .with(recent::RecentErrors)
+            .init();
     }
 }
 
