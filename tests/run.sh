@@ -12,7 +12,8 @@ export TERN_BIN="${TERN_BIN:-$repo/target/debug/tern}"
 # (tests/js/test/comet-browser.test.mjs, status-page.test.mjs).
 "$here/apt-install.sh" mosquitto_sub mosquitto-clients
 "$here/apt-install.sh" "${CHROMIUM:-/usr/bin/chromium}" chromium
-# promtool (Debian's prometheus) checks a live node's /metrics (tests/js/test/admin.test.mjs).
+# Debian's prometheus: promtool checks a live node's /metrics, and the server scrapes
+# `tern dev` to run docs/grafana-dashboard.json's queries (tests/js/test/admin.test.mjs).
 "$here/apt-install.sh" promtool prometheus
 
 echo "-- ably-js"

@@ -1,12 +1,18 @@
 // The admin port (`[admin]`): /metrics, /regions and the status page are served there and
 // not on the client port; a single node lists itself in /regions; a token, when set, is
-// required.
+// required. `tern dev`'s regions count apart (node and region labels), /metrics passes
+// Debian's `promtool check metrics`, and Debian's Prometheus scraping the three regions
+// answers every query of docs/grafana-dashboard.json.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import Ably from 'ably';
 import { sample } from '../lib/metrics.mjs';
-import { options, startTern, testConfig, waitUntil } from '../lib/tern.mjs';
-import { spawnSync } from 'node:child_process';
+import { options, repo, startTern, testConfig, waitUntil } from '../lib/tern.mjs';
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 
 test('cluster details are on the admin port, not the client port', async () => {
   const tern = await startTern();
@@ -128,5 +134,64 @@ test('promtool check metrics passes on every tern dev region\'s /metrics, with t
   } finally {
     for (const c of clients) c.close();
     await tern.stop();
+  }
+});
+
+test('Debian\'s Prometheus scrapes every tern dev region and answers every query of docs/grafana-dashboard.json', async () => {
+  const prometheusBin = process.env.PROMETHEUS || 'prometheus';
+  const dashboard = JSON.parse(readFileSync(join(repo, 'docs', 'grafana-dashboard.json'), 'utf8'));
+  const tern = await startTern('', { args: ['dev', '--port', '0'], listening: 3 });
+  const dir = mkdtempSync(join(tmpdir(), 'tern-prometheus-'));
+  const web = await new Promise((ok) => { const s = createServer(); s.listen(0, '127.0.0.1', () => { const { port } = s.address(); s.close(() => ok(port)); }); });
+  writeFileSync(join(dir, 'prometheus.yml'), `
+global: { scrape_interval: 1s, evaluation_interval: 1s }
+scrape_configs:
+  - job_name: tern
+    static_configs:
+      - targets: [${tern.admins.map((p) => `"127.0.0.1:${p}"`).join(', ')}]
+`);
+  const prometheus = spawn(prometheusBin, [`--config.file=${join(dir, 'prometheus.yml')}`,
+    `--storage.tsdb.path=${join(dir, 'data')}`, `--web.listen-address=127.0.0.1:${web}`], { stdio: 'ignore' });
+  const clients = [];
+  let flow;
+  try {
+    const query = async (expr) => (await (await fetch(`http://127.0.0.1:${web}/api/v1/query?query=${encodeURIComponent(expr)}`)).json());
+    // Traffic while Prometheus scrapes: a subscriber per region, 10 publishes a second
+    // on us-east (bounded: at most 300).
+    const name = `prom-${Date.now()}`;
+    for (const port of tern.ports) {
+      const c = new Ably.Realtime(options(port, { key: 'dev.root:dev-secret-change-me' }));
+      clients.push(c);
+      await c.channels.get(name).subscribe(() => {});
+    }
+    let sent = 0;
+    flow = setInterval(() => { if (sent++ < 300) clients[0].channels.get(name).publish('n', 'x').catch(() => {}); }, 100);
+    await waitUntil(async () => {
+      try {
+        const up = await query('sum(up{job="tern"})');
+        return Number(up.data.result[0]?.value[1]) === 3;
+      } catch { return false; }
+    }, 20000, 'Prometheus scraping all three regions');
+    await new Promise((r) => setTimeout(r, 6000));
+    const quiet = /webhook|refused|nacks/;
+    for (const panel of dashboard.panels) {
+      for (const target of panel.targets) {
+        const expr = target.expr.replaceAll('$node', '.*');
+        const answer = await query(expr);
+        assert.equal(answer.status, 'success', `${panel.title}: ${expr}: ${JSON.stringify(answer)}`);
+        if (!quiet.test(expr)) assert.ok(answer.data.result.length > 0, `${panel.title}: ${expr} has data`);
+      }
+    }
+    // Per node, not merged: each region's own series, labelled by node and region.
+    const published = await query('sum by (node, region) (tern_messages_published_total)');
+    const byNode = Object.fromEntries(published.data.result.map((r) => [r.metric.node, Number(r.value[1])]));
+    assert.equal(Object.keys(byNode).length, 3, JSON.stringify(byNode));
+    assert.ok(byNode['tern-dev-us-east'] > 0 && byNode['tern-dev-eu-west'] === 0 && byNode['tern-dev-ap-south'] === 0, JSON.stringify(byNode));
+  } finally {
+    clearInterval(flow);
+    for (const c of clients) c.close();
+    prometheus.kill('SIGTERM');
+    await tern.stop();
+    rmSync(dir, { recursive: true, force: true });
   }
 });
