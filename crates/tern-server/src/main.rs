@@ -55,7 +55,8 @@ enum Command {
         set: Vec<String>,
     },
     /// Run locally with a built-in development app and key: three regions in one
-    /// process (client ports PORT, PORT+1, PORT+2), replicating over mutual-TLS QUIC.
+    /// process (client ports PORT, PORT+1, PORT+2; admin ports and status pages 100
+    /// above), replicating over mutual-TLS QUIC.
     Dev {
         /// The first region's client port (0 picks free ports for all).
         #[arg(long, env = "TERN_PORT")]
@@ -114,8 +115,10 @@ fn init_logging() {
     }
 }
 
+/// The process's own runtime: it only starts the nodes (each on a runtime of its own,
+/// `recorder.rs`) and waits for signals, so one thread is enough.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
+    Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
 }
