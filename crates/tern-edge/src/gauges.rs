@@ -60,14 +60,32 @@ impl OldestInBatch {
         }
     }
 
-    /// Records `tern_delivery_seconds{origin}`: from the publish's timestamp to the batch
-    /// written to the client (`local`: published on this node; `remote`: replicated
-    /// from another, so it includes the replication lag).
-    pub(crate) fn record(self, now_ms: i64) {
+    /// Records the batch's oldest event into `histograms`.
+    pub(crate) fn record(self, histograms: &DeliveryHistograms, now_ms: i64) {
         if let Some((at, local)) = self.oldest {
-            let origin = if local { "local" } else { "remote" };
             let seconds = now_ms.saturating_sub(at).max(0) as f64 / 1_000.0;
-            metrics::histogram!("tern_delivery_seconds", "origin" => origin).record(seconds);
+            match local {
+                true => histograms.local.record(seconds),
+                false => histograms.remote.record(seconds),
+            }
+        }
+    }
+}
+
+/// `tern_delivery_seconds{origin}`: from the publish's timestamp to the batch written to
+/// the client (`local`: published on this node; `remote`: replicated from another, so it
+/// includes the replication lag). Handles taken once per connection, on its node's
+/// thread, so a batch records without a registry lookup.
+pub(crate) struct DeliveryHistograms {
+    local: metrics::Histogram,
+    remote: metrics::Histogram,
+}
+
+impl DeliveryHistograms {
+    pub(crate) fn new() -> DeliveryHistograms {
+        DeliveryHistograms {
+            local: metrics::histogram!("tern_delivery_seconds", "origin" => "local"),
+            remote: metrics::histogram!("tern_delivery_seconds", "origin" => "remote"),
         }
     }
 }

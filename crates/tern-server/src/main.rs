@@ -323,6 +323,7 @@ async fn start_node(
     let incarnation = tern_edge::now_ms() as u64;
     let store = tern_store::open_with(&config.store_config(), Some(recorder.thread_start()))
         .context("opening the history store")?;
+    recorder.spawn_upkeep();
     let store_journal: Arc<dyn tern_core::Journal> = Arc::new(tern_edge::history::StoreJournal {
         store: store.clone(),
     });

@@ -68,6 +68,20 @@ impl NodeRecorder {
         Arc::new(move || self.enter())
     }
 
+    /// Drains histogram samples into their buckets every second, on the current runtime
+    /// (the node's). Histogram samples queue in the recorder until drained; without
+    /// this a node nobody scrapes would hold every sample ever recorded.
+    pub fn spawn_upkeep(self) {
+        let handle = self.recorder.handle();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        });
+    }
+
     /// The node's `/metrics` text.
     pub fn render(self) -> crate::admin::Render {
         let handle = self.recorder.handle();
