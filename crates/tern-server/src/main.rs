@@ -518,10 +518,22 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
     for (plan, recorder) in nodes.into_iter().zip(recorders) {
         let (name, _) = node_labels(&plan);
         let runtime = recorder.runtime(&name)?;
-        let node = runtime.spawn(start_node(plan, recorder, shutdown_rx.clone()));
-        running.push(node.await.context("starting a node")??);
+        let started = runtime.spawn(start_node(plan, recorder, shutdown_rx.clone()));
+        let started = started
+            .await
+            .context("starting a node")
+            .and_then(|node| node);
+        // A runtime cannot be dropped inside this one: one that failed to start its node
+        // is shut down without waiting, one that runs is kept for the life of the process.
+        let node = match started {
+            Ok(node) => node,
+            Err(err) => {
+                runtime.shutdown_background();
+                return Err(err);
+            }
+        };
+        running.push(node);
         runtimes.push(runtime.handle().clone());
-        // Kept for the life of the process: dropping a runtime inside this one panics.
         std::mem::forget(runtime);
     }
     // Announce once the cluster has formed (bounded), so that what clients publish

@@ -6,7 +6,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -194,4 +194,61 @@ test('the status page shows what the node\'s /metrics and /regions say, and refr
     clearInterval(flow);
   }
   await page.close();
+});
+
+test('with an admin token, the browser gets the page by its Basic prompt and the page\'s own requests pass', async () => {
+  const token = 'status-token-0123456789';
+  const dir = mkdtempSync(join(tmpdir(), 'tern-status-token-'));
+  writeFileSync(join(dir, 'tern.toml'), `
+[server]
+host = "127.0.0.1"
+port = 0
+server_id = "solo"
+
+[history]
+mode = "memory"
+
+[admin]
+listen = "127.0.0.1:0"
+token = "${token}"
+
+[[apps]]
+id = "test"
+
+[[apps.keys]]
+id = "root"
+secret = "rootsecret"
+capability = '{"*":["*"]}'
+`);
+  const child = spawn(ternBin, ['serve', '--config', join(dir, 'tern.toml')], { cwd: dir, stdio: ['ignore', 'pipe', 'ignore'] });
+  try {
+    const admin = await new Promise((ok, fail) => {
+      let out = '';
+      child.stdout.on('data', (chunk) => {
+        out += chunk;
+        const m = /tern admin on http:\/\/127\.0\.0\.1:(\d+)/.exec(out);
+        if (m && /listening on/.test(out)) ok(Number(m[1]));
+      });
+      child.on('exit', (code) => fail(new Error(`tern exited ${code}`)));
+    });
+    const refused = await fetch(`http://127.0.0.1:${admin}/`);
+    assert.equal(refused.status, 401, 'no token, no page');
+    assert.match(refused.headers.get('www-authenticate'), /^Basic /, 'a browser is asked for it');
+    await refused.arrayBuffer();
+    // Chromium without credentials gives up on the challenge.
+    const anonymous = await browser.newContext();
+    await assert.rejects((await anonymous.newPage()).goto(`http://127.0.0.1:${admin}/`), /ERR_INVALID_AUTH_CREDENTIALS/);
+    await anonymous.close();
+    const context = await browser.newContext({ httpCredentials: { username: 'admin', password: token } });
+    const page = await context.newPage();
+    assert.equal((await page.goto(`http://127.0.0.1:${admin}/`)).status(), 200);
+    await page.waitForFunction(() => Number(document.body.dataset.refreshes || 0) >= 1, null, { timeout: 10000 });
+    assert.equal(await page.textContent('#node'), 'solo');
+    assert.equal(await page.textContent('#region'), 'local');
+    assert.equal(await page.textContent('#problem'), '', 'status.json and /metrics answered the page');
+    assert.equal(await page.locator('#regions tr').count(), 1, 'a single node lists itself');
+    await context.close();
+  } finally {
+    child.kill('SIGTERM');
+  }
 });

@@ -77,12 +77,27 @@ test('tern dev: each region\'s /metrics counts only that region, labelled with i
       await client.connection.whenState('connected');
     }
     await clients[0].channels.get('per-node').publish('n', 'x');
+    // REST and SSE on eu-west too (their handlers, the store writer and the replication
+    // to the others all record somewhere: the tripwire below says it is always a node).
+    const auth = { authorization: `Basic ${Buffer.from('dev.root:dev-secret-change-me').toString('base64')}` };
+    const rest = await fetch(`http://127.0.0.1:${tern.ports[1]}/channels/per-node/messages`, {
+      method: 'POST', headers: { ...auth, 'content-type': 'application/json' }, body: JSON.stringify({ name: 'r', data: 'y' }),
+    });
+    assert.equal(rest.status, 201);
+    await rest.arrayBuffer();
+    const sse = new AbortController();
+    const stream = await fetch(`http://127.0.0.1:${tern.ports[1]}/sse?v=1.2&channels=per-node&rewind=2`, { headers: auth, signal: sse.signal });
+    const reader = stream.body.getReader();
+    let streamed = '';
+    while (!streamed.includes('"data":"y"')) streamed += new TextDecoder().decode((await reader.read()).value);
     const texts = await Promise.all([0, 1, 2].map(metrics));
+    sse.abort();
     for (const [i, text] of texts.entries()) {
       const labels = { node: nodes[i], region: regions[i] };
       const expected = i === 1 ? 2 : 0;
       assert.equal(sample(text, 'tern_connections', { ...labels, transport: 'ws' }), expected, `ws connections on ${regions[i]}`);
-      assert.equal(sample(text, 'tern_messages_published_total', labels), i === 1 ? 1 : 0, `publishes on ${regions[i]}`);
+      assert.equal(sample(text, 'tern_connections', { ...labels, transport: 'sse' }), i === 1 ? 1 : 0, `sse connections on ${regions[i]}`);
+      assert.equal(sample(text, 'tern_messages_published_total', labels), i === 1 ? 2 : 0, `publishes on ${regions[i]}`);
       for (const line of text.split('\n').filter((l) => l && !l.startsWith('#'))) {
         assert.match(line, new RegExp(`node="${nodes[i]}"`), `every series on ${regions[i]} has its node label: ${line}`);
         assert.match(line, new RegExp(`region="${regions[i]}"`), `every series on ${regions[i]} has its region label: ${line}`);
@@ -193,5 +208,21 @@ scrape_configs:
     prometheus.kill('SIGTERM');
     await tern.stop();
     rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('an admin port already taken is an error naming it (not a panic)', async () => {
+  const taken = createServer();
+  await new Promise((r) => taken.listen(0, '127.0.0.1', r));
+  try {
+    const err = await startTern(`${testConfig()}\n[admin]\nlisten = "127.0.0.1:${taken.address().port}"\n`).then(
+      (tern) => { tern.stop(); return null; },
+      (e) => e,
+    );
+    assert.ok(err, 'tern started on a taken admin port');
+    assert.match(err.message, /binding the admin listener/);
+    assert.doesNotMatch(err.message, /panicked/);
+  } finally {
+    taken.close();
   }
 });
