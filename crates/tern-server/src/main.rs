@@ -8,6 +8,7 @@
 mod admin;
 mod cluster;
 mod config;
+mod config_location;
 mod describe;
 mod process;
 mod recent;
