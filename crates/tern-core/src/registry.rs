@@ -97,6 +97,9 @@ pub struct ConnectionRegistry<S, L> {
     deadlines: BTreeMap<(i64, Arc<str>), ()>,
     next_generation: u64,
     parked_max: usize,
+    /// Parked connections pushed out by `parked_max` since the last sweep, handed out
+    /// by the next [`ConnectionRegistry::sweep`] (at most `parked_max`).
+    evicted: Vec<(Arc<str>, S)>,
 }
 
 /// Splits `<connectionId>!<secret>`.
@@ -112,6 +115,7 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
             deadlines: BTreeMap::new(),
             next_generation: 1,
             parked_max,
+            evicted: Vec::new(),
         }
     }
 
@@ -162,7 +166,11 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         self.deadlines.insert((deadline_ms, id.clone()), ());
         while self.deadlines.len() > self.parked_max {
             if let Some(((_, oldest), ())) = self.deadlines.pop_first() {
-                self.entries.remove(&oldest);
+                if let Some(Entry::Parked { state, .. }) = self.entries.remove(&oldest) {
+                    if self.evicted.len() < self.parked_max {
+                        self.evicted.push((oldest, state));
+                    }
+                }
             }
         }
         true
@@ -243,18 +251,20 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         }
     }
 
-    /// Drops parked connections past their deadline. Returns how many.
-    pub fn sweep(&mut self, now_ms: i64) -> usize {
-        let mut dropped = 0;
+    /// Drops parked connections past their deadline, and returns them with those
+    /// pushed out by `parked_max` since the last sweep: the connections that ended.
+    pub fn sweep(&mut self, now_ms: i64) -> Vec<(Arc<str>, S)> {
+        let mut ended = std::mem::take(&mut self.evicted);
         while let Some(((deadline, _), ())) = self.deadlines.first_key_value() {
             if *deadline > now_ms {
                 break;
             }
             let ((_, id), ()) = self.deadlines.pop_first().expect("checked non-empty");
-            self.entries.remove(&id);
-            dropped += 1;
+            if let Some(Entry::Parked { state, .. }) = self.entries.remove(&id) {
+                ended.push((id, state));
+            }
         }
-        dropped
+        ended
     }
 
     pub fn parked_count(&self) -> usize {
@@ -394,7 +404,8 @@ mod tests {
         assert_eq!((resumed, state), (id, "new"));
     }
 
-    /// The parked bound evicts the connection closest to expiry; sweep drops expired.
+    /// The parked bound evicts the connection closest to expiry; sweep drops expired
+    /// ones and hands out both (they ended), once.
     #[test]
     fn bounds_and_sweep() {
         let mut reg = Registry::new(2);
@@ -405,7 +416,14 @@ mod tests {
         }
         assert_eq!(reg.parked_count(), 2);
         assert_eq!(reg.resume("c1!s", 0), Err(ResumeError::Unknown));
-        assert_eq!(reg.sweep(20), 1);
+        // The sweep hands out what ended: c1 (pushed out by the bound) and c2 (expired).
+        let ended: Vec<String> = reg
+            .sweep(20)
+            .into_iter()
+            .map(|(id, _)| id.to_string())
+            .collect();
+        assert_eq!(ended, ["c1", "c2"]);
         assert_eq!(reg.parked_count(), 1);
+        assert!(reg.sweep(20).is_empty(), "handed out once");
     }
 }

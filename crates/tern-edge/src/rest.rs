@@ -134,7 +134,7 @@ pub(crate) async fn publish_messages(
     channel: &str,
     messages: Vec<Message>,
 ) -> Result<PublishResponse, ErrorInfo> {
-    let applied = apply_publish(state, auth, identity, channel, messages, Transport::Rest)?;
+    let applied = apply_publish(state, auth, identity, channel, messages, Transport::Rest).await?;
     if let Some(error) = state
         .durable(applied.key.clone(), applied.store_mark)
         .await
@@ -161,7 +161,11 @@ pub(crate) struct Applied {
 /// The checks and the hub publish of a publish without a realtime connection (REST,
 /// MQTT): capability, size budget, clientIds, message changes; then applied. The caller
 /// replies only once it is durable (`Applied::store_mark`).
-pub(crate) fn apply_publish(
+///
+/// A before-publish function of the channel is called after the checks and before the
+/// hub, and its verdict awaited (bounded by its timeout): the caller's request (or
+/// MQTT packet) waits, as the publish's answer depends on it.
+pub(crate) async fn apply_publish(
     state: &EdgeState,
     auth: &AuthContext,
     identity: &ClientIdentity,
@@ -173,10 +177,20 @@ pub(crate) fn apply_publish(
     if !auth.capability.allows(&key.name, Operation::Publish) {
         return Err(denied("publish", &key.name));
     }
-    let size = crate::budget::check_messages(&messages, &state.config)?;
+    let mut size = crate::budget::check_messages(&messages, &state.config)?;
     for message in &mut messages {
         message.client_id = message_client_id(identity, message.client_id.as_deref())?;
         message.connection_id = on_behalf_of(state, message.connection_key.take())?;
+    }
+    if let Some(caller) = state
+        .hooks
+        .as_ref()
+        .and_then(|hooks| hooks.before_publish(&auth.app_id, &key.name))
+    {
+        let verdict = caller.before_publish(&key.name, None, &messages).await;
+        let (checked, resized) = crate::hooks::apply_verdict(verdict, messages, &state.config)?;
+        messages = checked;
+        size = resized.unwrap_or(size);
     }
     let messages = crate::messages::prepare_messages(state, auth, identity, &key, messages)?;
     let pushes = crate::push::delivery::payloads(&messages);

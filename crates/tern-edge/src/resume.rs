@@ -5,6 +5,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
+use tern_auth::ClientIdentity;
 use tern_protocol::ErrorInfo;
 
 /// The answer a MESSAGE/PRESENCE frame got.
@@ -64,6 +65,13 @@ pub(crate) struct ParkedSession {
     pub(crate) client_id: Option<String>,
     pub(crate) replies: ReplyWindow,
     pub(crate) presence_channels: HashSet<Arc<str>>,
+    /// Ably's name of the transport it last had (for `connection.disconnected`).
+    pub(crate) transport: &'static str,
+    /// When the connection was first opened (a resume keeps it).
+    pub(crate) connected_at_ms: i64,
+    /// The clientId and capability the `$connect` function gave it, which a resume
+    /// keeps (the client presents its original credentials again).
+    pub(crate) from_function: Option<(ClientIdentity, tern_auth::Capability)>,
 }
 
 #[cfg(test)]

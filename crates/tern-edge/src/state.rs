@@ -47,6 +47,14 @@ pub struct EdgeState {
     pub(crate) mqtt_sessions: std::sync::OnceLock<crate::mqtt::SharedSessions>,
     /// Comet connections by connection key (`comet`).
     pub(crate) comet: crate::comet::Links,
+    /// Before-publish and `$connect` functions (`hooks`); `None` without any.
+    pub(crate) hooks: Option<Arc<tern_functions::Hooks>>,
+    /// The webhook outbox, where `connection.disconnected` events go; `None` without
+    /// webhook rules.
+    pub(crate) outbox: Option<Arc<tern_functions::Outbox>>,
+    /// Connection records of the apps with a `connection.disconnected` rule, for the
+    /// connections of departed nodes (`departures`).
+    pub(crate) departures: Arc<crate::departures::Departures>,
     /// The deepest client outbound queue lately (`tern_outbound_queue_depth_max`).
     pub(crate) queue_high_water: crate::gauges::QueueHighWater,
 }
@@ -177,6 +185,51 @@ impl EdgeState {
             store: None,
             cluster: None,
             push: crate::push::Push::default(),
+            hooks: None,
+            outbox: None,
+            departures: Arc::default(),
+        }
+    }
+
+    /// Calls `hooks` before publishes and connections, and writes
+    /// `connection.disconnected` events to `outbox`.
+    pub fn with_functions(
+        mut self,
+        hooks: Option<Arc<tern_functions::Hooks>>,
+        outbox: Option<Arc<tern_functions::Outbox>>,
+    ) -> Self {
+        self.hooks = hooks.filter(|hooks| !hooks.is_empty());
+        if let Some(outbox) = &outbox {
+            self.departures.attach(&self.hub, &outbox.disconnect_apps());
+        }
+        self.outbox = outbox;
+        self
+    }
+
+    /// A node of the cluster departed (gossip): its connections cannot report their
+    /// end. `emitter`: this node is the one that reports them (the live member with the
+    /// oldest incarnation); see `departures`.
+    pub fn node_departed(&self, tag: &str, emitter: bool) {
+        let now = crate::now_ms();
+        for (app, connections) in self.departures.depart(tag, emitter) {
+            let mut ended = Vec::with_capacity(connections.len());
+            for (id, opened) in connections {
+                crate::hooks::record_disconnect(
+                    self,
+                    crate::hooks::Ended {
+                        app_id: &app,
+                        connection_id: &id,
+                        client_id: opened.client_id.as_deref(),
+                        transport: crate::hooks::transport_name(&opened.transport),
+                        connected_at_ms: opened.connected_at,
+                        reason: crate::hooks::EndReason::NodeLost,
+                    },
+                    now,
+                );
+                ended.push(crate::departures::Record::Ended { id });
+            }
+            tracing::info!(%app, %tag, reported = ended.len(), "reported a departed node's connections as disconnected");
+            crate::departures::publish(&self.hub, &app, &ended);
         }
     }
 
@@ -219,7 +272,25 @@ impl EdgeState {
     /// minutes.
     pub fn sweep(&self, now_ms: i64) {
         self.hub.sweep(now_ms);
-        self.registry().sweep(now_ms);
+        let expired = self.registry().sweep(now_ms);
+        for (id, parked) in expired {
+            if self.departures.tracks(&parked.app_id) {
+                let ended = [crate::departures::Record::Ended { id: id.to_string() }];
+                crate::departures::publish(&self.hub, &parked.app_id, &ended);
+            }
+            crate::hooks::record_disconnect(
+                self,
+                crate::hooks::Ended {
+                    app_id: &parked.app_id,
+                    connection_id: &id,
+                    client_id: parked.client_id.as_deref(),
+                    transport: parked.transport,
+                    connected_at_ms: parked.connected_at_ms,
+                    reason: crate::hooks::EndReason::Expired,
+                },
+                now_ms,
+            );
+        }
         self.stats.tick(now_ms, self.hub.take_app_channels());
         self.queue_high_water.tick();
     }

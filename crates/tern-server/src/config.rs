@@ -449,6 +449,11 @@ pub struct AppConfig {
     /// Webhook rules (`[[apps.rules]]`, see `rules.rs`).
     #[serde(default)]
     pub rules: Vec<crate::rules::RuleSection>,
+    /// Before-publish functions (`[[apps.before_publish]]`, see `hooks.rs`).
+    #[serde(default)]
+    pub before_publish: Vec<crate::hooks::FunctionSection>,
+    /// The `$connect` function (`[apps.on_connect]`, see `hooks.rs`).
+    pub on_connect: Option<crate::hooks::FunctionSection>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -608,6 +613,7 @@ impl Config {
             }
         }
         crate::rules::rules(self, "tern")?;
+        crate::hooks::hooks(self, "tern")?;
         let l = &self.limits;
         anyhow::ensure!(
             l.max_message_size > 0,
@@ -857,6 +863,7 @@ impl Config {
                     max_age_ms: i64::MAX,
                 }))
                 .chain(crate::rules::outbox_retention(self))
+                .chain(crate::rules::occupancy_retention(self))
                 .collect(),
             batch_max: h.batch_max,
             queue_max: h.queue_max,
