@@ -96,12 +96,15 @@ impl<F> SendBuffer<F> {
         None
     }
 
-    /// Forgets everything up to `upto` (acknowledged).
-    pub fn ack(&mut self, upto: u64) {
+    /// Forgets everything up to `upto` (acknowledged); returns when the newest of them
+    /// was queued (the replication lag of this ack), if any was held.
+    pub fn ack(&mut self, upto: u64) -> Option<Now> {
+        let mut newest = None;
         while self.events.front().is_some_and(|(seq, _, _)| *seq <= upto) {
-            self.events.pop_front();
+            newest = self.events.pop_front().map(|(_, _, queued)| queued);
         }
         self.acked = self.acked.max(upto);
+        newest
     }
 
     pub fn acked(&self) -> u64 {
@@ -210,7 +213,8 @@ mod tests {
         // A sender that wrote nothing yet starts after what was dropped.
         assert_eq!(buf.sent_floor(0), 1);
         assert_eq!(buf.after(1).map(|e| e.0), Some(2));
-        buf.ack(10);
+        assert_eq!(buf.ack(10), Some(Now::ZERO));
+        assert_eq!(buf.ack(10), None);
         assert_eq!(buf.first(), 11);
         assert_eq!(buf.after(5).map(|e| e.0), None);
         assert_eq!(buf.after(10).map(|e| e.0), Some(11));

@@ -179,7 +179,7 @@ impl Sim {
             return;
         };
         if let StoredOutcome::Advanced(upto) = link.link.on_stored(epoch, upto) {
-            link.buffer.ack(upto);
+            let _lag = link.buffer.ack(upto);
         }
         self.answer_waiters(to);
     }

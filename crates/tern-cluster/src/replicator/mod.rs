@@ -188,6 +188,9 @@ struct PeerShared {
     base: Instant,
     /// Events sent or waiting but not yet acknowledged by this peer (replication lag).
     unacked: metrics::Gauge,
+    /// Seconds from an event queued for this peer to the peer's `Stored` ack covering it
+    /// (sampled once per ack, for its newest event): the replication lag, in time.
+    lag: metrics::Histogram,
     /// Event frames written to this peer's link (resends included).
     events_sent: std::sync::atomic::AtomicU64,
     notify: Notify,
@@ -301,6 +304,7 @@ impl Replicator {
             let shared = Arc::new(PeerShared {
                 base: self.base,
                 unacked: metrics::gauge!("tern_replication_unacked_events", "peer" => spec.node_id.clone()),
+                lag: metrics::histogram!("tern_replication_lag_seconds", "peer" => spec.node_id.clone()),
                 events_sent: std::sync::atomic::AtomicU64::new(0),
                 queue: Mutex::new(queue),
                 notify: Notify::new(),
@@ -409,6 +413,17 @@ impl Replicator {
         self.running
             .get()
             .map_or(0, |r| r.endpoint.connection_count())
+    }
+
+    /// Sets `tern_link_rtt_seconds{peer}` to each linked peer's QUIC round-trip time
+    /// (called before `/metrics` is rendered).
+    pub fn record_link_rtts(&self) {
+        let Some(running) = self.running.get() else {
+            return;
+        };
+        for (peer, rtt) in running.endpoint.peer_rtts() {
+            metrics::gauge!("tern_link_rtt_seconds", "peer" => peer).set(rtt.as_secs_f64());
+        }
     }
 
     /// Whether `peer` (of this node's region) has told us it has subscribers on `key`.

@@ -94,7 +94,10 @@ impl Replicator {
             }
             StoredOutcome::Advanced(upto) => {
                 let mut q = lock(&p.shared.queue);
-                q.events.ack(upto);
+                if let Some(queued) = q.events.ack(upto) {
+                    let lag = self.now().saturating_sub(queued);
+                    p.shared.lag.record(lag.as_secs_f64());
+                }
                 p.shared.unacked.set(q.events.len() as f64);
             }
         }
