@@ -192,7 +192,10 @@ impl Sim {
                 continue;
             }
             let mut sends = Vec::new();
-            for (&peer, link) in self.acks[at].out.iter_mut() {
+            // In peer order, not the map's (a seed must replay exactly).
+            let mut links: Vec<(&usize, &mut SimLink)> = self.acks[at].out.iter_mut().collect();
+            links.sort_unstable_by_key(|(peer, _)| **peer);
+            for (&peer, link) in links {
                 let progressed = link.link.acked != link.acked_at_round;
                 link.acked_at_round = link.link.acked;
                 if progressed
