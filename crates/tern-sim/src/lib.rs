@@ -65,10 +65,14 @@
 //!   crashed since; the real one lives on the members). Every node sees a restarted node
 //!   at once (gossip's delay in spreading a join is not modeled).
 //!
-//! Not modeled: QUIC links and their resend buffers (the network here loses every kind
-//! of message, events, interest, `Sync` and its answer included, and only repair, heads,
-//! the interest refresh and asking again bring them back; real links are ordered and
-//! resend), a subscriber's last detach (`Interest` off), history `Backfill` and the
+//! Links (`acked.rs`): routed events carry link positions and wait in the shipped resend
+//! buffer until `Stored`; each anti-entropy round resends a stalled link (go-back-N),
+//! and publishes wait for `ack_replicas` in the shipped waiters.
+//!
+//! Not modeled: ordered QUIC streams (the network here loses and reorders every kind of
+//! message, `Hello`, `Stored`, interest, `Sync` and its answer included, and only resends,
+//! repair, heads, the interest refresh and asking again bring them back), a store commit
+//! before `Stored`, a subscriber's last detach (`Interest` off), history `Backfill` and the
 //! history store, forwarded reads, several channels, gossip itself.
 //!
 //! # Known limit (crash cascades)
