@@ -78,6 +78,15 @@ impl KeyChain {
     }
 }
 
+/// A connection as [`ConnectionRegistry::lookup`] sees it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup<'a, S, L> {
+    /// A transport holds it now.
+    Live(&'a L),
+    /// Its transport dropped; a resume may take `state` until `deadline_ms`.
+    Parked { state: &'a S, deadline_ms: i64 },
+}
+
 enum Entry<S, L> {
     Live {
         keys: KeyChain,
@@ -243,6 +252,37 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         }
     }
 
+    /// What this node holds of connection `id` at `now_ms`, without taking it: its live
+    /// handle, or its parked state until its deadline (a parked connection past it is
+    /// gone even before the sweep drops it). For `GET`/`DELETE /connections/{id}` and
+    /// the per-connection push, which only look.
+    pub fn lookup(&self, id: &str, now_ms: i64) -> Option<Lookup<'_, S, L>> {
+        match self.entries.get(id)? {
+            Entry::Live { handle, .. } => Some(Lookup::Live(handle)),
+            Entry::Parked {
+                state, deadline_ms, ..
+            } if *deadline_ms > now_ms => Some(Lookup::Parked {
+                state,
+                deadline_ms: *deadline_ms,
+            }),
+            Entry::Parked { .. } => None,
+        }
+    }
+
+    /// Forgets a parked connection (`DELETE /connections/{id}`): no resume can take it
+    /// any more. A live one is left alone (its session ends itself and removes it).
+    /// Returns whether one was forgotten.
+    pub fn discard_parked(&mut self, id: &str) -> bool {
+        let deadline_ms = match self.entries.get(id) {
+            Some(Entry::Parked { deadline_ms, .. }) => *deadline_ms,
+            _ => return false,
+        };
+        if let Some((id, _)) = self.entries.remove_entry(id) {
+            self.deadlines.remove(&(deadline_ms, id));
+        }
+        true
+    }
+
     /// Drops parked connections past their deadline. Returns how many.
     pub fn sweep(&mut self, now_ms: i64) -> usize {
         let mut dropped = 0;
@@ -392,6 +432,33 @@ mod tests {
         assert!(reg.park(&id, new, "new", 100));
         let (resumed, state, _) = reg.resume("c1!s2", 0).unwrap();
         assert_eq!((resumed, state), (id, "new"));
+    }
+
+    /// Lookup sees a live connection's handle and a parked one's state until its
+    /// deadline, and takes nothing; discarding forgets only a parked connection, after
+    /// which no resume can take it.
+    #[test]
+    fn lookup_and_discard() {
+        let mut reg = Registry::new(10);
+        let id: Arc<str> = "c1".into();
+        let g = reg.register(id.clone(), chain("s1"), 7);
+        assert_eq!(reg.lookup("c1", 0), Some(Lookup::Live(&7)));
+        assert_eq!(reg.lookup("c2", 0), None);
+        assert!(!reg.discard_parked("c1"));
+        assert_eq!(reg.lookup("c1", 0), Some(Lookup::Live(&7)));
+        assert!(reg.park(&id, g, "state", 100));
+        assert_eq!(
+            reg.lookup("c1", 99),
+            Some(Lookup::Parked {
+                state: &"state",
+                deadline_ms: 100
+            })
+        );
+        assert_eq!(reg.lookup("c1", 100), None);
+        assert!(reg.discard_parked("c1"));
+        assert_eq!(reg.parked_count(), 0);
+        assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Unknown));
+        assert!(!reg.discard_parked("c1"));
     }
 
     /// The parked bound evicts the connection closest to expiry; sweep drops expired.

@@ -286,7 +286,7 @@ pub(crate) async fn connect(
     });
     // This request is the first receive: the poll timeout counts from its end.
     let poll = link.open();
-    match Session::open(state.clone(), &query, format, outlet.clone()).await {
+    match Session::open(state.clone(), &query, format, outlet.clone(), "comet").await {
         Ok(session) => {
             let key = session.key().to_owned();
             state.comet.insert(key.clone(), link.clone());

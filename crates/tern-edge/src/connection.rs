@@ -213,10 +213,12 @@ async fn run(
             code::BAD_REQUEST,
             "unsupported format: use json or msgpack",
         )))),
-        Some(format) => match Session::open(state, &query, format, outlet.clone()).await {
-            Ok(session) => session.run(WsInbound(stream, frame_max)).await,
-            Err(err) => outlet.finish(Some(error_frame(err))),
-        },
+        Some(format) => {
+            match Session::open(state, &query, format, outlet.clone(), "web_socket").await {
+                Ok(session) => session.run(WsInbound(stream, frame_max)).await,
+                Err(err) => outlet.finish(Some(error_frame(err))),
+            }
+        }
     }
     drop(outlet);
     // Bounded: every write of the writer is (`write_timeout_ms`, FINAL_WRITE_TIMEOUT).

@@ -59,9 +59,9 @@ impl ReplyWindow {
 
 /// A connection's state while its transport is gone.
 pub(crate) struct ParkedSession {
-    pub(crate) app_id: String,
-    /// The clientId it acted as; a resume must present compatible credentials.
-    pub(crate) client_id: Option<String>,
+    /// Its app and the clientId it acted as (a resume must present compatible
+    /// credentials), transport and first connect time (`GET /connections/{id}`).
+    pub(crate) info: crate::connections::ConnectionInfo,
     pub(crate) replies: ReplyWindow,
     pub(crate) presence_channels: HashSet<Arc<str>>,
 }

@@ -20,7 +20,6 @@ use rand::distr::{Alphanumeric, SampleString};
 use tern_auth::{AuthContext, ClientIdentity};
 use tern_core::{KeyChain, ResumeError};
 use tern_protocol::{action, code, ConnectionDetails, ErrorInfo, Format, ProtocolMessage};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 mod attach;
@@ -34,6 +33,7 @@ use attach::{Attached, WARM_WAIT};
 use publish::RateWindow;
 
 use crate::connection::{error_frame, Outlet};
+use crate::connections::{ConnectionInfo, LiveConnection, ID_RANDOM_LEN};
 use crate::credentials::{authenticate, details_client_id, resolve_identity};
 use crate::now_ms;
 use crate::resume::{ParkedSession, Reply, ReplyWindow};
@@ -87,7 +87,6 @@ fn random_id(len: usize) -> String {
 }
 
 /// Connection ids are `<node tag>-<random>` and keys `<id>!<secret>` (see `Session::open`).
-const ID_RANDOM_LEN: usize = 12;
 const SECRET_LEN: usize = 20;
 
 /// Whether `key` has the shape of a key some Tern node issued (this one or another):
@@ -114,8 +113,9 @@ pub(crate) struct Session {
     key: String,
     /// Registry generation of this transport's claim on the connection.
     generation: u64,
-    /// Woken when a resume on another transport takes this connection over.
-    superseded: Arc<Notify>,
+    /// Its handle in the registry: woken when a resume on another transport takes this
+    /// connection over, or when `DELETE /connections/{id}` closes it.
+    live: Arc<LiveConnection>,
     auth: AuthContext,
     identity: ClientIdentity,
     echo: bool,
@@ -152,11 +152,13 @@ pub(crate) struct Session {
 impl Session {
     /// Authenticates the connect request, resumes or recovers the connection if asked,
     /// and sends CONNECTED. `Err` is the ERROR to send.
+    /// `transport` is ably-js's name for it (`web_socket`, `comet`).
     pub(crate) async fn open(
         state: Arc<EdgeState>,
         query: &HashMap<String, String>,
         format: Format,
         outlet: Outlet,
+        transport: &'static str,
     ) -> Result<Session, ErrorInfo> {
         let now = now_ms();
         let get = |name: &str| query.get(name).map(String::as_str);
@@ -192,7 +194,6 @@ impl Session {
                 id.split_once('-')
                     .is_none_or(|(tag, _)| tag != state.node_tag)
             });
-        let superseded = Arc::new(Notify::new());
         let secret = random_id(SECRET_LEN);
         let stats = state.stats.app(&auth.app_id, now);
         let counted = stats
@@ -203,29 +204,40 @@ impl Session {
         }
         // After a resume, the key it presented stays good beside the new one: this
         // CONNECTED may be lost with its transport (see `KeyChain`).
-        let (keys, replies, presence_channels) = match parked {
+        let (keys, replies, presence_channels, connected_at_ms) = match parked {
             Some((parked, keys)) => {
                 state.hub.forget_dropped(&id);
                 (
                     keys.issue(secret.clone()),
                     parked.replies,
                     parked.presence_channels,
+                    parked.info.connected_at_ms,
                 )
             }
             None => (
                 KeyChain::new(secret.clone()),
                 ReplyWindow::default(),
                 HashSet::new(),
+                now,
             ),
         };
+        let live = LiveConnection::new(ConnectionInfo {
+            app_id: auth.app_id.clone(),
+            client_id: match &identity {
+                ClientIdentity::Id(id) => Some(id.clone()),
+                _ => None,
+            },
+            transport,
+            connected_at_ms,
+        });
         let generation = state
             .registry()
-            .register(Arc::clone(&id), keys, superseded.clone());
+            .register(Arc::clone(&id), keys, live.clone());
         let session = Session {
             key: format!("{id}!{secret}"),
             id,
             generation,
-            superseded,
+            live,
             echo: get("echo") != Some("false"),
             state,
             auth,
@@ -306,7 +318,7 @@ impl Session {
     pub(crate) async fn run(mut self, mut inbound: impl Inbound) {
         let mut shutdown = self.state.shutdown.clone();
         let overflow = self.outlet.overflow.clone();
-        let superseded = self.superseded.clone();
+        let live = self.live.clone();
         let revocations = self.state.keys.revocations.clone();
         let mut revocation_changes = revocations.subscribe();
         let ending = loop {
@@ -343,11 +355,15 @@ impl Session {
                     break Ending::Dropped;
                 }
                 // The client resumed this connection on a new transport.
-                _ = superseded.notified() => {
+                _ = live.superseded.notified() => {
                     self.outlet.finish(Some(self.disconnected(ErrorInfo::new(
                         code::CONNECTION_SUPERSEDED, "connection resumed on another transport",
                     ))));
                     break Ending::Dropped;
+                }
+                // `DELETE /connections/{id}`: closed for good; ably-js goes FAILED.
+                _ = live.closed.notified() => {
+                    break self.fail_with(crate::connections::closed_by_request());
                 }
                 // Token renewal notice, then expiry.
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => pending().await } } => {
@@ -402,8 +418,7 @@ impl Session {
                     .unwrap_or(hub.limits().presence_leave_grace_ms);
                 hub.connection_dropped_for(&self.auth.app_id, &self.id, channels, now, grace_ms);
                 let parked = ParkedSession {
-                    app_id: self.auth.app_id.clone(),
-                    client_id: self.identity_id(),
+                    info: self.live.info.clone(),
                     replies: self.replies,
                     presence_channels: self.presence_channels,
                 };
@@ -549,15 +564,15 @@ async fn take_parked(
                     ClientIdentity::Id(id) => Some(id.clone()),
                     _ => None,
                 };
-                if parked.app_id != auth.app_id
-                    || (parked.client_id.is_some() && parked.client_id != client_id)
+                if parked.info.app_id != auth.app_id
+                    || (parked.info.client_id.is_some() && parked.info.client_id != client_id)
                 {
                     return Err(unable("credentials do not match the connection"));
                 }
                 return Ok((id, parked, keys));
             }
-            Err(ResumeError::Live(superseded)) if Instant::now() < give_up => {
-                superseded.notify_one();
+            Err(ResumeError::Live(live)) if Instant::now() < give_up => {
+                live.superseded.notify_one();
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Err(ResumeError::Live(_)) => {

@@ -8,13 +8,14 @@ use crate::revoke::{Credentials, Revocations};
 use tern_core::{ChannelKey, ConnectionRegistry, Hub};
 use tern_protocol::{code, ErrorInfo};
 use tern_store::{HistoryStore, StoreError};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::EdgeConfig;
 use crate::resume::ParkedSession;
 
-/// Live connections (with the handle that supersedes them) and parked ones.
-pub(crate) type Registry = ConnectionRegistry<ParkedSession, Arc<Notify>>;
+/// Live connections (with the handle that supersedes or closes them) and parked ones.
+pub(crate) type Registry =
+    ConnectionRegistry<ParkedSession, Arc<crate::connections::LiveConnection>>;
 
 /// Renders the Prometheus text exposition for `/metrics`.
 pub type MetricsRender = Box<dyn Fn() -> String + Send + Sync>;
@@ -92,6 +93,15 @@ impl Durability {
     }
 }
 
+/// A live member of the cluster, as the edge addresses it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRef {
+    pub node_id: String,
+    pub region: String,
+    /// Where its clients (and forwarded requests) connect.
+    pub client_url: String,
+}
+
 /// What the edge needs from the cluster (implemented where the node is wired).
 pub trait ClusterView: Send + Sync {
     /// Runs `then(true)` once this node's latest event on `channel` is stored on the
@@ -107,6 +117,11 @@ pub trait ClusterView: Send + Sync {
     /// Where REST reads of `channel` go when this node does not keep all of it: the
     /// client URL of the channel's home in this region. `None` serves them here.
     fn home_url(&self, _channel: &ChannelKey) -> Option<String> {
+        None
+    }
+    /// The live member whose connection ids start with `tag` (`connections` routes
+    /// `/connections/{id}` to it); `None` when no live member has it.
+    fn node_by_tag(&self, _tag: &str) -> Option<NodeRef> {
         None
     }
     /// The live nodes by region, for `GET /regions`.
