@@ -85,6 +85,8 @@ pub enum Lookup<'a, S, L> {
     Live(&'a L),
     /// Its transport dropped; a resume may take `state` until `deadline_ms`.
     Parked { state: &'a S, deadline_ms: i64 },
+    /// Its client resumed it on another node, as connection `to`.
+    Moved { to: &'a Arc<str>, deadline_ms: i64 },
 }
 
 enum Entry<S, L> {
@@ -98,6 +100,9 @@ enum Entry<S, L> {
         state: S,
         deadline_ms: i64,
     },
+    /// Taken over by a resume on another node (see [`ConnectionRegistry::moved`]):
+    /// remembered until `deadline_ms` so requests for the old id find the new one.
+    Moved { to: Arc<str>, deadline_ms: i64 },
 }
 
 /// Live and parked connections of this node.
@@ -131,7 +136,9 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
     pub fn register(&mut self, id: Arc<str>, keys: KeyChain, handle: L) -> u64 {
         let generation = self.next_generation;
         self.next_generation += 1;
-        if let Some(Entry::Parked { deadline_ms, .. }) = self.entries.get(&id) {
+        if let Some(Entry::Parked { deadline_ms, .. } | Entry::Moved { deadline_ms, .. }) =
+            self.entries.get(&id)
+        {
             self.deadlines.remove(&(*deadline_ms, id.clone()));
         }
         self.entries.insert(
@@ -192,6 +199,7 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         let (id, entry) = self.entries.get_key_value(id)?;
         let keys = match entry {
             Entry::Live { keys, .. } | Entry::Parked { keys, .. } => keys,
+            Entry::Moved { .. } => return None,
         };
         keys.accepts(secret).then(|| id.clone())
     }
@@ -225,6 +233,10 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
                     },
                 );
                 Err(result)
+            }
+            moved @ Entry::Moved { .. } => {
+                self.entries.insert(id, moved);
+                Err(ResumeError::Unknown)
             }
             Entry::Parked {
                 mut keys,
@@ -265,7 +277,28 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
                 state,
                 deadline_ms: *deadline_ms,
             }),
-            Entry::Parked { .. } => None,
+            Entry::Moved { to, deadline_ms } if *deadline_ms > now_ms => Some(Lookup::Moved {
+                to,
+                deadline_ms: *deadline_ms,
+            }),
+            Entry::Parked { .. } | Entry::Moved { .. } => None,
+        }
+    }
+
+    /// Connection `id`, just taken by [`Self::resume`] for a resume on another node
+    /// where it is now `to`: remembered until `deadline_ms` (counted against the
+    /// parked bound) so requests for `id` can follow it.
+    pub fn moved(&mut self, id: Arc<str>, to: Arc<str>, deadline_ms: i64) {
+        if self.entries.contains_key(&id) {
+            return;
+        }
+        self.entries
+            .insert(id.clone(), Entry::Moved { to, deadline_ms });
+        self.deadlines.insert((deadline_ms, id), ());
+        while self.deadlines.len() > self.parked_max {
+            if let Some(((_, oldest), ())) = self.deadlines.pop_first() {
+                self.entries.remove(&oldest);
+            }
         }
     }
 
@@ -459,6 +492,31 @@ mod tests {
         assert_eq!(reg.parked_count(), 0);
         assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Unknown));
         assert!(!reg.discard_parked("c1"));
+    }
+
+    /// A connection taken over by another node is remembered as moved (to its new id)
+    /// until its deadline; its keys resume nothing and name nothing any more.
+    #[test]
+    fn moved_connections_point_to_their_successor() {
+        let mut reg = Registry::new(10);
+        let id: Arc<str> = "c1".into();
+        let g = reg.register(id.clone(), chain("s1"), 1);
+        assert!(reg.park(&id, g, "state", 100));
+        assert!(reg.resume("c1!s1", 0).is_ok());
+        reg.moved(id.clone(), "d1".into(), 100);
+        assert_eq!(
+            reg.lookup("c1", 50),
+            Some(Lookup::Moved {
+                to: &"d1".into(),
+                deadline_ms: 100
+            })
+        );
+        assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Unknown));
+        assert_eq!(reg.connection_id("c1!s1"), None);
+        assert!(!reg.discard_parked("c1"));
+        assert_eq!(reg.lookup("c1", 100), None);
+        assert_eq!(reg.sweep(100), 1);
+        assert_eq!(reg.parked_count(), 0);
     }
 
     /// The parked bound evicts the connection closest to expiry; sweep drops expired.

@@ -40,6 +40,8 @@
 //! (patterns `[connection]*` or `[*]*`) or on every channel (`*`), of the connection's
 //! app. A connection of another app is 404, as if unknown.
 
+pub(crate) mod handover;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -95,11 +97,19 @@ pub(crate) fn channel_of(id: &str) -> String {
 }
 
 /// The modes connection `connection_id` may attach `channel` with: a connection's own
-/// channel is subscribe-only and its owner's alone (whatever the capability says);
-/// any other channel follows the capability.
-pub(crate) fn granted_modes(capability: &Capability, connection_id: &str, channel: &str) -> u64 {
+/// channel is subscribe-only and its owner's alone (whatever the capability says), the
+/// owner being the connection or its successor after a cross-node resume
+/// (`predecessors`, see `handover`); any other channel follows the capability.
+pub(crate) fn granted_modes(
+    capability: &Capability,
+    connection_id: &str,
+    predecessors: &[Arc<str>],
+    channel: &str,
+) -> u64 {
     match owner_of(channel) {
-        Some(owner) if owner == connection_id => flags::SUBSCRIBE,
+        Some(owner) if owner == connection_id || predecessors.iter().any(|p| &**p == owner) => {
+            flags::SUBSCRIBE
+        }
         Some(_) => 0,
         None => crate::credentials::granted_modes(capability, channel),
     }
@@ -116,6 +126,8 @@ pub(crate) struct ConnectionInfo {
     pub(crate) transport: &'static str,
     /// When the connection was first opened (a resume keeps it).
     pub(crate) connected_at_ms: i64,
+    /// Ids it took over from other nodes (`handover`), whose channels it owns too.
+    pub(crate) predecessors: Vec<Arc<str>>,
 }
 
 /// A live session's handle in the registry: how others reach it.
@@ -270,17 +282,29 @@ struct ConnectionDetails {
     /// Parked only: when its state expires (`connectionStateTtl` after the drop).
     #[serde(skip_serializing_if = "Option::is_none")]
     parked_until: Option<i64>,
+    /// Ids it took over by resuming on this node from another (`handover`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    resumed_from: Vec<String>,
+}
+
+/// What this node holds of connection `id`.
+enum Held {
+    /// Live or parked here, for `GET`.
+    Here(ConnectionDetails),
+    /// Resumed on another node as this id (`handover`); its app is not known here.
+    Moved(Arc<str>),
 }
 
 /// What this node holds of connection `id` for app `app_id`: `None` when it holds
 /// nothing of that app.
-fn details(state: &EdgeState, app_id: &str, id: &str) -> Option<ConnectionDetails> {
+fn held(state: &EdgeState, app_id: &str, id: &str) -> Option<Held> {
     let registry = state.registry();
     let (info, state_name, parked_until) = match registry.lookup(id, now_ms())? {
         Lookup::Live(live) => (live.info.clone(), "connected", None),
         Lookup::Parked { state, deadline_ms } => {
             (state.info.clone(), "disconnected", Some(deadline_ms))
         }
+        Lookup::Moved { to, .. } => return Some(Held::Moved(to.clone())),
     };
     drop(registry);
     if info.app_id != app_id {
@@ -290,7 +314,7 @@ fn details(state: &EdgeState, app_id: &str, id: &str) -> Option<ConnectionDetail
         .cluster
         .as_ref()
         .and_then(|cluster| cluster.node_by_tag(&state.node_tag));
-    Some(ConnectionDetails {
+    Some(Held::Here(ConnectionDetails {
         connection_id: id.to_string(),
         state: state_name,
         client_id: info.client_id,
@@ -299,7 +323,8 @@ fn details(state: &EdgeState, app_id: &str, id: &str) -> Option<ConnectionDetail
         region: me.map(|node| node.region),
         connected_at: info.connected_at_ms,
         parked_until,
-    })
+        resumed_from: info.predecessors.iter().map(|p| p.to_string()).collect(),
+    }))
 }
 
 /// `GET /connections/{id}`.
@@ -310,12 +335,15 @@ pub(crate) async fn get(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let (auth, _) = authorize(&state, &headers, &q, &id)?;
-    let details = details(&state, &auth.app_id, &id).ok_or_else(|| not_found(&id))?;
-    Ok(body(
-        StatusCode::OK,
-        response_format(&headers, q.get("format").map(String::as_str)),
-        &details,
-    ))
+    let format = response_format(&headers, q.get("format").map(String::as_str));
+    match held(&state, &auth.app_id, &id).ok_or_else(|| not_found(&id))? {
+        Held::Here(details) => Ok(body(StatusCode::OK, format, &details)),
+        Held::Moved(to) => Ok(body(
+            StatusCode::OK,
+            format,
+            &serde_json::json!({ "connectionId": id, "state": "moved", "movedTo": &*to }),
+        )),
+    }
 }
 
 /// `DELETE /connections/{id}`: see the module doc.
@@ -326,26 +354,59 @@ pub(crate) async fn delete(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let (auth, _) = authorize(&state, &headers, &q, &id)?;
-    let mut registry = state.registry();
-    let presence = match registry.lookup(&id, now_ms()) {
-        Some(Lookup::Live(live)) if live.info.app_id == auth.app_id => {
-            // `notify_one` keeps the wake-up if the session is between polls.
-            live.closed.notify_one();
-            None
+    /// What the registry said, acted on once its lock is released.
+    enum Found {
+        Closing,
+        Parked(Vec<Arc<str>>),
+        Moved(Arc<str>),
+    }
+    let found = {
+        let mut registry = state.registry();
+        let found = match registry.lookup(&id, now_ms()) {
+            Some(Lookup::Moved { to, .. }) => Found::Moved(to.clone()),
+            Some(Lookup::Live(live)) if live.info.app_id == auth.app_id => {
+                // `notify_one` keeps the wake-up if the session is between polls.
+                live.closed.notify_one();
+                Found::Closing
+            }
+            Some(Lookup::Parked { state, .. }) if state.info.app_id == auth.app_id => {
+                Found::Parked(state.presence_channels.iter().cloned().collect())
+            }
+            _ => return Err(not_found(&id).into()),
+        };
+        if matches!(found, Found::Parked(_)) {
+            registry.discard_parked(&id);
         }
-        Some(Lookup::Parked { state, .. }) if state.info.app_id == auth.app_id => {
-            Some(state.presence_channels.iter().cloned().collect::<Vec<_>>())
-        }
-        _ => return Err(not_found(&id).into()),
+        found
     };
-    if let Some(channels) = presence {
-        registry.discard_parked(&id);
-        drop(registry);
-        state
-            .hub
-            .connection_closed(&auth.app_id, &id, &channels, now_ms());
+    match found {
+        Found::Closing => {}
+        Found::Parked(channels) => {
+            // Its members leave now rather than after the grace period.
+            state
+                .hub
+                .connection_closed(&auth.app_id, &id, &channels, now_ms());
+        }
+        Found::Moved(to) => return Ok(delete_moved(&state, &to, headers).await),
     }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `DELETE` of a connection that moved to `to` on another node: closes `to` there, with
+/// the caller's credentials.
+async fn delete_moved(state: &EdgeState, to: &str, headers: HeaderMap) -> Response {
+    let holder = node_tag_of(to).and_then(|tag| state.cluster.as_ref()?.node_by_tag(tag));
+    let Some(node) = holder else {
+        return error_response(not_found(to));
+    };
+    let mut request = Request::new(axum::body::Body::empty());
+    *request.method_mut() = axum::http::Method::DELETE;
+    *request.uri_mut() = match format!("/connections/{to}").parse() {
+        Ok(uri) => uri,
+        Err(_) => return error_response(malformed(to)),
+    };
+    *request.headers_mut() = headers;
+    crate::forward::forward(&node.client_url, request).await
 }
 
 /// `POST /connections/{id}/messages`: see the module doc.
@@ -358,7 +419,9 @@ pub(crate) async fn publish(
 ) -> Result<Response, ApiError> {
     let (auth, identity) = authorize(&state, &headers, &q, &id)?;
     let messages = crate::rest::messages_of(&state, &headers, &q, bytes)?;
-    if details(&state, &auth.app_id, &id).is_none() {
+    // A moved connection's successor owns this channel too and re-attached it (its
+    // app was checked when it took the connection over).
+    if held(&state, &auth.app_id, &id).is_none() {
         return Err(not_found(&id).into());
     }
     let key = ChannelKey::new(&auth.app_id, &channel_of(&id));
@@ -426,13 +489,22 @@ mod tests {
         let everything = Capability::parse(r#"{"*":["*"],"[*]*":["*"]}"#).unwrap();
         let own = "[connection]abc123-ABCDEFGHIJ12";
         assert_eq!(
-            granted_modes(&everything, "abc123-ABCDEFGHIJ12", own),
+            granted_modes(&everything, "abc123-ABCDEFGHIJ12", &[], own),
             flags::SUBSCRIBE
         );
-        assert_eq!(granted_modes(&everything, "abc123-OTHERxxxxxx1", own), 0);
         assert_eq!(
-            granted_modes(&everything, "abc123-ABCDEFGHIJ12", "chat"),
+            granted_modes(&everything, "abc123-OTHERxxxxxx1", &[], own),
+            0
+        );
+        assert_eq!(
+            granted_modes(&everything, "abc123-ABCDEFGHIJ12", &[], "chat"),
             crate::credentials::granted_modes(&everything, "chat")
+        );
+        // Its successor on another node owns it too.
+        let successor = ["abc123-ABCDEFGHIJ12".into()];
+        assert_eq!(
+            granted_modes(&everything, "def456-ABCDEFGHIJ12", &successor, own),
+            flags::SUBSCRIBE
         );
     }
 

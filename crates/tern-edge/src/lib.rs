@@ -196,6 +196,10 @@ fn connection_routes(state: Arc<EdgeState>) -> Router<Arc<EdgeState>> {
             get(connections::get).delete(connections::delete),
         )
         .route("/connections/{id}/messages", post(connections::publish))
+        .route(
+            "/connections/{id}/handover",
+            post(connections::handover::give),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state,
             connections::to_holder,

@@ -178,10 +178,12 @@ impl Session {
                     "Unable to recover connection: not a connection key",
                 )),
             ),
-            Some(key) => match take_parked(&state, key, &auth, &identity).await {
-                Ok((id, parked, keys)) => (id, Some((parked, keys)), None),
-                Err(error) => (new_id(), None, Some(error)),
-            },
+            Some(key) => {
+                match take_parked(&state, key, &auth.app_id, client_id_of(&identity)).await {
+                    Ok((id, parked, keys)) => (id, Some((parked, keys)), None),
+                    Err(error) => (new_id(), None, Some(error)),
+                }
+            }
         };
         // A key issued by another node (its region failed, or DNS moved the client): the
         // connection cannot continue here, but channel cursors mean the same on every
@@ -204,7 +206,7 @@ impl Session {
         }
         // After a resume, the key it presented stays good beside the new one: this
         // CONNECTED may be lost with its transport (see `KeyChain`).
-        let (keys, replies, presence_channels, connected_at_ms) = match parked {
+        let (keys, replies, presence_channels, connected_at_ms, predecessors) = match parked {
             Some((parked, keys)) => {
                 state.hub.forget_dropped(&id);
                 (
@@ -212,23 +214,40 @@ impl Session {
                     parked.replies,
                     parked.presence_channels,
                     parked.info.connected_at_ms,
+                    parked.info.predecessors,
                 )
             }
-            None => (
-                KeyChain::new(secret.clone()),
-                ReplyWindow::default(),
-                HashSet::new(),
-                now,
-            ),
+            None => {
+                // A resume another node's key names: take that connection over, so
+                // this one owns its channel too (`connections::handover`).
+                let predecessors = match requested {
+                    Some(key) if foreign => {
+                        crate::connections::handover::claim(
+                            &state,
+                            key,
+                            &id,
+                            &auth.app_id,
+                            client_id_of(&identity),
+                        )
+                        .await
+                    }
+                    _ => Vec::new(),
+                };
+                (
+                    KeyChain::new(secret.clone()),
+                    ReplyWindow::default(),
+                    HashSet::new(),
+                    now,
+                    predecessors,
+                )
+            }
         };
         let live = LiveConnection::new(ConnectionInfo {
             app_id: auth.app_id.clone(),
-            client_id: match &identity {
-                ClientIdentity::Id(id) => Some(id.clone()),
-                _ => None,
-            },
+            client_id: client_id_of(&identity).map(str::to_string),
             transport,
             connected_at_ms,
+            predecessors,
         });
         let generation = state
             .registry()
@@ -540,14 +559,23 @@ pub(crate) fn frame_too_large(max_frame_size: usize) -> ErrorInfo {
     )
 }
 
+/// The clientId an identity acts as, if it names one.
+fn client_id_of(identity: &ClientIdentity) -> Option<&str> {
+    match identity {
+        ClientIdentity::Id(id) => Some(id),
+        _ => None,
+    }
+}
+
 /// Takes the parked state (and key chain) of the connection named by a resume/recover
-/// key, superseding a transport that still holds it. `Err` is the error the new
-/// CONNECTED carries.
-async fn take_parked(
+/// key, superseding a transport that still holds it, for a client of `app_id` acting
+/// as `client_id` (a resume here, or a handover to another node). `Err` is the error
+/// the new CONNECTED carries.
+pub(crate) async fn take_parked(
     state: &EdgeState,
     key: &str,
-    auth: &AuthContext,
-    identity: &ClientIdentity,
+    app_id: &str,
+    client_id: Option<&str>,
 ) -> Result<(Arc<str>, ParkedSession, KeyChain), ErrorInfo> {
     let unable = |why: &str| {
         ErrorInfo::new(
@@ -560,12 +588,9 @@ async fn take_parked(
         let result = state.registry().resume(key, now_ms());
         match result {
             Ok((id, parked, keys)) => {
-                let client_id = match identity {
-                    ClientIdentity::Id(id) => Some(id.clone()),
-                    _ => None,
-                };
-                if parked.info.app_id != auth.app_id
-                    || (parked.info.client_id.is_some() && parked.info.client_id != client_id)
+                if parked.info.app_id != app_id
+                    || (parked.info.client_id.is_some()
+                        && parked.info.client_id.as_deref() != client_id)
                 {
                     return Err(unable("credentials do not match the connection"));
                 }

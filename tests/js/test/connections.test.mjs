@@ -161,6 +161,53 @@ test('a message pushed while the transport is cut arrives once after the resume'
   }
 });
 
+test('a connection resumed on another region keeps its channel: pushes to the old id arrive once', async () => {
+  // Proves the cross-node handover: the client's transport to region A is cut and it
+  // resumes on region B (a new connection id there, as for any cross-region resume).
+  // B claims the old connection from A with the client's resume key, so the new
+  // connection owns the old id's channel: ably-js's re-attach resumes it from its
+  // channelSerial with exactly the messages pushed while it was away, and messages
+  // still POSTed to the old id reach it; GET of the old id says where it went, and
+  // DELETE of the old id closes the new connection.
+  const [east, west, south] = tern.ports;
+  const proxy = await startProxy(east);
+  try {
+    const realtime = await connected(client(proxy.port, { disconnectedRetryTimeout: 200 }));
+    const oldId = realtime.connection.id;
+    const got = await ownChannel(realtime);
+    assert.equal((await call(south, 'POST', `/connections/${oldId}/messages`, { body: { data: 'before' } })).status, 201);
+    await waitUntil(() => got.length === 1, 10000, 'first message');
+    proxy.pause(true);
+    const disconnected = once(realtime.connection, 'disconnected');
+    proxy.dropAll();
+    await disconnected;
+    await waitUntil(async () => (await call(south, 'GET', `/connections/${oldId}`)).body?.state === 'disconnected', 10000, 'parked');
+    for (let i = 0; i < 3; i++) {
+      assert.equal((await call(south, 'POST', `/connections/${oldId}/messages`, { body: { data: `away-${i}` } })).status, 201);
+    }
+    proxy.retarget(west);
+    proxy.pause(false);
+    await once(realtime.connection, 'connected', 15000);
+    const newId = realtime.connection.id;
+    assert.notEqual(newId, oldId, 'a new connection in the other region');
+    await waitUntil(() => got.length >= 4, 10000, 'messages pushed while away');
+    const moved = await call(east, 'GET', `/connections/${oldId}`);
+    assert.deepEqual(moved.body, { connectionId: oldId, state: 'moved', movedTo: newId });
+    const current = await call(south, 'GET', `/connections/${newId}`);
+    assert.equal(current.body.state, 'connected');
+    assert.deepEqual(current.body.resumedFrom, [oldId]);
+    assert.equal((await call(south, 'POST', `/connections/${oldId}/messages`, { body: { data: 'to-old-id' } })).status, 201);
+    await waitUntil(() => got.length >= 5, 10000, 'message to the old id after the move');
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(got.map((m) => m.data), ['before', 'away-0', 'away-1', 'away-2', 'to-old-id']);
+    const failed = once(realtime.connection, 'failed');
+    assert.equal((await call(south, 'DELETE', `/connections/${oldId}`)).status, 204);
+    assert.equal((await failed).reason.code, 80017);
+  } finally {
+    proxy.close();
+  }
+});
+
 test('inbound webhooks: ?enveloped=false publishes JSON, text and binary bodies as one message', async () => {
   // Proves Ably's unenveloped publish: the body is the data, typed by Content-Type.
   const [east, west] = tern.ports;

@@ -70,7 +70,12 @@ impl Session {
             }
             None => frame.flags.unwrap_or(0) & flags::MODES_MASK,
         };
-        let granted = crate::connections::granted_modes(&self.auth.capability, &self.id, &base);
+        let granted = crate::connections::granted_modes(
+            &self.auth.capability,
+            &self.id,
+            &self.live.info.predecessors,
+            &base,
+        );
         let modes = if requested != 0 {
             granted & requested
         } else {

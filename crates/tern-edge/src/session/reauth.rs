@@ -55,7 +55,12 @@ impl Session {
         let mut lost = Vec::new();
         for (base, attached) in &mut self.attachments {
             let key = ChannelKey::new(&self.auth.app_id, base);
-            let granted = crate::connections::granted_modes(&self.auth.capability, &self.id, base);
+            let granted = crate::connections::granted_modes(
+                &self.auth.capability,
+                &self.id,
+                &self.live.info.predecessors,
+                base,
+            );
             attached.modes = if attached.requested != 0 {
                 attached.requested & granted
             } else {

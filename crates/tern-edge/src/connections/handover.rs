@@ -1,0 +1,166 @@
+//! A connection that resumes on another node (its region failed, or DNS moved the
+//! client) gets a new id there, since the registry is per node. Its own channel must
+//! not be lost with the old id: the backend still pushes to the old id, and ably-js
+//! re-attaches the old `[connection]<oldId>` channel with its channelSerial.
+//!
+//! So the new node claims the connection from the old one while it opens the new
+//! connection: `POST /connections/{oldId}/handover` at the node the old id names, with
+//! the resume key the client presented. The old node checks the key as a resume would
+//! (its secret is the proof: only the client was ever given it), takes the parked state
+//! (superseding a transport it still thinks is live) and remembers the old id as moved
+//! to the new one (`ConnectionRegistry::moved`, until `connectionStateTtl`). The new
+//! connection then owns the old id's channel as well as its own (subscribe only), so
+//! ably-js's re-attach resumes it from its channelSerial with exactly the messages it
+//! missed, and messages still POSTed to the old id (published on that channel at the old
+//! node, replicated like any channel) keep reaching it. `GET` of the old id answers
+//! `moved` with the new id; `DELETE` of it closes the new connection.
+//!
+//! The claim is bounded (`CLAIM_TIMEOUT`) and best effort: when the old node is dead or
+//! does not answer, the connection goes on under its new id only, the old id is 404
+//! everywhere (its node is gone), and re-attaching the old channel is refused (40160):
+//! an app subscribes to its new id's channel on `connected` (docs/functions.md).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use tern_protocol::{code, ErrorInfo, Format};
+
+use super::node_tag_of;
+use crate::now_ms;
+use crate::response::{body, ApiError};
+use crate::state::EdgeState;
+
+/// How long opening a connection may wait for the old node to hand the old one over.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most earlier ids one connection owns the channels of (a chain of cross-node resumes;
+/// the oldest are dropped first).
+pub(crate) const PREDECESSORS_MAX: usize = 4;
+
+/// The handover request the new node sends.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Claim {
+    /// The resume key the client presented (`<oldId>!<secret>`).
+    key: String,
+    /// The connection's id on the new node.
+    to: String,
+    /// The app and clientId the client connected with: must match, as for a resume.
+    app_id: String,
+    client_id: Option<String>,
+}
+
+/// The old node's answer: the ids the old connection had itself taken over.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Given {
+    predecessors: Vec<String>,
+}
+
+/// At the new node, while opening connection `to` for a resume whose `key` another node
+/// issued: claims the old connection. Returns the ids whose channels `to` now owns
+/// (the old id first, then its own predecessors), empty when the claim failed.
+pub(crate) async fn claim(
+    state: &EdgeState,
+    key: &str,
+    to: &str,
+    app_id: &str,
+    client_id: Option<&str>,
+) -> Vec<Arc<str>> {
+    let Some((old, _)) = tern_core::registry::split_key(key) else {
+        return Vec::new();
+    };
+    let url = node_tag_of(old).and_then(|tag| state.cluster.as_ref()?.node_by_tag(tag));
+    let Some(node) = url else {
+        metrics::counter!("tern_connection_handovers_total", "outcome" => "node_gone").increment(1);
+        return Vec::new();
+    };
+    let claim = Claim {
+        key: key.to_string(),
+        to: to.to_string(),
+        app_id: app_id.to_string(),
+        client_id: client_id.map(str::to_string),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let body = tern_protocol::encode_value(Format::Json, &claim);
+    let path = format!("/connections/{old}/handover");
+    let answer = crate::forward::call(
+        &node.client_url,
+        Method::POST,
+        &path,
+        headers,
+        body,
+        CLAIM_TIMEOUT,
+    )
+    .await;
+    let given = match answer {
+        Ok((StatusCode::OK, bytes)) => {
+            tern_protocol::decode_value::<Given>(Format::Json, &bytes).ok()
+        }
+        Ok((status, _)) => {
+            tracing::debug!(%old, %to, %status, "connection handover refused");
+            None
+        }
+        Err(reason) => {
+            tracing::info!(%old, %to, %reason, "connection handover failed");
+            None
+        }
+    };
+    let outcome = if given.is_some() { "taken" } else { "refused" };
+    metrics::counter!("tern_connection_handovers_total", "outcome" => outcome).increment(1);
+    let Some(given) = given else {
+        return Vec::new();
+    };
+    std::iter::once(old.to_string())
+        .chain(given.predecessors)
+        .filter(|id| node_tag_of(id).is_some())
+        .take(PREDECESSORS_MAX)
+        .map(Arc::from)
+        .collect()
+}
+
+/// `POST /connections/{id}/handover` at the node holding `id`: see the module doc.
+/// 200 with the old connection's own predecessors; 404/80008 when the key does not
+/// resume it (unknown, expired, spent, another app or clientId).
+pub(crate) async fn give(
+    State(state): State<Arc<EdgeState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let claim: Claim = crate::rest::decode_body(Format::Json, &bytes)?;
+    let names_id = tern_core::registry::split_key(&claim.key).is_some_and(|(old, _)| old == id);
+    if !names_id || node_tag_of(&claim.to).is_none() {
+        return Err(ErrorInfo::new(code::BAD_REQUEST, "handover names another connection").into());
+    }
+    let refused =
+        |error: ErrorInfo| ApiError(ErrorInfo::with_status(error.code, 404, error.message));
+    let (old, parked, _) = crate::session::take_parked(
+        &state,
+        &claim.key,
+        &claim.app_id,
+        claim.client_id.as_deref(),
+    )
+    .await
+    .map_err(refused)?;
+    let deadline_ms = now_ms() + state.config.connection_state_ttl_ms as i64;
+    state
+        .registry()
+        .moved(old, claim.to.as_str().into(), deadline_ms);
+    let given = Given {
+        predecessors: parked
+            .info
+            .predecessors
+            .iter()
+            .map(|id| id.to_string())
+            .collect(),
+    };
+    Ok(body(StatusCode::OK, Format::Json, &given).into_response())
+}
