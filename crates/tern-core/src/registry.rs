@@ -85,8 +85,12 @@ pub enum Lookup<'a, S, L> {
     Live(&'a L),
     /// Its transport dropped; a resume may take `state` until `deadline_ms`.
     Parked { state: &'a S, deadline_ms: i64 },
-    /// Its client resumed it on another node, as connection `to`.
-    Moved { to: &'a Arc<str>, deadline_ms: i64 },
+    /// Its client resumed it on another node, as connection `to` of app `app`.
+    Moved {
+        to: &'a Arc<str>,
+        app: &'a Arc<str>,
+        deadline_ms: i64,
+    },
 }
 
 enum Entry<S, L> {
@@ -102,7 +106,11 @@ enum Entry<S, L> {
     },
     /// Taken over by a resume on another node (see [`ConnectionRegistry::moved`]):
     /// remembered until `deadline_ms` so requests for the old id find the new one.
-    Moved { to: Arc<str>, deadline_ms: i64 },
+    Moved {
+        to: Arc<str>,
+        app: Arc<str>,
+        deadline_ms: i64,
+    },
 }
 
 /// Live and parked connections of this node.
@@ -277,23 +285,34 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
                 state,
                 deadline_ms: *deadline_ms,
             }),
-            Entry::Moved { to, deadline_ms } if *deadline_ms > now_ms => Some(Lookup::Moved {
+            Entry::Moved {
                 to,
+                app,
+                deadline_ms,
+            } if *deadline_ms > now_ms => Some(Lookup::Moved {
+                to,
+                app,
                 deadline_ms: *deadline_ms,
             }),
             Entry::Parked { .. } | Entry::Moved { .. } => None,
         }
     }
 
-    /// Connection `id`, just taken by [`Self::resume`] for a resume on another node
-    /// where it is now `to`: remembered until `deadline_ms` (counted against the
-    /// parked bound) so requests for `id` can follow it.
-    pub fn moved(&mut self, id: Arc<str>, to: Arc<str>, deadline_ms: i64) {
+    /// Connection `id` of app `app`, just taken by [`Self::resume`] for a resume on
+    /// another node where it is now `to`: remembered until `deadline_ms` (counted
+    /// against the parked bound) so requests for `id` can follow it.
+    pub fn moved(&mut self, id: Arc<str>, to: Arc<str>, app: Arc<str>, deadline_ms: i64) {
         if self.entries.contains_key(&id) {
             return;
         }
-        self.entries
-            .insert(id.clone(), Entry::Moved { to, deadline_ms });
+        self.entries.insert(
+            id.clone(),
+            Entry::Moved {
+                to,
+                app,
+                deadline_ms,
+            },
+        );
         self.deadlines.insert((deadline_ms, id), ());
         while self.deadlines.len() > self.parked_max {
             if let Some(((_, oldest), ())) = self.deadlines.pop_first() {
@@ -503,11 +522,12 @@ mod tests {
         let g = reg.register(id.clone(), chain("s1"), 1);
         assert!(reg.park(&id, g, "state", 100));
         assert!(reg.resume("c1!s1", 0).is_ok());
-        reg.moved(id.clone(), "d1".into(), 100);
+        reg.moved(id.clone(), "d1".into(), "app".into(), 100);
         assert_eq!(
             reg.lookup("c1", 50),
             Some(Lookup::Moved {
                 to: &"d1".into(),
+                app: &"app".into(),
                 deadline_ms: 100
             })
         );

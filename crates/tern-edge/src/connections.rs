@@ -291,7 +291,7 @@ struct ConnectionDetails {
 enum Held {
     /// Live or parked here, for `GET`.
     Here(ConnectionDetails),
-    /// Resumed on another node as this id (`handover`); its app is not known here.
+    /// Resumed on another node as this id (`handover`).
     Moved(Arc<str>),
 }
 
@@ -304,7 +304,9 @@ fn held(state: &EdgeState, app_id: &str, id: &str) -> Option<Held> {
         Lookup::Parked { state, deadline_ms } => {
             (state.info.clone(), "disconnected", Some(deadline_ms))
         }
-        Lookup::Moved { to, .. } => return Some(Held::Moved(to.clone())),
+        Lookup::Moved { to, app, .. } => {
+            return (&**app == app_id).then(|| Held::Moved(to.clone()));
+        }
     };
     drop(registry);
     if info.app_id != app_id {
@@ -363,7 +365,9 @@ pub(crate) async fn delete(
     let found = {
         let mut registry = state.registry();
         let found = match registry.lookup(&id, now_ms()) {
-            Some(Lookup::Moved { to, .. }) => Found::Moved(to.clone()),
+            Some(Lookup::Moved { to, app, .. }) if **app == *auth.app_id => {
+                Found::Moved(to.clone())
+            }
             Some(Lookup::Live(live)) if live.info.app_id == auth.app_id => {
                 // `notify_one` keeps the wake-up if the session is between polls.
                 live.closed.notify_one();
@@ -419,8 +423,7 @@ pub(crate) async fn publish(
 ) -> Result<Response, ApiError> {
     let (auth, identity) = authorize(&state, &headers, &q, &id)?;
     let messages = crate::rest::messages_of(&state, &headers, &q, bytes)?;
-    // A moved connection's successor owns this channel too and re-attached it (its
-    // app was checked when it took the connection over).
+    // A moved connection's successor owns this channel too and re-attached it.
     if held(&state, &auth.app_id, &id).is_none() {
         return Err(not_found(&id).into());
     }

@@ -151,9 +151,12 @@ pub(crate) async fn give(
     .await
     .map_err(refused)?;
     let deadline_ms = now_ms() + state.config.connection_state_ttl_ms as i64;
-    state
-        .registry()
-        .moved(old, claim.to.as_str().into(), deadline_ms);
+    state.registry().moved(
+        old,
+        claim.to.as_str().into(),
+        parked.info.app_id.as_str().into(),
+        deadline_ms,
+    );
     let given = Given {
         predecessors: parked
             .info
