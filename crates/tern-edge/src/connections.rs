@@ -396,6 +396,17 @@ pub(crate) async fn delete(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Whether the node that issued connection id `id` is this one or a live member.
+fn is_live_node_of(state: &EdgeState, id: &str) -> bool {
+    node_tag_of(id).is_some_and(|tag| {
+        tag == state.node_tag
+            || state
+                .cluster
+                .as_ref()
+                .is_some_and(|cluster| cluster.node_by_tag(tag).is_some())
+    })
+}
+
 /// `DELETE` of a connection that moved to `to` on another node: closes `to` there, with
 /// the caller's credentials.
 async fn delete_moved(state: &EdgeState, to: &str, headers: HeaderMap) -> Response {
@@ -423,9 +434,16 @@ pub(crate) async fn publish(
 ) -> Result<Response, ApiError> {
     let (auth, identity) = authorize(&state, &headers, &q, &id)?;
     let messages = crate::rest::messages_of(&state, &headers, &q, bytes)?;
-    // A moved connection's successor owns this channel too and re-attached it.
-    if held(&state, &auth.app_id, &id).is_none() {
-        return Err(not_found(&id).into());
+    match held(&state, &auth.app_id, &id) {
+        None => return Err(not_found(&id).into()),
+        Some(Held::Here(_)) => {}
+        // Its successor owns this channel too and re-attached it, as long as the
+        // successor's node lives: with that node gone, so is the connection.
+        Some(Held::Moved(to)) => {
+            if !is_live_node_of(&state, &to) {
+                return Err(not_found(&id).into());
+            }
+        }
     }
     let key = ChannelKey::new(&auth.app_id, &channel_of(&id));
     let applied =

@@ -63,7 +63,7 @@ test('kill -9 the node holding a connection: its id is gone, the new id works fr
       await sleep(200);
     }
     for (const answer of answers) assert.ok(['504/50003', '404/80022'].includes(answer), answer);
-    console.log(`# the dead node's id answered: ${answers.join(' ')}`);
+    console.log(`the dead node's id answered: ${answers.join(' ')}`);
     await waitUntil(() => realtime.channels.get(`[connection]${oldId}`).state === 'failed', 10000, 'old channel refused');
     assert.equal(realtime.channels.get(`[connection]${oldId}`).errorReason.code, 40160);
 

@@ -208,6 +208,30 @@ test('a connection resumed on another region keeps its channel: pushes to the ol
   }
 });
 
+test('push latency: POST → delivery, from the holder\'s region and from another (printed)', async () => {
+  // Measures what a backend sees: 100 sequential pushes to one connection, each timed
+  // from the POST to the subscriber's callback; every one arrives once, in order.
+  const [east, west] = tern.ports;
+  const realtime = await connected(client(east));
+  const id = realtime.connection.id;
+  const arrived = new Map();
+  await realtime.channels.get(`[connection]${id}`).subscribe((m) => arrived.set(m.data, performance.now()));
+  const percentile = (values, p) => values.slice().sort((a, b) => a - b)[Math.min(values.length - 1, Math.floor(values.length * p))];
+  for (const [label, port] of [['same region', east], ['cross region', west]]) {
+    const took = [];
+    for (let i = 0; i < 100; i++) {
+      const data = `${label}-${i}`;
+      const start = performance.now();
+      assert.equal((await call(port, 'POST', `/connections/${id}/messages`, { body: { data } })).status, 201);
+      await waitUntil(() => arrived.has(data), 10000, data);
+      took.push(arrived.get(data) - start);
+    }
+    console.log(`push ${label}: p50 ${percentile(took, 0.5).toFixed(1)} ms, p99 ${percentile(took, 0.99).toFixed(1)} ms (100 sequential, debug build)`);
+  }
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(arrived.size, 200);
+});
+
 test('inbound webhooks: ?enveloped=false publishes JSON, text and binary bodies as one message', async () => {
   // Proves Ably's unenveloped publish: the body is the data, typed by Content-Type.
   const [east, west] = tern.ports;
