@@ -18,9 +18,9 @@
 //!
 //! # Where a connection is
 //! A connection id is `<node tag>-<random>`: the tag names the node that issued it and
-//! holds its registry entry (live or parked) for its whole life, since a resume on
-//! another node gets a new id. So the request is routed by the id alone, with no lookup
-//! table to keep in step: a node that is not the holder forwards it, unchanged, to the
+//! holds its registry entry (live, parked, or `moved` after a resume on another node,
+//! which gets a new id there: see `handover`) for its whole life. So the request is
+//! routed by the id alone, with no lookup table to keep in step: a node that is not the holder forwards it, unchanged, to the
 //! holder's client URL (`forward::forward`, at most once); a tag no live member has
 //! means the node is gone and its connections with it (404/80022). Publishing at the
 //! holder makes it the events' origin, so a live connection there gets the message from

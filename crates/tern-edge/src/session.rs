@@ -92,19 +92,12 @@ const SECRET_LEN: usize = 20;
 /// Whether `key` has the shape of a key some Tern node issued (this one or another):
 /// anything else cannot name a connection anywhere (80018, not 80008).
 fn is_connection_key(key: &str) -> bool {
-    let alnum =
-        |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_alphanumeric());
     let Some((id, secret)) = tern_core::registry::split_key(key) else {
         return false;
     };
-    let Some((tag, random)) = id.split_once('-') else {
-        return false;
-    };
-    !tag.is_empty()
-        && tag.len() <= 64
-        && tag.bytes().all(|b| b.is_ascii_alphanumeric())
-        && alnum(random, ID_RANDOM_LEN)
-        && alnum(secret, SECRET_LEN)
+    crate::connections::node_tag_of(id).is_some()
+        && secret.len() == SECRET_LEN
+        && secret.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 pub(crate) struct Session {
@@ -179,7 +172,15 @@ impl Session {
                 )),
             ),
             Some(key) => {
-                match take_parked(&state, key, &auth.app_id, client_id_of(&identity)).await {
+                match take_parked(
+                    &state,
+                    key,
+                    &auth.app_id,
+                    client_id_of(&identity),
+                    SUPERSEDE_WAIT,
+                )
+                .await
+                {
                     Ok((id, parked, keys)) => (id, Some((parked, keys)), None),
                     Err(error) => (new_id(), None, Some(error)),
                 }
@@ -569,13 +570,15 @@ fn client_id_of(identity: &ClientIdentity) -> Option<&str> {
 
 /// Takes the parked state (and key chain) of the connection named by a resume/recover
 /// key, superseding a transport that still holds it, for a client of `app_id` acting
-/// as `client_id` (a resume here, or a handover to another node). `Err` is the error
-/// the new CONNECTED carries.
+/// as `client_id` (a resume here, or a handover to another node), waiting at most
+/// `supersede_wait` for a live transport to let go. `Err` is the error the new
+/// CONNECTED carries.
 pub(crate) async fn take_parked(
     state: &EdgeState,
     key: &str,
     app_id: &str,
     client_id: Option<&str>,
+    supersede_wait: Duration,
 ) -> Result<(Arc<str>, ParkedSession, KeyChain), ErrorInfo> {
     let unable = |why: &str| {
         ErrorInfo::new(
@@ -583,7 +586,7 @@ pub(crate) async fn take_parked(
             format!("Unable to recover connection: {why}"),
         )
     };
-    let give_up = Instant::now() + SUPERSEDE_WAIT;
+    let give_up = Instant::now() + supersede_wait;
     loop {
         let result = state.registry().resume(key, now_ms());
         match result {

@@ -15,7 +15,8 @@
 //! node, replicated like any channel) keep reaching it. `GET` of the old id answers
 //! `moved` with the new id; `DELETE` of it closes the new connection.
 //!
-//! The claim is bounded (`CLAIM_TIMEOUT`) and best effort: when the old node is dead or
+//! The claim is bounded (`CLAIM_TIMEOUT`, 1.5 s; the old node's part within 0.5 s) and
+//! best effort: when the old node is dead or
 //! does not answer, the connection goes on under its new id only, the old id is 404
 //! everywhere (its node is gone), and re-attaching the old channel is refused (40160):
 //! an app subscribes to its new id's channel on `connected` (docs/functions.md).
@@ -35,8 +36,13 @@ use crate::now_ms;
 use crate::response::{body, ApiError};
 use crate::state::EdgeState;
 
+/// How long the old node waits for a transport it still thinks live to let go of the
+/// connection. Well inside `CLAIM_TIMEOUT`, so the old node does not record a move the
+/// new node has stopped waiting for (which would leave the old id `moved` to a
+/// connection that does not own its channel).
+const GIVE_SUPERSEDE_WAIT: Duration = Duration::from_millis(500);
 /// How long opening a connection may wait for the old node to hand the old one over.
-const CLAIM_TIMEOUT: Duration = Duration::from_secs(1);
+const CLAIM_TIMEOUT: Duration = Duration::from_millis(1_500);
 /// Most earlier ids one connection owns the channels of (a chain of cross-node resumes;
 /// the oldest are dropped first).
 pub(crate) const PREDECESSORS_MAX: usize = 4;
@@ -147,6 +153,7 @@ pub(crate) async fn give(
         &claim.key,
         &claim.app_id,
         claim.client_id.as_deref(),
+        GIVE_SUPERSEDE_WAIT,
     )
     .await
     .map_err(refused)?;
