@@ -41,6 +41,7 @@
 //! app. A connection of another app is 404, as if unknown.
 
 pub(crate) mod handover;
+pub(crate) mod keys;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -87,7 +87,10 @@ fn random_id(len: usize) -> String {
 }
 
 /// Connection ids are `<node tag>-<random>` and keys `<id>!<secret>` (see `Session::open`).
-const SECRET_LEN: usize = 20;
+/// The secrets a key may have: this version issues `connections::keys::SECRET_LEN` (32);
+/// earlier ones issued 20 random characters, which a rolling upgrade still meets.
+const SECRET_LEN_MIN: usize = 20;
+const SECRET_LEN_MAX: usize = 64;
 
 /// Whether `key` has the shape of a key some Tern node issued (this one or another):
 /// anything else cannot name a connection anywhere (80018, not 80008).
@@ -96,7 +99,7 @@ fn is_connection_key(key: &str) -> bool {
         return false;
     };
     crate::connections::node_tag_of(id).is_some()
-        && secret.len() == SECRET_LEN
+        && (SECRET_LEN_MIN..=SECRET_LEN_MAX).contains(&secret.len())
         && secret.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
@@ -197,7 +200,7 @@ impl Session {
                 id.split_once('-')
                     .is_none_or(|(tag, _)| tag != state.node_tag)
             });
-        let secret = random_id(SECRET_LEN);
+        let secret = state.connection_keys.secret_for(&id);
         let stats = state.stats.app(&auth.app_id, now);
         let counted = stats
             .as_ref()

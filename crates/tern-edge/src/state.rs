@@ -52,6 +52,9 @@ pub struct EdgeState {
     pub(crate) mqtt_sessions: std::sync::OnceLock<crate::mqtt::SharedSessions>,
     /// Comet connections by connection key (`comet`).
     pub(crate) comet: crate::comet::Links,
+    /// Signs this node's connection keys so any member can vouch for them
+    /// (`connections::keys`).
+    pub(crate) connection_keys: crate::connections::keys::KeySigner,
 }
 
 /// How waiting for a publish to be durable ended.
@@ -164,6 +167,7 @@ impl EdgeState {
             tls: None,
             mqtt_sessions: std::sync::OnceLock::new(),
             comet: crate::comet::Links::default(),
+            connection_keys: crate::connections::keys::KeySigner::random(),
             config,
             hub,
             keys,
@@ -179,6 +183,14 @@ impl EdgeState {
     /// the cluster.
     pub fn with_cluster(mut self, cluster: Arc<dyn ClusterView>) -> Self {
         self.cluster = Some(cluster);
+        self
+    }
+
+    /// Signs connection keys under `secret`, which every member of the cluster shares,
+    /// instead of a secret of this node's own: any member can then vouch for a key
+    /// another issued (`connections::keys`).
+    pub fn with_connection_key_secret(mut self, secret: [u8; 32]) -> Self {
+        self.connection_keys = crate::connections::keys::KeySigner::new(secret);
         self
     }
 

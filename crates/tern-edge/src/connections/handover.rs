@@ -15,11 +15,14 @@
 //! node, replicated like any channel) keep reaching it. `GET` of the old id answers
 //! `moved` with the new id; `DELETE` of it closes the new connection.
 //!
-//! The claim is bounded (`CLAIM_TIMEOUT`, 1.5 s; the old node's part within 0.5 s) and
-//! best effort: when the old node is dead or
-//! does not answer, the connection goes on under its new id only, the old id is 404
-//! everywhere (its node is gone), and re-attaching the old channel is refused (40160):
-//! an app subscribes to its new id's channel on `connected` (docs/functions.md).
+//! The claim is bounded (`CLAIM_TIMEOUT`, 1.5 s; the old node's part within 0.5 s).
+//! When the old node is dead or does not answer, the key's signature (`keys`: every
+//! member signs connection keys under the same cluster secret) still proves the client
+//! held the old connection, so the new connection owns its channel all the same, and
+//! what the old node acknowledged before it died (on `ack_replicas`) reaches the client
+//! by the channel's resume. The old id itself is 404 from then on (its node is gone):
+//! the backend pushes to the new id, which the app learns on `connected`
+//! (docs/functions.md). A live old node that refuses the key is final.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,9 +70,23 @@ struct Given {
     predecessors: Vec<String>,
 }
 
+/// How a claim ended.
+enum Claimed {
+    /// The old node handed the connection over; these are its own predecessors.
+    Given(Vec<String>),
+    /// The old node answered, and refused: the key does not resume the connection.
+    Refused,
+    /// No answer: the old node is gone, unreachable or too slow.
+    Unanswered,
+}
+
 /// At the new node, while opening connection `to` for a resume whose `key` another node
 /// issued: claims the old connection. Returns the ids whose channels `to` now owns
-/// (the old id first, then its own predecessors), empty when the claim failed.
+/// (the old id first, then its own predecessors), empty when the claim failed. When the
+/// old node does not answer (it died: the failover case) but the key's signature
+/// vouches for it (`keys`), `to` still owns the old id's channel, so what the old node
+/// acknowledged before it died reaches the client; a refusal from a live old node is
+/// final.
 pub(crate) async fn claim(
     state: &EdgeState,
     key: &str,
@@ -77,13 +94,43 @@ pub(crate) async fn claim(
     app_id: &str,
     client_id: Option<&str>,
 ) -> Vec<Arc<str>> {
-    let Some((old, _)) = tern_core::registry::split_key(key) else {
+    let Some((old, secret)) = tern_core::registry::split_key(key) else {
         return Vec::new();
     };
-    let url = node_tag_of(old).and_then(|tag| state.cluster.as_ref()?.node_by_tag(tag));
-    let Some(node) = url else {
-        metrics::counter!("tern_connection_handovers_total", "outcome" => "node_gone").increment(1);
+    let claimed = ask(state, key, old, to, app_id, client_id).await;
+    let (outcome, predecessors) = match claimed {
+        Claimed::Given(predecessors) => ("taken", Some(predecessors)),
+        Claimed::Refused => ("refused", None),
+        Claimed::Unanswered if state.connection_keys.vouches(old, secret) => {
+            ("vouched", Some(Vec::new()))
+        }
+        Claimed::Unanswered => ("unanswered", None),
+    };
+    metrics::counter!("tern_connection_handovers_total", "outcome" => outcome).increment(1);
+    tracing::debug!(%old, %to, outcome, "connection handover");
+    let Some(predecessors) = predecessors else {
         return Vec::new();
+    };
+    std::iter::once(old.to_string())
+        .chain(predecessors)
+        .filter(|id| node_tag_of(id).is_some())
+        .take(PREDECESSORS_MAX)
+        .map(Arc::from)
+        .collect()
+}
+
+/// Sends the claim to the node that issued `old`.
+async fn ask(
+    state: &EdgeState,
+    key: &str,
+    old: &str,
+    to: &str,
+    app_id: &str,
+    client_id: Option<&str>,
+) -> Claimed {
+    let holder = node_tag_of(old).and_then(|tag| state.cluster.as_ref()?.node_by_tag(tag));
+    let Some(node) = holder else {
+        return Claimed::Unanswered;
     };
     let claim = Claim {
         key: key.to_string(),
@@ -107,30 +154,24 @@ pub(crate) async fn claim(
         CLAIM_TIMEOUT,
     )
     .await;
-    let given = match answer {
+    match answer {
         Ok((StatusCode::OK, bytes)) => {
-            tern_protocol::decode_value::<Given>(Format::Json, &bytes).ok()
+            match tern_protocol::decode_value::<Given>(Format::Json, &bytes) {
+                Ok(given) => Claimed::Given(given.predecessors),
+                Err(_) => Claimed::Unanswered,
+            }
         }
+        // A node that answers for itself: 404 (the key resumes nothing there) or 400.
+        Ok((status, _)) if status.is_client_error() => Claimed::Refused,
         Ok((status, _)) => {
-            tracing::debug!(%old, %to, %status, "connection handover refused");
-            None
+            tracing::info!(%old, %to, %status, "connection handover failed");
+            Claimed::Unanswered
         }
         Err(reason) => {
             tracing::info!(%old, %to, %reason, "connection handover failed");
-            None
+            Claimed::Unanswered
         }
-    };
-    let outcome = if given.is_some() { "taken" } else { "refused" };
-    metrics::counter!("tern_connection_handovers_total", "outcome" => outcome).increment(1);
-    let Some(given) = given else {
-        return Vec::new();
-    };
-    std::iter::once(old.to_string())
-        .chain(given.predecessors)
-        .filter(|id| node_tag_of(id).is_some())
-        .take(PREDECESSORS_MAX)
-        .map(Arc::from)
-        .collect()
+    }
 }
 
 /// `POST /connections/{id}/handover` at the node holding `id`: see the module doc.
