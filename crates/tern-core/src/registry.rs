@@ -321,6 +321,19 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         }
     }
 
+    /// Points a moved connection at a newer successor `to` (the client resumed on
+    /// another node again, its previous CONNECTED lost); its deadline stays. Returns
+    /// whether `id` was a moved connection.
+    pub fn repoint(&mut self, id: &str, to: Arc<str>) -> bool {
+        match self.entries.get_mut(id) {
+            Some(Entry::Moved { to: old, .. }) => {
+                *old = to;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Forgets a parked connection (`DELETE /connections/{id}`): no resume can take it
     /// any more. A live one is left alone (its session ends itself and removes it).
     /// Returns whether one was forgotten.
@@ -534,6 +547,9 @@ mod tests {
         assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Unknown));
         assert_eq!(reg.connection_id("c1!s1"), None);
         assert!(!reg.discard_parked("c1"));
+        assert!(reg.repoint("c1", "d2".into()));
+        assert!(matches!(reg.lookup("c1", 50), Some(Lookup::Moved { to, .. }) if &**to == "d2"));
+        assert!(!reg.repoint("c2", "d2".into()));
         assert_eq!(reg.lookup("c1", 100), None);
         assert_eq!(reg.sweep(100), 1);
         assert_eq!(reg.parked_count(), 0);

@@ -212,6 +212,42 @@ test('a connection resumed on another region keeps its channel: pushes to the ol
   }
 });
 
+test('a cross-region resume whose CONNECTED is lost, then retried with the same key, still owns the old channel', async () => {
+  // Proves a repeated claim: the first new connection's CONNECTED is cut, so ably-js
+  // resumes again with the old key, which the old node has already handed over; the
+  // old id is re-pointed at the newest connection, which owns the old channel and gets
+  // every push once.
+  const [east, west, south] = tern.ports;
+  const proxy = await startProxy(east);
+  try {
+    const realtime = await connected(client(proxy.port, { disconnectedRetryTimeout: 200 }));
+    const oldId = realtime.connection.id;
+    const got = await ownChannel(realtime);
+    proxy.pause(true);
+    const disconnected = once(realtime.connection, 'disconnected');
+    proxy.dropAll();
+    await disconnected;
+    await waitUntil(async () => (await call(south, 'GET', `/connections/${oldId}`)).body?.state === 'disconnected', 10000, 'parked');
+    assert.equal((await call(south, 'POST', `/connections/${oldId}/messages`, { body: { data: 'away' } })).status, 201);
+    proxy.retarget(west);
+    let cut = false;
+    proxy.armCut('rst', { onCut: () => { cut = true; } });
+    proxy.pause(false);
+    await waitUntil(() => cut, 15000, 'the first CONNECTED from the other region cut');
+    await waitUntil(() => realtime.connection.state === 'connected' && realtime.connection.id !== oldId, 15000, 'resumed again');
+    const newId = realtime.connection.id;
+    await waitUntil(() => got.length >= 1, 10000, 'the push made while away');
+    const moved = await call(east, 'GET', `/connections/${oldId}`);
+    assert.deepEqual(moved.body, { connectionId: oldId, state: 'moved', movedTo: newId });
+    assert.equal((await call(south, 'POST', `/connections/${oldId}/messages`, { body: { data: 'later' } })).status, 201);
+    await waitUntil(() => got.length >= 2, 10000, 'a push to the old id after the second resume');
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(got.map((m) => m.data), ['away', 'later']);
+  } finally {
+    proxy.close();
+  }
+});
+
 test('push latency: POST → delivery, from the holder\'s region and from another (printed)', async () => {
   // Measures what a backend sees: 100 sequential pushes to one connection, each timed
   // from the POST to the subscriber's callback; every one arrives once, in order.

@@ -22,7 +22,8 @@
 //! what the old node acknowledged before it died (on `ack_replicas`) reaches the client
 //! by the channel's resume. The old id itself is 404 from then on (its node is gone):
 //! the backend pushes to the new id, which the app learns on `connected`
-//! (docs/functions.md). A live old node that refuses the key is final.
+//! (docs/functions.md). A claim repeated with the same key (the first one's CONNECTED
+//! was lost with its transport) re-points the moved id at the newest connection.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,11 +83,13 @@ enum Claimed {
 
 /// At the new node, while opening connection `to` for a resume whose `key` another node
 /// issued: claims the old connection. Returns the ids whose channels `to` now owns
-/// (the old id first, then its own predecessors), empty when the claim failed. When the
-/// old node does not answer (it died: the failover case) but the key's signature
-/// vouches for it (`keys`), `to` still owns the old id's channel, so what the old node
-/// acknowledged before it died reaches the client; a refusal from a live old node is
-/// final.
+/// (the old id first, then its own predecessors), empty when the key proves nothing.
+/// Owning the channel needs only proof that the client was given a key of the old
+/// connection: the old node's answer, or the key's signature (`keys`), which also
+/// covers an old node that died (the failover case: what it acknowledged before it
+/// died reaches the client) and a key the old node no longer resumes (spent by an
+/// earlier claim whose CONNECTED was lost, or expired). Reading the channel of a
+/// connection whose key one holds gives nothing away: only its client was given it.
 pub(crate) async fn claim(
     state: &EdgeState,
     key: &str,
@@ -98,12 +101,11 @@ pub(crate) async fn claim(
         return Vec::new();
     };
     let claimed = ask(state, key, old, to, app_id, client_id).await;
+    let vouched = state.connection_keys.vouches(old, secret);
     let (outcome, predecessors) = match claimed {
         Claimed::Given(predecessors) => ("taken", Some(predecessors)),
+        _ if vouched => ("vouched", Some(Vec::new())),
         Claimed::Refused => ("refused", None),
-        Claimed::Unanswered if state.connection_keys.vouches(old, secret) => {
-            ("vouched", Some(Vec::new()))
-        }
         Claimed::Unanswered => ("unanswered", None),
     };
     metrics::counter!("tern_connection_handovers_total", "outcome" => outcome).increment(1);
@@ -189,15 +191,37 @@ pub(crate) async fn give(
     }
     let refused =
         |error: ErrorInfo| ApiError(ErrorInfo::with_status(error.code, 404, error.message));
-    let (old, parked, _) = crate::session::take_parked(
+    let taken = crate::session::take_parked(
         &state,
         &claim.key,
         &claim.app_id,
         claim.client_id.as_deref(),
         GIVE_SUPERSEDE_WAIT,
     )
-    .await
-    .map_err(refused)?;
+    .await;
+    let (old, parked, _) = match taken {
+        Ok(taken) => taken,
+        Err(error) => {
+            // Moved already, by a claim whose CONNECTED the client never got: it
+            // resumed again, from the same key, as `to`. Follow it there.
+            let secret = tern_core::registry::split_key(&claim.key).map_or("", |(_, s)| s);
+            let again = state.connection_keys.vouches(&id, secret) && {
+                let mut registry = state.registry();
+                let moved_here = matches!(
+                    registry.lookup(&id, now_ms()),
+                    Some(tern_core::Lookup::Moved { app, .. }) if **app == *claim.app_id
+                );
+                moved_here && registry.repoint(&id, claim.to.as_str().into())
+            };
+            if again {
+                let given = Given {
+                    predecessors: Vec::new(),
+                };
+                return Ok(body(StatusCode::OK, Format::Json, &given).into_response());
+            }
+            return Err(refused(error));
+        }
+    };
     let deadline_ms = now_ms() + state.config.connection_state_ttl_ms as i64;
     state.registry().moved(
         old,
