@@ -1,5 +1,8 @@
-// Outbound webhooks (docs/functions.md): publish → function invocation latency, and
-// webhook deliveries per second of one node in batch mode, against a local function.
+// Outbound webhooks (docs/functions.md): publish → function invocation latency,
+// webhook deliveries per second of one node in batch mode while publishing, and how
+// fast a backlog drains (the function answers 503 while the messages are published,
+// then 200: deliveries per second from the first 2xx to the last), against a local
+// function.
 // Starts its own `tern serve` (memory history) and function; stops only the PID it
 // started.
 //
@@ -20,11 +23,15 @@ const [latencyMessages = '500', rate = '100', burstMessages = '20000'] = process
 
 /// The function: answers 200 at once and times each message by the send time in its data.
 function startFunction() {
-  const fn = { latencies: [], received: 0, firstMs: 0, lastMs: 0 };
+  const fn = { latencies: [], received: 0, firstMs: 0, lastMs: 0, down: false };
   const server = createServer((req, res) => {
     const chunks = [];
     req.on('data', (c) => chunks.push(c));
     req.on('end', () => {
+      if (fn.down) {
+        res.writeHead(503).end();
+        return;
+      }
       const now = performance.timeOrigin + performance.now();
       for (const item of JSON.parse(Buffer.concat(chunks)).items) {
         for (const m of item.data.messages) {
@@ -66,6 +73,16 @@ url = "http://127.0.0.1:${functionPort}/"
 batch_window_ms = 100
 batch_items_max = 1000
 outbox_items_max = 100000
+sign_with_key = "root"
+[[apps.rules]]
+id = "backlog"
+channel_filter = "^backlog$"
+url = "http://127.0.0.1:${functionPort}/"
+batch_window_ms = 100
+batch_items_max = 1000
+outbox_items_max = 100000
+retry_delay_initial_ms = 50
+retry_delay_max_ms = 100
 sign_with_key = "root"
 `);
   const child = spawn(tern, ['serve', '--config', join(dir, 'tern.toml')], { cwd: dir, stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, TERN_LOG: 'warn' } });
@@ -111,6 +128,18 @@ try {
   while (fn.received < Number(burstMessages)) await new Promise((r) => setTimeout(r, 20));
   const seconds = (fn.lastMs - fn.firstMs) / 1000;
   console.log(`batched deliveries: ${fn.received} messages in ${seconds.toFixed(2)} s from first to last delivery = ${(fn.received / seconds).toFixed(0)}/s (published in ${publishSeconds.toFixed(2)} s)`);
+
+  fn.received = 0;
+  fn.firstMs = 0;
+  fn.down = true;
+  const backlog = rest.channels.get('backlog');
+  for (let i = 0; i < Number(burstMessages) / perPublish; i++) {
+    await backlog.publish(Array.from({ length: perPublish }, (_, j) => ({ name: 'b', data: `y${i * perPublish + j}` })));
+  }
+  fn.down = false;
+  while (fn.received < Number(burstMessages)) await new Promise((r) => setTimeout(r, 20));
+  const drain = (fn.lastMs - fn.firstMs) / 1000;
+  console.log(`backlog drain: ${fn.received} messages queued while the function was down, delivered in ${drain.toFixed(2)} s = ${(fn.received / drain).toFixed(0)}/s`);
 } finally {
   node.child.kill('SIGTERM');
   server.close();

@@ -105,6 +105,7 @@ impl ClusterNode {
             origin: format!("{:016x}", hub.origin().0),
             load: 0,
             departed: Vec::new(),
+            webhook_marks: String::new(),
         };
         let mut membership_config = MembershipConfig::new(
             me,
@@ -154,6 +155,20 @@ impl ClusterNode {
 
     pub fn replication(&self) -> &Arc<Replicator> {
         &self.replicator
+    }
+
+    /// Changes to the live set (each member as last gossiped, webhook marks included).
+    pub fn watch_members(&self) -> tokio::sync::watch::Receiver<Vec<Member>> {
+        self.live.clone()
+    }
+
+    /// Publishes this node's webhook delivered marks (see
+    /// [`Membership::set_webhook_marks`]); `false` if too long to publish.
+    pub async fn set_webhook_marks(&self, marks: &str) -> bool {
+        match self.membership.lock().await.as_ref() {
+            Some(membership) => membership.set_webhook_marks(marks).await,
+            None => false,
+        }
     }
 
     pub async fn set_load(&self, load: u64) {

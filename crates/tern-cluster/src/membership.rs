@@ -26,6 +26,11 @@ const KEY_TAG: &str = "tag";
 const KEY_ORIGIN: &str = "origin";
 const KEY_LOAD: &str = "load";
 const KEY_DEPARTED: &str = "departed";
+const KEY_WEBHOOK_MARKS: &str = "webhook_marks";
+/// Bytes of webhook delivered marks one node publishes at most (a few dozen rules);
+/// longer values are not published (the marks are then unknown, and a takeover
+/// delivers everything shadowed: duplicates, not loss).
+pub const WEBHOOK_MARKS_BYTES_MAX: usize = 1024;
 /// Departed node tags each node publishes (newest last), so a node that joins later
 /// learns whose presence members must not come back.
 pub const DEPARTED_TAGS_MAX: usize = 64;
@@ -52,6 +57,10 @@ pub struct Member {
     pub load: u64,
     /// Tags of nodes this member saw depart (at most [`DEPARTED_TAGS_MAX`]).
     pub departed: Vec<String>,
+    /// The node's webhook delivered marks, as `tern_functions::outbox::Marks` encodes
+    /// them (opaque here); what a node taking over its outbox starts after.
+    #[serde(skip)]
+    pub webhook_marks: String,
 }
 
 /// How to join the cluster.
@@ -188,6 +197,19 @@ impl Membership {
             .await;
     }
 
+    /// Publishes this node's webhook delivered marks (at most
+    /// [`WEBHOOK_MARKS_BYTES_MAX`] bytes; a longer value is refused with `false`).
+    pub async fn set_webhook_marks(&self, marks: &str) -> bool {
+        if marks.len() > WEBHOOK_MARKS_BYTES_MAX {
+            return false;
+        }
+        let value = marks.to_string();
+        self.handle
+            .with_chitchat(|c| c.self_node_state().set(KEY_WEBHOOK_MARKS, value.clone()))
+            .await;
+        true
+    }
+
     /// Stops gossiping. Peers will see this node go silent and declare it dead.
     pub async fn shutdown(self) {
         let _ = self.handle.shutdown().await;
@@ -252,5 +274,10 @@ fn member_of(id: &ChitchatId, state: &NodeState) -> Option<Member> {
             .take(DEPARTED_TAGS_MAX)
             .map(str::to_string)
             .collect(),
+        webhook_marks: state
+            .get(KEY_WEBHOOK_MARKS)
+            .filter(|m| m.len() <= WEBHOOK_MARKS_BYTES_MAX)
+            .unwrap_or_default()
+            .to_string(),
     })
 }

@@ -465,6 +465,17 @@ impl Replicator {
         (home != self.config.node_id).then(|| home.to_string())
     }
 
+    /// The channel's home in `region` (this node included), if that region has a live
+    /// node: where a dead origin's webhooks are shadowed (`tern_functions::outbox`).
+    pub fn home_in(&self, key: &ChannelKey, region: &str) -> Option<String> {
+        let out = lock(&self.out);
+        let home = self
+            .homes(&out, key)
+            .get(region)
+            .map(|home| home.to_string());
+        home
+    }
+
     /// Live QUIC connections to peers (one per peer, whichever side dialed).
     pub fn link_connections(&self) -> usize {
         self.running

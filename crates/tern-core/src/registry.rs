@@ -119,6 +119,9 @@ pub struct ConnectionRegistry<S, L> {
     deadlines: BTreeMap<(i64, Arc<str>), ()>,
     next_generation: u64,
     parked_max: usize,
+    /// Parked connections pushed out by `parked_max` since the last sweep, handed out
+    /// by the next [`ConnectionRegistry::sweep`] (at most `parked_max`).
+    evicted: Vec<(Arc<str>, S)>,
 }
 
 /// Splits `<connectionId>!<secret>`.
@@ -134,6 +137,7 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
             deadlines: BTreeMap::new(),
             next_generation: 1,
             parked_max,
+            evicted: Vec::new(),
         }
     }
 
@@ -186,7 +190,11 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         self.deadlines.insert((deadline_ms, id.clone()), ());
         while self.deadlines.len() > self.parked_max {
             if let Some(((_, oldest), ())) = self.deadlines.pop_first() {
-                self.entries.remove(&oldest);
+                if let Some(Entry::Parked { state, .. }) = self.entries.remove(&oldest) {
+                    if self.evicted.len() < self.parked_max {
+                        self.evicted.push((oldest, state));
+                    }
+                }
             }
         }
         true
@@ -316,7 +324,11 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         self.deadlines.insert((deadline_ms, id), ());
         while self.deadlines.len() > self.parked_max {
             if let Some(((_, oldest), ())) = self.deadlines.pop_first() {
-                self.entries.remove(&oldest);
+                if let Some(Entry::Parked { state, .. }) = self.entries.remove(&oldest) {
+                    if self.evicted.len() < self.parked_max {
+                        self.evicted.push((oldest, state));
+                    }
+                }
             }
         }
     }
@@ -334,32 +346,37 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         }
     }
 
-    /// Forgets a parked connection (`DELETE /connections/{id}`): no resume can take it
-    /// any more. A live one is left alone (its session ends itself and removes it).
-    /// Returns whether one was forgotten.
-    pub fn discard_parked(&mut self, id: &str) -> bool {
+    /// Ends a parked connection now (`DELETE /connections/{id}`): no resume can take it
+    /// any more. Returns its state, for the caller to report it ended (the sweep will
+    /// not). A live one is left alone (its session ends itself and removes it).
+    pub fn discard_parked(&mut self, id: &str) -> Option<S> {
         let deadline_ms = match self.entries.get(id) {
             Some(Entry::Parked { deadline_ms, .. }) => *deadline_ms,
-            _ => return false,
+            _ => return None,
         };
-        if let Some((id, _)) = self.entries.remove_entry(id) {
-            self.deadlines.remove(&(deadline_ms, id));
+        match self.entries.remove_entry(id) {
+            Some((id, Entry::Parked { state, .. })) => {
+                self.deadlines.remove(&(deadline_ms, id));
+                Some(state)
+            }
+            _ => None,
         }
-        true
     }
 
-    /// Drops parked connections past their deadline. Returns how many.
-    pub fn sweep(&mut self, now_ms: i64) -> usize {
-        let mut dropped = 0;
+    /// Drops parked connections past their deadline, and returns them with those
+    /// pushed out by `parked_max` since the last sweep: the connections that ended.
+    pub fn sweep(&mut self, now_ms: i64) -> Vec<(Arc<str>, S)> {
+        let mut ended = std::mem::take(&mut self.evicted);
         while let Some(((deadline, _), ())) = self.deadlines.first_key_value() {
             if *deadline > now_ms {
                 break;
             }
             let ((_, id), ()) = self.deadlines.pop_first().expect("checked non-empty");
-            self.entries.remove(&id);
-            dropped += 1;
+            if let Some(Entry::Parked { state, .. }) = self.entries.remove(&id) {
+                ended.push((id, state));
+            }
         }
-        dropped
+        ended
     }
 
     pub fn parked_count(&self) -> usize {
@@ -509,7 +526,7 @@ mod tests {
         let g = reg.register(id.clone(), chain("s1"), 7);
         assert_eq!(reg.lookup("c1", 0), Some(Lookup::Live(&7)));
         assert_eq!(reg.lookup("c2", 0), None);
-        assert!(!reg.discard_parked("c1"));
+        assert_eq!(reg.discard_parked("c1"), None);
         assert_eq!(reg.lookup("c1", 0), Some(Lookup::Live(&7)));
         assert!(reg.park(&id, g, "state", 100));
         assert_eq!(
@@ -520,10 +537,12 @@ mod tests {
             })
         );
         assert_eq!(reg.lookup("c1", 100), None);
-        assert!(reg.discard_parked("c1"));
+        assert_eq!(reg.discard_parked("c1"), Some("state"));
         assert_eq!(reg.parked_count(), 0);
         assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Unknown));
-        assert!(!reg.discard_parked("c1"));
+        assert_eq!(reg.discard_parked("c1"), None);
+        // The caller reports it ended; the sweep does not again.
+        assert!(reg.sweep(1_000).is_empty());
     }
 
     /// A connection taken over by another node is remembered as moved (to its new id)
@@ -546,16 +565,18 @@ mod tests {
         );
         assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Unknown));
         assert_eq!(reg.connection_id("c1!s1"), None);
-        assert!(!reg.discard_parked("c1"));
+        assert_eq!(reg.discard_parked("c1"), None);
         assert!(reg.repoint("c1", "d2".into()));
         assert!(matches!(reg.lookup("c1", 50), Some(Lookup::Moved { to, .. }) if &**to == "d2"));
         assert!(!reg.repoint("c2", "d2".into()));
         assert_eq!(reg.lookup("c1", 100), None);
-        assert_eq!(reg.sweep(100), 1);
+        // A moved connection did not end here: the sweep forgets it without a word.
+        assert!(reg.sweep(100).is_empty());
         assert_eq!(reg.parked_count(), 0);
     }
 
-    /// The parked bound evicts the connection closest to expiry; sweep drops expired.
+    /// The parked bound evicts the connection closest to expiry; sweep drops expired
+    /// ones and hands out both (they ended), once.
     #[test]
     fn bounds_and_sweep() {
         let mut reg = Registry::new(2);
@@ -566,7 +587,14 @@ mod tests {
         }
         assert_eq!(reg.parked_count(), 2);
         assert_eq!(reg.resume("c1!s", 0), Err(ResumeError::Unknown));
-        assert_eq!(reg.sweep(20), 1);
+        // The sweep hands out what ended: c1 (pushed out by the bound) and c2 (expired).
+        let ended: Vec<String> = reg
+            .sweep(20)
+            .into_iter()
+            .map(|(id, _)| id.to_string())
+            .collect();
+        assert_eq!(ended, ["c1", "c2"]);
         assert_eq!(reg.parked_count(), 1);
+        assert!(reg.sweep(20).is_empty(), "handed out once");
     }
 }

@@ -248,7 +248,12 @@ impl Inbound for CometInbound {
 pub(crate) async fn connect(
     State(state): State<Arc<EdgeState>>,
     Query(query): Query<HashMap<String, String>>,
+    peer: Option<axum::Extension<crate::hooks::Peer>>,
 ) -> Response {
+    let arrival = crate::hooks::Arrival {
+        transport: "comet",
+        peer: peer.map(|axum::Extension(peer)| peer.0),
+    };
     let Some(format) = Format::from_param(query.get("format").map(String::as_str)) else {
         let error = ErrorInfo::new(code::BAD_REQUEST, "unsupported format: use json or msgpack");
         return frames_response(
@@ -286,7 +291,7 @@ pub(crate) async fn connect(
     });
     // This request is the first receive: the poll timeout counts from its end.
     let poll = link.open();
-    match Session::open(state.clone(), &query, format, outlet.clone(), "comet").await {
+    match Session::open(state.clone(), &query, format, outlet.clone(), arrival).await {
         Ok(session) => {
             let key = session.key().to_owned();
             state.comet.insert(key.clone(), link.clone());
@@ -307,7 +312,7 @@ pub(crate) async fn connect(
                 drop(permit);
             });
         }
-        Err(err) => outlet.finish(Some(error_frame(err))),
+        Err(err) => outlet.finish(Some(crate::connection::refusal_frame(err))),
     }
     drop(outlet);
     receive(&state, link, poll).await

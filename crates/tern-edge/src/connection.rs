@@ -151,8 +151,13 @@ pub(crate) async fn upgrade(
     State(state): State<Arc<EdgeState>>,
     Query(query): Query<HashMap<String, String>>,
     reset: Option<Extension<ResetOnClose>>,
+    peer: Option<Extension<crate::hooks::Peer>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let arrival = crate::hooks::Arrival {
+        transport: "web_socket",
+        peer: peer.map(|Extension(peer)| peer.0),
+    };
     let Ok(ws) = ws else {
         return axum::Json(serde_json::json!({
             "service": "tern",
@@ -181,7 +186,7 @@ pub(crate) async fn upgrade(
         .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| async move {
             metrics::gauge!("tern_connections").increment(1.0);
-            run(state, query, socket, reset).await;
+            run(state, query, socket, reset, arrival).await;
             metrics::gauge!("tern_connections").decrement(1.0);
             drop(permit);
         })
@@ -192,6 +197,7 @@ async fn run(
     query: HashMap<String, String>,
     socket: WebSocket,
     reset: Option<ResetOnClose>,
+    arrival: crate::hooks::Arrival,
 ) {
     let format = Format::from_param(query.get("format").map(String::as_str));
     let frame_max = state.config.max_frame_size;
@@ -213,16 +219,29 @@ async fn run(
             code::BAD_REQUEST,
             "unsupported format: use json or msgpack",
         )))),
-        Some(format) => {
-            match Session::open(state, &query, format, outlet.clone(), "web_socket").await {
-                Ok(session) => session.run(WsInbound(stream, frame_max)).await,
-                Err(err) => outlet.finish(Some(error_frame(err))),
-            }
-        }
+        Some(format) => match Session::open(state, &query, format, outlet.clone(), arrival).await {
+            Ok(session) => session.run(WsInbound(stream, frame_max)).await,
+            Err(err) => outlet.finish(Some(refusal_frame(err))),
+        },
     }
     drop(outlet);
     // Bounded: every write of the writer is (`write_timeout_ms`, FINAL_WRITE_TIMEOUT).
     let _ = writer.await;
+}
+
+/// The frame refusing a connection: an ERROR (the client goes FAILED with the
+/// error), except for a server-side failure (status 500 and up: a `$connect`
+/// function that failed closed), which is DISCONNECTED so the client tries again.
+pub(crate) fn refusal_frame(error: ErrorInfo) -> ProtocolMessage {
+    if error.status_code >= 500 {
+        ProtocolMessage {
+            action: action::DISCONNECTED,
+            error: Some(error),
+            ..Default::default()
+        }
+    } else {
+        error_frame(error)
+    }
 }
 
 /// A connection-level ERROR frame (the client goes FAILED).

@@ -360,7 +360,7 @@ pub(crate) async fn delete(
     /// What the registry said, acted on once its lock is released.
     enum Found {
         Closing,
-        Parked(Vec<Arc<str>>),
+        Parked(Box<crate::resume::ParkedSession>),
         Moved(Arc<str>),
     }
     let found = {
@@ -370,31 +370,61 @@ pub(crate) async fn delete(
                 Found::Moved(to.clone())
             }
             Some(Lookup::Live(live)) if live.info.app_id == auth.app_id => {
-                // `notify_one` keeps the wake-up if the session is between polls.
+                // `notify_one` keeps the wake-up if the session is between polls. The
+                // session ends as on CLOSE (members leave, `connection.disconnected`).
                 live.closed.notify_one();
                 Found::Closing
             }
             Some(Lookup::Parked { state, .. }) if state.info.app_id == auth.app_id => {
-                Found::Parked(state.presence_channels.iter().cloned().collect())
+                match registry.discard_parked(&id) {
+                    Some(parked) => Found::Parked(Box::new(parked)),
+                    None => return Err(not_found(&id).into()),
+                }
             }
             _ => return Err(not_found(&id).into()),
         };
-        if matches!(found, Found::Parked(_)) {
-            registry.discard_parked(&id);
-        }
         found
     };
     match found {
         Found::Closing => {}
-        Found::Parked(channels) => {
-            // Its members leave now rather than after the grace period.
-            state
-                .hub
-                .connection_closed(&auth.app_id, &id, &channels, now_ms());
-        }
+        Found::Parked(parked) => ended_here(&state, &id, &parked, crate::hooks::EndReason::Closed),
         Found::Moved(to) => return Ok(delete_moved(&state, &to, headers).await),
     }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A parked connection of this node ended other than by expiry (`DELETE`, or handed
+/// over to another node): its members leave now rather than after the grace period,
+/// and it is reported ended like any connection (`connection.disconnected`, and the
+/// record that keeps survivors from reporting it if this node dies).
+pub(crate) fn ended_here(
+    state: &EdgeState,
+    id: &str,
+    parked: &crate::resume::ParkedSession,
+    reason: crate::hooks::EndReason,
+) {
+    let now = now_ms();
+    let app_id = &parked.info.app_id;
+    if matches!(reason, crate::hooks::EndReason::Closed) {
+        let channels: Vec<Arc<str>> = parked.presence_channels.iter().cloned().collect();
+        state.hub.connection_closed(app_id, id, &channels, now);
+    }
+    if state.departures.tracks(app_id) {
+        let ended = [crate::departures::Record::Ended { id: id.to_string() }];
+        crate::departures::publish(&state.hub, app_id, &ended);
+    }
+    crate::hooks::record_disconnect(
+        state,
+        crate::hooks::Ended {
+            app_id,
+            connection_id: id,
+            client_id: parked.info.client_id.as_deref(),
+            transport: parked.info.transport,
+            connected_at_ms: parked.info.connected_at_ms,
+            reason,
+        },
+        now,
+    );
 }
 
 /// Whether the node that issued connection id `id` is this one or a live member.
@@ -448,7 +478,8 @@ pub(crate) async fn publish(
     }
     let key = ChannelKey::new(&auth.app_id, &channel_of(&id));
     let applied =
-        crate::rest::apply_publish_to(&state, &auth, &identity, key, messages, Transport::Rest)?;
+        crate::rest::apply_publish_to(&state, &auth, &identity, key, messages, Transport::Rest)
+            .await?;
     let response = crate::rest::finish_publish(&state, &auth, applied).await?;
     Ok(body(
         StatusCode::CREATED,

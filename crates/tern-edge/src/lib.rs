@@ -38,6 +38,11 @@
 //! - `revoke`: token revocation (`POST /keys/{keyName}/revokeTokens`), carried to every
 //!   node on a reserved channel, and the check every token passes.
 //! - `response`: Ably-shaped HTTP error responses, response formats, CORS.
+//! - `hooks`: the node's synchronous functions seen from the edge: a before-publish
+//!   verdict applied to messages, the `$connect` call, `connection.disconnected` written
+//!   to the webhook outbox (`tern_functions`).
+//! - `departures`: connection records on `[internal]connections`, folded on every node,
+//!   so a survivor reports a departed node's connections as disconnected.
 //!
 //! Architecture invariant: the edge talks to other nodes only through the core; it never
 //! holds channel state of its own beyond what one connection has attached.
@@ -50,9 +55,11 @@ pub mod config;
 mod connection;
 mod connections;
 mod credentials;
+mod departures;
 mod filter;
 mod forward;
 pub mod history;
+mod hooks;
 mod inbound;
 mod listener;
 mod messages;

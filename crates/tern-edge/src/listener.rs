@@ -80,7 +80,7 @@ pub async fn serve(listener: TcpListener, state: Arc<EdgeState>) {
                     tls: state.tls.as_ref().map(|tls| tls.acceptor()),
                     handshake_timeout: Duration::from_millis(state.config.header_read_timeout_ms),
                 };
-                tokio::spawn(connection.serve(tcp, admitted));
+                tokio::spawn(connection.serve(tcp, peer, admitted));
             }
             Err(refusal) => refusal.answer(&tcp),
         }
@@ -266,7 +266,7 @@ struct Connection {
 impl Connection {
     /// Serves HTTP until the connection closes or upgrades to a WebSocket (which then
     /// owns the socket, and `connections_max` counts it).
-    async fn serve(mut self, tcp: TcpStream, admitted: Admitted) {
+    async fn serve(mut self, tcp: TcpStream, peer: std::net::SocketAddr, admitted: Admitted) {
         let Admitted { http, address } = admitted;
         // Without TCP_NODELAY, Nagle holds small frames behind the peer's delayed ACK:
         // a 20-40 ms floor on delivery latency (docs/benchmarks.md).
@@ -297,6 +297,7 @@ impl Connection {
         let requested = Arc::new(AtomicBool::new(false));
         let service = ConnectionService {
             inner: TowerToHyperService::new(self.app),
+            peer: crate::hooks::Peer(peer),
             reset,
             requested: requested.clone(),
         };
@@ -341,6 +342,8 @@ impl ResetOnClose {
 /// request extension), so the WebSocket's writer can reach the socket it cannot see.
 struct ConnectionService<S> {
     inner: S,
+    /// The client's address, handed to every request (the `$connect` function is told).
+    peer: crate::hooks::Peer,
     reset: ResetOnClose,
     requested: Arc<AtomicBool>,
 }
@@ -355,6 +358,7 @@ where
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         self.requested.store(true, Ordering::Relaxed);
+        request.extensions_mut().insert(self.peer);
         if request.headers().contains_key(header::UPGRADE) {
             request.extensions_mut().insert(self.reset.clone());
         }

@@ -515,8 +515,21 @@ pub(crate) async fn change(
         .into());
     }
     message.serial = Some(serial);
-    let size = crate::budget::check_messages(std::slice::from_ref(&message), &state.config)?;
-    let prepared = prepare_messages(&state, &auth, &identity, &key, vec![message])?;
+    let mut size = crate::budget::check_messages(std::slice::from_ref(&message), &state.config)?;
+    // A change is a publish too: the channel's before-publish function sees it (or an
+    // edit could carry what the function refused in the original).
+    let mut messages = vec![message];
+    if let Some(caller) = state
+        .hooks
+        .as_ref()
+        .and_then(|hooks| hooks.before_publish(&auth.app_id, &key.name))
+    {
+        let verdict = caller.before_publish(&key.name, None, &messages).await;
+        let (checked, resized) = crate::hooks::apply_verdict(verdict, messages, &state.config)?;
+        messages = checked;
+        size = resized.unwrap_or(size);
+    }
+    let prepared = prepare_messages(&state, &auth, &identity, &key, messages)?;
     let serials = publish_prepared(&state, &auth, &key, prepared, size).await?;
     let version_serial = serials.into_iter().next().flatten();
     Ok(body(

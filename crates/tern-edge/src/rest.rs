@@ -186,7 +186,7 @@ pub(crate) async fn publish_messages(
     channel: &str,
     messages: Vec<Message>,
 ) -> Result<PublishResponse, ErrorInfo> {
-    let applied = apply_publish(state, auth, identity, channel, messages, Transport::Rest)?;
+    let applied = apply_publish(state, auth, identity, channel, messages, Transport::Rest).await?;
     finish_publish(state, auth, applied).await
 }
 
@@ -223,7 +223,11 @@ pub(crate) struct Applied {
 /// The checks and the hub publish of a publish without a realtime connection (REST,
 /// MQTT): capability, size budget, clientIds, message changes; then applied. The caller
 /// replies only once it is durable (`Applied::store_mark`).
-pub(crate) fn apply_publish(
+///
+/// A before-publish function of the channel is called after the checks and before the
+/// hub, and its verdict awaited (bounded by its timeout): the caller's request (or
+/// MQTT packet) waits, as the publish's answer depends on it.
+pub(crate) async fn apply_publish(
     state: &EdgeState,
     auth: &AuthContext,
     identity: &ClientIdentity,
@@ -235,13 +239,13 @@ pub(crate) fn apply_publish(
     if !auth.capability.allows(&key.name, Operation::Publish) {
         return Err(denied("publish", &key.name));
     }
-    apply_publish_to(state, auth, identity, key, messages, transport)
+    apply_publish_to(state, auth, identity, key, messages, transport).await
 }
 
 /// [`apply_publish`] on a channel the caller has already been allowed to publish on
-/// (a connection's own channel, `connections`): the size budget, clientIds, message
-/// changes, then the hub.
-pub(crate) fn apply_publish_to(
+/// (a connection's own channel, `connections`): the size budget, clientIds, the
+/// before-publish function, message changes, then the hub.
+pub(crate) async fn apply_publish_to(
     state: &EdgeState,
     auth: &AuthContext,
     identity: &ClientIdentity,
@@ -249,10 +253,20 @@ pub(crate) fn apply_publish_to(
     mut messages: Vec<Message>,
     transport: Transport,
 ) -> Result<Applied, ErrorInfo> {
-    let size = crate::budget::check_messages(&messages, &state.config)?;
+    let mut size = crate::budget::check_messages(&messages, &state.config)?;
     for message in &mut messages {
         message.client_id = message_client_id(identity, message.client_id.as_deref())?;
         message.connection_id = on_behalf_of(state, message.connection_key.take())?;
+    }
+    if let Some(caller) = state
+        .hooks
+        .as_ref()
+        .and_then(|hooks| hooks.before_publish(&auth.app_id, &key.name))
+    {
+        let verdict = caller.before_publish(&key.name, None, &messages).await;
+        let (checked, resized) = crate::hooks::apply_verdict(verdict, messages, &state.config)?;
+        messages = checked;
+        size = resized.unwrap_or(size);
     }
     let messages = crate::messages::prepare_messages(state, auth, identity, &key, messages)?;
     let pushes = crate::push::delivery::payloads(&messages);

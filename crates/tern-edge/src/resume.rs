@@ -5,6 +5,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
+use tern_auth::ClientIdentity;
 use tern_protocol::ErrorInfo;
 
 /// The answer a MESSAGE/PRESENCE frame got.
@@ -60,10 +61,14 @@ impl ReplyWindow {
 /// A connection's state while its transport is gone.
 pub(crate) struct ParkedSession {
     /// Its app and the clientId it acted as (a resume must present compatible
-    /// credentials), transport and first connect time (`GET /connections/{id}`).
+    /// credentials), the transport it last had and its first connect time
+    /// (`GET /connections/{id}`, `connection.disconnected`).
     pub(crate) info: crate::connections::ConnectionInfo,
     pub(crate) replies: ReplyWindow,
     pub(crate) presence_channels: HashSet<Arc<str>>,
+    /// The clientId and capability the `$connect` function gave it, which a resume
+    /// keeps (the client presents its original credentials again).
+    pub(crate) from_function: Option<(ClientIdentity, tern_auth::Capability)>,
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //! - here: opening (auth, resume/recover), the reader loop, dispatch, ending.
 //! - `attach`: ATTACH/DETACH (modes, params, rewind, resume), client SYNC.
 //! - `publish`: MESSAGE/PRESENCE (rates, msgSerial replies, checks, ACK/NACK).
+//! - `hooked`: publishes waiting for a before-publish function, and those held behind
+//!   them, applied in msgSerial order.
 //! - `reauth`: in-band AUTH and re-checking attachments against the new capability.
 //! - `derived`: derived (`[filter=…]`) channels: filtered, read-only attachments.
 
@@ -19,11 +21,15 @@ use bytes::Bytes;
 use rand::distr::{Alphanumeric, SampleString};
 use tern_auth::{AuthContext, ClientIdentity};
 use tern_core::{KeyChain, ResumeError};
+use tern_functions::hook::order::{Pipeline, Ticket};
+use tern_functions::hook::PublishVerdict;
 use tern_protocol::{action, code, ConnectionDetails, ErrorInfo, Format, ProtocolMessage};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 mod attach;
 mod derived;
+mod hooked;
 mod publish;
 mod reauth;
 
@@ -35,6 +41,7 @@ use publish::RateWindow;
 use crate::connection::{error_frame, Outlet};
 use crate::connections::{ConnectionInfo, LiveConnection, ID_RANDOM_LEN};
 use crate::credentials::{authenticate, details_client_id, resolve_identity};
+use crate::hooks::Arrival;
 use crate::now_ms;
 use crate::resume::{ParkedSession, Reply, ReplyWindow};
 use crate::state::EdgeState;
@@ -143,6 +150,19 @@ pub(crate) struct Session {
     /// as open in them until the session is dropped.
     stats: Option<Arc<AppStats>>,
     _counted: Option<OpenConnection>,
+    /// Publishes held back while an earlier one waits for its before-publish function
+    /// (see `hooked`), bounded by the app's `connection_pending_max`.
+    pipeline: Pipeline<hooked::Held, PublishVerdict>,
+    /// The function calls in flight; aborted when the session ends.
+    calls: JoinSet<PublishVerdict>,
+    /// Which pipeline entry each call decides.
+    call_tickets: HashMap<tokio::task::Id, Ticket>,
+    /// Ably's name of this transport (`web_socket`, `comet`).
+    transport: &'static str,
+    /// When the connection was first opened (kept across resumes).
+    connected_at_ms: i64,
+    /// The clientId and capability the `$connect` function gave, if it changed them.
+    from_function: Option<(ClientIdentity, tern_auth::Capability)>,
 }
 
 impl Session {
@@ -154,13 +174,13 @@ impl Session {
         query: &HashMap<String, String>,
         format: Format,
         outlet: Outlet,
-        transport: &'static str,
+        arrival: Arrival,
     ) -> Result<Session, ErrorInfo> {
         let now = now_ms();
         let get = |name: &str| query.get(name).map(String::as_str);
         let token = get("access_token").or_else(|| get("accessToken"));
-        let auth = authenticate(&state.keys, get("key"), token, now)?;
-        let identity = resolve_identity(&auth, get("clientId"))?;
+        let mut auth = authenticate(&state.keys, get("key"), token, now)?;
+        let mut identity = resolve_identity(&auth, get("clientId"))?;
         let requested = get("resume").or_else(|| get("recover"));
         let new_id =
             || -> Arc<str> { format!("{}-{}", state.node_tag, random_id(ID_RANDOM_LEN)).into() };
@@ -189,6 +209,40 @@ impl Session {
                 }
             }
         };
+        // A new connection (not a resumed one) goes through the app's `$connect`
+        // function, if any; a resumed one keeps what the function gave it then.
+        let (from_function, connected_at_ms) = match &parked {
+            Some((parked, _)) => {
+                if let Some((function_identity, capability)) = &parked.from_function {
+                    identity = function_identity.clone();
+                    auth.capability = auth.capability.intersect(capability);
+                }
+                (parked.from_function.clone(), parked.info.connected_at_ms)
+            }
+            None => {
+                let changed =
+                    crate::hooks::on_connect(&state, &id, arrival, &mut auth, &mut identity)
+                        .await?;
+                if state.departures.tracks(&auth.app_id) {
+                    let opened = crate::departures::Record::Opened {
+                        id: id.to_string(),
+                        opened: crate::departures::Opened {
+                            client_id: match &identity {
+                                ClientIdentity::Id(id) => Some(id.clone()),
+                                _ => None,
+                            },
+                            transport: arrival.transport.into(),
+                            connected_at: now,
+                        },
+                    };
+                    crate::departures::publish(&state.hub, &auth.app_id, &[opened]);
+                }
+                (
+                    changed.then(|| (identity.clone(), auth.capability.clone())),
+                    now,
+                )
+            }
+        };
         // A key issued by another node (its region failed, or DNS moved the client): the
         // connection cannot continue here, but channel cursors mean the same on every
         // node, so channels may still resume from their channelSerials. A key of this
@@ -210,14 +264,13 @@ impl Session {
         }
         // After a resume, the key it presented stays good beside the new one: this
         // CONNECTED may be lost with its transport (see `KeyChain`).
-        let (keys, replies, presence_channels, connected_at_ms, predecessors) = match parked {
+        let (keys, replies, presence_channels, predecessors) = match parked {
             Some((parked, keys)) => {
                 state.hub.forget_dropped(&id);
                 (
                     keys.issue(secret.clone()),
                     parked.replies,
                     parked.presence_channels,
-                    parked.info.connected_at_ms,
                     parked.info.predecessors,
                 )
             }
@@ -241,7 +294,6 @@ impl Session {
                     KeyChain::new(secret.clone()),
                     ReplyWindow::default(),
                     HashSet::new(),
-                    now,
                     predecessors,
                 )
             }
@@ -249,13 +301,17 @@ impl Session {
         let live = LiveConnection::new(ConnectionInfo {
             app_id: auth.app_id.clone(),
             client_id: client_id_of(&identity).map(str::to_string),
-            transport,
+            transport: arrival.transport,
             connected_at_ms,
             predecessors,
         });
         let generation = state
             .registry()
             .register(Arc::clone(&id), keys, live.clone());
+        let pending_max = state
+            .hooks
+            .as_ref()
+            .map_or(1, |hooks| hooks.connection_pending_max(&auth.app_id));
         let session = Session {
             key: format!("{id}!{secret}"),
             id,
@@ -278,6 +334,12 @@ impl Session {
             remain_present_for_ms: get("remainPresentFor").and_then(|v| v.parse().ok()),
             sync_counter: 0,
             warming: None,
+            pipeline: Pipeline::new(pending_max),
+            calls: JoinSet::new(),
+            call_tickets: HashMap::new(),
+            transport: arrival.transport,
+            connected_at_ms,
+            from_function,
             stats,
             _counted: counted,
         };
@@ -347,8 +409,14 @@ impl Session {
         let ending = loop {
             let deadline = self.token_deadline(now_ms());
             tokio::select! {
-                // A client frame. Cancel-safe: `Inbound::next` is.
-                received = inbound.next() => {
+                // A before-publish function answered: apply what is now at the front.
+                // Cancel-safe: `join_next_with_id` is.
+                Some(joined) = self.calls.join_next_with_id(), if !self.calls.is_empty() => {
+                    self.verdict_arrived(joined);
+                }
+                // A client frame. Cancel-safe: `Inbound::next` is. Not read while the
+                // connection's held-back publishes are at their bound.
+                received = inbound.next(), if !self.pipeline.is_full() => {
                     let frame = match received {
                         Received::Encoded(bytes) => match tern_protocol::decode(self.format, &bytes) {
                             Ok(frame) => frame,
@@ -361,6 +429,10 @@ impl Session {
                     if !self.outlet.headroom(SLOW_CLIENT_WAIT).await {
                         self.outlet.finish(Some(self.disconnected(too_slow())));
                         break Ending::Dropped;
+                    }
+                    if frame.action == action::CLOSE {
+                        // Publishes sent before the CLOSE are answered before CLOSED.
+                        self.settle_held().await;
                     }
                     if let Some(ending) = self.handle(frame) {
                         break ending;
@@ -432,6 +504,24 @@ impl Session {
             Ending::Closed => {
                 hub.connection_closed(&self.auth.app_id, &self.id, &channels, now);
                 self.state.registry().remove(&self.id, self.generation);
+                if self.state.departures.tracks(&self.auth.app_id) {
+                    let ended = [crate::departures::Record::Ended {
+                        id: self.id.to_string(),
+                    }];
+                    crate::departures::publish(hub, &self.auth.app_id, &ended);
+                }
+                crate::hooks::record_disconnect(
+                    &self.state,
+                    crate::hooks::Ended {
+                        app_id: &self.auth.app_id,
+                        connection_id: &self.id,
+                        client_id: self.identity_id().as_deref(),
+                        transport: self.transport,
+                        connected_at_ms: self.connected_at_ms,
+                        reason: crate::hooks::EndReason::Closed,
+                    },
+                    now,
+                );
             }
             Ending::Dropped => {
                 // Order matters: the hub lets go of the connection id before a resume
@@ -444,6 +534,7 @@ impl Session {
                     info: self.live.info.clone(),
                     replies: self.replies,
                     presence_channels: self.presence_channels,
+                    from_function: self.from_function,
                 };
                 let deadline = now + self.state.config.connection_state_ttl_ms as i64;
                 self.state
@@ -594,9 +685,13 @@ pub(crate) async fn take_parked(
         let result = state.registry().resume(key, now_ms());
         match result {
             Ok((id, parked, keys)) => {
+                // A clientId the `$connect` function attached is the connection's
+                // own: the client presents its original credentials again.
+                let function_given = parked.from_function.is_some() && client_id.is_none();
                 if parked.info.app_id != app_id
                     || (parked.info.client_id.is_some()
-                        && parked.info.client_id.as_deref() != client_id)
+                        && parked.info.client_id.as_deref() != client_id
+                        && !function_given)
                 {
                     return Err(unable("credentials do not match the connection"));
                 }

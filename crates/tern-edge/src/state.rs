@@ -55,6 +55,14 @@ pub struct EdgeState {
     /// Signs this node's connection keys so any member can vouch for them
     /// (`connections::keys`).
     pub(crate) connection_keys: crate::connections::keys::KeySigner,
+    /// Before-publish and `$connect` functions (`hooks`); `None` without any.
+    pub(crate) hooks: Option<Arc<tern_functions::Hooks>>,
+    /// The webhook outbox, where `connection.disconnected` events go; `None` without
+    /// webhook rules.
+    pub(crate) outbox: Option<Arc<tern_functions::Outbox>>,
+    /// Connection records of the apps with a `connection.disconnected` rule, for the
+    /// connections of departed nodes (`departures`).
+    pub(crate) departures: Arc<crate::departures::Departures>,
 }
 
 /// How waiting for a publish to be durable ended.
@@ -176,6 +184,51 @@ impl EdgeState {
             store: None,
             cluster: None,
             push: crate::push::Push::default(),
+            hooks: None,
+            outbox: None,
+            departures: Arc::default(),
+        }
+    }
+
+    /// Calls `hooks` before publishes and connections, and writes
+    /// `connection.disconnected` events to `outbox`.
+    pub fn with_functions(
+        mut self,
+        hooks: Option<Arc<tern_functions::Hooks>>,
+        outbox: Option<Arc<tern_functions::Outbox>>,
+    ) -> Self {
+        self.hooks = hooks.filter(|hooks| !hooks.is_empty());
+        if let Some(outbox) = &outbox {
+            self.departures.attach(&self.hub, &outbox.disconnect_apps());
+        }
+        self.outbox = outbox;
+        self
+    }
+
+    /// A node of the cluster departed (gossip): its connections cannot report their
+    /// end. `emitter`: this node is the one that reports them (the live member with the
+    /// oldest incarnation); see `departures`.
+    pub fn node_departed(&self, tag: &str, emitter: bool) {
+        let now = crate::now_ms();
+        for (app, connections) in self.departures.depart(tag, emitter) {
+            let mut ended = Vec::with_capacity(connections.len());
+            for (id, opened) in connections {
+                crate::hooks::record_disconnect(
+                    self,
+                    crate::hooks::Ended {
+                        app_id: &app,
+                        connection_id: &id,
+                        client_id: opened.client_id.as_deref(),
+                        transport: crate::hooks::transport_name(&opened.transport),
+                        connected_at_ms: opened.connected_at,
+                        reason: crate::hooks::EndReason::NodeLost,
+                    },
+                    now,
+                );
+                ended.push(crate::departures::Record::Ended { id });
+            }
+            tracing::info!(%app, %tag, reported = ended.len(), "reported a departed node's connections as disconnected");
+            crate::departures::publish(&self.hub, &app, &ended);
         }
     }
 
@@ -226,7 +279,25 @@ impl EdgeState {
     /// minutes.
     pub fn sweep(&self, now_ms: i64) {
         self.hub.sweep(now_ms);
-        self.registry().sweep(now_ms);
+        let expired = self.registry().sweep(now_ms);
+        for (id, parked) in expired {
+            if self.departures.tracks(&parked.info.app_id) {
+                let ended = [crate::departures::Record::Ended { id: id.to_string() }];
+                crate::departures::publish(&self.hub, &parked.info.app_id, &ended);
+            }
+            crate::hooks::record_disconnect(
+                self,
+                crate::hooks::Ended {
+                    app_id: &parked.info.app_id,
+                    connection_id: &id,
+                    client_id: parked.info.client_id.as_deref(),
+                    transport: parked.info.transport,
+                    connected_at_ms: parked.info.connected_at_ms,
+                    reason: crate::hooks::EndReason::Expired,
+                },
+                now_ms,
+            );
+        }
         self.stats.tick(now_ms, self.hub.take_app_channels());
     }
 

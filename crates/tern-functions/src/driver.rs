@@ -18,6 +18,9 @@ use crate::payload::Entry;
 /// How often an idle driver looks at its outbox even without a wakeup (a safety net:
 /// every commit wakes it).
 const IDLE_RECHECK: Duration = Duration::from_secs(5);
+/// A takeover of a dead node's webhooks ends once it has had nothing to deliver for
+/// this long (repair brings a dead origin's stragglers within seconds).
+const TAKEOVER_QUIET_END: Duration = Duration::from_secs(120);
 
 /// Starts one delivery task per rule on the current runtime.
 pub fn spawn(outbox: &Arc<Outbox>) -> Vec<JoinHandle<()>> {
@@ -29,6 +32,14 @@ pub fn spawn(outbox: &Arc<Outbox>) -> Vec<JoinHandle<()>> {
             tokio::spawn(driver.run())
         })
         .collect()
+}
+
+/// Starts delivering a dead origin's shadow rows accepted at or after `from_ms`
+/// ([`crate::handover`]).
+pub(crate) fn spawn_takeover(store: Arc<dyn HistoryStore>, shadow: Arc<RuleOutbox>, from_ms: i64) {
+    let mut driver = Driver::new(store, shadow);
+    driver.from_ms = Some(from_ms);
+    tokio::spawn(driver.run());
 }
 
 fn now_ms() -> i64 {
@@ -50,6 +61,11 @@ struct Driver {
     loaded_bytes: usize,
     /// Timestamp of the last mark written.
     mark_ms: i64,
+    /// A takeover: shadow rows accepted before this are skipped (the dead origin
+    /// delivered them), and the task ends after [`TAKEOVER_QUIET_END`] with nothing.
+    from_ms: Option<i64>,
+    /// When a row was last loaded or a request last answered.
+    active_at: std::time::Instant,
 }
 
 impl Driver {
@@ -71,6 +87,8 @@ impl Driver {
             store,
             outbox,
             loaded: Position::MIN,
+            from_ms: None,
+            active_at: std::time::Instant::now(),
         }
     }
 
@@ -95,6 +113,13 @@ impl Driver {
                 self.act(action).await;
                 continue;
             }
+            if self.from_ms.is_some()
+                && self.delivery.is_empty()
+                && self.active_at.elapsed() >= TAKEOVER_QUIET_END
+            {
+                tracing::info!(%rule, "webhook takeover done");
+                return;
+            }
             let wait = self.delivery.next_wakeup().map_or(IDLE_RECHECK, |at| {
                 Duration::from_millis(
                     (at - now_ms()).clamp(0, IDLE_RECHECK.as_millis() as i64) as u64
@@ -107,6 +132,12 @@ impl Driver {
 
     /// Loads committed rows after `loaded` while there is room.
     async fn load(&mut self) {
+        if self.outbox.shadow_of.is_none() {
+            // Here too, not only after a delivery: a function that is down delivers
+            // nothing, and its backlog is what the gauge is for.
+            metrics::gauge!("tern_webhook_outbox_undelivered", "rule" => self.outbox.rule.config.id.clone())
+                .set(self.outbox.undelivered() as f64);
+        }
         while self.delivery.len() < self.load_items_max && self.loaded_bytes < self.load_bytes_max {
             let mut query = HistoryQuery::new(self.outbox.entries.clone());
             query.direction = Direction::Forwards;
@@ -145,8 +176,18 @@ impl Driver {
     }
 
     fn push(&mut self, item: StoredItem) {
+        self.active_at = std::time::Instant::now();
+        if let Some(from_ms) = self.from_ms {
+            let accepted = crate::handover::ShadowRow::accepted_ms(&item.payload);
+            if accepted.is_some_and(|ms| ms < from_ms) {
+                // Delivered by the dead origin before its last published mark.
+                self.loaded = item.position();
+                return;
+            }
+        }
         let expected = self.loaded.seq + 1;
-        if self.loaded != Position::MIN && item.seq > expected {
+        // Shadow rows are not numbered densely: gaps mean nothing there.
+        if self.outbox.shadow_of.is_none() && self.loaded != Position::MIN && item.seq > expected {
             // Rows removed before delivery (retention): counted, never silent.
             dropped(&self.outbox.rule.config.id, "expired", item.seq - expected);
         }
@@ -168,6 +209,7 @@ impl Driver {
         let rule = self.outbox.rule.config.id.clone();
         match action {
             Action::Send(request) => {
+                self.active_at = std::time::Instant::now();
                 let timeout = Duration::from_millis(self.outbox.rule.config.request_timeout_ms);
                 let result = self.client.post(&request, timeout).await;
                 let delivered = matches!(result, Ok(status) if (200..300).contains(&status));
@@ -201,9 +243,11 @@ impl Driver {
     /// commit; a crash before it only means `upto`'s request is sent again).
     fn mark(&mut self, upto: Position) {
         tracing::trace!(rule = %self.outbox.rule.config.id, upto = upto.seq, "webhook events delivered");
-        self.outbox.set_delivered(upto.seq);
-        metrics::gauge!("tern_webhook_outbox_undelivered", "rule" => self.outbox.rule.config.id.clone())
-            .set(self.outbox.undelivered() as f64);
+        self.outbox.set_delivered(upto);
+        if self.outbox.shadow_of.is_none() {
+            metrics::gauge!("tern_webhook_outbox_undelivered", "rule" => self.outbox.rule.config.id.clone())
+                .set(self.outbox.undelivered() as f64);
+        }
         self.loaded_bytes = self.delivery.bytes();
         // Never behind the previous mark, so the newest by position is the latest.
         self.mark_ms = self.mark_ms.max(now_ms());

@@ -66,7 +66,7 @@ impl Target {
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+pub(crate) type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 /// One rule's connection to its function: kept open between requests (HTTP/1.1
 /// keep-alive, one request at a time) and opened again when the function closed it.
@@ -124,7 +124,7 @@ impl Client {
     }
 }
 
-async fn connect(target: &Target) -> Result<Sender, String> {
+pub(crate) async fn connect(target: &Target) -> Result<Sender, String> {
     let stream = tokio::net::TcpStream::connect(&target.authority)
         .await
         .map_err(|e| format!("connecting to {}: {e}", target.authority))?;
@@ -184,7 +184,10 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
         .clone()
 }
 
-fn outbound(target: &Target, request: &Request) -> Result<hyper::Request<Full<Bytes>>, String> {
+pub(crate) fn outbound(
+    target: &Target,
+    request: &Request,
+) -> Result<hyper::Request<Full<Bytes>>, String> {
     let mut outbound = hyper::Request::builder()
         .method(hyper::Method::POST)
         .uri(&target.path)

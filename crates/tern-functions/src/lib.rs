@@ -10,9 +10,15 @@
 //! - [`delivery`]: one rule's batching, retries and give-up as a state machine that
 //!   takes `now_ms` and returns actions (no I/O).
 //! - [`outbox`]: the outbox rows in the store, the journal that writes them, recovery.
+//! - [`lifecycle`]: `channel.lifecycle` / `channel.occupancy` from occupancy reports
+//!   every node publishes, aggregated by one node.
+//! - [`handover`]: shadow rows of other nodes' events, delivered marks for gossip, and
+//!   the takeover of a dead node's webhooks.
 //! - `driver`: the task per rule that runs a [`delivery::Delivery`] against the store and
 //!   HTTP.
 //! - [`http`]: one bounded HTTP/1.1 POST.
+//! - [`hook`]: synchronous functions (before publish, `$connect`): config, verdicts,
+//!   the per-connection ordering pipeline, the bounded caller.
 //!
 //! Architecture invariant: an event's outbox rows are queued to the store right after
 //! the event's own rows, under the channel lock, so the store barrier an ACK waits on
@@ -23,11 +29,16 @@
 
 pub mod delivery;
 mod driver;
+pub mod handover;
+pub mod hook;
 pub mod http;
+pub mod lifecycle;
 pub mod outbox;
 pub mod payload;
 pub mod rule;
 
 pub use driver::spawn;
+pub use handover::Placement;
+pub use hook::{Hook, HookConfig, Hooks};
 pub use outbox::{Outbox, OutboxJournal};
 pub use rule::{Mode, Rule, RuleConfig, RuleError, SigningKey, Source};

@@ -16,9 +16,12 @@
 //! A node records (and so delivers) only the events of its own origin: the events it
 //! accepted, which it commits before it ACKs them. Each event has exactly one origin,
 //! so exactly one node of the cluster delivers it, and nothing needs to be agreed.
+//! In a cluster, one other node also keeps a *shadow* row of each event (see
+//! [`crate::handover`]) and delivers it only if the origin dies.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tern_core::{ChannelEvent, ChannelKey, Journal, OriginId};
 use tern_store::{
@@ -27,6 +30,8 @@ use tern_store::{
 };
 use tokio::sync::Notify;
 
+use crate::handover::{Placement, ShadowRow};
+use crate::lifecycle::{Aggregates, OCCUPANCY_CHANNEL};
 use crate::payload::Entry;
 use crate::rule::{Rule, Source};
 
@@ -51,11 +56,11 @@ pub fn retention_rule(items_max: u64) -> RetentionRule {
 
 /// Where the next outbox row goes.
 #[derive(Debug, Default)]
-struct Tail {
+pub(crate) struct Tail {
     /// Outbox seq of the last row written (0: none yet).
-    seq: u64,
+    pub(crate) seq: u64,
     /// Its timestamp: later rows never sort before it, even if the clock steps back.
-    timestamp_ms: i64,
+    pub(crate) timestamp_ms: i64,
 }
 
 /// One rule's outbox.
@@ -68,16 +73,36 @@ pub struct RuleOutbox {
     tail: Mutex<Tail>,
     /// Outbox seq of the last event delivered or given up.
     delivered_seq: AtomicU64,
+    /// The undelivered rows of this run as (outbox seq, accepted ms), keeping only those
+    /// accepted before every later row (a monotonic queue): its front is the earliest
+    /// accepted time still undelivered, the mark this node publishes in gossip (see
+    /// [`crate::handover`]). At most the undelivered rows, so `outbox_items_max`.
+    pending_accepted: Mutex<VecDeque<(u64, i64)>>,
     /// Woken when rows are committed.
     pub(crate) committed: Notify,
+    /// `Some(origin)` for the shadow rows this node keeps of another origin's events.
+    pub(crate) shadow_of: Option<OriginId>,
+    /// This rule's shadow outboxes, by origin (own outboxes only; bounded).
+    pub(crate) shadows: Mutex<HashMap<u64, Arc<RuleOutbox>>>,
+    /// Set once a takeover of this shadow outbox started (it starts once).
+    pub(crate) taken_over: AtomicBool,
 }
 
 impl RuleOutbox {
     fn new(rule: Rule) -> RuleOutbox {
-        let name = format!(
+        RuleOutbox::named(rule, None)
+    }
+
+    /// An own outbox (`shadow_of` = `None`) or the shadow outbox of `shadow_of`'s
+    /// events: `\u{1}outbox:<app>/<rule>` or `\u{1}outbox:<app>/<rule>@<origin hex>`.
+    pub(crate) fn named(rule: Rule, shadow_of: Option<OriginId>) -> RuleOutbox {
+        let mut name = format!(
             "{OUTBOX_CHANNEL_PREFIX}{}/{}",
             rule.config.app, rule.config.id
         );
+        if let Some(origin) = shadow_of {
+            name.push_str(&format!("@{:016x}", origin.0));
+        }
         let channel = |kind| ChannelRef::new(OUTBOX_APP, &name, kind);
         RuleOutbox {
             entries: channel(EventKind::Message),
@@ -85,11 +110,15 @@ impl RuleOutbox {
             rule,
             tail: Mutex::new(Tail::default()),
             delivered_seq: AtomicU64::new(0),
+            pending_accepted: Mutex::new(VecDeque::new()),
             committed: Notify::new(),
+            shadow_of,
+            shadows: Mutex::new(HashMap::new()),
+            taken_over: AtomicBool::new(false),
         }
     }
 
-    fn tail(&self) -> MutexGuard<'_, Tail> {
+    pub(crate) fn tail(&self) -> MutexGuard<'_, Tail> {
         self.tail
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -102,8 +131,26 @@ impl RuleOutbox {
             .saturating_sub(self.delivered_seq.load(Ordering::Acquire))
     }
 
-    pub(crate) fn set_delivered(&self, seq: u64) {
-        self.delivered_seq.fetch_max(seq, Ordering::AcqRel);
+    pub(crate) fn set_delivered(&self, upto: Position) {
+        self.delivered_seq.fetch_max(upto.seq, Ordering::AcqRel);
+        let mut pending = self.pending_accepted();
+        while pending.front().is_some_and(|(seq, _)| *seq <= upto.seq) {
+            pending.pop_front();
+        }
+    }
+
+    fn pending_accepted(&self) -> MutexGuard<'_, VecDeque<(u64, i64)>> {
+        self.pending_accepted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// This node's delivered mark at `now_ms`: every event of this run accepted before
+    /// it is delivered (or given up); `now_ms` when nothing waits.
+    pub fn mark_ms(&self, now_ms: i64) -> i64 {
+        self.pending_accepted()
+            .front()
+            .map_or(now_ms, |(_, accepted)| (*accepted).min(now_ms))
     }
 
     /// The position of the last delivered event, from the newest mark (blocking).
@@ -126,7 +173,7 @@ impl RuleOutbox {
             tail.timestamp_ms = item.timestamp_ms;
         }
         let delivered = self.read_delivered(store)?;
-        self.set_delivered(delivered.seq);
+        self.set_delivered(delivered);
         let mut tail = self.tail();
         if tail.seq < delivered.seq {
             // Retention removed every row but not the newest mark (marks are younger):
@@ -141,7 +188,12 @@ impl RuleOutbox {
     /// Queues `entries` as outbox rows after every row queued before (called under the
     /// channel lock, like every journal: it only queues). Over `outbox_items_max`
     /// undelivered, the rest are dropped and counted.
-    fn append(self: &Arc<Self>, store: &dyn HistoryStore, entries: Vec<Entry>, event_ms: i64) {
+    pub(crate) fn append(
+        self: &Arc<Self>,
+        store: &dyn HistoryStore,
+        entries: Vec<Entry>,
+        event_ms: i64,
+    ) {
         let mut tail = self.tail();
         let room = self.rule.config.outbox_items_max.saturating_sub(
             tail.seq
@@ -159,6 +211,16 @@ impl RuleOutbox {
             return;
         }
         tail.timestamp_ms = tail.timestamp_ms.max(event_ms);
+        {
+            let mut pending = self.pending_accepted();
+            while pending
+                .back()
+                .is_some_and(|(_, accepted)| *accepted >= event_ms)
+            {
+                pending.pop_back();
+            }
+            pending.push_back((tail.seq + kept as u64, event_ms));
+        }
         let rows = entries
             .into_iter()
             .take(kept)
@@ -212,6 +274,11 @@ pub struct Outbox {
     pub(crate) store: Arc<dyn HistoryStore>,
     origin: OriginId,
     pub(crate) rules: Vec<Arc<RuleOutbox>>,
+    /// Which other origins' events this node shadows, and which apps it aggregates
+    /// (set once, in a cluster).
+    placement: OnceLock<Arc<dyn Placement>>,
+    /// Occupancy reports folded per channel, for lifecycle and occupancy events.
+    pub(crate) aggregates: Aggregates,
 }
 
 impl Outbox {
@@ -233,7 +300,25 @@ impl Outbox {
             store,
             origin,
             rules,
+            placement: OnceLock::new(),
+            aggregates: Aggregates::default(),
         }))
+    }
+
+    /// In a cluster: from now on, other origins' events `placement` names are kept as
+    /// shadow rows, for a takeover if their origin dies ([`crate::handover`]), and only
+    /// the apps it names are aggregated ([`crate::lifecycle`]).
+    pub fn set_placement(&self, placement: Arc<dyn Placement>) {
+        let _ = self.placement.set(placement);
+    }
+
+    pub(crate) fn placement(&self) -> Option<&Arc<dyn Placement>> {
+        self.placement.get()
+    }
+
+    /// This node's origin.
+    pub fn origin(&self) -> OriginId {
+        self.origin
     }
 
     /// The outboxes, for status and tests.
@@ -241,9 +326,27 @@ impl Outbox {
         &self.rules
     }
 
+    /// Whether this node keeps shadow rows of another origin's `event`: some rule
+    /// matches its channel (checked first: it is cheaper) and the placement says so.
+    fn shadows(&self, key: &ChannelKey, event: &ChannelEvent) -> bool {
+        let Some(placement) = self.placement.get() else {
+            return false;
+        };
+        let matched = self.rules.iter().any(|r| {
+            r.rule.matches(&key.app, &key.name, Source::Message)
+                || r.rule.matches(&key.app, &key.name, Source::Presence)
+        });
+        matched && placement.shadows(key, event.origin)
+    }
+
     /// Writes the outbox rows of one applied event (see [`OutboxJournal`]).
     pub fn record(&self, key: &ChannelKey, event: &ChannelEvent) {
-        if event.origin != self.origin {
+        if &*key.name == OCCUPANCY_CHANNEL {
+            self.record_reports(key, event);
+            return;
+        }
+        let own = event.origin == self.origin;
+        if !own && !self.shadows(key, event) {
             // Another node accepted it; that node delivers it.
             return;
         }
@@ -270,8 +373,55 @@ impl Outbox {
                     );
                 }
             }
-            if !entries.is_empty() {
+            if entries.is_empty() {
+                continue;
+            }
+            if own {
                 rule.append(self.store.as_ref(), entries, event.timestamp_ms());
+                continue;
+            }
+            let rows = entries
+                .into_iter()
+                .map(|entry| ShadowRow {
+                    accepted_ms: event.timestamp_ms(),
+                    entry,
+                })
+                .collect();
+            rule.shadow(event.origin)
+                .append_shadow(self.store.as_ref(), rows);
+        }
+    }
+}
+
+impl Outbox {
+    /// The apps with a rule that wants `connection.disconnected`.
+    pub fn disconnect_apps(&self) -> Vec<String> {
+        let mut apps: Vec<String> = self
+            .rules
+            .iter()
+            .filter(|rule| rule.rule.config.sources.contains(&Source::Disconnect))
+            .map(|rule| rule.rule.config.app.clone())
+            .collect();
+        apps.sort();
+        apps.dedup();
+        apps
+    }
+
+    /// Writes the outbox rows of a connection that ended on this node (the
+    /// `connection.disconnected` event) for every rule of `app` that wants it. Only
+    /// queued: durable with the store's next commit, delivered as any event.
+    pub fn record_disconnect(
+        &self,
+        app: &str,
+        connection_id: &str,
+        now_ms: i64,
+        item: serde_json::Value,
+    ) {
+        for rule in &self.rules {
+            let config = &rule.rule.config;
+            if config.app == app && config.sources.contains(&Source::Disconnect) {
+                let entry = Entry::disconnected(app, connection_id, now_ms, item.clone());
+                rule.append(self.store.as_ref(), vec![entry], now_ms);
             }
         }
     }

@@ -63,6 +63,54 @@ impl Entry {
         }
     }
 
+    /// A `channel.lifecycle` / `channel.occupancy` item: named after the event
+    /// (`channel.opened`, `channel.closed`, `[meta]occupancy`), its data Ably's
+    /// `ChannelDetails` (see [`crate::lifecycle`]); `None` for other sources.
+    fn channel_details_item(&self, rule: &RuleConfig) -> Option<Value> {
+        let meta = [Source::Lifecycle.as_str(), Source::Occupancy.as_str()];
+        if !meta.contains(&self.source.as_str()) {
+            return None;
+        }
+        let mut data = self.item.get("data").cloned().unwrap_or(Value::Null);
+        if let Value::Object(map) = &mut data {
+            map.insert("site".into(), Value::String(rule.site.clone()));
+        }
+        Some(json!({
+            "webhookId": rule.id,
+            "source": self.source,
+            "serial": self.serial,
+            "timestamp": self.timestamp,
+            "name": self.item.get("name").cloned().unwrap_or(Value::Null),
+            "data": data,
+        }))
+    }
+
+    /// A connection that ended (`connection.disconnected`): `item` is the event's
+    /// fields; its stable id is the connection id, which ends once.
+    pub fn disconnected(app: &str, connection_id: &str, timestamp: i64, item: Value) -> Entry {
+        Entry {
+            source: Source::Disconnect.as_str().into(),
+            app: app.into(),
+            channel: String::new(),
+            timestamp,
+            serial: format!("{connection_id}:disconnected"),
+            item,
+        }
+    }
+
+    fn is_connection(&self) -> bool {
+        self.source == Source::Disconnect.as_str()
+    }
+
+    /// `item` with the site added: the `data` of a connection event.
+    fn connection_data(&self, rule: &RuleConfig) -> Value {
+        let mut data = self.item.clone();
+        if let Value::Object(fields) = &mut data {
+            fields.insert("site".into(), json!(rule.site));
+        }
+        data
+    }
+
     pub fn encode(&self) -> Bytes {
         Bytes::from(serde_json::to_vec(self).unwrap_or_default())
     }
@@ -87,6 +135,19 @@ impl Entry {
 
     /// One element of a batched request's `items`.
     fn batched_item(&self, rule: &RuleConfig) -> Value {
+        if let Some(item) = self.channel_details_item(rule) {
+            return item;
+        }
+        if self.is_connection() {
+            return json!({
+                "webhookId": rule.id,
+                "source": self.source,
+                "serial": self.serial,
+                "timestamp": self.timestamp,
+                "name": self.source,
+                "data": self.connection_data(rule),
+            });
+        }
         let name = if self.is_presence() {
             "presence.message"
         } else {
@@ -125,6 +186,9 @@ pub fn batched(rule: &RuleConfig, entries: &[Entry]) -> Request {
 /// messages|presence}`) or, if the rule is not enveloped, the event's data as the body
 /// with `x-ably-envelope-*` and `x-ably-message-*` headers.
 pub fn single(rule: &RuleConfig, entry: &Entry) -> Request {
+    if entry.is_connection() {
+        return connection_single(rule, entry);
+    }
     if !rule.enveloped {
         return non_enveloped(rule, entry);
     }
@@ -136,6 +200,34 @@ pub fn single(rule: &RuleConfig, entry: &Entry) -> Request {
         "ruleId": rule.id,
     });
     envelope[entry.array_field()] = json!([entry.item]);
+    let body = Bytes::from(serde_json::to_vec(&envelope).unwrap_or_default());
+    finish(rule, body, "application/json", Vec::new())
+}
+
+/// A connection event alone: enveloped `{source, appId, site, ruleId, serial,
+/// timestamp, connection}`, or the event's fields as the body with
+/// `x-ably-envelope-*` headers.
+fn connection_single(rule: &RuleConfig, entry: &Entry) -> Request {
+    if !rule.enveloped {
+        let body = Bytes::from(serde_json::to_vec(&entry.item).unwrap_or_default());
+        let headers = vec![
+            ("x-ably-envelope-appid".into(), entry.app.clone()),
+            ("x-ably-envelope-rule-id".into(), rule.id.clone()),
+            ("x-ably-envelope-site".into(), rule.site.clone()),
+            ("x-ably-envelope-source".into(), entry.source.clone()),
+            ("x-ably-message-id".into(), entry.serial.clone()),
+        ];
+        return finish(rule, body, "application/json", headers);
+    }
+    let envelope = json!({
+        "source": entry.source,
+        "appId": entry.app,
+        "site": rule.site,
+        "ruleId": rule.id,
+        "serial": entry.serial,
+        "timestamp": entry.timestamp,
+        "connection": entry.item,
+    });
     let body = Bytes::from(serde_json::to_vec(&envelope).unwrap_or_default());
     finish(rule, body, "application/json", Vec::new())
 }

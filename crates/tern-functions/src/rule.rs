@@ -11,8 +11,7 @@ pub const CHANNEL_FILTER_BYTES_MAX: usize = 1024;
 /// Most extra headers per rule.
 pub const HEADERS_MAX: usize = 32;
 
-/// The event sources Ably's rules know. Only `Message` and `Presence` are delivered
-/// yet (see `docs/functions.md`); the others are refused by [`RuleConfig::validate`].
+/// The event sources Ably's rules know (see `docs/functions.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Source {
     /// `channel.message`: every message published.
@@ -23,6 +22,9 @@ pub enum Source {
     Lifecycle,
     /// `channel.occupancy`: a channel's occupancy changed.
     Occupancy,
+    /// `connection.disconnected`: a realtime connection ended for good (API Gateway's
+    /// `$disconnect`; see `docs/functions.md`). Channel filters do not apply.
+    Disconnect,
 }
 
 impl Source {
@@ -33,6 +35,7 @@ impl Source {
             Source::Presence => "channel.presence",
             Source::Lifecycle => "channel.lifecycle",
             Source::Occupancy => "channel.occupancy",
+            Source::Disconnect => "connection.disconnected",
         }
     }
 
@@ -42,6 +45,7 @@ impl Source {
             Source::Presence,
             Source::Lifecycle,
             Source::Occupancy,
+            Source::Disconnect,
         ]
         .into_iter()
         .find(|source| source.as_str() == text)
@@ -205,20 +209,7 @@ impl RuleConfig {
         if self.sources.is_empty() {
             return Err(self.refuse("events", "is empty"));
         }
-        match self
-            .sources
-            .iter()
-            .find(|s| matches!(s, Source::Lifecycle | Source::Occupancy))
-        {
-            Some(source) => Err(self.refuse(
-                "events",
-                format!(
-                    "{} is not delivered yet (channel.message and channel.presence are)",
-                    source.as_str()
-                ),
-            )),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     fn check_headers(&self) -> Result<(), RuleError> {
@@ -370,8 +361,8 @@ pub(crate) mod tests {
         c.channel_filter = Some("(".into());
         cases.push((c, "channel_filter"));
         let mut c = config("r");
-        c.sources = vec![Source::Lifecycle];
-        cases.push((c, "not delivered yet"));
+        c.sources = Vec::new();
+        cases.push((c, "rules.events"));
         let mut c = config("r");
         c.url = "ftp://example.com/".into();
         cases.push((c, "rules.url"));

@@ -1,6 +1,7 @@
 //! The outbox and its delivery task against a real store and a real HTTP function on
-//! loopback: the bound on undelivered events, the delivered mark across a reopen, and
-//! that only this node's own events are delivered.
+//! loopback: the bound on undelivered events, the delivered mark across a reopen, that
+//! only this node's own events are delivered, the takeover of a dead origin's shadow
+//! rows from its mark, and lifecycle events folded from several nodes' reports.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -381,4 +382,150 @@ async fn connections_are_kept_alive() {
         3,
         "then one per request"
     );
+}
+
+/// Shadows every other origin's events and aggregates every app (a test placement).
+struct ShadowAll;
+
+impl tern_functions::Placement for ShadowAll {
+    fn shadows(&self, _key: &ChannelKey, _origin: OriginId) -> bool {
+        true
+    }
+    fn aggregates(&self, _app: &str) -> bool {
+        true
+    }
+}
+
+/// `event(origin, seq)` accepted at `seq` seconds.
+fn event_at_seconds(origin: OriginId, seq: u64) -> ChannelEvent {
+    let mut event = event(origin, seq);
+    event.frame.timestamp = Some(seq as i64 * 1000);
+    event
+}
+
+/// A dead origin's shadow rows wait until a takeover, which delivers those accepted from
+/// its mark less the skew on, in order, then what repair brings later; once only.
+#[tokio::test]
+async fn a_takeover_delivers_the_dead_origins_shadow_rows_from_its_mark() {
+    let function = Function::default();
+    let port = function.start().await;
+    let store = tern_store::open(&tern_store::StoreConfig::default()).unwrap();
+    let outbox = Outbox::open(store, ORIGIN, vec![rule(port, 100)]).unwrap();
+    outbox.set_placement(Arc::new(ShadowAll));
+    let _tasks = tern_functions::spawn(&outbox);
+    let key = ChannelKey::new("app", "ch");
+    let dead = OriginId(99);
+    for seq in 1..=20 {
+        outbox.record(&key, &event_at_seconds(dead, seq));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(function.serials().is_empty(), "shadows wait for a takeover");
+    assert_eq!(
+        outbox.rules()[0].undelivered(),
+        0,
+        "shadows are not this node's outbox"
+    );
+
+    // The dead node's mark: everything accepted before 10 s was delivered.
+    assert_eq!(outbox.take_over(dead, "app/r=10000;other/x=5"), 1);
+    assert_eq!(outbox.take_over(dead, "app/r=10000"), 0, "once");
+    // From 10 s less the skew (1 s): s9 on.
+    wait_for("s9..s20", || function.serials().len() >= 12).await;
+    assert_eq!(function.serials(), serials(9..=20));
+    // An event of the dead origin that repair brings later is delivered too.
+    outbox.record(&key, &event_at_seconds(dead, 21));
+    wait_for("s21", || function.serials().len() >= 13).await;
+    assert_eq!(function.serials().last().unwrap(), "s21");
+}
+
+/// Without a published mark, a takeover delivers every shadow row kept.
+#[tokio::test]
+async fn a_takeover_without_a_mark_delivers_everything_shadowed() {
+    let function = Function::default();
+    let port = function.start().await;
+    let store = tern_store::open(&tern_store::StoreConfig::default()).unwrap();
+    let outbox = Outbox::open(store, ORIGIN, vec![rule(port, 100)]).unwrap();
+    outbox.set_placement(Arc::new(ShadowAll));
+    let key = ChannelKey::new("app", "ch");
+    for seq in 1..=5 {
+        outbox.record(&key, &event_at_seconds(OriginId(98), seq));
+    }
+    assert_eq!(outbox.take_over(OriginId(98), ""), 1);
+    wait_for("s1..s5", || function.serials().len() >= 5).await;
+    assert_eq!(function.serials(), serials(1..=5));
+}
+
+/// The published mark is the earliest accepted time still undelivered (not the newest
+/// delivered row's), and the present once nothing waits.
+#[tokio::test]
+async fn the_mark_is_the_earliest_undelivered_accepted_time() {
+    let function = Function::default();
+    function.down.store(true, Ordering::SeqCst);
+    let port = function.start().await;
+    let store = tern_store::open(&tern_store::StoreConfig::default()).unwrap();
+    let outbox = Outbox::open(store, ORIGIN, vec![rule(port, 100)]).unwrap();
+    let _tasks = tern_functions::spawn(&outbox);
+    let key = ChannelKey::new("app", "ch");
+    // Accepted out of order (stamped before the lock): 5 s, then 3 s, then 7 s.
+    for seq in [5, 3, 7] {
+        outbox.record(&key, &event_at_seconds(ORIGIN, seq));
+    }
+    let marks = outbox.marks();
+    assert_eq!(marks, "app/r=3000", "the earliest accepted still waiting");
+    function.down.store(false, Ordering::SeqCst);
+    wait_for("delivered", || outbox.rules()[0].undelivered() == 0).await;
+    let mark: i64 = outbox.marks().trim_start_matches("app/r=").parse().unwrap();
+    assert!(
+        mark > 1_000_000_000_000,
+        "nothing waits: the present ({mark})"
+    );
+}
+
+/// An occupancy report event from `origin`: `connections` attachments on `room`.
+fn report(origin: OriginId, seq: u64, connections: u64) -> ChannelEvent {
+    use tern_functions::lifecycle::{report_message, Metrics, Report};
+    let frame = ProtocolMessage {
+        action: tern_protocol::action::MESSAGE,
+        channel: Some(tern_functions::lifecycle::OCCUPANCY_CHANNEL.into()),
+        timestamp: Some(1_000 + seq as i64),
+        messages: Some(vec![report_message(&Report {
+            channel: "room".into(),
+            metrics: Metrics {
+                connections,
+                subscribers: connections,
+                ..Metrics::default()
+            },
+        })]),
+        ..ProtocolMessage::default()
+    };
+    ChannelEvent::new(origin, seq, None, frame)
+}
+
+/// Two nodes' reports open the channel once; when the last reporting node leaves the
+/// cluster the channel closes, though no report said so.
+#[tokio::test]
+async fn lifecycle_is_the_clusters_and_a_departed_node_stops_counting() {
+    let function = Function::default();
+    let port = function.start().await;
+    let store = tern_store::open(&tern_store::StoreConfig::default()).unwrap();
+    let mut lifecycle = rule(port, 100);
+    lifecycle.config.sources = vec![Source::Lifecycle];
+    let lifecycle = lifecycle.config.validate().unwrap();
+    let outbox = Outbox::open(store, ORIGIN, vec![lifecycle]).unwrap();
+    let _tasks = tern_functions::spawn(&outbox);
+    let key = ChannelKey::new("app", tern_functions::lifecycle::OCCUPANCY_CHANNEL);
+    outbox.record(&key, &report(OriginId(1), 1, 1));
+    outbox.record(&key, &report(OriginId(2), 1, 2));
+    outbox.record(&key, &report(OriginId(1), 2, 0));
+    wait_for("opened", || function.serials().len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        function.serials().len(),
+        1,
+        "one channel.opened for two nodes"
+    );
+    assert!(function.serials()[0].ends_with(":opened"));
+    outbox.forget_origin(OriginId(2), 5_000);
+    wait_for("closed", || function.serials().len() == 2).await;
+    assert!(function.serials()[1].ends_with(":closed"));
 }

@@ -244,6 +244,46 @@ pub struct TlsSection {
     pub key: std::path::PathBuf,
 }
 
+/// A deserialization error of the merged config (file and `--set`s) loses its place in
+/// the file: the same error from the file alone carries it, so that one is reported
+/// when the file alone fails the same way (otherwise a `--set` caused it).
+fn placed(text: &str, err: toml::de::Error) -> anyhow::Error {
+    match toml::from_str::<Config>(text) {
+        Err(in_file) if in_file.message() == err.message() => {
+            // The merged error's Display names the key ("in `server.port`"), the file's
+            // shows the line: keep both.
+            let text = err.to_string();
+            let key = text.strip_prefix(err.message()).unwrap_or_default().trim();
+            anyhow::anyhow!("{}{key}", in_file)
+        }
+        _ => err.into(),
+    }
+}
+
+/// A capability's JSON error placed at its line and column in the file, when the file
+/// holds that capability (see `config_location`).
+fn capability_error(
+    text: &str,
+    [app, key]: [usize; 2],
+    json: &str,
+    name: &str,
+) -> Option<anyhow::Error> {
+    use crate::config_location::{json_error_location, json_message, Step};
+    let err = serde_json::from_str::<Capability>(json).err()?;
+    let path = [
+        Step::Key("apps"),
+        Step::Index(app),
+        Step::Key("keys"),
+        Step::Index(key),
+        Step::Key("capability"),
+    ];
+    let at = json_error_location(text, &path, json, &err)?;
+    let message = json_message(&err);
+    Some(anyhow::anyhow!(
+        "{at}: {name}: invalid capability: {message}"
+    ))
+}
+
 /// One `--set dotted.key=value` (see [`Config::parse_with`]).
 fn apply_override(table: &mut toml::Table, entry: &str) -> anyhow::Result<()> {
     let (path, raw) = entry
@@ -406,6 +446,11 @@ pub struct AppConfig {
     /// Webhook rules (`[[apps.rules]]`, see `rules.rs`).
     #[serde(default)]
     pub rules: Vec<crate::rules::RuleSection>,
+    /// Before-publish functions (`[[apps.before_publish]]`, see `hooks.rs`).
+    #[serde(default)]
+    pub before_publish: Vec<crate::hooks::FunctionSection>,
+    /// The `$connect` function (`[apps.on_connect]`, see `hooks.rs`).
+    pub on_connect: Option<crate::hooks::FunctionSection>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -472,13 +517,21 @@ impl Config {
         for entry in overrides {
             apply_override(&mut table, entry)?;
         }
-        let config: Config = toml::Value::Table(table).try_into()?;
-        config.validate()?;
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|err| placed(text, err))?;
+        config.validate_in(text)?;
         Ok(config)
     }
 
     /// Checks what serde cannot: names, capabilities, and limits that must agree.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_in("")
+    }
+
+    /// [`Config::validate`], naming the line of `text` (the file) that holds a bad
+    /// capability.
+    fn validate_in(&self, text: &str) -> anyhow::Result<()> {
         anyhow::ensure!(
             !self.apps.is_empty(),
             "config needs at least one [[apps]] entry"
@@ -525,13 +578,13 @@ impl Config {
             );
         }
         let mut names = std::collections::HashSet::new();
-        for app in &self.apps {
+        for (app_index, app) in self.apps.iter().enumerate() {
             anyhow::ensure!(
                 valid_name(&app.id),
                 "apps.id '{}' must be [A-Za-z0-9_-]+",
                 app.id
             );
-            for key in &app.keys {
+            for (key_index, key) in app.keys.iter().enumerate() {
                 anyhow::ensure!(
                     valid_name(&key.id),
                     "apps.keys.id '{}' must be [A-Za-z0-9_-]+",
@@ -543,7 +596,9 @@ impl Config {
                     key.id
                 );
                 Capability::parse(&key.capability).map_err(|e| {
-                    anyhow::anyhow!("apps.keys.capability of key '{}.{}': {e}", app.id, key.id)
+                    let name = format!("apps.keys.capability of key '{}.{}'", app.id, key.id);
+                    capability_error(text, [app_index, key_index], &key.capability, &name)
+                        .unwrap_or_else(|| anyhow::anyhow!("{name}: {e}"))
                 })?;
                 anyhow::ensure!(
                     names.insert(format!("{}.{}", app.id, key.id)),
@@ -554,6 +609,7 @@ impl Config {
             }
         }
         crate::rules::rules(self, "tern")?;
+        crate::hooks::hooks(self, "tern")?;
         let l = &self.limits;
         anyhow::ensure!(
             l.max_message_size > 0,
@@ -803,6 +859,7 @@ impl Config {
                     max_age_ms: i64::MAX,
                 }))
                 .chain(crate::rules::outbox_retention(self))
+                .chain(crate::rules::occupancy_retention(self))
                 .collect(),
             batch_max: h.batch_max,
             queue_max: h.queue_max,
@@ -918,6 +975,31 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("a.k"), "{err}");
+    }
+
+    /// A capability's JSON error names the file's line and column, not the JSON
+    /// string's; so does a type error, also when `--set`s were applied.
+    #[test]
+    fn config_errors_name_the_file_line() {
+        let text = "[server]\nport = 8080\n\n[[apps]]\nid = 'a'\n\n[[apps.keys]]\nid = 'k'\n\
+                    secret = 's'\ncapability = '{\"*\":[\"publish\",]}'\n";
+        let err = format!("{:#}", Config::parse(text).unwrap_err());
+        assert!(
+            err.starts_with("line 10, column 31: apps.keys.capability of key 'a.k': invalid capability: trailing comma"),
+            "{err}"
+        );
+        let text = "[[apps]]\nid = 'a'\n[[apps.keys]]\nid = 'k'\nsecret = 's'\n\
+                    capability = \"\"\"\n{\n  \"chat:*\": [\"publish\"],\n  \"x\": \"subscribe\"\n}\n\"\"\"\n";
+        let err = format!("{:#}", Config::parse(text).unwrap_err());
+        assert!(err.starts_with("line 9, column 18: "), "{err}");
+        assert!(err.contains("expected an array"), "{err}");
+        let set = ["server.host=h".to_string()];
+        let err = format!(
+            "{:#}",
+            Config::parse_with("[server]\nport = 'x'\n[[apps]]\nid = 'a'\n", &set).unwrap_err()
+        );
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("server.port"), "{err}");
     }
 
     /// The connection limits reach the edge from TOML, and values hyper or the listener

@@ -44,6 +44,21 @@ const COUNTERS: &[(&str, bool, &str)] = &[
         "Frames written to realtime clients",
     ),
     (
+        "tern_departures_untracked_total",
+        false,
+        "Connections not tracked for node-departure reports (over the per-app bound)",
+    ),
+    (
+        "tern_function_failures_total",
+        true,
+        "Before-publish and connect function calls that failed (on_failure decided), by function and reason",
+    ),
+    (
+        "tern_function_rejections_total",
+        false,
+        "Publishes and connections a function rejected",
+    ),
+    (
         "tern_gossip_oversize_total",
         false,
         "Gossip datagrams too large to send",
@@ -192,6 +207,11 @@ const COUNTERS: &[(&str, bool, &str)] = &[
         "tern_webhook_requests_total",
         true,
         "Requests sent to functions, by rule and result",
+    ),
+    (
+        "tern_webhook_takeovers_total",
+        true,
+        "Dead nodes' webhooks this node started delivering, by rule",
     ),
     (
         "tern_write_timeouts_total",

@@ -7,7 +7,11 @@
 
 mod cluster;
 mod config;
+mod config_location;
 mod describe;
+mod handover;
+mod hooks;
+mod occupancy;
 mod rules;
 
 use std::net::SocketAddr;
@@ -327,6 +331,7 @@ async fn start_node(
     ));
     if let Some(outbox) = &outbox {
         tern_functions::spawn(outbox);
+        occupancy::start(hub.clone(), outbox.clone());
     }
     let mut state = EdgeState::new(
         config.edge_config(),
@@ -335,7 +340,13 @@ async fn start_node(
         Some(Box::new(move || metrics_render())),
         shutdown,
     )
-    .with_store(store.clone());
+    .with_store(store.clone())
+    .with_functions(
+        Some(Arc::new(tern_functions::Hooks::new(hooks::hooks(
+            &config, site,
+        )?))),
+        outbox.clone(),
+    );
     if let Some(cluster) = &cluster {
         // Every member signs connection keys alike, so any of them can vouch for a key
         // another issued (per-connection push after a cross-node resume).
@@ -390,7 +401,20 @@ async fn start_node(
         view.replicator.set_history(Arc::new(cluster::StoreHistory {
             store: store.clone(),
         }));
+        // Set before the cluster starts, so no event applied from a peer misses its
+        // shadow row.
+        let shadow_homes = outbox.as_ref().map(|outbox| {
+            let homes = handover::ShadowHomes::new(
+                view.replicator.clone(),
+                cluster_config.node_id.clone(),
+                region.clone(),
+            );
+            outbox.set_placement(homes.clone());
+            homes
+        });
         let departed_hub = hub.clone();
+        let departed_state = state.clone();
+        let departed_view = view.clone();
         let node = tern_cluster::cluster::ClusterNode::start(
             cluster_config,
             incarnation,
@@ -401,11 +425,24 @@ async fn start_node(
             Arc::new(move |node: &str, tag: &str| {
                 let left = departed_hub.node_departed(&format!("{tag}-"), tern_edge::now_ms());
                 tracing::info!(%node, presence_left = left, "removed a departed node's presence members");
+                // The live member with the oldest incarnation reports the departed
+                // node's connections as disconnected (edge `departures`).
+                let emitter = departed_view.node.get().is_some_and(|node| {
+                    let me = departed_state.node_tag();
+                    node.members()
+                        .iter()
+                        .min_by(|a, b| (a.incarnation, &a.node_id).cmp(&(b.incarnation, &b.node_id)))
+                        .is_some_and(|oldest| oldest.tag == me)
+                });
+                departed_state.node_departed(tag, emitter);
             }),
         )
         .await
         .context("joining the cluster")?;
         let _ = view.node.set(node);
+        if let (Some(outbox), Some(homes)) = (&outbox, shadow_homes) {
+            handover::start(outbox.clone(), view.clone(), homes);
+        }
         region_name = Some(region);
     }
     tracing::info!(%addr, origin = %origin, server_id = %config.server_id(), "tern started");

@@ -153,6 +153,22 @@ pub fn outbox_retention(config: &Config) -> Option<tern_store::RetentionRule> {
     Some(tern_functions::outbox::retention_rule(items_max))
 }
 
+/// The store's retention rule for occupancy reports (`[internal]occupancy`), if any rule
+/// wants lifecycle or occupancy events: only the aggregate in memory reads them, so an
+/// hour of them (at most 1,000 per app) is plenty to look back at.
+pub fn occupancy_retention(config: &Config) -> Option<tern_store::RetentionRule> {
+    let wanted = config.apps.iter().flat_map(|app| &app.rules).any(|rule| {
+        rule.events
+            .iter()
+            .any(|e| e == Source::Lifecycle.as_str() || e == Source::Occupancy.as_str())
+    });
+    wanted.then(|| tern_store::RetentionRule {
+        prefix: tern_functions::lifecycle::OCCUPANCY_CHANNEL.into(),
+        max_count: 1_000,
+        max_age_ms: 60 * 60 * 1000,
+    })
+}
+
 /// The hub's journal, and the webhook outbox behind it if any rule exists.
 pub type Journaled = (
     std::sync::Arc<dyn tern_core::Journal>,

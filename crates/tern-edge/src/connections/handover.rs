@@ -222,6 +222,9 @@ pub(crate) async fn give(
             return Err(refused(error));
         }
     };
+    // It ended here; the client goes on as `to` on the other node. Its presence
+    // members still leave after the grace period (the new connection re-enters).
+    super::ended_here(&state, &old, &parked, crate::hooks::EndReason::Moved);
     let deadline_ms = now_ms() + state.config.connection_state_ttl_ms as i64;
     state.registry().moved(
         old,

@@ -449,7 +449,7 @@ impl Connection {
     /// One packet from the client. `Err` ends the connection.
     async fn handle(&mut self, packet: Packet) -> Result<(), End> {
         match packet {
-            Packet::Publish(publish) => self.publish(publish),
+            Packet::Publish(publish) => self.publish(publish).await,
             Packet::PubAck(ack) => {
                 self.inflight.ack(ack.pkid);
                 self.send_outgoing();
@@ -475,8 +475,10 @@ impl Connection {
     }
 
     /// A PUBLISH from the client: into the same publish path as REST. MQTT 3.1.1 has no
-    /// way to refuse one, so a refusal closes the connection.
-    fn publish(&mut self, publish: Publish) -> Result<(), End> {
+    /// way to refuse one, so a refusal closes the connection. A before-publish function
+    /// is awaited here, holding the connection's later packets: MQTT answers PUBLISHes
+    /// in order anyway, and a function's timeout is far below the keep-alive.
+    async fn publish(&mut self, publish: Publish) -> Result<(), End> {
         if publish.qos == QoS::ExactlyOnce {
             return Err(End::abnormal("QoS 2 PUBLISH (QoS 2 is not supported)"));
         }
@@ -492,6 +494,7 @@ impl Connection {
             vec![message],
             Transport::Realtime,
         )
+        .await
         .map_err(|err| {
             metrics::counter!("tern_mqtt_refused_total", "reason" => "publish").increment(1);
             End::abnormal(format!("PUBLISH refused: {} {}", err.code, err.message))
@@ -759,17 +762,25 @@ impl Connection {
         let Ok(channel) = topic::channel(&will.topic) else {
             return;
         };
-        let published = apply_publish(
-            &self.state,
-            &self.auth,
-            &self.identity,
-            channel,
-            vec![session::message_of(will.message)],
-            Transport::Realtime,
-        );
-        if let Err(err) = published {
-            tracing::debug!(code = err.code, message = %err.message, "last will not published");
-        }
+        let channel = channel.to_string();
+        let message = session::message_of(will.message);
+        let (state, auth, identity) = (self.state, self.auth, self.identity);
+        // Its own task: the connection is gone, and a before-publish function may be
+        // called (bounded by its timeout).
+        tokio::spawn(async move {
+            let published = apply_publish(
+                &state,
+                &auth,
+                &identity,
+                &channel,
+                vec![message],
+                Transport::Realtime,
+            )
+            .await;
+            if let Err(err) = published {
+                tracing::debug!(code = err.code, message = %err.message, "last will not published");
+            }
+        });
     }
 }
 

@@ -96,33 +96,82 @@ impl Session {
                 }
             }
         }
-        let reply = if self.over_rate() {
-            Reply::Nack(ErrorInfo::new(
+        if self.over_rate() {
+            let reply = Reply::Nack(ErrorInfo::new(
                 code::RATE_LIMIT,
                 "inbound message rate exceeded",
-            ))
-        } else {
-            let store_mark = self.state.store_mark();
-            let result = match frame.action {
-                action::MESSAGE => self.publish(frame),
-                action::ANNOTATION => self.annotate(frame),
-                _ => self.presence(frame).map(|()| Vec::new()),
-            };
-            // A refused append or failed commit since `store_mark` turns this into a
-            // NACK when the reply goes out (`send_reply`), so it is never ACKed.
-            match result {
-                Ok(serials) => Reply::Ack {
-                    serials,
-                    store_mark,
-                },
-                Err(err) => Reply::Nack(err),
+            ));
+            return self.reply_in_order(msg_serial, channel, reply);
+        }
+        if frame.action == action::MESSAGE {
+            if let Some(caller) = self.before_publish_caller(&frame) {
+                return self.hold_for_function(caller, frame, channel);
             }
+        }
+        if !self.pipeline.is_empty() {
+            // Behind a publish that waits for its function: applied in its turn.
+            self.pipeline
+                .push(super::hooked::Held::Frame(Box::new(frame), channel), false);
+            return;
+        }
+        self.apply_frame(frame, channel);
+    }
+
+    /// Applies a MESSAGE, ANNOTATION or PRESENCE frame now and replies.
+    pub(super) fn apply_frame(&mut self, frame: ProtocolMessage, channel: Option<ChannelKey>) {
+        let msg_serial = frame.msg_serial;
+        let store_mark = self.state.store_mark();
+        let result = match frame.action {
+            action::MESSAGE => self.publish(frame),
+            action::ANNOTATION => self.annotate(frame),
+            _ => self.presence(frame).map(|()| Vec::new()),
         };
+        // A refused append or failed commit since `store_mark` turns this into a
+        // NACK when the reply goes out (`send_reply`), so it is never ACKed.
+        let reply = match result {
+            Ok(serials) => Reply::Ack {
+                serials,
+                store_mark,
+            },
+            Err(err) => Reply::Nack(err),
+        };
+        self.finish_reply(msg_serial, channel, reply);
+    }
+
+    /// Remembers the reply of `msg_serial` (for a re-sent copy) and sends it.
+    pub(super) fn finish_reply(
+        &mut self,
+        msg_serial: Option<i64>,
+        channel: Option<ChannelKey>,
+        reply: Reply,
+    ) {
         if let Some(serial) = msg_serial {
             self.replies
                 .record(serial, reply.clone(), self.state.config.reply_window_max);
         }
         self.send_reply(msg_serial, channel, reply);
+    }
+
+    /// A reply decided now (a refusal) that must still go after the replies of the
+    /// publishes held back before it.
+    pub(super) fn reply_in_order(
+        &mut self,
+        msg_serial: Option<i64>,
+        channel: Option<ChannelKey>,
+        reply: Reply,
+    ) {
+        if self.pipeline.is_empty() {
+            self.finish_reply(msg_serial, channel, reply);
+        } else {
+            self.pipeline.push(
+                super::hooked::Held::Answered {
+                    msg_serial,
+                    channel,
+                    reply,
+                },
+                false,
+            );
+        }
     }
 
     /// Queues an ACK/NACK once everything applied before it is durable, so replies stay
@@ -225,6 +274,17 @@ impl Session {
         &mut self,
         frame: ProtocolMessage,
     ) -> Result<Vec<Option<String>>, ErrorInfo> {
+        let msg_serial = frame.msg_serial;
+        let (key, messages, size) = self.check_publish(frame)?;
+        self.publish_checked(key, messages, size, msg_serial)
+    }
+
+    /// The checks of a MESSAGE frame before anything else sees it (a before-publish
+    /// function included): capability and mode, the size budget, clientIds.
+    pub(super) fn check_publish(
+        &self,
+        frame: ProtocolMessage,
+    ) -> Result<(ChannelKey, Vec<Message>, usize), ErrorInfo> {
         let base = self.channel_for(&frame, Operation::Publish, "publish")?;
         let mut messages: Vec<Message> = frame.messages.unwrap_or_default();
         let size = crate::budget::check_messages(&messages, &self.state.config)?;
@@ -233,15 +293,27 @@ impl Session {
             message.connection_id = None;
             message.connection_key = None;
         }
+        let key = ChannelKey {
+            app: self.auth.app_id.as_str().into(),
+            name: base,
+        };
+        Ok((key, messages, size))
+    }
+
+    /// Publishes checked messages: message changes prepared, applied to the hub,
+    /// counted, and their push notifications sent once durable.
+    pub(super) fn publish_checked(
+        &mut self,
+        key: ChannelKey,
+        messages: Vec<Message>,
+        size: usize,
+        msg_serial: Option<i64>,
+    ) -> Result<Vec<Option<String>>, ErrorInfo> {
         let count = messages.len() as u64;
         let pushes = crate::push::delivery::payloads(&messages);
         let publisher = Publisher {
             connection_id: Some(self.id.clone()),
-            frame_id: format!("{}:{}", self.id, frame.msg_serial.unwrap_or(0)),
-        };
-        let key = ChannelKey {
-            app: self.auth.app_id.as_str().into(),
-            name: base,
+            frame_id: format!("{}:{}", self.id, msg_serial.unwrap_or(0)),
         };
         let messages = crate::messages::prepare_messages(
             &self.state,
