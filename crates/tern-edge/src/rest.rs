@@ -114,14 +114,29 @@ pub(crate) async fn publish(
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
     let (auth, identity) = rest_auth(&state.keys, &headers, &q, now_ms())?;
-    let messages = tern_protocol::decode_messages(request_format(&headers), &bytes)
-        .map_err(|e| e.to_error_info())?;
+    let messages = messages_of(&state, &headers, &q, bytes)?;
     let response = publish_messages(&state, &auth, &identity, &channel, messages).await?;
     Ok(body(
         StatusCode::CREATED,
         response_format(&headers, q.get("format").map(String::as_str)),
         &response,
     ))
+}
+
+/// The messages a publish request's body carries: a Message or an array in the
+/// request's format, or with `?enveloped=false` the whole body as one message's data
+/// (`inbound`, Ably's unenveloped publish, which inbound webhooks use).
+pub(crate) fn messages_of(
+    state: &EdgeState,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    bytes: Bytes,
+) -> Result<Vec<Message>, ErrorInfo> {
+    if q.get("enveloped").is_some_and(|v| v == "false") {
+        let max = state.config.max_message_size;
+        return crate::inbound::message(headers, q, bytes, max).map(|message| vec![message]);
+    }
+    tern_protocol::decode_messages(request_format(headers), &bytes).map_err(|e| e.to_error_info())
 }
 
 /// Publishes `messages` on `channel` for a REST caller and waits until they are durable
@@ -135,6 +150,16 @@ pub(crate) async fn publish_messages(
     messages: Vec<Message>,
 ) -> Result<PublishResponse, ErrorInfo> {
     let applied = apply_publish(state, auth, identity, channel, messages, Transport::Rest).await?;
+    finish_publish(state, auth, applied).await
+}
+
+/// Waits until an applied REST publish is durable, then hands its push payloads over:
+/// its answer, or the error to send instead of a 201.
+pub(crate) async fn finish_publish(
+    state: &EdgeState,
+    auth: &AuthContext,
+    applied: Applied,
+) -> Result<PublishResponse, ErrorInfo> {
     if let Some(error) = state
         .durable(applied.key.clone(), applied.store_mark)
         .await
@@ -170,13 +195,27 @@ pub(crate) async fn apply_publish(
     auth: &AuthContext,
     identity: &ClientIdentity,
     channel: &str,
-    mut messages: Vec<Message>,
+    messages: Vec<Message>,
     transport: Transport,
 ) -> Result<Applied, ErrorInfo> {
     let key = channel_key(&auth.app_id, channel)?;
     if !auth.capability.allows(&key.name, Operation::Publish) {
         return Err(denied("publish", &key.name));
     }
+    apply_publish_to(state, auth, identity, key, messages, transport).await
+}
+
+/// [`apply_publish`] on a channel the caller has already been allowed to publish on
+/// (a connection's own channel, `connections`): the size budget, clientIds, the
+/// before-publish function, message changes, then the hub.
+pub(crate) async fn apply_publish_to(
+    state: &EdgeState,
+    auth: &AuthContext,
+    identity: &ClientIdentity,
+    key: ChannelKey,
+    mut messages: Vec<Message>,
+    transport: Transport,
+) -> Result<Applied, ErrorInfo> {
     let mut size = crate::budget::check_messages(&messages, &state.config)?;
     for message in &mut messages {
         message.client_id = message_client_id(identity, message.client_id.as_deref())?;
