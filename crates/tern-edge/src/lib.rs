@@ -58,6 +58,7 @@ mod hooks;
 mod listener;
 mod messages;
 pub mod mqtt;
+mod publish;
 pub mod push;
 mod response;
 mod rest;

@@ -463,7 +463,7 @@ async fn publish(
     state
         .hub
         .publish(&key, &publisher, messages, now)
-        .map_err(|err| ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, err.to_string()))?;
+        .map_err(crate::publish::core_error)?;
     match state.durable(key, store_mark).await.error() {
         Some(error) => Err(error),
         None => Ok(()),
