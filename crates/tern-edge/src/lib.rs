@@ -53,6 +53,7 @@ mod credentials;
 mod departures;
 mod filter;
 mod forward;
+mod gauges;
 pub mod history;
 mod hooks;
 mod listener;
@@ -74,7 +75,7 @@ pub use config::{EdgeConfig, MqttConfig, StatsConfig};
 pub use listener::serve;
 pub use push::registry::PushLimits;
 pub use revoke::RevocationConfig;
-pub use state::{ClusterView, EdgeState};
+pub use state::{ClusterView, EdgeState, TRANSPORTS};
 
 /// The channel name decoders, for the fuzzer (`fuzz/`). Not part of the crate's API.
 #[doc(hidden)]
@@ -204,8 +205,6 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         )
         .route("/time", get(rest::time))
         .route("/health", get(rest::health))
-        .route("/regions", get(rest::regions))
-        .route("/metrics", get(rest::metrics))
         .route("/keys/{key_name}/requestToken", post(rest::request_token))
         .route("/keys/{key_name}/revokeTokens", post(revoke::revoke_tokens))
         .merge(channel_reads(state.clone()))

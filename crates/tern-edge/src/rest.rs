@@ -23,15 +23,6 @@ use crate::stats::Transport;
 
 type Params = Query<HashMap<String, String>>;
 
-/// `GET /regions`: the cluster's live nodes by region (one node: just itself).
-pub(crate) async fn regions(State(state): State<Arc<EdgeState>>) -> Response {
-    let body = match &state.cluster {
-        Some(cluster) => cluster.regions(),
-        None => serde_json::json!({ "regions": [] }),
-    };
-    axum::Json(body).into_response()
-}
-
 /// `GET /time`: `[ms since epoch]`, no auth.
 pub(crate) async fn time(headers: HeaderMap, Query(q): Params) -> Response {
     body(
@@ -41,42 +32,14 @@ pub(crate) async fn time(headers: HeaderMap, Query(q): Params) -> Response {
     )
 }
 
-/// `GET /health`: for load balancers. 503 `unhealthy` with a `reason` while the node
-/// cannot store publishes (its history commits fail), 200 `ok` otherwise.
+/// `GET /health`: for load balancers (also served on the admin port).
 pub(crate) async fn health(State(state): State<Arc<EdgeState>>) -> Response {
-    let mut body = serde_json::json!({
-        "status": "ok",
-        "serverId": state.config.server_id,
-        "connections": state.connection_count(),
-        "channels": state.hub.channel_count(),
-    });
-    let status = match state.unhealthy() {
-        Some(reason) => {
-            body["status"] = "unhealthy".into();
-            body["reason"] = reason.into();
-            StatusCode::SERVICE_UNAVAILABLE
-        }
-        None => StatusCode::OK,
+    let (healthy, body) = state.health_report();
+    let status = match healthy {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
     };
     (status, axum::Json(body)).into_response()
-}
-
-/// `GET /metrics`: Prometheus text exposition.
-pub(crate) async fn metrics(State(state): State<Arc<EdgeState>>) -> Response {
-    metrics::gauge!("tern_channels").set(state.hub.channel_count() as f64);
-    let text = state
-        .metrics_render
-        .as_ref()
-        .map(|render| render())
-        .unwrap_or_default();
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        text,
-    )
-        .into_response()
 }
 
 pub(crate) async fn not_found() -> ApiError {

@@ -16,9 +16,6 @@ use crate::resume::ParkedSession;
 /// Live connections (with the handle that supersedes them) and parked ones.
 pub(crate) type Registry = ConnectionRegistry<ParkedSession, Arc<Notify>>;
 
-/// Renders the Prometheus text exposition for `/metrics`.
-pub type MetricsRender = Box<dyn Fn() -> String + Send + Sync>;
-
 /// Shared state of one node's edge.
 pub struct EdgeState {
     pub config: EdgeConfig,
@@ -29,7 +26,6 @@ pub struct EdgeState {
     pub(crate) nonces: Mutex<NonceCache>,
     /// One permit per open WebSocket connection.
     pub(crate) connection_permits: Arc<Semaphore>,
-    pub(crate) metrics_render: Option<MetricsRender>,
     /// Flips to `true` when the node shuts down; connections then disconnect their clients.
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) registry: Mutex<Registry>,
@@ -59,6 +55,31 @@ pub struct EdgeState {
     /// Connection records of the apps with a `connection.disconnected` rule, for the
     /// connections of departed nodes (`departures`).
     pub(crate) departures: Arc<crate::departures::Departures>,
+    /// The deepest client outbound queue lately (`tern_outbound_queue_depth_max`).
+    pub(crate) queue_high_water: crate::gauges::QueueHighWater,
+}
+
+/// The client transports `tern_connections{transport}` counts (all listed from start).
+pub const TRANSPORTS: [&str; 4] = ["ws", "comet", "sse", "mqtt"];
+
+/// One open client connection, counted in `tern_connections{transport}` while it lives.
+/// The gauge handle is taken where the connection opens (on its node's thread), so the
+/// decrement reaches the same node's recorder wherever the guard is dropped.
+pub(crate) struct OpenConnection(metrics::Gauge);
+
+impl OpenConnection {
+    pub(crate) fn new(transport: &'static str) -> OpenConnection {
+        debug_assert!(TRANSPORTS.contains(&transport));
+        let gauge = metrics::gauge!("tern_connections", "transport" => transport);
+        gauge.increment(1.0);
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 /// How waiting for a publish to be durable ended.
@@ -117,7 +138,7 @@ pub trait ClusterView: Send + Sync {
     fn home_url(&self, _channel: &ChannelKey) -> Option<String> {
         None
     }
-    /// The live nodes by region, for `GET /regions`.
+    /// The live nodes by region, for the admin port's `GET /regions`.
     fn regions(&self) -> serde_json::Value;
     /// The client URLs of every other live node (`GET /stats` adds up their
     /// statistics).
@@ -134,7 +155,6 @@ impl EdgeState {
         config: EdgeConfig,
         hub: Arc<Hub>,
         keys: KeyRing,
-        metrics_render: Option<MetricsRender>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let retain_ms = config.token_policy.nonce_retain_ms();
@@ -157,10 +177,10 @@ impl EdgeState {
             tls: None,
             mqtt_sessions: std::sync::OnceLock::new(),
             comet: crate::comet::Links::default(),
+            queue_high_water: Default::default(),
             config,
             hub,
             keys,
-            metrics_render,
             shutdown,
             store: None,
             cluster: None,
@@ -213,8 +233,8 @@ impl EdgeState {
         }
     }
 
-    /// Makes this node a cluster member: ACKs also wait for replicas, `/regions` lists
-    /// the cluster.
+    /// Makes this node a cluster member: ACKs also wait for replicas, the admin port's
+    /// `/regions` lists the cluster.
     pub fn with_cluster(mut self, cluster: Arc<dyn ClusterView>) -> Self {
         self.cluster = Some(cluster);
         self
@@ -272,6 +292,7 @@ impl EdgeState {
             );
         }
         self.stats.tick(now_ms, self.hub.take_app_channels());
+        self.queue_high_water.tick();
     }
 
     /// Runs `then` once everything applied so far is durable: committed to the history
@@ -330,6 +351,36 @@ impl EdgeState {
         );
         // Dropped unanswered: the store's writer is gone.
         rx.await.unwrap_or(Durability::StoreFailed)
+    }
+
+    /// `/health`'s answer: healthy (200 `ok`) unless the history store's commits fail
+    /// (503 `unhealthy` with a `reason`), with this node's id and counts.
+    pub fn health_report(&self) -> (bool, serde_json::Value) {
+        let mut body = serde_json::json!({
+            "status": "ok",
+            "serverId": self.config.server_id,
+            "connections": self.connection_count(),
+            "channels": self.hub.channel_count(),
+        });
+        match self.unhealthy() {
+            Some(reason) => {
+                body["status"] = "unhealthy".into();
+                body["reason"] = reason.into();
+                (false, body)
+            }
+            None => (true, body),
+        }
+    }
+
+    /// The cluster's live nodes by region; `None` for a node that is not in a cluster.
+    pub fn cluster_regions(&self) -> Option<serde_json::Value> {
+        self.cluster.as_ref().map(|cluster| cluster.regions())
+    }
+
+    /// Sets the gauges that are read rather than counted (channels held), just before
+    /// `/metrics` is rendered.
+    pub fn refresh_gauges(&self) {
+        metrics::gauge!("tern_channels").set(self.hub.channel_count() as f64);
     }
 
     /// Open WebSocket connections right now.
