@@ -18,10 +18,11 @@
 //!
 //! Refusals from the core become Ably errors in one place, [`core_error`].
 
+use serde::Serialize;
 use tern_auth::{AuthContext, ClientIdentity};
 use tern_core::{ChannelKey, CoreError, Publisher};
 use tern_functions::hook::PublishVerdict;
-use tern_protocol::{code, ErrorInfo, Message};
+use tern_protocol::{code, Data, ErrorInfo, Message};
 
 use crate::credentials::message_client_id;
 use crate::now_ms;
@@ -223,6 +224,33 @@ pub(crate) fn request_publisher() -> Publisher {
         connection_id: None,
         frame_id: crate::messages::random_id(),
     }
+}
+
+/// Server-written records (connection records, revocations) as one publish on an
+/// internal channel: each record a message named `name` whose data is the record as
+/// JSON, and a publisher whose frame id is `tag`, the time and a random part (unique
+/// across nodes without coordination).
+pub(crate) fn records<T: Serialize>(
+    tag: &str,
+    name: &str,
+    records: &[T],
+    now_ms: i64,
+) -> (Publisher, Vec<Message>) {
+    let messages = records
+        .iter()
+        .map(|record| Message {
+            name: Some(name.into()),
+            data: Some(Data::String(
+                serde_json::to_string(record).unwrap_or_default(),
+            )),
+            ..Default::default()
+        })
+        .collect();
+    let publisher = Publisher {
+        connection_id: None,
+        frame_id: format!("{tag}-{now_ms}-{}", rand::random::<u64>()),
+    };
+    (publisher, messages)
 }
 
 /// A REST message carrying a realtime connection's key is published on behalf of that

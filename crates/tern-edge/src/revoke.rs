@@ -29,7 +29,7 @@ use tern_auth::{
     AuthContext, KeyRing, Revocation, RevocationError, RevocationList, RevocationTarget,
     TokenPolicy,
 };
-use tern_core::{AttachOptions, ChannelEvent, ChannelKey, Hub, Publisher, Subscriber};
+use tern_core::{AttachOptions, ChannelEvent, ChannelKey, Hub, Subscriber};
 use tern_protocol::{code, flags, Data, ErrorInfo, Format, Message};
 use tern_store::{ChannelRef, Direction, EventKind, HistoryQuery, HistoryStore};
 use tokio::sync::watch;
@@ -445,20 +445,7 @@ async fn publish(
         return Ok(());
     }
     let key = ChannelKey::new(app, CHANNEL);
-    let messages = revocations
-        .iter()
-        .map(|revocation| Message {
-            name: Some(MESSAGE_NAME.into()),
-            data: Some(Data::String(
-                serde_json::to_string(revocation).unwrap_or_default(),
-            )),
-            ..Default::default()
-        })
-        .collect();
-    let publisher = Publisher {
-        connection_id: None,
-        frame_id: format!("revoke-{now}-{}", rand::random::<u64>()),
-    };
+    let (publisher, messages) = crate::publish::records("revoke", MESSAGE_NAME, revocations, now);
     let store_mark = state.store_mark();
     state
         .hub
