@@ -31,7 +31,7 @@ use tern_store::{ChannelRef, Direction, EventKind, HistoryQuery, HistoryStore, P
 use crate::credentials::{denied, message_client_id, rest_auth};
 use crate::history::page_response;
 use crate::now_ms;
-use crate::publish::{core_error, request_publisher, By, Checked, Counted};
+use crate::publish::{request_publisher, By, Checked, Counted};
 use crate::response::{body, request_format, response_format, ApiError};
 use crate::rest::{channel_key, decode_body};
 use crate::state::EdgeState;
@@ -573,13 +573,13 @@ pub(crate) async fn annotate(
             _ => annotation.message_serial = Some(serial.clone()),
         }
     }
-    crate::budget::check_annotations(&annotations, &state.config)?;
-    let prepared = prepare_annotations(&state, &auth, &identity, &key, annotations)?;
-    let store_mark = state.store_mark();
-    state
-        .hub
-        .annotate(&key, &request_publisher(), prepared, now_ms())
-        .map_err(core_error)?;
+    let by = By {
+        state: &state,
+        auth: &auth,
+        identity: &identity,
+    };
+    let annotated = crate::publish::annotate(&by, &key, annotations, &request_publisher())?;
+    let store_mark = annotated.store_mark;
     if let Some(error) = state.durable(key.clone(), store_mark).await.error() {
         return Err(error.into());
     }

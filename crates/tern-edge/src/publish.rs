@@ -22,7 +22,7 @@ use serde::Serialize;
 use tern_auth::{AuthContext, ClientIdentity};
 use tern_core::{ChannelKey, CoreError, Publisher};
 use tern_functions::hook::PublishVerdict;
-use tern_protocol::{code, Data, ErrorInfo, Message};
+use tern_protocol::{code, Annotation, Data, ErrorInfo, Message};
 
 use crate::credentials::message_client_id;
 use crate::now_ms;
@@ -215,6 +215,46 @@ impl Applied {
             None => Ok(()),
         }
     }
+}
+
+/// Annotations applied to the hub, not yet known to be durable.
+pub(crate) struct Annotated {
+    /// Each annotation's serial.
+    pub(crate) serials: Vec<String>,
+    /// The serials of the messages they annotate, whose summaries follow.
+    pub(crate) targets: Vec<String>,
+    /// [`EdgeState::store_mark`] taken before they were applied.
+    pub(crate) store_mark: u64,
+}
+
+/// The annotation path of every transport, after its channel and permission checks:
+/// the publish budget, the annotations prepared (`messages::prepare_annotations`), the
+/// hub. The caller has their messages' summaries follow
+/// (`messages::summarize_later`).
+pub(crate) fn annotate(
+    by: &By<'_>,
+    key: &ChannelKey,
+    annotations: Vec<Annotation>,
+    publisher: &Publisher,
+) -> Result<Annotated, ErrorInfo> {
+    crate::budget::check_annotations(&annotations, &by.state.config)?;
+    let annotations =
+        crate::messages::prepare_annotations(by.state, by.auth, by.identity, key, annotations)?;
+    let targets = annotations
+        .iter()
+        .filter_map(|a| a.message_serial.clone())
+        .collect();
+    let store_mark = by.state.store_mark();
+    let (serials, _) = by
+        .state
+        .hub
+        .annotate(key, publisher, annotations, now_ms())
+        .map_err(core_error)?;
+    Ok(Annotated {
+        serials,
+        targets,
+        store_mark,
+    })
 }
 
 /// The publisher of a request without a connection: a fresh frame id, which is also

@@ -14,7 +14,7 @@ use crate::channel_name;
 use crate::connection::error_frame;
 use crate::credentials::{denied, presence_client_id};
 use crate::now_ms;
-use crate::publish::{core_error, By, Checked, Counted, Source};
+use crate::publish::{core_error, Annotated, By, Checked, Counted, Source};
 use crate::resume::{Reply, Seen};
 use crate::stats::{Kind, Transport};
 
@@ -278,6 +278,24 @@ impl Session {
         Ok(parsed.base.into())
     }
 
+    /// This connection as the publisher of the frame `msg_serial`: the frame id makes a
+    /// re-sent frame the same publish.
+    fn publisher(&self, msg_serial: Option<i64>) -> Publisher {
+        Publisher {
+            connection_id: Some(self.id.clone()),
+            frame_id: format!("{}:{}", self.id, msg_serial.unwrap_or(0)),
+        }
+    }
+
+    /// This connection's credentials, for the publish path.
+    fn by(&self) -> By<'_> {
+        By {
+            state: &self.state,
+            auth: &self.auth,
+            identity: &self.identity,
+        }
+    }
+
     pub(super) fn publish(
         &mut self,
         frame: ProtocolMessage,
@@ -307,17 +325,9 @@ impl Session {
         checked: Checked,
         msg_serial: Option<i64>,
     ) -> Result<Vec<Option<String>>, ErrorInfo> {
-        let publisher = Publisher {
-            connection_id: Some(self.id.clone()),
-            frame_id: format!("{}:{}", self.id, msg_serial.unwrap_or(0)),
-        };
-        let by = By {
-            state: &self.state,
-            auth: &self.auth,
-            identity: &self.identity,
-        };
         let counted = Counted::In(self.stats.as_deref());
-        let applied = checked.apply(&by, publisher, Transport::Realtime, counted)?;
+        let publisher = self.publisher(msg_serial);
+        let applied = checked.apply(&self.by(), publisher, Transport::Realtime, counted)?;
         if !applied.pushes.is_empty() {
             let state = self.state.clone();
             let app = self.auth.app_id.clone();
@@ -336,32 +346,15 @@ impl Session {
         frame: ProtocolMessage,
     ) -> Result<Vec<Option<String>>, ErrorInfo> {
         let base = self.channel_for(&frame, Operation::AnnotationPublish, "annotation-publish")?;
-        let annotations = frame.annotations.unwrap_or_default();
-        crate::budget::check_annotations(&annotations, &self.state.config)?;
         let key = ChannelKey {
             app: self.auth.app_id.as_str().into(),
             name: base,
         };
-        let annotations = crate::messages::prepare_annotations(
-            &self.state,
-            &self.auth,
-            &self.identity,
-            &key,
-            annotations,
-        )?;
-        let targets = annotations
-            .iter()
-            .filter_map(|a| a.message_serial.clone())
-            .collect();
-        let publisher = Publisher {
-            connection_id: Some(self.id.clone()),
-            frame_id: format!("{}:{}", self.id, frame.msg_serial.unwrap_or(0)),
-        };
-        let (serials, _) = self
-            .state
-            .hub
-            .annotate(&key, &publisher, annotations, now_ms())
-            .map_err(core_error)?;
+        let publisher = self.publisher(frame.msg_serial);
+        let annotations = frame.annotations.unwrap_or_default();
+        let Annotated {
+            serials, targets, ..
+        } = crate::publish::annotate(&self.by(), &key, annotations, &publisher)?;
         crate::messages::summarize_later(self.state.clone(), key, targets);
         Ok(serials.into_iter().map(Some).collect())
     }
@@ -396,10 +389,7 @@ impl Session {
             change.timestamp = Some(now);
             changes.push(change);
         }
-        let publisher = Publisher {
-            connection_id: Some(self.id.clone()),
-            frame_id: format!("{}:{msg_serial}", self.id),
-        };
+        let publisher = self.publisher(Some(msg_serial));
         let key = ChannelKey {
             app: self.auth.app_id.as_str().into(),
             name: base.clone(),
