@@ -16,6 +16,9 @@
 //!   frames carried by long-poll receives and send requests.
 //! - `budget`: what one publish or presence frame may carry (count, id, bytes), the
 //!   same check for REST and realtime.
+//! - `publish`: the one publish path after each transport's own channel checks (budget,
+//!   clientIds, before-publish function, hub, counters, the store mark to answer on),
+//!   the annotation path, and the one mapping of core refusals to Ably errors.
 //! - `batch`: batch publish (`POST /messages`) and batch presence (`GET /presence`).
 //! - `rest`: REST handlers (`/time`, publish, presence, channel status, token requests).
 //! - [`push`]: push admin (device registrations, channel subscriptions, push publish),

@@ -16,7 +16,9 @@
 //!    answer goes only once the publish is stored (and on replicas in a cluster); a
 //!    refused append or failed commit since the mark turns it into an error.
 //!
-//! Refusals from the core become Ably errors in one place, [`core_error`].
+//! Refusals from the core become Ably errors in one place, [`core_error`]. Also here:
+//! the annotation path ([`annotate`]) and the records the server itself publishes on
+//! internal channels ([`records`]).
 
 use serde::Serialize;
 use tern_auth::{AuthContext, ClientIdentity};
@@ -340,6 +342,28 @@ mod tests {
             info.href.as_deref(),
             Some(format!("https://help.ably.io/error/{code}").as_str())
         );
+    }
+
+    /// Server-written records become one message each, named, with the record as JSON
+    /// data, under a publisher whose frame id names the tag and differs each time.
+    #[test]
+    fn records_are_named_json_messages() {
+        let (first, messages) = records("revoke", "r", &[1, 2], 5);
+        let data: Vec<_> = messages
+            .iter()
+            .map(|m| (m.name.as_deref(), m.data.clone()))
+            .collect();
+        assert_eq!(
+            data,
+            [
+                (Some("r"), Some(Data::String("1".into()))),
+                (Some("r"), Some(Data::String("2".into())))
+            ]
+        );
+        assert!(first.frame_id.starts_with("revoke-5-"));
+        assert_eq!(first.connection_id, None);
+        let (second, _) = records("revoke", "r", &[1], 5);
+        assert_ne!(first.frame_id, second.frame_id);
     }
 
     /// Every refusal of the core maps to its Ably code, status and the core's message
