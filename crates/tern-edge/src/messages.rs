@@ -519,11 +519,7 @@ pub(crate) async fn change(
     message.serial = Some(serial);
     // A change is a publish too: the channel's before-publish function sees it (or an
     // edit could carry what the function refused in the original).
-    let by = By {
-        state: &state,
-        auth: &auth,
-        identity: &identity,
-    };
+    let by = By::new(&state, &auth, &identity);
     let applied = Checked::new(&state, key, vec![message])?
         .call_function(&state, &auth)
         .await?
@@ -573,11 +569,7 @@ pub(crate) async fn annotate(
             _ => annotation.message_serial = Some(serial.clone()),
         }
     }
-    let by = By {
-        state: &state,
-        auth: &auth,
-        identity: &identity,
-    };
+    let by = By::new(&state, &auth, &identity);
     let annotated = crate::publish::annotate(&by, &key, annotations, &request_publisher())?;
     let store_mark = annotated.store_mark;
     if let Some(error) = state.durable(key.clone(), store_mark).await.error() {

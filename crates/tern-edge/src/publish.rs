@@ -189,6 +189,20 @@ pub(crate) struct By<'a> {
     pub(crate) identity: &'a ClientIdentity,
 }
 
+impl<'a> By<'a> {
+    pub(crate) fn new(
+        state: &'a EdgeState,
+        auth: &'a AuthContext,
+        identity: &'a ClientIdentity,
+    ) -> By<'a> {
+        By {
+            state,
+            auth,
+            identity,
+        }
+    }
+}
+
 /// A publish applied to the hub, not yet known to be durable.
 pub(crate) struct Applied {
     pub(crate) key: ChannelKey,

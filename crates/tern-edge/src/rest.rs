@@ -162,11 +162,7 @@ pub(crate) async fn apply_publish(
     if !auth.capability.allows(&key.name, Operation::Publish) {
         return Err(denied("publish", &key.name));
     }
-    let by = By {
-        state,
-        auth,
-        identity,
-    };
+    let by = By::new(state, auth, identity);
     Checked::new(state, key, messages)?
         .stamp(identity, Source::Request(state))?
         .call_function(state, auth)

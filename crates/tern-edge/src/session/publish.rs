@@ -289,11 +289,7 @@ impl Session {
 
     /// This connection's credentials, for the publish path.
     fn by(&self) -> By<'_> {
-        By {
-            state: &self.state,
-            auth: &self.auth,
-            identity: &self.identity,
-        }
+        By::new(&self.state, &self.auth, &self.identity)
     }
 
     pub(super) fn publish(
