@@ -352,6 +352,7 @@ async fn start_member(
         origin: "8e014e04875b47ec".into(),
         load: 0,
         departed: vec![],
+        webhook_marks: String::new(),
     };
     let mut config = MembershipConfig::new(me, gossip, seeds, key.clone());
     config.gossip_interval = Duration::from_millis(100);

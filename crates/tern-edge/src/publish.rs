@@ -1,6 +1,7 @@
 //! The one publish path every transport takes: WebSocket and comet (`session/publish.rs`,
 //! `session/hooked.rs`), REST and batch (`rest.rs`, `batch.rs`), MQTT (through
-//! `rest::apply_publish`) and message changes (`messages.rs`, PATCH). Each resolves the
+//! `rest::apply_publish`), a connection's own channel (`connections.rs`, through
+//! `rest::apply_publish_to`) and message changes (`messages.rs`, PATCH). Each resolves the
 //! channel and checks its own permission (a realtime frame also checks the attach mode,
 //! a change its own capability); everything after that is here, in this order:
 //!

@@ -115,14 +115,29 @@ pub(crate) async fn publish(
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
     let (auth, identity) = rest_auth(&state.keys, &headers, &q, now_ms())?;
-    let messages = tern_protocol::decode_messages(request_format(&headers), &bytes)
-        .map_err(|e| e.to_error_info())?;
+    let messages = messages_of(&state, &headers, &q, bytes)?;
     let response = publish_messages(&state, &auth, &identity, &channel, messages).await?;
     Ok(body(
         StatusCode::CREATED,
         response_format(&headers, q.get("format").map(String::as_str)),
         &response,
     ))
+}
+
+/// The messages a publish request's body carries: a Message or an array in the
+/// request's format, or with `?enveloped=false` the whole body as one message's data
+/// (`inbound`, Ably's unenveloped publish, which inbound webhooks use).
+pub(crate) fn messages_of(
+    state: &EdgeState,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    bytes: Bytes,
+) -> Result<Vec<Message>, ErrorInfo> {
+    if q.get("enveloped").is_some_and(|v| v == "false") {
+        let max = state.config.max_message_size;
+        return crate::inbound::message(headers, q, bytes, max).map(|message| vec![message]);
+    }
+    tern_protocol::decode_messages(request_format(headers), &bytes).map_err(|e| e.to_error_info())
 }
 
 /// Publishes `messages` on `channel` for a REST caller and waits until they are durable
@@ -136,6 +151,16 @@ pub(crate) async fn publish_messages(
     messages: Vec<Message>,
 ) -> Result<PublishResponse, ErrorInfo> {
     let applied = apply_publish(state, auth, identity, channel, messages, Transport::Rest).await?;
+    finish_publish(state, auth, applied).await
+}
+
+/// Waits until an applied REST publish is durable, then hands its push payloads over:
+/// its answer, or the error to send instead of a 201.
+pub(crate) async fn finish_publish(
+    state: &EdgeState,
+    auth: &AuthContext,
+    applied: Applied,
+) -> Result<PublishResponse, ErrorInfo> {
     applied.durable(state).await?;
     crate::push::delivery::on_published(state, &auth.app_id, &applied.key.name, applied.pushes)
         .await;
@@ -162,6 +187,20 @@ pub(crate) async fn apply_publish(
     if !auth.capability.allows(&key.name, Operation::Publish) {
         return Err(denied("publish", &key.name));
     }
+    apply_publish_to(state, auth, identity, key, messages, transport).await
+}
+
+/// [`apply_publish`] on a channel the caller has already been allowed to publish on
+/// (a connection's own channel, `connections`): the publish path's checks, the
+/// before-publish function, message changes, then the hub.
+pub(crate) async fn apply_publish_to(
+    state: &EdgeState,
+    auth: &AuthContext,
+    identity: &ClientIdentity,
+    key: ChannelKey,
+    messages: Vec<Message>,
+    transport: Transport,
+) -> Result<Applied, ErrorInfo> {
     let by = By::new(state, auth, identity);
     Checked::new(state, key, messages)?
         .stamp(identity, Source::Request(state))?
