@@ -16,6 +16,9 @@
 //!   frames carried by long-poll receives and send requests.
 //! - `budget`: what one publish or presence frame may carry (count, id, bytes), the
 //!   same check for REST and realtime.
+//! - `publish`: the one publish path after each transport's own channel checks (budget,
+//!   clientIds, before-publish function, hub, counters, the store mark to answer on),
+//!   the annotation path, and the one mapping of core refusals to Ably errors.
 //! - `connections`: per-connection push (`@connections`): `POST`/`GET`/`DELETE
 //!   /connections/{id}`, routed to the node that holds the connection; a connection's
 //!   own channel `[connection]<id>`.
@@ -65,6 +68,7 @@ mod inbound;
 mod listener;
 mod messages;
 pub mod mqtt;
+mod publish;
 pub mod push;
 mod response;
 mod rest;

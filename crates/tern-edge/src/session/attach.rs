@@ -8,12 +8,12 @@ use std::time::Duration;
 use tern_core::{AttachOptions, ChannelKey, Cursor};
 use tern_protocol::{action, code, flags, ErrorInfo, PresenceMessage, ProtocolMessage};
 
-use super::publish::core_error;
 use super::{Ending, Session};
 use crate::channel_name;
 use crate::connection::{AttachmentSink, Outbound, Outlet};
 use crate::credentials::{denied, parse_modes};
 use crate::now_ms;
+use crate::publish::core_error;
 
 /// One attached channel, as the connection attached it.
 pub(super) struct Attached {
