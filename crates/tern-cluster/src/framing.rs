@@ -1,0 +1,247 @@
+//! Wire v2 records: several frames in one length-prefixed record, events in their
+//! compact form (`wire::compact`), and on links between regions the record compressed
+//! with one zstd stream per link (issue 17). Pure: frames in, record bytes out.
+//!
+//! A record's body (after the `u32` length every record has) starts with its version:
+//! - `1`: one `bincode(FrameV1)`, as every node before wire v2 sends (`wire::encode`);
+//! - `2`: then a kind byte, [`PLAIN`] or [`ZSTD`], then the items: each a tag,
+//!   [`ITEM_FRAME`] (a varint length and `bincode(FrameV1)`) or [`ITEM_EVENT`] (a
+//!   compact event). A [`ZSTD`] record holds the items compressed as the next block of
+//!   the link's zstd stream: each record is flushed, so it decodes as soon as it
+//!   arrives, and later records refer back to earlier ones (an 80-byte message whose
+//!   neighbours look like it costs a few bytes).
+//!
+//! A receiver accepts either version on any link, so a sender switches to v2 once it
+//! knows its peer reads it (`link.rs` asks) and a node of the previous release, which
+//! only reads version 1, is never sent anything else.
+//!
+//! Bounds: a record's items decompress to at most [`FRAME_BYTES_MAX`] (more is refused
+//! as a bomb), its frames pass `wire::check` like v1 frames, and the zstd window is
+//! [`WINDOW_LOG`] so a peer cannot make this node allocate a large one.
+
+use std::collections::VecDeque;
+
+use zstd::stream::raw::{Decoder as ZDecoder, Encoder as ZEncoder, InBuffer, Operation, OutBuffer};
+
+use crate::wire::compact;
+use crate::wire::{self, FrameV1, Refusal, FRAME_BYTES_MAX, VERSION_V1};
+
+pub const VERSION_V2: u8 = 2;
+pub const PLAIN: u8 = 0;
+pub const ZSTD: u8 = 1;
+pub const ITEM_FRAME: u8 = 0;
+pub const ITEM_EVENT: u8 = 1;
+/// zstd window (2^17 = 128 KiB): enough for the recent messages of a link to be
+/// referred to, small enough for one per peer link.
+pub const WINDOW_LOG: u32 = 17;
+/// A batch is written once it holds this many bytes (before compression), whatever
+/// else waits: it keeps a record's latency and the receiver's buffer bounded.
+pub const BATCH_BYTES_MAX: usize = 256 << 10;
+/// zstd level on inter-region links: chosen by measurement (docs/benchmarks.md): the
+/// streaming context does most of the work for small messages, and level 3 costs a few
+/// microseconds per record.
+pub const ZSTD_LEVEL: i32 = 3;
+
+fn put_varint(out: &mut Vec<u8>, mut v: usize) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn varint(bytes: &[u8]) -> Result<(usize, usize), Refusal> {
+    let mut v: usize = 0;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        v |= usize::from(b & 0x7f).checked_shl(7 * i as u32).unwrap_or(0);
+        if b & 0x80 == 0 {
+            return Ok((v, i + 1));
+        }
+    }
+    Err(Refusal::Undecodable("v2 record: varint".into()))
+}
+
+fn zstd_err(e: std::io::Error) -> Refusal {
+    Refusal::Undecodable(format!("v2 record: zstd: {e}"))
+}
+
+/// The sending side of one link in wire v2.
+pub struct RecordEncoder {
+    events: compact::Encoder,
+    zstd: Option<ZEncoder<'static>>,
+    batch: Vec<u8>,
+}
+
+impl RecordEncoder {
+    /// `compress`: a zstd level for links between regions, `None` within a region.
+    pub fn new(compress: Option<i32>) -> RecordEncoder {
+        let zstd = compress.and_then(|level| {
+            let mut z = ZEncoder::new(level).ok()?;
+            z.set_parameter(zstd::zstd_safe::CParameter::WindowLog(WINDOW_LOG))
+                .ok()?;
+            Some(z)
+        });
+        RecordEncoder {
+            events: compact::Encoder::new(),
+            zstd,
+            batch: Vec::new(),
+        }
+    }
+
+    /// Adds `frame` to the batch; returns the batch's bytes so far (uncompressed).
+    pub fn push(&mut self, frame: &FrameV1) -> usize {
+        match frame {
+            FrameV1::Event(event) => {
+                self.batch.push(ITEM_EVENT);
+                self.events.encode(event, &mut self.batch);
+            }
+            other => {
+                let bytes = wire::encode(other);
+                self.batch.push(ITEM_FRAME);
+                put_varint(&mut self.batch, bytes.len() - 1);
+                self.batch.extend(&bytes[1..]);
+            }
+        }
+        self.batch.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// The record body of everything pushed since the last one (empty batch: nothing).
+    pub fn finish(&mut self) -> Vec<u8> {
+        let items = std::mem::take(&mut self.batch);
+        if items.is_empty() {
+            return Vec::new();
+        }
+        if let Some(z) = &mut self.zstd {
+            let mut out = Vec::with_capacity(items.len() / 2 + 64);
+            out.extend([VERSION_V2, ZSTD]);
+            if compress_into(z, &items, &mut out).is_ok() {
+                return out;
+            }
+            // A failing compressor leaves its stream unusable: the link goes plain
+            // (records say which they are, so the receiver follows).
+            self.zstd = None;
+        }
+        let mut out = Vec::with_capacity(items.len() + 2);
+        out.extend([VERSION_V2, PLAIN]);
+        out.extend(items);
+        out
+    }
+}
+
+fn compress_into(
+    z: &mut ZEncoder<'static>,
+    items: &[u8],
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let mut input = InBuffer::around(items);
+    while input.pos() < items.len() {
+        out.reserve(items.len().max(1024));
+        let len = out.len();
+        let mut buffer = OutBuffer::around_pos(out, len);
+        z.run(&mut input, &mut buffer)?;
+    }
+    loop {
+        out.reserve(1024);
+        let len = out.len();
+        let mut buffer = OutBuffer::around_pos(out, len);
+        if z.flush(&mut buffer)? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// The receiving side of one link: reads v1 and v2 records.
+#[derive(Default)]
+pub struct RecordDecoder {
+    events: compact::Decoder,
+    zstd: Option<ZDecoder<'static>>,
+}
+
+impl RecordDecoder {
+    pub fn new() -> RecordDecoder {
+        RecordDecoder::default()
+    }
+
+    /// The frames of one record body, in order, each checked like a v1 frame.
+    pub fn decode(&mut self, body: &[u8], frames: &mut VecDeque<FrameV1>) -> Result<(), Refusal> {
+        match body {
+            [VERSION_V1, ..] => {
+                frames.push_back(wire::decode(body)?);
+                Ok(())
+            }
+            [VERSION_V2, PLAIN, items @ ..] => self.items(items, frames),
+            [VERSION_V2, ZSTD, compressed @ ..] => {
+                let items = self.decompress(compressed)?;
+                self.items(&items, frames)
+            }
+            [VERSION_V2, kind, ..] => Err(Refusal::Undecodable(format!("v2 record kind {kind}"))),
+            [version, ..] => Err(Refusal::Version(*version)),
+            [] => Err(Refusal::Empty),
+        }
+    }
+
+    fn decompress(&mut self, compressed: &[u8]) -> Result<Vec<u8>, Refusal> {
+        if self.zstd.is_none() {
+            let mut z = ZDecoder::new().map_err(zstd_err)?;
+            z.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(WINDOW_LOG))
+                .map_err(zstd_err)?;
+            self.zstd = Some(z);
+        }
+        let z = self.zstd.as_mut().expect("set above");
+        let mut out: Vec<u8> = Vec::with_capacity(compressed.len() * 4);
+        let mut input = InBuffer::around(compressed);
+        loop {
+            if out.len() > FRAME_BYTES_MAX {
+                return Err(Refusal::TooLarge(out.len()));
+            }
+            out.reserve((compressed.len() * 4).clamp(1024, 1 << 20));
+            let len = out.len();
+            let mut buffer = OutBuffer::around_pos(&mut out, len);
+            z.run(&mut input, &mut buffer).map_err(zstd_err)?;
+            let filled = buffer.pos() < buffer.capacity();
+            // All input consumed and the output not full: the flushed block is out.
+            if input.pos() == compressed.len() && filled {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn items(&mut self, mut items: &[u8], frames: &mut VecDeque<FrameV1>) -> Result<(), Refusal> {
+        let mut count = 0usize;
+        while let Some((&tag, rest)) = items.split_first() {
+            count += 1;
+            // Each frame is checked; this bounds how many one record may carry.
+            if count > wire::ITEMS_PER_FRAME_MAX * 16 {
+                return Err(Refusal::TooManyItems(count));
+            }
+            match tag {
+                ITEM_FRAME => {
+                    let (len, used) = varint(rest)?;
+                    let body = rest
+                        .get(used..used.saturating_add(len))
+                        .ok_or(Refusal::Truncated)?;
+                    let mut v1 = Vec::with_capacity(body.len() + 1);
+                    v1.push(VERSION_V1);
+                    v1.extend(body);
+                    frames.push_back(wire::decode(&v1)?);
+                    items = &rest[used + len..];
+                }
+                ITEM_EVENT => {
+                    let (event, used) = self.events.decode(rest)?;
+                    let frame = FrameV1::Event(event);
+                    wire::check(&frame)?;
+                    frames.push_back(frame);
+                    items = &rest[used..];
+                }
+                other => {
+                    return Err(Refusal::Undecodable(format!("v2 item tag {other}")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
