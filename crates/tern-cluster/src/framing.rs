@@ -109,6 +109,11 @@ impl RecordEncoder {
         self.batch.is_empty()
     }
 
+    /// The batch's bytes so far (uncompressed).
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
     /// The record body of everything pushed since the last one (empty batch: nothing).
     pub fn finish(&mut self) -> Vec<u8> {
         let items = std::mem::take(&mut self.batch);
