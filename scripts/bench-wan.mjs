@@ -1,6 +1,7 @@
 // WAN bytes per replicated message (issue 17): `tern dev` (three regions in one process,
 // the WAN of regions/topology.toml emulated on the QUIC links), a publisher on us-east
-// sending realistic JSON messages at a fixed rate (open loop), a subscriber on eu-west.
+// sending realistic JSON messages at a fixed rate (open loop, one connection per 500
+// msg/s), a subscriber on eu-west.
 // For each wire (v1: TERN_CLUSTER_WIRE=1, the format before issue 17; v2: the default),
 // payload (80 B chat message, 2 KB dashboard update; words and numbers drawn at random,
 // so no two messages are alike) and rate, it reports the QUIC stream bytes us-east wrote
@@ -81,15 +82,21 @@ async function run(wire, payload, rate) {
     await ready;
     let subClosed = false;
     sub.on('close', () => { subClosed = true; });
-    const pub = await open(east);
+    // One publisher connection per 500 msg/s: a connection's inbound rate is limited
+    // (limits.inbound_frames_per_second), and this measures the links, not that limit.
+    const pubs = [];
     let acked = 0;
     let nacked = 0;
     let nackError = '';
-    pub.on('message', (d) => {
-      const f = JSON.parse(d.toString());
-      if (f.action === 1) acked += f.count;
-      if (f.action === 2) { nacked += f.count; nackError = nackError || `${f.error?.code} ${f.error?.message}`; }
-    });
+    for (let i = 0; i < Math.ceil(rate / 500); i++) {
+      const pub = await open(east);
+      pub.on('message', (d) => {
+        const f = JSON.parse(d.toString());
+        if (f.action === 1) acked += f.count;
+        if (f.action === 2) { nacked += f.count; nackError = nackError || `${f.error?.code} ${f.error?.message}`; }
+      });
+      pubs.push(pub);
+    }
     await sleep(300);
     const metricsBefore = await (await fetch(`http://127.0.0.1:${east}/metrics`)).text();
     const total = Math.round(rate * Number(seconds));
@@ -102,7 +109,8 @@ async function run(wire, payload, rate) {
       if (wait > 2) await sleep(wait - 1);
       const data = make(performance.now());
       bytes += Buffer.byteLength(data);
-      pub.send(JSON.stringify({ action: 15, channel, msgSerial: n, messages: [{ name: 'm', data }] }));
+      const p = n % pubs.length;
+      pubs[p].send(JSON.stringify({ action: 15, channel, msgSerial: Math.floor(n / pubs.length), messages: [{ name: 'm', data }] }));
     }
     const deadline = Date.now() + 30000;
     while ((latencies.length < total || acked + nacked < total) && !subClosed && Date.now() < deadline) await sleep(50);
@@ -112,7 +120,7 @@ async function run(wire, payload, rate) {
     // Per event replicated (the events this run sent; none else crossed meanwhile).
     const events = delta('tern_replication_events_sent_total');
     const sorted = latencies.slice().sort((a, b) => a - b);
-    pub.close();
+    for (const pub of pubs) pub.close();
     sub.close();
     return {
       wire, payload, rate, total,

@@ -433,6 +433,113 @@ mod tests {
         assert!(4 + record.len() <= 10, "{} bytes", 4 + record.len());
     }
 
+    /// The zstd level (`ZSTD_LEVEL`): bytes per message and encode time of a link
+    /// sending 80-byte chat messages and 2 KB dashboard updates whose words and numbers
+    /// are drawn at random, one message per record (the sparse case) and 20 per record.
+    /// A measurement, not a check: `cargo test -p tern-cluster --release --lib
+    /// zstd_levels -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn zstd_levels() {
+        use tern_protocol::{Data, Format, Message, ProtocolMessage};
+        let words = [
+            "the", "meet", "station", "deploy", "build", "ok", "ticket", "north", "cpu", "alert",
+            "review", "coffee",
+        ];
+        let mut x: u64 = 42;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut frames = |dashboard: bool, count: u64| -> Vec<FrameV1> {
+            (1..=count)
+                .map(|n| {
+                    let data = if dashboard {
+                        let hosts: Vec<String> = (0..40)
+                            .map(|i| {
+                                format!(
+                                    r#"{{"h":"web-{i}","cpu":{}.{},"mem":{},"rps":{}}}"#,
+                                    next(100),
+                                    next(10),
+                                    next(64000),
+                                    next(5000)
+                                )
+                            })
+                            .collect();
+                        format!(
+                            r#"{{"t":{},"hosts":[{}]}}"#,
+                            1_780_000_000_000 + n * 5,
+                            hosts.join(",")
+                        )
+                    } else {
+                        let text: Vec<&str> = (0..6).map(|_| words[next(12) as usize]).collect();
+                        format!(
+                            r#"{{"t":{},"user":"u{}","text":"{}"}}"#,
+                            1_780_000_000_000 + n * 5,
+                            next(500),
+                            text.join(" ")
+                        )
+                    };
+                    let pm = ProtocolMessage {
+                        action: tern_protocol::action::MESSAGE,
+                        id: Some(format!("AbCdEfGh12:{n}")),
+                        connection_id: Some("AbCdEfGh12".into()),
+                        channel: Some("room".into()),
+                        channel_serial: Some(format!("v1.3f9a2c41d5e6b7a8-{n:x}")),
+                        timestamp: Some(1_780_000_000_000 + n as i64 * 5),
+                        messages: Some(vec![Message {
+                            id: Some(format!("AbCdEfGh12:{n}:0")),
+                            connection_id: Some("AbCdEfGh12".into()),
+                            name: Some("m".into()),
+                            data: Some(Data::String(data)),
+                            timestamp: Some(1_780_000_000_000 + n as i64 * 5),
+                            ..Message::default()
+                        }]),
+                        ..ProtocolMessage::default()
+                    };
+                    FrameV1::Event(EventV1 {
+                        app: "app".into(),
+                        channel: "room".into(),
+                        origin: 0x3f9a_2c41_d5e6_b7a8,
+                        seq: n,
+                        publisher: Some("AbCdEfGh12".into()),
+                        frame: tern_protocol::encode(Format::Msgpack, &pm).to_vec(),
+                        link_seq: n,
+                    })
+                })
+                .collect()
+        };
+        for dashboard in [false, true] {
+            let frames = frames(dashboard, 2_000);
+            let v1: usize = frames.iter().map(|f| 4 + wire::encode(f).len()).sum();
+            println!(
+                "{} v1: {} B/msg",
+                if dashboard { "2KB" } else { "80B" },
+                v1 / frames.len()
+            );
+            for level in [None, Some(1), Some(3), Some(6), Some(9)] {
+                for per_record in [1, 20] {
+                    let mut encoder = RecordEncoder::new(level);
+                    let start = std::time::Instant::now();
+                    let mut bytes = 0;
+                    for chunk in frames.chunks(per_record) {
+                        chunk.iter().for_each(|f| {
+                            encoder.push(f);
+                        });
+                        bytes += 4 + encoder.finish().len();
+                    }
+                    println!(
+                        "  level {level:?}, {per_record} per record: {} B/msg, {:.1} us/msg",
+                        bytes / frames.len(),
+                        start.elapsed().as_secs_f64() * 1e6 / frames.len() as f64
+                    );
+                }
+            }
+        }
+    }
+
     /// A decompression bomb is refused, not inflated past the frame limit; so is a
     /// stream that asks for a window larger than [`WINDOW_LOG`].
     #[test]
