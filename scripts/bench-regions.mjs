@@ -23,6 +23,7 @@ const { default: WebSocket } = await import(join(repo, 'tests/js/node_modules/ws
 const { default: Ably } = await import(join(repo, 'tests/js/node_modules/ably/build/ably-node.js'));
 const { startTern, options, connected, waitUntil } = await import(join(repo, 'tests/js/lib/tern.mjs'));
 const { startRegions, REGIONS, DEV_KEY } = await import(join(repo, 'tests/js/lib/regions.mjs'));
+const { sample } = await import(join(repo, 'tests/js/lib/metrics.mjs'));
 
 const [rate = '200', seconds = '10', failoverRuns = '5'] = process.argv.slice(2);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -96,11 +97,8 @@ async function latency() {
       pub.send(JSON.stringify({ action: 15, channel, msgSerial: n, messages: [{ name: 'n', data: `${due}:${pad}` }] }));
     }
     await waitUntil(() => Object.values(results).every((l) => l.length >= total) && acks >= total, 20000, 'deliveries');
-    const metrics = await (await fetch(`http://127.0.0.1:${east}/metrics`)).text();
-    const counter = (name, peer) => {
-      const m = new RegExp(`^${name}\\{peer="${peer}"\\} (\\d+)`, 'm').exec(metrics);
-      return m ? Number(m[1]) : 0;
-    };
+    const metrics = await (await fetch(`http://127.0.0.1:${tern.admins[0]}/metrics`)).text();
+    const counter = (name, peer) => sample(metrics, name, { peer }) ?? 0;
     const d = delays();
     console.log(`\n## cross-region latency: ${total} messages at ${rate}/s, 80 B payload, publisher us-east (us-east row: a subscriber on the publisher's own node, the local baseline)`);
     console.log('| to | emulated one-way ms | p50 ms | p90 ms | p99 ms | max ms | overhead p50 / p99 ms | WAN bytes per message | frames per message |');

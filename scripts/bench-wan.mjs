@@ -6,7 +6,7 @@
 // payload (80 B chat message, 2 KB dashboard update; words and numbers drawn at random,
 // so no two messages are alike) and rate, it reports the QUIC stream bytes us-east wrote
 // to eu-west per message (event records, and acks/Heads/other control frames apart),
-// from /metrics, and the publish→deliver latency above the emulated one-way delay.
+// from us-east's /metrics (its admin port), and the publish→deliver latency above the emulated one-way delay.
 // Bytes are deterministic for a given run of messages; latency depends on the machine.
 // Usage: node scripts/bench-wan.mjs [seconds=3] [rates=200,2000,20000]
 // Needs tests/js/node_modules and TERN_BIN (default target/release/tern).
@@ -19,6 +19,7 @@ process.env.TERN_BIN = process.env.TERN_BIN || join(repo, 'target', 'release', '
 const { default: WebSocket } = await import(join(repo, 'tests/js/node_modules/ws/index.js'));
 const { startTern } = await import(join(repo, 'tests/js/lib/tern.mjs'));
 const { DEV_KEY } = await import(join(repo, 'tests/js/lib/regions.mjs'));
+const { sample } = await import(join(repo, 'tests/js/lib/metrics.mjs'));
 
 const [seconds = '3', rates = '200,2000,20000'] = process.argv.slice(2);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -98,7 +99,7 @@ async function run(wire, payload, rate) {
       pubs.push(pub);
     }
     await sleep(300);
-    const metricsBefore = await (await fetch(`http://127.0.0.1:${east}/metrics`)).text();
+    const metricsBefore = await (await fetch(`http://127.0.0.1:${tern.admins[0]}/metrics`)).text();
     const total = Math.round(rate * Number(seconds));
     const make = payload === '80B' ? chat : dashboard;
     let bytes = 0;
@@ -114,8 +115,8 @@ async function run(wire, payload, rate) {
     }
     const deadline = Date.now() + 30000;
     while ((latencies.length < total || acked + nacked < total) && !subClosed && Date.now() < deadline) await sleep(50);
-    const metrics = await (await fetch(`http://127.0.0.1:${east}/metrics`)).text();
-    const counter = (text, name) => Number(new RegExp(`^${name}\\{peer="tern-dev-eu-west"\\} (\\d+)`, 'm').exec(text)?.[1] || 0);
+    const metrics = await (await fetch(`http://127.0.0.1:${tern.admins[0]}/metrics`)).text();
+    const counter = (text, name) => sample(text, name, { peer: 'tern-dev-eu-west' }) ?? 0;
     const delta = (name) => counter(metrics, name) - counter(metricsBefore, name);
     // Per event replicated (the events this run sent; none else crossed meanwhile).
     const events = delta('tern_replication_events_sent_total');

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # apt-install.sh COMMAND PACKAGE: installs Debian's PACKAGE unless COMMAND (a path or a
 # name on PATH) is already there. As root, or through sudo. For the test runners, which
-# install what they need on a fresh machine (chromium, mosquitto-clients).
+# install what they need on a fresh machine (chromium, mosquitto-clients, prometheus for
+# promtool).
 set -euo pipefail
 command="$1"
 package="$2"

@@ -8,9 +8,13 @@ repo="$(dirname "$here")"
 export TERN_BIN="${TERN_BIN:-$repo/target/debug/tern}"
 
 # mosquitto_pub / mosquitto_sub for the MQTT test (tests/js/test/mqtt.test.mjs), and
-# Debian's chromium for the comet browser test (tests/js/test/comet-browser.test.mjs).
+# Debian's chromium for the comet browser and status page tests
+# (tests/js/test/comet-browser.test.mjs, status-page.test.mjs).
 "$here/apt-install.sh" mosquitto_sub mosquitto-clients
 "$here/apt-install.sh" "${CHROMIUM:-/usr/bin/chromium}" chromium
+# Debian's prometheus: promtool checks a live node's /metrics, and the server scrapes
+# `tern dev` to run docs/grafana-dashboard.json's queries (tests/js/test/admin.test.mjs).
+"$here/apt-install.sh" promtool prometheus
 
 echo "-- ably-js"
 cd "$here/js"

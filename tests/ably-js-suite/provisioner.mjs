@@ -159,19 +159,21 @@ async function startNodes(ternBin, app, dir) {
   const children = [];
   let seed = null;
   let first = null;
+  let firstAdmin = null;
   for (const [index, node] of names.entries()) {
     const gossip = await freeUdpPort();
     const nodeDir = join(dir, node);
     mkdirSync(nodeDir, { recursive: true });
     const extra = `\n[server]\nserver_id = "${node}"\n` + clusterSection(index, certs, gossip, seed);
-    const { child, port } = await startTern(ternBin, app, nodeDir, extra);
+    const { child, port, admin } = await startTern(ternBin, app, nodeDir, extra);
     children.push(child);
     first = first ?? port;
+    firstAdmin = firstAdmin ?? admin;
     seed = seed ?? `127.0.0.1:${gossip}`;
   }
   const deadline = Date.now() + START_TIMEOUT_MS;
   for (;;) {
-    const body = await (await fetch(`http://127.0.0.1:${first}/regions`)).json().catch(() => ({}));
+    const body = await (await fetch(`http://127.0.0.1:${firstAdmin}/regions`)).json().catch(() => ({}));
     if ((body.regions || []).length === CLUSTER_NODES) break;
     if (Date.now() > deadline) {
       await Promise.all(children.map(stopTern));
@@ -215,7 +217,8 @@ function startTern(ternBin, app, dir, extra = '') {
       child.once('exit', () => livePids.delete(child.pid));
       child.stdout.removeAllListeners('data');
       child.stdout.resume();
-      resolvePort({ child, port: Number(found[1]) });
+      const admin = /tern admin on http:\/\/[^:\s]+:(\d+)/.exec(out);
+      resolvePort({ child, port: Number(found[1]), admin: admin && Number(admin[1]) });
     });
   });
 }

@@ -407,6 +407,20 @@ impl LinkEndpoint {
         peers
     }
 
+    /// QUIC's smoothed round-trip time to each connected peer node (the network's; the
+    /// emulated WAN delay of `emulate_topology` is added above QUIC and not in it).
+    pub fn peer_rtts(&self) -> Vec<(String, std::time::Duration)> {
+        let mut rtts: Vec<(String, std::time::Duration)> = self
+            .shared
+            .connections()
+            .values()
+            .filter(|c| c.connection.close_reason().is_none())
+            .map(|c| (c.node.to_string(), c.connection.rtt()))
+            .collect();
+        rtts.sort();
+        rtts
+    }
+
     /// Opens a link to the node `node_id` at `peer` (its address as gossip gives it):
     /// one ordered outbound stream on the pair's connection, dialing it if there is none.
     /// Refused ([`ClusterError::Identity`]) when the certificate at that address names

@@ -232,6 +232,9 @@ struct PeerShared {
     queue: Mutex<PeerQueue>,
     /// Events sent or waiting but not yet acknowledged by this peer (replication lag).
     unacked: metrics::Gauge,
+    /// Seconds from an event queued for this peer to the peer's `Stored` ack covering it
+    /// (sampled once per ack, for its newest event): the replication lag, in time.
+    lag: metrics::Histogram,
     /// Event frames written to this peer's link (resends included).
     events_sent: std::sync::atomic::AtomicU64,
     notify: Notify,
@@ -364,6 +367,7 @@ impl Replicator {
             }
             let shared = Arc::new(PeerShared {
                 unacked: metrics::gauge!("tern_replication_unacked_events", "peer" => spec.node_id.clone()),
+                lag: metrics::histogram!("tern_replication_lag_seconds", "peer" => spec.node_id.clone()),
                 events_sent: std::sync::atomic::AtomicU64::new(0),
                 queue: Mutex::new(queue),
                 notify: Notify::new(),
@@ -484,6 +488,17 @@ impl Replicator {
             .map_or(0, |r| r.endpoint.connection_count())
     }
 
+    /// Sets `tern_link_rtt_seconds{peer}` to each linked peer's QUIC round-trip time
+    /// (called before `/metrics` is rendered).
+    pub fn record_link_rtts(&self) {
+        let Some(running) = self.running.get() else {
+            return;
+        };
+        for (peer, rtt) in running.endpoint.peer_rtts() {
+            metrics::gauge!("tern_link_rtt_seconds", "peer" => peer).set(rtt.as_secs_f64());
+        }
+    }
+
     /// Whether `peer` (of this node's region) has told us it has subscribers on `key`.
     pub fn knows_interest(&self, peer: &str, key: &ChannelKey) -> bool {
         let out = lock(&self.out);
@@ -569,8 +584,12 @@ impl Replicator {
         p.acked = upto;
         {
             let mut q = lock(&p.shared.queue);
+            let mut newest = None;
             while q.events.front().is_some_and(|(seq, _, _)| *seq <= upto) {
-                q.events.pop_front();
+                newest = q.events.pop_front().map(|(_, _, queued)| queued);
+            }
+            if let Some(queued) = newest {
+                p.shared.lag.record(queued.elapsed().as_secs_f64());
             }
             q.acked = q.acked.max(upto);
             p.shared.unacked.set(q.events.len() as f64);

@@ -303,9 +303,9 @@ pub(crate) async fn connect(
             let state = state.clone();
             let link = link.clone();
             tokio::spawn(async move {
-                metrics::gauge!("tern_connections").increment(1.0);
+                let open = crate::state::OpenConnection::new("comet");
                 session.run(inbound).await;
-                metrics::gauge!("tern_connections").decrement(1.0);
+                drop(open);
                 tokio::time::sleep(LINGER).await;
                 state.comet.remove(&key, &link);
                 // Only now: the ended link (and its queue) counted until it is gone.

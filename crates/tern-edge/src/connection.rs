@@ -21,6 +21,7 @@ use tern_protocol::{action, code, ErrorInfo, Format, ProtocolMessage};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
+use crate::gauges::OldestInBatch;
 use crate::listener::ResetOnClose;
 use crate::response::error_response;
 use crate::session::{frame_too_large, Inbound, Received, Session};
@@ -185,9 +186,9 @@ pub(crate) async fn upgrade(
         .read_buffer_size(1024)
         .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| async move {
-            metrics::gauge!("tern_connections").increment(1.0);
+            let open = crate::state::OpenConnection::new("ws");
             run(state, query, socket, reset, arrival).await;
-            metrics::gauge!("tern_connections").decrement(1.0);
+            drop(open);
             drop(permit);
         })
 }
@@ -212,6 +213,8 @@ async fn run(
         reset,
         stalled: outlet.overflow.clone(),
         stats: outlet.stats.clone(),
+        state: state.clone(),
+        delivery: crate::gauges::DeliveryHistograms::new(),
     };
     let writer = tokio::spawn(write_loop(writer, rx.queue, rx.end));
     match format {
@@ -354,6 +357,18 @@ struct Writer {
     stalled: Arc<Notify>,
     /// Where delivered messages are counted (see [`Outlet::stats`]).
     stats: Arc<OnceLock<Arc<AppStats>>>,
+    /// The node: its origin and queue high-water mark.
+    state: Arc<EdgeState>,
+    delivery: crate::gauges::DeliveryHistograms,
+}
+
+impl OldestInBatch {
+    /// Takes part in the batch's oldest event if `item` is a channel event.
+    fn add_item(&mut self, item: &Outbound, local: tern_core::OriginId) {
+        if let Outbound::Event(event) | Outbound::AliasedEvent(event, _) = item {
+            self.add(event, local);
+        }
+    }
 }
 
 /// Adds the messages of a channel event about to be written to `delivered`.
@@ -411,18 +426,24 @@ impl Writer {
         first: Outbound,
     ) -> Result<(), WriteFailed> {
         let limit = self.write_timeout;
+        self.state.queue_high_water.saw(1 + queue.len());
+        let origin = self.state.hub.origin();
+        let mut oldest = OldestInBatch::default();
         let mut delivered = Delivered::default();
         tally(&mut delivered, &first);
+        oldest.add_item(&first, origin);
         bounded(limit, self.sink.feed(encode(self.format, first))).await?;
         let mut written = 1u64;
         while written < WRITE_BATCH_MAX as u64 {
             let Ok(item) = queue.try_recv() else { break };
             tally(&mut delivered, &item);
+            oldest.add_item(&item, origin);
             bounded(limit, self.sink.feed(encode(self.format, item))).await?;
             written += 1;
         }
         metrics::counter!("tern_frames_sent_total").increment(written);
         bounded(limit, self.sink.flush()).await?;
+        oldest.record(&self.delivery, crate::now_ms());
         // Counted once the batch is out: a few relaxed adds per batch, none per frame.
         if let Some(stats) = self.stats.get() {
             stats.delivered(&delivered);

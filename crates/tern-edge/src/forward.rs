@@ -127,6 +127,33 @@ pub(crate) async fn post_to(
     Ok(response.status())
 }
 
+/// A request of `method` to `path` at another node `base`, with `headers` and `body`,
+/// within `timeout`: its status and body. For the cross-node connection handover
+/// (`connections::handover`), which must not hold a connect up for long.
+pub(crate) async fn call(
+    base: &str,
+    method: Method,
+    path: &str,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(axum::http::StatusCode, Bytes), String> {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Body::from(body))
+        .map_err(|e| e.to_string())?;
+    *request.headers_mut() = headers;
+    let response = tokio::time::timeout(timeout, send(base, request))
+        .await
+        .map_err(|_| "timed out".to_string())??;
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), FORWARD_BODY_MAX)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((status, body))
+}
+
 /// One HTTP/1.1 request to `base` (`http://host:port`) over a fresh connection.
 async fn send(base: &str, request: Request) -> Result<Response, String> {
     let authority = base

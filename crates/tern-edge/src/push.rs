@@ -314,7 +314,6 @@ mod tests {
             crate::EdgeConfig::default(),
             hub,
             tern_auth::KeyRing::new(Vec::new()),
-            None,
             watch,
         )
         .with_store(store.clone());

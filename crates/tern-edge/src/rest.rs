@@ -22,15 +22,6 @@ use crate::stats::{Kind, Transport};
 
 type Params = Query<HashMap<String, String>>;
 
-/// `GET /regions`: the cluster's live nodes by region (one node: just itself).
-pub(crate) async fn regions(State(state): State<Arc<EdgeState>>) -> Response {
-    let body = match &state.cluster {
-        Some(cluster) => cluster.regions(),
-        None => serde_json::json!({ "regions": [] }),
-    };
-    axum::Json(body).into_response()
-}
-
 /// `GET /time`: `[ms since epoch]`, no auth.
 pub(crate) async fn time(headers: HeaderMap, Query(q): Params) -> Response {
     body(
@@ -40,42 +31,14 @@ pub(crate) async fn time(headers: HeaderMap, Query(q): Params) -> Response {
     )
 }
 
-/// `GET /health`: for load balancers. 503 `unhealthy` with a `reason` while the node
-/// cannot store publishes (its history commits fail), 200 `ok` otherwise.
+/// `GET /health`: for load balancers (also served on the admin port).
 pub(crate) async fn health(State(state): State<Arc<EdgeState>>) -> Response {
-    let mut body = serde_json::json!({
-        "status": "ok",
-        "serverId": state.config.server_id,
-        "connections": state.connection_count(),
-        "channels": state.hub.channel_count(),
-    });
-    let status = match state.unhealthy() {
-        Some(reason) => {
-            body["status"] = "unhealthy".into();
-            body["reason"] = reason.into();
-            StatusCode::SERVICE_UNAVAILABLE
-        }
-        None => StatusCode::OK,
+    let (healthy, body) = state.health_report();
+    let status = match healthy {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
     };
     (status, axum::Json(body)).into_response()
-}
-
-/// `GET /metrics`: Prometheus text exposition.
-pub(crate) async fn metrics(State(state): State<Arc<EdgeState>>) -> Response {
-    metrics::gauge!("tern_channels").set(state.hub.channel_count() as f64);
-    let text = state
-        .metrics_render
-        .as_ref()
-        .map(|render| render())
-        .unwrap_or_default();
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        text,
-    )
-        .into_response()
 }
 
 pub(crate) async fn not_found() -> ApiError {
@@ -151,14 +114,29 @@ pub(crate) async fn publish(
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
     let (auth, identity) = rest_auth(&state.keys, &headers, &q, now_ms())?;
-    let messages = tern_protocol::decode_messages(request_format(&headers), &bytes)
-        .map_err(|e| e.to_error_info())?;
+    let messages = messages_of(&state, &headers, &q, bytes)?;
     let response = publish_messages(&state, &auth, &identity, &channel, messages).await?;
     Ok(body(
         StatusCode::CREATED,
         response_format(&headers, q.get("format").map(String::as_str)),
         &response,
     ))
+}
+
+/// The messages a publish request's body carries: a Message or an array in the
+/// request's format, or with `?enveloped=false` the whole body as one message's data
+/// (`inbound`, Ably's unenveloped publish, which inbound webhooks use).
+pub(crate) fn messages_of(
+    state: &EdgeState,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    bytes: Bytes,
+) -> Result<Vec<Message>, ErrorInfo> {
+    if q.get("enveloped").is_some_and(|v| v == "false") {
+        let max = state.config.max_message_size;
+        return crate::inbound::message(headers, q, bytes, max).map(|message| vec![message]);
+    }
+    tern_protocol::decode_messages(request_format(headers), &bytes).map_err(|e| e.to_error_info())
 }
 
 /// Publishes `messages` on `channel` for a REST caller and waits until they are durable
@@ -172,6 +150,16 @@ pub(crate) async fn publish_messages(
     messages: Vec<Message>,
 ) -> Result<PublishResponse, ErrorInfo> {
     let applied = apply_publish(state, auth, identity, channel, messages, Transport::Rest).await?;
+    finish_publish(state, auth, applied).await
+}
+
+/// Waits until an applied REST publish is durable, then hands its push payloads over:
+/// its answer, or the error to send instead of a 201.
+pub(crate) async fn finish_publish(
+    state: &EdgeState,
+    auth: &AuthContext,
+    applied: Applied,
+) -> Result<PublishResponse, ErrorInfo> {
     if let Some(error) = state
         .durable(applied.key.clone(), applied.store_mark)
         .await
@@ -207,13 +195,27 @@ pub(crate) async fn apply_publish(
     auth: &AuthContext,
     identity: &ClientIdentity,
     channel: &str,
-    mut messages: Vec<Message>,
+    messages: Vec<Message>,
     transport: Transport,
 ) -> Result<Applied, ErrorInfo> {
     let key = channel_key(&auth.app_id, channel)?;
     if !auth.capability.allows(&key.name, Operation::Publish) {
         return Err(denied("publish", &key.name));
     }
+    apply_publish_to(state, auth, identity, key, messages, transport).await
+}
+
+/// [`apply_publish`] on a channel the caller has already been allowed to publish on
+/// (a connection's own channel, `connections`): the size budget, clientIds, the
+/// before-publish function, message changes, then the hub.
+pub(crate) async fn apply_publish_to(
+    state: &EdgeState,
+    auth: &AuthContext,
+    identity: &ClientIdentity,
+    key: ChannelKey,
+    mut messages: Vec<Message>,
+    transport: Transport,
+) -> Result<Applied, ErrorInfo> {
     let mut size = crate::budget::check_messages(&messages, &state.config)?;
     for message in &mut messages {
         message.client_id = message_client_id(identity, message.client_id.as_deref())?;

@@ -220,6 +220,7 @@ struct Attachments {
     id: Arc<str>,
     keys: Vec<ChannelKey>,
     _permit: OwnedSemaphorePermit,
+    _open: crate::state::OpenConnection,
 }
 
 impl Drop for Attachments {
@@ -375,6 +376,7 @@ async fn open(
         id,
         keys,
         _permit: permit,
+        _open: crate::state::OpenConnection::new("sse"),
     };
     let keepalive = Duration::from_millis(state.config.max_idle_interval_ms.max(1_000));
     let expires = ctx

@@ -8,16 +8,14 @@ use crate::revoke::{Credentials, Revocations};
 use tern_core::{ChannelKey, ConnectionRegistry, Hub};
 use tern_protocol::{code, ErrorInfo};
 use tern_store::{HistoryStore, StoreError};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::EdgeConfig;
 use crate::resume::ParkedSession;
 
-/// Live connections (with the handle that supersedes them) and parked ones.
-pub(crate) type Registry = ConnectionRegistry<ParkedSession, Arc<Notify>>;
-
-/// Renders the Prometheus text exposition for `/metrics`.
-pub type MetricsRender = Box<dyn Fn() -> String + Send + Sync>;
+/// Live connections (with the handle that supersedes or closes them) and parked ones.
+pub(crate) type Registry =
+    ConnectionRegistry<ParkedSession, Arc<crate::connections::LiveConnection>>;
 
 /// Shared state of one node's edge.
 pub struct EdgeState {
@@ -29,7 +27,6 @@ pub struct EdgeState {
     pub(crate) nonces: Mutex<NonceCache>,
     /// One permit per open WebSocket connection.
     pub(crate) connection_permits: Arc<Semaphore>,
-    pub(crate) metrics_render: Option<MetricsRender>,
     /// Flips to `true` when the node shuts down; connections then disconnect their clients.
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) registry: Mutex<Registry>,
@@ -51,6 +48,9 @@ pub struct EdgeState {
     pub(crate) mqtt_sessions: std::sync::OnceLock<crate::mqtt::SharedSessions>,
     /// Comet connections by connection key (`comet`).
     pub(crate) comet: crate::comet::Links,
+    /// Signs this node's connection keys so any member can vouch for them
+    /// (`connections::keys`).
+    pub(crate) connection_keys: crate::connections::keys::KeySigner,
     /// Before-publish and `$connect` functions (`hooks`); `None` without any.
     pub(crate) hooks: Option<Arc<tern_functions::Hooks>>,
     /// The webhook outbox, where `connection.disconnected` events go; `None` without
@@ -59,6 +59,31 @@ pub struct EdgeState {
     /// Connection records of the apps with a `connection.disconnected` rule, for the
     /// connections of departed nodes (`departures`).
     pub(crate) departures: Arc<crate::departures::Departures>,
+    /// The deepest client outbound queue lately (`tern_outbound_queue_depth_max`).
+    pub(crate) queue_high_water: crate::gauges::QueueHighWater,
+}
+
+/// The client transports `tern_connections{transport}` counts (all listed from start).
+pub const TRANSPORTS: [&str; 4] = ["ws", "comet", "sse", "mqtt"];
+
+/// One open client connection, counted in `tern_connections{transport}` while it lives.
+/// The gauge handle is taken where the connection opens (on its node's thread), so the
+/// decrement reaches the same node's recorder wherever the guard is dropped.
+pub(crate) struct OpenConnection(metrics::Gauge);
+
+impl OpenConnection {
+    pub(crate) fn new(transport: &'static str) -> OpenConnection {
+        debug_assert!(TRANSPORTS.contains(&transport));
+        let gauge = metrics::gauge!("tern_connections", "transport" => transport);
+        gauge.increment(1.0);
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 /// How waiting for a publish to be durable ended.
@@ -100,6 +125,15 @@ impl Durability {
     }
 }
 
+/// A live member of the cluster, as the edge addresses it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRef {
+    pub node_id: String,
+    pub region: String,
+    /// Where its clients (and forwarded requests) connect.
+    pub client_url: String,
+}
+
 /// What the edge needs from the cluster (implemented where the node is wired).
 pub trait ClusterView: Send + Sync {
     /// Runs `then(true)` once this node's latest event on `channel` is stored on the
@@ -117,7 +151,12 @@ pub trait ClusterView: Send + Sync {
     fn home_url(&self, _channel: &ChannelKey) -> Option<String> {
         None
     }
-    /// The live nodes by region, for `GET /regions`.
+    /// The live member whose connection ids start with `tag` (`connections` routes
+    /// `/connections/{id}` to it); `None` when no live member has it.
+    fn node_by_tag(&self, _tag: &str) -> Option<NodeRef> {
+        None
+    }
+    /// The live nodes by region, for the admin port's `GET /regions`.
     fn regions(&self) -> serde_json::Value;
     /// The client URLs of every other live node (`GET /stats` adds up their
     /// statistics).
@@ -134,7 +173,6 @@ impl EdgeState {
         config: EdgeConfig,
         hub: Arc<Hub>,
         keys: KeyRing,
-        metrics_render: Option<MetricsRender>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let retain_ms = config.token_policy.nonce_retain_ms();
@@ -157,10 +195,11 @@ impl EdgeState {
             tls: None,
             mqtt_sessions: std::sync::OnceLock::new(),
             comet: crate::comet::Links::default(),
+            queue_high_water: Default::default(),
+            connection_keys: crate::connections::keys::KeySigner::random(),
             config,
             hub,
             keys,
-            metrics_render,
             shutdown,
             store: None,
             cluster: None,
@@ -213,10 +252,18 @@ impl EdgeState {
         }
     }
 
-    /// Makes this node a cluster member: ACKs also wait for replicas, `/regions` lists
-    /// the cluster.
+    /// Makes this node a cluster member: ACKs also wait for replicas, the admin port's
+    /// `/regions` lists the cluster.
     pub fn with_cluster(mut self, cluster: Arc<dyn ClusterView>) -> Self {
         self.cluster = Some(cluster);
+        self
+    }
+
+    /// Signs connection keys under `secret`, which every member of the cluster shares,
+    /// instead of a secret of this node's own: any member can then vouch for a key
+    /// another issued (`connections::keys`).
+    pub fn with_connection_key_secret(mut self, secret: [u8; 32]) -> Self {
+        self.connection_keys = crate::connections::keys::KeySigner::new(secret);
         self
     }
 
@@ -254,24 +301,25 @@ impl EdgeState {
         self.hub.sweep(now_ms);
         let expired = self.registry().sweep(now_ms);
         for (id, parked) in expired {
-            if self.departures.tracks(&parked.app_id) {
+            if self.departures.tracks(&parked.info.app_id) {
                 let ended = [crate::departures::Record::Ended { id: id.to_string() }];
-                crate::departures::publish(&self.hub, &parked.app_id, &ended);
+                crate::departures::publish(&self.hub, &parked.info.app_id, &ended);
             }
             crate::hooks::record_disconnect(
                 self,
                 crate::hooks::Ended {
-                    app_id: &parked.app_id,
+                    app_id: &parked.info.app_id,
                     connection_id: &id,
-                    client_id: parked.client_id.as_deref(),
-                    transport: parked.transport,
-                    connected_at_ms: parked.connected_at_ms,
+                    client_id: parked.info.client_id.as_deref(),
+                    transport: parked.info.transport,
+                    connected_at_ms: parked.info.connected_at_ms,
                     reason: crate::hooks::EndReason::Expired,
                 },
                 now_ms,
             );
         }
         self.stats.tick(now_ms, self.hub.take_app_channels());
+        self.queue_high_water.tick();
     }
 
     /// Runs `then` once everything applied so far is durable: committed to the history
@@ -330,6 +378,36 @@ impl EdgeState {
         );
         // Dropped unanswered: the store's writer is gone.
         rx.await.unwrap_or(Durability::StoreFailed)
+    }
+
+    /// `/health`'s answer: healthy (200 `ok`) unless the history store's commits fail
+    /// (503 `unhealthy` with a `reason`), with this node's id and counts.
+    pub fn health_report(&self) -> (bool, serde_json::Value) {
+        let mut body = serde_json::json!({
+            "status": "ok",
+            "serverId": self.config.server_id,
+            "connections": self.connection_count(),
+            "channels": self.hub.channel_count(),
+        });
+        match self.unhealthy() {
+            Some(reason) => {
+                body["status"] = "unhealthy".into();
+                body["reason"] = reason.into();
+                (false, body)
+            }
+            None => (true, body),
+        }
+    }
+
+    /// The cluster's live nodes by region; `None` for a node that is not in a cluster.
+    pub fn cluster_regions(&self) -> Option<serde_json::Value> {
+        self.cluster.as_ref().map(|cluster| cluster.regions())
+    }
+
+    /// Sets the gauges that are read rather than counted (channels held), just before
+    /// `/metrics` is rendered.
+    pub fn refresh_gauges(&self) {
+        metrics::gauge!("tern_channels").set(self.hub.channel_count() as f64);
     }
 
     /// Open WebSocket connections right now.

@@ -31,7 +31,7 @@ async fn start(config: EdgeConfig) -> Node {
     }]);
     let hub = Arc::new(Hub::new(OriginId(1), CoreLimits::default()));
     let (shutdown, rx) = watch::channel(false);
-    let state = Arc::new(EdgeState::new(config, hub, keys, None, rx));
+    let state = Arc::new(EdgeState::new(config, hub, keys, rx));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, tern_edge::router(state)).await });

@@ -44,7 +44,7 @@ async fn start(config: EdgeConfig) -> Node {
     }]);
     let hub = Arc::new(Hub::with_journal(OriginId(1), CoreLimits::default(), None));
     let (shutdown, rx) = watch::channel(false);
-    let state = Arc::new(EdgeState::new(config, hub, keys, None, rx));
+    let state = Arc::new(EdgeState::new(config, hub, keys, rx));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(tern_edge::serve(listener, state));

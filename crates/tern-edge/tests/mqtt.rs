@@ -100,9 +100,8 @@ async fn start() -> Node {
         capability: Capability::all(),
     }]);
     let (shutdown, rx) = watch::channel(false);
-    let state = Arc::new(
-        EdgeState::new(EdgeConfig::default(), hub, keys, None, rx).with_store(store.clone()),
-    );
+    let state =
+        Arc::new(EdgeState::new(EdgeConfig::default(), hub, keys, rx).with_store(store.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mqtt_port = listener.local_addr().unwrap().port();
     tokio::spawn(tern_edge::mqtt::serve(

@@ -54,7 +54,7 @@ async fn start_with_store(config: EdgeConfig, store: tern_store::StoreConfig) ->
         Some(journal),
     ));
     let (shutdown, rx) = watch::channel(false);
-    let state = Arc::new(EdgeState::new(config, hub, keys(), None, rx).with_store(store));
+    let state = Arc::new(EdgeState::new(config, hub, keys(), rx).with_store(store));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, tern_edge::router(state)).await });

@@ -211,7 +211,10 @@ impl Driver {
             Action::Send(request) => {
                 self.active_at = std::time::Instant::now();
                 let timeout = Duration::from_millis(self.outbox.rule.config.request_timeout_ms);
+                let started = std::time::Instant::now();
                 let result = self.client.post(&request, timeout).await;
+                metrics::histogram!("tern_webhook_request_seconds", "rule" => rule.clone())
+                    .record(started.elapsed().as_secs_f64());
                 let delivered = matches!(result, Ok(status) if (200..300).contains(&status));
                 let outcome = match &result {
                     Ok(status) => status.to_string(),

@@ -28,6 +28,9 @@ pub struct Config {
     pub mqtt: MqttSection,
     #[serde(default)]
     pub apps: Vec<AppConfig>,
+    /// The monitoring listener (`admin.rs`).
+    #[serde(default)]
+    pub admin: crate::admin::AdminSection,
     /// Absent: a single node. Present: this node joins a cluster.
     pub cluster: Option<ClusterSection>,
 }
@@ -536,6 +539,7 @@ impl Config {
             !self.apps.is_empty(),
             "config needs at least one [[apps]] entry"
         );
+        self.admin.validate()?;
         let p = &self.push;
         for (name, value) in [
             ("push.devices_max", p.devices_max),

@@ -1,5 +1,7 @@
-//! What every metric means: the `# HELP` line of `/metrics`. Series without labels are
-//! registered at zero at start, so a scrape sees every one of them from the first.
+//! What every metric means: the `# HELP` line of `/metrics`. Series without labels, and
+//! labelled ones whose labels are known at start, are registered at zero at start, so a
+//! scrape sees every one of them from the first. (The `process_*` series are written by
+//! `process.rs`; every series also carries `node` and `region`, from `recorder.rs`.)
 
 /// (name, labelled, help) for every counter.
 const COUNTERS: &[(&str, bool, &str)] = &[
@@ -17,6 +19,11 @@ const COUNTERS: &[(&str, bool, &str)] = &[
         "tern_comet_poll_timeouts_total",
         false,
         "Comet connections dropped for not polling within comet_poll_timeout_ms",
+    ),
+    (
+        "tern_connection_handovers_total",
+        false,
+        "Connections resumed from another node's key, by outcome (taken, vouched, refused, unanswered)",
     ),
     (
         "tern_connections_refused_total",
@@ -224,8 +231,23 @@ const GAUGES: &[(&str, bool, &str)] = &[
     ),
     (
         "tern_connections",
+        true,
+        "Open client connections on this node, by transport (ws, comet, sse, mqtt)",
+    ),
+    (
+        "tern_build_info",
+        true,
+        "Always 1; the labels say which build runs (version, profile)",
+    ),
+    (
+        "tern_link_rtt_seconds",
+        true,
+        "QUIC round-trip time to each linked peer (the network's, not emulated WAN delay)",
+    ),
+    (
+        "tern_outbound_queue_depth_max",
         false,
-        "Open client connections on this node",
+        "Deepest outbound queue of any client of this node over the last 15 s (frames)",
     ),
     (
         "tern_replication_unacked_events",
@@ -236,6 +258,35 @@ const GAUGES: &[(&str, bool, &str)] = &[
         "tern_webhook_outbox_undelivered",
         true,
         "Events waiting in a rule's outbox, by rule",
+    ),
+];
+
+/// (name, labelled, help) for every histogram (all in seconds; buckets in `recorder.rs`).
+const HISTOGRAMS: &[(&str, bool, &str)] = &[
+    (
+        "tern_delivery_seconds",
+        true,
+        "Publish to written to a WebSocket subscriber of this node (oldest event of each write batch), by origin: local (published here) or remote (replicated)",
+    ),
+    (
+        "tern_publish_ack_seconds",
+        false,
+        "Realtime publish applied to ACK queued (stored here and on ack_replicas peers)",
+    ),
+    (
+        "tern_replication_lag_seconds",
+        true,
+        "Event queued for a peer to the peer's Stored ack covering it, by peer",
+    ),
+    (
+        "tern_store_commit_seconds",
+        false,
+        "One history store commit (a group of appends)",
+    ),
+    (
+        "tern_webhook_request_seconds",
+        true,
+        "One request to a function (webhook), by rule",
     ),
 ];
 
@@ -254,6 +305,26 @@ pub fn describe_metrics() {
             metrics::gauge!(name).increment(0.0);
         }
     }
+    for &(name, labelled, help) in HISTOGRAMS {
+        metrics::describe_histogram!(name, metrics::Unit::Seconds, help);
+        if !labelled {
+            let _ = metrics::histogram!(name);
+        }
+    }
+    // Labelled series whose labels are known at start.
+    for transport in tern_edge::TRANSPORTS {
+        metrics::gauge!("tern_connections", "transport" => transport).increment(0.0);
+    }
+    for origin in ["local", "remote"] {
+        let _ = metrics::histogram!("tern_delivery_seconds", "origin" => origin);
+    }
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    metrics::gauge!("tern_build_info", "version" => env!("CARGO_PKG_VERSION"), "profile" => profile)
+        .set(1.0);
 }
 
 #[cfg(test)]
@@ -285,7 +356,11 @@ mod tests {
                         .chars()
                         .take_while(|c| c.is_ascii_lowercase() || *c == '_')
                         .collect();
-                    let known = COUNTERS.iter().chain(GAUGES).any(|(n, _, _)| *n == name);
+                    let known = COUNTERS
+                        .iter()
+                        .chain(GAUGES)
+                        .chain(HISTOGRAMS)
+                        .any(|(n, _, _)| *n == name);
                     let recorded = text[..at].trim_end().ends_with('(');
                     if recorded && !known && !missing.contains(&name) {
                         missing.push(name);

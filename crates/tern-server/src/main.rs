@@ -5,6 +5,7 @@
 //! - `config`: TOML + CLI/env overrides + validation.
 //! - `main.rs`: CLI (`serve`, `dev`), wiring, shutdown.
 
+mod admin;
 mod cluster;
 mod config;
 mod config_location;
@@ -12,6 +13,9 @@ mod describe;
 mod handover;
 mod hooks;
 mod occupancy;
+mod process;
+mod recent;
+mod recorder;
 mod rules;
 
 use std::net::SocketAddr;
@@ -55,7 +59,8 @@ enum Command {
         set: Vec<String>,
     },
     /// Run locally with a built-in development app and key: three regions in one
-    /// process (client ports PORT, PORT+1, PORT+2), replicating over mutual-TLS QUIC.
+    /// process (client ports PORT, PORT+1, PORT+2; admin ports and status pages 100
+    /// above), replicating over mutual-TLS QUIC.
     Dev {
         /// The first region's client port (0 picks free ports for all).
         #[arg(long, env = "TERN_PORT")]
@@ -98,17 +103,26 @@ fn init_logging() {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // Warnings and errors are also kept for the status page (`recent.rs`).
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     if std::env::var("TERN_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder.json().init();
+        builder.json().finish().with(recent::RecentErrors).init();
     } else {
         let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-        builder.with_ansi(colour).init();
+        builder
+            .with_ansi(colour)
+            .finish()
+            .with(recent::RecentErrors)
+            .init();
     }
 }
 
+/// The process's own runtime: it only starts the nodes (each on a runtime of its own,
+/// `recorder.rs`) and waits for signals, so one thread is enough.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
+    Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
 }
@@ -197,6 +211,10 @@ fn main() -> anyhow::Result<()> {
                 parsed.server.port = if base == 0 { 0 } else { base + i as u16 };
                 parsed.server.server_id = Some(format!("tern-dev-{name}"));
                 parsed.history.path = format!("tern-data/dev/{name}/history.redb").into();
+                parsed
+                    .admin
+                    .listen
+                    .set_port(admin::dev_port(parsed.server.port));
                 if tls {
                     parsed.server.tls = Some(config::TlsSection {
                         cert: tls_dir.join("edge.pem"),
@@ -287,6 +305,8 @@ struct RunningNode {
     tls: Option<Arc<tern_edge::tls::ClientTls>>,
     /// The MQTT listener's address, when `[mqtt]` is enabled.
     mqtt: Option<SocketAddr>,
+    /// The admin listener's address, unless `[admin]` is disabled.
+    admin: Option<SocketAddr>,
     region: Option<String>,
     server: tokio::task::JoinHandle<()>,
     store: Arc<dyn tern_store::HistoryStore>,
@@ -297,14 +317,17 @@ struct RunningNode {
 /// prints it, and serves until `shutdown` flips.
 async fn start_node(
     plan: NodePlan,
-    metrics_render: Arc<dyn Fn() -> String + Send + Sync>,
+    recorder: recorder::NodeRecorder,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<RunningNode> {
+    let (node_name, region) = node_labels(&plan);
     let NodePlan { config, cluster } = plan;
     let origin = OriginId(rand::random());
     // A restarted node is a new incarnation to its peers (and a new origin in cursors).
     let incarnation = tern_edge::now_ms() as u64;
-    let store = tern_store::open(&config.store_config()).context("opening the history store")?;
+    let store = tern_store::open_with(&config.store_config(), Some(recorder.thread_start()))
+        .context("opening the history store")?;
+    recorder.spawn_upkeep();
     let store_journal: Arc<dyn tern_core::Journal> = Arc::new(tern_edge::history::StoreJournal {
         store: store.clone(),
     });
@@ -337,8 +360,7 @@ async fn start_node(
         config.edge_config(),
         hub.clone(),
         config.key_ring(),
-        Some(Box::new(move || metrics_render())),
-        shutdown,
+        shutdown.clone(),
     )
     .with_store(store.clone())
     .with_functions(
@@ -347,6 +369,12 @@ async fn start_node(
         )?))),
         outbox.clone(),
     );
+    if let Some(cluster) = &cluster {
+        // Every member signs connection keys alike, so any of them can vouch for a key
+        // another issued (per-connection push after a cross-node resume).
+        state =
+            state.with_connection_key_secret(cluster.gossip_key.derive(b"tern connection keys v1"));
+    }
     let tls = match &config.server.tls {
         Some(files) => Some(
             tern_edge::tls::ClientTls::load(&files.cert, &files.key)
@@ -371,6 +399,20 @@ async fn start_node(
         .await
         .with_context(|| format!("binding {}:{}", config.server.host, config.server.port))?;
     let addr: SocketAddr = listener.local_addr()?;
+    let admin_addr = admin::start(
+        &config.admin,
+        admin::Admin {
+            edge: state.clone(),
+            cluster: edge_cluster.clone(),
+            render: recorder.render(),
+            token: config.admin.token.clone(),
+            node_id: node_name,
+            region,
+            client_url: format!("{}://{addr}", config.scheme()),
+        },
+        shutdown,
+    )
+    .await?;
     let mqtt = match config.mqtt() {
         Some((host, port, mqtt_config)) => {
             let listener = bind_listener(&host, port)
@@ -475,6 +517,7 @@ async fn start_node(
         scheme: config.scheme(),
         tls,
         mqtt,
+        admin: admin_addr,
         region: region_name,
         server,
         store,
@@ -484,12 +527,20 @@ async fn start_node(
 
 /// Runs one node (`serve`, or `dev --regions 1`) or several in-process regions (`dev`).
 async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-    let metrics_handle = recorder.handle();
-    metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
-    describe::describe_metrics();
-    let metrics_render: Arc<dyn Fn() -> String + Send + Sync> =
-        Arc::new(move || metrics_handle.render());
+    // Each node records into its own recorder, from its own runtime (`recorder.rs`).
+    let recorders: Vec<recorder::NodeRecorder> = nodes
+        .iter()
+        .map(|n| {
+            let (node, region) = node_labels(n);
+            let recorder = recorder::NodeRecorder::new(&node, &region);
+            recorder.with(describe::describe_metrics);
+            recorder
+        })
+        .collect();
+    recorder::NodeRecorder::install_global(match recorders.as_slice() {
+        [only] => Some(*only),
+        _ => None,
+    })?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     if nodes.iter().any(|n| n.cluster.is_some()) {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -506,8 +557,27 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
             _ => 1,
         })
         .collect();
-    for plan in nodes {
-        running.push(start_node(plan, metrics_render.clone(), shutdown_rx.clone()).await?);
+    let mut runtimes = Vec::new();
+    for (plan, recorder) in nodes.into_iter().zip(recorders) {
+        let (name, _) = node_labels(&plan);
+        let runtime = recorder.runtime(&name)?;
+        let started = runtime.spawn(start_node(plan, recorder, shutdown_rx.clone()));
+        let started = started
+            .await
+            .context("starting a node")
+            .and_then(|node| node);
+        // A runtime cannot be dropped inside this one: one that failed to start its node
+        // is shut down without waiting, one that runs is kept for the life of the process.
+        let node = match started {
+            Ok(node) => node,
+            Err(err) => {
+                runtime.shutdown_background();
+                return Err(err);
+            }
+        };
+        running.push(node);
+        runtimes.push(runtime.handle().clone());
+        std::mem::forget(runtime);
     }
     // Announce once the cluster has formed (bounded), so that what clients publish
     // right away reaches every region's subscribers without waiting for repair.
@@ -532,6 +602,9 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
         if let Some(mqtt) = node.mqtt {
             println!("tern mqtt listening on {mqtt}");
         }
+        if let Some(admin) = node.admin {
+            println!("tern admin on http://{admin}/ (status page, /metrics, /regions)");
+        }
         println!("tern listening on {}://{}", node.scheme, node.addr);
         if let Some(region) = &node.region {
             println!("  region {region}: {}://{}", node.scheme, node.addr);
@@ -548,15 +621,28 @@ async fn serve(nodes: Vec<NodePlan>, dev: bool) -> anyhow::Result<()> {
     tracing::info!("shutting down: disconnecting clients");
     let _ = shutdown_tx.send(true);
     // Clients get DISCONNECTED and close; don't wait on stragglers for long.
-    for node in running {
-        let _ = tokio::time::timeout(Duration::from_secs(5), node.server).await;
-        let store = node.store;
-        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
-        if let Some(node) = node.cluster.as_ref().and_then(|c| c.node.get()) {
-            node.shutdown().await;
-        }
+    for (node, runtime) in running.into_iter().zip(runtimes) {
+        // On the node's runtime, so what the shutdown records is the node's.
+        let stopped = runtime.spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), node.server).await;
+            let store = node.store;
+            let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+            if let Some(node) = node.cluster.as_ref().and_then(|c| c.node.get()) {
+                node.shutdown().await;
+            }
+        });
+        let _ = stopped.await;
     }
     Ok(())
+}
+
+/// A node's `node` and `region` metric labels: its node id and cluster region (`local`
+/// outside a cluster).
+fn node_labels(plan: &NodePlan) -> (String, String) {
+    match &plan.cluster {
+        Some(cluster) => (cluster.node_id.clone(), cluster.region.clone()),
+        None => (plan.config.server_id(), "local".to_string()),
+    }
 }
 
 /// SIGHUP reads every node's certificate and key again (new connections get them;

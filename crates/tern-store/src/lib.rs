@@ -172,9 +172,26 @@ impl Default for StoreConfig {
 /// parent directories if missing) or, without a path, memory. Starts the writer thread,
 /// which stops after draining its queue when the last `Arc` is dropped.
 pub fn open(config: &StoreConfig) -> Result<Arc<dyn HistoryStore>, StoreError> {
+    open_with(config, None)
+}
+
+/// Runs first on the store's writer thread: lets a process running several nodes point
+/// the thread's `metrics` at its node's recorder (metrics recorded there, commit times
+/// and what completion callbacks count, are that node's).
+pub type ThreadStart = Arc<dyn Fn() + Send + Sync>;
+
+/// [`open`], calling `thread_start` first on the writer thread.
+pub fn open_with(
+    config: &StoreConfig,
+    thread_start: Option<ThreadStart>,
+) -> Result<Arc<dyn HistoryStore>, StoreError> {
     let backend: Arc<dyn backend::Backend> = match &config.path {
         Some(path) => Arc::new(redb_store::RedbStore::open(path)?),
         None => Arc::new(memory_store::MemoryStore::default()),
     };
-    Ok(Arc::new(store::Store::start(backend, config)?))
+    Ok(Arc::new(store::Store::start(
+        backend,
+        config,
+        thread_start,
+    )?))
 }

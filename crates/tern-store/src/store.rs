@@ -31,13 +31,20 @@ impl Store {
     pub(crate) fn start(
         backend: Arc<dyn Backend>,
         config: &StoreConfig,
+        thread_start: Option<crate::ThreadStart>,
     ) -> Result<Store, StoreError> {
         let batch_max = config.batch_max.max(1);
         let health = Arc::new(WriteHealth::default());
         // Listed in /metrics from the start, so an alert on it has a series to watch.
         metrics::counter!("tern_store_commit_failures_total").increment(0);
         Ok(Store {
-            writer: spawn_writer(backend.clone(), health.clone(), config.queue_max, batch_max)?,
+            writer: spawn_writer(
+                backend.clone(),
+                health.clone(),
+                config.queue_max,
+                batch_max,
+                thread_start,
+            )?,
             backend,
             retention: config.retention.clone(),
             batch_max,
@@ -254,7 +261,7 @@ mod tests {
 
     fn start(config: StoreConfig) -> (Arc<FlakyDisk>, Store) {
         let disk = Arc::new(FlakyDisk::default());
-        let store = Store::start(disk.clone(), &config).unwrap();
+        let store = Store::start(disk.clone(), &config, None).unwrap();
         (disk, store)
     }
 

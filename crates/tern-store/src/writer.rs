@@ -64,12 +64,18 @@ pub(crate) fn spawn_writer(
     health: Arc<WriteHealth>,
     queue_max: usize,
     batch_max: usize,
+    thread_start: Option<crate::ThreadStart>,
 ) -> Result<Writer, StoreError> {
     let (queue, requests) = mpsc::sync_channel(queue_max.max(1));
     let batch_max = batch_max.max(1);
     let thread = std::thread::Builder::new()
         .name("tern-history-writer".into())
-        .spawn(move || write_loop(backend.as_ref(), &health, &requests, batch_max))
+        .spawn(move || {
+            if let Some(start) = thread_start {
+                start();
+            }
+            write_loop(backend.as_ref(), &health, &requests, batch_max)
+        })
         .map_err(|err| StoreError::Io(format!("starting the history writer: {err}")))?;
     Ok(Writer {
         queue: Some(queue),
@@ -161,7 +167,10 @@ fn write_loop(
         let result = if rows.is_empty() {
             Ok(())
         } else {
+            let started = std::time::Instant::now();
             let result = commit(backend, &rows);
+            metrics::histogram!("tern_store_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
             health.committed(rows.len(), &result);
             result
         };

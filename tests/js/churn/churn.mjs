@@ -74,7 +74,7 @@ function parse() {
 }
 
 /// `tern dev --port 0` in a scratch directory (its redb files go there); its log goes to
-/// tern.log beside them. Resolves with the three client ports.
+/// tern.log beside them. Resolves with the three client ports and admin ports.
 async function startDev(dir) {
   const bin = process.env.TERN_BIN || join(repo, 'target', 'release', 'tern');
   const log = createWriteStream(join(dir, 'tern.log'));
@@ -84,13 +84,14 @@ async function startDev(dir) {
     env: { ...process.env, TERN_LOG: process.env.TERN_LOG || 'warn' },
   });
   child.stderr.pipe(log);
-  const ports = await new Promise((resolvePorts, reject) => {
+  const [ports, admins] = await new Promise((resolvePorts, reject) => {
     let out = '';
     const timer = setTimeout(() => reject(new Error(`tern dev did not start in 30 s (log: ${dir}/tern.log)`)), 30000);
     child.stdout.on('data', (d) => {
       out += d;
       const found = [...out.matchAll(/listening on http:\/\/127\.0\.0\.1:(\d+)/g)].map((m) => Number(m[1]));
-      if (found.length >= 3) { clearTimeout(timer); resolvePorts(found); }
+      const admin = [...out.matchAll(/tern admin on http:\/\/127\.0\.0\.1:(\d+)/g)].map((m) => Number(m[1]));
+      if (found.length >= 3) { clearTimeout(timer); resolvePorts([found, admin]); }
     });
     child.once('exit', (code) => { clearTimeout(timer); reject(new Error(`tern dev exited ${code} (log: ${dir}/tern.log)`)); });
   });
@@ -99,6 +100,8 @@ async function startDev(dir) {
   return {
     bin,
     ports,
+    /// Each region's admin port (`/regions`, `/metrics`), in region order.
+    admins,
     child,
     async stop() {
       if (child.exitCode !== null || child.signalCode !== null) return;
@@ -111,7 +114,8 @@ async function startDev(dir) {
   };
 }
 
-/// Waits (at most 30 s) until every region lists all three in GET /regions.
+/// Waits (at most 30 s) until every region lists all three in GET /regions (on the
+/// admin ports).
 async function clusterFormed(ports) {
   const deadline = Date.now() + 30000;
   for (;;) {
@@ -171,7 +175,7 @@ async function run(config, random, dir, stoppers, started) {
   const tern = await startDev(dir);
   stoppers.push(() => tern.stop());
   log(`tern dev (${tern.bin}) on ports ${tern.ports.join(', ')}`);
-  await clusterFormed(tern.ports);
+  await clusterFormed(tern.admins);
 
   const proxies = [];
   for (const port of tern.ports) {

@@ -34,7 +34,7 @@ async function freeUdpPort(host) {
   return port;
 }
 
-function regionConfig({ name, host, node }, port, gossip, seed, dir, extra, appExtra) {
+function regionConfig({ name, host, node }, port, adminPort, gossip, seed, dir, extra, appExtra) {
   return `
 [server]
 host = "${host}"
@@ -43,6 +43,9 @@ server_id = "${node}"
 
 [history]
 mode = "memory"
+
+[admin]
+listen = "${host}:${adminPort}"
 
 [cluster]
 region = "${name}"
@@ -70,7 +73,8 @@ ${appExtra}
 
 /// Starts the three regions (`nodesPerRegion` nodes each: node k of region r listens on
 /// 127.k.0.(r+1), like scripts/run-regions); resolves once each has joined the
-/// cluster. `nodes[i]` has `.stop(signal)` (only that PID), `.child.pid` and `.host`;
+/// cluster (the admin port, `/regions` and `/metrics`, is `adminPort` on each node's
+/// host). `nodes[i]` has `.stop(signal)` (only that PID), `.child.pid` and `.host`;
 /// the first `REGIONS.length` are the regions' first nodes. `extra` is TOML appended to
 /// every node's config (after its `[cluster]` section); `appExtra` after its app's keys
 /// (e.g. `[[apps.rules]]`).
@@ -85,6 +89,8 @@ export async function startRegions({ extra = '', nodesPerRegion = 1, appExtra = 
   const spares = REGIONS.map((r) => `${r.name}-${nodesPerRegion + 1}`);
   execFileSync(ternBin, ['certs', '--out', dir, '--nodes', [...plan.map((p) => p.node), ...spares].join(',')]);
   const port = await freeTcpPort();
+  // Every node's admin listener (/metrics, /regions) on its own address, one port.
+  const adminPort = await freeTcpPort();
   const nodes = [];
   let seed = null;
   // Starts one planned node, joining through `seed` (the first node starts the cluster).
@@ -92,7 +98,7 @@ export async function startRegions({ extra = '', nodesPerRegion = 1, appExtra = 
     const gossip = await freeUdpPort(region.host);
     const nodeDir = join(dir, region.node);
     mkdirSync(nodeDir);
-    const config = regionConfig(region, port, gossip, seed, dir, extra, appExtra);
+    const config = regionConfig(region, port, adminPort, gossip, seed, dir, extra, appExtra);
     const node = await startTern(config, { dir: nodeDir, args: ['serve', '--config', join(nodeDir, 'tern.toml')] });
     nodes.push({ ...node, region, host: region.host, gossip });
     seed = seed || `${region.host}:${gossip}`;
@@ -101,6 +107,8 @@ export async function startRegions({ extra = '', nodesPerRegion = 1, appExtra = 
   for (const region of plan) await startNode(region);
   return {
     port,
+    /// Every node's admin port (on its own host): `/metrics`, `/regions`.
+    adminPort,
     nodes,
     /// The folder holding `ca.pem`, `gossip.key` and the node certificates.
     dir,

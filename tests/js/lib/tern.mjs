@@ -48,7 +48,7 @@ capability = '{"allowed:*":["publish","subscribe","presence","history"],"readonl
 
 /// Starts tern with `config` (TOML text); resolves once it prints its listening line.
 /// With `args`, runs those arguments instead of `serve --config …` (e.g. `dev`), and
-/// waits for `listening` such lines; `ports` lists them all.
+/// waits for `listening` such lines; `ports` lists them all (`admins`: their admin ports).
 export async function startTern(config = testConfig(), { dir, args, listening = 1 } = {}) {
   dir = dir || mkdtempSync(join(tmpdir(), 'tern-test-'));
   const path = join(dir, 'tern.toml');
@@ -60,12 +60,15 @@ export async function startTern(config = testConfig(), { dir, args, listening = 
   });
   let stderr = '';
   child.stderr.on('data', (d) => { stderr += d; });
+  let admins = [];
   const ports = await new Promise((resolvePorts, reject) => {
     let out = '';
     const timer = setTimeout(() => reject(new Error(`tern did not start in 20s: ${stderr}`)), 20000);
     child.stdout.on('data', (d) => {
       out += d;
       const found = [...out.matchAll(/listening on https?:\/\/127\.\d+\.\d+\.\d+:(\d+)/g)].map((m) => Number(m[1]));
+      // Each node prints its admin line (`/metrics`, `/regions`) before its listening line.
+      admins = [...out.matchAll(/tern admin on http:\/\/127\.\d+\.\d+\.\d+:(\d+)/g)].map((m) => Number(m[1]));
       if (found.length >= listening) { clearTimeout(timer); resolvePorts(found); }
     });
     child.on('exit', (code) => { clearTimeout(timer); reject(new Error(`tern exited ${code}: ${stderr}`)); });
@@ -74,8 +77,13 @@ export async function startTern(config = testConfig(), { dir, args, listening = 
   return {
     port: ports[0],
     ports,
+    /// Admin ports (`/metrics`, `/regions`, the status page), in the same order.
+    admin: admins[0],
+    admins,
     dir,
     child,
+    /// What the process has written to stderr so far (its log, `TERN_LOG=warn` unless set).
+    get stderr() { return stderr; },
     /// SIGTERM, then SIGKILL after 3 s; only this child's PID.
     async stop(signal = 'SIGTERM') {
       if (child.exitCode !== null || child.signalCode !== null) return;

@@ -92,7 +92,7 @@ test('in a cluster, batch publish replicates and batch presence reads each chann
     };
     for (const host of hosts) {
       await waitUntil(async () => {
-        const body = await (await fetch(`http://${host}:${cluster.port}/regions`)).json();
+        const body = await (await fetch(`http://${host}:${cluster.adminPort}/regions`)).json();
         return body.regions.reduce((sum, r) => sum + r.nodes.length, 0) === 6;
       }, 20000, `membership on ${host}`);
     }

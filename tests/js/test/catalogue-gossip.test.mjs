@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import Ably from 'ably';
 import { connected, options, waitUntil } from '../lib/tern.mjs';
 import { DEV_KEY, startRegions } from '../lib/regions.mjs';
+import { sample, scrape } from '../lib/metrics.mjs';
 
 let cluster;
 let target;
@@ -42,14 +43,13 @@ after(async () => {
 });
 
 async function regionCount(host) {
-  const body = await (await fetch(`http://${host}:${cluster.port}/regions`)).json();
+  const body = await (await fetch(`http://${host}:${cluster.adminPort}/regions`)).json();
   return body.regions.length;
 }
 
 async function rejected(reason) {
-  const text = await (await fetch(`http://${target.host}:${cluster.port}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(`tern_gossip_rejected_total{reason="${reason}"}`));
-  return line ? Number(line.split(' ').pop()) : 0;
+  const text = await scrape(target.host, cluster.adminPort);
+  return sample(text, 'tern_gossip_rejected_total', { reason }) ?? 0;
 }
 
 /// Version 1 datagram: version, send time (ms, big-endian u64), body, HMAC-SHA256 tag.

@@ -25,7 +25,7 @@ test('kill -9 a region: its clients fail over with fallbackHosts and resume; its
   try {
     const [east, west, south] = REGIONS.map((r) => r.host);
     const regions = async (host) => {
-      const body = await (await fetch(`http://${host}:${cluster.port}/regions`)).json();
+      const body = await (await fetch(`http://${host}:${cluster.adminPort}/regions`)).json();
       return body.regions.map((r) => [r.region, r.nodes.map((n) => n.endpoint)]);
     };
     // Membership is gossip: a node may announce itself before it has heard of everyone.

@@ -23,7 +23,7 @@ test('every node serves the whole channel, whether or not it receives it', async
   try {
     const hosts = cluster.nodes.map((n) => n.host);
     const nodeCount = async (host) => {
-      const body = await (await fetch(`http://${host}:${cluster.port}/regions`)).json();
+      const body = await (await fetch(`http://${host}:${cluster.adminPort}/regions`)).json();
       return body.regions.reduce((sum, r) => sum + r.nodes.length, 0);
     };
     for (const host of hosts) {

@@ -47,7 +47,7 @@ test('a joining node that becomes a channel\'s home copies its whole history', a
 
     await cluster.addNode(1, 1); // eu-west-2 on 127.1.0.2
     const nodes = async (host) => {
-      const body = await (await fetch(`http://${host}:${cluster.port}/regions`)).json();
+      const body = await (await fetch(`http://${host}:${cluster.adminPort}/regions`)).json();
       return body.regions.reduce((sum, r) => sum + r.nodes.length, 0);
     };
     for (const host of ['127.0.0.1', '127.0.0.2', '127.0.0.3', '127.1.0.2']) {

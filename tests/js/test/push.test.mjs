@@ -10,6 +10,7 @@ import assert from 'node:assert/strict';
 import Ably from 'ably';
 import { LIMITED_KEY, ROOT_KEY, connected, options, startTern, testConfig, waitUntil } from '../lib/tern.mjs';
 import { DEV_KEY, startRegions } from '../lib/regions.mjs';
+import { sample, scrape } from '../lib/metrics.mjs';
 
 const SUBSCRIBER_KEY = 'test.subscriber:subscribersecret';
 
@@ -261,7 +262,7 @@ test('in a cluster the registry is the same from every node of every region, and
     const rest = (host) => new Ably.Rest(options(cluster.port, { key: DEV_KEY, endpoint: host }));
     for (const host of hosts) {
       await waitUntil(async () => {
-        const body = await (await fetch(`http://${host}:${cluster.port}/regions`)).json();
+        const body = await (await fetch(`http://${host}:${cluster.adminPort}/regions`)).json();
         return body.regions.reduce((sum, r) => sum + r.nodes.length, 0) === 6;
       }, 20000, `membership on ${host}`);
     }
@@ -299,7 +300,7 @@ test('when a region\'s push home dies, the next node of the region serves the sa
     const rest = (host) => new Ably.Rest(options(cluster.port, { key: DEV_KEY, endpoint: host }));
     for (const node of cluster.nodes) {
       await waitUntil(async () => {
-        const body = await (await fetch(`http://${node.host}:${cluster.port}/regions`)).json();
+        const body = await (await fetch(`http://${node.host}:${cluster.adminPort}/regions`)).json();
         return body.regions.reduce((sum, r) => sum + r.nodes.length, 0) === 6;
       }, 20000, `membership on ${node.host}`);
     }
@@ -309,8 +310,7 @@ test('when a region\'s push home dies, the next node of the region serves the sa
     await admin.channelSubscriptions.save({ channel: 'failover', deviceId: 'f2' });
     // The region's push home is the node that journaled the writes.
     const writes = async (node) => {
-      const text = await (await fetch(`http://${node.host}:${cluster.port}/metrics`)).text();
-      return Number(text.match(/^tern_push_mutations_total (\d+)/m)?.[1] || 0);
+      return sample(await scrape(node.host, cluster.adminPort), 'tern_push_mutations_total') ?? 0;
     };
     const counts = await Promise.all(usEast.map(writes));
     assert.deepEqual(counts.slice().sort(), [0, 4], `push writes per us-east node: ${counts}`);

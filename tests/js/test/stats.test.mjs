@@ -214,7 +214,7 @@ test('in a cluster any node reports the sum of every node’s statistics', async
     const rest = (host, extra = {}) => new Ably.Rest(options(cluster.port, { key: DEV_KEY, endpoint: host, ...extra }));
     for (const host of [east, west, south]) {
       await waitUntil(async () => {
-        const body = await (await fetch(`http://${host}:${cluster.port}/regions`)).json();
+        const body = await (await fetch(`http://${host}:${cluster.adminPort}/regions`)).json();
         return body.regions.reduce((n, r) => n + r.nodes.length, 0) === 3;
       }, 20000, `membership on ${host}`);
     }

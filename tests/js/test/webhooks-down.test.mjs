@@ -15,6 +15,7 @@ function rssMb(pid) {
   return Number(/VmRSS:\s+(\d+)/.exec(status)[1]) / 1024;
 }
 
+/// A series of the node's /metrics (on its admin port).
 async function metric(port, name, labels) {
   const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
   const line = text.split('\n').find((l) => l.startsWith(name) && labels.every((x) => l.includes(x)));
@@ -56,12 +57,12 @@ sign_with_key = "root"
       if (published % 100 === 0) {
         samples.push(rssMb(pid));
         undeliveredMax = Math.max(undeliveredMax,
-          await metric(tern.port, 'tern_webhook_outbox_undelivered', ['rule="down"']));
+          await metric(tern.admin, 'tern_webhook_outbox_undelivered', ['rule="down"']));
       }
       await new Promise((r) => setTimeout(r, 10));
     }
     assert.equal(fn.requests.length, 0, 'nothing accepted while down');
-    const dropped = await metric(tern.port, 'tern_webhook_events_dropped_total', ['rule="down"', 'reason="outbox_full"']);
+    const dropped = await metric(tern.admin, 'tern_webhook_events_dropped_total', ['rule="down"', 'reason="outbox_full"']);
     const downRss = Math.max(...samples);
     fn.mode = 'ok';
     const backAt = Date.now();
@@ -79,7 +80,7 @@ sign_with_key = "root"
     // The outbox on disk holds at most the bound while down (the gauge is read back
     // from the outbox's own count), and nothing once delivered.
     assert.ok(undeliveredMax > 0 && undeliveredMax <= OUTBOX_MAX, `undelivered gauge ${undeliveredMax}`);
-    assert.equal(await metric(tern.port, 'tern_webhook_outbox_undelivered', ['rule="down"']), 0);
+    assert.equal(await metric(tern.admin, 'tern_webhook_outbox_undelivered', ['rule="down"']), 0);
     // Flat: the last two thirds of the outage (the backlog beyond the bound being
     // dropped) add no more than the channel's bounded in-memory log does.
     const atTen = samples[Math.floor(samples.length / 3)];

@@ -131,7 +131,7 @@ test('a node of the previous wire (v1 only) and new nodes replicate both ways, o
       delete process.env.TERN_CLUSTER_WIRE;
     }
     const nodes = async (host) => {
-      const body = await (await fetch(`http://${host}:${cluster.port}/regions`)).json();
+      const body = await (await fetch(`http://${host}:${cluster.adminPort}/regions`)).json();
       return body.regions.reduce((sum, r) => sum + r.nodes.length, 0);
     };
     for (const host of ['127.0.0.1', '127.0.0.2', '127.0.0.3', '127.1.0.2']) {
@@ -163,7 +163,8 @@ test('a node of the previous wire (v1 only) and new nodes replicate both ways, o
       }
     }
     // The old node refused nothing (a v2 record would have been refused and counted).
-    const metrics = await (await fetch(`http://127.1.0.2:${cluster.port}/metrics`)).text();
+    const metrics = await (await fetch(`http://127.1.0.2:${cluster.adminPort}/metrics`)).text();
+    assert.match(metrics, /^tern_/m, 'metrics read');
     assert.doesNotMatch(metrics, /^tern_cluster_frames_refused_total\{[^}]*\} [1-9]/m);
   } finally {
     for (const c of clients) c.close();

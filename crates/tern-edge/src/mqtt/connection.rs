@@ -179,6 +179,7 @@ pub(super) async fn run(
         let _ = tokio::time::timeout(write_timeout, stream.write_all(&CONNACK_UNAVAILABLE)).await;
         return;
     };
+    let _open = crate::state::OpenConnection::new("mqtt");
     let (reader, writer) = tokio::io::split(stream);
     let (mut reader, writer): (Reader, Writer) = (Box::new(reader), Box::new(writer));
     let mut inbound = BytesMut::with_capacity(READ_CHUNK_BYTES);

@@ -209,6 +209,10 @@ impl Session {
             }
         };
         let outlet = self.outlet.clone();
+        // Taken here, on the node's thread, so the callback (on the store writer or a
+        // replication task) records into this node's histogram.
+        let ack_seconds = metrics::histogram!("tern_publish_ack_seconds");
+        let applied = std::time::Instant::now();
         self.state.after_durable(
             channel,
             store_mark,
@@ -216,6 +220,9 @@ impl Session {
                 let error = match outcome.error() {
                     Some(error) if frame.action == action::ACK => error,
                     _ => {
+                        if frame.action == action::ACK {
+                            ack_seconds.record(applied.elapsed().as_secs_f64());
+                        }
                         outlet.send(frame);
                         return;
                     }
