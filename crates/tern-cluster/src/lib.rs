@@ -18,6 +18,7 @@
 //!   (acked, resent), remote events applied in origin order, gaps repaired, replica acks.
 
 pub mod cluster;
+pub mod framing;
 pub mod gossip_auth;
 pub mod link;
 pub mod membership;

@@ -380,6 +380,7 @@ impl Replicator {
                 running.endpoint.clone(),
                 Hello {
                     node_id: self.config.node_id.clone(),
+                    region: self.config.region.clone(),
                     incarnation: self.config.incarnation,
                     origin: self.origin.0,
                     epoch,
@@ -1608,6 +1609,8 @@ impl Replicator {
 #[derive(Clone)]
 struct Hello {
     node_id: String,
+    /// This node's region (wire v2 glue: links to other regions are compressed).
+    region: String,
     incarnation: u64,
     origin: u64,
     epoch: u64,
@@ -1651,6 +1654,11 @@ async fn send_loop(
                 continue;
             }
         };
+        // ---- wire v2 glue (issue 17): the link counts the bytes it writes, by kind,
+        // and compresses when the peer is in another region.
+        link.set_byte_counters(event_bytes.clone(), control_bytes.clone());
+        link.set_compression((peer.region != me.region).then_some(crate::framing::ZSTD_LEVEL));
+        // ---- end wire v2 glue
         let mut sent_upto = 0;
         if hello(&mut link, &me, &shared, &mut sent_upto)
             .await
@@ -1711,25 +1719,26 @@ async fn send_loop(
                 }
             };
             let result = match work {
-                Work::Control(frame, at) => {
-                    wait_until(at + delay).await;
-                    link.send(&frame)
-                        .await
-                        .map(|n| control_bytes.increment(n as u64))
-                }
-                Work::Event(seq, frame, at) => {
-                    wait_until(at + delay).await;
-                    sent_upto = seq;
-                    if loss > 0.0 && rand::random::<f64>() < loss {
-                        Ok(())
-                    } else {
-                        link.send(&frame).await.map(|n| {
-                            event_bytes.increment(n as u64);
-                            events_sent.increment(1);
-                            shared.events_sent.fetch_add(1, Ordering::Relaxed);
-                        })
+                // wire v2 glue: frames are queued on the link and written together
+                // (`flush_then_wait`, and `Idle`); the link counts their bytes.
+                Work::Control(frame, at) => match flush_then_wait(&mut link, at + delay).await {
+                    Ok(()) => link.queue(&frame).await,
+                    Err(err) => Err(err),
+                },
+                Work::Event(seq, frame, at) => match flush_then_wait(&mut link, at + delay).await {
+                    Err(err) => Err(err),
+                    Ok(()) => {
+                        sent_upto = seq;
+                        if loss > 0.0 && rand::random::<f64>() < loss {
+                            Ok(())
+                        } else {
+                            link.queue(&frame).await.map(|()| {
+                                events_sent.increment(1);
+                                shared.events_sent.fetch_add(1, Ordering::Relaxed);
+                            })
+                        }
                     }
-                }
+                },
                 Work::Resend => {
                     progress_at = Instant::now();
                     sent_upto = 0;
@@ -1738,6 +1747,10 @@ async fn send_loop(
                     hello(&mut link, &me, &shared, &mut sent_upto).await
                 }
                 Work::Idle => {
+                    if let Err(err) = link.flush().await {
+                        tracing::debug!(peer = %peer.node_id, error = %err, "link send failed; reconnecting");
+                        break;
+                    }
                     tokio::select! {
                         _ = shared.notify.notified() => {}
                         _ = tokio::time::sleep(resend_after / 2) => {}
@@ -1761,6 +1774,16 @@ async fn send_loop(
             }
         }
     }
+}
+
+/// wire v2 glue: writes what the link has queued before waiting for a frame's due time
+/// (frames due together go out in one write; none waits behind a delay).
+async fn flush_then_wait(link: &mut LinkSender, at: Instant) -> Result<(), ClusterError> {
+    if at > Instant::now() {
+        link.flush().await?;
+    }
+    wait_until(at).await;
+    Ok(())
 }
 
 /// Announces the sender and rewinds to the first unacknowledged event.
