@@ -90,20 +90,8 @@ pub(crate) async fn get_from_home(
     path_and_query: &str,
     headers: &axum::http::HeaderMap,
 ) -> Result<(axum::http::StatusCode, Bytes), String> {
-    let mut request = Request::builder()
-        .method(Method::GET)
-        .uri(path_and_query)
-        .body(Body::empty())
-        .map_err(|e| e.to_string())?;
-    *request.headers_mut() = headers.clone();
-    let response = tokio::time::timeout(FORWARD_TIMEOUT, send(base, request))
-        .await
-        .map_err(|_| "timed out".to_string())??;
-    let status = response.status();
-    let body = axum::body::to_bytes(response.into_body(), FORWARD_BODY_MAX)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok((status, body))
+    let empty = Bytes::new();
+    call(base, Method::GET, path_and_query, headers.clone(), empty, FORWARD_TIMEOUT).await
 }
 
 /// A POST of `body` to `path` at another node `base`, with `headers` (credentials,
@@ -115,21 +103,14 @@ pub(crate) async fn post_to(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<axum::http::StatusCode, String> {
-    let mut request = Request::builder()
-        .method(Method::POST)
-        .uri(path)
-        .body(Body::from(body))
-        .map_err(|e| e.to_string())?;
-    *request.headers_mut() = headers;
-    let response = tokio::time::timeout(FORWARD_TIMEOUT, send(base, request))
-        .await
-        .map_err(|_| "timed out".to_string())??;
-    Ok(response.status())
+    let (status, _) = call(base, Method::POST, path, headers, body, FORWARD_TIMEOUT).await?;
+    Ok(status)
 }
 
 /// A request of `method` to `path` at another node `base`, with `headers` and `body`,
-/// within `timeout`: its status and body. For the cross-node connection handover
-/// (`connections::handover`), which must not hold a connect up for long.
+/// within `timeout`: its status and body (read up to `FORWARD_BODY_MAX`). Every
+/// node-to-node HTTP call goes through here; the cross-node connection handover
+/// (`connections::handover`) passes a shorter timeout, as it must not hold a connect up.
 pub(crate) async fn call(
     base: &str,
     method: Method,
