@@ -16,6 +16,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde_json::json;
 use tern_auth::{sign_jwt, ApiKey, Capability, KeyRing};
+use tern_cluster::framing::{RecordEncoder, ZSTD_LEVEL};
 use tern_cluster::gossip_auth::{fuzz_decode_datagram, GossipKey, OVERHEAD_LEN};
 use tern_cluster::membership::{Member, Membership, MembershipConfig};
 use tern_cluster::wire::{self, EventV1, FrameV1, HeadV1, ItemV1};
@@ -37,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let mut seeds = Seeds::default();
     cluster_frames(&corpus, &mut seeds)?;
+    cluster_records(&mut seeds);
     tokens(&corpus, &mut seeds)?;
     serials(&mut seeds);
     let runtime = tokio::runtime::Runtime::new()?;
@@ -95,6 +97,41 @@ fn captured(corpus: &Path, target: &str) -> anyhow::Result<Vec<(PathBuf, Vec<u8>
     }
     inputs.sort();
     Ok(inputs)
+}
+
+/// Wire-v2 links (`cluster_record`): the `cluster_frame` seeds in records of two
+/// frames each, plain and compressed, and a v1 record followed by a v2 one.
+fn cluster_records(seeds: &mut Seeds) {
+    let frames: Vec<FrameV1> = seeds
+        .0
+        .get("cluster_frame")
+        .into_iter()
+        .flatten()
+        .filter_map(|bytes| wire::decode(bytes).ok())
+        .collect();
+    let prefixed = |record: &[u8], out: &mut Vec<u8>| {
+        out.extend((record.len().min(u16::MAX as usize) as u16).to_be_bytes());
+        out.extend(record);
+    };
+    for level in [None, Some(ZSTD_LEVEL)] {
+        let mut encoder = RecordEncoder::new(level);
+        let mut input = Vec::new();
+        for pair in frames.chunks(2) {
+            pair.iter().for_each(|frame| {
+                encoder.push(frame);
+            });
+            prefixed(&encoder.finish(), &mut input);
+        }
+        seeds.add("cluster_record", input);
+    }
+    if let [first, second, ..] = &frames[..] {
+        let mut input = Vec::new();
+        prefixed(&wire::encode(first), &mut input);
+        let mut encoder = RecordEncoder::new(None);
+        encoder.push(second);
+        prefixed(&encoder.finish(), &mut input);
+        seeds.add("cluster_record", input);
+    }
 }
 
 /// Every `FrameV1` variant, carrying captured msgpack frames where frames travel.
@@ -352,6 +389,7 @@ async fn start_member(
         origin: "8e014e04875b47ec".into(),
         load: 0,
         departed: vec![],
+        webhook_marks: String::new(),
     };
     let mut config = MembershipConfig::new(me, gossip, seeds, key.clone());
     config.gossip_interval = Duration::from_millis(100);

@@ -88,6 +88,10 @@ pub const TARGETS: &[Target] = &[
         run: cluster::cluster_frame,
     },
     Target {
+        name: "cluster_record",
+        run: cluster::cluster_record,
+    },
+    Target {
         name: "gossip_datagram",
         run: cluster::gossip_datagram,
     },

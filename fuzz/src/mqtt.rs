@@ -13,6 +13,10 @@ const PACKET_BYTES_SMALL: usize = 64;
 pub fn mqtt_packets(data: &[u8]) {
     for max in [PACKET_BYTES_MAX, PACKET_BYTES_SMALL] {
         let decoded = tern_edge::mqtt::fuzzing::inbound(data, max);
-        assert!(decoded <= data.len() / 2, "{decoded} packets from {} bytes", data.len());
+        assert!(
+            decoded <= data.len() / 2,
+            "{decoded} packets from {} bytes",
+            data.len()
+        );
     }
 }

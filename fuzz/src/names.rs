@@ -37,7 +37,10 @@ pub fn channel_name(data: &[u8]) {
         "control character in {base:?}"
     );
     if let Some(filter) = channel_filter(name) {
-        assert!(name.starts_with("[filter="), "filter without [filter= in {name:?}");
+        assert!(
+            name.starts_with("[filter="),
+            "filter without [filter= in {name:?}"
+        );
         // Any filter a client can name is decoded and evaluated without a panic.
         let _ = filter_selects(filter);
     } else if base.len() < name.len() {

@@ -91,7 +91,14 @@ impl ClusterNode {
         tag: String,
         on_departed: OnDeparted,
     ) -> Result<ClusterNode, ClusterError> {
-        let endpoint = Arc::new(LinkEndpoint::bind(config.quic_listen, &config.identity)?);
+        // TERN_CLUSTER_WIRE=1: speak inter-node wire v1 only, as the release before wire
+        // v2 did (rolling-upgrade tests, and measuring the old format: docs/benchmarks.md).
+        let endpoint = if std::env::var("TERN_CLUSTER_WIRE").as_deref() == Ok("1") {
+            LinkEndpoint::bind_v1_only(config.quic_listen, &config.identity)?
+        } else {
+            LinkEndpoint::bind(config.quic_listen, &config.identity)?
+        };
+        let endpoint = Arc::new(endpoint);
         let quic = endpoint.local_addr()?;
         replicator.start(endpoint.clone(), hub, barrier);
         let me = Member {

@@ -104,6 +104,15 @@ impl GossipKey {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// A secret for another purpose, derived from this key and `label` (HMAC-SHA256 of
+    /// the label), so every member derives the same one and neither reveals the other:
+    /// the edge signs connection keys with one (`tern_edge`'s per-connection push).
+    pub fn derive(&self, label: &[u8]) -> [u8; 32] {
+        let mut mac = self.mac();
+        mac.update(label);
+        mac.finalize().into_bytes().into()
+    }
+
     /// HMAC-SHA256 keyed with this key, ready to clone per datagram.
     fn mac(&self) -> HmacSha256 {
         // HMAC zero-pads a short key to the hash's block size; doing it here lets the
@@ -461,6 +470,15 @@ mod tests {
         other_version.truncate(tag_start);
         other_version.extend_from_slice(&retag.finalize().into_bytes());
         assert_eq!(open(&mac, sent, &other_version), Err(Rejection::Version));
+    }
+
+    /// A derived secret is the same for every holder of the key and differs by label
+    /// and by key (so it gives nothing of the gossip key away to its other users).
+    #[test]
+    fn derived_secrets_follow_key_and_label() {
+        assert_eq!(key(1).derive(b"a"), key(1).derive(b"a"));
+        assert_ne!(key(1).derive(b"a"), key(1).derive(b"b"));
+        assert_ne!(key(1).derive(b"a"), key(2).derive(b"a"));
     }
 
     /// Keys round-trip through hex; malformed key text is refused with a reason.

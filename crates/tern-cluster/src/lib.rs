@@ -20,6 +20,7 @@
 //!   order, gaps repaired, replica acks; the emulated WAN's timer.
 
 pub mod cluster;
+pub mod framing;
 pub mod gossip_auth;
 pub mod link;
 pub mod membership;

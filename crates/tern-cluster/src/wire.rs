@@ -1,5 +1,7 @@
-//! Inter-node frames. Every frame on the wire is `version byte ‖ bincode(FrameV1)`;
-//! decoding refuses other versions and anything over [`FRAME_BYTES_MAX`].
+//! Inter-node frames. A v1 frame on the wire is `version byte ‖ bincode(FrameV1)`;
+//! decoding refuses other versions and anything over [`FRAME_BYTES_MAX`]. Wire v2
+//! (`framing.rs`, negotiated per connection in `link.rs`) carries the same frames,
+//! batched, events in their compact form ([`compact`]) and compressed between regions.
 //!
 //! Threat model: the peer holds a certificate of the cluster CA (`tls.rs`), so it is a
 //! member, but its bytes may still be wrong (a bug, an old or newer version, a member
@@ -16,6 +18,8 @@ use tern_core::{ChannelEvent, OriginId, RemoteEvent};
 use tern_protocol::{Format, ProtocolMessage};
 
 use crate::ClusterError;
+
+pub mod compact;
 
 pub const VERSION_V1: u8 = 1;
 /// Largest frame accepted from a peer.
@@ -286,7 +290,7 @@ fn origins(origins: &[(u64, u64)]) -> Result<(), Refusal> {
 }
 
 /// The limits of the module doc on a decoded frame.
-fn check(frame: &FrameV1) -> Result<(), Refusal> {
+pub(crate) fn check(frame: &FrameV1) -> Result<(), Refusal> {
     match frame {
         FrameV1::Event(event) => {
             names(&event.app, &event.channel)?;

@@ -306,8 +306,27 @@ async fn every_bad_input_has_its_outcome_and_the_node_still_replicates() {
 async fn link_level_rows(bed: &Bed) {
     let elsewhere = Hub::new(OriginId(origin_of("x")), CoreLimits::default());
     let good = wire::encode(&event_frame(&elsewhere, &key_of("stray"), "stray", 0));
+    // Version 2 is wire v2 (`framing.rs`): 3 is one no node speaks.
     let mut other_version = good.clone();
-    other_version[0] = 2;
+    other_version[0] = 3;
+    // A v2 record of an unknown kind, and a v2 compact event that refers to a channel
+    // its link never named.
+    bed.dropped(
+        "v2 record of unknown kind",
+        true,
+        &length_prefixed(&[2, 9, 0]),
+        false,
+        "undecodable",
+    )
+    .await;
+    bed.dropped(
+        "v2 event naming an unknown channel",
+        true,
+        &length_prefixed(&[2, 0, 1, 0, 5]),
+        false,
+        "undecodable",
+    )
+    .await;
     bed.dropped(
         "wrong version byte",
         true,

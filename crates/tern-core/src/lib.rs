@@ -45,5 +45,5 @@ pub use hub::{AppChannelCount, ChannelKey, CoreError, Hub, Journal, PublishOutco
 pub use limits::CoreLimits;
 pub use log::{LogLimits, Rewind};
 pub use presence::PresenceSet;
-pub use registry::{ConnectionRegistry, KeyChain, ResumeError};
+pub use registry::{ConnectionRegistry, KeyChain, Lookup, ResumeError};
 pub use serial::SerialPosition;

@@ -78,6 +78,21 @@ impl KeyChain {
     }
 }
 
+/// A connection as [`ConnectionRegistry::lookup`] sees it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup<'a, S, L> {
+    /// A transport holds it now.
+    Live(&'a L),
+    /// Its transport dropped; a resume may take `state` until `deadline_ms`.
+    Parked { state: &'a S, deadline_ms: i64 },
+    /// Its client resumed it on another node, as connection `to` of app `app`.
+    Moved {
+        to: &'a Arc<str>,
+        app: &'a Arc<str>,
+        deadline_ms: i64,
+    },
+}
+
 enum Entry<S, L> {
     Live {
         keys: KeyChain,
@@ -87,6 +102,13 @@ enum Entry<S, L> {
     Parked {
         keys: KeyChain,
         state: S,
+        deadline_ms: i64,
+    },
+    /// Taken over by a resume on another node (see [`ConnectionRegistry::moved`]):
+    /// remembered until `deadline_ms` so requests for the old id find the new one.
+    Moved {
+        to: Arc<str>,
+        app: Arc<str>,
         deadline_ms: i64,
     },
 }
@@ -126,7 +148,9 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
     pub fn register(&mut self, id: Arc<str>, keys: KeyChain, handle: L) -> u64 {
         let generation = self.next_generation;
         self.next_generation += 1;
-        if let Some(Entry::Parked { deadline_ms, .. }) = self.entries.get(&id) {
+        if let Some(Entry::Parked { deadline_ms, .. } | Entry::Moved { deadline_ms, .. }) =
+            self.entries.get(&id)
+        {
             self.deadlines.remove(&(*deadline_ms, id.clone()));
         }
         self.entries.insert(
@@ -191,6 +215,7 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         let (id, entry) = self.entries.get_key_value(id)?;
         let keys = match entry {
             Entry::Live { keys, .. } | Entry::Parked { keys, .. } => keys,
+            Entry::Moved { .. } => return None,
         };
         keys.accepts(secret).then(|| id.clone())
     }
@@ -225,6 +250,10 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
                 );
                 Err(result)
             }
+            moved @ Entry::Moved { .. } => {
+                self.entries.insert(id, moved);
+                Err(ResumeError::Unknown)
+            }
             Entry::Parked {
                 mut keys,
                 state,
@@ -248,6 +277,89 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
                 keys.presented(secret);
                 Ok((id, state, keys))
             }
+        }
+    }
+
+    /// What this node holds of connection `id` at `now_ms`, without taking it: its live
+    /// handle, or its parked state until its deadline (a parked connection past it is
+    /// gone even before the sweep drops it). For `GET`/`DELETE /connections/{id}` and
+    /// the per-connection push, which only look.
+    pub fn lookup(&self, id: &str, now_ms: i64) -> Option<Lookup<'_, S, L>> {
+        match self.entries.get(id)? {
+            Entry::Live { handle, .. } => Some(Lookup::Live(handle)),
+            Entry::Parked {
+                state, deadline_ms, ..
+            } if *deadline_ms > now_ms => Some(Lookup::Parked {
+                state,
+                deadline_ms: *deadline_ms,
+            }),
+            Entry::Moved {
+                to,
+                app,
+                deadline_ms,
+            } if *deadline_ms > now_ms => Some(Lookup::Moved {
+                to,
+                app,
+                deadline_ms: *deadline_ms,
+            }),
+            Entry::Parked { .. } | Entry::Moved { .. } => None,
+        }
+    }
+
+    /// Connection `id` of app `app`, just taken by [`Self::resume`] for a resume on
+    /// another node where it is now `to`: remembered until `deadline_ms` (counted
+    /// against the parked bound) so requests for `id` can follow it.
+    pub fn moved(&mut self, id: Arc<str>, to: Arc<str>, app: Arc<str>, deadline_ms: i64) {
+        if self.entries.contains_key(&id) {
+            return;
+        }
+        self.entries.insert(
+            id.clone(),
+            Entry::Moved {
+                to,
+                app,
+                deadline_ms,
+            },
+        );
+        self.deadlines.insert((deadline_ms, id), ());
+        while self.deadlines.len() > self.parked_max {
+            if let Some(((_, oldest), ())) = self.deadlines.pop_first() {
+                if let Some(Entry::Parked { state, .. }) = self.entries.remove(&oldest) {
+                    if self.evicted.len() < self.parked_max {
+                        self.evicted.push((oldest, state));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Points a moved connection at a newer successor `to` (the client resumed on
+    /// another node again, its previous CONNECTED lost); its deadline stays. Returns
+    /// whether `id` was a moved connection.
+    pub fn repoint(&mut self, id: &str, to: Arc<str>) -> bool {
+        match self.entries.get_mut(id) {
+            Some(Entry::Moved { to: old, .. }) => {
+                *old = to;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends a parked connection now (`DELETE /connections/{id}`): no resume can take it
+    /// any more. Returns its state, for the caller to report it ended (the sweep will
+    /// not). A live one is left alone (its session ends itself and removes it).
+    pub fn discard_parked(&mut self, id: &str) -> Option<S> {
+        let deadline_ms = match self.entries.get(id) {
+            Some(Entry::Parked { deadline_ms, .. }) => *deadline_ms,
+            _ => return None,
+        };
+        match self.entries.remove_entry(id) {
+            Some((id, Entry::Parked { state, .. })) => {
+                self.deadlines.remove(&(deadline_ms, id));
+                Some(state)
+            }
+            _ => None,
         }
     }
 
@@ -402,6 +514,65 @@ mod tests {
         assert!(reg.park(&id, new, "new", 100));
         let (resumed, state, _) = reg.resume("c1!s2", 0).unwrap();
         assert_eq!((resumed, state), (id, "new"));
+    }
+
+    /// Lookup sees a live connection's handle and a parked one's state until its
+    /// deadline, and takes nothing; discarding forgets only a parked connection, after
+    /// which no resume can take it.
+    #[test]
+    fn lookup_and_discard() {
+        let mut reg = Registry::new(10);
+        let id: Arc<str> = "c1".into();
+        let g = reg.register(id.clone(), chain("s1"), 7);
+        assert_eq!(reg.lookup("c1", 0), Some(Lookup::Live(&7)));
+        assert_eq!(reg.lookup("c2", 0), None);
+        assert_eq!(reg.discard_parked("c1"), None);
+        assert_eq!(reg.lookup("c1", 0), Some(Lookup::Live(&7)));
+        assert!(reg.park(&id, g, "state", 100));
+        assert_eq!(
+            reg.lookup("c1", 99),
+            Some(Lookup::Parked {
+                state: &"state",
+                deadline_ms: 100
+            })
+        );
+        assert_eq!(reg.lookup("c1", 100), None);
+        assert_eq!(reg.discard_parked("c1"), Some("state"));
+        assert_eq!(reg.parked_count(), 0);
+        assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Unknown));
+        assert_eq!(reg.discard_parked("c1"), None);
+        // The caller reports it ended; the sweep does not again.
+        assert!(reg.sweep(1_000).is_empty());
+    }
+
+    /// A connection taken over by another node is remembered as moved (to its new id)
+    /// until its deadline; its keys resume nothing and name nothing any more.
+    #[test]
+    fn moved_connections_point_to_their_successor() {
+        let mut reg = Registry::new(10);
+        let id: Arc<str> = "c1".into();
+        let g = reg.register(id.clone(), chain("s1"), 1);
+        assert!(reg.park(&id, g, "state", 100));
+        assert!(reg.resume("c1!s1", 0).is_ok());
+        reg.moved(id.clone(), "d1".into(), "app".into(), 100);
+        assert_eq!(
+            reg.lookup("c1", 50),
+            Some(Lookup::Moved {
+                to: &"d1".into(),
+                app: &"app".into(),
+                deadline_ms: 100
+            })
+        );
+        assert_eq!(reg.resume("c1!s1", 0), Err(ResumeError::Unknown));
+        assert_eq!(reg.connection_id("c1!s1"), None);
+        assert_eq!(reg.discard_parked("c1"), None);
+        assert!(reg.repoint("c1", "d2".into()));
+        assert!(matches!(reg.lookup("c1", 50), Some(Lookup::Moved { to, .. }) if &**to == "d2"));
+        assert!(!reg.repoint("c2", "d2".into()));
+        assert_eq!(reg.lookup("c1", 100), None);
+        // A moved connection did not end here: the sweep forgets it without a word.
+        assert!(reg.sweep(100).is_empty());
+        assert_eq!(reg.parked_count(), 0);
     }
 
     /// The parked bound evicts the connection closest to expiry; sweep drops expired

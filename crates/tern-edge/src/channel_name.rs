@@ -45,6 +45,22 @@ fn check_base(base: &str) -> Result<(), &'static str> {
     }
 }
 
+/// Parses a channel name a realtime connection attaches: as [`parse`], and also a
+/// connection's own channel `[connection]<connectionId>` (`crate::connections`), whose
+/// bare name keeps the qualifier (the hub keys it so) and which only that connection
+/// may attach (the caller checks). Every other path (REST, SSE, MQTT, publish) uses
+/// [`parse`], which refuses it.
+pub(crate) fn parse_attachable(name: &str) -> Result<ChannelName<'_>, &'static str> {
+    if crate::connections::owner_of(name).is_some() {
+        return Ok(ChannelName {
+            base: name,
+            params: BTreeMap::new(),
+            filter: None,
+        });
+    }
+    parse(name)
+}
+
 /// Parses a channel name. `Err` carries the reason for a 40010 reply ([`invalid`]).
 pub(crate) fn parse(name: &str) -> Result<ChannelName<'_>, &'static str> {
     if name.is_empty() {

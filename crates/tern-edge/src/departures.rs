@@ -22,7 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use tern_core::{AttachOptions, ChannelEvent, ChannelKey, Hub, Publisher, Subscriber};
+use tern_core::{AttachOptions, ChannelEvent, ChannelKey, Hub, Subscriber};
 use tern_protocol::{flags, Data, Message};
 
 use crate::now_ms;
@@ -235,20 +235,7 @@ pub(crate) fn publish(hub: &Hub, app: &str, records: &[Record]) {
     }
     let now = now_ms();
     let key = ChannelKey::new(app, CHANNEL);
-    let messages = records
-        .iter()
-        .map(|record| Message {
-            name: Some(MESSAGE_NAME.into()),
-            data: Some(Data::String(
-                serde_json::to_string(record).unwrap_or_default(),
-            )),
-            ..Default::default()
-        })
-        .collect();
-    let publisher = Publisher {
-        connection_id: None,
-        frame_id: format!("conns-{now}-{}", rand::random::<u64>()),
-    };
+    let (publisher, messages) = crate::publish::records("conns", MESSAGE_NAME, records, now);
     if let Err(err) = hub.publish(&key, &publisher, messages, now) {
         tracing::warn!(%app, %err, "connection record not published");
     }

@@ -90,20 +90,16 @@ pub(crate) async fn get_from_home(
     path_and_query: &str,
     headers: &axum::http::HeaderMap,
 ) -> Result<(axum::http::StatusCode, Bytes), String> {
-    let mut request = Request::builder()
-        .method(Method::GET)
-        .uri(path_and_query)
-        .body(Body::empty())
-        .map_err(|e| e.to_string())?;
-    *request.headers_mut() = headers.clone();
-    let response = tokio::time::timeout(FORWARD_TIMEOUT, send(base, request))
-        .await
-        .map_err(|_| "timed out".to_string())??;
-    let status = response.status();
-    let body = axum::body::to_bytes(response.into_body(), FORWARD_BODY_MAX)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok((status, body))
+    let empty = Bytes::new();
+    call(
+        base,
+        Method::GET,
+        path_and_query,
+        headers.clone(),
+        empty,
+        FORWARD_TIMEOUT,
+    )
+    .await
 }
 
 /// A POST of `body` to `path` at another node `base`, with `headers` (credentials,
@@ -115,16 +111,36 @@ pub(crate) async fn post_to(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<axum::http::StatusCode, String> {
+    let (status, _) = call(base, Method::POST, path, headers, body, FORWARD_TIMEOUT).await?;
+    Ok(status)
+}
+
+/// A request of `method` to `path` at another node `base`, with `headers` and `body`,
+/// within `timeout`: its status and body (read up to `FORWARD_BODY_MAX`). Every
+/// node-to-node HTTP call goes through here; the cross-node connection handover
+/// (`connections::handover`) passes a shorter timeout, as it must not hold a connect up.
+pub(crate) async fn call(
+    base: &str,
+    method: Method,
+    path: &str,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(axum::http::StatusCode, Bytes), String> {
     let mut request = Request::builder()
-        .method(Method::POST)
+        .method(method)
         .uri(path)
         .body(Body::from(body))
         .map_err(|e| e.to_string())?;
     *request.headers_mut() = headers;
-    let response = tokio::time::timeout(FORWARD_TIMEOUT, send(base, request))
+    let response = tokio::time::timeout(timeout, send(base, request))
         .await
         .map_err(|_| "timed out".to_string())??;
-    Ok(response.status())
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), FORWARD_BODY_MAX)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((status, body))
 }
 
 /// One HTTP/1.1 request to `base` (`http://host:port`) over a fresh connection.

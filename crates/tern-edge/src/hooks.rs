@@ -129,6 +129,9 @@ pub(crate) enum EndReason {
     Expired,
     /// The node holding it departed the cluster (reported by a survivor).
     NodeLost,
+    /// Its client resumed it on another node, which continues it under a new id
+    /// (`connections::handover`; the new connection went through `$connect`).
+    Moved,
 }
 
 /// The `&'static` transport name of a recorded one (records carry it as text).
@@ -145,6 +148,7 @@ impl EndReason {
             EndReason::Closed => "closed",
             EndReason::Expired => "expired",
             EndReason::NodeLost => "node_lost",
+            EndReason::Moved => "moved",
         }
     }
 }

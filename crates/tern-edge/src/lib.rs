@@ -16,6 +16,13 @@
 //!   frames carried by long-poll receives and send requests.
 //! - `budget`: what one publish or presence frame may carry (count, id, bytes), the
 //!   same check for REST and realtime.
+//! - `publish`: the one publish path after each transport's own channel checks (budget,
+//!   clientIds, before-publish function, hub, counters, the store mark to answer on),
+//!   the annotation path, and the one mapping of core refusals to Ably errors.
+//! - `connections`: per-connection push (`@connections`): `POST`/`GET`/`DELETE
+//!   /connections/{id}`, routed to the node that holds the connection; a connection's
+//!   own channel `[connection]<id>`.
+//! - `inbound`: unenveloped publishes (`?enveloped=false`, inbound webhooks).
 //! - `batch`: batch publish (`POST /messages`) and batch presence (`GET /presence`).
 //! - `rest`: REST handlers (`/time`, publish, presence, channel status, token requests).
 //! - [`push`]: push admin (device registrations, channel subscriptions, push publish),
@@ -49,6 +56,7 @@ mod channel_name;
 mod comet;
 pub mod config;
 mod connection;
+mod connections;
 mod credentials;
 mod departures;
 mod filter;
@@ -56,9 +64,11 @@ mod forward;
 mod gauges;
 pub mod history;
 mod hooks;
+mod inbound;
 mod listener;
 mod messages;
 pub mod mqtt;
+mod publish;
 pub mod push;
 mod response;
 mod rest;
@@ -74,7 +84,7 @@ pub use config::{EdgeConfig, MqttConfig, StatsConfig};
 pub use listener::serve;
 pub use push::registry::PushLimits;
 pub use revoke::RevocationConfig;
-pub use state::{ClusterView, EdgeState, TRANSPORTS};
+pub use state::{ClusterView, EdgeState, NodeRef, TRANSPORTS};
 
 /// The channel name decoders, for the fuzzer (`fuzz/`). Not part of the crate's API.
 #[doc(hidden)]
@@ -190,6 +200,24 @@ fn push_routes(state: Arc<EdgeState>) -> Router<Arc<EdgeState>> {
         .route_layer(axum::middleware::from_fn_with_state(state, push::to_home))
 }
 
+/// Per-connection push (`connections`): served by the node that holds the connection.
+fn connection_routes(state: Arc<EdgeState>) -> Router<Arc<EdgeState>> {
+    Router::new()
+        .route(
+            "/connections/{id}",
+            get(connections::get).delete(connections::delete),
+        )
+        .route("/connections/{id}/messages", post(connections::publish))
+        .route(
+            "/connections/{id}/handover",
+            post(connections::handover::give),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state,
+            connections::to_holder,
+        ))
+}
+
 pub fn router(state: Arc<EdgeState>) -> Router {
     let body_limit = state.config.max_frame_size;
     Router::new()
@@ -208,6 +236,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/keys/{key_name}/revokeTokens", post(revoke::revoke_tokens))
         .merge(channel_reads(state.clone()))
         .merge(push_routes(state.clone()))
+        .merge(connection_routes(state.clone()))
         .route("/channels/{channel}/messages", post(rest::publish))
         .route(
             "/channels/{channel}/messages/{serial}",

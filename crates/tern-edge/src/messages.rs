@@ -31,9 +31,11 @@ use tern_store::{ChannelRef, Direction, EventKind, HistoryQuery, HistoryStore, P
 use crate::credentials::{denied, message_client_id, rest_auth};
 use crate::history::page_response;
 use crate::now_ms;
+use crate::publish::{request_publisher, By, Checked, Counted};
 use crate::response::{body, request_format, response_format, ApiError};
-use crate::rest::{channel_key, decode_body, publish_prepared};
+use crate::rest::{channel_key, decode_body};
 use crate::state::EdgeState;
+use crate::stats::Transport;
 
 type Params = Query<HashMap<String, String>>;
 
@@ -515,22 +517,15 @@ pub(crate) async fn change(
         .into());
     }
     message.serial = Some(serial);
-    let mut size = crate::budget::check_messages(std::slice::from_ref(&message), &state.config)?;
     // A change is a publish too: the channel's before-publish function sees it (or an
     // edit could carry what the function refused in the original).
-    let mut messages = vec![message];
-    if let Some(caller) = state
-        .hooks
-        .as_ref()
-        .and_then(|hooks| hooks.before_publish(&auth.app_id, &key.name))
-    {
-        let verdict = caller.before_publish(&key.name, None, &messages).await;
-        let (checked, resized) = crate::hooks::apply_verdict(verdict, messages, &state.config)?;
-        messages = checked;
-        size = resized.unwrap_or(size);
-    }
-    let prepared = prepare_messages(&state, &auth, &identity, &key, messages)?;
-    let serials = publish_prepared(&state, &auth, &key, prepared, size).await?;
+    let by = By::new(&state, &auth, &identity);
+    let applied = Checked::new(&state, key, vec![message])?
+        .call_function(&state, &auth)
+        .await?
+        .apply(&by, request_publisher(), Transport::Rest, Counted::InApp)?;
+    applied.durable(&state).await?;
+    let serials = applied.serials;
     let version_serial = serials.into_iter().next().flatten();
     Ok(body(
         StatusCode::OK,
@@ -574,17 +569,9 @@ pub(crate) async fn annotate(
             _ => annotation.message_serial = Some(serial.clone()),
         }
     }
-    crate::budget::check_annotations(&annotations, &state.config)?;
-    let prepared = prepare_annotations(&state, &auth, &identity, &key, annotations)?;
-    let publisher = Publisher {
-        connection_id: None,
-        frame_id: random_id(),
-    };
-    let store_mark = state.store_mark();
-    state
-        .hub
-        .annotate(&key, &publisher, prepared, now_ms())
-        .map_err(|e| ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, e.to_string()))?;
+    let by = By::new(&state, &auth, &identity);
+    let annotated = crate::publish::annotate(&by, &key, annotations, &request_publisher())?;
+    let store_mark = annotated.store_mark;
     if let Some(error) = state.durable(key.clone(), store_mark).await.error() {
         return Err(error.into());
     }

@@ -10,15 +10,16 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tern_auth::{AuthContext, ClientIdentity, Operation, TokenRequest};
-use tern_core::{ChannelKey, Publisher};
+use tern_core::ChannelKey;
 use tern_protocol::{code, ErrorInfo, Format, Message};
 
 use crate::channel_name;
-use crate::credentials::{denied, message_client_id, rest_auth};
+use crate::credentials::{denied, rest_auth};
 use crate::now_ms;
+use crate::publish::{request_publisher, Applied, By, Checked, Counted, Source};
 use crate::response::{body, request_format, response_format, ApiError};
 use crate::state::EdgeState;
-use crate::stats::{Kind, Transport};
+use crate::stats::Transport;
 
 type Params = Query<HashMap<String, String>>;
 
@@ -114,14 +115,29 @@ pub(crate) async fn publish(
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
     let (auth, identity) = rest_auth(&state.keys, &headers, &q, now_ms())?;
-    let messages = tern_protocol::decode_messages(request_format(&headers), &bytes)
-        .map_err(|e| e.to_error_info())?;
+    let messages = messages_of(&state, &headers, &q, bytes)?;
     let response = publish_messages(&state, &auth, &identity, &channel, messages).await?;
     Ok(body(
         StatusCode::CREATED,
         response_format(&headers, q.get("format").map(String::as_str)),
         &response,
     ))
+}
+
+/// The messages a publish request's body carries: a Message or an array in the
+/// request's format, or with `?enveloped=false` the whole body as one message's data
+/// (`inbound`, Ably's unenveloped publish, which inbound webhooks use).
+pub(crate) fn messages_of(
+    state: &EdgeState,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    bytes: Bytes,
+) -> Result<Vec<Message>, ErrorInfo> {
+    if q.get("enveloped").is_some_and(|v| v == "false") {
+        let max = state.config.max_message_size;
+        return crate::inbound::message(headers, q, bytes, max).map(|message| vec![message]);
+    }
+    tern_protocol::decode_messages(request_format(headers), &bytes).map_err(|e| e.to_error_info())
 }
 
 /// Publishes `messages` on `channel` for a REST caller and waits until they are durable
@@ -135,143 +151,62 @@ pub(crate) async fn publish_messages(
     messages: Vec<Message>,
 ) -> Result<PublishResponse, ErrorInfo> {
     let applied = apply_publish(state, auth, identity, channel, messages, Transport::Rest).await?;
-    if let Some(error) = state
-        .durable(applied.key.clone(), applied.store_mark)
-        .await
-        .error()
-    {
-        return Err(error);
-    }
+    finish_publish(state, auth, applied).await
+}
+
+/// Waits until an applied REST publish is durable, then hands its push payloads over:
+/// its answer, or the error to send instead of a 201.
+pub(crate) async fn finish_publish(
+    state: &EdgeState,
+    auth: &AuthContext,
+    applied: Applied,
+) -> Result<PublishResponse, ErrorInfo> {
+    applied.durable(state).await?;
     crate::push::delivery::on_published(state, &auth.app_id, &applied.key.name, applied.pushes)
         .await;
-    Ok(applied.response)
+    Ok(PublishResponse {
+        channel: applied.key.name.to_string(),
+        message_id: applied.message_id,
+        serials: applied.serials,
+    })
 }
 
-/// A publish applied to the hub, not yet known to be durable.
-pub(crate) struct Applied {
-    pub(crate) response: PublishResponse,
-    pub(crate) key: ChannelKey,
-    /// [`EdgeState::store_mark`] taken before the publish was applied: hand it to
-    /// [`EdgeState::after_durable`] / [`EdgeState::durable`] before replying.
-    pub(crate) store_mark: u64,
-    /// Push notifications its messages carry (`extras.push`), to deliver once durable.
-    pub(crate) pushes: Vec<serde_json::Value>,
-}
-
-/// The checks and the hub publish of a publish without a realtime connection (REST,
-/// MQTT): capability, size budget, clientIds, message changes; then applied. The caller
-/// replies only once it is durable (`Applied::store_mark`).
-///
-/// A before-publish function of the channel is called after the checks and before the
-/// hub, and its verdict awaited (bounded by its timeout): the caller's request (or
-/// MQTT packet) waits, as the publish's answer depends on it.
+/// A publish without a realtime connection (REST, MQTT) through the publish path
+/// (`publish.rs`): capability, then the checks, the channel's before-publish function
+/// (awaited: the request or MQTT packet waits, as its answer depends on it), the hub.
+/// The caller answers only once it is durable (`Applied::store_mark`).
 pub(crate) async fn apply_publish(
     state: &EdgeState,
     auth: &AuthContext,
     identity: &ClientIdentity,
     channel: &str,
-    mut messages: Vec<Message>,
+    messages: Vec<Message>,
     transport: Transport,
 ) -> Result<Applied, ErrorInfo> {
     let key = channel_key(&auth.app_id, channel)?;
     if !auth.capability.allows(&key.name, Operation::Publish) {
         return Err(denied("publish", &key.name));
     }
-    let mut size = crate::budget::check_messages(&messages, &state.config)?;
-    for message in &mut messages {
-        message.client_id = message_client_id(identity, message.client_id.as_deref())?;
-        message.connection_id = on_behalf_of(state, message.connection_key.take())?;
-    }
-    if let Some(caller) = state
-        .hooks
-        .as_ref()
-        .and_then(|hooks| hooks.before_publish(&auth.app_id, &key.name))
-    {
-        let verdict = caller.before_publish(&key.name, None, &messages).await;
-        let (checked, resized) = crate::hooks::apply_verdict(verdict, messages, &state.config)?;
-        messages = checked;
-        size = resized.unwrap_or(size);
-    }
-    let messages = crate::messages::prepare_messages(state, auth, identity, &key, messages)?;
-    let pushes = crate::push::delivery::payloads(&messages);
-    let message_id = messages
-        .first()
-        .and_then(|m| m.id.as_deref())
-        .map(|id| id.rsplit_once(':').map_or(id, |(base, _)| base).to_string());
-    let (serials, frame_id, store_mark) =
-        publish_applied(state, auth, &key, messages, size, transport)?;
-    Ok(Applied {
-        response: PublishResponse {
-            channel: key.name.to_string(),
-            message_id: message_id.unwrap_or(frame_id),
-            serials,
-        },
-        key,
-        store_mark,
-        pushes,
-    })
+    apply_publish_to(state, auth, identity, key, messages, transport).await
 }
 
-/// Publishes checked and prepared messages for a REST caller and waits until they
-/// are durable; their serials (for a change, its version serial).
-pub(crate) async fn publish_prepared(
+/// [`apply_publish`] on a channel the caller has already been allowed to publish on
+/// (a connection's own channel, `connections`): the publish path's checks, the
+/// before-publish function, message changes, then the hub.
+pub(crate) async fn apply_publish_to(
     state: &EdgeState,
     auth: &AuthContext,
-    key: &ChannelKey,
+    identity: &ClientIdentity,
+    key: ChannelKey,
     messages: Vec<Message>,
-    size: usize,
-) -> Result<Vec<Option<String>>, ErrorInfo> {
-    let (serials, _, store_mark) =
-        publish_applied(state, auth, key, messages, size, Transport::Rest)?;
-    if let Some(error) = state.durable(key.clone(), store_mark).await.error() {
-        return Err(error);
-    }
-    Ok(serials)
-}
-
-/// Applies prepared messages to the hub: their serials, the frame id and the store mark
-/// to wait on before replying.
-fn publish_applied(
-    state: &EdgeState,
-    auth: &AuthContext,
-    key: &ChannelKey,
-    messages: Vec<Message>,
-    size: usize,
     transport: Transport,
-) -> Result<(Vec<Option<String>>, String, u64), ErrorInfo> {
-    let now = now_ms();
-    let frame_id = crate::messages::random_id();
-    let count = messages.len() as u64;
-    let publisher = Publisher {
-        connection_id: None,
-        frame_id: frame_id.clone(),
-    };
-    let store_mark = state.store_mark();
-    let outcome = state
-        .hub
-        .publish(key, &publisher, messages, now)
-        .map_err(|e| ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, e.to_string()))?;
-    metrics::counter!("tern_messages_published_total").increment(count);
-    if let Some(stats) = state.stats.app(&auth.app_id, now) {
-        stats.received(transport, Kind::Messages, count as usize, size);
-    }
-    Ok((outcome.serials, frame_id, store_mark))
-}
-
-/// A REST message carrying a realtime connection's key is published on behalf of that
-/// connection (TM2h): it carries the connection's id. A key that names no connection
-/// of this node is refused (40006).
-fn on_behalf_of(state: &EdgeState, key: Option<String>) -> Result<Option<String>, ErrorInfo> {
-    let Some(key) = key else {
-        return Ok(None);
-    };
-    match state.registry().connection_id(&key) {
-        Some(id) => Ok(Some(id.to_string())),
-        None => Err(ErrorInfo::new(
-            code::INVALID_PUBLISH_CONNECTION_KEY,
-            "connectionKey names no connection of this node",
-        )),
-    }
+) -> Result<Applied, ErrorInfo> {
+    let by = By::new(state, auth, identity);
+    Checked::new(state, key, messages)?
+        .stamp(identity, Source::Request(state))?
+        .call_function(state, auth)
+        .await?
+        .apply(&by, request_publisher(), transport, Counted::InApp)
 }
 
 /// `GET /channels/{channel}/presence`: current members.

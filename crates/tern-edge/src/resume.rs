@@ -60,15 +60,12 @@ impl ReplyWindow {
 
 /// A connection's state while its transport is gone.
 pub(crate) struct ParkedSession {
-    pub(crate) app_id: String,
-    /// The clientId it acted as; a resume must present compatible credentials.
-    pub(crate) client_id: Option<String>,
+    /// Its app and the clientId it acted as (a resume must present compatible
+    /// credentials), the transport it last had and its first connect time
+    /// (`GET /connections/{id}`, `connection.disconnected`).
+    pub(crate) info: crate::connections::ConnectionInfo,
     pub(crate) replies: ReplyWindow,
     pub(crate) presence_channels: HashSet<Arc<str>>,
-    /// Ably's name of the transport it last had (for `connection.disconnected`).
-    pub(crate) transport: &'static str,
-    /// When the connection was first opened (a resume keeps it).
-    pub(crate) connected_at_ms: i64,
     /// The clientId and capability the `$connect` function gave it, which a resume
     /// keeps (the client presents its original credentials again).
     pub(crate) from_function: Option<(ClientIdentity, tern_auth::Capability)>,

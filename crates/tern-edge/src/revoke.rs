@@ -29,7 +29,7 @@ use tern_auth::{
     AuthContext, KeyRing, Revocation, RevocationError, RevocationList, RevocationTarget,
     TokenPolicy,
 };
-use tern_core::{AttachOptions, ChannelEvent, ChannelKey, Hub, Publisher, Subscriber};
+use tern_core::{AttachOptions, ChannelEvent, ChannelKey, Hub, Subscriber};
 use tern_protocol::{code, flags, Data, ErrorInfo, Format, Message};
 use tern_store::{ChannelRef, Direction, EventKind, HistoryQuery, HistoryStore};
 use tokio::sync::watch;
@@ -445,25 +445,12 @@ async fn publish(
         return Ok(());
     }
     let key = ChannelKey::new(app, CHANNEL);
-    let messages = revocations
-        .iter()
-        .map(|revocation| Message {
-            name: Some(MESSAGE_NAME.into()),
-            data: Some(Data::String(
-                serde_json::to_string(revocation).unwrap_or_default(),
-            )),
-            ..Default::default()
-        })
-        .collect();
-    let publisher = Publisher {
-        connection_id: None,
-        frame_id: format!("revoke-{now}-{}", rand::random::<u64>()),
-    };
+    let (publisher, messages) = crate::publish::records("revoke", MESSAGE_NAME, revocations, now);
     let store_mark = state.store_mark();
     state
         .hub
         .publish(&key, &publisher, messages, now)
-        .map_err(|err| ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, err.to_string()))?;
+        .map_err(crate::publish::core_error)?;
     match state.durable(key, store_mark).await.error() {
         Some(error) => Err(error),
         None => Ok(()),

@@ -24,7 +24,6 @@ use tern_core::{KeyChain, ResumeError};
 use tern_functions::hook::order::{Pipeline, Ticket};
 use tern_functions::hook::PublishVerdict;
 use tern_protocol::{action, code, ConnectionDetails, ErrorInfo, Format, ProtocolMessage};
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -40,6 +39,7 @@ use attach::{Attached, WARM_WAIT};
 use publish::RateWindow;
 
 use crate::connection::{error_frame, Outlet};
+use crate::connections::{ConnectionInfo, LiveConnection, ID_RANDOM_LEN};
 use crate::credentials::{authenticate, details_client_id, resolve_identity};
 use crate::hooks::Arrival;
 use crate::now_ms;
@@ -94,25 +94,20 @@ fn random_id(len: usize) -> String {
 }
 
 /// Connection ids are `<node tag>-<random>` and keys `<id>!<secret>` (see `Session::open`).
-const ID_RANDOM_LEN: usize = 12;
-const SECRET_LEN: usize = 20;
+/// The secrets a key may have: this version issues `connections::keys::SECRET_LEN` (32);
+/// earlier ones issued 20 random characters, which a rolling upgrade still meets.
+const SECRET_LEN_MIN: usize = 20;
+const SECRET_LEN_MAX: usize = 64;
 
 /// Whether `key` has the shape of a key some Tern node issued (this one or another):
 /// anything else cannot name a connection anywhere (80018, not 80008).
 fn is_connection_key(key: &str) -> bool {
-    let alnum =
-        |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_alphanumeric());
     let Some((id, secret)) = tern_core::registry::split_key(key) else {
         return false;
     };
-    let Some((tag, random)) = id.split_once('-') else {
-        return false;
-    };
-    !tag.is_empty()
-        && tag.len() <= 64
-        && tag.bytes().all(|b| b.is_ascii_alphanumeric())
-        && alnum(random, ID_RANDOM_LEN)
-        && alnum(secret, SECRET_LEN)
+    crate::connections::node_tag_of(id).is_some()
+        && (SECRET_LEN_MIN..=SECRET_LEN_MAX).contains(&secret.len())
+        && secret.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 pub(crate) struct Session {
@@ -121,8 +116,9 @@ pub(crate) struct Session {
     key: String,
     /// Registry generation of this transport's claim on the connection.
     generation: u64,
-    /// Woken when a resume on another transport takes this connection over.
-    superseded: Arc<Notify>,
+    /// Its handle in the registry: woken when a resume on another transport takes this
+    /// connection over, or when `DELETE /connections/{id}` closes it.
+    live: Arc<LiveConnection>,
     auth: AuthContext,
     identity: ClientIdentity,
     echo: bool,
@@ -172,6 +168,7 @@ pub(crate) struct Session {
 impl Session {
     /// Authenticates the connect request, resumes or recovers the connection if asked,
     /// and sends CONNECTED. `Err` is the ERROR to send.
+    /// `transport` is ably-js's name for it (`web_socket`, `comet`).
     pub(crate) async fn open(
         state: Arc<EdgeState>,
         query: &HashMap<String, String>,
@@ -197,10 +194,20 @@ impl Session {
                     "Unable to recover connection: not a connection key",
                 )),
             ),
-            Some(key) => match take_parked(&state, key, &auth, &identity).await {
-                Ok((id, parked, keys)) => (id, Some((parked, keys)), None),
-                Err(error) => (new_id(), None, Some(error)),
-            },
+            Some(key) => {
+                match take_parked(
+                    &state,
+                    key,
+                    &auth.app_id,
+                    client_id_of(&identity),
+                    SUPERSEDE_WAIT,
+                )
+                .await
+                {
+                    Ok((id, parked, keys)) => (id, Some((parked, keys)), None),
+                    Err(error) => (new_id(), None, Some(error)),
+                }
+            }
         };
         // A new connection (not a resumed one) goes through the app's `$connect`
         // function, if any; a resumed one keeps what the function gave it then.
@@ -210,7 +217,7 @@ impl Session {
                     identity = function_identity.clone();
                     auth.capability = auth.capability.intersect(capability);
                 }
-                (parked.from_function.clone(), parked.connected_at_ms)
+                (parked.from_function.clone(), parked.info.connected_at_ms)
             }
             None => {
                 let changed =
@@ -247,8 +254,7 @@ impl Session {
                 id.split_once('-')
                     .is_none_or(|(tag, _)| tag != state.node_tag)
             });
-        let superseded = Arc::new(Notify::new());
-        let secret = random_id(SECRET_LEN);
+        let secret = state.connection_keys.secret_for(&id);
         let stats = state.stats.app(&auth.app_id, now);
         let counted = stats
             .as_ref()
@@ -258,24 +264,50 @@ impl Session {
         }
         // After a resume, the key it presented stays good beside the new one: this
         // CONNECTED may be lost with its transport (see `KeyChain`).
-        let (keys, replies, presence_channels) = match parked {
+        let (keys, replies, presence_channels, predecessors) = match parked {
             Some((parked, keys)) => {
                 state.hub.forget_dropped(&id);
                 (
                     keys.issue(secret.clone()),
                     parked.replies,
                     parked.presence_channels,
+                    parked.info.predecessors,
                 )
             }
-            None => (
-                KeyChain::new(secret.clone()),
-                ReplyWindow::default(),
-                HashSet::new(),
-            ),
+            None => {
+                // A resume another node's key names: take that connection over, so
+                // this one owns its channel too (`connections::handover`).
+                let predecessors = match requested {
+                    Some(key) if foreign => {
+                        crate::connections::handover::claim(
+                            &state,
+                            key,
+                            &id,
+                            &auth.app_id,
+                            client_id_of(&identity),
+                        )
+                        .await
+                    }
+                    _ => Vec::new(),
+                };
+                (
+                    KeyChain::new(secret.clone()),
+                    ReplyWindow::default(),
+                    HashSet::new(),
+                    predecessors,
+                )
+            }
         };
+        let live = LiveConnection::new(ConnectionInfo {
+            app_id: auth.app_id.clone(),
+            client_id: client_id_of(&identity).map(str::to_string),
+            transport: arrival.transport,
+            connected_at_ms,
+            predecessors,
+        });
         let generation = state
             .registry()
-            .register(Arc::clone(&id), keys, superseded.clone());
+            .register(Arc::clone(&id), keys, live.clone());
         let pending_max = state
             .hooks
             .as_ref()
@@ -284,7 +316,7 @@ impl Session {
             key: format!("{id}!{secret}"),
             id,
             generation,
-            superseded,
+            live,
             echo: get("echo") != Some("false"),
             state,
             auth,
@@ -371,7 +403,7 @@ impl Session {
     pub(crate) async fn run(mut self, mut inbound: impl Inbound) {
         let mut shutdown = self.state.shutdown.clone();
         let overflow = self.outlet.overflow.clone();
-        let superseded = self.superseded.clone();
+        let live = self.live.clone();
         let revocations = self.state.keys.revocations.clone();
         let mut revocation_changes = revocations.subscribe();
         let ending = loop {
@@ -418,11 +450,15 @@ impl Session {
                     break Ending::Dropped;
                 }
                 // The client resumed this connection on a new transport.
-                _ = superseded.notified() => {
+                _ = live.superseded.notified() => {
                     self.outlet.finish(Some(self.disconnected(ErrorInfo::new(
                         code::CONNECTION_SUPERSEDED, "connection resumed on another transport",
                     ))));
                     break Ending::Dropped;
+                }
+                // `DELETE /connections/{id}`: closed for good; ably-js goes FAILED.
+                _ = live.closed.notified() => {
+                    break self.fail_with(crate::connections::closed_by_request());
                 }
                 // Token renewal notice, then expiry.
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => pending().await } } => {
@@ -495,12 +531,9 @@ impl Session {
                     .unwrap_or(hub.limits().presence_leave_grace_ms);
                 hub.connection_dropped_for(&self.auth.app_id, &self.id, channels, now, grace_ms);
                 let parked = ParkedSession {
-                    app_id: self.auth.app_id.clone(),
-                    client_id: self.identity_id(),
+                    info: self.live.info.clone(),
                     replies: self.replies,
                     presence_channels: self.presence_channels,
-                    transport: self.transport,
-                    connected_at_ms: self.connected_at_ms,
                     from_function: self.from_function,
                 };
                 let deadline = now + self.state.config.connection_state_ttl_ms as i64;
@@ -621,14 +654,25 @@ pub(crate) fn frame_too_large(max_frame_size: usize) -> ErrorInfo {
     )
 }
 
+/// The clientId an identity acts as, if it names one.
+fn client_id_of(identity: &ClientIdentity) -> Option<&str> {
+    match identity {
+        ClientIdentity::Id(id) => Some(id),
+        _ => None,
+    }
+}
+
 /// Takes the parked state (and key chain) of the connection named by a resume/recover
-/// key, superseding a transport that still holds it. `Err` is the error the new
+/// key, superseding a transport that still holds it, for a client of `app_id` acting
+/// as `client_id` (a resume here, or a handover to another node), waiting at most
+/// `supersede_wait` for a live transport to let go. `Err` is the error the new
 /// CONNECTED carries.
-async fn take_parked(
+pub(crate) async fn take_parked(
     state: &EdgeState,
     key: &str,
-    auth: &AuthContext,
-    identity: &ClientIdentity,
+    app_id: &str,
+    client_id: Option<&str>,
+    supersede_wait: Duration,
 ) -> Result<(Arc<str>, ParkedSession, KeyChain), ErrorInfo> {
     let unable = |why: &str| {
         ErrorInfo::new(
@@ -636,29 +680,25 @@ async fn take_parked(
             format!("Unable to recover connection: {why}"),
         )
     };
-    let give_up = Instant::now() + SUPERSEDE_WAIT;
+    let give_up = Instant::now() + supersede_wait;
     loop {
         let result = state.registry().resume(key, now_ms());
         match result {
             Ok((id, parked, keys)) => {
-                let client_id = match identity {
-                    ClientIdentity::Id(id) => Some(id.clone()),
-                    _ => None,
-                };
                 // A clientId the `$connect` function attached is the connection's
                 // own: the client presents its original credentials again.
                 let function_given = parked.from_function.is_some() && client_id.is_none();
-                if parked.app_id != auth.app_id
-                    || (parked.client_id.is_some()
-                        && parked.client_id != client_id
+                if parked.info.app_id != app_id
+                    || (parked.info.client_id.is_some()
+                        && parked.info.client_id.as_deref() != client_id
                         && !function_given)
                 {
                     return Err(unable("credentials do not match the connection"));
                 }
                 return Ok((id, parked, keys));
             }
-            Err(ResumeError::Live(superseded)) if Instant::now() < give_up => {
-                superseded.notify_one();
+            Err(ResumeError::Live(live)) if Instant::now() < give_up => {
+                live.superseded.notify_one();
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Err(ResumeError::Live(_)) => {

@@ -354,10 +354,7 @@ async fn open(
         );
         if let Err(err) = attached {
             detach_all(&state, &id, &keys);
-            return error_response(ErrorInfo::new(
-                code::CHANNEL_OPERATION_FAILED,
-                err.to_string(),
-            ));
+            return error_response(crate::publish::core_error(err));
         }
         keys.push(key);
         if lost {

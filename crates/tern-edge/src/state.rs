@@ -8,13 +8,14 @@ use crate::revoke::{Credentials, Revocations};
 use tern_core::{ChannelKey, ConnectionRegistry, Hub};
 use tern_protocol::{code, ErrorInfo};
 use tern_store::{HistoryStore, StoreError};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::EdgeConfig;
 use crate::resume::ParkedSession;
 
-/// Live connections (with the handle that supersedes them) and parked ones.
-pub(crate) type Registry = ConnectionRegistry<ParkedSession, Arc<Notify>>;
+/// Live connections (with the handle that supersedes or closes them) and parked ones.
+pub(crate) type Registry =
+    ConnectionRegistry<ParkedSession, Arc<crate::connections::LiveConnection>>;
 
 /// Shared state of one node's edge.
 pub struct EdgeState {
@@ -47,6 +48,9 @@ pub struct EdgeState {
     pub(crate) mqtt_sessions: std::sync::OnceLock<crate::mqtt::SharedSessions>,
     /// Comet connections by connection key (`comet`).
     pub(crate) comet: crate::comet::Links,
+    /// Signs this node's connection keys so any member can vouch for them
+    /// (`connections::keys`).
+    pub(crate) connection_keys: crate::connections::keys::KeySigner,
     /// Before-publish and `$connect` functions (`hooks`); `None` without any.
     pub(crate) hooks: Option<Arc<tern_functions::Hooks>>,
     /// The webhook outbox, where `connection.disconnected` events go; `None` without
@@ -121,6 +125,15 @@ impl Durability {
     }
 }
 
+/// A live member of the cluster, as the edge addresses it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRef {
+    pub node_id: String,
+    pub region: String,
+    /// Where its clients (and forwarded requests) connect.
+    pub client_url: String,
+}
+
 /// What the edge needs from the cluster (implemented where the node is wired).
 pub trait ClusterView: Send + Sync {
     /// Runs `then(true)` once this node's latest event on `channel` is stored on the
@@ -136,6 +149,11 @@ pub trait ClusterView: Send + Sync {
     /// Where REST reads of `channel` go when this node does not keep all of it: the
     /// client URL of the channel's home in this region. `None` serves them here.
     fn home_url(&self, _channel: &ChannelKey) -> Option<String> {
+        None
+    }
+    /// The live member whose connection ids start with `tag` (`connections` routes
+    /// `/connections/{id}` to it); `None` when no live member has it.
+    fn node_by_tag(&self, _tag: &str) -> Option<NodeRef> {
         None
     }
     /// The live nodes by region, for the admin port's `GET /regions`.
@@ -178,6 +196,7 @@ impl EdgeState {
             mqtt_sessions: std::sync::OnceLock::new(),
             comet: crate::comet::Links::default(),
             queue_high_water: Default::default(),
+            connection_keys: crate::connections::keys::KeySigner::random(),
             config,
             hub,
             keys,
@@ -240,6 +259,14 @@ impl EdgeState {
         self
     }
 
+    /// Signs connection keys under `secret`, which every member of the cluster shares,
+    /// instead of a secret of this node's own: any member can then vouch for a key
+    /// another issued (`connections::keys`).
+    pub fn with_connection_key_secret(mut self, secret: [u8; 32]) -> Self {
+        self.connection_keys = crate::connections::keys::KeySigner::new(secret);
+        self
+    }
+
     /// Prefix of the connection ids this node issues (published to the cluster, which
     /// removes a dead node's presence members by it).
     pub fn node_tag(&self) -> &str {
@@ -274,18 +301,18 @@ impl EdgeState {
         self.hub.sweep(now_ms);
         let expired = self.registry().sweep(now_ms);
         for (id, parked) in expired {
-            if self.departures.tracks(&parked.app_id) {
+            if self.departures.tracks(&parked.info.app_id) {
                 let ended = [crate::departures::Record::Ended { id: id.to_string() }];
-                crate::departures::publish(&self.hub, &parked.app_id, &ended);
+                crate::departures::publish(&self.hub, &parked.info.app_id, &ended);
             }
             crate::hooks::record_disconnect(
                 self,
                 crate::hooks::Ended {
-                    app_id: &parked.app_id,
+                    app_id: &parked.info.app_id,
                     connection_id: &id,
-                    client_id: parked.client_id.as_deref(),
-                    transport: parked.transport,
-                    connected_at_ms: parked.connected_at_ms,
+                    client_id: parked.info.client_id.as_deref(),
+                    transport: parked.info.transport,
+                    connected_at_ms: parked.info.connected_at_ms,
                     reason: crate::hooks::EndReason::Expired,
                 },
                 now_ms,

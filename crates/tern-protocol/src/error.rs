@@ -159,6 +159,9 @@ pub mod code {
     pub const TOKEN_REQUEST_FAILED: u32 = 80019;
     /// The subscriber could not keep up and was dropped.
     pub const SUBSCRIBER_TOO_SLOW: u32 = 80020;
+    /// No such connection (`/connections/{id}`: closed, expired, or its node is gone).
+    /// Sent with 404: it is a REST resource that does not exist.
+    pub const CONNECTION_NOT_FOUND: u32 = 80022;
     /// Channel operation failed.
     pub const CHANNEL_OPERATION_FAILED: u32 = 90000;
     /// Channel is in an invalid state (for example detached).
@@ -188,6 +191,7 @@ pub fn status_code_for(code: u32) -> u16 {
     match code {
         code::TIMEOUT => 504,
         code::TOKEN_REQUEST_FAILED => 401,
+        code::CONNECTION_NOT_FOUND => 404,
         // At most 599, so the cast is lossless.
         40_000..=59_999 => (code / 100) as u16,
         80_000..=99_999 => 400,

@@ -168,6 +168,18 @@ impl tern_edge::ClusterView for EdgeCluster {
             .map(|m| m.client_url)
     }
 
+    fn node_by_tag(&self, tag: &str) -> Option<tern_edge::NodeRef> {
+        let node = self.node.get()?;
+        node.members()
+            .into_iter()
+            .find(|m| m.tag == tag)
+            .map(|m| tern_edge::NodeRef {
+                node_id: m.node_id,
+                region: m.region,
+                client_url: m.client_url,
+            })
+    }
+
     fn peer_urls(&self) -> Vec<String> {
         let Some(node) = self.node.get() else {
             return Vec::new();

@@ -21,6 +21,11 @@ const COUNTERS: &[(&str, bool, &str)] = &[
         "Comet connections dropped for not polling within comet_poll_timeout_ms",
     ),
     (
+        "tern_connection_handovers_total",
+        false,
+        "Connections resumed from another node's key, by outcome (taken, vouched, refused, unanswered)",
+    ),
+    (
         "tern_connections_refused_total",
         true,
         "Connections refused or cut before serving, by the setting that refused them",

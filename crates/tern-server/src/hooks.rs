@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use tern_functions::hook::{FailurePolicy, Hook, HookConfig, HookKind};
-use tern_functions::SigningKey;
 
 use crate::config::{AppConfig, Config};
 
@@ -55,22 +54,8 @@ impl FunctionSection {
                 self.id
             ),
         };
-        let signing_key = match &self.sign_with_key {
-            None => None,
-            Some(key_id) => {
-                let key = app.keys.iter().find(|k| &k.id == key_id).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "{table}.sign_with_key of function '{}': app '{}' has no key '{key_id}'",
-                        self.id,
-                        app.id
-                    )
-                })?;
-                Some(SigningKey {
-                    name: format!("{}.{}", app.id, key.id),
-                    secret: key.secret.clone(),
-                })
-            }
-        };
+        let what = format!("{table}.sign_with_key of function '{}'", self.id);
+        let signing_key = crate::rules::signing_key(app, self.sign_with_key.as_deref(), &what)?;
         Ok(HookConfig {
             id: self.id.clone(),
             app: app.id.clone(),

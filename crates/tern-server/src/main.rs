@@ -369,6 +369,12 @@ async fn start_node(
         )?))),
         outbox.clone(),
     );
+    if let Some(cluster) = &cluster {
+        // Every member signs connection keys alike, so any of them can vouch for a key
+        // another issued (per-connection push after a cross-node resume).
+        state =
+            state.with_connection_key_secret(cluster.gossip_key.derive(b"tern connection keys v1"));
+    }
     let tls = match &config.server.tls {
         Some(files) => Some(
             tern_edge::tls::ClientTls::load(&files.cert, &files.key)

@@ -57,6 +57,28 @@ fn default_enveloped() -> bool {
     true
 }
 
+/// The key `key_id` of `app` as a function's signing key (`X-Ably-Key`,
+/// `X-Ably-Signature`); `what` names the setting in the error when the app has no such
+/// key. Shared by webhook rules and synchronous functions (`hooks.rs`).
+pub(crate) fn signing_key(
+    app: &AppConfig,
+    key_id: Option<&str>,
+    what: &str,
+) -> anyhow::Result<Option<SigningKey>> {
+    let Some(key_id) = key_id else {
+        return Ok(None);
+    };
+    let key = app
+        .keys
+        .iter()
+        .find(|k| k.id == key_id)
+        .ok_or_else(|| anyhow::anyhow!("{what}: app '{}' has no key '{key_id}'", app.id))?;
+    Ok(Some(SigningKey {
+        name: format!("{}.{}", app.id, key.id),
+        secret: key.secret.clone(),
+    }))
+}
+
 impl RuleSection {
     fn to_config(&self, app: &AppConfig, site: &str) -> anyhow::Result<RuleConfig> {
         let sources = self
@@ -79,22 +101,8 @@ impl RuleSection {
                 self.id
             ),
         };
-        let signing_key = match &self.sign_with_key {
-            None => None,
-            Some(key_id) => {
-                let key = app.keys.iter().find(|k| &k.id == key_id).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "apps.rules.sign_with_key of rule '{}': app '{}' has no key '{key_id}'",
-                        self.id,
-                        app.id
-                    )
-                })?;
-                Some(SigningKey {
-                    name: format!("{}.{}", app.id, key.id),
-                    secret: key.secret.clone(),
-                })
-            }
-        };
+        let what = format!("apps.rules.sign_with_key of rule '{}'", self.id);
+        let signing_key = signing_key(app, self.sign_with_key.as_deref(), &what)?;
         Ok(RuleConfig {
             id: self.id.clone(),
             app: app.id.clone(),

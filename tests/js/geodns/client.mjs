@@ -40,7 +40,8 @@ client.connection.on((change) => emit({ event: 'state', state: change.current, r
 async function main() {
   const { address } = await dns.lookup(NAME, { family: 4 });
   emit({ event: 'resolved', name: NAME, address });
-  await client.connection.once('connected');
+  // whenState, not once: the connection may be up before the lookup above returns.
+  await client.connection.whenState('connected');
   const channel = client.channels.get(CHANNEL);
   if (mode === 'land') {
     client.close();

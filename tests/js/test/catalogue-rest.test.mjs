@@ -180,3 +180,65 @@ test('REST row: a valid JWT for the dev key is accepted', async () => {
     expect: { status: 201 },
   });
 });
+
+// Per-connection push and unenveloped publishes (`/connections/{id}`, `?enveloped=false`).
+const CONNECTION_ROWS = [
+  ['GET a malformed connection id', 'GET', '/connections/not-an-id', undefined, 400, 80018],
+  ['GET an id with a 65-character node tag', 'GET', `/connections/${'a'.repeat(65)}-AAAAAAAAAAAA`, undefined, 400, 80018],
+  ['GET an id of a node not in the cluster', 'GET', '/connections/zzzzzz-AAAAAAAAAAAA', undefined, 404, 80022],
+  ['DELETE an id of a node not in the cluster', 'DELETE', '/connections/zzzzzz-AAAAAAAAAAAA', undefined, 404, 80022],
+  ['POST to an id of a node not in the cluster', 'POST', '/connections/zzzzzz-AAAAAAAAAAAA/messages', '{"data":"d"}', 404, 80022],
+  ['handover that is not JSON', 'POST', '/connections/zzzzzz-AAAAAAAAAAAA/handover', '{', 404, 80022],
+  ['unenveloped JSON body that is not JSON', 'POST', '/channels/cat-unenveloped/messages?enveloped=false', '{"a":', 400, 40013],
+  ['unenveloped JSON body nested 10,000 deep', 'POST', '/channels/cat-unenveloped/messages?enveloped=false', '['.repeat(10_000), 400, 40013],
+  ['unenveloped body of 70 KB (over max_message_size)', 'POST', '/channels/cat-unenveloped/messages?enveloped=false', `"${big(70_000)}"`, 413, 40009],
+];
+
+for (const [name, method, path, body, status, code] of CONNECTION_ROWS) {
+  test(`REST row: ${name} → ${status}/${code}`, async () => {
+    // Proves the exact refusal for per-connection push and unenveloped publishes, that
+    // nothing was published, and that nobody else noticed.
+    await httpRow(cat, {
+      name,
+      path,
+      init: { method, headers: { authorization: BASIC, 'content-type': 'application/json' }, body },
+      expect: { status, code },
+    });
+    const history = await fetch(cat.url('/channels/cat-unenveloped/messages'), { headers: { authorization: BASIC } });
+    assert.deepEqual(await history.json(), [], `${name}: a refused publish must store nothing`);
+    await cat.stillServes(name);
+  });
+}
+
+test('REST row: a handover with a key that resumes nothing is refused and takes nothing', async () => {
+  // Proves the cross-node handover is only as strong as the connection key: a guessed
+  // secret, a key naming another connection and a body that is not a claim are refused,
+  // and the connection stays where it was, connected.
+  const { default: Ably } = await import('ably');
+  const { connected, options } = await import('../lib/tern.mjs');
+  const realtime = await connected(new Ably.Realtime(options(cat.east, { key: 'dev.root:dev-secret-change-me' })));
+  try {
+    const id = realtime.connection.id;
+    const claim = (key) => JSON.stringify({ key, to: 'abcdef-AAAAAAAAAAAA', appId: 'dev', clientId: null });
+    const rows = [
+      ['guessed secret', claim(`${id}!${'x'.repeat(20)}`), 404, 80008],
+      ['key of another connection', claim(`${id.split('-')[0]}-BBBBBBBBBBBB!${'x'.repeat(20)}`), 400, 40000],
+      ['not a claim', '{"key":1}', 400, 40000],
+      ['not JSON', '{', 400, 40000],
+    ];
+    for (const [name, body, status, code] of rows) {
+      await httpRow(cat, {
+        name: `handover: ${name}`,
+        path: `/connections/${id}/handover`,
+        init: { method: 'POST', headers: { 'content-type': 'application/json' }, body },
+        expect: { status, code },
+      });
+    }
+    const state = await (await fetch(cat.url(`/connections/${id}`, cat.west), { headers: { authorization: BASIC } })).json();
+    assert.equal(state.state, 'connected');
+    assert.equal(realtime.connection.state, 'connected');
+    await cat.stillServes('handover rows');
+  } finally {
+    realtime.close();
+  }
+});

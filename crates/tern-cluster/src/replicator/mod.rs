@@ -317,6 +317,7 @@ impl Replicator {
                 running.endpoint.clone(),
                 Hello {
                     node_id: self.config.node_id.clone(),
+                    region: self.config.region.clone(),
                     incarnation: self.config.incarnation,
                     origin: self.origin.0,
                     epoch,

@@ -14,6 +14,8 @@ use crate::ClusterError;
 #[derive(Clone)]
 pub(super) struct Hello {
     pub(super) node_id: String,
+    /// This node's region (wire v2 glue: links to other regions are compressed).
+    pub(super) region: String,
     pub(super) incarnation: u64,
     pub(super) origin: u64,
     pub(super) epoch: u64,
@@ -57,6 +59,11 @@ pub(super) async fn send_loop(
                 continue;
             }
         };
+        // ---- wire v2 glue (issue 17): the link counts the bytes it writes, by kind,
+        // and compresses when the peer is in another region.
+        link.set_byte_counters(event_bytes.clone(), control_bytes.clone());
+        link.set_compression((peer.region != me.region).then_some(crate::framing::ZSTD_LEVEL));
+        // ---- end wire v2 glue
         let mut sent_upto = 0;
         if hello(&mut link, &me, &shared, &mut sent_upto)
             .await
@@ -109,23 +116,28 @@ pub(super) async fn send_loop(
                 }
             };
             let result = match work {
+                // wire v2 glue: frames are queued on the link and written together
+                // (`flush_then_wait`, and `Idle`); the link counts their bytes.
                 Work::Control(frame, at) => {
-                    wait_until(shared.base + at + delay).await;
-                    link.send(&frame)
-                        .await
-                        .map(|n| control_bytes.increment(n as u64))
+                    match flush_then_wait(&mut link, shared.base + at + delay).await {
+                        Ok(()) => link.queue(&frame).await,
+                        Err(err) => Err(err),
+                    }
                 }
                 Work::Event(seq, frame, at) => {
-                    wait_until(shared.base + at + delay).await;
-                    sent_upto = seq;
-                    if loss > 0.0 && rand::random::<f64>() < loss {
-                        Ok(())
-                    } else {
-                        link.send(&frame).await.map(|n| {
-                            event_bytes.increment(n as u64);
-                            events_sent.increment(1);
-                            shared.events_sent.fetch_add(1, Ordering::Relaxed);
-                        })
+                    match flush_then_wait(&mut link, shared.base + at + delay).await {
+                        Err(err) => Err(err),
+                        Ok(()) => {
+                            sent_upto = seq;
+                            if loss > 0.0 && rand::random::<f64>() < loss {
+                                Ok(())
+                            } else {
+                                link.queue(&frame).await.map(|()| {
+                                    events_sent.increment(1);
+                                    shared.events_sent.fetch_add(1, Ordering::Relaxed);
+                                })
+                            }
+                        }
                     }
                 }
                 Work::Resend => {
@@ -136,6 +148,10 @@ pub(super) async fn send_loop(
                     hello(&mut link, &me, &shared, &mut sent_upto).await
                 }
                 Work::Idle => {
+                    if let Err(err) = link.flush().await {
+                        tracing::debug!(peer = %peer.node_id, error = %err, "link send failed; reconnecting");
+                        break;
+                    }
                     tokio::select! {
                         _ = shared.notify.notified() => {}
                         _ = tokio::time::sleep(resend_after / 2) => {}
@@ -159,6 +175,16 @@ pub(super) async fn send_loop(
             }
         }
     }
+}
+
+/// wire v2 glue: writes what the link has queued before waiting for a frame's due time
+/// (frames due together go out in one write; none waits behind a delay).
+async fn flush_then_wait(link: &mut LinkSender, at: Instant) -> Result<(), ClusterError> {
+    if at > Instant::now() {
+        link.flush().await?;
+    }
+    wait_until(at).await;
+    Ok(())
 }
 
 /// Announces the sender and rewinds to the first unacknowledged event.

@@ -99,6 +99,23 @@ impl Node {
     /// Node `name` with its QUIC endpoint bound but not replicating yet: peers' links
     /// connect and wait, unread, until [`Node::run`] (a node that is slow to start).
     pub fn bind(identity: &NodeIdentity, name: &str, region: &str, ack_replicas: usize) -> Node {
+        Node::bind_with(identity, name, region, ack_replicas, false)
+    }
+
+    /// Starts node `name` speaking wire v1 only, as the release before wire v2 did.
+    pub fn start_v1_only(ca: &ClusterCa, name: &str, region: &str, ack_replicas: usize) -> Node {
+        let node = Node::bind_with(&ca.issue(name).unwrap(), name, region, ack_replicas, true);
+        node.run();
+        node
+    }
+
+    fn bind_with(
+        identity: &NodeIdentity,
+        name: &str,
+        region: &str,
+        ack_replicas: usize,
+        v1_only: bool,
+    ) -> Node {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let incarnation = 1;
         let origin = OriginId(origin_of(name));
@@ -118,7 +135,12 @@ impl Node {
             CoreLimits::default(),
             Some(replicator.clone()),
         ));
-        let endpoint = Arc::new(LinkEndpoint::bind(loopback(), identity).unwrap());
+        let endpoint = if v1_only {
+            LinkEndpoint::bind_v1_only(loopback(), identity)
+        } else {
+            LinkEndpoint::bind(loopback(), identity)
+        };
+        let endpoint = Arc::new(endpoint.unwrap());
         Node {
             name: name.into(),
             region: region.into(),
@@ -430,6 +452,19 @@ impl Counters {
             .unwrap()
             .get(&counter_key(name, labels))
             .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// The counter `name` summed over all its labels.
+    #[allow(dead_code)]
+    pub fn total(&self, name: &str) -> u64 {
+        let prefix = format!("{name}{{");
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(key, _)| key.starts_with(&prefix))
+            .map(|(_, c)| c.load(Ordering::Relaxed))
+            .sum()
     }
 }
 

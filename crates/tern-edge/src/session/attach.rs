@@ -8,12 +8,12 @@ use std::time::Duration;
 use tern_core::{AttachOptions, ChannelKey, Cursor};
 use tern_protocol::{action, code, flags, ErrorInfo, PresenceMessage, ProtocolMessage};
 
-use super::publish::core_error;
 use super::{Ending, Session};
 use crate::channel_name;
 use crate::connection::{AttachmentSink, Outbound, Outlet};
-use crate::credentials::{denied, granted_modes, parse_modes};
+use crate::credentials::{denied, parse_modes};
 use crate::now_ms;
+use crate::publish::core_error;
 
 /// One attached channel, as the connection attached it.
 pub(super) struct Attached {
@@ -50,7 +50,7 @@ impl Session {
         let Some(name) = frame.channel else {
             return self.fail(ErrorInfo::new(code::BAD_REQUEST, "ATTACH without channel"));
         };
-        let parsed = match channel_name::parse(&name) {
+        let parsed = match channel_name::parse_attachable(&name) {
             Ok(parsed) => parsed,
             Err(reason) => return self.channel_error(name.clone(), channel_name::invalid(reason)),
         };
@@ -70,7 +70,12 @@ impl Session {
             }
             None => frame.flags.unwrap_or(0) & flags::MODES_MASK,
         };
-        let granted = granted_modes(&self.auth.capability, &base);
+        let granted = crate::connections::granted_modes(
+            &self.auth.capability,
+            &self.id,
+            &self.live.info.predecessors,
+            &base,
+        );
         let modes = if requested != 0 {
             granted & requested
         } else {
@@ -206,7 +211,7 @@ impl Session {
         let Some(name) = frame.channel else {
             return;
         };
-        let Ok(parsed) = channel_name::parse(&name) else {
+        let Ok(parsed) = channel_name::parse_attachable(&name) else {
             return;
         };
         if parsed.filter.is_some() {
@@ -230,7 +235,7 @@ impl Session {
         let Some(name) = frame.channel else {
             return self.fail(ErrorInfo::new(code::BAD_REQUEST, "DETACH without channel"));
         };
-        if let Ok(parsed) = channel_name::parse(&name) {
+        if let Ok(parsed) = channel_name::parse_attachable(&name) {
             if parsed.filter.is_some() {
                 self.detach_derived(&parsed);
             } else if self.attachments.remove(parsed.base).is_some() {

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use tern_core::{AttachOptions, ChannelEvent, ChannelKey, Cursor, Subscriber};
 use tern_protocol::{action, code, flags, ErrorInfo, Message, ProtocolMessage};
 
-use super::publish::core_error;
 use super::{Ending, Session};
 use crate::channel_name::{self, ChannelName};
 use crate::connection::{AttachmentSink, Outlet};
 use crate::credentials::{denied, granted_modes};
 use crate::filter::{self, Filter};
 use crate::now_ms;
+use crate::publish::core_error;
 
 /// One derived attachment of a connection.
 pub(super) struct Derived {

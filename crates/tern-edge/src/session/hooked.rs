@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use tern_core::ChannelKey;
 use tern_functions::hook::{Caller, PublishVerdict};
-use tern_protocol::{code, ErrorInfo, Message, ProtocolMessage};
+use tern_protocol::{code, ErrorInfo, ProtocolMessage};
 
 use super::Session;
 use crate::channel_name;
+use crate::publish::Checked;
 use crate::resume::Reply;
 
 /// One publish held in the pipeline.
@@ -29,9 +30,7 @@ pub(crate) enum Held {
     /// or refused in their turn.
     Checked {
         msg_serial: Option<i64>,
-        key: ChannelKey,
-        messages: Vec<Message>,
-        size: usize,
+        checked: Checked,
     },
     /// Refused already (rate limit, a failed check): the reply goes in its turn.
     Answered {
@@ -61,13 +60,12 @@ impl Session {
         let msg_serial = frame.msg_serial;
         match self.check_publish(frame) {
             Err(error) => self.reply_in_order(msg_serial, channel, Reply::Nack(error)),
-            Ok((key, messages, size)) => {
-                let call = caller.before_publish(&key.name, Some(&self.id), &messages);
+            Ok(checked) => {
+                let call =
+                    caller.before_publish(&checked.key.name, Some(&self.id), &checked.messages);
                 let held = Held::Checked {
                     msg_serial,
-                    key,
-                    messages,
-                    size,
+                    checked,
                 };
                 let ticket = self.pipeline.push(held, true);
                 let task = self.calls.spawn(call);
@@ -112,21 +110,14 @@ impl Session {
                 } => self.finish_reply(msg_serial, channel, reply),
                 Held::Checked {
                     msg_serial,
-                    key,
-                    messages,
-                    size,
+                    checked,
                 } => {
                     let verdict = verdict.unwrap_or(PublishVerdict::Accept);
                     let store_mark = self.state.store_mark();
-                    let result = crate::hooks::apply_verdict(verdict, messages, &self.state.config)
-                        .and_then(|(messages, resized)| {
-                            self.publish_checked(
-                                key.clone(),
-                                messages,
-                                resized.unwrap_or(size),
-                                msg_serial,
-                            )
-                        });
+                    let key = checked.key.clone();
+                    let result = checked
+                        .verdict(verdict, &self.state)
+                        .and_then(|checked| self.publish_checked(checked, msg_serial));
                     let reply = match result {
                         Ok(serials) => Reply::Ack {
                             serials,

@@ -4,16 +4,17 @@
 use std::sync::Arc;
 
 use tern_auth::Operation;
-use tern_core::{ChannelKey, CoreError, Publisher};
+use tern_core::{ChannelKey, Publisher};
 use tern_protocol::{
-    action, code, flags, presence_action, ErrorInfo, Message, ProtocolMessage, PublishResult,
+    action, code, flags, presence_action, ErrorInfo, ProtocolMessage, PublishResult,
 };
 
 use super::{Ending, Session};
 use crate::channel_name;
 use crate::connection::error_frame;
-use crate::credentials::{denied, message_client_id, presence_client_id};
+use crate::credentials::{denied, presence_client_id};
 use crate::now_ms;
+use crate::publish::{core_error, Annotated, By, Checked, Counted, Source};
 use crate::resume::{Reply, Seen};
 use crate::stats::{Kind, Transport};
 
@@ -277,75 +278,61 @@ impl Session {
         Ok(parsed.base.into())
     }
 
+    /// This connection as the publisher of the frame `msg_serial`: the frame id makes a
+    /// re-sent frame the same publish.
+    fn publisher(&self, msg_serial: Option<i64>) -> Publisher {
+        Publisher {
+            connection_id: Some(self.id.clone()),
+            frame_id: format!("{}:{}", self.id, msg_serial.unwrap_or(0)),
+        }
+    }
+
+    /// This connection's credentials, for the publish path.
+    fn by(&self) -> By<'_> {
+        By::new(&self.state, &self.auth, &self.identity)
+    }
+
     pub(super) fn publish(
         &mut self,
         frame: ProtocolMessage,
     ) -> Result<Vec<Option<String>>, ErrorInfo> {
         let msg_serial = frame.msg_serial;
-        let (key, messages, size) = self.check_publish(frame)?;
-        self.publish_checked(key, messages, size, msg_serial)
+        let checked = self.check_publish(frame)?;
+        self.publish_checked(checked, msg_serial)
     }
 
     /// The checks of a MESSAGE frame before anything else sees it (a before-publish
-    /// function included): capability and mode, the size budget, clientIds.
-    pub(super) fn check_publish(
-        &self,
-        frame: ProtocolMessage,
-    ) -> Result<(ChannelKey, Vec<Message>, usize), ErrorInfo> {
+    /// function included): capability and mode, then the publish path's checks (the
+    /// size budget, clientIds).
+    pub(super) fn check_publish(&self, frame: ProtocolMessage) -> Result<Checked, ErrorInfo> {
         let base = self.channel_for(&frame, Operation::Publish, "publish")?;
-        let mut messages: Vec<Message> = frame.messages.unwrap_or_default();
-        let size = crate::budget::check_messages(&messages, &self.state.config)?;
-        for message in &mut messages {
-            message.client_id = message_client_id(&self.identity, message.client_id.as_deref())?;
-            message.connection_id = None;
-            message.connection_key = None;
-        }
         let key = ChannelKey {
             app: self.auth.app_id.as_str().into(),
             name: base,
         };
-        Ok((key, messages, size))
+        let messages = frame.messages.unwrap_or_default();
+        Checked::new(&self.state, key, messages)?.stamp(&self.identity, Source::Connection)
     }
 
-    /// Publishes checked messages: message changes prepared, applied to the hub,
-    /// counted, and their push notifications sent once durable.
+    /// Publishes checked messages through the publish path, and sends their push
+    /// notifications.
     pub(super) fn publish_checked(
         &mut self,
-        key: ChannelKey,
-        messages: Vec<Message>,
-        size: usize,
+        checked: Checked,
         msg_serial: Option<i64>,
     ) -> Result<Vec<Option<String>>, ErrorInfo> {
-        let count = messages.len() as u64;
-        let pushes = crate::push::delivery::payloads(&messages);
-        let publisher = Publisher {
-            connection_id: Some(self.id.clone()),
-            frame_id: format!("{}:{}", self.id, msg_serial.unwrap_or(0)),
-        };
-        let messages = crate::messages::prepare_messages(
-            &self.state,
-            &self.auth,
-            &self.identity,
-            &key,
-            messages,
-        )?;
-        let outcome = self
-            .state
-            .hub
-            .publish(&key, &publisher, messages, now_ms())
-            .map_err(core_error)?;
-        metrics::counter!("tern_messages_published_total").increment(count);
-        if let Some(stats) = &self.stats {
-            stats.received(Transport::Realtime, Kind::Messages, count as usize, size);
-        }
-        if !pushes.is_empty() {
+        let counted = Counted::In(self.stats.as_deref());
+        let publisher = self.publisher(msg_serial);
+        let applied = checked.apply(&self.by(), publisher, Transport::Realtime, counted)?;
+        if !applied.pushes.is_empty() {
             let state = self.state.clone();
             let app = self.auth.app_id.clone();
+            let (key, pushes) = (applied.key, applied.pushes);
             tokio::spawn(async move {
                 crate::push::delivery::on_published(&state, &app, &key.name, pushes).await;
             });
         }
-        Ok(outcome.serials)
+        Ok(applied.serials)
     }
 
     /// ANNOTATION: checks the annotations, applies them, and has the summaries of their
@@ -355,32 +342,15 @@ impl Session {
         frame: ProtocolMessage,
     ) -> Result<Vec<Option<String>>, ErrorInfo> {
         let base = self.channel_for(&frame, Operation::AnnotationPublish, "annotation-publish")?;
-        let annotations = frame.annotations.unwrap_or_default();
-        crate::budget::check_annotations(&annotations, &self.state.config)?;
         let key = ChannelKey {
             app: self.auth.app_id.as_str().into(),
             name: base,
         };
-        let annotations = crate::messages::prepare_annotations(
-            &self.state,
-            &self.auth,
-            &self.identity,
-            &key,
-            annotations,
-        )?;
-        let targets = annotations
-            .iter()
-            .filter_map(|a| a.message_serial.clone())
-            .collect();
-        let publisher = Publisher {
-            connection_id: Some(self.id.clone()),
-            frame_id: format!("{}:{}", self.id, frame.msg_serial.unwrap_or(0)),
-        };
-        let (serials, _) = self
-            .state
-            .hub
-            .annotate(&key, &publisher, annotations, now_ms())
-            .map_err(core_error)?;
+        let publisher = self.publisher(frame.msg_serial);
+        let annotations = frame.annotations.unwrap_or_default();
+        let Annotated {
+            serials, targets, ..
+        } = crate::publish::annotate(&self.by(), &key, annotations, &publisher)?;
         crate::messages::summarize_later(self.state.clone(), key, targets);
         Ok(serials.into_iter().map(Some).collect())
     }
@@ -415,10 +385,7 @@ impl Session {
             change.timestamp = Some(now);
             changes.push(change);
         }
-        let publisher = Publisher {
-            connection_id: Some(self.id.clone()),
-            frame_id: format!("{}:{msg_serial}", self.id),
-        };
+        let publisher = self.publisher(Some(msg_serial));
         let key = ChannelKey {
             app: self.auth.app_id.as_str().into(),
             name: base.clone(),
@@ -433,21 +400,5 @@ impl Session {
         }
         self.presence_channels.insert(base);
         Ok(())
-    }
-}
-
-/// Ably error for a refusal from the core.
-pub(super) fn core_error(err: CoreError) -> ErrorInfo {
-    use tern_core::presence::PresenceError;
-    match err {
-        CoreError::TooManyChannels(_) | CoreError::TooManyAppChannels(_) => {
-            ErrorInfo::new(code::CHANNEL_OPERATION_FAILED, err.to_string())
-        }
-        CoreError::Presence(PresenceError::TooManyMembers(_)) => {
-            ErrorInfo::new(code::TOO_MANY_PRESENCE_MEMBERS, err.to_string())
-        }
-        CoreError::Presence(PresenceError::NoClientId) => {
-            ErrorInfo::new(code::PRESENCE_NO_CLIENT_ID, err.to_string())
-        }
     }
 }

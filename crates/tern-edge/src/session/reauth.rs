@@ -8,7 +8,7 @@ use tern_core::ChannelKey;
 use tern_protocol::{code, flags, ErrorInfo, ProtocolMessage};
 
 use super::{Ending, Session};
-use crate::credentials::{authenticate, granted_modes, resolve_identity};
+use crate::credentials::{authenticate, resolve_identity};
 use crate::now_ms;
 
 impl Session {
@@ -55,7 +55,12 @@ impl Session {
         let mut lost = Vec::new();
         for (base, attached) in &mut self.attachments {
             let key = ChannelKey::new(&self.auth.app_id, base);
-            let granted = granted_modes(&self.auth.capability, base);
+            let granted = crate::connections::granted_modes(
+                &self.auth.capability,
+                &self.id,
+                &self.live.info.predecessors,
+                base,
+            );
             attached.modes = if attached.requested != 0 {
                 attached.requested & granted
             } else {
