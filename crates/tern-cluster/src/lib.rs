@@ -11,10 +11,13 @@
 //!   under the cluster's gossip key, with a send time against replays).
 //! - [`topology`]: `regions/topology.toml`, the emulated WAN between local regions.
 //! - [`wire`]: versioned frames (`FrameV1`), bincode behind a version byte, with a size
-//!   limit on decode. The one place that encodes and decodes peer bytes.
+//!   limit on decode; `wire::compact`: wire v2's compact event. With [`framing`], the
+//!   one place that encodes and decodes peer bytes.
+//! - [`framing`]: wire v2 records: several frames per record, zstd between regions.
 //! - [`tls`]: the cluster CA and node identities (rcgen), rustls configs that require
 //!   and verify a peer certificate signed by the CA, on both sides.
-//! - [`link`]: QUIC endpoints and one ordered stream of frames per link direction.
+//! - [`link`]: QUIC endpoints and one ordered stream of frames per link direction; the
+//!   per-connection wire-version probe; frames queued and written together.
 //! - [`replicator`]: the driver of `tern_replication`'s rules over links: local-origin
 //!   events out on reliable links (acked, resent), remote events applied in origin
 //!   order, gaps repaired, replica acks; the emulated WAN's timer.
