@@ -469,13 +469,14 @@ impl LinkEndpoint {
         let stream = connection.open_uni().await.map_err(link_err)?;
         Ok(LinkSender {
             stream,
-            _connection: connection,
+            connection,
             peer_wire: wire,
             v2: None,
             compress: None,
             out: Vec::new(),
             pending: Pending::default(),
             counters: None,
+            events_written: 0,
         })
     }
 
@@ -508,8 +509,8 @@ fn scopeguard(flag: tokio::sync::watch::Sender<bool>) -> impl Drop {
 /// frames that were ready at once.
 pub struct LinkSender {
     stream: SendStream,
-    /// Held so the connection lives as long as its stream.
-    _connection: quinn::Connection,
+    /// Held so the connection lives as long as its stream (and to see it close).
+    connection: quinn::Connection,
     /// The highest wire version the peer reads (set by the connection's probe).
     peer_wire: Arc<AtomicU8>,
     /// The v2 encoder, once the peer is known to read v2.
@@ -520,6 +521,8 @@ pub struct LinkSender {
     out: Vec<u8>,
     pending: Pending,
     counters: Option<(metrics::Counter, metrics::Counter)>,
+    /// Event frames written so far (a flush that succeeded), not merely queued.
+    events_written: u64,
 }
 
 /// Bytes queued since the last flush, by kind (before compression), so the bytes a
@@ -528,6 +531,8 @@ pub struct LinkSender {
 struct Pending {
     events: u64,
     control: u64,
+    /// Event frames queued since the last flush.
+    event_frames: u64,
 }
 
 /// The receiving half of a link.

@@ -16,6 +16,19 @@ impl LinkSender {
         self.counters = Some((events, control));
     }
 
+    /// Event frames this link has written (flushed without error) since it opened.
+    /// Frames queued on a link whose write then fails are not counted: they were never
+    /// sent, and go out again on the next link.
+    pub fn events_written(&self) -> u64 {
+        self.events_written
+    }
+
+    /// Resolves when the link's connection is closed (by either side, or replaced by
+    /// the pair's other connection), so an idle sender reconnects before its next write.
+    pub async fn closed(&self) {
+        self.connection.closed().await;
+    }
+
     /// Whether this link writes v2 records.
     pub fn is_v2(&self) -> bool {
         self.v2.is_some()
@@ -84,6 +97,7 @@ impl LinkSender {
     fn count_pending(&mut self, event: bool, bytes: u64) {
         if event {
             self.pending.events += bytes;
+            self.pending.event_frames += 1;
         } else {
             self.pending.control += bytes;
         }
@@ -122,6 +136,7 @@ impl LinkSender {
         let out = std::mem::take(&mut self.out);
         let pending = std::mem::take(&mut self.pending);
         self.stream.write_all(&out).await.map_err(link_err)?;
+        self.events_written += pending.event_frames;
         if let Some((events, control)) = &self.counters {
             let total = out.len() as u64;
             let queued = pending.events + pending.control;

@@ -1,7 +1,10 @@
 //! One outbound link: connect, announce (`Hello`), write the control queue and the
 //! resend buffer (`links::SendBuffer`) in queued order, resend from the first
-//! unacknowledged position when acks stall (`links::RESEND_AFTER`), and reconnect. The
-//! emulated WAN (delay, loss) is applied here, in user space.
+//! unacknowledged position when acks stall (`links::RESEND_AFTER`), and reconnect (also
+//! as soon as an idle link's connection closes, e.g. the pair's duplicate, so nothing is
+//! queued into a dead stream). An event counts as sent (`events_sent_to`,
+//! `tern_replication_events_sent_total`) when the link wrote it, not when it was queued.
+//! The emulated WAN (delay, loss) is applied here, in user space.
 
 use tern_replication::links::RESEND_AFTER;
 
@@ -72,6 +75,10 @@ pub(super) async fn send_loop(
             tokio::time::sleep(RECONNECT_DELAY).await;
             continue;
         }
+        // Events this link has written and `events_sent` has counted: an event counts
+        // when a flush wrote it, not when it was queued (a link that fails at its flush
+        // sent nothing, and its events go out again on the next link).
+        let mut counted = 0;
         let mut last_acked = lock(&shared.queue).events.acked();
         let mut progress_at = Instant::now();
         loop {
@@ -132,10 +139,7 @@ pub(super) async fn send_loop(
                             if loss > 0.0 && rand::random::<f64>() < loss {
                                 Ok(())
                             } else {
-                                link.queue(&frame).await.map(|()| {
-                                    events_sent.increment(1);
-                                    shared.events_sent.fetch_add(1, Ordering::Relaxed);
-                                })
+                                link.queue(&frame).await
                             }
                         }
                     }
@@ -152,13 +156,29 @@ pub(super) async fn send_loop(
                         tracing::debug!(peer = %peer.node_id, error = %err, "link send failed; reconnecting");
                         break;
                     }
-                    tokio::select! {
-                        _ = shared.notify.notified() => {}
-                        _ = tokio::time::sleep(resend_after / 2) => {}
+                    let closed = tokio::select! {
+                        _ = shared.notify.notified() => false,
+                        _ = tokio::time::sleep(resend_after / 2) => false,
+                        // The connection under the link was closed (the duplicate when
+                        // both nodes dialed at once, or replaced): reconnect now, not at
+                        // the next write, so what is queued next goes to a live link.
+                        _ = link.closed() => true,
+                    };
+                    if closed {
+                        Err(ClusterError::Link("connection closed".into()))
+                    } else {
+                        Ok(())
                     }
-                    Ok(())
                 }
             };
+            let written = link.events_written();
+            if written > counted {
+                events_sent.increment(written - counted);
+                shared
+                    .events_sent
+                    .fetch_add(written - counted, Ordering::Relaxed);
+                counted = written;
+            }
             match result {
                 Ok(()) => {}
                 // Nothing was written: the link is fine. Events are checked before they
