@@ -91,7 +91,15 @@ pub(crate) async fn get_from_home(
     headers: &axum::http::HeaderMap,
 ) -> Result<(axum::http::StatusCode, Bytes), String> {
     let empty = Bytes::new();
-    call(base, Method::GET, path_and_query, headers.clone(), empty, FORWARD_TIMEOUT).await
+    call(
+        base,
+        Method::GET,
+        path_and_query,
+        headers.clone(),
+        empty,
+        FORWARD_TIMEOUT,
+    )
+    .await
 }
 
 /// A POST of `body` to `path` at another node `base`, with `headers` (credentials,
