@@ -1,7 +1,8 @@
 //! Tern cluster: what carries channel traffic between nodes: membership by gossip, the
 //! inter-node wire format, QUIC (quinn) links with mutual TLS from a cluster CA, and
-//! replication over them with `ack_replicas`, one copy per remote region through a relay.
-//! Interest routing is not built yet (every region stores every channel).
+//! replication over them with `ack_replicas`, one copy per remote region through a relay,
+//! routed by interest (a node receives a channel while it has subscribers or is its home).
+//! The replication rules live in `tern-replication` (no I/O); this crate drives them.
 //!
 //! # Layout
 //! - [`cluster`]: one node's cluster side assembled (endpoint + replicator + membership).
@@ -10,12 +11,16 @@
 //!   under the cluster's gossip key, with a send time against replays).
 //! - [`topology`]: `regions/topology.toml`, the emulated WAN between local regions.
 //! - [`wire`]: versioned frames (`FrameV1`), bincode behind a version byte, with a size
-//!   limit on decode. The one place that encodes and decodes peer bytes.
+//!   limit on decode; `wire::compact`: wire v2's compact event. With [`framing`], the
+//!   one place that encodes and decodes peer bytes.
+//! - [`framing`]: wire v2 records: several frames per record, zstd between regions.
 //! - [`tls`]: the cluster CA and node identities (rcgen), rustls configs that require
 //!   and verify a peer certificate signed by the CA, on both sides.
-//! - [`link`]: QUIC endpoints and one ordered stream of frames per link direction.
-//! - [`replicator`]: replication over links: local-origin events out on reliable links
-//!   (acked, resent), remote events applied in origin order, gaps repaired, replica acks.
+//! - [`link`]: QUIC endpoints and one ordered stream of frames per link direction; the
+//!   per-connection wire-version probe; frames queued and written together.
+//! - [`replicator`]: the driver of `tern_replication`'s rules over links: local-origin
+//!   events out on reliable links (acked, resent), remote events applied in origin
+//!   order, gaps repaired, replica acks; the emulated WAN's timer.
 
 pub mod cluster;
 pub mod framing;

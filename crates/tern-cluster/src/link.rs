@@ -44,6 +44,9 @@ use crate::tls::{node_id_of, NodeIdError, NodeIdentity, NODE_NAME};
 use crate::wire::{self, FrameV1, Refusal, FRAME_BYTES_MAX};
 use crate::ClusterError;
 
+mod receiver;
+mod sender;
+
 fn link_err(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Link(e.to_string())
 }
@@ -466,13 +469,14 @@ impl LinkEndpoint {
         let stream = connection.open_uni().await.map_err(link_err)?;
         Ok(LinkSender {
             stream,
-            _connection: connection,
+            connection,
             peer_wire: wire,
             v2: None,
             compress: None,
             out: Vec::new(),
             pending: Pending::default(),
             counters: None,
+            events_written: 0,
         })
     }
 
@@ -505,8 +509,8 @@ fn scopeguard(flag: tokio::sync::watch::Sender<bool>) -> impl Drop {
 /// frames that were ready at once.
 pub struct LinkSender {
     stream: SendStream,
-    /// Held so the connection lives as long as its stream.
-    _connection: quinn::Connection,
+    /// Held so the connection lives as long as its stream (and to see it close).
+    connection: quinn::Connection,
     /// The highest wire version the peer reads (set by the connection's probe).
     peer_wire: Arc<AtomicU8>,
     /// The v2 encoder, once the peer is known to read v2.
@@ -517,6 +521,8 @@ pub struct LinkSender {
     out: Vec<u8>,
     pending: Pending,
     counters: Option<(metrics::Counter, metrics::Counter)>,
+    /// Event frames written so far (a flush that succeeded), not merely queued.
+    events_written: u64,
 }
 
 /// Bytes queued since the last flush, by kind (before compression), so the bytes a
@@ -525,144 +531,8 @@ pub struct LinkSender {
 struct Pending {
     events: u64,
     control: u64,
-}
-
-impl LinkSender {
-    /// Compresses v2 records with zstd at `level` (set before the first frame; links
-    /// between regions).
-    pub fn set_compression(&mut self, level: Option<i32>) {
-        self.compress = level;
-    }
-
-    /// Counts the bytes each flush writes in `events` and `control`, split by what the
-    /// frames were (in proportion to their uncompressed size).
-    pub fn set_byte_counters(&mut self, events: metrics::Counter, control: metrics::Counter) {
-        self.counters = Some((events, control));
-    }
-
-    /// Whether this link writes v2 records.
-    pub fn is_v2(&self) -> bool {
-        self.v2.is_some()
-    }
-
-    /// Writes one frame now (with whatever was queued before it); returns the bytes
-    /// written.
-    pub async fn send(&mut self, frame: &FrameV1) -> Result<usize, ClusterError> {
-        self.queue(frame).await?;
-        self.flush().await
-    }
-
-    /// Adds a frame to the next write. A batch that has grown large is written at once.
-    /// Refused ([`ClusterError::FrameTooLarge`], nothing queued) when the peer would
-    /// refuse the frame for its size.
-    pub async fn queue(&mut self, frame: &FrameV1) -> Result<(), ClusterError> {
-        let event = matches!(frame, FrameV1::Event(_));
-        if self.v2.is_none()
-            && self.out.is_empty()
-            && self.peer_wire.load(Ordering::SeqCst) >= framing::VERSION_V2
-        {
-            self.v2 = Some(RecordEncoder::new(self.compress));
-        }
-        match &mut self.v2 {
-            None => {
-                let bytes = wire::encode(frame);
-                // The peer refuses (and drops the link on) anything over the limit.
-                if bytes.len() > FRAME_BYTES_MAX + 1 {
-                    return Err(ClusterError::FrameTooLarge(bytes.len()));
-                }
-                let len = u32::try_from(bytes.len()).map_err(link_err)?;
-                let before = self.out.len();
-                self.out.extend(len.to_be_bytes());
-                self.out.extend(bytes);
-                let added = (self.out.len() - before) as u64;
-                self.count_pending(event, added);
-            }
-            Some(encoder) => {
-                let size = match frame {
-                    FrameV1::Event(e) => e.frame.len(),
-                    other => wire::encode(other).len(),
-                };
-                if size > FRAME_BYTES_MAX {
-                    return Err(ClusterError::FrameTooLarge(size));
-                }
-                // A large frame goes in a record of its own, so no record is over the
-                // limit the peer enforces.
-                if !encoder.is_empty() && size > framing::BATCH_BYTES_MAX / 2 {
-                    self.seal()?;
-                }
-                let encoder = self.v2.as_mut().expect("v2 checked above");
-                let before = encoder.len();
-                let after = encoder.push(frame);
-                self.count_pending(event, (after - before) as u64);
-                if after >= framing::BATCH_BYTES_MAX {
-                    self.seal()?;
-                }
-            }
-        }
-        if self.out.len() >= framing::BATCH_BYTES_MAX {
-            self.flush().await?;
-        }
-        Ok(())
-    }
-
-    fn count_pending(&mut self, event: bool, bytes: u64) {
-        if event {
-            self.pending.events += bytes;
-        } else {
-            self.pending.control += bytes;
-        }
-    }
-
-    /// Ends the v2 batch as a record in `out`.
-    fn seal(&mut self) -> Result<(), ClusterError> {
-        let Some(encoder) = &mut self.v2 else {
-            return Ok(());
-        };
-        let record = encoder.finish();
-        if record.is_empty() {
-            return Ok(());
-        }
-        // The encoder's tables already hold this record's items: a record the peer
-        // would refuse cannot be skipped, so the link is dropped (a new one starts
-        // with new tables) rather than sent out of step.
-        if record.len() > FRAME_BYTES_MAX + 1 {
-            return Err(ClusterError::Link(format!(
-                "a record of {} bytes is over the limit",
-                record.len()
-            )));
-        }
-        let len = u32::try_from(record.len()).map_err(link_err)?;
-        self.out.extend(len.to_be_bytes());
-        self.out.extend(record);
-        Ok(())
-    }
-
-    /// Writes everything queued; returns the bytes written.
-    pub async fn flush(&mut self) -> Result<usize, ClusterError> {
-        self.seal()?;
-        if self.out.is_empty() {
-            return Ok(0);
-        }
-        let out = std::mem::take(&mut self.out);
-        let pending = std::mem::take(&mut self.pending);
-        self.stream.write_all(&out).await.map_err(link_err)?;
-        if let Some((events, control)) = &self.counters {
-            let total = out.len() as u64;
-            let queued = pending.events + pending.control;
-            let event_share = (total * pending.events).checked_div(queued).unwrap_or(0);
-            events.increment(event_share);
-            control.increment(total - event_share);
-        }
-        Ok(out.len())
-    }
-
-    /// Finishes the stream and waits until the peer has received everything.
-    pub async fn finish(mut self) -> Result<(), ClusterError> {
-        self.flush().await?;
-        self.stream.finish().map_err(link_err)?;
-        self.stream.stopped().await.map_err(link_err)?;
-        Ok(())
-    }
+    /// Event frames queued since the last flush.
+    event_frames: u64,
 }
 
 /// The receiving half of a link.
@@ -683,88 +553,4 @@ enum ReadError {
     Refused(Refusal),
     /// The stream or connection failed.
     Link(ClusterError),
-}
-
-impl LinkReceiver {
-    /// The peer's endpoint address (its link listener: quinn uses one socket for both).
-    pub fn remote_address(&self) -> SocketAddr {
-        self.connection.remote_address()
-    }
-
-    /// The node the peer's verified certificate names.
-    pub fn peer_node(&self) -> &str {
-        &self.peer_node
-    }
-
-    /// The next frame, or `None` when the peer finished the stream. Bytes that are not
-    /// a frame are an error (counted); so is a `Hello` naming another node than the
-    /// peer's certificate, which also closes the connection.
-    pub async fn recv(&mut self) -> Result<Option<FrameV1>, ClusterError> {
-        let frame = match self.read_frame().await {
-            Ok(frame) => frame,
-            Err(ReadError::Link(err)) => return Err(err),
-            Err(ReadError::Refused(refusal)) => {
-                metrics::counter!("tern_cluster_frames_refused_total", "reason" => refusal.reason())
-                    .increment(1);
-                tracing::debug!(peer = %self.peer_node, error = %refusal, "frame refused; dropping the link");
-                return Err(refusal.into());
-            }
-        };
-        if let Some(FrameV1::Hello { node_id, .. }) = &frame {
-            if **node_id != *self.peer_node {
-                self.connection
-                    .close(IDENTITY_REFUSED.into(), b"hello names another node");
-                let detail = format!(
-                    "its Hello says {node_id:?} but its certificate names {:?}",
-                    self.peer_node
-                );
-                self.shared
-                    .refuse(reason::NODE_ID_MISMATCH, &self.peer_node, &detail);
-                return Err(ClusterError::Identity(detail));
-            }
-        }
-        Ok(frame)
-    }
-
-    async fn read_frame(&mut self) -> Result<Option<FrameV1>, ReadError> {
-        loop {
-            if let Some(frame) = self.frames.pop_front() {
-                return Ok(Some(frame));
-            }
-            let Some(record) = self.read_record().await? else {
-                return Ok(None);
-            };
-            self.records
-                .decode(&record, &mut self.frames)
-                .map_err(ReadError::Refused)?;
-        }
-    }
-
-    /// The next record's body (v1 or v2), or `None` at the end of the stream.
-    async fn read_record(&mut self) -> Result<Option<Vec<u8>>, ReadError> {
-        let mut len = [0u8; 4];
-        match self.stream.read_exact(&mut len).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(quinn::ReadExactError::FinishedEarly(_)) => {
-                return Err(ReadError::Refused(Refusal::Truncated))
-            }
-            Err(quinn::ReadExactError::ReadError(e)) => return Err(ReadError::Link(link_err(e))),
-        }
-        let len = u32::from_be_bytes(len) as usize;
-        if len > FRAME_BYTES_MAX + 1 {
-            return Err(ReadError::Refused(Refusal::TooLarge(len)));
-        }
-        // Grown as bytes arrive: a length prefix alone costs nothing.
-        let mut bytes = Vec::with_capacity(len.min(READ_CHUNK_BYTES));
-        while bytes.len() < len {
-            let want = (len - bytes.len()).min(READ_CHUNK_BYTES);
-            match self.stream.read_chunk(want, true).await {
-                Ok(Some(chunk)) => bytes.extend_from_slice(&chunk.bytes),
-                Ok(None) => return Err(ReadError::Refused(Refusal::Truncated)),
-                Err(e) => return Err(ReadError::Link(link_err(e))),
-            }
-        }
-        Ok(Some(bytes))
-    }
 }

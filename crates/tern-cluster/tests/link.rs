@@ -1,5 +1,6 @@
 //! Two nodes over real QUIC on loopback with mutual TLS: events published on one are
-//! applied on the other, in order; a node with a certificate from another CA is refused.
+//! applied on the other, in order; a node with a certificate from another CA is refused;
+//! a link counts only the events it wrote and says when its connection closed.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -191,4 +192,46 @@ async fn an_oversized_frame_is_not_sent_and_the_link_survives() {
         .unwrap()
         .unwrap();
     assert_eq!(frames, vec![event(3)]);
+}
+
+/// A link counts an event as written only when a flush wrote it, and tells its sender
+/// when its connection closes: the replicator counts what crossed (`events_sent_to`) and
+/// reconnects an idle link before queueing more into a dead stream.
+#[tokio::test]
+async fn a_closed_link_says_so_and_counts_only_what_it_wrote() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = ClusterCa::generate().unwrap();
+    let a = LinkEndpoint::bind(loopback(), &ca.issue("a").unwrap()).unwrap();
+    let b = LinkEndpoint::bind(loopback(), &ca.issue("b").unwrap()).unwrap();
+    let key = ChannelKey::new("app", "room");
+    let hub = Hub::new(OriginId(1), CoreLimits::default());
+    let event = |i: u64| {
+        let publisher = Publisher {
+            connection_id: Some("pub".into()),
+            frame_id: format!("pub:{i}"),
+        };
+        let message = Message {
+            name: Some(format!("m{i}")),
+            ..Default::default()
+        };
+        let event = hub
+            .publish(&key, &publisher, vec![message], 1)
+            .unwrap()
+            .event;
+        FrameV1::Event(EventV1::from_event("app", "room", &event.unwrap()))
+    };
+
+    let mut link = a.connect(b.local_addr().unwrap(), "b").await.unwrap();
+    link.queue(&event(0)).await.unwrap();
+    assert_eq!(link.events_written(), 0, "queued is not written");
+    link.send(&event(1)).await.unwrap();
+    assert_eq!(link.events_written(), 2);
+
+    b.close();
+    tokio::time::timeout(Duration::from_secs(10), link.closed())
+        .await
+        .expect("the link sees its connection close");
+    link.queue(&event(2)).await.unwrap();
+    assert!(link.flush().await.is_err(), "a closed link writes nothing");
+    assert_eq!(link.events_written(), 2);
 }

@@ -7,12 +7,17 @@
 //! - [`Sim`]: the nodes (one `Hub` and one recording subscriber per incarnation), the
 //!   in-flight queue, the faults, and the invariant checks.
 //!
+//! # The rules are the shipped ones
+//! Routing (homes, recipients, interest with its TTL), repair answers, `Sync` answers
+//! and `Heads` anti-entropy are `tern-replication`'s functions, the ones `tern-cluster`'s
+//! replicator drives: this crate has no copy of them, only the network, the clock, the
+//! faults and the checks around them. A bug in a rule fails a seed here.
+//!
 //! # What it models of the cluster (`tern-cluster`'s replicator and membership)
 //! - Regions: every node has one (the caller passes them; the sweep puts 1 to 3 nodes in
 //!   each of 2 or 3 regions of `regions/topology.toml`, 1 ms apart inside a region). The
-//!   channel's *home* in a region is the node there with the highest `ChannelKey::home_score`
-//!   (the replicator's rendezvous hash of app, channel and node id; a node keeps its id
-//!   across restarts) among the nodes the observer counts live: those up, and crashed
+//!   channel's *home* in a region is `routing::home_in` (the rendezvous hash of app,
+//!   channel and node id, ties by node id; a node keeps its id `n<index>` across restarts) among the nodes the observer counts live: those up, and crashed
 //!   ones whose departure it has not noticed yet (it routes to them, and what it sends
 //!   is lost).
 //! - Subscribers: each incarnation has one with probability 65%. A node with one tells
@@ -25,7 +30,7 @@
 //!   (its log per origin as a repair answer from 1, a `Skip` for what its log starts
 //!   after, its presence members, then its cursor, skipped to: `Synced`) arrives, asking
 //!   again each second and attaching without it after 3 s.
-//! - Routing (`recipients`): every event a hub applies is journaled; its own go to the
+//! - Routing (`routing::recipients`, over the node's view): every event a hub applies is journaled; its own go to the
 //!   channel's home in every region the node knows a live node of and to the nodes of its
 //!   region whose interest it holds; an event of a live origin of another region applied
 //!   by the home of this region goes on to the interested nodes of this region; nothing
@@ -33,8 +38,8 @@
 //!   passes nothing on).
 //! - An event ahead of a gap asks the node it came from for the missing range; the answer
 //!   is the events still in that node's log, preceded by a `Skip` for the part its cursor
-//!   covers but its log lacks (events that were no-ops there), as `answer_repair` does.
-//! - Anti-entropy (`Heads`): a node that keeps the channel (it has a subscriber, attached
+//!   covers but its log lacks (events that were no-ops there): `repair::answer`.
+//! - Anti-entropy (`Heads`, `heads::wanted`): a node that keeps the channel (it has a subscriber, attached
 //!   or waiting for the state, or it is the home of its region in its view) compares its
 //!   cursor with each reachable peer's and asks that peer for the events it lacks of
 //!   origins it does not believe live (a crashed incarnation's, its own previous one's),
@@ -60,10 +65,14 @@
 //!   crashed since; the real one lives on the members). Every node sees a restarted node
 //!   at once (gossip's delay in spreading a join is not modeled).
 //!
-//! Not modeled: QUIC links and their resend buffers (the network here loses every kind
-//! of message, events, interest, `Sync` and its answer included, and only repair, heads,
-//! the interest refresh and asking again bring them back; real links are ordered and
-//! resend), a subscriber's last detach (`Interest` off), history `Backfill` and the
+//! Links (`acked.rs`): routed events carry link positions and wait in the shipped resend
+//! buffer until `Stored`; each anti-entropy round resends a stalled link (go-back-N),
+//! and publishes wait for `ack_replicas` in the shipped waiters.
+//!
+//! Not modeled: ordered QUIC streams (the network here loses and reorders every kind of
+//! message, `Hello`, `Stored`, interest, `Sync` and its answer included, and only resends,
+//! repair, heads, the interest refresh and asking again bring them back), a store commit
+//! before `Stored`, a subscriber's last detach (`Interest` off), history `Backfill` and the
 //! history store, forwarded reads, several channels, gossip itself.
 //!
 //! # Known limit (crash cascades)
@@ -118,6 +127,8 @@
 //!   491): the sim did not model the departed tags the real membership gossips to
 //!   members that did not see an incarnation live; now it does (see Restart).
 
+mod acked;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -126,6 +137,12 @@ use tern_core::{
     RemoteEvent, RemoteOutcome, Subscriber,
 };
 use tern_protocol::{flags, presence_action, Data, Message, PresenceMessage};
+use tern_replication::heads::{self, PreviousHeads};
+use tern_replication::repair::{self, RepairPart};
+use tern_replication::routing::{self, Node as Member_};
+use tern_replication::{warm, Now};
+
+use acked::{AckState, Acked};
 
 /// splitmix64: tiny, seedable, good enough for fault injection.
 pub struct Rng(u64);
@@ -173,9 +190,6 @@ const CLIENTS: usize = 3;
 
 /// Chance (percent) that a node incarnation has a subscriber on the channel.
 const SUBSCRIBED_PERCENT: u64 = 65;
-
-/// A peer forgets a node's interest this long after last hearing it (`INTEREST_TTL`).
-const INTEREST_TTL_MS: i64 = 7_000;
 
 /// A node waiting for the channel's state asks again after this long
 /// (`ASK_AGAIN_AFTER`) and attaches anyway after `WARM_TIMEOUT_MS` (`WARM_TIMEOUT`).
@@ -259,7 +273,10 @@ struct Node {
     pre_attach: HashSet<String>,
     /// Same-region peers (by node index, as the real interest is by node id) that said
     /// they have subscribers, when this node last heard it and from which incarnation.
-    interest: HashMap<usize, (i64, u64)>,
+    interest: routing::Interest,
+    /// Per same-region peer: the incarnation whose interest it last heard (to tell a
+    /// predecessor's interest, still held until it expires, from the current one's).
+    interest_from: HashMap<usize, u64>,
     /// It has been the channel's home in its region (among the live nodes) since boot.
     was_home: bool,
     /// It got routed events only because a peer still held its previous incarnation's
@@ -285,7 +302,13 @@ enum Item {
     Event {
         from: usize,
         event: Arc<RemoteEvent>,
+        /// Its position on the sender's link (epoch, position); `None` for a repair.
+        link: Option<(u64, u64)>,
     },
+    /// A link (re)starts from position `first` (see `acked.rs`).
+    Hello { from: usize, epoch: u64, first: u64 },
+    /// The receiver applied every position of link `epoch` up to `upto`.
+    Stored { from: usize, epoch: u64, upto: u64 },
     /// A repair answer: events of `origin` up to `upto` are not in the peer's log.
     Skip { origin: OriginId, upto: u64 },
     /// Membership reports that incarnation `tag`/`origin` departed.
@@ -335,8 +358,10 @@ pub struct Sim {
     nodes: Vec<Node>,
     /// Each node's region (index into the topology's regions).
     regions: Vec<usize>,
-    /// Each node's rendezvous score for the channel (it keeps its node id on restart).
-    scores: Vec<u64>,
+    /// Each node's id (`n<index>`; it keeps it on restart) and each region's name, as
+    /// routing sees them.
+    ids: Vec<String>,
+    region_names: Vec<String>,
     /// Link latency between node pairs (ms), from the topology.
     latency_ms: Vec<Vec<i64>>,
     faults: Faults,
@@ -361,7 +386,7 @@ pub struct Sim {
     /// again while a repair is in flight does not ask again (avoids repair storms).
     requested: BTreeMap<(usize, OriginId), (u64, i64)>,
     /// Per (node, peer): the peer's own sequence in the last heads `node` got from it.
-    previous_heads: HashMap<(usize, usize), u64>,
+    previous_heads: HashMap<(usize, usize), PreviousHeads>,
     /// Departure notices still in flight (membership has not settled).
     departures_pending: usize,
     /// When the last crash or restart happened.
@@ -369,6 +394,12 @@ pub struct Sim {
     /// Nodes whose hub or subscriber may have changed since the last step check (the
     /// others need no new check).
     touched: BTreeSet<usize>,
+    /// Per node: links, replies waiting for replicas (`acked.rs`).
+    acks: Vec<AckState>,
+    /// Link epochs handed out (each link gets a new one).
+    epochs: u64,
+    /// Messages whose publish was ACKed.
+    acked: Vec<Acked>,
     /// Print every step to stderr (for replaying one seed).
     pub trace: bool,
     /// What the faults actually did (so a sweep can prove it exercised them).
@@ -404,6 +435,13 @@ pub struct Stats {
     pub stale_interest: u64,
     /// Highest virtual time reached (ms).
     pub max_now_ms: i64,
+    /// Publishes ACKed (`ack_replicas` met) and NACKed (timed out).
+    pub acks: u64,
+    pub nacks: u64,
+    /// Frames sent again by the resend timer (`Hello` and events).
+    pub resent: u64,
+    /// Heads a node kept (`heads::shares`) and a peer would have compared.
+    pub heads_unshared: u64,
 }
 
 impl Stats {
@@ -424,6 +462,10 @@ impl Stats {
         self.relayed += other.relayed;
         self.stale_interest += other.stale_interest;
         self.max_now_ms = self.max_now_ms.max(other.max_now_ms);
+        self.acks += other.acks;
+        self.nacks += other.nacks;
+        self.resent += other.resent;
+        self.heads_unshared += other.heads_unshared;
     }
 }
 
@@ -453,8 +495,10 @@ impl Sim {
         let key = ChannelKey::new("sim", &format!("channel-{seed}"));
         let limits = CoreLimits::default();
         let mut rng = Rng::new(seed);
-        let scores = (0..regions.len())
-            .map(|i| key.home_score(&format!("n{i}")))
+        let regions_len = regions.len();
+        let ids = (0..regions.len()).map(|i| format!("n{i}")).collect();
+        let region_names = (0..=regions.iter().copied().max().unwrap_or(0))
+            .map(|r| format!("r{r}"))
             .collect();
         let nodes = (0..latency_ms.len())
             .map(|i| Sim::boot(&limits, i, 0, rng.chance(SUBSCRIBED_PERCENT)))
@@ -465,7 +509,8 @@ impl Sim {
             now_ms: 0,
             nodes,
             regions,
-            scores,
+            ids,
+            region_names,
             latency_ms,
             faults,
             limits,
@@ -484,6 +529,9 @@ impl Sim {
             departures_pending: 0,
             last_churn_ms: None,
             touched: BTreeSet::new(),
+            acks: (0..regions_len).map(|_| AckState::default()).collect(),
+            epochs: 0,
+            acked: Vec::new(),
             trace: false,
             stats: Stats::default(),
         };
@@ -527,7 +575,8 @@ impl Sim {
             attached: false,
             warming: None,
             pre_attach: HashSet::new(),
-            interest: HashMap::new(),
+            interest: routing::Interest::default(),
+            interest_from: HashMap::new(),
             was_home: false,
             stale_fed: false,
             believed_live: HashSet::new(),
@@ -545,7 +594,7 @@ impl Sim {
             self.stats.absent_subscribers += 1;
             return;
         }
-        let home = self.home(at, self.regions[at]);
+        let home = self.home_seen(at, self.regions[at]);
         if home == at {
             self.attach(at);
             return;
@@ -611,13 +660,36 @@ impl Sim {
                 .contains(&self.nodes[node].origin)
     }
 
-    /// The channel's home in `region` as `observer` sees it: the node there it counts
-    /// live with the highest score (`homes`). `usize::MAX` if it knows none there.
-    fn home(&self, observer: usize, region: usize) -> usize {
+    /// The nodes `observer` counts live (itself included), as routing sees them: the
+    /// members its membership lists.
+    fn view(&self, observer: usize) -> Vec<Member_<'_>> {
         (0..self.nodes.len())
-            .filter(|&i| self.regions[i] == region && self.in_view(observer, i))
-            .max_by_key(|&i| (self.scores[i], i))
-            .unwrap_or(usize::MAX)
+            .filter(|&i| self.in_view(observer, i))
+            .map(|i| self.member(i))
+            .collect()
+    }
+
+    fn member(&self, i: usize) -> Member_<'_> {
+        Member_ {
+            id: &self.ids[i],
+            region: &self.region_names[self.regions[i]],
+            origin: self.nodes[i].origin.0,
+        }
+    }
+
+    /// The channel's home in `region` as `observer` sees it (`routing::home_in` over its
+    /// view). `usize::MAX` if it knows none there.
+    fn home_seen(&self, observer: usize, region: usize) -> usize {
+        let region = &self.region_names[region];
+        routing::home_in(&self.key, self.view(observer), region).map_or(usize::MAX, node_index)
+    }
+
+    /// The channel's home in `region` among the nodes that are up.
+    fn live_home(&self, region: usize) -> Option<usize> {
+        let up = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].up)
+            .map(|i| self.member(i));
+        routing::home_in(&self.key, up, &self.region_names[region]).map(node_index)
     }
 
     /// Nodes of `at`'s region other than itself.
@@ -630,69 +702,41 @@ impl Sim {
     /// Whether node `at` keeps the channel (repairs it from `Heads`): it has a
     /// subscriber (attached or waiting for the state) or is the home in its region.
     fn holds(&self, at: usize) -> bool {
-        self.nodes[at].subscribed || self.home(at, self.regions[at]) == at
+        self.nodes[at].subscribed || self.home_seen(at, self.regions[at]) == at
     }
 
-    /// Same-region peers whose interest `at` heard within `INTEREST_TTL_MS` and counts
-    /// live (`interested`).
-    fn interested(&self, at: usize) -> Vec<usize> {
-        let mut peers: Vec<usize> = self.nodes[at]
+    /// Who node `at` sends an event of `origin` to: `routing::recipients` over its view
+    /// and the interest it holds of peers it counts live. Counts relays, and events sent
+    /// on a predecessor's interest (checking that no current incarnation without a
+    /// subscriber is routed to on its own interest).
+    fn route(&mut self, at: usize, origin: OriginId) -> Vec<usize> {
+        let now = Now::from_millis(self.now_ms as u64);
+        let view = self.view(at);
+        let me = self.member(at);
+        let peers: Vec<Member_> = view.iter().copied().filter(|n| n.id != me.id).collect();
+        let holding: Vec<&str> = self.nodes[at]
             .interest
-            .iter()
-            .filter(|(&p, &(when, _))| {
-                self.now_ms - when < INTEREST_TTL_MS
-                    && p != at
-                    && self.regions[p] == self.regions[at]
-                    && self.in_view(at, p)
-            })
-            .map(|(&p, _)| p)
+            .interested(&self.key, now)
+            .into_iter()
+            .filter(|p| peers.iter().any(|n| n.id == *p))
             .collect();
-        peers.sort_unstable();
-        peers
-    }
-
-    /// Who node `at` sends an event of `origin` to (`recipients`): its own go to the
-    /// channel's home in every region it knows a live node of and to the interested
-    /// nodes of its region; another region's live origin's go to the interested nodes of
-    /// its region when it is the home here; nothing else.
-    fn recipients(&mut self, at: usize, origin: OriginId, own: bool) -> Vec<usize> {
-        let mut ids = Vec::new();
-        if own {
-            let regions: BTreeSet<usize> = (0..self.nodes.len())
-                .filter(|&i| self.in_view(at, i))
-                .map(|i| self.regions[i])
+        let to: Vec<usize> =
+            routing::recipients(me, &peers, &self.key, origin.0, holding.iter().copied())
+                .into_iter()
+                .map(node_index)
                 .collect();
-            for region in regions {
-                let home = self.home(at, region);
-                if home != at {
-                    ids.push(home);
-                }
-            }
-        } else {
-            let origin_node = origin_index(origin);
-            if !self.believed_live(at, origin)
-                || self.regions[origin_node] == self.regions[at]
-                || self.home(at, self.regions[at]) != at
-            {
-                return ids;
-            }
-        }
-        let relay = !own;
-        let home_here = self.home(at, self.regions[at]);
-        for peer in self.interested(at) {
-            if ids.contains(&peer) {
-                continue;
-            }
-            ids.push(peer);
-            if relay {
+        let interested: Vec<usize> = holding.into_iter().map(node_index).collect();
+        let own = origin == self.nodes[at].origin;
+        let home_here = self.home_seen(at, self.regions[at]);
+        for &peer in to.iter().filter(|p| interested.contains(p)) {
+            if !own {
                 self.stats.relayed += 1;
             }
             let target = &self.nodes[peer];
             if target.up && !target.subscribed && peer != home_here {
                 // Interest this incarnation never sent: its node's previous one's,
                 // which the peer keeps until it expires.
-                let (_, from) = self.nodes[at].interest[&peer];
-                if from == target.incarnation {
+                if self.nodes[at].interest_from.get(&peer) == Some(&target.incarnation) {
                     self.broken.get_or_insert(format!(
                         "n{at} holds interest of {}, which has no subscriber",
                         target.tag
@@ -702,7 +746,7 @@ impl Sim {
                 self.nodes[peer].stale_fed = true;
             }
         }
-        ids
+        to
     }
 
     /// Marks each live node that is now the channel's home in its region (among the live
@@ -714,10 +758,7 @@ impl Sim {
             if !self.nodes[at].up {
                 continue;
             }
-            let home = (0..self.nodes.len())
-                .filter(|&i| self.regions[i] == self.regions[at] && self.nodes[i].up)
-                .max_by_key(|&i| (self.scores[i], i));
-            if home == Some(at) {
+            if self.live_home(self.regions[at]) == Some(at) {
                 self.nodes[at].was_home = true;
             }
         }
@@ -788,9 +829,24 @@ fn held_ids(hub: &Hub, key: &ChannelKey) -> HashSet<String> {
         .collect()
 }
 
-/// The node an origin id belongs to (see [`Sim::boot`]).
-fn origin_index(origin: OriginId) -> usize {
-    (origin.0 >> 32) as usize - 1
+/// The node index of a node id (`n<index>`).
+fn node_index(id: &str) -> usize {
+    id[1..].parse().expect("sim node ids are n<index>")
+}
+
+/// A repair answer from node `from` as items in flight.
+fn repair_items(from: usize, origin: OriginId, parts: Vec<RepairPart>) -> Vec<Item> {
+    parts
+        .into_iter()
+        .map(|part| match part {
+            RepairPart::Skip(upto) => Item::Skip { origin, upto },
+            RepairPart::Event(event) => Item::Event {
+                from,
+                event: Arc::new(RemoteEvent::from_event(&event)),
+                link: None,
+            },
+        })
+        .collect()
 }
 
 /// One line about an event, for the trace.
@@ -827,7 +883,15 @@ impl Sim {
             if own {
                 self.note_own(at, &event);
             }
-            let to = self.recipients(at, event.origin, own);
+            let to = self.route(at, event.origin);
+            let remote = Arc::new(RemoteEvent::from_event(&event));
+            let mut targets = Vec::new();
+            for &to in &to {
+                targets.push(self.link_position(at, to, &remote));
+            }
+            if own && event.is_message() {
+                self.wait_for_replicas(at, self.published.len() - 1, targets.clone());
+            }
             if to.is_empty() {
                 continue;
             }
@@ -839,11 +903,11 @@ impl Sim {
                     )
                 });
             }
-            let remote = Arc::new(RemoteEvent::from_event(&event));
-            for to in to {
+            for (to, link) in to.into_iter().zip(targets) {
                 let item = Item::Event {
                     from: at,
                     event: remote.clone(),
+                    link: Some(link),
                 };
                 self.send(at, to, item);
             }
@@ -987,6 +1051,7 @@ impl Sim {
         let node = &mut self.nodes[at];
         node.up = false;
         node.hub = Hub::new(OriginId(0), CoreLimits::default());
+        self.acks[at] = AckState::default();
         self.dead_tags.push(tag);
         self.requested.retain(|(node, _), _| *node != at);
         // Its links are gone: heads state starts over on new ones.
@@ -1025,7 +1090,7 @@ impl Sim {
         self.start_subscriber(at);
         for peer in 0..self.nodes.len() {
             if peer != at {
-                self.heads(at, peer);
+                self.compare_heads(at, peer);
             }
         }
         true
@@ -1058,7 +1123,13 @@ impl Sim {
     fn take(&mut self, to: usize, item: Item) {
         if self.trace {
             let what = match &item {
-                Item::Event { from, event } => {
+                Item::Hello { from, epoch, first } => {
+                    format!("hello n{from} link {epoch} from {first}")
+                }
+                Item::Stored { from, epoch, upto } => {
+                    format!("stored by n{from} link {epoch} upto {upto}")
+                }
+                Item::Event { from, event, .. } => {
                     format!(
                         "from n{from} {}",
                         describe(event.origin, event.seq, &event.frame)
@@ -1079,7 +1150,14 @@ impl Sim {
             self.log(|| format!("n{to} <- {what}"));
         }
         match item {
-            Item::Event { from, event } => self.apply(to, from, Arc::unwrap_or_clone(event)),
+            Item::Event { from, event, link } => {
+                let in_order = self.apply(to, from, Arc::unwrap_or_clone(event));
+                if let (true, Some(link)) = (in_order, link) {
+                    self.applied_on_link(to, from, link);
+                }
+            }
+            Item::Hello { from, epoch, first } => self.take_hello(to, from, epoch, first),
+            Item::Stored { from, epoch, upto } => self.take_stored(to, from, epoch, upto),
             Item::Skip { origin, upto } => {
                 let applied = self.nodes[to]
                     .hub
@@ -1092,6 +1170,7 @@ impl Sim {
                     .node_departed(&format!("{tag}-"), self.now_ms);
                 self.stats.departed_leaves += left as u64;
                 self.nodes[to].believed_live.remove(&origin);
+                self.forget_departed(to, origin);
                 // It now publishes the tag; gossip carries it to every member.
                 if !self.reported.iter().any(|(t, _)| *t == tag) {
                     self.reported.push((tag.clone(), origin));
@@ -1116,21 +1195,11 @@ impl Sim {
                     self.nodes[to].believed_live.remove(&origin);
                 }
             }
-            Item::Interest { from, incarnation } => {
-                if self.regions[from] == self.regions[to] {
-                    self.nodes[to]
-                        .interest
-                        .insert(from, (self.now_ms, incarnation));
-                }
-            }
+            Item::Interest { from, incarnation } => self.take_interest(to, from, incarnation),
             Item::Sync { from, incarnation } => {
                 // The interest that precedes `Sync` on the same link.
-                if self.regions[from] == self.regions[to] {
-                    self.nodes[to]
-                        .interest
-                        .insert(from, (self.now_ms, incarnation));
-                }
-                self.answer_sync(to, from);
+                self.take_interest(to, from, incarnation);
+                self.sync_from(to, from);
             }
             Item::SyncState {
                 from,
@@ -1179,39 +1248,40 @@ impl Sim {
         }
     }
 
-    /// Node `home` answers node `node`'s `Sync` (`answer_sync`): per origin of its
-    /// cursor, what a repair from 1 would send, then its presence members and cursor, as
-    /// one item (the real frames follow each other on one ordered link).
-    fn answer_sync(&mut self, home: usize, node: usize) {
-        let hub = &self.nodes[home].hub;
-        let cursor: Vec<(OriginId, u64)> = hub.cursor(&self.key).origins().collect();
-        let mut items = Vec::new();
-        for &(origin, have) in &cursor {
-            let events = hub.events_of(&self.key, origin, 1, have);
-            let first = events.first().map_or(have + 1, |e| e.seq);
-            if first > 1 {
-                items.push(Item::Skip {
-                    origin,
-                    upto: first - 1,
-                });
-            }
-            for event in events {
-                let event = Arc::new(RemoteEvent::from_event(&event));
-                items.push(Item::Event { from: home, event });
-            }
+    /// A same-region peer's interest reaches `to` (`routing::Interest::on_frame`).
+    fn take_interest(&mut self, to: usize, from: usize, incarnation: u64) {
+        if self.regions[from] != self.regions[to] {
+            return;
         }
-        let members = hub.members(&self.key);
+        let now = Now::from_millis(self.now_ms as u64);
+        let node = &mut self.nodes[to];
+        let key = self.key.clone();
+        node.interest.on_frame(&self.ids[from], [key], true, now);
+        node.interest_from.insert(from, incarnation);
+    }
+
+    /// Node `home` answers node `node`'s `Sync` (`warm::answer_sync`): per origin its
+    /// repair answer from 1, then its presence members and cursor, as one item (the
+    /// real frames follow each other on one ordered link).
+    fn sync_from(&mut self, home: usize, node: usize) {
+        let answer = warm::answer_sync(&self.nodes[home].hub, &self.key);
+        let items = answer
+            .repairs
+            .into_iter()
+            .flat_map(|(origin, parts)| repair_items(home, origin, parts))
+            .collect();
         let item = Item::SyncState {
             from: home,
             items,
-            members,
-            cursor,
+            members: answer.members,
+            cursor: answer.cursor,
         };
         self.send(home, node, item);
     }
 
     /// Applies a replicated event at `to`; a gap asks the node it came from.
-    fn apply(&mut self, to: usize, from: usize, event: RemoteEvent) {
+    /// Returns whether it was not a gap (applied or a duplicate: its link position counts).
+    fn apply(&mut self, to: usize, from: usize, event: RemoteEvent) -> bool {
         let outcome = self.nodes[to]
             .hub
             .apply_remote(&self.key, event, self.now_ms)
@@ -1229,55 +1299,35 @@ impl Sim {
                 {
                     self.requested
                         .insert((to, origin), (missing.1, self.now_ms));
-                    self.answer_repair(from, to, origin, missing);
+                    self.repair_from(from, to, origin, missing);
                 }
+                return false;
             }
             RemoteOutcome::Applied(_) => {}
         }
+        true
     }
 
-    /// `peer` answers `node`'s repair request for `origin`'s `from..=to`: the events
-    /// still in its log, after a `Skip` over the part its cursor covers but its log lacks.
-    fn answer_repair(
-        &mut self,
-        peer: usize,
-        node: usize,
-        origin: OriginId,
-        (from, to): (u64, u64),
-    ) {
+    /// `peer` answers `node`'s repair request for `origin`'s `from..=to`
+    /// (`repair::answer`).
+    fn repair_from(&mut self, peer: usize, node: usize, origin: OriginId, (from, to): (u64, u64)) {
         if !self.nodes[peer].up {
             return;
         }
-        let hub = &self.nodes[peer].hub;
-        let to = to.min(hub.cursor(&self.key).get(origin));
-        if to < from {
-            return;
-        }
-        let events = hub.events_of(&self.key, origin, from, to);
-        let first = events.first().map_or(to + 1, |e| e.seq);
-        if first > from {
-            self.stats.skips += 1;
-            let upto = first - 1;
-            self.send(peer, node, Item::Skip { origin, upto });
-        }
-        for event in events {
-            let event = Arc::new(RemoteEvent::from_event(&event));
-            self.send(peer, node, Item::Event { from: peer, event });
+        let parts = repair::answer(&self.nodes[peer].hub, &self.key, origin, from, to);
+        self.stats.skips += parts
+            .iter()
+            .filter(|p| matches!(p, RepairPart::Skip(_)))
+            .count() as u64;
+        for item in repair_items(peer, origin, parts) {
+            self.send(peer, node, item);
         }
     }
 
-    /// Whether `node` waits for `origin`'s events on that origin's own link: it is a live
-    /// incarnation, or a crashed one whose departure `node` has not noticed yet.
-    fn believed_live(&self, node: usize, origin: OriginId) -> bool {
-        self.nodes[node].believed_live.contains(&origin)
-            || self.nodes.iter().any(|n| n.up && n.origin == origin)
-    }
-
-    /// `peer`'s heads reach `node`, which asks `peer` for what it lacks of origins it
-    /// does not believe live, and of `peer`'s own events those that `peer` already had
-    /// in its previous heads (newer ones may still be on their way), as the replicator's
-    /// `Heads` handling does. A node that does not keep the channel ignores its heads.
-    fn heads(&mut self, node: usize, peer: usize) {
+    /// `peer`'s heads reach `node` if `peer` sends them there (`heads::shares`, in
+    /// `peer`'s view), and `node` asks `peer` for what `heads::wanted` says it lacks. A
+    /// node that does not keep the channel ignores heads.
+    fn compare_heads(&mut self, node: usize, peer: usize) {
         if !self.nodes[node].up
             || !self.nodes[peer].up
             || !self.holds(node)
@@ -1285,23 +1335,35 @@ impl Sim {
         {
             return;
         }
+        let now = Now::from_millis(self.now_ms as u64);
+        let interested = self.regions[node] == self.regions[peer]
+            && self.nodes[peer]
+                .interest
+                .interested(&self.key, now)
+                .contains(&self.ids[node].as_str());
+        let homes = routing::homes(&self.key, self.view(peer));
+        if !heads::shares(&homes, self.member(node), interested) {
+            self.stats.heads_unshared += 1;
+            return;
+        }
         let mine = self.nodes[node].hub.cursor(&self.key);
-        let theirs: Vec<(OriginId, u64)> =
-            self.nodes[peer].hub.cursor(&self.key).origins().collect();
-        let (own, peer_origin) = (self.nodes[node].origin, self.nodes[peer].origin);
-        for (origin, seq) in theirs {
-            let have = mine.get(origin);
-            let upto = if origin == peer_origin {
-                let before = self.previous_heads.insert((node, peer), seq);
-                before.unwrap_or(0).min(seq)
-            } else if origin == own || self.believed_live(node, origin) {
-                0
-            } else {
-                seq
-            };
-            if upto > have {
-                self.answer_repair(peer, node, origin, (have + 1, upto));
-            }
+        let theirs: Vec<(u64, u64)> = self.nodes[peer]
+            .hub
+            .cursor(&self.key)
+            .origins()
+            .map(|(o, seq)| (o.0, seq))
+            .collect();
+        let live: Vec<u64> = self.view(node).iter().map(|n| n.origin).collect();
+        let live = |origin: u64| live.contains(&origin);
+        let asker = heads::Asker {
+            own: self.nodes[node].origin.0,
+            sender: self.nodes[peer].origin.0,
+            live: &live,
+        };
+        let previous = self.previous_heads.entry((node, peer)).or_default();
+        let asks = heads::wanted(&asker, previous, &self.key, &mine, &theirs);
+        for (origin, from, to) in asks {
+            self.repair_from(peer, node, OriginId(origin), (from, to));
         }
     }
 
@@ -1309,10 +1371,11 @@ impl Sim {
     /// region's peers, and every node gets every reachable peer's heads.
     pub fn anti_entropy(&mut self) {
         self.refresh_interest();
+        self.resend_and_expire();
         for node in 0..self.nodes.len() {
             for peer in 0..self.nodes.len() {
                 if peer != node {
-                    self.heads(node, peer);
+                    self.compare_heads(node, peer);
                 }
             }
         }
@@ -1372,6 +1435,7 @@ impl Sim {
         if let Some(err) = self.broken.take() {
             return Err(err);
         }
+        self.check_ack_bounds()?;
         let Sim {
             nodes,
             events,
@@ -1436,11 +1500,7 @@ impl Sim {
     /// has a subscriber nor was ever a home got nothing of the channel.
     pub fn check_converged(&self) -> Result<(), String> {
         let homes: HashSet<usize> = (0..self.nodes.len())
-            .filter_map(|at| {
-                (0..self.nodes.len())
-                    .filter(|&i| self.regions[i] == self.regions[at] && self.nodes[i].up)
-                    .max_by_key(|&i| (self.scores[i], i))
-            })
+            .filter_map(|at| self.live_home(self.regions[at]))
             .collect();
         for (i, node) in self.nodes.iter().enumerate() {
             if !node.up || node.subscribed || node.was_home || node.stale_fed {
@@ -1479,6 +1539,7 @@ impl Sim {
             })
             .collect();
         let union: HashSet<&String> = sets.iter().flatten().collect();
+        self.check_acked(&union)?;
         for (id, origin, seq) in &self.published {
             if self.nodes.iter().any(|n| n.up && n.origin == *origin) && !union.contains(id) {
                 return Err(format!(

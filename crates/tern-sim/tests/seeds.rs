@@ -181,13 +181,17 @@ fn drain(sim: &mut Sim) -> Result<(), String> {
 /// home.
 ///
 /// Environment: `TERN_SIM_SEED` runs one seed, `TERN_SIM_SEEDS` sets how many (500),
+/// `TERN_SIM_FROM` the first (0; `scripts/sim` splits a soak over processes with it),
 /// `TERN_SIM_TRACE=1` prints every step, `TERN_SIM_SETTLE_MS` overrides the minimum time
 /// between crashes (3000; 0 shows the crash-cascade limit described in `tern-sim`).
 #[test]
 fn seed_sweep() {
     let seeds: Vec<u64> = match env("TERN_SIM_SEED") {
         Some(seed) => vec![seed],
-        None => (0..env("TERN_SIM_SEEDS").unwrap_or(500)).collect(),
+        None => {
+            let from: u64 = env("TERN_SIM_FROM").unwrap_or(0);
+            (from..from + env("TERN_SIM_SEEDS").unwrap_or(500)).collect()
+        }
     };
     let started = std::time::Instant::now();
     let mut total = Stats::default();
@@ -224,7 +228,9 @@ fn seed_sweep() {
                 && total.skips > 0
                 && total.absent_subscribers > 0
                 && total.syncs > 0
-                && total.relayed > 0,
+                && total.relayed > 0
+                && total.acks > 0
+                && total.resent > 0,
             "{total:?}"
         );
     }

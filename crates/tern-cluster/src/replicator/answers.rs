@@ -1,0 +1,284 @@
+//! Answering peers: gap repairs and `Sync` from the hub's log (`tern_replication::repair`,
+//! `warm::answer_sync`), this node's cursors for `Heads`, and history pages for a
+//! channel's new home (`tern_replication::backfill`). The rules say what to answer;
+//! this file turns it into frames, the one place where an event that does not fit a
+//! frame becomes a `Skip`.
+
+use std::sync::atomic::AtomicUsize;
+
+use tern_replication::backfill::{self, BACKFILL_PAGE};
+use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
+use tern_replication::repair::{self, RepairPart};
+use tern_replication::warm;
+
+use super::send::ignored;
+use super::*;
+use crate::wire::HeadV1;
+
+/// One of [`Replicator::backfill_answers`], given back when dropped.
+struct BackfillSlot<'a>(&'a AtomicUsize);
+
+impl Drop for BackfillSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Replicator {
+    /// Sends each peer the cursors of the channels it shares with us (`heads::shares`:
+    /// it is their home in its region, or we hold its interest); it asks for what it
+    /// lacks. The bytes grow with what two nodes share, not with all our channels.
+    pub(super) fn send_heads(&self) {
+        let Some(hub) = self.running.get().and_then(|r| r.hub.upgrade()) else {
+            return;
+        };
+        let mut per_peer: HashMap<String, Vec<HeadV1>> = HashMap::new();
+        {
+            let out = lock(&self.out);
+            if out.peers.is_empty() {
+                return;
+            }
+            for (key, cursor) in hub.cursors(HEADS_CHANNELS_MAX) {
+                let origins: Vec<(u64, u64)> = cursor.origins().map(|(o, s)| (o.0, s)).collect();
+                if origins.is_empty() {
+                    continue;
+                }
+                let homes = routing::homes(&key, self.nodes(&out));
+                let interested = self.interested(&out, &key);
+                for peer in out.peers.values() {
+                    let id = peer.spec.node_id.as_str();
+                    if !heads::shares(&homes, peer.node(), interested.contains(&id)) {
+                        continue;
+                    }
+                    per_peer.entry(id.to_string()).or_default().push(HeadV1 {
+                        app: key.app.to_string(),
+                        channel: key.name.to_string(),
+                        origins: origins.clone(),
+                    });
+                }
+            }
+        }
+        for (peer, heads) in per_peer {
+            for chunk in heads.chunks(HEADS_PER_FRAME) {
+                let frame = FrameV1::Heads {
+                    channels: chunk.to_vec(),
+                };
+                self.send_control(&peer, frame);
+            }
+        }
+    }
+
+    /// Answers a repair request for `origin`'s `from..=to` on `key` from our log.
+    pub(super) fn answer_repair(
+        &self,
+        hub: &Hub,
+        peer: &str,
+        key: &ChannelKey,
+        origin: u64,
+        (from, to): (u64, u64),
+    ) {
+        let parts = repair::answer(hub, key, OriginId(origin), from, to);
+        self.send_repair(peer, key, origin, parts);
+    }
+
+    fn send_repair(&self, peer: &str, key: &ChannelKey, origin: u64, parts: Vec<RepairPart>) {
+        let skip = |upto: u64| FrameV1::Skip {
+            app: key.app.to_string(),
+            channel: key.name.to_string(),
+            origin,
+            upto,
+        };
+        for part in parts {
+            let event = match part {
+                RepairPart::Skip(upto) => {
+                    self.send_control(peer, skip(upto));
+                    continue;
+                }
+                RepairPart::Event(event) => event,
+            };
+            let frame = EventV1::from_event(&key.app, &key.name, &event);
+            if frame.fits() {
+                self.send_control(peer, FrameV1::Event(frame));
+                continue;
+            }
+            oversized(key, event.seq, frame.frame.len());
+            self.send_control(peer, skip(event.seq));
+        }
+    }
+
+    /// Answers `Sync`: the channel's log per origin (as repair answers), its presence
+    /// members, then `Synced` with the cursor.
+    pub(super) fn answer_sync(&self, hub: &Hub, peer: &str, key: &ChannelKey) {
+        let answer = warm::answer_sync(hub, key);
+        for (origin, parts) in answer.repairs {
+            self.send_repair(peer, key, origin.0, parts);
+        }
+        for members in warm::member_pages(answer.members) {
+            let frame = tern_protocol::ProtocolMessage {
+                presence: Some(members),
+                ..Default::default()
+            };
+            let frame = FrameV1::SyncMembers {
+                app: key.app.to_string(),
+                channel: key.name.to_string(),
+                frame: tern_protocol::encode(tern_protocol::Format::Msgpack, &frame).to_vec(),
+            };
+            self.send_control(peer, frame);
+        }
+        let frame = FrameV1::Synced {
+            app: key.app.to_string(),
+            channel: key.name.to_string(),
+            origins: answer.cursor.iter().map(|(o, seq)| (o.0, *seq)).collect(),
+        };
+        self.send_control(peer, frame);
+    }
+
+    /// Starts copying the channel's stored history from its home in another region when
+    /// this node is the channel's home here and has a history store: always after a
+    /// `Skip` (`missed`: events no log had), otherwise only when nothing of the channel
+    /// is stored here yet (`backfill::Backfills::start`).
+    pub(super) fn maybe_backfill(&self, key: &ChannelKey, missed: bool) {
+        let Some(history) = self.history.get() else {
+            return;
+        };
+        let source = {
+            let out = lock(&self.out);
+            let homes = routing::homes(key, self.nodes(&out));
+            let source = backfill::source(&homes, &self.config.region, &self.config.node_id);
+            match source {
+                Some(node) => node.to_string(),
+                None => return,
+            }
+        };
+        let now = self.now();
+        let stored = || history.has(&key.app, &key.name);
+        if !lock(&self.backfills).start(key, &source, now, missed, stored) {
+            return;
+        }
+        tracing::info!(channel = %key.name, from = %source, "copying the channel's history to its new home");
+        for presence in [false, true] {
+            let frame = FrameV1::Backfill {
+                app: key.app.to_string(),
+                channel: key.name.to_string(),
+                presence,
+                after: None,
+            };
+            self.send_control(&source, frame);
+        }
+    }
+
+    /// Answers one `Backfill` page from the store (off the async runtime).
+    pub(super) fn answer_backfill(
+        self: &Arc<Self>,
+        peer: String,
+        key: ChannelKey,
+        presence: bool,
+        after: Option<ItemPosV1>,
+    ) {
+        let Some(history) = self.history.get().cloned() else {
+            return;
+        };
+        if self.backfill_answers.fetch_add(1, Ordering::SeqCst) >= BACKFILL_ANSWERS_MAX {
+            self.backfill_answers.fetch_sub(1, Ordering::SeqCst);
+            ignored("backfill_busy");
+            return;
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            // Released however the read ends.
+            let _slot = BackfillSlot(&me.backfill_answers);
+            let (mut items, mut more) =
+                history.page(&key.app, &key.name, presence, after, BACKFILL_PAGE);
+            // Items are stored messages (each within the publish limit), but a page of
+            // them must still fit a frame: cut it and let the peer ask for the rest.
+            if let Some(cut) = backfill::cut_page(items.iter().map(|i| i.payload.len())) {
+                items.truncate(cut);
+                more = true;
+            }
+            let frame = FrameV1::BackfillItems {
+                app: key.app.to_string(),
+                channel: key.name.to_string(),
+                presence,
+                items,
+                more,
+            };
+            me.send_control(&peer, frame);
+        });
+    }
+
+    /// Stores one page of copied history and asks for the next.
+    pub(super) fn take_backfill(
+        &self,
+        peer: &str,
+        key: ChannelKey,
+        presence: bool,
+        items: Vec<ItemV1>,
+        more: bool,
+    ) {
+        let Some(history) = self.history.get() else {
+            return;
+        };
+        let last = items.last().map(|item| item.position);
+        // Only answers to what we asked for (a late duplicate is harmless anyway).
+        let now = self.now();
+        if !lock(&self.backfills).took(&key, presence, last, more, now) {
+            return;
+        }
+        metrics::counter!("tern_history_backfilled_items_total").increment(items.len() as u64);
+        history.put(&key.app, &key.name, presence, items);
+        if let (true, Some(after)) = (more, last) {
+            let frame = FrameV1::Backfill {
+                app: key.app.to_string(),
+                channel: key.name.to_string(),
+                presence,
+                after: Some(after),
+            };
+            self.send_control(peer, frame);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_protocol::PresenceMessage;
+    use tern_replication::warm::member_pages;
+
+    /// Presence SYNC to a peer is cut by encoded size as well as by count: 256 members
+    /// with 64 KB of data each (16 MiB together, past the frame limit) go in several
+    /// frames, each of which fits, and no member is lost or repeated.
+    #[test]
+    fn member_pages_fit_a_frame() {
+        let members: Vec<PresenceMessage> = (0..256)
+            .map(|i| PresenceMessage {
+                action: tern_protocol::presence_action::PRESENT,
+                client_id: Some(format!("c{i}")),
+                connection_id: Some(format!("conn-{i}")),
+                data: Some(tern_protocol::Data::String("d".repeat(64_000))),
+                ..Default::default()
+            })
+            .collect();
+        let pages = member_pages(members.clone());
+        assert!(pages.len() > 1);
+        for page in &pages {
+            let frame = FrameV1::SyncMembers {
+                app: "app".into(),
+                channel: "room".into(),
+                frame: tern_protocol::encode(
+                    tern_protocol::Format::Msgpack,
+                    &tern_protocol::ProtocolMessage {
+                        presence: Some(page.clone()),
+                        ..Default::default()
+                    },
+                )
+                .to_vec(),
+            };
+            assert!(crate::wire::encode(&frame).len() <= crate::wire::FRAME_BYTES_MAX);
+        }
+        assert_eq!(pages.concat(), members);
+        // Small members still go 256 to a frame.
+        let small = vec![PresenceMessage::default(); 600];
+        let sizes: Vec<usize> = member_pages(small).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![256, 256, 88]);
+    }
+}

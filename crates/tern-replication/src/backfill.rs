@@ -1,0 +1,190 @@
+//! History backfill: a channel's new home (a joining node, or the next one after a home
+//! died) copies the stored history its store lacks from the channel's home in another
+//! region, a page at a time, asking again for a page not answered within
+//! [`ASK_AGAIN_AFTER`]; at most once per [`BACKFILL_AGAIN_AFTER`] per channel.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tern_core::ChannelKey;
+
+use crate::warm::ASK_AGAIN_AFTER;
+use crate::Now;
+
+/// Stored items per page, and their payload bytes beyond which a page is cut early (a
+/// page always carries at least one item).
+pub const BACKFILL_PAGE: usize = 64;
+pub const BACKFILL_BYTES_MAX: usize = 8 << 20;
+/// Channels being backfilled at once, and how soon one may be backfilled again.
+pub const BACKFILLS_MAX: usize = 10_000;
+pub const BACKFILL_AGAIN_AFTER: Duration = Duration::from_secs(60);
+
+/// A page position, opaque here (the driver's stored-item position).
+struct Backfilling<P> {
+    started: Now,
+    source: String,
+    /// Per kind (messages, presence): the page asked for and not answered yet.
+    waiting: [Option<Option<P>>; 2],
+    asked: Now,
+}
+
+/// Channels whose history this node is copying.
+pub struct Backfills<P> {
+    channels: HashMap<ChannelKey, Backfilling<P>>,
+}
+
+impl<P> Default for Backfills<P> {
+    fn default() -> Self {
+        Backfills {
+            channels: HashMap::new(),
+        }
+    }
+}
+
+/// Where to copy from: this node must be the channel's home in its region (`homes` maps
+/// region → home); the source is another region's home (the lowest id, for
+/// determinism).
+pub fn source<'a>(homes: &HashMap<&'a str, &'a str>, my_region: &str, me: &str) -> Option<&'a str> {
+    if homes.get(my_region) != Some(&me) {
+        return None;
+    }
+    homes
+        .iter()
+        .filter(|(region, _)| **region != my_region)
+        .map(|(_, node)| *node)
+        .min()
+}
+
+impl<P: Copy> Backfills<P> {
+    /// Starts copying `key` from `source` unless it was started within
+    /// [`BACKFILL_AGAIN_AFTER`], too many are under way, or (`!missed`) the store
+    /// already has some of it. Returns whether to ask for the first page of both kinds.
+    pub fn start(
+        &mut self,
+        key: &ChannelKey,
+        source: &str,
+        now: Now,
+        missed: bool,
+        stored: impl FnOnce() -> bool,
+    ) -> bool {
+        let fresh = |b: &Backfilling<P>| now.saturating_sub(b.started) < BACKFILL_AGAIN_AFTER;
+        if self.channels.get(key).is_some_and(fresh) {
+            return false;
+        }
+        self.channels.retain(|_, b| fresh(b));
+        if self.channels.len() >= BACKFILLS_MAX || (!missed && stored()) {
+            return false;
+        }
+        self.channels.insert(
+            key.clone(),
+            Backfilling {
+                started: now,
+                source: source.to_string(),
+                waiting: [Some(None), Some(None)],
+                asked: now,
+            },
+        );
+        true
+    }
+
+    /// A page arrived; returns whether it was asked for (then store it, and ask for
+    /// the next from `last` when `more`).
+    pub fn took(
+        &mut self,
+        key: &ChannelKey,
+        presence: bool,
+        last: Option<P>,
+        more: bool,
+        now: Now,
+    ) -> bool {
+        let Some(b) = self.channels.get_mut(key) else {
+            return false;
+        };
+        b.waiting[usize::from(presence)] = if more { last.map(Some) } else { None };
+        b.asked = now;
+        true
+    }
+
+    /// Pages to ask for again: (source, channel, presence, after).
+    pub fn tick(&mut self, now: Now) -> Vec<(String, ChannelKey, bool, Option<P>)> {
+        let mut again = Vec::new();
+        for (key, b) in self.channels.iter_mut() {
+            if now.saturating_sub(b.started) >= BACKFILL_AGAIN_AFTER
+                || now.saturating_sub(b.asked) < ASK_AGAIN_AFTER
+            {
+                continue;
+            }
+            b.asked = now;
+            for (kind, waiting) in b.waiting.iter().enumerate() {
+                if let Some(after) = waiting {
+                    again.push((b.source.clone(), key.clone(), kind == 1, *after));
+                }
+            }
+        }
+        again
+    }
+
+    pub fn len(&self) -> usize {
+        self.channels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.channels.is_empty()
+    }
+}
+
+/// How many of a page's items (by payload size) to send: at most
+/// [`BACKFILL_BYTES_MAX`] bytes, but at least one. Returns the count and whether the
+/// page was cut (the reader then asks for the rest).
+pub fn cut_page(sizes: impl IntoIterator<Item = usize>) -> Option<usize> {
+    let mut bytes = 0;
+    sizes
+        .into_iter()
+        .position(|size| {
+            bytes += size;
+            bytes > BACKFILL_BYTES_MAX
+        })
+        .map(|cut| cut.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_home_copies_from_another_regions_home() {
+        let homes: HashMap<&str, &str> = [("a", "a1"), ("b", "b2"), ("c", "c1")].into();
+        assert_eq!(source(&homes, "a", "a1"), Some("b2"));
+        assert_eq!(source(&homes, "a", "a2"), None);
+        let alone: HashMap<&str, &str> = [("a", "a1")].into();
+        assert_eq!(source(&alone, "a", "a1"), None);
+    }
+
+    #[test]
+    fn pages_are_asked_again_and_not_restarted_too_soon() {
+        let key = ChannelKey::new("app", "room");
+        let mut b: Backfills<u32> = Backfills::default();
+        let t0 = Now::from_secs(1);
+        assert!(!b.start(&key, "src", t0, false, || true), "already stored");
+        assert!(b.start(&key, "src", t0, false, || false));
+        assert!(!b.start(&key, "src", t0, true, || false), "under way");
+        assert!(b.tick(t0).is_empty());
+        let again = b.tick(t0 + ASK_AGAIN_AFTER);
+        assert_eq!(again.len(), 2);
+        assert!(b.took(&key, false, Some(9), true, t0 + ASK_AGAIN_AFTER));
+        assert!(b.took(&key, true, None, false, t0 + ASK_AGAIN_AFTER));
+        let again = b.tick(t0 + ASK_AGAIN_AFTER * 2);
+        assert_eq!(
+            again,
+            vec![("src".to_string(), key.clone(), false, Some(9))]
+        );
+        assert!(b.start(&key, "src", t0 + BACKFILL_AGAIN_AFTER, true, || true));
+    }
+
+    #[test]
+    fn a_page_is_cut_by_bytes_but_keeps_one_item() {
+        assert_eq!(cut_page([10, 10]), None);
+        assert_eq!(cut_page([BACKFILL_BYTES_MAX + 1]), Some(1));
+        assert_eq!(cut_page([BACKFILL_BYTES_MAX, 1, 1]), Some(1));
+    }
+}

@@ -1,0 +1,32 @@
+//! Tern replication rules, without I/O: who gets an event, who is a channel's home,
+//! which peers are interested, when a publish's `ack_replicas` is met, what a repair or
+//! a `Sync` answers, what `Heads` anti-entropy asks for, when history is copied. No
+//! tokio, no clock (every input that needs time takes `now`, a [`Now`] since the
+//! caller's own epoch), no threads, no sockets.
+//!
+//! Two drivers run these same rules: `tern-cluster`'s replicator (QUIC links, tokio
+//! loops, the WAN emulation) and `tern-sim` (a seeded event queue over a faulty
+//! network), so every simulated seed tests the rules that ship.
+//!
+//! # Layout (one module per sub-protocol, tests beside each)
+//! - [`routing`]: homes by rendezvous score, recipients of an event, the `Interest`
+//!   table with its TTL.
+//! - [`links`]: per-link positions, the bounded resend buffer, `Stored` acks, the
+//!   receiver's contiguous prefix.
+//! - [`acks`]: `ack_replicas` waiters as data: which publishes to answer, and how.
+//! - [`repair`]: the answer to a gap repair (events from the log, `Skip` for the rest).
+//! - [`heads`]: anti-entropy: what a node asks for when a peer's cursors arrive.
+//! - [`warm`]: a first subscriber waiting for a channel's state (`Sync`), and the answer.
+//! - [`backfill`]: a channel's new home copying stored history, one page at a time.
+
+pub mod acks;
+pub mod backfill;
+pub mod heads;
+pub mod links;
+pub mod repair;
+pub mod routing;
+pub mod warm;
+
+/// Time as the driver measures it: since its own epoch (the replicator's start, the
+/// simulation's zero). The rules only compare and subtract it.
+pub type Now = std::time::Duration;
