@@ -21,7 +21,20 @@ cd "$here/js"
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
 fi
-node --test --test-concurrency=1 test/
+# Each test file's tern logs (TERN_LOG=warn) go to one file; on a failure, the logs of
+# the files that failed are printed, so CI shows what the servers said.
+export TERN_TEST_LOGS="${TERN_TEST_LOGS:-$(mktemp -d)}"
+rm -f "$TERN_TEST_LOGS"/*.log
+report="$(mktemp)"
+if ! node --test --test-concurrency=1 test/ | tee "$report"; then
+  for file in $(grep -o "location: '[^']*/test/[^':]*" "$report" | sed 's|.*/test/||' | sort -u); do
+    log="$TERN_TEST_LOGS/$file.log"
+    [ -s "$log" ] || continue
+    echo "-- tern's log during $file (last 150 lines of $(wc -l < "$log"))"
+    tail -n 150 "$log"
+  done
+  exit 1
+fi
 
 echo "-- ably-python"
 venv="${INTEROP_VENV:-$repo/target/interop-venv}"

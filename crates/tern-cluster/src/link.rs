@@ -98,7 +98,7 @@ pub struct LinkEndpoint {
 /// The pair's connection to one peer address.
 struct PeerConnection {
     connection: Connection,
-    /// Whether we dialed it (the lower address's connection wins a tie).
+    /// Whether we dialed it (the connection the lower node id dialed wins a tie).
     dialed: bool,
     /// The node its certificate names.
     node: NodeId,
@@ -107,8 +107,11 @@ struct PeerConnection {
 }
 
 struct Shared {
-    /// This endpoint's address, as peers know it (it breaks ties between connections).
-    local: SocketAddr,
+    /// This node's id (its certificate's): of two connections a pair dialed at once,
+    /// the one the lower node id dialed stays. Both ends know both ids, so they keep
+    /// the same one; addresses would not do (a node bound to 0.0.0.0 knows itself by
+    /// another address than its peers see, and then each end keeps its own).
+    me: NodeId,
     /// The one connection per peer address. Bounded by the peers that hold a
     /// certificate of the cluster CA.
     connections: Mutex<HashMap<SocketAddr, PeerConnection>>,
@@ -159,7 +162,7 @@ impl Shared {
     }
 
     /// Makes `connection` (to the node `node`) the pair's connection unless a live one
-    /// opened by the lower address exists; returns the one to use and its node. Streams
+    /// opened by the lower node id exists; returns the one to use and its node. Streams
     /// the peer opens on it become inbound links.
     fn adopt(
         self: &Arc<Self>,
@@ -168,7 +171,13 @@ impl Shared {
         node: NodeId,
     ) -> (Connection, NodeId, Arc<AtomicU8>) {
         let peer = connection.remote_address();
-        let opener = |dialed: bool| if dialed { self.local } else { peer };
+        let opener = |dialed: bool| {
+            if dialed {
+                self.me.clone()
+            } else {
+                node.clone()
+            }
+        };
         let mut connections = self.connections();
         if let Some(existing) = connections.get(&peer) {
             let live = existing.connection.close_reason().is_none();
@@ -314,7 +323,7 @@ impl LinkEndpoint {
         identity: &NodeIdentity,
         v2: bool,
     ) -> Result<LinkEndpoint, ClusterError> {
-        identity.node_id()?;
+        let me: NodeId = identity.node_id()?.into();
         let server = QuicServerConfig::try_from(identity.server_config()?).map_err(link_err)?;
         let client = QuicClientConfig::try_from(identity.client_config()?).map_err(link_err)?;
         let mut transport = quinn::TransportConfig::default();
@@ -328,7 +337,7 @@ impl LinkEndpoint {
         endpoint.set_default_client_config(client);
         let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
         let shared = Arc::new(Shared {
-            local: endpoint.local_addr().map_err(link_err)?,
+            me,
             connections: Mutex::new(HashMap::new()),
             inbound: tx,
             warned: Mutex::new(HashSet::new()),

@@ -216,7 +216,10 @@ pub(crate) async fn to_holder(
     });
     match decision {
         Route::Here => next.run(request).await,
-        Route::Forward(url) => crate::forward::forward(&url, request).await,
+        Route::Forward(url) => {
+            let within = crate::forward::answer_within(&state, request.method());
+            crate::forward::forward(&url, request, within).await
+        }
         Route::Gone => {
             // Credentials first: an unauthenticated caller learns nothing of the id.
             let query: Query<HashMap<String, String>> =
@@ -452,7 +455,8 @@ async fn delete_moved(state: &EdgeState, to: &str, headers: HeaderMap) -> Respon
         Err(_) => return error_response(malformed(to)),
     };
     *request.headers_mut() = headers;
-    crate::forward::forward(&node.client_url, request).await
+    let within = crate::forward::answer_within(state, request.method());
+    crate::forward::forward(&node.client_url, request, within).await
 }
 
 /// `POST /connections/{id}/messages`: see the module doc.

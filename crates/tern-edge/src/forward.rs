@@ -27,8 +27,14 @@ use crate::state::EdgeState;
 
 /// Marks a request one node forwarded to another.
 pub(crate) const FORWARDED: &str = "x-tern-forwarded";
-/// How long the home has to answer, connection included.
+/// How long the home has to answer a read, connection included.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a node makes a write wait for its replicas before it answers (the
+/// cluster's `REPLICA_ACK_TIMEOUT`; `tern-server` checks the two agree).
+pub const DURABLE_WITHIN: Duration = Duration::from_secs(10);
+/// What a forwarded write (a push to a connection, its DELETE) allows the holder beyond
+/// its own deadlines, for the hop and a loaded machine.
+const WRITE_SLACK: Duration = Duration::from_secs(5);
 /// Largest answer passed back.
 const FORWARD_BODY_MAX: usize = 16 << 20;
 
@@ -41,7 +47,7 @@ pub(crate) async fn to_home(
     next: Next,
 ) -> Response {
     match home_url(&state, &request) {
-        Some(url) => forward(&url, request).await,
+        Some(url) => forward(&url, request, FORWARD_TIMEOUT).await,
         None => next.run(request).await,
     }
 }
@@ -65,10 +71,25 @@ fn home_url(state: &EdgeState, request: &Request) -> Option<String> {
     cluster.home_url(&ChannelKey::new(&auth.app_id, base))
 }
 
+/// How long a node forwarding `method` waits for the other node's answer. A write is
+/// given the holder's whole decision time (its before-publish function, then its
+/// replicas) and some: a shorter wait would answer 504 for a write the holder then
+/// ACKs, and a caller retrying that would publish it twice.
+pub(crate) fn answer_within(state: &EdgeState, method: &Method) -> Duration {
+    if method == Method::GET || method == Method::HEAD {
+        return FORWARD_TIMEOUT;
+    }
+    let hooks = state
+        .hooks
+        .as_ref()
+        .map_or(Duration::ZERO, |h| h.longest_timeout());
+    hooks + DURABLE_WITHIN + WRITE_SLACK
+}
+
 /// Sends `request` to the node at `base` and passes its answer back; a node that does
-/// not answer in time is a 504 (50003).
-pub(crate) async fn forward(base: &str, request: Request) -> Response {
-    let reason = match tokio::time::timeout(FORWARD_TIMEOUT, send(base, request)).await {
+/// not answer in `within` is a 504 (50003).
+pub(crate) async fn forward(base: &str, request: Request, within: Duration) -> Response {
+    let reason = match tokio::time::timeout(within, send(base, request)).await {
         Ok(Ok(response)) => return response,
         Ok(Err(reason)) => reason,
         Err(_) => "timed out".to_string(),

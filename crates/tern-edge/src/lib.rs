@@ -61,6 +61,7 @@ mod credentials;
 mod departures;
 mod filter;
 mod forward;
+pub use forward::DURABLE_WITHIN;
 mod gauges;
 pub mod history;
 mod hooks;

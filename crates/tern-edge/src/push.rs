@@ -283,8 +283,9 @@ pub(crate) async fn to_home(
     let (parts, body) = request.into_parts();
     match axum::body::to_bytes(body, state.config.max_frame_size).await {
         Ok(bytes) => {
+            let within = crate::forward::answer_within(&state, &parts.method);
             let request = Request::from_parts(parts, axum::body::Body::from(bytes));
-            crate::forward::forward(&url, request).await
+            crate::forward::forward(&url, request, within).await
         }
         Err(_) => crate::response::error_response(ErrorInfo::with_status(
             code::MESSAGE_TOO_LARGE,

@@ -64,6 +64,17 @@ impl Hooks {
         })
     }
 
+    /// The longest any of these functions may take to answer (its `timeout_ms`): how
+    /// long a publish can wait here before the hub, which a node forwarding a write to
+    /// this one must allow for.
+    pub fn longest_timeout(&self) -> Duration {
+        self.callers
+            .iter()
+            .map(|c| Duration::from_millis(c.hook.config.timeout_ms))
+            .max()
+            .unwrap_or_default()
+    }
+
     /// How many publishes of one connection of `app` may wait at once (the smallest
     /// `connection_pending_max` of its before-publish functions).
     pub fn connection_pending_max(&self, app: &str) -> usize {

@@ -336,6 +336,17 @@ impl tern_cluster::replicator::HistoryAccess for StoreHistory {
 mod tests {
     use super::*;
 
+    /// A node forwarding a write allows for the holder's replica wait: the edge's
+    /// figure is the cluster's, so a forwarded push is not answered 504 while the
+    /// holder may still ACK it.
+    #[test]
+    fn the_edge_waits_as_long_as_the_cluster_does() {
+        assert_eq!(
+            tern_edge::DURABLE_WITHIN,
+            tern_cluster::replicator::REPLICA_ACK_TIMEOUT
+        );
+    }
+
     fn temp_dir(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("tern-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

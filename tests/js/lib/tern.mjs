@@ -2,9 +2,9 @@
 import { spawn } from 'node:child_process';
 import { after, before } from 'node:test';
 import Ably from 'ably';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { appendFileSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -46,6 +46,16 @@ capability = '{"allowed:*":["publish","subscribe","presence","history"],"readonl
 `;
 }
 
+/// With `TERN_TEST_LOGS` set (tests/run.sh sets it), every tern a test file starts has
+/// its log appended to `<dir>/<test file>.log`, each line tagged with the PID, so a
+/// failure in CI comes with what the servers said (run.sh prints it).
+function keepLog(pid, chunk) {
+  const dir = process.env.TERN_TEST_LOGS;
+  if (!dir) return;
+  const lines = String(chunk).split('\n').filter((l) => l.length).map((l) => `[${pid}] ${l}\n`).join('');
+  appendFileSync(join(dir, `${basename(process.argv[1] || 'tern')}.log`), lines);
+}
+
 /// Starts tern with `config` (TOML text); resolves once it prints its listening line.
 /// With `args`, runs those arguments instead of `serve --config …` (e.g. `dev`), and
 /// waits for `listening` such lines; `ports` lists them all (`admins`: their admin ports).
@@ -59,7 +69,7 @@ export async function startTern(config = testConfig(), { dir, args, listening = 
     env: { ...process.env, TERN_LOG: process.env.TERN_LOG || 'warn' },
   });
   let stderr = '';
-  child.stderr.on('data', (d) => { stderr += d; });
+  child.stderr.on('data', (d) => { stderr += d; keepLog(child.pid, d); });
   let admins = [];
   const ports = await new Promise((resolvePorts, reject) => {
     let out = '';

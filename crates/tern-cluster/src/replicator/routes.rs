@@ -66,8 +66,25 @@ impl Replicator {
                 remote: peer.spec.region != self.config.region,
             })
         });
-        for _ in done.iter().filter(|(_, ok)| !ok) {
-            metrics::counter!("tern_replica_ack_timeouts_total").increment(1);
+        let timed_out = done.iter().filter(|(_, ok)| !ok).count();
+        if timed_out > 0 {
+            metrics::counter!("tern_replica_ack_timeouts_total").increment(timed_out as u64);
+            // How each link stands, so a log says which peer did not store in time.
+            let links: Vec<String> = peers
+                .iter()
+                .map(|(id, p)| {
+                    format!(
+                        "{id}@{}: epoch {} sent {} stored {}",
+                        p.spec.region, p.link.epoch, p.link.seq, p.link.acked
+                    )
+                })
+                .collect();
+            tracing::warn!(
+                timed_out,
+                ack_replicas = self.config.ack_replicas,
+                links = %links.join("; "),
+                "publishes not stored on replicas in time: refused"
+            );
         }
         done
     }
