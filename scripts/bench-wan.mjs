@@ -8,7 +8,7 @@
 // to eu-west per message (event records, and acks/Heads/other control frames apart),
 // from us-east's /metrics (its admin port), and the publish→deliver latency above the emulated one-way delay.
 // Bytes are deterministic for a given run of messages; latency depends on the machine.
-// Usage: node scripts/bench-wan.mjs [seconds=3] [rates=200,2000,20000]
+// Usage: node scripts/bench-wan.mjs [seconds=3] [rates=200,2000,20000] [payloads=80B,2KB] [wires=v1,v2]
 // Needs tests/js/node_modules and TERN_BIN (default target/release/tern).
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -21,7 +21,7 @@ const { startTern } = await import(join(repo, 'tests/js/lib/tern.mjs'));
 const { DEV_KEY } = await import(join(repo, 'tests/js/lib/regions.mjs'));
 const { sample } = await import(join(repo, 'tests/js/lib/metrics.mjs'));
 
-const [seconds = '3', rates = '200,2000,20000'] = process.argv.slice(2);
+const [seconds = '3', rates = '200,2000,20000', payloads = '80B,2KB', wires = 'v1,v2'] = process.argv.slice(2);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const EU_DELAY_MS = 40;
 
@@ -57,6 +57,16 @@ function open(port) {
 }
 
 const percentile = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+
+/// us-east's /metrics; an admin port that does not answer in 10 s is a finding, not a hang.
+async function scrape(port) {
+  const started = performance.now();
+  const response = await fetch(`http://127.0.0.1:${port}/metrics`, { signal: AbortSignal.timeout(10000) });
+  const text = await response.text();
+  const took = performance.now() - started;
+  if (took > 1000) console.error(`# /metrics took ${took.toFixed(0)} ms`);
+  return text;
+}
 
 async function run(wire, payload, rate) {
   seed = 42; // the same messages for every wire
@@ -99,7 +109,7 @@ async function run(wire, payload, rate) {
       pubs.push(pub);
     }
     await sleep(300);
-    const metricsBefore = await (await fetch(`http://127.0.0.1:${tern.admins[0]}/metrics`)).text();
+    const metricsBefore = await scrape(tern.admins[0]);
     const total = Math.round(rate * Number(seconds));
     const make = payload === '80B' ? chat : dashboard;
     let bytes = 0;
@@ -115,7 +125,7 @@ async function run(wire, payload, rate) {
     }
     const deadline = Date.now() + 30000;
     while ((latencies.length < total || acked + nacked < total) && !subClosed && Date.now() < deadline) await sleep(50);
-    const metrics = await (await fetch(`http://127.0.0.1:${tern.admins[0]}/metrics`)).text();
+    const metrics = await scrape(tern.admins[0]);
     const counter = (text, name) => sample(text, name, { peer: 'tern-dev-eu-west' }) ?? 0;
     const delta = (name) => counter(metrics, name) - counter(metricsBefore, name);
     // Per event replicated (the events this run sent; none else crossed meanwhile).
@@ -147,9 +157,9 @@ console.log(`\n## WAN bytes us-east → eu-west per message, ${seconds} s per ro
 console.log('| wire | payload | rate msg/s | acked / nacked / replicated / delivered on eu-west | payload B | event B/msg | control B/msg | event B above payload | latency above link p50 / p99 ms |');
 console.log('|---|---|---|---|---|---|---|---|---|');
 const notes = [];
-for (const payload of ['80B', '2KB']) {
+for (const payload of payloads.split(',')) {
   for (const rate of rates.split(',').map(Number)) {
-    for (const wire of ['v1', 'v2']) {
+    for (const wire of wires.split(',')) {
       const r = await run(wire, payload, rate);
       const f = (x) => x.toFixed(1);
       if (r.nackError) notes.push(`${r.wire} ${r.payload} ${r.rate}/s: first NACK ${r.nackError}`);

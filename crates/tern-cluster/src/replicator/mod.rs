@@ -350,6 +350,12 @@ impl Replicator {
         }
     }
 
+    /// Test hook: sends `Heads` now, as the tick does each `HEADS_EVERY`, so a test can
+    /// race it against publishes (it reads every channel's cursor).
+    pub fn send_heads_now(&self) {
+        self.send_heads();
+    }
+
     fn peer_shared(&self, peer: &str) -> Option<Arc<PeerShared>> {
         lock(&self.out).peers.get(peer).map(|p| p.shared.clone())
     }
