@@ -10,6 +10,7 @@
 // Bytes are deterministic for a given run of messages; latency depends on the machine.
 // Usage: node scripts/bench-wan.mjs [seconds=3] [rates=200,2000,20000] [payloads=80B,2KB] [wires=v1,v2]
 // Needs tests/js/node_modules and TERN_BIN (default target/release/tern).
+import { readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -68,6 +69,13 @@ async function scrape(port) {
   return text;
 }
 
+/// CPU seconds (user + system) the tern process has used: `tern dev` runs all three
+/// regions in it, so this is the whole cluster's cost (publish, replicate, deliver).
+function cpuSeconds(pid) {
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ 100)
+}
+
 async function run(wire, payload, rate) {
   seed = 42; // the same messages for every wire
   if (wire === 'v1') process.env.TERN_CLUSTER_WIRE = '1';
@@ -110,6 +118,7 @@ async function run(wire, payload, rate) {
     }
     await sleep(300);
     const metricsBefore = await scrape(tern.admins[0]);
+    const cpuBefore = cpuSeconds(tern.child.pid);
     const total = Math.round(rate * Number(seconds));
     const make = payload === '80B' ? chat : dashboard;
     let bytes = 0;
@@ -125,6 +134,7 @@ async function run(wire, payload, rate) {
     }
     const deadline = Date.now() + 30000;
     while ((latencies.length < total || acked + nacked < total) && !subClosed && Date.now() < deadline) await sleep(50);
+    const cpu = cpuSeconds(tern.child.pid) - cpuBefore;
     const metrics = await scrape(tern.admins[0]);
     const counter = (text, name) => sample(text, name, { peer: 'tern-dev-eu-west' }) ?? 0;
     const delta = (name) => counter(metrics, name) - counter(metricsBefore, name);
@@ -144,6 +154,7 @@ async function run(wire, payload, rate) {
       payloadBytes: bytes / total,
       eventBytes: delta('tern_replication_event_bytes_total') / events,
       controlBytes: delta('tern_replication_control_bytes_total') / events,
+      cpuPerMessage: (cpu * 1e6) / total,
       p50: percentile(sorted, 50) - EU_DELAY_MS,
       p99: percentile(sorted, 99) - EU_DELAY_MS,
     };
@@ -154,8 +165,8 @@ async function run(wire, payload, rate) {
 
 console.log(`# bench-wan ${new Date().toISOString()} (nproc ${(await import('node:os')).cpus().length}, ${process.env.TERN_BIN})`);
 console.log(`\n## WAN bytes us-east → eu-west per message, ${seconds} s per row`);
-console.log('| wire | payload | rate msg/s | acked / nacked / replicated / delivered on eu-west | payload B | event B/msg | control B/msg | event B above payload | latency above link p50 / p99 ms |');
-console.log('|---|---|---|---|---|---|---|---|---|');
+console.log('| wire | payload | rate msg/s | acked / nacked / replicated / delivered on eu-west | payload B | event B/msg | control B/msg | event B above payload | latency above link p50 / p99 ms | tern CPU µs/msg (3 regions) |');
+console.log('|---|---|---|---|---|---|---|---|---|---|');
 const notes = [];
 for (const payload of payloads.split(',')) {
   for (const rate of rates.split(',').map(Number)) {
@@ -163,7 +174,7 @@ for (const payload of payloads.split(',')) {
       const r = await run(wire, payload, rate);
       const f = (x) => x.toFixed(1);
       if (r.nackError) notes.push(`${r.wire} ${r.payload} ${r.rate}/s: first NACK ${r.nackError}`);
-      console.log(`| ${r.wire} | ${r.payload} | ${r.rate} | ${r.acked} / ${r.nacked} / ${r.events} / ${r.delivered}${r.subClosed ? ' (subscriber closed)' : ''} of ${r.total} | ${f(r.payloadBytes)} | ${f(r.eventBytes)} | ${f(r.controlBytes)} | ${f(r.eventBytes - r.payloadBytes)} | ${f(r.p50)} / ${f(r.p99)} |`);
+      console.log(`| ${r.wire} | ${r.payload} | ${r.rate} | ${r.acked} / ${r.nacked} / ${r.events} / ${r.delivered}${r.subClosed ? ' (subscriber closed)' : ''} of ${r.total} | ${f(r.payloadBytes)} | ${f(r.eventBytes)} | ${f(r.controlBytes)} | ${f(r.eventBytes - r.payloadBytes)} | ${f(r.p50)} / ${f(r.p99)} | ${f(r.cpuPerMessage)} |`);
     }
   }
 }
