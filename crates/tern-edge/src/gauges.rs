@@ -30,6 +30,18 @@ impl QueueHighWater {
         }
     }
 
+    /// Nothing seen since the last tick and the window holds only zeros: ticks would
+    /// change nothing.
+    pub(crate) fn is_settled(&self) -> bool {
+        self.current.load(Ordering::Relaxed) == 0
+            && self
+                .window
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .all(|&max| max == 0)
+    }
+
     /// Once a second: closes the tick and sets `tern_outbound_queue_depth_max` to the
     /// deepest queue of the window.
     pub(crate) fn tick(&self) {

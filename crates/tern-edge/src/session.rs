@@ -308,6 +308,7 @@ impl Session {
         let generation = state
             .registry()
             .register(Arc::clone(&id), keys, live.clone());
+        state.arrived();
         let pending_max = state
             .hooks
             .as_ref()
