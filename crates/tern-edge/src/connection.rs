@@ -103,6 +103,12 @@ impl Outlet {
         }
     }
 
+    /// Whether the queue has room for a few replies right now (then
+    /// [`Outlet::headroom`] would not wait).
+    pub(crate) fn has_headroom(&self) -> bool {
+        !self.queue.is_closed() && self.queue.capacity() >= REPLY_HEADROOM
+    }
+
     /// Waits until the queue has room for a few replies, so a client that sends faster
     /// than it reads is slowed down (its frames stay unread) instead of overflowing its
     /// own queue with ACKs. `false` if room did not appear within `wait`.
@@ -333,7 +339,9 @@ async fn bounded(
     let mut write = pin!(write);
     let result = match (&mut write).now_or_never() {
         Some(result) => result,
-        None => match tokio::time::timeout(limit, write).await {
+        // Boxed: only a write that has to wait gets here, and inline the timer would
+        // sit in every idle connection's writer task.
+        None => match Box::pin(tokio::time::timeout(limit, write)).await {
             Ok(result) => result,
             Err(_) => return Err(WriteFailed::Stalled),
         },
@@ -408,7 +416,9 @@ async fn write_loop(
             }
             // Nothing sent for `idle`: a protocol HEARTBEAT (clients that asked for
             // them, and Python which asks for nothing) or a WebSocket ping.
-            _ = tokio::time::sleep_until(deadline) => writer.heartbeat().await,
+            // Boxed, like the close below: rare, and inline they would make every
+            // idle connection's writer task as large as they are.
+            _ = tokio::time::sleep_until(deadline) => Box::pin(writer.heartbeat()).await,
         };
         match written {
             Ok(()) => deadline = Instant::now() + writer.idle,
@@ -416,7 +426,7 @@ async fn write_loop(
         }
     }
     let last = end.borrow().clone().flatten();
-    writer.close(last).await;
+    Box::pin(writer.close(last)).await;
 }
 
 impl Writer {
