@@ -228,7 +228,17 @@ async fn run(
             code::BAD_REQUEST,
             "unsupported format: use json or msgpack",
         )))),
-        Some(format) => match Session::open(state, &query, format, outlet.clone(), arrival).await {
+        // Boxed: opening (credentials, resume, a `$connect` function) is a large state
+        // that, inline, would stay in the connection's task for its whole life.
+        Some(format) => match Box::pin(Session::open(
+            state,
+            &query,
+            format,
+            outlet.clone(),
+            arrival,
+        ))
+        .await
+        {
             Ok(session) => session.run(WsInbound(stream, frame_max)).await,
             Err(err) => outlet.finish(Some(refusal_frame(err))),
         },
