@@ -52,7 +52,8 @@ pub(crate) enum Outbound {
 pub(crate) struct OutletRx {
     pub(crate) queue: mpsc::Receiver<Outbound>,
     /// `Some(last)` once the session ends the connection (see [`Outlet::finish`]).
-    pub(crate) end: watch::Receiver<Option<Option<ProtocolMessage>>>,
+    /// The frame is boxed: the channel holds its value inline, for the connection's life.
+    pub(crate) end: watch::Receiver<Option<Option<Box<ProtocolMessage>>>>,
 }
 
 /// The session's handle on its writer.
@@ -60,7 +61,7 @@ pub(crate) struct OutletRx {
 pub(crate) struct Outlet {
     queue: mpsc::Sender<Outbound>,
     /// Set once: the frame to send before closing (or `None`: just close).
-    end: Arc<watch::Sender<Option<Option<ProtocolMessage>>>>,
+    end: Arc<watch::Sender<Option<Option<Box<ProtocolMessage>>>>>,
     /// Woken when the queue overflows: the session then disconnects the client.
     pub(crate) overflow: Arc<Notify>,
     /// The app's statistics, set once the session knows the app; the writer counts
@@ -128,7 +129,7 @@ impl Outlet {
     pub(crate) fn finish(&self, last: Option<ProtocolMessage>) {
         self.end.send_if_modified(|end| {
             if end.is_none() {
-                *end = Some(last);
+                *end = Some(last.map(Box::new));
                 true
             } else {
                 false
@@ -410,7 +411,7 @@ pub(crate) fn tally(delivered: &mut Delivered, item: &Outbound) {
 async fn write_loop(
     mut writer: Writer,
     mut queue: mpsc::Receiver<Outbound>,
-    mut end: watch::Receiver<Option<Option<ProtocolMessage>>>,
+    mut end: watch::Receiver<Option<Option<Box<ProtocolMessage>>>>,
 ) {
     let mut deadline = Instant::now() + writer.idle;
     loop {
@@ -435,7 +436,7 @@ async fn write_loop(
             Err(failed) => return writer.give_up(failed),
         }
     }
-    let last = end.borrow().clone().flatten();
+    let last = end.borrow().clone().flatten().map(|last| *last);
     Box::pin(writer.close(last)).await;
 }
 
