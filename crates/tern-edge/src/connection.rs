@@ -221,7 +221,6 @@ async fn run(
         stalled: outlet.overflow.clone(),
         stats: outlet.stats.clone(),
         state: state.clone(),
-        delivery: crate::gauges::DeliveryHistograms::new(),
     };
     let writer = tokio::spawn(write_loop(writer, rx.queue, rx.end));
     match format {
@@ -378,7 +377,6 @@ struct Writer {
     stats: Arc<OnceLock<Arc<AppStats>>>,
     /// The node: its origin and queue high-water mark.
     state: Arc<EdgeState>,
-    delivery: crate::gauges::DeliveryHistograms,
 }
 
 impl OldestInBatch {
@@ -464,7 +462,7 @@ impl Writer {
         }
         metrics::counter!("tern_frames_sent_total").increment(written);
         bounded(limit, self.sink.flush()).await?;
-        oldest.record(&self.delivery, crate::now_ms());
+        oldest.record(self.state.delivery_histograms(), crate::now_ms());
         // Counted once the batch is out: a few relaxed adds per batch, none per frame.
         if let Some(stats) = self.stats.get() {
             stats.delivered(&delivered);

@@ -86,8 +86,8 @@ impl OldestInBatch {
 
 /// `tern_delivery_seconds{origin}`: from the publish's timestamp to the batch written to
 /// the client (`local`: published on this node; `remote`: replicated from another, so it
-/// includes the replication lag). Handles taken once per connection, on its node's
-/// thread, so a batch records without a registry lookup.
+/// includes the replication lag). Handles taken once per node, on its thread
+/// (`EdgeState::delivery_histograms`), so a batch records without a registry lookup.
 pub(crate) struct DeliveryHistograms {
     local: metrics::Histogram,
     remote: metrics::Histogram,

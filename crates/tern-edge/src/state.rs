@@ -65,6 +65,9 @@ pub struct EdgeState {
     /// notified when a client connection is accepted and when the hub's first channel
     /// opens.
     housekeeping: Arc<Notify>,
+    /// `tern_delivery_seconds` handles, taken by the first writer (on the node's thread,
+    /// so into the node's recorder) and shared by all: none per connection.
+    delivery: std::sync::OnceLock<crate::gauges::DeliveryHistograms>,
 }
 
 /// The client transports `tern_connections{transport}` counts (all listed from start).
@@ -192,6 +195,7 @@ impl EdgeState {
         hub.on_channel_opened(Box::new(move || wake.notify_one()));
         EdgeState {
             housekeeping,
+            delivery: std::sync::OnceLock::new(),
             nonces: Mutex::new(NonceCache::new(config.nonce_cache_max, retain_ms)),
             registry: Mutex::new(Registry::new(config.parked_connections_max)),
             node_tag: {
@@ -345,6 +349,12 @@ impl EdgeState {
     /// hub opened a channel (also if that happened since the last call).
     pub async fn activity(&self) {
         self.housekeeping.notified().await
+    }
+
+    /// The node's `tern_delivery_seconds` handles (see [`EdgeState::delivery`]).
+    pub(crate) fn delivery_histograms(&self) -> &crate::gauges::DeliveryHistograms {
+        self.delivery
+            .get_or_init(crate::gauges::DeliveryHistograms::new)
     }
 
     /// A client connection arrived (any listener): wakes quiet housekeeping.
