@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tern_protocol::{Annotation, Message, PresenceMessage};
 
@@ -165,6 +165,9 @@ pub struct Hub {
     dropped: Mutex<DroppedSet>,
     /// Connection-id prefixes of departed nodes, oldest first.
     departed: Mutex<VecDeque<Arc<str>>>,
+    /// Called when a channel opens: the caller's housekeeping, asleep while nothing
+    /// changes, has work again (see [`Hub::sweep`]).
+    on_channel_opened: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -198,7 +201,15 @@ impl Hub {
             app_channels: Mutex::new(AppChannels::default()),
             dropped: Mutex::new(DroppedSet::default()),
             departed: Mutex::new(VecDeque::new()),
+            on_channel_opened: OnceLock::new(),
         }
+    }
+
+    /// Sets what to call when a channel opens (see [`Hub::sweep`]). Only the first
+    /// call takes effect. `wake` runs under a shard lock: it must only signal (a
+    /// notify), never call back into the hub.
+    pub fn on_channel_opened(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_channel_opened.set(wake);
     }
 
     pub fn origin(&self) -> OriginId {
@@ -338,6 +349,9 @@ impl Hub {
             *peak = (*peak).max(*count);
         }
         self.channel_count.fetch_add(1, Ordering::Relaxed);
+        if let Some(wake) = self.on_channel_opened.get() {
+            wake();
+        }
         let mut created = Channel::new(key.name.clone(), now_ms);
         if let Some(cursor) = restored {
             created.restore(cursor, self.origin);
@@ -669,8 +683,11 @@ impl Hub {
 
     /// Periodic housekeeping: members of connections dropped past their grace period
     /// leave; channels empty for longer than `channel_idle_retain_ms` are dropped.
-    /// Call about once a second.
-    pub fn sweep(&self, now_ms: i64) {
+    /// Call about once a second while it returns `true` (something is still waiting:
+    /// a dropped connection's members, an empty channel, a channel opened since the
+    /// last [`Hub::take_app_channels`]). After `false`, nothing changes here until a
+    /// connection attaches or drops, or a channel opens (the `on_channel_opened` call).
+    pub fn sweep(&self, now_ms: i64) -> bool {
         loop {
             let due = {
                 let mut dropped = lock(&self.dropped);
@@ -687,16 +704,19 @@ impl Hub {
                 self.leave_all(&id, &gone, now_ms);
             }
         }
+        let mut waiting = false;
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
             let before = shard.len();
             let mut retired: Vec<Arc<str>> = Vec::new();
             shard.retain(|key, channel| {
                 let mut channel = lock(channel);
-                let idle = channel.is_empty()
+                let empty = channel.is_empty();
+                let idle = empty
                     && channel
                         .empty_since_ms
                         .is_some_and(|since| now_ms - since >= self.limits.channel_idle_retain_ms);
+                waiting |= empty && !idle;
                 channel.retired = idle;
                 if idle {
                     retired.push(key.app.clone());
@@ -715,5 +735,8 @@ impl Hub {
                 }
             }
         }
+        waiting
+            || !lock(&self.dropped).by_id.is_empty()
+            || !lock(&self.app_channels).period.is_empty()
     }
 }

@@ -379,6 +379,11 @@ impl<S, L: Clone> ConnectionRegistry<S, L> {
         ended
     }
 
+    /// No connection live or parked, and none ended since the last sweep.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.evicted.is_empty()
+    }
+
     pub fn parked_count(&self) -> usize {
         self.deadlines.len()
     }

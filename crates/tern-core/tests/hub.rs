@@ -753,3 +753,41 @@ fn event_data_bytes_is_ablys_message_size() {
     assert_eq!(event.data_bytes(), 2 + 8);
     assert_eq!(event.presence_count(), 0);
 }
+
+/// `sweep` says whether anything still waits for it (an empty channel to retire, a
+/// dropped connection's members, a channel opened since the last report), and every
+/// channel that opens calls the hub's `on_channel_opened`, so housekeeping can sleep in
+/// between.
+#[test]
+fn sweep_says_when_it_has_nothing_left() {
+    let limits = CoreLimits {
+        channel_idle_retain_ms: 50,
+        ..Default::default()
+    };
+    let hub = Hub::new(OriginId(1), limits);
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = opened.clone();
+    hub.on_channel_opened(Box::new(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }));
+    assert!(!hub.sweep(0), "an empty hub waits for nothing");
+    let key = ChannelKey::new("a", "1");
+    hub.publish(&key, &publisher("P", 0), vec![msg("x")], 0)
+        .unwrap();
+    assert_eq!(opened.load(std::sync::atomic::Ordering::Relaxed), 1);
+    hub.take_app_channels();
+    assert!(hub.sweep(49), "an empty channel waits to be retired");
+    assert!(!hub.sweep(50), "retired: nothing left");
+    let _watcher = attach(&hub, &key, "W", true);
+    assert_eq!(opened.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert!(hub.sweep(60), "opened since the last report");
+    hub.take_app_channels();
+    assert!(!hub.sweep(61), "a channel with a subscriber holds still");
+    hub.presence(&key, &publisher("A", 0), vec![enter("A", "alice", 0)], 70)
+        .unwrap();
+    hub.connection_dropped("a", "A", vec![key.name.clone()], 100);
+    assert!(
+        hub.sweep(101),
+        "a dropped connection's member waits to leave"
+    );
+}

@@ -52,7 +52,8 @@ pub(crate) enum Outbound {
 pub(crate) struct OutletRx {
     pub(crate) queue: mpsc::Receiver<Outbound>,
     /// `Some(last)` once the session ends the connection (see [`Outlet::finish`]).
-    pub(crate) end: watch::Receiver<Option<Option<ProtocolMessage>>>,
+    /// The frame is boxed: the channel holds its value inline, for the connection's life.
+    pub(crate) end: watch::Receiver<Option<Option<Box<ProtocolMessage>>>>,
 }
 
 /// The session's handle on its writer.
@@ -60,7 +61,7 @@ pub(crate) struct OutletRx {
 pub(crate) struct Outlet {
     queue: mpsc::Sender<Outbound>,
     /// Set once: the frame to send before closing (or `None`: just close).
-    end: Arc<watch::Sender<Option<Option<ProtocolMessage>>>>,
+    end: Arc<watch::Sender<Option<Option<Box<ProtocolMessage>>>>>,
     /// Woken when the queue overflows: the session then disconnects the client.
     pub(crate) overflow: Arc<Notify>,
     /// The app's statistics, set once the session knows the app; the writer counts
@@ -103,6 +104,12 @@ impl Outlet {
         }
     }
 
+    /// Whether the queue has room for a few replies right now (then
+    /// [`Outlet::headroom`] would not wait).
+    pub(crate) fn has_headroom(&self) -> bool {
+        !self.queue.is_closed() && self.queue.capacity() >= REPLY_HEADROOM
+    }
+
     /// Waits until the queue has room for a few replies, so a client that sends faster
     /// than it reads is slowed down (its frames stay unread) instead of overflowing its
     /// own queue with ACKs. `false` if room did not appear within `wait`.
@@ -122,7 +129,7 @@ impl Outlet {
     pub(crate) fn finish(&self, last: Option<ProtocolMessage>) {
         self.end.send_if_modified(|end| {
             if end.is_none() {
-                *end = Some(last);
+                *end = Some(last.map(Box::new));
                 true
             } else {
                 false
@@ -214,7 +221,6 @@ async fn run(
         stalled: outlet.overflow.clone(),
         stats: outlet.stats.clone(),
         state: state.clone(),
-        delivery: crate::gauges::DeliveryHistograms::new(),
     };
     let writer = tokio::spawn(write_loop(writer, rx.queue, rx.end));
     match format {
@@ -222,7 +228,17 @@ async fn run(
             code::BAD_REQUEST,
             "unsupported format: use json or msgpack",
         )))),
-        Some(format) => match Session::open(state, &query, format, outlet.clone(), arrival).await {
+        // Boxed: opening (credentials, resume, a `$connect` function) is a large state
+        // that, inline, would stay in the connection's task for its whole life.
+        Some(format) => match Box::pin(Session::open(
+            state,
+            &query,
+            format,
+            outlet.clone(),
+            arrival,
+        ))
+        .await
+        {
             Ok(session) => session.run(WsInbound(stream, frame_max)).await,
             Err(err) => outlet.finish(Some(refusal_frame(err))),
         },
@@ -333,7 +349,9 @@ async fn bounded(
     let mut write = pin!(write);
     let result = match (&mut write).now_or_never() {
         Some(result) => result,
-        None => match tokio::time::timeout(limit, write).await {
+        // Boxed: only a write that has to wait gets here, and inline the timer would
+        // sit in every idle connection's writer task.
+        None => match Box::pin(tokio::time::timeout(limit, write)).await {
             Ok(result) => result,
             Err(_) => return Err(WriteFailed::Stalled),
         },
@@ -359,7 +377,6 @@ struct Writer {
     stats: Arc<OnceLock<Arc<AppStats>>>,
     /// The node: its origin and queue high-water mark.
     state: Arc<EdgeState>,
-    delivery: crate::gauges::DeliveryHistograms,
 }
 
 impl OldestInBatch {
@@ -392,7 +409,7 @@ pub(crate) fn tally(delivered: &mut Delivered, item: &Outbound) {
 async fn write_loop(
     mut writer: Writer,
     mut queue: mpsc::Receiver<Outbound>,
-    mut end: watch::Receiver<Option<Option<ProtocolMessage>>>,
+    mut end: watch::Receiver<Option<Option<Box<ProtocolMessage>>>>,
 ) {
     let mut deadline = Instant::now() + writer.idle;
     loop {
@@ -408,15 +425,17 @@ async fn write_loop(
             }
             // Nothing sent for `idle`: a protocol HEARTBEAT (clients that asked for
             // them, and Python which asks for nothing) or a WebSocket ping.
-            _ = tokio::time::sleep_until(deadline) => writer.heartbeat().await,
+            // Boxed, like the close below: rare, and inline they would make every
+            // idle connection's writer task as large as they are.
+            _ = tokio::time::sleep_until(deadline) => Box::pin(writer.heartbeat()).await,
         };
         match written {
             Ok(()) => deadline = Instant::now() + writer.idle,
             Err(failed) => return writer.give_up(failed),
         }
     }
-    let last = end.borrow().clone().flatten();
-    writer.close(last).await;
+    let last = end.borrow().clone().flatten().map(|last| *last);
+    Box::pin(writer.close(last)).await;
 }
 
 impl Writer {
@@ -443,7 +462,7 @@ impl Writer {
         }
         metrics::counter!("tern_frames_sent_total").increment(written);
         bounded(limit, self.sink.flush()).await?;
-        oldest.record(&self.delivery, crate::now_ms());
+        oldest.record(self.state.delivery_histograms(), crate::now_ms());
         // Counted once the batch is out: a few relaxed adds per batch, none per frame.
         if let Some(stats) = self.stats.get() {
             stats.delivered(&delivered);

@@ -30,6 +30,18 @@ impl QueueHighWater {
         }
     }
 
+    /// Nothing seen since the last tick and the window holds only zeros: ticks would
+    /// change nothing.
+    pub(crate) fn is_settled(&self) -> bool {
+        self.current.load(Ordering::Relaxed) == 0
+            && self
+                .window
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .all(|&max| max == 0)
+    }
+
     /// Once a second: closes the tick and sets `tern_outbound_queue_depth_max` to the
     /// deepest queue of the window.
     pub(crate) fn tick(&self) {
@@ -74,8 +86,8 @@ impl OldestInBatch {
 
 /// `tern_delivery_seconds{origin}`: from the publish's timestamp to the batch written to
 /// the client (`local`: published on this node; `remote`: replicated from another, so it
-/// includes the replication lag). Handles taken once per connection, on its node's
-/// thread, so a batch records without a registry lookup.
+/// includes the replication lag). Handles taken once per node, on its thread
+/// (`EdgeState::delivery_histograms`), so a batch records without a registry lookup.
 pub(crate) struct DeliveryHistograms {
     local: metrics::Histogram,
     remote: metrics::Histogram,

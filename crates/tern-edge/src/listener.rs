@@ -71,6 +71,7 @@ pub async fn serve(listener: TcpListener, state: Arc<EdgeState>) {
             },
             () = shutting_down(&mut shutdown) => break,
         };
+        state.arrived();
         match gate.admit(peer.ip()) {
             Ok(admitted) => {
                 let connection = Connection {

@@ -308,6 +308,7 @@ impl Session {
         let generation = state
             .registry()
             .register(Arc::clone(&id), keys, live.clone());
+        state.arrived();
         let pending_max = state
             .hooks
             .as_ref()
@@ -417,28 +418,35 @@ impl Session {
                 // A client frame. Cancel-safe: `Inbound::next` is. Not read while the
                 // connection's held-back publishes are at their bound.
                 received = inbound.next(), if !self.pipeline.is_full() => {
-                    let frame = match received {
+                    // Boxed: it is held across the waits below, and inline it would
+                    // make every idle connection's task a frame larger.
+                    let frame: Box<ProtocolMessage> = match received {
                         Received::Encoded(bytes) => match tern_protocol::decode(self.format, &bytes) {
-                            Ok(frame) => frame,
+                            Ok(frame) => Box::new(frame),
                             Err(err) => break self.fail_with(err.to_error_info()),
                         },
-                        Received::Decoded(frame) => *frame,
+                        Received::Decoded(frame) => frame,
                         Received::Refused(error) => break self.fail_with(error),
                         Received::Gone => break Ending::Dropped,
                     };
-                    if !self.outlet.headroom(SLOW_CLIENT_WAIT).await {
+                    // The waits below are boxed: they are rare, and inline they would
+                    // make every idle connection's task as large as the largest of them.
+                    if !self.outlet.has_headroom()
+                        && !Box::pin(self.outlet.headroom(SLOW_CLIENT_WAIT)).await
+                    {
                         self.outlet.finish(Some(self.disconnected(too_slow())));
                         break Ending::Dropped;
                     }
                     if frame.action == action::CLOSE {
                         // Publishes sent before the CLOSE are answered before CLOSED.
-                        self.settle_held().await;
+                        Box::pin(self.settle_held()).await;
                     }
-                    if let Some(ending) = self.handle(frame) {
+                    if let Some(ending) = self.handle(*frame) {
                         break ending;
                     }
-                    if let Some((ready, frame)) = self.warming.take() {
-                        let _ = tokio::time::timeout(WARM_WAIT, ready).await;
+                    if let Some(mut warming) = self.warming.take().map(Box::new) {
+                        let _ = Box::pin(tokio::time::timeout(WARM_WAIT, &mut warming.0)).await;
+                        let (_, frame) = *warming;
                         if let Some(ending) = self.attach_now(frame) {
                             break ending;
                         }

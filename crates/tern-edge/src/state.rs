@@ -8,7 +8,7 @@ use crate::revoke::{Credentials, Revocations};
 use tern_core::{ChannelKey, ConnectionRegistry, Hub};
 use tern_protocol::{code, ErrorInfo};
 use tern_store::{HistoryStore, StoreError};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::EdgeConfig;
 use crate::resume::ParkedSession;
@@ -61,6 +61,13 @@ pub struct EdgeState {
     pub(crate) departures: Arc<crate::departures::Departures>,
     /// The deepest client outbound queue lately (`tern_outbound_queue_depth_max`).
     pub(crate) queue_high_water: crate::gauges::QueueHighWater,
+    /// Wakes housekeeping that sleeps while the node is quiet ([`EdgeState::is_quiet`]):
+    /// notified when a client connection is accepted and when the hub's first channel
+    /// opens.
+    housekeeping: Arc<Notify>,
+    /// `tern_delivery_seconds` handles, taken by the first writer (on the node's thread,
+    /// so into the node's recorder) and shared by all: none per connection.
+    delivery: std::sync::OnceLock<crate::gauges::DeliveryHistograms>,
 }
 
 /// The client transports `tern_connections{transport}` counts (all listed from start).
@@ -183,7 +190,12 @@ impl EdgeState {
             ring: keys,
             revocations,
         };
+        let housekeeping = Arc::new(Notify::new());
+        let wake = housekeeping.clone();
+        hub.on_channel_opened(Box::new(move || wake.notify_one()));
         EdgeState {
+            housekeeping,
+            delivery: std::sync::OnceLock::new(),
             nonces: Mutex::new(NonceCache::new(config.nonce_cache_max, retain_ms)),
             registry: Mutex::new(Registry::new(config.parked_connections_max)),
             node_tag: {
@@ -296,9 +308,14 @@ impl EdgeState {
 
     /// Periodic housekeeping (about once a second): presence of dropped connections,
     /// idle channels, expired parked connections, and the app statistics' gauges and
-    /// minutes.
-    pub fn sweep(&self, now_ms: i64) {
-        self.hub.sweep(now_ms);
+    /// minutes. Returns `true` when the node is steady: no connection (live or parked),
+    /// nothing waiting in the hub, the queue high-water window at zero. Then the next calls would only sample unchanged gauges until
+    /// [`EdgeState::activity`] fires, so the caller may sleep until then or the next
+    /// minute (which the statistics must close); a later call takes the samples it
+    /// skipped.
+    pub fn sweep(&self, now_ms: i64) -> bool {
+        self.stats.fill(now_ms);
+        let hub_waiting = self.hub.sweep(now_ms);
         let expired = self.registry().sweep(now_ms);
         for (id, parked) in expired {
             if self.departures.tracks(&parked.info.app_id) {
@@ -320,6 +337,29 @@ impl EdgeState {
         }
         self.stats.tick(now_ms, self.hub.take_app_channels());
         self.queue_high_water.tick();
+        !hub_waiting
+            && self.connection_count() == 0
+            && self.registry().is_empty()
+            && self.stats.is_steady()
+            && self.queue_high_water.is_settled()
+    }
+
+    /// Resolves when something may have ended a steady state (see
+    /// [`EdgeState::sweep`]): a client connection was accepted, a session opened, or the
+    /// hub opened a channel (also if that happened since the last call).
+    pub async fn activity(&self) {
+        self.housekeeping.notified().await
+    }
+
+    /// The node's `tern_delivery_seconds` handles (see [`EdgeState::delivery`]).
+    pub(crate) fn delivery_histograms(&self) -> &crate::gauges::DeliveryHistograms {
+        self.delivery
+            .get_or_init(crate::gauges::DeliveryHistograms::new)
+    }
+
+    /// A client connection arrived (any listener): wakes quiet housekeeping.
+    pub(crate) fn arrived(&self) {
+        self.housekeeping.notify_one();
     }
 
     /// Runs `then` once everything applied so far is durable: committed to the history

@@ -484,27 +484,50 @@ async fn start_node(
     tracing::info!(%addr, origin = %origin, server_id = %config.server_id(), "tern started");
 
     // Housekeeping: presence expiry of dropped connections, idle channel removal,
-    // expired parked connections; load published to the cluster every 5 s; history
-    // retention once a minute.
+    // expired parked connections, app statistics; load published to the cluster every
+    // 5 s; history retention once a minute. A steady node (see `EdgeState::sweep`)
+    // sleeps until a client or a channel arrives, the next minute (statistics close it)
+    // or the next retention pass.
     let sweeper_state = state.clone();
     let trim_store = store.clone();
     let load_cluster = edge_cluster.clone();
     let sweeper = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut ticks: u64 = 0;
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let start = tokio::time::Instant::now();
+        let mut next_load = start + LOAD_EVERY;
+        let mut next_trim = start + TRIM_EVERY;
+        let mut load_sent = None;
+        let mut steady_until = None;
         loop {
-            tick.tick().await;
-            sweeper_state.sweep(tern_edge::now_ms());
-            ticks += 1;
-            if ticks.is_multiple_of(5) {
-                if let Some(node) = load_cluster.as_ref().and_then(|c| c.node.get()) {
-                    node.set_load(sweeper_state.connection_count() as u64).await;
+            match steady_until {
+                Some(until) => tokio::select! {
+                    () = sweeper_state.activity() => {}
+                    () = tokio::time::sleep_until(next_trim.min(until)) => {}
+                },
+                None => {
+                    tick.tick().await;
                 }
             }
-            if ticks.is_multiple_of(60) {
+            let now_ms = tern_edge::now_ms();
+            let steady = sweeper_state.sweep(now_ms);
+            let now = tokio::time::Instant::now();
+            if now >= next_load || steady {
+                if let Some(node) = load_cluster.as_ref().and_then(|c| c.node.get()) {
+                    let load = sweeper_state.connection_count() as u64;
+                    if load_sent != Some(load) {
+                        node.set_load(load).await;
+                        load_sent = Some(load);
+                    }
+                }
+                next_load = now + LOAD_EVERY;
+            }
+            if now >= next_trim {
+                next_trim = now + TRIM_EVERY;
                 let store = trim_store.clone();
                 let _ = tokio::task::spawn_blocking(move || store.trim(tern_edge::now_ms())).await;
             }
+            steady_until = steady.then(|| now + until_next_minute(now_ms));
         }
     });
     let server = tokio::spawn(async move {
@@ -523,6 +546,20 @@ async fn start_node(
         store,
         cluster: edge_cluster,
     })
+}
+
+/// How often housekeeping sweeps while the node is not quiet.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often the node's load (its connection count) is gossiped when it changed.
+const LOAD_EVERY: Duration = Duration::from_secs(5);
+/// How often history retention runs.
+const TRIM_EVERY: Duration = Duration::from_secs(60);
+
+/// From `now_ms` to just past the next whole minute (UTC), when app statistics close
+/// the minute.
+fn until_next_minute(now_ms: i64) -> Duration {
+    let into = now_ms.rem_euclid(60_000);
+    Duration::from_millis((60_000 - into) as u64 + 1)
 }
 
 /// Runs one node (`serve`, or `dev --regions 1`) or several in-process regions (`dev`).

@@ -9,12 +9,25 @@
 //! that is the node's recorder; with several it is [`Tripwire`], which counts nothing and
 //! logs the metric's name once, so a series that escapes its node is seen, not silently
 //! merged into another node's numbers.
+//!
+//! Histogram samples queue in the recorder until an upkeep drains them. The upkeep runs
+//! a second after the first sample since the last one ([`Upkept`]), never on a bare
+//! timer, so a node that records nothing never wakes for it.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use metrics::{
+    Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
+use tokio::sync::Notify;
+
+/// How long histogram samples gather before an upkeep drains them (the bound on what
+/// the recorder holds undrained: about this long of samples).
+const UPKEEP_AFTER: Duration = Duration::from_secs(1);
 
 /// Histogram buckets (seconds) for every `*_seconds` series: 0.5 ms to 10 s, enough
 /// resolution for a LAN ACK and for a WAN replication lag.
@@ -26,7 +39,44 @@ const BUCKETS_SECONDS: &[f64] = &[
 /// process (a node is never torn down before the process ends).
 #[derive(Clone, Copy)]
 pub struct NodeRecorder {
-    recorder: &'static PrometheusRecorder,
+    recorder: &'static Upkept,
+}
+
+/// A node's Prometheus recorder, whose histograms note that a sample waits for upkeep.
+pub struct Upkept {
+    inner: PrometheusRecorder,
+    pending: Arc<Pending>,
+}
+
+/// Whether a histogram sample was recorded since the last upkeep, and the upkeep task's
+/// wake-up for the first one.
+#[derive(Default)]
+struct Pending {
+    recorded: AtomicBool,
+    first: Notify,
+}
+
+impl Pending {
+    /// A sample was recorded: wakes the upkeep if it is the first since the last one.
+    /// Costs one relaxed load per sample once armed.
+    fn mark(&self) {
+        if !self.recorded.load(Ordering::Relaxed) && !self.recorded.swap(true, Ordering::AcqRel) {
+            self.first.notify_one();
+        }
+    }
+}
+
+/// One histogram of a node: records into Prometheus's and marks the upkeep due.
+struct MarkedHistogram {
+    inner: Histogram,
+    pending: Arc<Pending>,
+}
+
+impl HistogramFn for MarkedHistogram {
+    fn record(&self, value: f64) {
+        self.inner.record(value);
+        self.pending.mark();
+    }
 }
 
 impl NodeRecorder {
@@ -37,6 +87,10 @@ impl NodeRecorder {
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS_SECONDS)
             .expect("the histogram buckets are valid")
             .build_recorder();
+        let recorder = Upkept {
+            inner: recorder,
+            pending: Arc::default(),
+        };
         NodeRecorder {
             recorder: Box::leak(Box::new(recorder)),
         }
@@ -68,15 +122,22 @@ impl NodeRecorder {
         Arc::new(move || self.enter())
     }
 
-    /// Drains histogram samples into their buckets every second, on the current runtime
-    /// (the node's). Histogram samples queue in the recorder until drained; without
-    /// this a node nobody scrapes would hold every sample ever recorded.
+    /// Drains histogram samples into their buckets [`UPKEEP_AFTER`] after the first
+    /// sample since the last drain, on the current runtime (the node's). Histogram
+    /// samples queue in the recorder until drained; without this a node nobody scrapes
+    /// would hold every sample ever recorded. A node that records nothing sleeps here.
     pub fn spawn_upkeep(self) {
-        let handle = self.recorder.handle();
+        let handle = self.recorder.inner.handle();
+        let pending = self.recorder.pending.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
-                tick.tick().await;
+                // Cancel-safe enough: a permit stored by `mark` while nobody waited is
+                // taken by the next `notified`.
+                pending.first.notified().await;
+                tokio::time::sleep(UPKEEP_AFTER).await;
+                // Cleared before draining: a sample recorded from here on arms the next
+                // upkeep (one drained now as well costs an empty upkeep, nothing more).
+                pending.recorded.store(false, Ordering::Release);
                 handle.run_upkeep();
             }
         });
@@ -84,7 +145,7 @@ impl NodeRecorder {
 
     /// The node's `/metrics` text.
     pub fn render(self) -> crate::admin::Render {
-        let handle = self.recorder.handle();
+        let handle = self.recorder.inner.handle();
         Arc::new(move || handle.render())
     }
 
@@ -100,8 +161,32 @@ impl NodeRecorder {
     }
 }
 
+impl Recorder for Upkept {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, help: SharedString) {
+        self.inner.describe_counter(key, unit, help)
+    }
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, help: SharedString) {
+        self.inner.describe_gauge(key, unit, help)
+    }
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, help: SharedString) {
+        self.inner.describe_histogram(key, unit, help)
+    }
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        self.inner.register_counter(key, metadata)
+    }
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+        self.inner.register_gauge(key, metadata)
+    }
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
+        Histogram::from_arc(Arc::new(MarkedHistogram {
+            inner: self.inner.register_histogram(key, metadata),
+            pending: self.pending.clone(),
+        }))
+    }
+}
+
 /// The one node's recorder as the global one.
-struct Forward(&'static PrometheusRecorder);
+struct Forward(&'static Upkept);
 
 impl Recorder for Forward {
     fn describe_counter(&self, key: KeyName, unit: Option<Unit>, help: SharedString) {

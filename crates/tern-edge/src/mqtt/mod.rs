@@ -91,6 +91,7 @@ pub async fn serve(listener: TcpListener, state: Arc<EdgeState>, config: MqttCon
             }
         };
         let _ = stream.set_nodelay(true);
+        state.arrived();
         let shared = websocket::Shared {
             state: state.clone(),
             config: config.clone(),

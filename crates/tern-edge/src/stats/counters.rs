@@ -32,6 +32,9 @@ struct OpenMinute {
     channels_sum: u64,
     channels_peak: u64,
     channels_min: u64,
+    /// The last sample: when, and the connections and channels it saw (what samples
+    /// missed while housekeeping slept are taken as, see [`AppStats::fill`]).
+    last: Option<(i64, u64, u64)>,
 }
 
 impl OpenMinute {
@@ -43,9 +46,16 @@ impl OpenMinute {
             channels_sum: 0,
             channels_peak: channels,
             channels_min: channels,
+            last: None,
         }
     }
 }
+
+/// How often the gauges are sampled (the housekeeping tick).
+const SAMPLE_EVERY_MS: i64 = 1_000;
+/// Most samples [`AppStats::fill`] adds at once (an hour: a longer gap is a suspended
+/// process, not a sleeping tick).
+const FILL_MAX: i64 = 3_600;
 
 /// One app's statistics on this node.
 pub(crate) struct AppStats {
@@ -142,21 +152,60 @@ impl AppStats {
         }
         let minute = Unit::Minute.floor(now_ms);
         if minute > open.start_ms {
-            let closing = open.start_ms;
-            let row = self.snapshot(&open, true);
-            *open = OpenMinute::new(minute, held);
-            let connections = self.connections.load(Ordering::Relaxed);
-            self.connections_peak.store(connections, Ordering::Relaxed);
-            self.connections_min.store(connections, Ordering::Relaxed);
-            if !row.is_empty() {
-                self.insert(closing, row);
-            }
+            self.close(&mut open, minute, held);
         }
+        let connections = self.connections.load(Ordering::Relaxed);
         open.samples += 1;
-        open.connections_sum += self.connections.load(Ordering::Relaxed);
+        open.connections_sum += connections;
         open.channels_sum += held;
         open.channels_peak = open.channels_peak.max(held);
         open.channels_min = open.channels_min.min(held);
+        open.last = Some((now_ms, connections, held));
+    }
+
+    /// Closes the open minute and opens the one starting at `minute` with `held`
+    /// channels.
+    fn close(&self, open: &mut OpenMinute, minute: i64, held: u64) {
+        let closing = open.start_ms;
+        let row = self.snapshot(open, true);
+        let last = open.last;
+        *open = OpenMinute::new(minute, held);
+        open.last = last;
+        let connections = self.connections.load(Ordering::Relaxed);
+        self.connections_peak.store(connections, Ordering::Relaxed);
+        self.connections_min.store(connections, Ordering::Relaxed);
+        if !row.is_empty() {
+            self.insert(closing, row);
+        }
+    }
+
+    /// Adds the samples a once-a-second tick would have taken between the last sample
+    /// and `now_ms` (exclusive of the tick at `now_ms` itself), with the last sample's
+    /// values, each in its minute (closing minutes on the way). Housekeeping sleeps
+    /// only while nothing changes ([`AppStats::is_steady`]), so those are the values.
+    fn fill(&self, now_ms: i64) {
+        let mut open = lock(&self.open);
+        let Some((mut at, connections, held)) = open.last else {
+            return;
+        };
+        let first = at;
+        while at + 2 * SAMPLE_EVERY_MS <= now_ms && at - first < FILL_MAX * SAMPLE_EVERY_MS {
+            at += SAMPLE_EVERY_MS;
+            let minute = Unit::Minute.floor(at);
+            if minute > open.start_ms {
+                self.close(&mut open, minute, held);
+            }
+            open.samples += 1;
+            open.connections_sum += connections;
+            open.channels_sum += held;
+        }
+        open.last = Some((at, connections, held));
+    }
+
+    /// No connection open: the connection gauge holds still until one opens (which
+    /// wakes housekeeping). Counts need no tick until the minute closes.
+    fn is_steady(&self) -> bool {
+        self.connections.load(Ordering::Relaxed) == 0
     }
 
     /// The open minute's row; `take` also zeroes its counters (closing it).
@@ -404,6 +453,25 @@ impl Stats {
         Some(stats)
     }
 
+    /// Every app is steady: no connection open. Until one opens, ticks only sample
+    /// unchanged gauges, which [`Stats::fill`] can take later, and counts wait for the
+    /// minute to close.
+    pub(crate) fn is_steady(&self) -> bool {
+        self.apps
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .all(|stats| stats.is_steady())
+    }
+
+    /// After housekeeping slept: the samples its ticks would have taken (see
+    /// [`AppStats::fill`]). Call before [`Stats::tick`].
+    pub(crate) fn fill(&self, now_ms: i64) {
+        for stats in self.apps.read().unwrap_or_else(|p| p.into_inner()).values() {
+            stats.fill(now_ms);
+        }
+    }
+
     /// The app's statistics if it has any.
     pub(crate) fn existing(&self, app: &str) -> Option<Arc<AppStats>> {
         self.apps
@@ -516,6 +584,38 @@ mod tests {
             ),
             (1.0, 0.0)
         );
+    }
+
+    /// Samples skipped while housekeeping slept are filled in with the last sample's
+    /// values, in the minutes they fall in: the means match a tick every second.
+    #[test]
+    fn skipped_samples_are_filled() {
+        let ticked = app();
+        let slept = app();
+        for app in [&ticked, &slept] {
+            let a = app.connection_opened(true);
+            app.tick(T0 + 1_000, None); // 1 open
+            drop(a);
+            app.tick(T0 + 2_000, None); // 0 open, then steady
+        }
+        for second in 3..=89 {
+            ticked.tick(T0 + second * 1_000, None);
+        }
+        assert!(slept.is_steady());
+        slept.fill(T0 + 89_000);
+        slept.tick(T0 + 89_000, None);
+        for app in [&ticked, &slept] {
+            app.tick(T0 + 120_000, None);
+        }
+        let rows = |app: &AppStats| {
+            let page = app.query(&query(Unit::Minute, Order::Forwards, 100, None));
+            page.intervals
+                .iter()
+                .map(|(start, row)| (*start, row.get(Key::CONNECTIONS_MEAN)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(rows(&slept), rows(&ticked));
+        assert_eq!(rows(&ticked)[0], (T0, 1.0 / 59.0));
     }
 
     /// Channel gauges come from the hub's report on each tick.
