@@ -19,7 +19,8 @@ use tern_replication::acks::{LinkView, Waiters, REPLICA_ACK_TIMEOUT};
 use tern_replication::links::{InLink, OutLink, SendBuffer, StoredOutcome};
 use tern_replication::Now;
 
-use crate::{Item, Sim};
+use crate::network::Item;
+use crate::Sim;
 
 /// The simulation's `ack_replicas` (the server's default).
 pub const ACK_REPLICAS: usize = 1;
