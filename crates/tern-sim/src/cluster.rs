@@ -2,11 +2,11 @@
 //! (membership, homes), the routing of what a hub journals, and the workload and churn
 //! (publish, presence, crash, restart).
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use tern_core::{ChannelEvent, ChannelKey, CoreLimits, Hub, OriginId, Publisher, RemoteEvent};
-use tern_protocol::{presence_action, Data, Message, PresenceMessage};
+use tern_core::{ChannelEvent, ChannelKey, CoreLimits, OriginId, RemoteEvent};
 use tern_replication::heads::PreviousHeads;
 use tern_replication::routing::{self, Node as Member_};
 use tern_replication::Now;
@@ -14,11 +14,13 @@ use tern_replication::Now;
 use crate::acked::{AckState, Acked};
 use crate::network::{describe, InFlight, Item};
 use crate::node::{lock, Node};
-use crate::{Faults, Rng, CLIENTS, GOSSIP_SPREAD_MS, SUBSCRIBED_PERCENT};
+use crate::workload::roll_subscriptions;
+use crate::{Faults, Rng, Shape, Sizer};
 
 /// Which messages a crash must not lose: those of `origin` up to `upto`, which survivor
 /// `node` (incarnation `incarnation`) had applied when `origin` crashed.
 pub(crate) struct Held {
+    pub(crate) ch: usize,
     pub(crate) node: usize,
     pub(crate) incarnation: u64,
     pub(crate) origin: OriginId,
@@ -44,31 +46,51 @@ pub struct Sim {
     pub(crate) queue: BTreeMap<(i64, u64), InFlight>,
     pub(crate) queue_counter: u64,
     pub(crate) partitioned: HashSet<(usize, usize)>,
-    /// Every message published: (id, origin, seq).
-    pub(crate) published: Vec<(String, OriginId, u64)>,
-    /// Per origin, its events by sequence (index seq - 1): the message index into
-    /// `published`, or `None` for a PRESENCE event.
-    pub(crate) events: HashMap<OriginId, Vec<Option<usize>>>,
+    /// Every message published: (id, channel, origin, seq).
+    pub(crate) published: Vec<(String, usize, OriginId, u64)>,
+    /// Per (channel, origin), its events by sequence (index seq - 1): the message index
+    /// into `published`, or `None` for a PRESENCE event.
+    pub(crate) events: HashMap<(usize, OriginId), Vec<Option<usize>>>,
     /// Tags of crashed incarnations.
     pub(crate) dead_tags: Vec<String>,
     /// Departed incarnations some member noticed (and so publishes to the others).
     pub(crate) reported: Vec<(String, OriginId)>,
     pub(crate) held: Vec<Held>,
-    pub(crate) key: ChannelKey,
+    /// The channels, and each key's index.
+    pub(crate) keys: Vec<ChannelKey>,
+    pub(crate) index: HashMap<ChannelKey, usize>,
+    /// Subscriptions per node incarnation (0: one channel, subscribed with
+    /// `SUBSCRIBED_PERCENT`).
+    pub(crate) subs_per_node: usize,
+    /// Channels that had an event or a subscriber (the convergence check looks at these).
+    pub(crate) used: BTreeSet<usize>,
+    /// Each node's clock offset (ms, `Faults::skew_ms`): what its hub and its rules see
+    /// as now.
+    pub(crate) skew_ms: Vec<i64>,
+    /// Per node: every subscription of an incarnation that ended less than
+    /// `INTEREST_TTL` ago or is current (the bound of what peers may hold of its interest).
+    pub(crate) sub_history: Vec<Vec<(i64, usize)>>,
     /// The first inconsistency noticed outside the checks, reported by the next check.
     pub(crate) broken: Option<String>,
-    /// Repairs asked for, per (node, origin): highest sequence and when. A gap reported
-    /// again while a repair is in flight does not ask again (avoids repair storms).
-    pub(crate) requested: BTreeMap<(usize, OriginId), (u64, i64)>,
+    /// Repairs asked for, per (node, channel, origin): highest sequence and when. A gap
+    /// reported again while a repair is in flight does not ask again (avoids repair storms).
+    pub(crate) requested: BTreeMap<(usize, usize, OriginId), (u64, i64)>,
     /// Per (node, peer): the peer's own sequence in the last heads `node` got from it.
     pub(crate) previous_heads: HashMap<(usize, usize), PreviousHeads>,
     /// Departure notices still in flight (membership has not settled).
     pub(crate) departures_pending: usize,
     /// When the last crash or restart happened.
     pub(crate) last_churn_ms: Option<i64>,
-    /// Nodes whose hub or subscriber may have changed since the last step check (the
+    /// Nodes whose hub or subscribers may have changed since the last step check (the
     /// others need no new check).
-    pub(crate) touched: BTreeSet<usize>,
+    pub(crate) touched: BTreeSet<(usize, usize)>,
+    /// `routing::homes` per (channel, set of nodes), see [`Sim::homes_among`].
+    pub(crate) homes_memo: RefCell<HashMap<(usize, u64), Vec<usize>>>,
+    /// When set, the bytes of each control frame a node sends (`Heads`, `Interest`) are
+    /// measured with it and added to `control_bytes`.
+    pub sizer: Option<Sizer>,
+    /// Per node: (`Heads` bytes, `Interest` bytes) sent since the last reset.
+    pub control_bytes: Vec<(u64, u64)>,
     /// Per node: links, replies waiting for replicas (`acked.rs`).
     pub(crate) acks: Vec<AckState>,
     /// Link epochs handed out (each link gets a new one).
@@ -108,6 +130,8 @@ pub struct Stats {
     /// Events routed to a node without subscribers that was not the home, because a
     /// peer still held its previous incarnation's interest.
     pub stale_interest: u64,
+    /// `Sync` answers that reached the next incarnation of the node that asked.
+    pub stale_answers: u64,
     /// Highest virtual time reached (ms).
     pub max_now_ms: i64,
     /// Publishes ACKed (`ack_replicas` met) and NACKed (timed out).
@@ -117,6 +141,13 @@ pub struct Stats {
     pub resent: u64,
     /// Heads a node kept (`heads::shares`) and a peer would have compared.
     pub heads_unshared: u64,
+    /// Largest entry counts seen of the rules' bounded structures (see
+    /// `Sim::check_bounds`): interest entries, previous heads, one resend buffer,
+    /// waiting replies.
+    pub max_interest: usize,
+    pub max_previous_heads: usize,
+    pub max_buffer: usize,
+    pub max_waiters: usize,
 }
 
 impl Stats {
@@ -136,11 +167,16 @@ impl Stats {
         self.warm_timeouts += other.warm_timeouts;
         self.relayed += other.relayed;
         self.stale_interest += other.stale_interest;
+        self.stale_answers += other.stale_answers;
         self.max_now_ms = self.max_now_ms.max(other.max_now_ms);
         self.acks += other.acks;
         self.nacks += other.nacks;
         self.resent += other.resent;
         self.heads_unshared += other.heads_unshared;
+        self.max_interest = self.max_interest.max(other.max_interest);
+        self.max_previous_heads = self.max_previous_heads.max(other.max_previous_heads);
+        self.max_buffer = self.max_buffer.max(other.max_buffer);
+        self.max_waiters = self.max_waiters.max(other.max_waiters);
     }
 }
 
@@ -148,18 +184,55 @@ impl Sim {
     /// `regions[i]`: node i's region; `latency_ms[i][j]`: one-way delay between node i
     /// and j.
     pub fn new(seed: u64, regions: Vec<usize>, latency_ms: Vec<Vec<i64>>, faults: Faults) -> Sim {
+        Sim::with_shape(seed, regions, latency_ms, faults, Shape::default())
+    }
+
+    /// A cluster with `shape.channels` channels and about `shape.subscriptions`
+    /// subscriptions spread over the nodes.
+    pub fn with_shape(
+        seed: u64,
+        regions: Vec<usize>,
+        latency_ms: Vec<Vec<i64>>,
+        faults: Faults,
+        shape: Shape,
+    ) -> Sim {
         assert_eq!(regions.len(), latency_ms.len(), "one region per node");
-        let key = ChannelKey::new("sim", &format!("channel-{seed}"));
+        assert!(regions.len() <= 64, "node sets are u64 masks");
+        let keys: Vec<ChannelKey> = if shape.channels <= 1 {
+            vec![ChannelKey::new("sim", &format!("channel-{seed}"))]
+        } else {
+            (0..shape.channels)
+                .map(|c| ChannelKey::new("sim", &format!("channel-{c}")))
+                .collect()
+        };
+        let index = keys.iter().cloned().zip(0..).collect();
+        let subs_per_node = if shape.channels <= 1 {
+            0
+        } else {
+            shape.subscriptions.div_ceil(regions.len())
+        };
         let limits = CoreLimits::default();
         let mut rng = Rng::new(seed);
+        let mut skew_rng = Rng::new(seed ^ 0x5eed_c10c);
+        let skew_ms = (0..regions.len())
+            .map(|_| skew_rng.below(faults.skew_ms + 1) as i64)
+            .collect();
         let regions_len = regions.len();
         let ids = (0..regions.len()).map(|i| format!("n{i}")).collect();
         let region_names = (0..=regions.iter().copied().max().unwrap_or(0))
             .map(|r| format!("r{r}"))
             .collect();
-        let nodes = (0..latency_ms.len())
-            .map(|i| Sim::boot(&limits, i, 0, rng.chance(SUBSCRIBED_PERCENT)))
+        let nodes: Vec<Node> = (0..latency_ms.len())
+            .map(|i| {
+                let subs = roll_subscriptions(&mut rng, subs_per_node, keys.len());
+                Sim::boot(&limits, i, 0, subs)
+            })
             .collect();
+        let sub_history = nodes
+            .iter()
+            .map(|n| n.subs.keys().map(|&ch| (i64::MAX, ch)).collect())
+            .collect();
+        let used = nodes.iter().flat_map(|n| n.subs.keys().copied()).collect();
         let mut sim = Sim {
             seed,
             rng,
@@ -179,24 +252,67 @@ impl Sim {
             dead_tags: Vec::new(),
             reported: Vec::new(),
             held: Vec::new(),
-            key,
+            keys,
+            index,
+            subs_per_node,
+            used,
+            skew_ms,
+            sub_history,
             broken: None,
             requested: BTreeMap::new(),
             previous_heads: HashMap::new(),
             departures_pending: 0,
             last_churn_ms: None,
             touched: BTreeSet::new(),
+            homes_memo: RefCell::new(HashMap::new()),
+            sizer: None,
+            control_bytes: vec![(0, 0); regions_len],
             acks: (0..regions_len).map(|_| AckState::default()).collect(),
             epochs: 0,
             acked: Vec::new(),
             trace: false,
             stats: Stats::default(),
         };
-        sim.note_homes();
-        for at in 0..sim.nodes.len() {
-            sim.start_subscriber(at);
+        let count = sim.nodes.len();
+        for at in count - shape.joiners.min(count - 1)..count {
+            // Not booted yet: nobody saw it, it subscribes to nothing.
+            let node = &mut sim.nodes[at];
+            node.up = false;
+            node.subs.clear();
+            sim.sub_history[at].clear();
+        }
+        sim.used = sim
+            .nodes
+            .iter()
+            .flat_map(|n| n.subs.keys().copied())
+            .collect();
+        sim.note_homes_all();
+        for at in 0..count {
+            if sim.nodes[at].up {
+                sim.start_subscribers(at);
+            }
         }
         sim
+    }
+
+    /// What node `at`'s hub and rules take for now (its clock, skewed).
+    pub(crate) fn hub_now(&self, at: usize) -> i64 {
+        self.now_ms + self.skew_ms[at]
+    }
+
+    pub(crate) fn now_at(&self, at: usize) -> Now {
+        Now::from_millis(self.hub_now(at).max(0) as u64)
+    }
+
+    /// Starts every subscriber of node `at`'s incarnation.
+    pub(crate) fn start_subscribers(&mut self, at: usize) {
+        if self.nodes[at].subs.is_empty() {
+            self.stats.absent_subscribers += 1;
+        }
+        let chans: Vec<usize> = self.nodes[at].subs.keys().copied().collect();
+        for ch in chans {
+            self.start_subscriber(at, ch);
+        }
     }
 
     /// Whether node `observer` counts node `node` live: it is up, or it crashed and
@@ -228,17 +344,49 @@ impl Sim {
 
     /// The channel's home in `region` as `observer` sees it (`routing::home_in` over its
     /// view). `usize::MAX` if it knows none there.
-    pub(crate) fn home_seen(&self, observer: usize, region: usize) -> usize {
-        let region = &self.region_names[region];
-        routing::home_in(&self.key, self.view(observer), region).map_or(usize::MAX, node_index)
+    pub(crate) fn home_seen(&self, observer: usize, ch: usize, region: usize) -> usize {
+        self.homes_among(self.view_mask(observer), ch)[region]
     }
 
-    /// The channel's home in `region` among the nodes that are up.
-    pub(crate) fn live_home(&self, region: usize) -> Option<usize> {
-        let up = (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].up)
+    /// The nodes `observer` counts live, a bit per node index.
+    pub(crate) fn view_mask(&self, observer: usize) -> u64 {
+        (0..self.nodes.len())
+            .filter(|&i| self.in_view(observer, i))
+            .fold(0u64, |m, i| m | 1 << i)
+    }
+
+    /// The channel's home per region (`usize::MAX` where none) among the nodes in
+    /// `mask` (a bit per node index): `routing::homes`, remembered per (channel, mask) as
+    /// it depends on nothing else (node ids and regions are fixed), so that thousands of
+    /// channels stay cheap in debug.
+    pub(crate) fn homes_among(&self, mask: u64, ch: usize) -> Vec<usize> {
+        if let Some(homes) = self.homes_memo.borrow().get(&(ch, mask)) {
+            return homes.clone();
+        }
+        let nodes = (0..self.nodes.len())
+            .filter(|&i| mask & (1 << i) != 0)
             .map(|i| self.member(i));
-        routing::home_in(&self.key, up, &self.region_names[region]).map(node_index)
+        let mut homes = vec![usize::MAX; self.region_names.len()];
+        for (region, node) in routing::homes(&self.keys[ch], nodes) {
+            homes[region[1..].parse::<usize>().expect("regions are r<index>")] = node_index(node);
+        }
+        let mut memo = self.homes_memo.borrow_mut();
+        if memo.len() >= HOMES_MEMO_MAX {
+            memo.clear();
+        }
+        memo.insert((ch, mask), homes.clone());
+        homes
+    }
+
+    /// The channel's home in each region among the nodes that are up.
+    pub(crate) fn live_homes(&self, ch: usize) -> Vec<usize> {
+        let mask = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].up)
+            .fold(0u64, |m, i| m | 1 << i);
+        self.homes_among(mask, ch)
+            .into_iter()
+            .filter(|&h| h != usize::MAX)
+            .collect()
     }
 
     /// Nodes of `at`'s region other than itself.
@@ -250,49 +398,50 @@ impl Sim {
 
     /// Whether node `at` keeps the channel (repairs it from `Heads`): it has a
     /// subscriber (attached or waiting for the state) or is the home in its region.
-    pub(crate) fn holds(&self, at: usize) -> bool {
-        self.nodes[at].subscribed || self.home_seen(at, self.regions[at]) == at
+    pub(crate) fn holds(&self, at: usize, ch: usize) -> bool {
+        self.nodes[at].subscribed(ch) || self.home_seen(at, ch, self.regions[at]) == at
     }
 
     /// Who node `at` sends an event of `origin` to: `routing::recipients` over its view
     /// and the interest it holds of peers it counts live. Counts relays, and events sent
     /// on a predecessor's interest (checking that no current incarnation without a
     /// subscriber is routed to on its own interest).
-    pub(crate) fn route(&mut self, at: usize, origin: OriginId) -> Vec<usize> {
-        let now = Now::from_millis(self.now_ms as u64);
+    pub(crate) fn route(&mut self, at: usize, ch: usize, origin: OriginId) -> Vec<usize> {
+        let now = self.now_at(at);
+        let key = &self.keys[ch];
         let view = self.view(at);
         let me = self.member(at);
         let peers: Vec<Member_> = view.iter().copied().filter(|n| n.id != me.id).collect();
         let holding: Vec<&str> = self.nodes[at]
             .interest
-            .interested(&self.key, now)
+            .interested(key, now)
             .into_iter()
             .filter(|p| peers.iter().any(|n| n.id == *p))
             .collect();
         let to: Vec<usize> =
-            routing::recipients(me, &peers, &self.key, origin.0, holding.iter().copied())
+            routing::recipients(me, &peers, key, origin.0, holding.iter().copied())
                 .into_iter()
                 .map(node_index)
                 .collect();
         let interested: Vec<usize> = holding.into_iter().map(node_index).collect();
         let own = origin == self.nodes[at].origin;
-        let home_here = self.home_seen(at, self.regions[at]);
+        let home_here = self.home_seen(at, ch, self.regions[at]);
         for &peer in to.iter().filter(|p| interested.contains(p)) {
             if !own {
                 self.stats.relayed += 1;
             }
             let target = &self.nodes[peer];
-            if target.up && !target.subscribed && peer != home_here {
+            if target.up && !target.subscribed(ch) && peer != home_here {
                 // Interest this incarnation never sent: its node's previous one's,
                 // which the peer keeps until it expires.
-                if self.nodes[at].interest_from.get(&peer) == Some(&target.incarnation) {
+                if self.nodes[at].interest_from.get(&(peer, ch)) == Some(&target.incarnation) {
                     self.broken.get_or_insert(format!(
                         "n{at} holds interest of {}, which has no subscriber",
                         target.tag
                     ));
                 }
                 self.stats.stale_interest += 1;
-                self.nodes[peer].stale_fed = true;
+                self.nodes[peer].stale_fed.insert(ch);
             }
         }
         to
@@ -302,14 +451,17 @@ impl Sim {
     /// nodes). Called whenever the live set changes. A node's view holds every live
     /// node (and maybe crashed ones it has not noticed), so whoever any node takes for a
     /// home is marked here.
-    pub(crate) fn note_homes(&mut self) {
-        for at in 0..self.nodes.len() {
-            if !self.nodes[at].up {
-                continue;
-            }
-            if self.live_home(self.regions[at]) == Some(at) {
-                self.nodes[at].was_home = true;
-            }
+    pub(crate) fn note_homes(&mut self, ch: usize) {
+        for home in self.live_homes(ch) {
+            self.nodes[home].was_home.insert(ch);
+        }
+    }
+
+    /// [`Sim::note_homes`] for every channel that matters (had an event or a subscriber;
+    /// a node's hub holds no other).
+    pub(crate) fn note_homes_all(&mut self) {
+        for ch in self.used.clone() {
+            self.note_homes(ch);
         }
     }
 
@@ -321,6 +473,9 @@ impl Sim {
         )
     }
 }
+
+/// Entries of the homes memo before it starts over.
+const HOMES_MEMO_MAX: usize = 1 << 18;
 
 /// The node index of a node id (`n<index>`).
 pub(crate) fn node_index(id: &str) -> usize {
@@ -337,18 +492,19 @@ impl Sim {
     /// Routes what node `at`'s hub journaled (see [`Sim::recipients`]), and notes what
     /// each of its own events is (for the checks).
     pub(crate) fn flush(&mut self, at: usize) {
-        self.touched.insert(at);
         let events = std::mem::take(&mut *lock(&self.nodes[at].outbox.events));
-        for event in events {
+        for (key, event) in events {
+            let ch = self.index[&key];
+            self.touched.insert((at, ch));
             let own = event.origin == self.nodes[at].origin;
             if own {
-                self.note_own(at, &event);
+                self.note_own(at, ch, &event);
             }
-            let to = self.route(at, event.origin);
+            let to = self.route(at, ch, event.origin);
             let remote = Arc::new(RemoteEvent::from_event(&event));
             let mut targets = Vec::new();
             for &to in &to {
-                targets.push(self.link_position(at, to, &remote));
+                targets.push(self.link_position(at, to, ch, &remote));
             }
             if own && event.is_message() {
                 self.wait_for_replicas(at, self.published.len() - 1, targets.clone());
@@ -367,6 +523,7 @@ impl Sim {
             for (to, link) in to.into_iter().zip(targets) {
                 let item = Item::Event {
                     from: at,
+                    ch,
                     event: remote.clone(),
                     link: Some(link),
                 };
@@ -377,7 +534,10 @@ impl Sim {
 
     /// Notes one of node `at`'s own events: a message goes into `published`, and every
     /// event into its origin's numbering.
-    pub(crate) fn note_own(&mut self, at: usize, event: &Arc<ChannelEvent>) {
+    pub(crate) fn note_own(&mut self, at: usize, ch: usize, event: &Arc<ChannelEvent>) {
+        if self.used.insert(ch) {
+            self.note_homes(ch);
+        }
         self.log(|| {
             format!(
                 "n{at} origin {}",
@@ -393,12 +553,12 @@ impl Sim {
                 .next()
                 .and_then(|m| m.id.clone())
                 .unwrap_or_default();
-            self.published.push((id, event.origin, event.seq));
+            self.published.push((id, ch, event.origin, event.seq));
             Some(self.published.len() - 1)
         } else {
             None
         };
-        let log = self.events.entry(event.origin).or_default();
+        let log = self.events.entry((ch, event.origin)).or_default();
         log.push(kind);
         if log.len() as u64 != event.seq {
             self.broken.get_or_insert(format!(
@@ -408,153 +568,6 @@ impl Sim {
                 log.len() - 1
             ));
         }
-    }
-
-    /// A client publishes one message at node `at` (if it is up); the origin routes it.
-    pub fn publish(&mut self, at: usize) {
-        if !self.nodes[at].up {
-            return;
-        }
-        let name = format!("msg-{}", self.published.len());
-        let node = &self.nodes[at];
-        let publisher = Publisher {
-            connection_id: Some(format!("{}-pub", node.tag).into()),
-            frame_id: name.clone(),
-        };
-        let message = Message {
-            name: Some(name),
-            data: Some(Data::String("x".into())),
-            ..Default::default()
-        };
-        node.hub
-            .publish(&self.key, &publisher, vec![message], self.now_ms)
-            .expect("publish");
-        self.flush(at);
-    }
-
-    /// A random client of node `at` (if it is up) enters, updates its data, or leaves.
-    pub fn presence(&mut self, at: usize) {
-        if !self.nodes[at].up {
-            return;
-        }
-        let k = self.rng.below(CLIENTS as u64) as usize;
-        let leave = self.rng.chance(40);
-        let data = format!("d{}", self.stats.presence_changes);
-        let now_ms = self.now_ms;
-        let node = &mut self.nodes[at];
-        let client = &mut node.clients[k];
-        let (action, data) = match client.present.take() {
-            None => (presence_action::ENTER, data),
-            Some(old) if leave => (presence_action::LEAVE, old),
-            Some(_) => (presence_action::UPDATE, data),
-        };
-        if action != presence_action::LEAVE {
-            client.present = Some(data.clone());
-        }
-        let frame_id = format!("{}:{}", client.connection_id, client.serial);
-        client.serial += 1;
-        let publisher = Publisher {
-            connection_id: Some(client.connection_id.as_str().into()),
-            frame_id: frame_id.clone(),
-        };
-        let change = PresenceMessage {
-            id: Some(format!("{frame_id}:0")),
-            action,
-            client_id: Some(client.client_id.clone()),
-            connection_id: Some(client.connection_id.clone()),
-            data: Some(Data::String(data)),
-            timestamp: Some(now_ms),
-            ..Default::default()
-        };
-        node.hub
-            .presence(&self.key, &publisher, vec![change], now_ms)
-            .expect("presence");
-        self.stats.presence_changes += 1;
-        self.flush(at);
-    }
-
-    /// Node `at` crashes (if it is up, another node is, and membership has settled: no
-    /// departure notice in flight and `settle_ms` since the last crash or restart): its
-    /// hub and everything in flight to it are lost. Each survivor learns of it after a
-    /// detection delay. Returns whether it crashed.
-    pub fn crash(&mut self, at: usize) -> bool {
-        let settled = self.departures_pending == 0
-            && self
-                .last_churn_ms
-                .is_none_or(|when| self.now_ms - when >= self.faults.settle_ms);
-        if !self.nodes[at].up || self.live_count() < 2 || !settled {
-            return false;
-        }
-        self.last_churn_ms = Some(self.now_ms);
-        let dead = self.nodes[at].origin;
-        let tag = self.nodes[at].tag.clone();
-        for survivor in 0..self.nodes.len() {
-            if survivor == at || !self.nodes[survivor].up {
-                continue;
-            }
-            let upto = self.nodes[survivor].hub.cursor(&self.key).get(dead);
-            self.held.push(Held {
-                node: survivor,
-                incarnation: self.nodes[survivor].incarnation,
-                origin: dead,
-                upto,
-            });
-            self.nodes[survivor].believed_live.insert(dead);
-            let at_ms = self.now_ms + 1 + self.rng.below(self.faults.detect_ms) as i64;
-            let item = Item::Departed {
-                tag: tag.clone(),
-                origin: dead,
-            };
-            self.enqueue(at_ms, survivor, item);
-            self.departures_pending += 1;
-        }
-        self.log(|| format!("n{at} crash ({tag}, origin {dead})"));
-        let node = &mut self.nodes[at];
-        node.up = false;
-        node.hub = Hub::new(OriginId(0), CoreLimits::default());
-        self.acks[at] = AckState::default();
-        self.dead_tags.push(tag);
-        self.requested.retain(|(node, _), _| *node != at);
-        // Its links are gone: heads state starts over on new ones.
-        self.previous_heads
-            .retain(|(node, peer), _| *node != at && *peer != at);
-        self.stats.crashes += 1;
-        self.note_homes();
-        true
-    }
-
-    /// Node `at` (if down) restarts as a new incarnation: new origin, new connection ids,
-    /// empty hub, maybe a subscriber (attached at once if it is the home, else through
-    /// `Sync`); it pulls the channel from its peers' heads if it keeps it.
-    pub fn restart(&mut self, at: usize) -> bool {
-        if self.nodes[at].up {
-            return false;
-        }
-        let incarnation = self.nodes[at].incarnation + 1;
-        let subscribed = self.rng.chance(SUBSCRIBED_PERCENT);
-        self.nodes[at] = Sim::boot(&self.limits, at, incarnation, subscribed);
-        self.stats.restarts += 1;
-        self.note_homes();
-        self.last_churn_ms = Some(self.now_ms);
-        self.log(|| {
-            format!(
-                "n{at} restart as {} origin {}",
-                self.nodes[at].tag, self.nodes[at].origin
-            )
-        });
-        // The departed tags live members publish reach it with its first gossip rounds
-        // (its own previous incarnation's included).
-        for (tag, origin) in self.reported.clone() {
-            let when = self.now_ms + 1 + self.rng.below(GOSSIP_SPREAD_MS) as i64;
-            self.enqueue(when, at, Item::Reported { tag, origin });
-        }
-        self.start_subscriber(at);
-        for peer in 0..self.nodes.len() {
-            if peer != at {
-                self.compare_heads(at, peer);
-            }
-        }
-        true
     }
 
     pub fn rng(&mut self) -> &mut Rng {
@@ -567,6 +580,29 @@ impl Sim {
 
     pub fn is_up(&self, node: usize) -> bool {
         self.nodes[node].up
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The channels node `at`'s current incarnation subscribes to.
+    pub fn subscriptions(&self, at: usize) -> Vec<usize> {
+        self.nodes[at].subs.keys().copied().collect()
+    }
+
+    /// Channels node `at`'s hub holds (its share of the cluster's channels).
+    pub fn held_channels(&self, at: usize) -> usize {
+        self.nodes[at].hub.channel_count()
+    }
+
+    /// Zeroes every node's control byte counts.
+    pub fn reset_control_bytes(&mut self) {
+        self.control_bytes.iter_mut().for_each(|c| *c = (0, 0));
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.now_ms
     }
 
     pub fn live_count(&self) -> usize {

@@ -140,8 +140,10 @@ mod invariants;
 mod network;
 mod node;
 mod replicate;
+mod workload;
 
 pub use cluster::{Sim, Stats};
+pub use tern_core::ChannelKey;
 
 /// splitmix64: tiny, seedable, good enough for fault injection.
 pub struct Rng(u64);
@@ -182,7 +184,45 @@ pub struct Faults {
     /// A node crashes only this long after the previous crash or restart, and once every
     /// survivor has noticed the previous crash (see [`Sim::crash`]).
     pub settle_ms: i64,
+    /// Each node's clock runs ahead of the simulation's by a fixed random offset in
+    /// `0..=skew_ms` ms: what its hub stamps and what its rules take for now.
+    pub skew_ms: u64,
 }
+
+/// How many channels the cluster has and how many subscriptions its nodes hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// 1: one channel, which each node incarnation subscribes to with 65% chance (the
+    /// seed sweep). More: each incarnation subscribes to `subscriptions / nodes` random
+    /// channels (drawn again on restart).
+    pub channels: usize,
+    pub subscriptions: usize,
+    /// The last `joiners` nodes start down, never seen by anyone: their first
+    /// [`Sim::restart`] is a node joining the cluster.
+    pub joiners: usize,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Shape {
+            channels: 1,
+            subscriptions: 0,
+            joiners: 0,
+        }
+    }
+}
+
+/// A control frame a node sends, for [`Sim::sizer`] to measure (the simulation has no
+/// encoder of its own: a test passes `tern_cluster::wire`'s).
+pub enum Control<'a> {
+    /// One `Heads` frame: channels with the sender's cursor (origin, sequence).
+    Heads(&'a [(&'a ChannelKey, &'a [(u64, u64)])]),
+    /// One `Interest` frame (on) for these channels.
+    Interest(&'a [&'a ChannelKey]),
+}
+
+/// Measures the encoded bytes of a control frame.
+pub type Sizer = Box<dyn Fn(Control) -> usize>;
 
 /// Presence clients per node incarnation.
 pub(crate) const CLIENTS: usize = 3;

@@ -16,6 +16,7 @@ pub(crate) enum Item {
     /// A replicated event, sent by node `from`.
     Event {
         from: usize,
+        ch: usize,
         event: Arc<RemoteEvent>,
         /// Its position on the sender's link (epoch, position); `None` for a repair.
         link: Option<(u64, u64)>,
@@ -25,7 +26,11 @@ pub(crate) enum Item {
     /// The receiver applied every position of link `epoch` up to `upto`.
     Stored { from: usize, epoch: u64, upto: u64 },
     /// A repair answer: events of `origin` up to `upto` are not in the peer's log.
-    Skip { origin: OriginId, upto: u64 },
+    Skip {
+        ch: usize,
+        origin: OriginId,
+        upto: u64,
+    },
     /// Membership reports that incarnation `tag`/`origin` departed.
     Departed { tag: String, origin: OriginId },
     /// Another member's published list of departed tags (gossip) names `tag`: what a
@@ -33,21 +38,46 @@ pub(crate) enum Item {
     Reported { tag: String, origin: OriginId },
     /// A same-region peer (incarnation `incarnation`) has subscribers on the channel
     /// (`Interest`, on).
-    Interest { from: usize, incarnation: u64 },
+    Interest {
+        from: usize,
+        incarnation: u64,
+        chans: Vec<usize>,
+    },
     /// A node asks the region's home for the channel's state (after its interest, on the
     /// same ordered link, so the home counts the interest first).
-    Sync { from: usize, incarnation: u64 },
+    Sync {
+        from: usize,
+        incarnation: u64,
+        ch: usize,
+    },
     /// The home's answer to `Sync`, on one ordered link: per origin a `Skip` for what its
     /// log lacks and the events it has, then its presence members and its cursor.
     SyncState {
         from: usize,
+        ch: usize,
+        /// The incarnation whose `Sync` this answers.
+        for_incarnation: u64,
         items: Vec<Item>,
         members: Vec<PresenceMessage>,
         cursor: Vec<(OriginId, u64)>,
     },
     /// The node's own timer while it waits for the channel's state: ask again, or give
     /// up and attach with what it has.
-    WarmTick,
+    WarmTick { ch: usize },
+}
+
+impl Item {
+    /// The channel an item is about, if one.
+    pub(crate) fn channel(&self) -> Option<usize> {
+        match self {
+            Item::Event { ch, .. }
+            | Item::Skip { ch, .. }
+            | Item::Sync { ch, .. }
+            | Item::SyncState { ch, .. }
+            | Item::WarmTick { ch } => Some(*ch),
+            _ => None,
+        }
+    }
 }
 
 pub(crate) struct InFlight {
@@ -109,14 +139,28 @@ impl Sim {
             self.departures_pending -= 1;
         }
         if !self.nodes[to].up || self.nodes[to].incarnation != flight.to_incarnation {
-            if !matches!(flight.item, Item::WarmTick) {
+            if !matches!(flight.item, Item::WarmTick { .. }) {
                 self.stats.lost_to_crash += 1;
             }
             return true;
         }
+        if let Some(ch) = flight.item.channel() {
+            self.touched.insert((to, ch));
+        }
         self.take(to, flight.item);
         self.flush(to);
         true
+    }
+
+    /// Delivers everything due by `ms` (checking the step invariants after each), then
+    /// moves the clock to `ms`.
+    pub fn advance_to(&mut self, ms: i64) -> Result<(), String> {
+        while self.queue.first_key_value().is_some_and(|(k, _)| k.0 <= ms) {
+            self.deliver_next();
+            self.check_step()?;
+        }
+        self.now_ms = self.now_ms.max(ms);
+        Ok(())
     }
 
     /// Node `to` takes in one item.
@@ -129,45 +173,58 @@ impl Sim {
                 Item::Stored { from, epoch, upto } => {
                     format!("stored by n{from} link {epoch} upto {upto}")
                 }
-                Item::Event { from, event, .. } => {
+                Item::Event {
+                    from, ch, event, ..
+                } => {
                     format!(
-                        "from n{from} {}",
+                        "from n{from} c{ch} {}",
                         describe(event.origin, event.seq, &event.frame)
                     )
                 }
-                Item::Skip { origin, upto } => format!("skip {origin} upto {upto}"),
+                Item::Skip { ch, origin, upto } => format!("skip c{ch} {origin} upto {upto}"),
                 Item::Departed { tag, .. } => format!("departed {tag}"),
                 Item::Reported { tag, .. } => format!("reported departed {tag}"),
-                Item::Interest { from, incarnation } => {
-                    format!("interest of n{from}i{incarnation}")
+                Item::Interest {
+                    from,
+                    incarnation,
+                    chans,
+                } => {
+                    format!("interest of n{from}i{incarnation} in {chans:?}")
                 }
-                Item::Sync { from, .. } => format!("sync asked by n{from}"),
-                Item::SyncState { from, cursor, .. } => {
-                    format!("channel state from n{from}, cursor {cursor:?}")
+                Item::Sync { from, ch, .. } => format!("sync c{ch} asked by n{from}"),
+                Item::SyncState {
+                    from, ch, cursor, ..
+                } => {
+                    format!("channel c{ch} state from n{from}, cursor {cursor:?}")
                 }
-                Item::WarmTick => "warm timer".to_string(),
+                Item::WarmTick { ch } => format!("warm timer c{ch}"),
             };
             self.log(|| format!("n{to} <- {what}"));
         }
         match item {
-            Item::Event { from, event, link } => {
-                let in_order = self.apply(to, from, Arc::unwrap_or_clone(event));
+            Item::Event {
+                from,
+                ch,
+                event,
+                link,
+            } => {
+                let in_order = self.apply(to, from, ch, Arc::unwrap_or_clone(event));
                 if let (true, Some(link)) = (in_order, link) {
                     self.applied_on_link(to, from, link);
                 }
             }
             Item::Hello { from, epoch, first } => self.take_hello(to, from, epoch, first),
             Item::Stored { from, epoch, upto } => self.take_stored(to, from, epoch, upto),
-            Item::Skip { origin, upto } => {
+            Item::Skip { ch, origin, upto } => {
+                let now_ms = self.hub_now(to);
                 let applied = self.nodes[to]
                     .hub
-                    .skip_remote(&self.key, origin, upto, self.now_ms);
+                    .skip_remote(&self.keys[ch], origin, upto, now_ms);
                 self.log(|| format!("   skipped, {applied} applied"));
             }
             Item::Departed { tag, origin } => {
-                let left = self.nodes[to]
-                    .hub
-                    .node_departed(&format!("{tag}-"), self.now_ms);
+                let now_ms = self.hub_now(to);
+                let left = self.nodes[to].hub.node_departed(&format!("{tag}-"), now_ms);
                 self.stats.departed_leaves += left as u64;
                 self.nodes[to].believed_live.remove(&origin);
                 self.forget_departed(to, origin);
@@ -188,50 +245,69 @@ impl Sim {
             }
             Item::Reported { tag, origin } => {
                 if tag != self.nodes[to].tag {
-                    let left = self.nodes[to]
-                        .hub
-                        .node_departed(&format!("{tag}-"), self.now_ms);
+                    let now_ms = self.hub_now(to);
+                    let left = self.nodes[to].hub.node_departed(&format!("{tag}-"), now_ms);
                     self.stats.departed_leaves += left as u64;
                     self.nodes[to].believed_live.remove(&origin);
                 }
             }
-            Item::Interest { from, incarnation } => self.take_interest(to, from, incarnation),
-            Item::Sync { from, incarnation } => {
+            Item::Interest {
+                from,
+                incarnation,
+                chans,
+            } => self.take_interest(to, from, incarnation, &chans),
+            Item::Sync {
+                from,
+                incarnation,
+                ch,
+            } => {
                 // The interest that precedes `Sync` on the same link.
-                self.take_interest(to, from, incarnation);
-                self.sync_from(to, from);
+                self.take_interest(to, from, incarnation, &[ch]);
+                self.sync_from(to, from, ch, incarnation);
             }
             Item::SyncState {
                 from,
+                ch,
+                for_incarnation,
                 items,
                 members,
                 cursor,
             } => {
+                if for_incarnation != self.nodes[to].incarnation {
+                    // The answer to its previous incarnation's `Sync`: the real driver
+                    // applies it too (it keys peers by node id), so the node holds a
+                    // channel it does not keep (see "Known limits").
+                    self.stats.stale_answers += 1;
+                    self.nodes[to].stale_fed.insert(ch);
+                }
                 for item in items {
                     self.take(to, item);
                 }
-                let now_ms = self.now_ms;
+                let now_ms = self.hub_now(to);
+                let key = &self.keys[ch];
                 let hub = &self.nodes[to].hub;
-                hub.seed_members(&self.key, members, now_ms);
-                let pending = hub.pending_len(&self.key);
+                hub.seed_members(key, members, now_ms);
+                let pending = hub.pending_len(key);
                 for (origin, upto) in cursor {
-                    hub.skip_remote(&self.key, origin, upto, now_ms);
+                    hub.skip_remote(key, origin, upto, now_ms);
                 }
-                let after = hub.pending_len(&self.key);
+                let after = hub.pending_len(key);
                 self.log(|| format!("   synced: pending {pending} -> {after}"));
-                if self.nodes[to].warming.is_some() {
+                let warming = self.nodes[to].subs.get(&ch).and_then(|s| s.warming);
+                if warming.is_some() {
                     self.stats.syncs += 1;
-                    self.log(|| format!("n{to} took the channel state from n{from}"));
-                    self.attach(to);
+                    self.log(|| format!("n{to} took c{ch}'s state from n{from}"));
+                    self.attach(to, ch);
                 }
             }
-            Item::WarmTick => {
-                let Some((since, home)) = self.nodes[to].warming else {
+            Item::WarmTick { ch } => {
+                let warming = self.nodes[to].subs.get(&ch).and_then(|s| s.warming);
+                let Some((since, home)) = warming else {
                     return;
                 };
                 if self.now_ms - since >= WARM_TIMEOUT_MS {
                     self.stats.warm_timeouts += 1;
-                    self.attach(to);
+                    self.attach(to, ch);
                 } else {
                     let incarnation = self.nodes[to].incarnation;
                     self.send(
@@ -240,9 +316,10 @@ impl Sim {
                         Item::Sync {
                             from: to,
                             incarnation,
+                            ch,
                         },
                     );
-                    self.enqueue(self.now_ms + ASK_AGAIN_MS, to, Item::WarmTick);
+                    self.enqueue(self.now_ms + ASK_AGAIN_MS, to, Item::WarmTick { ch });
                 }
             }
         }
@@ -264,13 +341,19 @@ impl Sim {
 }
 
 /// A repair answer from node `from` as items in flight.
-pub(crate) fn repair_items(from: usize, origin: OriginId, parts: Vec<RepairPart>) -> Vec<Item> {
+pub(crate) fn repair_items(
+    from: usize,
+    ch: usize,
+    origin: OriginId,
+    parts: Vec<RepairPart>,
+) -> Vec<Item> {
     parts
         .into_iter()
         .map(|part| match part {
-            RepairPart::Skip(upto) => Item::Skip { origin, upto },
+            RepairPart::Skip(upto) => Item::Skip { ch, origin, upto },
             RepairPart::Event(event) => Item::Event {
                 from,
+                ch,
                 event: Arc::new(RemoteEvent::from_event(&event)),
                 link: None,
             },

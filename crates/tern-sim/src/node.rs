@@ -44,25 +44,25 @@ impl Subscriber for Recorder {
 /// (its own to the homes and interested nodes, another region's to the interested nodes
 /// of its region when it is the home), as the replicator's `record` does.
 pub(crate) struct Outbox {
-    pub(crate) events: Mutex<Vec<Arc<ChannelEvent>>>,
+    pub(crate) events: Mutex<Vec<(ChannelKey, Arc<ChannelEvent>)>>,
 }
 
 impl Journal for Outbox {
-    fn record(&self, _key: &ChannelKey, event: &Arc<ChannelEvent>) {
+    fn record(&self, key: &ChannelKey, event: &Arc<ChannelEvent>) {
         self.events
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(event.clone());
+            .push((key.clone(), event.clone()));
     }
 }
 
-/// A client connection with (at most) one presence member.
+/// A client connection with (at most) one presence member per channel.
 pub(crate) struct Client {
     pub(crate) client_id: String,
     pub(crate) connection_id: String,
     pub(crate) serial: u64,
-    /// The member's data while entered.
-    pub(crate) present: Option<String>,
+    /// The member's data per channel while entered.
+    pub(crate) present: BTreeMap<usize, String>,
 }
 
 /// One node; its fields after `up` describe the current (or last) incarnation.
@@ -74,32 +74,48 @@ pub(crate) struct Node {
     pub(crate) tag: String,
     pub(crate) hub: Hub,
     pub(crate) outbox: Arc<Outbox>,
+    /// This incarnation's subscribers, by channel index (attached, or waiting for the
+    /// channel's state).
+    pub(crate) subs: BTreeMap<usize, Sub>,
+    /// Same-region peers (by node id) that said they have subscribers, per channel, when
+    /// this node last heard it.
+    pub(crate) interest: routing::Interest,
+    /// Per (same-region peer, channel): the incarnation whose interest it last heard (to
+    /// tell a predecessor's interest, still held until it expires, from the current one's).
+    pub(crate) interest_from: HashMap<(usize, usize), u64>,
+    /// Channels it has been the home of in its region (among the live nodes) since boot.
+    pub(crate) was_home: HashSet<usize>,
+    /// Channels it got routed events of only because a peer still held its previous
+    /// incarnation's interest (kept for `INTEREST_TTL`).
+    pub(crate) stale_fed: HashSet<usize>,
+    /// Crashed origins this node has not yet seen depart (it still waits on their link).
+    pub(crate) believed_live: HashSet<OriginId>,
+    pub(crate) clients: Vec<Client>,
+}
+
+impl Node {
+    pub(crate) fn subscribed(&self, ch: usize) -> bool {
+        self.subs.contains_key(&ch)
+    }
+
+    pub(crate) fn attached(&self, ch: usize) -> bool {
+        self.subs.get(&ch).is_some_and(|s| s.attached)
+    }
+}
+
+/// One subscriber of a node incarnation on one channel.
+#[derive(Default)]
+pub(crate) struct Sub {
     pub(crate) recorder: Arc<Recorder>,
     pub(crate) checked: Checked,
     /// `published.len()` when the subscriber attached.
     pub(crate) attached_at: usize,
-    /// This incarnation has a subscriber (attached, or waiting for the channel state).
-    pub(crate) subscribed: bool,
-    /// Its subscriber is attached.
+    /// It is attached.
     pub(crate) attached: bool,
     /// Waiting for the channel's state before attaching: since when, and from which home.
     pub(crate) warming: Option<(i64, usize)>,
-    /// Message ids the hub held when the subscriber attached (the state it attached to).
+    /// Message ids the hub held when it attached (the state it attached to).
     pub(crate) pre_attach: HashSet<String>,
-    /// Same-region peers (by node index, as the real interest is by node id) that said
-    /// they have subscribers, when this node last heard it and from which incarnation.
-    pub(crate) interest: routing::Interest,
-    /// Per same-region peer: the incarnation whose interest it last heard (to tell a
-    /// predecessor's interest, still held until it expires, from the current one's).
-    pub(crate) interest_from: HashMap<usize, u64>,
-    /// It has been the channel's home in its region (among the live nodes) since boot.
-    pub(crate) was_home: bool,
-    /// It got routed events only because a peer still held its previous incarnation's
-    /// interest (kept for `INTEREST_TTL_MS`).
-    pub(crate) stale_fed: bool,
-    /// Crashed origins this node has not yet seen depart (it still waits on their link).
-    pub(crate) believed_live: HashSet<OriginId>,
-    pub(crate) clients: Vec<Client>,
 }
 
 /// What the step checks have verified so far of one subscriber incarnation.
@@ -147,13 +163,13 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Sim {
-    /// Incarnation `incarnation` of node `index`: a fresh hub, its subscriber (if it has
-    /// one) not attached yet (see [`Sim::start_subscriber`]).
+    /// Incarnation `incarnation` of node `index`: a fresh hub, its subscribers (on
+    /// `subs`) not attached yet (see [`Sim::start_subscriber`]).
     pub(crate) fn boot(
         limits: &CoreLimits,
         index: usize,
         incarnation: u64,
-        subscribed: bool,
+        subs: Vec<usize>,
     ) -> Node {
         // Node id and boot epoch, as the server derives it: never reused.
         let origin = OriginId(((index as u64 + 1) << 32) | incarnation);
@@ -162,13 +178,12 @@ impl Sim {
             events: Mutex::new(Vec::new()),
         });
         let hub = Hub::with_journal(origin, limits.clone(), Some(outbox.clone()));
-        let recorder = Arc::new(Recorder::default());
         let clients = (0..CLIENTS)
             .map(|k| Client {
                 client_id: format!("user-{k}"),
                 connection_id: format!("{tag}-c{k}"),
                 serial: 0,
-                present: None,
+                present: BTreeMap::new(),
             })
             .collect();
         Node {
@@ -178,45 +193,37 @@ impl Sim {
             tag,
             hub,
             outbox,
-            recorder,
-            checked: Checked::default(),
-            attached_at: 0,
-            subscribed,
-            attached: false,
-            warming: None,
-            pre_attach: HashSet::new(),
+            subs: subs.into_iter().map(|ch| (ch, Sub::default())).collect(),
             interest: routing::Interest::default(),
             interest_from: HashMap::new(),
-            was_home: false,
-            stale_fed: false,
+            was_home: HashSet::new(),
+            stale_fed: HashSet::new(),
             believed_live: HashSet::new(),
             clients,
         }
     }
 
-    /// Node `at`'s subscriber (if it has one) attaches: at once when the node is the
+    /// Node `at`'s subscriber on channel `ch` attaches: at once when the node is the
     /// channel's home in its region; otherwise it first tells its region it is
     /// interested and asks the home for the channel's state (`warm`), attaching when
     /// that arrives or after `WARM_TIMEOUT_MS`.
-    pub(crate) fn start_subscriber(&mut self, at: usize) {
-        let node = &self.nodes[at];
-        if !node.subscribed {
-            self.stats.absent_subscribers += 1;
-            return;
-        }
-        let home = self.home_seen(at, self.regions[at]);
+    pub(crate) fn start_subscriber(&mut self, at: usize, ch: usize) {
+        let home = self.home_seen(at, ch, self.regions[at]);
         if home == at {
-            self.attach(at);
+            self.attach(at, ch);
             return;
         }
-        self.nodes[at].warming = Some((self.now_ms, home));
-        self.log(|| format!("n{at} warms from home n{home}"));
+        if let Some(sub) = self.nodes[at].subs.get_mut(&ch) {
+            sub.warming = Some((self.now_ms, home));
+        }
+        self.log(|| format!("n{at} warms c{ch} from home n{home}"));
         let incarnation = self.nodes[at].incarnation;
         for peer in self.region_peers(at) {
             if peer != home {
                 let item = Item::Interest {
                     from: at,
                     incarnation,
+                    chans: vec![ch],
                 };
                 self.send(at, peer, item);
             }
@@ -227,15 +234,21 @@ impl Sim {
             Item::Sync {
                 from: at,
                 incarnation,
+                ch,
             },
         );
-        self.enqueue(self.now_ms + ASK_AGAIN_MS, at, Item::WarmTick);
+        self.enqueue(self.now_ms + ASK_AGAIN_MS, at, Item::WarmTick { ch });
     }
 
-    /// Attaches node `at`'s subscriber to what its hub holds now.
-    pub(crate) fn attach(&mut self, at: usize) {
+    /// Attaches node `at`'s subscriber on `ch` to what its hub holds now.
+    pub(crate) fn attach(&mut self, at: usize, ch: usize) {
         let attached_at = self.published.len();
+        let now_ms = self.hub_now(at);
+        let key = &self.keys[ch];
         let node = &mut self.nodes[at];
+        let Some(sub) = node.subs.get_mut(&ch) else {
+            return;
+        };
         let options = AttachOptions {
             modes: ALL_MODES,
             echo: true,
@@ -245,18 +258,18 @@ impl Sim {
         };
         node.hub
             .attach(
-                &self.key,
+                key,
                 format!("{}-sub", node.tag).into(),
                 options,
-                node.recorder.clone(),
+                sub.recorder.clone(),
                 |_| {},
-                self.now_ms,
+                now_ms,
             )
             .expect("attach");
-        node.pre_attach = held_ids(&node.hub, &self.key);
-        node.attached_at = attached_at;
-        node.attached = true;
-        node.warming = None;
-        self.log(|| format!("n{at} attached"));
+        sub.pre_attach = held_ids(&node.hub, key);
+        sub.attached_at = attached_at;
+        sub.attached = true;
+        sub.warming = None;
+        self.log(|| format!("n{at} attached c{ch}"));
     }
 }
