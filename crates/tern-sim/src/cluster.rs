@@ -492,7 +492,10 @@ impl Sim {
     /// Routes what node `at`'s hub journaled (see [`Sim::recipients`]), and notes what
     /// each of its own events is (for the checks).
     pub(crate) fn flush(&mut self, at: usize) {
-        let events = std::mem::take(&mut *lock(&self.nodes[at].outbox.events));
+        let mut events = std::mem::take(&mut *lock(&self.nodes[at].outbox.events));
+        // One call can journal events of many channels (`node_departed`) in the hub's
+        // map order; by channel (each channel's own order kept) a seed replays exactly.
+        events.sort_by_key(|(key, _)| self.index[key]);
         for (key, event) in events {
             let ch = self.index[&key];
             self.touched.insert((at, ch));

@@ -14,12 +14,18 @@ use tern_replication::warm;
 use crate::network::{repair_items, Item};
 use crate::{Control, Sim};
 
-/// One channel a sender lists in its `Heads`: the channel, the sender's cursor, and, per
-/// node index, whether the sender sends it there (`heads::shares` in its view).
+/// One channel a sender lists in its `Heads`: the channel and the sender's cursor.
 struct Head {
     ch: usize,
     origins: Vec<(u64, u64)>,
-    sharers: Vec<bool>,
+}
+
+/// What a sender lists this round, and per node index which of those channels it sends
+/// there (`heads::shares` in its view).
+#[derive(Default)]
+struct Heads {
+    list: Vec<Head>,
+    to: Vec<Vec<usize>>,
 }
 
 impl Sim {
@@ -120,58 +126,58 @@ impl Sim {
     /// What `peer` lists in its `Heads` this round, as the driver does: the channels its
     /// hub holds (at most `HEADS_CHANNELS_MAX`, in key order here so a seed replays) with
     /// a non-empty cursor, each with its homes and interested peers in `peer`'s view.
-    fn heads_of(&self, peer: usize) -> Vec<Head> {
+    fn heads_of(&self, peer: usize) -> Heads {
+        let mut heads = Heads {
+            list: Vec::new(),
+            to: vec![Vec::new(); self.nodes.len()],
+        };
         if !self.nodes[peer].up {
-            return Vec::new();
+            return heads;
         }
         let now = self.now_at(peer);
         let mut cursors = self.nodes[peer].hub.cursors(HEADS_CHANNELS_MAX);
         cursors.sort_by(|a, b| (&a.0.app, &a.0.name).cmp(&(&b.0.app, &b.0.name)));
         let mask = self.view_mask(peer);
-        cursors
-            .into_iter()
-            .filter_map(|(key, cursor)| {
-                let origins: Vec<(u64, u64)> = cursor.origins().map(|(o, s)| (o.0, s)).collect();
-                if origins.is_empty() {
-                    return None;
+        for (key, cursor) in cursors {
+            let origins: Vec<(u64, u64)> = cursor.origins().map(|(o, s)| (o.0, s)).collect();
+            if origins.is_empty() {
+                continue;
+            }
+            let ch = self.index[&key];
+            let homes: HashMap<&str, &str> = self
+                .homes_among(mask, ch)
+                .into_iter()
+                .enumerate()
+                .filter(|&(_, home)| home != usize::MAX)
+                .map(|(region, home)| (self.region_names[region].as_str(), self.ids[home].as_str()))
+                .collect();
+            let interested = self.nodes[peer].interest.interested(&key, now);
+            let index = heads.list.len();
+            for node in (0..self.nodes.len()).filter(|&n| n != peer) {
+                let heard = self.regions[node] == self.regions[peer]
+                    && interested.contains(&self.ids[node].as_str());
+                if heads::shares(&homes, self.member(node), heard) {
+                    heads.to[node].push(index);
                 }
-                let ch = self.index[&key];
-                let homes: HashMap<&str, &str> = self
-                    .homes_among(mask, ch)
-                    .into_iter()
-                    .enumerate()
-                    .filter(|&(_, home)| home != usize::MAX)
-                    .map(|(region, home)| {
-                        (self.region_names[region].as_str(), self.ids[home].as_str())
-                    })
-                    .collect();
-                let interested = self.nodes[peer].interest.interested(&key, now);
-                let sharers = (0..self.nodes.len())
-                    .map(|node| {
-                        let heard = self.regions[node] == self.regions[peer]
-                            && interested.contains(&self.ids[node].as_str());
-                        node != peer && heads::shares(&homes, self.member(node), heard)
-                    })
-                    .collect();
-                Some(Head {
-                    ch,
-                    origins,
-                    sharers,
-                })
-            })
-            .collect()
+            }
+            heads.list.push(Head { ch, origins });
+        }
+        heads
     }
 
     /// `peer`'s heads reach `node` for the channels `peer` shares with it
     /// (`heads::shares`, in `peer`'s view; counted in `peer`'s control bytes), and
     /// `node` asks `peer` for what `heads::wanted` says it lacks of the channels it
     /// keeps; it ignores the others.
-    fn heads_to(&mut self, node: usize, peer: usize, heads_of_peer: &[Head]) {
+    fn heads_to(&mut self, node: usize, peer: usize, heads_of_peer: &Heads) {
         if !self.nodes[peer].up || node == peer || !self.in_view(peer, node) {
             return;
         }
-        let shared: Vec<&Head> = heads_of_peer.iter().filter(|h| h.sharers[node]).collect();
-        self.stats.heads_unshared += (heads_of_peer.len() - shared.len()) as u64;
+        let shared: Vec<&Head> = heads_of_peer.to[node]
+            .iter()
+            .map(|&i| &heads_of_peer.list[i])
+            .collect();
+        self.stats.heads_unshared += (heads_of_peer.list.len() - shared.len()) as u64;
         if let Some(sizer) = &self.sizer {
             for chunk in shared.chunks(HEADS_PER_FRAME) {
                 let list: Vec<_> = chunk
@@ -244,7 +250,7 @@ impl Sim {
         if let Err(err) = self.check_rule_bounds() {
             self.broken.get_or_insert(err);
         }
-        let heads: Vec<Vec<Head>> = (0..self.nodes.len()).map(|p| self.heads_of(p)).collect();
+        let heads: Vec<Heads> = (0..self.nodes.len()).map(|p| self.heads_of(p)).collect();
         for node in 0..self.nodes.len() {
             for (peer, heads) in heads.iter().enumerate() {
                 if peer != node {

@@ -7,9 +7,11 @@
 //! every ACKed message is on every live node that keeps its channel.
 //!
 //! - `scaled_seeds`: several seeds at 3 × 10 nodes, 1,000 channels, 300 subscriptions
-//!   (debug: a few seconds each). `TERN_SIM_SCALED_SEEDS` sets how many (4),
-//!   `TERN_SIM_SCALED_FROM` the first, `TERN_SIM_SEED` runs one.
-//! - `full_size`: 3 × 10 nodes, 10,000 channels, 1,000 subscriptions, two seeds.
+//!   (debug: a few seconds each). `TERN_SIM_SCALED_SEEDS` sets how many (3),
+//!   `TERN_SIM_SCALED_FROM` the first, `TERN_SIM_SEED` runs one; `TERN_SIM_PER_REGION`,
+//!   `TERN_SIM_CHANNELS` and `TERN_SIM_SUBSCRIPTIONS` change the size (for a soak).
+//! - `full_size`: 3 × 10 nodes, 10,000 channels, 1,000 subscriptions, two seeds
+//!   (`TERN_SIM_FULL_FROM` 1000, `TERN_SIM_FULL_SEEDS` 2).
 //! - `control_table` (ignored; run in release) prints the control bytes per node per
 //!   second of docs/reliability.md, measured in the simulation with the real encoder.
 
@@ -52,6 +54,8 @@ fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
 }
 
 struct Scale {
+    /// How to replay one seed (`{seed}` is replaced).
+    replay: &'static str,
     per_region: usize,
     channels: usize,
     subscriptions: usize,
@@ -106,9 +110,16 @@ fn run(seed: u64, scale: &Scale) -> Result<Stats, String> {
     sim.trace = std::env::var("TERN_SIM_TRACE").is_ok_and(|v| v == "1");
     let fail = |err: String| {
         Err(format!(
-            "seed {seed} ({} per region, {} channels): {err}\n  replay: TERN_SIM_SEED={seed} \
-             cargo test -p tern-sim --test scaled -- scaled_seeds",
-            scale.per_region, scale.channels
+            "seed {seed} ({} per region, {} channels): {err}\n  replay: {} \
+             cargo test -p tern-sim --test scaled -- {}",
+            scale.per_region,
+            scale.channels,
+            scale.replay.replace("{seed}", &seed.to_string()),
+            if scale.replay.contains("FULL") {
+                "full_size"
+            } else {
+                "scaled_seeds"
+            }
         ))
     };
     let nodes = sim.node_count() as u64;
@@ -244,13 +255,21 @@ fn scaled_seeds() {
         Some(seed) => vec![seed],
         None => {
             let from: u64 = env("TERN_SIM_SCALED_FROM").unwrap_or(0);
-            (from..from + env("TERN_SIM_SCALED_SEEDS").unwrap_or(4)).collect()
+            (from..from + env("TERN_SIM_SCALED_SEEDS").unwrap_or(3)).collect()
         }
     };
+    let per_region = env("TERN_SIM_PER_REGION").unwrap_or(10);
+    let channels = env("TERN_SIM_CHANNELS").unwrap_or(1_000);
+    let subscriptions = env("TERN_SIM_SUBSCRIPTIONS").unwrap_or(300);
+    let replay = format!(
+        "TERN_SIM_SEED={{seed}} TERN_SIM_PER_REGION={per_region} TERN_SIM_CHANNELS={channels} \
+         TERN_SIM_SUBSCRIPTIONS={subscriptions}"
+    );
     let scale = Scale {
-        per_region: 10,
-        channels: 1_000,
-        subscriptions: 300,
+        replay: replay.leak(),
+        per_region,
+        channels,
+        subscriptions,
         ticks: 2_000,
         publishes_per_tick: 1,
     };
@@ -263,13 +282,16 @@ fn scaled_seeds() {
 #[test]
 fn full_size() {
     let scale = Scale {
+        replay: "TERN_SIM_FULL_FROM={seed} TERN_SIM_FULL_SEEDS=1",
         per_region: 10,
         channels: 10_000,
         subscriptions: 1_000,
-        ticks: 2_000,
+        ticks: 1_500,
         publishes_per_tick: 2,
     };
-    let total = sweep(&[1_000, 1_001], &scale);
+    let from: u64 = env("TERN_SIM_FULL_FROM").unwrap_or(1_000);
+    let seeds: Vec<u64> = (from..from + env("TERN_SIM_FULL_SEEDS").unwrap_or(2)).collect();
+    let total = sweep(&seeds, &scale);
     assert_exercised(&total);
 }
 
