@@ -115,6 +115,21 @@ impl Sim {
         for ((message, targets), ok) in done {
             if !ok {
                 self.stats.nacks += 1;
+                self.log(|| {
+                    let views: Vec<String> = targets
+                        .iter()
+                        .map(|(epoch, target)| {
+                            match links.iter().find(|(_, l)| l.epoch == *epoch) {
+                                Some((peer, l)) => format!(
+                                    "n{peer} link {epoch} pos {target}: acked {} counts after {}",
+                                    l.acked, l.counts_after
+                                ),
+                                None => format!("link {epoch} gone"),
+                            }
+                        })
+                        .collect();
+                    format!("n{at} NACK {}: {views:?}", self.published[message].0)
+                });
                 continue;
             }
             self.stats.acks += 1;

@@ -46,6 +46,8 @@ pub struct Sim {
     pub(crate) queue: BTreeMap<(i64, u64), InFlight>,
     pub(crate) queue_counter: u64,
     pub(crate) partitioned: HashSet<(usize, usize)>,
+    /// Per (sender, receiver): when the last item on its link arrives (`ordered_links`).
+    pub(crate) link_clock: HashMap<(usize, usize), i64>,
     /// Every message published: (id, channel, origin, seq).
     pub(crate) published: Vec<(String, usize, OriginId, u64)>,
     /// Per (channel, origin), its events by sequence (index seq - 1): the message index
@@ -247,6 +249,7 @@ impl Sim {
             queue: BTreeMap::new(),
             queue_counter: 0,
             partitioned: HashSet::new(),
+            link_clock: HashMap::new(),
             published: Vec::new(),
             events: HashMap::new(),
             dead_tags: Vec::new(),

@@ -223,6 +223,10 @@ pub struct Faults {
     /// Each node's clock runs ahead of the simulation's by a fixed random offset in
     /// `0..=skew_ms` ms: what its hub stamps and what its rules take for now.
     pub skew_ms: u64,
+    /// A link's `Hello` and events reach the peer in the order sent (one QUIC stream),
+    /// though any of them may still be lost or doubled; other frames are reordered
+    /// freely. Off, everything is reordered (the seed sweep: a harsher network).
+    pub ordered_links: bool,
 }
 
 /// How many channels the cluster has and how many subscriptions its nodes hold.

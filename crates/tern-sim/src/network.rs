@@ -118,10 +118,17 @@ impl Sim {
             1
         };
         self.stats.duplicated += copies - 1;
+        let on_link = matches!(item, Item::Event { link: Some(_), .. } | Item::Hello { .. });
         for _ in 0..copies {
-            let at = self.now_ms
+            let mut at = self.now_ms
                 + self.latency_ms[from][to]
                 + self.rng.below(self.faults.jitter_ms + 1) as i64;
+            if on_link && self.faults.ordered_links {
+                // One ordered stream: nothing on it overtakes what was written before.
+                let last = self.link_clock.entry((from, to)).or_insert(0);
+                at = at.max(*last);
+                *last = at;
+            }
             self.enqueue(at, to, item.clone());
         }
     }

@@ -99,6 +99,7 @@ fn run(seed: u64, scale: &Scale) -> Result<Stats, String> {
         detect_ms: 800,
         settle_ms: 1_200,
         skew_ms: 2_000,
+        ordered_links: true,
     };
     let (regions, latency) = layout(scale.per_region);
     let shape = Shape {
@@ -331,6 +332,7 @@ fn control_bytes(per_region: usize, channels: usize) -> (f64, f64, f64) {
         detect_ms: 2_000,
         settle_ms: 3_000,
         skew_ms: 0,
+        ordered_links: true,
     };
     let (regions, latency) = layout(per_region);
     let shape = Shape {
