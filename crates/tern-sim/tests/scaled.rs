@@ -7,10 +7,11 @@
 //! every ACKed message is on every live node that keeps its channel.
 //!
 //! - `scaled_seeds`: several seeds at 3 × 10 nodes, 1,000 channels, 300 subscriptions
-//!   (debug: a few seconds each). `TERN_SIM_SCALED_SEEDS` sets how many (3),
+//!   (debug: a few seconds each). `TERN_SIM_SCALED_SEEDS` sets how many (2),
 //!   `TERN_SIM_SCALED_FROM` the first, `TERN_SIM_SEED` runs one; `TERN_SIM_PER_REGION`,
-//!   `TERN_SIM_CHANNELS` and `TERN_SIM_SUBSCRIPTIONS` change the size (for a soak).
-//! - `full_size`: 3 × 10 nodes, 10,000 channels, 1,000 subscriptions, two seeds
+//!   `TERN_SIM_CHANNELS` and `TERN_SIM_SUBSCRIPTIONS` change the size (for a soak); 20 s of
+//!   virtual time.
+//! - `full_size`: 3 × 10 nodes, 10,000 channels, 1,000 subscriptions, two seeds of 10 s
 //!   (`TERN_SIM_FULL_FROM` 1000, `TERN_SIM_FULL_SEEDS` 2).
 //! - `control_table` (ignored; run in release) prints the control bytes per node per
 //!   second of docs/reliability.md, measured in the simulation with the real encoder.
@@ -256,7 +257,7 @@ fn scaled_seeds() {
         Some(seed) => vec![seed],
         None => {
             let from: u64 = env("TERN_SIM_SCALED_FROM").unwrap_or(0);
-            (from..from + env("TERN_SIM_SCALED_SEEDS").unwrap_or(3)).collect()
+            (from..from + env("TERN_SIM_SCALED_SEEDS").unwrap_or(2)).collect()
         }
     };
     let per_region = env("TERN_SIM_PER_REGION").unwrap_or(10);
@@ -287,7 +288,7 @@ fn full_size() {
         per_region: 10,
         channels: 10_000,
         subscriptions: 1_000,
-        ticks: 1_500,
+        ticks: 1_000,
         publishes_per_tick: 2,
     };
     let from: u64 = env("TERN_SIM_FULL_FROM").unwrap_or(1_000);
