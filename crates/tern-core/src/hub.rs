@@ -452,16 +452,10 @@ impl Hub {
     }
 
     /// Moves a channel's cursor for `origin` past events no peer can supply (see
-    /// `Channel::skip_remote`), creating the channel if this node has nothing of it yet.
-    /// The `Skip` that opens a `Sync` answer (when the home's log of an origin starts
-    /// past its first event) reaches a node that holds nothing of the channel; ignored, it left the events
-    /// after it waiting until `Synced`, which comes after the presence members were
-    /// seeded: a waiting ENTER then changed nothing, was not logged, and a peer repairing
-    /// from this node later skipped it and never had the member (found by the scaled
-    /// simulation, seed 255 at 3 × 3 nodes and 200 channels).
+    /// `Channel::skip_remote`); only for a channel this node holds.
     pub fn skip_remote(&self, key: &ChannelKey, origin: OriginId, upto: u64, now_ms: i64) -> usize {
         let ctx = self.context(key, now_ms);
-        self.with_channel(key, now_ms, |c| c.skip_remote(&ctx, origin, upto))
+        self.with_existing(key, |c| c.skip_remote(&ctx, origin, upto))
             .unwrap_or(0)
     }
 

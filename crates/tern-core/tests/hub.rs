@@ -519,45 +519,6 @@ fn a_skip_over_a_hole_applies_the_events_waiting_behind_it() {
     assert_eq!(names, vec!["m0", "m2", "m3"]);
 }
 
-/// A `Sync` answer as a node that has nothing of the channel takes it: a `Skip` over the
-/// part of the home's log that is gone, the events after it, the members, then
-/// `Synced`. The `Skip` must land although the node holds nothing of the channel yet:
-/// the ENTER after it then applies at once and is logged, so this node can repair
-/// another one's gap with it instead of answering `Skip` for it.
-#[test]
-fn a_skip_on_a_channel_not_held_yet_lands_and_what_follows_is_logged() {
-    let key = ChannelKey::new("app", "warming");
-    let origin = Hub::new(OriginId(1), CoreLimits::default());
-    let first = origin
-        .publish(&key, &publisher("o", 0), vec![msg("m0")], 1)
-        .unwrap();
-    origin
-        .presence(
-            &key,
-            &publisher("o-c1", 0),
-            vec![enter("o-c1", "user-1", 0)],
-            1,
-        )
-        .unwrap();
-    let enter_event = origin.events_of(&key, OriginId(1), 2, 2).remove(0);
-    let node = hub();
-    assert_eq!(first.event.unwrap().seq, 1);
-    assert_eq!(enter_event.seq, 2);
-    // The home's log starts at 2: its answer opens with `Skip` to 1.
-    node.skip_remote(&key, OriginId(1), 1, 1);
-    assert_eq!(node.cursor(&key).get(OriginId(1)), 1);
-    assert_eq!(
-        node.apply_remote(&key, RemoteEvent::from_event(&enter_event), 1)
-            .unwrap(),
-        RemoteOutcome::Applied(1)
-    );
-    // Members seeded after it change nothing; the ENTER is in the log for repairs.
-    node.seed_members(&key, origin.members(&key), 1);
-    node.skip_remote(&key, OriginId(1), 2, 1);
-    assert_eq!(node.events_of(&key, OriginId(1), 1, 2).len(), 1);
-    assert_eq!(node.members(&key).len(), 1);
-}
-
 /// One app cannot take every channel of the node: past `channels_per_app_max` its new
 /// channels are refused while another app still gets its own, and an app's swept
 /// channels are given back to it.

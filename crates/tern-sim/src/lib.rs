@@ -169,6 +169,11 @@
 //! - A restarted node keeping its previous incarnation's presence member (seeds 76,
 //!   491): the sim did not model the departed tags the real membership gossips to
 //!   members that did not see an incarnation live; now it does (see Restart).
+//! - A presence member lost at scale (`tests/scaled.rs`, seed 255 at 3 × 3 nodes, 200
+//!   channels): a `Sync` answer opened with a `Skip` the asker (holding nothing of the
+//!   channel yet) ignored, so an ENTER waited until after the members were seeded,
+//!   changed nothing, was not logged, and a node repairing from the asker skipped it.
+//!   `warm::answer_sync` now sends each origin's first logged event before its `Skip`.
 
 mod acked;
 mod cluster;
