@@ -21,6 +21,7 @@
 //! - `replicate.rs`: interest, `Sync`, gap repair and `Heads`, each by the shipped rule.
 //! - `acked.rs`: links, resend buffers and `ack_replicas` waiters.
 //! - `invariants.rs`: the checks after every step, on the rules' bounds, and after heal.
+//! - `stats.rs`: what a run did ([`Stats`]).
 //!
 //! # The rules are the shipped ones
 //! Routing (homes, recipients, interest with its TTL), repair answers, `Sync` answers
@@ -181,9 +182,11 @@ mod invariants;
 mod network;
 mod node;
 mod replicate;
+mod stats;
 mod workload;
 
-pub use cluster::{Sim, Stats};
+pub use cluster::Sim;
+pub use stats::Stats;
 pub use tern_core::ChannelKey;
 
 /// splitmix64: tiny, seedable, good enough for fault injection.

@@ -126,7 +126,7 @@ impl Sim {
     /// What `peer` lists in its `Heads` this round, as the driver does: the channels its
     /// hub holds (at most `HEADS_CHANNELS_MAX`, in key order here so a seed replays) with
     /// a non-empty cursor, each with its homes and interested peers in `peer`'s view.
-    fn heads_of(&self, peer: usize) -> Heads {
+    fn listed_heads(&self, peer: usize) -> Heads {
         let mut heads = Heads {
             list: Vec::new(),
             to: vec![Vec::new(); self.nodes.len()],
@@ -169,7 +169,7 @@ impl Sim {
     /// (`heads::shares`, in `peer`'s view; counted in `peer`'s control bytes), and
     /// `node` asks `peer` for what `heads::wanted` says it lacks of the channels it
     /// keeps; it ignores the others.
-    fn heads_to(&mut self, node: usize, peer: usize, heads_of_peer: &Heads) {
+    fn take_heads(&mut self, node: usize, peer: usize, heads_of_peer: &Heads) {
         if !self.nodes[peer].up || node == peer || !self.in_view(peer, node) {
             return;
         }
@@ -215,11 +215,11 @@ impl Sim {
     }
 
     /// Every reachable peer's heads reach `node` (a restarted node catches up).
-    pub(crate) fn heads_to_node(&mut self, node: usize) {
+    pub(crate) fn catch_up_from_heads(&mut self, node: usize) {
         for peer in 0..self.nodes.len() {
             if peer != node {
-                let heads = self.heads_of(peer);
-                self.heads_to(node, peer, &heads);
+                let heads = self.listed_heads(peer);
+                self.take_heads(node, peer, &heads);
             }
         }
     }
@@ -230,7 +230,7 @@ impl Sim {
     pub fn anti_entropy(&mut self) {
         self.refresh_interest();
         self.resend_and_expire();
-        self.heads_round();
+        self.send_heads_round();
     }
 
     /// The resend timer alone (stalled links resend; expired replies are NACKed).
@@ -240,7 +240,7 @@ impl Sim {
 
     /// Every node sends its heads (`Heads`, each second in the driver), and forgets
     /// interest not repeated within its TTL (the driver's tick).
-    pub fn heads_round(&mut self) {
+    pub fn send_heads_round(&mut self) {
         for at in 0..self.nodes.len() {
             if self.nodes[at].up {
                 let now = self.now_at(at);
@@ -250,11 +250,13 @@ impl Sim {
         if let Err(err) = self.check_rule_bounds() {
             self.broken.get_or_insert(err);
         }
-        let heads: Vec<Heads> = (0..self.nodes.len()).map(|p| self.heads_of(p)).collect();
+        let heads: Vec<Heads> = (0..self.nodes.len())
+            .map(|p| self.listed_heads(p))
+            .collect();
         for node in 0..self.nodes.len() {
             for (peer, heads) in heads.iter().enumerate() {
                 if peer != node {
-                    self.heads_to(node, peer, heads);
+                    self.take_heads(node, peer, heads);
                 }
             }
         }

@@ -178,7 +178,7 @@ impl Sim {
             self.enqueue(when, at, Item::Reported { tag, origin });
         }
         self.start_subscribers(at);
-        self.heads_to_node(at);
+        self.catch_up_from_heads(at);
         true
     }
 }

@@ -162,7 +162,7 @@ fn run(seed: u64, scale: &Scale) -> Result<Stats, String> {
                 sim.anti_entropy();
             } else {
                 sim.resend_round();
-                sim.heads_round();
+                sim.send_heads_round();
             }
         }
     }
@@ -359,7 +359,7 @@ fn control_bytes(per_region: usize, channels: usize) -> (f64, f64, f64) {
         if s % 2 == 0 {
             sim.refresh_interest();
         }
-        sim.heads_round();
+        sim.send_heads_round();
     }
     sim.advance_to(start + seconds * 1_000).expect("invariants");
     sim.check_converged().expect("converged");
