@@ -122,19 +122,36 @@ impl<W> Warm<W> {
     }
 }
 
-/// A home's answer to `Sync`, in send order: per origin its repair answer from 1, the
-/// presence members, then the cursor (`Synced`).
+/// A home's answer to `Sync`, in send order: per origin its repair answer from 1 (its
+/// first logged event ahead of the `Skip` over what its log lacks, see [`answer_sync`]),
+/// the presence members, then the cursor (`Synced`).
 pub struct SyncAnswer {
     pub repairs: Vec<(OriginId, Vec<RepairPart>)>,
     pub members: Vec<PresenceMessage>,
     pub cursor: Vec<(OriginId, u64)>,
 }
 
+/// The home's answer to `Sync` on `key`. Per origin whose log starts past its first
+/// event, the first logged event goes *before* the `Skip` over the missing part: the
+/// asker holds nothing of the channel yet, and `Hub::skip_remote` ignores a channel it
+/// does not hold (a peer must not create channels with a bare `Skip`), so a leading
+/// `Skip` was lost; the events after it then waited behind the hole until `Synced`,
+/// which comes after the members are seeded, so a waiting ENTER of a seeded member
+/// changed nothing, was not logged, and a node repairing from the asker later got a
+/// `Skip` for it and never had the member (scaled simulation, seed 255 at 3 × 3 nodes,
+/// 200 channels). The event first creates the channel (it waits, a gap: the asker asks
+/// for the hole, harmlessly), the `Skip` then lands and applies it, logged.
 pub fn answer_sync(hub: &Hub, key: &ChannelKey) -> SyncAnswer {
     let cursor: Vec<(OriginId, u64)> = hub.cursor(key).origins().collect();
     let repairs = cursor
         .iter()
-        .map(|&(origin, have)| (origin, repair::answer(hub, key, origin, 1, have)))
+        .map(|&(origin, have)| {
+            let mut parts = repair::answer(hub, key, origin, 1, have);
+            if matches!(parts.first(), Some(RepairPart::Skip(_))) && parts.len() > 1 {
+                parts.swap(0, 1);
+            }
+            (origin, parts)
+        })
         .collect();
     SyncAnswer {
         repairs,
@@ -185,6 +202,51 @@ mod tests {
         assert_eq!(warm.start(&key, "home", t0, 3), Started::Asked);
         assert_eq!(warm.done(&key), vec![3]);
         assert!(warm.done(&key).is_empty());
+    }
+
+    /// A home whose log of an origin starts past its first event (here: trimmed) answers
+    /// with that origin's first logged event, then the `Skip`; a node that holds nothing
+    /// of the channel takes the parts in that order and ends with every event applied,
+    /// logged (so it can repair another node with them) and none waiting.
+    #[test]
+    fn sync_answer_puts_the_first_event_before_the_skip() {
+        use tern_core::{CoreLimits, Publisher, RemoteEvent};
+        let limits = CoreLimits::default();
+        let home = Hub::new(OriginId(7), limits.clone());
+        let key = ChannelKey::new("app", "room");
+        let count = limits.log.events_max + 5;
+        for i in 0..count {
+            let publisher = Publisher {
+                connection_id: None,
+                frame_id: format!("f{i}"),
+            };
+            let message = tern_protocol::Message {
+                name: Some(format!("m{i}")),
+                ..Default::default()
+            };
+            home.publish(&key, &publisher, vec![message], 0).unwrap();
+        }
+        let answer = answer_sync(&home, &key);
+        let (origin, parts) = &answer.repairs[0];
+        assert_eq!(*origin, OriginId(7));
+        assert!(matches!(parts[0], RepairPart::Event(_)), "{:?}", parts[0]);
+        assert!(matches!(parts[1], RepairPart::Skip(5)), "{:?}", parts[1]);
+        let asker = Hub::new(OriginId(8), limits);
+        for part in parts {
+            match part {
+                RepairPart::Event(e) => {
+                    asker
+                        .apply_remote(&key, RemoteEvent::from_event(e), 0)
+                        .unwrap();
+                }
+                RepairPart::Skip(upto) => {
+                    asker.skip_remote(&key, *origin, *upto, 0);
+                }
+            }
+        }
+        assert_eq!(asker.pending_len(&key), 0);
+        assert_eq!(asker.cursor(&key).get(OriginId(7)), count as u64);
+        assert_eq!(asker.events_of(&key, OriginId(7), 6, 6).len(), 1);
     }
 
     /// 256 members with 64 KB of data each go in several pages, none over the byte

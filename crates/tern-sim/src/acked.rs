@@ -11,15 +11,15 @@
 //! node incarnations that stored it is still up, is on every live node that keeps the
 //! channel after heal ([`Sim::check_acked`]); and no waiter outlives its timeout.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use tern_core::RemoteEvent;
 use tern_replication::acks::{LinkView, Waiters, REPLICA_ACK_TIMEOUT};
 use tern_replication::links::{InLink, OutLink, SendBuffer, StoredOutcome};
-use tern_replication::Now;
 
-use crate::{Item, Sim};
+use crate::network::Item;
+use crate::Sim;
 
 /// The simulation's `ack_replicas` (the server's default).
 pub const ACK_REPLICAS: usize = 1;
@@ -28,7 +28,8 @@ pub const ACK_REPLICAS: usize = 1;
 pub(crate) struct SimLink {
     pub(crate) link: OutLink,
     pub(crate) to_incarnation: u64,
-    pub(crate) buffer: SendBuffer<Arc<RemoteEvent>>,
+    /// Each held event with its channel.
+    pub(crate) buffer: SendBuffer<(usize, Arc<RemoteEvent>)>,
     /// `link.acked` at the previous resend round: a link whose acks advanced since is
     /// not stalled and resends nothing (as `RESEND_AFTER` in the driver).
     pub(crate) acked_at_round: u64,
@@ -51,18 +52,15 @@ pub(crate) struct Acked {
 }
 
 impl Sim {
-    fn now(&self) -> Now {
-        Now::from_millis(self.now_ms as u64)
-    }
-
     /// Gives node `at`'s own event a position on the link to `to`; returns the position.
     pub(crate) fn link_position(
         &mut self,
         at: usize,
         to: usize,
+        ch: usize,
         event: &Arc<RemoteEvent>,
     ) -> (u64, u64) {
-        let now = self.now();
+        let now = self.now_at(at);
         let to_incarnation = self.nodes[to].incarnation;
         let stale = self.acks[at]
             .out
@@ -80,7 +78,7 @@ impl Sim {
         }
         let link = self.acks[at].out.get_mut(&to).expect("inserted above");
         let seq = link.link.hand_out();
-        if link.buffer.push(seq, event.clone(), now).is_some() {
+        if link.buffer.push(seq, (ch, event.clone()), now).is_some() {
             link.link.counts_after = seq - link.buffer.len() as u64;
         }
         (link.link.epoch, seq)
@@ -93,7 +91,7 @@ impl Sim {
         message: usize,
         targets: Vec<(u64, u64)>,
     ) {
-        let now = self.now();
+        let now = self.now_at(at);
         self.acks[at]
             .waiters
             .push(targets.clone(), now, (message, targets));
@@ -102,7 +100,7 @@ impl Sim {
 
     /// Runs node `at`'s waiting replies the rules let go.
     pub(crate) fn answer_waiters(&mut self, at: usize) {
-        let now = self.now();
+        let now = self.now_at(at);
         let region = self.regions[at];
         let state = &mut self.acks[at];
         let links: Vec<(usize, OutLink)> = state.out.iter().map(|(p, l)| (*p, l.link)).collect();
@@ -117,6 +115,21 @@ impl Sim {
         for ((message, targets), ok) in done {
             if !ok {
                 self.stats.nacks += 1;
+                self.log(|| {
+                    let views: Vec<String> = targets
+                        .iter()
+                        .map(|(epoch, target)| {
+                            match links.iter().find(|(_, l)| l.epoch == *epoch) {
+                                Some((peer, l)) => format!(
+                                    "n{peer} link {epoch} pos {target}: acked {} counts after {}",
+                                    l.acked, l.counts_after
+                                ),
+                                None => format!("link {epoch} gone"),
+                            }
+                        })
+                        .collect();
+                    format!("n{at} NACK {}: {views:?}", self.published[message].0)
+                });
                 continue;
             }
             self.stats.acks += 1;
@@ -129,10 +142,10 @@ impl Sim {
                 })
                 .collect();
             // An ACK is a promise: each replica it counts holds the message now.
-            let (id, origin, seq) = &self.published[message];
+            let (id, ch, origin, seq) = &self.published[message];
             for &(peer, incarnation) in &ackers {
                 let node = &self.nodes[peer];
-                let holds = node.hub.cursor(&self.key).get(*origin) >= *seq;
+                let holds = node.hub.cursor(&self.keys[*ch]).get(*origin) >= *seq;
                 if node.up && node.incarnation == incarnation && !holds {
                     self.broken.get_or_insert(format!(
                         "message {id} ACKed on n{peer}'s Stored, which does not hold it"
@@ -215,11 +228,12 @@ impl Sim {
                     },
                 ));
                 let mut seq = first - 1;
-                while let Some((pos, event, _)) = link.buffer.after(seq) {
+                while let Some((pos, (ch, event), _)) = link.buffer.after(seq) {
                     seq = *pos;
                     let link_pos = Some((link.link.epoch, *pos));
                     let item = Item::Event {
                         from: at,
+                        ch: *ch,
                         event: event.clone(),
                         link: link_pos,
                     };
@@ -250,12 +264,17 @@ impl Sim {
         self.answer_waiters(at);
     }
 
-    /// No reply waits past its timeout once a resend round ran, and no buffer is over
-    /// its bound.
-    pub(crate) fn check_ack_bounds(&self) -> Result<(), String> {
-        for (at, state) in self.acks.iter().enumerate() {
+    /// No reply of `nodes` waits past its timeout once a resend round ran, and no buffer
+    /// is over its bound (`PEER_BUFFER_MAX`).
+    pub(crate) fn check_ack_bounds(&mut self, nodes: &BTreeSet<usize>) -> Result<(), String> {
+        for &at in nodes {
+            let state = &self.acks[at];
+            self.stats.max_waiters = self.stats.max_waiters.max(state.waiters.len());
+            for link in state.out.values() {
+                self.stats.max_buffer = self.stats.max_buffer.max(link.buffer.len());
+            }
             if let Some(since) = state.waiters.oldest() {
-                let age = self.now().saturating_sub(since);
+                let age = self.now_at(at).saturating_sub(since);
                 if age > REPLICA_ACK_TIMEOUT * 2 && self.nodes[at].up {
                     return Err(format!(
                         "n{at}: a reply has waited {age:?} for its replicas"
@@ -274,9 +293,10 @@ impl Sim {
     /// Every ACKed message, while an incarnation that stored it is up, is in `union`.
     pub(crate) fn check_acked(
         &self,
+        acked: &[&Acked],
         union: &std::collections::HashSet<&String>,
     ) -> Result<(), String> {
-        for acked in &self.acked {
+        for acked in acked {
             let alive = acked
                 .ackers
                 .iter()

@@ -80,6 +80,8 @@ fn run(seed: u64) -> Result<Stats, String> {
         jitter_ms: 60,
         detect_ms: 2_000,
         settle_ms: env("TERN_SIM_SETTLE_MS").unwrap_or(3_000),
+        skew_ms: 2_000,
+        ordered_links: false,
     };
     let (regions, latency) = layout(seed, &topology());
     let trace = std::env::var("TERN_SIM_TRACE").is_ok_and(|v| v == "1");

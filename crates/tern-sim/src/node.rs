@@ -1,0 +1,275 @@
+//! One simulated node: its hub, its recording subscriber, its presence clients, and what
+//! it knows of its peers; booting an incarnation and attaching its subscriber.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use tern_core::{
+    AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Hub, Journal, OriginId, Subscriber,
+};
+use tern_protocol::{Data, PresenceMessage};
+use tern_replication::routing;
+
+use crate::network::Item;
+use crate::{Sim, ALL_MODES, ASK_AGAIN_MS, CLIENTS};
+
+/// One recorded delivery: origin, sequence, and the message id (`None` for PRESENCE).
+pub(crate) type Delivery = (OriginId, u64, Option<String>);
+
+/// One recording subscriber: every event it got, in delivery order.
+#[derive(Default)]
+pub(crate) struct Recorder {
+    pub(crate) got: Mutex<Vec<Delivery>>,
+}
+
+impl Subscriber for Recorder {
+    fn deliver(&self, event: &Arc<ChannelEvent>) -> bool {
+        let mut got = self.got.lock().unwrap_or_else(|p| p.into_inner());
+        if event.is_message() {
+            for m in event.frame.messages.iter().flatten() {
+                got.push((
+                    event.origin,
+                    event.seq,
+                    Some(m.id.clone().unwrap_or_default()),
+                ));
+            }
+        } else {
+            got.push((event.origin, event.seq, None));
+        }
+        true
+    }
+}
+
+/// The hub's journal: every event the hub applies, in order, for the routing to send on
+/// (its own to the homes and interested nodes, another region's to the interested nodes
+/// of its region when it is the home), as the replicator's `record` does.
+pub(crate) struct Outbox {
+    pub(crate) events: Mutex<Vec<(ChannelKey, Arc<ChannelEvent>)>>,
+}
+
+impl Journal for Outbox {
+    fn record(&self, key: &ChannelKey, event: &Arc<ChannelEvent>) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((key.clone(), event.clone()));
+    }
+}
+
+/// A client connection with (at most) one presence member per channel.
+pub(crate) struct Client {
+    pub(crate) client_id: String,
+    pub(crate) connection_id: String,
+    pub(crate) serial: u64,
+    /// The member's data per channel while entered.
+    pub(crate) present: BTreeMap<usize, String>,
+}
+
+/// One node; its fields after `up` describe the current (or last) incarnation.
+pub(crate) struct Node {
+    pub(crate) up: bool,
+    pub(crate) incarnation: u64,
+    pub(crate) origin: OriginId,
+    /// Prefix of this incarnation's connection ids (followed by `-`).
+    pub(crate) tag: String,
+    pub(crate) hub: Hub,
+    pub(crate) outbox: Arc<Outbox>,
+    /// This incarnation's subscribers, by channel index (attached, or waiting for the
+    /// channel's state).
+    pub(crate) subs: BTreeMap<usize, Sub>,
+    /// Same-region peers (by node id) that said they have subscribers, per channel, when
+    /// this node last heard it.
+    pub(crate) interest: routing::Interest,
+    /// Per (same-region peer, channel): the incarnation whose interest it last heard (to
+    /// tell a predecessor's interest, still held until it expires, from the current one's).
+    pub(crate) interest_from: HashMap<(usize, usize), u64>,
+    /// Channels it has been the home of in its region (among the live nodes) since boot.
+    pub(crate) was_home: HashSet<usize>,
+    /// Channels it got routed events of only because a peer still held its previous
+    /// incarnation's interest (kept for `INTEREST_TTL`).
+    pub(crate) stale_fed: HashSet<usize>,
+    /// Crashed origins this node has not yet seen depart (it still waits on their link).
+    pub(crate) believed_live: HashSet<OriginId>,
+    pub(crate) clients: Vec<Client>,
+}
+
+impl Node {
+    pub(crate) fn subscribed(&self, ch: usize) -> bool {
+        self.subs.contains_key(&ch)
+    }
+
+    pub(crate) fn attached(&self, ch: usize) -> bool {
+        self.subs.get(&ch).is_some_and(|s| s.attached)
+    }
+}
+
+/// One subscriber of a node incarnation on one channel.
+#[derive(Default)]
+pub(crate) struct Sub {
+    pub(crate) recorder: Arc<Recorder>,
+    pub(crate) checked: Checked,
+    /// `published.len()` when the subscriber attached.
+    pub(crate) attached_at: usize,
+    /// It is attached.
+    pub(crate) attached: bool,
+    /// Waiting for the channel's state before attaching: since when, and from which home.
+    pub(crate) warming: Option<(i64, usize)>,
+    /// Message ids the hub held when it attached (the state it attached to).
+    pub(crate) pre_attach: HashSet<String>,
+}
+
+/// What the step checks have verified so far of one subscriber incarnation.
+#[derive(Default)]
+pub(crate) struct Checked {
+    pub(crate) upto: usize,
+    pub(crate) last: BTreeMap<OriginId, u64>,
+    pub(crate) ids: HashSet<String>,
+}
+
+/// A presence member as the convergence check compares it.
+pub(crate) type Member = (String, String, String);
+
+pub(crate) fn member(m: &PresenceMessage) -> Member {
+    let data = match &m.data {
+        Some(Data::String(s)) => s.clone(),
+        other => format!("{other:?}"),
+    };
+    (
+        m.client_id.clone().unwrap_or_default(),
+        m.connection_id.clone().unwrap_or_default(),
+        data,
+    )
+}
+
+/// The ids of the messages in the channel's log on `hub`.
+pub(crate) fn held_ids(hub: &Hub, key: &ChannelKey) -> HashSet<String> {
+    hub.cursor(key)
+        .origins()
+        .flat_map(|(origin, seq)| hub.events_of(key, origin, 1, seq))
+        .filter(|e| e.is_message())
+        .flat_map(|e| {
+            e.frame
+                .messages
+                .iter()
+                .flatten()
+                .map(|m| m.id.clone().unwrap_or_default())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Sim {
+    /// Incarnation `incarnation` of node `index`: a fresh hub, its subscribers (on
+    /// `subs`) not attached yet (see [`Sim::start_subscriber`]).
+    pub(crate) fn boot(
+        limits: &CoreLimits,
+        index: usize,
+        incarnation: u64,
+        subs: Vec<usize>,
+    ) -> Node {
+        // Node id and boot epoch, as the server derives it: never reused.
+        let origin = OriginId(((index as u64 + 1) << 32) | incarnation);
+        let tag = format!("n{index}i{incarnation}");
+        let outbox = Arc::new(Outbox {
+            events: Mutex::new(Vec::new()),
+        });
+        let hub = Hub::with_journal(origin, limits.clone(), Some(outbox.clone()));
+        let clients = (0..CLIENTS)
+            .map(|k| Client {
+                client_id: format!("user-{k}"),
+                connection_id: format!("{tag}-c{k}"),
+                serial: 0,
+                present: BTreeMap::new(),
+            })
+            .collect();
+        Node {
+            up: true,
+            incarnation,
+            origin,
+            tag,
+            hub,
+            outbox,
+            subs: subs.into_iter().map(|ch| (ch, Sub::default())).collect(),
+            interest: routing::Interest::default(),
+            interest_from: HashMap::new(),
+            was_home: HashSet::new(),
+            stale_fed: HashSet::new(),
+            believed_live: HashSet::new(),
+            clients,
+        }
+    }
+
+    /// Node `at`'s subscriber on channel `ch` attaches: at once when the node is the
+    /// channel's home in its region; otherwise it first tells its region it is
+    /// interested and asks the home for the channel's state (`warm`), attaching when
+    /// that arrives or after `WARM_TIMEOUT_MS`.
+    pub(crate) fn start_subscriber(&mut self, at: usize, ch: usize) {
+        let home = self.home_seen(at, ch, self.regions[at]);
+        if home == at {
+            self.attach(at, ch);
+            return;
+        }
+        if let Some(sub) = self.nodes[at].subs.get_mut(&ch) {
+            sub.warming = Some((self.now_ms, home));
+        }
+        self.log(|| format!("n{at} warms c{ch} from home n{home}"));
+        let incarnation = self.nodes[at].incarnation;
+        for peer in self.region_peers(at) {
+            if peer != home {
+                let item = Item::Interest {
+                    from: at,
+                    incarnation,
+                    chans: vec![ch],
+                };
+                self.send(at, peer, item);
+            }
+        }
+        self.send(
+            at,
+            home,
+            Item::Sync {
+                from: at,
+                incarnation,
+                ch,
+            },
+        );
+        self.enqueue(self.now_ms + ASK_AGAIN_MS, at, Item::WarmTick { ch });
+    }
+
+    /// Attaches node `at`'s subscriber on `ch` to what its hub holds now.
+    pub(crate) fn attach(&mut self, at: usize, ch: usize) {
+        let attached_at = self.published.len();
+        let now_ms = self.hub_now(at);
+        let key = &self.keys[ch];
+        let node = &mut self.nodes[at];
+        let Some(sub) = node.subs.get_mut(&ch) else {
+            return;
+        };
+        let options = AttachOptions {
+            modes: ALL_MODES,
+            echo: true,
+            resume_from: None,
+            rewind: None,
+            delta: false,
+        };
+        node.hub
+            .attach(
+                key,
+                format!("{}-sub", node.tag).into(),
+                options,
+                sub.recorder.clone(),
+                |_| {},
+                now_ms,
+            )
+            .expect("attach");
+        sub.pre_attach = held_ids(&node.hub, key);
+        sub.attached_at = attached_at;
+        sub.attached = true;
+        sub.warming = None;
+        self.log(|| format!("n{at} attached c{ch}"));
+    }
+}

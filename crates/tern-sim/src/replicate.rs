@@ -1,0 +1,290 @@
+//! The replication exchanges between simulated nodes, each decided by the shipped rule:
+//! interest (`routing::Interest`), `Sync` answers (`warm::answer_sync`), applying an
+//! event and asking for a gap (`repair::answer`), and `Heads` anti-entropy
+//! (`heads::shares`, `heads::wanted`).
+
+use std::collections::HashMap;
+
+use tern_core::{OriginId, RemoteEvent, RemoteOutcome};
+use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
+use tern_replication::repair::{self, RepairPart};
+use tern_replication::routing::INTEREST_PER_FRAME;
+use tern_replication::warm;
+
+use crate::network::{repair_items, Item};
+use crate::{Control, Sim};
+
+/// One channel a sender lists in its `Heads`: the channel and the sender's cursor.
+struct Head {
+    ch: usize,
+    origins: Vec<(u64, u64)>,
+}
+
+/// What a sender lists this round, and per node index which of those channels it sends
+/// there (`heads::shares` in its view).
+#[derive(Default)]
+struct Heads {
+    list: Vec<Head>,
+    to: Vec<Vec<usize>>,
+}
+
+impl Sim {
+    /// A same-region peer's interest in `chans` reaches `to` (`routing::Interest::on_frame`).
+    pub(crate) fn take_interest(
+        &mut self,
+        to: usize,
+        from: usize,
+        incarnation: u64,
+        chans: &[usize],
+    ) {
+        if self.regions[from] != self.regions[to] {
+            return;
+        }
+        let now = self.now_at(to);
+        let keys: Vec<_> = chans.iter().map(|&ch| self.keys[ch].clone()).collect();
+        let node = &mut self.nodes[to];
+        node.interest.on_frame(&self.ids[from], keys, true, now);
+        for &ch in chans {
+            node.interest_from.insert((from, ch), incarnation);
+        }
+    }
+
+    /// Node `home` answers node `node`'s `Sync` on `ch` (`warm::answer_sync`): per origin
+    /// its repair answer from 1, then its presence members and cursor, as one item (the
+    /// real frames follow each other on one ordered link).
+    pub(crate) fn sync_from(&mut self, home: usize, node: usize, ch: usize, incarnation: u64) {
+        let answer = warm::answer_sync(&self.nodes[home].hub, &self.keys[ch]);
+        let items = answer
+            .repairs
+            .into_iter()
+            .flat_map(|(origin, parts)| repair_items(home, ch, origin, parts))
+            .collect();
+        let item = Item::SyncState {
+            from: home,
+            ch,
+            for_incarnation: incarnation,
+            items,
+            members: answer.members,
+            cursor: answer.cursor,
+        };
+        self.send(home, node, item);
+    }
+
+    /// Applies a replicated event on `ch` at `to`; a gap asks the node it came from.
+    /// Returns whether it was not a gap (applied or a duplicate: its link position counts).
+    pub(crate) fn apply(&mut self, to: usize, from: usize, ch: usize, event: RemoteEvent) -> bool {
+        let now_ms = self.hub_now(to);
+        let outcome = self.nodes[to]
+            .hub
+            .apply_remote(&self.keys[ch], event, now_ms)
+            .expect("apply");
+        self.log(|| format!("   {outcome:?}"));
+        match outcome {
+            RemoteOutcome::Duplicate => self.stats.duplicates_seen += 1,
+            RemoteOutcome::Gap { origin, missing } => {
+                self.stats.gaps += 1;
+                let round_trip = 2 * self.latency_ms[to].iter().max().copied().unwrap_or(0)
+                    + self.faults.jitter_ms as i64;
+                let asked = self.requested.get(&(to, ch, origin)).copied();
+                if asked
+                    .is_none_or(|(upto, when)| upto < missing.1 || self.now_ms - when > round_trip)
+                {
+                    self.requested
+                        .insert((to, ch, origin), (missing.1, self.now_ms));
+                    self.repair_from(from, to, ch, origin, missing);
+                }
+                return false;
+            }
+            RemoteOutcome::Applied(_) => {}
+        }
+        true
+    }
+
+    /// `peer` answers `node`'s repair request for `origin`'s `from..=to` on `ch`
+    /// (`repair::answer`).
+    pub(crate) fn repair_from(
+        &mut self,
+        peer: usize,
+        node: usize,
+        ch: usize,
+        origin: OriginId,
+        (from, to): (u64, u64),
+    ) {
+        if !self.nodes[peer].up {
+            return;
+        }
+        let parts = repair::answer(&self.nodes[peer].hub, &self.keys[ch], origin, from, to);
+        self.stats.skips += parts
+            .iter()
+            .filter(|p| matches!(p, RepairPart::Skip(_)))
+            .count() as u64;
+        for item in repair_items(peer, ch, origin, parts) {
+            self.send(peer, node, item);
+        }
+    }
+
+    /// What `peer` lists in its `Heads` this round, as the driver does: the channels its
+    /// hub holds (at most `HEADS_CHANNELS_MAX`, in key order here so a seed replays) with
+    /// a non-empty cursor, each with its homes and interested peers in `peer`'s view.
+    fn listed_heads(&self, peer: usize) -> Heads {
+        let mut heads = Heads {
+            list: Vec::new(),
+            to: vec![Vec::new(); self.nodes.len()],
+        };
+        if !self.nodes[peer].up {
+            return heads;
+        }
+        let now = self.now_at(peer);
+        let mut cursors = self.nodes[peer].hub.cursors(HEADS_CHANNELS_MAX);
+        cursors.sort_by(|a, b| (&a.0.app, &a.0.name).cmp(&(&b.0.app, &b.0.name)));
+        let mask = self.view_mask(peer);
+        for (key, cursor) in cursors {
+            let origins: Vec<(u64, u64)> = cursor.origins().map(|(o, s)| (o.0, s)).collect();
+            if origins.is_empty() {
+                continue;
+            }
+            let ch = self.index[&key];
+            let homes: HashMap<&str, &str> = self
+                .homes_among(mask, ch)
+                .into_iter()
+                .enumerate()
+                .filter(|&(_, home)| home != usize::MAX)
+                .map(|(region, home)| (self.region_names[region].as_str(), self.ids[home].as_str()))
+                .collect();
+            let interested = self.nodes[peer].interest.interested(&key, now);
+            let index = heads.list.len();
+            for node in (0..self.nodes.len()).filter(|&n| n != peer) {
+                let heard = self.regions[node] == self.regions[peer]
+                    && interested.contains(&self.ids[node].as_str());
+                if heads::shares(&homes, self.member(node), heard) {
+                    heads.to[node].push(index);
+                }
+            }
+            heads.list.push(Head { ch, origins });
+        }
+        heads
+    }
+
+    /// `peer`'s heads reach `node` for the channels `peer` shares with it
+    /// (`heads::shares`, in `peer`'s view; counted in `peer`'s control bytes), and
+    /// `node` asks `peer` for what `heads::wanted` says it lacks of the channels it
+    /// keeps; it ignores the others.
+    fn take_heads(&mut self, node: usize, peer: usize, heads_of_peer: &Heads) {
+        if !self.nodes[peer].up || node == peer || !self.in_view(peer, node) {
+            return;
+        }
+        let shared: Vec<&Head> = heads_of_peer.to[node]
+            .iter()
+            .map(|&i| &heads_of_peer.list[i])
+            .collect();
+        self.stats.heads_unshared += (heads_of_peer.list.len() - shared.len()) as u64;
+        if let Some(sizer) = &self.sizer {
+            for chunk in shared.chunks(HEADS_PER_FRAME) {
+                let list: Vec<_> = chunk
+                    .iter()
+                    .map(|h| (&self.keys[h.ch], h.origins.as_slice()))
+                    .collect();
+                self.control_bytes[peer].0 += sizer(Control::Heads(&list)) as u64;
+            }
+        }
+        if !self.nodes[node].up || self.partitioned.contains(&(node.min(peer), node.max(peer))) {
+            return;
+        }
+        let live: Vec<u64> = self.view(node).iter().map(|n| n.origin).collect();
+        let live = |origin: u64| live.contains(&origin);
+        let asker = heads::Asker {
+            own: self.nodes[node].origin.0,
+            sender: self.nodes[peer].origin.0,
+            live: &live,
+        };
+        let mut asks = Vec::new();
+        for head in shared {
+            if !self.holds(node, head.ch) {
+                continue;
+            }
+            let key = &self.keys[head.ch];
+            let mine = self.nodes[node].hub.cursor(key);
+            let previous = self.previous_heads.entry((node, peer)).or_default();
+            for (origin, from, to) in heads::wanted(&asker, previous, key, &mine, &head.origins) {
+                asks.push((head.ch, origin, from, to));
+            }
+        }
+        for (ch, origin, from, to) in asks {
+            self.repair_from(peer, node, ch, OriginId(origin), (from, to));
+        }
+    }
+
+    /// Every reachable peer's heads reach `node` (a restarted node catches up).
+    pub(crate) fn catch_up_from_heads(&mut self, node: usize) {
+        for peer in 0..self.nodes.len() {
+            if peer != node {
+                let heads = self.listed_heads(peer);
+                self.take_heads(node, peer, &heads);
+            }
+        }
+    }
+
+    /// A round of anti-entropy: every node with a subscriber repeats its interest to its
+    /// region's peers, stalled links resend, and every node gets every reachable peer's
+    /// heads.
+    pub fn anti_entropy(&mut self) {
+        self.refresh_interest();
+        self.resend_and_expire();
+        self.send_heads_round();
+    }
+
+    /// The resend timer alone (stalled links resend; expired replies are NACKed).
+    pub fn resend_round(&mut self) {
+        self.resend_and_expire();
+    }
+
+    /// Every node sends its heads (`Heads`, each second in the driver), and forgets
+    /// interest not repeated within its TTL (the driver's tick).
+    pub fn send_heads_round(&mut self) {
+        for at in 0..self.nodes.len() {
+            if self.nodes[at].up {
+                let now = self.now_at(at);
+                self.nodes[at].interest.expire(now);
+            }
+        }
+        if let Err(err) = self.check_rule_bounds() {
+            self.broken.get_or_insert(err);
+        }
+        let heads: Vec<Heads> = (0..self.nodes.len())
+            .map(|p| self.listed_heads(p))
+            .collect();
+        for node in 0..self.nodes.len() {
+            for (peer, heads) in heads.iter().enumerate() {
+                if peer != node {
+                    self.take_heads(node, peer, heads);
+                }
+            }
+        }
+    }
+
+    /// Every node with subscribers repeats its interest in their channels to its
+    /// region's peers (the replicator does every `INTEREST_REFRESH`).
+    pub fn refresh_interest(&mut self) {
+        for node in 0..self.nodes.len() {
+            if !self.nodes[node].up || self.nodes[node].subs.is_empty() {
+                continue;
+            }
+            let incarnation = self.nodes[node].incarnation;
+            let chans: Vec<usize> = self.nodes[node].subs.keys().copied().collect();
+            for peer in self.region_peers(node) {
+                if let Some(sizer) = &self.sizer {
+                    for chunk in chans.chunks(INTEREST_PER_FRAME) {
+                        let keys: Vec<_> = chunk.iter().map(|&ch| &self.keys[ch]).collect();
+                        self.control_bytes[node].1 += sizer(Control::Interest(&keys)) as u64;
+                    }
+                }
+                let item = Item::Interest {
+                    from: node,
+                    incarnation,
+                    chans: chans.clone(),
+                };
+                self.send(node, peer, item);
+            }
+        }
+    }
+}
