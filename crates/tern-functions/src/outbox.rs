@@ -1,6 +1,7 @@
 //! The outbox: every event a rule must deliver is written to the history store in the
-//! same writer queue, right after the event itself, so the commit that makes the
-//! publish durable (and its ACK possible) makes its webhooks durable too.
+//! same commit as the event itself (`HistoryStore::in_one_commit`), so the commit that
+//! makes the publish durable (and its ACK possible) makes its webhooks durable too, and
+//! a failed one leaves neither.
 //!
 //! # Layout in the store
 //! Each rule has one outbox channel, `OUTBOX_APP` / `"\u{1}outbox:<app>/<rule>"`
@@ -428,8 +429,8 @@ impl Outbox {
 }
 
 /// The hub's journal on a node with webhook rules: the history journal first (the
-/// event's own rows), then the event's outbox rows, in the same writer queue, so the
-/// barrier a publish's ACK waits on covers both.
+/// event's own rows), then the event's outbox rows, in one append (one commit), so the
+/// barrier a publish's ACK waits on covers both and neither is stored without the other.
 pub struct OutboxJournal {
     pub history: Arc<dyn Journal>,
     pub outbox: Arc<Outbox>,
@@ -437,8 +438,13 @@ pub struct OutboxJournal {
 
 impl Journal for OutboxJournal {
     fn record(&self, key: &ChannelKey, event: &Arc<ChannelEvent>) {
-        self.history.record(key, event);
-        self.outbox.record(key, event);
+        // One commit for both: an outbox row committed after its event's failed commit
+        // would send a function a message the publisher was refused (NACK) and history
+        // never had (`tests/disk_fault.rs` found it on a full disk).
+        self.outbox.store.in_one_commit(&mut || {
+            self.history.record(key, event);
+            self.outbox.record(key, event);
+        });
     }
 
     fn restore(&self, key: &ChannelKey) -> tern_core::Cursor {

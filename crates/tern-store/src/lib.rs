@@ -119,6 +119,15 @@ pub trait HistoryStore: Send + Sync {
     /// without a failure; `None` otherwise. The 3 s keep a nearly full disk, where some
     /// commits still succeed, from reading as healthy between failures.
     fn failing(&self) -> Option<StoreError>;
+
+    /// Runs `f`; what it appends to this store (from this thread) is queued as one
+    /// append, committed together or not at all: an event's history rows and its
+    /// webhook outbox rows, so no function is ever sent an event whose own commit
+    /// failed. Each part's `done` still fires, in order. Nested calls join the outer
+    /// one. The default (an engine with no commits to share) just runs `f`.
+    fn in_one_commit(&self, f: &mut dyn FnMut()) {
+        f()
+    }
 }
 
 /// Where and how history is kept. Zero capacities are raised to 1.

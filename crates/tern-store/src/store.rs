@@ -90,6 +90,39 @@ fn rows(items: Vec<(ChannelRef, StoredItem)>) -> Result<Vec<Row>, StoreError> {
     Ok(rows)
 }
 
+/// The appends of one [`HistoryStore::in_one_commit`] on this thread, not queued yet.
+struct Group {
+    /// Which store opened it (its address): appends to another store go as they come.
+    store: usize,
+    rows: Vec<Row>,
+    dones: Vec<AppendDone>,
+}
+
+thread_local! {
+    static GROUP: std::cell::RefCell<Option<Group>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Ends this thread's group when dropped, also when the closure panics.
+struct GroupScope;
+
+impl Drop for GroupScope {
+    fn drop(&mut self) {
+        GROUP.with(|g| g.borrow_mut().take());
+    }
+}
+
+impl Store {
+    fn id(&self) -> usize {
+        self as *const Store as usize
+    }
+
+    fn count_refused(&self, error: &StoreError) {
+        self.refused
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.health.refused(error);
+    }
+}
+
 impl HistoryStore for Store {
     fn append(
         &self,
@@ -97,13 +130,64 @@ impl HistoryStore for Store {
         done: AppendDone,
     ) -> Result<(), StoreError> {
         let has_items = !items.is_empty();
-        let result = rows(items).and_then(|rows| self.writer.append(rows, done));
+        let result = rows(items).and_then(|rows| {
+            // Inside `in_one_commit`: kept for the group's one append.
+            let mut part = Some((rows, done));
+            GROUP.with(|g| {
+                if let Some(group) = g.borrow_mut().as_mut().filter(|g| g.store == self.id()) {
+                    let (rows, done) = part.take().expect("taken once");
+                    group.rows.extend(rows);
+                    group.dones.push(done);
+                }
+            });
+            match part {
+                Some((rows, done)) => self.writer.append(rows, done),
+                None => Ok(()),
+            }
+        });
         if let (Err(error), true) = (&result, has_items) {
-            self.refused
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.health.refused(error);
+            self.count_refused(error);
         }
         result
+    }
+
+    fn in_one_commit(&self, f: &mut dyn FnMut()) {
+        if GROUP.with(|g| g.borrow().is_some()) {
+            f();
+            return;
+        }
+        GROUP.with(|g| {
+            *g.borrow_mut() = Some(Group {
+                store: self.id(),
+                rows: Vec::new(),
+                dones: Vec::new(),
+            })
+        });
+        let scope = GroupScope;
+        f();
+        let group = GROUP.with(|g| g.borrow_mut().take());
+        drop(scope);
+        let Some(group) = group.filter(|g| !g.dones.is_empty()) else {
+            return;
+        };
+        let has_items = !group.rows.is_empty();
+        let dones = group.dones;
+        let done: AppendDone = Box::new(move |committed| {
+            for done in dones {
+                let committed = committed.clone();
+                // One part's panicking callback must not keep the others from firing.
+                let _ =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(committed)));
+            }
+        });
+        // Refused (queue full, closed): counted as one refused append, and every part
+        // hears of it through its `done`, as a failed commit.
+        if let Err((error, done)) = self.writer.try_append(group.rows, done) {
+            if has_items {
+                self.count_refused(&error);
+            }
+            done(Err(error));
+        }
     }
 
     fn refused_appends(&self) -> u64 {
@@ -307,6 +391,46 @@ mod tests {
             .unwrap();
         started_rx.recv_timeout(WAIT).unwrap();
         release_tx
+    }
+
+    /// What one `in_one_commit` appends is one commit, even where a commit takes one
+    /// append at most (`batch_max` 1): it fails or succeeds whole, and every part's
+    /// callback hears the same.
+    #[test]
+    fn appends_in_one_commit_are_committed_together() {
+        let (disk, store) = start(StoreConfig {
+            batch_max: 1,
+            ..StoreConfig::default()
+        });
+        let group = |store: &Store| {
+            let mut parts = Vec::new();
+            store.in_one_commit(&mut || {
+                parts.push(append(store, parts.len() as u64 * 10 + 1));
+                parts.push(append(store, parts.len() as u64 * 10 + 1));
+            });
+            parts
+        };
+        let before = disk.commits.load(Ordering::SeqCst);
+        for done in group(&store) {
+            assert!(done.recv_timeout(WAIT).unwrap().is_ok());
+        }
+        assert_eq!(
+            disk.commits.load(Ordering::SeqCst) - before,
+            1,
+            "one commit"
+        );
+        disk.full.store(true, Ordering::SeqCst);
+        let failed: Vec<_> = group(&store)
+            .iter()
+            .map(|done| done.recv_timeout(WAIT).unwrap().is_err())
+            .collect();
+        assert_eq!(failed, [true, true], "both parts failed with their commit");
+        disk.full.store(false, Ordering::SeqCst);
+        // Outside a group, appends go as they come again.
+        let before = disk.commits.load(Ordering::SeqCst);
+        append(&store, 100).recv_timeout(WAIT).unwrap().unwrap();
+        append(&store, 101).recv_timeout(WAIT).unwrap().unwrap();
+        assert!(disk.commits.load(Ordering::SeqCst) - before >= 2);
     }
 
     /// The publish's items are committed (and fail) in an earlier group commit than its
