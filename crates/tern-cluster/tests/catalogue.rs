@@ -632,6 +632,23 @@ async fn sequence_rows(bed: &Bed) {
         },
     )
     .to_vec();
+    // An event off the link's order (a repair or Sync answer) for a channel v does not
+    // keep is not taken: it would make a channel nobody routes to v.
+    // (v is not its home in r1, e is, and v has no subscriber on it.)
+    let unkept = (0..)
+        .map(|i| format!("unkept-{i}"))
+        .find(|name| bed.v.replicator.home_in(&key_of(name), "r1").as_deref() == Some("e"))
+        .expect("a channel e is the home of");
+    bed.kept(
+        "a link-less event for a channel v does not keep",
+        true,
+        &[raw_event(&unkept, x, 1, frame.clone())],
+        Some(("answer_unheld", 1)),
+    )
+    .await;
+    assert!(bed.v.hub.status(&key_of(&unkept)).is_none(), "not created");
+    // v keeps "absurd" (a subscriber): its link-less events are taken.
+    let _absurd = bed.v.subscribe(&key_of("absurd"));
     bed.kept(
         "an event at SEQ_MAX (a gap of 2^62 to repair)",
         true,

@@ -108,15 +108,14 @@
 //! sweep keeps crashes `settle_ms` apart so that each departure is noticed before the
 //! next crash; without that spacing (`settle_ms: 0`) a few seeds used to keep a member.
 //!
-//! # Known limit (an answer to the previous incarnation)
+//! # An answer to the previous incarnation
 //! A home answers a `Sync` to the node id that asked; when that node restarted while the
-//! request was in flight, the answer reaches the new incarnation, which applies it (as
-//! the replicator does: it takes `SyncMembers`, `Synced` and link-less events for any
-//! channel) and so holds a channel it neither subscribes to nor is the home of. Counted in
-//! `Stats::stale_answers` and exempt from the last convergence check below, like events
-//! sent on a predecessor's interest. Found by the scaled run (seed 1000 at 10,000
-//! channels: "node 12 (n12i1) has no subscriber and was never the home, yet holds
-//! origin …'s events").
+//! request was in flight, the answer reaches the new incarnation. Applied, it made the
+//! node hold a channel it neither subscribes to nor is the home of (the scaled run, seed
+//! 1000 at 10,000 channels: "node 12 (n12i1) has no subscriber and was never the home,
+//! yet holds origin …'s events"). The replicator now drops `SyncMembers`, `Synced` and
+//! link-less events for a channel it does not keep (`holds`), and so does the sim
+//! (counted in `Stats::stale_answers` when the answer was its predecessor's).
 //!
 //! # Invariants
 //! After every step ([`Sim::check_step`]), for each subscriber *incarnation*:

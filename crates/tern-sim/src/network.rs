@@ -215,6 +215,11 @@ impl Sim {
                 event,
                 link,
             } => {
+                // As the driver: an event off the link's order (a repair answer) only for
+                // a channel the node keeps.
+                if link.is_none() && !self.holds(to, ch) {
+                    return;
+                }
                 let in_order = self.apply(to, from, ch, Arc::unwrap_or_clone(event));
                 if let (true, Some(link)) = (in_order, link) {
                     self.applied_on_link(to, from, link);
@@ -280,12 +285,14 @@ impl Sim {
                 members,
                 cursor,
             } => {
-                if for_incarnation != self.nodes[to].incarnation {
-                    // The answer to its previous incarnation's `Sync`: the real driver
-                    // applies it too (it keys peers by node id), so the node holds a
-                    // channel it does not keep (see "Known limits").
-                    self.stats.stale_answers += 1;
-                    self.nodes[to].stale_fed.insert(ch);
+                if !self.holds(to, ch) {
+                    // An answer for a channel the node does not keep (its previous
+                    // incarnation asked): the driver drops `SyncMembers`, `Synced` and
+                    // link-less events for such channels (`holds`).
+                    if for_incarnation != self.nodes[to].incarnation {
+                        self.stats.stale_answers += 1;
+                    }
+                    return;
                 }
                 for item in items {
                     self.take(to, item);

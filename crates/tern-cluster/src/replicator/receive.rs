@@ -115,10 +115,19 @@ impl Replicator {
                     ignored("sync_members_frame");
                     return;
                 };
-                // Seeding makes the channel: only for members there are.
+                // Seeding makes the channel: only for members there are, and only on a
+                // channel this node keeps. A home answers `Sync` by node id, so a node
+                // that restarted while its request was in flight gets its predecessor's
+                // answer: taken, it would hold a channel nobody routes to it any more
+                // (found by the scaled simulation, seed 1000).
+                let key = key(&app, &channel);
+                if !self.holds(&key) {
+                    ignored("sync_answer_unheld");
+                    return;
+                }
                 let members = frame.presence.unwrap_or_default();
                 if !members.is_empty() {
-                    hub.seed_members(&key(&app, &channel), members, crate::now_ms());
+                    hub.seed_members(&key, members, crate::now_ms());
                 }
             }
             FrameV1::Synced {
@@ -127,6 +136,10 @@ impl Replicator {
                 origins,
             } => {
                 let key = key(&app, &channel);
+                if !self.holds(&key) {
+                    ignored("sync_answer_unheld");
+                    return;
+                }
                 // What the home has but could not send (trimmed from its log) is
                 // nobody's to send any more.
                 for (origin, upto) in origins {
@@ -220,6 +233,12 @@ impl Replicator {
             return;
         };
         let key = ChannelKey::new(&event.app, &event.channel);
+        // An event off the link's order (a repair or `Sync` answer) is for a channel this
+        // node keeps; for any other it would make a channel nobody routes to it.
+        if event.link_seq == 0 && !self.holds(&key) {
+            ignored("answer_unheld");
+            return;
+        }
         match hub.apply_remote(&key, remote, crate::now_ms()) {
             Ok(RemoteOutcome::Gap {
                 origin,
