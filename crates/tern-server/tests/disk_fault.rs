@@ -383,6 +383,44 @@ impl Tally {
     }
 }
 
+/// Fills the disk: alternate REST and realtime publishes until both have been refused a
+/// few times (the disk is full) or the bounds run out; with `check_health`, `/health`
+/// must say unhealthy right after the first refusal.
+async fn fill(port: u16, realtime: &mut Realtime, check_health: bool) -> Tally {
+    let mut tally = Tally::default();
+    let started = Instant::now();
+    let mut n = 0;
+    let mut unhealthy_seen = !check_health;
+    while (tally.refused_with("rest-") < FAILURES_WANTED
+        || tally.refused_with("rt-") < FAILURES_WANTED)
+        && n < FILL_PUBLISHES_MAX
+        && started.elapsed() < FILL_TIME_MAX
+    {
+        let id = format!("rest-{n}");
+        let answer = rest_publish(port, &id).await;
+        tally.record(id, answer);
+        let id = format!("rt-{n}");
+        let answer = realtime.publish(&id).await;
+        tally.record(id, answer);
+        n += 1;
+        if !tally.refused.is_empty() && !unhealthy_seen {
+            assert_unhealthy(port).await;
+            unhealthy_seen = true;
+        }
+    }
+    assert!(
+        tally.refused_with("rest-") >= FAILURES_WANTED
+            && tally.refused_with("rt-") >= FAILURES_WANTED,
+        "the disk filled but publishes were not refused: {} of {} publishes answered as \
+         stored, {} refused, after {:?}",
+        tally.stored.len(),
+        2 * n,
+        tally.refused.len(),
+        started.elapsed()
+    );
+    tally
+}
+
 /// Every publish answered as stored is in history, and nothing is there twice; returns
 /// the ids in history.
 async fn assert_all_acked_stored_once(port: u16, tally: &Tally) -> Vec<String> {
@@ -417,41 +455,8 @@ async fn full_disk_nacks_and_recovers_with_nothing_acked_lost() {
     let config_dir = tempfile::tempdir().unwrap();
     let port = fixture.start_tern(config_dir.path());
     let mut realtime = Realtime::connect(port).await;
-    let mut tally = Tally::default();
-
-    // Fill: alternate REST and realtime publishes until both have been refused a few
-    // times (the disk is full) or the bounds run out.
-    let started = Instant::now();
-    let mut n = 0;
-    let mut unhealthy_seen = false;
-    while (tally.refused_with("rest-") < FAILURES_WANTED
-        || tally.refused_with("rt-") < FAILURES_WANTED)
-        && n < FILL_PUBLISHES_MAX
-        && started.elapsed() < FILL_TIME_MAX
-    {
-        let id = format!("rest-{n}");
-        let answer = rest_publish(port, &id).await;
-        tally.record(id, answer);
-        let id = format!("rt-{n}");
-        let answer = realtime.publish(&id).await;
-        tally.record(id, answer);
-        n += 1;
-        if !tally.refused.is_empty() && !unhealthy_seen {
-            // Right after the first refusal: commits are failing.
-            assert_unhealthy(port).await;
-            unhealthy_seen = true;
-        }
-    }
-    assert!(
-        tally.refused_with("rest-") >= FAILURES_WANTED
-            && tally.refused_with("rt-") >= FAILURES_WANTED,
-        "the disk filled but publishes were not refused: {} of {} publishes answered as \
-         stored, {} refused, after {:?}",
-        tally.stored.len(),
-        2 * n,
-        tally.refused.len(),
-        started.elapsed()
-    );
+    // Right after the first refusal, `/health` says commits are failing.
+    let mut tally = fill(port, &mut realtime, true).await;
     assert_unhealthy(port).await;
     for (id, answer) in &tally.refused {
         assert!(
@@ -1077,29 +1082,7 @@ retry_delay_max_ms = 500
     let config_dir = tempfile::tempdir().unwrap();
     let port = fixture.start_tern(config_dir.path());
     let mut realtime = Realtime::connect(port).await;
-    let mut tally = Tally::default();
-    let started = Instant::now();
-    let mut n = 0;
-    while (tally.refused_with("rest-") < FAILURES_WANTED
-        || tally.refused_with("rt-") < FAILURES_WANTED)
-        && n < FILL_PUBLISHES_MAX
-        && started.elapsed() < FILL_TIME_MAX
-    {
-        let id = format!("rest-{n}");
-        let answer = rest_publish(port, &id).await;
-        tally.record(id, answer);
-        let id = format!("rt-{n}");
-        let answer = realtime.publish(&id).await;
-        tally.record(id, answer);
-        n += 1;
-    }
-    assert!(
-        tally.refused_with("rest-") >= FAILURES_WANTED
-            && tally.refused_with("rt-") >= FAILURES_WANTED,
-        "the disk filled but publishes were not refused: {} stored, {} refused",
-        tally.stored.len(),
-        tally.refused.len()
-    );
+    let tally = fill(port, &mut realtime, false).await;
     // Room again, then a SIGKILL: what was promised must come from the store.
     fixture.resize(LARGE_FS);
     let port = fixture.restart(config_dir.path());

@@ -188,6 +188,29 @@ pub use cluster::Sim;
 pub use stats::Stats;
 pub use tern_core::ChannelKey;
 
+/// One-way delay in ms between two nodes of the same region.
+pub const SAME_REGION_MS: i64 = 1;
+
+/// The one-way delay matrix of nodes in `node_regions` (a region index per node):
+/// [`SAME_REGION_MS`] within a region, `between(a, b)` from region a to region b.
+pub fn latencies(node_regions: &[usize], between: impl Fn(usize, usize) -> i64) -> Vec<Vec<i64>> {
+    node_regions
+        .iter()
+        .map(|&a| {
+            node_regions
+                .iter()
+                .map(|&b| {
+                    if a == b {
+                        SAME_REGION_MS
+                    } else {
+                        between(a, b)
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// splitmix64: tiny, seedable, good enough for fault injection.
 pub struct Rng(u64);
 

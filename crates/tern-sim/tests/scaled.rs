@@ -18,9 +18,7 @@
 
 use tern_cluster::topology::Topology;
 use tern_cluster::wire::{self, FrameV1, HeadV1};
-use tern_sim::{Control, Faults, Shape, Sim, Stats};
-
-const SAME_REGION_MS: i64 = 1;
+use tern_sim::{latencies, Control, Faults, Shape, Sim, Stats};
 
 /// `per_region` nodes in each of the topology's first 3 regions, with its delays.
 fn layout(per_region: usize) -> (Vec<usize>, Vec<Vec<i64>>) {
@@ -30,23 +28,11 @@ fn layout(per_region: usize) -> (Vec<usize>, Vec<Vec<i64>>) {
     let node_regions: Vec<usize> = (0..regions.len())
         .flat_map(|r| std::iter::repeat_n(r, per_region))
         .collect();
-    let latency = node_regions
-        .iter()
-        .map(|&a| {
-            node_regions
-                .iter()
-                .map(|&b| {
-                    if a == b {
-                        SAME_REGION_MS
-                    } else {
-                        topology
-                            .link(&regions[a], &regions[b])
-                            .map_or(0, |l| l.delay.as_millis() as i64)
-                    }
-                })
-                .collect()
-        })
-        .collect();
+    let latency = latencies(&node_regions, |a, b| {
+        topology
+            .link(&regions[a], &regions[b])
+            .map_or(0, |l| l.delay.as_millis() as i64)
+    });
     (node_regions, latency)
 }
 

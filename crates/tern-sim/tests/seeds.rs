@@ -1,10 +1,9 @@
 //! Seed sweep over the simulated cluster. A failure prints the command that replays it.
 
 use tern_cluster::topology::Topology;
-use tern_sim::{Faults, Rng, Sim, Stats};
+use tern_sim::{latencies, Faults, Rng, Sim, Stats};
 
 /// One-way delay between two nodes of one region (ms).
-const SAME_REGION_MS: i64 = 1;
 
 /// One-way delays between the regions of `regions/topology.toml`.
 fn topology() -> Vec<Vec<i64>> {
@@ -46,21 +45,7 @@ fn layout(seed: u64, regions: &[Vec<i64>]) -> (Vec<usize>, Vec<Vec<i64>>) {
         .enumerate()
         .flat_map(|(region, &n)| std::iter::repeat_n(region, n))
         .collect();
-    let latency = node_regions
-        .iter()
-        .map(|&a| {
-            node_regions
-                .iter()
-                .map(|&b| {
-                    if a == b {
-                        SAME_REGION_MS
-                    } else {
-                        regions[a][b]
-                    }
-                })
-                .collect()
-        })
-        .collect();
+    let latency = latencies(&node_regions, |a, b| regions[a][b]);
     (node_regions, latency)
 }
 
