@@ -3,8 +3,6 @@
 use tern_cluster::topology::Topology;
 use tern_sim::{latencies, Faults, Rng, Sim, Stats};
 
-/// One-way delay between two nodes of one region (ms).
-
 /// One-way delays between the regions of `regions/topology.toml`.
 fn topology() -> Vec<Vec<i64>> {
     let topology = Topology::parse(include_str!("../../../regions/topology.toml"))
