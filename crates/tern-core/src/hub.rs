@@ -476,21 +476,43 @@ impl Hub {
     /// Every channel this node holds with its cursor, at most `max` of them (for
     /// anti-entropy between nodes).
     pub fn cursors(&self, max: usize) -> Vec<(ChannelKey, crate::Cursor)> {
-        let mut out = Vec::new();
-        for shard in self.shards.iter() {
-            let channels: Vec<(ChannelKey, Arc<Mutex<Channel>>)> = lock(shard)
-                .iter()
-                .map(|(k, c)| (k.clone(), c.clone()))
-                .collect();
-            for (key, channel) in channels {
-                if out.len() >= max {
-                    return out;
-                }
-                let cursor = lock(&channel).cursor().clone();
-                out.push((key, cursor));
-            }
+        self.cursors_from(0, max).0
+    }
+
+    /// At most `max` channels with their cursors, starting `skip` channels in (in the
+    /// hub's order, wrapping around), and the `skip` of the next page: rounds that pass
+    /// it on cover every channel in turn, also when a node holds more than `max` (a
+    /// fixed first page would leave the rest without anti-entropy for good). Channels
+    /// opened or closed between rounds move the order, so one may be listed twice or
+    /// wait a round more; none waits for ever. Each channel's lock is taken alone.
+    pub fn cursors_from(
+        &self,
+        skip: usize,
+        max: usize,
+    ) -> (Vec<(ChannelKey, crate::Cursor)>, usize) {
+        let channels: Vec<(ChannelKey, Arc<Mutex<Channel>>)> = self
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                lock(shard)
+                    .iter()
+                    .map(|(k, c)| (k.clone(), c.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let total = channels.len();
+        if total == 0 {
+            return (Vec::new(), 0);
         }
-        out
+        let start = skip % total;
+        let taken = max.min(total);
+        let out = (0..taken)
+            .map(|i| {
+                let (key, channel) = &channels[(start + i) % total];
+                (key.clone(), lock(channel).cursor().clone())
+            })
+            .collect();
+        (out, (start + taken) % total)
     }
 
     /// Logged events of `origin` in `from..=to` on a channel, to repair a peer's gap.

@@ -791,3 +791,40 @@ fn sweep_says_when_it_has_nothing_left() {
         "a dropped connection's member waits to leave"
     );
 }
+
+/// Anti-entropy pages (`cursors_from`) pass their `skip` on and cover every channel in
+/// turn, also when a node holds more channels than a page takes; each page is at most
+/// `max` long, and one page of `max` ≥ all channels lists each once.
+#[test]
+fn cursor_pages_cover_every_channel_in_turn() {
+    let hub = hub();
+    let keys: Vec<ChannelKey> = (0..7)
+        .map(|i| ChannelKey::new("app", &format!("c{i}")))
+        .collect();
+    for (i, key) in keys.iter().enumerate() {
+        hub.publish(key, &publisher("A", i as u64), vec![msg("m")], 100)
+            .unwrap();
+    }
+    let mut seen = std::collections::HashMap::new();
+    let mut skip = 0;
+    for _ in 0..7 {
+        let (page, next) = hub.cursors_from(skip, 3);
+        assert_eq!(page.len(), 3);
+        for (key, cursor) in page {
+            assert_eq!(cursor.get(OriginId(7)), 1, "{key:?}'s cursor");
+            *seen.entry(key.name.to_string()).or_insert(0) += 1;
+        }
+        skip = next;
+    }
+    // 7 pages of 3 over 7 channels: each listed exactly 3 times.
+    assert_eq!(seen.len(), 7);
+    assert!(seen.values().all(|&n| n == 3), "{seen:?}");
+    let (all, _) = hub.cursors_from(5, 100);
+    let mut names: Vec<String> = all.iter().map(|(k, _)| k.name.to_string()).collect();
+    names.sort();
+    assert_eq!(names, (0..7).map(|i| format!("c{i}")).collect::<Vec<_>>());
+    assert!(Hub::new(OriginId(1), CoreLimits::default())
+        .cursors_from(3, 10)
+        .0
+        .is_empty());
+}

@@ -38,7 +38,9 @@ impl Replicator {
         // the replicator lock), so reading a channel under the replicator lock waits on
         // a thread that waits on us, and the node's runtime stops (it did, under
         // 20,000 msg/s: gossip fell silent and the region was declared dead).
-        let cursors = hub.cursors(HEADS_CHANNELS_MAX);
+        let skip = self.heads_skip.load(Ordering::Relaxed);
+        let (cursors, next) = hub.cursors_from(skip, HEADS_CHANNELS_MAX);
+        self.heads_skip.store(next, Ordering::Relaxed);
         {
             let out = lock(&self.out);
             if out.peers.is_empty() {

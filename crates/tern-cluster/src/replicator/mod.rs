@@ -142,6 +142,9 @@ pub struct Replicator {
     backfills: Mutex<Backfills<ItemPosV1>>,
     /// `Backfill` pages being read for peers now (at most [`BACKFILL_ANSWERS_MAX`]).
     backfill_answers: std::sync::atomic::AtomicUsize,
+    /// Where the next `Heads` round starts in the hub's channels (`Hub::cursors_from`),
+    /// so a node with more than `HEADS_CHANNELS_MAX` channels lists them all in turn.
+    heads_skip: std::sync::atomic::AtomicUsize,
 }
 
 struct Running {
@@ -228,6 +231,7 @@ impl Replicator {
             history: OnceLock::new(),
             backfills: Mutex::new(Backfills::default()),
             backfill_answers: std::sync::atomic::AtomicUsize::new(0),
+            heads_skip: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
