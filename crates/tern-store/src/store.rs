@@ -131,16 +131,16 @@ impl HistoryStore for Store {
     ) -> Result<(), StoreError> {
         let has_items = !items.is_empty();
         let result = rows(items).and_then(|rows| {
-            // Inside `in_one_commit`: kept for the group's one append.
-            let mut part = Some((rows, done));
-            GROUP.with(|g| {
-                if let Some(group) = g.borrow_mut().as_mut().filter(|g| g.store == self.id()) {
-                    let (rows, done) = part.take().expect("taken once");
+            // Inside `in_one_commit`: kept for the group's one append; otherwise queued now.
+            let ungrouped = GROUP.with(|g| match g.borrow_mut().as_mut() {
+                Some(group) if group.store == self.id() => {
                     group.rows.extend(rows);
                     group.dones.push(done);
+                    None
                 }
+                _ => Some((rows, done)),
             });
-            match part {
+            match ungrouped {
                 Some((rows, done)) => self.writer.append(rows, done),
                 None => Ok(()),
             }
