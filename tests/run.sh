@@ -30,8 +30,12 @@ if ! node --test --test-concurrency=1 test/ | tee "$report"; then
   for file in $(grep -o "location: '[^']*/test/[^':]*" "$report" | sed 's|.*/test/||' | sort -u); do
     log="$TERN_TEST_LOGS/$file.log"
     [ -s "$log" ] || continue
-    echo "-- tern's log during $file (last 150 lines of $(wc -l < "$log"))"
-    tail -n 150 "$log"
+    # A line repeated (same text but for PID and time) is shown once, its repeats counted
+    # at the end, so a warning logged every second does not hide the rest.
+    echo "-- tern's log during $file (last 200 distinct lines of $(wc -l < "$log"))"
+    awk '{ key = $0; sub(/^\[[0-9]+\] [^ ]+ +/, "", key)
+           if (key in seen) { seen[key]++; next } seen[key] = 0; print }
+         END { for (key in seen) if (seen[key]) print "  (repeated " seen[key] " more times) " key }' "$log" | tail -n 200
   done
   exit 1
 fi

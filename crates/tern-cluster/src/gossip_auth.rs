@@ -248,6 +248,36 @@ impl GossipStats {
     }
 }
 
+/// UDP sockets bound ahead of their node ([`reserve_udp_port`]), kept open until the
+/// node's gossip opens its address.
+static RESERVED: std::sync::Mutex<Vec<std::net::UdpSocket>> = std::sync::Mutex::new(Vec::new());
+
+/// Binds a UDP socket on `host`, port chosen by the kernel, and keeps it open until a
+/// gossip transport opens that address (`tern dev`, whose nodes must advertise a
+/// concrete port before they start). Holding the socket closes the race in which the
+/// port, once found free and released, went to another socket (another node's QUIC
+/// endpoint, bound to port 0) before the gossip bound it.
+pub fn reserve_udp_port(host: &str) -> io::Result<SocketAddr> {
+    let socket = std::net::UdpSocket::bind((host, 0))?;
+    let addr = socket.local_addr()?;
+    RESERVED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .push(socket);
+    Ok(addr)
+}
+
+/// The reserved socket bound to `addr`, if any, handed over once.
+fn take_reserved(addr: SocketAddr) -> Option<std::net::UdpSocket> {
+    let mut reserved = RESERVED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let at = reserved
+        .iter()
+        .position(|socket| socket.local_addr().is_ok_and(|local| local == addr))?;
+    Some(reserved.swap_remove(at))
+}
+
 /// chitchat's transport for Tern: UDP, every datagram sealed with the gossip key.
 pub struct AuthenticatedUdp {
     key: GossipKey,
@@ -265,9 +295,15 @@ impl AuthenticatedUdp {
 #[async_trait::async_trait]
 impl Transport for AuthenticatedUdp {
     async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-        let socket = tokio::net::UdpSocket::bind(listen_addr)
-            .await
-            .with_context(|| format!("binding {listen_addr}/UDP for gossip"))?;
+        let socket = match take_reserved(listen_addr) {
+            Some(reserved) => {
+                reserved.set_nonblocking(true)?;
+                tokio::net::UdpSocket::from_std(reserved)?
+            }
+            None => tokio::net::UdpSocket::bind(listen_addr)
+                .await
+                .with_context(|| format!("binding {listen_addr}/UDP for gossip"))?,
+        };
         Ok(Box::new(AuthenticatedSocket {
             socket,
             mac: self.key.mac(),
@@ -514,6 +550,23 @@ mod tests {
             version: chitchat::ProtocolVersion::V0,
             message: chitchat::ChitchatMessage::BadCluster,
         }
+    }
+
+    /// A reserved port stays bound until the gossip opens it: no other socket can take
+    /// it meanwhile, and the gossip gets that very socket.
+    #[tokio::test]
+    async fn a_reserved_port_is_held_until_the_gossip_opens_it() {
+        let addr = reserve_udp_port("127.0.0.1").unwrap();
+        assert!(
+            std::net::UdpSocket::bind(addr).is_err(),
+            "held while reserved"
+        );
+        let socket = AuthenticatedUdp::new(key(1), Arc::default())
+            .open(addr)
+            .await
+            .unwrap();
+        assert_eq!(socket.local_addr().unwrap(), addr);
+        assert!(take_reserved(addr).is_none(), "handed over once");
     }
 
     /// Over real loopback sockets: a message from a socket with the same key arrives;

@@ -133,11 +133,11 @@ pub(crate) fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     }
 }
 
-/// A free UDP port on `host` (for `tern dev`'s gossip sockets, which must advertise a
-/// concrete port).
+/// A UDP port on `host` for a `tern dev` node's gossip, which must advertise a concrete
+/// port: bound now and held until the node's gossip starts on it, so no other socket
+/// can take it in between.
 pub fn free_udp_port(host: &str) -> anyhow::Result<SocketAddr> {
-    let socket = std::net::UdpSocket::bind((host, 0)).context("finding a free UDP port")?;
-    Ok(socket.local_addr()?)
+    tern_cluster::gossip_auth::reserve_udp_port(host).context("reserving a UDP port for gossip")
 }
 
 /// What the edge sees of the cluster: replica acks and the live member list.

@@ -94,12 +94,23 @@ export async function startRegions({ extra = '', nodesPerRegion = 1, appExtra = 
   const nodes = [];
   let seed = null;
   // Starts one planned node, joining through `seed` (the first node starts the cluster).
+  // A UDP port found free is released before tern binds it; should another socket take
+  // it in between (tern refuses to start: "Address already in use"), the node starts
+  // again on a new one.
   const startNode = async (region) => {
-    const gossip = await freeUdpPort(region.host);
     const nodeDir = join(dir, region.node);
-    mkdirSync(nodeDir);
-    const config = regionConfig(region, port, adminPort, gossip, seed, dir, extra, appExtra);
-    const node = await startTern(config, { dir: nodeDir, args: ['serve', '--config', join(nodeDir, 'tern.toml')] });
+    mkdirSync(nodeDir, { recursive: true });
+    let gossip;
+    let node;
+    for (let attempt = 1; !node; attempt++) {
+      gossip = await freeUdpPort(region.host);
+      const config = regionConfig(region, port, adminPort, gossip, seed, dir, extra, appExtra);
+      node = await startTern(config, { dir: nodeDir, args: ['serve', '--config', join(nodeDir, 'tern.toml')] })
+        .catch((err) => {
+          if (attempt < 3 && /Address already in use/.test(err.message)) return null;
+          throw err;
+        });
+    }
     nodes.push({ ...node, region, host: region.host, gossip });
     seed = seed || `${region.host}:${gossip}`;
     return node;

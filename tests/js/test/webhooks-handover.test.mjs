@@ -9,6 +9,9 @@ import { waitUntil } from '../lib/tern.mjs';
 import { DEV_KEY, REGIONS, startRegions } from '../lib/regions.mjs';
 import { items, startFunction } from '../lib/function.mjs';
 
+// The takeover's steps are logged at info: a failure in CI then shows what happened.
+process.env.TERN_LOG = process.env.TERN_LOG || 'warn,tern_functions=info,tern::handover=info';
+
 const AUTH = `Basic ${Buffer.from(DEV_KEY).toString('base64')}`;
 
 async function publish(host, port, channel, id) {
@@ -42,6 +45,7 @@ sign_with_key = "root"
   const [origin] = cluster.nodes; // us-east: every message is published there
   const channels = ['orders', 'chat:1', 'chat:2', 'audit'];
   const acked = new Set();
+  const ackedAt = new Map(); // message id → [channel, when its 201 came]
   const cut = new Set(); // publishes without a 201 (cut by the kill): maybe stored, not ACKed
   const firstSeen = new Map(); // message id → when the function first got it
   const deliveredAt = () => {
@@ -62,7 +66,7 @@ sign_with_key = "root"
         const id = `m${next++}`;
         const status = await publish(origin.host, cluster.port, channels[next % channels.length], id)
           .catch((err) => `${err.cause?.code || err.message}`);
-        if (status === 201) acked.add(id);
+        if (status === 201) { acked.add(id); ackedAt.set(id, [channels[next % channels.length], Date.now()]); }
         else cut.add(id);
         if (status !== 201 && !stop) console.log(`# publish ${id}: ${status}`);
         await new Promise((r) => setTimeout(r, 50));
@@ -83,8 +87,21 @@ sign_with_key = "root"
 
     // Failure detection (~2-4 s), the takeover grace (5 s), then the backlog at 12/s.
     const missing = () => [...acked].filter((id) => !firstSeen.has(id));
-    await waitUntil(() => missing().length === 0, 150000, 'every ACKed message').catch((err) => {
-      throw new Error(`${err.message}: ${missing().length} of ${acked.size} missing, e.g. ${missing().slice(0, 5)}`);
+    await waitUntil(() => missing().length === 0, 150000, 'every ACKed message').catch(async (err) => {
+      // What a failure needs to be understood: which messages (channel, ACKed how long
+      // before the kill) and what each survivor counted.
+      const shown = missing().slice(0, 20).map((id) => {
+        const [channel, at] = ackedAt.get(id);
+        return `${id}@${channel}:${killedAt - at}ms`;
+      });
+      const counted = [];
+      for (const node of cluster.nodes.slice(1)) {
+        const text = await fetch(`http://${node.host}:${cluster.adminPort}/metrics`).then((r) => r.text()).catch((e) => `${e}`);
+        const lines = text.split('\n').filter((l) => /^tern_(webhook|replica|replication_(frames|resends|buffer)|history_backfilled)/.test(l));
+        counted.push(`${node.region.name}: ${lines.join(' | ')}`);
+      }
+      throw new Error(`${err.message}: ${missing().length} of ${acked.size} missing (id@channel:ACKed ms before the kill) `
+        + `${shown.join(' ')}; ${firstSeen.size} delivered, ${deliveredBeforeKill} before the kill\n${counted.join('\n')}`);
     });
     // Copies still queued arrive: count duplicates, do not guess them.
     await new Promise((r) => setTimeout(r, 1500));
