@@ -49,6 +49,11 @@ pub enum ClusterError {
     /// A QUIC endpoint, connection or stream failed.
     #[error("link: {0}")]
     Link(String),
+    /// The endpoint stopped accepting links (it was closed or its accept task ended), or
+    /// the connection under a link was closed (replaced by another link, or shut down):
+    /// nothing more will come from it, so the caller stops or reconnects.
+    #[error("endpoint or connection closed")]
+    Closed,
     /// The gossip agent could not start.
     #[error("gossip: {0}")]
     Gossip(String),

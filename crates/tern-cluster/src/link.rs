@@ -490,14 +490,14 @@ impl LinkEndpoint {
     }
 
     /// Waits for the next link a peer opened (on a connection whose TLS handshake
-    /// verified the peer's certificate).
+    /// verified the peer's certificate). [`ClusterError::Closed`] once the endpoint is
+    /// closed: no link will come again.
     pub async fn accept(&self) -> Result<LinkReceiver, ClusterError> {
-        let closed_err = || ClusterError::Link("endpoint closed".into());
         let mut closed = self.closed.clone();
         let mut inbound = self.inbound.lock().await;
         tokio::select! {
-            link = inbound.recv() => link.ok_or_else(closed_err),
-            _ = closed.wait_for(|c| *c) => Err(closed_err()),
+            link = inbound.recv() => link.ok_or(ClusterError::Closed),
+            _ = closed.wait_for(|c| *c) => Err(ClusterError::Closed),
         }
     }
 }

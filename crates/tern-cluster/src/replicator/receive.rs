@@ -35,7 +35,7 @@ impl Replicator {
                 }
                 Err(err) => {
                     tracing::debug!(error = %err, "inbound link failed");
-                    if matches!(&err, crate::ClusterError::Link(m) if m == "endpoint closed") {
+                    if matches!(err, crate::ClusterError::Closed) {
                         return;
                     }
                 }

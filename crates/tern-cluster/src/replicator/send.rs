@@ -165,7 +165,7 @@ pub(super) async fn send_loop(
                         _ = link.closed() => true,
                     };
                     if closed {
-                        Err(ClusterError::Link("connection closed".into()))
+                        Err(ClusterError::Closed)
                     } else {
                         Ok(())
                     }
