@@ -11,8 +11,9 @@ use tern_protocol::{
 
 use crate::cursor::{Cursor, OriginId};
 use crate::delta::{DeltaCursor, DeltaState};
-use crate::event::{ChannelEvent, Subscriber};
-use crate::hub::Journal;
+use crate::event::{ChannelEvent, Publisher, Subscriber};
+use crate::journal::Journal;
+use crate::key::ChannelKey;
 use crate::log::{ChannelLog, Rewind};
 use crate::mutation::is_change;
 use crate::presence::{PresenceError, PresenceSet};
@@ -267,7 +268,7 @@ impl Channel {
     fn next_event(
         &mut self,
         origin: OriginId,
-        publisher: &crate::hub::Publisher,
+        publisher: &Publisher,
         timestamp: i64,
         build: impl FnOnce(&mut ProtocolMessage, SerialPosition),
     ) -> ChannelEvent {
@@ -299,7 +300,7 @@ impl Channel {
     pub(crate) fn publish(
         &mut self,
         ctx: &ApplyContext<'_>,
-        publisher: &crate::hub::Publisher,
+        publisher: &Publisher,
         messages: Vec<Message>,
     ) -> (Vec<Option<String>>, Option<Arc<ChannelEvent>>) {
         self.ids
@@ -388,7 +389,7 @@ impl Channel {
     pub(crate) fn annotate(
         &mut self,
         ctx: &ApplyContext<'_>,
-        publisher: &crate::hub::Publisher,
+        publisher: &Publisher,
         mut annotations: Vec<Annotation>,
     ) -> (Vec<String>, Arc<ChannelEvent>) {
         let timestamp = annotations
@@ -431,7 +432,7 @@ impl Channel {
     pub(crate) fn presence(
         &mut self,
         ctx: &ApplyContext<'_>,
-        publisher: &crate::hub::Publisher,
+        publisher: &Publisher,
         changes: Vec<PresenceMessage>,
     ) -> Result<(), PresenceError> {
         let mut broadcasts = Vec::new();
@@ -450,7 +451,7 @@ impl Channel {
     /// Removes the members of a connection that has gone, broadcasting their LEAVEs.
     pub(crate) fn leave_connection(&mut self, ctx: &ApplyContext<'_>, connection_id: &str) {
         let leaves = self.presence.remove_connection(connection_id, ctx.now_ms);
-        let publisher = crate::hub::Publisher {
+        let publisher = Publisher {
             connection_id: None,
             frame_id: format!("leave-{connection_id}:{}", ctx.now_ms),
         };
@@ -469,7 +470,7 @@ impl Channel {
             .remove_where(|conn| conn.starts_with(prefix), ctx.now_ms);
         let count = leaves.len();
         if count > 0 {
-            let publisher = crate::hub::Publisher {
+            let publisher = Publisher {
                 connection_id: None,
                 frame_id: format!("leave-{prefix}:{}", ctx.now_ms),
             };
@@ -481,7 +482,7 @@ impl Channel {
     fn broadcast_presence(
         &mut self,
         ctx: &ApplyContext<'_>,
-        publisher: &crate::hub::Publisher,
+        publisher: &Publisher,
         broadcasts: Vec<PresenceMessage>,
     ) {
         if broadcasts.is_empty() {
@@ -790,7 +791,7 @@ fn options_want(options: &AttachOptions, connection_id: &str, event: &ChannelEve
 
 /// What applying an event needs from the hub.
 pub(crate) struct ApplyContext<'a> {
-    pub(crate) key: &'a crate::hub::ChannelKey,
+    pub(crate) key: &'a ChannelKey,
     pub(crate) origin: OriginId,
     pub(crate) limits: &'a crate::limits::CoreLimits,
     pub(crate) journal: Option<&'a dyn Journal>,

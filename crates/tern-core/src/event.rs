@@ -8,6 +8,14 @@ use tern_protocol::{Data, Format, Message, PresenceMessage, ProtocolMessage};
 use crate::cursor::OriginId;
 use crate::delta::Delta;
 
+/// Who is publishing: the connection (absent for REST) and the frame id that message and
+/// presence ids derive from (`connectionId:msgSerial` for realtime publishes).
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    pub connection_id: Option<Arc<str>>,
+    pub frame_id: String,
+}
+
 /// One MESSAGE or PRESENCE frame as applied to a channel. The outbound frame is built
 /// once; its bytes are encoded at most once per wire format, on first need, and then
 /// shared (`Bytes` refcount) by every subscriber that uses that format.

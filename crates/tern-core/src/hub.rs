@@ -12,7 +12,9 @@ use tern_protocol::{Annotation, Message, PresenceMessage};
 use crate::channel::{ApplyContext, RemoteEvent, RemoteOutcome};
 use crate::channel::{AttachOptions, AttachSnapshot, Channel, ChannelStatus};
 use crate::cursor::OriginId;
-use crate::event::{ChannelEvent, Subscriber};
+use crate::event::{ChannelEvent, Publisher, Subscriber};
+use crate::journal::Journal;
+use crate::key::ChannelKey;
 use crate::limits::CoreLimits;
 use crate::presence::PresenceError;
 
@@ -21,53 +23,6 @@ const SHARD_COUNT: usize = 64;
 /// it the oldest is forgotten. One per node incarnation that left the cluster.
 const DEPARTED_PREFIXES_MAX: usize = 1_024;
 
-/// A channel's identity: app and channel name (without any `[...]` qualifier).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ChannelKey {
-    pub app: Arc<str>,
-    pub name: Arc<str>,
-}
-
-impl ChannelKey {
-    pub fn new(app: &str, name: &str) -> Self {
-        ChannelKey {
-            app: app.into(),
-            name: name.into(),
-        }
-    }
-
-    /// Rendezvous (highest random weight) score of `node` for this channel: FNV-1a over
-    /// the app, 0xfe, the channel name, 0xff and the node id, finished with a splitmix
-    /// step (FNV's low bits mix poorly for short inputs). Every node computes the same
-    /// one, so they agree on each channel's home node per region.
-    pub fn home_score(&self, node: &str) -> u64 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let bytes = self
-            .app
-            .bytes()
-            .chain([0xfe])
-            .chain(self.name.bytes())
-            .chain([0xff])
-            .chain(node.bytes());
-        for b in bytes {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        h ^= h >> 30;
-        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        h ^= h >> 27;
-        h
-    }
-}
-
-/// Who is publishing: the connection (absent for REST) and the frame id that message and
-/// presence ids derive from (`connectionId:msgSerial` for realtime publishes).
-#[derive(Clone, Debug)]
-pub struct Publisher {
-    pub connection_id: Option<Arc<str>>,
-    pub frame_id: String,
-}
-
 /// What a publish produced.
 #[derive(Clone, Debug)]
 pub struct PublishOutcome {
@@ -75,26 +30,6 @@ pub struct PublishOutcome {
     pub serials: Vec<Option<String>>,
     /// The event fanned out, or `None` when every message was a duplicate.
     pub event: Option<Arc<ChannelEvent>>,
-}
-
-/// Receives every event applied to any channel, in each channel's sequence order, under
-/// the channel lock (so keep it short: queue, don't write). The history store hangs here.
-pub trait Journal: Send + Sync {
-    fn record(&self, key: &ChannelKey, event: &Arc<ChannelEvent>);
-
-    /// The channel's cursor as recorded so far (the highest sequence per origin), read
-    /// when the hub creates a channel it does not hold, such as one it dropped while
-    /// idle. The channel continues from it: this node's own sequence must never restart,
-    /// or every node still holding the channel would take the new events for
-    /// duplicates. Called outside every hub lock; may block briefly (one store read).
-    fn restore(&self, _key: &ChannelKey) -> crate::Cursor {
-        crate::Cursor::new()
-    }
-
-    /// The channel got its first local attachment (`true`) or lost its last one
-    /// (`false`): a cluster routes a channel's events to a node only while it has
-    /// subscribers there. Called under the channel lock, so only queue.
-    fn interest(&self, _key: &ChannelKey, _attached: bool) {}
 }
 
 /// Why the core refused an operation. The edge maps each to an Ably error code.

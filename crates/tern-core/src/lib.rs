@@ -15,6 +15,8 @@
 //! - [`registry`]: [`ConnectionRegistry`], connection state parked between a transport
 //!   drop and a resume, for at most `connectionStateTtl`.
 //! - [`channel`]: one channel's state: subscribers, presence, cursor.
+//! - [`key`]: [`ChannelKey`], a channel's identity and its home score per node.
+//! - [`journal`]: [`Journal`], the hook every applied event passes (store, cluster).
 //! - [`hub`]: [`Hub`], the sharded map of channels that the edge talks to.
 //! - [`limits`]: [`CoreLimits`], the bounds the core enforces.
 //! - [`serial`]: message serials, fixed-width text that sorts in channel order and names
@@ -31,6 +33,8 @@ pub mod cursor;
 pub mod delta;
 pub mod event;
 pub mod hub;
+pub mod journal;
+pub mod key;
 pub mod limits;
 pub mod log;
 pub mod mutation;
@@ -40,8 +44,10 @@ pub mod serial;
 
 pub use channel::{AttachOptions, AttachSnapshot, ChannelStatus, RemoteEvent, RemoteOutcome};
 pub use cursor::{Cursor, OriginId};
-pub use event::{ChannelEvent, Subscriber};
-pub use hub::{AppChannelCount, ChannelKey, CoreError, Hub, Journal, PublishOutcome, Publisher};
+pub use event::{ChannelEvent, Publisher, Subscriber};
+pub use hub::{AppChannelCount, CoreError, Hub, PublishOutcome};
+pub use journal::Journal;
+pub use key::ChannelKey;
 pub use limits::CoreLimits;
 pub use log::{LogLimits, Rewind};
 pub use presence::PresenceSet;
