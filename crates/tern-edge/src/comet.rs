@@ -43,7 +43,7 @@ use tern_protocol::{action, code, ErrorInfo, Format, ProtocolMessage};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::connection::{encode_item, error_frame, tally, Outlet, OutletRx, WRITE_BATCH_MAX};
+use crate::outlet::{encode_item, error_frame, tally, Outlet, OutletRx, WRITE_BATCH_MAX};
 use crate::session::{Inbound, Received, Session};
 use crate::state::EdgeState;
 use crate::stats::{AppStats, Delivered};
@@ -312,7 +312,7 @@ pub(crate) async fn connect(
                 drop(permit);
             });
         }
-        Err(err) => outlet.finish(Some(crate::connection::refusal_frame(err))),
+        Err(err) => outlet.finish(Some(crate::outlet::refusal_frame(err))),
     }
     drop(outlet);
     receive(&state, link, poll).await
@@ -521,12 +521,12 @@ async fn next_batch(link: &Link, drain: &mut Drain, ticket: u64, deadline: Insta
 enum Woke {
     /// The end changed (`true`: its sender is gone).
     Ended(bool),
-    Item(Option<crate::connection::Outbound>),
+    Item(Option<crate::outlet::Outbound>),
     Again,
 }
 
 /// `first` and whatever else is queued, up to [`WRITE_BATCH_MAX`], encoded.
-fn take_batch(format: Format, rx: &mut OutletRx, first: crate::connection::Outbound) -> Batch {
+fn take_batch(format: Format, rx: &mut OutletRx, first: crate::outlet::Outbound) -> Batch {
     let mut delivered = Delivered::default();
     let mut frames = Vec::new();
     let mut next = Some(first);

@@ -12,6 +12,8 @@
 //!   is bounded by `write_timeout_ms`, heartbeats, token expiry, slow-subscriber
 //!   disconnect).
 //! - `session`: what one connection does with each inbound frame.
+//! - `outlet`: a connection's bounded queue between its session and its transport
+//!   (WebSocket writer or comet long-polls), below both so neither imports the other.
 //! - `comet`: the comet transport (ably-js's HTTP fallback): the same session, its
 //!   frames carried by long-poll receives and send requests.
 //! - `budget`: what one publish or presence frame may carry (count, id, bytes), the
@@ -69,6 +71,7 @@ mod inbound;
 mod listener;
 mod messages;
 pub mod mqtt;
+mod outlet;
 mod publish;
 pub mod push;
 mod response;

@@ -38,11 +38,11 @@ pub(crate) use derived::read_only;
 use attach::{Attached, WARM_WAIT};
 use publish::RateWindow;
 
-use crate::connection::{error_frame, Outlet};
 use crate::connections::{ConnectionInfo, LiveConnection, ID_RANDOM_LEN};
 use crate::credentials::{authenticate, details_client_id, resolve_identity};
 use crate::hooks::Arrival;
 use crate::now_ms;
+use crate::outlet::{error_frame, Outlet};
 use crate::resume::{ParkedSession, Reply, ReplyWindow};
 use crate::state::EdgeState;
 use crate::stats::{AppStats, OpenConnection};

@@ -10,9 +10,9 @@ use tern_protocol::{action, code, flags, ErrorInfo, PresenceMessage, ProtocolMes
 
 use super::{Ending, Session};
 use crate::channel_name;
-use crate::connection::{AttachmentSink, Outbound, Outlet};
 use crate::credentials::{denied, parse_modes};
 use crate::now_ms;
+use crate::outlet::{AttachmentSink, Outbound, Outlet};
 use crate::publish::core_error;
 
 /// One attached channel, as the connection attached it.

@@ -15,10 +15,10 @@ use tern_protocol::{action, code, flags, ErrorInfo, Message, ProtocolMessage};
 
 use super::{Ending, Session};
 use crate::channel_name::{self, ChannelName};
-use crate::connection::{AttachmentSink, Outlet};
 use crate::credentials::{denied, granted_modes};
 use crate::filter::{self, Filter};
 use crate::now_ms;
+use crate::outlet::{AttachmentSink, Outlet};
 use crate::publish::core_error;
 
 /// One derived attachment of a connection.

@@ -11,9 +11,9 @@ use tern_protocol::{
 
 use super::{Ending, Session};
 use crate::channel_name;
-use crate::connection::error_frame;
 use crate::credentials::{denied, presence_client_id};
 use crate::now_ms;
+use crate::outlet::error_frame;
 use crate::publish::{core_error, Annotated, By, Checked, Counted, Source};
 use crate::resume::{Reply, Seen};
 use crate::stats::{Kind, Transport};

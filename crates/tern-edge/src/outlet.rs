@@ -1,0 +1,191 @@
+//! A connection's outlet: the bounded queue between its session, which pushes frames and
+//! channel events, and its transport, which drains them (the WebSocket writer in
+//! `connection.rs`, or comet's long-polls). Below both the session and the transports,
+//! so neither imports the other for it.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tern_core::{ChannelEvent, Subscriber};
+use tern_protocol::{action, ErrorInfo, Format, ProtocolMessage};
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::stats::{AppStats, Delivered};
+
+/// Most queued frames written before one flush (one syscall batch), or carried by one
+/// comet response.
+pub(crate) const WRITE_BATCH_MAX: usize = 256;
+/// Queue slots kept free before a client frame is handled (its replies go there).
+const REPLY_HEADROOM: usize = 4;
+
+/// What a connection's writer sends, in queue order.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// A channel event shared with every subscriber (already encoded per format).
+    Event(Arc<ChannelEvent>),
+    /// A channel event for an attachment made under a qualified name (`[?…]name`):
+    /// re-encoded with that name, since the client matches frames by name.
+    AliasedEvent(Arc<ChannelEvent>, Arc<str>),
+    /// A frame for this connection only (ACK, ATTACHED, SYNC …).
+    Frame(Box<ProtocolMessage>),
+}
+
+/// The writer's side of an [`Outlet`]: the queue it drains and the terminal frame.
+pub(crate) struct OutletRx {
+    pub(crate) queue: mpsc::Receiver<Outbound>,
+    /// `Some(last)` once the session ends the connection (see [`Outlet::finish`]).
+    /// The frame is boxed: the channel holds its value inline, for the connection's life.
+    pub(crate) end: watch::Receiver<Option<Option<Box<ProtocolMessage>>>>,
+}
+
+/// The session's handle on its writer.
+#[derive(Clone)]
+pub(crate) struct Outlet {
+    queue: mpsc::Sender<Outbound>,
+    /// Set once: the frame to send before closing (or `None`: just close).
+    end: Arc<watch::Sender<Option<Option<Box<ProtocolMessage>>>>>,
+    /// Woken when the queue overflows: the session then disconnects the client.
+    pub(crate) overflow: Arc<Notify>,
+    /// The app's statistics, set once the session knows the app; the writer counts
+    /// what it delivers there.
+    pub(crate) stats: Arc<OnceLock<Arc<AppStats>>>,
+}
+
+impl Outlet {
+    /// A connection's outlet, its queue bounded at `queue_max` frames, and the side a
+    /// writer (WebSocket) or the long-polls (comet) drain.
+    pub(crate) fn new(queue_max: usize) -> (Outlet, OutletRx) {
+        let (queue, rx) = mpsc::channel(queue_max);
+        let (end, end_rx) = watch::channel(None);
+        let outlet = Outlet {
+            queue,
+            end: Arc::new(end),
+            overflow: Arc::new(Notify::new()),
+            stats: Arc::new(OnceLock::new()),
+        };
+        (
+            outlet,
+            OutletRx {
+                queue: rx,
+                end: end_rx,
+            },
+        )
+    }
+
+    /// Queues without waiting. A full queue means the client reads too slowly: the
+    /// connection is told to disconnect, and the item is refused.
+    pub(crate) fn push(&self, item: Outbound) -> bool {
+        match self.queue.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("tern_outbound_overflows_total").increment(1);
+                self.overflow.notify_one();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Whether the queue has room for a few replies right now (then
+    /// [`Outlet::headroom`] would not wait).
+    pub(crate) fn has_headroom(&self) -> bool {
+        !self.queue.is_closed() && self.queue.capacity() >= REPLY_HEADROOM
+    }
+
+    /// Waits until the queue has room for a few replies, so a client that sends faster
+    /// than it reads is slowed down (its frames stay unread) instead of overflowing its
+    /// own queue with ACKs. `false` if room did not appear within `wait`.
+    pub(crate) async fn headroom(&self, wait: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(wait, self.queue.reserve_many(REPLY_HEADROOM)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    pub(crate) fn send(&self, frame: ProtocolMessage) -> bool {
+        self.push(Outbound::Frame(Box::new(frame)))
+    }
+
+    /// Ends the connection: queued frames are dropped, `last` (if any) is written, and
+    /// the socket is closed.
+    pub(crate) fn finish(&self, last: Option<ProtocolMessage>) {
+        self.end.send_if_modified(|end| {
+            if end.is_none() {
+                *end = Some(last.map(Box::new));
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// Subscriber for one attachment: pushes channel events into the connection's queue.
+pub(crate) struct AttachmentSink {
+    pub(crate) outlet: Outlet,
+    pub(crate) alias: Option<Arc<str>>,
+}
+
+impl Subscriber for AttachmentSink {
+    fn deliver(&self, event: &Arc<ChannelEvent>) -> bool {
+        let item = match &self.alias {
+            None => Outbound::Event(event.clone()),
+            Some(alias) => Outbound::AliasedEvent(event.clone(), alias.clone()),
+        };
+        self.outlet.push(item)
+    }
+}
+
+/// The frame refusing a connection: an ERROR (the client goes FAILED with the
+/// error), except for a server-side failure (status 500 and up: a `$connect`
+/// function that failed closed), which is DISCONNECTED so the client tries again.
+pub(crate) fn refusal_frame(error: ErrorInfo) -> ProtocolMessage {
+    if error.status_code >= 500 {
+        ProtocolMessage {
+            action: action::DISCONNECTED,
+            error: Some(error),
+            ..Default::default()
+        }
+    } else {
+        error_frame(error)
+    }
+}
+
+/// A connection-level ERROR frame (the client goes FAILED).
+pub(crate) fn error_frame(error: ErrorInfo) -> ProtocolMessage {
+    ProtocolMessage {
+        action: action::ERROR,
+        error: Some(error),
+        ..Default::default()
+    }
+}
+
+/// One queued item as it goes on the wire: a channel event's shared encoding, or the
+/// frame encoded now.
+pub(crate) fn encode_item(format: Format, item: Outbound) -> Bytes {
+    match item {
+        Outbound::Event(event) => event.encoded(format),
+        Outbound::AliasedEvent(event, alias) => {
+            let mut frame = event.frame.clone();
+            frame.channel = Some(alias.to_string());
+            tern_protocol::encode(format, &frame)
+        }
+        Outbound::Frame(frame) => tern_protocol::encode(format, &frame),
+    }
+}
+
+/// Adds the messages of a channel event about to be written to `delivered`.
+pub(crate) fn tally(delivered: &mut Delivered, item: &Outbound) {
+    let event = match item {
+        Outbound::Event(event) | Outbound::AliasedEvent(event, _) => event,
+        Outbound::Frame(_) => return,
+    };
+    if event.is_message() {
+        delivered.messages += event.message_count() as u64;
+        delivered.message_bytes += event.data_bytes() as u64;
+    } else {
+        delivered.presence += event.presence_count() as u64;
+        delivered.presence_bytes += event.data_bytes() as u64;
+    }
+}
