@@ -17,7 +17,7 @@ use crate::membership::{Member, Membership, MembershipConfig};
 use crate::replicator::{Barrier, PeerSpec, Replicator, ReplicatorConfig};
 use crate::tls::NodeIdentity;
 use crate::topology::Topology;
-use crate::ClusterError;
+use crate::{ClusterError, PEERS_MAX};
 
 /// Everything a node needs to join a cluster.
 #[derive(Clone)]
@@ -38,10 +38,6 @@ pub struct ClusterConfig {
     pub gossip_interval: Duration,
     pub failure_detection: Duration,
 }
-
-/// Peers one node keeps links (and resend buffers) to. Gossip is what fills the member
-/// list, so it is bounded here too.
-pub const PEERS_MAX: usize = 256;
 
 /// Called with the node id and connection-id tag of each node that departed: seen to
 /// leave the live set (dead, or replaced by a restart), or reported departed by a live

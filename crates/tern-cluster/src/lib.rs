@@ -32,6 +32,11 @@ pub mod tls;
 pub mod topology;
 pub mod wire;
 
+/// Peers one node keeps links (and resend buffers) to. Gossip is what fills the member
+/// list, so `cluster` bounds it here; the replicator bounds what it remembers per sender
+/// by it too. Here, below both, so the replicator does not import `cluster`.
+pub const PEERS_MAX: usize = 256;
+
 /// Milliseconds since the Unix epoch (the cluster's one clock read).
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()

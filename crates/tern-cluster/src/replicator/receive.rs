@@ -202,7 +202,7 @@ impl Replicator {
         let state = {
             let mut recv = lock(&self.recv);
             // One entry per sender node ever seen: bounded like the peer set.
-            if recv.len() >= crate::cluster::PEERS_MAX * 4 && !recv.contains_key(&node_id) {
+            if recv.len() >= crate::PEERS_MAX * 4 && !recv.contains_key(&node_id) {
                 recv.clear();
             }
             let before = recv.get(&node_id).copied();
