@@ -10,8 +10,10 @@
 //!
 //! - `capability.rs`: [`Operation`], [`OpSet`], [`Capability`]: parsing, wildcard
 //!   matching, subset, intersection and ably-js canonical JSON; [`strip_qualifier`].
-//! - `key.rs`: [`ApiKey`], [`KeyRing`] (authenticates keys, Basic and Bearer values,
-//!   tokens and token requests), [`AuthContext`], [`ClientIdentity`], [`TokenPolicy`].
+//! - `key.rs`: [`ApiKey`], [`KeyRing`] (holds the keys; authenticates whole keys and
+//!   Basic values), [`AuthContext`], [`ClientIdentity`], [`TokenPolicy`].
+//! - `credential.rs`: the [`KeyRing`] methods for tokens (a Tern token or a JWT, told
+//!   apart by shape; bearer values; token requests), above `token.rs` and `jwt.rs`.
 //! - `token.rs`: [`TokenRequest`], [`TokenDetails`], [`sign_token_request`] and the
 //!   `tn1.` token format: issue, verify, and the token-request checks.
 //! - `jwt.rs`: HS256 JWT verification and [`sign_jwt`].
@@ -22,6 +24,7 @@
 //! - `signature.rs`: HMAC-SHA256, constant-time comparison, base64 flavours.
 
 mod capability;
+mod credential;
 mod error;
 mod jwt;
 mod key;
