@@ -45,6 +45,11 @@ use sha2::Sha256;
 
 use crate::ClusterError;
 
+mod reserved;
+
+pub use reserved::reserve_udp_port;
+use reserved::take_reserved;
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// The largest UDP payload IPv4 carries (65,535 − 20 IP − 8 UDP header bytes).
@@ -246,36 +251,6 @@ impl GossipStats {
     pub fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
     }
-}
-
-/// UDP sockets bound ahead of their node ([`reserve_udp_port`]), kept open until the
-/// node's gossip opens its address.
-static RESERVED: std::sync::Mutex<Vec<std::net::UdpSocket>> = std::sync::Mutex::new(Vec::new());
-
-/// Binds a UDP socket on `host`, port chosen by the kernel, and keeps it open until a
-/// gossip transport opens that address (`tern dev`, whose nodes must advertise a
-/// concrete port before they start). Holding the socket closes the race in which the
-/// port, once found free and released, went to another socket (another node's QUIC
-/// endpoint, bound to port 0) before the gossip bound it.
-pub fn reserve_udp_port(host: &str) -> io::Result<SocketAddr> {
-    let socket = std::net::UdpSocket::bind((host, 0))?;
-    let addr = socket.local_addr()?;
-    RESERVED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .push(socket);
-    Ok(addr)
-}
-
-/// The reserved socket bound to `addr`, if any, handed over once.
-fn take_reserved(addr: SocketAddr) -> Option<std::net::UdpSocket> {
-    let mut reserved = RESERVED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let at = reserved
-        .iter()
-        .position(|socket| socket.local_addr().is_ok_and(|local| local == addr))?;
-    Some(reserved.swap_remove(at))
 }
 
 /// chitchat's transport for Tern: UDP, every datagram sealed with the gossip key.
@@ -550,23 +525,6 @@ mod tests {
             version: chitchat::ProtocolVersion::V0,
             message: chitchat::ChitchatMessage::BadCluster,
         }
-    }
-
-    /// A reserved port stays bound until the gossip opens it: no other socket can take
-    /// it meanwhile, and the gossip gets that very socket.
-    #[tokio::test]
-    async fn a_reserved_port_is_held_until_the_gossip_opens_it() {
-        let addr = reserve_udp_port("127.0.0.1").unwrap();
-        assert!(
-            std::net::UdpSocket::bind(addr).is_err(),
-            "held while reserved"
-        );
-        let socket = AuthenticatedUdp::new(key(1), Arc::default())
-            .open(addr)
-            .await
-            .unwrap();
-        assert_eq!(socket.local_addr().unwrap(), addr);
-        assert!(take_reserved(addr).is_none(), "handed over once");
     }
 
     /// Over real loopback sockets: a message from a socket with the same key arrives;
