@@ -8,7 +8,8 @@
 //! - [`cluster`]: one node's cluster side assembled (endpoint + replicator + membership).
 //! - [`membership`]: chitchat gossip over UDP: who is live, where to reach them.
 //! - [`gossip_auth`]: the gossip transport: every datagram authenticated (HMAC-SHA256
-//!   under the cluster's gossip key, with a send time against replays).
+//!   under the cluster's gossip key, with a send time against replays); a gossip port
+//!   held from choosing it to binding it (`gossip_auth::reserved`, for `tern dev`).
 //! - [`topology`]: `regions/topology.toml`, the emulated WAN between local regions.
 //! - [`wire`]: versioned frames (`FrameV1`), bincode behind a version byte, with a size
 //!   limit on decode; `wire::compact`: wire v2's compact event. With [`framing`], the

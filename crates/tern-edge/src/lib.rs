@@ -24,6 +24,9 @@
 //! - `connections`: per-connection push (`@connections`): `POST`/`GET`/`DELETE
 //!   /connections/{id}`, routed to the node that holds the connection; a connection's
 //!   own channel `[connection]<id>`.
+//! - `forward`: node-to-node HTTP, the edge's one way to ask another node: a channel
+//!   read sent to the channel's home, a request sent to the node holding a connection;
+//!   a forwarded request (`x-tern-forwarded`) is served where it lands.
 //! - `inbound`: unenveloped publishes (`?enveloped=false`, inbound webhooks).
 //! - `batch`: batch publish (`POST /messages`) and batch presence (`GET /presence`).
 //! - `rest`: REST handlers (`/time`, publish, presence, channel status, token requests).
@@ -49,8 +52,15 @@
 //! - `departures`: connection records on `[internal]connections`, folded on every node,
 //!   so a survivor reports a departed node's connections as disconnected.
 //!
-//! Architecture invariant: the edge talks to other nodes only through the core; it never
-//! holds channel state of its own beyond what one connection has attached.
+//! Architecture invariant: the edge reaches other nodes in two ways only. Channel events
+//! go through the core (the hub's journal, which the cluster drives). A request only
+//! another node can answer (a REST channel read on a node that does not keep the
+//! channel, a push to or DELETE of a connection held elsewhere, push delivery at the
+//! push home, batch presence from each channel's home, app statistics from every node,
+//! an MQTT or realtime connection handed over) is sent to that node's client port over
+//! HTTP, always through `forward.rs`; where the nodes are it learns only from the
+//! `ClusterView` trait.
+//! It never holds channel state of its own beyond what one connection has attached.
 
 mod batch;
 mod budget;
