@@ -22,7 +22,7 @@ use rand::Rng;
 use serde::Deserialize;
 use tern_auth::{AuthContext, ClientIdentity, Operation};
 use tern_core::mutation::{self, is_change};
-use tern_core::{ChannelKey, Publisher, SerialPosition};
+use tern_core::{ChannelKey, SerialPosition};
 use tern_protocol::{
     annotation_action, code, message_action, Annotation, ErrorInfo, Format, Message,
 };
@@ -384,10 +384,7 @@ pub(crate) fn summarize_later(state: Arc<EdgeState>, key: ChannelKey, mut serial
                 ),
                 ..Default::default()
             };
-            let publisher = Publisher {
-                connection_id: None,
-                frame_id: random_id(),
-            };
+            let publisher = request_publisher();
             if let Err(error) = state.hub.publish(&key, &publisher, vec![summary], now_ms()) {
                 tracing::warn!(channel = %key.name, %error, "summary not published");
             }

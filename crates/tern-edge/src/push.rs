@@ -34,9 +34,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use base64::Engine;
-use rand::Rng;
-use tern_core::{ChannelKey, Cursor, OriginId, Publisher};
+use tern_core::{ChannelKey, Cursor, OriginId};
 use tern_protocol::{code, Data, ErrorInfo, Format, Message};
 use tern_store::{ChannelRef, Direction, EventKind, HistoryQuery, HistoryStore, Position};
 
@@ -224,16 +222,12 @@ pub(crate) async fn write(
         ..Message::default()
     };
     let key = channel_key(app_id);
-    let random: [u8; 9] = rand::rng().random();
-    let publisher = Publisher {
-        connection_id: None,
-        frame_id: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random),
-    };
+    let publisher = crate::publish::request_publisher();
     let store_mark = state.store_mark();
     let outcome = state
         .hub
         .publish(&key, &publisher, vec![message], crate::now_ms())
-        .map_err(|e| ErrorInfo::new(code::INTERNAL, e.to_string()))?;
+        .map_err(crate::publish::core_error)?;
     if let Some(error) = state.durable(key, store_mark).await.error() {
         // Unknown whether it is stored: fold again from the store on the next request.
         app.folded = None;

@@ -8,10 +8,9 @@
 //! recipient not delivered is counted in `tern_push_undelivered_total{reason}`.
 
 use base64::Engine;
-use rand::Rng;
 use serde_json::Value;
 use tern_auth::Operation;
-use tern_core::{ChannelKey, Publisher};
+use tern_core::ChannelKey;
 use tern_protocol::{Data, Message};
 
 use crate::state::EdgeState;
@@ -91,11 +90,7 @@ fn deliver_one(
     if auth.app_id != app || !auth.capability.allows(base, Operation::Publish) {
         return Err("key_not_permitted");
     }
-    let random: [u8; 9] = rand::rng().random();
-    let publisher = Publisher {
-        connection_id: None,
-        frame_id: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random),
-    };
+    let publisher = crate::publish::request_publisher();
     let message = Message {
         name: Some(PUSH_MESSAGE_NAME.into()),
         data: Some(Data::String(data.to_string())),
