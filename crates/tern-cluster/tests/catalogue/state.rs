@@ -1,0 +1,218 @@
+//! Catalogue rows about acks, channel state and copied history: acks of positions
+//! never sent, state requests for channels nobody holds, history requests and pages.
+
+use super::*;
+
+/// Acks of positions v never sent count for nothing and do not stop v's link to e.
+pub(super) async fn ack_rows(bed: &Bed) {
+    let key = channel_homed_at(&bed.v, "e", "to-e");
+    let sent_to_e = |name: &str| {
+        let name = name.to_string();
+        move || {
+            bed.to_e(|f| match f {
+                FrameV1::Event(event) => Some(event.clone()),
+                _ => None,
+            })
+            .iter()
+            .filter(|event| {
+                event.to_remote().is_ok_and(|r| {
+                    r.frame
+                        .messages
+                        .iter()
+                        .flatten()
+                        .any(|m| m.name.as_deref() == Some(&name))
+                })
+            })
+            .map(|event| event.link_seq)
+            .next()
+        }
+    };
+    bed.v.publish(&key, "to-e/0");
+    let mut position = None;
+    wait_for("v's event on its link to e", 10, || {
+        position = sent_to_e("to-e/0")();
+        position.is_some()
+    })
+    .await;
+    let (incarnation, epoch) = bed.v_to_e;
+    let stored = |upto: u64| FrameV1::Stored {
+        incarnation,
+        epoch,
+        upto,
+    };
+    bed.kept(
+        "Stored for positions v never sent",
+        true,
+        &[stored(position.unwrap() + 1_000)],
+        Some(("stored_unsent", 1)),
+    )
+    .await;
+    bed.kept(
+        "Stored for another incarnation of v",
+        true,
+        &[FrameV1::Stored {
+            incarnation: incarnation + 1,
+            epoch,
+            upto: 1,
+        }],
+        None,
+    )
+    .await;
+    bed.v.publish(&key, "to-e/1");
+    wait_for("v's next event still goes to e", 10, || {
+        sent_to_e("to-e/1")().is_some()
+    })
+    .await;
+}
+
+/// State requests for channels nobody holds are answered empty and create nothing.
+pub(super) async fn state_rows(bed: &Bed) {
+    bed.kept(
+        "Sync of a channel v does not hold",
+        true,
+        &[FrameV1::Sync {
+            app: "app".into(),
+            channel: "unknown".into(),
+        }],
+        None,
+    )
+    .await;
+    wait_for("Synced with an empty cursor", 10, || {
+        bed.to_e(|f| match f {
+            FrameV1::Synced {
+                channel, origins, ..
+            } if channel == "unknown" => Some(origins.is_empty()),
+            _ => None,
+        })
+        .contains(&true)
+    })
+    .await;
+    assert!(bed.v.hub.status(&key_of("unknown")).is_none());
+    bed.kept(
+        "Backfill of a channel v has no history of",
+        true,
+        &[FrameV1::Backfill {
+            app: "app".into(),
+            channel: "unknown".into(),
+            presence: false,
+            after: Some((i64::MIN, u64::MAX, u64::MAX, u32::MAX)),
+        }],
+        None,
+    )
+    .await;
+    wait_for("an empty last page", 10, || {
+        bed.to_e(|f| match f {
+            FrameV1::BackfillItems {
+                channel,
+                items,
+                more,
+                ..
+            } if channel == "unknown" => Some(items.is_empty() && !more),
+            _ => None,
+        })
+        .contains(&true)
+    })
+    .await;
+    assert!(bed.v.hub.status(&key_of("unknown")).is_none());
+}
+
+/// Copying history: more requests than v reads at once, pages nobody asked for, pages
+/// of garbage.
+pub(super) async fn history_rows(bed: &Bed) {
+    // The store is slow: v reads a bounded number of pages at once and ignores (counts)
+    // requests past that; the asker asks again later.
+    bed.history.set_gate(true);
+    let flood: Vec<FrameV1> = (0..200)
+        .map(|n| FrameV1::Backfill {
+            app: "app".into(),
+            channel: "flood".into(),
+            presence: false,
+            after: Some((n, 0, 0, 0)),
+        })
+        .collect();
+    let cap = tern_cluster::replicator::BACKFILL_ANSWERS_MAX;
+    bed.kept(
+        "200 Backfill requests while the store is slow",
+        true,
+        &flood,
+        Some(("backfill_busy", 200 - cap as u64)),
+    )
+    .await;
+    wait_for("the reads v started", 10, || {
+        bed.history.reading.load(Ordering::SeqCst) == cap
+    })
+    .await;
+    bed.history.set_gate(false);
+    let answers = || {
+        bed.to_e(|f| match f {
+            FrameV1::BackfillItems { channel, .. } if channel == "flood" => Some(()),
+            _ => None,
+        })
+        .len()
+    };
+    wait_for("the pages v read", 10, || answers() == cap).await;
+    assert_eq!(bed.history.pages.load(Ordering::SeqCst), cap + 1);
+
+    let page = |channel: &str, payload: Vec<u8>| FrameV1::BackfillItems {
+        app: "app".into(),
+        channel: channel.into(),
+        presence: false,
+        items: vec![ItemV1 {
+            position: (1, origin_of("x"), 1, 0),
+            payload,
+        }],
+        more: true,
+    };
+    bed.kept(
+        "BackfillItems nobody asked for",
+        true,
+        &[page("unasked", vec![0x80])],
+        None,
+    )
+    .await;
+    assert!(bed.history.stored.lock().unwrap().is_empty(), "stored");
+
+    // v copies a channel it is the home of from f (r3's home): Heads from e starts it.
+    let key = channel_homed_at(&bed.v, "v", "copy");
+    bed.kept(
+        "Heads of a channel v is the home of and has nothing of",
+        true,
+        &[FrameV1::Heads {
+            channels: vec![HeadV1 {
+                app: "app".into(),
+                channel: key.name.to_string(),
+                origins: vec![(origin_of("x"), 3)],
+            }],
+        }],
+        None,
+    )
+    .await;
+    wait_for("v asks f for the history", 10, || {
+        !bed.f
+            .received(|f| match f {
+                FrameV1::Backfill { channel, .. } if **channel == *key.name => Some(()),
+                _ => None,
+            })
+            .is_empty()
+    })
+    .await;
+    let mut link = bed.f_connection.open_uni().await.unwrap();
+    let mut bytes = framed(&Bed::hello("f"));
+    let mut garbage = page(&key.name, vec![0xc1, 0xc1]);
+    if let FrameV1::BackfillItems { more, .. } = &mut garbage {
+        *more = false;
+    }
+    bytes.extend(framed(&garbage));
+    link.write_all(&bytes).await.unwrap();
+    wait_for("the page stored", 10, || {
+        !bed.history.stored.lock().unwrap().is_empty()
+    })
+    .await;
+    link.finish().unwrap();
+    // Opaque bytes are stored as sent (the store knows no wire format); history reads
+    // skip an item that does not decode.
+    assert_eq!(
+        bed.history.stored.lock().unwrap()[0].0,
+        key.name.to_string()
+    );
+}
