@@ -159,8 +159,8 @@ pub struct TokenPolicy {
 }
 
 impl TokenPolicy {
-    /// How long a [`NonceCache`](crate::NonceCache) must remember a nonce: twice the window, so a
-    /// request stays remembered while its timestamp could still be accepted.
+    /// How long a [`NonceCache`](crate::NonceCache) must remember a nonce: twice the
+    /// window, so a request stays remembered while its timestamp could still be accepted.
     pub fn nonce_retain_ms(&self) -> i64 {
         self.request_window_ms.saturating_mul(2)
     }
