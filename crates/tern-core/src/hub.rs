@@ -425,29 +425,53 @@ impl Hub {
         skip: usize,
         max: usize,
     ) -> (Vec<(ChannelKey, crate::Cursor)>, usize) {
-        let channels: Vec<(ChannelKey, Arc<Mutex<Channel>>)> = self
-            .shards
-            .iter()
-            .flat_map(|shard| {
-                lock(shard)
-                    .iter()
-                    .map(|(k, c)| (k.clone(), c.clone()))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let total = channels.len();
+        // Only the page is cloned: the rest of the hub is counted and skipped, so a
+        // round costs its page, not every channel the node holds.
+        let total: usize = self.shards.iter().map(|shard| lock(shard).len()).sum();
         if total == 0 {
             return (Vec::new(), 0);
         }
         let start = skip % total;
         let taken = max.min(total);
-        let out = (0..taken)
-            .map(|i| {
-                let (key, channel) = &channels[(start + i) % total];
-                (key.clone(), lock(channel).cursor().clone())
+        let mut page: Vec<(ChannelKey, Arc<Mutex<Channel>>)> = Vec::with_capacity(taken);
+        // The page is [start, start + taken) of the channels in shard order, wrapping:
+        // at most two runs of that order.
+        let first = taken.min(total - start);
+        for (from, count) in [(start, first), (0, taken - first)] {
+            let mut skip = from;
+            let mut left = count;
+            for shard in self.shards.iter() {
+                if left == 0 {
+                    break;
+                }
+                let shard = lock(shard);
+                if skip >= shard.len() {
+                    skip -= shard.len();
+                    continue;
+                }
+                let before = page.len();
+                page.extend(
+                    shard
+                        .iter()
+                        .skip(skip)
+                        .take(left)
+                        .map(|(k, c)| (k.clone(), c.clone())),
+                );
+                left -= page.len() - before;
+                skip = 0;
+            }
+        }
+        // Channels opened or closed between the count and the walk shorten the page;
+        // the next round starts after what was listed.
+        let listed = page.len();
+        let out = page
+            .into_iter()
+            .map(|(key, channel)| {
+                let cursor = lock(&channel).cursor().clone();
+                (key, cursor)
             })
             .collect();
-        (out, (start + taken) % total)
+        (out, (start + listed) % total)
     }
 
     /// Logged events of `origin` in `from..=to` on a channel, to repair a peer's gap.

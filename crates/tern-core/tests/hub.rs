@@ -828,3 +828,27 @@ fn cursor_pages_cover_every_channel_in_turn() {
         .0
         .is_empty());
 }
+
+/// Pages that cross shard boundaries and wrap around the end: over 200 channels (spread
+/// over every shard), 200 pages of 37 list each channel exactly 37 times.
+#[test]
+fn cursor_pages_cross_shards_and_wrap() {
+    let hub = hub();
+    for i in 0..200u64 {
+        let key = ChannelKey::new("app", &format!("c{i}"));
+        hub.publish(&key, &publisher("A", i), vec![msg("m")], 100)
+            .unwrap();
+    }
+    let mut seen = std::collections::HashMap::new();
+    let mut skip = 0;
+    for _ in 0..200 {
+        let (page, next) = hub.cursors_from(skip, 37);
+        assert_eq!(page.len(), 37);
+        for (key, _) in page {
+            *seen.entry(key.name.to_string()).or_insert(0) += 1;
+        }
+        skip = next;
+    }
+    assert_eq!(seen.len(), 200);
+    assert!(seen.values().all(|&n| n == 37), "{seen:?}");
+}
