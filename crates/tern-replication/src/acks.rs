@@ -12,6 +12,12 @@ use crate::Now;
 /// A publish waiting for `ack_replicas` longer than this is refused (NACK), not ACKed.
 pub const REPLICA_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Replies waiting at once at most. Past it the oldest is answered as timed out (a
+/// NACK, in order) before its time: the queue is bounded by count, not only by
+/// [`REPLICA_ACK_TIMEOUT`] × the publish rate (256k replies is 10 s at 25k publishes/s
+/// with no replica answering).
+pub const WAITERS_MAX: usize = 1 << 18;
+
 /// A link as a waiter sees it: its positions, and whether it leads to another region.
 #[derive(Clone, Copy, Debug)]
 pub struct LinkView {
@@ -58,17 +64,25 @@ struct Waiter<T> {
 /// Replies waiting for their replicas, in call order (a later reply never overtakes).
 pub struct Waiters<T> {
     queue: VecDeque<Waiter<T>>,
+    /// [`WAITERS_MAX`] but in tests.
+    max: usize,
 }
 
 impl<T> Default for Waiters<T> {
     fn default() -> Self {
-        Waiters {
-            queue: VecDeque::new(),
-        }
+        Waiters::with_max(WAITERS_MAX)
     }
 }
 
 impl<T> Waiters<T> {
+    /// Waiters of which at most `max` wait at once (see [`WAITERS_MAX`]).
+    pub fn with_max(max: usize) -> Waiters<T> {
+        Waiters {
+            queue: VecDeque::new(),
+            max: max.max(1),
+        }
+    }
+
     /// Queues a reply waiting for `targets` (empty: it only keeps the order).
     pub fn push(&mut self, targets: Vec<(u64, u64)>, now: Now, token: T) {
         self.queue.push_back(Waiter {
@@ -79,7 +93,7 @@ impl<T> Waiters<T> {
     }
 
     /// The replies to answer now, in order, with `true` (replicated) or `false` (timed
-    /// out), given how each link stands.
+    /// out, or the oldest of more than `max` waiting), given how each link stands.
     pub fn drain(
         &mut self,
         ack_replicas: usize,
@@ -89,7 +103,8 @@ impl<T> Waiters<T> {
         let mut done = Vec::new();
         while let Some(front) = self.queue.front() {
             let ok = satisfied(ack_replicas, &front.targets, &link);
-            let expired = now.saturating_sub(front.since) >= REPLICA_ACK_TIMEOUT;
+            let expired = now.saturating_sub(front.since) >= REPLICA_ACK_TIMEOUT
+                || self.queue.len() > self.max;
             if !ok && !expired {
                 break;
             }
@@ -167,5 +182,22 @@ mod tests {
         let later = t0 + REPLICA_ACK_TIMEOUT;
         assert_eq!(waiters.drain(1, later, acked(2)), vec![("late", false)]);
         assert!(waiters.is_empty());
+    }
+
+    /// Past `max` waiting, the oldest is NACKed at once, in order; the rest wait on.
+    #[test]
+    fn the_oldest_is_refused_past_the_bound() {
+        let mut waiters = Waiters::with_max(2);
+        let t0 = Now::from_secs(1);
+        let none = |_e: u64| Some(view(1, 9, 0, false));
+        waiters.push(vec![(1, 1)], t0, "a");
+        waiters.push(vec![(1, 2)], t0, "b");
+        assert!(waiters.drain(1, t0, none).is_empty());
+        waiters.push(vec![(1, 3)], t0, "c");
+        assert_eq!(waiters.drain(1, t0, none), vec![("a", false)]);
+        assert_eq!(waiters.len(), 2);
+        // Once b is stored, it and nothing after it goes.
+        let b_stored = |_e: u64| Some(view(1, 9, 2, false));
+        assert_eq!(waiters.drain(1, t0, b_stored), vec![("b", true)]);
     }
 }
