@@ -19,7 +19,8 @@ pub(crate) struct Peer(pub(crate) SocketAddr);
 /// `connection.disconnected`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Arrival {
-    /// Ably's transport name: `web_socket` or `comet`.
+    /// Ably's transport name: `web_socket` or `comet`; `sse` and `mqtt` for those
+    /// listeners.
     pub(crate) transport: &'static str,
     pub(crate) peer: Option<SocketAddr>,
 }

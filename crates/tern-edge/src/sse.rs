@@ -62,8 +62,13 @@ pub(crate) async fn sse(
     State(state): State<Arc<EdgeState>>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
+    peer: Option<axum::Extension<crate::hooks::Peer>>,
 ) -> Response {
-    open(state, query, headers, true).await
+    open(state, query, headers, true, peer_addr(peer)).await
+}
+
+fn peer_addr(peer: Option<axum::Extension<crate::hooks::Peer>>) -> Option<std::net::SocketAddr> {
+    peer.map(|axum::Extension(peer)| peer.0)
 }
 
 /// `GET /event-stream`: SSE when the client accepts `text/event-stream`.
@@ -71,12 +76,13 @@ pub(crate) async fn event_stream(
     State(state): State<Arc<EdgeState>>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
+    peer: Option<axum::Extension<crate::hooks::Peer>>,
 ) -> Response {
     let sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("text/event-stream"));
-    open(state, query, headers, sse).await
+    open(state, query, headers, sse, peer_addr(peer)).await
 }
 
 fn bool_param(query: &HashMap<String, String>, name: &str, default: bool) -> bool {
@@ -236,9 +242,10 @@ async fn open(
     query: HashMap<String, String>,
     headers: HeaderMap,
     sse: bool,
+    peer: Option<std::net::SocketAddr>,
 ) -> Response {
     let now = now_ms();
-    let (ctx, _identity) = match rest_auth(&state.keys, &headers, &query, now) {
+    let (mut ctx, mut identity) = match rest_auth(&state.keys, &headers, &query, now) {
         Ok(auth) => auth,
         Err(err) => return error_response(err),
     };
@@ -278,6 +285,17 @@ async fn open(
         first.push(frame(&request, "error", None, &error_value(&err)));
     }
     let id: Arc<str> = format!("sse-{}-{}", state.config.server_id, stream_counter()).into();
+    // Every stream is a new connection: the app's `$connect` function, if any, may
+    // refuse it (40300, as an HTTP error) or narrow its capability. A clientId it
+    // attaches names nobody here: a stream only receives.
+    let arrival = crate::hooks::Arrival {
+        transport: "sse",
+        peer,
+    };
+    if let Err(err) = crate::hooks::on_connect(&state, &id, arrival, &mut ctx, &mut identity).await
+    {
+        return error_response(err);
+    }
     let (tx, rx) = mpsc::channel(state.config.outbound_queue_max.max(1));
     let overflow = Arc::new(AtomicBool::new(false));
     let mut keys = Vec::with_capacity(request.channels.len());

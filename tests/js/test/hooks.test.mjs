@@ -452,6 +452,88 @@ sign_with_key = "root"
   }
 });
 
+test('$connect over SSE and MQTT: every stream and every CONNECT goes through the function', async () => {
+  // Proves the SSE and MQTT listeners call the same function (transport "sse" / "mqtt",
+  // the client's address, the connection id): a refusal is an HTTP 403 with 40300 and
+  // the reason for SSE, CONNACK 5 (not authorised) for MQTT; a narrowed capability holds
+  // on the stream (40160 for a channel it no longer allows).
+  let calls = 0;
+  const fn = await startHookFunction({
+    keyName: KEY_NAME,
+    keySecret: KEY_SECRET,
+    decide: () => {
+      calls += 1;
+      // The first SSE request and the first CONNECT are refused; the rest may only
+      // subscribe to chat:*.
+      if (calls === 1 || calls === 4) return { body: { action: 'reject', rejectionReason: 'banned device' } };
+      return { body: { action: 'accept', capability: { 'chat:*': ['subscribe'] } } };
+    },
+  });
+  const mqttPort = await freePort();
+  const tern = await startTern(withFunctions(`
+[apps.on_connect]
+id = "gate"
+url = "http://127.0.0.1:${fn.port}/connect"
+sign_with_key = "root"
+`).replace('[history]', `[mqtt]\nenabled = true\nport = ${mqttPort}\n\n[history]`));
+  const auth = { authorization: `Basic ${Buffer.from(`${KEY_NAME}:${KEY_SECRET}`).toString('base64')}` };
+  const sse = (channel, signal) => fetch(`http://127.0.0.1:${tern.port}/sse?v=1.2&enveloped=false&channels=${channel}`, { headers: auth, signal });
+  const abort = new AbortController();
+  const devices = [];
+  try {
+    const refused = await sse('chat:x');
+    assert.equal(refused.status, 403);
+    const body = await refused.json();
+    assert.equal(body.error.code, 40300);
+    assert.match(body.error.message, /banned device/);
+
+    const stream = await sse('chat:x', abort.signal);
+    assert.equal(stream.status, 200);
+    const outside = await sse('news');
+    assert.equal(outside.status, 401);
+    assert.equal((await outside.json()).error.code, 40160);
+    const rest = new Ably.Rest(options(tern.port));
+    await rest.channels.get('chat:x').publish('n', 'through the gate');
+    const reader = stream.body.getReader();
+    let text = '';
+    await waitUntil(async () => {
+      const { value } = await reader.read();
+      text += Buffer.from(value || []).toString();
+      return text.includes('through the gate');
+    }, 5000, 'the message on the stream');
+
+    const connectMqtt = (clientId) => {
+      const device = mqtt.connect(`mqtt://127.0.0.1:${mqttPort}`, {
+        username: KEY_NAME, password: KEY_SECRET, clientId, reconnectPeriod: 0, protocolVersion: 4,
+      });
+      devices.push(device);
+      return new Promise((resolve) => {
+        device.once('connect', () => resolve('connected'));
+        device.once('error', (err) => resolve(err));
+      });
+    };
+    const denied = await connectMqtt('device-banned');
+    assert.ok(denied instanceof Error, `refused: ${denied}`);
+    assert.equal(denied.code, 5);
+    assert.equal(await connectMqtt('device-ok'), 'connected');
+
+    assert.equal(fn.badSignatures, 0);
+    const transports = fn.requests.map((r) => r.json.transport);
+    assert.deepEqual(transports, ['sse', 'sse', 'sse', 'mqtt', 'mqtt']);
+    for (const { json } of fn.requests) {
+      assert.equal(json.source, 'connection.connect');
+      assert.equal(json.keyName, KEY_NAME);
+      assert.match(json.remoteAddress, /^127\.0\.0\.1:\d+$/);
+      assert.match(json.connectionId, json.transport === 'sse' ? /^sse-/ : /^mqtt-/);
+    }
+  } finally {
+    abort.abort();
+    for (const device of devices) device.end(true);
+    await tern.stop();
+    await fn.stop();
+  }
+});
+
 /// A free TCP port on 127.0.0.1 (for the MQTT listener, whose port the helper does not read).
 function freePort() {
   return new Promise((resolve) => {

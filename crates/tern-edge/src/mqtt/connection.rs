@@ -170,6 +170,7 @@ pub(super) async fn run(
     state: Arc<EdgeState>,
     config: Arc<MqttConfig>,
     sessions: SharedSessions,
+    peer: std::net::SocketAddr,
 ) {
     let write_timeout = Duration::from_millis(state.config.write_timeout_ms);
     let Ok(_permit) = state.connection_permits.clone().try_acquire_owned() else {
@@ -204,7 +205,7 @@ pub(super) async fn run(
             return;
         }
     };
-    let accepted = accept(connect, &state, &config, sessions, writer).await;
+    let accepted = accept(connect, &state, &config, sessions, writer, peer).await;
     let Some((mut connection, inputs)) = accepted else {
         return;
     };
@@ -244,9 +245,36 @@ async fn accept(
     config: &Arc<MqttConfig>,
     sessions: SharedSessions,
     mut writer: Writer,
+    peer: std::net::SocketAddr,
 ) -> Option<(Connection, Inputs)> {
     let write_timeout = Duration::from_millis(state.config.write_timeout_ms);
-    let checked = session::authenticate(&state.keys, &connect, now_ms()).and_then(|(auth, id)| {
+    let number = next_connection_number();
+    let id: Arc<str> = format!("mqtt-{}-{number}", state.node_tag).into();
+    let refuse = |code: ConnectReturnCode, why: &'static str| {
+        metrics::counter!("tern_mqtt_refused_total", "reason" => why).increment(1);
+        tracing::debug!(?code, client = %connect.client_id, why, "mqtt CONNECT refused");
+        connack(code)
+    };
+    let checked = match session::authenticate(&state.keys, &connect, now_ms()) {
+        Ok((mut auth, mut identity)) => {
+            // Every CONNECT is a new connection: the app's `$connect` function, if any,
+            // may refuse it (CONNACK 5, MQTT 3.1.1 has no reason text) or narrow its
+            // capability, which the will is then checked against.
+            let arrival = crate::hooks::Arrival {
+                transport: "mqtt",
+                peer: Some(peer),
+            };
+            match crate::hooks::on_connect(state, &id, arrival, &mut auth, &mut identity).await {
+                Ok(_) => Ok((auth, identity)),
+                Err(error) => {
+                    tracing::info!(client = %connect.client_id, code = error.code, reason = %error.message, "mqtt CONNECT refused by the connect function");
+                    Err(refuse(ConnectReturnCode::NotAuthorized, "function"))
+                }
+            }
+        }
+        Err(code) => Err(refuse(code, "connect")),
+    };
+    let checked = checked.and_then(|(auth, id)| {
         // A will the credential could not publish is refused now, not lost later.
         let will_allowed = connect.last_will.as_ref().is_none_or(|will| {
             topic::channel(&will.topic)
@@ -255,21 +283,18 @@ async fn accept(
         if will_allowed {
             Ok((auth, id))
         } else {
-            Err(ConnectReturnCode::NotAuthorized)
+            Err(refuse(ConnectReturnCode::NotAuthorized, "connect"))
         }
     });
     let (auth, identity) = match checked {
         Ok(accepted) => accepted,
-        Err(code) => {
-            metrics::counter!("tern_mqtt_refused_total", "reason" => "connect").increment(1);
-            tracing::debug!(?code, client = %connect.client_id, "mqtt CONNECT refused");
-            let _ = tokio::time::timeout(write_timeout, writer.write_all(&connack(code))).await;
+        Err(refusal) => {
+            let _ = tokio::time::timeout(write_timeout, writer.write_all(&refusal)).await;
             return None;
         }
     };
     let (events_tx, events_rx) = mpsc::channel(state.config.outbound_queue_max.max(1));
     let (committed_tx, committed_rx) = mpsc::unbounded_channel();
-    let number = next_connection_number();
     let session_key =
         (!connect.client_id.is_empty()).then(|| (auth.app_id.clone(), connect.client_id.clone()));
     let superseded = Arc::new(Notify::new());
@@ -292,7 +317,7 @@ async fn accept(
     let mut connection = Connection {
         state: state.clone(),
         config: config.clone(),
-        id: format!("mqtt-{}-{number}", state.node_tag).into(),
+        id,
         number,
         session_key,
         persistent: !connect.clean_session,

@@ -96,6 +96,7 @@ pub async fn serve(listener: TcpListener, state: Arc<EdgeState>, config: MqttCon
             state: state.clone(),
             config: config.clone(),
             sessions: sessions.clone(),
+            peer,
         };
         let span = tracing::debug_span!("mqtt", %peer);
         tokio::spawn(serve_one(stream, shared).instrument(span));
@@ -109,7 +110,10 @@ async fn serve_one(stream: TcpStream, shared: websocket::Shared) {
     let mut first = [0u8; 1];
     match tokio::time::timeout(wait, stream.peek(&mut first)).await {
         Ok(Ok(1)) if websocket::is_http(first[0]) => websocket::serve(stream, shared).await,
-        Ok(Ok(1)) => connection::run(stream, shared.state, shared.config, shared.sessions).await,
+        Ok(Ok(1)) => {
+            let peer = shared.peer;
+            connection::run(stream, shared.state, shared.config, shared.sessions, peer).await
+        }
         _ => {}
     }
 }

@@ -39,6 +39,8 @@ pub(super) struct Shared {
     pub(super) state: Arc<EdgeState>,
     pub(super) config: Arc<MqttConfig>,
     pub(super) sessions: SharedSessions,
+    /// The client's address (for the `$connect` function).
+    pub(super) peer: std::net::SocketAddr,
 }
 
 /// Whether a connection whose first byte is `first` speaks HTTP.
@@ -85,6 +87,7 @@ async fn bridge(mut socket: WebSocket, shared: Shared) {
         shared.state,
         shared.config,
         shared.sessions,
+        shared.peer,
     ));
     let mut buffer = vec![0u8; PIPE_BYTES];
     loop {
