@@ -539,6 +539,16 @@ impl Channel {
         event
     }
 
+    /// Logs and journals `event` without offering it to any attachment (a remote event
+    /// that changes nothing here, see `apply_remote_one`).
+    fn record_quietly(&mut self, ctx: &ApplyContext<'_>, event: ChannelEvent) {
+        let event = Arc::new(event);
+        self.log.push(event.clone(), &ctx.limits.log, ctx.now_ms);
+        if let Some(journal) = ctx.journal {
+            journal.record(ctx.key, &event);
+        }
+    }
+
     /// Offers `event` to every attachment that wants it. Attachments whose queue is full
     /// are removed here; their connection disconnects itself and may resume later.
     fn fan_out(&mut self, event: Arc<ChannelEvent>, now_ms: i64) {
@@ -682,6 +692,7 @@ impl Channel {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             let mut broadcasts = Vec::new();
+            let mut taken = Vec::new();
             for change in changes {
                 // A departed node's connection is gone for good, but its presence still
                 // arrives after the departure (in flight, waiting behind a gap, or
@@ -690,13 +701,25 @@ impl Channel {
                 if departed.iter().any(|prefix| conn.starts_with(&**prefix)) {
                     continue;
                 }
+                taken.push(change.clone());
                 // The origin accepted this change; a bound here would make regions diverge.
                 if let Ok(Some(b)) = self.presence.apply(change, usize::MAX) {
                     broadcasts.push(b);
                 }
             }
             drop(departed);
+            if taken.is_empty() {
+                return;
+            }
             if broadcasts.is_empty() {
+                // Nothing changes here (a member this node already has, e.g. seeded from
+                // the home while it warmed the channel), but the event is still the
+                // origin's: logged and journaled as the origin did (so this node can
+                // supply it to a peer repairing that sequence, relays it and stores it),
+                // and delivered to nobody.
+                frame.presence = Some(taken);
+                let event = ChannelEvent::new(remote.origin, remote.seq, remote.publisher, frame);
+                self.record_quietly(ctx, event);
                 return;
             }
             frame.presence = Some(broadcasts);

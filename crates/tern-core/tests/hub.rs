@@ -852,3 +852,44 @@ fn cursor_pages_cross_shards_and_wrap() {
     assert_eq!(seen.len(), 200);
     assert!(seen.values().all(|&n| n == 37), "{seen:?}");
 }
+
+/// A remote presence event that changes nothing here (the member was seeded from the
+/// home while this node warmed the channel) is delivered to nobody, but logged as the
+/// origin's: a peer repairing that sequence from this node gets it and has the member.
+#[test]
+fn a_presence_event_already_known_here_is_logged_for_repair() {
+    let key = ChannelKey::new("app", "room");
+    let origin = Hub::new(OriginId(1), CoreLimits::default());
+    let at_origin = attach(&origin, &key, "origin-watcher", true);
+    origin
+        .presence(
+            &key,
+            &publisher("o-conn", 1),
+            vec![enter("o-conn", "alice", 1)],
+            2,
+        )
+        .unwrap();
+    let entered = RemoteEvent::from_event(&at_origin.events.lock().unwrap()[0]);
+
+    let warmed = hub();
+    assert_eq!(warmed.seed_members(&key, origin.members(&key), 3), 1);
+    let watcher = attach(&warmed, &key, "watcher", true);
+    warmed.apply_remote(&key, entered, 4).unwrap();
+    assert!(
+        watcher.events.lock().unwrap().is_empty(),
+        "nothing new to deliver"
+    );
+    assert_eq!(warmed.cursor(&key).get(OriginId(1)), 1);
+    let logged = warmed.events_of(&key, OriginId(1), 1, 1);
+    assert_eq!(logged.len(), 1, "the repair answer has the event");
+
+    let peer = Hub::new(OriginId(9), CoreLimits::default());
+    peer.apply_remote(&key, RemoteEvent::from_event(&logged[0]), 5)
+        .unwrap();
+    let members: Vec<String> = peer
+        .members(&key)
+        .into_iter()
+        .filter_map(|m| m.client_id)
+        .collect();
+    assert_eq!(members, ["alice"]);
+}
