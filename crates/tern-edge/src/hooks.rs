@@ -139,6 +139,8 @@ pub(crate) enum EndReason {
 pub(crate) fn transport_name(text: &str) -> &'static str {
     match text {
         "comet" => "comet",
+        "sse" => "sse",
+        "mqtt" => "mqtt",
         _ => "web_socket",
     }
 }

@@ -225,15 +225,34 @@ struct Attachments {
     state: Arc<EdgeState>,
     id: Arc<str>,
     keys: Vec<ChannelKey>,
+    /// For `connection.disconnected` when the stream ends.
+    app_id: String,
+    client_id: Option<String>,
+    connected_at_ms: i64,
     _permit: OwnedSemaphorePermit,
     _open: crate::state::OpenConnection,
 }
 
 impl Drop for Attachments {
     fn drop(&mut self) {
+        let now = now_ms();
         for key in &self.keys {
-            self.state.hub.detach(key, &self.id, now_ms());
+            self.state.hub.detach(key, &self.id, now);
         }
+        // A stream is a connection of its own (a new id each time, no resume of the
+        // connection): its end is the connection's end.
+        crate::hooks::record_disconnect(
+            &self.state,
+            crate::hooks::Ended {
+                app_id: &self.app_id,
+                connection_id: &self.id,
+                client_id: self.client_id.as_deref(),
+                transport: "sse",
+                connected_at_ms: self.connected_at_ms,
+                reason: crate::hooks::EndReason::Closed,
+            },
+            now,
+        );
     }
 }
 
@@ -390,6 +409,12 @@ async fn open(
         state: state.clone(),
         id,
         keys,
+        app_id: ctx.app_id.clone(),
+        client_id: match &identity {
+            tern_auth::ClientIdentity::Id(id) => Some(id.clone()),
+            _ => None,
+        },
+        connected_at_ms: now,
         _permit: permit,
         _open: crate::state::OpenConnection::new("sse"),
     };

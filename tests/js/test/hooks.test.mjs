@@ -534,6 +534,56 @@ sign_with_key = "root"
   }
 });
 
+test('$disconnect over SSE and MQTT: one connection.disconnected when a stream or an MQTT connection ends', async () => {
+  // Proves each SSE stream and each MQTT connection is reported once when it ends,
+  // with its transport, the clientId its credentials give and a stable serial.
+  const fn = await startHookFunction({ keyName: KEY_NAME, keySecret: KEY_SECRET, decide: () => ({}) });
+  const mqttPort = await freePort();
+  const tern = await startTern(withFunctions(`
+[[apps.rules]]
+id = "conns"
+events = ["connection.disconnected"]
+url = "http://127.0.0.1:${fn.port}/hook"
+batch_window_ms = 20
+sign_with_key = "root"
+`).replace('[history]', `[mqtt]\nenabled = true\nport = ${mqttPort}\n\n[history]`));
+  const events = () => fn.requests.filter((r) => r.path === '/hook').flatMap((r) => r.json.items);
+  try {
+    const abort = new AbortController();
+    const auth = { authorization: `Basic ${Buffer.from(`${KEY_NAME}:${KEY_SECRET}`).toString('base64')}` };
+    const stream = await fetch(`http://127.0.0.1:${tern.port}/sse?v=1.2&channels=watch`, { headers: auth, signal: abort.signal });
+    assert.equal(stream.status, 200);
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(events().length, 0, 'nothing while the stream is open');
+    abort.abort();
+    await waitUntil(() => events().some((e) => e.data.transport === 'sse'), 5000, 'the stream\'s event');
+
+    const device = mqtt.connect(`mqtt://127.0.0.1:${mqttPort}`, {
+      username: KEY_NAME, password: KEY_SECRET, clientId: 'device-1', reconnectPeriod: 0, protocolVersion: 4,
+    });
+    await new Promise((resolve, reject) => { device.once('connect', resolve); device.once('error', reject); });
+    await device.endAsync();
+    await waitUntil(() => events().some((e) => e.data.transport === 'mqtt'), 5000, 'the MQTT connection\'s event');
+    await new Promise((r) => setTimeout(r, 300));
+
+    assert.equal(fn.badSignatures, 0);
+    const [sse] = events().filter((e) => e.data.transport === 'sse');
+    const [device1] = events().filter((e) => e.data.transport === 'mqtt');
+    assert.equal(events().length, 2, JSON.stringify(events()));
+    for (const [event, prefix] of [[sse, /^sse-/], [device1, /^mqtt-/]]) {
+      assert.equal(event.source, 'connection.disconnected');
+      assert.match(event.data.connectionId, prefix);
+      assert.equal(event.serial, `${event.data.connectionId}:disconnected`);
+      assert.equal(event.data.reason, 'closed');
+      assert.equal(event.data.appId, 'test');
+      assert.ok(event.data.connectedAt <= event.data.disconnectedAt);
+    }
+  } finally {
+    await tern.stop();
+    await fn.stop();
+  }
+});
+
 /// A free TCP port on 127.0.0.1 (for the MQTT listener, whose port the helper does not read).
 function freePort() {
   return new Promise((resolve) => {

@@ -128,6 +128,8 @@ struct Connection {
     state: Arc<EdgeState>,
     config: Arc<MqttConfig>,
     id: Arc<str>,
+    /// When the CONNECT was accepted (for `connection.disconnected`).
+    connected_at_ms: i64,
     /// Numbers this node's MQTT connections (the live one of a client identifier).
     number: u64,
     /// App and client identifier; `None` for an empty identifier (a clean session of
@@ -318,6 +320,7 @@ async fn accept(
         state: state.clone(),
         config: config.clone(),
         id,
+        connected_at_ms: now_ms(),
         number,
         session_key,
         persistent: !connect.clean_session,
@@ -769,6 +772,23 @@ impl Connection {
         for subscription in self.subscriptions.values() {
             self.state.hub.detach(&subscription.key, &self.id, now);
         }
+        // Each network connection is one (a persistent session resumed by a new CONNECT
+        // is a new connection, which went through `$connect` again).
+        crate::hooks::record_disconnect(
+            &self.state,
+            crate::hooks::Ended {
+                app_id: &self.auth.app_id,
+                connection_id: &self.id,
+                client_id: match &self.identity {
+                    ClientIdentity::Id(id) => Some(id),
+                    _ => None,
+                },
+                transport: "mqtt",
+                connected_at_ms: self.connected_at_ms,
+                reason: crate::hooks::EndReason::Closed,
+            },
+            now,
+        );
         if let Some(key) = &self.session_key {
             let parked = self.persistent.then(|| self.parked());
             let expires = now.saturating_add(self.state.config.connection_state_ttl_ms as i64);
