@@ -223,7 +223,7 @@ struct Writer {
 impl OldestInBatch {
     /// Takes part in the batch's oldest event if `item` is a channel event.
     fn add_item(&mut self, item: &Outbound, local: tern_core::OriginId) {
-        if let Outbound::Event(event) | Outbound::AliasedEvent(event, _) = item {
+        if let Outbound::Event(event, _) = item {
             self.add(event, local);
         }
     }

@@ -19,17 +19,25 @@ pub(crate) const WRITE_BATCH_MAX: usize = 256;
 /// Queue slots kept free before a client frame is handled (its replies go there).
 const REPLY_HEADROOM: usize = 4;
 
-/// What a connection's writer sends, in queue order.
+/// The name an attachment was made under when it is qualified (`[?…]name`), behind a
+/// thin pointer: an [`Outbound`] then stays two words.
+pub(crate) type Alias = Arc<String>;
+
+/// What a connection's writer sends, in queue order. Two words: the queue's first block
+/// (32 slots) is allocated with the connection and held for its life, so each byte of
+/// this type is 32 bytes of every idle connection.
 #[derive(Debug)]
 pub(crate) enum Outbound {
-    /// A channel event shared with every subscriber (already encoded per format).
-    Event(Arc<ChannelEvent>),
-    /// A channel event for an attachment made under a qualified name (`[?…]name`):
-    /// re-encoded with that name, since the client matches frames by name.
-    AliasedEvent(Arc<ChannelEvent>, Arc<str>),
+    /// A channel event shared with every subscriber (already encoded per format). With
+    /// an alias (an attachment made under a qualified name) it is re-encoded with that
+    /// name, since the client matches frames by name.
+    Event(Arc<ChannelEvent>, Option<Alias>),
     /// A frame for this connection only (ACK, ATTACHED, SYNC …).
     Frame(Box<ProtocolMessage>),
 }
+
+// Guards the size the comment above relies on.
+const _: () = assert!(std::mem::size_of::<Outbound>() == 16);
 
 /// The writer's side of an [`Outlet`]: the queue it drains and the terminal frame.
 pub(crate) struct OutletRx {
@@ -124,16 +132,13 @@ impl Outlet {
 /// Subscriber for one attachment: pushes channel events into the connection's queue.
 pub(crate) struct AttachmentSink {
     pub(crate) outlet: Outlet,
-    pub(crate) alias: Option<Arc<str>>,
+    pub(crate) alias: Option<Alias>,
 }
 
 impl Subscriber for AttachmentSink {
     fn deliver(&self, event: &Arc<ChannelEvent>) -> bool {
-        let item = match &self.alias {
-            None => Outbound::Event(event.clone()),
-            Some(alias) => Outbound::AliasedEvent(event.clone(), alias.clone()),
-        };
-        self.outlet.push(item)
+        self.outlet
+            .push(Outbound::Event(event.clone(), self.alias.clone()))
     }
 }
 
@@ -165,10 +170,10 @@ pub(crate) fn error_frame(error: ErrorInfo) -> ProtocolMessage {
 /// frame encoded now.
 pub(crate) fn encode_item(format: Format, item: Outbound) -> Bytes {
     match item {
-        Outbound::Event(event) => event.encoded(format),
-        Outbound::AliasedEvent(event, alias) => {
+        Outbound::Event(event, None) => event.encoded(format),
+        Outbound::Event(event, Some(alias)) => {
             let mut frame = event.frame.clone();
-            frame.channel = Some(alias.to_string());
+            frame.channel = Some(String::clone(&alias));
             tern_protocol::encode(format, &frame)
         }
         Outbound::Frame(frame) => tern_protocol::encode(format, &frame),
@@ -178,7 +183,7 @@ pub(crate) fn encode_item(format: Format, item: Outbound) -> Bytes {
 /// Adds the messages of a channel event about to be written to `delivered`.
 pub(crate) fn tally(delivered: &mut Delivered, item: &Outbound) {
     let event = match item {
-        Outbound::Event(event) | Outbound::AliasedEvent(event, _) => event,
+        Outbound::Event(event, _) => event,
         Outbound::Frame(_) => return,
     };
     if event.is_message() {
