@@ -71,24 +71,33 @@ pub(crate) async fn upgrade(
         .max_frame_size(frame_max)
         .read_buffer_size(1024)
         .write_buffer_size(16 * 1024)
-        .on_upgrade(move |socket| async move {
-            let open = crate::state::OpenConnection::new("ws");
-            run(state, query, socket, reset, arrival).await;
-            drop(open);
-            drop(permit);
+        .on_upgrade(move |socket| {
+            // Split before the connection's future starts: a future keeps what it
+            // captures (and an `async fn` its arguments) for its whole life, so a
+            // `WebSocket` moved in would stay in every idle connection's task.
+            let (sink, stream) = socket.split();
+            async move {
+                let open = crate::state::OpenConnection::new("ws");
+                // Boxed: the task's future (axum's upgrade, this block) would otherwise
+                // hold the connection's future inline, and layers of futures each add
+                // room of their own; boxed, it is allocated once, at its own size.
+                Box::pin(run(state, query, sink, stream, reset, arrival)).await;
+                drop(open);
+                drop(permit);
+            }
         })
 }
 
 async fn run(
     state: Arc<EdgeState>,
     query: HashMap<String, String>,
-    socket: WebSocket,
+    sink: SplitSink<WebSocket, WsMessage>,
+    stream: SplitStream<WebSocket>,
     reset: Option<ResetOnClose>,
     arrival: crate::hooks::Arrival,
 ) {
     let format = Format::from_param(query.get("format").map(String::as_str));
     let frame_max = state.config.max_frame_size;
-    let (sink, stream) = socket.split();
     let (outlet, rx) = Outlet::new(state.config.outbound_queue_max);
     let writer = Writer {
         sink,
