@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -106,11 +106,10 @@ async fn run(
         idle: Duration::from_millis(state.config.max_idle_interval_ms),
         write_timeout: Duration::from_millis(state.config.write_timeout_ms),
         reset,
-        stalled: outlet.overflow.clone(),
-        stats: outlet.stats.clone(),
+        shared: rx.shared,
         state: state.clone(),
     };
-    let writer = tokio::spawn(write_loop(writer, rx.queue, rx.end));
+    let writer = tokio::spawn(write_loop(writer, rx.queue));
     match format {
         None => outlet.finish(Some(error_frame(ErrorInfo::new(
             code::BAD_REQUEST,
@@ -220,11 +219,10 @@ struct Writer {
     /// Makes the socket close with a reset when the writer gives up on the client
     /// (`None` when the connection was not accepted by `listener`).
     reset: Option<ResetOnClose>,
-    /// The session's overflow signal: a stalled writer ends the session (80020) just
-    /// like a full queue, so its reader lets go of the socket too.
-    stalled: Arc<Notify>,
-    /// Where delivered messages are counted (see [`Outlet::stats`]).
-    stats: Arc<OnceLock<Arc<AppStats>>>,
+    /// Shared with the session: the end it asks for, the overflow signal (a stalled
+    /// writer ends the session (80020) just like a full queue, so its reader lets go of
+    /// the socket too), and where delivered messages are counted.
+    shared: Arc<Shared>,
     /// The node: its origin and queue high-water mark.
     state: Arc<EdgeState>,
 }
@@ -241,17 +239,13 @@ impl OldestInBatch {
 /// The writer: drains the queue in batches (one flush per batch), keeps the connection
 /// alive when idle, and writes the terminal frame. Every write is bounded by
 /// `write_timeout_ms`; past it the writer gives up on the client.
-async fn write_loop(
-    mut writer: Writer,
-    mut queue: mpsc::Receiver<Outbound>,
-    mut end: watch::Receiver<Option<Option<Box<ProtocolMessage>>>>,
-) {
+async fn write_loop(mut writer: Writer, mut queue: mpsc::Receiver<Outbound>) {
     let mut deadline = Instant::now() + writer.idle;
     loop {
         let written = tokio::select! {
             biased;
             // The session ended the connection (or went away). Cancel-safe.
-            _ = end.changed() => break,
+            _ = writer.shared.ended() => break,
             // Queued frames: write all that are ready, then flush once. Cancel-safe:
             // nothing is taken from the queue unless this arm runs.
             item = queue.recv() => {
@@ -269,7 +263,7 @@ async fn write_loop(
             Err(failed) => return writer.give_up(failed),
         }
     }
-    let last = end.borrow().clone().flatten().map(|last| *last);
+    let last = writer.shared.end().cloned().flatten().map(|last| *last);
     Box::pin(writer.close(last)).await;
 }
 
@@ -299,7 +293,7 @@ impl Writer {
         bounded(limit, self.sink.flush()).await?;
         oldest.record(self.state.delivery_histograms(), crate::now_ms());
         // Counted once the batch is out: a few relaxed adds per batch, none per frame.
-        if let Some(stats) = self.stats.get() {
+        if let Some(stats) = self.shared.stats() {
             stats.delivered(&delivered);
         }
         Ok(())
@@ -344,7 +338,7 @@ impl Writer {
             if let Some(reset) = &self.reset {
                 reset.arm();
             }
-            self.stalled.notify_one();
+            self.shared.stalled();
         }
     }
 }

@@ -260,7 +260,7 @@ impl Session {
             .as_ref()
             .map(|stats| stats.connection_opened(parked.is_none()));
         if let Some(stats) = &stats {
-            let _ = outlet.stats.set(stats.clone());
+            outlet.set_stats(stats.clone());
         }
         // After a resume, the key it presented stays good beside the new one: this
         // CONNECTED may be lost with its transport (see `KeyChain`).
@@ -403,7 +403,7 @@ impl Session {
     /// parking or discarding the connection's state.
     pub(crate) async fn run(mut self, mut inbound: impl Inbound) {
         let mut shutdown = self.state.shutdown.clone();
-        let overflow = self.outlet.overflow.clone();
+        let shared = self.outlet.shared.clone();
         let live = self.live.clone();
         let revocations = self.state.keys.revocations.clone();
         let mut revocation_changes = revocations.subscribe();
@@ -453,7 +453,7 @@ impl Session {
                     }
                 }
                 // The outbound queue overflowed: this client reads too slowly.
-                _ = overflow.notified() => {
+                _ = shared.overflowed() => {
                     self.outlet.finish(Some(self.disconnected(too_slow())));
                     break Ending::Dropped;
                 }
