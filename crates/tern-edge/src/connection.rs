@@ -17,19 +17,22 @@ use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tern_protocol::{action, code, ErrorInfo, Format, ProtocolMessage};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::gauges::OldestInBatch;
 use crate::listener::ResetOnClose;
 use crate::outlet::{
-    encode_item, error_frame, refusal_frame, tally, Outbound, Outlet, WRITE_BATCH_MAX,
+    encode_item, error_frame, refusal_frame, tally, Outbound, Outlet, Shared, WRITE_BATCH_MAX,
 };
 use crate::response::error_response;
 use crate::session::{frame_too_large, Inbound, Received, Session};
 use crate::state::EdgeState;
-use crate::stats::{AppStats, Delivered};
+use crate::stats::Delivered;
 
+/// The WebSocket read buffer each connection holds (see `upgrade`): a client's frames
+/// (ATTACH, a small publish) mostly fit; a larger one takes more than one read.
+const READ_BUFFER_BYTES: usize = 512;
 /// How long a terminal frame (CLOSED, DISCONNECTED, ERROR) may take to reach the client.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -63,13 +66,16 @@ pub(crate) async fn upgrade(
     };
     let reset = reset.map(|Extension(reset)| reset);
     let frame_max = state.config.max_frame_size;
-    // tungstenite allocates its read buffer up front (128 KiB by default): that was most
-    // of an idle connection's memory. A 1 KiB read buffer (it grows for a large frame)
-    // plus a write buffer that only grows while a batch is flushed keep an idle
-    // connection at ~11 KiB (docs/benchmarks.md).
+    // tungstenite allocates its read buffer up front (128 KiB by default) and holds it
+    // for the connection's life: that was most of an idle connection's memory. It
+    // grows for a frame larger than it (its header is read first, then the buffer is
+    // reserved for the whole frame; the size limits apply before that), and reads
+    // take at most its size at a time, so a smaller one costs a large frame more
+    // reads, not correctness. The write buffer only grows while a batch is flushed
+    // (docs/benchmarks.md, "Memory per idle connection").
     ws.max_message_size(frame_max)
         .max_frame_size(frame_max)
-        .read_buffer_size(1024)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| {
             // Split before the connection's future starts: a future keeps what it
