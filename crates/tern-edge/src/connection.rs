@@ -121,20 +121,25 @@ async fn run(
             code::BAD_REQUEST,
             "unsupported format: use json or msgpack",
         )))),
-        // Boxed: opening (credentials, resume, a `$connect` function) is a large state
-        // that, inline, would stay in the connection's task for its whole life.
-        Some(format) => match Box::pin(Session::open(
-            state,
-            &query,
-            format,
-            outlet.clone(),
-            arrival,
-        ))
-        .await
-        {
-            Ok(session) => session.run(WsInbound(stream, frame_max)).await,
-            Err(err) => outlet.finish(Some(refusal_frame(err))),
-        },
+        Some(format) => {
+            // Boxed: opening (credentials, resume, a `$connect` function) is a large
+            // state that, inline, would stay in the connection's task for its whole life.
+            let opened = Box::pin(Session::open(
+                state,
+                &query,
+                format,
+                outlet.clone(),
+                arrival,
+            ))
+            .await;
+            // The query's map and strings are not needed past opening: freed now rather
+            // than held (an argument of this future) for the connection's life.
+            drop(query);
+            match opened {
+                Ok(session) => session.run(WsInbound(stream, frame_max)).await,
+                Err(err) => outlet.finish(Some(refusal_frame(err))),
+            }
+        }
     }
     drop(outlet);
     // Bounded: every write of the writer is (`write_timeout_ms`, FINAL_WRITE_TIMEOUT).
