@@ -145,7 +145,9 @@ pub(crate) struct Session {
     sync_counter: u64,
     /// An ATTACH waiting for the channel's state from another node (see
     /// `ClusterView::warm`); frames after it wait too, so order is kept.
-    warming: Option<(tokio::sync::oneshot::Receiver<()>, ProtocolMessage)>,
+    /// Boxed: rare, and a `ProtocolMessage` inline would be held in every
+    /// connection's session for its life.
+    warming: Option<Box<(tokio::sync::oneshot::Receiver<()>, ProtocolMessage)>>,
     /// The app's statistics (`None` past `stats.apps_max`), and this connection counted
     /// as open in them until the session is dropped.
     stats: Option<Arc<AppStats>>,
@@ -444,7 +446,7 @@ impl Session {
                     if let Some(ending) = self.handle(*frame) {
                         break ending;
                     }
-                    if let Some(mut warming) = self.warming.take().map(Box::new) {
+                    if let Some(mut warming) = self.warming.take() {
                         let _ = Box::pin(tokio::time::timeout(WARM_WAIT, &mut warming.0)).await;
                         let (_, frame) = *warming;
                         if let Some(ending) = self.attach_now(frame) {

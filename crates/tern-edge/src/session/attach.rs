@@ -147,7 +147,7 @@ impl Session {
         };
         if let (Some(original), Some(cluster)) = (original, &self.state.cluster) {
             if let Some(ready) = cluster.warm(&key) {
-                self.warming = Some((ready, original));
+                self.warming = Some(Box::new((ready, original)));
                 return None;
             }
         }
