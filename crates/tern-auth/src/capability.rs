@@ -203,7 +203,9 @@ impl FromIterator<Operation> for OpSet {
 /// Equality is structural (same patterns, same operation sets), not semantic.
 #[derive(Clone, Debug, Default)]
 pub struct Capability {
-    resources: BTreeMap<String, OpSet>,
+    /// Shared: every connection holds its key's capability (cloned per connection),
+    /// and a clone is then a reference count rather than a copy of the tree.
+    resources: std::sync::Arc<BTreeMap<String, OpSet>>,
     /// The JSON it was parsed from (see [`Capability::to_wire_json`]); not part of
     /// equality.
     text: Option<std::sync::Arc<str>>,
@@ -222,7 +224,7 @@ impl Capability {
     pub fn all() -> Capability {
         Capability {
             text: None,
-            resources: BTreeMap::from([("*".to_owned(), OpSet::ALL)]),
+            resources: BTreeMap::from([("*".to_owned(), OpSet::ALL)]).into(),
         }
     }
 
@@ -259,15 +261,17 @@ impl Capability {
     pub fn from_resources<P: Into<String>>(
         resources: impl IntoIterator<Item = (P, OpSet)>,
     ) -> Result<Capability, AuthError> {
-        let mut capability = Capability::empty();
+        let mut built: BTreeMap<String, OpSet> = BTreeMap::new();
         for (pattern, ops) in resources {
             let pattern = pattern.into();
-            validate_pattern(&pattern, capability.resources.len())
-                .map_err(AuthError::InvalidCapability)?;
-            let entry = capability.resources.entry(pattern).or_default();
+            validate_pattern(&pattern, built.len()).map_err(AuthError::InvalidCapability)?;
+            let entry = built.entry(pattern).or_default();
             *entry = entry.union(ops);
         }
-        Ok(capability)
+        Ok(Capability {
+            resources: built.into(),
+            text: None,
+        })
     }
 
     /// The `(pattern, operations)` pairs, in byte order of pattern.
@@ -324,8 +328,8 @@ impl Capability {
             return requested.clone();
         }
         let mut out: BTreeMap<String, OpSet> = BTreeMap::new();
-        'pairs: for (asked, asked_ops) in &requested.resources {
-            for (held, held_ops) in &self.resources {
+        'pairs: for (asked, asked_ops) in requested.resources.iter() {
+            for (held, held_ops) in self.resources.iter() {
                 let ops = asked_ops.intersection(*held_ops);
                 if ops.is_empty() {
                     continue;
@@ -341,7 +345,7 @@ impl Capability {
             }
         }
         Capability {
-            resources: without_redundant(out),
+            resources: without_redundant(out).into(),
             text: None,
         }
     }
@@ -666,7 +670,7 @@ impl<'de> Visitor<'de> for CapabilityVisitor {
             resources.insert(pattern, ops);
         }
         Ok(Capability {
-            resources,
+            resources: resources.into(),
             text: None,
         })
     }

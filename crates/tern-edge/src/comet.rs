@@ -46,7 +46,7 @@ use tokio::time::Instant;
 use crate::outlet::{encode_item, error_frame, tally, Outlet, OutletRx, WRITE_BATCH_MAX};
 use crate::session::{Inbound, Received, Session};
 use crate::state::EdgeState;
-use crate::stats::{AppStats, Delivered};
+use crate::stats::Delivered;
 
 /// Frames handed from send requests to the session before a send waits. A send waits
 /// (its request stays unanswered) while the session works through earlier frames, as a
@@ -100,7 +100,7 @@ struct Link {
     /// Woken when a newer receive arrives.
     takeover: Notify,
     /// Where the app's delivered messages are counted (the outlet's).
-    stats: Arc<std::sync::OnceLock<Arc<AppStats>>>,
+    stats: Arc<crate::outlet::Shared>,
 }
 
 impl Link {
@@ -287,7 +287,7 @@ pub(crate) async fn connect(
         polls: Polls::new(Instant::now()),
         ticket: Default::default(),
         takeover: Notify::new(),
-        stats: outlet.stats.clone(),
+        stats: outlet.shared.clone(),
     });
     // This request is the first receive: the poll timeout counts from its end.
     let poll = link.open();
@@ -491,16 +491,15 @@ async fn next_batch(link: &Link, drain: &mut Drain, ticket: u64, deadline: Insta
         if link.ticket.load(Ordering::SeqCst) != ticket {
             return Batch::Superseded;
         }
-        if let Some(last) = drain.rx.end.borrow().clone() {
+        if let Some(last) = drain.rx.shared.end().cloned() {
             drain.finished = true;
             return Batch::Final(last.map(|frame| encode_frame(format, &frame)));
         }
         let rx = &mut drain.rx;
         let woke = tokio::select! {
             biased;
-            // The session ended the connection; the loop reads how (an error: every
-            // outlet is gone, so the session ended).
-            changed = rx.end.changed() => Woke::Ended(changed.is_err()),
+            // The session ended the connection; the loop reads how.
+            _ = rx.shared.ended() => Woke::Ended,
             item = rx.queue.recv() => Woke::Item(item),
             _ = tokio::time::sleep_until(deadline) => return Batch::Idle,
             _ = takeover => Woke::Again,
@@ -508,19 +507,19 @@ async fn next_batch(link: &Link, drain: &mut Drain, ticket: u64, deadline: Insta
         match woke {
             Woke::Item(Some(first)) => return take_batch(format, rx, first),
             // Outlets all gone: the session ended; `end` says how, else it just closed.
-            Woke::Ended(true) | Woke::Item(None) if rx.end.borrow().is_none() => {
+            Woke::Item(None) if rx.shared.end().is_none() => {
                 drain.finished = true;
                 return Batch::Final(None);
             }
-            Woke::Ended(_) | Woke::Item(None) | Woke::Again => {}
+            Woke::Ended | Woke::Item(None) | Woke::Again => {}
         }
     }
 }
 
 /// What woke a receive's wait.
 enum Woke {
-    /// The end changed (`true`: its sender is gone).
-    Ended(bool),
+    /// The session ended the connection.
+    Ended,
     Item(Option<crate::outlet::Outbound>),
     Again,
 }
@@ -543,7 +542,7 @@ fn take_batch(format: Format, rx: &mut OutletRx, first: crate::outlet::Outbound)
 /// Counts a batch handed to the client (after it is built, once per batch).
 fn count(link: &Link, delivered: &Delivered, frames: usize) {
     metrics::counter!("tern_frames_sent_total").increment(frames as u64);
-    if let Some(stats) = link.stats.get() {
+    if let Some(stats) = link.stats.stats() {
         stats.delivered(delivered);
     }
 }
@@ -720,7 +719,7 @@ mod tests {
             polls: Polls::new(Instant::now()),
             ticket: AtomicU64::new(0),
             takeover: Notify::new(),
-            stats: outlet.stats.clone(),
+            stats: outlet.shared.clone(),
         })
     }
 

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -17,19 +17,22 @@ use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tern_protocol::{action, code, ErrorInfo, Format, ProtocolMessage};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::gauges::OldestInBatch;
 use crate::listener::ResetOnClose;
 use crate::outlet::{
-    encode_item, error_frame, refusal_frame, tally, Outbound, Outlet, WRITE_BATCH_MAX,
+    encode_item, error_frame, refusal_frame, tally, Outbound, Outlet, Shared, WRITE_BATCH_MAX,
 };
 use crate::response::error_response;
 use crate::session::{frame_too_large, Inbound, Received, Session};
 use crate::state::EdgeState;
-use crate::stats::{AppStats, Delivered};
+use crate::stats::Delivered;
 
+/// The WebSocket read buffer each connection holds (see `upgrade`): a client's frames
+/// (ATTACH, a small publish) mostly fit; a larger one takes more than one read.
+const READ_BUFFER_BYTES: usize = 512;
 /// How long a terminal frame (CLOSED, DISCONNECTED, ERROR) may take to reach the client.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -63,32 +66,44 @@ pub(crate) async fn upgrade(
     };
     let reset = reset.map(|Extension(reset)| reset);
     let frame_max = state.config.max_frame_size;
-    // tungstenite allocates its read buffer up front (128 KiB by default): that was most
-    // of an idle connection's memory. A 1 KiB read buffer (it grows for a large frame)
-    // plus a write buffer that only grows while a batch is flushed keep an idle
-    // connection at ~11 KiB (docs/benchmarks.md).
+    // tungstenite allocates its read buffer up front (128 KiB by default) and holds it
+    // for the connection's life: that was most of an idle connection's memory. It
+    // grows for a frame larger than it (its header is read first, then the buffer is
+    // reserved for the whole frame; the size limits apply before that), and reads
+    // take at most its size at a time, so a smaller one costs a large frame more
+    // reads, not correctness. The write buffer only grows while a batch is flushed
+    // (docs/benchmarks.md, "Memory per idle connection").
     ws.max_message_size(frame_max)
         .max_frame_size(frame_max)
-        .read_buffer_size(1024)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(16 * 1024)
-        .on_upgrade(move |socket| async move {
-            let open = crate::state::OpenConnection::new("ws");
-            run(state, query, socket, reset, arrival).await;
-            drop(open);
-            drop(permit);
+        .on_upgrade(move |socket| {
+            // Split before the connection's future starts: a future keeps what it
+            // captures (and an `async fn` its arguments) for its whole life, so a
+            // `WebSocket` moved in would stay in every idle connection's task.
+            let (sink, stream) = socket.split();
+            async move {
+                let open = crate::state::OpenConnection::new("ws");
+                // Boxed: the task's future (axum's upgrade, this block) would otherwise
+                // hold the connection's future inline, and layers of futures each add
+                // room of their own; boxed, it is allocated once, at its own size.
+                Box::pin(run(state, query, sink, stream, reset, arrival)).await;
+                drop(open);
+                drop(permit);
+            }
         })
 }
 
 async fn run(
     state: Arc<EdgeState>,
     query: HashMap<String, String>,
-    socket: WebSocket,
+    sink: SplitSink<WebSocket, WsMessage>,
+    stream: SplitStream<WebSocket>,
     reset: Option<ResetOnClose>,
     arrival: crate::hooks::Arrival,
 ) {
     let format = Format::from_param(query.get("format").map(String::as_str));
     let frame_max = state.config.max_frame_size;
-    let (sink, stream) = socket.split();
     let (outlet, rx) = Outlet::new(state.config.outbound_queue_max);
     let writer = Writer {
         sink,
@@ -97,30 +112,34 @@ async fn run(
         idle: Duration::from_millis(state.config.max_idle_interval_ms),
         write_timeout: Duration::from_millis(state.config.write_timeout_ms),
         reset,
-        stalled: outlet.overflow.clone(),
-        stats: outlet.stats.clone(),
+        shared: rx.shared,
         state: state.clone(),
     };
-    let writer = tokio::spawn(write_loop(writer, rx.queue, rx.end));
+    let writer = tokio::spawn(write_loop(writer, rx.queue));
     match format {
         None => outlet.finish(Some(error_frame(ErrorInfo::new(
             code::BAD_REQUEST,
             "unsupported format: use json or msgpack",
         )))),
-        // Boxed: opening (credentials, resume, a `$connect` function) is a large state
-        // that, inline, would stay in the connection's task for its whole life.
-        Some(format) => match Box::pin(Session::open(
-            state,
-            &query,
-            format,
-            outlet.clone(),
-            arrival,
-        ))
-        .await
-        {
-            Ok(session) => session.run(WsInbound(stream, frame_max)).await,
-            Err(err) => outlet.finish(Some(refusal_frame(err))),
-        },
+        Some(format) => {
+            // Boxed: opening (credentials, resume, a `$connect` function) is a large
+            // state that, inline, would stay in the connection's task for its whole life.
+            let opened = Box::pin(Session::open(
+                state,
+                &query,
+                format,
+                outlet.clone(),
+                arrival,
+            ))
+            .await;
+            // The query's map and strings are not needed past opening: freed now rather
+            // than held (an argument of this future) for the connection's life.
+            drop(query);
+            match opened {
+                Ok(session) => session.run(WsInbound(stream, frame_max)).await,
+                Err(err) => outlet.finish(Some(refusal_frame(err))),
+            }
+        }
     }
     drop(outlet);
     // Bounded: every write of the writer is (`write_timeout_ms`, FINAL_WRITE_TIMEOUT).
@@ -211,11 +230,10 @@ struct Writer {
     /// Makes the socket close with a reset when the writer gives up on the client
     /// (`None` when the connection was not accepted by `listener`).
     reset: Option<ResetOnClose>,
-    /// The session's overflow signal: a stalled writer ends the session (80020) just
-    /// like a full queue, so its reader lets go of the socket too.
-    stalled: Arc<Notify>,
-    /// Where delivered messages are counted (see [`Outlet::stats`]).
-    stats: Arc<OnceLock<Arc<AppStats>>>,
+    /// Shared with the session: the end it asks for, the overflow signal (a stalled
+    /// writer ends the session (80020) just like a full queue, so its reader lets go of
+    /// the socket too), and where delivered messages are counted.
+    shared: Arc<Shared>,
     /// The node: its origin and queue high-water mark.
     state: Arc<EdgeState>,
 }
@@ -223,7 +241,7 @@ struct Writer {
 impl OldestInBatch {
     /// Takes part in the batch's oldest event if `item` is a channel event.
     fn add_item(&mut self, item: &Outbound, local: tern_core::OriginId) {
-        if let Outbound::Event(event) | Outbound::AliasedEvent(event, _) = item {
+        if let Outbound::Event(event, _) = item {
             self.add(event, local);
         }
     }
@@ -232,17 +250,13 @@ impl OldestInBatch {
 /// The writer: drains the queue in batches (one flush per batch), keeps the connection
 /// alive when idle, and writes the terminal frame. Every write is bounded by
 /// `write_timeout_ms`; past it the writer gives up on the client.
-async fn write_loop(
-    mut writer: Writer,
-    mut queue: mpsc::Receiver<Outbound>,
-    mut end: watch::Receiver<Option<Option<Box<ProtocolMessage>>>>,
-) {
+async fn write_loop(mut writer: Writer, mut queue: mpsc::Receiver<Outbound>) {
     let mut deadline = Instant::now() + writer.idle;
     loop {
         let written = tokio::select! {
             biased;
             // The session ended the connection (or went away). Cancel-safe.
-            _ = end.changed() => break,
+            _ = writer.shared.ended() => break,
             // Queued frames: write all that are ready, then flush once. Cancel-safe:
             // nothing is taken from the queue unless this arm runs.
             item = queue.recv() => {
@@ -260,7 +274,7 @@ async fn write_loop(
             Err(failed) => return writer.give_up(failed),
         }
     }
-    let last = end.borrow().clone().flatten().map(|last| *last);
+    let last = writer.shared.end().cloned().flatten().map(|last| *last);
     Box::pin(writer.close(last)).await;
 }
 
@@ -290,7 +304,7 @@ impl Writer {
         bounded(limit, self.sink.flush()).await?;
         oldest.record(self.state.delivery_histograms(), crate::now_ms());
         // Counted once the batch is out: a few relaxed adds per batch, none per frame.
-        if let Some(stats) = self.stats.get() {
+        if let Some(stats) = self.shared.stats() {
             stats.delivered(&delivered);
         }
         Ok(())
@@ -335,7 +349,7 @@ impl Writer {
             if let Some(reset) = &self.reset {
                 reset.arm();
             }
-            self.stalled.notify_one();
+            self.shared.stalled();
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tern_core::{ChannelEvent, Subscriber};
 use tern_protocol::{action, ErrorInfo, Format, ProtocolMessage};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, Notify};
 
 use crate::stats::{AppStats, Delivered};
 
@@ -19,37 +19,90 @@ pub(crate) const WRITE_BATCH_MAX: usize = 256;
 /// Queue slots kept free before a client frame is handled (its replies go there).
 const REPLY_HEADROOM: usize = 4;
 
-/// What a connection's writer sends, in queue order.
+/// The name an attachment was made under when it is qualified (`[?…]name`), behind a
+/// thin pointer: an [`Outbound`] then stays two words.
+pub(crate) type Alias = Arc<String>;
+
+/// What a connection's writer sends, in queue order. Two words: the queue's first block
+/// (32 slots) is allocated with the connection and held for its life, so each byte of
+/// this type is 32 bytes of every idle connection.
 #[derive(Debug)]
 pub(crate) enum Outbound {
-    /// A channel event shared with every subscriber (already encoded per format).
-    Event(Arc<ChannelEvent>),
-    /// A channel event for an attachment made under a qualified name (`[?…]name`):
-    /// re-encoded with that name, since the client matches frames by name.
-    AliasedEvent(Arc<ChannelEvent>, Arc<str>),
+    /// A channel event shared with every subscriber (already encoded per format). With
+    /// an alias (an attachment made under a qualified name) it is re-encoded with that
+    /// name, since the client matches frames by name.
+    Event(Arc<ChannelEvent>, Option<Alias>),
     /// A frame for this connection only (ACK, ATTACHED, SYNC …).
     Frame(Box<ProtocolMessage>),
 }
 
-/// The writer's side of an [`Outlet`]: the queue it drains and the terminal frame.
+// Guards the size the comment above relies on.
+const _: () = assert!(std::mem::size_of::<Outbound>() == 16);
+
+/// The writer's side of an [`Outlet`]: the queue it drains, and what it shares with the
+/// session (the terminal frame among it).
 pub(crate) struct OutletRx {
     pub(crate) queue: mpsc::Receiver<Outbound>,
-    /// `Some(last)` once the session ends the connection (see [`Outlet::finish`]).
-    /// The frame is boxed: the channel holds its value inline, for the connection's life.
-    pub(crate) end: watch::Receiver<Option<Option<Box<ProtocolMessage>>>>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// What a connection's session and its transport share besides the queue, in one
+/// allocation: it lives as long as the connection, so every idle connection pays for
+/// its size (a `watch` channel for the end alone was ~400 bytes: eight `Notify`s).
+pub(crate) struct Shared {
+    /// Set once (see [`Outlet::finish`]): the frame to send before closing (or
+    /// `None`: just close). Boxed: a `ProtocolMessage` inline would be held for the
+    /// connection's life.
+    end: OnceLock<Option<Box<ProtocolMessage>>>,
+    /// Woken once `end` is set. One waiter at a time (the writer, or the one comet
+    /// receive holding the queue), so `notify_one`'s stored permit cannot be lost.
+    ended: Notify,
+    /// Woken when the queue overflows or the writer stalls: the session then
+    /// disconnects the client.
+    overflow: Notify,
+    /// The app's statistics, set once the session knows the app; the transport counts
+    /// what it delivers there.
+    stats: OnceLock<Arc<AppStats>>,
+}
+
+impl Shared {
+    /// The terminal frame once the session ended the connection: `Some(None)` means
+    /// close without one.
+    pub(crate) fn end(&self) -> Option<&Option<Box<ProtocolMessage>>> {
+        self.end.get()
+    }
+
+    /// Waits until the session ends the connection (at once if it has). Cancel-safe.
+    pub(crate) async fn ended(&self) {
+        let notified = self.ended.notified();
+        if self.end.get().is_some() {
+            return;
+        }
+        notified.await
+    }
+
+    /// Waits for an overflow (or a stalled writer). Cancel-safe.
+    pub(crate) fn overflowed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.overflow.notified()
+    }
+
+    /// The transport gave up on a client that does not read: the session disconnects
+    /// it as it does on an overflow.
+    pub(crate) fn stalled(&self) {
+        self.overflow.notify_one();
+    }
+
+    /// Where delivered messages are counted, once the session knows the app.
+    pub(crate) fn stats(&self) -> Option<&Arc<AppStats>> {
+        self.stats.get()
+    }
 }
 
 /// The session's handle on its writer.
 #[derive(Clone)]
 pub(crate) struct Outlet {
     queue: mpsc::Sender<Outbound>,
-    /// Set once: the frame to send before closing (or `None`: just close).
-    end: Arc<watch::Sender<Option<Option<Box<ProtocolMessage>>>>>,
-    /// Woken when the queue overflows: the session then disconnects the client.
-    pub(crate) overflow: Arc<Notify>,
-    /// The app's statistics, set once the session knows the app; the writer counts
-    /// what it delivers there.
-    pub(crate) stats: Arc<OnceLock<Arc<AppStats>>>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl Outlet {
@@ -57,20 +110,17 @@ impl Outlet {
     /// writer (WebSocket) or the long-polls (comet) drain.
     pub(crate) fn new(queue_max: usize) -> (Outlet, OutletRx) {
         let (queue, rx) = mpsc::channel(queue_max);
-        let (end, end_rx) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            end: OnceLock::new(),
+            ended: Notify::new(),
+            overflow: Notify::new(),
+            stats: OnceLock::new(),
+        });
         let outlet = Outlet {
             queue,
-            end: Arc::new(end),
-            overflow: Arc::new(Notify::new()),
-            stats: Arc::new(OnceLock::new()),
+            shared: shared.clone(),
         };
-        (
-            outlet,
-            OutletRx {
-                queue: rx,
-                end: end_rx,
-            },
-        )
+        (outlet, OutletRx { queue: rx, shared })
     }
 
     /// Queues without waiting. A full queue means the client reads too slowly: the
@@ -80,7 +130,7 @@ impl Outlet {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!("tern_outbound_overflows_total").increment(1);
-                self.overflow.notify_one();
+                self.shared.overflow.notify_one();
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -110,30 +160,27 @@ impl Outlet {
     /// Ends the connection: queued frames are dropped, `last` (if any) is written, and
     /// the socket is closed.
     pub(crate) fn finish(&self, last: Option<ProtocolMessage>) {
-        self.end.send_if_modified(|end| {
-            if end.is_none() {
-                *end = Some(last.map(Box::new));
-                true
-            } else {
-                false
-            }
-        });
+        if self.shared.end.set(last.map(Box::new)).is_ok() {
+            self.shared.ended.notify_one();
+        }
+    }
+
+    /// Sets the app's statistics (once) for the transport to count deliveries in.
+    pub(crate) fn set_stats(&self, stats: Arc<AppStats>) {
+        let _ = self.shared.stats.set(stats);
     }
 }
 
 /// Subscriber for one attachment: pushes channel events into the connection's queue.
 pub(crate) struct AttachmentSink {
     pub(crate) outlet: Outlet,
-    pub(crate) alias: Option<Arc<str>>,
+    pub(crate) alias: Option<Alias>,
 }
 
 impl Subscriber for AttachmentSink {
     fn deliver(&self, event: &Arc<ChannelEvent>) -> bool {
-        let item = match &self.alias {
-            None => Outbound::Event(event.clone()),
-            Some(alias) => Outbound::AliasedEvent(event.clone(), alias.clone()),
-        };
-        self.outlet.push(item)
+        self.outlet
+            .push(Outbound::Event(event.clone(), self.alias.clone()))
     }
 }
 
@@ -165,10 +212,10 @@ pub(crate) fn error_frame(error: ErrorInfo) -> ProtocolMessage {
 /// frame encoded now.
 pub(crate) fn encode_item(format: Format, item: Outbound) -> Bytes {
     match item {
-        Outbound::Event(event) => event.encoded(format),
-        Outbound::AliasedEvent(event, alias) => {
+        Outbound::Event(event, None) => event.encoded(format),
+        Outbound::Event(event, Some(alias)) => {
             let mut frame = event.frame.clone();
-            frame.channel = Some(alias.to_string());
+            frame.channel = Some(String::clone(&alias));
             tern_protocol::encode(format, &frame)
         }
         Outbound::Frame(frame) => tern_protocol::encode(format, &frame),
@@ -178,7 +225,7 @@ pub(crate) fn encode_item(format: Format, item: Outbound) -> Bytes {
 /// Adds the messages of a channel event about to be written to `delivered`.
 pub(crate) fn tally(delivered: &mut Delivered, item: &Outbound) {
     let event = match item {
-        Outbound::Event(event) | Outbound::AliasedEvent(event, _) => event,
+        Outbound::Event(event, _) => event,
         Outbound::Frame(_) => return,
     };
     if event.is_message() {

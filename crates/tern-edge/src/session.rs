@@ -145,7 +145,9 @@ pub(crate) struct Session {
     sync_counter: u64,
     /// An ATTACH waiting for the channel's state from another node (see
     /// `ClusterView::warm`); frames after it wait too, so order is kept.
-    warming: Option<(tokio::sync::oneshot::Receiver<()>, ProtocolMessage)>,
+    /// Boxed: rare, and a `ProtocolMessage` inline would be held in every
+    /// connection's session for its life.
+    warming: Option<Box<(tokio::sync::oneshot::Receiver<()>, ProtocolMessage)>>,
     /// The app's statistics (`None` past `stats.apps_max`), and this connection counted
     /// as open in them until the session is dropped.
     stats: Option<Arc<AppStats>>,
@@ -260,7 +262,7 @@ impl Session {
             .as_ref()
             .map(|stats| stats.connection_opened(parked.is_none()));
         if let Some(stats) = &stats {
-            let _ = outlet.stats.set(stats.clone());
+            outlet.set_stats(stats.clone());
         }
         // After a resume, the key it presented stays good beside the new one: this
         // CONNECTED may be lost with its transport (see `KeyChain`).
@@ -403,7 +405,7 @@ impl Session {
     /// parking or discarding the connection's state.
     pub(crate) async fn run(mut self, mut inbound: impl Inbound) {
         let mut shutdown = self.state.shutdown.clone();
-        let overflow = self.outlet.overflow.clone();
+        let shared = self.outlet.shared.clone();
         let live = self.live.clone();
         let revocations = self.state.keys.revocations.clone();
         let mut revocation_changes = revocations.subscribe();
@@ -444,7 +446,7 @@ impl Session {
                     if let Some(ending) = self.handle(*frame) {
                         break ending;
                     }
-                    if let Some(mut warming) = self.warming.take().map(Box::new) {
+                    if let Some(mut warming) = self.warming.take() {
                         let _ = Box::pin(tokio::time::timeout(WARM_WAIT, &mut warming.0)).await;
                         let (_, frame) = *warming;
                         if let Some(ending) = self.attach_now(frame) {
@@ -453,7 +455,7 @@ impl Session {
                     }
                 }
                 // The outbound queue overflowed: this client reads too slowly.
-                _ = overflow.notified() => {
+                _ = shared.overflowed() => {
                     self.outlet.finish(Some(self.disconnected(too_slow())));
                     break Ending::Dropped;
                 }

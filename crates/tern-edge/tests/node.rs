@@ -462,6 +462,27 @@ async fn oversized_websocket_message_gets_error_40009() {
     assert_eq!(expect_action(&mut other, 0).await["id"], "still-here");
 }
 
+/// A client frame many times the WebSocket read buffer (512 bytes) but within the
+/// limits arrives whole (the buffer grows for it), and the connection goes on.
+#[tokio::test]
+async fn websocket_message_larger_than_the_read_buffer_arrives_whole() {
+    let node = start(EdgeConfig::default()).await;
+    let (mut ws, _) = connected(&node, "key=app.root:rootsecret").await;
+    attach(&mut ws, "big").await;
+    let big: String = (0..40_000u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    send(
+        &mut ws,
+        json!({"action": 15, "channel": "big", "msgSerial": 0, "messages": [{"data": big}]}),
+    )
+    .await;
+    let echoed = expect_action(&mut ws, 15).await;
+    assert_eq!(echoed["messages"][0]["data"], big.as_str());
+    send(&mut ws, json!({"action": 0, "id": "after"})).await;
+    assert_eq!(expect_action(&mut ws, 0).await["id"], "after");
+}
+
 /// A REST body over `max_frame_size` is an Ably error: 413 with `X-Ably-ErrorCode:
 /// 40009` and an ErrorInfo body, not axum's plain-text answer.
 #[tokio::test]

@@ -12,7 +12,7 @@ use super::{Ending, Session};
 use crate::channel_name;
 use crate::credentials::{denied, parse_modes};
 use crate::now_ms;
-use crate::outlet::{AttachmentSink, Outbound, Outlet};
+use crate::outlet::{Alias, AttachmentSink, Outbound, Outlet};
 use crate::publish::core_error;
 
 /// One attached channel, as the connection attached it.
@@ -136,7 +136,7 @@ impl Session {
             rewind,
             delta,
         };
-        let alias: Option<Arc<str>> = (name != *base).then(|| name.as_str().into());
+        let alias: Option<Alias> = (name != *base).then(|| Arc::new(name.clone()));
         let sink = Arc::new(AttachmentSink {
             outlet: self.outlet.clone(),
             alias: alias.clone(),
@@ -147,7 +147,7 @@ impl Session {
         };
         if let (Some(original), Some(cluster)) = (original, &self.state.cluster) {
             if let Some(ready) = cluster.warm(&key) {
-                self.warming = Some((ready, original));
+                self.warming = Some(Box::new((ready, original)));
                 return None;
             }
         }
@@ -184,10 +184,7 @@ impl Session {
                 send_sync(&outlet, &reply_name, &sync_id, &snapshot.members, page_size);
             }
             for event in &snapshot.backlog {
-                outlet.push(match &alias {
-                    None => Outbound::Event(event.clone()),
-                    Some(alias) => Outbound::AliasedEvent(event.clone(), alias.clone()),
-                });
+                outlet.push(Outbound::Event(event.clone(), alias.clone()));
             }
         }, now_ms());
         match result {

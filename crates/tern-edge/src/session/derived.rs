@@ -81,7 +81,7 @@ impl Session {
             filter,
             inner: AttachmentSink {
                 outlet: self.outlet.clone(),
-                alias: Some(name.as_str().into()),
+                alias: Some(Arc::new(name.clone())),
             },
             connection_id: self.id.clone(),
             echo: self.echo,
