@@ -99,8 +99,8 @@ struct Link {
     ticket: AtomicU64,
     /// Woken when a newer receive arrives.
     takeover: Notify,
-    /// Where the app's delivered messages are counted (the outlet's).
-    stats: Arc<crate::outlet::Shared>,
+    /// The outlet's shared parts: where the app's delivered messages are counted.
+    outlet: Arc<crate::outlet::Shared>,
 }
 
 impl Link {
@@ -287,7 +287,7 @@ pub(crate) async fn connect(
         polls: Polls::new(Instant::now()),
         ticket: Default::default(),
         takeover: Notify::new(),
-        stats: outlet.shared.clone(),
+        outlet: outlet.shared.clone(),
     });
     // This request is the first receive: the poll timeout counts from its end.
     let poll = link.open();
@@ -542,7 +542,7 @@ fn take_batch(format: Format, rx: &mut OutletRx, first: crate::outlet::Outbound)
 /// Counts a batch handed to the client (after it is built, once per batch).
 fn count(link: &Link, delivered: &Delivered, frames: usize) {
     metrics::counter!("tern_frames_sent_total").increment(frames as u64);
-    if let Some(stats) = link.stats.stats() {
+    if let Some(stats) = link.outlet.stats() {
         stats.delivered(delivered);
     }
 }
@@ -719,7 +719,7 @@ mod tests {
             polls: Polls::new(Instant::now()),
             ticket: AtomicU64::new(0),
             takeover: Notify::new(),
-            stats: outlet.shared.clone(),
+            outlet: outlet.shared.clone(),
         })
     }
 

@@ -68,10 +68,7 @@ pub(crate) async fn on_connect(
     };
     let connecting = Connecting {
         connection_id: connection_id.to_string(),
-        client_id: match &*identity {
-            ClientIdentity::Id(id) => Some(id.clone()),
-            _ => None,
-        },
+        client_id: identity.id().map(str::to_owned),
         key_name: auth.key_name.clone(),
         transport: arrival.transport,
         remote_address: arrival.peer.map(|peer| peer.to_string()),

@@ -170,10 +170,7 @@ fn annotations_of(
 
 /// The clientId a credential proves, for `…-own` capabilities.
 fn proven_client_id(identity: &ClientIdentity) -> Option<&str> {
-    match identity {
-        ClientIdentity::Id(id) => Some(id),
-        _ => None,
-    }
+    identity.id()
 }
 
 /// Whether the caller may make a change with `action` to a message by `author`:

@@ -197,15 +197,7 @@ impl Session {
                 )),
             ),
             Some(key) => {
-                match take_parked(
-                    &state,
-                    key,
-                    &auth.app_id,
-                    client_id_of(&identity),
-                    SUPERSEDE_WAIT,
-                )
-                .await
-                {
+                match take_parked(&state, key, &auth.app_id, identity.id(), SUPERSEDE_WAIT).await {
                     Ok((id, parked, keys)) => (id, Some((parked, keys)), None),
                     Err(error) => (new_id(), None, Some(error)),
                 }
@@ -229,10 +221,7 @@ impl Session {
                     let opened = crate::departures::Record::Opened {
                         id: id.to_string(),
                         opened: crate::departures::Opened {
-                            client_id: match &identity {
-                                ClientIdentity::Id(id) => Some(id.clone()),
-                                _ => None,
-                            },
+                            client_id: identity.id().map(str::to_owned),
                             transport: arrival.transport.into(),
                             connected_at: now,
                         },
@@ -286,7 +275,7 @@ impl Session {
                             key,
                             &id,
                             &auth.app_id,
-                            client_id_of(&identity),
+                            identity.id(),
                         )
                         .await
                     }
@@ -302,7 +291,7 @@ impl Session {
         };
         let live = LiveConnection::new(ConnectionInfo {
             app_id: auth.app_id.clone(),
-            client_id: client_id_of(&identity).map(str::to_string),
+            client_id: identity.id().map(str::to_string),
             transport: arrival.transport,
             connected_at_ms,
             predecessors,
@@ -556,10 +545,7 @@ impl Session {
     }
 
     fn identity_id(&self) -> Option<String> {
-        match &self.identity {
-            ClientIdentity::Id(id) => Some(id.clone()),
-            _ => None,
-        }
+        self.identity.id().map(str::to_owned)
     }
 
     fn disconnected(&self, error: ErrorInfo) -> ProtocolMessage {
@@ -662,14 +648,6 @@ pub(crate) fn frame_too_large(max_frame_size: usize) -> ErrorInfo {
         code::MESSAGE_TOO_LARGE,
         format!("WebSocket message over the maximum frame size of {max_frame_size} bytes"),
     )
-}
-
-/// The clientId an identity acts as, if it names one.
-fn client_id_of(identity: &ClientIdentity) -> Option<&str> {
-    match identity {
-        ClientIdentity::Id(id) => Some(id),
-        _ => None,
-    }
 }
 
 /// Takes the parked state (and key chain) of the connection named by a resume/recover

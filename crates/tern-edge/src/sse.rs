@@ -410,10 +410,7 @@ async fn open(
         id,
         keys,
         app_id: ctx.app_id.clone(),
-        client_id: match &identity {
-            tern_auth::ClientIdentity::Id(id) => Some(id.clone()),
-            _ => None,
-        },
+        client_id: identity.id().map(str::to_owned),
         connected_at_ms: now,
         _permit: permit,
         _open: crate::state::OpenConnection::new("sse"),

@@ -779,10 +779,7 @@ impl Connection {
             crate::hooks::Ended {
                 app_id: &self.auth.app_id,
                 connection_id: &self.id,
-                client_id: match &self.identity {
-                    ClientIdentity::Id(id) => Some(id),
-                    _ => None,
-                },
+                client_id: self.identity.id(),
                 transport: "mqtt",
                 connected_at_ms: self.connected_at_ms,
                 reason: crate::hooks::EndReason::Closed,
