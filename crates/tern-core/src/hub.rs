@@ -408,6 +408,24 @@ impl Hub {
             .unwrap_or(0)
     }
 
+    /// [`Hub::skip_remote`] for a channel this node keeps (its home, or interested),
+    /// opening it if it is not in memory. A kept channel dropped here while idle
+    /// (`Hub::sweep`) comes back with only this node's own position (`Journal::restore`);
+    /// anti-entropy then asks a peer for the other origins' events, and a peer whose log
+    /// no longer has them answers `Skip`. Recorded only on an open channel, that answer
+    /// was lost and the same range was asked for again every round, for as long as the
+    /// peer held the channel.
+    pub fn skip_remote_kept(
+        &self,
+        key: &ChannelKey,
+        origin: OriginId,
+        upto: u64,
+        now_ms: i64,
+    ) -> Result<usize, CoreError> {
+        let ctx = self.context(key, now_ms);
+        self.with_channel(key, now_ms, |c| c.skip_remote(&ctx, origin, upto))
+    }
+
     /// Every channel this node holds with its cursor, at most `max` of them (for
     /// anti-entropy between nodes).
     pub fn cursors(&self, max: usize) -> Vec<(ChannelKey, crate::Cursor)> {

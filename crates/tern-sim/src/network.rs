@@ -229,9 +229,15 @@ impl Sim {
             Item::Stored { from, epoch, upto } => self.take_stored(to, from, epoch, upto),
             Item::Skip { ch, origin, upto } => {
                 let now_ms = self.hub_now(to);
-                let applied = self.nodes[to]
-                    .hub
-                    .skip_remote(&self.keys[ch], origin, upto, now_ms);
+                // As the driver: a kept channel takes it even if not open here.
+                let hub = &self.nodes[to].hub;
+                let key = &self.keys[ch];
+                let applied = if self.holds(to, ch) {
+                    hub.skip_remote_kept(key, origin, upto, now_ms)
+                        .expect("the sim's limits hold every channel")
+                } else {
+                    hub.skip_remote(key, origin, upto, now_ms)
+                };
                 self.log(|| format!("   skipped, {applied} applied"));
             }
             Item::Departed { tag, origin } => {

@@ -167,7 +167,21 @@ impl Replicator {
                 upto,
             } => {
                 let key = key(&app, &channel);
-                let applied = hub.skip_remote(&key, OriginId(origin), upto, crate::now_ms());
+                let now_ms = crate::now_ms();
+                // A channel this node keeps takes the Skip even if it was dropped here
+                // while idle (else its next `Heads` asks for the same range again);
+                // any other only if it is open.
+                let applied = if self.holds(&key) {
+                    match hub.skip_remote_kept(&key, OriginId(origin), upto, now_ms) {
+                        Ok(applied) => applied,
+                        Err(err) => {
+                            tracing::warn!(%channel, error = %err, "a skip for a kept channel was refused");
+                            return;
+                        }
+                    }
+                } else {
+                    hub.skip_remote(&key, OriginId(origin), upto, now_ms)
+                };
                 // No log has them, but a home's store may: if we are the channel's
                 // home, copy its history.
                 self.maybe_backfill(&key, true);

@@ -216,3 +216,78 @@ pub(super) async fn history_rows(bed: &Bed) {
         key.name.to_string()
     );
 }
+
+/// A `Skip` for a channel v keeps (its home) but has not open, as after v dropped it
+/// while idle, is remembered: the next `Heads` with that range asks for nothing. (It
+/// was recorded only on an open channel, so v asked for the same range every round for
+/// as long as the peer held the channel.) A `Skip` for a channel v does not keep opens
+/// nothing.
+pub(super) async fn skip_rows(bed: &Bed) {
+    let x = origin_of("x");
+    let skip = |key: &ChannelKey, upto: u64| FrameV1::Skip {
+        app: "app".into(),
+        channel: key.name.to_string(),
+        origin: x,
+        upto,
+    };
+    let kept = channel_homed_at(&bed.v, "v", "skipped");
+    assert!(bed.v.hub.status(&kept).is_none(), "not open on v");
+    bed.kept(
+        "a Skip for a channel v keeps but has not open",
+        true,
+        &[skip(&kept, 5)],
+        None,
+    )
+    .await;
+    assert_eq!(bed.v.hub.cursor(&kept).get(OriginId(x)), 5, "remembered");
+
+    // e's heads then list it at 5, and a second kept channel v has only to 2 of: v asks
+    // for the second's 3..=4 and nothing of the first (the asks go out in the order of
+    // the heads, on one link).
+    let behind = channel_homed_at(&bed.v, "v", "behind");
+    bed.kept(
+        "a Skip opening a second kept channel",
+        true,
+        &[skip(&behind, 2)],
+        None,
+    )
+    .await;
+    let head = |key: &ChannelKey, seq: u64| HeadV1 {
+        app: "app".into(),
+        channel: key.name.to_string(),
+        origins: vec![(x, seq)],
+    };
+    bed.kept(
+        "Heads of a skipped range",
+        true,
+        &[FrameV1::Heads {
+            channels: vec![head(&kept, 5), head(&behind, 4)],
+        }],
+        None,
+    )
+    .await;
+    let asked = |key: &ChannelKey| {
+        let name = key.name.to_string();
+        bed.to_e(move |f| match f {
+            FrameV1::Repair {
+                channel, from, to, ..
+            } if *channel == name => Some((*from, *to)),
+            _ => None,
+        })
+    };
+    wait_for("v asks e for the second channel's gap", 10, || {
+        asked(&behind) == [(3, 4)]
+    })
+    .await;
+    assert_eq!(asked(&kept), [], "nothing asked again of the skipped range");
+
+    let unkept = channel_homed_at(&bed.v, "e", "skip-unkept");
+    bed.kept(
+        "a Skip for a channel v does not keep",
+        true,
+        &[skip(&unkept, 5)],
+        None,
+    )
+    .await;
+    assert!(bed.v.hub.status(&unkept).is_none(), "not created");
+}
