@@ -16,12 +16,14 @@
 //! - [`acks`]: `ack_replicas` waiters as data: which publishes to answer, and how.
 //! - [`repair`]: the answer to a gap repair (events from the log, `Skip` for the rest).
 //! - [`heads`]: anti-entropy: what a node asks for when a peer's cursors arrive.
+//! - [`inbound`]: which frames a node takes for a channel, by whether it keeps it.
 //! - [`warm`]: a first subscriber waiting for a channel's state (`Sync`), and the answer.
 //! - [`backfill`]: a channel's new home copying stored history, one page at a time.
 
 pub mod acks;
 pub mod backfill;
 pub mod heads;
+pub mod inbound;
 pub mod links;
 pub mod repair;
 pub mod routing;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tern_core::{ChannelEvent, ChannelKey, CoreLimits, OriginId, RemoteEvent};
 use tern_replication::heads::PreviousHeads;
+use tern_replication::inbound;
 use tern_replication::routing::{self, Node as Member_};
 use tern_replication::Now;
 
@@ -326,7 +327,10 @@ impl Sim {
     /// Whether node `at` keeps the channel (repairs it from `Heads`): it has a
     /// subscriber (attached or waiting for the state) or is the home in its region.
     pub(crate) fn holds(&self, at: usize, ch: usize) -> bool {
-        self.nodes[at].subscribed(ch) || self.home_seen(at, ch, self.regions[at]) == at
+        let sub = self.nodes[at].subs.get(&ch);
+        let warming = sub.is_some_and(|s| s.warming.is_some());
+        let home_here = self.home_seen(at, ch, self.regions[at]) == at;
+        inbound::keeps(sub.is_some() && !warming, warming, home_here)
     }
 
     /// Who node `at` sends an event of `origin` to: `routing::recipients` over its view

@@ -114,8 +114,10 @@
 //! node hold a channel it neither subscribes to nor is the home of (the scaled run, seed
 //! 1000 at 10,000 channels: "node 12 (n12i1) has no subscriber and was never the home,
 //! yet holds origin …'s events"). The replicator now drops `SyncMembers`, `Synced` and
-//! link-less events for a channel it does not keep (`holds`), and so does the sim
-//! (counted in `Stats::stale_answers` when the answer was its predecessor's).
+//! link-less events for a channel it does not keep, and so does the sim: both ask
+//! `tern_replication::inbound` (counted in `Stats::stale_answers` when the answer was its
+//! predecessor's). The same rule has a `Skip` for a kept channel open it (a home that
+//! dropped the channel while idle recorded it nowhere and asked again every round).
 //!
 //! # Invariants
 //! After every step ([`Sim::check_step`]), for each subscriber *incarnation*:

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tern_core::{OriginId, RemoteEvent};
 use tern_protocol::PresenceMessage;
+use tern_replication::inbound::{self, Take};
 use tern_replication::repair::RepairPart;
 
 use crate::node::member;
@@ -215,9 +216,9 @@ impl Sim {
                 event,
                 link,
             } => {
-                // As the driver: an event off the link's order (a repair answer) only for
-                // a channel the node keeps.
-                if link.is_none() && !self.holds(to, ch) {
+                // An event off the link's order (a repair answer) only for a channel the
+                // node keeps (`inbound::event`, as the driver).
+                if let Take::Ignore(_) = inbound::event(link.is_some(), || self.holds(to, ch)) {
                     return;
                 }
                 let in_order = self.apply(to, from, ch, Arc::unwrap_or_clone(event));
@@ -229,14 +230,15 @@ impl Sim {
             Item::Stored { from, epoch, upto } => self.take_stored(to, from, epoch, upto),
             Item::Skip { ch, origin, upto } => {
                 let now_ms = self.hub_now(to);
-                // As the driver: a kept channel takes it even if not open here.
+                // A kept channel takes it even if not open here (`inbound::skip`).
                 let hub = &self.nodes[to].hub;
                 let key = &self.keys[ch];
-                let applied = if self.holds(to, ch) {
-                    hub.skip_remote_kept(key, origin, upto, now_ms)
-                        .expect("the sim's limits hold every channel")
-                } else {
-                    hub.skip_remote(key, origin, upto, now_ms)
+                let applied = match inbound::skip(self.holds(to, ch)) {
+                    Take::Open => hub
+                        .skip_remote_kept(key, origin, upto, now_ms)
+                        .expect("the sim's limits hold every channel"),
+                    Take::IfOpen => hub.skip_remote(key, origin, upto, now_ms),
+                    Take::Ignore(_) => return,
                 };
                 self.log(|| format!("   skipped, {applied} applied"));
             }
@@ -291,7 +293,7 @@ impl Sim {
                 members,
                 cursor,
             } => {
-                if !self.holds(to, ch) {
+                if let Take::Ignore(_) = inbound::sync_answer(self.holds(to, ch)) {
                     // An answer for a channel the node does not keep (its previous
                     // incarnation asked): the driver drops `SyncMembers`, `Synced` and
                     // link-less events for such channels (`holds`).

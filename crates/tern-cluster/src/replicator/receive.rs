@@ -5,6 +5,7 @@
 
 use tern_core::RemoteOutcome;
 use tern_replication::heads::{self, PreviousHeads};
+use tern_replication::inbound::{self, Take};
 use tokio::sync::watch;
 
 use super::send::ignored;
@@ -121,8 +122,8 @@ impl Replicator {
                 // answer: taken, it would hold a channel nobody routes to it any more
                 // (found by the scaled simulation, seed 1000).
                 let key = key(&app, &channel);
-                if !self.holds(&key) {
-                    ignored("sync_answer_unheld");
+                if let Take::Ignore(reason) = inbound::sync_answer(self.holds(&key)) {
+                    ignored(reason);
                     return;
                 }
                 let members = frame.presence.unwrap_or_default();
@@ -136,8 +137,8 @@ impl Replicator {
                 origins,
             } => {
                 let key = key(&app, &channel);
-                if !self.holds(&key) {
-                    ignored("sync_answer_unheld");
+                if let Take::Ignore(reason) = inbound::sync_answer(self.holds(&key)) {
+                    ignored(reason);
                     return;
                 }
                 // What the home has but could not send (trimmed from its log) is
@@ -168,19 +169,18 @@ impl Replicator {
             } => {
                 let key = key(&app, &channel);
                 let now_ms = crate::now_ms();
-                // A channel this node keeps takes the Skip even if it was dropped here
-                // while idle (else its next `Heads` asks for the same range again);
-                // any other only if it is open.
-                let applied = if self.holds(&key) {
-                    match hub.skip_remote_kept(&key, OriginId(origin), upto, now_ms) {
-                        Ok(applied) => applied,
-                        Err(err) => {
-                            tracing::warn!(%channel, error = %err, "a skip for a kept channel was refused");
-                            return;
+                let applied = match inbound::skip(self.holds(&key)) {
+                    Take::Open => {
+                        match hub.skip_remote_kept(&key, OriginId(origin), upto, now_ms) {
+                            Ok(applied) => applied,
+                            Err(err) => {
+                                tracing::warn!(%channel, error = %err, "a skip for a kept channel was refused");
+                                return;
+                            }
                         }
                     }
-                } else {
-                    hub.skip_remote(&key, OriginId(origin), upto, now_ms)
+                    Take::IfOpen => hub.skip_remote(&key, OriginId(origin), upto, now_ms),
+                    Take::Ignore(reason) => return ignored(reason),
                 };
                 // No log has them, but a home's store may: if we are the channel's
                 // home, copy its history.
@@ -249,8 +249,8 @@ impl Replicator {
         let key = ChannelKey::new(&event.app, &event.channel);
         // An event off the link's order (a repair or `Sync` answer) is for a channel this
         // node keeps; for any other it would make a channel nobody routes to it.
-        if event.link_seq == 0 && !self.holds(&key) {
-            ignored("answer_unheld");
+        if let Take::Ignore(reason) = inbound::event(event.link_seq > 0, || self.holds(&key)) {
+            ignored(reason);
             return;
         }
         match hub.apply_remote(&key, remote, crate::now_ms()) {
