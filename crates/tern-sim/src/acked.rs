@@ -145,7 +145,9 @@ impl Sim {
             let (id, ch, origin, seq) = &self.published[message];
             for &(peer, incarnation) in &ackers {
                 let node = &self.nodes[peer];
-                let holds = node.hub.cursor(&self.keys[*ch]).get(*origin) >= *seq;
+                // In its store: `Stored` acks what the store committed, and the hub
+                // may have dropped the channel since (idle).
+                let holds = node.outbox.stored_upto(&self.keys[*ch], *origin) >= *seq;
                 if node.up && node.incarnation == incarnation && !holds {
                     self.broken.get_or_insert(format!(
                         "message {id} ACKed on n{peer}'s Stored, which does not hold it"

@@ -138,7 +138,10 @@ impl Sim {
         } else {
             shape.subscriptions.div_ceil(regions.len())
         };
-        let limits = CoreLimits::default();
+        let limits = CoreLimits {
+            channel_idle_retain_ms: shape.idle_retain_ms.unwrap_or(i64::MAX),
+            ..CoreLimits::default()
+        };
         let mut rng = Rng::new(seed);
         let mut skew_rng = Rng::new(seed ^ 0x5eed_c10c);
         let skew_ms = (0..regions.len())

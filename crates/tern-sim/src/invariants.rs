@@ -7,7 +7,7 @@ use tern_replication::routing::{INTEREST_MAX, INTEREST_TTL};
 
 use crate::acked::Acked;
 use crate::cluster::Held;
-use crate::node::{held_ids, lock, member, Member, Node};
+use crate::node::{lock, member, Member, Node};
 use crate::Sim;
 
 impl Sim {
@@ -207,7 +207,9 @@ impl Sim {
                     .filter_map(|(_, _, id)| id.clone())
                     .chain(sub.pre_attach.iter().cloned())
                     .collect(),
-                None => held_ids(&n.hub, key),
+                // A home's: what its store holds (the hub may have dropped the channel
+                // while idle).
+                None => n.outbox.stored_ids(key),
             })
             .collect();
         let union: HashSet<&String> = sets.iter().flatten().collect();

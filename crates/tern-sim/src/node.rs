@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tern_core::{
-    AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Hub, Journal, OriginId, Subscriber,
+    AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Cursor, Hub, Journal, OriginId, Subscriber,
 };
 use tern_protocol::{Data, PresenceMessage};
 use tern_replication::routing;
@@ -42,17 +42,65 @@ impl Subscriber for Recorder {
 
 /// The hub's journal: every event the hub applies, in order, for the routing to send on
 /// (its own to the homes and interested nodes, another region's to the interested nodes
-/// of its region when it is the home), as the replicator's `record` does.
+/// of its region when it is the home), as the replicator's `record` does; and the node's
+/// history store as far as replication sees it ([`Stored`]).
 pub(crate) struct Outbox {
     pub(crate) events: Mutex<Vec<(ChannelKey, Arc<ChannelEvent>)>>,
+    pub(crate) stored: Mutex<HashMap<ChannelKey, Stored>>,
+}
+
+/// What a node's history store holds of a channel (the sim's stand-in for `tern-store`,
+/// which the journal feeds): the highest sequence per origin, messages and presence
+/// together (`HistoryStore::cursor`), and the message ids. It outlives the hub's
+/// channel: a channel dropped while idle (`Hub::sweep`) continues this node's own
+/// sequence from it (`Journal::restore`), and what it holds still counts as held.
+#[derive(Default)]
+pub(crate) struct Stored {
+    pub(crate) cursor: BTreeMap<OriginId, u64>,
+    pub(crate) ids: HashSet<String>,
+}
+
+impl Outbox {
+    /// The highest stored sequence of `origin` on `key`.
+    pub(crate) fn stored_upto(&self, key: &ChannelKey, origin: OriginId) -> u64 {
+        lock(&self.stored)
+            .get(key)
+            .and_then(|s| s.cursor.get(&origin).copied())
+            .unwrap_or(0)
+    }
+
+    /// The ids of the messages stored of `key`.
+    pub(crate) fn stored_ids(&self, key: &ChannelKey) -> HashSet<String> {
+        lock(&self.stored)
+            .get(key)
+            .map(|s| s.ids.clone())
+            .unwrap_or_default()
+    }
 }
 
 impl Journal for Outbox {
     fn record(&self, key: &ChannelKey, event: &Arc<ChannelEvent>) {
-        self.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((key.clone(), event.clone()));
+        lock(&self.events).push((key.clone(), event.clone()));
+        let mut stored = lock(&self.stored);
+        let channel = stored.entry(key.clone()).or_default();
+        let upto = channel.cursor.entry(event.origin).or_insert(0);
+        *upto = (*upto).max(event.seq);
+        if event.is_message() {
+            let ids = event.frame.messages.iter().flatten();
+            channel
+                .ids
+                .extend(ids.map(|m| m.id.clone().unwrap_or_default()));
+        }
+    }
+
+    fn restore(&self, key: &ChannelKey) -> Cursor {
+        let mut cursor = Cursor::new();
+        if let Some(channel) = lock(&self.stored).get(key) {
+            for (&origin, &seq) in &channel.cursor {
+                cursor.advance(origin, seq);
+            }
+        }
+        cursor
     }
 }
 
@@ -176,6 +224,7 @@ impl Sim {
         let tag = format!("n{index}i{incarnation}");
         let outbox = Arc::new(Outbox {
             events: Mutex::new(Vec::new()),
+            stored: Mutex::new(HashMap::new()),
         });
         let hub = Hub::with_journal(origin, limits.clone(), Some(outbox.clone()));
         let clients = (0..CLIENTS)

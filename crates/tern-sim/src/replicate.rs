@@ -245,6 +245,12 @@ impl Sim {
             if self.nodes[at].up {
                 let now = self.now_at(at);
                 self.nodes[at].interest.expire(now);
+                // Idle channels leave the hub (the server's housekeeping, each second).
+                let hub_now = self.hub_now(at);
+                let hub = &self.nodes[at].hub;
+                let before = hub.channel_count();
+                hub.sweep(hub_now);
+                self.stats.retired += before.saturating_sub(hub.channel_count()) as u64;
             }
         }
         if let Err(err) = self.check_rule_bounds() {

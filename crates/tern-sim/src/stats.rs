@@ -30,6 +30,8 @@ pub struct Stats {
     pub stale_interest: u64,
     /// `Sync` answers that reached the next incarnation of the node that asked.
     pub stale_answers: u64,
+    /// Channels dropped from a hub while idle (`Hub::sweep`).
+    pub retired: u64,
     /// Highest virtual time reached (ms).
     pub max_now_ms: i64,
     /// Publishes ACKed (`ack_replicas` met) and NACKed (timed out).
@@ -66,6 +68,7 @@ impl Stats {
         self.relayed += other.relayed;
         self.stale_interest += other.stale_interest;
         self.stale_answers += other.stale_answers;
+        self.retired += other.retired;
         self.max_now_ms = self.max_now_ms.max(other.max_now_ms);
         self.acks += other.acks;
         self.nacks += other.nacks;

@@ -93,6 +93,11 @@ fn run(seed: u64, scale: &Scale) -> Result<Stats, String> {
         channels: scale.channels,
         subscriptions: scale.subscriptions,
         joiners: 2,
+        // Channels stay in memory here: with them dropped while idle, a node that
+        // becomes a channel's home (a restart, a home's crash) never gets the events
+        // every other node has only in its store (seeds 0, 1, 1000, 1001; see
+        // docs/reliability.md, "The sim models the store").
+        idle_retain_ms: None,
     };
     let mut sim = Sim::with_shape(seed, regions, latency, faults, shape);
     sim.trace = std::env::var("TERN_SIM_TRACE").is_ok_and(|v| v == "1");
@@ -326,6 +331,8 @@ fn control_bytes(per_region: usize, channels: usize) -> (f64, f64, f64) {
         channels,
         subscriptions: 1_000,
         joiners: 0,
+        // As the control traffic was measured (docs/benchmarks.md).
+        idle_retain_ms: None,
     };
     let mut sim = Sim::with_shape(7, regions, latency, faults, shape);
     sim.sizer = Some(Box::new(encoded));
