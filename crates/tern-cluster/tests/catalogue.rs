@@ -309,6 +309,7 @@ async fn every_bad_input_has_its_outcome_and_the_node_still_replicates() {
     state::state_rows(&bed).await;
     state::history_rows(&bed).await;
     state::skip_rows(&bed).await;
+    state::drop_rows(&bed).await;
     still_replicates(&bed).await;
 }
 

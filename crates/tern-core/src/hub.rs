@@ -714,7 +714,8 @@ impl Hub {
                 let idle = empty
                     && channel
                         .empty_since_ms
-                        .is_some_and(|since| now_ms - since >= self.limits.channel_idle_retain_ms);
+                        .is_some_and(|since| now_ms - since >= self.limits.channel_idle_retain_ms)
+                    && self.journal.as_ref().is_none_or(|j| j.may_drop(key));
                 waiting |= empty && !idle;
                 channel.retired = idle;
                 if idle {

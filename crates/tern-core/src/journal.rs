@@ -25,4 +25,13 @@ pub trait Journal: Send + Sync {
     /// (`false`): a cluster routes a channel's events to a node only while it has
     /// subscribers there. Called under the channel lock, so only queue.
     fn interest(&self, _key: &ChannelKey, _attached: bool) {}
+
+    /// Whether an idle channel may leave memory now (`Hub::sweep`). Its log goes with
+    /// it, and a cluster answers peers' repairs from the log: while events this node sent
+    /// on a channel are still unacknowledged by a peer, a repair of them would be
+    /// answered with a `Skip` that moves the peer past events the link is about to
+    /// resend. Called under the channel lock, so only look.
+    fn may_drop(&self, _key: &ChannelKey) -> bool {
+        true
+    }
 }

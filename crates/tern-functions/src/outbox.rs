@@ -454,4 +454,8 @@ impl Journal for OutboxJournal {
     fn interest(&self, key: &ChannelKey, attached: bool) {
         self.history.interest(key, attached);
     }
+
+    fn may_drop(&self, key: &ChannelKey) -> bool {
+        self.history.may_drop(key)
+    }
 }

@@ -70,6 +70,18 @@ impl OutLink {
     }
 }
 
+/// Whether events sent on links are settled: for each `(epoch, position)` in `sent`
+/// (the latest event of a channel on each link that carried it), the link is gone (a
+/// new epoch: its buffer went with it), its peer acknowledged the position, or the link
+/// no longer holds it (its buffer overflowed). `link` finds the current link of an
+/// epoch. A channel whose events are not settled keeps its log in memory: a repair of
+/// them is answered from it (`Journal::may_drop`).
+pub fn settled(sent: &[(u64, u64)], link: impl Fn(u64) -> Option<OutLink>) -> bool {
+    sent.iter().all(|&(epoch, position)| {
+        link(epoch).is_none_or(|l| l.acked >= position || l.counts_after >= position)
+    })
+}
+
 /// Unacknowledged events of one link, consecutive positions, bounded.
 pub struct SendBuffer<F> {
     events: VecDeque<(u64, F, Now)>,
@@ -188,6 +200,23 @@ impl InLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sent_events_are_settled_once_acked_released_or_their_link_is_gone() {
+        let link = |acked, counts_after| OutLink {
+            epoch: 7,
+            seq: 10,
+            counts_after,
+            acked,
+        };
+        let on = |l: OutLink| move |epoch: u64| (epoch == 7).then_some(l);
+        assert!(settled(&[], on(link(0, 0))));
+        assert!(!settled(&[(7, 5)], on(link(4, 0))), "unacknowledged");
+        assert!(settled(&[(7, 5)], on(link(5, 0))), "acknowledged");
+        assert!(settled(&[(7, 5)], on(link(0, 5))), "no longer held");
+        assert!(settled(&[(6, 5)], on(link(0, 0))), "that link is gone");
+        assert!(!settled(&[(6, 5), (7, 9)], on(link(8, 0))), "every link");
+    }
 
     #[test]
     fn stored_acks_only_what_was_sent_on_this_link() {

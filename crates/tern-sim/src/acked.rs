@@ -43,6 +43,10 @@ pub(crate) struct AckState {
     /// Token: the published message's index, and its targets.
     pub(crate) waiters: Waiters<(usize, Vec<(u64, u64)>)>,
     pub(crate) inbound: HashMap<usize, InLink>,
+    /// Per channel, the (link epoch, position) of the latest event it sent on each link
+    /// that carried it (the driver's `last_sent`): while not `links::settled`, the
+    /// channel stays in the hub.
+    pub(crate) last_sent: HashMap<usize, Vec<(u64, u64)>>,
 }
 
 /// A message whose publish was ACKed, and the incarnations whose `Stored` made it so.

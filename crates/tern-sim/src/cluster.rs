@@ -449,6 +449,7 @@ impl Sim {
             if to.is_empty() {
                 continue;
             }
+            self.acks[at].last_sent.insert(ch, targets.clone());
             if !own {
                 self.log(|| {
                     format!(

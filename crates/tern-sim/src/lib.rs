@@ -314,11 +314,11 @@ pub(crate) const SUBSCRIBED_PERCENT: u64 = 65;
 /// (`ASK_AGAIN_AFTER`) and attaches anyway after `WARM_TIMEOUT_MS` (`WARM_TIMEOUT`).
 pub(crate) const ASK_AGAIN_MS: i64 = 1_000;
 /// A [`Shape::idle_retain_ms`] short enough that runs drop channels while idle and open
-/// them again. The seed sweep does not use it yet: with it, a 5,000-seed soak fails seeds
-/// 2464 (an origin that dropped the channel answers a subscriber's repair of its own
-/// events still unacknowledged on their link with a `Skip`) and 3513 (a new home gets a
-/// `Skip` where the server would copy the history, which the sim does not model); see
-/// docs/reliability.md.
+/// them again (`TERN_SIM_IDLE_RETAIN_MS` for the seed sweep). Not the default yet: a
+/// node that subscribes after the home dropped the channel gets a state without the
+/// dropped log (seed 3513), which the convergence check, written for logs that keep
+/// everything, counts as lost; and a new home of a channel idle everywhere never hears
+/// of it (the scaled runs). See docs/reliability.md.
 pub const IDLE_RETAIN_MS: i64 = 2_000;
 pub(crate) const WARM_TIMEOUT_MS: i64 = 3_000;
 /// How long gossip takes to carry a member's departed-tag list to every other member.

@@ -47,6 +47,9 @@ impl Subscriber for Recorder {
 pub(crate) struct Outbox {
     pub(crate) events: Mutex<Vec<(ChannelKey, Arc<ChannelEvent>)>>,
     pub(crate) stored: Mutex<HashMap<ChannelKey, Stored>>,
+    /// Channels whose sent events are not settled on their links, as of the sweep about
+    /// to run (`Journal::may_drop`).
+    pub(crate) pinned: Mutex<HashSet<ChannelKey>>,
 }
 
 /// What a node's history store holds of a channel (the sim's stand-in for `tern-store`,
@@ -91,6 +94,10 @@ impl Journal for Outbox {
                 .ids
                 .extend(ids.map(|m| m.id.clone().unwrap_or_default()));
         }
+    }
+
+    fn may_drop(&self, key: &ChannelKey) -> bool {
+        !lock(&self.pinned).contains(key)
     }
 
     fn restore(&self, key: &ChannelKey) -> Cursor {
@@ -225,6 +232,7 @@ impl Sim {
         let outbox = Arc::new(Outbox {
             events: Mutex::new(Vec::new()),
             stored: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(HashSet::new()),
         });
         let hub = Hub::with_journal(origin, limits.clone(), Some(outbox.clone()));
         let clients = (0..CLIENTS)

@@ -7,11 +7,13 @@ use std::collections::HashMap;
 
 use tern_core::{OriginId, RemoteEvent, RemoteOutcome};
 use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
+use tern_replication::links;
 use tern_replication::repair::{self, RepairPart};
 use tern_replication::routing::INTEREST_PER_FRAME;
 use tern_replication::warm;
 
 use crate::network::{repair_items, Item};
+use crate::node::lock;
 use crate::{Control, Sim};
 
 /// One channel a sender lists in its `Heads`: the channel and the sender's cursor.
@@ -245,7 +247,20 @@ impl Sim {
             if self.nodes[at].up {
                 let now = self.now_at(at);
                 self.nodes[at].interest.expire(now);
-                // Idle channels leave the hub (the server's housekeeping, each second).
+                // Idle channels leave the hub (the server's housekeeping, each second),
+                // unless events sent on them are not settled on their links.
+                let state = &self.acks[at];
+                let link = |epoch: u64| {
+                    let found = state.out.values().find(|l| l.link.epoch == epoch);
+                    found.map(|l| l.link)
+                };
+                let pinned = state
+                    .last_sent
+                    .iter()
+                    .filter(|(_, sent)| !links::settled(sent, link))
+                    .map(|(&ch, _)| self.keys[ch].clone())
+                    .collect();
+                *lock(&self.nodes[at].outbox.pinned) = pinned;
                 let hub_now = self.hub_now(at);
                 let hub = &self.nodes[at].hub;
                 let before = hub.channel_count();

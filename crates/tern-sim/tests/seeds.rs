@@ -1,7 +1,7 @@
 //! Seed sweep over the simulated cluster. A failure prints the command that replays it.
 
 use tern_cluster::topology::Topology;
-use tern_sim::{latencies, Faults, Rng, Sim, Stats};
+use tern_sim::{latencies, Faults, Rng, Shape, Sim, Stats};
 
 /// One-way delays between the regions of `regions/topology.toml`.
 fn topology() -> Vec<Vec<i64>> {
@@ -71,12 +71,19 @@ fn run(seed: u64) -> Result<Stats, String> {
     if trace {
         eprintln!("seed {seed}: node regions {regions:?}");
     }
-    let mut sim = Sim::new(seed, regions, latency, faults);
+    // `TERN_SIM_IDLE_RETAIN_MS`: nodes drop idle channels after that long (off by
+    // default; see `tern_sim::IDLE_RETAIN_MS`).
+    let shape = Shape {
+        idle_retain_ms: env("TERN_SIM_IDLE_RETAIN_MS"),
+        ..Shape::default()
+    };
+    let mut sim = Sim::with_shape(seed, regions, latency, faults, shape);
     sim.trace = trace;
     let fail = |sim: &Sim, err: String| {
-        let settle = std::env::var("TERN_SIM_SETTLE_MS")
-            .map(|v| format!("TERN_SIM_SETTLE_MS={v} "))
-            .unwrap_or_default();
+        let settle: String = ["TERN_SIM_SETTLE_MS", "TERN_SIM_IDLE_RETAIN_MS"]
+            .iter()
+            .filter_map(|name| Some(format!("{name}={} ", std::env::var(name).ok()?)))
+            .collect();
         Err(format!(
             "seed {seed}: {err}\n  replay: {settle}{} (TERN_SIM_TRACE=1 prints every step)",
             sim.replay_command()

@@ -165,6 +165,11 @@ struct Out {
     /// Per channel, the (link epoch, position) of this node's latest event on each link
     /// that carried it: what a publish's ACK waits for.
     last_targets: HashMap<ChannelKey, Vec<(u64, u64)>>,
+    /// Per channel, the (link epoch, position) of the latest event this node sent on
+    /// each link that carried it, its own or relayed: while they are unacknowledged the
+    /// channel keeps its log (`Journal::may_drop`). Bounded like `last_targets`; a
+    /// forgotten channel may be dropped.
+    last_sent: HashMap<ChannelKey, Vec<(u64, u64)>>,
 }
 
 struct PeerOut {
@@ -531,11 +536,29 @@ impl Journal for Replicator {
             drop(q);
             peer.shared.notify.notify_one();
         }
+        if out.last_sent.len() >= LAST_TARGETS_MAX && !out.last_sent.contains_key(key) {
+            out.last_sent.clear();
+        }
+        out.last_sent.insert(key.clone(), targets.clone());
         if own {
             if out.last_targets.len() >= LAST_TARGETS_MAX && !out.last_targets.contains_key(key) {
                 out.last_targets.clear();
             }
             out.last_targets.insert(key.clone(), targets);
         }
+    }
+
+    fn may_drop(&self, key: &ChannelKey) -> bool {
+        let out = lock(&self.out);
+        let Some(sent) = out.last_sent.get(key) else {
+            return true;
+        };
+        let link = |epoch: u64| {
+            out.peers
+                .values()
+                .find(|p| p.link.epoch == epoch)
+                .map(|p| p.link)
+        };
+        tern_replication::links::settled(sent, link)
     }
 }

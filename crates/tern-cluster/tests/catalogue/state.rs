@@ -291,3 +291,72 @@ pub(super) async fn skip_rows(bed: &Bed) {
     .await;
     assert!(bed.v.hub.status(&unkept).is_none(), "not created");
 }
+
+/// An idle channel whose events a peer has not acknowledged stays in memory: its log
+/// answers that peer's repairs, and without it a repair of events the link is about to
+/// resend would be answered with a `Skip`. Once every link acknowledged them it may
+/// leave (`Journal::may_drop`).
+pub(super) async fn drop_rows(bed: &Bed) {
+    // Homed at e in r1: v's events go to e, w (r2) and f (r3); e and f ack only when
+    // this test says so.
+    let key = channel_homed_at(&bed.v, "e", "unacked");
+    bed.v.publish(&key, "held");
+    let name = key.name.to_string();
+    let position = |peer: &RawPeer| {
+        let name = name.clone();
+        peer.received(move |f| match f {
+            FrameV1::Event(e) if e.channel == name && e.link_seq > 0 => Some(e.link_seq),
+            _ => None,
+        })
+        .last()
+        .copied()
+    };
+    wait_for("e and f got the event", 10, || {
+        position(&bed.e).is_some() && position(&bed.f).is_some()
+    })
+    .await;
+    // Long after the idle period (`channel_idle_retain_ms`).
+    let later = || common::now_ms() + 10 * 60_000;
+    bed.v.hub.sweep(later());
+    assert!(
+        bed.v.hub.status(&key).is_some(),
+        "kept while e and f have not acknowledged its event"
+    );
+
+    let stored = |(incarnation, epoch): (u64, u64), upto| FrameV1::Stored {
+        incarnation,
+        epoch,
+        upto,
+    };
+    bed.kept(
+        "Stored of the channel's event from e",
+        true,
+        &[stored(bed.v_to_e, position(&bed.e).unwrap())],
+        None,
+    )
+    .await;
+    // v took e's ack before the row's probe (one ordered link); f still holds out.
+    bed.v.hub.sweep(later());
+    assert!(bed.v.hub.status(&key).is_some(), "kept while f has not");
+    let v_to_f = bed
+        .f
+        .received(|f| match f {
+            FrameV1::Hello {
+                incarnation, epoch, ..
+            } => Some((*incarnation, *epoch)),
+            _ => None,
+        })
+        .last()
+        .copied()
+        .expect("v said Hello to f");
+    let mut link = bed.f_connection.open_uni().await.unwrap();
+    let mut bytes = framed(&Bed::hello("f"));
+    bytes.extend(framed(&stored(v_to_f, position(&bed.f).unwrap())));
+    link.write_all(&bytes).await.unwrap();
+    wait_for("dropped once every link acknowledged it", 10, || {
+        bed.v.hub.sweep(later());
+        bed.v.hub.status(&key).is_none()
+    })
+    .await;
+    link.finish().unwrap();
+}
