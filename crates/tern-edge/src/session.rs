@@ -392,99 +392,113 @@ impl Session {
 
     /// The reader loop. Returns when the connection ends, after telling the hub and
     /// parking or discarding the connection's state.
-    pub(crate) async fn run(mut self, mut inbound: impl Inbound) {
-        let mut shutdown = self.state.shutdown.clone();
-        let shared = self.outlet.shared.clone();
-        let live = self.live.clone();
-        let revocations = self.state.keys.revocations.clone();
-        let mut revocation_changes = revocations.subscribe();
-        let ending = loop {
-            let deadline = self.token_deadline(now_ms());
-            tokio::select! {
-                // A before-publish function answered: apply what is now at the front.
-                // Cancel-safe: `join_next_with_id` is.
-                Some(joined) = self.calls.join_next_with_id(), if !self.calls.is_empty() => {
-                    self.verdict_arrived(joined);
-                }
-                // A client frame. Cancel-safe: `Inbound::next` is. Not read while the
-                // connection's held-back publishes are at their bound.
-                received = inbound.next(), if !self.pipeline.is_full() => {
-                    // Boxed: it is held across the waits below, and inline it would
-                    // make every idle connection's task a frame larger.
-                    let frame: Box<ProtocolMessage> = match received {
-                        Received::Encoded(bytes) => match tern_protocol::decode(self.format, &bytes) {
-                            Ok(frame) => Box::new(frame),
-                            Err(err) => break self.fail_with(err.to_error_info()),
-                        },
-                        Received::Decoded(frame) => frame,
-                        Received::Refused(error) => break self.fail_with(error),
-                        Received::Gone => break Ending::Dropped,
-                    };
-                    // The waits below are boxed: they are rare, and inline they would
-                    // make every idle connection's task as large as the largest of them.
-                    if !self.outlet.has_headroom()
-                        && !Box::pin(self.outlet.headroom(SLOW_CLIENT_WAIT)).await
-                    {
+    ///
+    /// Not an `async fn`: an `async fn` keeps each argument twice in its future, as
+    /// captured and as moved into its body (rust-lang/rust#62958), and this future
+    /// lives as long as the connection, so the whole `Session` would be held twice by
+    /// every idle connection. An `async move` block uses what it captures in place.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would hold the Session twice"
+    )]
+    pub(crate) fn run(
+        mut self,
+        mut inbound: impl Inbound,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let mut shutdown = self.state.shutdown.clone();
+            let shared = self.outlet.shared.clone();
+            let live = self.live.clone();
+            let revocations = self.state.keys.revocations.clone();
+            let mut revocation_changes = revocations.subscribe();
+            let ending = loop {
+                let deadline = self.token_deadline(now_ms());
+                tokio::select! {
+                    // A before-publish function answered: apply what is now at the front.
+                    // Cancel-safe: `join_next_with_id` is.
+                    Some(joined) = self.calls.join_next_with_id(), if !self.calls.is_empty() => {
+                        self.verdict_arrived(joined);
+                    }
+                    // A client frame. Cancel-safe: `Inbound::next` is. Not read while the
+                    // connection's held-back publishes are at their bound.
+                    received = inbound.next(), if !self.pipeline.is_full() => {
+                        // Boxed: it is held across the waits below, and inline it would
+                        // make every idle connection's task a frame larger.
+                        let frame: Box<ProtocolMessage> = match received {
+                            Received::Encoded(bytes) => match tern_protocol::decode(self.format, &bytes) {
+                                Ok(frame) => Box::new(frame),
+                                Err(err) => break self.fail_with(err.to_error_info()),
+                            },
+                            Received::Decoded(frame) => frame,
+                            Received::Refused(error) => break self.fail_with(error),
+                            Received::Gone => break Ending::Dropped,
+                        };
+                        // The waits below are boxed: they are rare, and inline they would
+                        // make every idle connection's task as large as the largest of them.
+                        if !self.outlet.has_headroom()
+                            && !Box::pin(self.outlet.headroom(SLOW_CLIENT_WAIT)).await
+                        {
+                            self.outlet.finish(Some(self.disconnected(too_slow())));
+                            break Ending::Dropped;
+                        }
+                        if frame.action == action::CLOSE {
+                            // Publishes sent before the CLOSE are answered before CLOSED.
+                            Box::pin(self.settle_held()).await;
+                        }
+                        if let Some(ending) = self.handle(*frame) {
+                            break ending;
+                        }
+                        if let Some(mut warming) = self.warming.take() {
+                            let _ = Box::pin(tokio::time::timeout(WARM_WAIT, &mut warming.0)).await;
+                            let (_, frame) = *warming;
+                            if let Some(ending) = self.attach_now(frame) {
+                                break ending;
+                            }
+                        }
+                    }
+                    // The outbound queue overflowed: this client reads too slowly.
+                    _ = shared.overflowed() => {
                         self.outlet.finish(Some(self.disconnected(too_slow())));
                         break Ending::Dropped;
                     }
-                    if frame.action == action::CLOSE {
-                        // Publishes sent before the CLOSE are answered before CLOSED.
-                        Box::pin(self.settle_held()).await;
+                    // The client resumed this connection on a new transport.
+                    _ = live.superseded.notified() => {
+                        self.outlet.finish(Some(self.disconnected(ErrorInfo::new(
+                            code::CONNECTION_SUPERSEDED, "connection resumed on another transport",
+                        ))));
+                        break Ending::Dropped;
                     }
-                    if let Some(ending) = self.handle(*frame) {
-                        break ending;
+                    // `DELETE /connections/{id}`: closed for good; ably-js goes FAILED.
+                    _ = live.closed.notified() => {
+                        break self.fail_with(crate::connections::closed_by_request());
                     }
-                    if let Some(mut warming) = self.warming.take() {
-                        let _ = Box::pin(tokio::time::timeout(WARM_WAIT, &mut warming.0)).await;
-                        let (_, frame) = *warming;
-                        if let Some(ending) = self.attach_now(frame) {
-                            break ending;
+                    // Token renewal notice, then expiry.
+                    _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => pending().await } } => {
+                        if self.renewal_due(now_ms()) {
+                            self.renew_requested = true;
+                            self.outlet.send(ProtocolMessage { action: action::AUTH, ..Default::default() });
+                        } else {
+                            self.outlet.finish(Some(self.disconnected(ErrorInfo::new(code::TOKEN_EXPIRED, "token expired"))));
+                            break Ending::Dropped;
                         }
                     }
-                }
-                // The outbound queue overflowed: this client reads too slowly.
-                _ = shared.overflowed() => {
-                    self.outlet.finish(Some(self.disconnected(too_slow())));
-                    break Ending::Dropped;
-                }
-                // The client resumed this connection on a new transport.
-                _ = live.superseded.notified() => {
-                    self.outlet.finish(Some(self.disconnected(ErrorInfo::new(
-                        code::CONNECTION_SUPERSEDED, "connection resumed on another transport",
-                    ))));
-                    break Ending::Dropped;
-                }
-                // `DELETE /connections/{id}`: closed for good; ably-js goes FAILED.
-                _ = live.closed.notified() => {
-                    break self.fail_with(crate::connections::closed_by_request());
-                }
-                // Token renewal notice, then expiry.
-                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => pending().await } } => {
-                    if self.renewal_due(now_ms()) {
-                        self.renew_requested = true;
-                        self.outlet.send(ProtocolMessage { action: action::AUTH, ..Default::default() });
-                    } else {
-                        self.outlet.finish(Some(self.disconnected(ErrorInfo::new(code::TOKEN_EXPIRED, "token expired"))));
+                    // A token revocation covers this connection's token (and applies now).
+                    _ = crate::revoke::until_revoked(&revocations, &mut revocation_changes, &self.auth) => {
+                        self.outlet.finish(Some(self.disconnected(crate::revoke::revoked())));
+                        break Ending::Dropped;
+                    }
+                    // The node is shutting down: the client reconnects (elsewhere, if it can).
+                    _ = shutdown.changed() => {
+                        self.outlet.finish(Some(self.disconnected(ErrorInfo::with_status(
+                            code::DISCONNECTED, 503, "server shutting down",
+                        ))));
                         break Ending::Dropped;
                     }
                 }
-                // A token revocation covers this connection's token (and applies now).
-                _ = crate::revoke::until_revoked(&revocations, &mut revocation_changes, &self.auth) => {
-                    self.outlet.finish(Some(self.disconnected(crate::revoke::revoked())));
-                    break Ending::Dropped;
-                }
-                // The node is shutting down: the client reconnects (elsewhere, if it can).
-                _ = shutdown.changed() => {
-                    self.outlet.finish(Some(self.disconnected(ErrorInfo::with_status(
-                        code::DISCONNECTED, 503, "server shutting down",
-                    ))));
-                    break Ending::Dropped;
-                }
-            }
-        };
-        self.outlet.finish(None);
-        self.end(ending);
+            };
+            self.outlet.finish(None);
+            self.end(ending);
+        }
     }
 
     fn end(mut self, ending: Ending) {
