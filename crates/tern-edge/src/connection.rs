@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tern_protocol::{action, code, ErrorInfo, Format, ProtocolMessage};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use crate::gauges::OldestInBatch;
@@ -78,30 +78,30 @@ pub(crate) async fn upgrade(
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| {
-            // Split before the connection's future starts: a future keeps what it
-            // captures (and an `async fn` its arguments) for its whole life, so a
-            // `WebSocket` moved in would stay in every idle connection's task.
-            let (sink, stream) = socket.split();
-            async move {
-                let open = crate::state::OpenConnection::new("ws");
-                // Boxed: the task's future (axum's upgrade, this block) would otherwise
-                // hold the connection's future inline, and layers of futures each add
-                // room of their own; boxed, it is allocated once, at its own size.
-                Box::pin(run(state, query, sink, stream, reset, arrival)).await;
-                drop(open);
-                drop(permit);
-            }
+            // Boxed: axum's upgrade task would otherwise hold the connection's future
+            // inline, and layers of futures each add room of their own; boxed, it is
+            // allocated once, at its own size.
+            Box::pin(run(state, query, socket, reset, arrival, permit))
         })
 }
 
-async fn run(
+/// The connection, from the upgraded socket to its end.
+///
+/// Not an `async fn`, and what is needed only to start is used before the future is
+/// made: a future keeps what it captures for its whole life (an `async fn` each
+/// argument twice: as captured and as moved into its body, rust-lang/rust#62958), and
+/// this one lives as long as the connection. So the socket is split and its write half
+/// handed to the writer here, and the query goes to the (boxed) opening, which frees it.
+fn run(
     state: Arc<EdgeState>,
     query: HashMap<String, String>,
-    sink: SplitSink<WebSocket, WsMessage>,
-    stream: SplitStream<WebSocket>,
+    socket: WebSocket,
     reset: Option<ResetOnClose>,
     arrival: crate::hooks::Arrival,
-) {
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send {
+    let open = crate::state::OpenConnection::new("ws");
+    let (sink, stream) = socket.split();
     let format = Format::from_param(query.get("format").map(String::as_str));
     let frame_max = state.config.max_frame_size;
     let (outlet, rx) = Outlet::new(state.config.outbound_queue_max);
@@ -116,34 +116,45 @@ async fn run(
         state: state.clone(),
     };
     let writer = tokio::spawn(write_loop(writer, rx.queue));
-    match format {
-        None => outlet.finish(Some(error_frame(ErrorInfo::new(
-            code::BAD_REQUEST,
-            "unsupported format: use json or msgpack",
-        )))),
-        Some(format) => {
-            // Boxed: opening (credentials, resume, a `$connect` function) is a large
-            // state that, inline, would stay in the connection's task for its whole life.
-            let opened = Box::pin(Session::open(
-                state,
-                &query,
-                format,
-                outlet.clone(),
-                arrival,
-            ))
-            .await;
-            // The query's map and strings are not needed past opening: freed now rather
-            // than held (an argument of this future) for the connection's life.
-            drop(query);
-            match opened {
-                Ok(session) => session.run(WsInbound(stream, frame_max)).await,
-                Err(err) => outlet.finish(Some(refusal_frame(err))),
-            }
+    // Boxed, and owning the query: opening (credentials, resume, a `$connect` function)
+    // is a large state, and the query's map and strings are not needed past it.
+    let opening = match format {
+        None => {
+            outlet.finish(Some(error_frame(ErrorInfo::new(
+                code::BAD_REQUEST,
+                "unsupported format: use json or msgpack",
+            ))));
+            None
         }
+        Some(format) => {
+            let outlet = outlet.clone();
+            Some(Box::pin(async move {
+                Session::open(state, &query, format, outlet, arrival).await
+            }))
+        }
+    };
+    async move {
+        'session: {
+            let Some(opening) = opening else {
+                break 'session;
+            };
+            // Bound by a `let`, not matched in place: a `match` on the result would
+            // keep it (a whole `Session`) in this future while the session runs.
+            let session = match opening.await {
+                Ok(session) => session,
+                Err(err) => {
+                    outlet.finish(Some(refusal_frame(err)));
+                    break 'session;
+                }
+            };
+            session.run(WsInbound(stream, frame_max)).await;
+        }
+        drop(outlet);
+        // Bounded: every write of the writer is (`write_timeout_ms`, FINAL_WRITE_TIMEOUT).
+        let _ = writer.await;
+        drop(open);
+        drop(permit);
     }
-    drop(outlet);
-    // Bounded: every write of the writer is (`write_timeout_ms`, FINAL_WRITE_TIMEOUT).
-    let _ = writer.await;
 }
 
 fn ws_message(format: Format, bytes: Bytes) -> WsMessage {
