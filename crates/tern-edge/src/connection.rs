@@ -261,32 +261,43 @@ impl OldestInBatch {
 /// The writer: drains the queue in batches (one flush per batch), keeps the connection
 /// alive when idle, and writes the terminal frame. Every write is bounded by
 /// `write_timeout_ms`; past it the writer gives up on the client.
-async fn write_loop(mut writer: Writer, mut queue: mpsc::Receiver<Outbound>) {
-    let mut deadline = Instant::now() + writer.idle;
-    loop {
-        let written = tokio::select! {
-            biased;
-            // The session ended the connection (or went away). Cancel-safe.
-            _ = writer.shared.ended() => break,
-            // Queued frames: write all that are ready, then flush once. Cancel-safe:
-            // nothing is taken from the queue unless this arm runs.
-            item = queue.recv() => {
-                let Some(item) = item else { break };
-                writer.batch(&mut queue, item).await
+/// Not an `async fn`: this future lives as long as the connection, and an `async fn`
+/// would hold its arguments (the `Writer`) twice (rust-lang/rust#62958).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold the Writer twice"
+)]
+fn write_loop(
+    mut writer: Writer,
+    mut queue: mpsc::Receiver<Outbound>,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let mut deadline = Instant::now() + writer.idle;
+        loop {
+            let written = tokio::select! {
+                biased;
+                // The session ended the connection (or went away). Cancel-safe.
+                _ = writer.shared.ended() => break,
+                // Queued frames: write all that are ready, then flush once. Cancel-safe:
+                // nothing is taken from the queue unless this arm runs.
+                item = queue.recv() => {
+                    let Some(item) = item else { break };
+                    writer.batch(&mut queue, item).await
+                }
+                // Nothing sent for `idle`: a protocol HEARTBEAT (clients that asked for
+                // them, and Python which asks for nothing) or a WebSocket ping.
+                // Boxed, like the close below: rare, and inline they would make every
+                // idle connection's writer task as large as they are.
+                _ = tokio::time::sleep_until(deadline) => Box::pin(writer.heartbeat()).await,
+            };
+            match written {
+                Ok(()) => deadline = Instant::now() + writer.idle,
+                Err(failed) => return writer.give_up(failed),
             }
-            // Nothing sent for `idle`: a protocol HEARTBEAT (clients that asked for
-            // them, and Python which asks for nothing) or a WebSocket ping.
-            // Boxed, like the close below: rare, and inline they would make every
-            // idle connection's writer task as large as they are.
-            _ = tokio::time::sleep_until(deadline) => Box::pin(writer.heartbeat()).await,
-        };
-        match written {
-            Ok(()) => deadline = Instant::now() + writer.idle,
-            Err(failed) => return writer.give_up(failed),
         }
+        let last = writer.shared.end().cloned().flatten().map(|last| *last);
+        Box::pin(writer.close(last)).await;
     }
-    let last = writer.shared.end().cloned().flatten().map(|last| *last);
-    Box::pin(writer.close(last)).await;
 }
 
 impl Writer {
