@@ -76,6 +76,14 @@ enum Ending {
     Dropped,
 }
 
+/// A client frame the reader loop could not finish at once (see `Session::finish_frame`).
+enum Unfinished {
+    /// Its replies need room in the queue first, or it is a CLOSE.
+    Frame(Box<ProtocolMessage>),
+    /// It was handled: an ATTACH waits for its channel to warm.
+    Warming,
+}
+
 /// How long a client that does not read may hold up its own replies before it is
 /// disconnected as too slow.
 const SLOW_CLIENT_WAIT: Duration = Duration::from_secs(5);
@@ -413,17 +421,22 @@ impl Session {
             let mut revocation_changes = revocations.subscribe();
             let ending = loop {
                 let deadline = self.token_deadline(now_ms());
-                tokio::select! {
+                // The arms below do not wait: the select's output (the largest of its
+                // arms' values) would be held across their waits in every idle
+                // connection's future. A client frame that has to wait is finished
+                // after it, boxed.
+                let unfinished = tokio::select! {
                     // A before-publish function answered: apply what is now at the front.
                     // Cancel-safe: `join_next_with_id` is.
                     Some(joined) = self.calls.join_next_with_id(), if !self.calls.is_empty() => {
                         self.verdict_arrived(joined);
+                        None
                     }
                     // A client frame. Cancel-safe: `Inbound::next` is. Not read while the
                     // connection's held-back publishes are at their bound.
                     received = inbound.next(), if !self.pipeline.is_full() => {
-                        // Boxed: it is held across the waits below, and inline it would
-                        // make every idle connection's task a frame larger.
+                        // Boxed: it may be held across the waits of `finish_frame`, and
+                        // inline it would make every idle connection's task a frame larger.
                         let frame: Box<ProtocolMessage> = match received {
                             Received::Encoded(bytes) => match tern_protocol::decode(self.format, &bytes) {
                                 Ok(frame) => Box::new(frame),
@@ -433,27 +446,13 @@ impl Session {
                             Received::Refused(error) => break self.fail_with(error),
                             Received::Gone => break Ending::Dropped,
                         };
-                        // The waits below are boxed: they are rare, and inline they would
-                        // make every idle connection's task as large as the largest of them.
-                        if !self.outlet.has_headroom()
-                            && !Box::pin(self.outlet.headroom(SLOW_CLIENT_WAIT)).await
-                        {
-                            self.outlet.finish(Some(self.disconnected(too_slow())));
-                            break Ending::Dropped;
-                        }
-                        if frame.action == action::CLOSE {
-                            // Publishes sent before the CLOSE are answered before CLOSED.
-                            Box::pin(self.settle_held()).await;
-                        }
-                        if let Some(ending) = self.handle(*frame) {
-                            break ending;
-                        }
-                        if let Some(mut warming) = self.warming.take() {
-                            let _ = Box::pin(tokio::time::timeout(WARM_WAIT, &mut warming.0)).await;
-                            let (_, frame) = *warming;
-                            if let Some(ending) = self.attach_now(frame) {
+                        if self.outlet.has_headroom() && frame.action != action::CLOSE {
+                            if let Some(ending) = self.handle(*frame) {
                                 break ending;
                             }
+                            self.warming.is_some().then_some(Unfinished::Warming)
+                        } else {
+                            Some(Unfinished::Frame(frame))
                         }
                     }
                     // The outbound queue overflowed: this client reads too slowly.
@@ -477,6 +476,7 @@ impl Session {
                         if self.renewal_due(now_ms()) {
                             self.renew_requested = true;
                             self.outlet.send(ProtocolMessage { action: action::AUTH, ..Default::default() });
+                            None
                         } else {
                             self.outlet.finish(Some(self.disconnected(ErrorInfo::new(code::TOKEN_EXPIRED, "token expired"))));
                             break Ending::Dropped;
@@ -494,11 +494,43 @@ impl Session {
                         ))));
                         break Ending::Dropped;
                     }
+                };
+                // Boxed: rare, and inline these waits would make every idle connection's
+                // future as large as the largest of them.
+                if let Some(unfinished) = unfinished {
+                    if let Some(ending) = Box::pin(self.finish_frame(unfinished)).await {
+                        break ending;
+                    }
                 }
             };
             self.outlet.finish(None);
             self.end(ending);
         }
+    }
+
+    /// The waits of a client frame, then the frame: room in the queue for its replies
+    /// (a client that does not read is disconnected after SLOW_CLIENT_WAIT), the held
+    /// publishes settled before a CLOSE, and an ATTACH waiting for its channel to warm.
+    async fn finish_frame(&mut self, unfinished: Unfinished) -> Option<Ending> {
+        if let Unfinished::Frame(frame) = unfinished {
+            if !self.outlet.has_headroom() && !self.outlet.headroom(SLOW_CLIENT_WAIT).await {
+                self.outlet.finish(Some(self.disconnected(too_slow())));
+                return Some(Ending::Dropped);
+            }
+            if frame.action == action::CLOSE {
+                // Publishes sent before the CLOSE are answered before CLOSED.
+                self.settle_held().await;
+            }
+            if let Some(ending) = self.handle(*frame) {
+                return Some(ending);
+            }
+        }
+        if let Some(mut warming) = self.warming.take() {
+            let _ = tokio::time::timeout(WARM_WAIT, &mut warming.0).await;
+            let (_, frame) = *warming;
+            return self.attach_now(frame);
+        }
+        None
     }
 
     fn end(mut self, ending: Ending) {
