@@ -80,7 +80,28 @@ pub(crate) async fn upgrade(
         // Not boxed: inline, the connection's future takes the room axum's upgrade task
         // already has for the WebSocket handshake (~370 B, done by then) and needs no
         // allocation of its own (with the `async fn`s gone, nothing in it is doubled).
-        .on_upgrade(move |socket| run(state, query, socket, reset, arrival, permit))
+        // What it starts from is boxed: axum's task keeps the callback's captures for
+        // the connection's life, though they are used once the upgrade is done.
+        .on_upgrade({
+            let accepted = Box::new(Accepted {
+                state,
+                query,
+                reset,
+                arrival,
+                permit,
+            });
+            move |socket| run(*accepted, socket)
+        })
+}
+
+/// What a WebSocket connection starts from, taken from the upgrade request.
+struct Accepted {
+    state: Arc<EdgeState>,
+    query: HashMap<String, String>,
+    reset: Option<ResetOnClose>,
+    arrival: crate::hooks::Arrival,
+    /// This connection's place under `connections_max`, held until it ends.
+    permit: OwnedSemaphorePermit,
 }
 
 /// The connection, from the upgraded socket to its end.
@@ -90,14 +111,14 @@ pub(crate) async fn upgrade(
 /// argument twice: as captured and as moved into its body, rust-lang/rust#62958), and
 /// this one lives as long as the connection. So the socket is split and its write half
 /// handed to the writer here, and the query goes to the (boxed) opening, which frees it.
-fn run(
-    state: Arc<EdgeState>,
-    query: HashMap<String, String>,
-    socket: WebSocket,
-    reset: Option<ResetOnClose>,
-    arrival: crate::hooks::Arrival,
-    permit: OwnedSemaphorePermit,
-) -> impl Future<Output = ()> + Send {
+fn run(accepted: Accepted, socket: WebSocket) -> impl Future<Output = ()> + Send {
+    let Accepted {
+        state,
+        query,
+        reset,
+        arrival,
+        permit,
+    } = accepted;
     let open = crate::state::OpenConnection::new("ws");
     let (sink, stream) = socket.split();
     let format = Format::from_param(query.get("format").map(String::as_str));
