@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::pending;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -419,8 +420,17 @@ impl Session {
             let live = self.live.clone();
             let revocations = self.state.keys.revocations.clone();
             let mut revocation_changes = revocations.subscribe();
+            // The token's timer, armed only for a token that expires. Boxed: inline, a
+            // timer would sit in every connection's future (most, with a key, have none).
+            let mut token_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
             let ending = loop {
-                let deadline = self.token_deadline(now_ms());
+                match self.token_deadline(now_ms()) {
+                    Some(deadline) => match &mut token_timer {
+                        Some(timer) => timer.as_mut().reset(deadline),
+                        None => token_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    },
+                    None => token_timer = None,
+                }
                 // The arms below do not wait: the select's output (the largest of its
                 // arms' values) would be held across their waits in every idle
                 // connection's future. A client frame that has to wait is finished
@@ -472,7 +482,7 @@ impl Session {
                         break self.fail_with(crate::connections::closed_by_request());
                     }
                     // Token renewal notice, then expiry.
-                    _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => pending().await } } => {
+                    _ = async { match token_timer.as_mut() { Some(timer) => timer.await, None => pending().await } } => {
                         if self.renewal_due(now_ms()) {
                             self.renew_requested = true;
                             self.outlet.send(ProtocolMessage { action: action::AUTH, ..Default::default() });
