@@ -235,20 +235,24 @@ pub(crate) async fn until_revoked(
         let wait_ms = revocations
             .refused_from(ctx)
             .map(|from| from.saturating_sub(now_ms()));
-        match wait_ms {
+        // Boxed: a revocation that covers this token but applies later is rare, and
+        // inline its timer would sit in every connection's session for its life.
+        let mut applies = match wait_ms {
             Some(ms) if ms <= 0 => return,
-            Some(ms) => {
-                let wait = Duration::from_millis(ms as u64);
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => return,
-                    changed = changes.changed() => if changed.is_err() { std::future::pending::<()>().await },
-                }
+            Some(ms) => Some(Box::pin(tokio::time::sleep(Duration::from_millis(
+                ms as u64,
+            )))),
+            None => None,
+        };
+        let applied = async {
+            match applies.as_mut() {
+                Some(sleep) => sleep.await,
+                None => std::future::pending().await,
             }
-            None => {
-                if changes.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
+        };
+        tokio::select! {
+            _ = applied => return,
+            changed = changes.changed() => if changed.is_err() { std::future::pending::<()>().await },
         }
     }
 }
