@@ -39,7 +39,7 @@ pub(crate) use derived::read_only;
 use attach::{Attached, WARM_WAIT};
 use publish::RateWindow;
 
-use crate::connections::{ConnectionInfo, LiveConnection, ID_RANDOM_LEN};
+use crate::connections::{ConnectionInfo, LiveConnection, Woken, ID_RANDOM_LEN};
 use crate::credentials::{authenticate, details_client_id, resolve_identity};
 use crate::hooks::Arrival;
 use crate::now_ms;
@@ -173,7 +173,8 @@ pub(crate) struct Session {
     /// When the connection was first opened (kept across resumes).
     connected_at_ms: i64,
     /// The clientId and capability the `$connect` function gave, if it changed them.
-    from_function: Option<(ClientIdentity, tern_auth::Capability)>,
+    /// Boxed: rare, and inline it would be held in every connection's session.
+    from_function: Option<Box<(ClientIdentity, tern_auth::Capability)>>,
 }
 
 impl Session {
@@ -220,7 +221,10 @@ impl Session {
                     identity = function_identity.clone();
                     auth.capability = auth.capability.intersect(capability);
                 }
-                (parked.from_function.clone(), parked.info.connected_at_ms)
+                (
+                    parked.from_function.clone().map(Box::new),
+                    parked.info.connected_at_ms,
+                )
             }
             None => {
                 let changed =
@@ -238,7 +242,7 @@ impl Session {
                     crate::departures::publish(&state.hub, &auth.app_id, &[opened]);
                 }
                 (
-                    changed.then(|| (identity.clone(), auth.capability.clone())),
+                    changed.then(|| Box::new((identity.clone(), auth.capability.clone()))),
                     now,
                 )
             }
@@ -470,17 +474,17 @@ impl Session {
                         self.outlet.finish(Some(self.disconnected(too_slow())));
                         break Ending::Dropped;
                     }
-                    // The client resumed this connection on a new transport.
-                    _ = live.superseded.notified() => {
-                        self.outlet.finish(Some(self.disconnected(ErrorInfo::new(
-                            code::CONNECTION_SUPERSEDED, "connection resumed on another transport",
-                        ))));
-                        break Ending::Dropped;
-                    }
-                    // `DELETE /connections/{id}`: closed for good; ably-js goes FAILED.
-                    _ = live.closed.notified() => {
-                        break self.fail_with(crate::connections::closed_by_request());
-                    }
+                    _ = live.woken() => match live.why() {
+                        // The client resumed this connection on a new transport.
+                        Woken::Superseded => {
+                            self.outlet.finish(Some(self.disconnected(ErrorInfo::new(
+                                code::CONNECTION_SUPERSEDED, "connection resumed on another transport",
+                            ))));
+                            break Ending::Dropped;
+                        }
+                        // `DELETE /connections/{id}`: closed for good; ably-js goes FAILED.
+                        Woken::Closed => break self.fail_with(crate::connections::closed_by_request()),
+                    },
                     // Token renewal notice, then expiry.
                     _ = async { match token_timer.as_mut() { Some(timer) => timer.await, None => pending().await } } => {
                         if self.renewal_due(now_ms()) {
@@ -589,7 +593,7 @@ impl Session {
                     info: self.live.info.clone(),
                     replies: self.replies,
                     presence_channels: self.presence_channels,
-                    from_function: self.from_function,
+                    from_function: self.from_function.map(|given| *given),
                 };
                 let deadline = now + self.state.config.connection_state_ttl_ms as i64;
                 self.state
@@ -742,7 +746,7 @@ pub(crate) async fn take_parked(
                 return Ok((id, parked, keys));
             }
             Err(ResumeError::Live(live)) if Instant::now() < give_up => {
-                live.superseded.notify_one();
+                live.supersede();
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Err(ResumeError::Live(_)) => {
