@@ -30,9 +30,10 @@ use crate::session::{frame_too_large, Inbound, Received, Session};
 use crate::state::EdgeState;
 use crate::stats::Delivered;
 
-/// The WebSocket read buffer each connection holds (see `upgrade`): a client's frames
-/// (ATTACH, a small publish) mostly fit; a larger one takes more than one read.
-const READ_BUFFER_BYTES: usize = 512;
+/// The WebSocket read buffer each connection holds (see `upgrade`): a client's control
+/// frames (ATTACH, HEARTBEAT) and small publishes fit; a larger one takes more than one
+/// read (one per 256 B: the price of 256 B less in every idle connection).
+const READ_BUFFER_BYTES: usize = 256;
 /// How long a terminal frame (CLOSED, DISCONNECTED, ERROR) may take to reach the client.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
