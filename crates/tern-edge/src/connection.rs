@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tern_protocol::{action, code, ErrorInfo, Format, ProtocolMessage};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use crate::gauges::OldestInBatch;
@@ -30,9 +30,10 @@ use crate::session::{frame_too_large, Inbound, Received, Session};
 use crate::state::EdgeState;
 use crate::stats::Delivered;
 
-/// The WebSocket read buffer each connection holds (see `upgrade`): a client's frames
-/// (ATTACH, a small publish) mostly fit; a larger one takes more than one read.
-const READ_BUFFER_BYTES: usize = 512;
+/// The WebSocket read buffer each connection holds (see `upgrade`): a client's control
+/// frames (ATTACH, HEARTBEAT) and small publishes fit; a larger one takes more than one
+/// read (one per 256 B: the price of 256 B less in every idle connection).
+const READ_BUFFER_BYTES: usize = 256;
 /// How long a terminal frame (CLOSED, DISCONNECTED, ERROR) may take to reach the client.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -77,31 +78,50 @@ pub(crate) async fn upgrade(
         .max_frame_size(frame_max)
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(16 * 1024)
-        .on_upgrade(move |socket| {
-            // Split before the connection's future starts: a future keeps what it
-            // captures (and an `async fn` its arguments) for its whole life, so a
-            // `WebSocket` moved in would stay in every idle connection's task.
-            let (sink, stream) = socket.split();
-            async move {
-                let open = crate::state::OpenConnection::new("ws");
-                // Boxed: the task's future (axum's upgrade, this block) would otherwise
-                // hold the connection's future inline, and layers of futures each add
-                // room of their own; boxed, it is allocated once, at its own size.
-                Box::pin(run(state, query, sink, stream, reset, arrival)).await;
-                drop(open);
-                drop(permit);
-            }
+        // Not boxed: inline, the connection's future takes the room axum's upgrade task
+        // already has for the WebSocket handshake (~370 B, done by then) and needs no
+        // allocation of its own (with the `async fn`s gone, nothing in it is doubled).
+        // What it starts from is boxed: axum's task keeps the callback's captures for
+        // the connection's life, though they are used once the upgrade is done.
+        .on_upgrade({
+            let accepted = Box::new(Accepted {
+                state,
+                query,
+                reset,
+                arrival,
+                permit,
+            });
+            move |socket| run(*accepted, socket)
         })
 }
 
-async fn run(
+/// What a WebSocket connection starts from, taken from the upgrade request.
+struct Accepted {
     state: Arc<EdgeState>,
     query: HashMap<String, String>,
-    sink: SplitSink<WebSocket, WsMessage>,
-    stream: SplitStream<WebSocket>,
     reset: Option<ResetOnClose>,
     arrival: crate::hooks::Arrival,
-) {
+    /// This connection's place under `connections_max`, held until it ends.
+    permit: OwnedSemaphorePermit,
+}
+
+/// The connection, from the upgraded socket to its end.
+///
+/// Not an `async fn`, and what is needed only to start is used before the future is
+/// made: a future keeps what it captures for its whole life (an `async fn` each
+/// argument twice: as captured and as moved into its body, rust-lang/rust#62958), and
+/// this one lives as long as the connection. So the socket is split and its write half
+/// handed to the writer here, and the query goes to the (boxed) opening, which frees it.
+fn run(accepted: Accepted, socket: WebSocket) -> impl Future<Output = ()> + Send {
+    let Accepted {
+        state,
+        query,
+        reset,
+        arrival,
+        permit,
+    } = accepted;
+    let open = crate::state::OpenConnection::new("ws");
+    let (sink, stream) = socket.split();
     let format = Format::from_param(query.get("format").map(String::as_str));
     let frame_max = state.config.max_frame_size;
     let (outlet, rx) = Outlet::new(state.config.outbound_queue_max);
@@ -116,34 +136,45 @@ async fn run(
         state: state.clone(),
     };
     let writer = tokio::spawn(write_loop(writer, rx.queue));
-    match format {
-        None => outlet.finish(Some(error_frame(ErrorInfo::new(
-            code::BAD_REQUEST,
-            "unsupported format: use json or msgpack",
-        )))),
-        Some(format) => {
-            // Boxed: opening (credentials, resume, a `$connect` function) is a large
-            // state that, inline, would stay in the connection's task for its whole life.
-            let opened = Box::pin(Session::open(
-                state,
-                &query,
-                format,
-                outlet.clone(),
-                arrival,
-            ))
-            .await;
-            // The query's map and strings are not needed past opening: freed now rather
-            // than held (an argument of this future) for the connection's life.
-            drop(query);
-            match opened {
-                Ok(session) => session.run(WsInbound(stream, frame_max)).await,
-                Err(err) => outlet.finish(Some(refusal_frame(err))),
-            }
+    // Boxed, and owning the query: opening (credentials, resume, a `$connect` function)
+    // is a large state, and the query's map and strings are not needed past it.
+    let opening = match format {
+        None => {
+            outlet.finish(Some(error_frame(ErrorInfo::new(
+                code::BAD_REQUEST,
+                "unsupported format: use json or msgpack",
+            ))));
+            None
         }
+        Some(format) => {
+            let outlet = outlet.clone();
+            Some(Box::pin(async move {
+                Session::open(state, &query, format, outlet, arrival).await
+            }))
+        }
+    };
+    async move {
+        'session: {
+            let Some(opening) = opening else {
+                break 'session;
+            };
+            // Bound by a `let`, not matched in place: a `match` on the result would
+            // keep it (a whole `Session`) in this future while the session runs.
+            let session = match opening.await {
+                Ok(session) => session,
+                Err(err) => {
+                    outlet.finish(Some(refusal_frame(err)));
+                    break 'session;
+                }
+            };
+            session.run(WsInbound(stream, frame_max)).await;
+        }
+        drop(outlet);
+        // Bounded: every write of the writer is (`write_timeout_ms`, FINAL_WRITE_TIMEOUT).
+        let _ = writer.await;
+        drop(open);
+        drop(permit);
     }
-    drop(outlet);
-    // Bounded: every write of the writer is (`write_timeout_ms`, FINAL_WRITE_TIMEOUT).
-    let _ = writer.await;
 }
 
 fn ws_message(format: Format, bytes: Bytes) -> WsMessage {
@@ -250,32 +281,43 @@ impl OldestInBatch {
 /// The writer: drains the queue in batches (one flush per batch), keeps the connection
 /// alive when idle, and writes the terminal frame. Every write is bounded by
 /// `write_timeout_ms`; past it the writer gives up on the client.
-async fn write_loop(mut writer: Writer, mut queue: mpsc::Receiver<Outbound>) {
-    let mut deadline = Instant::now() + writer.idle;
-    loop {
-        let written = tokio::select! {
-            biased;
-            // The session ended the connection (or went away). Cancel-safe.
-            _ = writer.shared.ended() => break,
-            // Queued frames: write all that are ready, then flush once. Cancel-safe:
-            // nothing is taken from the queue unless this arm runs.
-            item = queue.recv() => {
-                let Some(item) = item else { break };
-                writer.batch(&mut queue, item).await
+/// Not an `async fn`: this future lives as long as the connection, and an `async fn`
+/// would hold its arguments (the `Writer`) twice (rust-lang/rust#62958).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold the Writer twice"
+)]
+fn write_loop(
+    mut writer: Writer,
+    mut queue: mpsc::Receiver<Outbound>,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let mut deadline = Instant::now() + writer.idle;
+        loop {
+            let written = tokio::select! {
+                biased;
+                // The session ended the connection (or went away). Cancel-safe.
+                _ = writer.shared.ended() => break,
+                // Queued frames: write all that are ready, then flush once. Cancel-safe:
+                // nothing is taken from the queue unless this arm runs.
+                item = queue.recv() => {
+                    let Some(item) = item else { break };
+                    writer.batch(&mut queue, item).await
+                }
+                // Nothing sent for `idle`: a protocol HEARTBEAT (clients that asked for
+                // them, and Python which asks for nothing) or a WebSocket ping.
+                // Boxed, like the close below: rare, and inline they would make every
+                // idle connection's writer task as large as they are.
+                _ = tokio::time::sleep_until(deadline) => Box::pin(writer.heartbeat()).await,
+            };
+            match written {
+                Ok(()) => deadline = Instant::now() + writer.idle,
+                Err(failed) => return writer.give_up(failed),
             }
-            // Nothing sent for `idle`: a protocol HEARTBEAT (clients that asked for
-            // them, and Python which asks for nothing) or a WebSocket ping.
-            // Boxed, like the close below: rare, and inline they would make every
-            // idle connection's writer task as large as they are.
-            _ = tokio::time::sleep_until(deadline) => Box::pin(writer.heartbeat()).await,
-        };
-        match written {
-            Ok(()) => deadline = Instant::now() + writer.idle,
-            Err(failed) => return writer.give_up(failed),
         }
+        let last = writer.shared.end().cloned().flatten().map(|last| *last);
+        Box::pin(writer.close(last)).await;
     }
-    let last = writer.shared.end().cloned().flatten().map(|last| *last);
-    Box::pin(writer.close(last)).await;
 }
 
 impl Writer {

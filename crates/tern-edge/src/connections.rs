@@ -44,6 +44,7 @@ pub(crate) mod handover;
 pub(crate) mod keys;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -56,6 +57,7 @@ use serde::Serialize;
 use tern_auth::{AuthContext, Capability, Operation};
 use tern_core::{ChannelKey, Lookup};
 use tern_protocol::{code, flags, ErrorInfo};
+use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
 use crate::credentials::{denied, rest_auth};
@@ -133,20 +135,61 @@ pub(crate) struct ConnectionInfo {
 
 /// A live session's handle in the registry: how others reach it.
 pub(crate) struct LiveConnection {
-    /// Woken when a resume on another transport takes this connection over.
-    pub(crate) superseded: Notify,
-    /// Woken by `DELETE /connections/{id}`: the session ends the connection for good.
-    pub(crate) closed: Notify,
+    /// Woken when a resume on another transport takes this connection over, or by
+    /// `DELETE /connections/{id}` (the session ends the connection for good); `why`
+    /// says which. One `Notify` for both: every idle session waits on it, and each
+    /// wait is a `Notified` in its future.
+    woken: Notify,
+    why: AtomicU8,
     pub(crate) info: ConnectionInfo,
 }
+
+/// Why a live connection's session was woken (see [`LiveConnection::woken`]).
+pub(crate) enum Woken {
+    /// A resume on another transport took the connection over.
+    Superseded,
+    /// `DELETE /connections/{id}` closed it.
+    Closed,
+}
+
+const SUPERSEDED: u8 = 1;
+const CLOSED: u8 = 2;
 
 impl LiveConnection {
     pub(crate) fn new(info: ConnectionInfo) -> Arc<Self> {
         Arc::new(LiveConnection {
-            superseded: Notify::new(),
-            closed: Notify::new(),
+            woken: Notify::new(),
+            why: AtomicU8::new(0),
             info,
         })
+    }
+
+    /// A resume on another transport takes this connection over. `notify_one` keeps
+    /// the wake-up if the session is between polls.
+    pub(crate) fn supersede(&self) {
+        self.why.fetch_or(SUPERSEDED, Ordering::Release);
+        self.woken.notify_one();
+    }
+
+    /// `DELETE /connections/{id}`: the session ends the connection for good.
+    pub(crate) fn close(&self) {
+        self.why.fetch_or(CLOSED, Ordering::Release);
+        self.woken.notify_one();
+    }
+
+    /// Completes once the connection is superseded or closed (then [`Self::why`] says
+    /// which). Cancel-safe.
+    pub(crate) fn woken(&self) -> Notified<'_> {
+        self.woken.notified()
+    }
+
+    /// Why the session was woken: closed, if it was both.
+    pub(crate) fn why(&self) -> Woken {
+        if self.why.load(Ordering::Acquire) & CLOSED != 0 {
+            Woken::Closed
+        } else {
+            Woken::Superseded
+        }
     }
 }
 
@@ -375,7 +418,7 @@ pub(crate) async fn delete(
             Some(Lookup::Live(live)) if live.info.app_id == auth.app_id => {
                 // `notify_one` keeps the wake-up if the session is between polls. The
                 // session ends as on CLOSE (members leave, `connection.disconnected`).
-                live.closed.notify_one();
+                live.close();
                 Found::Closing
             }
             Some(Lookup::Parked { state, .. }) if state.info.app_id == auth.app_id => {

@@ -225,29 +225,41 @@ pub(crate) fn revoked() -> ErrorInfo {
 
 /// Waits until `ctx` is refused by a revocation (never, if it is not). Cancel-safe:
 /// call it again in each round of a `select!` loop with the same receiver.
-pub(crate) async fn until_revoked(
-    revocations: &Revocations,
-    changes: &mut watch::Receiver<u64>,
-    ctx: &AuthContext,
-) {
-    loop {
-        changes.borrow_and_update();
-        let wait_ms = revocations
-            .refused_from(ctx)
-            .map(|from| from.saturating_sub(now_ms()));
-        match wait_ms {
-            Some(ms) if ms <= 0 => return,
-            Some(ms) => {
-                let wait = Duration::from_millis(ms as u64);
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => return,
-                    changed = changes.changed() => if changed.is_err() { std::future::pending::<()>().await },
+/// Not an `async fn`: it is waited on in every idle session, and an `async fn` holds
+/// its arguments twice (rust-lang/rust#62958).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice"
+)]
+pub(crate) fn until_revoked<'a>(
+    revocations: &'a Revocations,
+    changes: &'a mut watch::Receiver<u64>,
+    ctx: &'a AuthContext,
+) -> impl std::future::Future<Output = ()> + Send + 'a {
+    async move {
+        loop {
+            changes.borrow_and_update();
+            let wait_ms = revocations
+                .refused_from(ctx)
+                .map(|from| from.saturating_sub(now_ms()));
+            // Boxed: a revocation that covers this token but applies later is rare, and
+            // inline its timer would sit in every connection's session for its life.
+            let mut applies = match wait_ms {
+                Some(ms) if ms <= 0 => return,
+                Some(ms) => Some(Box::pin(tokio::time::sleep(Duration::from_millis(
+                    ms as u64,
+                )))),
+                None => None,
+            };
+            let applied = async {
+                match applies.as_mut() {
+                    Some(sleep) => sleep.await,
+                    None => std::future::pending().await,
                 }
-            }
-            None => {
-                if changes.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
+            };
+            tokio::select! {
+                _ = applied => return,
+                changed = changes.changed() => if changed.is_err() { std::future::pending::<()>().await },
             }
         }
     }

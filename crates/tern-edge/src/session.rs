@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::pending;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +39,7 @@ pub(crate) use derived::read_only;
 use attach::{Attached, WARM_WAIT};
 use publish::RateWindow;
 
-use crate::connections::{ConnectionInfo, LiveConnection, ID_RANDOM_LEN};
+use crate::connections::{ConnectionInfo, LiveConnection, Woken, ID_RANDOM_LEN};
 use crate::credentials::{authenticate, details_client_id, resolve_identity};
 use crate::hooks::Arrival;
 use crate::now_ms;
@@ -74,6 +75,14 @@ enum Ending {
     /// The transport went away: state is parked for a resume, members stay for the
     /// grace period.
     Dropped,
+}
+
+/// A client frame the reader loop could not finish at once (see `Session::finish_frame`).
+enum Unfinished {
+    /// Its replies need room in the queue first, or it is a CLOSE.
+    Frame(Box<ProtocolMessage>),
+    /// It was handled: an ATTACH waits for its channel to warm.
+    Warming,
 }
 
 /// How long a client that does not read may hold up its own replies before it is
@@ -164,7 +173,8 @@ pub(crate) struct Session {
     /// When the connection was first opened (kept across resumes).
     connected_at_ms: i64,
     /// The clientId and capability the `$connect` function gave, if it changed them.
-    from_function: Option<(ClientIdentity, tern_auth::Capability)>,
+    /// Boxed: rare, and inline it would be held in every connection's session.
+    from_function: Option<Box<(ClientIdentity, tern_auth::Capability)>>,
 }
 
 impl Session {
@@ -211,7 +221,10 @@ impl Session {
                     identity = function_identity.clone();
                     auth.capability = auth.capability.intersect(capability);
                 }
-                (parked.from_function.clone(), parked.info.connected_at_ms)
+                (
+                    parked.from_function.clone().map(Box::new),
+                    parked.info.connected_at_ms,
+                )
             }
             None => {
                 let changed =
@@ -229,7 +242,7 @@ impl Session {
                     crate::departures::publish(&state.hub, &auth.app_id, &[opened]);
                 }
                 (
-                    changed.then(|| (identity.clone(), auth.capability.clone())),
+                    changed.then(|| Box::new((identity.clone(), auth.capability.clone()))),
                     now,
                 )
             }
@@ -392,99 +405,146 @@ impl Session {
 
     /// The reader loop. Returns when the connection ends, after telling the hub and
     /// parking or discarding the connection's state.
-    pub(crate) async fn run(mut self, mut inbound: impl Inbound) {
-        let mut shutdown = self.state.shutdown.clone();
-        let shared = self.outlet.shared.clone();
-        let live = self.live.clone();
-        let revocations = self.state.keys.revocations.clone();
-        let mut revocation_changes = revocations.subscribe();
-        let ending = loop {
-            let deadline = self.token_deadline(now_ms());
-            tokio::select! {
-                // A before-publish function answered: apply what is now at the front.
-                // Cancel-safe: `join_next_with_id` is.
-                Some(joined) = self.calls.join_next_with_id(), if !self.calls.is_empty() => {
-                    self.verdict_arrived(joined);
+    ///
+    /// Not an `async fn`: an `async fn` keeps each argument twice in its future, as
+    /// captured and as moved into its body (rust-lang/rust#62958), and this future
+    /// lives as long as the connection, so the whole `Session` would be held twice by
+    /// every idle connection. An `async move` block uses what it captures in place.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would hold the Session twice"
+    )]
+    pub(crate) fn run(
+        mut self,
+        mut inbound: impl Inbound,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let mut shutdown = self.state.shutdown.clone();
+            let shared = self.outlet.shared.clone();
+            let live = self.live.clone();
+            let revocations = self.state.keys.revocations.clone();
+            let mut revocation_changes = revocations.subscribe();
+            // The token's timer, armed only for a token that expires. Boxed: inline, a
+            // timer would sit in every connection's future (most, with a key, have none).
+            let mut token_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+            let ending = loop {
+                match self.token_deadline(now_ms()) {
+                    Some(deadline) => match &mut token_timer {
+                        Some(timer) => timer.as_mut().reset(deadline),
+                        None => token_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    },
+                    None => token_timer = None,
                 }
-                // A client frame. Cancel-safe: `Inbound::next` is. Not read while the
-                // connection's held-back publishes are at their bound.
-                received = inbound.next(), if !self.pipeline.is_full() => {
-                    // Boxed: it is held across the waits below, and inline it would
-                    // make every idle connection's task a frame larger.
-                    let frame: Box<ProtocolMessage> = match received {
-                        Received::Encoded(bytes) => match tern_protocol::decode(self.format, &bytes) {
-                            Ok(frame) => Box::new(frame),
-                            Err(err) => break self.fail_with(err.to_error_info()),
-                        },
-                        Received::Decoded(frame) => frame,
-                        Received::Refused(error) => break self.fail_with(error),
-                        Received::Gone => break Ending::Dropped,
-                    };
-                    // The waits below are boxed: they are rare, and inline they would
-                    // make every idle connection's task as large as the largest of them.
-                    if !self.outlet.has_headroom()
-                        && !Box::pin(self.outlet.headroom(SLOW_CLIENT_WAIT)).await
-                    {
+                // The arms below do not wait: the select's output (the largest of its
+                // arms' values) would be held across their waits in every idle
+                // connection's future. A client frame that has to wait is finished
+                // after it, boxed.
+                let unfinished = tokio::select! {
+                    // A before-publish function answered: apply what is now at the front.
+                    // Cancel-safe: `join_next_with_id` is.
+                    Some(joined) = self.calls.join_next_with_id(), if !self.calls.is_empty() => {
+                        self.verdict_arrived(joined);
+                        None
+                    }
+                    // A client frame. Cancel-safe: `Inbound::next` is. Not read while the
+                    // connection's held-back publishes are at their bound.
+                    received = inbound.next(), if !self.pipeline.is_full() => {
+                        // Boxed: it may be held across the waits of `finish_frame`, and
+                        // inline it would make every idle connection's task a frame larger.
+                        let frame: Box<ProtocolMessage> = match received {
+                            Received::Encoded(bytes) => match tern_protocol::decode(self.format, &bytes) {
+                                Ok(frame) => Box::new(frame),
+                                Err(err) => break self.fail_with(err.to_error_info()),
+                            },
+                            Received::Decoded(frame) => frame,
+                            Received::Refused(error) => break self.fail_with(error),
+                            Received::Gone => break Ending::Dropped,
+                        };
+                        if self.outlet.has_headroom() && frame.action != action::CLOSE {
+                            if let Some(ending) = self.handle(*frame) {
+                                break ending;
+                            }
+                            self.warming.is_some().then_some(Unfinished::Warming)
+                        } else {
+                            Some(Unfinished::Frame(frame))
+                        }
+                    }
+                    // The outbound queue overflowed: this client reads too slowly.
+                    _ = shared.overflowed() => {
                         self.outlet.finish(Some(self.disconnected(too_slow())));
                         break Ending::Dropped;
                     }
-                    if frame.action == action::CLOSE {
-                        // Publishes sent before the CLOSE are answered before CLOSED.
-                        Box::pin(self.settle_held()).await;
-                    }
-                    if let Some(ending) = self.handle(*frame) {
-                        break ending;
-                    }
-                    if let Some(mut warming) = self.warming.take() {
-                        let _ = Box::pin(tokio::time::timeout(WARM_WAIT, &mut warming.0)).await;
-                        let (_, frame) = *warming;
-                        if let Some(ending) = self.attach_now(frame) {
-                            break ending;
+                    _ = live.woken() => match live.why() {
+                        // The client resumed this connection on a new transport.
+                        Woken::Superseded => {
+                            self.outlet.finish(Some(self.disconnected(ErrorInfo::new(
+                                code::CONNECTION_SUPERSEDED, "connection resumed on another transport",
+                            ))));
+                            break Ending::Dropped;
+                        }
+                        // `DELETE /connections/{id}`: closed for good; ably-js goes FAILED.
+                        Woken::Closed => break self.fail_with(crate::connections::closed_by_request()),
+                    },
+                    // Token renewal notice, then expiry.
+                    _ = async { match token_timer.as_mut() { Some(timer) => timer.await, None => pending().await } } => {
+                        if self.renewal_due(now_ms()) {
+                            self.renew_requested = true;
+                            self.outlet.send(ProtocolMessage { action: action::AUTH, ..Default::default() });
+                            None
+                        } else {
+                            self.outlet.finish(Some(self.disconnected(ErrorInfo::new(code::TOKEN_EXPIRED, "token expired"))));
+                            break Ending::Dropped;
                         }
                     }
-                }
-                // The outbound queue overflowed: this client reads too slowly.
-                _ = shared.overflowed() => {
-                    self.outlet.finish(Some(self.disconnected(too_slow())));
-                    break Ending::Dropped;
-                }
-                // The client resumed this connection on a new transport.
-                _ = live.superseded.notified() => {
-                    self.outlet.finish(Some(self.disconnected(ErrorInfo::new(
-                        code::CONNECTION_SUPERSEDED, "connection resumed on another transport",
-                    ))));
-                    break Ending::Dropped;
-                }
-                // `DELETE /connections/{id}`: closed for good; ably-js goes FAILED.
-                _ = live.closed.notified() => {
-                    break self.fail_with(crate::connections::closed_by_request());
-                }
-                // Token renewal notice, then expiry.
-                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => pending().await } } => {
-                    if self.renewal_due(now_ms()) {
-                        self.renew_requested = true;
-                        self.outlet.send(ProtocolMessage { action: action::AUTH, ..Default::default() });
-                    } else {
-                        self.outlet.finish(Some(self.disconnected(ErrorInfo::new(code::TOKEN_EXPIRED, "token expired"))));
+                    // A token revocation covers this connection's token (and applies now).
+                    _ = crate::revoke::until_revoked(&revocations, &mut revocation_changes, &self.auth) => {
+                        self.outlet.finish(Some(self.disconnected(crate::revoke::revoked())));
                         break Ending::Dropped;
                     }
+                    // The node is shutting down: the client reconnects (elsewhere, if it can).
+                    _ = shutdown.changed() => {
+                        self.outlet.finish(Some(self.disconnected(ErrorInfo::with_status(
+                            code::DISCONNECTED, 503, "server shutting down",
+                        ))));
+                        break Ending::Dropped;
+                    }
+                };
+                // Boxed: rare, and inline these waits would make every idle connection's
+                // future as large as the largest of them.
+                if let Some(unfinished) = unfinished {
+                    if let Some(ending) = Box::pin(self.finish_frame(unfinished)).await {
+                        break ending;
+                    }
                 }
-                // A token revocation covers this connection's token (and applies now).
-                _ = crate::revoke::until_revoked(&revocations, &mut revocation_changes, &self.auth) => {
-                    self.outlet.finish(Some(self.disconnected(crate::revoke::revoked())));
-                    break Ending::Dropped;
-                }
-                // The node is shutting down: the client reconnects (elsewhere, if it can).
-                _ = shutdown.changed() => {
-                    self.outlet.finish(Some(self.disconnected(ErrorInfo::with_status(
-                        code::DISCONNECTED, 503, "server shutting down",
-                    ))));
-                    break Ending::Dropped;
-                }
+            };
+            self.outlet.finish(None);
+            self.end(ending);
+        }
+    }
+
+    /// The waits of a client frame, then the frame: room in the queue for its replies
+    /// (a client that does not read is disconnected after SLOW_CLIENT_WAIT), the held
+    /// publishes settled before a CLOSE, and an ATTACH waiting for its channel to warm.
+    async fn finish_frame(&mut self, unfinished: Unfinished) -> Option<Ending> {
+        if let Unfinished::Frame(frame) = unfinished {
+            if !self.outlet.has_headroom() && !self.outlet.headroom(SLOW_CLIENT_WAIT).await {
+                self.outlet.finish(Some(self.disconnected(too_slow())));
+                return Some(Ending::Dropped);
             }
-        };
-        self.outlet.finish(None);
-        self.end(ending);
+            if frame.action == action::CLOSE {
+                // Publishes sent before the CLOSE are answered before CLOSED.
+                self.settle_held().await;
+            }
+            if let Some(ending) = self.handle(*frame) {
+                return Some(ending);
+            }
+        }
+        if let Some(mut warming) = self.warming.take() {
+            let _ = tokio::time::timeout(WARM_WAIT, &mut warming.0).await;
+            let (_, frame) = *warming;
+            return self.attach_now(frame);
+        }
+        None
     }
 
     fn end(mut self, ending: Ending) {
@@ -533,7 +593,7 @@ impl Session {
                     info: self.live.info.clone(),
                     replies: self.replies,
                     presence_channels: self.presence_channels,
-                    from_function: self.from_function,
+                    from_function: self.from_function.map(|given| *given),
                 };
                 let deadline = now + self.state.config.connection_state_ttl_ms as i64;
                 self.state
@@ -686,7 +746,7 @@ pub(crate) async fn take_parked(
                 return Ok((id, parked, keys));
             }
             Err(ResumeError::Live(live)) if Instant::now() < give_up => {
-                live.superseded.notify_one();
+                live.supersede();
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Err(ResumeError::Live(_)) => {
