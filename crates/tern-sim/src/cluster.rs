@@ -332,8 +332,11 @@ impl Sim {
     pub(crate) fn holds(&self, at: usize, ch: usize) -> bool {
         let sub = self.nodes[at].subs.get(&ch);
         let warming = sub.is_some_and(|s| s.warming.is_some());
-        let home_here = self.home_seen(at, ch, self.regions[at]) == at;
-        inbound::keeps(sub.is_some() && !warming, warming, home_here)
+        inbound::keeps(
+            || sub.is_some() && !warming,
+            || warming,
+            || self.home_seen(at, ch, self.regions[at]) == at,
+        )
     }
 
     /// Who node `at` sends an event of `origin` to: `routing::recipients` over its view

@@ -50,11 +50,11 @@ impl Replicator {
     /// Whether this node keeps `key` (and so repairs its gaps from `Heads`): it has
     /// subscribers on it, is waiting for its state, or is its home here.
     pub(super) fn holds(&self, key: &ChannelKey) -> bool {
-        let home_here =
-            || self.home_here(&lock(&self.out), key) == Some(self.config.node_id.as_str());
-        let subscribed = lock(&self.mine).contains(key);
-        let warming = lock(&self.warming).contains(key);
-        tern_replication::inbound::keeps(subscribed, warming, home_here())
+        tern_replication::inbound::keeps(
+            || lock(&self.mine).contains(key),
+            || lock(&self.warming).contains(key),
+            || self.home_here(&lock(&self.out), key) == Some(self.config.node_id.as_str()),
+        )
     }
 
     /// The publishes whose replies run now (`acks::Waiters::drain`).
