@@ -97,6 +97,17 @@ impl HistoryAccess for History {
             .unwrap()
             .push((channel.to_string(), items));
     }
+
+    fn channels(
+        &self,
+        _: Option<Vec<u8>>,
+        _: usize,
+    ) -> (
+        Vec<tern_cluster::replicator::StoredChannel>,
+        Option<Vec<u8>>,
+    ) {
+        (Vec::new(), None)
+    }
 }
 
 /// Node "v" (r1) under test, well-behaved "w" (r2), and two raw members: "e" of v's

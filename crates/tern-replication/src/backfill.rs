@@ -43,8 +43,14 @@ impl<P> Default for Backfills<P> {
 
 /// Where to copy from: this node must be the channel's home in its region (`homes` maps
 /// region → home); the source is another region's home (the lowest id, for
-/// determinism).
-pub fn source<'a>(homes: &HashMap<&'a str, &'a str>, my_region: &str, me: &str) -> Option<&'a str> {
+/// determinism), or with no other region `told_by`: the node whose `Heads` told of the
+/// channel (in one region, the old home handing it over).
+pub fn source<'a>(
+    homes: &HashMap<&'a str, &'a str>,
+    my_region: &str,
+    me: &str,
+    told_by: Option<&'a str>,
+) -> Option<&'a str> {
     if homes.get(my_region) != Some(&me) {
         return None;
     }
@@ -53,6 +59,7 @@ pub fn source<'a>(homes: &HashMap<&'a str, &'a str>, my_region: &str, me: &str) 
         .filter(|(region, _)| **region != my_region)
         .map(|(_, node)| *node)
         .min()
+        .or(told_by.filter(|node| *node != me))
 }
 
 impl<P: Copy> Backfills<P> {
@@ -154,10 +161,14 @@ mod tests {
     #[test]
     fn only_the_home_copies_from_another_regions_home() {
         let homes: HashMap<&str, &str> = [("a", "a1"), ("b", "b2"), ("c", "c1")].into();
-        assert_eq!(source(&homes, "a", "a1"), Some("b2"));
-        assert_eq!(source(&homes, "a", "a2"), None);
+        assert_eq!(source(&homes, "a", "a1", None), Some("b2"));
+        assert_eq!(source(&homes, "a", "a1", Some("a2")), Some("b2"));
+        assert_eq!(source(&homes, "a", "a2", Some("a1")), None);
+        // One region: only the node that told of the channel, never this one.
         let alone: HashMap<&str, &str> = [("a", "a1")].into();
-        assert_eq!(source(&alone, "a", "a1"), None);
+        assert_eq!(source(&alone, "a", "a1", None), None);
+        assert_eq!(source(&alone, "a", "a1", Some("a2")), Some("a2"));
+        assert_eq!(source(&alone, "a", "a1", Some("a1")), None);
     }
 
     #[test]

@@ -19,9 +19,12 @@
 //! - [`inbound`]: which frames a node takes for a channel, by whether it keeps it.
 //! - [`warm`]: a first subscriber waiting for a channel's state (`Sync`), and the answer.
 //! - [`backfill`]: a channel's new home copying stored history, one page at a time.
+//! - [`handoff`]: after a membership change, telling a channel's new home of the
+//!   channels in this node's store (held in memory or not).
 
 pub mod acks;
 pub mod backfill;
+pub mod handoff;
 pub mod heads;
 pub mod inbound;
 pub mod links;

@@ -330,6 +330,32 @@ impl tern_cluster::replicator::HistoryAccess for StoreHistory {
             tracing::warn!(%channel, error = %err, "storing copied history failed");
         }
     }
+
+    fn channels(
+        &self,
+        after: Option<Vec<u8>>,
+        max: usize,
+    ) -> (
+        Vec<tern_cluster::replicator::StoredChannel>,
+        Option<Vec<u8>>,
+    ) {
+        let page = match self.store.message_channels(after.as_deref(), max) {
+            Ok(page) => page,
+            Err(err) => {
+                tracing::warn!(error = %err, "listing the stored channels failed");
+                return (Vec::new(), None);
+            }
+        };
+        let channels = page
+            .channels
+            .into_iter()
+            .filter_map(|(app, channel)| {
+                let cursor = self.store.cursor(&app, &channel).ok()?;
+                Some((tern_core::ChannelKey::new(&app, &channel), cursor))
+            })
+            .collect();
+        (channels, page.next)
+    }
 }
 
 #[cfg(test)]

@@ -161,6 +161,11 @@ const COUNTERS: &[(&str, bool, &str)] = &[
         "Replication frames refused (too large to send)",
     ),
     (
+        "tern_replication_handoff_channels_total",
+        false,
+        "Stored channels whose new home (after a membership change) this node told of them",
+    ),
+    (
         "tern_replication_interest_refused_total",
         false,
         "Interest announcements refused (over bounds)",

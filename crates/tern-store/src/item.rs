@@ -271,6 +271,14 @@ pub(crate) fn channel_of_prefix(prefix: &[u8]) -> Option<&[u8]> {
     matches!(rest, [0..=3]).then_some(channel)
 }
 
+/// `(app, channel)` of a message history's key prefix (kind `Message`); `None` for
+/// presence, a message's changes and annotations, or malformed bytes.
+pub(crate) fn message_channel_of_prefix(prefix: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (app, rest) = split_name(prefix)?;
+    let (channel, rest) = split_name(rest)?;
+    (rest == [EventKind::Message.byte()]).then_some((app, channel))
+}
+
 /// The key of a channel's cursor row for an item prefix: the prefix without its kind
 /// byte, so messages and presence (which share one sequence per origin) share one row;
 /// a message's changes and annotations count in their channel's row.

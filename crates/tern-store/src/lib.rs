@@ -55,6 +55,15 @@ pub use retention::RetentionRule;
 /// it short and never block (calling [`HistoryStore::flush`] from it returns at once).
 pub type AppendDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
+/// One page of [`HistoryStore::message_channels`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChannelPage {
+    /// `(app, channel)` of the channels on the page with stored messages.
+    pub channels: Vec<(String, String)>,
+    /// Where the next page starts; `None` after the last.
+    pub next: Option<Vec<u8>>,
+}
+
 /// History persistence. Implementations are shared as `Arc<dyn HistoryStore>`.
 pub trait HistoryStore: Send + Sync {
     /// Queues items for a group commit; `done` fires after they are committed, in
@@ -92,6 +101,18 @@ pub trait HistoryStore: Send + Sync {
     /// Blocking (one read).
     fn cursor(&self, _app: &str, _channel: &str) -> Result<Vec<(u64, u64)>, StoreError> {
         Ok(Vec::new())
+    }
+
+    /// The channels with stored messages, a page at a time in key order: looks at up
+    /// to `max` of the store's channel rows after the token `after` (`None`: the first)
+    /// and returns the `(app, channel)` of those that hold messages, with the token to
+    /// go on from (`None` once the last row was seen). Blocking.
+    fn message_channels(
+        &self,
+        _after: Option<&[u8]>,
+        _max: usize,
+    ) -> Result<ChannelPage, StoreError> {
+        Ok(ChannelPage::default())
     }
 
     /// How many appends with items were refused since the store opened. A caller that

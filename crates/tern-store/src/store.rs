@@ -6,11 +6,11 @@ use std::sync::Arc;
 use crate::backend::{Backend, Row};
 use crate::error::StoreError;
 use crate::health::WriteHealth;
-use crate::item::{channel_of_prefix, ChannelRef, StoredItem};
+use crate::item::{channel_of_prefix, message_channel_of_prefix, ChannelRef, StoredItem};
 use crate::query::{HistoryPage, HistoryQuery, Pager};
 use crate::retention::{rule_for, RetentionRule, TrimPlan};
 use crate::writer::{spawn_writer, Writer};
-use crate::{AppendDone, HistoryStore, StoreConfig};
+use crate::{AppendDone, ChannelPage, HistoryStore, StoreConfig};
 
 pub(crate) struct Store {
     /// Declared first so it drops (drains and joins the writer) before the rest.
@@ -267,6 +267,27 @@ impl HistoryStore for Store {
 
     fn flush(&self) {
         self.writer.flush();
+    }
+
+    fn message_channels(
+        &self,
+        after: Option<&[u8]>,
+        max: usize,
+    ) -> Result<ChannelPage, StoreError> {
+        let prefixes = self.backend.channels(after, max)?;
+        let next = (prefixes.len() >= max)
+            .then(|| prefixes.last().cloned())
+            .flatten();
+        let channels = prefixes
+            .iter()
+            .filter_map(|prefix| message_channel_of_prefix(prefix))
+            .filter_map(|(app, channel)| {
+                let app = std::str::from_utf8(app).ok()?;
+                let channel = std::str::from_utf8(channel).ok()?;
+                Some((app.to_string(), channel.to_string()))
+            })
+            .collect();
+        Ok(ChannelPage { channels, next })
     }
 
     fn cursor(&self, app: &str, channel: &str) -> Result<Vec<(u64, u64)>, StoreError> {

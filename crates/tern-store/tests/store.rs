@@ -542,3 +542,48 @@ fn cursor_outlives_retention_and_reopen() {
     let reopened = open(&redb).unwrap();
     assert_eq!(reopened.cursor("app", "c").unwrap(), vec![(1, 2), (2, 2)]);
 }
+
+/// The channels with stored messages, a page at a time (both engines): every such
+/// channel once, in key order across pages; a channel with only presence, or a
+/// message's changes, is not one; an empty store has none.
+#[test]
+fn message_channels_page_through_the_channels_with_messages() {
+    for opened in both(StoreConfig::default()) {
+        let store = &opened.store;
+        let first = store.message_channels(None, 2).unwrap();
+        assert_eq!(first, tern_store::ChannelPage::default());
+        let mut items = Vec::new();
+        for name in ["c0", "c1", "c2", "c3", "c4"] {
+            items.push((channel(name), item(1, 1)));
+        }
+        items.push((
+            ChannelRef::new("app", "only-presence", EventKind::Presence),
+            item(1, 2),
+        ));
+        items.push((
+            ChannelRef::new("other", "c0", EventKind::Message),
+            item(1, 3),
+        ));
+        items.push((
+            ChannelRef::of_message("app", "c1", "serial", EventKind::Versions),
+            item(1, 4),
+        ));
+        append_all(store, items);
+        let mut seen = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        for _ in 0..20 {
+            let page = store.message_channels(after.as_deref(), 2).unwrap();
+            seen.extend(page.channels);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        let mut want: Vec<(String, String)> = ["c0", "c1", "c2", "c3", "c4"]
+            .iter()
+            .map(|c| ("app".to_string(), c.to_string()))
+            .collect();
+        want.push(("other".into(), "c0".into()));
+        assert_eq!(seen, want);
+    }
+}

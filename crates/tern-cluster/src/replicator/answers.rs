@@ -144,15 +144,17 @@ impl Replicator {
     /// Starts copying the channel's stored history from its home in another region when
     /// this node is the channel's home here and has a history store: always after a
     /// `Skip` (`missed`: events no log had), otherwise only when nothing of the channel
-    /// is stored here yet (`backfill::Backfills::start`).
-    pub(super) fn maybe_backfill(&self, key: &ChannelKey, missed: bool) {
+    /// is stored here yet (`backfill::Backfills::start`). `told_by`: the node whose
+    /// `Heads` told of the channel (the source when no other region has a home).
+    pub(super) fn maybe_backfill(&self, key: &ChannelKey, missed: bool, told_by: Option<&str>) {
         let Some(history) = self.history.get() else {
             return;
         };
         let source = {
             let out = lock(&self.out);
             let homes = routing::homes(key, self.nodes(&out));
-            let source = backfill::source(&homes, &self.config.region, &self.config.node_id);
+            let source =
+                backfill::source(&homes, &self.config.region, &self.config.node_id, told_by);
             match source {
                 Some(node) => node.to_string(),
                 None => return,

@@ -22,6 +22,7 @@
 //! - `wan.rs`: the emulated WAN's precise timer (local multi-region runs only).
 
 mod answers;
+mod handoff;
 mod receive;
 mod routes;
 mod send;
@@ -36,6 +37,7 @@ use std::time::{Duration, Instant};
 use tern_core::{ChannelEvent, ChannelKey, Hub, Journal, OriginId};
 use tern_replication::acks::Waiters;
 use tern_replication::backfill::Backfills;
+use tern_replication::handoff::Handoff;
 use tern_replication::links::{InLink, OutLink, SendBuffer};
 use tern_replication::routing::{self, Interest, Node};
 use tern_replication::warm::Warm;
@@ -48,6 +50,7 @@ use crate::wire::{EventV1, FrameV1, ItemPosV1, ItemV1};
 use send::{oversized, send_loop, Hello};
 
 pub use tern_replication::acks::REPLICA_ACK_TIMEOUT;
+pub use tern_replication::handoff::StoredChannel;
 pub use tern_replication::links::{CONTROL_QUEUE_MAX, PEER_BUFFER_MAX};
 pub use tern_replication::warm::WARM_TIMEOUT;
 
@@ -78,6 +81,11 @@ pub trait HistoryAccess: Send + Sync {
     ) -> (Vec<ItemV1>, bool);
     /// Stores copied items; an item at a position already stored replaces it.
     fn put(&self, app: &str, channel: &str, presence: bool, items: Vec<ItemV1>);
+    /// A page of the channels with stored messages, each with its stored cursor, after
+    /// the page token `after` (`None`: the first page), and the next page's token
+    /// (`None` after the last). Blocking (store reads).
+    fn channels(&self, after: Option<Vec<u8>>, max: usize)
+        -> (Vec<StoredChannel>, Option<Vec<u8>>);
 }
 
 /// A publish's reply, run with `true` once replicated (or `false` on timeout).
@@ -145,6 +153,9 @@ pub struct Replicator {
     /// Where the next `Heads` round starts in the hub's channels (`Hub::cursors_from`),
     /// so a node with more than `HEADS_CHANNELS_MAX` channels lists them all in turn.
     heads_skip: std::sync::atomic::AtomicUsize,
+    /// Telling channels' new homes of this node's stored channels after a membership
+    /// change (the page token is the store's).
+    handoff: Mutex<Handoff<Vec<u8>>>,
 }
 
 struct Running {
@@ -237,6 +248,7 @@ impl Replicator {
             backfills: Mutex::new(Backfills::default()),
             backfill_answers: std::sync::atomic::AtomicUsize::new(0),
             heads_skip: std::sync::atomic::AtomicUsize::new(0),
+            handoff: Mutex::new(Handoff::default()),
         })
     }
 
@@ -261,6 +273,7 @@ impl Replicator {
                 let Some(me) = weak.upgrade() else { return };
                 me.expire_waiters();
                 me.expire_warming();
+                me.handoff_step();
                 if heads_at.elapsed() >= heads::HEADS_EVERY {
                     heads_at = Instant::now();
                     me.send_heads();
@@ -280,6 +293,7 @@ impl Replicator {
             return;
         };
         let mut out = lock(&self.out);
+        let before = self.members(&out);
         out.peers.retain(|id, peer| {
             let keep = peers.iter().any(|p| p == &peer.spec) && id != &self.config.node_id;
             if !keep {
@@ -345,9 +359,11 @@ impl Replicator {
                 },
             );
         }
+        let after = self.members(&out);
         let done = self.drain_waiters(&mut out);
         drop(out);
         run_all(done);
+        lock(&self.handoff).on_members(&before, &after, self.now());
     }
 
     /// Test hook: cut (or restore) this node's links to `peer` in both directions, as a

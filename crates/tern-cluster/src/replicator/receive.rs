@@ -184,7 +184,7 @@ impl Replicator {
                 };
                 // No log has them, but a home's store may: if we are the channel's
                 // home, copy its history.
-                self.maybe_backfill(&key, true);
+                self.maybe_backfill(&key, true, None);
                 tracing::warn!(%channel, origin = format!("{origin:016x}"), upto, applied, "events no peer can supply were skipped");
             }
             FrameV1::Stored {
@@ -307,7 +307,7 @@ impl Replicator {
             if mine.origins().next().is_none() {
                 // Nothing of it here yet: if we are its home, its stored history is
                 // ours to keep too.
-                self.maybe_backfill(&key, false);
+                self.maybe_backfill(&key, false, Some(peer));
             }
             let asks = heads::wanted(
                 &asker,
