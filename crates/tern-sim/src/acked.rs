@@ -44,7 +44,7 @@ pub(crate) struct AckState {
     pub(crate) waiters: Waiters<(usize, Vec<(u64, u64)>)>,
     pub(crate) inbound: HashMap<usize, InLink>,
     /// Per channel, the (link epoch, position) of the latest event it sent on each link
-    /// that carried it (the driver's `last_sent`): while not `links::settled`, the
+    /// that carried it (the driver's `LastSent::any`): while not `links::settled`, the
     /// channel stays in the hub.
     pub(crate) last_sent: HashMap<usize, Vec<(u64, u64)>>,
 }

@@ -173,14 +173,35 @@ struct Out {
     epochs: u64,
     /// Same-region peers' interest.
     interest: Interest,
-    /// Per channel, the (link epoch, position) of this node's latest event on each link
-    /// that carried it: what a publish's ACK waits for.
-    last_targets: HashMap<ChannelKey, Vec<(u64, u64)>>,
-    /// Per channel, the (link epoch, position) of the latest event this node sent on
-    /// each link that carried it, its own or relayed: while they are unacknowledged the
-    /// channel keeps its log (`Journal::may_drop`). Bounded like `last_targets`; a
-    /// forgotten channel may be dropped.
-    last_sent: HashMap<ChannelKey, Vec<(u64, u64)>>,
+    /// Per channel, where its latest events went (at most [`LAST_TARGETS_MAX`]
+    /// channels; past it the map is cleared).
+    last: HashMap<ChannelKey, LastSent>,
+}
+
+impl Out {
+    /// The channel's entry in [`Out::last`], made if missing (the map is cleared first
+    /// when it is full).
+    fn last_mut(&mut self, key: &ChannelKey) -> &mut LastSent {
+        if !self.last.contains_key(key) {
+            if self.last.len() >= LAST_TARGETS_MAX {
+                self.last.clear();
+            }
+            // The key is cloned only for a channel not in the map yet.
+            self.last.insert(key.clone(), LastSent::default());
+        }
+        self.last.get_mut(key).expect("inserted above")
+    }
+}
+
+/// The (link epoch, position) on each link that carried a channel's latest events.
+#[derive(Default)]
+struct LastSent {
+    /// This node's own latest event: what a publish's ACK waits for (empty: it went
+    /// nowhere). `None`: none since the channel was last forgotten.
+    own: Option<Arc<[(u64, u64)]>>,
+    /// The latest event this node sent, its own or relayed: while unacknowledged the
+    /// channel keeps its log (`Journal::may_drop`). A forgotten channel may be dropped.
+    any: Option<Arc<[(u64, u64)]>>,
 }
 
 struct PeerOut {
@@ -398,8 +419,8 @@ impl Replicator {
         let mut out = lock(&self.out);
         let targets = match channel {
             None => Vec::new(),
-            Some(key) => match out.last_targets.get(key) {
-                Some(targets) => targets.clone(),
+            Some(key) => match out.last.get(key).and_then(|l| l.own.as_ref()) {
+                Some(targets) => targets.to_vec(),
                 // Forgotten (too many channels) or never published here: every link's
                 // latest position covers it.
                 None => out
@@ -517,7 +538,7 @@ impl Journal for Replicator {
             let recipients = self.recipients(&out, key, event.origin.0);
             if recipients.is_empty() {
                 if own {
-                    out.last_targets.insert(key.clone(), Vec::new());
+                    out.last_mut(key).own = Some(Arc::from([]));
                 }
                 return;
             }
@@ -552,21 +573,17 @@ impl Journal for Replicator {
             drop(q);
             peer.shared.notify.notify_one();
         }
-        if out.last_sent.len() >= LAST_TARGETS_MAX && !out.last_sent.contains_key(key) {
-            out.last_sent.clear();
-        }
-        out.last_sent.insert(key.clone(), targets.clone());
+        let targets: Arc<[(u64, u64)]> = targets.into();
+        let last = out.last_mut(key);
         if own {
-            if out.last_targets.len() >= LAST_TARGETS_MAX && !out.last_targets.contains_key(key) {
-                out.last_targets.clear();
-            }
-            out.last_targets.insert(key.clone(), targets);
+            last.own = Some(targets.clone());
         }
+        last.any = Some(targets);
     }
 
     fn may_drop(&self, key: &ChannelKey) -> bool {
         let out = lock(&self.out);
-        let Some(sent) = out.last_sent.get(key) else {
+        let Some(sent) = out.last.get(key).and_then(|l| l.any.as_ref()) else {
             return true;
         };
         let link = |epoch: u64| {
