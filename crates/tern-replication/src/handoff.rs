@@ -18,6 +18,13 @@
 //! is not sent, and one already sent to a home that changed again is sent to the
 //! latest. A pass starts [`HANDOFF_SETTLE`] after the change, so the new home has heard
 //! of the membership too (it must know itself to be the home to take the entry).
+//!
+//! A node that has just started finds its peers one by one: seen from it every channel's
+//! home "moves" from itself to the others, and a restarted node's store would be offered
+//! in full to homes that have it. So within [`HANDOFF_STARTUP`] of the driver's start, a
+//! change from a membership of this node alone is not a handoff. (A cluster of one node
+//! joined within that time hands nothing over; its joiner copies history only as any
+//! new home does, when `Heads` list the channel.)
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -31,6 +38,9 @@ use crate::Now;
 pub const HANDOFF_PAGE: usize = 1_000;
 /// How long after a membership change a pass starts.
 pub const HANDOFF_SETTLE: Duration = Duration::from_secs(1);
+/// Start-up: the time since the driver's start within which finding peers from a
+/// membership of this node alone is not a handoff.
+pub const HANDOFF_STARTUP: Duration = Duration::from_secs(10);
 
 /// A member as the rendezvous sees it. Owned: a pass outlives the membership it
 /// compares against.
@@ -80,8 +90,12 @@ impl<T> Default for Handoff<T> {
 }
 
 impl<T: Clone> Handoff<T> {
-    /// Membership went from `before` to `after` (each including this node).
+    /// Membership went from `before` to `after` (each including this node); `now` is
+    /// the time since the driver started.
     pub fn on_members(&mut self, before: &[Member], after: &[Member], now: Now) {
+        if self.pass.is_none() && before.len() <= 1 && now < HANDOFF_STARTUP {
+            return;
+        }
         let after: BTreeSet<Member> = after.iter().cloned().collect();
         let before = match self.pass.take() {
             Some(pass) => pass.before,
@@ -177,8 +191,9 @@ mod tests {
         }
     }
 
+    /// `secs` after the start-up window.
     fn at(secs: u64) -> Now {
-        Duration::from_secs(secs)
+        HANDOFF_STARTUP + Duration::from_secs(secs)
     }
 
     /// Channels of app "a" whose home in r1 is `home` among `nodes`.
@@ -287,5 +302,18 @@ mod tests {
         flap.on_members(&two, &one, at(0));
         assert!(!flap.running());
         assert!(flap.next_read(at(5)).is_none());
+    }
+
+    /// A node that just started finds its peers: no pass; alone for longer (a cluster
+    /// of one), a joiner is a handoff.
+    #[test]
+    fn finding_peers_at_start_up_is_not_a_handoff() {
+        let alone = vec![member("a", "r1")];
+        let found = vec![member("a", "r1"), member("b", "r1"), member("x", "r2")];
+        let mut handoff: Handoff<u32> = Handoff::default();
+        handoff.on_members(&alone, &found, Duration::from_secs(2));
+        assert!(!handoff.running());
+        handoff.on_members(&alone, &found, HANDOFF_STARTUP);
+        assert!(handoff.running());
     }
 }
