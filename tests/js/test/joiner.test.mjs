@@ -27,17 +27,19 @@ function score(app, channel, node) {
   return h;
 }
 
-test('a joining node that becomes a channel\'s home copies its whole history', async () => {
-  const cluster = await startRegions({ extra: '[limits]\nchannel_log_events_max = 3\n' });
+// Three regions; 10 messages on each of 5 channels, 3 of which the joiner (eu-west-2)
+// will be home of; `beforeJoin(cluster)` runs once history is stored in eu-west; then
+// eu-west-2 joins, and history read in eu-west (its own and the old home's) has every
+// message, then an 11th published after the join, once.
+async function joinScenario({ extra, prefix, beforeJoin = async () => {} }) {
+  const cluster = await startRegions({ extra });
   const rest = (host) => new Ably.Rest(options(cluster.port, { key: DEV_KEY, endpoint: host }));
   try {
-    // Channels the joiner (eu-west-2) will be home of, and ones it will not.
-    const names = Array.from({ length: 40 }, (_, i) => `hist-${i}`);
+    const names = Array.from({ length: 40 }, (_, i) => `${prefix}-${i}`);
     const joinerHome = names.filter((n) => score('dev', n, 'eu-west-2') > score('dev', n, 'eu-west-1')).slice(0, 3);
     const staysHome = names.filter((n) => !joinerHome.includes(n)).slice(0, 2);
     const channels = [...joinerHome, ...staysHome];
-    const sent = [];
-    for (let i = 0; i < 10; i++) sent.push(`h${i}`);
+    const sent = Array.from({ length: 10 }, (_, i) => `${prefix}${i}`);
     for (const name of channels) {
       for (const data of sent) await rest('127.0.0.1').channels.get(name).publish('n', data);
     }
@@ -46,6 +48,7 @@ test('a joining node that becomes a channel\'s home copies its whole history', a
     for (const name of channels) {
       await waitUntil(async () => (await history('127.0.0.2', name)).length === 10, 10000, `${name} in eu-west`);
     }
+    await beforeJoin(cluster);
 
     await cluster.addNode(1, 1); // eu-west-2 on 127.1.0.2
     const nodes = async (host) => {
@@ -70,11 +73,15 @@ test('a joining node that becomes a channel\'s home copies its whole history', a
     for (const name of joinerHome) {
       await waitUntil(async () => (await history('127.0.0.2', name)).length === 11, 10000, `${name} after join`);
       assert.deepEqual(await history('127.1.0.2', name), [...sent, 'after']);
+      assert.deepEqual(await history('127.0.0.2', name), [...sent, 'after']);
     }
   } finally {
     await cluster.stop();
   }
-});
+}
+
+test('a joining node that becomes a channel\'s home copies its whole history', () =>
+  joinScenario({ extra: '[limits]\nchannel_log_events_max = 3\n', prefix: 'hist' }));
 
 // The metric `tern_channels` (channels held in memory) of the node at `host`.
 async function channelsHeld(host, adminPort) {
@@ -83,58 +90,15 @@ async function channelsHeld(host, adminPort) {
   return line === undefined ? 0 : Number(line.split(' ')[1]);
 }
 
-test('a joining node is handed the history of channels idle on every node', async () => {
-  // Idle channels leave memory 2 s after their last event (the connection state TTL).
-  const cluster = await startRegions({
+test('a joining node is handed the history of channels idle on every node', () =>
+  joinScenario({
+    // Idle channels leave memory 2 s after their last event (the connection state TTL).
     extra: '[limits]\nchannel_log_events_max = 3\n[connection]\nconnection_state_ttl_ms = 2000\n',
-  });
-  const rest = (host) => new Ably.Rest(options(cluster.port, { key: DEV_KEY, endpoint: host }));
-  const hosts = ['127.0.0.1', '127.0.0.2', '127.0.0.3'];
-  try {
-    const names = Array.from({ length: 40 }, (_, i) => `idle-${i}`);
-    const joinerHome = names.filter((n) => score('dev', n, 'eu-west-2') > score('dev', n, 'eu-west-1')).slice(0, 3);
-    const staysHome = names.filter((n) => !joinerHome.includes(n)).slice(0, 2);
-    const channels = [...joinerHome, ...staysHome];
-    const sent = Array.from({ length: 10 }, (_, i) => `i${i}`);
-    for (const name of channels) {
-      for (const data of sent) await rest('127.0.0.1').channels.get(name).publish('n', data);
-    }
-    const history = async (host, name) =>
-      (await rest(host).channels.get(name).history({ direction: 'forwards' })).items.map((m) => m.data);
-    for (const name of channels) {
-      await waitUntil(async () => (await history('127.0.0.2', name)).length === 10, 10000, `${name} in eu-west`);
-    }
+    prefix: 'idle',
     // No node holds any of them in memory any more.
-    for (const host of hosts) {
-      await waitUntil(async () => (await channelsHeld(host, cluster.adminPort)) === 0, 20000, `channels dropped on ${host}`);
-    }
-
-    await cluster.addNode(1, 1); // eu-west-2 on 127.1.0.2
-    const nodes = async (host) => {
-      const body = await (await fetch(`http://${host}:${cluster.adminPort}/regions`)).json();
-      return body.regions.reduce((sum, r) => sum + r.nodes.length, 0);
-    };
-    for (const host of [...hosts, '127.1.0.2']) {
-      await waitUntil(async () => (await nodes(host)) === 4, 20000, `membership on ${host}`);
-    }
-    for (const name of channels) {
-      for (const host of ['127.0.0.2', '127.1.0.2']) {
-        let got = [];
-        await waitUntil(async () => {
-          got = await history(host, name);
-          return got.length >= 10;
-        }, 15000, `${name} history on ${host} (has ${got.length})`);
-        assert.deepEqual(got, sent, `${name} on ${host}`);
+    beforeJoin: async (cluster) => {
+      for (const host of ['127.0.0.1', '127.0.0.2', '127.0.0.3']) {
+        await waitUntil(async () => (await channelsHeld(host, cluster.adminPort)) === 0, 20000, `channels dropped on ${host}`);
       }
-    }
-    // And the channels go on from their stored sequences: a new message, once.
-    for (const name of joinerHome) await rest('127.0.0.3').channels.get(name).publish('n', 'after');
-    for (const name of joinerHome) {
-      await waitUntil(async () => (await history('127.1.0.2', name)).length === 11, 10000, `${name} after join`);
-      assert.deepEqual(await history('127.1.0.2', name), [...sent, 'after']);
-      assert.deepEqual(await history('127.0.0.2', name), [...sent, 'after']);
-    }
-  } finally {
-    await cluster.stop();
-  }
-});
+    },
+  }));
