@@ -24,6 +24,17 @@ use crate::AppendDone;
 /// How often an idle writer retries the engine while commits fail.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
+/// While appends keep coming (the next batch began within [`BUSY_GAP`] of the one
+/// before), the writer sleeps this long between batches and takes what came meanwhile,
+/// instead of parking on the queue: a parked writer is woken by each append, a futex
+/// wake on the publisher's thread and a context switch here, per publish (about 12 % of
+/// a node's CPU at 10,000 publishes/s, 10 × 10 fan-out). A commit waits at most this
+/// much longer under load; an idle writer parks and wakes at once as before.
+const LINGER: Duration = Duration::from_micros(500);
+const BUSY_GAP: Duration = Duration::from_millis(2);
+/// Empty lingers in a row after which the writer parks again.
+const LINGERS_IDLE: u32 = 4;
+
 /// The writer's queue holds these.
 enum Request {
     Append {
@@ -154,7 +165,8 @@ fn write_loop(
     // one oversized append).
     let mut rows: Vec<Row> = Vec::new();
     let mut waiters: Vec<Waiter> = Vec::new();
-    while let Some(first) = next_request(backend, health, requests) {
+    let mut pace = Pace::default();
+    while let Some(first) = pace.next(backend, health, requests) {
         let mut queued_rows = first.rows();
         take(first, &mut rows, &mut waiters);
         while queued_rows < batch_max && waiters.len() < batch_max {
@@ -189,6 +201,48 @@ fn write_loop(
                 }
             }
         }
+    }
+}
+
+/// How the writer waits for its next batch: parked on the queue when appends are
+/// sparse, sleeping [`LINGER`] between batches while they are frequent.
+#[derive(Default)]
+struct Pace {
+    /// When the previous batch began.
+    last_batch: Option<std::time::Instant>,
+    busy: bool,
+}
+
+impl Pace {
+    /// The first request of the next batch; `None` once the queue is closed and
+    /// drained.
+    fn next(
+        &mut self,
+        backend: &dyn Backend,
+        health: &WriteHealth,
+        requests: &Receiver<Request>,
+    ) -> Option<Request> {
+        if self.busy && health.failing().is_none() {
+            for _ in 0..LINGERS_IDLE {
+                std::thread::sleep(LINGER);
+                match requests.try_recv() {
+                    Ok(request) => return Some(self.began(request)),
+                    Err(mpsc::TryRecvError::Disconnected) => return None,
+                    Err(mpsc::TryRecvError::Empty) => {}
+                }
+            }
+        }
+        let request = next_request(backend, health, requests)?;
+        Some(self.began(request))
+    }
+
+    fn began(&mut self, request: Request) -> Request {
+        let now = std::time::Instant::now();
+        self.busy = self
+            .last_batch
+            .is_some_and(|last| now.duration_since(last) < BUSY_GAP);
+        self.last_batch = Some(now);
+        request
     }
 }
 
