@@ -587,4 +587,48 @@ mod tests {
         assert!(append(&store, 2).recv_timeout(WAIT).unwrap().is_ok());
         assert!(barrier(&store, since).recv_timeout(WAIT).unwrap().is_ok());
     }
+
+    /// Appends arriving one every 100 µs are taken a few per commit (the writer sleeps
+    /// between batches instead of being woken by each), every one is committed, in
+    /// order; after a pause the next append is still committed at once.
+    #[test]
+    fn frequent_appends_share_commits_and_a_lone_one_is_not_held() {
+        let (disk, store) = start(StoreConfig::default());
+        let before = disk.commits.load(Ordering::SeqCst);
+        let count = 200;
+        let (tx, rx) = mpsc::channel();
+        for seq in 1..=count {
+            let tx = tx.clone();
+            store
+                .append(items(seq), Box::new(move |r| tx.send((seq, r)).unwrap()))
+                .unwrap();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let done: Vec<u64> = (0..count)
+            .map(|_| {
+                let (seq, result) = rx.recv_timeout(WAIT).unwrap();
+                result.unwrap();
+                seq
+            })
+            .collect();
+        assert_eq!(done, (1..=count).collect::<Vec<_>>(), "in append order");
+        let commits = disk.commits.load(Ordering::SeqCst) - before;
+        assert!(
+            commits <= count / 2,
+            "{commits} commits for {count} appends"
+        );
+        // Idle (the writer parks after 2 ms of nothing), then one append: committed
+        // without waiting for more.
+        std::thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        append(&store, count + 1)
+            .recv_timeout(WAIT)
+            .unwrap()
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 }
