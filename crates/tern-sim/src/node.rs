@@ -8,6 +8,7 @@ use tern_core::{
     AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Cursor, Hub, Journal, OriginId, Subscriber,
 };
 use tern_protocol::{Data, PresenceMessage};
+use tern_replication::handoff::Handoff;
 use tern_replication::routing;
 
 use crate::network::Item;
@@ -146,6 +147,13 @@ pub(crate) struct Node {
     /// Crashed origins this node has not yet seen depart (it still waits on their link).
     pub(crate) believed_live: HashSet<OriginId>,
     pub(crate) clients: Vec<Client>,
+    /// Telling channels' new homes of its stored channels when its view changes
+    /// (`tern_replication::handoff`), the view it last compared (a bit per node), and
+    /// when this incarnation booted (its clock, ms): the handoff's start-up window
+    /// counts from then, as the driver's from its start.
+    pub(crate) handoff: Handoff<()>,
+    pub(crate) view_seen: u64,
+    pub(crate) booted_ms: i64,
 }
 
 impl Node {
@@ -257,6 +265,10 @@ impl Sim {
             stale_fed: HashSet::new(),
             believed_live: HashSet::new(),
             clients,
+            handoff: Handoff::default(),
+            // A node starts knowing only itself, as the driver's first `set_peers` does.
+            view_seen: 1 << index,
+            booted_ms: 0,
         }
     }
 

@@ -1,11 +1,13 @@
 //! The replication exchanges between simulated nodes, each decided by the shipped rule:
 //! interest (`routing::Interest`), `Sync` answers (`warm::answer_sync`), applying an
-//! event and asking for a gap (`repair::answer`), and `Heads` anti-entropy
-//! (`heads::shares`, `heads::wanted`).
+//! event and asking for a gap (`repair::answer`), `Heads` anti-entropy
+//! (`heads::shares`, `heads::wanted`), and the handoff of stored channels to their new
+//! homes after a view change (`handoff`).
 
 use std::collections::HashMap;
 
 use tern_core::{OriginId, RemoteEvent, RemoteOutcome};
+use tern_replication::handoff::{Member, StoredChannel};
 use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
 use tern_replication::links;
 use tern_replication::repair::{self, RepairPart};
@@ -271,6 +273,7 @@ impl Sim {
         if let Err(err) = self.check_rule_bounds() {
             self.broken.get_or_insert(err);
         }
+        self.handoff_round();
         let heads: Vec<Heads> = (0..self.nodes.len())
             .map(|p| self.listed_heads(p))
             .collect();
@@ -281,6 +284,76 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Each live node compares its view with the one it last compared and, when it
+    /// changed, starts a handoff pass (`handoff::Handoff`, with the driver's settle and
+    /// start-up windows); a due pass reads the node's whole store as one page, and
+    /// each channel whose home moved goes to its new home as a `Heads` entry with the
+    /// stored cursor, which the new home takes as any `Heads` (`take_heads`).
+    fn handoff_round(&mut self) {
+        let count = self.nodes.len();
+        for at in 0..count {
+            if !self.nodes[at].up {
+                continue;
+            }
+            let since_boot = (self.hub_now(at) - self.nodes[at].booted_ms).max(0);
+            let now = std::time::Duration::from_millis(since_boot as u64);
+            let mask = self.view_mask(at);
+            let seen = self.nodes[at].view_seen;
+            if mask != seen {
+                let (before, after) = (self.members_of(seen), self.members_of(mask));
+                self.nodes[at].handoff.on_members(&before, &after, now);
+                self.nodes[at].view_seen = mask;
+            }
+            let Some(read) = self.nodes[at].handoff.next_read(now) else {
+                continue;
+            };
+            let mut page: Vec<StoredChannel> = lock(&self.nodes[at].outbox.stored)
+                .iter()
+                .map(|(key, s)| {
+                    (
+                        key.clone(),
+                        s.cursor.iter().map(|(o, q)| (o.0, *q)).collect(),
+                    )
+                })
+                .collect();
+            // The store lists channels in key order (and the run must not depend on a
+            // hash map's).
+            page.sort_by(|a, b| (&a.0.app, &a.0.name).cmp(&(&b.0.app, &b.0.name)));
+            let me = self.ids[at].clone();
+            let sends = self.nodes[at].handoff.on_page(read.pass, page, None, &me);
+            let mut per_home: Vec<Option<Heads>> = (0..count).map(|_| None).collect();
+            for (home, (key, origins)) in sends {
+                let to = crate::cluster::node_index(&home);
+                let heads = per_home[to].get_or_insert_with(|| Heads {
+                    list: Vec::new(),
+                    to: vec![Vec::new(); count],
+                });
+                heads.to[to].push(heads.list.len());
+                heads.list.push(Head {
+                    ch: self.index[&key],
+                    origins,
+                });
+                self.stats.handed_over += 1;
+            }
+            for (to, heads) in per_home.into_iter().enumerate() {
+                if let Some(heads) = heads {
+                    self.take_heads(to, at, &heads);
+                }
+            }
+        }
+    }
+
+    /// The members (id and region) in `mask` (a bit per node index).
+    fn members_of(&self, mask: u64) -> Vec<Member> {
+        (0..self.nodes.len())
+            .filter(|&i| mask & (1 << i) != 0)
+            .map(|i| Member {
+                id: self.ids[i].clone(),
+                region: self.region_names[self.regions[i]].clone(),
+            })
+            .collect()
     }
 
     /// Every node with subscribers repeats its interest in their channels to its

@@ -32,6 +32,9 @@ pub struct Stats {
     pub stale_answers: u64,
     /// Channels dropped from a hub while idle (`Hub::sweep`).
     pub retired: u64,
+    /// `Heads` entries a node sent a channel's new home after its view changed
+    /// (`handoff`).
+    pub handed_over: u64,
     /// Highest virtual time reached (ms).
     pub max_now_ms: i64,
     /// Publishes ACKed (`ack_replicas` met) and NACKed (timed out).
@@ -69,6 +72,7 @@ impl Stats {
         self.stale_interest += other.stale_interest;
         self.stale_answers += other.stale_answers;
         self.retired += other.retired;
+        self.handed_over += other.handed_over;
         self.max_now_ms = self.max_now_ms.max(other.max_now_ms);
         self.acks += other.acks;
         self.nacks += other.nacks;

@@ -162,6 +162,7 @@ impl Sim {
         history.retain(|(ended, _)| now_ms - *ended < ttl);
         history.extend(subs.iter().map(|&ch| (i64::MAX, ch)));
         self.nodes[at] = Sim::boot(&self.limits, at, incarnation, subs);
+        self.nodes[at].booted_ms = self.hub_now(at);
         self.stats.restarts += 1;
         self.note_homes_all();
         self.last_churn_ms = Some(self.now_ms);
