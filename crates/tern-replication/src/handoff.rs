@@ -93,10 +93,16 @@ impl<T: Clone> Handoff<T> {
     /// Membership went from `before` to `after` (each including this node); `now` is
     /// the time since the driver started.
     pub fn on_members(&mut self, before: &[Member], after: &[Member], now: Now) {
+        let after: BTreeSet<Member> = after.iter().cloned().collect();
+        // The driver calls this on every membership update (a peer's load changes it
+        // too): one that changes no member leaves a running pass alone, or frequent
+        // updates would keep it from ever starting.
+        if before.iter().cloned().collect::<BTreeSet<_>>() == after {
+            return;
+        }
         if self.pass.is_none() && before.len() <= 1 && now < HANDOFF_STARTUP {
             return;
         }
-        let after: BTreeSet<Member> = after.iter().cloned().collect();
         let before = match self.pass.take() {
             Some(pass) => pass.before,
             None => before.iter().cloned().collect(),
@@ -230,6 +236,9 @@ mod tests {
         assert_eq!(read.after, None);
         assert!(handoff.next_read(at(11)).is_none(), "one page at a time");
         let first = handoff.on_page(read.pass, stored(&moved[..2]), Some(1), "a");
+        // An update that changes no member (a peer's load) neither restarts the pass
+        // nor delays it.
+        handoff.on_members(&after, &after, at(11));
         let read = handoff.next_read(at(11)).expect("the next page");
         assert_eq!(read.after, Some(1));
         let mut page = stored(&moved[2..]);
