@@ -349,6 +349,10 @@ impl tern_cluster::replicator::HistoryAccess for StoreHistory {
         let channels = page
             .channels
             .into_iter()
+            // Webhook outboxes (and their shadows) are this node's own rows under an app
+            // id no client has, not channels: handed over, a new home would copy another
+            // node's outbox and deliver it again (it did: tests/js/test/webhooks-regions).
+            .filter(|(app, _)| app != tern_functions::outbox::OUTBOX_APP)
             .filter_map(|(app, channel)| {
                 let cursor = self.store.cursor(&app, &channel).ok()?;
                 Some((tern_core::ChannelKey::new(&app, &channel), cursor))
@@ -370,6 +374,45 @@ mod tests {
         assert_eq!(
             tern_edge::DURABLE_WITHIN,
             tern_cluster::replicator::REPLICA_ACK_TIMEOUT
+        );
+    }
+
+    /// The handoff lists the channels in the store, never a webhook outbox (a node's
+    /// own rows): handed over, its events would be delivered again by the new home.
+    #[test]
+    fn the_handoff_lists_channels_not_outboxes() {
+        use tern_cluster::replicator::HistoryAccess;
+        let store = tern_store::open(&tern_store::StoreConfig::default()).unwrap();
+        let item = |seq| tern_store::StoredItem {
+            timestamp_ms: 1,
+            origin: 7,
+            seq,
+            index: 0,
+            payload: Vec::from(&b"p"[..]).into(),
+        };
+        let row = |app: &str, channel: &str, seq| {
+            let kind = tern_store::EventKind::Message;
+            (tern_store::ChannelRef::new(app, channel, kind), item(seq))
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rows = vec![
+            row("app", "room", 1),
+            row(
+                tern_functions::outbox::OUTBOX_APP,
+                "\u{1}outbox:app/rule",
+                2,
+            ),
+        ];
+        store
+            .append(rows, Box::new(move |r| tx.send(r).unwrap()))
+            .unwrap();
+        rx.recv().unwrap().unwrap();
+        let history = StoreHistory { store };
+        let (channels, next) = history.channels(None, 100);
+        assert_eq!(next, None);
+        assert_eq!(
+            channels,
+            vec![(tern_core::ChannelKey::new("app", "room"), vec![(7, 1)])]
         );
     }
 
