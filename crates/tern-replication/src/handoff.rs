@@ -50,6 +50,15 @@ pub struct Member {
     pub region: String,
 }
 
+impl From<Node<'_>> for Member {
+    fn from(node: Node<'_>) -> Member {
+        Member {
+            id: node.id.to_string(),
+            region: node.region.to_string(),
+        }
+    }
+}
+
 /// One stored channel and its stored cursor (`(origin, seq)` pairs).
 pub type StoredChannel = (ChannelKey, Vec<(u64, u64)>);
 

@@ -349,10 +349,7 @@ impl Sim {
     fn members_of(&self, mask: u64) -> Vec<Member> {
         (0..self.nodes.len())
             .filter(|&i| mask & (1 << i) != 0)
-            .map(|i| Member {
-                id: self.ids[i].clone(),
-                region: self.region_names[self.regions[i]].clone(),
-            })
+            .map(|i| Member::from(self.member(i)))
             .collect()
     }
 

@@ -11,12 +11,7 @@ use crate::wire::HeadV1;
 impl Replicator {
     /// The membership as the rendezvous sees it: the live peers and this node.
     pub(super) fn members(&self, out: &Out) -> Vec<Member> {
-        self.nodes(out)
-            .map(|node| Member {
-                id: node.id.to_string(),
-                region: node.region.to_string(),
-            })
-            .collect()
+        self.nodes(out).map(Member::from).collect()
     }
 
     /// Reads the next page of a handoff pass if one is due (one read at a time, on a
