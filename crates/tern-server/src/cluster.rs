@@ -250,11 +250,22 @@ impl tern_cluster::replicator::LocalStore for StoreHistory {
     }
 }
 
+/// Whether `app` holds channels, as the handoff and history copying see them: webhook
+/// outboxes (and their shadows) are this node's own rows under an app id no client has.
+/// Listed, read or written for a peer, a new home would copy another node's outbox and
+/// deliver it again (it did: tests/js/test/webhooks-regions), or a peer's rows would land
+/// in this node's outbox.
+fn copied_between_nodes(app: &str) -> bool {
+    app != tern_functions::outbox::OUTBOX_APP
+}
+
 impl tern_cluster::replicator::HistoryAccess for StoreHistory {
     fn has(&self, app: &str, channel: &str) -> bool {
-        self.store
-            .cursor(app, channel)
-            .is_ok_and(|origins| !origins.is_empty())
+        copied_between_nodes(app)
+            && self
+                .store
+                .cursor(app, channel)
+                .is_ok_and(|origins| !origins.is_empty())
     }
 
     fn page(
@@ -265,6 +276,9 @@ impl tern_cluster::replicator::HistoryAccess for StoreHistory {
         after: Option<tern_cluster::wire::ItemPosV1>,
         max: usize,
     ) -> (Vec<tern_cluster::wire::ItemV1>, bool) {
+        if !copied_between_nodes(app) {
+            return (Vec::new(), false);
+        }
         let mut query = tern_store::HistoryQuery::new(Self::channel(app, channel, presence));
         query.direction = tern_store::Direction::Forwards;
         query.limit = max;
@@ -300,6 +314,10 @@ impl tern_cluster::replicator::HistoryAccess for StoreHistory {
         presence: bool,
         items: Vec<tern_cluster::wire::ItemV1>,
     ) {
+        if !copied_between_nodes(app) {
+            tracing::warn!("copied history for a node's own outbox was refused");
+            return;
+        }
         let target = Self::channel(app, channel, presence);
         let items = items
             .into_iter()
@@ -349,10 +367,7 @@ impl tern_cluster::replicator::HistoryAccess for StoreHistory {
         let channels = page
             .channels
             .into_iter()
-            // Webhook outboxes (and their shadows) are this node's own rows under an app
-            // id no client has, not channels: handed over, a new home would copy another
-            // node's outbox and deliver it again (it did: tests/js/test/webhooks-regions).
-            .filter(|(app, _)| app != tern_functions::outbox::OUTBOX_APP)
+            .filter(|(app, _)| copied_between_nodes(app))
             .filter_map(|(app, channel)| {
                 let cursor = self.store.cursor(&app, &channel).ok()?;
                 Some((tern_core::ChannelKey::new(&app, &channel), cursor))
@@ -413,6 +428,34 @@ mod tests {
         assert_eq!(
             channels,
             vec![(tern_core::ChannelKey::new("app", "room"), vec![(7, 1)])]
+        );
+
+        // Nor is an outbox read or written for a peer's `Backfill`: a peer asking for one
+        // gets nothing, and rows a peer sends for one are not stored.
+        let outbox = (tern_functions::outbox::OUTBOX_APP, "\u{1}outbox:app/rule");
+        assert!(history.has("app", "room"));
+        assert!(!history.has(outbox.0, outbox.1));
+        assert_eq!(history.page("app", "room", false, None, 10).0.len(), 1);
+        assert_eq!(
+            history.page(outbox.0, outbox.1, false, None, 10),
+            (vec![], false)
+        );
+        let planted = tern_cluster::wire::ItemV1 {
+            position: (2, 9, 1, 0),
+            payload: b"planted".to_vec(),
+        };
+        history.put(outbox.0, "\u{1}outbox:app/other", false, vec![planted]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        history
+            .store
+            .after_committed(0, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+        assert!(rx.recv().unwrap());
+        assert_eq!(
+            history
+                .store
+                .cursor(outbox.0, "\u{1}outbox:app/other")
+                .unwrap(),
+            vec![]
         );
     }
 
