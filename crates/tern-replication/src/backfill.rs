@@ -62,10 +62,24 @@ pub fn source<'a>(
         .or(told_by.filter(|node| *node != me))
 }
 
+/// Whether a store whose cursor on a channel is `stored` holds everything a peer's
+/// cursor `listed` names: per origin, at least as far. A new home told of a channel by a
+/// `Heads` (a handoff, after its store missed events while it was down) copies the
+/// channel's history unless its store covers the sender's cursor: the repair that
+/// `Heads` asks for reaches only logs, and every log may have dropped the channel.
+pub fn covers(stored: &[(u64, u64)], listed: &[(u64, u64)]) -> bool {
+    listed.iter().all(|&(origin, seq)| {
+        stored
+            .iter()
+            .any(|&(have_origin, have)| have_origin == origin && have >= seq)
+    })
+}
+
 impl<P: Copy> Backfills<P> {
     /// Starts copying `key` from `source` unless it was started within
     /// [`BACKFILL_AGAIN_AFTER`], too many are under way, or (`!missed`) the store
-    /// already has some of it. Returns whether to ask for the first page of both kinds.
+    /// already has what the peer listed (`stored`, see [`covers`]). Returns whether to
+    /// ask for the first page of both kinds.
     pub fn start(
         &mut self,
         key: &ChannelKey,
@@ -190,6 +204,21 @@ mod tests {
             vec![("src".to_string(), key.clone(), false, Some(9))]
         );
         assert!(b.start(&key, "src", t0 + BACKFILL_AGAIN_AFTER, true, || true));
+    }
+
+    /// A store that has some of a channel but not all a peer lists is behind: a home
+    /// that was down while a live origin published on a channel idle everywhere (the
+    /// scaled simulation with idle channels dropped and stores that survive restarts).
+    #[test]
+    fn a_store_covers_a_cursor_only_when_it_has_every_origin_as_far() {
+        assert!(covers(&[(1, 5), (2, 3)], &[(1, 5), (2, 1)]));
+        assert!(covers(&[(1, 5)], &[]));
+        assert!(!covers(&[(1, 5)], &[(1, 5), (2, 1)]), "an origin it lacks");
+        assert!(
+            !covers(&[(1, 4), (2, 3)], &[(1, 5)]),
+            "an origin not as far"
+        );
+        assert!(!covers(&[], &[(1, 1)]));
     }
 
     #[test]

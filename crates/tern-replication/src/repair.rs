@@ -16,7 +16,10 @@ pub enum RepairPart {
 }
 
 /// The answer of `hub` to a request for `origin`'s `from..=to` on `key`: nothing when it
-/// has none of it; else a `Skip` over the part its log lacks, then the logged events.
+/// has none of it; else the logged events in order, each hole its log has in the range
+/// (before, between or after them) answered by a `Skip` over it where it falls. The
+/// parts must reach the asker in this order (one ordered link): a `Skip` that overtook
+/// an event before it would move the asker past that event.
 pub fn answer(
     hub: &Hub,
     key: &ChannelKey,
@@ -29,12 +32,21 @@ pub fn answer(
         return Vec::new();
     }
     let events = hub.events_of(key, origin, from, to);
-    let first = events.first().map_or(to + 1, |e| e.seq);
     let mut parts = Vec::with_capacity(events.len() + 1);
-    if first > from {
-        parts.push(RepairPart::Skip(first - 1));
+    // The next sequence the asker needs.
+    let mut next = from;
+    for event in events {
+        if event.seq > next {
+            parts.push(RepairPart::Skip(event.seq - 1));
+        }
+        next = event.seq + 1;
+        parts.push(RepairPart::Event(event));
     }
-    parts.extend(events.into_iter().map(RepairPart::Event));
+    // A hole after the last logged event (or no event at all): without this `Skip` the
+    // asker would wait for events nobody sends until its next `Heads` asks again.
+    if next <= to {
+        parts.push(RepairPart::Skip(to));
+    }
     parts
 }
 
@@ -83,5 +95,53 @@ mod tests {
         let (hub, key) = hub_with(limits.log.events_max + 5);
         let parts = answer(&hub, &key, OriginId(7), 1, 3);
         assert!(matches!(parts[..], [RepairPart::Skip(3)]), "{parts:?}");
+    }
+
+    /// A hole between logged events or after the last one (an event that was never
+    /// logged here: a departed connection's presence, say) is skipped where it falls, so
+    /// the asker applies everything after it now instead of waiting for its next `Heads`
+    /// (the seed sweep with idle channels dropped, seed 71, found the trailing one).
+    #[test]
+    fn skips_holes_after_the_first_logged_event_where_they_fall() {
+        let (hub, key) = hub_with(5);
+        let parts = |from, to| -> Vec<String> {
+            answer(&hub, &key, OriginId(7), from, to)
+                .iter()
+                .map(|p| match p {
+                    RepairPart::Event(e) => format!("e{}", e.seq),
+                    RepairPart::Skip(upto) => format!("s{upto}"),
+                })
+                .collect()
+        };
+        // The log holds 1..=5 (no holes): nothing skipped.
+        assert_eq!(parts(2, 4), ["e2", "e3", "e4"]);
+        // Past the cursor nothing is answered (the asker's range is clipped to it).
+        assert_eq!(parts(4, 9), ["e4", "e5"]);
+        // Holes made by a log that lacks 2 and 4 (as after `skip_remote` over no-ops).
+        let gappy = Hub::new(OriginId(1), CoreLimits::default());
+        let remote = |seq: u64| tern_core::RemoteEvent {
+            origin: OriginId(7),
+            seq,
+            publisher: None,
+            frame: tern_protocol::ProtocolMessage {
+                messages: Some(vec![Message {
+                    id: Some(format!("m{seq}")),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            },
+        };
+        gappy.apply_remote(&key, remote(1), 0).unwrap();
+        gappy.skip_remote(&key, OriginId(7), 2, 0);
+        gappy.apply_remote(&key, remote(3), 0).unwrap();
+        gappy.skip_remote(&key, OriginId(7), 5, 0);
+        let parts: Vec<String> = answer(&gappy, &key, OriginId(7), 1, 5)
+            .iter()
+            .map(|p| match p {
+                RepairPart::Event(e) => format!("e{}", e.seq),
+                RepairPart::Skip(upto) => format!("s{upto}"),
+            })
+            .collect();
+        assert_eq!(parts, ["e1", "s2", "e3", "s5"]);
     }
 }

@@ -45,6 +45,8 @@ pub struct Sim {
     pub(crate) latency_ms: Vec<Vec<i64>>,
     pub(crate) faults: Faults,
     pub(crate) limits: CoreLimits,
+    /// [`crate::Shape::durable_store`].
+    pub(crate) durable_store: bool,
     pub(crate) queue: BTreeMap<(i64, u64), InFlight>,
     pub(crate) queue_counter: u64,
     pub(crate) partitioned: HashSet<(usize, usize)>,
@@ -174,6 +176,7 @@ impl Sim {
             latency_ms,
             faults,
             limits,
+            durable_store: shape.durable_store,
             queue: BTreeMap::new(),
             queue_counter: 0,
             partitioned: HashSet::new(),

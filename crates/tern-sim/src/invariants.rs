@@ -199,20 +199,31 @@ impl Sim {
             .enumerate()
             .filter(|(i, n)| n.up && (n.attached(ch) || homes.contains(i)))
             .collect();
-        let sets: Vec<HashSet<String>> = live
-            .iter()
-            .map(|(_, n)| match n.subs.get(&ch).filter(|s| s.attached) {
-                Some(sub) => lock(&sub.recorder.got)
+        // What each keeper has, and from which published message on it must have
+        // everything. A subscriber: what it was delivered plus what its hub held when it
+        // attached. A home: what its store holds (the hub may have dropped the channel
+        // while idle), also when it has a subscriber. With logs that keep everything, a
+        // subscriber's hub held every earlier message when it attached, so it must have
+        // them all; once nodes drop idle channels, a subscriber is owed only what was
+        // published after it attached (earlier messages are history, in the homes'
+        // stores), as a client attaching late is.
+        let drops_idle = self.limits.channel_idle_retain_ms != i64::MAX;
+        let mut sets: Vec<(usize, &str, HashSet<String>, usize)> = Vec::new();
+        for &(i, n) in &live {
+            if let Some(sub) = n.subs.get(&ch).filter(|s| s.attached) {
+                let got = lock(&sub.recorder.got)
                     .iter()
                     .filter_map(|(_, _, id)| id.clone())
                     .chain(sub.pre_attach.iter().cloned())
-                    .collect(),
-                // A home's: what its store holds (the hub may have dropped the channel
-                // while idle).
-                None => n.outbox.stored_ids(key),
-            })
-            .collect();
-        let union: HashSet<&String> = sets.iter().flatten().collect();
+                    .collect();
+                let from = if drops_idle { sub.attached_at } else { 0 };
+                sets.push((i, "subscriber", got, from));
+            }
+            if homes.contains(&i) {
+                sets.push((i, "store", n.outbox.stored_ids(key), 0));
+            }
+        }
+        let union: HashSet<&String> = sets.iter().flat_map(|s| &s.2).collect();
         self.check_acked(acked, &union)?;
         for &index in published {
             let (id, _, origin, seq) = &self.published[index];
@@ -238,16 +249,25 @@ impl Sim {
                 }
             }
         }
-        for ((i, node), set) in live.iter().zip(&sets) {
-            if set.len() != union.len() {
-                let mut missing: Vec<&&String> =
-                    union.iter().filter(|id| !set.contains(**id)).collect();
+        let index_of: HashMap<&String, usize> = published
+            .iter()
+            .map(|&index| (&self.published[index].0, index))
+            .collect();
+        for (i, what, set, from) in &sets {
+            let owed = |id: &&&String| index_of.get(**id).is_none_or(|index| index >= from);
+            let mut missing: Vec<&&String> = union
+                .iter()
+                .filter(owed)
+                .filter(|id| !set.contains(**id))
+                .collect();
+            if !missing.is_empty() {
                 missing.sort();
+                let node = &self.nodes[*i];
+                let owed = union.iter().filter(owed).count();
                 return Err(format!(
-                    "node {i} ({}): has {} of {} messages, lacks {missing:?}",
+                    "node {i} ({}) {what}: has {} of {owed} messages, lacks {missing:?}",
                     node.tag,
-                    set.len(),
-                    union.len()
+                    owed - missing.len(),
                 ));
             }
         }

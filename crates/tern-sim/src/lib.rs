@@ -57,8 +57,14 @@
 //!   else is sent (an interested node, or a home's copy of its own region's events,
 //!   passes nothing on).
 //! - An event ahead of a gap asks the node it came from for the missing range; the answer
-//!   is the events still in that node's log, preceded by a `Skip` for the part its cursor
-//!   covers but its log lacks (events that were no-ops there): `repair::answer`.
+//!   is the events still in that node's log, with a `Skip` where its cursor covers what
+//!   its log lacks (events that were no-ops there, or a log dropped while idle), before,
+//!   between or after them: `repair::answer`. The answer travels as one item, its parts
+//!   in order, as the driver's control queue writes them on one link.
+//! - History backfill (`backfill.rs`): a home that hears of a channel by `Heads` with
+//!   nothing of it in memory and a store that does not cover the sender's cursor, or
+//!   that takes a `Skip`, copies another region's home's store (`backfill::source`,
+//!   `covers`, `Backfills`), asking again for a page not answered in time.
 //! - Anti-entropy (`Heads`, `heads::wanted`): a node that keeps the channel (it has a subscriber, attached
 //!   or waiting for the state, or it is the home of its region in its view) compares its
 //!   cursor with each reachable peer's and asks that peer for the events it lacks of
@@ -95,12 +101,15 @@
 //! `tern_cluster::wire`'s encoder) measures the bytes of each `Heads` and `Interest` frame
 //! a node sends.
 //!
+//! The history store is a node's stored message ids and cursor (`node::Stored`, fed by
+//! the journal); it survives a restart only with `Shape::durable_store` (off by default:
+//! a restarted node starts with an empty store, as with the memory history).
+//!
 //! Not modeled: ordered QUIC streams (the network here loses and reorders every kind of
 //! message, `Hello`, `Stored`, interest, `Sync` and its answer included, and only resends,
-//! repair, heads, the interest refresh and asking again bring them back), a store commit
-//! before `Stored`, a subscriber's last detach (`Interest` off), history `Backfill` and the
-//! history store (a restarted node comes back with an empty hub: its store is not
-//! modeled), forwarded reads, gossip itself.
+//! repair, heads, the interest refresh and asking again bring them back; a repair answer
+//! and a `Sync` answer are each one item), a store commit before `Stored`, a subscriber's
+//! last detach (`Interest` off), forwarded reads, gossip itself.
 //!
 //! # Known limit (crash cascades)
 //! A LEAVE that was a no-op on a node is not in that node's log, and a node removes a
@@ -144,10 +153,12 @@
 //! event or a subscriber, over the live nodes that keep the channel (those with an attached subscriber, and each region's home among the live
 //! nodes):
 //! - every one has exactly the same set of messages (for a subscriber: what it was
-//!   delivered plus what its hub held when it attached; for a home without subscriber:
-//!   its log), and that set contains every message published by a live incarnation and
-//!   every message of a crashed incarnation that a still-live survivor had applied when
-//!   it crashed;
+//!   delivered plus what its hub held when it attached; for a home, with or without a
+//!   subscriber: its store), and that set contains every message published by a live
+//!   incarnation and every message of a crashed incarnation that a still-live survivor
+//!   had applied when it crashed. Where nodes drop idle channels, a subscriber is owed
+//!   only the messages published after it attached (a client attaching late gets the
+//!   earlier ones from history, which the homes' stores must hold);
 //! - every one has the same presence members (clientId, connectionId, data), equal to
 //!   what the clients of every live node (subscribers or not) entered and did not leave;
 //!   no crashed incarnation's connection is left in it;
@@ -178,6 +189,7 @@
 //!   `warm::answer_sync` now sends each origin's first logged event before its `Skip`.
 
 mod acked;
+mod backfill;
 mod cluster;
 mod invariants;
 mod network;
@@ -278,6 +290,10 @@ pub struct Shape {
     /// every second; a home with no subscriber of its own drops the channel between
     /// bursts and opens it again, continuing its own sequence from its store.
     pub idle_retain_ms: Option<i64>,
+    /// A node's history store survives its restart, as `tern-store` on disk does (the
+    /// restarted node's channels continue from it, `Journal::restore`); off, a restart
+    /// starts with an empty store, as the memory history does.
+    pub durable_store: bool,
 }
 
 impl Default for Shape {
@@ -286,8 +302,9 @@ impl Default for Shape {
             channels: 1,
             subscriptions: 0,
             joiners: 0,
-            // Not yet: see `IDLE_RETAIN_MS`.
+            // Kept in memory; see `IDLE_RETAIN_MS`.
             idle_retain_ms: None,
+            durable_store: false,
         }
     }
 }
@@ -314,12 +331,14 @@ pub(crate) const SUBSCRIBED_PERCENT: u64 = 65;
 /// (`ASK_AGAIN_AFTER`) and attaches anyway after `WARM_TIMEOUT_MS` (`WARM_TIMEOUT`).
 pub(crate) const ASK_AGAIN_MS: i64 = 1_000;
 /// A [`Shape::idle_retain_ms`] short enough that runs drop channels while idle and open
-/// them again (`TERN_SIM_IDLE_RETAIN_MS` for the seed sweep). Not the default yet: a
-/// node that subscribes after the home dropped the channel gets a state without the
-/// dropped log (seed 3513), which the convergence check, written for logs that keep
-/// everything, counts as lost; and a new home of a channel idle everywhere never hears
-/// of it (the scaled runs). See docs/reliability.md.
-pub const IDLE_RETAIN_MS: i64 = 2_000;
+/// them again: the seed sweep uses it for odd seeds. The convergence check then owes a
+/// subscriber only what was published after it attached (earlier messages are history,
+/// in the homes' stores), and homes copy stored history (`backfill`). Much shorter, a
+/// channel is dropped before its origin noticed that the home it sent to died, and its
+/// log can no longer repair the new home's subscribers (seed 716 at 100 ms: a live
+/// subscriber misses the message); the server's 120 s is far longer than its ~2 s
+/// failure detection. The scaled runs keep channels in memory: see docs/reliability.md.
+pub const IDLE_RETAIN_MS: i64 = 500;
 pub(crate) const WARM_TIMEOUT_MS: i64 = 3_000;
 /// How long gossip takes to carry a member's departed-tag list to every other member.
 pub(crate) const GOSSIP_SPREAD_MS: u64 = 300;

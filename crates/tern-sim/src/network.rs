@@ -32,6 +32,24 @@ pub(crate) enum Item {
         origin: OriginId,
         upto: u64,
     },
+    /// A repair answer: its parts (`Event`s and `Skip`s) in order, as the driver's
+    /// control queue writes them on one ordered link (a `Skip` that overtook an event
+    /// before it would move the asker past that event).
+    Answer { ch: usize, items: Vec<Item> },
+    /// Node `from` asks for `ch`'s stored history (messages, or presence).
+    Backfill {
+        from: usize,
+        ch: usize,
+        presence: bool,
+    },
+    /// The answer: the sender's stored message ids (none for presence) and, per origin,
+    /// its highest stored sequence of that kind.
+    BackfillItems {
+        ch: usize,
+        presence: bool,
+        ids: Vec<String>,
+        cursor: Vec<(OriginId, u64)>,
+    },
     /// Membership reports that incarnation `tag`/`origin` departed.
     Departed { tag: String, origin: OriginId },
     /// Another member's published list of departed tags (gossip) names `tag`: what a
@@ -73,6 +91,9 @@ impl Item {
         match self {
             Item::Event { ch, .. }
             | Item::Skip { ch, .. }
+            | Item::Answer { ch, .. }
+            | Item::Backfill { ch, .. }
+            | Item::BackfillItems { ch, .. }
             | Item::Sync { ch, .. }
             | Item::SyncState { ch, .. }
             | Item::WarmTick { ch } => Some(*ch),
@@ -190,6 +211,15 @@ impl Sim {
                     )
                 }
                 Item::Skip { ch, origin, upto } => format!("skip c{ch} {origin} upto {upto}"),
+                Item::Answer { ch, items } => format!("repair answer c{ch}, {} parts", items.len()),
+                Item::Backfill { from, ch, presence } => {
+                    format!("backfill c{ch} (presence {presence}) asked by n{from}")
+                }
+                Item::BackfillItems {
+                    ch, ids, cursor, ..
+                } => {
+                    format!("backfill of c{ch}: {} ids, cursor {cursor:?}", ids.len())
+                }
                 Item::Departed { tag, .. } => format!("departed {tag}"),
                 Item::Reported { tag, .. } => format!("reported departed {tag}"),
                 Item::Interest {
@@ -241,7 +271,21 @@ impl Sim {
                     Take::Ignore(_) => return,
                 };
                 self.log(|| format!("   skipped, {applied} applied"));
+                // No log has them, but a home's store may: a home copies the history.
+                self.maybe_backfill(to, ch, None);
             }
+            Item::Answer { items, .. } => {
+                for item in items {
+                    self.take(to, item);
+                }
+            }
+            Item::Backfill { from, ch, presence } => self.answer_backfill(to, from, ch, presence),
+            Item::BackfillItems {
+                ch,
+                presence,
+                ids,
+                cursor,
+            } => self.take_backfill(to, ch, presence, ids, cursor),
             Item::Departed { tag, origin } => {
                 let now_ms = self.hub_now(to);
                 let left = self.nodes[to].hub.node_departed(&format!("{tag}-"), now_ms);

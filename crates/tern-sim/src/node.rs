@@ -8,6 +8,7 @@ use tern_core::{
     AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Cursor, Hub, Journal, OriginId, Subscriber,
 };
 use tern_protocol::{Data, PresenceMessage};
+use tern_replication::backfill::Backfills;
 use tern_replication::handoff::Handoff;
 use tern_replication::routing;
 
@@ -153,6 +154,8 @@ pub(crate) struct Node {
     /// counts from then, as the driver's from its start.
     pub(crate) handoff: Handoff<()>,
     pub(crate) view_seen: u64,
+    /// Channels whose stored history it is copying (`tern_replication::backfill`).
+    pub(crate) backfills: Backfills<()>,
     pub(crate) booted_ms: i64,
 }
 
@@ -266,6 +269,7 @@ impl Sim {
             believed_live: HashSet::new(),
             clients,
             handoff: Handoff::default(),
+            backfills: Backfills::default(),
             // A node starts knowing only itself, as the driver's first `set_peers` does.
             view_seen: 1 << index,
             booted_ms: 0,

@@ -122,8 +122,9 @@ impl Sim {
             .iter()
             .filter(|p| matches!(p, RepairPart::Skip(_)))
             .count() as u64;
-        for item in repair_items(peer, ch, origin, parts) {
-            self.send(peer, node, item);
+        if !parts.is_empty() {
+            let items = repair_items(peer, ch, origin, parts);
+            self.send(peer, node, Item::Answer { ch, items });
         }
     }
 
@@ -194,6 +195,13 @@ impl Sim {
         if !self.nodes[node].up || self.partitioned.contains(&(node.min(peer), node.max(peer))) {
             return;
         }
+        if self.trace {
+            for head in &shared {
+                if !self.holds(node, head.ch) {
+                    self.log(|| format!("n{node} ignores heads of c{} from n{peer}", head.ch));
+                }
+            }
+        }
         let live: Vec<u64> = self.view(node).iter().map(|n| n.origin).collect();
         let live = |origin: u64| live.contains(&origin);
         let asker = heads::Asker {
@@ -202,16 +210,25 @@ impl Sim {
             live: &live,
         };
         let mut asks = Vec::new();
+        let mut backfills = Vec::new();
         for head in shared {
             if !self.holds(node, head.ch) {
                 continue;
             }
             let key = &self.keys[head.ch];
             let mine = self.nodes[node].hub.cursor(key);
+            if mine.origins().next().is_none() {
+                // Nothing of it here yet: if `node` is its home, its stored history is
+                // `node`'s to keep too.
+                backfills.push((head.ch, head.origins.clone()));
+            }
             let previous = self.previous_heads.entry((node, peer)).or_default();
             for (origin, from, to) in heads::wanted(&asker, previous, key, &mine, &head.origins) {
                 asks.push((head.ch, origin, from, to));
             }
+        }
+        for (ch, origins) in backfills {
+            self.maybe_backfill(node, ch, Some((peer, &origins)));
         }
         for (ch, origin, from, to) in asks {
             self.repair_from(peer, node, ch, OriginId(origin), (from, to));
@@ -234,12 +251,14 @@ impl Sim {
     pub fn anti_entropy(&mut self) {
         self.refresh_interest();
         self.resend_and_expire();
+        self.backfill_round();
         self.send_heads_round();
     }
 
     /// The resend timer alone (stalled links resend; expired replies are NACKed).
     pub fn resend_round(&mut self) {
         self.resend_and_expire();
+        self.backfill_round();
     }
 
     /// Every node sends its heads (`Heads`, each second in the driver), and forgets
@@ -330,6 +349,7 @@ impl Sim {
                     list: Vec::new(),
                     to: vec![Vec::new(); count],
                 });
+                self.log(|| format!("n{at} hands c{} over to n{to}", self.index[&key]));
                 heads.to[to].push(heads.list.len());
                 heads.list.push(Head {
                     ch: self.index[&key],

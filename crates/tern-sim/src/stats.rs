@@ -35,6 +35,8 @@ pub struct Stats {
     /// `Heads` entries a node sent a channel's new home after its view changed
     /// (`handoff`).
     pub handed_over: u64,
+    /// Backfills started (a home copying a channel's stored history).
+    pub backfills: u64,
     /// Highest virtual time reached (ms).
     pub max_now_ms: i64,
     /// Publishes ACKed (`ack_replicas` met) and NACKed (timed out).
@@ -73,6 +75,7 @@ impl Stats {
         self.stale_answers += other.stale_answers;
         self.retired += other.retired;
         self.handed_over += other.handed_over;
+        self.backfills += other.backfills;
         self.max_now_ms = self.max_now_ms.max(other.max_now_ms);
         self.acks += other.acks;
         self.nacks += other.nacks;

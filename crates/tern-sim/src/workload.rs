@@ -11,6 +11,7 @@ use tern_replication::routing::INTEREST_TTL;
 use crate::acked::AckState;
 use crate::cluster::Held;
 use crate::network::Item;
+use crate::node::lock;
 use crate::{Rng, Sim, CLIENTS, GOSSIP_SPREAD_MS, SUBSCRIBED_PERCENT};
 
 impl Sim {
@@ -161,7 +162,15 @@ impl Sim {
         let history = &mut self.sub_history[at];
         history.retain(|(ended, _)| now_ms - *ended < ttl);
         history.extend(subs.iter().map(|&ch| (i64::MAX, ch)));
-        self.nodes[at] = Sim::boot(&self.limits, at, incarnation, subs);
+        let before = std::mem::replace(
+            &mut self.nodes[at],
+            Sim::boot(&self.limits, at, incarnation, subs),
+        );
+        if self.durable_store {
+            // Its store is on disk: the new incarnation has what the old one stored.
+            let stored = std::mem::take(&mut *lock(&before.outbox.stored));
+            *lock(&self.nodes[at].outbox.stored) = stored;
+        }
         self.nodes[at].booted_ms = self.hub_now(at);
         self.stats.restarts += 1;
         self.note_homes_all();

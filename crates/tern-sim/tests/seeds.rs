@@ -1,7 +1,7 @@
 //! Seed sweep over the simulated cluster. A failure prints the command that replays it.
 
 use tern_cluster::topology::Topology;
-use tern_sim::{latencies, Faults, Rng, Shape, Sim, Stats};
+use tern_sim::{latencies, Faults, Rng, Shape, Sim, Stats, IDLE_RETAIN_MS};
 
 /// One-way delays between the regions of `regions/topology.toml`.
 fn topology() -> Vec<Vec<i64>> {
@@ -71,10 +71,18 @@ fn run(seed: u64) -> Result<Stats, String> {
     if trace {
         eprintln!("seed {seed}: node regions {regions:?}");
     }
-    // `TERN_SIM_IDLE_RETAIN_MS`: nodes drop idle channels after that long (off by
-    // default; see `tern_sim::IDLE_RETAIN_MS`).
+    // Odd seeds drop idle channels (`tern_sim::IDLE_RETAIN_MS`), even ones keep them;
+    // `TERN_SIM_IDLE_RETAIN_MS` sets the retention for every seed (0: keep them).
+    // `TERN_SIM_DURABLE_STORE=1`: a node's store survives its restart (off: see
+    // docs/reliability.md for what it still finds).
+    let idle_retain_ms = match env::<i64>("TERN_SIM_IDLE_RETAIN_MS") {
+        Some(0) => None,
+        Some(ms) => Some(ms),
+        None => (seed % 2 == 1).then_some(IDLE_RETAIN_MS),
+    };
     let shape = Shape {
-        idle_retain_ms: env("TERN_SIM_IDLE_RETAIN_MS"),
+        idle_retain_ms,
+        durable_store: env::<u8>("TERN_SIM_DURABLE_STORE").is_some_and(|v| v == 1),
         ..Shape::default()
     };
     let mut sim = Sim::with_shape(seed, regions, latency, faults, shape);
@@ -175,7 +183,10 @@ fn drain(sim: &mut Sim) -> Result<(), String> {
 /// Environment: `TERN_SIM_SEED` runs one seed, `TERN_SIM_SEEDS` sets how many (500),
 /// `TERN_SIM_FROM` the first (0; `scripts/sim` splits a soak over processes with it),
 /// `TERN_SIM_TRACE=1` prints every step, `TERN_SIM_SETTLE_MS` overrides the minimum time
-/// between crashes (3000; 0 shows the crash-cascade limit described in `tern-sim`).
+/// between crashes (3000; 0 shows the crash-cascade limit described in `tern-sim`),
+/// `TERN_SIM_IDLE_RETAIN_MS` the idle retention of every seed (odd seeds drop idle
+/// channels after `IDLE_RETAIN_MS`, even ones keep them; 0 keeps them in every seed),
+/// `TERN_SIM_DURABLE_STORE=1` keeps a node's store across its restart.
 #[test]
 fn seed_sweep() {
     let seeds: Vec<u64> = match env("TERN_SIM_SEED") {

@@ -143,16 +143,18 @@ impl Replicator {
 
     /// Starts copying the channel's stored history from its home in another region when
     /// this node is the channel's home here and has a history store: always after a
-    /// `Skip` (`missed`: events no log had), otherwise only when nothing of the channel
-    /// is stored here yet (`backfill::Backfills::start`). `told_by`: the node whose
-    /// `Heads` told of the channel (the source when no other region has a home).
-    pub(super) fn maybe_backfill(&self, key: &ChannelKey, missed: bool, told_by: Option<&str>) {
+    /// `Skip` (`listed` is `None`: events no log had), otherwise (`listed`: the node whose
+    /// `Heads` told of the channel, and its cursor) only when the store here lacks some
+    /// of what that cursor lists (`backfill::covers`, `Backfills::start`). The `Heads`
+    /// sender is also the source when no other region has a home.
+    pub(super) fn maybe_backfill(&self, key: &ChannelKey, listed: Option<(&str, &[(u64, u64)])>) {
         let Some(history) = self.history.get() else {
             return;
         };
         let source = {
             let out = lock(&self.out);
             let homes = routing::homes(key, self.nodes(&out));
+            let told_by = listed.map(|(peer, _)| peer);
             let source =
                 backfill::source(&homes, &self.config.region, &self.config.node_id, told_by);
             match source {
@@ -161,7 +163,11 @@ impl Replicator {
             }
         };
         let now = self.now();
-        let stored = || history.has(&key.app, &key.name);
+        let missed = listed.is_none();
+        let stored = || {
+            let theirs = listed.map_or(&[][..], |(_, cursor)| cursor);
+            backfill::covers(&history.cursor(&key.app, &key.name), theirs)
+        };
         if !lock(&self.backfills).start(key, &source, now, missed, stored) {
             return;
         }

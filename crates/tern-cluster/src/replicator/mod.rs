@@ -67,8 +67,9 @@ pub const BACKFILL_ANSWERS_MAX: usize = 16;
 /// This node's history store, as far as copying a channel's stored history to its new
 /// home needs it. Implemented where the node is wired.
 pub trait HistoryAccess: Send + Sync {
-    /// Whether any item of the channel is stored here.
-    fn has(&self, app: &str, channel: &str) -> bool;
+    /// The channel's stored cursor: per origin, the highest sequence stored (messages
+    /// and presence together; empty when nothing is stored).
+    fn cursor(&self, app: &str, channel: &str) -> Vec<(u64, u64)>;
     /// Up to `max` stored items of the channel strictly after `after`, oldest first, and
     /// whether more may follow. Blocking (a store read).
     fn page(

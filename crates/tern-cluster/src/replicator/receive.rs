@@ -184,7 +184,7 @@ impl Replicator {
                 };
                 // No log has them, but a home's store may: if we are the channel's
                 // home, copy its history.
-                self.maybe_backfill(&key, true, None);
+                self.maybe_backfill(&key, None);
                 tracing::warn!(%channel, origin = format!("{origin:016x}"), upto, applied, "events no peer can supply were skipped");
             }
             FrameV1::Stored {
@@ -305,9 +305,10 @@ impl Replicator {
             }
             let mine = hub.cursor(&key);
             if mine.origins().next().is_none() {
-                // Nothing of it here yet: if we are its home, its stored history is
-                // ours to keep too.
-                self.maybe_backfill(&key, false, Some(peer));
+                // Nothing of it in memory (new here, or dropped while idle): if we are
+                // its home, its stored history is ours to keep too, as far as the
+                // sender's cursor goes.
+                self.maybe_backfill(&key, Some((peer, &head.origins)));
             }
             let asks = heads::wanted(
                 &asker,

@@ -1,0 +1,171 @@
+//! History backfill between simulated nodes, decided by the shipped rule
+//! (`tern_replication::backfill`): a channel's home that learns of the channel with
+//! nothing of it here (a peer's `Heads`), or that is told events no log has any more (a
+//! `Skip`), copies the history another region's home has stored (with one region: the
+//! node whose `Heads` told of it), asking again for a page not answered in time.
+//!
+//! The sim's store is [`crate::node::Stored`]: a page carries all of it at once (the
+//! driver pages by `BACKFILL_PAGE`; paging does not change what ends up stored), the
+//! messages page the message ids and, per origin, the highest sequence that was a
+//! message, the presence page the highest that was a presence event, as the store's
+//! cursor moves when the real copied rows are put.
+
+use std::collections::HashMap;
+
+use tern_core::OriginId;
+use tern_replication::backfill;
+
+use crate::cluster::node_index;
+use crate::network::Item;
+use crate::node::lock;
+use crate::Sim;
+
+impl Sim {
+    /// Node `at` copies `ch`'s stored history if it is the channel's home in its region
+    /// (in its view) and the rule says so (`backfill::source`, `Backfills::start`):
+    /// always after a `Skip` (`listed` is `None`), otherwise (`listed`: the node whose
+    /// `Heads` told of the channel, and its cursor) when its store does not cover that
+    /// cursor (`backfill::covers`).
+    pub(crate) fn maybe_backfill(
+        &mut self,
+        at: usize,
+        ch: usize,
+        listed: Option<(usize, &[(u64, u64)])>,
+    ) {
+        let homes_at = self.homes_among(self.view_mask(at), ch);
+        let homes: HashMap<&str, &str> = homes_at
+            .iter()
+            .enumerate()
+            .filter(|&(_, &home)| home != usize::MAX)
+            .map(|(region, &home)| (self.region_names[region].as_str(), self.ids[home].as_str()))
+            .collect();
+        let me = self.member(at);
+        let told_by = listed.map(|(n, _)| self.ids[n].as_str());
+        let Some(source) = backfill::source(&homes, me.region, me.id, told_by) else {
+            return;
+        };
+        let source = node_index(source);
+        let key = self.keys[ch].clone();
+        let now = self.now_at(at);
+        let outbox = self.nodes[at].outbox.clone();
+        let stored = || {
+            let mine: Vec<(u64, u64)> = lock(&outbox.stored)
+                .get(&key)
+                .map(|s| s.cursor.iter().map(|(o, seq)| (o.0, *seq)).collect())
+                .unwrap_or_default();
+            backfill::covers(&mine, listed.map_or(&[][..], |(_, cursor)| cursor))
+        };
+        let source_id = self.ids[source].clone();
+        let missed = listed.is_none();
+        if !self.nodes[at]
+            .backfills
+            .start(&key, &source_id, now, missed, stored)
+        {
+            return;
+        }
+        self.stats.backfills += 1;
+        self.log(|| format!("n{at} backfills c{ch} from n{source}"));
+        for presence in [false, true] {
+            self.send(
+                at,
+                source,
+                Item::Backfill {
+                    from: at,
+                    ch,
+                    presence,
+                },
+            );
+        }
+    }
+
+    /// Node `at` answers `from`'s `Backfill` page of `ch` from its store.
+    pub(crate) fn answer_backfill(&mut self, at: usize, from: usize, ch: usize, presence: bool) {
+        let key = &self.keys[ch];
+        let (ids, cursor) = match lock(&self.nodes[at].outbox.stored).get(key) {
+            None => (Vec::new(), Vec::new()),
+            Some(stored) => {
+                let mut ids: Vec<String> = if presence {
+                    Vec::new()
+                } else {
+                    stored.ids.iter().cloned().collect()
+                };
+                ids.sort();
+                // Per origin, the highest stored sequence of this kind.
+                let cursor = stored
+                    .cursor
+                    .iter()
+                    .filter_map(|(&origin, &upto)| {
+                        let kinds = self.events.get(&(ch, origin))?;
+                        let seq = (1..=upto.min(kinds.len() as u64))
+                            .rev()
+                            .find(|&seq| kinds[seq as usize - 1].is_some() != presence)?;
+                        Some((origin, seq))
+                    })
+                    .collect();
+                (ids, cursor)
+            }
+        };
+        let item = Item::BackfillItems {
+            ch,
+            presence,
+            ids,
+            cursor,
+        };
+        self.send(at, from, item);
+    }
+
+    /// Node `at` stores a copied page of `ch`, if it asked for it (`Backfills::took`).
+    pub(crate) fn take_backfill(
+        &mut self,
+        at: usize,
+        ch: usize,
+        presence: bool,
+        ids: Vec<String>,
+        cursor: Vec<(OriginId, u64)>,
+    ) {
+        let key = &self.keys[ch];
+        let now = self.now_at(at);
+        if !self.nodes[at]
+            .backfills
+            .took(key, presence, None, false, now)
+        {
+            return;
+        }
+        self.log(|| format!("   stored {} copied messages", ids.len()));
+        let mut stored = lock(&self.nodes[at].outbox.stored);
+        let channel = stored.entry(key.clone()).or_default();
+        channel.ids.extend(ids);
+        for (origin, seq) in cursor {
+            let upto = channel.cursor.entry(origin).or_insert(0);
+            *upto = (*upto).max(seq);
+        }
+    }
+
+    /// Every live node asks again for the pages not answered in time
+    /// (`Backfills::tick`, on the driver's tick).
+    pub(crate) fn backfill_round(&mut self) {
+        for at in 0..self.nodes.len() {
+            if !self.nodes[at].up {
+                continue;
+            }
+            let now = self.now_at(at);
+            let mut again = self.nodes[at].backfills.tick(now);
+            // In a fixed order, not the map's (a seed must replay exactly).
+            again.sort_by(|a, b| {
+                (&a.0, &a.1.app, &a.1.name, a.2).cmp(&(&b.0, &b.1.app, &b.1.name, b.2))
+            });
+            for (source, key, presence, _) in again {
+                let ch = self.index[&key];
+                self.send(
+                    at,
+                    node_index(&source),
+                    Item::Backfill {
+                        from: at,
+                        ch,
+                        presence,
+                    },
+                );
+            }
+        }
+    }
+}
