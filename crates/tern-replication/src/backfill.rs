@@ -3,7 +3,7 @@
 //! region, a page at a time, asking again for a page not answered within
 //! [`ASK_AGAIN_AFTER`]; at most once per [`BACKFILL_AGAIN_AFTER`] per channel.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use tern_core::ChannelKey;
@@ -18,6 +18,9 @@ pub const BACKFILL_BYTES_MAX: usize = 8 << 20;
 /// Channels being backfilled at once, and how soon one may be backfilled again.
 pub const BACKFILLS_MAX: usize = 10_000;
 pub const BACKFILL_AGAIN_AFTER: Duration = Duration::from_secs(60);
+/// Sources waiting their turn per channel (each has part of the history: an origin's
+/// store holds that origin's messages, and a home's what reached it while it was home).
+pub const SOURCES_QUEUED_MAX: usize = 4;
 
 /// A page position, opaque here (the driver's stored-item position).
 struct Backfilling<P> {
@@ -26,6 +29,11 @@ struct Backfilling<P> {
     /// Per kind (messages, presence): the page asked for and not answered yet.
     waiting: [Option<Option<P>>; 2],
     asked: Now,
+    /// When the source last answered (or the copy started).
+    heard: Now,
+    /// Other nodes that listed more of the channel than the store holds while this copy
+    /// was under way: copied from next, in turn (at most [`SOURCES_QUEUED_MAX`]).
+    queued: VecDeque<String>,
 }
 
 /// Channels whose history this node is copying.
@@ -42,9 +50,11 @@ impl<P> Default for Backfills<P> {
 }
 
 /// Where to copy from: this node must be the channel's home in its region (`homes` maps
-/// region → home); the source is another region's home (the lowest id, for
-/// determinism), or with no other region `told_by`: the node whose `Heads` told of the
-/// channel (in one region, the old home handing it over).
+/// region → home). `told_by`, the node whose `Heads` listed more of the channel than this
+/// node's store holds, has at least that in its store: it is the source. Otherwise (after
+/// a `Skip`) another region's home, which routing gave every event (the lowest id, for
+/// determinism). A fresh home in another region may itself have nothing yet (the scaled
+/// simulation, seed 5: two new homes copied from each other and got nothing).
 pub fn source<'a>(
     homes: &HashMap<&'a str, &'a str>,
     my_region: &str,
@@ -54,12 +64,13 @@ pub fn source<'a>(
     if homes.get(my_region) != Some(&me) {
         return None;
     }
-    homes
-        .iter()
-        .filter(|(region, _)| **region != my_region)
-        .map(|(_, node)| *node)
-        .min()
-        .or(told_by.filter(|node| *node != me))
+    told_by.filter(|node| *node != me).or_else(|| {
+        homes
+            .iter()
+            .filter(|(region, _)| **region != my_region)
+            .map(|(_, node)| *node)
+            .min()
+    })
 }
 
 /// Whether a store whose cursor on a channel is `stored` holds everything a peer's
@@ -89,10 +100,29 @@ impl<P: Copy> Backfills<P> {
         stored: impl FnOnce() -> bool,
     ) -> bool {
         let fresh = |b: &Backfilling<P>| now.saturating_sub(b.started) < BACKFILL_AGAIN_AFTER;
-        if self.channels.get(key).is_some_and(fresh) {
-            return false;
+        // Once per `BACKFILL_AGAIN_AFTER` from one source; another source may start once
+        // the last copy is done (it may have had nothing) or its source went silent (it
+        // may have died: asking it again would hold the channel for the whole window).
+        let busy = |b: &Backfilling<P>| {
+            b.waiting.iter().any(Option::is_some)
+                && now.saturating_sub(b.heard) < ASK_AGAIN_AFTER * 2
+        };
+        let mut stored = Some(stored);
+        if let Some(b) = self.channels.get_mut(key).filter(|b| fresh(b)) {
+            if b.source == source {
+                return false;
+            }
+            if busy(b) {
+                let behind = missed || !(stored.take().expect("unused"))();
+                let known = b.queued.iter().any(|q| q == source);
+                if behind && !known && b.queued.len() < SOURCES_QUEUED_MAX {
+                    b.queued.push_back(source.to_string());
+                }
+                return false;
+            }
         }
         self.channels.retain(|_, b| fresh(b));
+        let stored = stored.take().expect("unused");
         if self.channels.len() >= BACKFILLS_MAX || (!missed && stored()) {
             return false;
         }
@@ -103,6 +133,8 @@ impl<P: Copy> Backfills<P> {
                 source: source.to_string(),
                 waiting: [Some(None), Some(None)],
                 asked: now,
+                heard: now,
+                queued: VecDeque::new(),
             },
         );
         true
@@ -123,16 +155,35 @@ impl<P: Copy> Backfills<P> {
         };
         b.waiting[usize::from(presence)] = if more { last.map(Some) } else { None };
         b.asked = now;
+        b.heard = now;
         true
     }
 
-    /// Pages to ask for again: (source, channel, presence, after).
+    /// Pages to ask for again, and the first pages of a queued source whose turn came:
+    /// (source, channel, presence, after).
     pub fn tick(&mut self, now: Now) -> Vec<(String, ChannelKey, bool, Option<P>)> {
         let mut again = Vec::new();
         for (key, b) in self.channels.iter_mut() {
-            if now.saturating_sub(b.started) >= BACKFILL_AGAIN_AFTER
-                || now.saturating_sub(b.asked) < ASK_AGAIN_AFTER
-            {
+            if now.saturating_sub(b.started) >= BACKFILL_AGAIN_AFTER {
+                continue;
+            }
+            // The copy is done, or its source went silent: the next source's turn.
+            let done = b.waiting.iter().all(Option::is_none);
+            let silent = now.saturating_sub(b.heard) >= ASK_AGAIN_AFTER * 2;
+            if done || silent {
+                if let Some(next) = b.queued.pop_front() {
+                    b.source = next;
+                    b.waiting = [Some(None), Some(None)];
+                    (b.asked, b.heard) = (now, now);
+                    for presence in [false, true] {
+                        again.push((b.source.clone(), key.clone(), presence, None));
+                    }
+                }
+                if done {
+                    continue;
+                }
+            }
+            if now.saturating_sub(b.asked) < ASK_AGAIN_AFTER {
                 continue;
             }
             b.asked = now;
@@ -173,10 +224,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_home_copies_from_another_regions_home() {
+    fn only_the_home_copies_from_who_listed_it_or_another_regions_home() {
         let homes: HashMap<&str, &str> = [("a", "a1"), ("b", "b2"), ("c", "c1")].into();
         assert_eq!(source(&homes, "a", "a1", None), Some("b2"));
-        assert_eq!(source(&homes, "a", "a1", Some("a2")), Some("b2"));
+        assert_eq!(
+            source(&homes, "a", "a1", Some("a2")),
+            Some("a2"),
+            "who listed it"
+        );
+        assert_eq!(source(&homes, "a", "a1", Some("a1")), Some("b2"));
         assert_eq!(source(&homes, "a", "a2", Some("a1")), None);
         // One region: only the node that told of the channel, never this one.
         let alone: HashMap<&str, &str> = [("a", "a1")].into();
@@ -204,6 +260,28 @@ mod tests {
             vec![("src".to_string(), key.clone(), false, Some(9))]
         );
         assert!(b.start(&key, "src", t0 + BACKFILL_AGAIN_AFTER, true, || true));
+        // Another source may start once the copy is done, the same one may not.
+        let t1 = t0 + BACKFILL_AGAIN_AFTER;
+        assert!(!b.start(&key, "other", t1, true, || false), "under way");
+        assert!(b.took(&key, false, None, false, t1));
+        assert!(b.took(&key, true, None, false, t1));
+        assert!(!b.start(&key, "src", t1, true, || false));
+        assert!(b.start(&key, "other", t1, true, || false));
+        // Sources listing more while a copy is under way are copied from in turn.
+        assert!(!b.start(&key, "fourth", t1, true, || false), "queued");
+        assert!(b.took(&key, false, None, false, t1));
+        assert!(b.took(&key, true, None, false, t1));
+        let next = b.tick(t1);
+        assert_eq!(
+            next,
+            vec![
+                ("fourth".to_string(), key.clone(), false, None),
+                ("fourth".to_string(), key.clone(), true, None)
+            ]
+        );
+        // A source that stays silent (dead) gives way to another after two asks.
+        assert!(!b.start(&key, "third", t1 + ASK_AGAIN_AFTER, true, || false));
+        assert!(b.start(&key, "fifth", t1 + ASK_AGAIN_AFTER * 2, true, || false));
     }
 
     /// A store that has some of a channel but not all a peer lists is behind: a home

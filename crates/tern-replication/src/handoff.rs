@@ -14,10 +14,22 @@
 //! membership change, and `Heads` entries only for channels whose home moved.
 //!
 //! A change during a pass restarts it from the first channel, comparing the membership
-//! before the first change with the latest: a channel whose home moved and moved back
-//! is not sent, and one already sent to a home that changed again is sent to the
-//! latest. A pass starts [`HANDOFF_SETTLE`] after the change, so the new home has heard
-//! of the membership too (it must know itself to be the home to take the entry).
+//! before the first change with the latest: a channel whose home moved to a peer and
+//! back is not sent, and one already sent to a home that changed again is sent to the
+//! latest. But a home that left and came back (restarted, or declared dead and alive
+//! again) is sent its channels: while it was gone their events went to another node, and
+//! a restart may have emptied its store (the scaled simulation with idle channels
+//! dropped, seed 2: a crash and restart within one pass looked like no change at all). A pass starts [`HANDOFF_SETTLE`] after the change, so the new home has heard
+//! of the membership too (it must know itself to be the home to take the entry); a later
+//! change restarts it but does not put it off (under churn, a change every few hundred
+//! ms, a pass put off by each would never run: the scaled simulation with idle channels
+//! dropped).
+//!
+//! A `Heads` entry is sent once and can be lost (a link cut) or ignored (the new home
+//! has not yet noticed the change that made it home), so every pass runs once more
+//! [`HANDOFF_REPEAT`] after it started, with the same memberships. What the new home
+//! already has costs it nothing: it copies history only when its store lacks some of the
+//! cursor (`backfill::covers`).
 //!
 //! A node that has just started finds its peers one by one: seen from it every channel's
 //! home "moves" from itself to the others, and a restarted node's store would be offered
@@ -38,6 +50,8 @@ use crate::Now;
 pub const HANDOFF_PAGE: usize = 1_000;
 /// How long after a membership change a pass starts.
 pub const HANDOFF_SETTLE: Duration = Duration::from_secs(1);
+/// How long after a pass started it runs once more (same memberships).
+pub const HANDOFF_REPEAT: Duration = Duration::from_secs(5);
 /// Start-up: the time since the driver's start within which finding peers from a
 /// membership of this node alone is not a handoff.
 pub const HANDOFF_STARTUP: Duration = Duration::from_secs(10);
@@ -48,6 +62,9 @@ pub const HANDOFF_STARTUP: Duration = Duration::from_secs(10);
 pub struct Member {
     pub id: String,
     pub region: String,
+    /// The incarnation's origin id: a restarted node is another member under the same
+    /// id (it left, and came back).
+    pub origin: u64,
 }
 
 impl From<Node<'_>> for Member {
@@ -55,6 +72,7 @@ impl From<Node<'_>> for Member {
         Member {
             id: node.id.to_string(),
             region: node.region.to_string(),
+            origin: node.origin,
         }
     }
 }
@@ -76,6 +94,10 @@ struct Pass<T> {
     next: Option<T>,
     /// Not before this.
     start_at: Now,
+    /// This is the pass's second run.
+    repeat: bool,
+    /// Members (by id) that left at some change of this pass.
+    gone: BTreeSet<String>,
 }
 
 /// The handoff passes of one node. `T` is the store's page token (opaque here).
@@ -112,12 +134,23 @@ impl<T: Clone> Handoff<T> {
         if self.pass.is_none() && before.len() <= 1 && now < HANDOFF_STARTUP {
             return;
         }
-        let before = match self.pass.take() {
-            Some(pass) => pass.before,
-            None => before.iter().cloned().collect(),
+        let settled = now + HANDOFF_SETTLE;
+        // Left, or restarted (another incarnation under its id).
+        let left = before
+            .iter()
+            .filter(|m| !after.contains(*m))
+            .map(|m| m.id.clone());
+        let (before, start_at, gone) = match self.pass.take() {
+            // Restarted from the first channel, but not later than it was due.
+            Some(mut pass) => {
+                pass.gone.extend(left);
+                (pass.before, pass.start_at.min(settled), pass.gone)
+            }
+            None => (before.iter().cloned().collect(), settled, left.collect()),
         };
-        if before == after {
-            // Back where the running pass started, if any: nothing moved.
+        if before == after && !after.iter().any(|m| gone.contains(&m.id)) {
+            // Back where the running pass started, if any, and nobody in it left on
+            // the way: nothing moved.
             self.number += 1;
             return;
         }
@@ -126,7 +159,9 @@ impl<T: Clone> Handoff<T> {
             before,
             after,
             next: None,
-            start_at: now + HANDOFF_SETTLE,
+            start_at,
+            repeat: false,
+            gone,
         });
     }
 
@@ -171,7 +206,10 @@ impl<T: Clone> Handoff<T> {
             let now = routing::homes(&key, nodes(&current.after));
             let mut moved: Vec<&str> = now
                 .iter()
-                .filter(|(region, home)| **home != me && was.get(*region) != Some(*home))
+                .filter(|(region, home)| {
+                    **home != me
+                        && (was.get(*region) != Some(*home) || current.gone.contains(**home))
+                })
                 .map(|(_, home)| *home)
                 .collect();
             moved.sort_unstable();
@@ -181,6 +219,12 @@ impl<T: Clone> Handoff<T> {
         }
         match next {
             Some(next) => current.next = Some(next),
+            None if !current.repeat => {
+                // Once more, for entries lost or ignored (see the module's text).
+                current.repeat = true;
+                current.next = None;
+                current.start_at += HANDOFF_REPEAT;
+            }
             None => self.pass = None,
         }
         out
@@ -203,6 +247,7 @@ mod tests {
         Member {
             id: id.into(),
             region: region.into(),
+            origin: 0,
         }
     }
 
@@ -261,8 +306,18 @@ mod tests {
                 ("b", want, &[(7, 3)][..])
             );
         }
-        assert!(!handoff.running());
+        // The same pass runs once more, `HANDOFF_REPEAT` after it started, and then
+        // ends.
+        assert!(handoff.running());
         assert!(handoff.next_read(at(12)).is_none());
+        let read = handoff
+            .next_read(at(11) + HANDOFF_REPEAT)
+            .expect("the repeat");
+        assert_eq!(read.after, None);
+        let again = handoff.on_page(read.pass, stored(&moved), None, "a");
+        assert_eq!(again.len(), 3);
+        assert!(!handoff.running());
+        assert!(handoff.next_read(at(60)).is_none());
         // r2's home did not move; the joiner itself sends nothing to itself.
         let mut joiner: Handoff<u32> = Handoff::default();
         joiner.on_members(&before, &after, at(10));
@@ -308,8 +363,8 @@ mod tests {
         assert!(handoff
             .on_page(stale.pass, stored(&to_c), Some(9), "a")
             .is_empty());
-        assert!(handoff.next_read(at(1)).is_none(), "settling again");
-        let read = handoff.next_read(at(2)).unwrap();
+        // Restarted, not put off: it was due, so it reads again at once.
+        let read = handoff.next_read(at(1)).unwrap();
         assert_eq!(read.after, None, "from the first channel again");
         let sent = handoff.on_page(read.pass, stored(&to_c), None, "a");
         assert_eq!(sent.iter().filter(|(h, _)| h == "c").count(), 2);
@@ -320,6 +375,58 @@ mod tests {
         flap.on_members(&two, &one, at(0));
         assert!(!flap.running());
         assert!(flap.next_read(at(5)).is_none());
+    }
+
+    /// A home that leaves and comes back within one pass (a restart) is sent its
+    /// channels: their events went elsewhere meanwhile, and its store may be empty.
+    #[test]
+    fn a_home_that_left_and_came_back_is_sent_its_channels() {
+        let all = vec![member("a", "r1"), member("b", "r1"), member("x", "r2")];
+        let without_b = vec![member("a", "r1"), member("x", "r2")];
+        let of_b = homed_at("b", &all, 2);
+        let mut handoff: Handoff<u32> = Handoff::default();
+        handoff.on_members(&all, &without_b, at(0));
+        handoff.on_members(&without_b, &all, at(0) + Duration::from_millis(500));
+        assert!(handoff.running(), "b left on the way");
+        let read = handoff.next_read(at(1)).unwrap();
+        let sent = handoff.on_page(read.pass, stored(&of_b), None, "x");
+        let homes: Vec<&str> = sent.iter().map(|(h, _)| h.as_str()).collect();
+        assert_eq!(homes, ["b", "b"]);
+
+        // A restart noticed only as a new incarnation under the same id is the same.
+        let restarted: Vec<Member> = all
+            .iter()
+            .map(|m| Member {
+                origin: if m.id == "b" { 2 } else { 0 },
+                ..m.clone()
+            })
+            .collect();
+        let mut handoff: Handoff<u32> = Handoff::default();
+        handoff.on_members(&all, &restarted, at(0));
+        let read = handoff.next_read(at(1)).unwrap();
+        let sent = handoff.on_page(read.pass, stored(&of_b), None, "x");
+        assert_eq!(sent.len(), 2);
+    }
+
+    /// Under churn (a change every half second), each change restarts the pass but does
+    /// not put it off: it runs one settle time after the first change.
+    #[test]
+    fn churn_does_not_put_a_pass_off() {
+        let one = vec![member("a", "r1"), member("x", "r2")];
+        let two = vec![member("a", "r1"), member("b", "r1"), member("x", "r2")];
+        let three = vec![member("a", "r1"), member("c", "r1"), member("x", "r2")];
+        let mut handoff: Handoff<u32> = Handoff::default();
+        handoff.on_members(&one, &two, at(0));
+        let half = Duration::from_millis(500);
+        handoff.on_members(&two, &three, at(0) + half);
+        assert!(handoff.next_read(at(0) + half).is_none(), "settling");
+        handoff.on_members(&three, &two, at(1));
+        let read = handoff
+            .next_read(at(1))
+            .expect("due one settle time after the first");
+        let to_b = homed_at("b", &two, 2);
+        let sent = handoff.on_page(read.pass, stored(&to_b), None, "a");
+        assert_eq!(sent.iter().filter(|(h, _)| h == "b").count(), 2);
     }
 
     /// A node that just started finds its peers: no pass; alone for longer (a cluster

@@ -9,7 +9,7 @@ use tern_core::{
 };
 use tern_protocol::{Data, PresenceMessage};
 use tern_replication::backfill::Backfills;
-use tern_replication::handoff::Handoff;
+use tern_replication::handoff::{self, Handoff};
 use tern_replication::routing;
 
 use crate::network::Item;
@@ -149,11 +149,12 @@ pub(crate) struct Node {
     pub(crate) believed_live: HashSet<OriginId>,
     pub(crate) clients: Vec<Client>,
     /// Telling channels' new homes of its stored channels when its view changes
-    /// (`tern_replication::handoff`), the view it last compared (a bit per node), and
+    /// (`tern_replication::handoff`), the view it last compared (members with their
+    /// incarnations; empty before its first round), and
     /// when this incarnation booted (its clock, ms): the handoff's start-up window
     /// counts from then, as the driver's from its start.
     pub(crate) handoff: Handoff<()>,
-    pub(crate) view_seen: u64,
+    pub(crate) view_seen: Vec<handoff::Member>,
     /// Channels whose stored history it is copying (`tern_replication::backfill`).
     pub(crate) backfills: Backfills<()>,
     pub(crate) booted_ms: i64,
@@ -270,8 +271,8 @@ impl Sim {
             clients,
             handoff: Handoff::default(),
             backfills: Backfills::default(),
-            // A node starts knowing only itself, as the driver's first `set_peers` does.
-            view_seen: 1 << index,
+            // Filled at its first handoff round (see `handoff_round`).
+            view_seen: Vec::new(),
             booted_ms: 0,
         }
     }

@@ -318,12 +318,15 @@ impl Sim {
             }
             let since_boot = (self.hub_now(at) - self.nodes[at].booted_ms).max(0);
             let now = std::time::Duration::from_millis(since_boot as u64);
-            let mask = self.view_mask(at);
-            let seen = self.nodes[at].view_seen;
-            if mask != seen {
-                let (before, after) = (self.members_of(seen), self.members_of(mask));
-                self.nodes[at].handoff.on_members(&before, &after, now);
-                self.nodes[at].view_seen = mask;
+            // Members with their incarnations (a restart is a change); a node starts
+            // knowing only itself, as the driver's first `set_peers` does.
+            let view = self.members_of(self.view_mask(at));
+            if view != self.nodes[at].view_seen {
+                let mut before = std::mem::replace(&mut self.nodes[at].view_seen, view.clone());
+                if before.is_empty() {
+                    before.push(Member::from(self.member(at)));
+                }
+                self.nodes[at].handoff.on_members(&before, &view, now);
             }
             let Some(read) = self.nodes[at].handoff.next_read(now) else {
                 continue;
