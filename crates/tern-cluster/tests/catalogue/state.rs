@@ -172,7 +172,8 @@ pub(super) async fn history_rows(bed: &Bed) {
     .await;
     assert!(bed.history.stored.lock().unwrap().is_empty(), "stored");
 
-    // v copies a channel it is the home of from f (r3's home): Heads from e starts it.
+    // v copies a channel it is the home of, which its store lacks, from e, whose Heads
+    // lists it (`backfill::source`: the node that listed more than v's store holds).
     let key = channel_homed_at(&bed.v, "v", "copy");
     bed.kept(
         "Heads of a channel v is the home of and has nothing of",
@@ -187,8 +188,8 @@ pub(super) async fn history_rows(bed: &Bed) {
         None,
     )
     .await;
-    wait_for("v asks f for the history", 10, || {
-        !bed.f
+    wait_for("v asks e for the history", 10, || {
+        !bed.e
             .received(|f| match f {
                 FrameV1::Backfill { channel, .. } if **channel == *key.name => Some(()),
                 _ => None,
@@ -196,8 +197,8 @@ pub(super) async fn history_rows(bed: &Bed) {
             .is_empty()
     })
     .await;
-    let mut link = bed.f_connection.open_uni().await.unwrap();
-    let mut bytes = framed(&Bed::hello("f"));
+    let mut link = bed.e_connection.open_uni().await.unwrap();
+    let mut bytes = framed(&Bed::hello("e"));
     let mut garbage = page(&key.name, vec![0xc1, 0xc1]);
     if let FrameV1::BackfillItems { more, .. } = &mut garbage {
         *more = false;
