@@ -10,8 +10,6 @@
 //! message, the presence page the highest that was a presence event, as the store's
 //! cursor moves when the real copied rows are put.
 
-use std::collections::HashMap;
-
 use tern_core::OriginId;
 use tern_replication::backfill;
 
@@ -32,13 +30,7 @@ impl Sim {
         ch: usize,
         listed: Option<(usize, &[(u64, u64)])>,
     ) {
-        let homes_at = self.homes_among(self.view_mask(at), ch);
-        let homes: HashMap<&str, &str> = homes_at
-            .iter()
-            .enumerate()
-            .filter(|&(_, &home)| home != usize::MAX)
-            .map(|(region, &home)| (self.region_names[region].as_str(), self.ids[home].as_str()))
-            .collect();
+        let homes = self.home_ids_among(self.view_mask(at), ch);
         let me = self.member(at);
         let told_by = listed.map(|(n, _)| self.ids[n].as_str());
         let Some(source) = backfill::source(&homes, me.region, me.id, told_by) else {

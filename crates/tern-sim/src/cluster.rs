@@ -312,6 +312,17 @@ impl Sim {
         homes
     }
 
+    /// [`Sim::homes_among`] as the rules take it: region name → home's node id, for the
+    /// regions that have one.
+    pub(crate) fn home_ids_among(&self, mask: u64, ch: usize) -> HashMap<&str, &str> {
+        self.homes_among(mask, ch)
+            .into_iter()
+            .enumerate()
+            .filter(|&(_, home)| home != usize::MAX)
+            .map(|(region, home)| (self.region_names[region].as_str(), self.ids[home].as_str()))
+            .collect()
+    }
+
     /// The channel's home in each region among the nodes that are up.
     pub(crate) fn live_homes(&self, ch: usize) -> Vec<usize> {
         let mask = (0..self.nodes.len())

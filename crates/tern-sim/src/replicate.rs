@@ -4,8 +4,6 @@
 //! (`heads::shares`, `heads::wanted`), and the handoff of stored channels to their new
 //! homes after a view change (`handoff`).
 
-use std::collections::HashMap;
-
 use tern_core::{OriginId, RemoteEvent, RemoteOutcome};
 use tern_replication::handoff::{Member, StoredChannel};
 use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
@@ -149,13 +147,7 @@ impl Sim {
                 continue;
             }
             let ch = self.index[&key];
-            let homes: HashMap<&str, &str> = self
-                .homes_among(mask, ch)
-                .into_iter()
-                .enumerate()
-                .filter(|&(_, home)| home != usize::MAX)
-                .map(|(region, home)| (self.region_names[region].as_str(), self.ids[home].as_str()))
-                .collect();
+            let homes = self.home_ids_among(mask, ch);
             let interested = self.nodes[peer].interest.interested(&key, now);
             let index = heads.list.len();
             for node in (0..self.nodes.len()).filter(|&n| n != peer) {
