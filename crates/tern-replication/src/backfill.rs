@@ -107,13 +107,12 @@ impl<P: Copy> Backfills<P> {
             b.waiting.iter().any(Option::is_some)
                 && now.saturating_sub(b.heard) < ASK_AGAIN_AFTER * 2
         };
-        let mut stored = Some(stored);
         if let Some(b) = self.channels.get_mut(key).filter(|b| fresh(b)) {
             if b.source == source {
                 return false;
             }
             if busy(b) {
-                let behind = missed || !(stored.take().expect("unused"))();
+                let behind = missed || !stored();
                 let known = b.queued.iter().any(|q| q == source);
                 if behind && !known && b.queued.len() < SOURCES_QUEUED_MAX {
                     b.queued.push_back(source.to_string());
@@ -122,7 +121,6 @@ impl<P: Copy> Backfills<P> {
             }
         }
         self.channels.retain(|_, b| fresh(b));
-        let stored = stored.take().expect("unused");
         if self.channels.len() >= BACKFILLS_MAX || (!missed && stored()) {
             return false;
         }
