@@ -19,8 +19,10 @@
 //! latest. But a home that left and came back (restarted, or declared dead and alive
 //! again) is sent its channels: while it was gone their events went to another node, and
 //! a restart may have emptied its store (the scaled simulation with idle channels
-//! dropped, seed 2: a crash and restart within one pass looked like no change at all). A pass starts [`HANDOFF_SETTLE`] after the change, so the new home has heard
-//! of the membership too (it must know itself to be the home to take the entry); a later
+//! dropped, seed 2: a crash and restart within one pass looked like no change at all).
+//!
+//! A pass starts [`HANDOFF_SETTLE`] after the change, so the new home has heard of the
+//! membership too (it must know itself to be the home to take the entry); a later
 //! change restarts it but does not put it off (under churn, a change every few hundred
 //! ms, a pass put off by each would never run: the scaled simulation with idle channels
 //! dropped).
