@@ -36,6 +36,17 @@ struct Backfilling<P> {
     queued: VecDeque<String>,
 }
 
+/// What to do with a page that arrived ([`Backfills::took`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Took {
+    /// Nothing of the channel is being copied: drop it.
+    Unasked,
+    /// From a source the copy moved on from: store it, ask for nothing.
+    Store,
+    /// From the current source: store it, and ask for the next page if there is more.
+    Next,
+}
+
 /// Channels whose history this node is copying.
 pub struct Backfills<P> {
     channels: HashMap<ChannelKey, Backfilling<P>>,
@@ -138,23 +149,29 @@ impl<P: Copy> Backfills<P> {
         true
     }
 
-    /// A page arrived; returns whether it was asked for (then store it, and ask for
-    /// the next from `last` when `more`).
+    /// A page of `key` arrived from `from`: whether to store it, and whether to ask
+    /// `from` for the next page (from `last`, when `more`).
     pub fn took(
         &mut self,
         key: &ChannelKey,
+        from: &str,
         presence: bool,
         last: Option<P>,
         more: bool,
         now: Now,
-    ) -> bool {
+    ) -> Took {
         let Some(b) = self.channels.get_mut(key) else {
-            return false;
+            return Took::Unasked;
         };
+        if b.source != from {
+            // A late page of a source this copy gave up on (it went silent): still the
+            // channel's history, but the current source's wait is not its to end.
+            return Took::Store;
+        }
         b.waiting[usize::from(presence)] = if more { last.map(Some) } else { None };
         b.asked = now;
         b.heard = now;
-        true
+        Took::Next
     }
 
     /// Pages to ask for again, and the first pages of a queued source whose turn came:
@@ -250,8 +267,14 @@ mod tests {
         assert!(b.tick(t0).is_empty());
         let again = b.tick(t0 + ASK_AGAIN_AFTER);
         assert_eq!(again.len(), 2);
-        assert!(b.took(&key, false, Some(9), true, t0 + ASK_AGAIN_AFTER));
-        assert!(b.took(&key, true, None, false, t0 + ASK_AGAIN_AFTER));
+        assert_eq!(
+            b.took(&key, "src", false, Some(9), true, t0 + ASK_AGAIN_AFTER),
+            Took::Next
+        );
+        assert_eq!(
+            b.took(&key, "src", true, None, false, t0 + ASK_AGAIN_AFTER),
+            Took::Next
+        );
         let again = b.tick(t0 + ASK_AGAIN_AFTER * 2);
         assert_eq!(
             again,
@@ -261,14 +284,14 @@ mod tests {
         // Another source may start once the copy is done, the same one may not.
         let t1 = t0 + BACKFILL_AGAIN_AFTER;
         assert!(!b.start(&key, "other", t1, true, || false), "under way");
-        assert!(b.took(&key, false, None, false, t1));
-        assert!(b.took(&key, true, None, false, t1));
+        assert_eq!(b.took(&key, "src", false, None, false, t1), Took::Next);
+        assert_eq!(b.took(&key, "src", true, None, false, t1), Took::Next);
         assert!(!b.start(&key, "src", t1, true, || false));
         assert!(b.start(&key, "other", t1, true, || false));
         // Sources listing more while a copy is under way are copied from in turn.
         assert!(!b.start(&key, "fourth", t1, true, || false), "queued");
-        assert!(b.took(&key, false, None, false, t1));
-        assert!(b.took(&key, true, None, false, t1));
+        assert_eq!(b.took(&key, "other", false, None, false, t1), Took::Next);
+        assert_eq!(b.took(&key, "other", true, None, false, t1), Took::Next);
         let next = b.tick(t1);
         assert_eq!(
             next,
@@ -276,6 +299,27 @@ mod tests {
                 ("fourth".to_string(), key.clone(), false, None),
                 ("fourth".to_string(), key.clone(), true, None)
             ]
+        );
+        // A late page of the source the copy moved on from is stored, but does not end
+        // the current source's wait.
+        assert_eq!(b.took(&key, "other", false, None, false, t1), Took::Store);
+        let again = b.tick(t1 + ASK_AGAIN_AFTER);
+        assert_eq!(
+            again.len(),
+            2,
+            "both kinds still asked of the current source"
+        );
+        assert!(again.iter().all(|(source, ..)| source == "fourth"));
+        assert_eq!(
+            b.took(
+                &ChannelKey::new("app", "other"),
+                "fourth",
+                false,
+                None,
+                false,
+                t1
+            ),
+            Took::Unasked
         );
         // A source that stays silent (dead) gives way to another after two asks.
         assert!(!b.start(&key, "third", t1 + ASK_AGAIN_AFTER, true, || false));

@@ -11,7 +11,7 @@
 //! cursor moves when the real copied rows are put.
 
 use tern_core::OriginId;
-use tern_replication::backfill;
+use tern_replication::backfill::{self, Took};
 
 use crate::cluster::node_index;
 use crate::network::Item;
@@ -98,6 +98,7 @@ impl Sim {
             }
         };
         let item = Item::BackfillItems {
+            from: at,
             ch,
             presence,
             ids,
@@ -110,6 +111,7 @@ impl Sim {
     pub(crate) fn take_backfill(
         &mut self,
         at: usize,
+        from: usize,
         ch: usize,
         presence: bool,
         ids: Vec<String>,
@@ -117,10 +119,10 @@ impl Sim {
     ) {
         let key = &self.keys[ch];
         let now = self.now_at(at);
-        if !self.nodes[at]
+        let took = self.nodes[at]
             .backfills
-            .took(key, presence, None, false, now)
-        {
+            .took(key, &self.ids[from], presence, None, false, now);
+        if took == Took::Unasked {
             return;
         }
         self.log(|| format!("   stored {} copied messages", ids.len()));

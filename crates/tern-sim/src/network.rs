@@ -45,6 +45,7 @@ pub(crate) enum Item {
     /// The answer: the sender's stored message ids (none for presence) and, per origin,
     /// its highest stored sequence of that kind.
     BackfillItems {
+        from: usize,
         ch: usize,
         presence: bool,
         ids: Vec<String>,
@@ -281,11 +282,12 @@ impl Sim {
             }
             Item::Backfill { from, ch, presence } => self.answer_backfill(to, from, ch, presence),
             Item::BackfillItems {
+                from,
                 ch,
                 presence,
                 ids,
                 cursor,
-            } => self.take_backfill(to, ch, presence, ids, cursor),
+            } => self.take_backfill(to, from, ch, presence, ids, cursor),
             Item::Departed { tag, origin } => {
                 let now_ms = self.hub_now(to);
                 let left = self.nodes[to].hub.node_departed(&format!("{tag}-"), now_ms);

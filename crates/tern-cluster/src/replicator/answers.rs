@@ -6,7 +6,7 @@
 
 use std::sync::atomic::AtomicUsize;
 
-use tern_replication::backfill::{self, BACKFILL_PAGE};
+use tern_replication::backfill::{self, Took, BACKFILL_PAGE};
 use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
 use tern_replication::repair::{self, RepairPart};
 use tern_replication::warm;
@@ -237,12 +237,13 @@ impl Replicator {
         let last = items.last().map(|item| item.position);
         // Only answers to what we asked for (a late duplicate is harmless anyway).
         let now = self.now();
-        if !lock(&self.backfills).took(&key, presence, last, more, now) {
+        let took = lock(&self.backfills).took(&key, peer, presence, last, more, now);
+        if took == Took::Unasked {
             return;
         }
         metrics::counter!("tern_history_backfilled_items_total").increment(items.len() as u64);
         history.put(&key.app, &key.name, presence, items);
-        if let (true, Some(after)) = (more, last) {
+        if let (Took::Next, true, Some(after)) = (took, more, last) {
             let frame = FrameV1::Backfill {
                 app: key.app.to_string(),
                 channel: key.name.to_string(),
