@@ -206,8 +206,11 @@ impl Sim {
         // subscriber's hub held every earlier message when it attached, so it must have
         // them all; once nodes drop idle channels, a subscriber is owed only what was
         // published after it attached (earlier messages are history, in the homes'
-        // stores), as a client attaching late is.
-        let drops_idle = self.limits.channel_idle_retain_ms != i64::MAX;
+        // stores), as a client attaching late is. So too where stores survive a restart:
+        // a restarted node reopens a channel at its stored cursor with nothing in its
+        // log (`Journal::restore`), so neither its subscribers nor a node warming from it
+        // are handed what was published before (history has it).
+        let drops_idle = self.limits.channel_idle_retain_ms != i64::MAX || self.durable_store;
         let mut sets: Vec<(usize, &str, HashSet<String>, usize)> = Vec::new();
         for &(i, n) in &live {
             if let Some(sub) = n.subs.get(&ch).filter(|s| s.attached) {
