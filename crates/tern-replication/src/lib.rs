@@ -21,6 +21,8 @@
 //! - [`backfill`]: a channel's new home copying stored history, one page at a time.
 //! - [`handoff`]: after a membership change, telling a channel's new home of the
 //!   channels in this node's store (held in memory or not).
+//! - [`recover`]: after a restart with the disk store, taking this node's earlier
+//!   incarnations' recent stored events back into its hub, so peers can ask for them.
 
 pub mod acks;
 pub mod backfill;
@@ -28,6 +30,7 @@ pub mod handoff;
 pub mod heads;
 pub mod inbound;
 pub mod links;
+pub mod recover;
 pub mod repair;
 pub mod routing;
 pub mod warm;

@@ -12,6 +12,7 @@
 
 use tern_core::OriginId;
 use tern_replication::backfill::{self, Took};
+use tern_replication::recover;
 
 use crate::cluster::node_index;
 use crate::network::Item;
@@ -19,6 +20,37 @@ use crate::node::lock;
 use crate::Sim;
 
 impl Sim {
+    /// Restarted node `at`, its store kept, takes its earlier incarnations' recent
+    /// stored events back into its hub (`recover::adopt`), as the server does at start.
+    pub(crate) fn recover(&mut self, at: usize) {
+        let now_ms = self.hub_now(at);
+        let node = &self.nodes[at];
+        let since = recover::since_ms(&node.hub, now_ms);
+        let earlier: Vec<u64> = node.earlier_origins.iter().map(|o| o.0).collect();
+        let mut found = Vec::new();
+        for (key, channel) in lock(&node.outbox.stored).iter() {
+            let cursor: Vec<(u64, u64)> = channel.cursor.iter().map(|(o, s)| (o.0, *s)).collect();
+            for origin in recover::earlier_in(&cursor, &earlier) {
+                let events: Vec<_> = channel
+                    .events
+                    .range((OriginId(origin), 0)..=(OriginId(origin), u64::MAX))
+                    .map(|(_, event)| event.clone())
+                    .filter(|event| event.frame.timestamp.unwrap_or(0) >= since)
+                    .collect();
+                if !events.is_empty() {
+                    found.push((key.clone(), events));
+                }
+            }
+        }
+        found.sort_by(|a, b| (&a.0.app, &a.0.name).cmp(&(&b.0.app, &b.0.name)));
+        for (key, events) in found {
+            let applied = recover::adopt(&self.nodes[at].hub, &key, events, now_ms)
+                .expect("the sim's limits hold every channel");
+            self.stats.recovered += applied as u64;
+            self.log(|| format!("n{at} recovered {applied} events of {}", key.name));
+        }
+    }
+
     /// Node `at` copies `ch`'s stored history if it is the channel's home in its region
     /// (in its view) and the rule says so (`backfill::source`, `Backfills::start`):
     /// always after a `Skip` (`listed` is `None`), otherwise (`listed`: the node whose

@@ -339,6 +339,12 @@ pub(crate) const ASK_AGAIN_MS: i64 = 1_000;
 /// subscriber misses the message); the server's 120 s is far longer than its ~2 s
 /// failure detection. The scaled runs keep channels in memory: see docs/reliability.md.
 pub const IDLE_RETAIN_MS: i64 = 500;
+/// The idle retention of the sweep's seeds with stores that survive restarts (3 mod 4).
+/// A restarted node holds the channels it took its earlier events back into
+/// (`recover`) only while they are idle: dropped before its first `Heads` round (1 s)
+/// listed them, no peer ever asks for those events (seeds 295, 373 and 1011 at 500 ms);
+/// the server keeps an idle channel for 120 s.
+pub const DURABLE_IDLE_RETAIN_MS: i64 = 2_000;
 pub(crate) const WARM_TIMEOUT_MS: i64 = 3_000;
 /// How long gossip takes to carry a member's departed-tag list to every other member.
 pub(crate) const GOSSIP_SPREAD_MS: u64 = 300;

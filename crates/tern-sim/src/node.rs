@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tern_core::{
-    AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Cursor, Hub, Journal, OriginId, Subscriber,
+    AttachOptions, ChannelEvent, ChannelKey, CoreLimits, Cursor, Hub, Journal, OriginId,
+    RemoteEvent, Subscriber,
 };
 use tern_protocol::{Data, PresenceMessage};
 use tern_replication::backfill::Backfills;
@@ -63,6 +64,9 @@ pub(crate) struct Outbox {
 pub(crate) struct Stored {
     pub(crate) cursor: BTreeMap<OriginId, u64>,
     pub(crate) ids: HashSet<String>,
+    /// The events this node journaled, as the store's rows give them back (what a
+    /// restarted node recovers, `tern_replication::recover`).
+    pub(crate) events: BTreeMap<(OriginId, u64), RemoteEvent>,
 }
 
 impl Outbox {
@@ -90,6 +94,9 @@ impl Journal for Outbox {
         let channel = stored.entry(key.clone()).or_default();
         let upto = channel.cursor.entry(event.origin).or_insert(0);
         *upto = (*upto).max(event.seq);
+        channel
+            .events
+            .insert((event.origin, event.seq), RemoteEvent::from_event(event));
         if event.is_message() {
             let ids = event.frame.messages.iter().flatten();
             channel
@@ -158,6 +165,9 @@ pub(crate) struct Node {
     /// Channels whose stored history it is copying (`tern_replication::backfill`).
     pub(crate) backfills: Backfills<()>,
     pub(crate) booted_ms: i64,
+    /// Its earlier incarnations' origins, newest last (at most
+    /// `recover::ORIGINS_KEPT`), as the server keeps them beside its store.
+    pub(crate) earlier_origins: Vec<OriginId>,
 }
 
 impl Node {
@@ -274,6 +284,7 @@ impl Sim {
             // Filled at its first handoff round (see `handoff_round`).
             view_seen: Vec::new(),
             booted_ms: 0,
+            earlier_origins: Vec::new(),
         }
     }
 

@@ -37,6 +37,8 @@ pub struct Stats {
     pub handed_over: u64,
     /// Backfills started (a home copying a channel's stored history).
     pub backfills: u64,
+    /// Events a restarted node took back from its store into its hub (`recover`).
+    pub recovered: u64,
     /// Highest virtual time reached (ms).
     pub max_now_ms: i64,
     /// Publishes ACKed (`ack_replicas` met) and NACKed (timed out).
@@ -76,6 +78,7 @@ impl Stats {
         self.retired += other.retired;
         self.handed_over += other.handed_over;
         self.backfills += other.backfills;
+        self.recovered += other.recovered;
         self.max_now_ms = self.max_now_ms.max(other.max_now_ms);
         self.acks += other.acks;
         self.nacks += other.nacks;

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 
 use tern_core::{CoreLimits, Hub, OriginId, Publisher};
 use tern_protocol::{presence_action, Data, Message, PresenceMessage};
+use tern_replication::recover;
 use tern_replication::routing::INTEREST_TTL;
 
 use crate::acked::AckState;
@@ -166,12 +167,20 @@ impl Sim {
             &mut self.nodes[at],
             Sim::boot(&self.limits, at, incarnation, subs),
         );
+        self.nodes[at].booted_ms = self.hub_now(at);
         if self.durable_store {
-            // Its store is on disk: the new incarnation has what the old one stored.
+            // Its store is on disk: the new incarnation has what the old one stored, and
+            // takes its earlier incarnations' recent events back (`recover`).
             let stored = std::mem::take(&mut *lock(&before.outbox.stored));
             *lock(&self.nodes[at].outbox.stored) = stored;
+            let mut earlier = before.earlier_origins;
+            earlier.push(before.origin);
+            if earlier.len() > recover::ORIGINS_KEPT {
+                earlier.remove(0);
+            }
+            self.nodes[at].earlier_origins = earlier;
+            self.recover(at);
         }
-        self.nodes[at].booted_ms = self.hub_now(at);
         self.stats.restarts += 1;
         self.note_homes_all();
         self.last_churn_ms = Some(self.now_ms);

@@ -1,7 +1,7 @@
 //! Seed sweep over the simulated cluster. A failure prints the command that replays it.
 
 use tern_cluster::topology::Topology;
-use tern_sim::{latencies, Faults, Rng, Shape, Sim, Stats, IDLE_RETAIN_MS};
+use tern_sim::{latencies, Faults, Rng, Shape, Sim, Stats, DURABLE_IDLE_RETAIN_MS, IDLE_RETAIN_MS};
 
 /// One-way delays between the regions of `regions/topology.toml`.
 fn topology() -> Vec<Vec<i64>> {
@@ -71,27 +71,38 @@ fn run(seed: u64) -> Result<Stats, String> {
     if trace {
         eprintln!("seed {seed}: node regions {regions:?}");
     }
-    // Odd seeds drop idle channels (`tern_sim::IDLE_RETAIN_MS`), even ones keep them;
-    // `TERN_SIM_IDLE_RETAIN_MS` sets the retention for every seed (0: keep them).
-    // `TERN_SIM_DURABLE_STORE=1`: a node's store survives its restart (off: see
-    // docs/reliability.md for what it still finds).
+    // Three kinds of seed: even ones keep channels in memory and lose a node's store
+    // with it; seeds 1 mod 4 drop idle channels (`tern_sim::IDLE_RETAIN_MS`); seeds 3
+    // mod 4 run as the server's defaults do, stores that survive a restart (the disk
+    // store) and idle channels dropped, after `DURABLE_IDLE_RETAIN_MS`.
+    // `TERN_SIM_IDLE_RETAIN_MS` sets the retention for every seed (0: keep them),
+    // `TERN_SIM_DURABLE_STORE` (1 or 0) the store's kind.
+    let durable_store = match env::<u8>("TERN_SIM_DURABLE_STORE") {
+        Some(v) => v == 1,
+        None => seed % 4 == 3,
+    };
     let idle_retain_ms = match env::<i64>("TERN_SIM_IDLE_RETAIN_MS") {
         Some(0) => None,
         Some(ms) => Some(ms),
+        None if seed % 4 == 3 => Some(DURABLE_IDLE_RETAIN_MS),
         None => (seed % 2 == 1).then_some(IDLE_RETAIN_MS),
     };
     let shape = Shape {
         idle_retain_ms,
-        durable_store: env::<u8>("TERN_SIM_DURABLE_STORE").is_some_and(|v| v == 1),
+        durable_store,
         ..Shape::default()
     };
     let mut sim = Sim::with_shape(seed, regions, latency, faults, shape);
     sim.trace = trace;
     let fail = |sim: &Sim, err: String| {
-        let settle: String = ["TERN_SIM_SETTLE_MS", "TERN_SIM_IDLE_RETAIN_MS"]
-            .iter()
-            .filter_map(|name| Some(format!("{name}={} ", std::env::var(name).ok()?)))
-            .collect();
+        let settle: String = [
+            "TERN_SIM_SETTLE_MS",
+            "TERN_SIM_IDLE_RETAIN_MS",
+            "TERN_SIM_DURABLE_STORE",
+        ]
+        .iter()
+        .filter_map(|name| Some(format!("{name}={} ", std::env::var(name).ok()?)))
+        .collect();
         Err(format!(
             "seed {seed}: {err}\n  replay: {settle}{} (TERN_SIM_TRACE=1 prints every step)",
             sim.replay_command()
@@ -184,9 +195,10 @@ fn drain(sim: &mut Sim) -> Result<(), String> {
 /// `TERN_SIM_FROM` the first (0; `scripts/sim` splits a soak over processes with it),
 /// `TERN_SIM_TRACE=1` prints every step, `TERN_SIM_SETTLE_MS` overrides the minimum time
 /// between crashes (3000; 0 shows the crash-cascade limit described in `tern-sim`),
-/// `TERN_SIM_IDLE_RETAIN_MS` the idle retention of every seed (odd seeds drop idle
-/// channels after `IDLE_RETAIN_MS`, even ones keep them; 0 keeps them in every seed),
-/// `TERN_SIM_DURABLE_STORE=1` keeps a node's store across its restart.
+/// `TERN_SIM_IDLE_RETAIN_MS` the idle retention of every seed (seeds 1 mod 4 drop idle
+/// channels after `IDLE_RETAIN_MS`, 3 mod 4 after `DURABLE_IDLE_RETAIN_MS`, even ones
+/// keep them; 0 keeps them in every seed), `TERN_SIM_DURABLE_STORE` (1 or 0) whether a
+/// node's store survives its restart (by default in seeds 3 mod 4).
 #[test]
 fn seed_sweep() {
     let seeds: Vec<u64> = match env("TERN_SIM_SEED") {
@@ -233,7 +245,8 @@ fn seed_sweep() {
                 && total.syncs > 0
                 && total.relayed > 0
                 && total.acks > 0
-                && total.resent > 0,
+                && total.resent > 0
+                && total.recovered > 0,
             "{total:?}"
         );
     }
