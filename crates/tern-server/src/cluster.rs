@@ -255,7 +255,7 @@ impl tern_cluster::replicator::LocalStore for StoreHistory {
 /// Listed, read or written for a peer, a new home would copy another node's outbox and
 /// deliver it again (it did: tests/js/test/webhooks-regions), or a peer's rows would land
 /// in this node's outbox.
-fn copied_between_nodes(app: &str) -> bool {
+pub(crate) fn copied_between_nodes(app: &str) -> bool {
     app != tern_functions::outbox::OUTBOX_APP
 }
 

@@ -16,6 +16,7 @@ mod occupancy;
 mod process;
 mod recent;
 mod recorder;
+mod recover;
 mod rules;
 
 use std::net::SocketAddr;
@@ -355,6 +356,23 @@ async fn start_node(
     if let Some(outbox) = &outbox {
         tern_functions::spawn(outbox);
         occupancy::start(hub.clone(), outbox.clone());
+    }
+    // In a cluster with the disk store: what this node stored under its earlier
+    // origins but may not have sent before it stopped goes back into its hub, where
+    // its peers find it (`recover`).
+    if let (Some(_), Some(path)) = (&cluster, config.store_config().path) {
+        let earlier = recover::earlier_origins(&path, origin);
+        let (store, hub) = (store.clone(), hub.clone());
+        tokio::task::spawn_blocking(move || {
+            let (channels, events) = recover::run(&*store, &hub, &earlier, tern_edge::now_ms());
+            if events > 0 {
+                tracing::info!(
+                    channels,
+                    events,
+                    "took this node's earlier stored events back for its peers"
+                );
+            }
+        });
     }
     let mut state = EdgeState::new(
         config.edge_config(),

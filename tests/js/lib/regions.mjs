@@ -34,7 +34,7 @@ async function freeUdpPort(host) {
   return port;
 }
 
-function regionConfig({ name, host, node }, port, adminPort, gossip, seed, dir, extra, appExtra) {
+function regionConfig({ name, host, node }, port, adminPort, gossip, seed, dir, { extra, appExtra, history, topology }) {
   return `
 [server]
 host = "${host}"
@@ -42,7 +42,7 @@ port = ${port}
 server_id = "${node}"
 
 [history]
-mode = "memory"
+${history}
 
 [admin]
 listen = "${host}:${adminPort}"
@@ -57,7 +57,7 @@ ca_cert = "${join(dir, 'ca.pem')}"
 cert = "${join(dir, `${node}.pem`)}"
 key = "${join(dir, `${node}.key`)}"
 gossip_key = "${join(dir, 'gossip.key')}"
-emulate_topology = "${join(repo, 'regions', 'topology.toml')}"
+emulate_topology = "${topology}"
 ${extra}
 
 [[apps]]
@@ -77,8 +77,16 @@ ${appExtra}
 /// host). `nodes[i]` has `.stop(signal)` (only that PID), `.child.pid` and `.host`;
 /// the first `REGIONS.length` are the regions' first nodes. `extra` is TOML appended to
 /// every node's config (after its `[cluster]` section); `appExtra` after its app's keys
-/// (e.g. `[[apps.rules]]`).
-export async function startRegions({ extra = '', nodesPerRegion = 1, appExtra = '' } = {}) {
+/// (e.g. `[[apps.rules]]`); `history` the body of its `[history]` section (memory by
+/// default; a relative redb path lands in the node's own folder); `topology` the WAN
+/// to emulate (regions/topology.toml by default).
+export async function startRegions({
+  extra = '',
+  nodesPerRegion = 1,
+  appExtra = '',
+  history = 'mode = "memory"',
+  topology = join(repo, 'regions', 'topology.toml'),
+} = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'tern-regions-'));
   const plan = [];
   for (let k = 0; k < nodesPerRegion; k++) {
@@ -102,16 +110,17 @@ export async function startRegions({ extra = '', nodesPerRegion = 1, appExtra = 
     mkdirSync(nodeDir, { recursive: true });
     let gossip;
     let node;
+    let config;
     for (let attempt = 1; !node; attempt++) {
       gossip = await freeUdpPort(region.host);
-      const config = regionConfig(region, port, adminPort, gossip, seed, dir, extra, appExtra);
+      config = regionConfig(region, port, adminPort, gossip, seed, dir, { extra, appExtra, history, topology });
       node = await startTern(config, { dir: nodeDir, args: ['serve', '--config', join(nodeDir, 'tern.toml')] })
         .catch((err) => {
           if (attempt < 3 && /Address already in use/.test(err.message)) return null;
           throw err;
         });
     }
-    nodes.push({ ...node, region, host: region.host, gossip });
+    nodes.push({ ...node, region, host: region.host, gossip, config });
     seed = seed || `${region.host}:${gossip}`;
     return node;
   };
@@ -127,6 +136,15 @@ export async function startRegions({ extra = '', nodesPerRegion = 1, appExtra = 
     /// more node per region) of region `r`, joining through the first node's gossip.
     addNode(r, k) {
       return startNode({ ...REGIONS[r], host: `127.${k}.0.${r + 1}`, node: `${REGIONS[r].name}-${k + 1}` });
+    },
+    /// Starts `nodes[i]` again (after its `.stop(signal)`): the same node id, folder,
+    /// config and gossip address; a new incarnation to its peers.
+    async restartNode(i) {
+      const old = nodes[i];
+      const nodeDir = join(dir, old.region.node);
+      const node = await startTern(old.config, { dir: nodeDir, args: ['serve', '--config', join(nodeDir, 'tern.toml')] });
+      nodes[i] = { ...node, region: old.region, host: old.host, gossip: old.gossip, config: old.config };
+      return nodes[i];
     },
     async stop() { for (const n of nodes) await n.stop(); },
   };
