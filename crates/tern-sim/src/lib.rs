@@ -101,9 +101,11 @@
 //! `tern_cluster::wire`'s encoder) measures the bytes of each `Heads` and `Interest` frame
 //! a node sends.
 //!
-//! The history store is a node's stored message ids and cursor (`node::Stored`, fed by
-//! the journal); it survives a restart only with `Shape::durable_store` (off by default:
-//! a restarted node starts with an empty store, as with the memory history).
+//! The history store is a node's stored message ids, cursor and events (`node::Stored`,
+//! fed by the journal); it survives a restart only with `Shape::durable_store` (off by
+//! default: a restarted node starts with an empty store, as with the memory history; the
+//! sweep turns it on in seeds 3 mod 4). With it, a restarted node takes its earlier
+//! incarnations' recent stored events back into its hub (`recover`), as the server does.
 //!
 //! Not modeled: ordered QUIC streams (the network here loses and reorders every kind of
 //! message, `Hello`, `Stored`, interest, `Sync` and its answer included, and only resends,
@@ -291,8 +293,9 @@ pub struct Shape {
     /// bursts and opens it again, continuing its own sequence from its store.
     pub idle_retain_ms: Option<i64>,
     /// A node's history store survives its restart, as `tern-store` on disk does (the
-    /// restarted node's channels continue from it, `Journal::restore`); off, a restart
-    /// starts with an empty store, as the memory history does.
+    /// restarted node's channels continue from it, `Journal::restore`, and it takes its
+    /// earlier origins' recent events back, `recover`); off, a restart starts with an
+    /// empty store, as the memory history does.
     pub durable_store: bool,
 }
 
