@@ -138,18 +138,12 @@ pub fn stored_events(channel: &str, presence: bool, items: Vec<StoredItem>) -> V
                 ..Default::default()
             };
             if presence {
-                let changes: Vec<PresenceMessage> = rows
-                    .iter()
-                    .map(|row| rmp_serde::from_slice(&row.payload).ok())
-                    .collect::<Option<_>>()?;
+                let changes: Vec<PresenceMessage> = decoded(&rows)?;
                 frame.connection_id = changes.first().and_then(|c| c.connection_id.clone());
                 frame.action = tern_protocol::action::PRESENCE;
                 frame.presence = Some(changes);
             } else {
-                let messages: Vec<Message> = rows
-                    .iter()
-                    .map(|row| rmp_serde::from_slice(&row.payload).ok())
-                    .collect::<Option<_>>()?;
+                let messages: Vec<Message> = decoded(&rows)?;
                 frame.connection_id = messages.first().and_then(|m| m.connection_id.clone());
                 frame.action = tern_protocol::action::MESSAGE;
                 frame.messages = Some(messages);
@@ -161,6 +155,13 @@ pub fn stored_events(channel: &str, presence: bool, items: Vec<StoredItem>) -> V
                 frame,
             })
         })
+        .collect()
+}
+
+/// Every row's payload decoded, or `None` if one does not decode.
+fn decoded<T: serde::de::DeserializeOwned>(rows: &[StoredItem]) -> Option<Vec<T>> {
+    rows.iter()
+        .map(|row| rmp_serde::from_slice(&row.payload).ok())
         .collect()
 }
 

@@ -38,3 +38,28 @@ pub mod warm;
 /// Time as the driver measures it: since its own epoch (the replicator's start, the
 /// simulation's zero). The rules only compare and subtract it.
 pub type Now = std::time::Duration;
+
+#[cfg(test)]
+mod test_support {
+    use tern_core::{ChannelKey, CoreLimits, Hub, OriginId, Publisher};
+    use tern_protocol::Message;
+
+    /// A hub of origin `origin` on which `count` one-message publishes were made to
+    /// `app`/`room` (sequences 1..=count).
+    pub(crate) fn hub_with(origin: u64, count: usize) -> (Hub, ChannelKey) {
+        let hub = Hub::new(OriginId(origin), CoreLimits::default());
+        let key = ChannelKey::new("app", "room");
+        for i in 0..count {
+            let publisher = Publisher {
+                connection_id: None,
+                frame_id: format!("f{i}"),
+            };
+            let message = Message {
+                name: Some(format!("m{i}")),
+                ..Default::default()
+            };
+            hub.publish(&key, &publisher, vec![message], 0).unwrap();
+        }
+        (hub, key)
+    }
+}

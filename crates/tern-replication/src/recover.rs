@@ -72,26 +72,15 @@ pub fn earlier_in(cursor: &[(u64, u64)], earlier: &[u64]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tern_core::{CoreLimits, OriginId, Publisher};
-    use tern_protocol::Message;
+    use tern_core::{CoreLimits, OriginId};
 
     /// The events an origin published on `key` (as its hub built them).
     fn published(origin: u64, count: usize) -> (ChannelKey, Vec<RemoteEvent>) {
-        let hub = Hub::new(OriginId(origin), CoreLimits::default());
-        let key = ChannelKey::new("app", "room");
-        let events = (0..count)
-            .map(|i| {
-                let publisher = Publisher {
-                    connection_id: None,
-                    frame_id: format!("f{i}"),
-                };
-                let message = Message {
-                    name: Some(format!("m{i}")),
-                    ..Default::default()
-                };
-                let outcome = hub.publish(&key, &publisher, vec![message], 0).unwrap();
-                RemoteEvent::from_event(&outcome.event.unwrap())
-            })
+        let (hub, key) = crate::test_support::hub_with(origin, count);
+        let events = hub
+            .events_of(&key, OriginId(origin), 1, count as u64)
+            .iter()
+            .map(|event| RemoteEvent::from_event(event))
             .collect();
         (key, events)
     }

@@ -53,24 +53,11 @@ pub fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tern_core::{CoreLimits, Publisher};
+    use tern_core::CoreLimits;
     use tern_protocol::Message;
 
     fn hub_with(count: usize) -> (Hub, ChannelKey) {
-        let hub = Hub::new(OriginId(7), CoreLimits::default());
-        let key = ChannelKey::new("app", "room");
-        for i in 0..count {
-            let publisher = Publisher {
-                connection_id: None,
-                frame_id: format!("f{i}"),
-            };
-            let message = Message {
-                name: Some(format!("m{i}")),
-                ..Default::default()
-            };
-            hub.publish(&key, &publisher, vec![message], 0).unwrap();
-        }
-        (hub, key)
+        crate::test_support::hub_with(7, count)
     }
 
     #[test]
