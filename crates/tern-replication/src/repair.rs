@@ -31,7 +31,41 @@ pub fn answer(
     if to < from {
         return Vec::new();
     }
-    let events = hub.events_of(key, origin, from, to);
+    parts(hub.events_of(key, origin, from, to), from, to)
+}
+
+/// Whether the hub has nothing to answer for `origin`'s events from `from` on `key`:
+/// it does not hold the channel, or holds it only from before them (a channel dropped
+/// while idle comes back with this node's own position only). Its store may have them
+/// ([`answer_stored`]): a node told of a channel by a `Heads` its peer sent from its
+/// store (the handoff) asks that peer, which may hold nothing of it in memory (the
+/// scaled simulation with idle channels dropped: a restarted home never got the
+/// message, and its store lacked it for good).
+pub fn from_store(hub: &Hub, key: &ChannelKey, origin: OriginId, from: u64) -> bool {
+    hub.cursor(key).get(origin) < from
+}
+
+/// The answer from the store when [`from_store`]: `stored`, the stored events of
+/// `origin` within `from..=to` (any order), and `upto`, the store's cursor for the
+/// origin; as [`answer`] gives it from a log.
+pub fn answer_stored(
+    mut stored: Vec<Arc<ChannelEvent>>,
+    upto: u64,
+    from: u64,
+    to: u64,
+) -> Vec<RepairPart> {
+    let to = to.min(upto);
+    if to < from {
+        return Vec::new();
+    }
+    stored.retain(|event| (from..=to).contains(&event.seq));
+    stored.sort_by_key(|event| event.seq);
+    stored.dedup_by_key(|event| event.seq);
+    parts(stored, from, to)
+}
+
+/// `events` (in order, within `from..=to`) with a `Skip` for each hole where it falls.
+fn parts(events: Vec<Arc<ChannelEvent>>, from: u64, to: u64) -> Vec<RepairPart> {
     let mut parts = Vec::with_capacity(events.len() + 1);
     // The next sequence the asker needs.
     let mut next = from;
@@ -42,8 +76,8 @@ pub fn answer(
         next = event.seq + 1;
         parts.push(RepairPart::Event(event));
     }
-    // A hole after the last logged event (or no event at all): without this `Skip` the
-    // asker would wait for events nobody sends until its next `Heads` asks again.
+    // A hole after the last event (or no event at all): without this `Skip` the asker
+    // would wait for events nobody sends until its next `Heads` asks again.
     if next <= to {
         parts.push(RepairPart::Skip(to));
     }
@@ -124,5 +158,32 @@ mod tests {
         gappy.apply_remote(&key, remote(3), 0).unwrap();
         gappy.skip_remote(&key, OriginId(7), 5, 0);
         assert_eq!(parts(&gappy, &key, 1, 5), ["e1", "s2", "e3", "s5"]);
+    }
+
+    /// A channel a node dropped while idle (or never held) is answered from its store:
+    /// the stored events in order within the store's cursor, holes skipped as from a log.
+    #[test]
+    fn a_channel_not_in_memory_is_answered_from_the_store() {
+        let (hub, key) = hub_with(5);
+        let stored: Vec<_> = [4, 1, 2, 5]
+            .iter()
+            .flat_map(|&seq| hub.events_of(&key, OriginId(7), seq, seq))
+            .collect();
+        let dropped = Hub::new(OriginId(1), CoreLimits::default());
+        assert!(from_store(&dropped, &key, OriginId(7), 1));
+        assert!(!from_store(&hub, &key, OriginId(7), 5));
+        assert!(from_store(&hub, &key, OriginId(7), 6));
+        let parts: Vec<String> = answer_stored(stored.clone(), 5, 2, 9)
+            .iter()
+            .map(|p| match p {
+                RepairPart::Event(e) => format!("e{}", e.seq),
+                RepairPart::Skip(upto) => format!("s{upto}"),
+            })
+            .collect();
+        assert_eq!(parts, ["e2", "s3", "e4", "e5"]);
+        assert!(
+            answer_stored(stored, 5, 6, 9).is_empty(),
+            "past the stored cursor"
+        );
     }
 }

@@ -110,7 +110,7 @@ pub fn run(store: &dyn HistoryStore, hub: &Hub, earlier: &[u64], now_ms: i64) ->
 }
 
 /// The channel's rows of one kind from `origins` stored since `since`, newest first, at
-/// most what the channel log holds (a publish may have several rows: up to four pages).
+/// most what the channel log holds.
 fn recent_rows(
     store: &dyn HistoryStore,
     hub: &Hub,
@@ -119,39 +119,66 @@ fn recent_rows(
     origins: &[u64],
     since: i64,
 ) -> Vec<tern_store::StoredItem> {
+    let until = origins.iter().map(|&o| (o, u64::MAX)).collect();
+    let wanted = hub.limits().log.events_max;
+    stored_rows(
+        store,
+        (&key.app, &key.name),
+        presence,
+        until,
+        (Some(since), 0),
+        wanted,
+    )
+    .0
+}
+
+/// Reads of stored rows per call: a publish may have several rows, so a few pages.
+const PAGES_MAX: usize = 4;
+
+/// The channel's rows of one kind whose origin is in `until` with a sequence at most its
+/// value there, stored since `since`, newest first: about `wanted` of them, read in up
+/// to [`PAGES_MAX`] pages (each bounded by the store's scan limit), and no page after
+/// one that reached a sequence below `stop_below` (an origin's sequences grow with
+/// time, so older pages hold only lower ones). Also whether the read reached the end:
+/// the oldest row, or one below `stop_below`. Blocking.
+pub(crate) fn stored_rows(
+    store: &dyn HistoryStore,
+    (app, channel): (&str, &str),
+    presence: bool,
+    until: BTreeMap<u64, u64>,
+    (since, stop_below): (Option<i64>, u64),
+    wanted: usize,
+) -> (Vec<tern_store::StoredItem>, bool) {
     let kind = if presence {
         EventKind::Presence
     } else {
         EventKind::Message
     };
-    let wanted = hub.limits().log.events_max;
-    let mut query = HistoryQuery::new(ChannelRef::new(&key.app, &key.name, kind));
+    let mut query = HistoryQuery::new(ChannelRef::new(app, channel, kind));
     query.direction = Direction::Backwards;
-    query.start_ms = Some(since);
-    query.limit = wanted.min(tern_store::LIMIT_MAX);
-    query.until = Some(
-        origins
-            .iter()
-            .map(|&o| (o, u64::MAX))
-            .collect::<BTreeMap<_, _>>(),
-    );
+    query.start_ms = since;
+    query.limit = wanted.clamp(1, tern_store::LIMIT_MAX);
+    query.until = Some(until);
     let mut rows = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..PAGES_MAX {
         match store.query(&query) {
             Ok(page) => {
+                let below = page.items.iter().any(|row| row.seq < stop_below);
                 rows.extend(page.items);
                 match page.next {
+                    None => return (rows, true),
+                    _ if below => return (rows, true),
                     Some(next) if rows.len() < wanted => query.after = Some(next),
-                    _ => break,
+                    Some(_) => break,
                 }
             }
             Err(err) => {
-                tracing::warn!(channel = %key.name, error = %err, "reading stored events to recover failed");
+                tracing::warn!(%channel, error = %err, "reading stored events failed");
                 break;
             }
         }
     }
-    rows
+    (rows, false)
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 //! (`heads::shares`, `heads::wanted`), and the handoff of stored channels to their new
 //! homes after a view change (`handoff`).
 
-use tern_core::{OriginId, RemoteEvent, RemoteOutcome};
+use std::sync::Arc;
+
+use tern_core::{ChannelEvent, OriginId, RemoteEvent, RemoteOutcome};
 use tern_replication::handoff::{Member, StoredChannel};
 use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
 use tern_replication::links;
@@ -115,7 +117,31 @@ impl Sim {
         if !self.nodes[peer].up {
             return;
         }
-        let parts = repair::answer(&self.nodes[peer].hub, &self.keys[ch], origin, from, to);
+        let (hub, key) = (&self.nodes[peer].hub, &self.keys[ch]);
+        let parts = if repair::from_store(hub, key, origin, from) {
+            // Nothing of it in memory: the store answers (as the driver's does).
+            let stored = lock(&self.nodes[peer].outbox.stored);
+            let channel = stored.get(key);
+            let upto = channel
+                .and_then(|c| c.cursor.get(&origin))
+                .copied()
+                .unwrap_or(0);
+            let events = channel
+                .into_iter()
+                .flat_map(|c| c.events.range((origin, from)..=(origin, to)))
+                .map(|(_, e)| {
+                    Arc::new(ChannelEvent::new(
+                        e.origin,
+                        e.seq,
+                        e.publisher.clone(),
+                        e.frame.clone(),
+                    ))
+                })
+                .collect();
+            repair::answer_stored(events, upto, from, to)
+        } else {
+            repair::answer(hub, key, origin, from, to)
+        };
         self.stats.skips += parts
             .iter()
             .filter(|p| matches!(p, RepairPart::Skip(_)))

@@ -76,17 +76,53 @@ impl Replicator {
         }
     }
 
-    /// Answers a repair request for `origin`'s `from..=to` on `key` from our log.
+    /// Answers a repair request for `origin`'s `from..=to` on `key` from our log, or,
+    /// when our hub holds nothing of that range, from our store (off the runtime, as
+    /// many at once as history pages: past that the asker asks again at its next
+    /// `Heads`).
     pub(super) fn answer_repair(
-        &self,
+        self: &Arc<Self>,
         hub: &Hub,
         peer: &str,
         key: &ChannelKey,
         origin: u64,
         (from, to): (u64, u64),
     ) {
-        let parts = repair::answer(hub, key, OriginId(origin), from, to);
-        self.send_repair(peer, key, origin, parts);
+        if !repair::from_store(hub, key, OriginId(origin), from) {
+            let parts = repair::answer(hub, key, OriginId(origin), from, to);
+            self.send_repair(peer, key, origin, parts);
+            return;
+        }
+        let Some(history) = self.history.get().cloned() else {
+            return;
+        };
+        if self.backfill_answers.fetch_add(1, Ordering::SeqCst) >= BACKFILL_ANSWERS_MAX {
+            self.backfill_answers.fetch_sub(1, Ordering::SeqCst);
+            ignored("repair_from_store_busy");
+            return;
+        }
+        let (me, peer, key) = (self.clone(), peer.to_string(), key.clone());
+        tokio::task::spawn_blocking(move || {
+            let _slot = BackfillSlot(&me.backfill_answers);
+            let upto = history
+                .cursor(&key.app, &key.name)
+                .iter()
+                .find(|(o, _)| *o == origin)
+                .map_or(0, |(_, seq)| *seq);
+            if upto < from {
+                return;
+            }
+            let (stored, whole_from) =
+                history.events(&key.app, &key.name, origin, from, to.min(upto));
+            let stored = stored
+                .into_iter()
+                .map(|e| Arc::new(ChannelEvent::new(e.origin, e.seq, e.publisher, e.frame)))
+                .collect();
+            // Not a `Skip` for what a bounded read did not reach: the asker's gap asks
+            // again for it.
+            let parts = repair::answer_stored(stored, upto, whole_from, to);
+            me.send_repair(&peer, &key, origin, parts);
+        });
     }
 
     fn send_repair(&self, peer: &str, key: &ChannelKey, origin: u64, parts: Vec<RepairPart>) {

@@ -82,6 +82,20 @@ pub trait HistoryAccess: Send + Sync {
     ) -> (Vec<ItemV1>, bool);
     /// Stores copied items; an item at a position already stored replaces it.
     fn put(&self, app: &str, channel: &str, presence: bool, items: Vec<ItemV1>);
+    /// The stored events of `origin` on the channel within `from..=to` (any order),
+    /// rebuilt from the history rows: what a repair for a channel not held in memory is
+    /// answered with. A bounded read, newest first: also the sequence from which the
+    /// events read are all there are (`from` when the read reached it). Blocking.
+    fn events(
+        &self,
+        _app: &str,
+        _channel: &str,
+        _origin: u64,
+        from: u64,
+        _to: u64,
+    ) -> (Vec<tern_core::RemoteEvent>, u64) {
+        (Vec::new(), from)
+    }
     /// A page of the channels with stored messages, each with its stored cursor, after
     /// the page token `after` (`None`: the first page), and the next page's token
     /// (`None` after the last). Blocking (store reads).
