@@ -25,6 +25,29 @@ impl Drop for BackfillSlot<'_> {
 }
 
 impl Replicator {
+    /// Runs `read` off the runtime with the history store, holding one of
+    /// `BACKFILL_ANSWERS_MAX` slots (released however the read ends); with none free,
+    /// counts `busy` and reads nothing (the peer asks again).
+    fn read_store(
+        self: &Arc<Self>,
+        busy: &'static str,
+        read: impl FnOnce(&Arc<Self>, Arc<dyn HistoryAccess>) + Send + 'static,
+    ) {
+        let Some(history) = self.history.get().cloned() else {
+            return;
+        };
+        if self.backfill_answers.fetch_add(1, Ordering::SeqCst) >= BACKFILL_ANSWERS_MAX {
+            self.backfill_answers.fetch_sub(1, Ordering::SeqCst);
+            ignored(busy);
+            return;
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _slot = BackfillSlot(&me.backfill_answers);
+            read(&me, history);
+        });
+    }
+
     /// Sends each peer the cursors of the channels it shares with us (`heads::shares`:
     /// it is their home in its region, or we hold its interest); it asks for what it
     /// lacks. The bytes grow with what two nodes share, not with all our channels.
@@ -93,17 +116,8 @@ impl Replicator {
             self.send_repair(peer, key, origin, parts);
             return;
         }
-        let Some(history) = self.history.get().cloned() else {
-            return;
-        };
-        if self.backfill_answers.fetch_add(1, Ordering::SeqCst) >= BACKFILL_ANSWERS_MAX {
-            self.backfill_answers.fetch_sub(1, Ordering::SeqCst);
-            ignored("repair_from_store_busy");
-            return;
-        }
-        let (me, peer, key) = (self.clone(), peer.to_string(), key.clone());
-        tokio::task::spawn_blocking(move || {
-            let _slot = BackfillSlot(&me.backfill_answers);
+        let (peer, key) = (peer.to_string(), key.clone());
+        self.read_store("repair_from_store_busy", move |me, history| {
             let upto = history
                 .cursor(&key.app, &key.name)
                 .iter()
@@ -227,18 +241,7 @@ impl Replicator {
         presence: bool,
         after: Option<ItemPosV1>,
     ) {
-        let Some(history) = self.history.get().cloned() else {
-            return;
-        };
-        if self.backfill_answers.fetch_add(1, Ordering::SeqCst) >= BACKFILL_ANSWERS_MAX {
-            self.backfill_answers.fetch_sub(1, Ordering::SeqCst);
-            ignored("backfill_busy");
-            return;
-        }
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || {
-            // Released however the read ends.
-            let _slot = BackfillSlot(&me.backfill_answers);
+        self.read_store("backfill_busy", move |me, history| {
             let (mut items, mut more) =
                 history.page(&key.app, &key.name, presence, after, BACKFILL_PAGE);
             // Items are stored messages (each within the publish limit), but a page of
