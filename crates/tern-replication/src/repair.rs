@@ -47,7 +47,12 @@ pub fn from_store(hub: &Hub, key: &ChannelKey, origin: OriginId, from: u64) -> b
 
 /// The answer from the store when [`from_store`]: `stored`, the stored events of
 /// `origin` within `from..=to` (any order), and `upto`, the store's cursor for the
-/// origin; as [`answer`] gives it from a log.
+/// origin: those events in order, and no `Skip`. A store's cursor says how far it
+/// reaches, not that it lacks nothing before: a copied history (`backfill`) can miss an
+/// event another node has, and a `Skip` for it would move the asker past it for good
+/// (the seed sweep, seed 15020: a restarted node's copy had the presence event after a
+/// message its source stored only later). The asker's gap asks again, and `Heads` from
+/// the nodes that have it fill it.
 pub fn answer_stored(
     mut stored: Vec<Arc<ChannelEvent>>,
     upto: u64,
@@ -55,13 +60,10 @@ pub fn answer_stored(
     to: u64,
 ) -> Vec<RepairPart> {
     let to = to.min(upto);
-    if to < from {
-        return Vec::new();
-    }
     stored.retain(|event| (from..=to).contains(&event.seq));
     stored.sort_by_key(|event| event.seq);
     stored.dedup_by_key(|event| event.seq);
-    parts(stored, from, to)
+    stored.into_iter().map(RepairPart::Event).collect()
 }
 
 /// `events` (in order, within `from..=to`) with a `Skip` for each hole where it falls.
@@ -161,7 +163,8 @@ mod tests {
     }
 
     /// A channel a node dropped while idle (or never held) is answered from its store:
-    /// the stored events in order within the store's cursor, holes skipped as from a log.
+    /// the stored events in order within the store's cursor, and no `Skip` for a hole
+    /// (another node may have that event).
     #[test]
     fn a_channel_not_in_memory_is_answered_from_the_store() {
         let (hub, key) = hub_with(5);
@@ -180,7 +183,7 @@ mod tests {
                 RepairPart::Skip(upto) => format!("s{upto}"),
             })
             .collect();
-        assert_eq!(parts, ["e2", "s3", "e4", "e5"]);
+        assert_eq!(parts, ["e2", "e4", "e5"]);
         assert!(
             answer_stored(stored, 5, 6, 9).is_empty(),
             "past the stored cursor"

@@ -10,7 +10,7 @@
 //! message, the presence page the highest that was a presence event, as the store's
 //! cursor moves when the real copied rows are put.
 
-use tern_core::OriginId;
+use tern_core::{OriginId, RemoteEvent};
 use tern_replication::backfill::{self, Took};
 use tern_replication::recover;
 
@@ -105,8 +105,8 @@ impl Sim {
     /// Node `at` answers `from`'s `Backfill` page of `ch` from its store.
     pub(crate) fn answer_backfill(&mut self, at: usize, from: usize, ch: usize, presence: bool) {
         let key = &self.keys[ch];
-        let (ids, cursor) = match lock(&self.nodes[at].outbox.stored).get(key) {
-            None => (Vec::new(), Vec::new()),
+        let (ids, cursor, events) = match lock(&self.nodes[at].outbox.stored).get(key) {
+            None => (Vec::new(), Vec::new(), Vec::new()),
             Some(stored) => {
                 let mut ids: Vec<String> = if presence {
                     Vec::new()
@@ -126,7 +126,14 @@ impl Sim {
                         Some((origin, seq))
                     })
                     .collect();
-                (ids, cursor)
+                // The rows themselves: what the copy's store answers repairs from.
+                let events = stored
+                    .events
+                    .values()
+                    .filter(|e| e.frame.presence.is_some() == presence)
+                    .cloned()
+                    .collect();
+                (ids, cursor, events)
             }
         };
         let item = Item::BackfillItems {
@@ -135,6 +142,7 @@ impl Sim {
             presence,
             ids,
             cursor,
+            events,
         };
         self.send(at, from, item);
     }
@@ -147,7 +155,7 @@ impl Sim {
         ch: usize,
         presence: bool,
         ids: Vec<String>,
-        cursor: Vec<(OriginId, u64)>,
+        (cursor, events): (Vec<(OriginId, u64)>, Vec<RemoteEvent>),
     ) {
         let key = &self.keys[ch];
         let now = self.now_at(at);
@@ -161,6 +169,9 @@ impl Sim {
         let mut stored = lock(&self.nodes[at].outbox.stored);
         let channel = stored.entry(key.clone()).or_default();
         channel.ids.extend(ids);
+        for event in events {
+            channel.events.insert((event.origin, event.seq), event);
+        }
         for (origin, seq) in cursor {
             let upto = channel.cursor.entry(origin).or_insert(0);
             *upto = (*upto).max(seq);

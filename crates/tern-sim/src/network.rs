@@ -50,6 +50,8 @@ pub(crate) enum Item {
         presence: bool,
         ids: Vec<String>,
         cursor: Vec<(OriginId, u64)>,
+        /// The stored events of that kind (the rows a real page carries).
+        events: Vec<RemoteEvent>,
     },
     /// Membership reports that incarnation `tag`/`origin` departed.
     Departed { tag: String, origin: OriginId },
@@ -287,7 +289,8 @@ impl Sim {
                 presence,
                 ids,
                 cursor,
-            } => self.take_backfill(to, from, ch, presence, ids, cursor),
+                events,
+            } => self.take_backfill(to, from, ch, presence, ids, (cursor, events)),
             Item::Departed { tag, origin } => {
                 let now_ms = self.hub_now(to);
                 let left = self.nodes[to].hub.node_departed(&format!("{tag}-"), now_ms);

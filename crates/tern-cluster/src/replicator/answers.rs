@@ -132,8 +132,8 @@ impl Replicator {
                 .into_iter()
                 .map(|e| Arc::new(ChannelEvent::new(e.origin, e.seq, e.publisher, e.frame)))
                 .collect();
-            // Not a `Skip` for what a bounded read did not reach: the asker's gap asks
-            // again for it.
+            // Only events, from where the bounded read is whole: the asker's gap asks
+            // again for the rest.
             let parts = repair::answer_stored(stored, upto, whole_from, to);
             me.send_repair(&peer, &key, origin, parts);
         });
