@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use tern_core::{ChannelEvent, ChannelKey, Hub, OriginId};
+use tern_core::{ChannelEvent, ChannelKey, Hub, OriginId, RemoteEvent};
 
 /// One part of a repair answer, in the order it is sent.
 #[derive(Clone, Debug)]
@@ -54,7 +54,7 @@ pub fn from_store(hub: &Hub, key: &ChannelKey, origin: OriginId, from: u64) -> b
 /// message its source stored only later). The asker's gap asks again, and `Heads` from
 /// the nodes that have it fill it.
 pub fn answer_stored(
-    mut stored: Vec<Arc<ChannelEvent>>,
+    mut stored: Vec<RemoteEvent>,
     upto: u64,
     from: u64,
     to: u64,
@@ -63,7 +63,17 @@ pub fn answer_stored(
     stored.retain(|event| (from..=to).contains(&event.seq));
     stored.sort_by_key(|event| event.seq);
     stored.dedup_by_key(|event| event.seq);
-    stored.into_iter().map(RepairPart::Event).collect()
+    stored
+        .into_iter()
+        .map(|e| {
+            RepairPart::Event(Arc::new(ChannelEvent::new(
+                e.origin,
+                e.seq,
+                e.publisher,
+                e.frame,
+            )))
+        })
+        .collect()
 }
 
 /// `events` (in order, within `from..=to`) with a `Skip` for each hole where it falls.
@@ -171,6 +181,7 @@ mod tests {
         let stored: Vec<_> = [4, 1, 2, 5]
             .iter()
             .flat_map(|&seq| hub.events_of(&key, OriginId(7), seq, seq))
+            .map(|event| RemoteEvent::from_event(&event))
             .collect();
         let dropped = Hub::new(OriginId(1), CoreLimits::default());
         assert!(from_store(&dropped, &key, OriginId(7), 1));

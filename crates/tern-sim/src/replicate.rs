@@ -4,9 +4,7 @@
 //! (`heads::shares`, `heads::wanted`), and the handoff of stored channels to their new
 //! homes after a view change (`handoff`).
 
-use std::sync::Arc;
-
-use tern_core::{ChannelEvent, OriginId, RemoteEvent, RemoteOutcome};
+use tern_core::{OriginId, RemoteEvent, RemoteOutcome};
 use tern_replication::handoff::{Member, StoredChannel};
 use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
 use tern_replication::links;
@@ -129,14 +127,7 @@ impl Sim {
             let events = channel
                 .into_iter()
                 .flat_map(|c| c.events.range((origin, from)..=(origin, to)))
-                .map(|(_, e)| {
-                    Arc::new(ChannelEvent::new(
-                        e.origin,
-                        e.seq,
-                        e.publisher.clone(),
-                        e.frame.clone(),
-                    ))
-                })
+                .map(|(_, e)| e.clone())
                 .collect();
             repair::answer_stored(events, upto, from, to)
         } else {

@@ -128,10 +128,6 @@ impl Replicator {
             }
             let (stored, whole_from) =
                 history.events(&key.app, &key.name, origin, from, to.min(upto));
-            let stored = stored
-                .into_iter()
-                .map(|e| Arc::new(ChannelEvent::new(e.origin, e.seq, e.publisher, e.frame)))
-                .collect();
             // Only events, from where the bounded read is whole: the asker's gap asks
             // again for the rest.
             let parts = repair::answer_stored(stored, upto, whole_from, to);
