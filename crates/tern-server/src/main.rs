@@ -77,6 +77,11 @@ enum Command {
         /// its path is printed, to trust it in clients).
         #[arg(long)]
         tls: bool,
+        /// The regions and the WAN between them, from this topology file (the format of
+        /// regions/topology.toml, which is built in and the default): e.g. your own
+        /// regions' delays, or zero delay to see what replication itself adds.
+        #[arg(long)]
+        topology: Option<std::path::PathBuf>,
     },
     /// Write a new cluster CA, node certificates (PEM) and gossip key for `[cluster]`
     /// configs (`--nodes`), and/or a client-port certificate with its own throwaway CA
@@ -176,14 +181,15 @@ fn main() -> anyhow::Result<()> {
             regions,
             fresh,
             tls,
+            topology,
         } => {
-            // The regions of regions/topology.toml (built in), in file order.
-            let names = tern_cluster::topology::Topology::parse(cluster::DEV_TOPOLOGY)
-                .map_err(anyhow::Error::msg)?
-                .regions;
+            // The regions of the topology (regions/topology.toml, built in, unless
+            // --topology names another), in file order.
+            let topology = dev_topology(topology.as_deref())?;
+            let names = topology.regions.clone();
             anyhow::ensure!(
                 (1..=names.len()).contains(&regions),
-                "--regions must be 1 to {} (the regions of regions/topology.toml)",
+                "--regions must be 1 to {} (the regions of the topology)",
                 names.len()
             );
             let data = std::path::Path::new("tern-data/dev");
@@ -225,7 +231,7 @@ fn main() -> anyhow::Result<()> {
                 configs.push((parsed, name.to_string()));
             }
             let nodes = if regions > 1 {
-                dev_cluster(configs)?
+                dev_cluster(configs, topology)?
             } else {
                 configs
                     .into_iter()
@@ -250,6 +256,21 @@ fn main() -> anyhow::Result<()> {
     runtime()?.block_on(serve(vec![NodePlan { config, cluster }], dev))
 }
 
+/// The regions `tern dev` runs and the WAN it emulates between them: the file's, or
+/// the built-in regions/topology.toml.
+fn dev_topology(
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<tern_cluster::topology::Topology> {
+    let Some(path) = path else {
+        return tern_cluster::topology::Topology::parse(cluster::DEV_TOPOLOGY)
+            .map_err(anyhow::Error::msg);
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    tern_cluster::topology::Topology::parse(&text)
+        .map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))
+}
+
 /// One node to start, and how it joins a cluster (if it does).
 struct NodePlan {
     config: Config,
@@ -257,13 +278,14 @@ struct NodePlan {
 }
 
 /// `tern dev` regions: a throwaway CA and gossip key, gossip seeded by the first region,
-/// the WAN of `regions/topology.toml` emulated on the links, one replica ack per publish.
-fn dev_cluster(configs: Vec<(Config, String)>) -> anyhow::Result<Vec<NodePlan>> {
+/// the WAN of `topology` emulated on the links, one replica ack per publish.
+fn dev_cluster(
+    configs: Vec<(Config, String)>,
+    topology: tern_cluster::topology::Topology,
+) -> anyhow::Result<Vec<NodePlan>> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ca = tern_cluster::tls::ClusterCa::generate()?;
     let gossip_key = tern_cluster::gossip_auth::GossipKey::random();
-    let topology = tern_cluster::topology::Topology::parse(cluster::DEV_TOPOLOGY)
-        .map_err(anyhow::Error::msg)?;
     let mut plans = Vec::new();
     let mut seed: Option<String> = None;
     for (config, region) in configs {
@@ -817,4 +839,33 @@ async fn bind_listener(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpL
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     Ok(socket.listen(LISTEN_BACKLOG)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dev_topology;
+
+    #[test]
+    fn tern_dev_runs_the_regions_and_links_of_the_topology_it_is_given() {
+        let built_in = dev_topology(None).unwrap();
+        assert_eq!(built_in.regions, ["us-east", "eu-west", "ap-south"]);
+        assert!(built_in.link("us-east", "eu-west").is_some());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("two.toml");
+        std::fs::write(&path, "regions = [\"north\", \"south\"]\n").unwrap();
+        let given = dev_topology(Some(&path)).unwrap();
+        assert_eq!(given.regions, ["north", "south"]);
+        assert!(given.link("north", "south").is_none(), "no link: no delay");
+
+        std::fs::write(
+            &path,
+            "regions = [\"north\"]\n[[links]]\na = \"north\"\nb = \"west\"\ndelay_ms = 5\n",
+        )
+        .unwrap();
+        let err = dev_topology(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("two.toml") && err.contains("west"), "{err}");
+        let missing = dev_topology(Some(&dir.path().join("none.toml"))).unwrap_err();
+        assert!(format!("{missing:#}").contains("none.toml"), "{missing:#}");
+    }
 }
