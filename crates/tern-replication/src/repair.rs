@@ -53,17 +53,8 @@ pub fn from_store(hub: &Hub, key: &ChannelKey, origin: OriginId, from: u64) -> b
 /// (the seed sweep, seed 15020: a restarted node's copy had the presence event after a
 /// message its source stored only later). The asker's gap asks again, and `Heads` from
 /// the nodes that have it fill it.
-pub fn answer_stored(
-    mut stored: Vec<RemoteEvent>,
-    upto: u64,
-    from: u64,
-    to: u64,
-) -> Vec<RepairPart> {
-    let to = to.min(upto);
-    stored.retain(|event| (from..=to).contains(&event.seq));
-    stored.sort_by_key(|event| event.seq);
-    stored.dedup_by_key(|event| event.seq);
-    stored
+pub fn answer_stored(stored: Vec<RemoteEvent>, upto: u64, from: u64, to: u64) -> Vec<RepairPart> {
+    in_order(stored, from, to.min(upto))
         .into_iter()
         .map(|e| {
             RepairPart::Event(Arc::new(ChannelEvent::new(
@@ -74,6 +65,26 @@ pub fn answer_stored(
             )))
         })
         .collect()
+}
+
+/// What this node's own store holds of a gap in its hub (`origin`'s `from..=to`), to
+/// apply at once rather than wait for a peer: `stored` as the store returned it (any
+/// order), in order and once each. A copied history (`backfill`) can hold events the hub
+/// never got live, and when the node that sent the event past the gap died before it
+/// sent the missing ones, no peer holds them in memory or lists them in `Heads`: the
+/// soak's seeds 42821 and 58280, where a home copied a message from its origin's store,
+/// the origin crashed before sending it, and a subscriber in the home's region never
+/// got it.
+pub fn own_store(stored: Vec<RemoteEvent>, from: u64, to: u64) -> Vec<RemoteEvent> {
+    in_order(stored, from, to)
+}
+
+/// `stored` cut to `from..=to`, in order and once each.
+fn in_order(mut stored: Vec<RemoteEvent>, from: u64, to: u64) -> Vec<RemoteEvent> {
+    stored.retain(|event| (from..=to).contains(&event.seq));
+    stored.sort_by_key(|event| event.seq);
+    stored.dedup_by_key(|event| event.seq);
+    stored
 }
 
 /// `events` (in order, within `from..=to`) with a `Skip` for each hole where it falls.
@@ -198,6 +209,37 @@ mod tests {
         assert!(
             answer_stored(stored, 5, 6, 9).is_empty(),
             "past the stored cursor"
+        );
+    }
+
+    /// A gap this node's own store can fill (a copied history holds the missing event;
+    /// its sender is gone): the stored events of the gap, in order and once each,
+    /// applied, let the hub take the event it held back past the gap.
+    #[test]
+    fn a_gap_is_filled_from_the_nodes_own_store() {
+        let (source, key) = hub_with(3);
+        let event =
+            |seq| RemoteEvent::from_event(&source.events_of(&key, OriginId(7), seq, seq)[0]);
+        let hub = Hub::new(OriginId(1), CoreLimits::default());
+        hub.apply_remote(&key, event(1), 0).unwrap();
+        let gap = hub.apply_remote(&key, event(3), 0).unwrap();
+        assert!(matches!(
+            gap,
+            tern_core::RemoteOutcome::Gap {
+                missing: (2, 2),
+                ..
+            }
+        ));
+        let stored = vec![event(3), event(1), event(2), event(2)];
+        let filling = own_store(stored, 2, 2);
+        assert_eq!(filling.iter().map(|e| e.seq).collect::<Vec<_>>(), [2]);
+        for event in filling {
+            hub.apply_remote(&key, event, 0).unwrap();
+        }
+        assert_eq!(
+            hub.cursor(&key).get(OriginId(7)),
+            3,
+            "the held-back event followed"
         );
     }
 }

@@ -95,11 +95,52 @@ impl Sim {
                         .insert((to, ch, origin), (missing.1, self.now_ms));
                     self.repair_from(from, to, ch, origin, missing);
                 }
+                self.fill_from_own_store(to, ch, origin, missing);
                 return false;
             }
             RemoteOutcome::Applied(_) => {}
         }
         true
+    }
+
+    /// What node `at`'s own store holds of a gap in its hub (`origin`'s `from..=to` on
+    /// `ch`), applied at once (`repair::own_store`, as the driver's
+    /// `fill_from_own_store`).
+    fn fill_from_own_store(
+        &mut self,
+        at: usize,
+        ch: usize,
+        origin: OriginId,
+        (from, to): (u64, u64),
+    ) {
+        let key = &self.keys[ch];
+        let stored: Vec<RemoteEvent> = {
+            let stored = lock(&self.nodes[at].outbox.stored);
+            stored
+                .get(key)
+                .into_iter()
+                .flat_map(|c| c.events.range((origin, from)..=(origin, to)))
+                .map(|(_, e)| e.clone())
+                .collect()
+        };
+        let events = repair::own_store(stored, from, to);
+        if events.is_empty() {
+            return;
+        }
+        self.log(|| {
+            format!(
+                "   n{at} fills {from}..={to} from its own store ({} events)",
+                events.len()
+            )
+        });
+        let now_ms = self.hub_now(at);
+        for event in events {
+            let outcome = self.nodes[at]
+                .hub
+                .apply_remote(&self.keys[ch], event, now_ms)
+                .expect("apply");
+            self.log(|| format!("   {outcome:?}"));
+        }
     }
 
     /// `peer` answers `node`'s repair request for `origin`'s `from..=to` on `ch`

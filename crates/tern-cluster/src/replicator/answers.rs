@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicUsize;
 
 use tern_replication::backfill::{self, Took, BACKFILL_PAGE};
 use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
+use tern_replication::inbound::{self, Take};
 use tern_replication::repair::{self, RepairPart};
 use tern_replication::warm;
 
@@ -132,6 +133,47 @@ impl Replicator {
             // again for the rest.
             let parts = repair::answer_stored(stored, upto, whole_from, to);
             me.send_repair(&peer, &key, origin, parts);
+        });
+    }
+
+    /// What this node's own store holds of a gap in its hub (`origin`'s `from..=to` on
+    /// `key`), applied as soon as it is read, while the sender is asked too
+    /// (`repair::own_store`: a copied history can hold events whose sender died before
+    /// it sent them, and then no peer would answer).
+    pub(super) fn fill_from_own_store(
+        self: &Arc<Self>,
+        key: &ChannelKey,
+        origin: u64,
+        (from, to): (u64, u64),
+    ) {
+        let key = key.clone();
+        self.read_store("gap_from_own_store_busy", move |me, history| {
+            let upto = history
+                .cursor(&key.app, &key.name)
+                .iter()
+                .find(|(o, _)| *o == origin)
+                .map_or(0, |(_, seq)| *seq);
+            if upto < from {
+                return;
+            }
+            let (stored, _) = history.events(&key.app, &key.name, origin, from, to.min(upto));
+            let events = repair::own_store(stored, from, to);
+            if events.is_empty() {
+                return;
+            }
+            let Some(hub) = me.running.get().and_then(|r| r.hub.upgrade()) else {
+                return;
+            };
+            if let Take::Ignore(reason) = inbound::event(false, || me.holds(&key)) {
+                return ignored(reason);
+            }
+            let now_ms = crate::now_ms();
+            for event in events {
+                if let Err(err) = hub.apply_remote(&key, event, now_ms) {
+                    tracing::warn!(channel = %key.name, error = %err, "a stored event was refused");
+                    return;
+                }
+            }
         });
     }
 

@@ -241,7 +241,14 @@ impl Replicator {
 
     /// An event: applied in origin order; a gap asks the sender for what is missing;
     /// a link position applied in a row goes to the acker.
-    fn on_event(&self, hub: &Hub, inbound: &Inbound, peer: &str, incarnation: u64, event: EventV1) {
+    fn on_event(
+        self: &Arc<Self>,
+        hub: &Hub,
+        inbound: &Inbound,
+        peer: &str,
+        incarnation: u64,
+        event: EventV1,
+    ) {
         let Ok(remote) = event.to_remote() else {
             ignored("event_frame");
             return;
@@ -258,6 +265,7 @@ impl Replicator {
                 origin,
                 missing: (from, to),
             }) => {
+                self.fill_from_own_store(&key, origin.0, (from, to));
                 let frame = FrameV1::Repair {
                     app: event.app,
                     channel: event.channel,

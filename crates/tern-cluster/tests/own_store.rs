@@ -1,0 +1,118 @@
+//! A gap a node's own store can fill: real QUIC on loopback, a raw peer that sends an
+//! origin's events 1 and 3 and never answers the repair for 2 (as a node that died
+//! before sending it), and a history store that holds event 2 (a copied history has it).
+//! The node applies 2 from its own store, then 3, and its subscriber gets all three in
+//! order, once each.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::{event_frame, framed, origin_of, wait_for, Node, RawPeer};
+use tern_cluster::replicator::{HistoryAccess, StoredChannel};
+use tern_cluster::tls::ClusterCa;
+use tern_cluster::wire::{FrameV1, ItemPosV1, ItemV1};
+use tern_core::{ChannelKey, CoreLimits, Hub, OriginId, RemoteEvent};
+
+/// A history store holding some events of one origin, and counting the reads of them.
+struct Stored {
+    origin: u64,
+    events: Vec<RemoteEvent>,
+    reads: Mutex<Vec<(u64, u64)>>,
+}
+
+impl HistoryAccess for Stored {
+    fn cursor(&self, _: &str, _: &str) -> Vec<(u64, u64)> {
+        let upto = self.events.iter().map(|e| e.seq).max().unwrap_or(0);
+        vec![(self.origin, upto)]
+    }
+
+    fn page(
+        &self,
+        _: &str,
+        _: &str,
+        _: bool,
+        _: Option<ItemPosV1>,
+        _: usize,
+    ) -> (Vec<ItemV1>, bool) {
+        (Vec::new(), false)
+    }
+
+    fn put(&self, _: &str, _: &str, _: bool, _: Vec<ItemV1>) {}
+
+    fn channels(&self, _: Option<Vec<u8>>, _: usize) -> (Vec<StoredChannel>, Option<Vec<u8>>) {
+        (Vec::new(), None)
+    }
+
+    fn events(&self, _: &str, _: &str, origin: u64, from: u64, to: u64) -> (Vec<RemoteEvent>, u64) {
+        self.reads.lock().unwrap().push((from, to));
+        let events = self
+            .events
+            .iter()
+            .filter(|e| origin == self.origin && (from..=to).contains(&e.seq))
+            .cloned()
+            .collect();
+        (events, from)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_the_nodes_own_store_holds_is_filled_from_it() {
+    let ca = ClusterCa::generate().unwrap();
+    let v = Node::start(&ca, "v", "r1", 0);
+    let e = RawPeer::bind("e", &ca.issue("e").unwrap());
+    let connection = e.dial(v.endpoint.local_addr().unwrap()).await;
+    wait_for("v to take e's connection", 10, || {
+        v.endpoint.peer_nodes() == [("e".to_string(), e.addr)]
+    })
+    .await;
+    v.replicator.set_peers(&[e.spec("r1")]);
+    e.hello_from("v").await;
+
+    // e's origin publishes m1, m2 and m3; v's store holds m2 (copied history).
+    let key = ChannelKey::new("app", "gap");
+    let source = Hub::new(OriginId(origin_of("e")), CoreLimits::default());
+    let frames: Vec<FrameV1> = (1..=3)
+        .map(|n| event_frame(&source, &key, &format!("m{n}"), n))
+        .collect();
+    let stored = source.events_of(&key, OriginId(origin_of("e")), 2, 2);
+    let history = Arc::new(Stored {
+        origin: origin_of("e"),
+        events: stored.iter().map(|e| RemoteEvent::from_event(e)).collect(),
+        reads: Mutex::new(Vec::new()),
+    });
+    v.replicator.set_history(history.clone());
+    let seen = v.subscribe(&key);
+
+    // The link carries m1 and m3 (link positions 1 and 3); m2 never comes.
+    let mut link = connection.open_uni().await.unwrap();
+    let hello = FrameV1::Hello {
+        node_id: "e".into(),
+        incarnation: 1,
+        origin: origin_of("e"),
+        epoch: 1,
+        first: 1,
+    };
+    link.write_all(&framed(&hello)).await.unwrap();
+    link.write_all(&framed(&frames[0])).await.unwrap();
+    link.write_all(&framed(&frames[2])).await.unwrap();
+
+    wait_for("v's subscriber to get m1, m2 and m3", 10, || {
+        seen.names().len() >= 3
+    })
+    .await;
+    assert_eq!(seen.names(), ["m1", "m2", "m3"]);
+    assert_eq!(
+        *history.reads.lock().unwrap(),
+        [(2, 2)],
+        "the gap, read once"
+    );
+    // v asked e too (e never answers).
+    let asked = e.received(|f| match f {
+        FrameV1::Repair { from, to, .. } => Some((*from, *to)),
+        _ => None,
+    });
+    assert_eq!(asked, [(2, 2)]);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(seen.names(), ["m1", "m2", "m3"], "nothing twice");
+}
