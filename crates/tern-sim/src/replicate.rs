@@ -272,6 +272,15 @@ impl Sim {
                 // `node`'s to keep too.
                 backfills.push((head.ch, head.origins.clone()));
             }
+            if self.trace {
+                let line = format!(
+                    "n{node} <- heads c{} from n{peer}: {:?}, mine {:?}",
+                    head.ch,
+                    head.origins,
+                    mine.origins().collect::<Vec<_>>()
+                );
+                self.log(|| line);
+            }
             let previous = self.previous_heads.entry((node, peer)).or_default();
             for (origin, from, to) in heads::wanted(&asker, previous, key, &mine, &head.origins) {
                 asks.push((head.ch, origin, from, to));
