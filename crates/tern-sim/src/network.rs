@@ -270,8 +270,7 @@ impl Sim {
                     Take::Open => hub
                         .skip_remote_kept(key, origin, upto, now_ms)
                         .expect("the sim's limits hold every channel"),
-                    Take::IfOpen => hub.skip_remote(key, origin, upto, now_ms),
-                    Take::Ignore(_) => return,
+                    Take::Ignore(reason) => return self.log(|| format!("   ignored: {reason}")),
                 };
                 self.log(|| format!("   skipped, {applied} applied"));
                 // No log has them, but a home's store may: a home copies the history.

@@ -179,7 +179,6 @@ impl Replicator {
                             }
                         }
                     }
-                    Take::IfOpen => hub.skip_remote(&key, OriginId(origin), upto, now_ms),
                     Take::Ignore(reason) => return ignored(reason),
                 };
                 // No log has them, but a home's store may: if we are the channel's
