@@ -19,6 +19,38 @@ use crate::wire::HeadV1;
 /// One of [`Replicator::backfill_answers`], given back when dropped.
 struct BackfillSlot<'a>(&'a AtomicUsize);
 
+/// What the store holds of `origin`'s `from..=to` on `key` (a bounded read, blocking).
+struct Stored {
+    events: Vec<tern_core::RemoteEvent>,
+    /// The store's cursor for the origin.
+    upto: u64,
+    /// From where the events read are all the store has.
+    whole_from: u64,
+}
+
+/// Reads [`Stored`]; `None` when the store's cursor is short of `from`.
+fn stored(
+    history: &dyn HistoryAccess,
+    key: &ChannelKey,
+    origin: u64,
+    (from, to): (u64, u64),
+) -> Option<Stored> {
+    let upto = history
+        .cursor(&key.app, &key.name)
+        .iter()
+        .find(|(o, _)| *o == origin)
+        .map_or(0, |(_, seq)| *seq);
+    if upto < from {
+        return None;
+    }
+    let (events, whole_from) = history.events(&key.app, &key.name, origin, from, to.min(upto));
+    Some(Stored {
+        events,
+        upto,
+        whole_from,
+    })
+}
+
 impl Drop for BackfillSlot<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
@@ -119,19 +151,17 @@ impl Replicator {
         }
         let (peer, key) = (peer.to_string(), key.clone());
         self.read_store("repair_from_store_busy", move |me, history| {
-            let upto = history
-                .cursor(&key.app, &key.name)
-                .iter()
-                .find(|(o, _)| *o == origin)
-                .map_or(0, |(_, seq)| *seq);
-            if upto < from {
+            let Some(Stored {
+                events,
+                upto,
+                whole_from,
+            }) = stored(&*history, &key, origin, (from, to))
+            else {
                 return;
-            }
-            let (stored, whole_from) =
-                history.events(&key.app, &key.name, origin, from, to.min(upto));
+            };
             // Only events, from where the bounded read is whole: the asker's gap asks
             // again for the rest.
-            let parts = repair::answer_stored(stored, upto, whole_from, to);
+            let parts = repair::answer_stored(events, upto, whole_from, to);
             me.send_repair(&peer, &key, origin, parts);
         });
     }
@@ -148,16 +178,10 @@ impl Replicator {
     ) {
         let key = key.clone();
         self.read_store("gap_from_own_store_busy", move |me, history| {
-            let upto = history
-                .cursor(&key.app, &key.name)
-                .iter()
-                .find(|(o, _)| *o == origin)
-                .map_or(0, |(_, seq)| *seq);
-            if upto < from {
+            let Some(read) = stored(&*history, &key, origin, (from, to)) else {
                 return;
-            }
-            let (stored, _) = history.events(&key.app, &key.name, origin, from, to.min(upto));
-            let events = repair::own_store(stored, from, to);
+            };
+            let events = repair::own_store(read.events, from, to);
             if events.is_empty() {
                 return;
             }
