@@ -7,6 +7,7 @@
 use tern_core::{OriginId, RemoteEvent, RemoteOutcome};
 use tern_replication::handoff::{Member, StoredChannel};
 use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
+use tern_replication::inbound::{self, Take};
 use tern_replication::links;
 use tern_replication::repair::{self, RepairPart};
 use tern_replication::routing::INTEREST_PER_FRAME;
@@ -113,6 +114,10 @@ impl Sim {
         origin: OriginId,
         (from, to): (u64, u64),
     ) {
+        // Stored events are off the link's order: only for a kept channel, as answers.
+        if let Take::Ignore(_) = inbound::event(false, || self.holds(at, ch)) {
+            return;
+        }
         let key = &self.keys[ch];
         let stored: Vec<RemoteEvent> = {
             let stored = lock(&self.nodes[at].outbox.stored);
