@@ -72,9 +72,8 @@ pub fn answer_stored(stored: Vec<RemoteEvent>, upto: u64, from: u64, to: u64) ->
 /// order), in order and once each. A copied history (`backfill`) can hold events the hub
 /// never got live, and when the node that sent the event past the gap died before it
 /// sent the missing ones, no peer holds them in memory or lists them in `Heads`: the
-/// soak's seeds 42821 and 58280, where a home copied a message from its origin's store,
-/// the origin crashed before sending it, and a subscriber in the home's region never
-/// got it.
+/// soak's seed 58280, where a home copied a message from its origin's store, the origin
+/// crashed before sending it, and a subscriber in the home's region never got it.
 pub fn own_store(stored: Vec<RemoteEvent>, from: u64, to: u64) -> Vec<RemoteEvent> {
     in_order(stored, from, to)
 }

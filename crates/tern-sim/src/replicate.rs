@@ -118,16 +118,7 @@ impl Sim {
         if let Take::Ignore(_) = inbound::event(false, || self.holds(at, ch)) {
             return;
         }
-        let key = &self.keys[ch];
-        let stored: Vec<RemoteEvent> = {
-            let stored = lock(&self.nodes[at].outbox.stored);
-            stored
-                .get(key)
-                .into_iter()
-                .flat_map(|c| c.events.range((origin, from)..=(origin, to)))
-                .map(|(_, e)| e.clone())
-                .collect()
-        };
+        let (stored, _) = self.stored_range(at, ch, origin, (from, to));
         let events = repair::own_store(stored, from, to);
         if events.is_empty() {
             return;
@@ -148,6 +139,27 @@ impl Sim {
         }
     }
 
+    /// What node `at`'s store holds of `origin`'s `from..=to` on `ch`, and its stored
+    /// cursor for the origin (the driver's `stored` read in `answers.rs`).
+    fn stored_range(
+        &self,
+        at: usize,
+        ch: usize,
+        origin: OriginId,
+        (from, to): (u64, u64),
+    ) -> (Vec<RemoteEvent>, u64) {
+        let stored = lock(&self.nodes[at].outbox.stored);
+        let Some(channel) = stored.get(&self.keys[ch]) else {
+            return (Vec::new(), 0);
+        };
+        let events = channel
+            .events
+            .range((origin, from)..=(origin, to))
+            .map(|(_, e)| e.clone())
+            .collect();
+        (events, channel.cursor.get(&origin).copied().unwrap_or(0))
+    }
+
     /// `peer` answers `node`'s repair request for `origin`'s `from..=to` on `ch`
     /// (`repair::answer`).
     pub(crate) fn repair_from(
@@ -164,17 +176,7 @@ impl Sim {
         let (hub, key) = (&self.nodes[peer].hub, &self.keys[ch]);
         let parts = if repair::from_store(hub, key, origin, from) {
             // Nothing of it in memory: the store answers (as the driver's does).
-            let stored = lock(&self.nodes[peer].outbox.stored);
-            let channel = stored.get(key);
-            let upto = channel
-                .and_then(|c| c.cursor.get(&origin))
-                .copied()
-                .unwrap_or(0);
-            let events = channel
-                .into_iter()
-                .flat_map(|c| c.events.range((origin, from)..=(origin, to)))
-                .map(|(_, e)| e.clone())
-                .collect();
+            let (events, upto) = self.stored_range(peer, ch, origin, (from, to));
             repair::answer_stored(events, upto, from, to)
         } else {
             repair::answer(hub, key, origin, from, to)
