@@ -78,6 +78,94 @@ pub fn own_store(stored: Vec<RemoteEvent>, from: u64, to: u64) -> Vec<RemoteEven
     in_order(stored, from, to)
 }
 
+/// Events a store read that fills a log answer's holes covers at most ([`holes`]):
+/// few enough that the bounded store read (`HistoryAccess::events`, two rows per event)
+/// reaches the window's start, so what it lacks there may be skipped.
+pub const HOLE_READ_MAX: u64 = (crate::backfill::BACKFILL_PAGE * 8) as u64;
+
+/// Where the store may fill a log answer's holes: `parts` (from [`answer`], asked from
+/// `from`) has a hole (a `Skip`) from the first hole's start to the last one's end, cut
+/// to [`HOLE_READ_MAX`] events; `None` without a hole. A hole in a held channel's log is
+/// not always gone: the channel was dropped while idle and came back, and its store
+/// holds the events (the soak's seed 42605: a peer skipped a restarted home past two
+/// messages its store held, and the home's store never got them).
+pub fn holes(parts: &[RepairPart], from: u64) -> Option<(u64, u64)> {
+    let mut next = from;
+    let mut span: Option<(u64, u64)> = None;
+    for part in parts {
+        match part {
+            RepairPart::Event(event) => next = event.seq + 1,
+            RepairPart::Skip(upto) => {
+                let first = span.map_or(next, |(first, _)| first);
+                span = Some((first, (*upto).min(first + HOLE_READ_MAX - 1)));
+                next = upto + 1;
+            }
+        }
+    }
+    span
+}
+
+/// `parts` (a log answer asked from `from`) with the holes within `lo..=hi` filled by
+/// the store's `stored` events there, a read whole from `whole_from` on (any order). What
+/// the store lacks of a hole is still skipped where the read was whole; the answer ends
+/// before a hole it can neither fill nor skip, and at `hi` when a hole goes on past it:
+/// a `Skip` after such a hole would move the asker past it too, and the asker's gap
+/// asks again for the rest.
+pub fn fill_holes(
+    parts: Vec<RepairPart>,
+    from: u64,
+    stored: Vec<RemoteEvent>,
+    (lo, hi): (u64, u64),
+    whole_from: u64,
+) -> Vec<RepairPart> {
+    let mut stored = in_order(stored, lo, hi).into_iter().peekable();
+    let mut out = Vec::with_capacity(parts.len() + stored.len());
+    let mut next = from;
+    for part in parts {
+        let upto = match part {
+            RepairPart::Event(event) => {
+                next = event.seq + 1;
+                out.push(RepairPart::Event(event));
+                continue;
+            }
+            RepairPart::Skip(upto) => upto,
+        };
+        // The hole `next..=upto`: what the store has of it, in order.
+        while let Some(event) = stored.next_if(|e| e.seq <= upto) {
+            if event.seq < next {
+                continue;
+            }
+            if event.seq > next {
+                if next < whole_from {
+                    return out;
+                }
+                out.push(RepairPart::Skip(event.seq - 1));
+            }
+            next = event.seq + 1;
+            out.push(RepairPart::Event(Arc::new(ChannelEvent::new(
+                event.origin,
+                event.seq,
+                event.publisher,
+                event.frame,
+            ))));
+        }
+        if next > upto {
+            continue;
+        }
+        // The hole's rest, which the store lacks where it was read.
+        let end = upto.min(hi);
+        if next < lo.max(whole_from) || next > end {
+            return out;
+        }
+        out.push(RepairPart::Skip(end));
+        if end < upto {
+            return out;
+        }
+        next = upto + 1;
+    }
+    out
+}
+
 /// `stored` cut to `from..=to`, in order and once each.
 fn in_order(mut stored: Vec<RemoteEvent>, from: u64, to: u64) -> Vec<RemoteEvent> {
     stored.retain(|event| (from..=to).contains(&event.seq));
@@ -240,5 +328,56 @@ mod tests {
             3,
             "the held-back event followed"
         );
+    }
+
+    /// A log answer's holes the store holds are filled from it (seed 42605: a channel
+    /// dropped while idle came back with a log that lacked its first events, and the
+    /// peer skipped the asker past them); what the store lacks where its read was whole
+    /// is still skipped, and the answer stops before a hole it cannot vouch for.
+    #[test]
+    fn a_log_answer_fills_its_holes_from_the_store() {
+        let (source, key) = hub_with(9);
+        let event =
+            |seq| RemoteEvent::from_event(&source.events_of(&key, OriginId(7), seq, seq)[0]);
+        let logged = |seqs: &[u64]| -> Vec<RepairPart> {
+            seqs.iter()
+                .map(|&seq| {
+                    RepairPart::Event(source.events_of(&key, OriginId(7), seq, seq)[0].clone())
+                })
+                .collect()
+        };
+        let show = |parts: &[RepairPart]| -> Vec<String> {
+            parts
+                .iter()
+                .map(|p| match p {
+                    RepairPart::Event(e) => format!("e{}", e.seq),
+                    RepairPart::Skip(upto) => format!("s{upto}"),
+                })
+                .collect()
+        };
+        // The log lacks 1..=3 and 6: its answer from 1 is s3 e4 e5 s6 e7.
+        let mut parts = vec![RepairPart::Skip(3)];
+        parts.extend(logged(&[4, 5]));
+        parts.push(RepairPart::Skip(6));
+        parts.extend(logged(&[7]));
+        assert_eq!(holes(&parts, 1), Some((1, 6)));
+        assert_eq!(holes(&logged(&[1, 2]), 1), None);
+        // The store holds 1, 2 and 6 (not 3): 3 is skipped, the rest filled.
+        let stored = vec![event(6), event(2), event(1)];
+        let filled = fill_holes(parts.clone(), 1, stored.clone(), (1, 6), 1);
+        assert_eq!(show(&filled), ["e1", "e2", "s3", "e4", "e5", "e6", "e7"]);
+        // A read whole only from 2 cannot vouch for 1: the answer stops before it.
+        assert!(fill_holes(parts.clone(), 1, vec![event(2)], (1, 6), 2).is_empty());
+        // One whole from 3 fills up to 2, and stops at 3 it cannot vouch for.
+        let partial = fill_holes(parts.clone(), 1, stored.clone(), (1, 6), 4);
+        assert_eq!(show(&partial), ["e1", "e2"]);
+        // A read that ends at 2 (the window): the hole past it is left for later.
+        let cut = fill_holes(parts.clone(), 1, stored, (1, 2), 1);
+        assert_eq!(show(&cut), ["e1", "e2"]);
+        let cut = fill_holes(parts, 1, vec![event(1)], (1, 2), 1);
+        assert_eq!(show(&cut), ["e1", "s2"]);
+        // The window is bounded: a long hole is read from its start, HOLE_READ_MAX at a time.
+        let long = vec![RepairPart::Skip(HOLE_READ_MAX * 3)];
+        assert_eq!(holes(&long, 1), Some((1, HOLE_READ_MAX)));
     }
 }

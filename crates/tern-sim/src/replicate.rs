@@ -161,7 +161,7 @@ impl Sim {
     }
 
     /// `peer` answers `node`'s repair request for `origin`'s `from..=to` on `ch`
-    /// (`repair::answer`).
+    /// (`repair::answer`, its holes filled from the store: `repair::fill_holes`).
     pub(crate) fn repair_from(
         &mut self,
         peer: usize,
@@ -179,7 +179,20 @@ impl Sim {
             let (events, upto) = self.stored_range(peer, ch, origin, (from, to));
             repair::answer_stored(events, upto, from, to)
         } else {
-            repair::answer(hub, key, origin, from, to)
+            let parts = repair::answer(hub, key, origin, from, to);
+            match repair::holes(&parts, from) {
+                // Its holes filled from the store where it holds them (the driver's
+                // `answer_holes_from_store`; the sim's store reads are whole).
+                Some(span) => {
+                    let (events, upto) = self.stored_range(peer, ch, origin, span);
+                    if upto < span.0 {
+                        parts
+                    } else {
+                        repair::fill_holes(parts, from, events, span, span.0)
+                    }
+                }
+                None => parts,
+            }
         };
         self.stats.skips += parts
             .iter()

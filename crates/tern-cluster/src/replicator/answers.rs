@@ -60,25 +60,26 @@ impl Drop for BackfillSlot<'_> {
 impl Replicator {
     /// Runs `read` off the runtime with the history store, holding one of
     /// `BACKFILL_ANSWERS_MAX` slots (released however the read ends); with none free,
-    /// counts `busy` and reads nothing (the peer asks again).
+    /// counts `busy` and reads nothing (the peer asks again). Whether the read started.
     fn read_store(
         self: &Arc<Self>,
         busy: &'static str,
         read: impl FnOnce(&Arc<Self>, Arc<dyn HistoryAccess>) + Send + 'static,
-    ) {
+    ) -> bool {
         let Some(history) = self.history.get().cloned() else {
-            return;
+            return false;
         };
         if self.backfill_answers.fetch_add(1, Ordering::SeqCst) >= BACKFILL_ANSWERS_MAX {
             self.backfill_answers.fetch_sub(1, Ordering::SeqCst);
             ignored(busy);
-            return;
+            return false;
         }
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let _slot = BackfillSlot(&me.backfill_answers);
             read(&me, history);
         });
+        true
     }
 
     /// Sends each peer the cursors of the channels it shares with us (`heads::shares`:
@@ -132,10 +133,11 @@ impl Replicator {
         }
     }
 
-    /// Answers a repair request for `origin`'s `from..=to` on `key` from our log, or,
-    /// when our hub holds nothing of that range, from our store (off the runtime, as
-    /// many at once as history pages: past that the asker asks again at its next
-    /// `Heads`).
+    /// Answers a repair request for `origin`'s `from..=to` on `key` from our log, its
+    /// holes filled from our store where it holds them (`repair::fill_holes`), or, when
+    /// our hub holds nothing of that range, from our store. Store reads run off the
+    /// runtime, as many at once as history pages: past that the asker asks again at its
+    /// next `Heads` (a log answer then stops before its first hole).
     pub(super) fn answer_repair(
         self: &Arc<Self>,
         hub: &Hub,
@@ -146,7 +148,12 @@ impl Replicator {
     ) {
         if !repair::from_store(hub, key, OriginId(origin), from) {
             let parts = repair::answer(hub, key, OriginId(origin), from, to);
-            self.send_repair(peer, key, origin, parts);
+            match repair::holes(&parts, from) {
+                Some(span) if self.history.get().is_some() => {
+                    self.answer_holes_from_store(peer, key, origin, from, parts, span);
+                }
+                _ => self.send_repair(peer, key, origin, parts),
+            }
             return;
         }
         let (peer, key) = (peer.to_string(), key.clone());
@@ -164,6 +171,44 @@ impl Replicator {
             let parts = repair::answer_stored(events, upto, whole_from, to);
             me.send_repair(&peer, &key, origin, parts);
         });
+    }
+
+    /// Sends a log answer (`parts`, asked from `from`) once the store has been read for
+    /// its holes (`span`, `repair::holes`), each filled with what the store holds.
+    fn answer_holes_from_store(
+        self: &Arc<Self>,
+        peer: &str,
+        key: &ChannelKey,
+        origin: u64,
+        from: u64,
+        parts: Vec<RepairPart>,
+        span: (u64, u64),
+    ) {
+        let parts = Arc::new(Mutex::new(Some(parts)));
+        let held = parts.clone();
+        let (peer, key) = (peer.to_string(), key.clone());
+        let answer = (peer.clone(), key.clone());
+        let started = self.read_store("repair_holes_from_store_busy", move |me, history| {
+            let Some(parts) = lock(&held).take() else {
+                return;
+            };
+            let (peer, key) = answer;
+            let parts = match stored(&*history, &key, origin, span) {
+                // The store's cursor is short of the holes: it has none of them.
+                None => parts,
+                Some(read) => repair::fill_holes(parts, from, read.events, span, read.whole_from),
+            };
+            me.send_repair(&peer, &key, origin, parts);
+        });
+        if started {
+            return;
+        }
+        let parts = lock(&parts).take();
+        if let Some(parts) = parts {
+            // Nothing vouches for the holes: only what comes before the first.
+            let parts = repair::fill_holes(parts, from, Vec::new(), span, u64::MAX);
+            self.send_repair(&peer, &key, origin, parts);
+        }
     }
 
     /// What this node's own store holds of a gap in its hub (`origin`'s `from..=to` on
