@@ -28,6 +28,14 @@
 //! like no change at all). A pass that has seen more than [`PASS_VIEWS_MAX`]
 //! memberships sends every stored channel to each of its latest homes.
 //!
+//! A channel whose stored cursor lists the origin of a member that left is sent to
+//! every one of its homes, moved or not: `Heads` name a dead origin's events only while
+//! some hub lists them, and a hub forgets them when it drops the channel while idle. A
+//! message its origin sent to one home alone before it died (the interest of a
+//! subscriber in its own region not yet heard) then stayed in that home's store, and the
+//! subscriber never got it (the seed sweep with idle channels dropped after 500 ms,
+//! seed 42821). The cost is one entry per home for the channels the dead node touched.
+//!
 //! A pass starts [`HANDOFF_SETTLE`] after the change, so the new home has heard of the
 //! membership too (it must know itself to be the home to take the entry); a later
 //! change restarts it but does not put it off (under churn, a change every few hundred
@@ -113,6 +121,8 @@ struct Pass<T> {
     repeat: bool,
     /// Members (by id) that left at some change of this pass.
     gone: BTreeSet<String>,
+    /// The origins of the incarnations that left at some change of this pass.
+    gone_origins: BTreeSet<u64>,
 }
 
 /// The handoff passes of one node. `T` is the store's page token (opaque here).
@@ -151,24 +161,31 @@ impl<T: Clone> Handoff<T> {
         }
         let settled = now + HANDOFF_SETTLE;
         // Left, or restarted (another incarnation under its id).
-        let left = before
-            .iter()
-            .filter(|m| !after.contains(*m))
-            .map(|m| m.id.clone());
-        let before: BTreeSet<Member> = before.iter().cloned().collect();
-        let (mut views, mut overflow, start_at, gone) = match self.pass.take() {
+        let left: Vec<&Member> = before.iter().filter(|m| !after.contains(*m)).collect();
+        let left_origins = left.iter().map(|m| m.origin);
+        let left_ids = left.iter().map(|m| m.id.clone());
+        let (mut views, mut overflow, start_at, gone, gone_origins) = match self.pass.take() {
             // Restarted from the first channel, but not later than it was due.
             Some(mut pass) => {
-                pass.gone.extend(left);
+                pass.gone.extend(left_ids);
+                pass.gone_origins.extend(left_origins);
                 (
                     pass.views,
                     pass.overflow,
                     pass.start_at.min(settled),
                     pass.gone,
+                    pass.gone_origins,
                 )
             }
-            None => (Vec::new(), false, settled, left.collect()),
+            None => (
+                Vec::new(),
+                false,
+                settled,
+                left_ids.collect(),
+                left_origins.collect(),
+            ),
         };
+        let before: BTreeSet<Member> = before.iter().cloned().collect();
         if !views.contains(&before) {
             if views.len() < PASS_VIEWS_MAX {
                 views.push(before);
@@ -194,6 +211,7 @@ impl<T: Clone> Handoff<T> {
             start_at,
             repeat: false,
             gone,
+            gone_origins,
         });
     }
 
@@ -240,11 +258,17 @@ impl<T: Clone> Handoff<T> {
                 .map(|view| routing::homes(&key, nodes(view)))
                 .collect();
             let now = routing::homes(&key, nodes(&current.after));
+            // Events of an incarnation that left are named by no live link any more:
+            // every home hears how far this store has them (see the module's text).
+            let lists_gone = cursor
+                .iter()
+                .any(|(origin, seq)| *seq > 0 && current.gone_origins.contains(origin));
             let mut moved: Vec<&str> = now
                 .iter()
                 .filter(|(region, home)| {
                     **home != me
-                        && (current.overflow
+                        && (lists_gone
+                            || current.overflow
                             || were.iter().any(|was| was.get(*region) != Some(*home))
                             || current.gone.contains(**home))
                 })
@@ -378,6 +402,52 @@ mod tests {
         let sent = handoff.on_page(read.pass, stored(&lost), None, "x");
         let homes: Vec<&str> = sent.iter().map(|(h, _)| h.as_str()).collect();
         assert_eq!(homes, ["a", "a"]);
+    }
+
+    /// A member died that was no channel's home: a channel whose stored cursor lists
+    /// its origin goes to every home (the node that stores it excepted), one whose
+    /// cursor does not goes nowhere (seed 42821: the dead node's message lay in one
+    /// home's store only).
+    #[test]
+    fn a_channel_naming_a_dead_origin_goes_to_every_home() {
+        let with_origin = |id: &str, region: &str, origin| Member {
+            origin,
+            ..member(id, region)
+        };
+        let before = vec![
+            with_origin("a", "r1", 1),
+            with_origin("b", "r1", 2),
+            with_origin("x", "r2", 3),
+        ];
+        let after = vec![with_origin("a", "r1", 1), with_origin("x", "r2", 3)];
+        // Channels b was not the home of, so no home moved.
+        let kept = homed_at("a", &before, 2);
+        let mut handoff: Handoff<u32> = Handoff::default();
+        handoff.on_members(&before, &after, at(0));
+        let read = handoff.next_read(at(5)).unwrap();
+        let page = vec![
+            (kept[0].clone(), vec![(1, 4), (2, 1)]),
+            (kept[1].clone(), vec![(1, 4), (2, 0)]),
+        ];
+        let sent = handoff.on_page(read.pass, page, None, "x");
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!((sent[0].0.as_str(), &sent[0].1 .0), ("a", &kept[0]));
+        // b restarted (a new incarnation): its old origin's events are named the same way.
+        let back = vec![
+            with_origin("a", "r1", 1),
+            with_origin("b", "r1", 5),
+            with_origin("x", "r2", 3),
+        ];
+        let mut handoff: Handoff<u32> = Handoff::default();
+        handoff.on_members(&before, &back, at(0));
+        let read = handoff.next_read(at(5)).unwrap();
+        let page = vec![(kept[0].clone(), vec![(2, 1)])];
+        let homes: Vec<String> = handoff
+            .on_page(read.pass, page, None, "x")
+            .into_iter()
+            .map(|(home, _)| home)
+            .collect();
+        assert!(homes.contains(&"a".to_string()), "{homes:?}");
     }
 
     /// A change during a pass restarts it against the memberships seen; a page read for
