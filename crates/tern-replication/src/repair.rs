@@ -107,10 +107,11 @@ pub fn holes(parts: &[RepairPart], from: u64) -> Option<(u64, u64)> {
 
 /// `parts` (a log answer asked from `from`) with the holes within `lo..=hi` filled by
 /// the store's `stored` events there, a read whole from `whole_from` on (any order). What
-/// the store lacks of a hole is still skipped where the read was whole; the answer ends
-/// before a hole it can neither fill nor skip, and at `hi` when a hole goes on past it:
-/// a `Skip` after such a hole would move the asker past it too, and the asker's gap
-/// asks again for the rest.
+/// the store lacks of a hole is still skipped where the read was whole. Past a hole
+/// nothing vouches for (before `whole_from`, or beyond `hi`) the answer carries events
+/// only: a `Skip` after such a hole would move the asker past it too. The asker holds
+/// those events back and asks again for the hole, a smaller range each time, as it does
+/// after [`answer_stored`].
 pub fn fill_holes(
     parts: Vec<RepairPart>,
     from: u64,
@@ -121,6 +122,16 @@ pub fn fill_holes(
     let mut stored = in_order(stored, lo, hi).into_iter().peekable();
     let mut out = Vec::with_capacity(parts.len() + stored.len());
     let mut next = from;
+    // Every hole so far was filled or skipped.
+    let mut vouched = true;
+    // A `Skip` over `first..=last`, where the store's read says it lacks them.
+    let mut skip = |out: &mut Vec<RepairPart>, first: u64, last: u64, vouched: &mut bool| {
+        if *vouched && first >= lo.max(whole_from) && last <= hi {
+            out.push(RepairPart::Skip(last));
+        } else {
+            *vouched = false;
+        }
+    };
     for part in parts {
         let upto = match part {
             RepairPart::Event(event) => {
@@ -136,10 +147,7 @@ pub fn fill_holes(
                 continue;
             }
             if event.seq > next {
-                if next < whole_from {
-                    return out;
-                }
-                out.push(RepairPart::Skip(event.seq - 1));
+                skip(&mut out, next, event.seq - 1, &mut vouched);
             }
             next = event.seq + 1;
             out.push(RepairPart::Event(Arc::new(ChannelEvent::new(
@@ -149,17 +157,15 @@ pub fn fill_holes(
                 event.frame,
             ))));
         }
-        if next > upto {
-            continue;
-        }
         // The hole's rest, which the store lacks where it was read.
-        let end = upto.min(hi);
-        if next < lo.max(whole_from) || next > end {
-            return out;
-        }
-        out.push(RepairPart::Skip(end));
-        if end < upto {
-            return out;
+        if next <= upto {
+            let end = upto.min(hi);
+            if next <= end {
+                skip(&mut out, next, end, &mut vouched);
+            }
+            if end < upto {
+                vouched = false;
+            }
         }
         next = upto + 1;
     }
@@ -366,16 +372,21 @@ mod tests {
         let stored = vec![event(6), event(2), event(1)];
         let filled = fill_holes(parts.clone(), 1, stored.clone(), (1, 6), 1);
         assert_eq!(show(&filled), ["e1", "e2", "s3", "e4", "e5", "e6", "e7"]);
-        // A read whole only from 2 cannot vouch for 1: the answer stops before it.
-        assert!(fill_holes(parts.clone(), 1, vec![event(2)], (1, 6), 2).is_empty());
-        // One whole from 3 fills up to 2, and stops at 3 it cannot vouch for.
+        // A read whole only from 2 cannot vouch for 1: no `Skip` from there on, only
+        // events (the asker holds them back and asks for 1 again).
+        let unvouched = fill_holes(parts.clone(), 1, vec![event(2)], (1, 6), 2);
+        assert_eq!(show(&unvouched), ["e2", "e4", "e5", "e7"]);
+        // One whole from 4 fills 1 and 2 and cannot vouch for 3.
         let partial = fill_holes(parts.clone(), 1, stored.clone(), (1, 6), 4);
-        assert_eq!(show(&partial), ["e1", "e2"]);
-        // A read that ends at 2 (the window): the hole past it is left for later.
+        assert_eq!(show(&partial), ["e1", "e2", "e4", "e5", "e6", "e7"]);
+        // A read that ends at 2 (the window): the holes past it are not skipped.
         let cut = fill_holes(parts.clone(), 1, stored, (1, 2), 1);
-        assert_eq!(show(&cut), ["e1", "e2"]);
-        let cut = fill_holes(parts, 1, vec![event(1)], (1, 2), 1);
-        assert_eq!(show(&cut), ["e1", "s2"]);
+        assert_eq!(show(&cut), ["e1", "e2", "e4", "e5", "e7"]);
+        let cut = fill_holes(parts.clone(), 1, vec![event(1)], (1, 2), 1);
+        assert_eq!(show(&cut), ["e1", "s2", "e4", "e5", "e7"]);
+        // No read at all (the store's slots were busy): the log's events, no `Skip`.
+        let busy = fill_holes(parts, 1, Vec::new(), (1, 6), u64::MAX);
+        assert_eq!(show(&busy), ["e4", "e5", "e7"]);
         // The window is bounded: a long hole is read from its start, HOLE_READ_MAX at a time.
         let long = vec![RepairPart::Skip(HOLE_READ_MAX * 3)];
         assert_eq!(holes(&long, 1), Some((1, HOLE_READ_MAX)));

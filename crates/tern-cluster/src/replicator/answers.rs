@@ -137,7 +137,7 @@ impl Replicator {
     /// holes filled from our store where it holds them (`repair::fill_holes`), or, when
     /// our hub holds nothing of that range, from our store. Store reads run off the
     /// runtime, as many at once as history pages: past that the asker asks again at its
-    /// next `Heads` (a log answer then stops before its first hole).
+    /// next `Heads` (a log answer then carries its events and no `Skip`).
     pub(super) fn answer_repair(
         self: &Arc<Self>,
         hub: &Hub,
@@ -205,7 +205,7 @@ impl Replicator {
         }
         let parts = lock(&parts).take();
         if let Some(parts) = parts {
-            // Nothing vouches for the holes: only what comes before the first.
+            // Nothing vouches for the holes: the log's events, and no `Skip`.
             let parts = repair::fill_holes(parts, from, Vec::new(), span, u64::MAX);
             self.send_repair(&peer, &key, origin, parts);
         }
