@@ -121,7 +121,8 @@ struct Pass<T> {
     repeat: bool,
     /// Members (by id) that left at some change of this pass.
     gone: BTreeSet<String>,
-    /// The origins of the incarnations that left at some change of this pass.
+    /// The origins of the incarnations that left at some change of this pass (empty
+    /// once `overflow`: at most the members of [`PASS_VIEWS_MAX`] memberships).
     gone_origins: BTreeSet<u64>,
 }
 
@@ -192,6 +193,12 @@ impl<T: Clone> Handoff<T> {
             } else {
                 overflow = true;
             }
+        }
+        let mut gone_origins = gone_origins;
+        if overflow {
+            // Every stored channel goes to all its homes anyway: the set stays bounded
+            // under churn (a pass that never ends).
+            gone_origins.clear();
         }
         if !overflow
             && views.iter().all(|view| *view == after)
