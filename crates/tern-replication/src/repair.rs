@@ -125,7 +125,7 @@ pub fn fill_holes(
     // Every hole so far was filled or skipped.
     let mut vouched = true;
     // A `Skip` over `first..=last`, where the store's read says it lacks them.
-    let mut skip = |out: &mut Vec<RepairPart>, first: u64, last: u64, vouched: &mut bool| {
+    let skip = |out: &mut Vec<RepairPart>, first: u64, last: u64, vouched: &mut bool| {
         if *vouched && first >= lo.max(whole_from) && last <= hi {
             out.push(RepairPart::Skip(last));
         } else {
