@@ -2,8 +2,9 @@
 //! origin's events 1 and 3 and never answers the repair for 2 (as a node that died
 //! before sending it), and a history store that holds event 2 (a copied history has it).
 //! The node applies 2 from its own store, then 3, and its subscriber gets all three in
-//! order, once each. And a repair asked of a node whose log has a hole its store holds
-//! is answered from the store, not skipped.
+//! order, once each. And a repair asked of a node whose log has a hole its store holds,
+//! or that reaches past its hub's cursor into what its store holds, is answered from
+//! the store, not skipped or cut short.
 
 mod common;
 
@@ -121,7 +122,8 @@ async fn a_gap_the_nodes_own_store_holds_is_filled_from_it() {
 /// A repair asked of a node whose log has a hole its store holds (the channel was
 /// dropped while idle and came back; here a skip over events its log never kept) is
 /// answered with the stored events, not a `Skip` over them (the soak's seed 42605: a
-/// restarted home was skipped past two messages, and its store never got them).
+/// restarted home was skipped past two messages, and its store never got them); and
+/// what the request asks past the hub's cursor comes from the store (seed 114877).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hole_in_the_log_is_answered_from_the_store() {
     let ca = ClusterCa::generate().unwrap();
@@ -135,18 +137,19 @@ async fn a_hole_in_the_log_is_answered_from_the_store() {
     v.replicator.set_peers(&[e.spec("r1")]);
     e.hello_from("v").await;
 
-    // A third origin, d, published m1, m2 and m3. v's hub went past 1..=2 without
-    // logging them and holds m3; v's store holds m1 and m2.
+    // A third origin, d, published m1 to m4. v's hub went past 1..=2 without logging
+    // them and holds m3; v's store holds m1, m2 and m4 (a copied history reaches past
+    // the hub).
     let key = ChannelKey::new("app", "hole");
     let d = OriginId(origin_of("d"));
     let source = Hub::new(d, CoreLimits::default());
-    for n in 1..=3 {
+    for n in 1..=4 {
         common::publish_on(&source, &key, &format!("m{n}"));
     }
     let event = |seq| RemoteEvent::from_event(&source.events_of(&key, d, seq, seq)[0]);
     let history = Arc::new(Stored {
         origin: d.0,
-        events: vec![event(2), event(1)],
+        events: vec![event(2), event(4), event(1)],
         reads: Mutex::new(Vec::new()),
     });
     v.replicator.set_history(history.clone());
@@ -175,7 +178,7 @@ async fn a_hole_in_the_log_is_answered_from_the_store() {
         channel: "hole".into(),
         origin: d.0,
         from: 1,
-        to: 3,
+        to: 4,
     };
     link.write_all(&framed(&repair)).await.unwrap();
 
@@ -187,12 +190,12 @@ async fn a_hole_in_the_log_is_answered_from_the_store() {
             _ => None,
         })
     };
-    wait_for("v's answer", 10, || answer().len() >= 3).await;
+    wait_for("v's answer", 10, || answer().len() >= 4).await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert_eq!(answer(), ["e1", "e2", "e3"]);
+    assert_eq!(answer(), ["e1", "e2", "e3", "e4"]);
     assert_eq!(
         *history.reads.lock().unwrap(),
-        [(1, 2)],
-        "the hole, read once"
+        [(1, 2), (4, 4)],
+        "the hole and what lies past the hub, read once each"
     );
 }

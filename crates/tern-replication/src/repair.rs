@@ -34,6 +34,23 @@ pub fn answer(
     parts(hub.events_of(key, origin, from, to), from, to)
 }
 
+/// The part of a request for `origin`'s `from..=to` on `key` past what the hub's cursor
+/// covers, which only the store may hold: a copied history (`backfill`) can reach past
+/// the hub, and a `Heads` from the store (the handoff) names it (the seed sweep, seed
+/// 114877: a restarted home was told of a dead origin's event by a peer whose store
+/// alone had it, asked, and got the answer clipped to the peer's hub). `None` when the
+/// hub covers all of it.
+pub fn past_log(
+    hub: &Hub,
+    key: &ChannelKey,
+    origin: OriginId,
+    from: u64,
+    to: u64,
+) -> Option<(u64, u64)> {
+    let covered = hub.cursor(key).get(origin).max(from.saturating_sub(1));
+    (covered < to).then(|| (covered + 1, to))
+}
+
 /// Whether the hub has nothing to answer for `origin`'s events from `from` on `key`:
 /// it does not hold the channel, or holds it only from before them (a channel dropped
 /// while idle comes back with this node's own position only). Its store may have them
@@ -390,5 +407,15 @@ mod tests {
         // The window is bounded: a long hole is read from its start, HOLE_READ_MAX at a time.
         let long = vec![RepairPart::Skip(HOLE_READ_MAX * 3)];
         assert_eq!(holes(&long, 1), Some((1, HOLE_READ_MAX)));
+    }
+
+    /// What a request asks past the hub's cursor is the store's to answer.
+    #[test]
+    fn past_the_hubs_cursor_is_the_stores() {
+        let (hub, key) = hub_with(3);
+        assert_eq!(past_log(&hub, &key, OriginId(7), 2, 3), None);
+        assert_eq!(past_log(&hub, &key, OriginId(7), 2, 5), Some((4, 5)));
+        assert_eq!(past_log(&hub, &key, OriginId(7), 5, 6), Some((5, 6)));
+        assert_eq!(past_log(&hub, &key, OriginId(8), 1, 2), Some((1, 2)));
     }
 }

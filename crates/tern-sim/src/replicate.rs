@@ -179,20 +179,22 @@ impl Sim {
             let (events, upto) = self.stored_range(peer, ch, origin, (from, to));
             repair::answer_stored(events, upto, from, to)
         } else {
-            let parts = repair::answer(hub, key, origin, from, to);
-            match repair::holes(&parts, from) {
-                // Its holes filled from the store where it holds them (the driver's
-                // `answer_holes_from_store`; the sim's store reads are whole).
-                Some(span) => {
-                    let (events, upto) = self.stored_range(peer, ch, origin, span);
-                    if upto < span.0 {
-                        parts
-                    } else {
-                        repair::fill_holes(parts, from, events, span, span.0)
-                    }
+            let mut parts = repair::answer(hub, key, origin, from, to);
+            let past = repair::past_log(hub, key, origin, from, to);
+            // Its holes filled from the store where it holds them, and what lies past
+            // the hub's cursor from the store (the driver's `answer_with_store`; the
+            // sim's store reads are whole).
+            if let Some(span) = repair::holes(&parts, from) {
+                let (events, upto) = self.stored_range(peer, ch, origin, span);
+                if upto >= span.0 {
+                    parts = repair::fill_holes(parts, from, events, span, span.0);
                 }
-                None => parts,
             }
+            if let Some((first, last)) = past {
+                let (events, upto) = self.stored_range(peer, ch, origin, (first, last));
+                parts.extend(repair::answer_stored(events, upto, first, last));
+            }
+            parts
         };
         self.stats.skips += parts
             .iter()

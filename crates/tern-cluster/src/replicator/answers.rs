@@ -16,6 +16,9 @@ use super::send::ignored;
 use super::*;
 use crate::wire::HeadV1;
 
+/// An origin's sequences `first..=last`.
+type Seqs = (u64, u64);
+
 /// One of [`Replicator::backfill_answers`], given back when dropped.
 struct BackfillSlot<'a>(&'a AtomicUsize);
 
@@ -134,7 +137,8 @@ impl Replicator {
     }
 
     /// Answers a repair request for `origin`'s `from..=to` on `key` from our log, its
-    /// holes filled from our store where it holds them (`repair::fill_holes`), or, when
+    /// holes filled from our store where it holds them (`repair::fill_holes`) and what
+    /// lies past our hub's cursor from the store (`repair::past_log`), or, when
     /// our hub holds nothing of that range, from our store. Store reads run off the
     /// runtime, as many at once as history pages: past that the asker asks again at its
     /// next `Heads` (a log answer then carries its events and no `Skip`).
@@ -148,11 +152,12 @@ impl Replicator {
     ) {
         if !repair::from_store(hub, key, OriginId(origin), from) {
             let parts = repair::answer(hub, key, OriginId(origin), from, to);
-            match repair::holes(&parts, from) {
-                Some(span) if self.history.get().is_some() => {
-                    self.answer_holes_from_store(peer, key, origin, from, parts, span);
-                }
-                _ => self.send_repair(peer, key, origin, parts),
+            let holes = repair::holes(&parts, from);
+            let past = repair::past_log(hub, key, OriginId(origin), from, to);
+            if self.history.get().is_none() || (holes.is_none() && past.is_none()) {
+                self.send_repair(peer, key, origin, parts);
+            } else {
+                self.answer_with_store(peer, key, origin, from, parts, (holes, past));
             }
             return;
         }
@@ -174,39 +179,53 @@ impl Replicator {
     }
 
     /// Sends a log answer (`parts`, asked from `from`) once the store has been read for
-    /// its holes (`span`, `repair::holes`), each filled with what the store holds.
-    fn answer_holes_from_store(
+    /// its holes (`repair::holes`), each filled with what the store holds, and for what
+    /// lies past the hub's cursor (`repair::past_log`), appended as the store's events.
+    fn answer_with_store(
         self: &Arc<Self>,
         peer: &str,
         key: &ChannelKey,
         origin: u64,
         from: u64,
         parts: Vec<RepairPart>,
-        span: (u64, u64),
+        (holes, past): (Option<Seqs>, Option<Seqs>),
     ) {
         let parts = Arc::new(Mutex::new(Some(parts)));
         let held = parts.clone();
         let (peer, key) = (peer.to_string(), key.clone());
         let answer = (peer.clone(), key.clone());
         let started = self.read_store("repair_holes_from_store_busy", move |me, history| {
-            let Some(parts) = lock(&held).take() else {
+            let Some(mut parts) = lock(&held).take() else {
                 return;
             };
             let (peer, key) = answer;
-            let parts = match stored(&*history, &key, origin, span) {
-                // The store's cursor is short of the holes: it has none of them.
-                None => parts,
-                Some(read) => repair::fill_holes(parts, from, read.events, span, read.whole_from),
-            };
+            if let Some(span) = holes {
+                // `None`: the store's cursor is short of the holes, it has none of them.
+                if let Some(read) = stored(&*history, &key, origin, span) {
+                    parts = repair::fill_holes(parts, from, read.events, span, read.whole_from);
+                }
+            }
+            if let Some((first, last)) = past {
+                if let Some(read) = stored(&*history, &key, origin, (first, last)) {
+                    parts.extend(repair::answer_stored(
+                        read.events,
+                        read.upto,
+                        read.whole_from,
+                        last,
+                    ));
+                }
+            }
             me.send_repair(&peer, &key, origin, parts);
         });
         if started {
             return;
         }
         let parts = lock(&parts).take();
-        if let Some(parts) = parts {
-            // Nothing vouches for the holes: the log's events, and no `Skip`.
-            let parts = repair::fill_holes(parts, from, Vec::new(), span, u64::MAX);
+        if let Some(mut parts) = parts {
+            if let Some(span) = holes {
+                // Nothing vouches for the holes: the log's events, and no `Skip`.
+                parts = repair::fill_holes(parts, from, Vec::new(), span, u64::MAX);
+            }
             self.send_repair(&peer, &key, origin, parts);
         }
     }
