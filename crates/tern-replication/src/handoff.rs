@@ -165,7 +165,7 @@ impl<T: Clone> Handoff<T> {
         let left: Vec<&Member> = before.iter().filter(|m| !after.contains(*m)).collect();
         let left_origins = left.iter().map(|m| m.origin);
         let left_ids = left.iter().map(|m| m.id.clone());
-        let (mut views, mut overflow, start_at, gone, gone_origins) = match self.pass.take() {
+        let (mut views, mut overflow, start_at, gone, mut gone_origins) = match self.pass.take() {
             // Restarted from the first channel, but not later than it was due.
             Some(mut pass) => {
                 pass.gone.extend(left_ids);
@@ -194,7 +194,6 @@ impl<T: Clone> Handoff<T> {
                 overflow = true;
             }
         }
-        let mut gone_origins = gone_origins;
         if overflow {
             // Every stored channel goes to all its homes anyway: the set stays bounded
             // under churn (a pass that never ends).

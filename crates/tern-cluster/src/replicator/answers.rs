@@ -63,26 +63,39 @@ impl Drop for BackfillSlot<'_> {
 impl Replicator {
     /// Runs `read` off the runtime with the history store, holding one of
     /// `BACKFILL_ANSWERS_MAX` slots (released however the read ends); with none free,
-    /// counts `busy` and reads nothing (the peer asks again). Whether the read started.
+    /// counts `busy` and reads nothing (the peer asks again).
     fn read_store(
         self: &Arc<Self>,
         busy: &'static str,
         read: impl FnOnce(&Arc<Self>, Arc<dyn HistoryAccess>) + Send + 'static,
-    ) -> bool {
+    ) {
+        self.read_store_or_not(busy, |me, history| {
+            if let Some(history) = history {
+                read(me, history);
+            }
+        });
+    }
+
+    /// [`Self::read_store`], but `read` also runs, at once and with `None`, when no
+    /// store can be read (none, or no slot free).
+    fn read_store_or_not(
+        self: &Arc<Self>,
+        busy: &'static str,
+        read: impl FnOnce(&Arc<Self>, Option<Arc<dyn HistoryAccess>>) + Send + 'static,
+    ) {
         let Some(history) = self.history.get().cloned() else {
-            return false;
+            return read(self, None);
         };
         if self.backfill_answers.fetch_add(1, Ordering::SeqCst) >= BACKFILL_ANSWERS_MAX {
             self.backfill_answers.fetch_sub(1, Ordering::SeqCst);
             ignored(busy);
-            return false;
+            return read(self, None);
         }
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let _slot = BackfillSlot(&me.backfill_answers);
-            read(&me, history);
+            read(&me, Some(history));
         });
-        true
     }
 
     /// Sends each peer the cursors of the channels it shares with us (`heads::shares`:
@@ -190,15 +203,16 @@ impl Replicator {
         parts: Vec<RepairPart>,
         (holes, past): (Option<Seqs>, Option<Seqs>),
     ) {
-        let parts = Arc::new(Mutex::new(Some(parts)));
-        let held = parts.clone();
         let (peer, key) = (peer.to_string(), key.clone());
-        let answer = (peer.clone(), key.clone());
-        let started = self.read_store("repair_holes_from_store_busy", move |me, history| {
-            let Some(mut parts) = lock(&held).take() else {
-                return;
+        self.read_store_or_not("repair_holes_from_store_busy", move |me, history| {
+            let mut parts = parts;
+            let Some(history) = history else {
+                // Nothing vouches for the holes: the log's events, and no `Skip`.
+                if let Some(span) = holes {
+                    parts = repair::fill_holes(parts, from, Vec::new(), span, u64::MAX);
+                }
+                return me.send_repair(&peer, &key, origin, parts);
             };
-            let (peer, key) = answer;
             if let Some(span) = holes {
                 // `None`: the store's cursor is short of the holes, it has none of them.
                 if let Some(read) = stored(&*history, &key, origin, span) {
@@ -217,17 +231,6 @@ impl Replicator {
             }
             me.send_repair(&peer, &key, origin, parts);
         });
-        if started {
-            return;
-        }
-        let parts = lock(&parts).take();
-        if let Some(mut parts) = parts {
-            if let Some(span) = holes {
-                // Nothing vouches for the holes: the log's events, and no `Skip`.
-                parts = repair::fill_holes(parts, from, Vec::new(), span, u64::MAX);
-            }
-            self.send_repair(&peer, &key, origin, parts);
-        }
     }
 
     /// What this node's own store holds of a gap in its hub (`origin`'s `from..=to` on
