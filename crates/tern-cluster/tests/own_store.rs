@@ -4,7 +4,8 @@
 //! The node applies 2 from its own store, then 3, and its subscriber gets all three in
 //! order, once each. And a repair asked of a node whose log has a hole its store holds,
 //! or that reaches past its hub's cursor into what its store holds, is answered from
-//! the store, not skipped or cut short.
+//! the store, not skipped or cut short. A restarted node that took its predecessor's
+//! stored events back names their channels to every home.
 
 mod common;
 
@@ -21,6 +22,8 @@ struct Stored {
     origin: u64,
     events: Vec<RemoteEvent>,
     reads: Mutex<Vec<(u64, u64)>>,
+    /// What a listing of the stored channels gives (the handoff's page).
+    listed: Vec<StoredChannel>,
 }
 
 impl HistoryAccess for Stored {
@@ -43,7 +46,7 @@ impl HistoryAccess for Stored {
     fn put(&self, _: &str, _: &str, _: bool, _: Vec<ItemV1>) {}
 
     fn channels(&self, _: Option<Vec<u8>>, _: usize) -> (Vec<StoredChannel>, Option<Vec<u8>>) {
-        (Vec::new(), None)
+        (self.listed.clone(), None)
     }
 
     fn events(&self, _: &str, _: &str, origin: u64, from: u64, to: u64) -> (Vec<RemoteEvent>, u64) {
@@ -103,6 +106,7 @@ async fn a_gap_the_nodes_own_store_holds_is_filled_from_it() {
         origin: origin_of("e"),
         events: stored.iter().map(|e| RemoteEvent::from_event(e)).collect(),
         reads: Mutex::new(Vec::new()),
+        listed: Vec::new(),
     });
     v.replicator.set_history(history.clone());
     let seen = v.subscribe(&key);
@@ -155,6 +159,7 @@ async fn a_hole_in_the_log_is_answered_from_the_store() {
         origin: d.0,
         events: vec![event(2), event(4), event(1)],
         reads: Mutex::new(Vec::new()),
+        listed: Vec::new(),
     });
     v.replicator.set_history(history.clone());
     let _seen = v.subscribe(&key);
@@ -193,5 +198,55 @@ async fn a_hole_in_the_log_is_answered_from_the_store() {
         *history.reads.lock().unwrap(),
         [(1, 2), (4, 4)],
         "the hole and what lies past the hub, read once each"
+    );
+}
+
+/// A restarted node that took its predecessor's stored events back into its hub
+/// (`recover`, here the call the server makes after it) names each stored channel
+/// listing that origin to the channel's homes, after the settle time, though it found
+/// its peers within the start-up window (seed 131187: its hub dropped the channel while
+/// idle before any `Heads` named the adopted message, and no other store had it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_names_what_it_adopted_to_the_homes() {
+    let (v, e, _connection) = node_and_raw_peer().await;
+    let before = OriginId(origin_of("v-before"));
+    let named = common::channel_homed_at(&v, "e", "adopted");
+    let other = common::channel_homed_at(&v, "e", "never");
+    v.replicator.set_history(Arc::new(Stored {
+        origin: before.0,
+        events: Vec::new(),
+        reads: Mutex::new(Vec::new()),
+        listed: vec![
+            (named.clone(), vec![(before.0, 3), (origin_of("e"), 1)]),
+            (other.clone(), vec![(origin_of("e"), 4)]),
+        ],
+    }));
+    let heads = || {
+        e.received(|f| match f {
+            FrameV1::Heads { channels } => Some(
+                channels
+                    .iter()
+                    .map(|h| (h.channel.clone(), h.origins.clone()))
+                    .collect::<Vec<_>>(),
+            ),
+            _ => None,
+        })
+        .concat()
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    assert!(heads().is_empty(), "finding e at start-up is no handoff");
+
+    v.replicator.on_adopted(&[before.0]);
+    wait_for("v to name the adopted channel to e", 10, || {
+        !heads().is_empty()
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        heads(),
+        [(
+            named.name.to_string(),
+            vec![(before.0, 3), (origin_of("e"), 1)]
+        )]
     );
 }

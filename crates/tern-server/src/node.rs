@@ -86,14 +86,21 @@ pub(crate) async fn start_node(
     if let (Some(_), Some(path)) = (&cluster, config.store_config().path) {
         let earlier = recover::earlier_origins(&path, origin);
         let (store, hub) = (store.clone(), hub.clone());
+        let replicator = replicator.clone();
         tokio::task::spawn_blocking(move || {
-            let (channels, events) = recover::run(&*store, &hub, &earlier, tern_edge::now_ms());
-            if events > 0 {
+            let took = recover::run(&*store, &hub, &earlier, tern_edge::now_ms());
+            if took.events > 0 {
                 tracing::info!(
-                    channels,
-                    events,
+                    channels = took.channels,
+                    events = took.events,
                     "took this node's earlier stored events back for its peers"
                 );
+            }
+            // Its hub may drop them while idle before any `Heads` named them: a handoff
+            // pass names them to every home (`Handoff::on_adopted`).
+            if let Some(replicator) = replicator {
+                let origins: Vec<u64> = took.origins.into_iter().collect();
+                replicator.on_adopted(&origins);
             }
         });
     }

@@ -3,7 +3,7 @@
 //! origins a node ran under are kept in a small file beside its store, since each start
 //! picks a new one at random.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use tern_core::{ChannelKey, Hub, OriginId, RemoteEvent};
@@ -52,13 +52,21 @@ pub fn earlier_origins(store_path: &Path, origin: OriginId) -> Vec<u64> {
     earlier
 }
 
+/// What [`run`] took back.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub channels: usize,
+    pub events: usize,
+    /// The earlier origins some of whose events went back into the hub.
+    pub origins: BTreeSet<u64>,
+}
+
 /// Takes the recent stored events of the `earlier` origins back into `hub`, channel by
-/// channel (webhook outboxes are this node's own, never offered). Returns (channels,
-/// events) taken back. Blocking: store reads.
-pub fn run(store: &dyn HistoryStore, hub: &Hub, earlier: &[u64], now_ms: i64) -> (usize, usize) {
-    let (mut channels, mut events) = (0, 0);
+/// channel (webhook outboxes are this node's own, never offered). Blocking: store reads.
+pub fn run(store: &dyn HistoryStore, hub: &Hub, earlier: &[u64], now_ms: i64) -> Recovered {
+    let mut recovered = Recovered::default();
     if earlier.is_empty() {
-        return (0, 0);
+        return recovered;
     }
     let since = recover::since_ms(hub, now_ms);
     let mut after: Option<Vec<u8>> = None;
@@ -88,17 +96,21 @@ pub fn run(store: &dyn HistoryStore, hub: &Hub, earlier: &[u64], now_ms: i64) ->
                 }
             }
             let mut took = 0;
-            for (_, list) in by_origin {
+            for (origin, list) in by_origin {
                 match recover::adopt(hub, &key, list, now_ms) {
-                    Ok(applied) => took += applied,
+                    Ok(0) => {}
+                    Ok(applied) => {
+                        took += applied;
+                        recovered.origins.insert(origin);
+                    }
                     Err(err) => {
                         tracing::warn!(%channel, error = %err, "recovering stored events failed")
                     }
                 }
             }
             if took > 0 {
-                channels += 1;
-                events += took;
+                recovered.channels += 1;
+                recovered.events += took;
             }
         }
         after = page.next;
@@ -106,7 +118,7 @@ pub fn run(store: &dyn HistoryStore, hub: &Hub, earlier: &[u64], now_ms: i64) ->
             break;
         }
     }
-    (channels, events)
+    recovered
 }
 
 /// The channel's rows of one kind from `origins` stored since `since`, newest first, at

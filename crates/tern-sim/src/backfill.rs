@@ -12,6 +12,7 @@
 
 use tern_core::{OriginId, RemoteEvent};
 use tern_replication::backfill::{self, Took};
+use tern_replication::handoff::Member;
 use tern_replication::recover;
 
 use crate::cluster::node_index;
@@ -21,7 +22,8 @@ use crate::Sim;
 
 impl Sim {
     /// Restarted node `at`, its store kept, takes its earlier incarnations' recent
-    /// stored events back into its hub (`recover::adopt`), as the server does at start.
+    /// stored events back into its hub (`recover::adopt`), and its handoff names them to
+    /// every home (`Handoff::on_adopted`), as the server does at start.
     pub(crate) fn recover(&mut self, at: usize) {
         let now_ms = self.hub_now(at);
         let node = &self.nodes[at];
@@ -43,12 +45,22 @@ impl Sim {
             }
         }
         found.sort_by(|a, b| (&a.0.app, &a.0.name).cmp(&(&b.0.app, &b.0.name)));
+        let mut adopted = Vec::new();
         for (key, events) in found {
+            let origin = events[0].origin.0;
             let applied = recover::adopt(&self.nodes[at].hub, &key, events, now_ms)
                 .expect("the sim's limits hold every channel");
+            if applied > 0 && !adopted.contains(&origin) {
+                adopted.push(origin);
+            }
             self.stats.recovered += applied as u64;
             self.log(|| format!("n{at} recovered {applied} events of {}", key.name));
         }
+        // It knows only itself yet, as the driver at start.
+        let alone = [Member::from(self.member(at))];
+        self.nodes[at]
+            .handoff
+            .on_adopted(&adopted, &alone, std::time::Duration::ZERO);
     }
 
     /// Node `at` copies `ch`'s stored history if it is the channel's home in its region

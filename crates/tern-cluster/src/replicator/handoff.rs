@@ -14,6 +14,14 @@ impl Replicator {
         self.nodes(out).map(Member::from).collect()
     }
 
+    /// This node, restarted with its store, took its earlier incarnations' stored events
+    /// back into its hub under `origins` (`recover`): a pass names those channels to
+    /// every home (`Handoff::on_adopted`).
+    pub fn on_adopted(&self, origins: &[u64]) {
+        let members = self.members(&lock(&self.out));
+        lock(&self.handoff).on_adopted(origins, &members, self.now());
+    }
+
     /// Reads the next page of a handoff pass if one is due (one read at a time, on a
     /// blocking thread), sends its entries, and goes on with the next page at once.
     pub(super) fn handoff_step(self: &Arc<Self>) {
