@@ -11,9 +11,8 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{event_frame, framed, origin_of, wait_for, Node, RawPeer};
+use common::{event_frame, framed, origin_of, wait_for};
 use tern_cluster::replicator::{HistoryAccess, StoredChannel};
-use tern_cluster::tls::ClusterCa;
 use tern_cluster::wire::{FrameV1, ItemPosV1, ItemV1};
 use tern_core::{ChannelKey, CoreLimits, Hub, OriginId, RemoteEvent};
 
@@ -61,39 +60,9 @@ impl HistoryAccess for Stored {
     }
 }
 
-/// Node v, and a raw peer e (region r1) whose connection v has taken and whose link
-/// from v has said `Hello`.
-async fn node_and_raw_peer() -> (Node, RawPeer, quinn::Connection) {
-    let ca = ClusterCa::generate().unwrap();
-    let v = Node::start(&ca, "v", "r1", 0);
-    let e = RawPeer::bind("e", &ca.issue("e").unwrap());
-    let connection = e.dial(v.endpoint.local_addr().unwrap()).await;
-    wait_for("v to take e's connection", 10, || {
-        v.endpoint.peer_nodes() == [("e".to_string(), e.addr)]
-    })
-    .await;
-    v.replicator.set_peers(&[e.spec("r1")]);
-    e.hello_from("v").await;
-    (v, e, connection)
-}
-
-/// e's link to v, its `Hello` written (link positions from 1).
-async fn link_from_e(connection: &quinn::Connection) -> quinn::SendStream {
-    let mut link = connection.open_uni().await.unwrap();
-    let hello = FrameV1::Hello {
-        node_id: "e".into(),
-        incarnation: 1,
-        origin: origin_of("e"),
-        epoch: 1,
-        first: 1,
-    };
-    link.write_all(&framed(&hello)).await.unwrap();
-    link
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_the_nodes_own_store_holds_is_filled_from_it() {
-    let (v, e, connection) = node_and_raw_peer().await;
+    let (v, e, connection) = common::node_and_raw_peer().await;
 
     // e's origin publishes m1, m2 and m3; v's store holds m2 (copied history).
     let key = ChannelKey::new("app", "gap");
@@ -112,7 +81,7 @@ async fn a_gap_the_nodes_own_store_holds_is_filled_from_it() {
     let seen = v.subscribe(&key);
 
     // The link carries m1 and m3 (link positions 1 and 3); m2 never comes.
-    let mut link = link_from_e(&connection).await;
+    let mut link = common::link_from_e(&connection).await;
     link.write_all(&framed(&frames[0])).await.unwrap();
     link.write_all(&framed(&frames[2])).await.unwrap();
 
@@ -143,7 +112,7 @@ async fn a_gap_the_nodes_own_store_holds_is_filled_from_it() {
 /// what the request asks past the hub's cursor comes from the store (seed 114877).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hole_in_the_log_is_answered_from_the_store() {
-    let (v, e, connection) = node_and_raw_peer().await;
+    let (v, e, connection) = common::node_and_raw_peer().await;
 
     // A third origin, d, published m1 to m4. v's hub went past 1..=2 without logging
     // them and holds m3; v's store holds m1, m2 and m4 (a copied history reaches past
@@ -173,7 +142,7 @@ async fn a_hole_in_the_log_is_answered_from_the_store() {
         "the log holds m3 only"
     );
 
-    let mut link = link_from_e(&connection).await;
+    let mut link = common::link_from_e(&connection).await;
     let repair = FrameV1::Repair {
         app: "app".into(),
         channel: "hole".into(),
@@ -208,7 +177,7 @@ async fn a_hole_in_the_log_is_answered_from_the_store() {
 /// idle before any `Heads` named the adopted message, and no other store had it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_names_what_it_adopted_to_the_homes() {
-    let (v, e, _connection) = node_and_raw_peer().await;
+    let (v, e, _connection) = common::node_and_raw_peer().await;
     let before = OriginId(origin_of("v-before"));
     let named = common::channel_homed_at(&v, "e", "adopted");
     let other = common::channel_homed_at(&v, "e", "never");

@@ -742,6 +742,12 @@ impl Channel {
         self.pending.len()
     }
 
+    /// The first of `origin`'s events held back behind a gap.
+    pub(crate) fn first_pending(&self, origin: OriginId) -> Option<u64> {
+        let held = self.pending.range((origin, 0)..=(origin, u64::MAX));
+        held.map(|((_, seq), _)| *seq).next()
+    }
+
     pub(crate) fn log_len(&self) -> usize {
         self.log.len()
     }

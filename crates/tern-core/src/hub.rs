@@ -515,6 +515,15 @@ impl Hub {
         self.with_existing(key, |c| c.pending_len()).unwrap_or(0)
     }
 
+    /// `origin`'s cursor on a channel held here and the first of its events waiting
+    /// behind a gap, if any waits.
+    pub fn held_back(&self, key: &ChannelKey, origin: OriginId) -> Option<(u64, u64)> {
+        self.with_existing(key, |c| {
+            Some((c.cursor().get(origin), c.first_pending(origin)?))
+        })
+        .flatten()
+    }
+
     /// Events held in a channel's in-memory log (0 if the channel is not held).
     pub fn log_len(&self, key: &ChannelKey) -> usize {
         self.with_existing(key, |c| c.log_len()).unwrap_or(0)

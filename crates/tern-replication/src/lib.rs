@@ -23,6 +23,8 @@
 //!   channels in this node's store (held in memory or not).
 //! - [`recover`]: after a restart with the disk store, taking this node's earlier
 //!   incarnations' recent stored events back into its hub, so peers can ask for them.
+//! - [`stalls`]: a dead origin's gap that no reachable node can fill, skipped after a
+//!   while so the events held behind it are delivered.
 
 pub mod acks;
 pub mod backfill;
@@ -33,6 +35,7 @@ pub mod links;
 pub mod recover;
 pub mod repair;
 pub mod routing;
+pub mod stalls;
 pub mod warm;
 
 /// Time as the driver measures it: since its own epoch (the replicator's start, the

@@ -166,6 +166,16 @@ const COUNTERS: &[(&str, bool, &str)] = &[
         "Stored channels whose new home (after a membership change) this node told of them",
     ),
     (
+        "tern_replication_dead_gaps_skipped_total",
+        false,
+        "Gaps of dead origins that no node filled for 30 s, skipped so the events held behind them were delivered",
+    ),
+    (
+        "tern_replication_stalls_full_total",
+        false,
+        "Gaps not watched for giving up because 4,096 were watched already",
+    ),
+    (
         "tern_replication_interest_refused_total",
         false,
         "Interest announcements refused (over bounds)",

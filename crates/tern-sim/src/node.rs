@@ -12,6 +12,7 @@ use tern_protocol::{Data, PresenceMessage};
 use tern_replication::backfill::Backfills;
 use tern_replication::handoff::{self, Handoff};
 use tern_replication::routing;
+use tern_replication::stalls::Stalls;
 
 use crate::network::Item;
 use crate::{Sim, ALL_MODES, ASK_AGAIN_MS, CLIENTS};
@@ -164,6 +165,8 @@ pub(crate) struct Node {
     pub(crate) view_seen: Vec<handoff::Member>,
     /// Channels whose stored history it is copying (`tern_replication::backfill`).
     pub(crate) backfills: Backfills<()>,
+    /// The gaps its hub holds events back behind (`tern_replication::stalls`).
+    pub(crate) stalls: Stalls,
     pub(crate) booted_ms: i64,
     /// Its earlier incarnations' origins, newest last (at most
     /// `recover::ORIGINS_KEPT`), as the server keeps them beside its store.
@@ -281,6 +284,7 @@ impl Sim {
             clients,
             handoff: Handoff::default(),
             backfills: Backfills::default(),
+            stalls: Stalls::default(),
             // Filled at its first handoff round (see `handoff_round`).
             view_seen: Vec::new(),
             booted_ms: 0,

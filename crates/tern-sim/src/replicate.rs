@@ -86,6 +86,9 @@ impl Sim {
             RemoteOutcome::Duplicate => self.stats.duplicates_seen += 1,
             RemoteOutcome::Gap { origin, missing } => {
                 self.stats.gaps += 1;
+                let now = self.now_at(to);
+                let key = self.keys[ch].clone();
+                self.nodes[to].stalls.on_gap(&key, origin.0, missing.0, now);
                 let round_trip = 2 * self.latency_ms[to].iter().max().copied().unwrap_or(0)
                     + self.faults.jitter_ms as i64;
                 let asked = self.requested.get(&(to, ch, origin)).copied();
@@ -374,6 +377,7 @@ impl Sim {
             self.broken.get_or_insert(err);
         }
         self.handoff_round();
+        self.stalls_round();
         let heads: Vec<Heads> = (0..self.nodes.len())
             .map(|p| self.listed_heads(p))
             .collect();
@@ -382,6 +386,39 @@ impl Sim {
                 if peer != node {
                     self.take_heads(node, peer, heads);
                 }
+            }
+        }
+    }
+
+    /// Each live node skips the gaps of origins dead for a while that no node filled
+    /// (`tern_replication::stalls`), as the driver's tick does each second.
+    fn stalls_round(&mut self) {
+        for at in 0..self.nodes.len() {
+            if !self.nodes[at].up {
+                continue;
+            }
+            let live: Vec<u64> = self.view(at).iter().map(|n| n.origin).collect();
+            let now = self.now_at(at);
+            let node = &mut self.nodes[at];
+            let hub = &node.hub;
+            let skips = node.stalls.tick(
+                now,
+                |origin| live.contains(&origin),
+                |key, origin| hub.held_back(key, OriginId(origin)),
+            );
+            let now_ms = self.hub_now(at);
+            for (key, origin, upto) in skips {
+                let applied = self.nodes[at]
+                    .hub
+                    .skip_remote(&key, OriginId(origin), upto, now_ms);
+                self.stats.dead_gaps_skipped += 1;
+                self.log(|| {
+                    format!(
+                        "n{at} gives up on {}'s gap up to {upto} in c{}: {applied} applied",
+                        OriginId(origin),
+                        self.index[&key]
+                    )
+                });
             }
         }
     }

@@ -39,6 +39,8 @@ pub struct Stats {
     pub backfills: u64,
     /// Events a restarted node took back from its store into its hub (`recover`).
     pub recovered: u64,
+    /// Dead origins' gaps skipped after standing still (`stalls`).
+    pub dead_gaps_skipped: u64,
     /// Highest virtual time reached (ms).
     pub max_now_ms: i64,
     /// Publishes ACKed (`ack_replicas` met) and NACKed (timed out).
@@ -79,6 +81,7 @@ impl Stats {
         self.handed_over += other.handed_over;
         self.backfills += other.backfills;
         self.recovered += other.recovered;
+        self.dead_gaps_skipped += other.dead_gaps_skipped;
         self.max_now_ms = self.max_now_ms.max(other.max_now_ms);
         self.acks += other.acks;
         self.nacks += other.nacks;

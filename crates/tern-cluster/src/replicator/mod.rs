@@ -20,12 +20,18 @@
 //! - `receive.rs`: a peer's inbound link, frame by frame, and its `Stored` acks.
 //! - `send.rs`: one outbound link: connect, `Hello`, write, resend.
 //! - `wan.rs`: the emulated WAN's precise timer (local multi-region runs only).
+//! - `handoff.rs`: the handoff pass over this node's store after a membership change.
+//! - `stalls.rs`: a dead origin's gap nobody fills, given up after a while.
+//! - `history.rs`: what the driver needs of the node's history store (`HistoryAccess`,
+//!   `LocalStore`).
 
 mod answers;
 mod handoff;
+mod history;
 mod receive;
 mod routes;
 mod send;
+mod stalls;
 mod wan;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -49,6 +55,7 @@ use crate::topology::{Topology, WanLink};
 use crate::wire::{EventV1, FrameV1, ItemPosV1, ItemV1};
 use send::{oversized, send_loop, Hello};
 
+pub use history::{Barrier, HistoryAccess, LocalStore, ReplicaCallback};
 pub use tern_replication::acks::REPLICA_ACK_TIMEOUT;
 pub use tern_replication::handoff::StoredChannel;
 pub use tern_replication::links::{CONTROL_QUEUE_MAX, PEER_BUFFER_MAX};
@@ -63,61 +70,6 @@ const LAST_TARGETS_MAX: usize = 65_536;
 /// while the store reads); a request past it is ignored and counted, and the asker asks
 /// again after `ASK_AGAIN_AFTER`.
 pub const BACKFILL_ANSWERS_MAX: usize = 16;
-
-/// This node's history store, as far as copying a channel's stored history to its new
-/// home needs it. Implemented where the node is wired.
-pub trait HistoryAccess: Send + Sync {
-    /// The channel's stored cursor: per origin, the highest sequence stored (messages
-    /// and presence together; empty when nothing is stored).
-    fn cursor(&self, app: &str, channel: &str) -> Vec<(u64, u64)>;
-    /// Up to `max` stored items of the channel strictly after `after`, oldest first, and
-    /// whether more may follow. Blocking (a store read).
-    fn page(
-        &self,
-        app: &str,
-        channel: &str,
-        presence: bool,
-        after: Option<ItemPosV1>,
-        max: usize,
-    ) -> (Vec<ItemV1>, bool);
-    /// Stores copied items; an item at a position already stored replaces it.
-    fn put(&self, app: &str, channel: &str, presence: bool, items: Vec<ItemV1>);
-    /// The stored events of `origin` on the channel within `from..=to` (any order),
-    /// rebuilt from the history rows: what a repair for a channel not held in memory is
-    /// answered with. A bounded read, newest first: also the sequence from which the
-    /// events read are all there are (`from` when the read reached it). Blocking.
-    fn events(
-        &self,
-        _app: &str,
-        _channel: &str,
-        _origin: u64,
-        from: u64,
-        _to: u64,
-    ) -> (Vec<tern_core::RemoteEvent>, u64) {
-        (Vec::new(), from)
-    }
-    /// A page of the channels with stored messages, each with its stored cursor, after
-    /// the page token `after` (`None`: the first page), and the next page's token
-    /// (`None` after the last). Blocking (store reads).
-    fn channels(&self, after: Option<Vec<u8>>, max: usize)
-        -> (Vec<StoredChannel>, Option<Vec<u8>>);
-}
-
-/// A publish's reply, run with `true` once replicated (or `false` on timeout).
-pub type ReplicaCallback = Box<dyn FnOnce(bool) + Send>;
-
-/// The local history store as link acks need it (this crate does not depend on the
-/// store's).
-pub trait LocalStore: Send + Sync {
-    /// Writes the store lost so far (appends refused, commits failed); only grows.
-    fn lost_writes(&self) -> u64;
-    /// Runs `then(true)` once everything journaled so far is committed and no write was
-    /// lost since [`Self::lost_writes`] returned `since`; `then(false)` otherwise.
-    fn after_committed(&self, since: u64, then: Box<dyn FnOnce(bool) + Send>);
-}
-
-/// Waits for the local history store.
-pub type Barrier = Arc<dyn LocalStore>;
 
 /// A peer as membership describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -171,6 +123,8 @@ pub struct Replicator {
     /// Telling channels' new homes of this node's stored channels after a membership
     /// change (the page token is the store's).
     handoff: Mutex<Handoff<Vec<u8>>>,
+    /// The gaps the hub holds events back behind (`tern_replication::stalls`).
+    stalls: Mutex<tern_replication::stalls::Stalls>,
 }
 
 struct Running {
@@ -285,6 +239,7 @@ impl Replicator {
             backfill_answers: std::sync::atomic::AtomicUsize::new(0),
             heads_skip: std::sync::atomic::AtomicUsize::new(0),
             handoff: Mutex::new(Handoff::default()),
+            stalls: Mutex::default(),
         })
     }
 
@@ -313,6 +268,7 @@ impl Replicator {
                 if heads_at.elapsed() >= heads::HEADS_EVERY {
                     heads_at = Instant::now();
                     me.send_heads();
+                    me.skip_dead_gaps();
                 }
                 if interest_at.elapsed() >= routing::INTEREST_REFRESH {
                     interest_at = Instant::now();

@@ -264,6 +264,7 @@ impl Replicator {
                 origin,
                 missing: (from, to),
             }) => {
+                self.on_gap(&key, origin.0, from);
                 self.fill_from_own_store(&key, origin.0, (from, to));
                 let frame = FrameV1::Repair {
                     app: event.app,

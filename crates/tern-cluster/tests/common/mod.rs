@@ -481,3 +481,33 @@ impl tern_cluster::replicator::LocalStore for NoStore {
         then(true);
     }
 }
+
+/// Node v, and a raw peer e (region r1) whose connection v has taken and whose link
+/// from v has said `Hello`.
+pub async fn node_and_raw_peer() -> (Node, RawPeer, quinn::Connection) {
+    let ca = ClusterCa::generate().unwrap();
+    let v = Node::start(&ca, "v", "r1", 0);
+    let e = RawPeer::bind("e", &ca.issue("e").unwrap());
+    let connection = e.dial(v.endpoint.local_addr().unwrap()).await;
+    wait_for("v to take e's connection", 10, || {
+        v.endpoint.peer_nodes() == [("e".to_string(), e.addr)]
+    })
+    .await;
+    v.replicator.set_peers(&[e.spec("r1")]);
+    e.hello_from("v").await;
+    (v, e, connection)
+}
+
+/// e's link to v, its `Hello` written (link positions from 1).
+pub async fn link_from_e(connection: &quinn::Connection) -> quinn::SendStream {
+    let mut link = connection.open_uni().await.unwrap();
+    let hello = FrameV1::Hello {
+        node_id: "e".into(),
+        incarnation: 1,
+        origin: origin_of("e"),
+        epoch: 1,
+        first: 1,
+    };
+    link.write_all(&framed(&hello)).await.unwrap();
+    link
+}

@@ -1,0 +1,221 @@
+//! A dead origin's gap that nobody can fill. An origin that dies can leave an event
+//! that reached no node while later ones did (its link dropped the one and it crashed
+//! before resending). A node that got the later ones holds them back behind the gap for
+//! good: no live log has the missing event, a store answer cannot vouch that nobody has
+//! it (a copied history may lack what another node holds: `repair::answer_stored`), so
+//! no `Skip` ever comes, and messages that exist, acknowledged to their publisher, are
+//! never delivered there (the seed sweep, seeds 111382 and 175916: a presence event
+//! reached nobody, the messages after it reached one node and its store, and neither that
+//! node nor the restarted home ever delivered them).
+//!
+//! Whoever holds the missing event says so well within a while of the origin's death: a
+//! hub that applied it lists the origin at or past it in each second's `Heads` (and
+//! answers a repair with it or with a `Skip`), and every store that lists the origin
+//! sends its stored cursor to each of the channel's homes in the handoff pass after the
+//! death (`handoff`), which the home asks at once. So a gap of an origin that has been
+//! dead for [`GAP_GIVE_UP`] and has not moved for as long is one no reachable node can
+//! fill: it is skipped, and the events held behind it are delivered, in order. The risk
+//! left is a node that holds the event and stayed unreachable for all that while yet a
+//! member (a partition that gossip did not see): its copy then comes too late and is a
+//! duplicate here.
+//!
+//! The driver reports each gap its hub answers ([`Stalls::on_gap`]) and runs
+//! [`Stalls::tick`] each second with its hub's view of the gap; the skips it returns go
+//! to the hub as a `Skip` would (`Hub::skip_remote`). At most [`STALLS_MAX`] gaps are
+//! watched; past it a new one waits for a slot (a gap reports again each time an event
+//! behind it or a repair answer comes).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tern_core::ChannelKey;
+
+use crate::Now;
+
+/// How long a gap must have stood still, and its origin been dead, before it is skipped.
+pub const GAP_GIVE_UP: Duration = Duration::from_secs(30);
+/// Gaps watched at once.
+pub const STALLS_MAX: usize = 4_096;
+
+struct Stall {
+    /// The first missing event, when last seen.
+    first: u64,
+    /// Since when it has been the first missing event.
+    since: Now,
+    /// Since when its origin has been seen dead (at a tick), if it is.
+    dead_since: Option<Now>,
+}
+
+/// The gaps a node's hub holds events back behind, per channel and origin.
+#[derive(Default)]
+pub struct Stalls {
+    watched: HashMap<(ChannelKey, u64), Stall>,
+}
+
+impl Stalls {
+    /// The hub answered an event with a gap: `origin`'s events from `first` on `key` are
+    /// missing. Returns false when the gap could not be watched (the table is full).
+    pub fn on_gap(&mut self, key: &ChannelKey, origin: u64, first: u64, now: Now) -> bool {
+        if let Some(stall) = self.watched.get_mut(&(key.clone(), origin)) {
+            if stall.first != first {
+                stall.first = first;
+                stall.since = now;
+            }
+            return true;
+        }
+        if self.watched.len() >= STALLS_MAX {
+            return false;
+        }
+        self.watched.insert(
+            (key.clone(), origin),
+            Stall {
+                first,
+                since: now,
+                dead_since: None,
+            },
+        );
+        true
+    }
+
+    /// Each second: `live` says whether an origin is a live member's; `held_back` gives
+    /// the hub's cursor for an origin on a channel and the first event it holds back
+    /// (`None`: nothing held back, or the channel is not held). Returns the skips to
+    /// make, `(key, origin, upto)`: the gap up to the first event held behind it. Gaps
+    /// filled meanwhile are forgotten.
+    ///
+    /// `held_back` runs under the caller's lock on this table: it may take a channel's
+    /// lock, so no code may call into this table while it holds one.
+    pub fn tick(
+        &mut self,
+        now: Now,
+        live: impl Fn(u64) -> bool,
+        mut held_back: impl FnMut(&ChannelKey, u64) -> Option<(u64, u64)>,
+    ) -> Vec<(ChannelKey, u64, u64)> {
+        let mut skips = Vec::new();
+        self.watched.retain(|(key, origin), stall| {
+            if live(*origin) {
+                stall.dead_since = None;
+            } else if stall.dead_since.is_none() {
+                stall.dead_since = Some(now);
+            }
+            let long = |since: Now| now.saturating_sub(since) >= GAP_GIVE_UP;
+            if !long(stall.since) {
+                return true;
+            }
+            // Stood still long enough: look at the hub again.
+            let Some((cursor, held)) = held_back(key, *origin) else {
+                return false;
+            };
+            if cursor + 1 != stall.first {
+                // It moved without a gap reported (a `Skip`, a repair answer).
+                stall.first = cursor + 1;
+                stall.since = now;
+                return true;
+            }
+            if !stall.dead_since.is_some_and(long) {
+                return true;
+            }
+            if held > stall.first {
+                skips.push((key.clone(), *origin, held - 1));
+            }
+            false
+        });
+        skips.sort_by(|a, b| (&a.0.app, &a.0.name, a.1).cmp(&(&b.0.app, &b.0.name, b.1)));
+        skips
+    }
+
+    pub fn len(&self) -> usize {
+        self.watched.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.watched.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: u64) -> Now {
+        Duration::from_secs(s)
+    }
+
+    /// A dead origin's gap that stands still is skipped up to the first event held
+    /// behind it, once the origin has been dead and the gap still for `GAP_GIVE_UP`.
+    #[test]
+    fn a_dead_origins_gap_that_stands_still_is_skipped() {
+        let key = ChannelKey::new("a", "c");
+        let mut stalls = Stalls::default();
+        assert!(stalls.on_gap(&key, 7, 1, secs(0)));
+        // Origin 7 is live for 10 s, then dead.
+        for t in 0..10 {
+            assert!(stalls
+                .tick(secs(t), |_| true, |_, _| Some((0, 2)))
+                .is_empty());
+        }
+        assert!(stalls
+            .tick(secs(10), |_| false, |_, _| Some((0, 2)))
+            .is_empty());
+        assert!(
+            stalls
+                .tick(secs(39), |_| false, |_, _| Some((0, 2)))
+                .is_empty(),
+            "dead for 29 s only"
+        );
+        assert_eq!(
+            stalls.tick(secs(40), |_| false, |_, _| Some((0, 2))),
+            [(key.clone(), 7, 1)]
+        );
+        assert!(stalls.is_empty());
+    }
+
+    /// A live origin's gap is never skipped (its link resends); a gap that moved starts
+    /// its wait again; one filled is forgotten.
+    #[test]
+    fn live_moving_or_filled_gaps_are_not_skipped() {
+        let key = ChannelKey::new("a", "c");
+        let mut stalls = Stalls::default();
+        stalls.on_gap(&key, 7, 1, secs(0));
+        assert!(stalls
+            .tick(secs(100), |_| true, |_, _| Some((0, 5)))
+            .is_empty());
+        // Dead from 100 s; the gap moved on to 3 (a repair brought 1 and 2) at 110 s.
+        stalls.tick(secs(100), |_| false, |_, _| Some((0, 5)));
+        stalls.on_gap(&key, 7, 3, secs(110));
+        assert!(stalls
+            .tick(secs(130), |_| false, |_, _| Some((2, 5)))
+            .is_empty());
+        assert_eq!(
+            stalls.tick(secs(140), |_| false, |_, _| Some((2, 5))),
+            [(key.clone(), 7, 4)]
+        );
+        // Moved without a report: the wait starts again.
+        stalls.on_gap(&key, 8, 1, secs(0));
+        assert!(stalls
+            .tick(secs(40), |_| false, |_, _| Some((3, 9)))
+            .is_empty());
+        assert!(stalls
+            .tick(secs(69), |_| false, |_, _| Some((3, 9)))
+            .is_empty());
+        assert_eq!(
+            stalls.tick(secs(70), |_| false, |_, _| Some((3, 9))),
+            [(key.clone(), 8, 8)]
+        );
+        // Filled: forgotten.
+        stalls.on_gap(&key, 9, 1, secs(0));
+        assert!(stalls.tick(secs(40), |_| false, |_, _| None).is_empty());
+        assert!(stalls.is_empty());
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let mut stalls = Stalls::default();
+        for i in 0..STALLS_MAX {
+            assert!(stalls.on_gap(&ChannelKey::new("a", &format!("c{i}")), 1, 1, secs(0)));
+        }
+        assert!(!stalls.on_gap(&ChannelKey::new("a", "one more"), 1, 1, secs(0)));
+        assert!(stalls.on_gap(&ChannelKey::new("a", "c0"), 1, 2, secs(0)));
+        assert_eq!(stalls.len(), STALLS_MAX);
+    }
+}
