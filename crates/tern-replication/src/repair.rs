@@ -217,9 +217,92 @@ fn parts(events: Vec<Arc<ChannelEvent>>, from: u64, to: u64) -> Vec<RepairPart> 
     parts
 }
 
+/// How long the QUIC driver waits before it asks again for a range it asked for (the
+/// sim uses its links' round trip): a `Heads` round, which asks again anyway. QUIC's own
+/// round-trip estimate does not see the emulated WAN's delay.
+pub const ASK_AGAIN: std::time::Duration = crate::heads::HEADS_EVERY;
+
+/// How many `(channel, origin)` gaps [`Asked`] remembers; past it, it forgets them all
+/// (costs one repair asked again each).
+pub const ASKED_MAX: usize = 65_536;
+
+/// The repairs a node asked for, per channel and origin: each event that arrives behind
+/// a gap reports it, and a burst behind one gap would otherwise ask for the same range
+/// once per event (each answer carrying the whole range). A gap asks when nothing was
+/// asked for it, when it reaches past what was asked, or when the last ask is older than
+/// the driver's `again_after` (about a round trip: the answer was lost). `Heads` ask
+/// for what is still missing each round regardless.
+#[derive(Default)]
+pub struct Asked {
+    asked: std::collections::HashMap<(ChannelKey, u64), (u64, crate::Now)>,
+}
+
+impl Asked {
+    /// Whether to ask for `origin`'s `missing` range on `key` now; if so, it counts as
+    /// asked.
+    pub fn should_ask(
+        &mut self,
+        key: &ChannelKey,
+        origin: u64,
+        missing: (u64, u64),
+        now: crate::Now,
+        again_after: std::time::Duration,
+    ) -> bool {
+        let entry = (key.clone(), origin);
+        if let Some(&(upto, when)) = self.asked.get(&entry) {
+            if upto >= missing.1 && now.saturating_sub(when) <= again_after {
+                return false;
+            }
+        } else if self.asked.len() >= ASKED_MAX {
+            self.asked.clear();
+        }
+        self.asked.insert(entry, (missing.1, now));
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.asked.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.asked.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A burst behind one gap asks once per round trip; a range reaching further asks at
+    /// once; the table is bounded.
+    #[test]
+    fn a_gap_asks_once_per_round_trip() {
+        use std::time::Duration;
+        let key = ChannelKey::new("app", "room");
+        let rtt = Duration::from_millis(100);
+        let at = Duration::from_millis;
+        let mut asked = Asked::default();
+        assert!(asked.should_ask(&key, 7, (1, 4), at(0), rtt));
+        assert!(!asked.should_ask(&key, 7, (1, 4), at(50), rtt));
+        assert!(!asked.should_ask(&key, 7, (1, 3), at(100), rtt));
+        assert!(asked.should_ask(&key, 7, (1, 5), at(100), rtt), "further");
+        assert!(!asked.should_ask(&key, 7, (1, 5), at(150), rtt));
+        assert!(asked.should_ask(&key, 7, (1, 5), at(201), rtt), "again");
+        assert!(
+            asked.should_ask(&key, 8, (1, 5), at(201), rtt),
+            "another origin"
+        );
+        for i in 0..ASKED_MAX {
+            asked.should_ask(
+                &ChannelKey::new("app", &format!("c{i}")),
+                1,
+                (1, 1),
+                at(0),
+                rtt,
+            );
+        }
+        assert!(asked.len() <= ASKED_MAX);
+    }
     use tern_core::CoreLimits;
     use tern_protocol::Message;
 

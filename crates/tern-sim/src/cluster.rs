@@ -78,9 +78,6 @@ pub struct Sim {
     pub(crate) sub_history: Vec<Vec<(i64, usize)>>,
     /// The first inconsistency noticed outside the checks, reported by the next check.
     pub(crate) broken: Option<String>,
-    /// Repairs asked for, per (node, channel, origin): highest sequence and when. A gap
-    /// reported again while a repair is in flight does not ask again (avoids repair storms).
-    pub(crate) requested: BTreeMap<(usize, usize, OriginId), (u64, i64)>,
     /// Per (node, peer): the peer's own sequence in the last heads `node` got from it.
     pub(crate) previous_heads: HashMap<(usize, usize), PreviousHeads>,
     /// Departure notices still in flight (membership has not settled).
@@ -193,7 +190,6 @@ impl Sim {
             skew_ms,
             sub_history,
             broken: None,
-            requested: BTreeMap::new(),
             previous_heads: HashMap::new(),
             departures_pending: 0,
             last_churn_ms: None,

@@ -11,6 +11,7 @@ use tern_core::{
 use tern_protocol::{Data, PresenceMessage};
 use tern_replication::backfill::Backfills;
 use tern_replication::handoff::{self, Handoff};
+use tern_replication::repair::Asked;
 use tern_replication::routing;
 use tern_replication::stalls::Stalls;
 
@@ -165,8 +166,10 @@ pub(crate) struct Node {
     pub(crate) view_seen: Vec<handoff::Member>,
     /// Channels whose stored history it is copying (`tern_replication::backfill`).
     pub(crate) backfills: Backfills<()>,
-    /// The gaps its hub holds events back behind (`tern_replication::stalls`).
+    /// The gaps its hub holds events back behind (`tern_replication::stalls`), and the
+    /// repairs it asked for (`repair::Asked`).
     pub(crate) stalls: Stalls,
+    pub(crate) asked: Asked,
     pub(crate) booted_ms: i64,
     /// Its earlier incarnations' origins, newest last (at most
     /// `recover::ORIGINS_KEPT`), as the server keeps them beside its store.
@@ -285,6 +288,7 @@ impl Sim {
             handoff: Handoff::default(),
             backfills: Backfills::default(),
             stalls: Stalls::default(),
+            asked: Asked::default(),
             // Filled at its first handoff round (see `handoff_round`).
             view_seen: Vec::new(),
             booted_ms: 0,

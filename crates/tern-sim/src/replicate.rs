@@ -91,12 +91,11 @@ impl Sim {
                 self.nodes[to].stalls.on_gap(&key, origin.0, missing.0, now);
                 let round_trip = 2 * self.latency_ms[to].iter().max().copied().unwrap_or(0)
                     + self.faults.jitter_ms as i64;
-                let asked = self.requested.get(&(to, ch, origin)).copied();
-                if asked
-                    .is_none_or(|(upto, when)| upto < missing.1 || self.now_ms - when > round_trip)
+                let again_after = std::time::Duration::from_millis(round_trip as u64);
+                if self.nodes[to]
+                    .asked
+                    .should_ask(&key, origin.0, missing, now, again_after)
                 {
-                    self.requested
-                        .insert((to, ch, origin), (missing.1, self.now_ms));
                     self.repair_from(from, to, ch, origin, missing);
                 }
                 self.fill_from_own_store(to, ch, origin, missing);

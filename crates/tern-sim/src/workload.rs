@@ -136,7 +136,6 @@ impl Sim {
         node.hub = Hub::new(OriginId(0), CoreLimits::default());
         self.acks[at] = AckState::default();
         self.dead_tags.push(tag);
-        self.requested.retain(|(node, _, _), _| *node != at);
         for entry in self.sub_history[at].iter_mut() {
             entry.0 = entry.0.min(self.now_ms);
         }

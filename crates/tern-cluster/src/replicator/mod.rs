@@ -125,6 +125,8 @@ pub struct Replicator {
     handoff: Mutex<Handoff<Vec<u8>>>,
     /// The gaps the hub holds events back behind (`tern_replication::stalls`).
     stalls: Mutex<tern_replication::stalls::Stalls>,
+    /// The repairs asked for, so a burst behind one gap asks once (`repair::Asked`).
+    asked: Mutex<tern_replication::repair::Asked>,
 }
 
 struct Running {
@@ -240,6 +242,7 @@ impl Replicator {
             heads_skip: std::sync::atomic::AtomicUsize::new(0),
             handoff: Mutex::new(Handoff::default()),
             stalls: Mutex::default(),
+            asked: Mutex::default(),
         })
     }
 

@@ -6,6 +6,7 @@
 use tern_core::RemoteOutcome;
 use tern_replication::heads::{self, PreviousHeads};
 use tern_replication::inbound::{self, Take};
+use tern_replication::repair;
 use tokio::sync::watch;
 
 use super::send::ignored;
@@ -266,14 +267,23 @@ impl Replicator {
             }) => {
                 self.on_gap(&key, origin.0, from);
                 self.fill_from_own_store(&key, origin.0, (from, to));
-                let frame = FrameV1::Repair {
-                    app: event.app,
-                    channel: event.channel,
-                    origin: origin.0,
-                    from,
-                    to,
-                };
-                self.send_control(peer, frame);
+                let ask = lock(&self.asked).should_ask(
+                    &key,
+                    origin.0,
+                    (from, to),
+                    self.now(),
+                    repair::ASK_AGAIN,
+                );
+                if ask {
+                    let frame = FrameV1::Repair {
+                        app: event.app,
+                        channel: event.channel,
+                        origin: origin.0,
+                        from,
+                        to,
+                    };
+                    self.send_control(peer, frame);
+                }
             }
             Ok(_) if event.link_seq > 0 => {
                 let advanced = lock(&self.recv)
