@@ -1,8 +1,10 @@
-//! A dead origin's gap that nobody can fill (`tern_replication::stalls`), over real
-//! QUIC: a raw peer e relays events 2 and 3 of an origin d that is no member (dead),
-//! and event 1 never comes from anyone. The node asks e for it and holds 2 and 3 back;
-//! once the gap has stood still and d has been dead for `GAP_GIVE_UP` (the driver's
-//! clock moved by a test hook), it skips 1 and its subscriber gets 2 and 3, in order,
+//! A crashed origin's gap that nobody can fill (`tern_replication::stalls`), over real
+//! QUIC: a raw peer e relays events 2 and 3 of member d's origin, and event 1 never
+//! comes from anyone. The node asks e for it and holds 2 and 3 back. d leaves the
+//! membership: the node waits, however long (d may be behind a partition, its link
+//! holding event 1). d comes back as another incarnation (it crashed): once the gap has
+//! stood still and d's first origin has been gone for `GAP_GIVE_UP` (the driver's clock
+//! moved by a test hook), the node skips 1 and its subscriber gets 2 and 3, in order,
 //! once each. A live origin's gap (e's own) is never given up: its link resends. An
 //! event behind a gap already asked for within a round trip asks nothing more.
 
@@ -11,6 +13,7 @@ mod common;
 use std::time::Duration;
 
 use common::{event_frame, framed, origin_of, wait_for};
+use tern_cluster::replicator::PeerSpec;
 use tern_cluster::wire::FrameV1;
 use tern_core::{ChannelKey, CoreLimits, Hub, OriginId};
 use tern_replication::stalls::GAP_GIVE_UP;
@@ -18,6 +21,16 @@ use tern_replication::stalls::GAP_GIVE_UP;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_origins_gap_nobody_fills_is_given_up() {
     let (v, e, connection) = common::node_and_raw_peer().await;
+    // d, a member of r2 (its address answers nothing: its links never come up).
+    let d_as = |origin: u64, incarnation: u64| PeerSpec {
+        node_id: "d".into(),
+        incarnation,
+        region: "r2".into(),
+        quic: common::loopback(),
+        origin,
+    };
+    let first = origin_of("d");
+    v.replicator.set_peers(&[e.spec("r1"), d_as(first, 1)]);
     let key = ChannelKey::new("app", "stalled");
     let seen = v.subscribe(&key);
     let d = OriginId(origin_of("d"));
@@ -60,13 +73,28 @@ async fn a_dead_origins_gap_nobody_fills_is_given_up() {
         unreachable!()
     };
     again.link_seq = 0;
-    link.write_all(&framed(&FrameV1::Event(again))).await.unwrap();
+    link.write_all(&framed(&FrameV1::Event(again)))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(asked().len(), 4, "{:?}", asked());
     assert!(seen.names().is_empty(), "held back: {:?}", seen.names());
 
-    // Not before d has been dead, and the gap still, for GAP_GIVE_UP.
+    // d leaves: gone, not known to have crashed, so it is waited for.
+    v.replicator.set_peers(&[e.spec("r1")]);
     v.replicator.skip_dead_gaps_after(Duration::ZERO);
+    v.replicator.skip_dead_gaps_after(GAP_GIVE_UP * 10);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        seen.names().is_empty(),
+        "d may be partitioned: {:?}",
+        seen.names()
+    );
+
+    // d is back as another incarnation: not before its first origin has been gone, and
+    // the gap still, for GAP_GIVE_UP.
+    v.replicator
+        .set_peers(&[e.spec("r1"), d_as(origin_of("d again"), 2)]);
     v.replicator
         .skip_dead_gaps_after(GAP_GIVE_UP - Duration::from_secs(2));
     tokio::time::sleep(Duration::from_millis(200)).await;

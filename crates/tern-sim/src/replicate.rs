@@ -389,22 +389,20 @@ impl Sim {
         }
     }
 
-    /// Each live node skips the gaps of origins dead for a while that no node filled
-    /// (`tern_replication::stalls`), as the driver's tick does each second.
+    /// Each live node skips the gaps of crashed origins (their node back as another
+    /// incarnation) that no node filled for a while (`tern_replication::stalls`), as the
+    /// driver's tick does each second; its membership comes from `handoff_round`.
     fn stalls_round(&mut self) {
         for at in 0..self.nodes.len() {
             if !self.nodes[at].up {
                 continue;
             }
-            let live: Vec<u64> = self.view(at).iter().map(|n| n.origin).collect();
             let now = self.now_at(at);
             let node = &mut self.nodes[at];
             let hub = &node.hub;
-            let skips = node.stalls.tick(
-                now,
-                |origin| live.contains(&origin),
-                |key, origin| hub.held_back(key, OriginId(origin)),
-            );
+            let skips = node
+                .stalls
+                .tick(now, |key, origin| hub.held_back(key, OriginId(origin)));
             let now_ms = self.hub_now(at);
             for (key, origin, upto) in skips {
                 let applied = self.nodes[at]
@@ -443,6 +441,7 @@ impl Sim {
                 if before.is_empty() {
                     before.push(Member::from(self.member(at)));
                 }
+                self.nodes[at].stalls.on_members(&before, &view);
                 self.nodes[at].handoff.on_members(&before, &view, now);
             }
             let Some(read) = self.nodes[at].handoff.next_read(now) else {

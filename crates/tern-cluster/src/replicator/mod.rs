@@ -358,6 +358,7 @@ impl Replicator {
         let done = self.drain_waiters(&mut out);
         drop(out);
         run_all(done);
+        lock(&self.stalls).on_members(&before, &after);
         lock(&self.handoff).on_members(&before, &after, self.now());
     }
 

@@ -1,6 +1,6 @@
 //! Driving `tern_replication::stalls`: the gaps the hub holds events back behind are
-//! watched, and a dead origin's gap that stood still for `GAP_GIVE_UP` is skipped so
-//! the events behind it are delivered.
+//! watched, and a crashed origin's gap (its node back as another incarnation) that stood
+//! still for `GAP_GIVE_UP` is skipped so the events behind it are delivered.
 
 use super::*;
 
@@ -12,7 +12,7 @@ impl Replicator {
         }
     }
 
-    /// Each second: skips the gaps of origins dead for a while that nobody filled.
+    /// Each second: skips the gaps of crashed origins that nobody filled for a while.
     pub(super) fn skip_dead_gaps(&self) {
         self.skip_dead_gaps_at(self.now());
     }
@@ -27,19 +27,10 @@ impl Replicator {
         let Some(hub) = self.running.get().and_then(|r| r.hub.upgrade()) else {
             return;
         };
-        let live: Vec<u64> = lock(&self.out)
-            .peers
-            .values()
-            .map(|p| p.spec.origin)
-            .chain([self.origin.0])
-            .collect();
         // The table's lock is held while the hub's channels are read (`Stalls::tick`):
         // nothing takes it under a channel's lock.
-        let skips = lock(&self.stalls).tick(
-            now,
-            |origin| live.contains(&origin),
-            |key, origin| hub.held_back(key, OriginId(origin)),
-        );
+        let skips =
+            lock(&self.stalls).tick(now, |key, origin| hub.held_back(key, OriginId(origin)));
         for (key, origin, upto) in skips {
             let applied = hub.skip_remote(&key, OriginId(origin), upto, crate::now_ms());
             metrics::counter!("tern_replication_dead_gaps_skipped_total").increment(1);
