@@ -606,7 +606,23 @@ impl Channel {
             return RemoteOutcome::Duplicate;
         }
         if event.seq > have + 1 {
-            let missing = (have + 1, event.seq - 1);
+            // The hole reported is the one the event opens, below it. An event right
+            // behind one already waiting opens none: the first hole is reported again
+            // (the asker's throttle then holds it). Reporting up to the event each time
+            // made every event of a burst behind one gap ask for the whole range again,
+            // its answer carrying every event already waiting here.
+            let below = event.seq - 1;
+            let to = if self.pending.contains_key(&(origin, below)) {
+                self.pending
+                    .range((origin, have + 1)..)
+                    .next()
+                    .map(|((_, first), _)| *first)
+                    .filter(|&first| first > have + 1)
+                    .map_or(below, |first| first - 1)
+            } else {
+                below
+            };
+            let missing = (have + 1, to);
             if self.pending.len() < ctx.limits.pending_max {
                 self.pending.insert((origin, event.seq), event);
             }

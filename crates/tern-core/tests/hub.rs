@@ -893,3 +893,48 @@ fn a_presence_event_already_known_here_is_logged_for_repair() {
         .collect();
     assert_eq!(members, ["alice"]);
 }
+
+/// A gap reports the hole the event opens below it. A burst of events behind one hole
+/// reports that hole each time, not a range growing with each event (every ask for it
+/// answered with the events already waiting); an event that opens a new hole past the
+/// waiting ones reports up to itself, so that hole is asked for too.
+#[test]
+fn a_gap_reports_the_hole_below_the_event_not_what_is_already_waiting() {
+    let key = ChannelKey::new("app", "burst");
+    let origin = Hub::new(OriginId(1), CoreLimits::default());
+    let node = hub();
+    let events: Vec<RemoteEvent> = (0..8)
+        .map(|i| {
+            let out = origin
+                .publish(&key, &publisher("o", i), vec![msg(&format!("m{i}"))], 1)
+                .unwrap();
+            RemoteEvent::from_event(&out.event.unwrap())
+        })
+        .collect();
+    let gap = |from, to| RemoteOutcome::Gap {
+        origin: OriginId(1),
+        missing: (from, to),
+    };
+    let apply = |seq: usize| node.apply_remote(&key, events[seq - 1].clone(), 1).unwrap();
+    assert_eq!(apply(3), gap(1, 2));
+    assert_eq!(
+        apply(4),
+        gap(1, 2),
+        "4 opens no hole: 3 waits right below it"
+    );
+    assert_eq!(apply(5), gap(1, 2));
+    assert_eq!(
+        apply(8),
+        gap(1, 7),
+        "8 opens 6..=7: asked with the first hole"
+    );
+    assert_eq!(apply(1), RemoteOutcome::Applied(1));
+    assert_eq!(
+        apply(2),
+        RemoteOutcome::Applied(4),
+        "2, then 3, 4 and 5 waiting"
+    );
+    assert_eq!(apply(7), gap(6, 6));
+    assert_eq!(apply(6), RemoteOutcome::Applied(3));
+    assert_eq!(node.cursor(&key).get(OriginId(1)), 8);
+}
