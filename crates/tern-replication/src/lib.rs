@@ -17,6 +17,10 @@
 //! - [`repair`]: the answer to a gap repair (events from the log, `Skip` for the rest).
 //! - [`heads`]: anti-entropy: what a node asks for when a peer's cursors arrive.
 //! - [`inbound`]: which frames a node takes for a channel, by whether it keeps it.
+//! - [`receive`]: the dispatch of a peer's frame, in order: the hub applies it, the
+//!   gap book ([`receive::Gaps`]) watches and throttles, and what is left to the driver
+//!   comes back as [`receive::Do`]s. Both drivers call it for every frame that changes
+//!   state.
 //! - [`warm`]: a first subscriber waiting for a channel's state (`Sync`), and the answer.
 //! - [`backfill`]: a channel's new home copying stored history, one page at a time.
 //! - [`handoff`]: after a membership change, telling a channel's new home of the
@@ -32,6 +36,7 @@ pub mod handoff;
 pub mod heads;
 pub mod inbound;
 pub mod links;
+pub mod receive;
 pub mod recover;
 pub mod repair;
 pub mod routing;

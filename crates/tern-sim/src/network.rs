@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tern_core::{OriginId, RemoteEvent};
 use tern_protocol::PresenceMessage;
 use tern_replication::inbound::{self, Take};
+use tern_replication::receive;
 use tern_replication::repair::RepairPart;
 
 use crate::node::member;
@@ -248,33 +249,16 @@ impl Sim {
                 ch,
                 event,
                 link,
-            } => {
-                // An event off the link's order (a repair answer) only for a channel the
-                // node keeps (`inbound::event`, as the driver).
-                if let Take::Ignore(_) = inbound::event(link.is_some(), || self.holds(to, ch)) {
-                    return;
-                }
-                let in_order = self.apply(to, from, ch, Arc::unwrap_or_clone(event));
-                if let (true, Some(link)) = (in_order, link) {
-                    self.applied_on_link(to, from, link);
-                }
-            }
+            } => self.take_event(to, from, ch, Arc::unwrap_or_clone(event), link),
             Item::Hello { from, epoch, first } => self.take_hello(to, from, epoch, first),
             Item::Stored { from, epoch, upto } => self.take_stored(to, from, epoch, upto),
             Item::Skip { ch, origin, upto } => {
-                let now_ms = self.hub_now(to);
-                // A kept channel takes it even if not open here (`inbound::skip`).
-                let hub = &self.nodes[to].hub;
-                let key = &self.keys[ch];
-                let applied = match inbound::skip(self.holds(to, ch)) {
-                    Take::Open => hub
-                        .skip_remote_kept(key, origin, upto, now_ms)
-                        .expect("the sim's limits hold every channel"),
-                    Take::Ignore(reason) => return self.log(|| format!("   ignored: {reason}")),
-                };
-                self.log(|| format!("   skipped, {applied} applied"));
-                // No log has them, but a home's store may: a home copies the history.
-                self.maybe_backfill(to, ch, None);
+                // The answer's sender is not needed: a `Skip` asks nobody.
+                let mut out = Vec::new();
+                let kept = self.holds(to, ch);
+                receive::skip(self.at(to), &self.keys[ch], origin.0, upto, kept, &mut out)
+                    .expect("the sim's limits hold every channel");
+                self.carry_out(to, to, out);
             }
             Item::Answer { items, .. } => {
                 for item in items {
@@ -353,22 +337,18 @@ impl Sim {
                 for item in items {
                     self.take(to, item);
                 }
-                let now_ms = self.hub_now(to);
-                let key = &self.keys[ch];
-                let hub = &self.nodes[to].hub;
-                hub.seed_members(key, members, now_ms);
-                let pending = hub.pending_len(key);
-                for (origin, upto) in cursor {
-                    hub.skip_remote(key, origin, upto, now_ms);
-                }
-                let after = hub.pending_len(key);
+                // `SyncMembers`, then `Synced` with the cursor, as the driver's frames.
+                let key = self.keys[ch].clone();
+                let pending = self.nodes[to].hub.pending_len(&key);
+                let mut out = Vec::new();
+                let kept = self.holds(to, ch);
+                receive::sync_members(self.at(to), &key, members, kept, &mut out);
+                let cursor: Vec<(u64, u64)> = cursor.iter().map(|(o, s)| (o.0, *s)).collect();
+                let kept = self.holds(to, ch);
+                receive::synced(self.at(to), &key, &cursor, kept, &mut out);
+                let after = self.nodes[to].hub.pending_len(&key);
                 self.log(|| format!("   synced: pending {pending} -> {after}"));
-                let warming = self.nodes[to].subs.get(&ch).and_then(|s| s.warming);
-                if warming.is_some() {
-                    self.stats.syncs += 1;
-                    self.log(|| format!("n{to} took c{ch}'s state from n{from}"));
-                    self.attach(to, ch);
-                }
+                self.carry_out(to, from, out);
             }
             Item::WarmTick { ch } => {
                 let warming = self.nodes[to].subs.get(&ch).and_then(|s| s.warming);

@@ -11,9 +11,8 @@ use tern_core::{
 use tern_protocol::{Data, PresenceMessage};
 use tern_replication::backfill::Backfills;
 use tern_replication::handoff::{self, Handoff};
-use tern_replication::repair::Asked;
+use tern_replication::receive::Gaps;
 use tern_replication::routing;
-use tern_replication::stalls::Stalls;
 
 use crate::network::Item;
 use crate::{Sim, ALL_MODES, ASK_AGAIN_MS, CLIENTS};
@@ -167,9 +166,8 @@ pub(crate) struct Node {
     /// Channels whose stored history it is copying (`tern_replication::backfill`).
     pub(crate) backfills: Backfills<()>,
     /// The gaps its hub holds events back behind (`tern_replication::stalls`), and the
-    /// repairs it asked for (`repair::Asked`).
-    pub(crate) stalls: Stalls,
-    pub(crate) asked: Asked,
+    /// repairs it asked for (`repair::Asked`): `receive::Gaps`.
+    pub(crate) gaps: Gaps,
     pub(crate) booted_ms: i64,
     /// Its earlier incarnations' origins, newest last (at most
     /// `recover::ORIGINS_KEPT`), as the server keeps them beside its store.
@@ -287,8 +285,7 @@ impl Sim {
             clients,
             handoff: Handoff::default(),
             backfills: Backfills::default(),
-            stalls: Stalls::default(),
-            asked: Asked::default(),
+            gaps: Gaps::default(),
             // Filled at its first handoff round (see `handoff_round`).
             view_seen: Vec::new(),
             booted_ms: 0,

@@ -7,8 +7,8 @@
 use tern_core::{OriginId, RemoteEvent, RemoteOutcome};
 use tern_replication::handoff::{Member, StoredChannel};
 use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
-use tern_replication::inbound::{self, Take};
 use tern_replication::links;
+use tern_replication::receive::{self, Do};
 use tern_replication::repair::{self, RepairPart};
 use tern_replication::routing::INTEREST_PER_FRAME;
 use tern_replication::warm;
@@ -73,71 +73,140 @@ impl Sim {
         self.send(home, node, item);
     }
 
-    /// Applies a replicated event on `ch` at `to`; a gap asks the node it came from.
-    /// Returns whether it was not a gap (applied or a duplicate: its link position counts).
-    pub(crate) fn apply(&mut self, to: usize, from: usize, ch: usize, event: RemoteEvent) -> bool {
-        let now_ms = self.hub_now(to);
-        let outcome = self.nodes[to]
-            .hub
-            .apply_remote(&self.keys[ch], event, now_ms)
-            .expect("apply");
+    /// A replicated event from `from` reaches `to` (`receive::event`); `link` is its
+    /// position on `from`'s link (`None`: a repair or `Sync` answer).
+    pub(crate) fn take_event(
+        &mut self,
+        to: usize,
+        from: usize,
+        ch: usize,
+        event: RemoteEvent,
+        link: Option<(u64, u64)>,
+    ) {
+        let (now, now_ms) = (self.now_at(to), self.hub_now(to));
+        let key = self.keys[ch].clone();
+        // Asked only off the link (the driver's `holds` takes its locks); the sim's is
+        // cheap enough to ask first.
+        let kept = link.is_some() || self.holds(to, ch);
+        let round_trip = 2 * self.latency_ms[to].iter().max().copied().unwrap_or(0)
+            + self.faults.jitter_ms as i64;
+        let again_after = std::time::Duration::from_millis(round_trip as u64);
+        let node = &mut self.nodes[to];
+        let (hub, gaps) = (&node.hub, &mut node.gaps);
+        let at = receive::At { hub, now, now_ms };
+        let mut out = Vec::new();
+        let outcome = receive::event(
+            at,
+            &key,
+            event,
+            link.is_some(),
+            || kept,
+            || gaps,
+            again_after,
+            &mut out,
+        )
+        .expect("the sim's limits hold every channel");
         self.log(|| format!("   {outcome:?}"));
         match outcome {
-            RemoteOutcome::Duplicate => self.stats.duplicates_seen += 1,
-            RemoteOutcome::Gap { origin, missing } => {
-                self.stats.gaps += 1;
-                let now = self.now_at(to);
-                let key = self.keys[ch].clone();
-                self.nodes[to].stalls.on_gap(&key, origin.0, missing.0, now);
-                let round_trip = 2 * self.latency_ms[to].iter().max().copied().unwrap_or(0)
-                    + self.faults.jitter_ms as i64;
-                let again_after = std::time::Duration::from_millis(round_trip as u64);
-                if self.nodes[to]
-                    .asked
-                    .should_ask(&key, origin.0, missing, now, again_after)
-                {
-                    self.repair_from(from, to, ch, origin, missing);
-                }
-                self.fill_from_own_store(to, ch, origin, missing);
-                return false;
-            }
-            RemoteOutcome::Applied(_) => {}
+            Some(RemoteOutcome::Duplicate) => self.stats.duplicates_seen += 1,
+            Some(RemoteOutcome::Gap { .. }) => self.stats.gaps += 1,
+            _ => {}
         }
-        true
+        if let (true, Some(link)) = (out.contains(&Do::Counted), link) {
+            self.applied_on_link(to, from, link);
+        }
+        self.carry_out(to, from, out);
+    }
+
+    /// Node `at`'s hub and clocks (`receive::At`).
+    pub(crate) fn at(&self, at: usize) -> receive::At<'_> {
+        receive::At {
+            hub: &self.nodes[at].hub,
+            now: self.now_at(at),
+            now_ms: self.hub_now(at),
+        }
+    }
+
+    /// Carries out what a frame from `peer` left to node `at` (`receive::Do`), in order,
+    /// as the driver's `carry_out`. `Counted` is the caller's.
+    pub(crate) fn carry_out(&mut self, at: usize, peer: usize, out: Vec<Do>) {
+        for action in out {
+            match action {
+                Do::Ask {
+                    key,
+                    origin,
+                    from,
+                    to,
+                } => {
+                    let ch = self.index[&key];
+                    self.repair_from(peer, at, ch, OriginId(origin), (from, to));
+                }
+                Do::FillFromStore {
+                    key,
+                    origin,
+                    from,
+                    to,
+                } => self.fill_from_own_store(at, &key, OriginId(origin), (from, to)),
+                Do::Counted => {}
+                Do::Backfill { key, listed } => {
+                    let ch = self.index[&key];
+                    self.maybe_backfill(at, ch, listed.as_deref().map(|l| (peer, l)));
+                }
+                Do::Warmed(key) => {
+                    let ch = self.index[&key];
+                    let warming = self.nodes[at].subs.get(&ch).and_then(|s| s.warming);
+                    if warming.is_some() {
+                        self.stats.syncs += 1;
+                        self.log(|| format!("n{at} took c{ch}'s state from n{peer}"));
+                        self.attach(at, ch);
+                    }
+                }
+                Do::Skipped { applied, .. } => {
+                    self.log(|| format!("   skipped, {applied} applied"))
+                }
+                Do::GaveUp {
+                    key,
+                    origin,
+                    upto,
+                    applied,
+                } => {
+                    self.stats.dead_gaps_skipped += 1;
+                    self.log(|| {
+                        format!(
+                            "n{at} gives up on {}'s gap up to {upto} in c{}: {applied} applied",
+                            OriginId(origin),
+                            self.index[&key]
+                        )
+                    });
+                }
+                Do::StallsFull => self.stats.stalls_full += 1,
+                Do::Ignored(reason) => self.log(|| format!("   ignored: {reason}")),
+            }
+        }
     }
 
     /// What node `at`'s own store holds of a gap in its hub (`origin`'s `from..=to` on
-    /// `ch`), applied at once (`repair::own_store`, as the driver's
-    /// `fill_from_own_store`).
+    /// `key`), applied at once (`repair::own_store`, `receive::from_own_store`, as the
+    /// driver's `fill_from_own_store`).
     fn fill_from_own_store(
         &mut self,
         at: usize,
-        ch: usize,
+        key: &tern_core::ChannelKey,
         origin: OriginId,
         (from, to): (u64, u64),
     ) {
-        // Stored events are off the link's order: only for a kept channel, as answers.
-        if let Take::Ignore(_) = inbound::event(false, || self.holds(at, ch)) {
-            return;
-        }
+        let ch = self.index[key];
         let (stored, _) = self.stored_range(at, ch, origin, (from, to));
         let events = repair::own_store(stored, from, to);
-        if events.is_empty() {
-            return;
-        }
-        self.log(|| {
-            format!(
-                "   n{at} fills {from}..={to} from its own store ({} events)",
-                events.len()
-            )
-        });
-        let now_ms = self.hub_now(at);
-        for event in events {
-            let outcome = self.nodes[at]
-                .hub
-                .apply_remote(&self.keys[ch], event, now_ms)
-                .expect("apply");
-            self.log(|| format!("   {outcome:?}"));
+        let count = events.len();
+        let kept = || self.holds(at, ch);
+        let mut out = Vec::new();
+        receive::from_own_store(self.at(at), key, events, kept, &mut out)
+            .expect("the sim's limits hold every channel");
+        if count > 0 && out.is_empty() {
+            self.log(|| {
+                format!("   n{at} fills {from}..={to} from its own store ({count} events)")
+            });
         }
     }
 
@@ -283,20 +352,9 @@ impl Sim {
             sender: self.nodes[peer].origin.0,
             live: &live,
         };
-        let mut asks = Vec::new();
-        let mut backfills = Vec::new();
-        for head in shared {
-            if !self.holds(node, head.ch) {
-                continue;
-            }
-            let key = &self.keys[head.ch];
-            let mine = self.nodes[node].hub.cursor(key);
-            if mine.origins().next().is_none() {
-                // Nothing of it here yet: if `node` is its home, its stored history is
-                // `node`'s to keep too.
-                backfills.push((head.ch, head.origins.clone()));
-            }
-            if self.trace {
+        if self.trace {
+            for head in &shared {
+                let mine = self.nodes[node].hub.cursor(&self.keys[head.ch]);
                 let line = format!(
                     "n{node} <- heads c{} from n{peer}: {:?}, mine {:?}",
                     head.ch,
@@ -305,17 +363,19 @@ impl Sim {
                 );
                 self.log(|| line);
             }
-            let previous = self.previous_heads.entry((node, peer)).or_default();
-            for (origin, from, to) in heads::wanted(&asker, previous, key, &mine, &head.origins) {
-                asks.push((head.ch, origin, from, to));
-            }
         }
-        for (ch, origins) in backfills {
-            self.maybe_backfill(node, ch, Some((peer, &origins)));
-        }
-        for (ch, origin, from, to) in asks {
-            self.repair_from(peer, node, ch, OriginId(origin), (from, to));
-        }
+        let listed = shared
+            .iter()
+            .map(|h| (&self.keys[h.ch], h.origins.as_slice()));
+        let mut previous = self
+            .previous_heads
+            .remove(&(node, peer))
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        let kept = |key: &tern_core::ChannelKey| self.holds(node, self.index[key]);
+        receive::heads(self.at(node), &asker, &mut previous, listed, kept, &mut out);
+        self.previous_heads.insert((node, peer), previous);
+        self.carry_out(node, peer, out);
     }
 
     /// Every reachable peer's heads reach `node` (a restarted node catches up).
@@ -397,26 +457,11 @@ impl Sim {
             if !self.nodes[at].up {
                 continue;
             }
-            let now = self.now_at(at);
-            let node = &mut self.nodes[at];
-            let hub = &node.hub;
-            let skips = node
-                .stalls
-                .tick(now, |key, origin| hub.held_back(key, OriginId(origin)));
-            let now_ms = self.hub_now(at);
-            for (key, origin, upto) in skips {
-                let applied = self.nodes[at]
-                    .hub
-                    .skip_remote(&key, OriginId(origin), upto, now_ms);
-                self.stats.dead_gaps_skipped += 1;
-                self.log(|| {
-                    format!(
-                        "n{at} gives up on {}'s gap up to {upto} in c{}: {applied} applied",
-                        OriginId(origin),
-                        self.index[&key]
-                    )
-                });
-            }
+            let mut out = Vec::new();
+            let mut gaps = std::mem::take(&mut self.nodes[at].gaps);
+            receive::tick(self.at(at), &mut gaps, &mut out);
+            self.nodes[at].gaps = gaps;
+            self.carry_out(at, at, out);
         }
     }
 
@@ -441,7 +486,7 @@ impl Sim {
                 if before.is_empty() {
                     before.push(Member::from(self.member(at)));
                 }
-                self.nodes[at].stalls.on_members(&before, &view);
+                self.nodes[at].gaps.stalls.on_members(&before, &view);
                 self.nodes[at].handoff.on_members(&before, &view, now);
             }
             let Some(read) = self.nodes[at].handoff.next_read(now) else {

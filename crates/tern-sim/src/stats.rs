@@ -41,6 +41,8 @@ pub struct Stats {
     pub recovered: u64,
     /// Dead origins' gaps skipped after standing still (`stalls`).
     pub dead_gaps_skipped: u64,
+    /// Gaps the stall table had no room to watch (`Do::StallsFull`).
+    pub stalls_full: u64,
     /// Highest virtual time reached (ms).
     pub max_now_ms: i64,
     /// Publishes ACKed (`ack_replicas` met) and NACKed (timed out).
@@ -82,6 +84,7 @@ impl Stats {
         self.backfills += other.backfills;
         self.recovered += other.recovered;
         self.dead_gaps_skipped += other.dead_gaps_skipped;
+        self.stalls_full += other.stalls_full;
         self.max_now_ms = self.max_now_ms.max(other.max_now_ms);
         self.acks += other.acks;
         self.nacks += other.nacks;

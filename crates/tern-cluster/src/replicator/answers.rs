@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicUsize;
 
 use tern_replication::backfill::{self, Took, BACKFILL_PAGE};
 use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
-use tern_replication::inbound::{self, Take};
+use tern_replication::receive;
 use tern_replication::repair::{self, RepairPart};
 use tern_replication::warm;
 
@@ -249,20 +249,17 @@ impl Replicator {
                 return;
             };
             let events = repair::own_store(read.events, from, to);
-            if events.is_empty() {
-                return;
-            }
             let Some(hub) = me.running.get().and_then(|r| r.hub.upgrade()) else {
                 return;
             };
-            if let Take::Ignore(reason) = inbound::event(false, || me.holds(&key)) {
-                return ignored(reason);
+            let mut out = Vec::new();
+            let kept = || me.holds(&key);
+            if let Err(err) = receive::from_own_store(me.at(&hub), &key, events, kept, &mut out) {
+                tracing::warn!(channel = %key.name, error = %err, "a stored event was refused");
             }
-            let now_ms = crate::now_ms();
-            for event in events {
-                if let Err(err) = hub.apply_remote(&key, event, now_ms) {
-                    tracing::warn!(channel = %key.name, error = %err, "a stored event was refused");
-                    return;
+            for action in out {
+                if let receive::Do::Ignored(reason) = action {
+                    ignored(reason);
                 }
             }
         });

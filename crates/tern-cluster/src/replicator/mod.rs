@@ -123,10 +123,9 @@ pub struct Replicator {
     /// Telling channels' new homes of this node's stored channels after a membership
     /// change (the page token is the store's).
     handoff: Mutex<Handoff<Vec<u8>>>,
-    /// The gaps the hub holds events back behind (`tern_replication::stalls`).
-    stalls: Mutex<tern_replication::stalls::Stalls>,
-    /// The repairs asked for, so a burst behind one gap asks once (`repair::Asked`).
-    asked: Mutex<tern_replication::repair::Asked>,
+    /// The gaps the hub holds events back behind, watched (`stalls`) and asked for once
+    /// per round (`repair::Asked`): `receive::Gaps`.
+    gaps: Mutex<tern_replication::receive::Gaps>,
 }
 
 struct Running {
@@ -241,8 +240,7 @@ impl Replicator {
             backfill_answers: std::sync::atomic::AtomicUsize::new(0),
             heads_skip: std::sync::atomic::AtomicUsize::new(0),
             handoff: Mutex::new(Handoff::default()),
-            stalls: Mutex::default(),
-            asked: Mutex::default(),
+            gaps: Mutex::default(),
         })
     }
 
@@ -358,7 +356,7 @@ impl Replicator {
         let done = self.drain_waiters(&mut out);
         drop(out);
         run_all(done);
-        lock(&self.stalls).on_members(&before, &after);
+        lock(&self.gaps).stalls.on_members(&before, &after);
         lock(&self.handoff).on_members(&before, &after, self.now());
     }
 
@@ -472,6 +470,16 @@ impl Replicator {
     /// Time since this replicator's base: the rules' `now`.
     fn now(&self) -> Now {
         self.base.elapsed()
+    }
+
+    /// The rules' view of this node now: its hub and both clocks
+    /// (`tern_replication::receive::At`).
+    fn at<'h>(&self, hub: &'h Hub) -> tern_replication::receive::At<'h> {
+        tern_replication::receive::At {
+            hub,
+            now: self.now(),
+            now_ms: crate::now_ms(),
+        }
     }
 }
 

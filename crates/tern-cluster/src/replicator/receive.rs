@@ -1,11 +1,11 @@
 //! A peer's inbound link, frame by frame: events applied in origin order (a gap asks
 //! the sender), requests answered, acks of what we sent passed to the link, and our
 //! `Stored` acks of the sender's events once they are in our store. What each frame
-//! means is decided by `tern_replication` (`links::InLink`, `heads::wanted`, ...).
+//! does, and in what order, is `tern_replication::receive` (and `links::InLink` for
+//! link positions); this file carries out the `receive::Do`s it returns.
 
-use tern_core::RemoteOutcome;
 use tern_replication::heads::{self, PreviousHeads};
-use tern_replication::inbound::{self, Take};
+use tern_replication::receive::{self, Do};
 use tern_replication::repair;
 use tokio::sync::watch;
 
@@ -117,20 +117,11 @@ impl Replicator {
                     ignored("sync_members_frame");
                     return;
                 };
-                // Seeding makes the channel: only for members there are, and only on a
-                // channel this node keeps. A home answers `Sync` by node id, so a node
-                // that restarted while its request was in flight gets its predecessor's
-                // answer: taken, it would hold a channel nobody routes to it any more
-                // (found by the scaled simulation, seed 1000).
                 let key = key(&app, &channel);
-                if let Take::Ignore(reason) = inbound::sync_answer(self.holds(&key)) {
-                    ignored(reason);
-                    return;
-                }
                 let members = frame.presence.unwrap_or_default();
-                if !members.is_empty() {
-                    hub.seed_members(&key, members, crate::now_ms());
-                }
+                let mut out = Vec::new();
+                receive::sync_members(self.at(hub), &key, members, self.holds(&key), &mut out);
+                self.carry_out(&peer, out);
             }
             FrameV1::Synced {
                 app,
@@ -138,16 +129,9 @@ impl Replicator {
                 origins,
             } => {
                 let key = key(&app, &channel);
-                if let Take::Ignore(reason) = inbound::sync_answer(self.holds(&key)) {
-                    ignored(reason);
-                    return;
-                }
-                // What the home has but could not send (trimmed from its log) is
-                // nobody's to send any more.
-                for (origin, upto) in origins {
-                    hub.skip_remote(&key, OriginId(origin), upto, crate::now_ms());
-                }
-                self.warmed(&key);
+                let mut out = Vec::new();
+                receive::synced(self.at(hub), &key, &origins, self.holds(&key), &mut out);
+                self.carry_out(&peer, out);
             }
             FrameV1::Backfill {
                 app,
@@ -169,23 +153,14 @@ impl Replicator {
                 upto,
             } => {
                 let key = key(&app, &channel);
-                let now_ms = crate::now_ms();
-                let applied = match inbound::skip(self.holds(&key)) {
-                    Take::Open => {
-                        match hub.skip_remote_kept(&key, OriginId(origin), upto, now_ms) {
-                            Ok(applied) => applied,
-                            Err(err) => {
-                                tracing::warn!(%channel, error = %err, "a skip for a kept channel was refused");
-                                return;
-                            }
-                        }
+                let mut out = Vec::new();
+                let kept = self.holds(&key);
+                match receive::skip(self.at(hub), &key, origin, upto, kept, &mut out) {
+                    Ok(()) => self.carry_out(&peer, out),
+                    Err(err) => {
+                        tracing::warn!(%channel, error = %err, "a skip for a kept channel was refused");
                     }
-                    Take::Ignore(reason) => return ignored(reason),
-                };
-                // No log has them, but a home's store may: if we are the channel's
-                // home, copy its history.
-                self.maybe_backfill(&key, None);
-                tracing::warn!(%channel, origin = format!("{origin:016x}"), upto, applied, "events no peer can supply were skipped");
+                }
             }
             FrameV1::Stored {
                 incarnation,
@@ -239,8 +214,9 @@ impl Replicator {
         inbound.sender = Some((node_id, incarnation));
     }
 
-    /// An event: applied in origin order; a gap asks the sender for what is missing;
-    /// a link position applied in a row goes to the acker.
+    /// An event: applied in origin order (`receive::event`: a gap is watched, filled
+    /// from this node's store and asked of the sender); a link position applied in a
+    /// row goes to the acker.
     fn on_event(
         self: &Arc<Self>,
         hub: &Hub,
@@ -254,55 +230,42 @@ impl Replicator {
             return;
         };
         let key = ChannelKey::new(&event.app, &event.channel);
-        // An event off the link's order (a repair or `Sync` answer) is for a channel this
-        // node keeps; for any other it would make a channel nobody routes to it.
-        if let Take::Ignore(reason) = inbound::event(event.link_seq > 0, || self.holds(&key)) {
-            ignored(reason);
+        let on_link = event.link_seq > 0;
+        let mut out = Vec::new();
+        let taken = receive::event(
+            self.at(hub),
+            &key,
+            remote,
+            on_link,
+            || self.holds(&key),
+            || lock(&self.gaps),
+            repair::ASK_AGAIN,
+            &mut out,
+        );
+        if let Err(err) = taken {
+            tracing::warn!(channel = %event.channel, error = %err, "remote event refused");
             return;
         }
-        match hub.apply_remote(&key, remote, crate::now_ms()) {
-            Ok(RemoteOutcome::Gap {
-                origin,
-                missing: (from, to),
-            }) => {
-                self.on_gap(&key, origin.0, from);
-                self.fill_from_own_store(&key, origin.0, (from, to));
-                let ask = lock(&self.asked).should_ask(
-                    &key,
-                    origin.0,
-                    (from, to),
-                    self.now(),
-                    repair::ASK_AGAIN,
-                );
-                if ask {
-                    let frame = FrameV1::Repair {
-                        app: event.app,
-                        channel: event.channel,
-                        origin: origin.0,
-                        from,
-                        to,
-                    };
-                    self.send_control(peer, frame);
-                }
-            }
-            Ok(_) if event.link_seq > 0 => {
-                let advanced = lock(&self.recv)
-                    .get_mut(peer)
-                    .and_then(|state| state.applied(incarnation, event.link_seq));
-                if let (Some(upto), Some((tx, _))) = (advanced, &inbound.acker) {
-                    let _ = tx.send(upto);
-                }
-            }
-            Ok(_) => {}
-            Err(err) => {
-                tracing::warn!(channel = %event.channel, error = %err, "remote event refused");
+        if out.contains(&Do::Counted) {
+            let advanced = lock(&self.recv)
+                .get_mut(peer)
+                .and_then(|state| state.applied(incarnation, event.link_seq));
+            if let (Some(upto), Some((tx, _))) = (advanced, &inbound.acker) {
+                let _ = tx.send(upto);
             }
         }
+        self.carry_out(peer, out);
     }
 
-    /// A peer's cursors: for each channel this node keeps, ask for what no link will
-    /// bring (`heads::wanted`); a home with nothing of a channel copies its history.
-    fn on_heads(&self, hub: &Hub, inbound: &mut Inbound, peer: &str, channels: Vec<HeadV1>) {
+    /// A peer's cursors (`receive::heads`): for each channel this node keeps, ask for
+    /// what no link will bring; a home with nothing of a channel copies its history.
+    fn on_heads(
+        self: &Arc<Self>,
+        hub: &Hub,
+        inbound: &mut Inbound,
+        peer: &str,
+        channels: Vec<HeadV1>,
+    ) {
         let live_origins: Vec<u64> = lock(&self.out)
             .peers
             .values()
@@ -314,36 +277,74 @@ impl Replicator {
             sender: inbound.origin,
             live: &live,
         };
-        for head in channels {
-            let key = ChannelKey::new(&head.app, &head.channel);
-            // Only channels this node keeps: a new home backfills its channels this
-            // way, everybody else ignores the rest.
-            if !self.holds(&key) {
-                continue;
-            }
-            let mine = hub.cursor(&key);
-            if mine.origins().next().is_none() {
-                // Nothing of it in memory (new here, or dropped while idle): if we are
-                // its home, its stored history is ours to keep too, as far as the
-                // sender's cursor goes.
-                self.maybe_backfill(&key, Some((peer, &head.origins)));
-            }
-            let asks = heads::wanted(
-                &asker,
-                &mut inbound.previous_heads,
-                &key,
-                &mine,
-                &head.origins,
-            );
-            for (origin, from, to) in asks {
-                let frame = FrameV1::Repair {
-                    app: head.app.clone(),
-                    channel: head.channel.clone(),
+        let keys: Vec<ChannelKey> = channels
+            .iter()
+            .map(|h| ChannelKey::new(&h.app, &h.channel))
+            .collect();
+        let listed = keys
+            .iter()
+            .zip(channels.iter().map(|h| h.origins.as_slice()));
+        let mut out = Vec::new();
+        receive::heads(
+            self.at(hub),
+            &asker,
+            &mut inbound.previous_heads,
+            listed,
+            |key| self.holds(key),
+            &mut out,
+        );
+        self.carry_out(peer, out);
+    }
+
+    /// Carries out what a frame from `peer` left to the driver (`receive::Do`), in order.
+    /// `Counted` is the caller's: only it knows the frame's link position.
+    fn carry_out(self: &Arc<Self>, peer: &str, out: Vec<Do>) {
+        for action in out {
+            match action {
+                Do::Ask {
+                    key,
                     origin,
                     from,
                     to,
-                };
-                self.send_control(peer, frame);
+                } => {
+                    let frame = FrameV1::Repair {
+                        app: key.app.to_string(),
+                        channel: key.name.to_string(),
+                        origin,
+                        from,
+                        to,
+                    };
+                    self.send_control(peer, frame);
+                }
+                Do::FillFromStore {
+                    key,
+                    origin,
+                    from,
+                    to,
+                } => self.fill_from_own_store(&key, origin, (from, to)),
+                Do::Counted => {}
+                Do::Backfill { key, listed } => {
+                    self.maybe_backfill(&key, listed.as_deref().map(|l| (peer, l)));
+                }
+                Do::Warmed(key) => self.warmed(&key),
+                Do::Skipped {
+                    key,
+                    origin,
+                    upto,
+                    applied,
+                } => {
+                    tracing::warn!(channel = %key.name, origin = format!("{origin:016x}"), upto, applied, "events no peer can supply were skipped");
+                }
+                Do::GaveUp {
+                    key,
+                    origin,
+                    upto,
+                    applied,
+                } => super::stalls::gave_up(&key, origin, upto, applied),
+                Do::StallsFull => {
+                    metrics::counter!("tern_replication_stalls_full_total").increment(1);
+                }
+                Do::Ignored(reason) => ignored(reason),
             }
         }
     }
