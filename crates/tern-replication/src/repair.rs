@@ -84,6 +84,99 @@ pub fn answer_stored(stored: Vec<RemoteEvent>, upto: u64, from: u64, to: u64) ->
         .collect()
 }
 
+/// A store read for a repair: the stored events of the origin within the span asked
+/// (any order), the store's cursor for the origin, and from where the read is whole (the
+/// store's reads are bounded).
+pub struct Read {
+    pub events: Vec<RemoteEvent>,
+    pub upto: u64,
+    pub whole_from: u64,
+}
+
+/// What the store answered for a span.
+pub enum Reading {
+    /// Read.
+    Read(Read),
+    /// Its cursor for the origin is short of the span: it has none of it.
+    Short,
+    /// Not read (no free read slot): nothing vouches for what the log lacks.
+    Busy,
+}
+
+/// How a node answers a request for `origin`'s `from..=to` ([`plan`]).
+pub enum Plan {
+    /// Nothing of it in memory ([`from_store`]): the store's events ([`answer_stored`]).
+    Store,
+    /// The log's answer ([`answer`]), with the spans only the store may fill: its holes
+    /// ([`holes`]) and what lies past the hub's cursor ([`past_log`]).
+    Log {
+        parts: Vec<RepairPart>,
+        holes: Option<(u64, u64)>,
+        past: Option<(u64, u64)>,
+    },
+}
+
+impl Plan {
+    /// Whether the answer needs the store read (else [`finish`] reads nothing).
+    pub fn reads_store(&self) -> bool {
+        match self {
+            Plan::Store => true,
+            Plan::Log { holes, past, .. } => holes.is_some() || past.is_some(),
+        }
+    }
+}
+
+/// The first half of answering a request for `origin`'s `from..=to` on `key`, from the
+/// hub alone; [`finish`] completes it with the store.
+pub fn plan(hub: &Hub, key: &ChannelKey, origin: OriginId, from: u64, to: u64) -> Plan {
+    if from_store(hub, key, origin, from) {
+        return Plan::Store;
+    }
+    let parts = answer(hub, key, origin, from, to);
+    Plan::Log {
+        holes: holes(&parts, from),
+        past: past_log(hub, key, origin, from, to),
+        parts,
+    }
+}
+
+/// The answer to a request for `from..=to` planned as `plan`, with `read(span)` the
+/// store's answer for a span (a node without a store answers [`Reading::Short`]): from
+/// the store, only events, from where its read is whole; a log answer's holes filled
+/// where the store has them ([`fill_holes`]; not read, the holes' `Skip`s go, as
+/// nothing vouches for them), and what lies past the hub's cursor from the store.
+pub fn finish(
+    plan: Plan,
+    from: u64,
+    to: u64,
+    mut read: impl FnMut((u64, u64)) -> Reading,
+) -> Vec<RepairPart> {
+    let (mut parts, holes, past) = match plan {
+        Plan::Store => {
+            return match read((from, to)) {
+                Reading::Read(r) => answer_stored(r.events, r.upto, r.whole_from, to),
+                Reading::Short | Reading::Busy => Vec::new(),
+            };
+        }
+        Plan::Log { parts, holes, past } => (parts, holes, past),
+    };
+    if let Some(span) = holes {
+        match read(span) {
+            Reading::Read(r) => parts = fill_holes(parts, from, r.events, span, r.whole_from),
+            Reading::Short => {}
+            Reading::Busy => {
+                return fill_holes(parts, from, Vec::new(), span, u64::MAX);
+            }
+        }
+    }
+    if let Some((first, last)) = past {
+        if let Reading::Read(r) = read((first, last)) {
+            parts.extend(answer_stored(r.events, r.upto, r.whole_from, last));
+        }
+    }
+    parts
+}
+
 /// What this node's own store holds of a gap in its hub (`origin`'s `from..=to`), to
 /// apply at once rather than wait for a peer: `stored` as the store returned it (any
 /// order), in order and once each. A copied history (`backfill`) can hold events the hub
@@ -500,5 +593,47 @@ mod tests {
         assert_eq!(past_log(&hub, &key, OriginId(7), 2, 5), Some((4, 5)));
         assert_eq!(past_log(&hub, &key, OriginId(7), 5, 6), Some((5, 6)));
         assert_eq!(past_log(&hub, &key, OriginId(8), 1, 2), Some((1, 2)));
+    }
+
+    /// Both drivers answer a request through `plan` and `finish`: the log's events, and
+    /// from the store past the hub's cursor; a hub without the origin's events answers
+    /// from the store alone; a store short of a span or not read adds nothing.
+    #[test]
+    fn a_planned_answer_is_finished_with_the_store() {
+        let (hub, key) = hub_with(3);
+        let (store, _) = hub_with(5);
+        let seqs = |parts: &[RepairPart]| -> Vec<u64> {
+            parts
+                .iter()
+                .map(|p| match p {
+                    RepairPart::Event(e) => e.seq,
+                    RepairPart::Skip(upto) => panic!("skip {upto}"),
+                })
+                .collect()
+        };
+        let stored = |(from, to): (u64, u64)| {
+            let events = store.events_of(&key, OriginId(7), from, to);
+            Reading::Read(Read {
+                events: events.iter().map(|e| RemoteEvent::from_event(e)).collect(),
+                upto: 5,
+                whole_from: from,
+            })
+        };
+        let planned = plan(&hub, &key, OriginId(7), 2, 5);
+        assert!(planned.reads_store());
+        assert_eq!(seqs(&finish(planned, 2, 5, stored)), [2, 3, 4, 5]);
+        let planned = plan(&hub, &key, OriginId(7), 2, 5);
+        assert_eq!(seqs(&finish(planned, 2, 5, |_| Reading::Short)), [2, 3]);
+        let planned = plan(&hub, &key, OriginId(7), 2, 5);
+        assert_eq!(seqs(&finish(planned, 2, 5, |_| Reading::Busy)), [2, 3]);
+        let planned = plan(&hub, &key, OriginId(7), 1, 3);
+        assert!(!planned.reads_store());
+        let unread = |_| -> Reading { unreachable!("nothing to read") };
+        assert_eq!(seqs(&finish(planned, 1, 3, unread)), [1, 2, 3]);
+        let planned = plan(&hub, &key, OriginId(7), 4, 5);
+        assert!(matches!(planned, Plan::Store));
+        assert_eq!(seqs(&finish(planned, 4, 5, stored)), [4, 5]);
+        let planned = plan(&hub, &key, OriginId(7), 4, 5);
+        assert!(finish(planned, 4, 5, |_| Reading::Short).is_empty());
     }
 }

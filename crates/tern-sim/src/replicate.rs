@@ -9,7 +9,7 @@ use tern_replication::handoff::{Member, StoredChannel};
 use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
 use tern_replication::links;
 use tern_replication::receive::{self, Do};
-use tern_replication::repair::{self, RepairPart};
+use tern_replication::repair::{self, Read, Reading, RepairPart};
 use tern_replication::routing::INTEREST_PER_FRAME;
 use tern_replication::warm;
 
@@ -232,7 +232,7 @@ impl Sim {
     }
 
     /// `peer` answers `node`'s repair request for `origin`'s `from..=to` on `ch`
-    /// (`repair::answer`, its holes filled from the store: `repair::fill_holes`).
+    /// (`repair::plan` and `repair::finish`, as the driver's `answer_repair`).
     pub(crate) fn repair_from(
         &mut self,
         peer: usize,
@@ -244,29 +244,20 @@ impl Sim {
         if !self.nodes[peer].up {
             return;
         }
-        let (hub, key) = (&self.nodes[peer].hub, &self.keys[ch]);
-        let parts = if repair::from_store(hub, key, origin, from) {
-            // Nothing of it in memory: the store answers (as the driver's does).
-            let (events, upto) = self.stored_range(peer, ch, origin, (from, to));
-            repair::answer_stored(events, upto, from, to)
-        } else {
-            let mut parts = repair::answer(hub, key, origin, from, to);
-            let past = repair::past_log(hub, key, origin, from, to);
-            // Its holes filled from the store where it holds them, and what lies past
-            // the hub's cursor from the store (the driver's `answer_with_store`; the
-            // sim's store reads are whole).
-            if let Some(span) = repair::holes(&parts, from) {
-                let (events, upto) = self.stored_range(peer, ch, origin, span);
-                if upto >= span.0 {
-                    parts = repair::fill_holes(parts, from, events, span, span.0);
-                }
+        let plan = repair::plan(&self.nodes[peer].hub, &self.keys[ch], origin, from, to);
+        // The sim's store reads are whole and never busy.
+        let parts = repair::finish(plan, from, to, |span| {
+            let (events, upto) = self.stored_range(peer, ch, origin, span);
+            if upto < span.0 {
+                Reading::Short
+            } else {
+                Reading::Read(Read {
+                    events,
+                    upto,
+                    whole_from: span.0,
+                })
             }
-            if let Some((first, last)) = past {
-                let (events, upto) = self.stored_range(peer, ch, origin, (first, last));
-                parts.extend(repair::answer_stored(events, upto, first, last));
-            }
-            parts
-        };
+        });
         self.stats.skips += parts
             .iter()
             .filter(|p| matches!(p, RepairPart::Skip(_)))

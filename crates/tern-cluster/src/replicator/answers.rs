@@ -9,35 +9,24 @@ use std::sync::atomic::AtomicUsize;
 use tern_replication::backfill::{self, Took, BACKFILL_PAGE};
 use tern_replication::heads::{self, HEADS_CHANNELS_MAX, HEADS_PER_FRAME};
 use tern_replication::receive;
-use tern_replication::repair::{self, RepairPart};
+use tern_replication::repair::{self, Plan, Read, Reading, RepairPart};
 use tern_replication::warm;
 
 use super::send::ignored;
 use super::*;
 use crate::wire::HeadV1;
 
-/// An origin's sequences `first..=last`.
-type Seqs = (u64, u64);
-
 /// One of [`Replicator::backfill_answers`], given back when dropped.
 struct BackfillSlot<'a>(&'a AtomicUsize);
 
-/// What the store holds of `origin`'s `from..=to` on `key` (a bounded read, blocking).
-struct Stored {
-    events: Vec<tern_core::RemoteEvent>,
-    /// The store's cursor for the origin.
-    upto: u64,
-    /// From where the events read are all the store has.
-    whole_from: u64,
-}
-
-/// Reads [`Stored`]; `None` when the store's cursor is short of `from`.
+/// What the store holds of `origin`'s `from..=to` on `key` (a bounded read, blocking);
+/// `None` when the store's cursor is short of `from`.
 fn stored(
     history: &dyn HistoryAccess,
     key: &ChannelKey,
     origin: u64,
     (from, to): (u64, u64),
-) -> Option<Stored> {
+) -> Option<Read> {
     let upto = history
         .cursor(&key.app, &key.name)
         .iter()
@@ -47,7 +36,7 @@ fn stored(
         return None;
     }
     let (events, whole_from) = history.events(&key.app, &key.name, origin, from, to.min(upto));
-    Some(Stored {
+    Some(Read {
         events,
         upto,
         whole_from,
@@ -149,12 +138,12 @@ impl Replicator {
         }
     }
 
-    /// Answers a repair request for `origin`'s `from..=to` on `key` from our log, its
-    /// holes filled from our store where it holds them (`repair::fill_holes`) and what
-    /// lies past our hub's cursor from the store (`repair::past_log`), or, when
-    /// our hub holds nothing of that range, from our store. Store reads run off the
-    /// runtime, as many at once as history pages: past that the asker asks again at its
-    /// next `Heads` (a log answer then carries its events and no `Skip`).
+    /// Answers a peer's `Repair` (`repair::plan`, then `repair::finish`): from the log,
+    /// and from the store where the log has holes or the request reaches past the hub's
+    /// cursor, or from the store alone when the hub has nothing of it. The store is read
+    /// off the runtime; with no read slot free, the log's events go alone (no `Skip`: a
+    /// hole nothing vouches for), and a store-only answer is not sent (the asker asks
+    /// again).
     pub(super) fn answer_repair(
         self: &Arc<Self>,
         hub: &Hub,
@@ -163,73 +152,27 @@ impl Replicator {
         origin: u64,
         (from, to): (u64, u64),
     ) {
-        if !repair::from_store(hub, key, OriginId(origin), from) {
-            let parts = repair::answer(hub, key, OriginId(origin), from, to);
-            let holes = repair::holes(&parts, from);
-            let past = repair::past_log(hub, key, OriginId(origin), from, to);
-            if self.history.get().is_none() || (holes.is_none() && past.is_none()) {
-                self.send_repair(peer, key, origin, parts);
-            } else {
-                self.answer_with_store(peer, key, origin, from, parts, (holes, past));
-            }
-            return;
+        let plan = repair::plan(hub, key, OriginId(origin), from, to);
+        if !plan.reads_store() || self.history.get().is_none() {
+            // Nothing to read, or no store to read it from.
+            let parts = repair::finish(plan, from, to, |_| Reading::Short);
+            return self.send_repair(peer, key, origin, parts);
         }
+        let busy = match plan {
+            Plan::Store => "repair_from_store_busy",
+            Plan::Log { .. } => "repair_holes_from_store_busy",
+        };
         let (peer, key) = (peer.to_string(), key.clone());
-        self.read_store("repair_from_store_busy", move |me, history| {
-            let Some(Stored {
-                events,
-                upto,
-                whole_from,
-            }) = stored(&*history, &key, origin, (from, to))
-            else {
-                return;
-            };
-            // Only events, from where the bounded read is whole: the asker's gap asks
-            // again for the rest.
-            let parts = repair::answer_stored(events, upto, whole_from, to);
-            me.send_repair(&peer, &key, origin, parts);
-        });
-    }
-
-    /// Sends a log answer (`parts`, asked from `from`) once the store has been read for
-    /// its holes (`repair::holes`), each filled with what the store holds, and for what
-    /// lies past the hub's cursor (`repair::past_log`), appended as the store's events.
-    fn answer_with_store(
-        self: &Arc<Self>,
-        peer: &str,
-        key: &ChannelKey,
-        origin: u64,
-        from: u64,
-        parts: Vec<RepairPart>,
-        (holes, past): (Option<Seqs>, Option<Seqs>),
-    ) {
-        let (peer, key) = (peer.to_string(), key.clone());
-        self.read_store_or_not("repair_holes_from_store_busy", move |me, history| {
-            let mut parts = parts;
-            let Some(history) = history else {
-                // Nothing vouches for the holes: the log's events, and no `Skip`.
-                if let Some(span) = holes {
-                    parts = repair::fill_holes(parts, from, Vec::new(), span, u64::MAX);
+        self.read_store_or_not(busy, move |me, history| {
+            let parts = repair::finish(plan, from, to, |span| match &history {
+                None => Reading::Busy,
+                Some(history) => {
+                    stored(&**history, &key, origin, span).map_or(Reading::Short, Reading::Read)
                 }
-                return me.send_repair(&peer, &key, origin, parts);
-            };
-            if let Some(span) = holes {
-                // `None`: the store's cursor is short of the holes, it has none of them.
-                if let Some(read) = stored(&*history, &key, origin, span) {
-                    parts = repair::fill_holes(parts, from, read.events, span, read.whole_from);
-                }
+            });
+            if !parts.is_empty() {
+                me.send_repair(&peer, &key, origin, parts);
             }
-            if let Some((first, last)) = past {
-                if let Some(read) = stored(&*history, &key, origin, (first, last)) {
-                    parts.extend(repair::answer_stored(
-                        read.events,
-                        read.upto,
-                        read.whole_from,
-                        last,
-                    ));
-                }
-            }
-            me.send_repair(&peer, &key, origin, parts);
         });
     }
 
