@@ -606,22 +606,24 @@ impl Channel {
             return RemoteOutcome::Duplicate;
         }
         if event.seq > have + 1 {
-            // The hole reported is the one the event opens, below it. An event right
-            // behind one already waiting opens none: the first hole is reported again
-            // (the asker's throttle then holds it). Reporting up to the event each time
-            // made every event of a burst behind one gap ask for the whole range again,
-            // its answer carrying every event already waiting here.
-            let below = event.seq - 1;
-            let to = if self.pending.contains_key(&(origin, below)) {
-                self.pending
-                    .range((origin, have + 1)..)
-                    .next()
-                    .map(|((_, first), _)| *first)
-                    .filter(|&first| first > have + 1)
-                    .map_or(below, |first| first - 1)
-            } else {
-                below
-            };
+            // The gap reported reaches up to the highest missing event below this one,
+            // not over the events already waiting right below it: a burst of events
+            // behind one hole then reports the same gap each time, and the asker's
+            // throttle holds it (reported up to the event, the range grew with every
+            // event, each one asked again, and each answer carried every waiting event
+            // again). Holes below a waiting run are still in the range, so an ask covers
+            // every hole there is. The walk down is bounded by what waits (`pending_max`).
+            let mut to = event.seq - 1;
+            for ((_, held), _) in self
+                .pending
+                .range((origin, have + 1)..(origin, event.seq))
+                .rev()
+            {
+                if *held != to {
+                    break;
+                }
+                to -= 1;
+            }
             let missing = (have + 1, to);
             if self.pending.len() < ctx.limits.pending_max {
                 self.pending.insert((origin, event.seq), event);

@@ -894,16 +894,16 @@ fn a_presence_event_already_known_here_is_logged_for_repair() {
     assert_eq!(members, ["alice"]);
 }
 
-/// A gap reports the hole the event opens below it. A burst of events behind one hole
-/// reports that hole each time, not a range growing with each event (every ask for it
-/// answered with the events already waiting); an event that opens a new hole past the
-/// waiting ones reports up to itself, so that hole is asked for too.
+/// A gap reports up to the highest missing event below the one that arrived, not over the
+/// events already waiting right below it: a burst of events behind one hole reports the
+/// same gap each time, not a range growing with each event (each ask for it answered
+/// with the events already waiting). Holes below a waiting run stay in the range.
 #[test]
-fn a_gap_reports_the_hole_below_the_event_not_what_is_already_waiting() {
+fn a_gap_reports_the_holes_below_the_event_not_what_waits_right_below_it() {
     let key = ChannelKey::new("app", "burst");
     let origin = Hub::new(OriginId(1), CoreLimits::default());
     let node = hub();
-    let events: Vec<RemoteEvent> = (0..8)
+    let events: Vec<RemoteEvent> = (0..9)
         .map(|i| {
             let out = origin
                 .publish(&key, &publisher("o", i), vec![msg(&format!("m{i}"))], 1)
@@ -928,6 +928,11 @@ fn a_gap_reports_the_hole_below_the_event_not_what_is_already_waiting() {
         gap(1, 7),
         "8 opens 6..=7: asked with the first hole"
     );
+    assert_eq!(
+        apply(9),
+        gap(1, 7),
+        "9 waits right behind 8: the holes below are 1..=7"
+    );
     assert_eq!(apply(1), RemoteOutcome::Applied(1));
     assert_eq!(
         apply(2),
@@ -935,6 +940,6 @@ fn a_gap_reports_the_hole_below_the_event_not_what_is_already_waiting() {
         "2, then 3, 4 and 5 waiting"
     );
     assert_eq!(apply(7), gap(6, 6));
-    assert_eq!(apply(6), RemoteOutcome::Applied(3));
-    assert_eq!(node.cursor(&key).get(OriginId(1)), 8);
+    assert_eq!(apply(6), RemoteOutcome::Applied(4));
+    assert_eq!(node.cursor(&key).get(OriginId(1)), 9);
 }

@@ -27,7 +27,12 @@
 //! Routing (homes, recipients, interest with its TTL), repair answers, `Sync` answers
 //! and `Heads` anti-entropy are `tern-replication`'s functions, the ones `tern-cluster`'s
 //! replicator drives: this crate has no copy of them, only the network, the clock, the
-//! faults and the checks around them. A bug in a rule fails a seed here.
+//! faults and the checks around them. A bug in a rule fails a seed here. What a frame
+//! does, and in what order, is written once too: an item that reaches a node goes
+//! through `tern_replication::receive` (events, `Heads`, `Skip`, `Sync` answers) or
+//! `repair::plan`/`finish` (a `Repair`), as the driver's frames do, and `carry_out`
+//! does for each `receive::Do` what the driver's `carry_out` does, with items in flight
+//! instead of frames.
 //!
 //! # What it models of the cluster (`tern-cluster`'s replicator and membership)
 //! - Regions: every node has one (the caller passes them; the sweep puts 1 to 3 nodes in

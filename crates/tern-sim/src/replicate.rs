@@ -88,8 +88,10 @@ impl Sim {
         // Asked only off the link (the driver's `holds` takes its locks); the sim's is
         // cheap enough to ask first.
         let kept = link.is_some() || self.holds(to, ch);
-        let round_trip = 2 * self.latency_ms[to].iter().max().copied().unwrap_or(0)
-            + self.faults.jitter_ms as i64;
+        // A gap asks the event's sender: its round trip, each way delayed and jittered
+        // at most as the network does (the driver waits a `Heads` round instead: QUIC's
+        // estimate does not see the emulated WAN).
+        let round_trip = 2 * (self.latency_ms[to][from] + self.faults.jitter_ms as i64);
         let again_after = std::time::Duration::from_millis(round_trip as u64);
         let node = &mut self.nodes[to];
         let (hub, gaps) = (&node.hub, &mut node.gaps);
@@ -139,6 +141,7 @@ impl Sim {
                     to,
                 } => {
                     let ch = self.index[&key];
+                    self.log(|| format!("   n{at} asks n{peer} for {origin:x} {from}..={to}"));
                     self.repair_from(peer, at, ch, OriginId(origin), (from, to));
                 }
                 Do::FillFromStore {
