@@ -487,17 +487,9 @@ fn a_channel_dropped_while_idle_continues_its_sequences() {
 #[test]
 fn a_skip_over_a_hole_applies_the_events_waiting_behind_it() {
     let key = ChannelKey::new("app", "holes");
-    let origin = Hub::new(OriginId(1), CoreLimits::default());
     let node = hub();
     let recorder = attach(&node, &key, "watcher", true);
-    let events: Vec<RemoteEvent> = (0..4)
-        .map(|i| {
-            let out = origin
-                .publish(&key, &publisher("o", i), vec![msg(&format!("m{i}"))], 1)
-                .unwrap();
-            RemoteEvent::from_event(&out.event.unwrap())
-        })
-        .collect();
+    let events = published_remotely(&key, 4);
     node.apply_remote(&key, events[0].clone(), 1).unwrap();
     // Event 2 is the hole; 3 and 4 wait behind it.
     assert!(matches!(
@@ -901,16 +893,8 @@ fn a_presence_event_already_known_here_is_logged_for_repair() {
 #[test]
 fn a_gap_reports_the_holes_below_the_event_not_what_waits_right_below_it() {
     let key = ChannelKey::new("app", "burst");
-    let origin = Hub::new(OriginId(1), CoreLimits::default());
     let node = hub();
-    let events: Vec<RemoteEvent> = (0..9)
-        .map(|i| {
-            let out = origin
-                .publish(&key, &publisher("o", i), vec![msg(&format!("m{i}"))], 1)
-                .unwrap();
-            RemoteEvent::from_event(&out.event.unwrap())
-        })
-        .collect();
+    let events = published_remotely(&key, 9);
     let gap = |from, to| RemoteOutcome::Gap {
         origin: OriginId(1),
         missing: (from, to),
@@ -942,4 +926,18 @@ fn a_gap_reports_the_holes_below_the_event_not_what_waits_right_below_it() {
     assert_eq!(apply(7), gap(6, 6));
     assert_eq!(apply(6), RemoteOutcome::Applied(4));
     assert_eq!(node.cursor(&key).get(OriginId(1)), 9);
+}
+
+/// `count` one-message publishes of origin 1 on `key` (sequences 1..=count), as another
+/// node's replicator sends them.
+fn published_remotely(key: &ChannelKey, count: u64) -> Vec<RemoteEvent> {
+    let origin = Hub::new(OriginId(1), CoreLimits::default());
+    (0..count)
+        .map(|i| {
+            let out = origin
+                .publish(key, &publisher("o", i), vec![msg(&format!("m{i}"))], 1)
+                .unwrap();
+            RemoteEvent::from_event(&out.event.unwrap())
+        })
+        .collect()
 }

@@ -353,17 +353,10 @@ mod tests {
         // The next event behind the same gap, within the round trip: no second ask.
         out.clear();
         let at10 = at(&hub, 10);
-        event(
-            at10,
-            &key,
-            events[3].clone(),
-            true,
-            || true,
-            || &mut gaps,
-            again,
-            &mut out,
-        )
-        .unwrap();
+        let take = |e: &RemoteEvent, on_link, gaps: &mut Gaps, out: &mut Vec<Do>| {
+            event(at10, &key, e.clone(), on_link, || true, || gaps, again, out).unwrap()
+        };
+        take(&events[3], true, &mut gaps, &mut out);
         assert_eq!(
             out,
             vec![Do::FillFromStore {
@@ -376,32 +369,12 @@ mod tests {
         // The missing ones arrive as answers off the link: applied, not counted.
         out.clear();
         for e in &events[..2] {
-            event(
-                at10,
-                &key,
-                e.clone(),
-                false,
-                || true,
-                || &mut gaps,
-                again,
-                &mut out,
-            )
-            .unwrap();
+            take(e, false, &mut gaps, &mut out);
         }
         assert!(out.is_empty());
         assert_eq!(hub.cursor(&key).get(OriginId(7)), 4);
         // A duplicate on the link counts for its position.
-        event(
-            at10,
-            &key,
-            events[0].clone(),
-            true,
-            || true,
-            || &mut gaps,
-            again,
-            &mut out,
-        )
-        .unwrap();
+        take(&events[0], true, &mut gaps, &mut out);
         assert_eq!(out, vec![Do::Counted]);
     }
 
