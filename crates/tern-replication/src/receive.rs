@@ -58,8 +58,6 @@ pub enum Do {
         from: u64,
         to: u64,
     },
-    /// The event counts for its link position (applied, or here already).
-    Counted,
     /// If this node is `key`'s home, copy the channel's stored history from another
     /// home (`backfill::source`); `listed` is the sender's cursor when its `Heads`
     /// named the channel.
@@ -90,11 +88,21 @@ pub enum Do {
     Ignored(&'static str),
 }
 
+/// What [`event`] took.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Taken {
+    /// The hub's outcome (`None`: ignored).
+    pub outcome: Option<RemoteOutcome>,
+    /// The event counts for its link position: on the link, and applied or here
+    /// already (not behind a gap).
+    pub counted: bool,
+}
+
 /// An event from a peer. One on the link's order (`on_link`) is taken; one off it (a
 /// repair or `Sync` answer, or the node's own store) only for a kept channel (`kept`
 /// is asked only then). Applied in origin order: a gap is watched (`Stalls::on_gap`),
 /// filled from the node's own store, and asked of the sender once per `ask_again`
-/// (`Asked`). Returns the hub's outcome (`None`: ignored).
+/// (`Asked`). Returns what was taken ([`Taken`]).
 #[allow(clippy::too_many_arguments)]
 pub fn event<G: DerefMut<Target = Gaps>>(
     at: At,
@@ -105,45 +113,51 @@ pub fn event<G: DerefMut<Target = Gaps>>(
     gaps: impl FnOnce() -> G,
     ask_again: Duration,
     out: &mut Vec<Do>,
-) -> Result<Option<RemoteOutcome>, CoreError> {
+) -> Result<Taken, CoreError> {
     if let Take::Ignore(reason) = inbound::event(on_link, kept) {
         out.push(Do::Ignored(reason));
-        return Ok(None);
+        return Ok(Taken {
+            outcome: None,
+            counted: false,
+        });
     }
     let outcome = at.hub.apply_remote(key, event, at.now_ms)?;
-    match outcome {
-        RemoteOutcome::Gap {
-            origin,
-            missing: (from, to),
-        } => {
-            let mut gaps = gaps();
-            if !gaps.stalls.on_gap(key, origin.0, from, at.now) {
-                out.push(Do::StallsFull);
-            }
-            let origin = origin.0;
-            let ask = gaps
-                .asked
-                .should_ask(key, origin, (from, to), at.now, ask_again);
-            drop(gaps);
-            out.push(Do::FillFromStore {
-                key: key.clone(),
-                origin,
-                from,
-                to,
-            });
-            if ask {
-                out.push(Do::Ask {
-                    key: key.clone(),
-                    origin,
-                    from,
-                    to,
-                });
-            }
-        }
-        _ if on_link => out.push(Do::Counted),
-        _ => {}
+    let RemoteOutcome::Gap {
+        origin: OriginId(origin),
+        missing: (from, to),
+    } = outcome
+    else {
+        return Ok(Taken {
+            outcome: Some(outcome),
+            counted: on_link,
+        });
+    };
+    let mut gaps = gaps();
+    if !gaps.stalls.on_gap(key, origin, from, at.now) {
+        out.push(Do::StallsFull);
     }
-    Ok(Some(outcome))
+    let ask = gaps
+        .asked
+        .should_ask(key, origin, (from, to), at.now, ask_again);
+    drop(gaps);
+    out.push(Do::FillFromStore {
+        key: key.clone(),
+        origin,
+        from,
+        to,
+    });
+    if ask {
+        out.push(Do::Ask {
+            key: key.clone(),
+            origin,
+            from,
+            to,
+        });
+    }
+    Ok(Taken {
+        outcome: Some(outcome),
+        counted: false,
+    })
 }
 
 /// Events of `origin` this node's own store holds of a gap in its hub
@@ -335,7 +349,8 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        assert!(matches!(outcome, Some(RemoteOutcome::Gap { .. })));
+        assert!(matches!(outcome.outcome, Some(RemoteOutcome::Gap { .. })));
+        assert!(!outcome.counted, "behind a gap: not yet its link position");
         let fill = Do::FillFromStore {
             key: key.clone(),
             origin: 7,
@@ -369,13 +384,15 @@ mod tests {
         // The missing ones arrive as answers off the link: applied, not counted.
         out.clear();
         for e in &events[..2] {
-            take(e, false, &mut gaps, &mut out);
+            assert!(!take(e, false, &mut gaps, &mut out).counted);
         }
         assert!(out.is_empty());
         assert_eq!(hub.cursor(&key).get(OriginId(7)), 4);
         // A duplicate on the link counts for its position.
-        take(&events[0], true, &mut gaps, &mut out);
-        assert_eq!(out, vec![Do::Counted]);
+        let duplicate = take(&events[0], true, &mut gaps, &mut out);
+        assert_eq!(duplicate.outcome, Some(RemoteOutcome::Duplicate));
+        assert!(duplicate.counted);
+        assert!(out.is_empty());
     }
 
     #[test]
@@ -396,7 +413,13 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        assert_eq!(outcome, None);
+        assert_eq!(
+            outcome,
+            Taken {
+                outcome: None,
+                counted: false
+            }
+        );
         assert_eq!(out, vec![Do::Ignored("answer_unheld")]);
         skip(at(&hub, 0), &key, 7, 3, false, &mut out).unwrap();
         sync_members(at(&hub, 0), &key, Vec::new(), false, &mut out);

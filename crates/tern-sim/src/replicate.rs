@@ -97,7 +97,7 @@ impl Sim {
         let (hub, gaps) = (&node.hub, &mut node.gaps);
         let at = receive::At { hub, now, now_ms };
         let mut out = Vec::new();
-        let outcome = receive::event(
+        let taken = receive::event(
             at,
             &key,
             event,
@@ -108,13 +108,13 @@ impl Sim {
             &mut out,
         )
         .expect("the sim's limits hold every channel");
-        self.log(|| format!("   {outcome:?}"));
-        match outcome {
+        self.log(|| format!("   {:?}", taken.outcome));
+        match taken.outcome {
             Some(RemoteOutcome::Duplicate) => self.stats.duplicates_seen += 1,
             Some(RemoteOutcome::Gap { .. }) => self.stats.gaps += 1,
             _ => {}
         }
-        if let (true, Some(link)) = (out.contains(&Do::Counted), link) {
+        if let (true, Some(link)) = (taken.counted, link) {
             self.applied_on_link(to, from, link);
         }
         self.carry_out(to, from, out);
@@ -130,7 +130,7 @@ impl Sim {
     }
 
     /// Carries out what a frame from `peer` left to node `at` (`receive::Do`), in order,
-    /// as the driver's `carry_out`. `Counted` is the caller's.
+    /// as the driver's `carry_out`.
     pub(crate) fn carry_out(&mut self, at: usize, peer: usize, out: Vec<Do>) {
         for action in out {
             match action {
@@ -150,7 +150,6 @@ impl Sim {
                     from,
                     to,
                 } => self.fill_from_own_store(at, &key, OriginId(origin), (from, to)),
-                Do::Counted => {}
                 Do::Backfill { key, listed } => {
                     let ch = self.index[&key];
                     self.maybe_backfill(at, ch, listed.as_deref().map(|l| (peer, l)));

@@ -242,11 +242,14 @@ impl Replicator {
             repair::ASK_AGAIN,
             &mut out,
         );
-        if let Err(err) = taken {
-            tracing::warn!(channel = %event.channel, error = %err, "remote event refused");
-            return;
-        }
-        if out.contains(&Do::Counted) {
+        let taken = match taken {
+            Ok(taken) => taken,
+            Err(err) => {
+                tracing::warn!(channel = %event.channel, error = %err, "remote event refused");
+                return;
+            }
+        };
+        if taken.counted {
             let advanced = lock(&self.recv)
                 .get_mut(peer)
                 .and_then(|state| state.applied(incarnation, event.link_seq));
@@ -297,7 +300,6 @@ impl Replicator {
     }
 
     /// Carries out what a frame from `peer` left to the driver (`receive::Do`), in order.
-    /// `Counted` is the caller's: only it knows the frame's link position.
     fn carry_out(self: &Arc<Self>, peer: &str, out: Vec<Do>) {
         for action in out {
             match action {
@@ -322,7 +324,6 @@ impl Replicator {
                     from,
                     to,
                 } => self.fill_from_own_store(&key, origin, (from, to)),
-                Do::Counted => {}
                 Do::Backfill { key, listed } => {
                     self.maybe_backfill(&key, listed.as_deref().map(|l| (peer, l)));
                 }
