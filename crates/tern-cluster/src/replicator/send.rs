@@ -28,7 +28,10 @@ enum Work {
     Control(FrameV1, Now),
     Event(u64, FrameV1, Now),
     Resend,
-    Idle,
+    /// Nothing to write; `outstanding` when something sent still waits for its ack.
+    Idle {
+        outstanding: bool,
+    },
 }
 
 /// Keeps one link to `peer` open and writes its queue into it, reconnecting and
@@ -119,7 +122,9 @@ pub(super) async fn send_loop(
                 } else if sent_upto > acked && progress_at.elapsed() >= resend_after {
                     Work::Resend
                 } else {
-                    Work::Idle
+                    Work::Idle {
+                        outstanding: sent_upto > acked,
+                    }
                 }
             };
             let result = match work {
@@ -151,14 +156,17 @@ pub(super) async fn send_loop(
                         .increment(1);
                     hello(&mut link, &me, &shared, &mut sent_upto).await
                 }
-                Work::Idle => {
+                Work::Idle { outstanding } => {
                     if let Err(err) = link.flush().await {
                         tracing::debug!(peer = %peer.node_id, error = %err, "link send failed; reconnecting");
                         break;
                     }
                     let closed = tokio::select! {
                         _ = shared.notify.notified() => false,
-                        _ = tokio::time::sleep(resend_after / 2) => false,
+                        // Looks again for a resend only while something sent is not yet
+                        // acked: an idle link sleeps until it is given a frame (or cut),
+                        // instead of waking twice a resend interval for nothing.
+                        _ = tokio::time::sleep(resend_after / 2), if outstanding => false,
                         // The connection under the link was closed (the duplicate when
                         // both nodes dialed at once, or replaced): reconnect now, not at
                         // the next write, so what is queued next goes to a live link.
