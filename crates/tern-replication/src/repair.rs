@@ -188,6 +188,39 @@ pub fn own_store(stored: Vec<RemoteEvent>, from: u64, to: u64) -> Vec<RemoteEven
     in_order(stored, from, to)
 }
 
+/// The events of this node's answer to a repair (`parts`, for `origin` on `key`) that
+/// its own hub lacks right past its cursor, in order: those the store supplied past the
+/// hub ([`Plan::Store`], [`past_log`]), up to the first it lacks. The driver applies them
+/// to its hub as it does its own store's events for a gap ([`own_store`]), so its
+/// `Heads` list them from then on. Else only the handoff's two `Heads` from the store
+/// name them, and an asker whose two answers were both lost never hears of them again:
+/// a restarted node's hub had dropped the channel while idle with its earlier
+/// incarnation's events adopted (`recover`), and a subscriber of the new home never got
+/// them (the seed sweep, seed 151163).
+pub fn past_hub(
+    hub: &Hub,
+    key: &ChannelKey,
+    origin: OriginId,
+    parts: &[RepairPart],
+) -> Vec<RemoteEvent> {
+    let mut next = hub.cursor(key).get(origin) + 1;
+    let mut out = Vec::new();
+    // Past the hub's cursor an answer holds the store's events only, no `Skip`.
+    for part in parts {
+        let RepairPart::Event(event) = part else {
+            continue;
+        };
+        if event.seq > next {
+            break;
+        }
+        if event.seq == next {
+            out.push(RemoteEvent::from_event(event));
+            next += 1;
+        }
+    }
+    out
+}
+
 /// Events a store read that fills a log answer's holes covers at most ([`holes`]):
 /// few enough that the bounded store read (`HistoryAccess::events`, two rows per event)
 /// reaches the window's start, so what it lacks there may be skipped.

@@ -8,11 +8,18 @@
 //! reached nobody, the messages after it reached one node and its store, and neither that
 //! node nor the restarted home ever delivered them).
 //!
-//! Only an origin whose node is back under another incarnation counts: it crashed, and
-//! what it had not sent went with it (a restart on the disk store takes its stored
-//! events back and offers them: `recover`). An origin that is merely gone from the
-//! membership may be behind a partition, its link still holding the event to resend
-//! once it heals; giving up then would lose it here, so such a gap waits, as before.
+//! An origin whose node is back under another incarnation crashed, and what it had not
+//! sent went with it (a restart on the disk store takes its stored events back and
+//! offers them: `recover`): its gap is given up after [`GAP_GIVE_UP`]. An origin that is
+//! merely gone from the membership (or that this node never saw as a member) may be
+//! behind a partition, its link still holding the event to resend once it heals, or its
+//! node may never come back (a machine lost, a node scaled in): waiting for it for good
+//! would keep the events behind the gap, acknowledged to their publishers and held by
+//! live nodes, from every subscriber and every history for good (the seed sweep, seed
+//! 197268: an origin crashed and stayed down after its second event reached nobody, and
+//! every node held its later messages back to the end). So such a gap waits for
+//! [`GAP_GIVE_UP_GONE`] instead, far longer than a failover, and is then given up too:
+//! an event behind a partition that outlasts it arrives too late and is a duplicate here.
 //!
 //! Whoever else holds the missing event says so well within a while of the crash: a
 //! hub that applied it lists the origin at or past it in each second's `Heads` (and
@@ -40,8 +47,12 @@ use tern_core::ChannelKey;
 use crate::handoff::Member;
 use crate::Now;
 
-/// How long a gap must have stood still, and its origin been dead, before it is skipped.
+/// How long a gap must have stood still, and its origin been dead, before it is skipped
+/// when the origin's node is back under another incarnation.
 pub const GAP_GIVE_UP: Duration = Duration::from_secs(30);
+/// How long an origin must have been dead before its gap is skipped when its node is
+/// not back (gone from the membership, or never seen in it).
+pub const GAP_GIVE_UP_GONE: Duration = Duration::from_secs(600);
 /// Gaps watched at once.
 pub const STALLS_MAX: usize = 4_096;
 /// Departed incarnations remembered (origin → node id); past it they are forgotten all
@@ -117,8 +128,9 @@ impl Stalls {
     /// Each second: `held_back` gives the hub's cursor for an origin on a channel and
     /// the first event it holds back (`None`: nothing held back, or the channel is not
     /// held). Returns the skips to make, `(key, origin, upto)`: the gap up to the first
-    /// event held behind it, for origins dead and succeeded by another incarnation of
-    /// their node. Gaps filled meanwhile are forgotten.
+    /// event held behind it, for origins dead for [`GAP_GIVE_UP`] and succeeded by
+    /// another incarnation of their node, or dead for [`GAP_GIVE_UP_GONE`]. Gaps filled
+    /// meanwhile are forgotten.
     ///
     /// `held_back` runs under the caller's lock on this table: it may take a channel's
     /// lock, so no code may call into this table while it holds one.
@@ -149,7 +161,17 @@ impl Stalls {
                 stall.since = now;
                 return true;
             }
-            if !stall.dead_since.is_some_and(long) || !self.succeeded(*origin) {
+            let dead_for = |wait: Duration| {
+                stall
+                    .dead_since
+                    .is_some_and(|since| now.saturating_sub(since) >= wait)
+            };
+            let given_up = if self.succeeded(*origin) {
+                dead_for(GAP_GIVE_UP)
+            } else {
+                dead_for(GAP_GIVE_UP_GONE)
+            };
+            if !given_up {
                 return true;
             }
             if held > stall.first {
@@ -224,27 +246,56 @@ mod tests {
     }
 
     /// An origin gone from the membership with its node not back (a partition, or a
-    /// node that stays down) is waited for: its link may still resend the event.
+    /// node that stays down) is waited for far longer: its link may still resend the
+    /// event. Its node back as another incarnation: the short wait, counted from its
+    /// death.
     #[test]
-    fn a_gone_origins_gap_waits_for_it() {
+    fn a_gone_origins_gap_waits_longer() {
         let key = ChannelKey::new("a", "c");
         let mut stalls = Stalls::default();
         stalls.on_members(&[], &[member("a", 1), member("b", 7)]);
         stalls.on_gap(&key, 7, 1, secs(0));
         seen_leave(&mut stalls, false);
-        for t in 0..600 {
+        for t in 0..300 {
             assert!(stalls.tick(secs(t), |_, _| Some((0, 2))).is_empty());
         }
         assert_eq!(stalls.len(), 1);
-        // Its node comes back as another incarnation: the wait counts from its death.
         stalls.on_members(&[member("a", 1)], &[member("a", 1), member("b", 17)]);
         assert_eq!(
-            stalls.tick(secs(600), |_, _| Some((0, 2))),
+            stalls.tick(secs(300), |_, _| Some((0, 2))),
             [(key.clone(), 7, 1)]
         );
-        // An origin this node never saw as a member is never given up either.
-        stalls.on_gap(&key, 99, 1, secs(600));
-        assert!(stalls.tick(secs(1_000), |_, _| Some((0, 2))).is_empty());
+    }
+
+    /// A node that stays down for good (or an origin this node never saw as a member)
+    /// does not hold the events behind its gap back for good: they are delivered once
+    /// it has been dead for `GAP_GIVE_UP_GONE` (the seed sweep, seed 197268).
+    #[test]
+    fn a_gone_origins_gap_is_skipped_after_the_long_wait() {
+        let key = ChannelKey::new("a", "c");
+        let gone = GAP_GIVE_UP_GONE.as_secs();
+        let mut stalls = Stalls::default();
+        stalls.on_members(&[], &[member("a", 1), member("b", 7)]);
+        stalls.on_gap(&key, 7, 1, secs(0));
+        seen_leave(&mut stalls, false);
+        // Dead from the tick at 10 s on.
+        for t in 10..10 + gone {
+            assert!(stalls.tick(secs(t), |_, _| Some((0, 2))).is_empty());
+        }
+        assert_eq!(
+            stalls.tick(secs(10 + gone), |_, _| Some((0, 2))),
+            [(key.clone(), 7, 1)]
+        );
+        // Never a member: dead from the first tick that watches it.
+        stalls.on_gap(&key, 99, 4, secs(1_000));
+        assert!(stalls.tick(secs(1_000), |_, _| Some((3, 9))).is_empty());
+        assert!(stalls
+            .tick(secs(999 + gone), |_, _| Some((3, 9)))
+            .is_empty());
+        assert_eq!(
+            stalls.tick(secs(1_000 + gone), |_, _| Some((3, 9))),
+            [(key.clone(), 99, 8)]
+        );
     }
 
     /// A live origin's gap is never skipped (its link resends); a gap that moved starts

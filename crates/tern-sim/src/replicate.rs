@@ -264,6 +264,20 @@ impl Sim {
             .iter()
             .filter(|p| matches!(p, RepairPart::Skip(_)))
             .count() as u64;
+        // What the store answered past the hub's cursor goes to the hub too
+        // (`repair::past_hub`, as the driver's `answer_repair`).
+        let key = self.keys[ch].clone();
+        let past = repair::past_hub(&self.nodes[peer].hub, &key, origin, &parts);
+        if !past.is_empty() {
+            let count = past.len();
+            let kept = || self.holds(peer, ch);
+            let mut out = Vec::new();
+            receive::from_own_store(self.at(peer), &key, past, kept, &mut out)
+                .expect("the sim's limits hold every channel");
+            if out.is_empty() {
+                self.log(|| format!("   n{peer} takes {count} answered events from its store"));
+            }
+        }
         if !parts.is_empty() {
             let items = repair_items(peer, ch, origin, parts);
             self.send(peer, node, Item::Answer { ch, items });

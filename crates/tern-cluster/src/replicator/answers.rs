@@ -170,10 +170,39 @@ impl Replicator {
                     stored(&**history, &key, origin, span).map_or(Reading::Short, Reading::Read)
                 }
             });
+            me.take_past_hub(&key, origin, &parts);
             if !parts.is_empty() {
                 me.send_repair(&peer, &key, origin, parts);
             }
         });
+    }
+
+    /// What this node's store answered past its hub's cursor goes to its hub too
+    /// (`repair::past_hub`), so its `Heads` list it until the asker has it.
+    fn take_past_hub(&self, key: &ChannelKey, origin: u64, parts: &[RepairPart]) {
+        let Some(hub) = self.running.get().and_then(|r| r.hub.upgrade()) else {
+            return;
+        };
+        let past = repair::past_hub(&hub, key, OriginId(origin), parts);
+        self.apply_stored(&hub, key, past);
+    }
+
+    /// Events read from this node's own store, in order, applied to its hub if it keeps
+    /// the channel (`receive::from_own_store`).
+    fn apply_stored(&self, hub: &Hub, key: &ChannelKey, events: Vec<tern_core::RemoteEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut out = Vec::new();
+        let kept = || self.holds(key);
+        if let Err(err) = receive::from_own_store(self.at(hub), key, events, kept, &mut out) {
+            tracing::warn!(channel = %key.name, error = %err, "a stored event was refused");
+        }
+        for action in out {
+            if let receive::Do::Ignored(reason) = action {
+                ignored(reason);
+            }
+        }
     }
 
     /// What this node's own store holds of a gap in its hub (`origin`'s `from..=to` on
@@ -191,20 +220,10 @@ impl Replicator {
             let Some(read) = stored(&*history, &key, origin, (from, to)) else {
                 return;
             };
-            let events = repair::own_store(read.events, from, to);
             let Some(hub) = me.running.get().and_then(|r| r.hub.upgrade()) else {
                 return;
             };
-            let mut out = Vec::new();
-            let kept = || me.holds(&key);
-            if let Err(err) = receive::from_own_store(me.at(&hub), &key, events, kept, &mut out) {
-                tracing::warn!(channel = %key.name, error = %err, "a stored event was refused");
-            }
-            for action in out {
-                if let receive::Do::Ignored(reason) = action {
-                    ignored(reason);
-                }
-            }
+            me.apply_stored(&hub, &key, repair::own_store(read.events, from, to));
         });
     }
 

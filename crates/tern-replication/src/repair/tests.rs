@@ -268,3 +268,33 @@ fn a_planned_answer_is_finished_with_the_store() {
     let planned = plan(&hub, &key, OriginId(7), 4, 5);
     assert!(finish(planned, 4, 5, |_| Reading::Short).is_empty());
 }
+
+/// The store's part of an answer past the hub's cursor goes to the hub too, up to the
+/// first event the store lacks; what the hub has, a hole, or a log answer adds nothing.
+#[test]
+fn what_the_store_answered_past_the_hub_goes_to_the_hub() {
+    let (hub, key) = hub_with(3);
+    let (store, _) = hub_with(8);
+    let event =
+        |seq: u64| RepairPart::Event(store.events_of(&key, OriginId(7), seq, seq)[0].clone());
+    let seqs = |events: Vec<RemoteEvent>| -> Vec<u64> { events.iter().map(|e| e.seq).collect() };
+    // Events 2..=3 from the log, 4..=5 from the store, 7 past a hole the store has.
+    let parts = [event(2), event(3), event(4), event(5), event(7)];
+    assert_eq!(seqs(past_hub(&hub, &key, OriginId(7), &parts)), [4, 5]);
+    let planned = plan(&hub, &key, OriginId(7), 1, 3);
+    let logged = finish(planned, 1, 3, |_| Reading::Short);
+    assert!(past_hub(&hub, &key, OriginId(7), &logged).is_empty());
+    assert!(past_hub(&hub, &key, OriginId(7), &[event(6)]).is_empty());
+    assert!(past_hub(&hub, &key, OriginId(7), &[RepairPart::Skip(5)]).is_empty());
+    // Another origin the hub has none of: from its first event.
+    let (other, other_key) = crate::test_support::hub_with(9, 2);
+    let theirs: Vec<RepairPart> = other
+        .events_of(&other_key, OriginId(9), 1, 2)
+        .into_iter()
+        .map(RepairPart::Event)
+        .collect();
+    assert_eq!(
+        seqs(past_hub(&hub, &other_key, OriginId(9), &theirs)),
+        [1, 2]
+    );
+}
