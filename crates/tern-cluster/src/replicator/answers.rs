@@ -309,6 +309,7 @@ impl Replicator {
         if !lock(&self.backfills).start(key, &source, now, missed, stored) {
             return;
         }
+        self.tick_wake.notify_one();
         tracing::info!(channel = %key.name, from = %source, "copying the channel's history to its new home");
         for presence in [false, true] {
             let frame = FrameV1::Backfill {

@@ -20,6 +20,7 @@ impl Replicator {
     pub fn on_adopted(&self, origins: &[u64]) {
         let members = self.members(&lock(&self.out));
         lock(&self.handoff).on_adopted(origins, &members, self.now());
+        self.tick_wake.notify_one();
     }
 
     /// Reads the next page of a handoff pass if one is due (one read at a time, on a

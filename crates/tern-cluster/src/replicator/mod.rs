@@ -126,6 +126,22 @@ pub struct Replicator {
     /// The gaps the hub holds events back behind, watched (`stalls`) and asked for once
     /// per round (`repair::Asked`): `receive::Gaps`.
     gaps: Mutex<tern_replication::receive::Gaps>,
+    /// Wakes the tick (asleep until its next round while nothing waits) when something
+    /// starts waiting on it: see [`TICK`].
+    tick_wake: Arc<Notify>,
+}
+
+/// The replicator's tick: while something waits on it (a publish for its replicas, a
+/// channel state, a history page, a handoff pass) it runs every `TICK`; while nothing
+/// does, it sleeps to the tick of the next `Heads` round (or interest refresh), on the
+/// same grid, and whatever starts waiting wakes it (`tick_wake`).
+const TICK: Duration = Duration::from_millis(250);
+
+/// The first tick after `due` on the grid that starts at `grid` (one every [`TICK`]).
+fn next_tick(grid: Instant, due: Instant) -> Instant {
+    let tick = TICK.as_nanos();
+    let ticks = due.saturating_duration_since(grid).as_nanos() / tick + 1;
+    grid + Duration::from_nanos((ticks * tick) as u64)
 }
 
 struct Running {
@@ -241,6 +257,7 @@ impl Replicator {
             heads_skip: std::sync::atomic::AtomicUsize::new(0),
             handoff: Mutex::new(Handoff::default()),
             gaps: Mutex::default(),
+            tick_wake: Arc::new(Notify::new()),
         })
     }
 
@@ -256,12 +273,23 @@ impl Replicator {
         }
         tokio::spawn(self.clone().accept_loop(endpoint));
         let weak = Arc::downgrade(self);
+        let wake = self.tick_wake.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
-            let mut heads_at = Instant::now();
-            let mut interest_at = Instant::now();
+            let grid = Instant::now();
+            let mut heads_at = grid;
+            let mut interest_at = grid;
+            let mut busy = true;
             loop {
-                tick.tick().await;
+                let due = if busy {
+                    Instant::now()
+                } else {
+                    (heads_at + heads::HEADS_EVERY).min(interest_at + routing::INTEREST_REFRESH)
+                };
+                let next = next_tick(grid, due);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next.into()) => {}
+                    _ = wake.notified(), if !busy => {}
+                }
                 let Some(me) = weak.upgrade() else { return };
                 me.expire_waiters();
                 me.expire_warming();
@@ -275,8 +303,17 @@ impl Replicator {
                     interest_at = Instant::now();
                     me.refresh_interest();
                 }
+                busy = me.waited_on();
             }
         });
+    }
+
+    /// Whether anything waits on the tick (see [`TICK`]).
+    fn waited_on(&self) -> bool {
+        !lock(&self.out).waiters.is_empty()
+            || !lock(&self.warming).is_empty()
+            || !lock(&self.backfills).is_empty()
+            || lock(&self.handoff).running()
     }
 
     /// Makes the peer set equal to `peers` (this node excluded): links open to new peers,
@@ -358,6 +395,7 @@ impl Replicator {
         run_all(done);
         lock(&self.gaps).stalls.on_members(&before, &after);
         lock(&self.handoff).on_members(&before, &after, self.now());
+        self.tick_wake.notify_one();
     }
 
     /// Test hook: cut (or restore) this node's links to `peer` in both directions, as a
@@ -407,8 +445,12 @@ impl Replicator {
         let now = self.now();
         out.waiters.push(targets, now, then);
         let done = self.drain_waiters(&mut out);
+        let waiting = !out.waiters.is_empty();
         drop(out);
         run_all(done);
+        if waiting {
+            self.tick_wake.notify_one();
+        }
     }
 
     /// Lets this node copy stored history to, and from, other nodes: a channel's new
@@ -576,5 +618,27 @@ impl Journal for Replicator {
                 .map(|p| p.link)
         };
         tern_replication::links::settled(sent, link)
+    }
+}
+
+#[cfg(test)]
+mod tick_tests {
+    use super::*;
+
+    /// The tick stays on its grid whatever it waited for: the next `Heads` round due
+    /// 1 s after one that ran just past a tick runs on the fifth tick after it, as with
+    /// a tick every 250 ms.
+    #[test]
+    fn the_tick_stays_on_its_grid() {
+        let grid = Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        assert_eq!(next_tick(grid, grid), grid + ms(250));
+        assert_eq!(next_tick(grid, grid + ms(1)), grid + ms(250));
+        assert_eq!(next_tick(grid, grid + ms(250)), grid + ms(500));
+        let heads_at = grid + ms(500) + Duration::from_micros(300);
+        assert_eq!(
+            next_tick(grid, heads_at + heads::HEADS_EVERY),
+            grid + ms(1_750)
+        );
     }
 }

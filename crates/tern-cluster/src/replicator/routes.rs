@@ -236,7 +236,7 @@ impl Replicator {
                 metrics::counter!("tern_replication_warm_refused_total").increment(1);
                 return None;
             }
-            Started::Asked => {}
+            Started::Asked => self.tick_wake.notify_one(),
         }
         // Interest first: from now on the region sends us the channel's events, and
         // the state asked for next covers everything before.
