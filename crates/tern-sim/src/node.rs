@@ -11,6 +11,7 @@ use tern_core::{
 use tern_protocol::{Data, PresenceMessage};
 use tern_replication::backfill::Backfills;
 use tern_replication::handoff::{self, Handoff};
+use tern_replication::heads;
 use tern_replication::receive::Gaps;
 use tern_replication::routing;
 
@@ -168,6 +169,9 @@ pub(crate) struct Node {
     /// The gaps its hub holds events back behind (`tern_replication::stalls`), and the
     /// repairs it asked for (`repair::Asked`): `receive::Gaps`.
     pub(crate) gaps: Gaps,
+    /// What it last sent each peer, and heard from it, of each channel's cursor
+    /// (`heads::Quiet`).
+    pub(crate) quiet: heads::Quiet,
     pub(crate) booted_ms: i64,
     /// Its earlier incarnations' origins, newest last (at most
     /// `recover::ORIGINS_KEPT`), as the server keeps them beside its store.
@@ -286,6 +290,7 @@ impl Sim {
             handoff: Handoff::default(),
             backfills: Backfills::default(),
             gaps: Gaps::default(),
+            quiet: heads::Quiet::default(),
             // Filled at its first handoff round (see `handoff_round`).
             view_seen: Vec::new(),
             booted_ms: 0,

@@ -320,6 +320,21 @@ impl Sim {
         heads
     }
 
+    /// Of what `peer` shares with each node this round, what it sends: only where the
+    /// two disagree, the cursor changed, or the slow round is due (`heads::Quiet`, as
+    /// the driver's `send_heads`).
+    fn quiet_heads(&mut self, peer: usize, listed: &mut Heads) {
+        let now = self.now_at(peer);
+        let Heads { list, to } = listed;
+        for (node, to) in to.iter_mut().enumerate() {
+            let origin = self.nodes[node].origin.0;
+            let before = to.len();
+            let quiet = &mut self.nodes[peer].quiet;
+            to.retain(|&i| quiet.send(origin, &self.keys[list[i].ch], &list[i].origins, now));
+            self.stats.heads_quiet += (before - to.len()) as u64;
+        }
+    }
+
     /// `peer`'s heads reach `node` for the channels `peer` shares with it
     /// (`heads::shares`, in `peer`'s view; counted in `peer`'s control bytes), and
     /// `node` asks `peer` for what `heads::wanted` says it lacks of the channels it
@@ -344,6 +359,11 @@ impl Sim {
         }
         if !self.nodes[node].up || self.partitioned.contains(&(node.min(peer), node.max(peer))) {
             return;
+        }
+        let sender = self.nodes[peer].origin.0;
+        for head in &shared {
+            let key = &self.keys[head.ch];
+            self.nodes[node].quiet.heard(sender, key, &head.origins);
         }
         if self.trace {
             for head in &shared {
@@ -444,9 +464,12 @@ impl Sim {
         }
         self.handoff_round();
         self.stalls_round();
-        let heads: Vec<Heads> = (0..self.nodes.len())
+        let mut heads: Vec<Heads> = (0..self.nodes.len())
             .map(|p| self.listed_heads(p))
             .collect();
+        for (peer, listed) in heads.iter_mut().enumerate() {
+            self.quiet_heads(peer, listed);
+        }
         for node in 0..self.nodes.len() {
             for (peer, heads) in heads.iter().enumerate() {
                 if peer != node {

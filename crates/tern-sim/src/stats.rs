@@ -52,6 +52,8 @@ pub struct Stats {
     pub resent: u64,
     /// Heads a node kept (`heads::shares`) and a peer would have compared.
     pub heads_unshared: u64,
+    /// Heads a node shared but did not send: it and the peer agreed (`heads::Quiet`).
+    pub heads_quiet: u64,
     /// Largest entry counts seen of the rules' bounded structures (see
     /// `Sim::check_bounds`): interest entries, previous heads, one resend buffer,
     /// waiting replies.
@@ -90,6 +92,7 @@ impl Stats {
         self.nacks += other.nacks;
         self.resent += other.resent;
         self.heads_unshared += other.heads_unshared;
+        self.heads_quiet += other.heads_quiet;
         self.max_interest = self.max_interest.max(other.max_interest);
         self.max_previous_heads = self.max_previous_heads.max(other.max_previous_heads);
         self.max_buffer = self.max_buffer.max(other.max_buffer);

@@ -88,8 +88,9 @@ impl Replicator {
     }
 
     /// Sends each peer the cursors of the channels it shares with us (`heads::shares`:
-    /// it is their home in its region, or we hold its interest); it asks for what it
-    /// lacks. The bytes grow with what two nodes share, not with all our channels.
+    /// it is their home in its region, or we hold its interest) where the two disagree
+    /// or the slow round is due (`heads::Quiet`); it asks for what it lacks. The bytes
+    /// grow with what two nodes share and disagree on, not with all our channels.
     pub(super) fn send_heads(&self) {
         let Some(hub) = self.running.get().and_then(|r| r.hub.upgrade()) else {
             return;
@@ -103,11 +104,13 @@ impl Replicator {
         let skip = self.heads_skip.load(Ordering::Relaxed);
         let (cursors, next) = hub.cursors_from(skip, HEADS_CHANNELS_MAX);
         self.heads_skip.store(next, Ordering::Relaxed);
+        let now = self.now();
         {
             let out = lock(&self.out);
             if out.peers.is_empty() {
                 return;
             }
+            let mut quiet = lock(&self.quiet);
             for (key, cursor) in cursors {
                 let origins: Vec<(u64, u64)> = cursor.origins().map(|(o, s)| (o.0, s)).collect();
                 if origins.is_empty() {
@@ -117,7 +120,9 @@ impl Replicator {
                 let interested = self.interested(&out, &key);
                 for peer in out.peers.values() {
                     let id = peer.spec.node_id.as_str();
-                    if !heads::shares(&homes, peer.node(), interested.contains(&id)) {
+                    if !heads::shares(&homes, peer.node(), interested.contains(&id))
+                        || !quiet.send(peer.spec.origin, &key, &origins, now)
+                    {
                         continue;
                     }
                     per_peer.entry(id.to_string()).or_default().push(HeadV1 {

@@ -126,6 +126,10 @@ pub struct Replicator {
     /// The gaps the hub holds events back behind, watched (`stalls`) and asked for once
     /// per round (`repair::Asked`): `receive::Gaps`.
     gaps: Mutex<tern_replication::receive::Gaps>,
+    /// What this node last sent each peer, and heard from it, of each channel's cursor
+    /// (`heads::Quiet`: `Heads` only where the two disagree). Taken under `out`, never
+    /// the other way round.
+    quiet: Mutex<heads::Quiet>,
     /// Wakes the tick (asleep until its next round while nothing waits) when something
     /// starts waiting on it: see [`TICK`].
     tick_wake: Arc<Notify>,
@@ -257,6 +261,7 @@ impl Replicator {
             heads_skip: std::sync::atomic::AtomicUsize::new(0),
             handoff: Mutex::new(Handoff::default()),
             gaps: Mutex::default(),
+            quiet: Mutex::default(),
             tick_wake: Arc::new(Notify::new()),
         })
     }

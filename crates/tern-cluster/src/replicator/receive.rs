@@ -284,6 +284,12 @@ impl Replicator {
             .iter()
             .map(|h| ChannelKey::new(&h.app, &h.channel))
             .collect();
+        {
+            let mut quiet = lock(&self.quiet);
+            for (key, head) in keys.iter().zip(&channels) {
+                quiet.heard(inbound.origin, key, &head.origins);
+            }
+        }
         let listed = keys
             .iter()
             .zip(channels.iter().map(|h| h.origins.as_slice()));
