@@ -61,10 +61,9 @@ struct Agreed {
 }
 
 impl Quiet {
-    /// Whether to send `origins`, this node's cursor for `key`, to the peer whose origin
-    /// is `peer` at `now`; if so, it counts as sent.
-    pub fn send(&mut self, peer: u64, key: &ChannelKey, origins: &[(u64, u64)], now: Now) -> bool {
-        let digest = digest(origins);
+    /// Whether to send this node's cursor for `key` (its [`digest`]) to the peer whose
+    /// origin is `peer` at `now`; if so, it counts as sent.
+    pub fn send(&mut self, peer: u64, key: &ChannelKey, digest: u64, now: Now) -> bool {
         let pair = self.pair(peer, key);
         let quiet = pair.heard == Some(digest)
             && pair.sent.is_some_and(|(sent, at)| {
@@ -100,7 +99,7 @@ impl Quiet {
 
 /// A cursor's digest: its origins with a sequence past 0, in order (two hubs list the
 /// same events in any order, and an origin at 0 as none).
-fn digest(origins: &[(u64, u64)]) -> u64 {
+pub fn digest(origins: &[(u64, u64)]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut listed: Vec<(u64, u64)> = origins.iter().copied().filter(|&(_, s)| s > 0).collect();
     listed.sort_unstable();
@@ -227,31 +226,34 @@ mod tests {
         let secs = Duration::from_secs;
         let mut quiet = Quiet::default();
         let mine = [(1, 5), (2, 3)];
-        assert!(quiet.send(9, &key, &mine, secs(0)), "never sent");
+        assert!(quiet.send(9, &key, digest(&mine), secs(0)), "never sent");
         assert!(
-            quiet.send(9, &key, &mine, secs(1)),
+            quiet.send(9, &key, digest(&mine), secs(1)),
             "not heard: they may lack it"
         );
         quiet.heard(9, &key, &[(2, 2), (1, 5)]);
-        assert!(quiet.send(9, &key, &mine, secs(2)), "they are behind");
+        assert!(
+            quiet.send(9, &key, digest(&mine), secs(2)),
+            "they are behind"
+        );
         // Agreed (order and origins at 0 aside): quiet until the slow round.
         quiet.heard(9, &key, &[(2, 3), (3, 0), (1, 5)]);
-        assert!(!quiet.send(9, &key, &mine, secs(3)));
-        assert!(!quiet.send(9, &key, &mine, secs(2) + HEADS_QUIET_MAX - secs(1)));
-        assert!(quiet.send(9, &key, &mine, secs(2) + HEADS_QUIET_MAX));
-        assert!(!quiet.send(9, &key, &mine, secs(3) + HEADS_QUIET_MAX));
+        assert!(!quiet.send(9, &key, digest(&mine), secs(3)));
+        assert!(!quiet.send(9, &key, digest(&mine), secs(2) + HEADS_QUIET_MAX - secs(1)));
+        assert!(quiet.send(9, &key, digest(&mine), secs(2) + HEADS_QUIET_MAX));
+        assert!(!quiet.send(9, &key, digest(&mine), secs(3) + HEADS_QUIET_MAX));
         // Changed here: sent at once, and every round until they list it too.
         let moved = [(1, 6), (2, 3)];
         let later = secs(4) + HEADS_QUIET_MAX;
-        assert!(quiet.send(9, &key, &moved, later));
-        assert!(quiet.send(9, &key, &moved, later + secs(1)));
+        assert!(quiet.send(9, &key, digest(&moved), later));
+        assert!(quiet.send(9, &key, digest(&moved), later + secs(1)));
         quiet.heard(9, &key, &moved);
-        assert!(!quiet.send(9, &key, &moved, later + secs(2)));
+        assert!(!quiet.send(9, &key, digest(&moved), later + secs(2)));
         // Changed there: sent every round until they agree again.
         quiet.heard(9, &key, &[(1, 7), (2, 3)]);
-        assert!(quiet.send(9, &key, &moved, later + secs(3)));
+        assert!(quiet.send(9, &key, digest(&moved), later + secs(3)));
         // Another peer, or the same node restarted under another origin.
-        assert!(quiet.send(10, &key, &moved, later + secs(3)));
+        assert!(quiet.send(10, &key, digest(&moved), later + secs(3)));
         assert_eq!(quiet.len(), 2);
     }
 

@@ -147,8 +147,8 @@ impl Stalls {
             } else if stall.dead_since.is_none() {
                 stall.dead_since = Some(now);
             }
-            let long = |since: Now| now.saturating_sub(since) >= GAP_GIVE_UP;
-            if !long(stall.since) {
+            let waited = |since: Now, wait: Duration| now.saturating_sub(since) >= wait;
+            if !waited(stall.since, GAP_GIVE_UP) {
                 return true;
             }
             // Stood still long enough: look at the hub again.
@@ -161,17 +161,12 @@ impl Stalls {
                 stall.since = now;
                 return true;
             }
-            let dead_for = |wait: Duration| {
-                stall
-                    .dead_since
-                    .is_some_and(|since| now.saturating_sub(since) >= wait)
-            };
-            let given_up = if self.succeeded(*origin) {
-                dead_for(GAP_GIVE_UP)
+            let wait = if self.succeeded(*origin) {
+                GAP_GIVE_UP
             } else {
-                dead_for(GAP_GIVE_UP_GONE)
+                GAP_GIVE_UP_GONE
             };
-            if !given_up {
+            if !stall.dead_since.is_some_and(|since| waited(since, wait)) {
                 return true;
             }
             if held > stall.first {

@@ -361,3 +361,12 @@ pub(crate) const ALL_MODES: u64 = tern_protocol::flags::PUBLISH
     | tern_protocol::flags::SUBSCRIBE
     | tern_protocol::flags::PRESENCE
     | tern_protocol::flags::PRESENCE_SUBSCRIBE;
+
+/// Anti-entropy rounds (a second apart) a run's last phase takes at most after the
+/// heal: long enough for a gap nobody can fill to be given up (`stalls`), whether its
+/// origin's node came back or not, with 50 rounds to spare for repairs that are
+/// themselves dropped.
+pub fn final_rounds() -> u64 {
+    use tern_replication::stalls::{GAP_GIVE_UP, GAP_GIVE_UP_GONE};
+    GAP_GIVE_UP.max(GAP_GIVE_UP_GONE).as_secs() + 50
+}

@@ -200,15 +200,29 @@ impl Sim {
         let ch = self.index[key];
         let (stored, _) = self.stored_range(at, ch, origin, (from, to));
         let events = repair::own_store(stored, from, to);
+        self.apply_stored(
+            at,
+            ch,
+            events,
+            &format!("fills {from}..={to} from its own store"),
+        );
+    }
+
+    /// Events read from node `at`'s own store, in order, applied to its hub if it keeps
+    /// `ch` (`receive::from_own_store`, as the driver's `apply_stored`); `what` names
+    /// them in the trace.
+    fn apply_stored(&mut self, at: usize, ch: usize, events: Vec<RemoteEvent>, what: &str) {
         let count = events.len();
+        if count == 0 {
+            return;
+        }
+        let key = self.keys[ch].clone();
         let kept = || self.holds(at, ch);
         let mut out = Vec::new();
-        receive::from_own_store(self.at(at), key, events, kept, &mut out)
+        receive::from_own_store(self.at(at), &key, events, kept, &mut out)
             .expect("the sim's limits hold every channel");
-        if count > 0 && out.is_empty() {
-            self.log(|| {
-                format!("   n{at} fills {from}..={to} from its own store ({count} events)")
-            });
+        if out.is_empty() {
+            self.log(|| format!("   n{at} {what} ({count} events)"));
         }
     }
 
@@ -266,18 +280,8 @@ impl Sim {
             .count() as u64;
         // What the store answered past the hub's cursor goes to the hub too
         // (`repair::past_hub`, as the driver's `answer_repair`).
-        let key = self.keys[ch].clone();
-        let past = repair::past_hub(&self.nodes[peer].hub, &key, origin, &parts);
-        if !past.is_empty() {
-            let count = past.len();
-            let kept = || self.holds(peer, ch);
-            let mut out = Vec::new();
-            receive::from_own_store(self.at(peer), &key, past, kept, &mut out)
-                .expect("the sim's limits hold every channel");
-            if out.is_empty() {
-                self.log(|| format!("   n{peer} takes {count} answered events from its store"));
-            }
-        }
+        let past = repair::past_hub(&self.nodes[peer].hub, &self.keys[ch], origin, &parts);
+        self.apply_stored(peer, ch, past, "takes what its store answered");
         if !parts.is_empty() {
             let items = repair_items(peer, ch, origin, parts);
             self.send(peer, node, Item::Answer { ch, items });
@@ -326,11 +330,12 @@ impl Sim {
     fn quiet_heads(&mut self, peer: usize, listed: &mut Heads) {
         let now = self.now_at(peer);
         let Heads { list, to } = listed;
+        let digests: Vec<u64> = list.iter().map(|h| heads::digest(&h.origins)).collect();
         for (node, to) in to.iter_mut().enumerate() {
             let origin = self.nodes[node].origin.0;
             let before = to.len();
             let quiet = &mut self.nodes[peer].quiet;
-            to.retain(|&i| quiet.send(origin, &self.keys[list[i].ch], &list[i].origins, now));
+            to.retain(|&i| quiet.send(origin, &self.keys[list[i].ch], digests[i], now));
             self.stats.heads_quiet += (before - to.len()) as u64;
         }
     }

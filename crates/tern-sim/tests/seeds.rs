@@ -146,7 +146,7 @@ fn run(seed: u64) -> Result<Stats, String> {
     // skipped only once it has stood still for `GAP_GIVE_UP` (`GAP_GIVE_UP_GONE` when
     // its node stays down).
     let mut converged = Err(String::new());
-    for _ in 0..final_rounds() {
+    for _ in 0..tern_sim::final_rounds() {
         if let Err(err) = drain(&mut sim) {
             return fail(&sim, err);
         }
@@ -256,12 +256,4 @@ fn seed_sweep() {
             "{total:?}"
         );
     }
-}
-
-/// Anti-entropy rounds (a second apart) after the heal at most: long enough for a gap
-/// nobody can fill to be given up (`stalls`), whether its origin's node came back or
-/// not, with 50 rounds to spare for repairs that are themselves dropped.
-fn final_rounds() -> u64 {
-    use tern_replication::stalls::{GAP_GIVE_UP, GAP_GIVE_UP_GONE};
-    GAP_GIVE_UP.max(GAP_GIVE_UP_GONE).as_secs() + 50
 }

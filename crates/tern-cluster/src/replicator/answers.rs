@@ -116,12 +116,13 @@ impl Replicator {
                 if origins.is_empty() {
                     continue;
                 }
+                let digest = heads::digest(&origins);
                 let homes = routing::homes(&key, self.nodes(&out));
                 let interested = self.interested(&out, &key);
                 for peer in out.peers.values() {
                     let id = peer.spec.node_id.as_str();
                     if !heads::shares(&homes, peer.node(), interested.contains(&id))
-                        || !quiet.send(peer.spec.origin, &key, &origins, now)
+                        || !quiet.send(peer.spec.origin, &key, digest, now)
                     {
                         continue;
                     }
